@@ -138,7 +138,8 @@ def get_kind(name: str) -> CheckKind[Any]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown check kind {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown check kind {name!r}; known: {known}") from None
 
 
 def all_kinds() -> dict[str, CheckKind[Any]]:
