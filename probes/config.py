@@ -1,0 +1,422 @@
+"""Typed configuration: YAML in, typed structs or clear errors out.
+
+Loading happens in three steps, each with errors that name the field:
+
+1. YAML is parsed and every mapping key / sequence item is remembered with its line, so an error
+   at ``$.targets[2].wireguard.port`` can say "line 41";
+2. ``msgspec.convert`` checks types, required keys and unknown keys (a typo is an error, not a
+   silently ignored setting);
+3. :meth:`AgentConfig.problems` checks what types cannot: files exist, node ids are unique,
+   intervals are longer than timeouts, keys decode, exactly one OpenVPN wrapping is set, ...
+
+All problems are reported together, so one run of ``tunnelwatch check-config`` shows every
+mistake in a file. Relative file paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import yaml
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str  # "$.targets[0].wireguard.port"
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path} (line {self.line})" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The configuration is not valid. ``problems`` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base for config sections: unknown keys are errors."""
+
+
+class TierPolicy(Strict, kw_only=True, frozen=True):
+    """How often and how patiently one tier of checks runs.
+
+    ``fast_interval`` is HAProxy's ``fastinter``: after an outcome differs from the last settled
+    one the check is re-run at this interval until ``rise``/``fall`` settle it.
+    """
+
+    interval: float
+    timeout: float
+    fast_interval: float | None = None
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.1  # share of the interval; start offsets are spread over the whole interval
+
+
+def _default_tiers() -> dict[str, TierPolicy]:
+    return {
+        "l4": TierPolicy(interval=2.0, timeout=1.0, fast_interval=0.5),
+        "functional": TierPolicy(interval=15.0, timeout=5.0, fast_interval=2.0),
+        "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
+    }
+
+
+class WireGuardTarget(Strict, kw_only=True, frozen=True):
+    port: int = 51820
+    server_public_key: str
+    private_key_file: str  # this agent's own key for this node: one key per agent per node
+    preshared_key_file: str | None = None
+    tunnel_address: str | None = None  # this agent's AllowedIPs address, e.g. 10.201.0.2/32
+    canary: str | None = None  # in-tunnel address to ping in session checks
+    echo_count: int = 5
+
+
+class OpenVPNTarget(Strict, kw_only=True, frozen=True):
+    port: int = 1194
+    proto: Literal["udp", "tcp"] = "udp"
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_crypt_file: str | None = None
+    tls_auth_file: str | None = None
+    key_direction: int | None = None
+    auth_digest: str = "SHA1"
+    tls_crypt_v2_file: str | None = None
+    auth_user_pass_file: str | None = None
+    level: Literal["reset", "tls", "session", "tunnel"] = "session"
+    echo_count: int = 5
+
+
+class IKEv2Target(Strict, kw_only=True, frozen=True):
+    port: int = 500
+    local_id: str | None = None
+    remote_id: str | None = None
+    psk_file: str | None = None
+    proposals: list[str] = msgspec.field(default_factory=lambda: ["aes256gcm16-prfsha256-ecp256"])
+    ping: str | None = None  # address behind the responder for the tunnel level
+    echo_count: int = 5
+
+
+class QUICTarget(Strict, kw_only=True, frozen=True):
+    port: int = 443
+    server_name: str | None = None
+    ca_file: str | None = None
+    connect_udp_target: str | None = None  # host:port echoed through MASQUE CONNECT-UDP
+
+
+class L4Target(Strict, kw_only=True, frozen=True):
+    tcp_ports: list[int] = msgspec.field(default_factory=list)
+    udp: list[UDPExchange] = msgspec.field(default_factory=list)
+    icmp: bool = False
+
+
+class UDPExchange(Strict, kw_only=True, frozen=True):
+    port: int
+    send_hex: str = ""
+    expect_hex: str | None = None  # prefix the reply must start with; None = any reply
+
+
+class Target(Strict, kw_only=True, frozen=True):
+    id: str
+    pool: str
+    pop: str
+    region: str
+    address: str
+    wireguard: WireGuardTarget | None = None
+    openvpn: OpenVPNTarget | None = None
+    ikev2: IKEv2Target | None = None
+    quic: QUICTarget | None = None
+    l4: L4Target | None = None
+    # check kinds to run against this node; empty = every check its protocols allow
+    checks: list[str] = msgspec.field(default_factory=list)
+
+
+class AgentIdentity(Strict, kw_only=True, frozen=True):
+    vantage: str
+    asn: int | None = None
+    region: str = ""
+    cloud: str = ""
+    listen: str = "127.0.0.1:9470"  # /metrics, /probe, /healthz
+    state_dir: str = "state"  # sequence numbers, spool, WireGuard timestamps
+    max_concurrency: int = 256
+    per_node_concurrency: int = 4
+
+
+class MeshEndpoints(Strict, kw_only=True, frozen=True):
+    endpoints: list[str]
+    key_id: str
+    key_file: str
+    batch_max: int = 500
+    flush_interval: float = 1.0
+    spool_max_bytes: int = 64 * 1024 * 1024
+
+
+class AgentConfig(Strict, kw_only=True, frozen=True):
+    agent: AgentIdentity
+    targets: list[Target]
+    tiers: dict[str, TierPolicy] = msgspec.field(default_factory=_default_tiers)
+    mesh: MeshEndpoints | None = None
+
+    def problems(self, base_dir: Path) -> list[Problem]:
+        return list(_agent_problems(self, base_dir))
+
+    def target(self, node_id: str) -> Target:
+        for t in self.targets:
+            if t.id == node_id:
+                return t
+        raise KeyError(node_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# semantic checks
+
+
+def _check_file(path: str | None, field: str, base_dir: Path) -> Iterator[Problem]:
+    if path is None:
+        return
+    resolved = resolve_path(path, base_dir)
+    if not resolved.is_file():
+        yield Problem(field, f"file not found: {resolved}")
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else base_dir / p
+
+
+def _check_port(port: int, field: str) -> Iterator[Problem]:
+    if not 1 <= port <= 65535:
+        yield Problem(field, f"port must be 1..65535, got {port}")
+
+
+def _check_ip(value: str | None, field: str, *, network: bool = False) -> Iterator[Problem]:
+    if value is None:
+        return
+    try:
+        if network:
+            ipaddress.ip_interface(value)
+        else:
+            ipaddress.ip_address(value)
+    except ValueError:
+        kind = "an address with prefix (A.B.C.D/32)" if network else "an IP address"
+        yield Problem(field, f"expected {kind}, got {value!r}")
+
+
+def _check_wg_key(value: str, field: str) -> Iterator[Problem]:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        yield Problem(field, "expected a base64 WireGuard public key (44 characters)")
+        return
+    if len(raw) != 32:
+        yield Problem(field, f"expected a 32-byte key, got {len(raw)} bytes")
+
+
+def _tier_problems(name: str, tier: TierPolicy) -> Iterator[Problem]:
+    at = f"$.tiers.{name}"
+    if tier.timeout <= 0:
+        yield Problem(f"{at}.timeout", f"must be > 0, got {tier.timeout:g}")
+    if tier.interval <= tier.timeout:
+        yield Problem(f"{at}.interval",
+                      f"must be longer than timeout ({tier.interval:g} <= {tier.timeout:g})")
+    if tier.fast_interval is not None and not 0 < tier.fast_interval <= tier.interval:
+        yield Problem(f"{at}.fast_interval", "must be > 0 and <= interval")
+    if tier.rise < 1 or tier.fall < 1:
+        yield Problem(f"{at}.rise" if tier.rise < 1 else f"{at}.fall", "must be >= 1")
+    if not 0 <= tier.jitter <= 0.5:
+        yield Problem(f"{at}.jitter", f"must be within 0..0.5, got {tier.jitter:g}")
+
+
+def _openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+    yield from _check_port(o.port, f"{at}.port")
+    wraps = [n for n in ("tls_crypt_file", "tls_auth_file", "tls_crypt_v2_file")
+             if getattr(o, n) is not None]
+    if len(wraps) > 1:
+        yield Problem(at, f"set at most one control-channel wrapping, got {', '.join(wraps)}")
+    if o.key_direction is not None and o.key_direction not in (0, 1):
+        yield Problem(f"{at}.key_direction", f"must be 0 or 1, got {o.key_direction}")
+    if o.key_direction is not None and o.tls_auth_file is None:
+        yield Problem(f"{at}.key_direction", "only applies with tls_auth_file")
+    if (o.cert_file is None) != (o.key_file is None):
+        yield Problem(at, "cert_file and key_file go together")
+    for name in ("ca_file", "cert_file", "key_file", "tls_crypt_file", "tls_auth_file",
+                 "tls_crypt_v2_file", "auth_user_pass_file"):
+        yield from _check_file(getattr(o, name), f"{at}.{name}", base_dir)
+
+
+def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
+    if not _NAME.match(t.id):
+        yield Problem(f"{at}.id", f"expected letters, digits, '.', '_' or '-', got {t.id!r}")
+    try:
+        ipaddress.ip_address(t.address)
+    except ValueError:
+        if not _HOSTNAME.match(t.address):
+            yield Problem(f"{at}.address", f"expected an IP address or hostname, got {t.address!r}")
+    if t.wireguard is not None:
+        w, wat = t.wireguard, f"{at}.wireguard"
+        yield from _check_port(w.port, f"{wat}.port")
+        yield from _check_wg_key(w.server_public_key, f"{wat}.server_public_key")
+        yield from _check_file(w.private_key_file, f"{wat}.private_key_file", base_dir)
+        yield from _check_file(w.preshared_key_file, f"{wat}.preshared_key_file", base_dir)
+        yield from _check_ip(w.tunnel_address, f"{wat}.tunnel_address", network=True)
+        yield from _check_ip(w.canary, f"{wat}.canary")
+        if (w.canary is None) != (w.tunnel_address is None):
+            yield Problem(wat, "tunnel_address and canary go together (session checks need both)")
+    if t.openvpn is not None:
+        yield from _openvpn_problems(t.openvpn, f"{at}.openvpn", base_dir)
+    if t.ikev2 is not None:
+        i, iat = t.ikev2, f"{at}.ikev2"
+        yield from _check_port(i.port, f"{iat}.port")
+        yield from _check_file(i.psk_file, f"{iat}.psk_file", base_dir)
+        yield from _check_ip(i.ping, f"{iat}.ping")
+    if t.quic is not None:
+        yield from _check_port(t.quic.port, f"{at}.quic.port")
+        yield from _check_file(t.quic.ca_file, f"{at}.quic.ca_file", base_dir)
+    if t.l4 is not None:
+        for j, port in enumerate(t.l4.tcp_ports):
+            yield from _check_port(port, f"{at}.l4.tcp_ports[{j}]")
+        for j, ex in enumerate(t.l4.udp):
+            yield from _check_port(ex.port, f"{at}.l4.udp[{j}].port")
+            for name in ("send_hex", "expect_hex"):
+                value = getattr(ex, name)
+                try:
+                    bytes.fromhex(value or "")
+                except ValueError:
+                    yield Problem(f"{at}.l4.udp[{j}].{name}", "expected hex digits")
+    if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4)):
+        yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic or l4")
+
+
+def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
+    if not _NAME.match(cfg.agent.vantage):
+        yield Problem("$.agent.vantage", f"expected a short name, got {cfg.agent.vantage!r}")
+    if cfg.agent.max_concurrency < 1:
+        yield Problem("$.agent.max_concurrency", "must be >= 1")
+    if cfg.agent.per_node_concurrency < 1:
+        yield Problem("$.agent.per_node_concurrency", "must be >= 1")
+    for name, tier in cfg.tiers.items():
+        if name not in ("l4", "functional", "session"):
+            yield Problem(f"$.tiers.{name}", "unknown tier; expected l4, functional or session")
+        yield from _tier_problems(name, tier)
+    seen: dict[str, int] = {}
+    for i, t in enumerate(cfg.targets):
+        at = f"$.targets[{i}]"
+        if t.id in seen:
+            first = f"$.targets[{seen[t.id]}]"
+            yield Problem(f"{at}.id", f"duplicate node id {t.id!r} (first at {first})")
+        else:
+            seen[t.id] = i
+        yield from _target_problems(t, at, base_dir)
+    if cfg.mesh is not None:
+        if not cfg.mesh.endpoints:
+            yield Problem("$.mesh.endpoints", "at least one mesh endpoint is required")
+        for j, url in enumerate(cfg.mesh.endpoints):
+            if not re.match(r"^https?://[^/\s]+", url):
+                yield Problem(f"$.mesh.endpoints[{j}]", f"expected an http(s) URL, got {url!r}")
+        yield from _check_file(cfg.mesh.key_file, "$.mesh.key_file", base_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map every field path in a YAML document to its 1-based line."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, path: str) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = f"{path}.{key.value}"
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    if root is not None:
+        walk(root, "$")
+    return lines
+
+
+def _line_for(path: str, lines: dict[str, int]) -> int | None:
+    # an error about a missing key points at its parent; walk up until something is known
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        if cut <= 0:
+            break
+        path = path[:cut]
+    return lines.get("$")
+
+
+S = TypeVar("S")
+
+
+def parse_yaml(text: str, struct: type[S], source: str = "<config>") -> tuple[S, dict[str, int]]:
+    """Parse YAML text into ``struct``; raise :class:`ConfigError` naming the field and line."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, [Problem("$", f"not valid YAML: {exc}", line)]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("$", "expected a mapping at the top level")])
+    lines = _yaml_lines(text)
+    try:
+        return msgspec.convert(data, struct, strict=False), lines
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        path = "$"
+        if " - at `" in message:
+            message, path = message.split(" - at `", 1)
+            path = path.rstrip("`")
+        raise ConfigError(source, [Problem(path, message, _line_for(path, lines))]) from None
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Load and fully validate an agent config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
+    cfg, lines = parse_yaml(text, AgentConfig, str(p))
+    problems = cfg.problems(p.parent.resolve())
+    if problems:
+        raise ConfigError(str(p), [Problem(q.path, q.message, _line_for(q.path, lines))
+                                   for q in problems])
+    return cfg

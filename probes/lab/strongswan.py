@@ -1,0 +1,150 @@
+"""A real strongSwan (charon) IKEv2 responder for the lab, with ESP in userspace.
+
+The kernel here has no ESP, so charon loads ``kernel-libipsec`` (ESP over a TUN device) next to
+``kernel-netlink`` (routes). charon's pid file path is fixed under ``/run``, so each charon gets a
+private tmpfs ``/run`` inside its ``ip netns exec`` mount namespace. It is configured through its
+VICI socket in the lab directory with ``swanctl --load-all``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from probes.lab.netns import LabError, run
+from probes.lab.topology import wait_for
+
+if TYPE_CHECKING:
+    from probes.lab.topology import Host, Lab
+
+CHARON = "/usr/lib/ipsec/charon"
+PLUGINS = ("random nonce kdf openssl pem pkcs1 x509 pubkey revocation constraints "
+           "kernel-libipsec kernel-netlink socket-default vici updown")
+DEFAULT_PROPOSALS = ("aes256gcm16-prfsha256-ecp256", "aes256gcm16-prfsha256-x25519",
+                     "aes256-sha256-modp2048", "aes256-sha1-modp2048")
+_counter = itertools.count()
+
+
+def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_id: str,
+                      remote_id: str, proposals: Sequence[str], local_ts: str, remote_ts: str,
+                      esp_proposals: Sequence[str], psk: str) -> str:
+    """swanctl.conf text for one PSK connection (one setting per line: values run to EOL)."""
+    return "\n".join([
+        "connections {",
+        f"  {name} {{",
+        "    version = 2",
+        f"    local_addrs = {local_addrs}",
+        f"    remote_addrs = {remote_addrs}",
+        f"    proposals = {','.join(proposals)}",
+        "    local {",
+        "      auth = psk",
+        f"      id = {local_id}",
+        "    }",
+        "    remote {",
+        "      auth = psk",
+        f"      id = {remote_id}",
+        "    }",
+        "    children {",
+        "      net {",
+        f"        local_ts = {local_ts}",
+        f"        remote_ts = {remote_ts}",
+        f"        esp_proposals = {','.join(esp_proposals)}",
+        "      }",
+        "    }",
+        "  }",
+        "}",
+        "secrets {",
+        f"  ike-{name} {{",
+        f"    id-1 = {local_id}",
+        f"    id-2 = {remote_id}",
+        f'    secret = "{psk}"',
+        "  }",
+        "}",
+        "",
+    ])
+
+
+class StrongSwanServer:
+    """One charon in a host namespace. By default a PSK responder for any initiator."""
+
+    def __init__(self, lab: Lab, host: Host, *, psk: str | None = None,
+                 local_id: str = "node.lab", remote_id: str = "agent.lab",
+                 proposals: Sequence[str] = DEFAULT_PROPOSALS,
+                 esp_proposals: Sequence[str] = ("aes256gcm16", "aes128gcm16", "aes128-sha256"),
+                 local_ts: str | None = None, remote_ts: str = "10.211.0.0/16",
+                 charon_settings: str = "", swanctl_conf: str | None = None) -> None:
+        self.lab, self.host = lab, host
+        self.n = next(_counter)
+        self.name = f"charon{self.n}"
+        self.dir = lab.dir / self.name
+        self.dir.mkdir()
+        self.psk = psk or secrets.token_urlsafe(18)
+        self.local_id, self.remote_id = local_id, remote_id
+        self.psk_file = self.dir / "psk"
+        self.psk_file.write_text(self.psk + "\n")
+        self.psk_file.chmod(0o600)
+        # an address "behind" the responder, for in-tunnel echoes
+        self.inner_address = f"10.210.{self.n % 250}.1"
+        self.local_ts = local_ts or f"{self.inner_address}/32"
+        self.remote_ts = remote_ts
+        self.proposals = list(proposals)
+        self.vici_socket = self.dir / "charon.vici"
+        self.conf_file = self.dir / "strongswan.conf"
+        self.swanctl_file = self.dir / "swanctl.conf"
+        self.conf_file.write_text(
+            "charon {\n"
+            f"  load = {PLUGINS}\n"
+            f"  plugins {{\n    vici {{\n      socket = unix://{self.vici_socket}\n    }}\n  }}\n"
+            "  filelog {\n    stderr {\n      default = 1\n      ike = 2\n    }\n  }\n"
+            "  syslog {\n    daemon {\n      default = -1\n    }\n  }\n"
+            f"{charon_settings}\n"
+            "}\n")
+        self.swanctl_file.write_text(swanctl_conf or render_connection(
+            "lab", local_addrs=host.address, remote_addrs="%any", local_id=local_id,
+            remote_id=remote_id, proposals=self.proposals, local_ts=self.local_ts,
+            remote_ts=remote_ts, esp_proposals=esp_proposals, psk=self.psk))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return (self.host.address, 500)
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            raise LabError(f"{self.name} already running")
+        self.vici_socket.unlink(missing_ok=True)
+        self.host.run(["ip", "addr", "replace", f"{self.inner_address}/32", "dev", "lo"])
+        self.proc = self.host.popen(
+            ["sh", "-c", f"mount -t tmpfs tmpfs /run && exec {CHARON}"], name=self.name,
+            env={"STRONGSWAN_CONF": str(self.conf_file)})
+        proc = self.proc
+        wait_for(lambda: self.vici_socket.exists() or proc.poll() is not None, 10,
+                 f"{self.name} VICI socket")
+        if proc.poll() is not None:
+            raise LabError(f"charon exited with {proc.returncode} (see {self.lab.dir})")
+        self.swanctl(["--load-all", "--file", str(self.swanctl_file)])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.lab.stop_process(self.proc)
+            self.proc = None
+        self.vici_socket.unlink(missing_ok=True)
+
+    def swanctl(self, args: Sequence[str], *, check: bool = True,
+                timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        return run(["swanctl", *args, "--uri", f"unix://{self.vici_socket}"], check=check,
+                   timeout=timeout)
+
+    def list_sas(self) -> str:
+        return self.swanctl(["--list-sas"]).stdout
+
+    def log(self) -> str:
+        path: Path = self.lab.dir / f"{self.host.name}-{self.name}.log"
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
