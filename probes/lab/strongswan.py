@@ -60,7 +60,8 @@ def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_i
         "secrets {",
         f"  ike-{name} {{",
         f"    id-1 = {local_id}",
-        f"    id-2 = {remote_id}",
+        # %any: one secret for every initiator identity (each agent still uses its own id)
+        *([f"    id-2 = {remote_id}"] if remote_id != "%any" else []),
         f'    secret = "{psk}"',
         "  }",
         "}",

@@ -1,0 +1,53 @@
+"""`tunnelwatch lab up|status|down` and `tunnelwatch demo` through the real CLI."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from probes.lab import leftovers
+from probes.lab.showcase import run as run_demo
+from tests.conftest import lab_unavailable
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(autouse=True)
+def _needs_lab() -> None:
+    if reason := lab_unavailable():
+        pytest.skip(reason)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "probes.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_lab_up_status_down() -> None:
+    up = _cli("lab", "up", "--nodes", "1", "--agents", "1")
+    run_id = re.search(r"lab (\w+) is up", up.stdout)
+    assert up.returncode == 0 and run_id, up.stderr
+    rid = run_id.group(1)
+    try:
+        status = _cli("lab", "status")
+        assert f"lab {rid}" in status.stdout and "3/3 processes alive" in status.stdout
+        config = re.search(r"agent config: (\S+)", up.stdout)
+        assert config
+        assert _cli("check-config", config.group(1)).returncode == 0
+    finally:
+        down = _cli("lab", "down", rid)
+    assert down.returncode == 0
+    assert list(leftovers(rid)) == []
+
+
+def test_demo_shows_every_real_client_succeeding() -> None:
+    out = io.StringIO()
+    assert run_demo(out), out.getvalue()
+    text = out.getvalue()
+    for what in ("WireGuard", "OpenVPN", "IKEv2", "HAProxy"):
+        assert re.search(rf"OK\s+{what}", text), text
+    assert "loss 0%" in text and "ifconfig 10.8." in text and "established" in text
