@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-CHECK_MODULES: tuple[str, ...] = ()
+CHECK_MODULES: tuple[str, ...] = (
+    "wireguard",
+)
 
 _loaded = False
 

@@ -69,6 +69,7 @@ TIMESTAMP_WHITENER = (1 << 24) - 1
 _NS_PER_S = 1_000_000_000
 
 REPLAY_WINDOW_SIZE = 2048
+MAX_PENDING_HANDSHAKES = 8
 
 _HEADER = struct.Struct("<B3xI")
 _TRANSPORT_HEADER = struct.Struct("<B3xIQ")
@@ -345,7 +346,9 @@ class WireGuardInitiator:
         self._psk = config.preshared_key or _ZERO_KEY
         self._cookie: bytes | None = None
         self._cookie_at = 0.0
-        self._pending: _PendingHandshake | None = None
+        # initiations still waiting for an answer, oldest first: a retransmission must not make
+        # the (late) response to the previous one unreadable
+        self._pending: dict[int, _PendingHandshake] = {}
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
         self._outbox: list[bytes] = []
@@ -362,11 +365,12 @@ class WireGuardInitiator:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        return self._pending.deadline if self._pending is not None else None
+        return max(p.deadline for p in self._pending.values()) if self._pending else None
 
     def handle_timer(self, now: float) -> None:
-        if self._pending is not None and now >= self._pending.deadline:
-            self._pending = None
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._pending.clear()
             self._events.append(HandshakeTimedOut())
 
     # -- handshake --
@@ -401,8 +405,10 @@ class WireGuardInitiator:
         mac2 = mac(cookie, body + mac1) if cookie is not None else bytes(16)
         message = body + mac1 + mac2
 
-        self._pending = _PendingHandshake(sender_index, ephemeral_private, c, h, mac1,
-                                          cookie is not None, now + REKEY_TIMEOUT)
+        self._pending[sender_index] = _PendingHandshake(sender_index, ephemeral_private, c, h, mac1,
+                                                        cookie is not None, now + REKEY_TIMEOUT)
+        while len(self._pending) > MAX_PENDING_HANDSHAKES:
+            del self._pending[next(iter(self._pending))]
         self.last_timestamp = timestamp
         self._outbox.append(message)
         return message
@@ -436,8 +442,8 @@ class WireGuardInitiator:
         if len(data) != RESPONSE_SIZE:
             raise WireGuardError(f"response of {len(data)} bytes, expected {RESPONSE_SIZE}")
         _, remote_index, receiver = _RESPONSE_HEADER.unpack_from(data)
-        pending = self._pending
-        if pending is None or receiver != pending.sender_index:
+        pending = self._pending.get(receiver)
+        if pending is None:
             raise WireGuardError("response to no initiation of ours")
         if not hmac.compare_digest(mac(self._mac1_key_self, data[:60]), data[60:76]):
             raise WireGuardError("response mac1 is wrong (not for our key)")
@@ -457,7 +463,7 @@ class WireGuardInitiator:
                 "response failed authentication: wrong preshared key (or server key)") from None
         send_key, receive_key = kdf(c, b"", 2)
 
-        self._pending = None
+        self._pending.clear()  # one session is all a probe needs; later answers are stale
         self.previous, self.current = self.current, Keypair(
             send_key, receive_key, pending.sender_index, remote_index, now)
         self._events.append(HandshakeCompleted(pending.sender_index, remote_index,
@@ -467,8 +473,8 @@ class WireGuardInitiator:
         if len(data) != COOKIE_REPLY_SIZE:
             raise WireGuardError(f"cookie reply of {len(data)} bytes, expected {COOKIE_REPLY_SIZE}")
         (_, receiver) = _HEADER.unpack_from(data)
-        pending = self._pending
-        if pending is None or receiver != pending.sender_index:
+        pending = self._pending.get(receiver)
+        if pending is None:
             raise WireGuardError("cookie reply to no initiation of ours")
         cookie = xaead_open(self._cookie_key_server, data[8:32], data[32:64], pending.mac1)
         self._cookie = cookie

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from wg_responder import Responder
 
 from probes.protocols import wireguard as wg
+from tests.wireguard.wg_responder import Responder
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl import bindings as sodium
 from scapy.layers.inet import ICMP, IP
-from wg_responder import Responder
 
 from probes.protocols import wireguard as wg
+from tests.wireguard.wg_responder import Responder
 
 pytestmark = pytest.mark.wireguard
 
@@ -257,16 +257,32 @@ def test_cookie_expires_after_refresh_time(initiator: wg.WireGuardInitiator,
     assert late[132:] == bytes(16)
 
 
-def test_cookie_reply_with_wrong_ad_is_rejected(initiator: wg.WireGuardInitiator,
-                                                responder: Responder) -> None:
+def test_tampered_cookie_reply_is_rejected(initiator: wg.WireGuardInitiator,
+                                           responder: Responder) -> None:
     responder.under_load = True
     initiator.initiate(1.0, WALL)
     reply = responder.handle(initiator.datagrams_to_send()[0])
     assert reply is not None
-    initiator.initiate(1.1, WALL)  # a newer initiation: the cookie's AD (old mac1) no longer fits
+    for offset in (10, 40, 63):  # nonce, sealed cookie, tag
+        tampered = bytearray(reply)
+        tampered[offset] ^= 0x80
+        with pytest.raises(wg.WireGuardError):
+            initiator.receive_datagram(bytes(tampered), 1.2)
+    assert initiator.next_event() is None
+
+
+def test_late_response_to_retransmitted_initiation(initiator: wg.WireGuardInitiator,
+                                                   responder: Responder) -> None:
+    initiator.initiate(1.0, WALL)
+    first = initiator.datagrams_to_send()[0]
+    initiator.initiate(2.0, WALL)  # retransmission: the first one's answer arrives only now
     initiator.datagrams_to_send()
-    with pytest.raises(wg.WireGuardError):
-        initiator.receive_datagram(reply, 1.2)
+    reply = responder.handle(first)
+    assert reply is not None
+    initiator.receive_datagram(reply, 2.1)
+    done = initiator.next_event()
+    assert isinstance(done, wg.HandshakeCompleted)
+    assert done.local_index == struct.unpack_from("<I", first, 4)[0]
 
 
 def test_handshake_timer(initiator: wg.WireGuardInitiator) -> None:

@@ -12,9 +12,9 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wg_responder import Responder
 
 from probes.protocols import wireguard as wg
+from tests.wireguard.wg_responder import Responder
 
 pytestmark = pytest.mark.wireguard
 

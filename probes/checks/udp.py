@@ -1,0 +1,251 @@
+"""A connected asyncio UDP endpoint for protocol probes (WireGuard, OpenVPN/UDP, IKEv2, ...).
+
+Why not ``loop.create_datagram_endpoint``: it hides ancillary data. A probe wants two things from
+the kernel that only ``recvmsg`` gives:
+
+* ``IP_RECVERR`` / ``IPV6_RECVERR``: ICMP errors (port/host unreachable) for a *connected* socket
+  land on the socket's error queue with their type, code and the offending router's address. No
+  root needed. Without it an unconnected socket just times out.
+* ``SO_TIMESTAMPNS``: the kernel's receive time of each datagram, so an RTT does not include the
+  time the event loop took to notice the packet.
+
+Usage::
+
+    async with await UdpEndpoint.open(host, port) as udp:
+        sent = udp.send(payload)             # SendStamp
+        datagram = await udp.recv(timeout)   # Datagram, or None on timeout; IcmpError if ICMP came
+        rtt = round_trip_seconds(sent, datagram)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from probes.model import Reason
+
+# linux/errqueue.h, linux/in.h, linux/in6.h, asm-generic/socket.h (not all exported by `socket`)
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SO_TIMESTAMPNS = 35
+SO_EE_ORIGIN_LOCAL = 1
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_TIMESPEC = struct.Struct("=qq")
+_MAX_DATAGRAM = 65535
+_ANCILLARY = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    data: bytes
+    received_monotonic: float  # when the event loop read it
+    kernel_wall_ns: int | None  # kernel receive timestamp (CLOCK_REALTIME), if the kernel gave one
+
+
+@dataclass(frozen=True, slots=True)
+class SendStamp:
+    monotonic: float
+    wall_ns: int
+
+
+class IcmpError(OSError):
+    """An error reported for our connected socket: an ICMP message, or a local send/receive error.
+
+    ``origin`` is SO_EE_ORIGIN_* (ICMP, ICMP6, LOCAL, or 0 when the kernel gave only an errno).
+    """
+
+    def __init__(self, err: int, origin: int = 0, icmp_type: int | None = None,
+                 icmp_code: int | None = None, offender: str | None = None) -> None:
+        super().__init__(err, describe_icmp(err, origin, icmp_type, icmp_code, offender))
+        self.origin = origin
+        self.icmp_type = icmp_type
+        self.icmp_code = icmp_code
+        self.offender = offender
+
+    @property
+    def from_icmp(self) -> bool:
+        return self.origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6) or (
+            self.origin == 0 and self.errno == errno.ECONNREFUSED)
+
+    @property
+    def reason(self) -> Reason:
+        """The closed-enum reason a check should report for this error."""
+        if self.from_icmp:
+            return Reason.ICMP_UNREACHABLE
+        if self.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+            return Reason.NETWORK_UNREACHABLE
+        return Reason.PROBE_ERROR
+
+
+def describe_icmp(err: int, origin: int, icmp_type: int | None, icmp_code: int | None,
+                  offender: str | None) -> str:
+    text = errno.errorcode.get(err, str(err))
+    if origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+        family = "ICMPv6" if origin == SO_EE_ORIGIN_ICMP6 else "ICMP"
+        text += f" ({family} type {icmp_type} code {icmp_code}"
+        text += f" from {offender})" if offender else ")"
+    return text
+
+
+def round_trip_seconds(sent: SendStamp, received: Datagram) -> float:
+    """RTT of one exchange, from the kernel receive timestamp when it is trustworthy.
+
+    The kernel stamp is wall-clock time, so it is used only if it lands inside the monotonic
+    bound (a clock step in between would otherwise produce a negative or inflated RTT).
+    """
+    monotonic_rtt = received.received_monotonic - sent.monotonic
+    if received.kernel_wall_ns is not None:
+        kernel_rtt = (received.kernel_wall_ns - sent.wall_ns) / 1e9
+        if 0.0 <= kernel_rtt <= monotonic_rtt:
+            return kernel_rtt
+    return monotonic_rtt
+
+
+def _parse_offender(family: int, raw: bytes) -> str | None:
+    # SO_EE_OFFENDER: a sockaddr right after sock_extended_err
+    try:
+        if family == socket.AF_INET and len(raw) >= 8:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8])
+        if family == socket.AF_INET6 and len(raw) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def parse_error_queue_message(ancdata: list[tuple[int, int, bytes]]) -> IcmpError | None:
+    """Turn the ancillary data of one MSG_ERRQUEUE message into an :class:`IcmpError`."""
+    for level, kind, payload in ancdata:
+        is_v4 = level == socket.IPPROTO_IP and kind == IP_RECVERR
+        is_v6 = level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR
+        if not (is_v4 or is_v6) or len(payload) < _EXTENDED_ERR.size:
+            continue
+        err, origin, icmp_type, icmp_code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(payload)
+        family = socket.AF_INET6 if origin == SO_EE_ORIGIN_ICMP6 else socket.AF_INET
+        offender = _parse_offender(family, payload[_EXTENDED_ERR.size:])
+        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+            return IcmpError(err, origin)
+        return IcmpError(err, origin, icmp_type, icmp_code, offender)
+    return None
+
+
+def _kernel_timestamp(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
+            seconds, nanos = _TIMESPEC.unpack_from(payload)
+            return int(seconds) * 1_000_000_000 + int(nanos)
+    return None
+
+
+class UdpEndpoint:
+    """A non-blocking connected UDP socket driven by the running event loop."""
+
+    def __init__(self, sock: socket.socket, remote: tuple[str, int]) -> None:
+        self.sock = sock
+        self.remote = remote
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Datagram | IcmpError] = asyncio.Queue()
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, local_port: int = 0) -> UdpEndpoint:
+        """Resolve, bind and connect. Raises ``socket.gaierror`` / ``OSError`` as the OS does."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, proto, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            sock.setblocking(False)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if local_port:
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local_port))  # noqa: S104
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, (str(address[0]), int(address[1])))
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def send(self, data: bytes) -> SendStamp:
+        """Send one datagram now. A pending ICMP error surfaces here as :class:`IcmpError`."""
+        stamp = SendStamp(time.monotonic(), time.time_ns())
+        try:
+            self.sock.send(data)
+        except BlockingIOError:
+            pass  # a full send buffer on UDP: the datagram is lost, like on the wire
+        except OSError as exc:
+            queued = self._drain_error_queue()
+            raise queued or IcmpError(exc.errno or 0) from None
+        return stamp
+
+    async def recv(self, timeout: float) -> Datagram | None:
+        """The next datagram, None after ``timeout`` seconds; raises :class:`IcmpError`."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), max(timeout, 0.0))
+        except TimeoutError:
+            return None
+        if isinstance(item, IcmpError):
+            raise item
+        return item
+
+    def _drain_error_queue(self) -> IcmpError | None:
+        first: IcmpError | None = None
+        while True:
+            try:
+                _, ancdata, _, _ = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return first
+            except OSError:
+                return first
+            error = parse_error_queue_message(ancdata)
+            if error is not None and first is None:
+                first = error
+            if error is None:
+                return first
+
+    def _on_readable(self) -> None:
+        # the error queue first: reading it clears the socket's pending error, so the ICMP
+        # message is reported once, with its details
+        error = self._drain_error_queue()
+        if error is not None:
+            self._queue.put_nowait(error)
+        for _ in range(64):  # bounded, so a flood cannot starve the loop
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._queue.put_nowait(self._drain_error_queue() or IcmpError(exc.errno or 0))
+                return
+            self._queue.put_nowait(Datagram(data, time.monotonic(), _kernel_timestamp(ancdata)))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    async def __aenter__(self) -> UdpEndpoint:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,422 @@
+"""WireGuard checks: ``wireguard.handshake`` and ``wireguard.session``.
+
+A thin asyncio shell around :mod:`probes.protocols.wireguard`: it owns the UDP socket
+(:mod:`probes.checks.udp`, for ICMP errors and kernel receive timestamps), the clock, and the small
+state file that keeps the last TAI64N timestamp per agent key across restarts.
+
+Outcomes (closed enum, :class:`probes.model.Reason`):
+
+* ``timeout``: no answer at all. WireGuard is silent to anything it cannot authenticate, so this
+  means the server is down, the path filters UDP, the server does not know this agent's key, or
+  the server public key we use is wrong; from one vantage these cannot be told apart.
+* ``icmp-unreachable``: an ICMP error came back on the connected socket (nothing listens there).
+* ``cookie-then-timeout``: the server is under load, sent a cookie, and the mac2 retry went
+  unanswered.
+* ``bad-response``: an answer that did not authenticate (most often a wrong preshared key).
+* ``tunnel-no-reply`` / ``tunnel-loss-over-threshold`` / ``tunnel-rtt-over-threshold``: session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+from scapy.layers.inet import ICMP, IP
+
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.model import Quality, Reason
+from probes.protocols import wireguard as wg
+
+log = logging.getLogger(__name__)
+
+WallClock = Callable[[], int]  # Unix nanoseconds; injectable so tests can step it back
+
+DEFAULT_RETRY_INTERVAL = 1.0  # seconds between initiation retransmissions inside one check
+ECHO_REPLY_GRACE = 1.0  # how long to wait for stragglers after the last echo was sent
+
+
+class WireGuardParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int = 51820
+    server_public_key: str  # base64, as `wg` prints it
+    private_key_file: str  # this agent's key for this server (one key per agent per server)
+    preshared_key_file: str | None = None
+    state_file: str | None = None  # last TAI64N timestamp per agent key; None = not persisted
+    retry_interval: float = DEFAULT_RETRY_INTERVAL
+    # session only
+    tunnel_address: str | None = None  # the agent's AllowedIPs address, "10.201.0.2/32"
+    canary: str | None = None  # in-tunnel address that answers ICMP echo
+    echo_count: int = 5
+    echo_interval: float = 0.05
+    loss_threshold: float = 0.5  # fail with tunnel-loss-over-threshold above this ratio
+    rtt_threshold: float | None = None  # fail with tunnel-rtt-over-threshold if p50 is above
+
+
+class ConfigError(ValueError):
+    """The check's parameters or key files are unusable (a usage error, not a node failure)."""
+
+
+def read_key_file(path: str, what: str) -> bytes:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    try:
+        return wg.decode_key(text, what)
+    except wg.WireGuardError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_config(params: WireGuardParams) -> wg.InitiatorConfig:
+    try:
+        server_key = wg.decode_key(params.server_public_key, "server public key")
+    except wg.WireGuardError as exc:
+        raise ConfigError(str(exc)) from None
+    private = read_key_file(params.private_key_file, "private key")
+    psk = (read_key_file(params.preshared_key_file, "preshared key")
+           if params.preshared_key_file else None)
+    return wg.InitiatorConfig(private, server_key, psk)
+
+
+# --- timestamp persistence ----------------------------------------------------------------------
+
+
+class TimestampStore:
+    """``{agent public key (b64): last TAI64N sent (hex)}`` in one small JSON file, mode 0600.
+
+    Read-modify-write happens under an flock so two probe processes of one agent do not lose each
+    other's updates; the file is replaced atomically so a crash never leaves it half written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, str]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable WireGuard timestamp file %s: %s", self.path, exc)
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): str(v) for k, v in raw.items()}
+
+    def load(self, key_id: str) -> bytes | None:
+        value = self._read().get(key_id)
+        if value is None:
+            return None
+        try:
+            stamp = bytes.fromhex(value)
+            wg.parse_tai64n(stamp)
+        except (ValueError, wg.WireGuardError):
+            return None
+        return stamp
+
+    def save(self, key_id: str, timestamp: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            old = data.get(key_id)
+            if old is not None and len(old) == 24 and old >= timestamp.hex():
+                return  # another process already went further (hex of fixed width sorts right)
+            data[key_id] = timestamp.hex()
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(data, out, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+
+
+# --- the probe ----------------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _silence_detail(host: str, port: int, waited: float) -> str:
+    return (f"no answer from {host}:{port} within {waited:.3g}s: the server is down, the path "
+            "filters UDP, or the server does not know this agent's key (or we have the wrong "
+            "server key); WireGuard answers nothing it cannot authenticate, so these look alike")
+
+
+class _Probe:
+    """One check run: socket, initiator, stopwatch and facts."""
+
+    def __init__(self, params: WireGuardParams, timeout: float, wall_ns: WallClock) -> None:
+        self.params = params
+        self.deadline = time.monotonic() + timeout
+        self.wall_ns = wall_ns
+        self.watch = Stopwatch()
+        self.facts: dict[str, Fact] = {"cookie_used": False, "initiations_sent": 0}
+        self.udp: UdpEndpoint | None = None
+        self.conn: wg.WireGuardInitiator | None = None
+        self.store = TimestampStore(params.state_file) if params.state_file else None
+        self.key_id = ""
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    async def open(self) -> None:
+        config = load_config(self.params)
+        self.key_id = wg.encode_key(wg.public_key(config.private_key))
+        last = self.store.load(self.key_id) if self.store else None
+        self.conn = wg.WireGuardInitiator(config, last_timestamp=last)
+        try:
+            self.udp = await UdpEndpoint.open(self.params.host, self.params.port)
+        except socket.gaierror as exc:
+            raise _Failure(Reason.RESOLVE_FAILED, f"{self.params.host}: {exc.strerror}") from None
+        except OSError as exc:
+            raise _Failure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
+        self.watch.lap("resolve")
+
+    def _flush(self) -> SendStamp | None:
+        assert self.conn is not None and self.udp is not None
+        stamp = None
+        for datagram in self.conn.datagrams_to_send():
+            stamp = self.udp.send(datagram)
+        return stamp
+
+    def _send_initiation(self, stamps: dict[int, SendStamp]) -> None:
+        assert self.conn is not None
+        message = self.conn.initiate(time.monotonic(), self.wall_ns())
+        if self.store is not None and self.conn.last_timestamp is not None:
+            try:  # persist before sending: a crash must not let the next run reuse it
+                self.store.save(self.key_id, self.conn.last_timestamp)
+            except OSError as exc:
+                log.warning("cannot persist WireGuard timestamp to %s: %s", self.store.path, exc)
+                self.facts["timestamp_persist_failed"] = True
+        stamp = self._flush()
+        assert stamp is not None
+        stamps[int.from_bytes(message[4:8], "little")] = stamp
+        self.facts["initiations_sent"] = int(self.facts["initiations_sent"]) + 1
+
+    async def handshake(self) -> None:
+        assert self.conn is not None and self.udp is not None
+        stamps: dict[int, SendStamp] = {}
+        started = time.monotonic()
+        self._send_initiation(stamps)
+        next_retry = time.monotonic() + self.params.retry_interval
+        cookie = False
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                if cookie:
+                    raise _Failure(Reason.COOKIE_THEN_TIMEOUT,
+                                   "server under load sent a cookie reply, but the retry with "
+                                   f"mac2 got no response within {now - started:.3g}s")
+                raise _Failure(Reason.TIMEOUT, _silence_detail(
+                    self.params.host, self.params.port, now - started))
+            if now >= next_retry:
+                self._send_initiation(stamps)
+                next_retry = now + self.params.retry_interval
+                continue
+            datagram = await self.udp.recv(min(self.deadline, next_retry) - now)
+            if datagram is None:
+                continue
+            try:
+                self.conn.receive_datagram(datagram.data, datagram.received_monotonic)
+            except wg.WireGuardError as exc:
+                raise _Failure(Reason.BAD_RESPONSE, f"handshake answer rejected: {exc}") from None
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, wg.CookieReceived):
+                    cookie = True
+                    self.facts["cookie_used"] = True
+                    self.facts["cookies_received"] = self.conn.cookies_received
+                    self.watch.lap("cookie")
+                    self._send_initiation(stamps)  # now with mac2
+                    next_retry = time.monotonic() + self.params.retry_interval
+                elif isinstance(event, wg.HandshakeCompleted):
+                    self._completed(event, stamps[event.local_index], datagram)
+                    return
+
+    def _completed(self, event: wg.HandshakeCompleted, sent: SendStamp,
+                   answer: Datagram) -> None:
+        self.watch.lap("handshake")
+        self.facts["handshake_rtt_seconds"] = round(round_trip_seconds(sent, answer), 9)
+        self.facts["mac2_used"] = event.used_cookie
+        self.facts["local_index"] = event.local_index
+
+    async def echoes(self) -> Quality:
+        """K ICMP echoes to the canary through the tunnel; RTTs from kernel receive stamps."""
+        assert self.conn is not None and self.udp is not None
+        params = self.params
+        if params.tunnel_address is None or params.canary is None:
+            raise ConfigError("a session needs tunnel_address and canary")
+        source = str(ipaddress.ip_interface(params.tunnel_address).ip)
+        ident = secrets.randbelow(0xFFFF) + 1
+        payload = b"tunnelwatch-wg-" + secrets.token_bytes(8)
+        sent: dict[int, SendStamp] = {}
+        rtts: dict[int, float] = {}
+        count = max(params.echo_count, 0)
+        next_send = time.monotonic()
+        seq = 0
+        last_send_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            all_sent = seq >= count
+            if len(rtts) == count or now >= self.deadline or (
+                    all_sent and now >= last_send_at + ECHO_REPLY_GRACE):
+                break
+            if not all_sent and now >= next_send:
+                packet = IP(src=source, dst=params.canary) / ICMP(id=ident, seq=seq) / payload
+                self.conn.send_data(bytes(packet), now)
+                stamp = self._flush()
+                assert stamp is not None
+                sent[seq] = stamp
+                last_send_at = stamp.monotonic
+                seq += 1
+                next_send = now + params.echo_interval
+                continue
+            wake = self.deadline if all_sent else next_send
+            if all_sent:
+                wake = min(wake, last_send_at + ECHO_REPLY_GRACE)
+            datagram = await self.udp.recv(wake - now)
+            if datagram is not None:
+                self._take_echo_reply(datagram, ident, sent, rtts)
+        self.watch.lap("tunnel")
+        return _quality(len(sent), list(rtts.values()))
+
+    def _take_echo_reply(self, datagram: Datagram, ident: int, sent: dict[int, SendStamp],
+                         rtts: dict[int, float]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.receive_datagram(datagram.data, datagram.received_monotonic)
+        except wg.WireGuardError:
+            # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
+            self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
+            return
+        while (event := self.conn.next_event()) is not None:
+            if not isinstance(event, wg.DataReceived):
+                continue
+            echo = parse_echo_reply(event.payload)
+            if echo is None:
+                continue
+            echo_id, echo_seq = echo
+            if echo_id == ident and echo_seq in sent and echo_seq not in rtts:
+                rtts[echo_seq] = round_trip_seconds(sent[echo_seq], datagram)
+
+    def keepalive(self) -> None:
+        assert self.conn is not None
+        self.conn.send_keepalive(time.monotonic())
+        self._flush()
+        self.facts["keepalive_sent"] = True
+
+    def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    header = (packet[0] & 0x0F) * 4
+    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
+        return None
+    return (int.from_bytes(packet[header + 4:header + 6], "big"),
+            int.from_bytes(packet[header + 6:header + 8], "big"))
+
+
+def _quality(sent: int, rtts: list[float]) -> Quality:
+    received = len(rtts)
+    loss = (sent - received) / sent if sent else 0.0
+    if not rtts:
+        return Quality(sent=sent, received=0, loss_ratio=loss)
+    ordered = sorted(rtts)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Quality(sent=sent, received=received, loss_ratio=round(loss, 6),
+                   rtt_p50_seconds=statistics.median(ordered), rtt_p99_seconds=p99,
+                   rtt_max_seconds=ordered[-1])
+
+
+async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
+               session: bool) -> CheckResult:
+    probe = _Probe(params, timeout, wall_ns)
+    try:
+        await probe.open()
+        await probe.handshake()
+        if not session:
+            probe.keepalive()  # confirms the session to the server, which then frees the slot
+            return probe.watch.result(True, Reason.OK, facts=probe.facts)
+        quality = await probe.echoes()
+        probe.keepalive()
+        return _session_result(probe, quality)
+    except _Failure as failure:
+        return probe.watch.result(False, failure.reason, detail=failure.detail, facts=probe.facts)
+    except IcmpError as exc:
+        return probe.watch.result(False, exc.reason, detail=str(exc), facts=probe.facts)
+    except ConfigError as exc:
+        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
+    except wg.WireGuardError as exc:  # e.g. keys expired mid-check: ours, not the node's
+        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
+    finally:
+        probe.close()
+
+
+def _session_result(probe: _Probe, quality: Quality) -> CheckResult:
+    params = probe.params
+    result = probe.watch.result
+    if quality.sent and quality.received == 0:
+        return result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=probe.facts,
+                      detail=f"handshake fine, none of {quality.sent} echoes to {params.canary} "
+                             "came back through the tunnel")
+    if quality.loss_ratio > params.loss_threshold:
+        return result(False, Reason.TUNNEL_LOSS, quality=quality, facts=probe.facts,
+                      detail=f"in-tunnel loss {quality.loss_ratio:.1%} > "
+                             f"{params.loss_threshold:.1%}")
+    p50 = quality.rtt_p50_seconds
+    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
+        return result(False, Reason.TUNNEL_RTT, quality=quality, facts=probe.facts,
+                      detail=f"in-tunnel RTT p50 {p50 * 1000:.1f} ms > "
+                             f"{params.rtt_threshold * 1000:.1f} ms")
+    return result(True, Reason.OK, quality=quality, facts=probe.facts)
+
+
+async def run_handshake(params: WireGuardParams, timeout: float,
+                        wall_ns: WallClock = time.time_ns) -> CheckResult:
+    return await _run(params, timeout, wall_ns, session=False)
+
+
+async def run_session(params: WireGuardParams, timeout: float,
+                      wall_ns: WallClock = time.time_ns) -> CheckResult:
+    return await _run(params, timeout, wall_ns, session=True)
+
+
+async def _handshake_kind(params: WireGuardParams, timeout: float) -> CheckResult:
+    return await run_handshake(params, timeout)
+
+
+async def _session_kind(params: WireGuardParams, timeout: float) -> CheckResult:
+    return await run_session(params, timeout)
+
+
+HANDSHAKE = register(CheckKind(
+    name="wireguard.handshake", tier=Tier.FUNCTIONAL, params_type=WireGuardParams,
+    run=_handshake_kind,
+    description="Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)"))
+
+SESSION = register(CheckKind(
+    name="wireguard.session", tier=Tier.SESSION, params_type=WireGuardParams,
+    run=_session_kind,
+    description="handshake, ICMP echoes to an in-tunnel canary, keepalive"))

@@ -1,0 +1,1 @@
+"""WireGuard core, check and lab tests."""
