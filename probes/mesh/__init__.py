@@ -1,0 +1,1 @@
+"""The decision mesh: pure decision engine, authenticated ingest, durable store, HTTP API."""

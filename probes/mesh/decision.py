@@ -1,0 +1,768 @@
+"""The decision engine: observations and ``now`` in, node verdict changes out. Pure and replayable.
+
+Theory of operation
+-------------------
+The engine is a state machine with three inputs, each taking an explicit ``now``:
+
+* :meth:`DecisionEngine.observe` — a batch of observations that arrived at ``now``;
+* :meth:`DecisionEngine.tick` — time passed: stale vantages drop out, damped checks are released;
+* :meth:`DecisionEngine.set_admin` — an operator drained, put in maintenance or readied a node.
+
+Each returns the verdict changes it caused. There is no I/O, no clock and no randomness, so the
+same sequence of calls yields the same verdicts, bit for bit (the store journals the calls and a
+restart replays them; ``tunnelwatch mesh replay`` does the same from a recorded stream).
+
+The layers, bottom up:
+
+1. per (node, vantage, check) — :class:`CheckState`: HAProxy-style rise/fall (``fall`` consecutive
+   failures take a check down, ``rise`` consecutive successes bring it back, one success suffices
+   for a check never decided), or a k-of-n window for going down; RFC 2439 flap damping: every
+   up->down flap adds a penalty that halves each half-life; above ``suppress`` the check is held
+   down until the penalty decays below ``reuse`` (never longer than ``max_hold``). A failure whose
+   reason is a quality bound (in-tunnel loss / RTT) counts as a *pass with bad quality*: quality
+   gives DEGRADED, never DOWN.
+2. per (node, vantage) — :class:`NodeVantage`: the tier cascade turns the checks into one opinion:
+   any check down -> DOWN (an L4 check up while a handshake or session fails is "alive but
+   useless", still DOWN); otherwise a quality bound crossed -> DEGRADED; otherwise UP.
+3. per node — the vote across vantages: stale vantages (no report for ``stale_after``) and
+   impaired vantages (they see an abnormal share of the fleet down while their peers do not) do
+   not vote; with fewer than ``min_voters`` voters the node keeps its last verdict with
+   ``quorum_lost``; otherwise majority or Route-53-style percent rule.
+4. per pool — the guard: a node may go DOWN only while at most ``max(1, floor(share * size))``
+   nodes of its pool are DOWN; beyond that the node keeps its previous verdict and is reported as
+   held (Envoy's panic threshold: fail open rather than empty the pool).
+5. admin — DRAINING and MAINTENANCE set by an operator are what is published, whatever the probes
+   say; the probe verdict keeps being computed underneath and returns on "ready".
+
+Hot path: observations only touch their check state and mark a (node, vantage) dirty when the
+check's effective state or quality flag changed; opinions, votes and guard run once per call for
+the dirty set only. Steady state (nothing changing) costs one dict lookup and a few attribute writes
+per observation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from probes.checks.base import Tier
+from probes.mesh.policy import DecisionPolicy
+from probes.model import Observation, Reason, Verdict, VerdictReason, VerdictState, Votes
+
+# check states (small ints: compact and fast to compare)
+CHECK_UNKNOWN = 0
+CHECK_UP = 1
+CHECK_DOWN = 2
+CHECK_STATE_NAMES = ("UNKNOWN", "UP", "DOWN")
+
+# opinions of one vantage about one node
+OP_NONE = 0
+OP_UP = 1
+OP_DEGRADED = 2
+OP_DOWN = 3
+OPINION_NAMES = ("NONE", "UP", "DEGRADED", "DOWN")
+
+# failure reasons that mean "the tunnel works, but badly": quality, not availability
+QUALITY_REASONS = frozenset({Reason.TUNNEL_LOSS, Reason.TUNNEL_RTT})
+
+MAX_REASONS = 32  # evidence items per verdict: enough to explain, bounded for the log
+
+ADMIN_STATES = (VerdictState.DRAINING, VerdictState.MAINTENANCE)
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """What the engine knows about a node before any observation: where it belongs."""
+
+    node: str
+    pool: str
+    pop: str = ""
+    region: str = ""
+
+
+class CheckState:
+    """Per (node, vantage, check) state. Compact on purpose: there are nodes x vantages x checks."""
+
+    __slots__ = (
+        "breach",
+        "count",
+        "kind",
+        "loss",
+        "name",
+        "nv",
+        "p99",
+        "penalty",
+        "penalty_at",
+        "reason",
+        "seen",
+        "seq",
+        "state",
+        "suppress_start",
+        "suppressed_until",
+        "tier",
+        "window",
+    )
+
+    def __init__(self, name: str, kind: str, tier: Tier, nv: NodeVantage) -> None:
+        self.name = name
+        self.kind = kind
+        self.tier = tier
+        self.nv = nv
+        self.state = CHECK_UNKNOWN
+        self.count = 0  # consecutive results against the current state
+        self.window = 0  # last n results as bits, 1 = failure (k-of-n)
+        self.seq = -1
+        self.seen = -math.inf
+        self.reason: Reason = Reason.OK
+        self.breach = False  # latest quality crossed a bound
+        self.loss: float | None = None
+        self.p99: float | None = None
+        self.penalty = 0.0
+        self.penalty_at = 0.0
+        self.suppressed_until = -math.inf
+        self.suppress_start = -math.inf
+
+    def effective(self, now: float) -> int:
+        """The state the cascade uses: a damped check is down while suppressed."""
+        return CHECK_DOWN if now < self.suppressed_until else self.state
+
+
+class NodeVantage:
+    """Per (node, vantage): its checks and the opinion the tier cascade derived from them."""
+
+    __slots__ = ("checks", "dirty", "fresh", "node", "opinion", "seen", "vantage")
+
+    def __init__(self, node: NodeState, vantage: VantageState) -> None:
+        self.node = node
+        self.vantage = vantage
+        self.checks: list[CheckState] = []
+        self.seen = -math.inf
+        self.opinion = OP_NONE
+        self.fresh = False  # as of the node's last evaluation
+        self.dirty = False
+
+
+class VantageState:
+    __slots__ = ("decided", "down", "impaired", "name", "nvs", "seen")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nvs: list[NodeVantage] = []
+        self.decided = 0  # nodes this vantage has an opinion about
+        self.down = 0  # ... of which it sees DOWN
+        self.impaired = False
+        self.seen = -math.inf
+
+
+class PoolState:
+    __slots__ = ("down", "held", "name", "nodes")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[NodeState] = []
+        self.down = 0  # nodes whose probe verdict is DOWN
+        self.held: dict[str, NodeState] = {}  # nodes the guard keeps from going DOWN
+
+    def allowed_down(self, share: float) -> int:
+        return max(1, math.floor(share * len(self.nodes) + 1e-9))
+
+
+class NodeState:
+    __slots__ = (
+        "admin",
+        "dirty",
+        "guard_hold",
+        "info",
+        "last",
+        "nvs",
+        "pool",
+        "probe_state",
+        "quorum_lost",
+        "seq",
+        "state",
+        "votes",
+    )
+
+    def __init__(self, info: NodeInfo, pool: PoolState) -> None:
+        self.info = info
+        self.pool = pool
+        self.nvs: dict[str, NodeVantage] = {}
+        self.probe_state = VerdictState.UNKNOWN  # what the probes say (after the guard)
+        self.admin: VerdictState | None = None
+        self.state = VerdictState.UNKNOWN  # what is published: admin state or probe state
+        self.quorum_lost = True  # never decided = no quorum yet
+        self.guard_hold = False
+        self.seq = 0
+        self.votes = Votes()
+        self.last: Verdict | None = None
+        self.dirty = False
+
+
+class DecisionEngine:
+    """The engine state plus the three inputs. See the module docstring."""
+
+    def __init__(self, policy: DecisionPolicy, nodes: Iterable[NodeInfo]) -> None:
+        self.policy = policy
+        self.nodes: dict[str, NodeState] = {}
+        self.pools: dict[str, PoolState] = {}
+        self.vantages: dict[str, VantageState] = {}
+        self._checks: dict[tuple[str, str, str], CheckState] = {}
+        self._tiers: dict[str, Tier] = {}
+        self._dirty_nv: list[NodeVantage] = []
+        self._dirty_nodes: list[NodeState] = []
+        self._suppressed: dict[tuple[str, str, str], CheckState] = {}  # while damped
+        self._vantages_changed = False
+        # counters for /metrics
+        self.observations_total = 0
+        self.unknown_node_total = 0
+        self.duplicate_total = 0
+        self.transitions: dict[tuple[str, str], int] = {}
+        self.guard_holds_total = 0
+        self.damping_suppressions_total = 0
+        for info in nodes:
+            self.add_node(info)
+
+    # ---- registry ---------------------------------------------------------------------------
+
+    def add_node(self, info: NodeInfo) -> None:
+        if info.node in self.nodes:
+            raise ValueError(f"node {info.node!r} registered twice")
+        pool = self.pools.get(info.pool)
+        if pool is None:
+            pool = self.pools[info.pool] = PoolState(info.pool)
+        node = NodeState(info, pool)
+        pool.nodes.append(node)
+        self.nodes[info.node] = node
+
+    def _new_check(self, obs: Observation) -> CheckState | None:
+        node = self.nodes.get(obs.node)
+        if node is None:
+            return None
+        vantage = self.vantages.get(obs.vantage)
+        if vantage is None:
+            vantage = self.vantages[obs.vantage] = VantageState(obs.vantage)
+        nv = node.nvs.get(obs.vantage)
+        if nv is None:
+            nv = node.nvs[obs.vantage] = NodeVantage(node, vantage)
+            vantage.nvs.append(nv)
+        kind = obs.kind or obs.check
+        tier = self._tiers.get(kind)
+        if tier is None:
+            tier = self._tiers[kind] = self.policy.tier_of(kind)
+        check = CheckState(obs.check, kind, tier, nv)
+        nv.checks.append(check)
+        self._checks[(obs.node, obs.vantage, obs.check)] = check
+        return check
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def observe(self, observations: Sequence[Observation], now: float) -> list[Verdict]:
+        """Apply observations that arrived at ``now``; return the verdict changes."""
+        policy = self.policy
+        rise = policy.rise
+        fall = policy.fall
+        window = policy.window
+        mask = (1 << window) - 1
+        k = policy.window_failures
+        max_loss = policy.quality.max_loss_ratio
+        max_p99 = policy.quality.max_rtt_p99_seconds
+        stale = policy.stale_after_seconds
+        checks = self._checks
+        dirty_nv = self._dirty_nv
+        dirty_nodes = self._dirty_nodes
+        quality_reasons = QUALITY_REASONS
+        accepted = 0
+        for obs in observations:
+            check = checks.get((obs.node, obs.vantage, obs.check))
+            if check is None:
+                check = self._new_check(obs)
+                if check is None:
+                    self.unknown_node_total += 1
+                    continue
+            if obs.seq <= check.seq:
+                self.duplicate_total += 1
+                continue
+            accepted += 1
+            check.seq = obs.seq
+            check.seen = now
+            nv = check.nv
+            if not nv.fresh or now - nv.seen > stale:
+                node = nv.node
+                if not node.dirty:
+                    node.dirty = True
+                    dirty_nodes.append(node)
+            nv.seen = now
+            ok = obs.ok
+            quality = obs.quality
+            breach = False
+            if not ok and obs.reason in quality_reasons:
+                ok = True  # the tunnel works, badly: DEGRADED through the quality flag
+                breach = True
+            if quality is not None:
+                check.loss = quality.loss_ratio
+                check.p99 = quality.rtt_p99_seconds
+                if quality.loss_ratio > max_loss or (
+                    quality.rtt_p99_seconds is not None and quality.rtt_p99_seconds > max_p99
+                ):
+                    breach = True
+            if breach != check.breach:
+                check.breach = breach
+                if not nv.dirty:
+                    nv.dirty = True
+                    dirty_nv.append(nv)
+            state = check.state
+            if ok:
+                if window:
+                    check.window = (check.window << 1) & mask
+                if state == CHECK_UP:
+                    check.count = 0
+                elif state == CHECK_DOWN:
+                    check.count += 1
+                    if check.count >= rise:
+                        self._transition(check, CHECK_UP, now)
+                else:
+                    self._transition(check, CHECK_UP, now)  # one success suffices at start
+            else:
+                check.reason = obs.reason
+                if state == CHECK_DOWN:
+                    check.count = 0
+                    if window:
+                        check.window = ((check.window << 1) | 1) & mask
+                else:
+                    if window:
+                        check.window = ((check.window << 1) | 1) & mask
+                        tripped = check.window.bit_count() >= k
+                    else:
+                        check.count += 1
+                        tripped = check.count >= fall
+                    if tripped:
+                        self._transition(check, CHECK_DOWN, now)
+        self.observations_total += accepted
+        return self._settle(now)
+
+    def tick(self, now: float) -> list[Verdict]:
+        """Let time pass: release damped checks whose hold ended, drop vantages gone stale."""
+        if self._suppressed:
+            for key, check in list(self._suppressed.items()):
+                if check.suppressed_until <= now:
+                    del self._suppressed[key]
+                    self._mark_nv(check.nv)
+        stale = self.policy.stale_after_seconds
+        for vantage in self.vantages.values():
+            for nv in vantage.nvs:
+                if nv.fresh and now - nv.seen > stale:
+                    self._mark_node(nv.node)
+        self._vantages_changed = True  # vantage freshness moves with time
+        return self._settle(now)
+
+    def set_admin(
+        self, node_id: str, admin: VerdictState | None, now: float, actor: str = ""
+    ) -> list[Verdict]:
+        """Set (DRAINING / MAINTENANCE) or clear (None, i.e. "ready") a node's admin state."""
+        if admin is not None and admin not in ADMIN_STATES:
+            raise ValueError(f"not an admin state: {admin}")
+        node = self.nodes[node_id]  # KeyError: unknown node, the API's 404
+        node.admin = admin
+        changes: list[Verdict] = []
+        label = admin.value if admin is not None else "READY"
+        note = f"{label} set by operator" + (f" {actor}" if actor else "")
+        self._publish(node, now, changes, VerdictReason(what="admin", note=note))
+        return changes
+
+    # ---- settling: opinions, impairment, votes, guard ---------------------------------------
+
+    def _mark_nv(self, nv: NodeVantage) -> None:
+        if not nv.dirty:
+            nv.dirty = True
+            self._dirty_nv.append(nv)
+
+    def _mark_node(self, node: NodeState) -> None:
+        if not node.dirty:
+            node.dirty = True
+            self._dirty_nodes.append(node)
+
+    def _transition(self, check: CheckState, new: int, now: float) -> None:
+        old = check.state
+        check.state = new
+        check.count = 0
+        check.window = 0
+        if new == CHECK_DOWN and old == CHECK_UP and self.policy.damping.enabled:
+            self._add_penalty(check, now)
+        self._mark_nv(check.nv)
+
+    def _add_penalty(self, check: CheckState, now: float) -> None:
+        d = self.policy.damping
+        decayed = check.penalty * 2.0 ** (-(now - check.penalty_at) / d.half_life_seconds)
+        # RFC 2439 ceiling: the penalty that decays to reuse in exactly max_hold
+        ceiling = d.reuse * 2.0 ** (d.max_hold_seconds / d.half_life_seconds)
+        check.penalty = min(decayed + d.penalty, ceiling)
+        check.penalty_at = now
+        suppressed = now < check.suppressed_until
+        if not suppressed and check.penalty <= d.suppress:
+            return
+        if not suppressed:
+            check.suppress_start = now
+            self.damping_suppressions_total += 1
+        release = now + d.half_life_seconds * math.log2(check.penalty / d.reuse)
+        check.suppressed_until = min(release, check.suppress_start + d.max_hold_seconds)
+        nv = check.nv
+        self._suppressed[(nv.node.info.node, nv.vantage.name, check.name)] = check
+
+    def _opinion(self, nv: NodeVantage, now: float) -> int:
+        stale = self.policy.stale_after_seconds
+        decided = down = degraded = False
+        for check in nv.checks:
+            if now - check.seen > stale:
+                continue  # a check this vantage stopped running no longer counts
+            state = check.effective(now)
+            if state == CHECK_UNKNOWN:
+                continue
+            decided = True
+            if state == CHECK_DOWN:
+                down = True
+            elif check.breach:
+                degraded = True
+        if not decided:
+            return OP_NONE
+        if down:
+            return OP_DOWN
+        return OP_DEGRADED if degraded else OP_UP
+
+    def _settle(self, now: float) -> list[Verdict]:
+        dirty_nv = self._dirty_nv
+        if dirty_nv:
+            for nv in dirty_nv:
+                nv.dirty = False
+                opinion = self._opinion(nv, now)
+                old = nv.opinion
+                if opinion == old:
+                    continue
+                vantage = nv.vantage
+                vantage.decided += (opinion != OP_NONE) - (old != OP_NONE)
+                vantage.down += (opinion == OP_DOWN) - (old == OP_DOWN)
+                self._vantages_changed = True
+                nv.opinion = opinion
+                self._mark_node(nv.node)
+            dirty_nv.clear()
+        if self._vantages_changed:
+            self._vantages_changed = False
+            self._update_impairment(now)
+        changes: list[Verdict] = []
+        dirty_nodes = self._dirty_nodes
+        i = 0
+        while i < len(dirty_nodes):  # the guard may append nodes it releases
+            node = dirty_nodes[i]
+            i += 1
+            node.dirty = False
+            self._evaluate(node, now, changes)
+        dirty_nodes.clear()
+        return changes
+
+    def _update_impairment(self, now: float) -> None:
+        imp = self.policy.impairment
+        share: dict[str, float] = {}
+        for vantage in self.vantages.values():
+            if vantage.decided >= imp.min_nodes:
+                share[vantage.name] = vantage.down / vantage.decided
+        alarmed = [name for name, s in share.items() if s >= imp.down_share]
+        # if most vantages see the same thing, it is the fleet, not the vantages
+        peers_agree = len(alarmed) * 2 >= len(share)
+        for vantage in self.vantages.values():
+            impaired = vantage.name in alarmed and not peers_agree
+            if impaired != vantage.impaired:
+                vantage.impaired = impaired
+                for nv in vantage.nvs:
+                    self._mark_node(nv.node)
+
+    def _evaluate(self, node: NodeState, now: float, changes: list[Verdict]) -> None:
+        policy = self.policy
+        stale = policy.stale_after_seconds
+        up = degraded = down = n_stale = n_impaired = 0
+        for nv in node.nvs.values():
+            if now - nv.seen > stale:
+                nv.fresh = False
+                n_stale += 1
+                continue
+            nv.fresh = True
+            if nv.vantage.impaired:
+                n_impaired += 1
+                continue
+            opinion = nv.opinion
+            if opinion == OP_UP:
+                up += 1
+            elif opinion == OP_DOWN:
+                down += 1
+            elif opinion == OP_DEGRADED:
+                degraded += 1
+        voters = up + degraded + down
+        node.votes = Votes(up, degraded, down, n_stale, n_impaired)
+        quorum = policy.quorum
+        quorum_lost = voters < quorum.min_voters
+        if quorum_lost:
+            candidate = node.probe_state
+        elif quorum.mode == "majority":
+            if down * 2 > voters:
+                candidate = VerdictState.DOWN
+            elif (down + degraded) * 2 > voters:
+                candidate = VerdictState.DEGRADED
+            else:
+                candidate = VerdictState.UP
+        elif up * 100 > quorum.healthy_percent * voters:
+            candidate = VerdictState.UP
+        elif (up + degraded) * 100 > quorum.healthy_percent * voters:
+            candidate = VerdictState.DEGRADED
+        else:
+            candidate = VerdictState.DOWN
+        pool = node.pool
+        hold = False
+        previous = node.probe_state
+        if candidate == VerdictState.DOWN and previous != VerdictState.DOWN:
+            if pool.down + 1 > pool.allowed_down(policy.pool_guard.max_down_share):
+                hold = True
+                candidate = previous
+            else:
+                pool.down += 1
+        elif candidate != VerdictState.DOWN and previous == VerdictState.DOWN:
+            pool.down -= 1
+            for held in pool.held.values():  # room freed: the held may go now
+                self._mark_node(held)
+        if hold != node.guard_hold:
+            node.guard_hold = hold
+            if hold:
+                pool.held[node.info.node] = node
+                self.guard_holds_total += 1
+            else:
+                pool.held.pop(node.info.node, None)
+        node.probe_state = candidate
+        node.quorum_lost = quorum_lost
+        self._publish(node, now, changes, None)
+
+    def _publish(
+        self,
+        node: NodeState,
+        now: float,
+        changes: list[Verdict],
+        extra: VerdictReason | None,
+    ) -> None:
+        state = node.admin if node.admin is not None else node.probe_state
+        last = node.last
+        last_quorum = last.quorum_lost if last is not None else True
+        # a quorum flag flip alone is announced (loudly), except under an admin state: then the
+        # published state is the operator's and the probes' quorum is only shown in the node view
+        if state == node.state and (node.admin is not None or node.quorum_lost == last_quorum):
+            return
+        previous = node.state
+        node.state = state
+        node.seq += 1
+        reasons = self._evidence(node, now)
+        if extra is not None:
+            reasons.insert(0, extra)
+        verdict = Verdict(
+            node=node.info.node,
+            state=state,
+            previous=previous,
+            seq=node.seq,
+            decided_at=now,
+            reasons=reasons[:MAX_REASONS],
+            votes=node.votes,
+            pool=node.info.pool,
+            quorum_lost=node.quorum_lost,
+        )
+        node.last = verdict
+        key = (previous.value, state.value)
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+        changes.append(verdict)
+
+    # ---- evidence -----------------------------------------------------------------------------
+
+    def _evidence(self, node: NodeState, now: float) -> list[VerdictReason]:
+        """Why the node is where it is: the vote, the checks behind it, the bounds crossed."""
+        policy = self.policy
+        votes = node.votes
+        voters = votes.up + votes.degraded + votes.down
+        out: list[VerdictReason] = []
+        if node.quorum_lost:
+            out.append(
+                VerdictReason(
+                    what="quorum-lost",
+                    value=float(voters),
+                    bound=float(policy.quorum.min_voters),
+                    note=f"{voters} voters, {votes.excluded_stale} stale, "
+                    f"{votes.excluded_impaired} impaired: keeping {node.probe_state.value}",
+                )
+            )
+        else:
+            share = votes.down / voters if voters else 0.0
+            quorum = policy.quorum
+            bound = 0.5 if quorum.mode == "majority" else 1 - quorum.healthy_percent / 100
+            out.append(
+                VerdictReason(
+                    what="vote",
+                    value=round(share, 6),
+                    bound=round(bound, 6),
+                    note=f"{policy.quorum.mode}: {votes.up} up, {votes.degraded} degraded, "
+                    f"{votes.down} down, {votes.excluded_stale} stale, "
+                    f"{votes.excluded_impaired} impaired",
+                )
+            )
+        if node.guard_hold:
+            pool = node.pool
+            out.append(
+                VerdictReason(
+                    what="pool-guard",
+                    value=float(pool.down),
+                    bound=float(pool.allowed_down(policy.pool_guard.max_down_share)),
+                    note=f"pool {pool.name} at its down limit: holding {node.probe_state.value}",
+                )
+            )
+        stale = policy.stale_after_seconds
+        for vantage_name, nv in node.nvs.items():
+            if now - nv.seen > stale or nv.vantage.impaired:
+                continue
+            out.extend(self._check_evidence(vantage_name, nv, now))
+        return out
+
+    def _check_evidence(self, vantage: str, nv: NodeVantage, now: float) -> list[VerdictReason]:
+        policy = self.policy
+        out: list[VerdictReason] = []
+        l4_up = any(c.tier == Tier.L4 and c.effective(now) == CHECK_UP for c in nv.checks)
+        for check in nv.checks:
+            effective = check.effective(now)
+            if effective == CHECK_DOWN:
+                if now < check.suppressed_until:
+                    out.append(
+                        VerdictReason(
+                            what="flap-damping",
+                            vantage=vantage,
+                            check=check.name,
+                            value=round(check.penalty, 3),
+                            bound=policy.damping.suppress,
+                            note=f"held down until {check.suppressed_until:.3f}",
+                        )
+                    )
+                if check.state != CHECK_DOWN:
+                    continue
+                if check.tier != Tier.L4 and l4_up:
+                    out.append(
+                        VerdictReason(
+                            what="tier-cascade",
+                            vantage=vantage,
+                            check=check.name,
+                            reason=check.reason.value,
+                            note=f"alive but useless: L4 up, {check.tier.value} check failing",
+                        )
+                    )
+                else:
+                    out.append(
+                        VerdictReason(
+                            what="check-down",
+                            vantage=vantage,
+                            check=check.name,
+                            reason=check.reason.value,
+                            note=f"{check.tier.value} check down",
+                        )
+                    )
+            elif effective == CHECK_UP and check.breach:
+                out.extend(self._quality_evidence(vantage, check))
+        return out
+
+    def _quality_evidence(self, vantage: str, check: CheckState) -> list[VerdictReason]:
+        bounds = self.policy.quality
+        out: list[VerdictReason] = []
+        if check.loss is not None and check.loss > bounds.max_loss_ratio:
+            out.append(
+                VerdictReason(
+                    what="quality-bound",
+                    vantage=vantage,
+                    check=check.name,
+                    reason="loss",
+                    value=check.loss,
+                    bound=bounds.max_loss_ratio,
+                )
+            )
+        if check.p99 is not None and check.p99 > bounds.max_rtt_p99_seconds:
+            out.append(
+                VerdictReason(
+                    what="quality-bound",
+                    vantage=vantage,
+                    check=check.name,
+                    reason="rtt-p99",
+                    value=check.p99,
+                    bound=bounds.max_rtt_p99_seconds,
+                )
+            )
+        if not out:
+            out.append(
+                VerdictReason(
+                    what="quality-bound",
+                    vantage=vantage,
+                    check=check.name,
+                    reason=check.reason.value,
+                    note="agent reported a quality failure",
+                )
+            )
+        return out
+
+    # ---- read side (API, metrics) --------------------------------------------------------------
+
+    def node_view(self, node_id: str, now: float) -> dict[str, Any]:
+        """The per-vantage picture of one node, as plain data for the API and the status table."""
+        node = self.nodes[node_id]
+        stale = self.policy.stale_after_seconds
+        half_life = self.policy.damping.half_life_seconds
+        vantages: dict[str, Any] = {}
+        for name, nv in node.nvs.items():
+            vantages[name] = {
+                "opinion": OPINION_NAMES[nv.opinion],
+                "stale": now - nv.seen > stale,
+                "impaired": nv.vantage.impaired,
+                "seen": nv.seen,
+                "checks": {
+                    c.name: {
+                        "kind": c.kind,
+                        "tier": c.tier.value,
+                        "state": CHECK_STATE_NAMES[c.state],
+                        "effective": CHECK_STATE_NAMES[c.effective(now)],
+                        "reason": c.reason.value,
+                        "quality_breach": c.breach,
+                        "loss_ratio": c.loss,
+                        "rtt_p99_seconds": c.p99,
+                        "damping_penalty": round(
+                            c.penalty * 2.0 ** (-(now - c.penalty_at) / half_life), 3
+                        ),
+                        "suppressed_until": (
+                            c.suppressed_until if now < c.suppressed_until else None
+                        ),
+                        "seen": c.seen,
+                    }
+                    for c in nv.checks
+                },
+            }
+        return {
+            "node": node_id,
+            "pool": node.info.pool,
+            "pop": node.info.pop,
+            "region": node.info.region,
+            "state": node.state.value,
+            "probe_state": node.probe_state.value,
+            "admin": node.admin.value if node.admin is not None else None,
+            "seq": node.seq,
+            "quorum_lost": node.quorum_lost,
+            "guard_hold": node.guard_hold,
+            "votes": msgspec.to_builtins(node.votes),
+            "last_verdict": msgspec.to_builtins(node.last) if node.last is not None else None,
+            "vantages": vantages,
+        }
+
+    def check_count(self) -> int:
+        return len(self._checks)
+
+
+def decide(
+    state: DecisionEngine, observations: Sequence[Observation], now: float
+) -> tuple[DecisionEngine, list[Verdict]]:
+    """Functional spelling of :meth:`DecisionEngine.observe` (the state is updated in place)."""
+    changes = state.observe(observations, now)
+    return state, changes

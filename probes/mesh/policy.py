@@ -1,0 +1,227 @@
+"""The decision policy: every knob of the decision engine, with defaults and validation.
+
+The mesh config embeds :class:`DecisionPolicy` as its ``decision:`` section. Importing this module
+has no side effects. :func:`validate_policy` raises :class:`PolicyError` whose ``path`` names the
+offending field (``decision.damping.reuse``), so a config loader can report it as is.
+
+Where the defaults come from (see shared/reference/peer-systems.md):
+
+* ``rise`` 2 / ``fall`` 3 are HAProxy's;
+* the k-of-n window is Azure Front Door's "successful samples of the last sample size", used
+  here for failures: a check goes down when ``window_failures`` of its last ``window`` results
+  failed;
+* damping is RFC 2439 scaled to health checks (the go-micro numbers: penalty per flap, half-life in
+  seconds rather than minutes), with Cisco's ratios (suppress 2x penalty, reuse 0.75x, max hold
+  4x half-life);
+* ``quorum.mode: percent`` is Route 53's "healthy if more than 18 % of checkers see it healthy";
+* the pool guard is Envoy's panic threshold / max ejection share, and Cloudflare's 2025 lesson.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from probes.checks.base import Tier
+
+QuorumMode = Literal["majority", "percent"]
+
+
+class PolicyError(ValueError):
+    """A policy value is out of range. ``path`` names the field, e.g. ``decision.rise``."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class DampingPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """RFC 2439-style flap damping per (node, vantage, check).
+
+    Every transition of a check to down adds ``penalty``; the accumulated figure halves every
+    ``half_life_seconds``. Above ``suppress`` the check is held down until the figure decays below
+    ``reuse``, but never longer than ``max_hold_seconds`` after the suppression began.
+    """
+
+    enabled: bool = True
+    penalty: float = 1000.0
+    half_life_seconds: float = 60.0
+    suppress: float = 2000.0
+    reuse: float = 750.0
+    max_hold_seconds: float = 240.0
+
+
+class QualityBounds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Quality figures beyond which a passing check makes its vantage see the node DEGRADED."""
+
+    max_loss_ratio: float = 0.001  # in-tunnel loss above 0.1 %
+    max_rtt_p99_seconds: float = 0.15
+
+
+class QuorumPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How vantages vote.
+
+    ``majority``: DOWN when more than half of the voters see the node down; DEGRADED when more than
+    half see it down or degraded; UP otherwise. ``percent``: UP when more than ``healthy_percent``
+    of the voters see it UP, DEGRADED when more than that share see it UP or DEGRADED, DOWN
+    otherwise (Route 53 uses 18). With fewer than ``min_voters`` voters the node keeps its last
+    verdict and is flagged ``quorum_lost``.
+    """
+
+    mode: QuorumMode = "majority"
+    healthy_percent: float = 18.0
+    min_voters: int = 2
+
+
+class ImpairmentPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When a vantage is judged impaired (its own problem, not the fleet's) and left out of votes.
+
+    A vantage is impaired when it sees at least ``down_share`` of the nodes it probes down, it
+    probes at least ``min_nodes`` nodes, and fewer than half of the vantages see that much
+    failure (if most vantages agree, the fleet really is failing).
+    """
+
+    down_share: float = 0.5
+    min_nodes: int = 3
+
+
+class PoolGuardPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Never let more than ``max_down_share`` of a pool be DOWN at once (at least one node may)."""
+
+    max_down_share: float = 0.5
+
+
+def _default_tiers() -> dict[str, Tier]:
+    return {
+        "tcp": Tier.L4,
+        "udp": Tier.L4,
+        "icmp": Tier.L4,
+        "l4": Tier.L4,
+        "wireguard": Tier.FUNCTIONAL,
+        "openvpn": Tier.FUNCTIONAL,
+        "ikev2": Tier.FUNCTIONAL,
+        "quic": Tier.FUNCTIONAL,
+        "masque": Tier.FUNCTIONAL,
+        "mtu": Tier.SESSION,
+        "session": Tier.SESSION,
+        "wireguard.session": Tier.SESSION,
+        "openvpn.session": Tier.SESSION,
+        "ikev2.session": Tier.SESSION,
+        "quic.session": Tier.SESSION,
+        "masque.session": Tier.SESSION,
+    }
+
+
+class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``decision:`` section of the mesh config."""
+
+    rise: int = 2
+    fall: int = 3
+    window: int = 0  # k-of-n window size n; 0 turns it off (then ``fall`` consecutive failures)
+    window_failures: int = 0  # k: failures among the last ``window`` results that take a check down
+    damping: DampingPolicy = msgspec.field(default_factory=DampingPolicy)
+    quality: QualityBounds = msgspec.field(default_factory=QualityBounds)
+    quorum: QuorumPolicy = msgspec.field(default_factory=QuorumPolicy)
+    stale_after_seconds: float = 30.0
+    impairment: ImpairmentPolicy = msgspec.field(default_factory=ImpairmentPolicy)
+    pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
+    # check-kind prefix -> tier; the longest matching prefix wins, ``default_tier`` otherwise
+    tiers: dict[str, Tier] = msgspec.field(default_factory=_default_tiers)
+    default_tier: Tier = Tier.FUNCTIONAL
+
+    def tier_of(self, kind: str) -> Tier:
+        """Tier of a check kind by longest prefix ("wireguard.session" beats "wireguard")."""
+        best = ""
+        tier = self.default_tier
+        for prefix, mapped in self.tiers.items():
+            if len(prefix) > len(best) and kind.startswith(prefix):
+                best, tier = prefix, mapped
+        return tier
+
+
+def _positive(value: float, path: str) -> None:
+    if not value > 0:
+        raise PolicyError(f"must be > 0, got {value}", path)
+
+
+def _share(value: float, path: str, *, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        low = "[0" if allow_zero else "(0"
+        raise PolicyError(f"must be a share in {low}, 1], got {value}", path)
+
+
+def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> DecisionPolicy:
+    """Check ranges and cross-field rules; raise :class:`PolicyError` naming the field."""
+    p = prefix
+    if policy.rise < 1:
+        raise PolicyError(f"must be >= 1, got {policy.rise}", f"{p}.rise")
+    if policy.fall < 1:
+        raise PolicyError(f"must be >= 1, got {policy.fall}", f"{p}.fall")
+    if not 0 <= policy.window <= 64:
+        raise PolicyError(f"must be 0 (off) or 1..64, got {policy.window}", f"{p}.window")
+    if policy.window:
+        if not 1 <= policy.window_failures <= policy.window:
+            raise PolicyError(
+                f"must be in 1..window ({policy.window}), got {policy.window_failures}",
+                f"{p}.window_failures",
+            )
+    elif policy.window_failures:
+        raise PolicyError("set only together with window", f"{p}.window_failures")
+    d = policy.damping
+    _positive(d.penalty, f"{p}.damping.penalty")
+    _positive(d.half_life_seconds, f"{p}.damping.half_life_seconds")
+    _positive(d.reuse, f"{p}.damping.reuse")
+    if d.suppress <= d.reuse:
+        raise PolicyError(
+            f"must be above reuse ({d.reuse}), got {d.suppress}", f"{p}.damping.suppress"
+        )
+    _positive(d.max_hold_seconds, f"{p}.damping.max_hold_seconds")
+    # RFC 2439's ceiling (the penalty that decays to reuse in max_hold) must exceed suppress,
+    # or damping could never trigger
+    ceiling = d.reuse * 2.0 ** (d.max_hold_seconds / d.half_life_seconds)
+    if d.enabled and ceiling <= d.suppress:
+        raise PolicyError(
+            f"too short for half_life {d.half_life_seconds} s: the penalty ceiling {ceiling:.0f} "
+            f"stays below suppress {d.suppress}",
+            f"{p}.damping.max_hold_seconds",
+        )
+    q = policy.quality
+    _share(q.max_loss_ratio, f"{p}.quality.max_loss_ratio", allow_zero=True)
+    _positive(q.max_rtt_p99_seconds, f"{p}.quality.max_rtt_p99_seconds")
+    qu = policy.quorum
+    if not 0 <= qu.healthy_percent < 100:
+        raise PolicyError(
+            f"must be in [0, 100), got {qu.healthy_percent}", f"{p}.quorum.healthy_percent"
+        )
+    if qu.min_voters < 1:
+        raise PolicyError(f"must be >= 1, got {qu.min_voters}", f"{p}.quorum.min_voters")
+    _positive(policy.stale_after_seconds, f"{p}.stale_after_seconds")
+    _share(policy.impairment.down_share, f"{p}.impairment.down_share")
+    if policy.impairment.min_nodes < 1:
+        raise PolicyError(
+            f"must be >= 1, got {policy.impairment.min_nodes}", f"{p}.impairment.min_nodes"
+        )
+    _share(policy.pool_guard.max_down_share, f"{p}.pool_guard.max_down_share")
+    for prefix_ in policy.tiers:
+        if not prefix_:
+            raise PolicyError("empty prefix", f"{p}.tiers")
+    return policy
+
+
+def policy_from_mapping(data: object, prefix: str = "decision") -> DecisionPolicy:
+    """Build and validate a policy from a parsed YAML/JSON mapping (``None`` means defaults)."""
+    if data is None:
+        return DecisionPolicy()
+    try:
+        policy = msgspec.convert(data, DecisionPolicy)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        path = prefix
+        marker = " - at `$"
+        if marker in text:
+            path = prefix + text.split(marker, 1)[1].rstrip("`")
+            text = text.split(" - at `", 1)[0]
+        raise PolicyError(text, path) from None
+    return validate_policy(policy, prefix)
