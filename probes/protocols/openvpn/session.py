@@ -1,0 +1,473 @@
+"""A sans-I/O OpenVPN client session: hard reset, TLS, key-method 2, PUSH_REPLY, data, EXIT.
+
+Drive it like aioquic's connection::
+
+    session.connect(now)
+    send(session.datagrams_to_send(now))          # repeat after every call below
+    session.receive_datagram(data, now)           # or handle_timer(now) at get_timer()
+    while (event := session.next_event()) is not None: ...
+
+It never touches a socket or a clock. ``datagrams_to_send`` returns packets without TCP framing;
+the shell adds it (:func:`~probes.protocols.openvpn.packet.frame_tcp`).
+
+The stateless 2.6 server (mudp.c) keeps nothing until our *third* packet ACKs its reset (message
+id 0) under the server's session id with message ids <= 1, so the first TLS packet (id 1) always
+carries that ACK, also when retransmitted.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import ssl
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from probes.protocols.openvpn import keymethod as km
+from probes.protocols.openvpn.data import PING_STRING, DataChannel
+from probes.protocols.openvpn.packet import (
+    DATA_OPCODES,
+    HEADER_LEN,
+    MAX_ACKS,
+    SID_LEN,
+    ControlPacket,
+    Opcode,
+    OpenVPNError,
+    parse_body,
+    split_first_byte,
+)
+from probes.protocols.openvpn.reliable import ReliableReceiver, ReliableSender
+from probes.protocols.openvpn.wrap import NoWrap, TlsCryptV2, Wrapper
+
+DEFAULT_TLS_MTU = 1250
+EARLY_NEG_FLAGS_TLV = 0x0001
+EARLY_NEG_FLAG_RESEND_WKC = 0x0001
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+PUSH_REQUEST_AFTER = 1.0  # seconds to wait for an unprompted PUSH_REPLY before asking
+
+
+class TlsFailure(enum.StrEnum):
+    VERIFY = "verify"  # server chain did not verify against our CA
+    EXPIRED = "expired"  # server certificate expired
+    EKU = "eku"  # server certificate lacks TLS Web Server Authentication
+    PEER_REJECTED = "peer-rejected"  # the server's alert says our certificate was refused
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class ResetAnswered:
+    server_session_id: bytes
+    early_negotiation_flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    version: str
+    cipher: str
+    peer_certificate_der: bytes
+    not_after: float  # Unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFailed:
+    failure: TlsFailure
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyExchanged:
+    server_options: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushReplyReceived:
+    reply: km.PushReply
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BadPacket:
+    detail: str
+
+
+Event = (ResetAnswered | TlsEstablished | TlsFailed | KeyExchanged | PushReplyReceived
+         | AuthFailed | ControlMessage | DataReceived | BadPacket)
+
+
+class Stage(enum.IntEnum):
+    IDLE = 0
+    RESET_SENT = 1
+    TLS = 2
+    KEY_EXCHANGE = 3
+    ACTIVE = 4
+    FAILED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """What the session does beyond the reset. ``ssl_context`` None stops after the reset."""
+
+    ssl_context: ssl.SSLContext | None = None
+    key_exchange: bool = True  # send key-method 2 after TLS
+    want_push: bool = True
+    username: str | None = None
+    password: str | None = None
+    ciphers: tuple[str, ...] = ("AES-256-GCM", "CHACHA20-POLY1305")
+    tls_ekm: bool = False  # advertise TLS key export (needs an exporter in the shell)
+    proto_name: str = "UDPv4"
+    tls_mtu: int = DEFAULT_TLS_MTU
+    retransmit: bool = True
+    initial_timeout: float = 1.0
+    client_version: str = "2.6.14"
+
+
+def _parse_early_negotiation(payload: bytes) -> int:
+    flags = 0
+    pos = 0
+    while len(payload) - pos >= 4:
+        tlv_type, length = struct.unpack_from("!HH", payload, pos)
+        pos += 4
+        if len(payload) - pos < length:
+            raise OpenVPNError("truncated TLV in server reset")
+        if tlv_type == EARLY_NEG_FLAGS_TLV and length == 2:
+            (flags,) = struct.unpack_from("!H", payload, pos)
+        pos += length
+    return flags
+
+
+def _classify_ssl_error(exc: ssl.SSLError) -> TlsFailed:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        failure = (TlsFailure.EXPIRED if exc.verify_code == X509_V_ERR_CERT_HAS_EXPIRED
+                   else TlsFailure.VERIFY)
+        return TlsFailed(failure, exc.verify_message or str(exc))
+    reason = (exc.reason or "").upper()
+    rejected = ("CERTIFICATE_REVOKED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
+                "UNKNOWN_CA", "CERTIFICATE_EXPIRED", "CERTIFICATE_UNKNOWN",
+                "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED")
+    if "ALERT" in reason and any(word in reason for word in rejected):
+        return TlsFailed(TlsFailure.PEER_REJECTED, reason.lower())
+    return TlsFailed(TlsFailure.OTHER, reason.lower() or str(exc))
+
+
+def _check_server_certificate(der: bytes) -> tuple[float, str | None]:
+    """(not_after, problem): the chain is verified by OpenSSL; EKU is ours to check, like
+    ``--remote-cert-tls server``."""
+    cert = x509.load_der_x509_certificate(der)
+    not_after = cert.not_valid_after_utc.timestamp()
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return not_after, "server certificate has no extended key usage"
+    if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        return not_after, "server certificate lacks serverAuth extended key usage"
+    return not_after, None
+
+
+class ClientSession:
+    def __init__(self, wrapper: Wrapper | None = None, options: SessionOptions | None = None,
+                 *, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.wrapper: Wrapper = wrapper if wrapper is not None else NoWrap()
+        self.options = options if options is not None else SessionOptions()
+        self._random = random_bytes
+        self.session_id = random_bytes(SID_LEN)
+        self.server_session_id: bytes | None = None
+        self.stage = Stage.IDLE
+        self._sender = ReliableSender(initial_timeout=self.options.initial_timeout,
+                                      retransmit=self.options.retransmit)
+        self._receiver = ReliableReceiver()
+        self._events: deque[Event] = deque()
+        self._data_out: list[bytes] = []
+        self._resend_wkc = False
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._key_source = km.ClientKeySource(random_bytes(km.PRE_MASTER_LEN),
+                                              random_bytes(km.RANDOM_LEN),
+                                              random_bytes(km.RANDOM_LEN))
+        self.server_key_method: km.ServerKeyMethod2 | None = None
+        self.push_reply: km.PushReply | None = None
+        self._push_partial: km.PushReply | None = None
+        self._push_request_at: float | None = None
+        self._exit_message_id: int | None = None
+        self.data_channel: DataChannel | None = None
+        self.bad_packets = 0
+
+    # --- driving -------------------------------------------------------------------------------
+
+    def connect(self, now: float) -> None:
+        opcode = (Opcode.CONTROL_HARD_RESET_CLIENT_V3 if isinstance(self.wrapper, TlsCryptV2)
+                  else Opcode.CONTROL_HARD_RESET_CLIENT_V2)
+        self._sender.queue(opcode, b"")
+        self.stage = Stage.RESET_SENT
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        timers = [t for t in (self._sender.timer(), self._push_request_at) if t is not None]
+        return min(timers, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        if self._push_request_at is not None and now >= self._push_request_at:
+            self._push_request_at = None
+            if self.push_reply is None and self.stage == Stage.ACTIVE:
+                self._write_plaintext(b"PUSH_REQUEST\x00")
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out = self._data_out
+        self._data_out = []
+        for message_id, opcode, payload in self._sender.due(now):
+            acks = self._take_acks()
+            if message_id == 1 and 0 not in acks and self.server_session_id is not None:
+                acks = (0, *acks[:MAX_ACKS - 1])  # the stateless server's admission ticket
+            out.append(self._wrap(ControlPacket(
+                opcode, self.session_id, 0, acks,
+                (self.server_session_id or b"") if acks else b"", message_id, payload)))
+        while self._receiver.has_acks and self.server_session_id is not None:
+            out.append(self._wrap(ControlPacket(
+                Opcode.ACK_V1, self.session_id, 0, self._receiver.take_acks(),
+                self.server_session_id, None)))
+        return out
+
+    @property
+    def retransmissions(self) -> int:
+        return self._sender.retransmissions
+
+    def _take_acks(self) -> tuple[int, ...]:
+        if self.server_session_id is None:
+            return ()
+        return self._receiver.take_acks()
+
+    def _wrap(self, packet: ControlPacket) -> bytes:
+        packet.validate()
+        return self.wrapper.wrap(packet.header(), packet.body())
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        try:
+            self._receive(data, now)
+        except OpenVPNError as exc:
+            self.bad_packets += 1
+            self._events.append(BadPacket(str(exc)))
+
+    def _receive(self, data: bytes, now: float) -> None:
+        if not data:
+            raise OpenVPNError("empty datagram")
+        opcode, _ = split_first_byte(data[0])
+        if opcode in DATA_OPCODES:
+            self._receive_data(data)
+            return
+        opcode, key_id, sid, body = self.wrapper.unwrap(data)
+        packet = parse_body(opcode, key_id, sid, body)
+        if opcode == Opcode.CONTROL_HARD_RESET_SERVER_V2 and self.server_session_id is None:
+            self.server_session_id = sid
+        elif self.server_session_id is None:
+            raise OpenVPNError(f"{opcode.name} before the server's reset")
+        elif sid != self.server_session_id:
+            raise OpenVPNError("packet from another server session")
+        if opcode not in (Opcode.CONTROL_HARD_RESET_SERVER_V2, Opcode.CONTROL_V1,
+                          Opcode.ACK_V1, Opcode.CONTROL_SOFT_RESET_V1):
+            raise OpenVPNError(f"unexpected {opcode.name} from a server")
+        if packet.acks:
+            if packet.remote_session_id != self.session_id:
+                raise OpenVPNError("ACK for a session that is not ours")
+            self._sender.ack(packet.acks)
+        if packet.message_id is None:
+            return
+        for _, op, payload in self._receiver.receive(packet.message_id, opcode, packet.payload):
+            if op == Opcode.CONTROL_HARD_RESET_SERVER_V2:
+                self._on_server_reset(payload, now)
+            elif op == Opcode.CONTROL_V1 and self._tls is not None:
+                self._incoming.write(payload)
+        self._pump_tls(now)
+
+    def _receive_data(self, data: bytes) -> None:
+        if self.data_channel is None:
+            return  # data before we have keys: not ours to judge
+        plaintext = self.data_channel.decrypt(data)
+        if plaintext != PING_STRING:
+            self._events.append(DataReceived(plaintext))
+
+    def _on_server_reset(self, payload: bytes, now: float) -> None:
+        flags = _parse_early_negotiation(payload)
+        self._resend_wkc = bool(flags & EARLY_NEG_FLAG_RESEND_WKC)
+        assert self.server_session_id is not None
+        self._events.append(ResetAnswered(self.server_session_id, flags))
+        if self.options.ssl_context is None:
+            return
+        self.stage = Stage.TLS
+        self._tls = self.options.ssl_context.wrap_bio(self._incoming, self._outgoing,
+                                                      server_side=False)
+
+    # --- TLS and the plaintext control channel -------------------------------------------------
+
+    def _fail(self, event: TlsFailed) -> None:
+        self.stage = Stage.FAILED
+        self._events.append(event)
+
+    def _pump_tls(self, now: float) -> None:
+        tls = self._tls
+        if tls is None or self.stage == Stage.FAILED:
+            return
+        if self.stage == Stage.TLS:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                self._fail(_classify_ssl_error(exc))
+            else:
+                self._on_handshake_done()
+        if self.stage in (Stage.KEY_EXCHANGE, Stage.ACTIVE):
+            self._read_plaintext(tls, now)
+        self._flush_tls()
+
+    def _on_handshake_done(self) -> None:
+        assert self._tls is not None
+        der = self._tls.getpeercert(binary_form=True) or b""
+        try:
+            not_after, problem = _check_server_certificate(der)
+        except ValueError as exc:
+            self._fail(TlsFailed(TlsFailure.VERIFY, f"unparsable server certificate: {exc}"))
+            return
+        if problem is not None:
+            self._fail(TlsFailed(TlsFailure.EKU, problem))
+            return
+        self._events.append(TlsEstablished(self._tls.version() or "", (self._tls.cipher()
+                                           or ("",))[0], der, not_after))
+        self.stage = Stage.KEY_EXCHANGE
+        if self.options.key_exchange:
+            self._write_plaintext(km.encode_client_key_method_2(
+                self._key_source, self._options_string(), self._peer_info(),
+                self.options.username, self.options.password))
+
+    def _read_plaintext(self, tls: ssl.SSLObject, now: float) -> None:
+        while True:
+            try:
+                message = tls.read(65536)  # one TLS record: one OpenVPN message
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:
+                self._fail(TlsFailed(TlsFailure.OTHER, "server closed TLS"))
+                return
+            except ssl.SSLError as exc:
+                self._fail(_classify_ssl_error(exc))
+                return
+            if not message:
+                return
+            self._on_plaintext(message, now)
+
+    def _on_plaintext(self, message: bytes, now: float) -> None:
+        if self.server_key_method is None:
+            self.server_key_method = km.decode_server_key_method_2(message)
+            self.stage = Stage.ACTIVE
+            self._events.append(KeyExchanged(self.server_key_method.options))
+            if self.options.want_push:
+                self._push_request_at = now + PUSH_REQUEST_AFTER
+            return
+        text = km.control_text(message)
+        if text.startswith("PUSH_REPLY"):
+            part = km.parse_push_reply(text)
+            merged = part if self._push_partial is None else self._push_partial.merged(part)
+            if part.continues:
+                self._push_partial = merged
+                return
+            self._push_partial = None
+            self.push_reply = merged
+            self._push_request_at = None
+            self._events.append(PushReplyReceived(merged))
+        elif text.startswith("AUTH_FAILED"):
+            self._events.append(AuthFailed(text))
+        else:
+            self._events.append(ControlMessage(text))
+
+    def _write_plaintext(self, data: bytes) -> None:
+        if self._tls is None:
+            return
+        self._tls.write(data)
+        self._flush_tls()
+
+    def _flush_tls(self) -> None:
+        data = self._outgoing.read()
+        chunk = self._control_payload_budget()
+        for pos in range(0, len(data), chunk):
+            wkc = self._resend_wkc and self._sender.next_id == 1
+            opcode = Opcode.CONTROL_WKC_V1 if wkc else Opcode.CONTROL_V1
+            self._sender.queue(opcode, data[pos:pos + chunk])
+
+    def _control_payload_budget(self) -> int:
+        fixed = HEADER_LEN + self.wrapper.overhead + 1 + 4 * MAX_ACKS + SID_LEN + 4
+        return max(self.options.tls_mtu - fixed, 64)
+
+    def _options_string(self) -> str:
+        cipher = self.options.ciphers[0] if self.options.ciphers else "AES-256-GCM"
+        return (f"V4,dev-type tun,link-mtu 1549,tun-mtu 1500,proto {self.options.proto_name},"
+                f"cipher {cipher},auth [null-digest],keysize 256,key-method 2,tls-client")
+
+    def _peer_info(self) -> str:
+        proto = km.IV_PROTO_DATA_V2 | km.IV_PROTO_CC_EXIT_NOTIFY
+        if self.options.want_push:
+            proto |= km.IV_PROTO_REQUEST_PUSH
+        if self.options.tls_ekm:
+            proto |= km.IV_PROTO_TLS_KEY_EXPORT
+        lines = [f"IV_VER={self.options.client_version}", "IV_PLAT=linux", f"IV_PROTO={proto}",
+                 f"IV_CIPHERS={':'.join(self.options.ciphers)}", "IV_NCP=2",
+                 "IV_GUI_VER=tunnelwatch"]
+        return "\n".join(lines) + "\n"
+
+    # --- leaving, data channel -----------------------------------------------------------------
+
+    def send_exit(self, now: float) -> bool:
+        """Queue ``EXIT`` so the server frees our instance (and pool address) now, not at
+        ping-restart. Returns False when there is no TLS session to say it in."""
+        if self._tls is None or self.stage not in (Stage.KEY_EXCHANGE, Stage.ACTIVE):
+            return False
+        if self._exit_message_id is None:
+            self._write_plaintext(b"EXIT\x00")
+            self._exit_message_id = self._sender.next_id - 1
+        return True
+
+    @property
+    def exit_acknowledged(self) -> bool:
+        return self._exit_message_id is not None and self._sender.is_acked(self._exit_message_id)
+
+    @property
+    def tls_object(self) -> ssl.SSLObject | None:
+        return self._tls
+
+    def start_data_channel(self, key2: bytes | None = None) -> DataChannel:
+        """Install data-channel keys: ``key2`` from TLS-EKM, or the key-method-2 PRF."""
+        reply = self.push_reply
+        if reply is None or self.server_key_method is None or self.server_session_id is None:
+            raise OpenVPNError("no PUSH_REPLY yet")
+        cipher = reply.cipher or "AES-256-GCM"
+        if key2 is None:
+            key2 = km.openvpn_prf_key2(self._key_source, self.server_key_method,
+                                       self.session_id, self.server_session_id)
+        self.data_channel = DataChannel(key2, cipher, reply.peer_id)
+        return self.data_channel
+
+    def send_data(self, payload: bytes) -> None:
+        if self.data_channel is None:
+            raise OpenVPNError("data channel not started")
+        self._data_out.append(self.data_channel.encrypt(payload))
