@@ -1,0 +1,102 @@
+"""Request signing between agents and the mesh: one module, imported by both sides.
+
+An agent POSTs a JSON :class:`probes.model.ObservationBatch` with four headers::
+
+    X-Tunnelwatch-Agent:     <agent name, equal to batch.agent and every observation.vantage>
+    X-Tunnelwatch-Key-Id:    <key id the mesh knows this agent's key under>
+    X-Tunnelwatch-Timestamp: <Unix seconds, decimal ASCII, e.g. "1764134400" or "1764134400.25">
+    X-Tunnelwatch-Signature: <hex HMAC-SHA256(key, timestamp + "." + body)>
+
+The signed message is the timestamp header value exactly as sent, one ASCII dot, and the raw
+request body bytes. The mesh rejects a timestamp outside its window (default +-300 s) and a
+``batch_seq`` it has already accepted from that agent, so a captured request cannot be replayed.
+
+A key file holds the shared secret as text (e.g. 64 hex characters from :func:`generate_key`);
+the key is the file's content with surrounding whitespace stripped, used as bytes verbatim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+from pathlib import Path
+
+HEADER_AGENT = "X-Tunnelwatch-Agent"
+HEADER_KEY_ID = "X-Tunnelwatch-Key-Id"
+HEADER_TIMESTAMP = "X-Tunnelwatch-Timestamp"
+HEADER_SIGNATURE = "X-Tunnelwatch-Signature"
+
+MIN_KEY_BYTES = 16
+_DIGITS = frozenset("0123456789.")
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, unreadable or too short."""
+
+
+def generate_key() -> str:
+    """A fresh random key (256 bits, hex) for a key file."""
+    return secrets.token_hex(32)
+
+
+def load_key(path: str | Path) -> bytes:
+    """Read a key file: its stripped content, as bytes."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise KeyFileError(
+            f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} needed"
+        )
+    return key
+
+
+def format_timestamp(now: float) -> str:
+    """The timestamp header for wall-clock time ``now`` (millisecond resolution)."""
+    return f"{now:.3f}"
+
+
+def sign(key: bytes, timestamp: str, body: bytes) -> str:
+    """Hex HMAC-SHA256 over ``timestamp + "." + body``."""
+    return hmac.new(key, timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, timestamp: str, body: bytes, signature: str) -> bool:
+    """Constant-time check of a signature made by :func:`sign`."""
+    try:
+        expected = sign(key, timestamp, body)
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected, signature.strip().lower())
+
+
+def parse_timestamp(timestamp: str) -> float | None:
+    """The header's Unix seconds, or ``None`` when it is not a plain decimal number."""
+    if not timestamp or not set(timestamp) <= _DIGITS or timestamp.count(".") > 1:
+        return None
+    try:
+        value = float(timestamp)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def timestamp_fresh(timestamp: str, now: float, window_seconds: float) -> bool:
+    """True when the header's time is within ``window_seconds`` of ``now`` (either side)."""
+    value = parse_timestamp(timestamp)
+    return value is not None and abs(now - value) <= window_seconds
+
+
+def signed_headers(agent: str, key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
+    """Every header an agent sends with ``body`` (plus Content-Type)."""
+    timestamp = format_timestamp(now)
+    return {
+        "Content-Type": "application/json",
+        HEADER_AGENT: agent,
+        HEADER_KEY_ID: key_id,
+        HEADER_TIMESTAMP: timestamp,
+        HEADER_SIGNATURE: sign(key, timestamp, body),
+    }
