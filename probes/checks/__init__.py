@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 CHECK_MODULES: tuple[str, ...] = (
+    "l4",
     "wireguard",
 )
 

@@ -20,7 +20,9 @@ from typing import Any
 
 from probes.checks.base import CheckKind, CheckResult, execute
 
-PROBE_MODULES: tuple[str, ...] = ()
+PROBE_MODULES: tuple[str, ...] = (
+    "probe_l4",
+)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_timeout: float = 5.0) -> None:

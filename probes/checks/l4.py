@@ -1,0 +1,342 @@
+"""L4 check kinds: ``tcp`` (connect, optional TLS), ``udp`` (request/response), ``icmp`` (echo).
+
+They are the fast tier: cheap enough to run every ~2 s against every node, and specific enough
+in their failure reasons to tell a dead host (timeout) from a dead service (refused, ICMP port
+unreachable) from a local routing problem (network-unreachable).
+
+Design notes:
+
+* TCP sockets are closed with ``SO_LINGER {1, 0}`` (an RST), as HAProxy does for its checks, so
+  thousands of probes per second leave no TIME_WAIT sockets behind on either side.
+* UDP and ICMP go through :class:`probes.checks.icmp.DatagramProbe`: ICMP errors arrive via
+  ``IP_RECVERR`` on the connected socket (no root), RTTs come from kernel receive timestamps.
+* Time bounds use ``asyncio.timeout`` / ``loop.call_later`` rather than ``wait_for`` so a probe
+  costs no extra task; the hot path does no DNS when the host is an IP literal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+import time
+from typing import Any
+
+import msgspec
+
+from probes.checks.base import CheckKind, CheckResult, Stopwatch, Tier, register
+from probes.checks.icmp import (
+    DatagramProbe,
+    IcmpParseError,
+    QueuedError,
+    Received,
+    build_echo_request,
+    echo_token,
+    open_echo_socket,
+    parse_icmp,
+    reason_for_errno,
+    round_trip_seconds,
+    strip_ipv4_header,
+)
+from probes.model import Quality, Reason
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+
+
+class TcpParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    tls: bool = False
+    server_name: str | None = None  # SNI and name to verify; default: host
+    ca_file: str | None = None  # default: the system trust store
+    verify: bool = True
+
+
+class UdpParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    send: bytes = b""
+    expect_prefix: bytes | None = None  # the reply must start with this; None = any reply
+
+
+class IcmpParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    count: int = 1
+    interval: float = 0.2  # seconds between echo requests
+    payload_size: int = 56
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+async def resolve(host: str, port: int, kind: int) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr) for ``host``; IP literals skip the resolver entirely."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family, ((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=kind)
+    family, _, _, _, address = infos[0]
+    return family, tuple(address)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def quality_of(sent: int, rtts: list[float]) -> Quality:
+    received = len(rtts)
+    return Quality(
+        sent=sent,
+        received=received,
+        loss_ratio=(sent - received) / sent if sent else 0.0,
+        rtt_p50_seconds=percentile(rtts, 0.5) if rtts else None,
+        rtt_p99_seconds=percentile(rtts, 0.99) if rtts else None,
+        rtt_max_seconds=max(rtts) if rtts else None,
+    )
+
+
+# ------------------------------------------------------------------------------- tcp
+
+
+def _tls_context(params: TcpParams) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=params.ca_file)
+    if not params.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _tls_phase(sock: socket.socket, params: TcpParams, sw: Stopwatch,
+                     remaining: float) -> CheckResult:
+    """Run the TLS handshake on a connected socket."""
+    try:
+        ctx = _tls_context(params)
+    except (OSError, ssl.SSLError) as exc:
+        return sw.result(False, Reason.PROBE_ERROR, detail=f"TLS setup: {exc}")
+    try:
+        _, writer = await asyncio.open_connection(
+            sock=sock, ssl=ctx, server_hostname=params.server_name or params.host,
+            ssl_handshake_timeout=max(remaining, 0.001))
+    except ssl.SSLCertVerificationError as exc:
+        sw.lap("tls")
+        reason = (Reason.CERT_EXPIRED if exc.verify_code == _X509_V_ERR_CERT_HAS_EXPIRED
+                  else Reason.CERT_VERIFY_FAILED)
+        return sw.result(False, reason, detail=str(exc.verify_message))
+    except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+        sw.lap("tls")
+        reason = Reason.TIMEOUT if isinstance(exc, TimeoutError) else Reason.TLS_FAILED
+        return sw.result(False, reason, detail=type(exc).__name__)
+    sw.lap("tls")
+    facts: dict[str, str | int | float | bool] = {}
+    version = writer.get_extra_info("ssl_object")
+    if isinstance(version, ssl.SSLObject) and version.version():
+        facts["tls_version"] = str(version.version())
+    cert = writer.get_extra_info("peercert")
+    if isinstance(cert, dict) and "notAfter" in cert:
+        facts["cert_not_after"] = ssl.cert_time_to_seconds(str(cert["notAfter"]))
+    writer.transport.abort()
+    return sw.result(True, Reason.OK, facts=facts)
+
+
+async def run_tcp(params: TcpParams, timeout: float) -> CheckResult:
+    sw = Stopwatch()
+    try:
+        family, address = await resolve(params.host, params.port, socket.SOCK_STREAM)
+    except OSError as exc:
+        return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+    if params.host != address[0]:
+        sw.lap("resolve")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        try:
+            async with asyncio.timeout(timeout - sw.elapsed()):
+                await loop.sock_connect(sock, address)
+        except TimeoutError:
+            sw.lap("connect")
+            return sw.result(False, Reason.TIMEOUT, detail=f"no answer within {timeout:g}s")
+        except OSError as exc:
+            sw.lap("connect")
+            return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
+        sw.lap("connect")
+        if not params.tls:
+            return sw.result(True, Reason.OK)
+        return await _tls_phase(sock, params, sw, timeout - sw.elapsed())
+    finally:
+        sock.close()  # idempotent; after TLS the transport closes its (same) socket object too
+
+
+# ------------------------------------------------------------------------------- udp
+
+
+def _settle(fut: asyncio.Future[Received | QueuedError | None],
+            value: Received | QueuedError | None) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
+    sw = Stopwatch()
+    try:
+        family, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
+    except OSError as exc:
+        return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Received | QueuedError | None] = loop.create_future()
+    try:
+        sock = DatagramProbe.make_socket(family, socket.SOCK_DGRAM, 0)
+    except OSError as exc:
+        return sw.result(False, Reason.PROBE_ERROR, detail=f"socket: {exc.strerror}")
+    try:
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
+    probe = DatagramProbe(sock, lambda r: _settle(fut, r), lambda e: _settle(fut, e))
+    timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), _settle, fut, None)
+    try:
+        sent_mono, sent_wall = probe.send(params.send)
+        outcome = await fut
+    finally:
+        timer.cancel()
+        probe.close()
+    if outcome is None:
+        sw.lap("rtt")
+        return sw.result(False, Reason.TIMEOUT, detail=f"no reply within {timeout:g}s")
+    if isinstance(outcome, QueuedError):
+        sw.lap("rtt")
+        return sw.result(False, outcome.reason, detail=outcome.describe())
+    rtt = round_trip_seconds(sent_mono, sent_wall, outcome)
+    sw.phases["rtt"] = rtt
+    if params.expect_prefix is not None and not outcome.data.startswith(params.expect_prefix):
+        return sw.result(False, Reason.UNEXPECTED_REPLY,
+                         detail=f"reply of {len(outcome.data)} bytes does not match")
+    return sw.result(True, Reason.OK, quality=Quality(sent=1, received=1, rtt_p50_seconds=rtt,
+                                                      rtt_p99_seconds=rtt, rtt_max_seconds=rtt))
+
+
+# ------------------------------------------------------------------------------- icmp
+
+
+class _EchoSession:
+    """Bookkeeping of one ICMP echo probe: which requests went out, which came back."""
+
+    def __init__(self, count: int, raw: bool, identifier: int, token: bytes,
+                 done: asyncio.Future[None]) -> None:
+        self.count = count
+        self.raw = raw
+        self.identifier = identifier
+        self.token = token
+        self.done = done
+        self.sent: dict[int, tuple[float, int]] = {}
+        self.rtts: dict[int, float] = {}
+        self.errors: list[QueuedError] = []
+        self.bad_packets = 0
+
+    def _check_done(self) -> None:
+        if len(self.rtts) + len(self.errors) >= self.count and not self.done.done():
+            self.done.set_result(None)
+
+    def on_data(self, received: Received) -> None:
+        try:
+            data = strip_ipv4_header(received.data) if self.raw else received.data
+            msg = parse_icmp(data)
+        except IcmpParseError:
+            # a raw socket sees every ICMP packet of the host; a ping socket only ours
+            self.bad_packets += 0 if self.raw else 1
+            return
+        if self.raw and msg.identifier != self.identifier:
+            return
+        if msg.is_reply and not msg.payload.startswith(self.token):
+            return  # someone else's echo (raw socket) or a corrupted one
+        stamp = self.sent.get(msg.sequence)
+        if stamp is None or msg.sequence in self.rtts:
+            return
+        if msg.is_reply:
+            self.rtts[msg.sequence] = round_trip_seconds(stamp[0], stamp[1], received)
+        else:  # an unreachable / time-exceeded quoting our request (raw sockets)
+            self.errors.append(QueuedError(0, 2, msg.type, msg.code))
+        self._check_done()
+
+    def on_error(self, error: QueuedError) -> None:
+        self.errors.append(error)
+        self._check_done()
+
+
+def _finish(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+async def run_icmp(params: IcmpParams, timeout: float) -> CheckResult:
+    sw = Stopwatch()
+    count = max(1, params.count)
+    try:
+        family, address = await resolve(params.host, 0, socket.SOCK_RAW)
+    except OSError as exc:
+        return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+    if family != socket.AF_INET:
+        return sw.result(False, Reason.PROBE_ERROR, detail="ICMPv6 echo is not implemented")
+    try:
+        sock, raw = open_echo_socket(family)
+    except OSError as exc:
+        return sw.result(False, Reason.PROBE_ERROR, detail=f"no ICMP socket: {exc.strerror}")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    try:
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
+    # a ping socket's identifier is its local "port", chosen by the kernel
+    identifier = int(time.monotonic_ns() & 0xFFFF) if raw else int(sock.getsockname()[1])
+    token = echo_token()
+    payload = (token * (params.payload_size // len(token) + 1))[: max(params.payload_size, 8)]
+    session = _EchoSession(count, raw, identifier, token, done)
+    probe = DatagramProbe(sock, session.on_data, session.on_error)
+    timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), _finish, done)
+    try:
+        for seq in range(count):
+            session.sent[seq] = probe.send(build_echo_request(identifier, seq, payload))
+            if seq + 1 < count:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(done), params.interval)
+                if done.done():
+                    break
+        await done
+    finally:
+        timer.cancel()
+        probe.close()
+    sw.lap("echo")
+    rtts = [session.rtts[s] for s in sorted(session.rtts)]
+    quality = quality_of(len(session.sent), rtts)
+    facts: dict[str, str | int | float | bool] = {"socket": "raw" if raw else "ping"}
+    if rtts:
+        sw.phases["rtt"] = quality.rtt_p50_seconds or 0.0
+        return sw.result(True, Reason.OK, quality=quality, facts=facts)
+    if session.errors:
+        first = session.errors[0]
+        return sw.result(False, first.reason, quality=quality, detail=first.describe(),
+                         facts=facts)
+    if session.bad_packets:
+        return sw.result(False, Reason.BAD_PACKET, quality=quality, facts=facts)
+    return sw.result(False, Reason.TIMEOUT, quality=quality, facts=facts,
+                     detail=f"no echo reply within {timeout:g}s")
+
+
+TCP = register(CheckKind("tcp", Tier.L4, TcpParams, run_tcp,
+                         "TCP connect (phase connect), optional TLS handshake (phase tls)"))
+UDP = register(CheckKind("udp", Tier.L4, UdpParams, run_udp,
+                         "UDP request/response; reply must start with expect_prefix"))
+ICMP = register(CheckKind("icmp", Tier.L4, IcmpParams, run_icmp,
+                          "ICMP echo via ping socket (raw socket fallback)"))
