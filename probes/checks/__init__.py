@@ -11,6 +11,7 @@ import importlib
 CHECK_MODULES: tuple[str, ...] = (
     "l4",
     "wireguard",
+    "openvpn",
 )
 
 _loaded = False

@@ -1,0 +1,609 @@
+"""OpenVPN checks: ``openvpn.reset``, ``openvpn.tls``, ``openvpn.session``, ``openvpn.tunnel``.
+
+A thin asyncio shell around the sans-I/O core :mod:`probes.protocols.openvpn`: it owns the socket
+(UDP through :mod:`probes.checks.udp` for ICMP errors and kernel receive stamps; TCP with
+TCP_NODELAY, since without it the small control packets wait ~40 ms for delayed ACKs), the clock
+and the key files. Every level that got past TLS ends with ``EXIT`` so the server frees the
+instance and its pool address at once instead of at ping-restart.
+
+Levels, each including the ones before:
+
+* ``reset``: the server answers a hard reset. Proves the daemon is up and, with tls-auth /
+  tls-crypt / tls-crypt-v2, that our wrapping key is right (a wrong key gets silence).
+* ``tls``: TLS handshake, the server chain verified against the configured CA and its EKU checked
+  (``--remote-cert-tls server``), then key-method 2, which in TLS 1.3 is where the server's verdict
+  on *our* certificate shows; certificate expiry is reported as facts.
+* ``session``: PUSH_REPLY received; the pushed address and options are reported.
+* ``tunnel``: data channel keys (TLS-EKM when pushed, else the key-method-2 PRF), K ICMP echoes to
+  the server's tunnel address over DATA_V2, RTT and loss.
+
+Outcomes (closed enum, :class:`probes.model.Reason`): ``reset-ignored`` (no answer to the hard
+reset: a wrong wrapping key, or the host is down or filtered: over UDP these look alike),
+``icmp-unreachable`` / ``refused`` (nothing listens), ``bad-packet`` (only unauthenticated answers),
+``cert-verify-failed``, ``cert-expired``, ``tls-failed``, ``auth-failed`` (the server refused our
+certificate or credentials), ``timeout`` (a later phase stalled), ``no-push-reply``,
+``tunnel-no-reply``, ``tunnel-loss-over-threshold``, ``tunnel-rtt-over-threshold``,
+``probe-error`` (our own configuration: unreadable key files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import logging
+import secrets
+import socket
+import ssl
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from probes.checks.base import (
+    CLEANUP_GRACE_SECONDS,
+    CheckKind,
+    CheckResult,
+    Fact,
+    Stopwatch,
+    Tier,
+    register,
+)
+from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.model import Quality, Reason
+from probes.protocols.openvpn import ekm
+from probes.protocols.openvpn import session as ov
+from probes.protocols.openvpn.keymethod import EKM_LABEL, KEY2_LEN
+from probes.protocols.openvpn.packet import OpenVPNError, TcpDeframer, frame_tcp
+from probes.protocols.openvpn.wrap import (
+    NoWrap,
+    ReplayCounter,
+    TlsAuth,
+    TlsCrypt,
+    TlsCryptV2,
+    Wrapper,
+    parse_static_key,
+    parse_tls_crypt_v2_client_key,
+)
+
+log = logging.getLogger(__name__)
+
+ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
+EXIT_WAIT = 0.8  # seconds past the check's deadline we wait for the EXIT to be acknowledged
+
+
+class Level(enum.IntEnum):
+    RESET = 0
+    TLS = 1
+    SESSION = 2
+    TUNNEL = 3
+
+
+class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int = 1194
+    proto: str = "udp"  # "udp" or "tcp"
+    ca_file: str | None = None  # required from the tls level on
+    cert_file: str | None = None  # one certificate per agent: a shared one evicts other agents
+    key_file: str | None = None
+    tls_crypt_file: str | None = None
+    tls_auth_file: str | None = None
+    key_direction: int | None = None  # tls-auth only; a client normally uses 1
+    auth_digest: str = "SHA1"  # tls-auth HMAC digest (--auth)
+    tls_crypt_v2_file: str | None = None  # the client key
+    auth_user_pass_file: str | None = None  # two lines: username, password
+    retry_interval: float = 1.0  # first control-packet retransmission; doubles after
+    ciphers: tuple[str, ...] = ("AES-256-GCM", "CHACHA20-POLY1305")
+    tls_ekm: bool = True  # offer TLS-EKM key derivation when this Python can export keys
+    # tunnel only
+    echo_count: int = 5
+    echo_interval: float = 0.05
+    echo_target: str | None = None  # default: the server's tunnel address from PUSH_REPLY
+    loss_threshold: float = 0.5
+    rtt_threshold: float | None = None
+
+
+class ConfigError(ValueError):
+    """The probe's own configuration is unusable (never the node's fault)."""
+
+
+class _Failure(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def build_wrapper(params: OpenVPNParams, wall_time: int) -> Wrapper:
+    chosen = [p for p in (params.tls_crypt_file, params.tls_auth_file, params.tls_crypt_v2_file)
+              if p]
+    if len(chosen) > 1:
+        raise ConfigError("use only one of tls-crypt, tls-auth and tls-crypt-v2")
+    replay = ReplayCounter(wall_time)
+    try:
+        if params.tls_crypt_file:
+            return TlsCrypt(parse_static_key(_read(params.tls_crypt_file, "tls-crypt key")),
+                            replay)
+        if params.tls_auth_file:
+            return TlsAuth(parse_static_key(_read(params.tls_auth_file, "tls-auth key")), replay,
+                           digest=params.auth_digest, key_direction=params.key_direction)
+        if params.tls_crypt_v2_file:
+            kc, wkc = parse_tls_crypt_v2_client_key(
+                _read(params.tls_crypt_v2_file, "tls-crypt-v2 client key"))
+            return TlsCryptV2(kc, wkc, replay)
+    except OpenVPNError as exc:
+        raise ConfigError(str(exc)) from None
+    return NoWrap()
+
+
+def build_ssl_context(params: OpenVPNParams) -> ssl.SSLContext:
+    if not params.ca_file:
+        raise ConfigError("the tls level and above need a CA file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # OpenVPN checks CA and EKU, not names (--remote-cert-tls)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(params.ca_file)
+        if params.cert_file:
+            context.load_cert_chain(params.cert_file, params.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS material: {exc}") from None
+    return context
+
+
+def read_user_pass(path: str) -> tuple[str, str]:
+    lines = _read(path, "auth-user-pass file").splitlines()
+    if len(lines) < 2:
+        raise ConfigError(f"{path}: expected a username line and a password line")
+    return lines[0].strip(), lines[1].rstrip("\r\n")
+
+
+# --- transports ---------------------------------------------------------------------------------
+
+class _Transport(Protocol):
+    def send(self, packet: bytes) -> SendStamp: ...
+
+    async def recv(self, timeout: float) -> Datagram | None: ...
+
+    def close(self) -> None: ...
+
+
+class _Udp:
+    def __init__(self, endpoint: UdpEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def send(self, packet: bytes) -> SendStamp:
+        return self.endpoint.send(packet)
+
+    async def recv(self, timeout: float) -> Datagram | None:
+        return await self.endpoint.recv(timeout)
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+class _ConnectionClosed(Exception):
+    pass
+
+
+class _Tcp:
+    """Length-framed packets over one TCP connection with Nagle off."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.deframer = TcpDeframer()
+        self.ready: list[bytes] = []
+        self.eof = False
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float) -> _Tcp:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    def send(self, packet: bytes) -> SendStamp:
+        stamp = SendStamp(time.monotonic(), time.time_ns())
+        if not self.writer.is_closing():
+            self.writer.write(frame_tcp(packet))
+        return stamp
+
+    async def recv(self, timeout: float) -> Datagram | None:
+        while not self.ready:
+            if self.eof:
+                raise _ConnectionClosed
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), max(timeout, 0.0))
+            except TimeoutError:
+                return None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                continue
+            self.ready += self.deframer.feed(chunk)  # OpenVPNError on a zero-length frame
+        return Datagram(self.ready.pop(0), time.monotonic(), None)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- one probe run ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Echoes:
+    ident: int
+    sent: dict[int, SendStamp]
+    rtts: dict[int, float]
+
+
+class _Probe:
+    def __init__(self, params: OpenVPNParams, level: Level, timeout: float) -> None:
+        self.params = params
+        self.level = level
+        self.deadline = time.monotonic() + timeout
+        self.watch = Stopwatch()
+        self.facts: dict[str, Fact] = {"proto": params.proto}
+        self.transport: _Transport | None = None
+        self.session: ov.ClientSession | None = None
+        self.reset_answered = False
+        self.tls_done = False
+        self.key_exchanged = False
+        self.echoes: _Echoes | None = None
+        self.last_bad_packet = ""
+
+    # setup
+
+    def build_session(self) -> ov.ClientSession:
+        params = self.params
+        if params.proto not in ("udp", "tcp"):
+            raise ConfigError(f"proto must be udp or tcp, not {params.proto!r}")
+        wrapper = build_wrapper(params, int(time.time()))
+        user = password = None
+        if params.auth_user_pass_file:
+            user, password = read_user_pass(params.auth_user_pass_file)
+        context = build_ssl_context(params) if self.level >= Level.TLS else None
+        options = ov.SessionOptions(
+            ssl_context=context, key_exchange=True, want_push=self.level >= Level.SESSION,
+            username=user, password=password, ciphers=tuple(params.ciphers),
+            tls_ekm=self.level == Level.TUNNEL and params.tls_ekm and ekm.available(),
+            proto_name="UDPv4" if params.proto == "udp" else "TCPv4_CLIENT",
+            retransmit=params.proto == "udp", initial_timeout=params.retry_interval)
+        return ov.ClientSession(wrapper, options)
+
+    async def open(self) -> None:
+        params = self.params
+        try:
+            if params.proto == "udp":
+                self.transport = _Udp(await UdpEndpoint.open(params.host, params.port))
+            else:
+                self.transport = await _Tcp.open(params.host, params.port, self.remaining())
+        except socket.gaierror as exc:
+            raise _Failure(Reason.RESOLVE_FAILED, f"{params.host}: {exc.strerror}") from None
+        except ConnectionRefusedError:
+            raise _Failure(Reason.REFUSED, f"TCP connection to {params.host}:{params.port} "
+                                           "refused: nothing listens") from None
+        except TimeoutError:
+            raise _Failure(Reason.TIMEOUT, f"TCP connect to {params.host}:{params.port} "
+                                           "unanswered") from None
+        except OSError as exc:
+            raise _Failure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
+        self.watch.lap("connect")
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    # the event pump
+
+    def flush(self) -> SendStamp | None:
+        assert self.session is not None and self.transport is not None
+        stamp = None
+        for packet in self.session.datagrams_to_send(time.monotonic()):
+            stamp = self.transport.send(packet)
+        return stamp
+
+    async def step(self, deadline: float) -> Datagram | None:
+        """Send what is due, wait for one packet or the next timer, feed it to the core."""
+        assert self.session is not None and self.transport is not None
+        self.flush()
+        now = time.monotonic()
+        timer = self.session.get_timer()
+        wake = deadline if timer is None else min(deadline, timer)
+        datagram = await self.transport.recv(wake - now)
+        now = time.monotonic()
+        if datagram is not None:
+            self.session.receive_datagram(datagram.data, datagram.received_monotonic)
+        if timer is not None and now >= timer:
+            self.session.handle_timer(now)
+        self.handle_events(datagram)
+        self.flush()
+        return datagram
+
+    def handle_events(self, datagram: Datagram | None) -> None:
+        assert self.session is not None
+        while (event := self.session.next_event()) is not None:
+            if isinstance(event, ov.ResetAnswered):
+                self.reset_answered = True
+                self.facts["early_negotiation"] = bool(event.early_negotiation_flags)
+            elif isinstance(event, ov.TlsEstablished):
+                self.on_tls(event)
+            elif isinstance(event, ov.TlsFailed):
+                raise _tls_failure(event, after_handshake=self.tls_done)
+            elif isinstance(event, ov.KeyExchanged):
+                self.key_exchanged = True
+            elif isinstance(event, ov.AuthFailed):
+                raise _Failure(Reason.AUTH_FAILED, f"server says {event.detail}")
+            elif isinstance(event, ov.BadPacket):
+                self.last_bad_packet = event.detail
+            elif isinstance(event, ov.DataReceived) and datagram is not None:
+                self.take_echo(event.payload, datagram)
+            elif isinstance(event, ov.ControlMessage):
+                log.debug("openvpn control message: %s", event.text)
+
+    async def run_until(self, done: Callable[[], bool], phase: str) -> None:
+        """Step until ``done()`` or the deadline; a deadline becomes this phase's failure."""
+        while not done():
+            if time.monotonic() >= self.deadline:
+                raise self.stalled(phase)
+            await self.step(self.deadline)
+
+    def stalled(self, phase: str) -> _Failure:
+        assert self.session is not None
+        waited = f"within {self.watch.elapsed():.3g}s"
+        if phase == "reset":
+            if self.session.bad_packets:
+                return _Failure(Reason.BAD_PACKET, f"only unauthenticated answers to the hard "
+                                                   f"reset ({self.last_bad_packet})")
+            return _Failure(Reason.RESET_IGNORED, f"no answer to the hard reset {waited}: a "
+                            "wrong tls-crypt/tls-auth key, or the host is down or filtered")
+        if phase == "push":
+            return _Failure(Reason.NO_PUSH_REPLY, f"key exchange done but no PUSH_REPLY {waited}")
+        return _Failure(Reason.TIMEOUT, f"{phase} did not finish {waited}")
+
+    # phases
+
+    def on_tls(self, event: ov.TlsEstablished) -> None:
+        self.tls_done = True
+        self.watch.lap("tls")
+        self.facts["tls_version"] = event.version
+        self.facts["tls_cipher"] = event.cipher
+        not_after = dt.datetime.fromtimestamp(event.not_after, dt.UTC)
+        self.facts["cert_not_after"] = not_after.isoformat()
+        self.facts["cert_expires_in_seconds"] = round(event.not_after - time.time(), 3)
+
+    async def handshake(self) -> None:
+        session = self.session = self.build_session()
+        session.connect(time.monotonic())
+        await self.run_until(lambda: self.reset_answered, "reset")
+        self.watch.lap("reset")
+        if self.level == Level.RESET:
+            return
+        await self.run_until(lambda: self.tls_done, "tls")
+        await self.run_until(lambda: self.key_exchanged, "key_exchange")
+        self.watch.lap("key_exchange")
+        if self.level == Level.TLS:
+            return
+        await self.run_until(lambda: session.push_reply is not None, "push")
+        self.watch.lap("push")
+        self.report_push()
+
+    def report_push(self) -> None:
+        assert self.session is not None and self.session.push_reply is not None
+        reply = self.session.push_reply
+        if reply.ifconfig is not None:
+            self.facts["pushed_ifconfig"] = " ".join(reply.ifconfig)
+        for name in ("route-gateway", "topology", "cipher", "peer-id", "key-derivation",
+                     "protocol-flags"):
+            args = reply.get(name)
+            if args is not None:
+                self.facts[f"pushed_{name.replace('-', '_')}"] = " ".join(args)
+        self.facts["pushed_options"] = ",".join(sorted({name for name, _ in reply.options}))
+
+    async def tunnel(self) -> Quality:
+        from scapy.layers.inet import ICMP, IP  # noqa: PLC0415 - only the tunnel level pays
+
+        session = self.session
+        assert session is not None and session.push_reply is not None
+        reply = session.push_reply
+        target = self.params.echo_target or reply.server_tunnel_address
+        if reply.ifconfig is None or target is None:
+            raise _Failure(Reason.BAD_RESPONSE, "PUSH_REPLY has no ifconfig/route-gateway to "
+                                                "send in-tunnel echoes with")
+        key2 = None
+        if reply.uses_tls_ekm:
+            tls = session.tls_object
+            if tls is None:
+                raise _Failure(Reason.PROBE_ERROR, "server wants TLS-EKM but TLS is gone")
+            key2 = ekm.export_keying_material(tls, EKM_LABEL, KEY2_LEN)
+        self.facts["key_derivation"] = "tls-ekm" if key2 is not None else "prf"
+        try:
+            channel = session.start_data_channel(key2)
+        except OpenVPNError as exc:  # e.g. a pushed cipher we do not speak
+            raise _Failure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
+        self.facts["data_cipher"] = channel.cipher
+        echoes = self.echoes = _Echoes(secrets.randbelow(0xFFFF) + 1, {}, {})
+        payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
+        count = max(self.params.echo_count, 0)
+        seq, next_send, last_sent = 0, time.monotonic(), time.monotonic()
+        while len(echoes.rtts) < count:
+            now = time.monotonic()
+            if now >= self.deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
+                break
+            if seq < count and now >= next_send:
+                packet = IP(src=reply.ifconfig[0], dst=target) / ICMP(id=echoes.ident, seq=seq)
+                session.send_data(bytes(packet / payload))
+                stamp = self.flush()
+                assert stamp is not None
+                echoes.sent[seq] = stamp
+                last_sent, seq = stamp.monotonic, seq + 1
+                next_send = now + self.params.echo_interval
+                continue
+            wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
+            await self.step(min(self.deadline, wake))
+        self.watch.lap("tunnel")
+        return _quality(len(echoes.sent), list(echoes.rtts.values()))
+
+    def take_echo(self, packet: bytes, datagram: Datagram) -> None:
+        echoes = self.echoes
+        if echoes is None:
+            return
+        echo = parse_echo_reply(packet)
+        if echo is not None and echo[0] == echoes.ident and echo[1] in echoes.sent:
+            echoes.rtts.setdefault(echo[1], round_trip_seconds(echoes.sent[echo[1]], datagram))
+
+    async def leave(self) -> None:
+        """Say EXIT and wait (briefly, also after a failure) until the server has it."""
+        session, transport = self.session, self.transport
+        if session is None or transport is None:
+            return
+        try:
+            if not session.send_exit(time.monotonic()):
+                return
+            self.facts["exit_sent"] = True
+            until = max(self.deadline, time.monotonic()) + min(EXIT_WAIT, CLEANUP_GRACE_SECONDS)
+            while not session.exit_acknowledged and time.monotonic() < until:
+                self.flush()
+                timer = session.get_timer()
+                wake = until if timer is None else min(until, timer)
+                datagram = await transport.recv(wake - time.monotonic())
+                if datagram is not None:
+                    session.receive_datagram(datagram.data, datagram.received_monotonic)
+                while session.next_event() is not None:
+                    pass
+            self.facts["exit_acknowledged"] = session.exit_acknowledged
+            self.watch.lap("exit")
+        except (IcmpError, _ConnectionClosed, OpenVPNError, OSError) as exc:
+            log.debug("EXIT not confirmed: %s", exc)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.session is not None:
+            self.facts["retransmissions"] = self.session.retransmissions
+            if self.session.bad_packets:
+                self.facts["bad_packets"] = self.session.bad_packets
+
+
+def _tls_failure(event: ov.TlsFailed, *, after_handshake: bool) -> _Failure:
+    if event.failure == ov.TlsFailure.EXPIRED:
+        return _Failure(Reason.CERT_EXPIRED, f"server certificate: {event.detail}")
+    if event.failure in (ov.TlsFailure.VERIFY, ov.TlsFailure.EKU):
+        return _Failure(Reason.CERT_VERIFY_FAILED, f"server certificate: {event.detail}")
+    if event.failure == ov.TlsFailure.PEER_REJECTED:
+        return _Failure(Reason.AUTH_FAILED, f"server refused our certificate: {event.detail}")
+    when = "after" if after_handshake else "during"
+    return _Failure(Reason.TLS_FAILED, f"TLS failed {when} the handshake: {event.detail}")
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    header = (packet[0] & 0x0F) * 4
+    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
+        return None
+    return (int.from_bytes(packet[header + 4:header + 6], "big"),
+            int.from_bytes(packet[header + 6:header + 8], "big"))
+
+
+def _quality(sent: int, rtts: list[float]) -> Quality:
+    if not rtts:
+        return Quality(sent=sent, received=0, loss_ratio=1.0 if sent else 0.0)
+    ordered = sorted(rtts)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Quality(sent=sent, received=len(ordered),
+                   loss_ratio=round((sent - len(ordered)) / sent, 6),
+                   rtt_p50_seconds=statistics.median(ordered), rtt_p99_seconds=p99,
+                   rtt_max_seconds=ordered[-1])
+
+
+def _tunnel_result(probe: _Probe, quality: Quality) -> CheckResult:
+    params, result = probe.params, probe.watch.result
+    if quality.sent and quality.received == 0:
+        return result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=probe.facts,
+                      detail=f"session up, none of {quality.sent} echoes came back through "
+                             "the tunnel: the data plane is broken")
+    if quality.loss_ratio > params.loss_threshold:
+        return result(False, Reason.TUNNEL_LOSS, quality=quality, facts=probe.facts,
+                      detail=f"in-tunnel loss {quality.loss_ratio:.1%} > "
+                             f"{params.loss_threshold:.1%}")
+    p50 = quality.rtt_p50_seconds
+    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
+        return result(False, Reason.TUNNEL_RTT, quality=quality, facts=probe.facts,
+                      detail=f"in-tunnel RTT p50 {p50 * 1000:.1f} ms > "
+                             f"{params.rtt_threshold * 1000:.1f} ms")
+    return result(True, Reason.OK, quality=quality, facts=probe.facts)
+
+
+async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> CheckResult:
+    probe = _Probe(params, level, timeout)
+    try:
+        await probe.open()
+        await probe.handshake()
+        if level == Level.TUNNEL:
+            quality = await probe.tunnel()
+            await probe.leave()
+            return _tunnel_result(probe, quality)
+        await probe.leave()
+        return probe.watch.result(True, Reason.OK, facts=probe.facts)
+    except _Failure as failure:
+        await probe.leave()
+        return probe.watch.result(False, failure.reason, detail=failure.detail,
+                                  facts=probe.facts)
+    except IcmpError as exc:
+        return probe.watch.result(False, exc.reason, detail=str(exc), facts=probe.facts)
+    except _ConnectionClosed:
+        reason = Reason.RESET_IGNORED if not probe.reset_answered else Reason.TLS_FAILED
+        return probe.watch.result(False, reason, facts=probe.facts,
+                                  detail="server closed the TCP connection"
+                                         + ("" if probe.reset_answered else
+                                            " without answering the hard reset (wrong key?)"))
+    except OpenVPNError as exc:  # a broken TCP frame
+        return probe.watch.result(False, Reason.BAD_PACKET, detail=str(exc), facts=probe.facts)
+    except ConfigError as exc:
+        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
+    finally:
+        probe.close()
+
+
+async def _reset(params: OpenVPNParams, timeout: float) -> CheckResult:
+    return await run_level(params, timeout, Level.RESET)
+
+
+async def _tls(params: OpenVPNParams, timeout: float) -> CheckResult:
+    return await run_level(params, timeout, Level.TLS)
+
+
+async def _session(params: OpenVPNParams, timeout: float) -> CheckResult:
+    return await run_level(params, timeout, Level.SESSION)
+
+
+async def _tunnel(params: OpenVPNParams, timeout: float) -> CheckResult:
+    return await run_level(params, timeout, Level.TUNNEL)
+
+
+RESET = register(CheckKind(
+    name="openvpn.reset", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_reset,
+    description="hard reset answered (daemon up, wrapping key right)"))
+TLS = register(CheckKind(
+    name="openvpn.tls", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_tls,
+    description="reset, TLS with CA + EKU verification, key-method 2, EXIT"))
+SESSION = register(CheckKind(
+    name="openvpn.session", tier=Tier.SESSION, params_type=OpenVPNParams, run=_session,
+    description="reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT"))
+TUNNEL = register(CheckKind(
+    name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams, run=_tunnel,
+    description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT"))
+KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
