@@ -1,0 +1,649 @@
+#!/usr/bin/env python3
+"""Generate tunnelwatch's Prometheus recording and alerting rules.
+
+Run ``python rules/generate.py`` after editing this file; it rewrites ``rules/*.rules.yaml``.
+The generated YAML is committed, and ``tests/observability/test_rules.py`` fails when it drifts
+from what this script would write, so the two never disagree.
+
+Why a generator: the multi-window multi-burn-rate alerts (Google SRE workbook, chapter 5; the
+same table Sloth and kubernetes-mixin use) repeat the same shape for every SLO and every window
+pair. Writing them by hand invites a typo in one threshold out of thirty-two.
+
+Layout of the output:
+
+* ``recording.rules.yaml``: per-PoP building blocks (verdict counts, ratios) and, per SLO,
+  ``slo:sli_error:ratio_rate<w>`` for every window, ``slo:sli_total:increase<w>`` for the short
+  windows (the low-traffic guard), ``slo:objective:ratio`` and ``slo:error_budget_remaining:ratio``.
+* ``slo.rules.yaml``: one alert name per SLO; four rules each (two window pairs x page/ticket),
+  told apart by the ``long``/``short`` labels, like kubernetes-mixin's ``KubeAPIErrorBudgetBurn``.
+* ``alerts.rules.yaml``: plain-threshold and operational alerts.
+
+Conventions (monitoring-mixins): CamelCase alert names; ``severity`` is critical (page), warning
+(ticket) or info; ``summary`` is static and ends with a period; ``description`` is templated;
+``runbook_url`` points at a heading in docs/runbooks/. Every alert carries ``pop``: Alertmanager's
+inhibition compares it, and a missing label compares equal to an empty one. Fleet-wide alerts
+(a vantage, an agent, the mesh) get ``pop="fleet"`` through ``label_replace`` when their series
+have no ``pop``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+# Runbook links are absolute URLs (Alertmanager templates and pagers need them); the test maps the
+# prefix back onto the repository to check the file and the anchor exist.
+RUNBOOK_BASE = "https://github.com/tunnelwatch/tunnelwatch/blob/main/docs/runbooks/"
+
+POP_LABELS = "pop, region"
+NODE_LABELS = "node, pool, pop, region"
+
+# Failures the agent blames on itself (docs/metrics-agent.md): never the node's fault, never budget.
+AGENT_SIDE_REASONS = "probe-error|overloaded"
+# Handshake checks are the functional tier (probes/checks/base.py Tier.FUNCTIONAL).
+HANDSHAKE = 'tier="functional"'
+NODE_FAULT = f'reason!~"{AGENT_SIDE_REASONS}"'
+# The latency SLO edge: the agent's histogram has a bucket at exactly 0.15 s.
+HANDSHAKE_FAST = HANDSHAKE + ', le="0.15"'
+
+# The smallest number of events a short window needs before a burn rate over it may page. Probes
+# are low-volume: two failed handshakes out of three would otherwise be a 66 % error ratio.
+MIN_EVENTS_SHORT_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class BurnWindow:
+    """One row of the SRE workbook table: burn ``factor`` over ``long`` confirmed by ``short``."""
+
+    long: str
+    short: str
+    factor: float
+    severity: str
+    for_: str
+
+
+# (budget share spent, window) -> factor = share x 720 h / long window.
+BURN_WINDOWS = (
+    BurnWindow("1h", "5m", 14.4, "critical", "2m"),
+    BurnWindow("6h", "30m", 6.0, "critical", "15m"),
+    BurnWindow("1d", "2h", 3.0, "warning", "1h"),
+    BurnWindow("3d", "6h", 1.0, "warning", "3h"),
+)
+ALL_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d", "30d")
+SHORT_WINDOWS = tuple(dict.fromkeys(w.short for w in BURN_WINDOWS))
+
+
+@dataclass(frozen=True)
+class Slo:
+    """One SLO over the 30 d window. ``error``/``total`` are PromQL with ``{w}`` for the range.
+
+    ``total`` None means the SLI is a gauge averaged over time (no event count, no guard).
+    """
+
+    name: str
+    alert: str
+    objective: float
+    what: str  # for the description: "PoP {pop} <what> over the last 5m is ..."
+    summary: str
+    error: str
+    total: str | None
+    runbook: str
+
+    @property
+    def budget(self) -> float:
+        return round(1 - self.objective, 10)
+
+
+def _rate(metric: str, sel: str, w: str) -> str:
+    return f"sum by ({POP_LABELS}) (rate({metric}{{{sel}}}[{w}]))"
+
+
+SLOS = (
+    Slo(
+        name="pop-availability",
+        alert="PoPAvailabilityBudgetBurn",
+        objective=0.9995,
+        what="share of node time judged DOWN by the mesh",
+        summary="PoP availability error budget is burning too fast.",
+        # The mesh verdict already votes across vantages and leaves impaired ones out, so this
+        # is the SLI that says "the PoP was unavailable", not "one agent had a bad minute".
+        error="avg_over_time(pop:tunnelwatch_node_unavailable:ratio[{w}])",
+        total=None,
+        runbook="slo.md",
+    ),
+    Slo(
+        name="probe-success",
+        alert="PoPProbeErrorBudgetBurn",
+        objective=0.9995,
+        what="probe error ratio across all vantages",
+        summary="PoP probe error budget is burning too fast.",
+        error=(
+            f"{_rate('tunnelwatch_probe_failures_total', NODE_FAULT, '{w}')}"
+            f"\n/\n{_rate('tunnelwatch_probe_attempts_total', '', '{w}')}"
+        ),
+        total=_rate("tunnelwatch_probe_attempts_total", "", "{w}"),
+        runbook="slo.md",
+    ),
+    Slo(
+        name="handshake-errors",
+        alert="HandshakeErrorBudgetBurn",
+        objective=0.996,
+        what="handshake error ratio",
+        summary="VPN handshake error budget is burning too fast.",
+        error=(
+            f"{_rate('tunnelwatch_probe_failures_total', HANDSHAKE + ', ' + NODE_FAULT, '{w}')}"
+            f"\n/\n{_rate('tunnelwatch_probe_attempts_total', HANDSHAKE, '{w}')}"
+        ),
+        total=_rate("tunnelwatch_probe_attempts_total", HANDSHAKE, "{w}"),
+        runbook="slo.md",
+    ),
+    Slo(
+        name="handshake-latency",
+        alert="HandshakeLatencyBudgetBurn",
+        objective=0.99,  # "P99 under 150 ms" as a ratio: 99 % of handshakes take <= 0.15 s
+        what="share of handshakes slower than 150ms",
+        summary="VPN handshake latency budget is burning too fast.",
+        error=(
+            "1 - (\n"
+            f"  {_rate('tunnelwatch_probe_duration_seconds_bucket', HANDSHAKE_FAST, '{w}')}\n"
+            "  /\n"
+            f"  {_rate('tunnelwatch_probe_duration_seconds_count', HANDSHAKE, '{w}')}\n"
+            ")"
+        ),
+        total=_rate("tunnelwatch_probe_duration_seconds_count", HANDSHAKE, "{w}"),
+        runbook="slo.md",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _num(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _runbook(page: str, alert: str) -> str:
+    return f"{RUNBOOK_BASE}{page}#{alert.lower()}"
+
+
+def fleet_pop(expr: str) -> str:
+    """Give fleet-wide series ``pop="fleet"`` (only where they have no pop of their own)."""
+    return f'label_replace(\n{_indent(expr)}\n, "pop", "fleet", "pop", "")'
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line if line else line for line in text.splitlines())
+
+
+def alert(
+    name: str,
+    expr: str,
+    *,
+    severity: str,
+    summary: str,
+    description: str,
+    runbook: str,
+    for_: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    assert summary.endswith("."), name
+    rule: dict[str, Any] = {"alert": name, "expr": expr}
+    if for_:
+        rule["for"] = for_
+    rule["labels"] = {"severity": severity, **(labels or {})}
+    rule["annotations"] = {
+        "summary": summary,
+        "description": description,
+        "runbook_url": _runbook(runbook, name),
+    }
+    return rule
+
+
+# ---------------------------------------------------------------------------- recording rules
+
+
+def pop_building_blocks() -> list[dict[str, Any]]:
+    """Per-PoP and per-node series the SLOs, alerts and dashboards share."""
+    verdict = "tunnelwatch_node_verdict"
+    return [
+        {
+            "record": "pop:tunnelwatch_nodes_down:count",
+            "expr": f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})',
+        },
+        {
+            # UP and DEGRADED nodes carry traffic; DRAINING/MAINTENANCE are admin states.
+            "record": "pop:tunnelwatch_nodes_serving:count",
+            "expr": f'sum by ({POP_LABELS}) ({verdict}{{state=~"UP|DEGRADED"}})',
+        },
+        {
+            # Admin drain is a state, not a failure: drained nodes leave the denominator.
+            "record": "pop:tunnelwatch_node_unavailable:ratio",
+            "expr": (
+                f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})\n/\n'
+                f'sum by ({POP_LABELS}) ({verdict}{{state!~"DRAINING|MAINTENANCE"}})'
+            ),
+        },
+        {
+            # Sessions per node, summed over the vantages that report telemetry for it would
+            # double-count, so take the freshest view: max across vantages.
+            "record": "node:tunnelwatch_node_active_sessions:max",
+            "expr": f"max by ({NODE_LABELS}) (tunnelwatch_node_active_sessions)",
+        },
+        {
+            "record": "pop:tunnelwatch_node_active_sessions:cv",
+            "expr": (
+                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_sessions:max)\n/\n"
+                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_sessions:max)"
+            ),
+        },
+        {
+            "record": "node:tunnelwatch_tunnel_loss:ratio_rate15m",
+            "expr": (
+                "1 - (\n"
+                f"  sum by ({NODE_LABELS}) (rate(tunnelwatch_tunnel_packets_received_total[15m]))\n"
+                "  /\n"
+                f"  sum by ({NODE_LABELS}) (rate(tunnelwatch_tunnel_packets_sent_total[15m]))\n"
+                ")"
+            ),
+        },
+        {
+            # Median across vantages of each vantage's p99: one far-away vantage does not decide.
+            "record": "node:tunnelwatch_tunnel_rtt_p99_seconds:median",
+            "expr": (f"quantile by ({NODE_LABELS}) (0.5, tunnelwatch_tunnel_rtt_p99_seconds)"),
+        },
+        {
+            # Reconnects per active session per second (node telemetry: sessions that re-handshook
+            # although the previous one was still inside its lifetime).
+            "record": "node:tunnelwatch_node_reconnects_per_session:rate15m",
+            "expr": (
+                f"max by ({NODE_LABELS}) (rate(tunnelwatch_node_reconnects_total[15m]))\n/\n"
+                f"(node:tunnelwatch_node_active_sessions:max > 0)"
+            ),
+        },
+    ]
+
+
+def slo_recording_rules(slo: Slo) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = []
+    for w in ALL_WINDOWS:
+        rules.append(
+            {
+                "record": f"slo:sli_error:ratio_rate{w}",
+                "expr": slo.error.replace("{w}", w),
+                "labels": {"slo": slo.name},
+            }
+        )
+    if slo.total is not None:
+        for w in SHORT_WINDOWS:
+            rules.append(
+                {
+                    "record": f"slo:sli_total:increase{w}",
+                    "expr": slo.total.replace("rate(", "increase(").replace("{w}", w),
+                    "labels": {"slo": slo.name},
+                }
+            )
+    rules.append(
+        {
+            "record": "slo:objective:ratio",
+            "expr": f"vector({_num(slo.objective)})",
+            "labels": {"slo": slo.name},
+        }
+    )
+    rules.append(
+        {
+            "record": "slo:error_budget_remaining:ratio",
+            "expr": f'1 - slo:sli_error:ratio_rate30d{{slo="{slo.name}"}} / {_num(slo.budget)}',
+            "labels": {"slo": slo.name},
+        }
+    )
+    return rules
+
+
+# ---------------------------------------------------------------------------- SLO alerts
+
+
+def burn_alerts(slo: Slo) -> list[dict[str, Any]]:
+    rules = []
+    sel = f'{{slo="{slo.name}"}}'
+    for bw in BURN_WINDOWS:
+        bound = _num(bw.factor * slo.budget)
+        expr = (
+            f"slo:sli_error:ratio_rate{bw.short}{sel} > {bound}\n"
+            f"and on ({POP_LABELS})\n"
+            f"slo:sli_error:ratio_rate{bw.long}{sel} > {bound}"
+        )
+        if slo.total is not None:
+            expr += (
+                f"\nand on ({POP_LABELS})\n"
+                f"slo:sli_total:increase{bw.short}{sel} >= {MIN_EVENTS_SHORT_WINDOW}"
+            )
+        rules.append(
+            alert(
+                slo.alert,
+                expr,
+                for_=bw.for_,
+                severity=bw.severity,
+                labels={"slo": slo.name, "long": bw.long, "short": bw.short},
+                summary=slo.summary,
+                description=(
+                    f"PoP {{{{ $labels.pop }}}} ({{{{ $labels.region }}}}) {slo.what} over the "
+                    f"last {bw.short} is {{{{ $value | humanizePercentage }}}}, "
+                    f"{_num(bw.factor)}x the budget of {_num(slo.budget * 100)}%."
+                ),
+                runbook=slo.runbook,
+            )
+        )
+    return rules
+
+
+# ---------------------------------------------------------------------------- other alerts
+
+
+def fleet_alerts() -> list[dict[str, Any]]:
+    return [
+        alert(
+            "PoPDown",
+            "pop:tunnelwatch_nodes_serving:count == 0\n"
+            f"and on ({POP_LABELS})\npop:tunnelwatch_nodes_down:count > 0",
+            for_="1m",
+            severity="critical",
+            labels={"scope": "pop"},
+            summary="Every serving node of a PoP is down.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}) has no node UP or DEGRADED; "
+                "the mesh judges every non-drained node DOWN."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "NodeDown",
+            f'max by ({NODE_LABELS}) (tunnelwatch_node_verdict{{state="DOWN"}}) == 1',
+            for_="5m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="The mesh judges a VPN node DOWN.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }} (pool {{ $labels.pool }}) "
+                "has been DOWN for 5 minutes."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "PoPLoadImbalanced",
+            "pop:tunnelwatch_node_active_sessions:cv > 0.25",
+            for_="15m",
+            severity="warning",
+            labels={"scope": "pop"},
+            summary="Active sessions are unevenly spread across a PoP's nodes.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}): the coefficient of variation of "
+                'active sessions across its nodes is {{ $value | printf "%.2f" }} (bound 0.25).'
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "TunnelDropRateHigh",
+            "node:tunnelwatch_tunnel_loss:ratio_rate15m > 0.001",
+            for_="15m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="In-tunnel packet loss is above 0.1%.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }} drops "
+                "{{ $value | humanizePercentage }} of synthetic in-tunnel packets."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "TunnelLatencyHigh",
+            "node:tunnelwatch_tunnel_rtt_p99_seconds:median > 0.15",
+            for_="15m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="In-tunnel P99 round-trip time is above 150 ms.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }}: median across vantages of the "
+                "in-tunnel P99 RTT is {{ $value | humanizeDuration }}."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "NodeReconnectionRateHigh",
+            # More than one reconnect per session every 10 minutes, sustained.
+            "node:tunnelwatch_node_reconnects_per_session:rate15m > (1 / 600)",
+            for_="15m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="Clients reconnect to a VPN node unusually often.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }}: "
+                '{{ $value | printf "%.4f" }} reconnects per active session per second '
+                "(bound 1/600)."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "NodeCertificateExpiry",
+            f"min by ({NODE_LABELS}) (tunnelwatch_node_certificate_expiry_timestamp_seconds)"
+            " - time() < 14 * 86400",
+            for_="10m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="A VPN node's server certificate is about to expire.",
+            description=(
+                "The certificate of node {{ $labels.node }} in PoP {{ $labels.pop }} expires in "
+                "{{ $value | humanizeDuration }}."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
+            "NodeCertificateExpiry",
+            f"min by ({NODE_LABELS}) (tunnelwatch_node_certificate_expiry_timestamp_seconds)"
+            " - time() < 2 * 86400",
+            for_="10m",
+            severity="critical",
+            labels={"scope": "node"},
+            summary="A VPN node's server certificate is about to expire.",
+            description=(
+                "The certificate of node {{ $labels.node }} in PoP {{ $labels.pop }} expires in "
+                "{{ $value | humanizeDuration }}."
+            ),
+            runbook="fleet.md",
+        ),
+    ]
+
+
+def mesh_alerts() -> list[dict[str, Any]]:
+    return [
+        alert(
+            "VantageImpaired",
+            fleet_pop("max by (vantage) (tunnelwatch_mesh_vantage_impaired) == 1"),
+            for_="5m",
+            severity="warning",
+            labels={"scope": "vantage"},
+            summary="The mesh ignores a vantage that sees most of the fleet down.",
+            description=(
+                "Vantage {{ $labels.vantage }} is judged impaired and left out of every vote; "
+                "its network, not the nodes, is the likely problem."
+            ),
+            runbook="mesh.md",
+        ),
+        alert(
+            "PoolGuardHolding",
+            fleet_pop("max by (pool, pop, region) (tunnelwatch_mesh_pool_guard_held_nodes) > 0"),
+            for_="1m",
+            severity="critical",
+            labels={"scope": "pool"},
+            summary="The pool guard keeps failing nodes in service.",
+            description=(
+                "Pool {{ $labels.pool }} would have more nodes DOWN than its guard allows; "
+                "{{ $value }} failing node(s) are held in service."
+            ),
+            runbook="mesh.md",
+        ),
+        alert(
+            "MeshIngestRejects",
+            fleet_pop("sum by (reason) (rate(tunnelwatch_mesh_ingest_rejected_total[10m])) > 0.01"),
+            for_="10m",
+            severity="warning",
+            labels={"scope": "mesh"},
+            summary="The mesh rejects observation batches.",
+            description=(
+                'The mesh rejects {{ $value | printf "%.3f" }} batches per second '
+                "with reason {{ $labels.reason }}."
+            ),
+            runbook="mesh.md",
+        ),
+        alert(
+            "PublisherLagHigh",
+            fleet_pop("max by (publisher) (tunnelwatch_publish_lag_seconds) > 60"),
+            for_="5m",
+            severity="warning",
+            labels={"scope": "publisher"},
+            summary="Verdict changes wait too long in the outbox.",
+            description=(
+                "Publisher {{ $labels.publisher }}: the oldest undelivered verdict change is "
+                "{{ $value | humanizeDuration }} old."
+            ),
+            runbook="publisher.md",
+        ),
+        alert(
+            "PublisherDeadLetters",
+            fleet_pop(
+                "sum by (publisher) (increase(tunnelwatch_publish_dead_lettered_total[15m])) > 0"
+            ),
+            severity="warning",
+            labels={"scope": "publisher"},
+            summary="A verdict change could not be delivered and was dead-lettered.",
+            description=(
+                "Publisher {{ $labels.publisher }} dead-lettered about "
+                '{{ $value | printf "%.0f" }} verdict change(s) in the last 15 minutes.'
+            ),
+            runbook="publisher.md",
+        ),
+    ]
+
+
+def agent_alerts() -> list[dict[str, Any]]:
+    return [
+        alert(
+            "AgentSpoolFilling",
+            fleet_pop(
+                "max by (vantage) (tunnelwatch_agent_spool_bytes"
+                " / tunnelwatch_agent_spool_capacity_bytes) > 0.5"
+            ),
+            for_="10m",
+            severity="warning",
+            labels={"scope": "agent"},
+            summary="An agent's report spool is filling up: the mesh is not taking reports.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} has its spool "
+                "{{ $value | humanizePercentage }} full."
+            ),
+            runbook="agent.md",
+        ),
+        alert(
+            "AgentSpoolDropping",
+            fleet_pop(
+                "sum by (vantage) (increase(tunnelwatch_agent_spool_dropped_total[10m])) > 0"
+            ),
+            severity="warning",
+            labels={"scope": "agent"},
+            summary="An agent drops observations because its spool is full.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} dropped about "
+                '{{ $value | printf "%.0f" }} observation(s) in the last 10 minutes.'
+            ),
+            runbook="agent.md",
+        ),
+        alert(
+            "AgentSchedulerLagging",
+            fleet_pop("max by (vantage) (tunnelwatch_agent_scheduler_lag_seconds) > 1"),
+            for_="10m",
+            severity="warning",
+            labels={"scope": "agent"},
+            summary="An agent starts its checks late.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} starts checks "
+                "{{ $value | humanizeDuration }} late; its timings may be inflated."
+            ),
+            runbook="agent.md",
+        ),
+        alert(
+            "TunnelwatchTargetDown",
+            fleet_pop('up{job=~"tunnelwatch-.*"} == 0'),
+            for_="5m",
+            severity="warning",
+            labels={"scope": "target"},
+            summary="Prometheus cannot scrape a tunnelwatch agent or mesh.",
+            description="Target {{ $labels.instance }} of job {{ $labels.job }} is down.",
+            runbook="agent.md",
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------- output
+
+
+@dataclass
+class RuleFile:
+    name: str
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def group(self, name: str, rules: list[dict[str, Any]], interval: str | None = None) -> None:
+        g: dict[str, Any] = {"name": name}
+        if interval:
+            g["interval"] = interval
+        g["rules"] = rules
+        self.groups.append(g)
+
+
+def build() -> list[RuleFile]:
+    recording = RuleFile("recording.rules.yaml")
+    recording.group("tunnelwatch-pop", pop_building_blocks())
+    for slo in SLOS:
+        recording.group(f"tunnelwatch-slo-{slo.name}", slo_recording_rules(slo))
+    slo_alerts = RuleFile("slo.rules.yaml")
+    slo_alerts.group("tunnelwatch-slo-alerts", [r for slo in SLOS for r in burn_alerts(slo)])
+    other = RuleFile("alerts.rules.yaml")
+    other.group("tunnelwatch-fleet-alerts", fleet_alerts())
+    other.group("tunnelwatch-mesh-alerts", mesh_alerts())
+    other.group("tunnelwatch-agent-alerts", agent_alerts())
+    return [recording, slo_alerts, other]
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+HEADER = "# GENERATED by rules/generate.py; edit that file and rerun it. Do not edit by hand.\n"
+
+
+def render(rf: RuleFile) -> str:
+    body = yaml.dump({"groups": rf.groups}, Dumper=_Dumper, sort_keys=False, width=100)
+    return HEADER + body
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[1]) if len(argv) > 1 else HERE
+    for rf in build():
+        (out / rf.name).write_text(render(rf))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
