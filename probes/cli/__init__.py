@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from probes import __version__
@@ -19,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "probe",
     "lab",
     "demo",
+    "keygen",
 )
 
 EXIT_OK = 0
@@ -39,11 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so `with Lab(...)` blocks and other cleanups run; long-running
+    # commands (agent, mesh) install their own graceful handlers on their event loop
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     code: int = args.handler(args)
     return code
 

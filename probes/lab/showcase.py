@@ -105,7 +105,7 @@ def run(out: TextIO) -> bool:
         print(f"  lab {lab.run_id}: node1 at {node.host.address} serves WireGuard "
               f":{node.wireguard.port}, OpenVPN udp:{node.openvpn.port} ({node.openvpn.wrap}), "
               f"IKEv2 :500; agent1 at {agent.host.address} "
-              f"(built in {time.monotonic() - started:.2f} s)", file=out)
+              f"(built in {time.monotonic() - started:.2f} s)", file=out, flush=True)
         seen = [
             _timed("WireGuard", lambda: wireguard_client(lab, node, agent)),
             _timed("OpenVPN", lambda: openvpn_client(lab, node, agent)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import subprocess
 import sys
 
@@ -51,3 +52,20 @@ def test_demo_shows_every_real_client_succeeding() -> None:
     for what in ("WireGuard", "OpenVPN", "IKEv2", "HAProxy"):
         assert re.search(rf"OK\s+{what}", text), text
     assert "loss 0%" in text and "ifconfig 10.8." in text and "established" in text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_still_tears_down(sig: signal.Signals) -> None:
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "probes.cli", "demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    run_id = None
+    for line in proc.stdout:  # the lab exists once it prints its run id
+        if m := re.search(r"lab (\w{5}):", line):
+            run_id = m.group(1)
+            break
+    assert run_id, "demo never reported its lab"
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(leftovers(run_id)) == []
