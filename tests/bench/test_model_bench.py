@@ -8,8 +8,15 @@ import time
 
 import pytest
 
-from probes.model import SCHEMA_VERSION, Observation, ObservationBatch, Quality, Reason, \
-    decode_batch, encode
+from probes.model import (
+    SCHEMA_VERSION,
+    Observation,
+    ObservationBatch,
+    Quality,
+    Reason,
+    decode_batch,
+    encode,
+)
 
 pytestmark = pytest.mark.slow
 
