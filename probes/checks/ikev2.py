@@ -323,7 +323,8 @@ def _init_result(session: _Session, watch: Stopwatch,
     facts["invalid_ke_rounds"] = sum(r.why == "invalid-ke" for r in o.retries)
     if o.init is not None:
         facts.update(alive=True, proposal=suite_name(o.init.suite), dh_group=o.init.suite.group,
-                     nat_t=o.init.floated, nat_detected=o.init.nat_local or o.init.nat_remote,
+                     nat_t=o.init.floated, behind_nat=o.init.nat_local,
+                     responder_behind_nat=o.init.nat_remote,
                      childless_supported=o.init.childless_supported,
                      fragmentation_supported=o.init.fragmentation_supported)
         return None

@@ -1,0 +1,193 @@
+"""IKEv2 checks against a real strongSwan (charon + kernel-libipsec) in the lab."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from probes.checks.base import CheckResult
+from probes.checks.ikev2 import Ikev2Params, run_level
+from probes.lab import netns
+from probes.model import Reason
+
+pytestmark = [pytest.mark.ikev2, pytest.mark.lab]
+
+T = TypeVar("T")
+FAST_FIRST = ("aes256gcm16-prfsha256-ecp256-curve25519-modp2048",)  # lab's first choice: no retry
+
+
+def in_agent(agent: Any, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    with agent.entered():
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def params(node: Any, ike: Any, **kw: Any) -> Ikev2Params:
+    base: dict[str, Any] = dict(host=node.address, psk_file=str(ike.psk_file),
+                                local_id=ike.remote_id, remote_id=ike.local_id,
+                                inner_address="10.211.0.7")
+    base.update(kw)
+    return Ikev2Params(**base)
+
+
+def probe(agent: Any, p: Ikev2Params, level: str, timeout: float = 5.0) -> CheckResult:
+    return in_agent(agent, lambda: run_level(p, timeout, level))
+
+
+def ike_sas(ike: Any) -> list[str]:
+    """IKE SA lines of ``swanctl --list-sas`` ("name: #n, STATE, IKEv2, ...")."""
+    return [line for line in ike.list_sas().splitlines() if re.match(r"^\S.*: #\d+, ", line)]
+
+
+@pytest.fixture
+def setup(lab: Any) -> tuple[Any, Any, Any, Any]:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node)
+    return lab, node, agent, ike
+
+
+def test_init_auth_and_tunnel_succeed_and_leave_nothing(setup: Any) -> None:
+    _, node, agent, ike = setup
+    p = params(node, ike, echo_count=10)
+    auth = probe(agent, p, "auth")
+    assert auth.ok, auth
+    assert auth.facts["responder_auth_verified"] is True
+    assert auth.facts["responder_id"] == ike.local_id and auth.facts["childless"] is True
+    assert auth.facts["delete_acked"] is True
+    tunnel = probe(agent, p, "tunnel")
+    assert tunnel.ok, tunnel
+    assert tunnel.quality is not None and tunnel.quality.received == 10
+    assert tunnel.quality.rtt_p50_seconds is not None
+    assert tunnel.facts["ping"] == ike.inner_address and tunnel.facts["delete_acked"] is True
+    assert ike_sas(ike) == []  # both SAs of both probes deleted
+    init = probe(agent, p, "init")
+    assert init.ok and init.reason is Reason.OK and init.facts["alive"] is True, init
+    assert init.facts["childless_supported"] is True
+    assert all("CONNECTING" in line for line in ike_sas(ike))  # init leaves only a half-open SA
+    print(f"\nauth {auth.duration_seconds * 1e3:.1f} ms, tunnel rtt p50 "
+          f"{tunnel.quality.rtt_p50_seconds * 1e3:.2f} ms")
+
+
+def test_only_another_dh_group_accepted_retries_with_it(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node, proposals=("aes256gcm16-prfsha256-modp2048",))
+    result = probe(agent, params(node, ike), "auth")  # default proposals lead with curve25519
+    assert result.ok, result
+    assert result.facts["invalid_ke_rounds"] == 1 and result.facts["dh_group"] == 14
+
+
+def test_cookie_demanded_on_every_request_still_succeeds(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    # cookie_threshold = 1: while one half-open SA exists every IKE_SA_INIT gets a COOKIE (and
+    # strongSwan then keeps demanding them for its calm-down delay)
+    ike = lab.start_strongswan(node, charon_settings="  cookie_threshold = 1")
+    p = params(node, ike, proposals=FAST_FIRST)
+    first = probe(agent, p, "init")  # leaves the half-open SA that switches cookies on
+    assert first.ok, first
+    for _ in range(3):
+        result = probe(agent, p, "auth")
+        assert result.ok, result
+        assert result.facts["cookie_rounds"] == 1
+    assert "sending COOKIE" in ike.log() or "COOKIE" in ike.log()
+
+
+def test_nat_between_agent_and_responder_floats_to_4500(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node)
+    # a real source NAT in the router: the agent's packets reach the node from the router address
+    netns.run(netns.exec_argv(lab.router_ns, ["nft", "-f", "-"]), input_text=(
+        "table ip tw_ikev2_nat {\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority 100; policy accept;\n"
+        f'    ip saddr {agent.address} oifname "{node.router_if}" masquerade\n'
+        "  }\n"
+        "}\n"))
+    p = params(node, ike, echo_count=5)
+    auth = probe(agent, p, "auth")
+    assert auth.ok, auth
+    assert auth.facts["behind_nat"] is True and auth.facts["nat_t"] is True
+    tunnel = probe(agent, p, "tunnel")
+    assert tunnel.ok and tunnel.facts["behind_nat"] is True, tunnel
+    assert tunnel.quality is not None and tunnel.quality.received == 5
+    assert ike_sas(ike) == []
+
+
+def test_wrong_psk_no_common_proposal_and_down(lab: Any, tmp_path: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node)
+    wrong = probe(agent, params(node, ike, psk_file=None, psk="not-the-psk"), "auth")
+    assert not wrong.ok and wrong.reason is Reason.AUTH_FAILED, wrong
+
+    none = probe(agent, params(node, ike, proposals=("aes128-sha384-ecp384",)), "init")
+    assert not none.ok and none.reason is Reason.NO_PROPOSAL_CHOSEN, none
+    assert none.facts["alive"] is True
+
+    lab.partition(node)
+    down = probe(agent, params(node, ike, retransmit_initial=0.2), "auth", timeout=1.5)
+    assert not down.ok and down.reason is Reason.TIMEOUT, down
+    lab.heal(node)
+
+    ike.stop()  # the host answers, nobody listens: ICMP port unreachable, reported as such
+    stopped = probe(agent, params(node, ike), "init", timeout=2.0)
+    print(f"\nstopped responder: {stopped.reason.value} ({stopped.detail})")
+    assert not stopped.ok and stopped.reason is Reason.ICMP_UNREACHABLE, stopped
+
+
+def test_hundred_auth_probes_leave_no_sa_and_no_cookie(setup: Any) -> None:
+    _, node, agent, ike = setup
+    p = params(node, ike, proposals=FAST_FIRST)
+
+    async def hundred() -> list[CheckResult]:
+        return [await run_level(p, 5.0, "auth") for _ in range(100)]
+
+    results = in_agent(agent, hundred)
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    assert all(r.facts["cookie_rounds"] == 0 and r.facts["delete_acked"] for r in results)
+    assert ike_sas(ike) == []
+    log = ike.log()
+    assert "COOKIE" not in log and "too aggressive" not in log
+    median = sorted(r.duration_seconds for r in results)[50]
+    print(f"\n100 auth probes: median {median * 1e3:.2f} ms")
+
+
+def test_concurrent_probes_never_exceed_three_half_open(setup: Any) -> None:
+    _, node, agent, ike = setup
+    p = params(node, ike, proposals=FAST_FIRST)
+
+    async def burst() -> list[CheckResult]:
+        return list(await asyncio.gather(*(run_level(p, 5.0, "auth") for _ in range(12))))
+
+    results = in_agent(agent, burst)
+    assert all(r.ok and r.facts["cookie_rounds"] == 0 for r in results), results
+    assert "COOKIE" not in ike.log() and "too aggressive" not in ike.log()
+    assert ike_sas(ike) == []
+
+
+def test_tunnel_loss_is_measured_under_20_percent_loss(setup: Any) -> None:
+    lab, node, agent, ike = setup
+    lab.set_loss(agent, 20)
+    result = probe(agent, params(node, ike, proposals=FAST_FIRST, echo_count=300,
+                                 echo_interval=0.005), "tunnel", timeout=20.0)
+    lab.heal(agent)
+    assert result.ok, result
+    assert result.quality is not None
+    print(f"\nloss {result.quality.loss_ratio:.1%} of {result.quality.sent}")
+    assert 0.10 <= result.quality.loss_ratio <= 0.30
+
+
+def test_init_agrees_with_ike_scan_on_liveness(setup: Any) -> None:
+    _, node, agent, ike = setup
+
+    def ike_scan_alive() -> bool:
+        out = agent.run(["ike-scan", "--ikev2", "--sport=0", "--retry=2", "--timeout=500",
+                         node.address], check=False).stdout
+        return "Handshake returned" in out or "Notify message" in out
+
+    ours = probe(agent, params(node, ike), "init")
+    assert ours.facts.get("alive") is True and ike_scan_alive() is True
+    ike.stop()
+    ours_down = probe(agent, params(node, ike), "init", timeout=2.0)
+    assert ours_down.facts.get("alive") is not True and ike_scan_alive() is False
