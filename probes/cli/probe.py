@@ -22,6 +22,7 @@ from probes.checks.base import CheckKind, CheckResult, execute
 
 PROBE_MODULES: tuple[str, ...] = (
     "probe_l4",
+    "probe_wireguard",
 )
 
 
