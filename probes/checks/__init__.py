@@ -12,6 +12,7 @@ CHECK_MODULES: tuple[str, ...] = (
     "l4",
     "wireguard",
     "openvpn",
+    "ikev2",
 )
 
 _loaded = False
