@@ -24,8 +24,11 @@ def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
 
 @pytest.mark.parametrize(
     ("timestamp", "body", "key"),
-    [("1764134400.001", b'{"a":1}', KEY), ("1764134400.000", b'{"a":2}', KEY),
-     ("1764134400.000", b'{"a":1}', KEY[::-1])],
+    [
+        ("1764134400.001", b'{"a":1}', KEY),
+        ("1764134400.000", b'{"a":2}', KEY),
+        ("1764134400.000", b'{"a":1}', KEY[::-1]),
+    ],
 )
 def test_verify_rejects_any_change(timestamp: str, body: bytes, key: bytes) -> None:
     good = signing.sign(KEY, "1764134400.000", b'{"a":1}')

@@ -1,0 +1,136 @@
+"""The mesh config file: where it listens, where it stores, which agents and nodes, the policy.
+
+Loaded with :func:`load_mesh_config`, which raises :class:`probes.config.ConfigError` listing every
+problem with its field path (``$.agents[1].key_file``) and line, like the agent config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from probes.config import ConfigError, Problem, Strict, _line_for, parse_yaml, resolve_path
+from probes.mesh.decision import NodeInfo
+from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
+
+
+class MeshAgent(Strict, kw_only=True, frozen=True):
+    """An agent allowed to report: its name (= its vantage) and its HMAC key."""
+
+    name: str
+    key_file: str
+    key_id: str = ""  # what the agent sends in X-Tunnelwatch-Key-Id; defaults to the name
+
+    @property
+    def effective_key_id(self) -> str:
+        return self.key_id or self.name
+
+
+class MeshNode(Strict, kw_only=True, frozen=True):
+    id: str
+    pool: str = "default"
+    pop: str = ""
+    region: str = ""
+
+
+class MeshConfig(Strict, kw_only=True, frozen=True):
+    listen: str = "127.0.0.1:9480"
+    database: str = "mesh.db"
+    agents: list[MeshAgent]
+    nodes: list[MeshNode]
+    operator_token_file: str | None = None  # bearer token for POST /v1/nodes/{id}/...
+    decision: DecisionPolicy = msgspec.field(default_factory=DecisionPolicy)
+    max_body_bytes: int = 8 * 1024 * 1024
+    timestamp_window_seconds: float = 300.0
+    tick_seconds: float = 1.0
+    snapshot_every: int = 10_000  # journal entries between engine snapshots
+    durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
+
+    def node_infos(self) -> list[NodeInfo]:
+        return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
+
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
+    _host, sep, port = cfg.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        yield Problem("$.listen", f"expected host:port, got {cfg.listen!r}")
+    if not cfg.agents:
+        yield Problem("$.agents", "at least one agent is required")
+    if not cfg.nodes:
+        yield Problem("$.nodes", "at least one node is required")
+    seen: dict[str, int] = {}
+    key_ids: dict[str, int] = {}
+    for i, agent in enumerate(cfg.agents):
+        if not agent.name:
+            yield Problem(f"$.agents[{i}].name", "must not be empty")
+        if agent.name in seen:
+            yield Problem(f"$.agents[{i}].name", f"duplicate of $.agents[{seen[agent.name]}]")
+        seen.setdefault(agent.name, i)
+        if agent.effective_key_id in key_ids:
+            yield Problem(f"$.agents[{i}].key_id", "key id used twice")
+        key_ids.setdefault(agent.effective_key_id, i)
+        if not resolve_path(agent.key_file, base_dir).is_file():
+            yield Problem(f"$.agents[{i}].key_file", f"no such file: {agent.key_file}")
+    nodes: dict[str, int] = {}
+    for i, node in enumerate(cfg.nodes):
+        if not node.id:
+            yield Problem(f"$.nodes[{i}].id", "must not be empty")
+        if node.id in nodes:
+            yield Problem(f"$.nodes[{i}].id", f"duplicate of $.nodes[{nodes[node.id]}]")
+        nodes.setdefault(node.id, i)
+    if cfg.operator_token_file is not None and not resolve_path(
+        cfg.operator_token_file, base_dir
+    ).is_file():
+        yield Problem("$.operator_token_file", f"no such file: {cfg.operator_token_file}")
+    if cfg.max_body_bytes < 1024:
+        yield Problem("$.max_body_bytes", "must be >= 1024")
+    if not cfg.timestamp_window_seconds > 0:
+        yield Problem("$.timestamp_window_seconds", "must be > 0")
+    if not cfg.tick_seconds > 0:
+        yield Problem("$.tick_seconds", "must be > 0")
+    if cfg.snapshot_every < 1:
+        yield Problem("$.snapshot_every", "must be >= 1")
+    if cfg.durability not in ("normal", "full"):
+        yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
+    try:
+        validate_policy(cfg.decision, "$.decision")
+    except PolicyError as exc:
+        yield Problem(exc.path, str(exc).split(": ", 1)[1])
+
+
+def load_mesh_config(path: str | Path) -> MeshConfig:
+    """Load and fully validate a mesh config; relative file paths resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
+    cfg, lines = parse_yaml(text, MeshConfig, str(p))
+    base = p.parent.resolve()
+    problems = list(_problems(cfg, base))
+    if problems:
+        raise ConfigError(
+            str(p), [Problem(q.path, q.message, _line_for(q.path, lines)) for q in problems]
+        )
+    return with_base_dir(cfg, base)
+
+
+def with_base_dir(cfg: MeshConfig, base: Path) -> MeshConfig:
+    """The config with every file path made absolute against ``base``."""
+    return msgspec.structs.replace(
+        cfg,
+        database=str(resolve_path(cfg.database, base)),
+        agents=[
+            msgspec.structs.replace(a, key_file=str(resolve_path(a.key_file, base)))
+            for a in cfg.agents
+        ],
+        operator_token_file=(
+            str(resolve_path(cfg.operator_token_file, base)) if cfg.operator_token_file else None
+        ),
+    )

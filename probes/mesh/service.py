@@ -1,0 +1,164 @@
+"""The mesh's stateful core: the decision engine bound to a store.
+
+Every engine input goes through here: it is applied, journaled and committed together with the
+verdicts it caused, in one transaction. On start the engine is rebuilt from the store's snapshot
+plus journal (replayed silently: those verdicts are already in the log), then a fresh snapshot is
+taken so the journal always follows a snapshot made by this very engine — a later config change
+(policy, nodes) applies from that point on and never makes an old journal replay differently.
+
+Time: ``now`` is the mesh's wall clock when an input is applied, never allowed to go backwards
+(a clock step back would otherwise un-expire staleness and damping).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Sequence
+
+import msgspec
+
+from probes.mesh.decision import DecisionEngine, NodeInfo
+from probes.mesh.policy import DecisionPolicy
+from probes.mesh.store import (
+    AdminAction,
+    AgentPosition,
+    EntryKind,
+    JournalEntry,
+    MeshStore,
+    StoreError,
+)
+from probes.model import ObservationBatch, Verdict, VerdictState, decode_batch, encode
+
+log = logging.getLogger(__name__)
+
+
+class MeshService:
+    def __init__(
+        self,
+        store: MeshStore,
+        policy: DecisionPolicy,
+        nodes: Sequence[NodeInfo],
+        snapshot_every: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.snapshot_every = snapshot_every
+        self.agent_seq: dict[str, int] = {}
+        self.last_now = 0.0
+        self.replayed_entries = 0
+        self.replayed_verdicts = 0
+        self._since_snapshot = 0
+        self._last_journal_id = 0
+        self._policy = policy
+        self._nodes = list(nodes)
+        self.engine = self._recover(policy, nodes)
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def _recover(self, policy: DecisionPolicy, nodes: Sequence[NodeInfo]) -> DecisionEngine:
+        rec = self.store.recover()
+        if rec.snapshot is not None:
+            # the snapshot is our own pickled engine from our own database file
+            engine: DecisionEngine = pickle.loads(rec.snapshot)  # noqa: S301
+        else:
+            engine = DecisionEngine(policy, nodes)
+        self._last_journal_id = rec.snapshot_journal_id
+        for entry in rec.entries:
+            self.replayed_verdicts += len(self._apply(engine, entry))
+            self.last_now = max(self.last_now, entry.now)
+            self._last_journal_id = entry.id
+        self.replayed_entries = len(rec.entries)
+        self.agent_seq = dict(rec.agents)
+        # never re-announce: the engine's per-node seq must be at least the logged one
+        for node_id, verdict in self.store.node_verdicts().items():
+            node = engine.nodes.get(node_id)
+            if node is not None and node.seq < verdict.seq:
+                log.warning("node %s: engine seq %d behind log %d", node_id, node.seq, verdict.seq)
+                node.seq = verdict.seq
+        # config changes apply from here on
+        engine.policy = policy
+        engine._tiers.clear()
+        for info in nodes:
+            if info.node not in engine.nodes:
+                engine.add_node(info)
+        self._snapshot(engine)
+        return engine
+
+    @staticmethod
+    def _apply(engine: DecisionEngine, entry: JournalEntry) -> list[Verdict]:
+        if entry.kind == EntryKind.BATCH:
+            return engine.observe(decode_batch(entry.payload).observations, entry.now)
+        if entry.kind == EntryKind.TICK:
+            return engine.tick(entry.now)
+        action = _decode_admin(entry.payload)
+        return engine.set_admin(action.node, action.state, entry.now, action.actor)
+
+    def _snapshot(self, engine: DecisionEngine | None = None) -> None:
+        blob = pickle.dumps(engine or self.engine, protocol=pickle.HIGHEST_PROTOCOL)
+        self.store.save_snapshot(self._last_journal_id, blob)
+        self._since_snapshot = 0
+
+    def _commit(
+        self,
+        entry: JournalEntry,
+        verdicts: list[Verdict],
+        agent: AgentPosition | None = None,
+        admin: AdminAction | None = None,
+    ) -> None:
+        try:
+            self._last_journal_id = self.store.commit(entry, verdicts, agent, admin, entry.now)
+        except StoreError:
+            # the engine is now ahead of the store: rebuild it from what was really stored
+            log.exception("commit failed; rebuilding the engine from the store")
+            self.engine = self._recover(self._policy, self._nodes)
+            raise
+        self._since_snapshot += 1
+        if self._since_snapshot >= self.snapshot_every:
+            self._snapshot()
+
+    def _now(self, now: float) -> float:
+        self.last_now = max(self.last_now, float(now))
+        return self.last_now
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def accept_batch(self, body: bytes, batch: ObservationBatch, now: float) -> list[Verdict]:
+        """Apply an already authenticated and validated batch; commit it with its effects."""
+        now = self._now(now)
+        verdicts = self.engine.observe(batch.observations, now)
+        self._commit(
+            JournalEntry(EntryKind.BATCH, now, body),
+            verdicts,
+            agent=AgentPosition(batch.agent, batch.batch_seq),
+        )
+        self.agent_seq[batch.agent] = batch.batch_seq
+        return verdicts
+
+    def tick(self, now: float) -> list[Verdict]:
+        now = self._now(now)
+        verdicts = self.engine.tick(now)
+        self._commit(JournalEntry(EntryKind.TICK, now), verdicts)
+        return verdicts
+
+    def set_admin(
+        self, node: str, state: VerdictState | None, actor: str, now: float
+    ) -> list[Verdict]:
+        """Operator action. Raises KeyError for an unknown node."""
+        if node not in self.engine.nodes:
+            raise KeyError(node)
+        now = self._now(now)
+        action = AdminAction(node, state, actor)
+        verdicts = self.engine.set_admin(node, state, now, actor)
+        self._commit(JournalEntry(EntryKind.ADMIN, now, encode(action)), verdicts, admin=action)
+        return verdicts
+
+    def close(self) -> None:
+        """Snapshot (so the next start replays nothing) and close the store."""
+        try:
+            self._snapshot()
+        finally:
+            self.store.close()
+
+
+def _decode_admin(payload: bytes) -> AdminAction:
+    return msgspec.json.decode(payload, type=AdminAction)

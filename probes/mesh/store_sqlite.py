@@ -1,0 +1,222 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Durability: every :meth:`SQLiteStore.commit` is one transaction. With ``synchronous=NORMAL`` (the
+default) a committed transaction survives the process being killed (SIGKILL included: the WAL is
+in the OS page cache); only a power cut can lose the last few. ``durability="full"`` fsyncs every
+commit and survives that too, at a cost in throughput.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from probes.mesh.store import (
+    AdminAction,
+    AdminRecord,
+    AgentPosition,
+    EntryKind,
+    JournalEntry,
+    MeshStore,
+    Recovery,
+    StoredVerdict,
+    StoreError,
+)
+from probes.model import Verdict, VerdictState, decode_verdict, encode
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, now REAL NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshot (
+    one INTEGER PRIMARY KEY CHECK (one = 1), journal_id INTEGER NOT NULL, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
+    decided_at REAL NOT NULL, body BLOB NOT NULL, UNIQUE (node, seq));
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS admin (
+    node TEXT PRIMARY KEY, state TEXT NOT NULL, actor TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS publishers (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+class SQLiteStore(MeshStore):
+    def __init__(self, path: str | Path, durability: Literal["normal", "full"] = "normal") -> None:
+        self.path = str(path)
+        # the mesh is single-threaded (asyncio); the lock only guards stray readers in tests
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            self._db.executescript(SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema {row[0]}, this build reads {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    def commit(
+        self,
+        entry: JournalEntry,
+        verdicts: Sequence[Verdict],
+        agent: AgentPosition | None = None,
+        admin: AdminAction | None = None,
+        at: float = 0.0,
+    ) -> int:
+        db = self._db
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                cur = db.execute(
+                    "INSERT INTO journal (kind, now, payload) VALUES (?, ?, ?)",
+                    (entry.kind.value, entry.now, entry.payload),
+                )
+                journal_id = cur.lastrowid
+                if verdicts:
+                    bodies = [encode(v) for v in verdicts]
+                    db.executemany(
+                        "INSERT INTO verdicts (node, seq, state, decided_at, body)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (v.node, v.seq, v.state.value, v.decided_at, b)
+                            for v, b in zip(verdicts, bodies, strict=True)
+                        ],
+                    )
+                    db.executemany(
+                        "INSERT INTO nodes (node, seq, state, body) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (node) DO UPDATE SET"
+                        " seq=excluded.seq, state=excluded.state, body=excluded.body",
+                        [
+                            (v.node, v.seq, v.state.value, b)
+                            for v, b in zip(verdicts, bodies, strict=True)
+                        ],
+                    )
+                if agent is not None:
+                    db.execute(
+                        "INSERT INTO agents (agent, batch_seq) VALUES (?, ?)"
+                        " ON CONFLICT (agent) DO UPDATE SET batch_seq=excluded.batch_seq",
+                        (agent.agent, agent.batch_seq),
+                    )
+                if admin is not None:
+                    if admin.state is None:
+                        db.execute("DELETE FROM admin WHERE node=?", (admin.node,))
+                    else:
+                        db.execute(
+                            "INSERT OR REPLACE INTO admin (node, state, actor, at)"
+                            " VALUES (?, ?, ?, ?)",
+                            (admin.node, admin.state.value, admin.actor, at),
+                        )
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+        assert journal_id is not None
+        return journal_id
+
+    def save_snapshot(self, journal_id: int, blob: bytes) -> None:
+        db = self._db
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT OR REPLACE INTO snapshot (one, journal_id, blob) VALUES (1, ?, ?)",
+                    (journal_id, blob),
+                )
+                db.execute("DELETE FROM journal WHERE id <= ?", (journal_id,))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: snapshot failed: {exc}") from exc
+
+    def ack(self, publisher: str, position: int) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO publishers (name, position) VALUES (?, ?) ON CONFLICT (name)"
+                    " DO UPDATE SET position=max(position, excluded.position)",
+                    (publisher, position),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: ack failed: {exc}") from exc
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def recover(self) -> Recovery:
+        snap = self._query("SELECT journal_id, blob FROM snapshot WHERE one = 1")
+        snapshot_id = int(snap[0][0]) if snap else 0
+        blob = bytes(snap[0][1]) if snap else None
+        rows = self._query(
+            "SELECT id, kind, now, payload FROM journal WHERE id > ? ORDER BY id", (snapshot_id,)
+        )
+        entries = [
+            JournalEntry(EntryKind(str(k)), float(n), bytes(p), int(i))
+            for i, k, n, p in rows
+        ]
+        agents = {
+            str(a): int(s)
+            for a, s in self._query("SELECT agent, batch_seq FROM agents")
+        }
+        return Recovery(blob, snapshot_id, entries, agents)
+
+    def verdicts(
+        self, after: int = 0, limit: int = 1000, node: str | None = None
+    ) -> list[StoredVerdict]:
+        if node is None:
+            rows = self._query(
+                "SELECT id, body FROM verdicts WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            )
+        else:
+            rows = self._query(
+                "SELECT id, body FROM verdicts WHERE id > ? AND node = ? ORDER BY id LIMIT ?",
+                (after, node, limit),
+            )
+        return [StoredVerdict(int(i), decode_verdict(bytes(b))) for i, b in rows]
+
+    def node_verdicts(self) -> dict[str, Verdict]:
+        return {
+            str(n): decode_verdict(bytes(b))
+            for n, b in self._query("SELECT node, body FROM nodes")
+        }
+
+    def admin_states(self) -> dict[str, AdminRecord]:
+        return {
+            str(n): AdminRecord(str(n), VerdictState(str(s)), str(a), float(t))
+            for n, s, a, t in self._query("SELECT node, state, actor, at FROM admin")
+        }
+
+    def position(self, publisher: str) -> int:
+        rows = self._query("SELECT position FROM publishers WHERE name = ?", (publisher,))
+        return int(rows[0][0]) if rows else 0
+
+    def journal_length(self) -> int:
+        rows = self._query("SELECT count(*) FROM journal")
+        return int(rows[0][0])
+
+    def verdict_count(self) -> int:
+        rows = self._query("SELECT count(*) FROM verdicts")
+        return int(rows[0][0])
+

@@ -1,0 +1,187 @@
+"""SQLite store, the engine+store service (restart from journal) and replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from probes.mesh.decision import DecisionEngine
+from probes.mesh.policy import DampingPolicy, DecisionPolicy
+from probes.mesh.replay import parse_lines, replay
+from probes.mesh.service import MeshService
+from probes.mesh.store import AgentPosition, EntryKind, JournalEntry, StoreError
+from probes.mesh.store_sqlite import SQLiteStore
+from probes.model import (
+    ObservationBatch,
+    SchemaError,
+    Verdict,
+    VerdictState,
+    encode,
+)
+from tests.mesh.helpers import fleet, obs
+
+pytestmark = pytest.mark.mesh
+
+POLICY = DecisionPolicy(damping=DampingPolicy(enabled=False))
+V3 = ("va", "vb", "vc")
+
+
+def batch(
+    agent: str, seq: int, results: dict[str, bool], at: float
+) -> tuple[bytes, ObservationBatch]:
+    b = ObservationBatch(
+        version=1,
+        agent=agent,
+        batch_seq=seq,
+        sent_at=at,
+        observations=[obs(n, agent, ok, at=at) for n, ok in results.items()],
+    )
+    return encode(b), b
+
+
+def feed(
+    svc: MeshService, rounds: list[dict[str, bool]], start: float = 0.0, seq0: int = 1
+) -> list[Verdict]:
+    out: list[Verdict] = []
+    for i, results in enumerate(rounds):
+        for agent in V3:
+            body, b = batch(agent, seq0 + i, results, start + i)
+            out += svc.accept_batch(body, b, start + i)
+        out += svc.tick(start + i + 0.5)
+    return out
+
+
+def test_commit_is_atomic(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "m.db")
+    v = Verdict(
+        node="n0", state=VerdictState.UP, previous=VerdictState.UNKNOWN, seq=1, decided_at=1.0
+    )
+    store.commit(JournalEntry(EntryKind.TICK, 1.0), [v], AgentPosition("va", 1))
+    with pytest.raises(StoreError):  # (node, seq) already logged: the whole commit must vanish
+        store.commit(JournalEntry(EntryKind.TICK, 2.0), [v], AgentPosition("va", 2))
+    rec = store.recover()
+    assert len(rec.entries) == 1 and rec.agents == {"va": 1}
+    assert [s.verdict for s in store.verdicts()] == [v]
+    assert store.node_verdicts() == {"n0": v}
+    store.close()
+
+
+def test_outbox_positions_per_publisher(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "m.db")
+    verdicts = [
+        Verdict(
+            node=f"n{i}", state=VerdictState.UP, previous=VerdictState.UNKNOWN, seq=1, decided_at=i
+        )
+        for i in range(5)
+    ]
+    for v in verdicts:
+        store.commit(JournalEntry(EntryKind.TICK, v.decided_at), [v])
+    assert [s.verdict.node for s in store.outbox("webhook")] == [f"n{i}" for i in range(5)]
+    store.ack("webhook", store.outbox("webhook", limit=2)[-1].id)
+    assert [s.verdict.node for s in store.outbox("webhook")] == ["n2", "n3", "n4"]
+    assert len(store.outbox("haproxy")) == 5
+    store.ack("webhook", 1)  # never moves backwards
+    assert store.position("webhook") == 2
+    assert [s.verdict.node for s in store.verdicts(node="n3")] == ["n3"]
+    store.close()
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 3, 10_000])
+def test_restart_resumes_without_reannouncing(tmp_path: Path, snapshot_every: int) -> None:
+    nodes = fleet(4)
+    rounds_a = [{f"n{i}": True for i in range(4)}] * 2 + [
+        {"n0": False, "n1": True, "n2": True, "n3": True}
+    ] * 2
+    rounds_b = [{"n0": False, "n1": True, "n2": True, "n3": False}] * 3 + [
+        {f"n{i}": True for i in range(4)}
+    ] * 3
+
+    # reference: one process sees everything
+    ref = MeshService(SQLiteStore(tmp_path / "ref.db"), POLICY, nodes, snapshot_every)
+    expected = feed(ref, rounds_a) + feed(ref, rounds_b, start=100, seq0=10)
+    ref.close()
+
+    db = tmp_path / "m.db"
+    first = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    before = feed(first, rounds_a)
+    first.store.close()  # no clean shutdown: no final snapshot (a crash)
+    second = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    assert second.agent_seq == {a: len(rounds_a) for a in V3}
+    assert {n: x.seq for n, x in second.engine.nodes.items()} == {
+        n: x.seq for n, x in first.engine.nodes.items()
+    }
+    after = feed(second, rounds_b, start=100, seq0=10)
+    assert encode(before + after) == encode(expected)
+    logged = [s.verdict for s in second.store.verdicts()]
+    assert encode(logged) == encode(expected)
+    assert len({(v.node, v.seq) for v in logged}) == len(logged)
+    second.close()
+    third = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    assert third.replayed_entries == 0  # clean close left a snapshot covering everything
+    third.close()
+
+
+def test_admin_actions_are_journaled_and_audited(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    svc = MeshService(SQLiteStore(db), POLICY, fleet(2))
+    feed(svc, [{"n0": True, "n1": True}])
+    changes = svc.set_admin("n0", VerdictState.DRAINING, "alice", 10.0)
+    assert [c.state for c in changes] == [VerdictState.DRAINING]
+    assert svc.store.admin_states()["n0"].actor == "alice"
+    with pytest.raises(KeyError):
+        svc.set_admin("nope", VerdictState.DRAINING, "alice", 11.0)
+    svc.store.close()
+    again = MeshService(SQLiteStore(db), POLICY, fleet(2))
+    assert again.engine.nodes["n0"].state == VerdictState.DRAINING
+    again.set_admin("n0", None, "bob", 12.0)
+    assert again.store.admin_states() == {}
+    log = [s.verdict for s in again.store.verdicts(node="n0")]
+    assert [
+        (v.state, v.reasons[0].what if v.state != VerdictState.UP or v.seq > 1 else "") for v in log
+    ][1:] == [
+        (VerdictState.DRAINING, "admin"),
+        (VerdictState.UP, "admin"),
+    ]
+    again.close()
+
+
+def test_replay_from_jsonl_is_deterministic_and_ticks() -> None:
+    nodes = fleet(2)
+    lines = []
+    for t in range(6):
+        for v in V3:
+            for n in ("n0", "n1"):
+                lines.append(encode(obs(n, v, not (n == "n1" and t >= 2), at=100.0 + t)))
+    # then only va keeps reporting: vb and vc go stale, the nodes lose quorum
+    for t in range(6, 50):
+        lines.append(encode(obs("n0", "va", True, at=100.0 + t)))
+    policy = DecisionPolicy(stale_after_seconds=10, damping=DampingPolicy(enabled=False))
+    first = list(replay(policy, nodes, parse_lines(lines)))
+    second = list(replay(policy, nodes, parse_lines(lines)))
+    assert encode(first) == encode(second)
+    summary = [(v.node, v.state.value, v.quorum_lost) for v in first]
+    assert summary == [
+        ("n0", "UP", False),
+        ("n1", "UP", False),
+        ("n1", "DOWN", False),
+        ("n1", "DOWN", True),  # n1: every vantage stale (va stopped probing it too)
+        ("n0", "UP", True),
+    ]
+    stale_at = [v.decided_at for v in first if v.quorum_lost]
+    assert stale_at and all(115 < t <= 116 for t in stale_at)  # last report 105, stale after 10 s
+
+
+def test_replay_input_errors_name_the_line() -> None:
+    with pytest.raises(SchemaError) as info:
+        list(parse_lines([b"", encode(obs("n0", "va", True)), b'{"node": 1}']))
+    assert info.value.path.startswith("line 3")
+    batch_line = encode(batch("va", 1, {"n0": True, "n1": False}, 5.0)[1])
+    assert [o.node for o in parse_lines([batch_line])] == ["n0", "n1"]
+
+
+def test_engine_pickles_compactly() -> None:
+    eng = DecisionEngine(POLICY, fleet(3))
+    eng.observe([obs(f"n{i}", v, True) for i in range(3) for v in V3], 0.0)
+    assert msgspec.json.encode(eng.node_view("n0", 0.0))
