@@ -112,10 +112,11 @@ class ConfigError(ValueError):
 
 
 class _Failure(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str, phase: str = "") -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.phase = phase  # the phase that stalled, timed up to the failure
 
 
 def _read(path: str, what: str) -> str:
@@ -365,12 +366,23 @@ class _Probe:
         if phase == "reset":
             if self.session.bad_packets:
                 return _Failure(Reason.BAD_PACKET, f"only unauthenticated answers to the hard "
-                                                   f"reset ({self.last_bad_packet})")
+                                                   f"reset ({self.last_bad_packet})", phase)
             return _Failure(Reason.RESET_IGNORED, f"no answer to the hard reset {waited}: a "
-                            "wrong tls-crypt/tls-auth key, or the host is down or filtered")
+                            "wrong tls-crypt/tls-auth key, or the host is down or filtered",
+                            phase)
         if phase == "push":
-            return _Failure(Reason.NO_PUSH_REPLY, f"key exchange done but no PUSH_REPLY {waited}")
-        return _Failure(Reason.TIMEOUT, f"{phase} did not finish {waited}")
+            return _Failure(Reason.NO_PUSH_REPLY,
+                            f"key exchange done but no PUSH_REPLY {waited}", phase)
+        if (phase == "key_exchange" and self.facts.get("tls_version") == "TLSv1.3"
+                and self.session.unacknowledged):
+            # TLS 1.3: the server judges our certificate only after our last flight; on a
+            # rejection (revoked, unknown CA, expired) it drops the instance without the alert
+            # ever reaching us, so our flight and key-method 2 are never ACKed
+            return _Failure(Reason.AUTH_FAILED, "the server dropped the session right after "
+                            f"our certificate (no ACK of our TLS flight {waited}): our client "
+                            "certificate was most likely rejected (revoked, unknown CA, "
+                            "expired)", phase)
+        return _Failure(Reason.TIMEOUT, f"{phase} did not finish {waited}", phase)
 
     # phases
 
@@ -559,6 +571,8 @@ async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> Chec
         await probe.leave()
         return probe.watch.result(True, Reason.OK, facts=probe.facts)
     except _Failure as failure:
+        if failure.phase:
+            probe.watch.lap(failure.phase)
         await probe.leave()
         return probe.watch.result(False, failure.reason, detail=failure.detail,
                                   facts=probe.facts)

@@ -252,6 +252,11 @@ class ClientSession:
     def retransmissions(self) -> int:
         return self._sender.retransmissions
 
+    @property
+    def unacknowledged(self) -> int:
+        """Our control packets the server has not ACKed yet."""
+        return self._sender.unacked
+
     def _take_acks(self) -> tuple[int, ...]:
         if self.server_session_id is None:
             return ()

@@ -1,0 +1,169 @@
+"""OpenVPN checks against a real OpenVPN 2.6 server in the lab (network namespaces)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probes.checks.base import CheckResult, execute
+from probes.checks.openvpn import KINDS, Level, OpenVPNParams
+from probes.lab import Host, Lab
+from probes.lab.openvpn import OpenVPNServer
+from probes.lab.pki import PKI
+from probes.model import Reason
+from probes.protocols.openvpn.wrap import STATIC_KEY_LEN
+from tests.openvpn.pki import static_key_text
+
+pytestmark = [pytest.mark.openvpn, pytest.mark.lab]
+
+
+def params_for(server: OpenVPNServer, **overrides: Any) -> OpenVPNParams:
+    wrap_file = str(server.wrap_key_file) if server.wrap_key_file else None
+    kw: dict[str, Any] = {
+        "host": server.endpoint[0], "port": server.endpoint[1], "proto": server.proto,
+        "ca_file": str(server.ca_file), "cert_file": str(server.client.cert),
+        "key_file": str(server.client.key),
+        "tls_crypt_file": wrap_file if server.wrap == "tls-crypt" else None,
+        "tls_auth_file": wrap_file if server.wrap == "tls-auth" else None,
+        "key_direction": 1 if server.wrap == "tls-auth" else None,
+        "tls_crypt_v2_file": wrap_file if server.wrap == "tls-crypt-v2" else None,
+    }
+    kw.update(overrides)
+    return OpenVPNParams(**kw)
+
+
+def probe(agent: Host, params: OpenVPNParams, level: Level, timeout: float = 5.0) -> CheckResult:
+    with agent.entered():
+        return asyncio.run(execute(KINDS[level], params, timeout))
+
+
+@pytest.mark.parametrize(("proto", "wrap"), [("udp", "tls-crypt"), ("udp", "tls-auth"),
+                                             ("udp", "tls-crypt-v2"), ("tcp", "tls-crypt")])
+def test_every_level_succeeds(lab: Lab, proto: str, wrap: str) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto=proto, wrap=wrap)
+    params = params_for(server)
+    prefix = server.subnet.rsplit(".", 1)[0] + "."
+    for level in Level:
+        result = probe(agent, params, level)
+        assert result.ok, (level, result.reason, result.detail, server.log()[-1500:])
+        if level >= Level.TLS:
+            assert result.facts["tls_version"] in ("TLSv1.3", "TLSv1.2")
+            assert float(result.facts["cert_expires_in_seconds"]) > 86400
+            assert result.facts["exit_acknowledged"] is True
+        if level >= Level.SESSION:
+            assert str(result.facts["pushed_ifconfig"]).startswith(prefix)
+            assert result.facts["pushed_route_gateway"] == server.tunnel_address
+        if level == Level.TUNNEL:
+            assert result.quality is not None and result.quality.received == result.quality.sent
+            assert result.quality.rtt_p50_seconds is not None
+            assert result.facts["data_cipher"] == "AES-256-GCM"
+    assert (wrap == "tls-crypt-v2") == bool(result.facts["early_negotiation"])
+    assert "CC-EEN exit message received" in server.log() or proto == "tcp" \
+        or "Delayed exit" in server.log()
+
+
+def test_tunnel_with_chacha20_and_prf_keys(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    result = probe(agent, params_for(server, ciphers=("CHACHA20-POLY1305",), tls_ekm=False),
+                   Level.TUNNEL)
+    assert result.ok, (result.reason, result.detail)
+    assert result.facts["data_cipher"] == "CHACHA20-POLY1305"
+    assert result.facts["key_derivation"] == "prf"
+
+
+def test_tunnel_loss_is_measured_under_20_percent_loss(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    lab.set_loss(agent, 20)
+    params = params_for(server, echo_count=200, echo_interval=0.01, retry_interval=0.5,
+                        loss_threshold=0.9)
+    result = probe(agent, params, Level.TUNNEL, timeout=40)
+    assert result.ok, (result.reason, result.detail)
+    assert result.quality is not None and result.quality.sent == 200
+    assert 0.10 <= result.quality.loss_ratio <= 0.30, result.quality
+    assert result.quality.rtt_p50_seconds is not None
+
+
+def _client_rows(server: OpenVPNServer) -> list[str]:
+    return [line for line in server.status().splitlines() if line.startswith("CLIENT_LIST")]
+
+
+def test_fifty_sessions_leave_no_clients_behind(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    params = params_for(server)
+    results = [probe(agent, params, Level.SESSION) for _ in range(50)]
+    failed = [(r.reason, r.detail) for r in results if not r.ok]
+    assert not failed, failed
+    assert all(str(r.facts["pushed_ifconfig"]).startswith("10.8.") for r in results)
+    assert all(r.facts["exit_acknowledged"] is True for r in results)
+    # EXIT schedules the instance's exit 5 s later; status is rewritten every second
+    deadline = time.monotonic() + 12
+    while _client_rows(server) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert _client_rows(server) == [], server.status()
+    assert "Delayed exit in 5 seconds" in server.log()
+    assert "pool" not in server.log().lower() or "no more" not in server.log().lower()
+
+
+def _other_static_key(tmp: Path) -> Path:
+    path = tmp / "other-tls-crypt.key"
+    path.write_text(static_key_text(os.urandom(STATIC_KEY_LEN)))
+    return path
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_wrong_tls_crypt_key_is_reset_ignored(lab: Lab, proto: str) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto=proto, wrap="tls-crypt")
+    params = params_for(server, tls_crypt_file=str(_other_static_key(lab.dir)))
+    for level in (Level.RESET, Level.SESSION):
+        result = probe(agent, params, level, timeout=2)
+        assert (result.ok, result.reason) == (False, Reason.RESET_IGNORED), result.detail
+
+
+def test_wrong_ca_is_cert_verify_failed(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    other = PKI(lab.dir / "other-pki", name="some-other-ca")
+    result = probe(agent, params_for(server, ca_file=str(other.ca_file)), Level.TLS)
+    assert (result.ok, result.reason) == (False, Reason.CERT_VERIFY_FAILED), result.detail
+    assert "exit_sent" not in result.facts
+
+
+def test_expired_server_certificate_is_cert_expired(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", expired_cert=True)
+    result = probe(agent, params_for(server), Level.TLS)
+    assert (result.ok, result.reason) == (False, Reason.CERT_EXPIRED), result.detail
+
+
+def test_revoked_client_certificate_is_auth_failed(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", crl=True)
+    revoked = server.issue_client("revoked", revoked=True)
+    params = params_for(server, cert_file=str(revoked.cert), key_file=str(revoked.key))
+    for level in (Level.TLS, Level.SESSION):
+        result = probe(agent, params, level, timeout=2.5)
+        assert (result.ok, result.reason) == (False, Reason.AUTH_FAILED), (
+            result.reason, result.detail, server.log()[-1500:])
+    assert re.search(r"CRL|revoked", server.log())
+
+
+@pytest.mark.parametrize(("proto", "reason"), [("udp", Reason.ICMP_UNREACHABLE),
+                                               ("tcp", Reason.REFUSED)])
+def test_stopped_server(lab: Lab, proto: str, reason: Reason) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto=proto, wrap="tls-crypt")
+    server.stop()
+    for level in (Level.RESET, Level.SESSION):
+        result = probe(agent, params_for(server), level, timeout=2)
+        assert (result.ok, result.reason) == (False, reason), result.detail
