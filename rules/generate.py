@@ -503,7 +503,7 @@ def mesh_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "PublisherLagHigh",
-            fleet_pop("max by (publisher) (tunnelwatch_publish_lag_seconds) > 60"),
+            fleet_pop("max by (publisher) (tunnelwatch_publisher_lag_seconds) > 60"),
             for_="5m",
             severity="warning",
             labels={"scope": "publisher"},
@@ -517,7 +517,7 @@ def mesh_alerts() -> list[dict[str, Any]]:
         alert(
             "PublisherDeadLetters",
             fleet_pop(
-                "sum by (publisher) (increase(tunnelwatch_publish_dead_lettered_total[15m])) > 0"
+                "sum by (publisher) (increase(tunnelwatch_publisher_dead_lettered_total[15m])) > 0"
             ),
             severity="warning",
             labels={"scope": "publisher"},
