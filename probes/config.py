@@ -166,6 +166,9 @@ class AgentIdentity(Strict, kw_only=True, frozen=True):
     state_dir: str = "state"  # sequence numbers, spool, WireGuard timestamps
     max_concurrency: int = 256
     per_node_concurrency: int = 4
+    max_probe_rate: float = 2500.0  # probe starts/s admitted; checks beyond it are refused
+    max_start_lag: float = 0.05  # seconds; a probe that cannot start this close to its slot is
+    # not run (reason "overloaded") rather than timed dishonestly
 
 
 class MeshEndpoints(Strict, kw_only=True, frozen=True):
@@ -320,6 +323,10 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.agent.max_concurrency", "must be >= 1")
     if cfg.agent.per_node_concurrency < 1:
         yield Problem("$.agent.per_node_concurrency", "must be >= 1")
+    if cfg.agent.max_probe_rate <= 0:
+        yield Problem("$.agent.max_probe_rate", "must be > 0")
+    if cfg.agent.max_start_lag <= 0:
+        yield Problem("$.agent.max_start_lag", "must be > 0")
     for name, tier in cfg.tiers.items():
         if name not in ("l4", "functional", "session"):
             yield Problem(f"$.tiers.{name}", "unknown tier; expected l4, functional or session")

@@ -1,0 +1,1 @@
+"""The probe agent: plan, scheduler, metrics, HTTP endpoints, reporter with a disk spool."""

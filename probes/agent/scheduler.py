@@ -1,0 +1,479 @@
+"""When each check runs: tiers, spread, jitter, fast re-probe, cascade, limits, admission.
+
+Two layers:
+
+* :class:`ScheduleCore` is the policy, with time passed in (``now``) and no asyncio: which check
+  is due when, what a result does to the schedule. The fake-clock test drives it directly.
+* :class:`AgentScheduler` is the asyncio shell. APScheduler (3.x ``AsyncIOScheduler``) runs one
+  job per *tier*: every tier interval it opens a round, which places each check of that tier at
+  its own slot inside the coming interval. The precise start of each check is a single
+  ``loop.call_at`` timer on the core's earliest due time. One APScheduler job per *check* was
+  measured and does not keep up at 2,000 probes/s here (see docs/agent.md and
+  tests/bench/test_agent_bench.py), so APScheduler batches and the core dispatches.
+
+Policy (HAProxy's health-check semantics, named after its keywords):
+
+* **spread**: each check has a fixed phase in [0, 1) of its tier interval (evenly spread over
+  the tier's checks at load; a stable hash for checks added by a reload), plus a random
+  ``jitter`` share of the interval, so probes never start in bursts.
+* **fastinter**: while an outcome differs from the settled state (or nothing is settled yet) the
+  check re-runs every ``fast_interval`` until ``rise`` successes / ``fall`` failures in a row
+  settle it; then it goes back to its slot in the normal rounds.
+* **cascade**: an L4 failure makes every functional check of that node due now (once per
+  ``fast_interval``), so "port closed" is confirmed or refuted at the protocol level at once.
+* a check never overlaps itself; a global, and a per-node semaphore bound concurrency.
+* **admission control**: the planned start rate (sum of 1/interval) is capped at
+  ``max_probe_rate``; checks beyond it are refused at load. At run time a check that cannot start
+  within ``max_start_lag`` of its slot is not run but reported as ``overloaded``: a late probe
+  would measure the agent, not the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from probes.agent.plan import PlannedCheck
+from probes.checks.base import CheckResult, Tier, execute
+from probes.config import TierPolicy
+from probes.model import Reason
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIERS: dict[str, TierPolicy] = {
+    "l4": TierPolicy(interval=2.0, timeout=1.0, fast_interval=0.5),
+    "functional": TierPolicy(interval=15.0, timeout=5.0, fast_interval=2.0),
+    "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
+}
+_LAST_SLOT = 0.999  # a jittered slot stays inside its round, so it is never skipped by the next
+
+
+@dataclass(slots=True)
+class CheckState:
+    check: PlannedCheck
+    policy: TierPolicy
+    phase: float  # slot in the tier interval, 0..1
+    due: float | None = None
+    why: str = ""  # "round", "fast" or "cascade": why it is due
+    gen: int = 0  # bumps invalidate stale heap entries
+    running: bool = False
+    settled: bool | None = None  # None until rise/fall settle the first time
+    last_ok: bool | None = None
+    streak: int = 0  # consecutive outcomes (all equal) that differ from ``settled``
+    last_start: float | None = None
+
+    @property
+    def transitioning(self) -> bool:
+        return self.settled is None or self.streak > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    key: str
+    check: PlannedCheck
+    due: float
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    settled_changed: bool  # this result settled a new state (rise/fall reached)
+    settled: bool | None
+    cascaded: tuple[str, ...]  # keys made due now by this result
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    added: int
+    kept: int
+    removed: int
+    refused: tuple[str, ...]
+    planned_rate: float  # probe starts per second admitted
+
+
+def _hash_phase(key: str) -> float:
+    return zlib.crc32(key.encode()) / 2**32
+
+
+class ScheduleCore:
+    """The scheduling policy. Time is a float in seconds passed in; nothing here sleeps."""
+
+    def __init__(self, tiers: dict[str, TierPolicy] | None = None, *,
+                 max_rate: float = float("inf"), rng: random.Random | None = None) -> None:
+        self.tiers = dict(DEFAULT_TIERS) | (tiers or {})
+        self.max_rate = max_rate
+        self.rng = rng or random.Random()
+        self.states: dict[str, CheckState] = {}
+        self.refused: tuple[str, ...] = ()
+        self.planned_rate = 0.0
+        self._heap: list[tuple[float, int, str]] = []
+        self._by_node: dict[str, list[str]] = {}
+
+    # ---------------------------------------------------------------- configuration
+
+    def policy(self, tier: Tier) -> TierPolicy:
+        return self.tiers[tier.value]
+
+    def load(self, checks: list[PlannedCheck],
+             tiers: dict[str, TierPolicy] | None = None) -> LoadReport:
+        """(Re)load the plan. Existing checks keep their phase, due time and rise/fall state."""
+        if tiers is not None:
+            self.tiers = dict(DEFAULT_TIERS) | tiers
+        admitted: list[PlannedCheck] = []
+        refused: list[str] = []
+        rate = 0.0
+        for c in checks:
+            cost = 1.0 / self.policy(c.tier).interval
+            if rate + cost > self.max_rate:
+                refused.append(c.key)
+                continue
+            rate += cost
+            admitted.append(c)
+        first_load = not self.states
+        old = self.states
+        self.states = {}
+        per_tier: dict[Tier, list[PlannedCheck]] = {}
+        for c in admitted:
+            per_tier.setdefault(c.tier, []).append(c)
+        kept = 0
+        for tier, members in per_tier.items():
+            policy = self.policy(tier)
+            for i, c in enumerate(members):
+                prev = old.get(c.key)
+                if prev is not None:
+                    prev.check, prev.policy = c, policy
+                    self.states[c.key] = prev
+                    kept += 1
+                    continue
+                phase = i / len(members) if first_load else _hash_phase(c.key)
+                self.states[c.key] = CheckState(c, policy, phase)
+        for key, st in old.items():
+            if key not in self.states:
+                st.gen += 1  # drops its heap entry
+        self._by_node = {}
+        for key, st in self.states.items():
+            self._by_node.setdefault(st.check.node, []).append(key)
+        self.refused = tuple(refused)
+        self.planned_rate = rate
+        return LoadReport(added=len(self.states) - kept, kept=kept,
+                          removed=sum(1 for k in old if k not in self.states),
+                          refused=self.refused, planned_rate=rate)
+
+    def tiers_in_use(self) -> set[Tier]:
+        return {st.check.tier for st in self.states.values()}
+
+    # ---------------------------------------------------------------- time
+
+    def _queue(self, st: CheckState, due: float, why: str) -> None:
+        st.gen += 1
+        st.due, st.why = due, why
+        heapq.heappush(self._heap, (due, st.gen, st.check.key))
+
+    def open_round(self, tier: Tier, now: float) -> int:
+        """Place every idle check of ``tier`` at its slot in [now, now + interval)."""
+        policy = self.policy(tier)
+        queued = 0
+        for st in self.states.values():
+            if st.check.tier is not tier or st.running or st.due is not None:
+                continue  # busy, or already queued (fast re-probe, cascade)
+            jitter = self.rng.uniform(-policy.jitter / 2, policy.jitter / 2)
+            slot = min(max(st.phase + jitter, 0.0), _LAST_SLOT)
+            self._queue(st, now + slot * policy.interval, "round")
+            queued += 1
+        return queued
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            due, gen, key = self._heap[0]
+            st = self.states.get(key)
+            if st is not None and st.gen == gen and st.due is not None:
+                return due
+            heapq.heappop(self._heap)
+        return None
+
+    def pop_due(self, now: float) -> list[Due]:
+        """Every check due at ``now``, marked running."""
+        out: list[Due] = []
+        while self._heap and self._heap[0][0] <= now:
+            due, gen, key = heapq.heappop(self._heap)
+            st = self.states.get(key)
+            if st is None or st.gen != gen or st.due is None:
+                continue
+            st.due, st.running, st.last_start = None, True, now
+            out.append(Due(key, st.check, due, st.why))
+        return out
+
+    def release(self, key: str) -> None:
+        """The check finished without an outcome (refused as overloaded, or cancelled)."""
+        st = self.states.get(key)
+        if st is not None:
+            st.running = False
+
+    def complete(self, key: str, ok: bool, now: float) -> Completion:
+        """Record an outcome: rise/fall, fast re-probe, cascade."""
+        st = self.states.get(key)
+        if st is None:  # removed by a reload while it ran
+            return Completion(False, None, ())
+        st.running = False
+        changed = False
+        if st.settled is not None and ok == st.settled:
+            st.streak = 0
+        else:
+            st.streak = st.streak + 1 if st.last_ok == ok else 1
+            if st.streak >= (st.policy.rise if ok else st.policy.fall):
+                changed = st.settled != ok
+                st.settled, st.streak = ok, 0
+        st.last_ok = ok
+        if st.transitioning and st.policy.fast_interval is not None:
+            self._queue(st, now + st.policy.fast_interval, "fast")
+        cascaded: list[str] = []
+        if not ok and st.check.tier is Tier.L4:
+            cascaded = self._cascade(st.check.node, now)
+        return Completion(changed, st.settled, tuple(cascaded))
+
+    def _cascade(self, node: str, now: float) -> list[str]:
+        out = []
+        for key in self._by_node.get(node, ()):
+            f = self.states[key]
+            if f.check.tier is not Tier.FUNCTIONAL or f.running:
+                continue
+            recent = f.policy.fast_interval or f.policy.interval
+            if f.last_start is not None and now - f.last_start < recent:
+                continue  # just ran: do not hammer a failing node
+            if f.due is not None and f.due <= now:
+                continue
+            self._queue(f, now, "cascade")
+            out.append(key)
+        return out
+
+
+# ------------------------------------------------------------------------------- asyncio shell
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRun:
+    """One finished (or refused) check, for metrics and the reporter."""
+
+    check: PlannedCheck
+    result: CheckResult
+    wall_time: float  # wall clock at start, Unix seconds
+    scheduled: float  # monotonic due time
+    started: float  # monotonic actual start
+    why: str
+
+    @property
+    def lag(self) -> float:
+        return self.started - self.scheduled
+
+
+Runner = Callable[[PlannedCheck, float], Awaitable[CheckResult]]
+Sink = Callable[[ProbeRun], None]
+
+
+async def run_check(check: PlannedCheck, timeout: float) -> CheckResult:
+    return await execute(check.kind, check.params, timeout)
+
+
+@dataclass
+class SchedulerStats:
+    started_total: int = 0
+    overloaded_total: int = 0
+    cascades_total: int = 0
+    fast_reprobes_total: int = 0
+    lag_last: float = 0.0
+    lag_max_window: float = 0.0  # max since the last scrape (reset by the metrics collector)
+    lag_samples: list[float] = field(default_factory=list)  # bounded ring for the benchmark
+    keep_lag_samples: int = 0
+
+
+class AgentScheduler:
+    """Runs a :class:`ScheduleCore` on the event loop with real sockets (or an injected runner)."""
+
+    def __init__(self, core: ScheduleCore, sink: Sink, *, runner: Runner = run_check,
+                 max_concurrency: int = 256, per_node_concurrency: int = 4,
+                 max_start_lag: float = 0.05, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, use_apscheduler: bool = True) -> None:
+        self.core = core
+        self.sink = sink
+        self.runner = runner
+        self.max_start_lag = max_start_lag
+        self.clock = clock
+        self.wall = wall
+        self.use_apscheduler = use_apscheduler
+        self.stats = SchedulerStats()
+        self._global = asyncio.Semaphore(max_concurrency)
+        self._per_node_limit = per_node_concurrency
+        self._per_node: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._aps: Any = None
+        self._round_handles: dict[Tier, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.use_apscheduler:
+            from apscheduler.schedulers.asyncio import AsyncIOScheduler  # noqa: PLC0415
+
+            self._aps = AsyncIOScheduler(event_loop=self._loop)
+            self._schedule_tier_jobs()
+            self._aps.start()
+        else:  # rounds driven by plain loop timers (tests of the shell, or APScheduler-less use)
+            self._schedule_round_timers()
+
+    def _schedule_tier_jobs(self) -> None:
+        assert self._aps is not None
+        for job in self._aps.get_jobs():
+            job.remove()
+        start = datetime.now().astimezone()
+        for tier in sorted(self.core.tiers_in_use()):
+            interval = self.core.policy(tier).interval
+            self._aps.add_job(self._round_job, "interval", seconds=interval, args=[tier],
+                              id=f"tier-{tier.value}", next_run_time=start, coalesce=True,
+                              max_instances=1, misfire_grace_time=max(int(interval / 2), 1))
+
+    async def _round_job(self, tier: Tier) -> None:
+        self.open_round(tier)
+
+    def _schedule_round_timers(self) -> None:
+        for handle in self._round_handles.values():
+            handle.cancel()
+        self._round_handles = {}
+        for tier in self.core.tiers_in_use():
+            self._round_timer(tier)
+
+    def _round_timer(self, tier: Tier) -> None:
+        if self._stopping or self._loop is None:
+            return
+        self.open_round(tier)
+        self._round_handles[tier] = self._loop.call_later(self.core.policy(tier).interval,
+                                                          self._round_timer, tier)
+
+    def open_round(self, tier: Tier) -> None:
+        if self._stopping:
+            return
+        self.core.open_round(tier, self.clock())
+        self._arm()
+
+    def reload(self, checks: list[PlannedCheck],
+               tiers: dict[str, TierPolicy] | None = None) -> LoadReport:
+        before = {t: self.core.policy(t).interval for t in self.core.tiers_in_use()}
+        report = self.core.load(checks, tiers)
+        after = {t: self.core.policy(t).interval for t in self.core.tiers_in_use()}
+        if before != after and self._aps is not None:
+            self._schedule_tier_jobs()
+        elif before != after and self._loop is not None:
+            self._schedule_round_timers()
+        self._arm()
+        return report
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """Start nothing new; let in-flight checks finish (up to ``timeout``)."""
+        self._stopping = True
+        if self._aps is not None:
+            self._aps.shutdown(wait=False)
+            self._aps = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for handle in self._round_handles.values():
+            handle.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _arm(self) -> None:
+        if self._stopping or self._loop is None:
+            return
+        nxt = self.core.next_due()
+        if nxt is None or (self._timer is not None and self._timer_at <= nxt):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = nxt
+        self._timer = self._loop.call_at(self._loop.time() + (nxt - self.clock()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        now = self.clock()
+        assert self._loop is not None
+        for due in self.core.pop_due(now):
+            task = self._loop.create_task(self._run(due))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._arm()
+
+    def _node_gate(self, node: str) -> asyncio.Semaphore:
+        gate = self._per_node.get(node)
+        if gate is None:
+            gate = self._per_node[node] = asyncio.Semaphore(self._per_node_limit)
+        return gate
+
+    def _record_lag(self, lag: float) -> None:
+        s = self.stats
+        s.lag_last = lag
+        s.lag_max_window = max(s.lag_max_window, lag)
+        if s.keep_lag_samples and len(s.lag_samples) < s.keep_lag_samples:
+            s.lag_samples.append(lag)
+
+    async def _run(self, due: Due) -> None:
+        check = due.check
+        try:
+            async with self._global, self._node_gate(check.node):
+                started = self.clock()
+                wall = self.wall()
+                lag = started - due.due
+                self._record_lag(lag)
+                if lag > self.max_start_lag:
+                    self._refuse_late(due, started, wall, lag)
+                    return
+                self.stats.started_total += 1
+                self.stats.fast_reprobes_total += due.why == "fast"
+                timeout = self.core.policy(check.tier).timeout
+                result = await self.runner(check, timeout)
+        except asyncio.CancelledError:
+            self.core.release(due.key)
+            raise
+        done = self.clock()
+        completion = self.core.complete(due.key, result.ok, done)
+        if completion.cascaded:
+            self.stats.cascades_total += len(completion.cascaded)
+            log.info("cascade node=%s check=%s reason=%s -> %s", check.node, check.check,
+                     result.reason.value, ",".join(completion.cascaded))
+        if completion.settled_changed:
+            log.info("settled node=%s check=%s state=%s reason=%s", check.node, check.check,
+                     "up" if completion.settled else "down", result.reason.value)
+        self._arm()
+        self.sink(ProbeRun(check, result, wall, due.due, started, due.why))
+
+    def _refuse_late(self, due: Due, started: float, wall: float, lag: float) -> None:
+        self.core.release(due.key)
+        self.stats.overloaded_total += 1
+        if self.stats.overloaded_total == 1 or self.stats.overloaded_total % 1000 == 0:
+            log.warning("overloaded: node=%s check=%s started %.1f ms late (limit %.1f ms); "
+                        "refused %d probes so far", due.check.node, due.check.check,
+                        lag * 1000, self.max_start_lag * 1000, self.stats.overloaded_total)
+        result = CheckResult(False, Reason.OVERLOADED, 0.0,
+                             detail=f"start {lag * 1000:.1f} ms late")
+        self.sink(ProbeRun(due.check, result, wall, due.due, started, due.why))
