@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,8 @@ import pytest
 
 from probes.checks import wireguard as check
 from probes.checks.base import CheckResult
+from probes.checks.wireguard_telemetry import collect_local
+from probes.cli import main
 from probes.lab import Host, Lab, WgPeer, wg_keypair, wg_psk
 from probes.model import Reason
 
@@ -165,3 +170,113 @@ def test_under_load_cookie_then_mac2_succeeds(wg_lab: Setup) -> None:
     assert all(r.ok for r in results), results
     assert results[-1].facts["cookie_used"] is True and results[-1].facts["mac2_used"] is True
     assert "cookie" in results[-1].phases
+
+
+# --- identity tooling, telemetry and the one-shot CLI against the real server -----------------
+
+
+class _FakeSshd:
+    """An in-process SSH server (asyncssh) standing in for sshd, which is not installed here.
+
+    It runs each command for real with ``sh -c`` inside the node's namespace, with the channel's
+    stdin, so provisioning is exercised end to end against wireguard-go."""
+
+    def __init__(self, ns: str) -> None:
+        import asyncssh
+
+        self.ns = ns
+        self.commands: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._key = asyncssh.generate_private_key("ssh-ed25519")
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "fake sshd did not start"
+
+    def _run(self) -> None:
+        import asyncssh
+
+        class NoAuth(asyncssh.SSHServer):  # type: ignore[misc]
+            def begin_auth(self, username: str) -> bool:
+                return False
+
+        async def handle(process: Any) -> None:
+            command = process.command or ""
+            self.commands.append(command)
+            data = await process.stdin.read() if "/dev/stdin" in command else ""
+            done = await asyncio.to_thread(
+                subprocess.run, ["ip", "netns", "exec", self.ns, "sh", "-c", command],
+                input=data, capture_output=True, text=True, check=False)
+            process.stdout.write(done.stdout)
+            process.stderr.write(done.stderr)
+            process.exit(done.returncode)
+
+        async def main() -> None:
+            server = await asyncssh.create_server(
+                NoAuth, "127.0.0.1", 0, server_host_keys=[self._key], process_factory=handle)
+            self.port = server.sockets[0].getsockname()[1]
+            self._server = server
+            self._ready.set()
+
+        self._loop.run_until_complete(main())
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def test_keygen_ssh_provisioning_cli_json_and_telemetry(
+        lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_wireguard(node)  # no peers yet: keygen provisions ours
+    sshd = _FakeSshd(node.ns)
+    ids = lab.dir / "ids"
+    ssh = ["--ssh", "root@127.0.0.1", "--ssh-port", str(sshd.port), "--known-hosts", "none"]
+    try:
+        assert main(["keygen", "wireguard", "--agent", "probe-a", "--dir", str(ids), "--psk",
+                     "--allowed-ip", AGENT_TUNNEL, "--interface", server.interface, *ssh]) == 0
+        out = capsys.readouterr().out
+        public = (ids / "probe-a.pub").read_text().strip()
+        expected = (f"wg set {server.interface} peer {public} preshared-key /dev/stdin "
+                    f"allowed-ips {AGENT_TUNNEL}")
+        assert f"remote command on root@127.0.0.1: {expected}" in out
+        assert sshd.commands == [expected]
+        peer = server.dump().splitlines()[1].split("\t")
+        assert peer[0] == public and peer[1] == (ids / "probe-a.psk").read_text().strip()
+
+        cli = [sys.executable, "-m", "probes.cli", "probe", "wireguard",
+               "--endpoint", f"{node.address}:{server.port}",
+               "--server-public-key", server.public_key,
+               "--private-key-file", str(ids / "probe-a.key"),
+               "--preshared-key-file", str(ids / "probe-a.psk"),
+               "--state-file", str(lab.dir / "cli-state.json"), "--json"]
+        done = agent.run(cli, check=False)
+        result = json.loads(done.stdout)
+        assert done.returncode == 0 and result["ok"] is True and result["reason"] == "ok", done
+        assert result["phases"]["handshake"] > 0 and result["duration_seconds"] > 0
+        time.sleep(0.05)
+        done = agent.run([*cli, "--tunnel-address", AGENT_TUNNEL, "--ping",
+                          server.tunnel_address, "--count", "5"], check=False)
+        result = json.loads(done.stdout)
+        assert done.returncode == 0 and result["quality"]["received"] == 5, done
+        print(f"\nCLI session JSON: {done.stdout.strip()}")
+
+        with node.entered():
+            view = asyncio.run(collect_local(server.interface))
+        assert len(view.peers) == 1 and view.peers[0].public_key == public
+        assert view.active_peers(time.time()) == 1 and view.rx_bytes > 0 and view.tx_bytes > 0
+
+        assert main(["keygen", "wireguard", "--agent", "probe-a", "--dir", str(ids), "--remove",
+                     "--interface", server.interface, *ssh]) == 0
+        assert public not in server.dump()
+        done = agent.run([*cli, "--timeout", "1"], check=False)
+        assert done.returncode == 1 and json.loads(done.stdout)["reason"] == "timeout"
+    finally:
+        sshd.close()
