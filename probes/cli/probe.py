@@ -23,6 +23,7 @@ from probes.checks.base import CheckKind, CheckResult, execute
 PROBE_MODULES: tuple[str, ...] = (
     "probe_l4",
     "probe_wireguard",
+    "probe_openvpn",
     "probe_ikev2",
 )
 
