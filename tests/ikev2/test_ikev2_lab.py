@@ -191,3 +191,19 @@ def test_init_agrees_with_ike_scan_on_liveness(setup: Any) -> None:
     ike.stop()
     ours_down = probe(agent, params(node, ike), "init", timeout=2.0)
     assert ours_down.facts.get("alive") is not True and ike_scan_alive() is False
+
+
+def test_half_open_slots_are_held_so_a_fourth_init_waits(setup: Any) -> None:
+    """Init probes leave half-open SAs (nothing can delete them); the 4th in a row would get a
+    COOKIE from strongSwan (cookie_threshold_ip = 3), so the agent refuses to send it."""
+    _, node, agent, ike = setup
+    p = params(node, ike, proposals=FAST_FIRST)
+
+    async def four() -> list[CheckResult]:
+        return [await run_level(p, 1.0, "init") for _ in range(4)]
+
+    results = in_agent(agent, four)
+    assert [r.ok for r in results[:3]] == [True, True, True], results
+    assert results[3].reason is Reason.OVERLOADED, results[3]
+    assert sum("CONNECTING" in line for line in ike_sas(ike)) == 3
+    assert "COOKIE" not in ike.log()

@@ -1,0 +1,133 @@
+"""IKEv2 node telemetry: SA counts from ``swanctl --list-sas``, locally or over SSH.
+
+The node's own view complements the probes: how many IKE SAs it holds and in which state
+(``CONNECTING`` ones are half-open: what strongSwan's cookie/block thresholds count), and how many
+CHILD_SAs are installed. The probes delete everything they set up, so a rising count of
+half-open or established SAs from probe identities points at a probe (or network) problem.
+
+``swanctl --list-sas`` prints one unindented line per IKE SA and one indented line per CHILD_SA::
+
+    lab: #6, ESTABLISHED, IKEv2, 818e1e172aa1c550_i cb9c752afdeb270b_r*
+      net: #1, reqid 1, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-256
+    (unnamed): #2, CONNECTING, IKEv2, 82f21de0e399aea2_i aa35e38738a70e61_r*
+
+Everything else (addresses, algorithms, byte counters) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+_SWANCTL_TIMEOUT_SECONDS = 10.0
+_IKE_LINE = re.compile(r"^(?P<name>\S[^:]*): #(?P<id>\d+), (?P<state>[A-Z_]+), IKEv(?P<v>[12]),")
+_CHILD_LINE = re.compile(r"^\s+(?P<name>[^\s:]+): #(?P<id>\d+), reqid \d+, (?P<state>[A-Z_]+), ")
+HALF_OPEN_STATE = "CONNECTING"
+
+
+class TelemetryError(ValueError):
+    """``swanctl`` could not be run, or its output made no sense."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaCounts:
+    ike_by_state: dict[str, int] = field(default_factory=dict)
+    child_by_state: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ike_sas(self) -> int:
+        return sum(self.ike_by_state.values())
+
+    @property
+    def half_open(self) -> int:
+        return self.ike_by_state.get(HALF_OPEN_STATE, 0)
+
+    @property
+    def child_sas(self) -> int:
+        return sum(self.child_by_state.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"ike_sas": self.ike_sas, "half_open": self.half_open,
+                "child_sas": self.child_sas, "ike_by_state": dict(self.ike_by_state),
+                "child_by_state": dict(self.child_by_state)}
+
+
+def parse_list_sas(text: str) -> SaCounts:
+    ike: Counter[str] = Counter()
+    child: Counter[str] = Counter()
+    seen_ike = False
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            m = _IKE_LINE.match(line)
+            if m is None:
+                raise TelemetryError(f"line {line_no}: not an IKE SA line: {line[:60]!r}")
+            ike[m["state"]] += 1
+            seen_ike = True
+            continue
+        m = _CHILD_LINE.match(line)
+        if m is not None:
+            if not seen_ike:
+                raise TelemetryError(f"line {line_no}: CHILD_SA before any IKE SA")
+            child[m["state"]] += 1
+    return SaCounts(dict(ike), dict(child))
+
+
+def list_sas_command(vici_uri: str | None = None) -> list[str]:
+    argv = ["swanctl", "--list-sas"]
+    if vici_uri:
+        argv += ["--uri", vici_uri]
+    return argv
+
+
+async def collect_local(vici_uri: str | None = None, *,
+                        timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
+    """Run ``swanctl --list-sas`` here (``vici_uri`` e.g. ``unix:///run/charon.vici``)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *list_sas_command(vici_uri), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise TelemetryError(f"cannot run swanctl: {exc.strerror}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise TelemetryError(f"swanctl --list-sas did not finish in {timeout:g}s") from None
+    if proc.returncode != 0:
+        raise TelemetryError(f"swanctl exited {proc.returncode}: "
+                             f"{err.decode(errors='replace').strip()[:200]}")
+    return parse_list_sas(out.decode(errors="replace"))
+
+
+async def collect_ssh(host: str, *, vici_uri: str | None = None, username: str | None = None,
+                      port: int = 22, known_hosts: str | None = None,
+                      client_keys: list[str] | None = None,
+                      timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
+    """Same over SSH (asyncssh); the remote user must be allowed to talk to charon's VICI."""
+    import asyncssh  # noqa: PLC0415 - only remote collection needs it
+
+    command = shlex.join(list_sas_command(vici_uri))
+    options: dict[str, Any] = {"port": port, "known_hosts": known_hosts}
+    if username:
+        options["username"] = username
+    if client_keys is not None:
+        options["client_keys"] = client_keys
+    try:
+        async with asyncio.timeout(timeout):
+            async with asyncssh.connect(host, **options) as conn:
+                done = await conn.run(command, check=False)
+    except TimeoutError:
+        raise TelemetryError(f"ssh {host}: no result in {timeout:g}s") from None
+    except (OSError, asyncssh.Error) as exc:
+        raise TelemetryError(f"ssh {host}: {exc}") from None
+    if done.exit_status != 0:
+        raise TelemetryError(f"ssh {host}: `{command}` exited {done.exit_status}: "
+                             f"{str(done.stderr).strip()[:200]}")
+    return parse_list_sas(str(done.stdout))
