@@ -1,0 +1,86 @@
+"""IKEv2 probe cost: client CPU per exchange (in memory) and wall time against strongSwan.
+
+Prints figures only (no timing assertions). Peer figure for the ratio: the WireGuard initiator's
+~0.3 ms of client CPU per handshake (reference/protocols.md §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import pytest
+
+from probes.checks.ikev2 import Ikev2Params, run_level
+from probes.protocols.ikev2.initiator import AuthCompleted, Initiator, InitiatorConfig
+from probes.protocols.ikev2.proposals import parse_ike_proposals
+from tests.ikev2.fake_responder import FakeResponder
+
+pytestmark = [pytest.mark.ikev2, pytest.mark.slow]
+
+WIREGUARD_HANDSHAKE_CPU_SECONDS = 0.0003
+
+
+def _one_auth(proposal: str) -> tuple[float, float]:
+    """(initiator CPU seconds, total seconds incl. the in-memory responder) for SA_INIT+AUTH."""
+    responder = FakeResponder(proposal=proposal)
+    ours = 0.0
+    started = time.perf_counter()
+    t = time.perf_counter()
+    ini = Initiator(InitiatorConfig(local_address=("198.51.100.7", 40000),
+                                    remote_address=("192.0.2.1", 500),
+                                    proposals=parse_ike_proposals((proposal,)), psk=b"secret",
+                                    remote_id="node.test"))
+    ini.start(0.0)
+    out = ini.datagrams_to_send(0.0)
+    ours += time.perf_counter() - t
+    for _ in range(2):
+        reply = responder.handle(out[0][0])
+        assert reply is not None
+        t = time.perf_counter()
+        ini.receive_datagram(reply, 0.0, nat_t=out[0][1] == 4500)
+        out = ini.datagrams_to_send(0.0)
+        ours += time.perf_counter() - t
+    assert any(isinstance(e, AuthCompleted) for e in iter(ini.next_event, None))
+    return ours, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("proposal", ["aes256gcm16-prfsha256-curve25519",
+                                      "aes256gcm16-prfsha256-ecp256",
+                                      "aes256gcm16-prfsha384-ecp384",
+                                      "aes256-sha256-modp2048"])
+def test_initiator_cpu_per_auth(proposal: str) -> None:
+    runs = [_one_auth(proposal) for _ in range(60)]
+    ours = statistics.median(r[0] for r in runs)
+    print(f"\n{proposal}: initiator CPU per SA_INIT+IKE_AUTH {ours * 1e3:.3f} ms "
+          f"({1 / ours:.0f}/s per core), ratio to WireGuard handshake "
+          f"{ours / WIREGUARD_HANDSHAKE_CPU_SECONDS:.1f}x")
+
+
+@pytest.mark.lab
+def test_probe_wall_time_against_strongswan(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node)
+    p = Ikev2Params(host=node.address, psk=ike.psk, local_id=ike.remote_id,
+                    remote_id=ike.local_id, proposals=("aes256gcm16-prfsha256-ecp256",),
+                    inner_address="10.211.0.7", echo_count=20, echo_interval=0.01)
+
+    async def measure() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"init": [], "auth": [], "tunnel_rtt": []}
+        for _ in range(3):  # init leaves half-open SAs: at most 3 (see checks/ikev2.py)
+            out["init"].append((await run_level(p, 5.0, "init")).phases["sa_init"])
+        for _ in range(50):
+            out["auth"].append((await run_level(p, 5.0, "auth")).duration_seconds)
+        for _ in range(5):
+            r = await run_level(p, 10.0, "tunnel")
+            assert r.quality is not None and r.quality.rtt_p50_seconds is not None
+            out["tunnel_rtt"].append(r.quality.rtt_p50_seconds)
+        return out
+
+    with agent.entered():
+        figures = asyncio.run(measure())
+    for name, values in figures.items():
+        print(f"\n{name}: median {statistics.median(values) * 1e3:.2f} ms, "
+              f"min {min(values) * 1e3:.2f} ms over {len(values)}")
