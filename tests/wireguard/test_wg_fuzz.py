@@ -13,6 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from probes.checks.udp import parse_error_queue_message
+from probes.checks.wireguard import parse_echo_reply
+from probes.checks.wireguard_telemetry import TelemetryError, parse_dump
+from probes.model import Reason
 from probes.protocols import wireguard as wg
 from tests.wireguard.wg_responder import Responder
 
@@ -128,3 +132,37 @@ def test_fuzz_receive_when_established_100k(data: bytes) -> None:
 def test_fuzz_timestamps_keys_and_ip_100k(last: bytes, wall_ns: int, key_text: str,
                                           ip: bytes) -> None:
     _check_scalars(last, wall_ns, key_text, ip)
+
+
+# --- the shell's parsers: ICMP error queue, echo replies, `wg show dump` ---------------------
+
+ANCILLARY = st.lists(st.tuples(st.sampled_from([0, 1, 41]), st.sampled_from([11, 25, 35, 2]),
+                               st.binary(max_size=48)), max_size=3)
+DUMP_ROWS = st.lists(st.lists(st.sampled_from(["(none)", "off", "0", "7", "a" * 43 + "=", "x", ""])
+                              | st.text(max_size=8), max_size=10), max_size=5)
+
+
+def _check_shell_parsers(ancdata: list[tuple[int, int, bytes]], packet: bytes,
+                         rows: list[list[str]]) -> None:
+    error = parse_error_queue_message(ancdata)
+    assert error is None or isinstance(error.reason, Reason)
+    echo = parse_echo_reply(packet)
+    assert echo is None or all(0 <= v <= 0xFFFF for v in echo)
+    for interface in ("", "wg0"):
+        with contextlib.suppress(TelemetryError):
+            parse_dump("\n".join("\t".join(r) for r in rows), interface)
+
+
+@FAST
+@given(ANCILLARY, st.binary(max_size=64), DUMP_ROWS)
+def test_fuzz_shell_parsers(ancdata: list[tuple[int, int, bytes]], packet: bytes,
+                            rows: list[list[str]]) -> None:
+    _check_shell_parsers(ancdata, packet, rows)
+
+
+@pytest.mark.slow
+@SLOW
+@given(ANCILLARY, st.binary(max_size=64), DUMP_ROWS)
+def test_fuzz_shell_parsers_100k(ancdata: list[tuple[int, int, bytes]], packet: bytes,
+                                 rows: list[list[str]]) -> None:
+    _check_shell_parsers(ancdata, packet, rows)
