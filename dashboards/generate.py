@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""Generate tunnelwatch's Grafana dashboards with grafana-foundation-sdk (Grafana 11.6 build).
+
+Run ``python dashboards/generate.py`` after editing; it rewrites ``dashboards/*.json``. The JSON is
+committed (Grafana provisions it from deploy/grafana/provisioning/) and
+``tests/observability/test_dashboards.py`` fails when it drifts from what this script writes.
+
+Four dashboards, linked to each other:
+
+* fleet overview: verdicts by PoP, SLOs and burn rates, load spread;
+* node detail: one node's per-vantage results, reasons, timings, in-tunnel quality, telemetry;
+* vantage matrix: agents x nodes success, impaired vantages, agent health;
+* mesh & publisher health: ingest, verdict churn, pool guard, publishing.
+
+Queries prefer the recording rules of rules/ (``pop:``, ``node:``, ``slo:``), so a dashboard and
+an alert never disagree about what a number means. Rates use ``$__rate_interval``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    dashboard,
+    prometheus,
+    stat,
+    table,
+    timeseries,
+)
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    DashboardLinkType,
+    DataTransformerConfig,
+    VariableRefresh,
+)
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+HERE = Path(__file__).resolve().parent
+PROM = DataSourceRef(type_val="prometheus", uid="${datasource}")
+RATE = "$__rate_interval"
+TAGS = ["tunnelwatch"]
+
+POP = 'pop=~"$pop"'
+NODE = 'node=~"$node"'
+VANTAGE = 'vantage=~"$vantage"'
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def query(expr: str, legend: str = "", *, instant: bool = False) -> prometheus.Dataquery:
+    q = prometheus.Dataquery().expr(expr)
+    if legend:
+        q = q.legend_format(legend)
+    if instant:
+        q = q.instant().format(PromQueryFormat.TABLE)
+    return q
+
+
+def ts(
+    title: str, unit: str, *targets: prometheus.Dataquery, desc: str = "", w: int = 12
+) -> timeseries.Panel:
+    panel = timeseries.Panel().title(title).datasource(PROM).unit(unit).height(8).span(w)
+    if desc:
+        panel = panel.description(desc)
+    for ref, t in zip("ABCDEFGH", targets, strict=False):
+        panel = panel.with_target(t.ref_id(ref))
+    return panel
+
+
+def single(
+    title: str, unit: str, expr: str, legend: str, *, desc: str = "", w: int = 6
+) -> stat.Panel:
+    panel = stat.Panel().title(title).datasource(PROM).unit(unit).height(5).span(w)
+    if desc:
+        panel = panel.description(desc)
+    return panel.with_target(query(expr, legend).ref_id("A"))
+
+
+def bars(
+    title: str, unit: str, expr: str, legend: str, *, desc: str = "", w: int = 12
+) -> bargauge.Panel:
+    panel = bargauge.Panel().title(title).datasource(PROM).unit(unit).height(8).span(w)
+    if desc:
+        panel = panel.description(desc)
+    return panel.with_target(query(expr, legend).ref_id("A"))
+
+
+def matrix(title: str, expr: str, rows: str, cols: str, *, desc: str, unit: str) -> table.Panel:
+    """A rows x columns table from an instant query (Grafana's groupingToMatrix transformation)."""
+    return (
+        table.Panel()
+        .title(title)
+        .description(desc)
+        .datasource(PROM)
+        .unit(unit)
+        .height(10)
+        .span(24)
+        .with_target(query(expr, instant=True).ref_id("A"))
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="groupingToMatrix",
+                options={"rowField": rows, "columnField": cols, "valueField": "Value"},
+            )
+        )
+    )
+
+
+def variable(name: str, label: str, expr: str, *, multi: bool = True) -> dashboard.QueryVariable:
+    return (
+        dashboard.QueryVariable(name)
+        .label(label)
+        .datasource(PROM)
+        .query(expr)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(multi)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
+def base(uid: str, title: str, description: str) -> dashboard.Dashboard:
+    return (
+        dashboard.Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags(TAGS)
+        .time("now-6h", "now")
+        .refresh("1m")
+        .with_variable(
+            dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .link(
+            dashboard.DashboardLink("tunnelwatch")
+            .type(DashboardLinkType.DASHBOARDS)
+            .tags(TAGS)
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
+    )
+
+
+def with_region_pop(d: dashboard.Dashboard) -> dashboard.Dashboard:
+    return d.with_variable(
+        variable("region", "Region", "label_values(tunnelwatch_node_verdict, region)")
+    ).with_variable(
+        variable("pop", "PoP", 'label_values(tunnelwatch_node_verdict{region=~"$region"}, pop)')
+    )
+
+
+# ---------------------------------------------------------------------------- dashboards
+
+
+def burn(slo: str, window: str) -> str:
+    """Burn rate = error ratio / error budget (1 = spending exactly the 30 d budget)."""
+    return (
+        f'slo:sli_error:ratio_rate{window}{{slo="{slo}", {POP}}}\n'
+        f'/ on (slo) group_left () (1 - slo:objective:ratio{{slo="{slo}"}})'
+    )
+
+
+def fleet_overview() -> dashboard.Dashboard:
+    d = with_region_pop(
+        base(
+            "tunnelwatch-fleet",
+            "tunnelwatch / Fleet overview",
+            "Node verdicts by PoP, SLOs and error-budget burn, load spread across nodes.",
+        )
+    )
+    d = d.with_row(dashboard.Row("Verdicts"))
+    d = d.with_panel(
+        single(
+            "Serving nodes",
+            "none",
+            f"sum(pop:tunnelwatch_nodes_serving:count{{{POP}}})",
+            "serving",
+            desc="Nodes UP or DEGRADED (drained nodes are not counted).",
+        )
+    )
+    d = d.with_panel(
+        single(
+            "Nodes down",
+            "none",
+            f"sum(pop:tunnelwatch_nodes_down:count{{{POP}}})",
+            "down",
+            desc="Nodes the mesh judges DOWN.",
+        )
+    )
+    d = d.with_panel(
+        single(
+            "Impaired vantages",
+            "none",
+            "sum(tunnelwatch_mesh_vantage_impaired)",
+            "impaired",
+            desc="Vantages left out of every vote because they see most of the fleet down.",
+        )
+    )
+    d = d.with_panel(
+        single(
+            "Nodes held by the pool guard",
+            "none",
+            "sum(tunnelwatch_mesh_pool_guard_held_nodes)",
+            "held",
+            desc="Failing nodes kept in service because their pool is at its DOWN share.",
+        )
+    )
+    d = d.with_panel(
+        bars(
+            "Nodes by PoP and state",
+            "none",
+            f'sum by (pop, state) (tunnelwatch_node_verdict{{{POP}, region=~"$region"}})',
+            "{{pop}} {{state}}",
+            desc="The verdict map: how many nodes of each PoP are in each state right now.",
+            w=24,
+        )
+    )
+    d = d.with_row(dashboard.Row("SLOs (30 days)"))
+    d = d.with_panel(
+        bars(
+            "Error budget remaining",
+            "percentunit",
+            f"slo:error_budget_remaining:ratio{{{POP}}}",
+            "{{pop}} {{slo}}",
+            desc="1 = untouched, 0 = spent, below 0 = SLO missed over the last 30 days.",
+        )
+    )
+    d = d.with_panel(
+        bars(
+            "PoP availability (30 d)",
+            "percentunit",
+            f'1 - slo:sli_error:ratio_rate30d{{slo="pop-availability", {POP}}}',
+            "{{pop}}",
+            desc="Share of node time not judged DOWN by the mesh. Objective 99.95 %.",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Burn rate, 1 h window",
+            "none",
+            *(query(burn(s, "1h"), "{{pop}} " + s) for s in SLOS),
+            desc="Pages when above 14.4 together with the 5 m window.",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Burn rate, 6 h window",
+            "none",
+            *(query(burn(s, "6h"), "{{pop}} " + s) for s in SLOS),
+            desc="Pages when above 6 together with the 30 m window.",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Handshake error ratio",
+            "percentunit",
+            query(f'slo:sli_error:ratio_rate5m{{slo="handshake-errors", {POP}}}', "{{pop}}"),
+            desc="Failed handshakes / attempts (agent-side failures excluded). Budget 0.4 %.",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Handshakes slower than 150 ms",
+            "percentunit",
+            query(f'slo:sli_error:ratio_rate5m{{slo="handshake-latency", {POP}}}', "{{pop}}"),
+            desc="Share of handshakes above the 0.15 s bucket. Budget 1 % (P99 < 150 ms).",
+        )
+    )
+    d = d.with_row(dashboard.Row("Load"))
+    d = d.with_panel(
+        ts(
+            "Active sessions per node",
+            "none",
+            query(f"node:tunnelwatch_node_active_sessions:max{{{POP}}}", "{{pop}} {{node}}"),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Load imbalance (coefficient of variation)",
+            "none",
+            query(f"pop:tunnelwatch_node_active_sessions:cv{{{POP}}}", "{{pop}}"),
+            desc="Standard deviation / mean of active sessions across a PoP's nodes; alert > 0.25.",
+        )
+    )
+    return d
+
+
+SLOS = ("pop-availability", "probe-success", "handshake-errors", "handshake-latency")
+
+
+def node_detail() -> dashboard.Dashboard:
+    d = base(
+        "tunnelwatch-node",
+        "tunnelwatch / Node detail",
+        "One node seen from every vantage: results, reasons, timings, tunnel quality, telemetry.",
+    )
+    d = d.with_variable(variable("pop", "PoP", "label_values(tunnelwatch_node_verdict, pop)"))
+    d = d.with_variable(
+        variable("node", "Node", 'label_values(tunnelwatch_node_verdict{pop=~"$pop"}, node)')
+    )
+    sel = f"{NODE}"
+    d = d.with_row(dashboard.Row("Verdict and results"))
+    d = d.with_panel(
+        ts(
+            "Verdict state",
+            "none",
+            query(f"tunnelwatch_node_verdict{{{sel}}} == 1", "{{node}} {{state}}"),
+            desc="The mesh's verdict (one series per state the node was in).",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Probe success by vantage",
+            "percentunit",
+            query(
+                f"1 - (sum by (vantage) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))\n"
+                f"/ sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}])))",
+                "{{vantage}}",
+            ),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Failures by reason",
+            "ops",
+            query(
+                f"sum by (reason) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))",
+                "{{reason}}",
+            ),
+            desc="Closed-enum reasons (probes/model.py Reason).",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Check duration P99 by check",
+            "s",
+            query(
+                "histogram_quantile(0.99, sum by (le, check) "
+                f"(rate(tunnelwatch_probe_duration_seconds_bucket{{{sel}}}[{RATE}])))",
+                "{{check}}",
+            ),
+            desc="The SLO edge is 0.15 s for handshakes.",
+        )
+    )
+    d = d.with_row(dashboard.Row("In-tunnel quality"))
+    d = d.with_panel(
+        ts(
+            "In-tunnel P99 RTT by vantage",
+            "s",
+            query(f"tunnelwatch_tunnel_rtt_p99_seconds{{{sel}}}", "{{vantage}} {{check}}"),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "In-tunnel loss (15 m)",
+            "percentunit",
+            query(f"node:tunnelwatch_tunnel_loss:ratio_rate15m{{{sel}}}", "{{node}}"),
+            desc="Alert above 0.1 %.",
+        )
+    )
+    d = d.with_row(dashboard.Row("Node telemetry"))
+    d = d.with_panel(
+        ts(
+            "Active sessions",
+            "none",
+            query(f"node:tunnelwatch_node_active_sessions:max{{{sel}}}", "{{node}}"),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Reconnects per session",
+            "ops",
+            query(f"node:tunnelwatch_node_reconnects_per_session:rate15m{{{sel}}}", "{{node}}"),
+        )
+    )
+    d = d.with_panel(
+        single(
+            "Certificate expires in",
+            "s",
+            f"min(tunnelwatch_node_certificate_expiry_timestamp_seconds{{{sel}}}) - time()",
+            "expires in",
+            w=12,
+        )
+    )
+    return d
+
+
+def vantage_matrix() -> dashboard.Dashboard:
+    d = with_region_pop(
+        base(
+            "tunnelwatch-vantages",
+            "tunnelwatch / Vantage matrix",
+            "Every agent against every node: who sees what, and which vantages are impaired.",
+        )
+    )
+    d = d.with_variable(
+        variable("vantage", "Vantage", "label_values(tunnelwatch_probe_attempts_total, vantage)")
+    )
+    sel = f"{POP}, {VANTAGE}"
+    d = d.with_panel(
+        matrix(
+            "Probe success: vantages x nodes",
+            f"1 - (sum by (vantage, node) (rate(tunnelwatch_probe_failures_total{{{sel}}}[10m]))\n"
+            f"/ sum by (vantage, node) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[10m])))",
+            "vantage",
+            "node",
+            desc="Success ratio over 10 minutes. A whole red row is a vantage problem, "
+            "a whole red column a node problem.",
+            unit="percentunit",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Impaired vantages",
+            "none",
+            query(f"tunnelwatch_mesh_vantage_impaired{{{VANTAGE}}}", "{{vantage}}"),
+            desc="1 = the mesh leaves this vantage out of every vote.",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Probe attempts per second by vantage",
+            "ops",
+            query(
+                f"sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}]))",
+                "{{vantage}}",
+            ),
+        )
+    )
+    d = d.with_row(dashboard.Row("Agent health"))
+    d = d.with_panel(
+        ts(
+            "Spool fill",
+            "percentunit",
+            query(
+                f"tunnelwatch_agent_spool_bytes{{{VANTAGE}}}"
+                f" / tunnelwatch_agent_spool_capacity_bytes{{{VANTAGE}}}",
+                "{{vantage}}",
+            ),
+            desc="Reports waiting for the mesh; alert above 50 % for 10 minutes.",
+            w=8,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Observations dropped (spool full)",
+            "ops",
+            query(
+                "sum by (vantage) "
+                f"(rate(tunnelwatch_agent_spool_dropped_total{{{VANTAGE}}}[{RATE}]))",
+                "{{vantage}}",
+            ),
+            w=8,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Scheduler lag",
+            "s",
+            query(f"tunnelwatch_agent_scheduler_lag_seconds{{{VANTAGE}}}", "{{vantage}}"),
+            desc="How late checks start; above 1 s timings are suspect.",
+            w=8,
+        )
+    )
+    return d
+
+
+def mesh_and_publisher() -> dashboard.Dashboard:
+    d = base(
+        "tunnelwatch-mesh",
+        "tunnelwatch / Mesh & publisher health",
+        "Observation ingest, verdict churn, pool guard, and verdict delivery to balancers.",
+    )
+    d = d.with_variable(
+        variable(
+            "publisher", "Publisher", "label_values(tunnelwatch_publisher_lag_seconds, publisher)"
+        )
+    )
+    pub = 'publisher=~"$publisher"'
+    d = d.with_row(dashboard.Row("Ingest and decisions"))
+    d = d.with_panel(
+        ts(
+            "Observations ingested per second",
+            "ops",
+            query(f"sum(rate(tunnelwatch_mesh_ingest_observations_total[{RATE}]))", "accepted"),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Rejected batches by reason",
+            "ops",
+            query(
+                f"sum by (reason) (rate(tunnelwatch_mesh_ingest_rejected_total[{RATE}]))",
+                "{{reason}}",
+            ),
+            desc="Bad signature, replay, stale timestamp, schema... (alert above 0.01/s).",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Verdict transitions per second",
+            "ops",
+            query(
+                f"sum by (to) (rate(tunnelwatch_mesh_verdict_transitions_total[{RATE}]))",
+                "to {{to}}",
+            ),
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Nodes held by the pool guard",
+            "none",
+            query("tunnelwatch_mesh_pool_guard_held_nodes", "{{pool}}"),
+        )
+    )
+    d = d.with_row(dashboard.Row("Publishing"))
+    d = d.with_panel(
+        ts(
+            "Delivered per second",
+            "ops",
+            query(
+                "sum by (publisher) "
+                f"(rate(tunnelwatch_publisher_delivered_total{{{pub}}}[{RATE}]))",
+                "{{publisher}}",
+            ),
+            w=8,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Retries per second",
+            "ops",
+            query(
+                f"sum by (publisher) (rate(tunnelwatch_publisher_retries_total{{{pub}}}[{RATE}]))",
+                "{{publisher}}",
+            ),
+            w=8,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Dead-lettered (1 h)",
+            "none",
+            query(
+                "sum by (publisher) "
+                f"(increase(tunnelwatch_publisher_dead_lettered_total{{{pub}}}[1h]))",
+                "{{publisher}}",
+            ),
+            w=8,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Publisher lag",
+            "s",
+            query(f"tunnelwatch_publisher_lag_seconds{{{pub}}}", "{{publisher}}"),
+            desc="Age of the oldest undelivered verdict change; alert above 60 s for 5 minutes.",
+            w=24,
+        )
+    )
+    return d
+
+
+DASHBOARDS = {
+    "fleet-overview.json": fleet_overview,
+    "node-detail.json": node_detail,
+    "vantage-matrix.json": vantage_matrix,
+    "mesh-publisher.json": mesh_and_publisher,
+}
+
+
+def render(d: dashboard.Dashboard) -> str:
+    text = JSONEncoder(sort_keys=True, indent=2).encode(d.build())
+    # round-trip through json so the file is plain, stable JSON with a trailing newline
+    return json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[1]) if len(argv) > 1 else HERE
+    for name, build in DASHBOARDS.items():
+        (out / name).write_text(render(build()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
