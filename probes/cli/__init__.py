@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lab",
     "demo",
     "keygen",
+    "mesh",
+    "status",
 )
 
 EXIT_OK = 0

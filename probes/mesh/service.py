@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -49,6 +49,8 @@ class MeshService:
         self.replayed_verdicts = 0
         self._since_snapshot = 0
         self._last_journal_id = 0
+        # called with the verdict changes of every committed input (e.g. to wake publishers)
+        self.listeners: list[Callable[[list[Verdict]], None]] = []
         self._policy = policy
         self._nodes = list(nodes)
         self.engine = self._recover(policy, nodes)
@@ -115,10 +117,23 @@ class MeshService:
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self._snapshot()
+        if verdicts:
+            self._announce(verdicts)
 
     def _now(self, now: float) -> float:
         self.last_now = max(self.last_now, float(now))
         return self.last_now
+
+    @property
+    def journal_since_snapshot(self) -> int:
+        return self._since_snapshot
+
+    def _announce(self, verdicts: list[Verdict]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(verdicts)
+            except Exception:  # a broken listener must not undo a committed input
+                log.exception("verdict listener failed")
 
     # ---- inputs ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from pathlib import Path
 
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
@@ -71,3 +72,35 @@ def everyone(
     nodes: Iterable[str], vantages: Iterable[str], ok: bool
 ) -> dict[tuple[str, str], bool]:
     return {(n, v): ok for n in nodes for v in vantages}
+
+
+def write_mesh_config(
+    folder: Path,
+    nodes: int,
+    agents: Iterable[str],
+    *,
+    port: int = 9480,
+    extra: str = "",
+    pool_of: int | None = None,
+) -> Path:
+    """A mesh config with fresh keys (one per agent) and an operator token, in ``folder``."""
+    from probes.mesh.signing import generate_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        "database: mesh.db",
+        "operator_token_file: token",
+        "agents:",
+    ]
+    for agent in agents:
+        (folder / f"{agent}.key").write_text(generate_key() + "\n")
+        lines.append(f"  - {{name: {agent}, key_file: {agent}.key}}")
+    lines.append("nodes:")
+    size = pool_of or nodes
+    for i in range(nodes):
+        lines.append(f"  - {{id: n{i}, pool: p{i // size}, pop: pop{i % 3}, region: eu}}")
+    (folder / "token").write_text("operator-secret-token\n")
+    path = folder / "mesh.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path

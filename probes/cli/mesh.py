@@ -1,0 +1,79 @@
+"""``tunnelwatch mesh --config F`` (serve) and ``tunnelwatch mesh replay --config F --observations
+obs.jsonl`` (run the engine over a recorded stream, print verdict changes as JSON lines)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from probes.config import ConfigError
+from probes.model import SchemaError, encode
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _load(path: str) -> Any:
+    from probes.mesh.config import load_mesh_config  # noqa: PLC0415 - keep CLI start-up light
+
+    return load_mesh_config(path)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from probes.mesh.server import serve as run  # noqa: PLC0415
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    run(cfg)
+    return EXIT_OK
+
+
+def replay(args: argparse.Namespace) -> int:
+    from probes.mesh.replay import parse_lines  # noqa: PLC0415
+    from probes.mesh.replay import replay as run  # noqa: PLC0415
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        stream = sys.stdin.buffer if args.observations == "-" else open(args.observations, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"{args.observations}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    out = sys.stdout.buffer
+    try:
+        with stream:
+            verdicts = run(cfg.decision, cfg.node_infos(), parse_lines(stream), cfg.tick_seconds)
+            for verdict in verdicts:
+                out.write(encode(verdict) + b"\n")
+    except SchemaError as exc:
+        out.flush()
+        print(f"{args.observations}: {exc.path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out.flush()
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("mesh", help="run the decision mesh (or replay a recorded stream)")
+    p.add_argument("--config", required=False, help="mesh config file (YAML)")
+    p.set_defaults(handler=_dispatch)
+    inner = p.add_subparsers(dest="mesh_command", metavar="SUBCOMMAND")
+    r = inner.add_parser("replay", help="run the engine over recorded observations (JSON lines)")
+    r.add_argument("--config", required=True, help="mesh config file (YAML): nodes and policy")
+    r.add_argument(
+        "--observations", required=True, help="JSON lines of observations or batches ('-': stdin)"
+    )
+    r.set_defaults(handler=replay)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if not args.config:
+        print("tunnelwatch mesh: --config is required", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(args)

@@ -1,0 +1,153 @@
+"""The mesh's read and operator API.
+
+* ``GET /v1/verdicts`` — the current verdict of every node; ``?vantages=1`` adds each vantage's
+  opinion (what ``tunnelwatch status`` draws); ``?after=ID[&limit=N][&node=X]`` returns the
+  verdict log after log id ``ID`` instead (the audit trail, publishers' view).
+* ``GET /v1/nodes/{id}`` — one node: verdict, votes, guard and quorum flags, admin state, the last
+  verdict's reasons, and the per-vantage picture down to each check.
+* ``POST /v1/nodes/{id}/drain|maintenance|ready`` — operator actions; ``Authorization: Bearer
+  <token>`` from ``operator_token_file``; optional JSON body ``{"actor": "name"}``. Each action is
+  journaled and its verdict change is in the log with an ``admin`` reason naming the actor.
+* ``GET /healthz`` — 200 while the mesh is serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from probes.mesh.decision import OPINION_NAMES
+from probes.mesh.service import MeshService
+from probes.mesh.store import StoreError
+from probes.model import VerdictState
+
+ACTIONS: dict[str, VerdictState | None] = {
+    "drain": VerdictState.DRAINING,
+    "maintenance": VerdictState.MAINTENANCE,
+    "ready": None,
+}
+MAX_LOG_LIMIT = 10_000
+
+
+class Api:
+    def __init__(
+        self,
+        service: Callable[[], MeshService],
+        operator_token: bytes | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._service = service
+        self._token = operator_token
+        self._clock = clock
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/verdicts", self.verdicts),
+            web.get("/v1/nodes/{node}", self.node),
+            web.post("/v1/nodes/{node}/{action}", self.admin),
+            web.get("/healthz", self.healthz),
+        ]
+
+    async def verdicts(self, request: web.Request) -> web.Response:
+        service = self._service()
+        q = request.query
+        if "after" in q:
+            try:
+                after = int(q["after"])
+                limit = min(int(q.get("limit", "1000")), MAX_LOG_LIMIT)
+            except ValueError:
+                raise web.HTTPBadRequest(text="after and limit are integers") from None
+            entries = service.store.verdicts(after=after, limit=limit, node=q.get("node"))
+            log = [{"id": e.id, "verdict": msgspec.to_builtins(e.verdict)} for e in entries]
+            return _json({"log": log, "next": entries[-1].id if entries else after})
+        with_vantages = q.get("vantages") in ("1", "true", "yes")
+        engine = service.engine
+        now = service.last_now
+        stale = engine.policy.stale_after_seconds
+        nodes = []
+        for name, node in engine.nodes.items():
+            item: dict[str, Any] = {
+                "node": name,
+                "pool": node.info.pool,
+                "state": node.state.value,
+                "probe_state": node.probe_state.value,
+                "seq": node.seq,
+                "quorum_lost": node.quorum_lost,
+                "guard_hold": node.guard_hold,
+                "admin": node.admin.value if node.admin is not None else None,
+                "votes": msgspec.to_builtins(node.votes),
+            }
+            if with_vantages:
+                item["vantages"] = {
+                    v: (
+                        "STALE"
+                        if now - nv.seen > stale
+                        else "IMPAIRED"
+                        if nv.vantage.impaired
+                        else OPINION_NAMES[nv.opinion]
+                    )
+                    for v, nv in node.nvs.items()
+                }
+            nodes.append(item)
+        return _json({"now": now, "vantages": sorted(engine.vantages), "nodes": nodes})
+
+    async def node(self, request: web.Request) -> web.Response:
+        service = self._service()
+        name = request.match_info["node"]
+        if name not in service.engine.nodes:
+            raise web.HTTPNotFound(text=f"unknown node {name!r}")
+        return _json(service.engine.node_view(name, service.last_now))
+
+    async def admin(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in ACTIONS:
+            raise web.HTTPNotFound(
+                text=f"unknown action {action!r}; one of drain, maintenance, ready"
+            )
+        if self._token is None:
+            raise web.HTTPForbidden(text="no operator_token_file configured: admin API disabled")
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+        if not given or not hmac.compare_digest(given, self._token):
+            raise web.HTTPUnauthorized(
+                text="bearer token required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        actor = "operator"
+        if request.can_read_body:
+            try:
+                body = json.loads(await request.read() or b"{}")
+            except ValueError:
+                raise web.HTTPBadRequest(text="body must be JSON") from None
+            if isinstance(body, dict) and isinstance(body.get("actor"), str):
+                actor = body["actor"][:64]
+        name = request.match_info["node"]
+        service = self._service()
+        try:
+            changes = service.set_admin(name, ACTIONS[action], actor, self._clock())
+        except KeyError:
+            raise web.HTTPNotFound(text=f"unknown node {name!r}") from None
+        except StoreError:
+            raise web.HTTPServiceUnavailable(text="not stored; retry") from None
+        node = service.engine.nodes[name]
+        return _json(
+            {
+                "node": name,
+                "state": node.state.value,
+                "admin": node.admin.value if node.admin is not None else None,
+                "changes": [msgspec.to_builtins(c) for c in changes],
+            }
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        service = self._service()
+        return _json({"ok": True, "nodes": len(service.engine.nodes), "now": service.last_now})
+
+
+def _json(data: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), content_type="application/json")

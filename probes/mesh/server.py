@@ -1,0 +1,98 @@
+"""``tunnelwatch mesh --config F``: the aiohttp application around the mesh service.
+
+Routes: ``POST /v1/batches`` (:mod:`.ingest`), the API (:mod:`.api`), ``/metrics``
+(:mod:`.metrics`, on an injected ``CollectorRegistry``). A background task ticks the engine every
+``tick_seconds`` so stale vantages and damped checks are handled without new reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from probes.mesh import signing
+from probes.mesh.api import Api
+from probes.mesh.config import MeshConfig
+from probes.mesh.ingest import AgentKey, Ingest
+from probes.mesh.metrics import MeshCollector
+from probes.mesh.service import MeshService
+from probes.mesh.store import StoreError
+from probes.mesh.store_sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_KEY = web.AppKey("service", MeshService)
+INGEST_KEY = web.AppKey("ingest", Ingest)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+
+
+def load_keys(cfg: MeshConfig) -> dict[str, AgentKey]:
+    return {a.effective_key_id: AgentKey(a.name, signing.load_key(a.key_file)) for a in cfg.agents}
+
+
+def open_service(cfg: MeshConfig) -> MeshService:
+    store = SQLiteStore(cfg.database, durability="full" if cfg.durability == "full" else "normal")
+    return MeshService(store, cfg.decision, cfg.node_infos(), cfg.snapshot_every)
+
+
+def build_app(
+    cfg: MeshConfig,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+    service: MeshService | None = None,
+) -> web.Application:
+    """The mesh app. Opens the store (and recovers) now; closes it on app cleanup."""
+    svc = service or open_service(cfg)
+    registry = registry or CollectorRegistry()
+    ingest = Ingest(svc, load_keys(cfg), cfg.max_body_bytes, cfg.timestamp_window_seconds, clock)
+    token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
+    api = Api(lambda: ingest.service, token, clock)
+    registry.register(MeshCollector(lambda: ingest.service, ingest.stats))
+
+    app = web.Application(client_max_size=cfg.max_body_bytes)
+    app[SERVICE_KEY] = svc
+    app[INGEST_KEY] = ingest
+    app[REGISTRY_KEY] = registry
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_post("/v1/batches", ingest.handle)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_routes(api.routes())
+
+    async def ticker(app_: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(cfg.tick_seconds)
+                try:
+                    svc.tick(clock())
+                except StoreError:
+                    log.exception("tick not stored")
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        svc.close()
+
+    app.cleanup_ctx.append(ticker)
+    return app
+
+
+def serve(cfg: MeshConfig) -> None:
+    """Run the mesh until SIGINT/SIGTERM."""
+    host, port = cfg.listen_host_port()
+    app = build_app(cfg)
+    log.info("mesh listening on %s:%d, database %s", host, port, cfg.database)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

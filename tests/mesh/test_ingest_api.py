@@ -1,0 +1,280 @@
+"""Ingest (authentication, validation, all-or-nothing) and the HTTP API, through aiohttp's test
+client against the real app and a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from probes.cli.status import render
+from probes.config import ConfigError
+from probes.mesh import signing
+from probes.mesh.config import load_mesh_config
+from probes.mesh.server import SERVICE_KEY, build_app
+from probes.model import ObservationBatch, encode
+from tests.mesh.helpers import obs, write_mesh_config
+
+pytestmark = pytest.mark.mesh
+NOW = 1_764_000_000.0
+TOKEN = {"Authorization": "Bearer operator-secret-token"}
+
+
+class Mesh:
+    def __init__(self, client: TestClient[Any, Any], folder: Path) -> None:
+        self.client = client
+        self.folder = folder
+        self.now = NOW
+        self.service = client.app[SERVICE_KEY]  # type: ignore[index]
+
+    def key(self, agent: str) -> bytes:
+        return signing.load_key(self.folder / f"{agent}.key")
+
+    def body(self, agent: str, seq: int, results: dict[str, bool], **kw: Any) -> bytes:
+        observations = [
+            obs(n, kw.get("vantage", agent), ok, at=self.now) for n, ok in results.items()
+        ]
+        b = ObservationBatch(
+            version=1,
+            agent=kw.get("batch_agent", agent),
+            batch_seq=seq,
+            sent_at=self.now,
+            observations=observations,
+        )
+        return encode(b)
+
+    async def post(
+        self, agent: str, body: bytes, *, key_agent: str | None = None, **hdr: str
+    ) -> Any:
+        headers = signing.signed_headers(
+            agent, key_agent or agent, self.key(key_agent or agent), body, self.now
+        )
+        headers.update(hdr)
+        resp = await self.client.post("/v1/batches", data=body, headers=headers)
+        return resp.status, await resp.json()
+
+    def stored(self) -> tuple[int, dict[str, int], int, int]:
+        store = self.service.store
+        return (
+            store.journal_length(),
+            store.recover().agents,
+            store.verdict_count(),
+            self.service.engine.observations_total,
+        )
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    path = write_mesh_config(tmp_path, 4, ["va", "vb", "vc"], extra="max_body_bytes: 4096\n")
+    cfg = load_mesh_config(path)
+    holder: dict[str, Mesh] = {}
+    app = build_app(cfg, CollectorRegistry(), clock=lambda: holder["m"].now)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    holder["m"] = Mesh(client, tmp_path)
+    try:
+        yield holder["m"]
+    finally:
+        await client.close()
+
+
+async def test_accepts_signed_batches_and_decides(mesh: Mesh) -> None:
+    for seq, agent in enumerate(["va", "vb", "vc"], 1):
+        status, reply = await mesh.post(agent, mesh.body(agent, seq, {"n0": True, "n1": True}))
+        assert (status, reply["accepted"]) == (200, True)
+    resp = await mesh.client.get("/v1/verdicts")
+    data = await resp.json()
+    states = {n["node"]: n["state"] for n in data["nodes"]}
+    assert states == {"n0": "UP", "n1": "UP", "n2": "UNKNOWN", "n3": "UNKNOWN"}
+    journal, agents, verdicts, applied = mesh.stored()
+    assert (journal, agents, verdicts, applied) == (3, {"va": 1, "vb": 2, "vc": 3}, 2, 6)
+
+
+async def _assert_rejected(mesh: Mesh, result: tuple[int, Any], status: int, reason: str) -> None:
+    assert result[0] == status and result[1]["error"] == reason, result
+    metrics = await (await mesh.client.get("/metrics")).text()
+    assert f'tunnelwatch_mesh_ingest_rejects_total{{reason="{reason}"}} 1.0' in metrics
+
+
+async def test_forged_signature_is_rejected_and_nothing_stored(mesh: Mesh) -> None:
+    before = mesh.stored()
+    body = mesh.body("va", 1, {"n0": False})
+    headers = {signing.HEADER_SIGNATURE: signing.sign(b"x" * 32, f"{NOW:.3f}", body)}
+    await _assert_rejected(mesh, await mesh.post("va", body, **headers), 401, "bad-signature")
+    tampered = body.replace(b'"ok":false', b'"ok":true ')
+    headers = {signing.HEADER_SIGNATURE: signing.sign(mesh.key("va"), f"{NOW:.3f}", body)}
+    status, reply = await mesh.post("va", tampered, **headers)
+    assert (status, reply["error"]) == (401, "bad-signature")
+    assert mesh.stored() == before
+
+
+async def test_replayed_batch_is_rejected(mesh: Mesh) -> None:
+    body = mesh.body("va", 7, {"n0": True})
+    assert (await mesh.post("va", body))[0] == 200
+    before = mesh.stored()
+    await _assert_rejected(mesh, await mesh.post("va", body), 409, "replay")
+    older = mesh.body("va", 6, {"n0": False})
+    assert (await mesh.post("va", older))[0] == 409
+    assert mesh.stored() == before
+
+
+@pytest.mark.parametrize(
+    ("kw", "key_agent", "field"),
+    [
+        ({}, "vb", ""),  # va's header with vb's key id
+        ({"batch_agent": "vb"}, None, "$.agent"),
+        ({"vantage": "vb"}, None, "$.observations[0].vantage"),
+    ],
+)
+async def test_an_agent_reports_only_as_itself(
+    mesh: Mesh, kw: dict[str, str], key_agent: str | None, field: str
+) -> None:
+    before = mesh.stored()
+    body = mesh.body("va", 1, {"n0": False, "n1": False}, **kw)
+    result = await mesh.post("va", body, key_agent=key_agent)
+    await _assert_rejected(mesh, result, 403, "identity")
+    assert result[1].get("field", "") == field
+    assert mesh.stored() == before
+
+
+async def test_one_foreign_observation_rejects_the_whole_batch(mesh: Mesh) -> None:
+    mine = obs("n0", "va", False, at=NOW)
+    foreign = obs("n1", "vb", False, at=NOW)
+    body = encode(
+        ObservationBatch(
+            version=1, agent="va", batch_seq=1, sent_at=NOW, observations=[mine, foreign]
+        )
+    )
+    before = mesh.stored()
+    status, reply = await mesh.post("va", body)
+    assert (status, reply["field"]) == (403, "$.observations[1].vantage")
+    assert mesh.stored() == before
+    assert mesh.service.engine.check_count() == 0
+
+
+async def test_oversized_body_is_rejected(mesh: Mesh) -> None:
+    body = mesh.body("va", 1, {f"n{i % 4}": True for i in range(4)})
+    big = body[:-2] + b"," + b",".join([encode(obs("n0", "va", True))] * 40) + b"]}"
+    assert len(big) > 4096
+    before = mesh.stored()
+    await _assert_rejected(mesh, await mesh.post("va", big), 413, "too-large")
+    assert mesh.stored() == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"version": 1, "agent": "va", "batch_seq": 1, "sent_at": 1.0, "observations": [', "$"),
+        (b"not json at all", "$"),
+        (
+            b'{"version": 1, "agent": "va", "batch_seq": "one", "sent_at": 1, "observations": []}',
+            "$.batch_seq",
+        ),
+        (
+            b'{"version": 9, "agent": "va", "batch_seq": 1, "sent_at": 1.0, "observations": []}',
+            "$.version",
+        ),
+    ],
+)
+async def test_malformed_bodies_are_rejected_naming_the_field(
+    mesh: Mesh, body: bytes, field: str
+) -> None:
+    before = mesh.stored()
+    result = await mesh.post("va", body)
+    await _assert_rejected(mesh, result, 400, "schema")
+    assert result[1]["field"] == field
+    assert mesh.stored() == before
+
+
+async def test_bad_observation_field_is_named(mesh: Mesh) -> None:
+    good = msgspec.json.decode(mesh.body("va", 1, {"n0": True, "n1": True}))
+    good["observations"][1]["reason"] = "made-up"
+    status, reply = await mesh.post("va", msgspec.json.encode(good))
+    assert (status, reply["field"]) == (400, "$.observations[1].reason")
+
+
+async def test_header_problems(mesh: Mesh) -> None:
+    body = mesh.body("va", 1, {"n0": True})
+    stale = signing.format_timestamp(NOW - 3600)
+    headers = {
+        signing.HEADER_TIMESTAMP: stale,
+        signing.HEADER_SIGNATURE: signing.sign(mesh.key("va"), stale, body),
+    }
+    await _assert_rejected(mesh, await mesh.post("va", body, **headers), 401, "stale-timestamp")
+    await _assert_rejected(
+        mesh, await mesh.post("va", body, **{signing.HEADER_KEY_ID: "nobody"}), 401, "unknown-key"
+    )
+    resp = await mesh.client.post("/v1/batches", data=body)
+    assert resp.status == 401 and (await resp.json())["error"] == "missing-header"
+    assert mesh.stored()[0] == 0
+
+
+async def test_api_nodes_admin_and_metrics(mesh: Mesh) -> None:
+    for seq, agent in enumerate(["va", "vb", "vc"], 1):
+        await mesh.post(agent, mesh.body(agent, seq, {"n0": True, "n1": True}))
+    node = await (await mesh.client.get("/v1/nodes/n0")).json()
+    assert node["state"] == "UP" and set(node["vantages"]) == {"va", "vb", "vc"}
+    assert node["vantages"]["va"]["checks"]["wg"]["state"] == "UP"
+    assert node["last_verdict"]["reasons"][0]["what"] == "vote"
+    assert (await mesh.client.get("/v1/nodes/zz")).status == 404
+
+    assert (await mesh.client.post("/v1/nodes/n0/drain")).status == 401
+    assert (
+        await mesh.client.post("/v1/nodes/n0/drain", headers={"Authorization": "Bearer nope"})
+    ).status == 401
+    assert (await mesh.client.post("/v1/nodes/n0/explode", headers=TOKEN)).status == 404
+    assert (await mesh.client.post("/v1/nodes/zz/drain", headers=TOKEN)).status == 404
+    resp = await mesh.client.post("/v1/nodes/n0/drain", headers=TOKEN, json={"actor": "alice"})
+    assert resp.status == 200 and (await resp.json())["state"] == "DRAINING"
+    # probes saying UP do not override the drain
+    for seq, agent in enumerate(["va", "vb", "vc"], 10):
+        await mesh.post(agent, mesh.body(agent, seq, {"n0": True}))
+    assert (await (await mesh.client.get("/v1/nodes/n0")).json())["state"] == "DRAINING"
+    log = (await (await mesh.client.get("/v1/verdicts?after=0&node=n0")).json())["log"]
+    assert [e["verdict"]["state"] for e in log] == ["UP", "DRAINING"]
+    assert log[1]["verdict"]["reasons"][0] == {
+        "what": "admin",
+        "note": "DRAINING set by operator alice",
+    }
+    resp = await mesh.client.post("/v1/nodes/n0/ready", headers=TOKEN)
+    assert (await resp.json())["state"] == "UP"
+
+    table = render(await (await mesh.client.get("/v1/verdicts?vantages=1")).json())
+    assert table.splitlines()[1].split()[:5] == ["n0", "up", "up", "up", "UP"]
+    assert "UNKNOWN 2" in table
+
+    metrics = await (await mesh.client.get("/metrics")).text()
+    for line in (
+        'tunnelwatch_mesh_nodes{state="UP"} 2.0',
+        'tunnelwatch_mesh_node_verdict{node="n0",pool="p0",state="UP"} 1.0',
+        'tunnelwatch_mesh_node_votes{node="n0",vote="up"} 3.0',
+        'tunnelwatch_mesh_verdict_transitions_total{from="DRAINING",to="UP"} 1.0',
+        'tunnelwatch_mesh_vantage_impaired{vantage="va"} 0.0',
+        'tunnelwatch_mesh_pool_guard_holding{pool="p0"} 0.0',
+        "tunnelwatch_mesh_ingest_batches_total 6.0",
+        "tunnelwatch_mesh_ingest_observations_total 9.0",
+    ):
+        assert line in metrics, line
+    assert (await (await mesh.client.get("/healthz")).json())["ok"] is True
+
+
+def test_mesh_config_errors_name_the_field(tmp_path: Path) -> None:
+    path = write_mesh_config(tmp_path, 2, ["va"], extra="decision:\n  quorum:\n    min_voters: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_mesh_config(path)
+    assert [p.path for p in info.value.problems] == ["$.decision.quorum.min_voters"]
+    assert info.value.problems[0].line is not None
+    text = path.read_text().replace("key_file: va.key", "key_file: missing.key")
+    path.write_text(text.replace("decision:\n  quorum:\n    min_voters: 0\n", "nodes_typo: 1\n"))
+    with pytest.raises(ConfigError) as info:
+        load_mesh_config(path)
+    assert "nodes_typo" in str(info.value)
+    path.write_text(text.replace("decision:\n  quorum:\n    min_voters: 0\n", ""))
+    with pytest.raises(ConfigError) as info:
+        load_mesh_config(path)
+    assert [p.path for p in info.value.problems] == ["$.agents[0].key_file"]
