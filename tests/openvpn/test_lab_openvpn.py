@@ -93,10 +93,6 @@ def test_tunnel_loss_is_measured_under_20_percent_loss(lab: Lab) -> None:
     assert result.quality.rtt_p50_seconds is not None
 
 
-def _client_rows(server: OpenVPNServer) -> list[str]:
-    return [line for line in server.status().splitlines() if line.startswith("CLIENT_LIST")]
-
-
 def test_fifty_sessions_leave_no_clients_behind(lab: Lab) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
     server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
@@ -107,7 +103,7 @@ def test_fifty_sessions_leave_no_clients_behind(lab: Lab) -> None:
     assert all(str(r.facts["pushed_ifconfig"]).startswith("10.8.") for r in results)
     assert all(r.facts["exit_acknowledged"] is True for r in results)
     # EXIT schedules the instance's exit 5 s later; ask the management interface (the status
-    # file is only rewritten every second, so it can look empty before it is)
+    # file is rewritten only when the server's timer runs, so it can be stale either way)
     def connected() -> int:
         telemetry = asyncio.run(read_management_socket(str(server.management_socket)))
         assert telemetry.load is not None
@@ -117,9 +113,7 @@ def test_fifty_sessions_leave_no_clients_behind(lab: Lab) -> None:
     deadline = time.monotonic() + 12
     while connected() and time.monotonic() < deadline:
         time.sleep(0.25)
-    assert connected() == 0
-    time.sleep(1.2)  # one status-file period
-    assert _client_rows(server) == [], server.status()
+    assert connected() == 0, server.log()[-2000:]
     assert "Delayed exit in 5 seconds" in server.log()
     assert "no more" not in server.log().lower()  # pool never ran dry
 
