@@ -20,9 +20,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "probe",
     "lab",
     "demo",
+    "agent",
     "keygen",
     "mesh",
     "status",
+    "receiver",
 )
 
 EXIT_OK = 0
