@@ -171,3 +171,26 @@ def test_stopped_server(lab: Lab, proto: str, reason: Reason) -> None:
     for level in (Level.RESET, Level.SESSION):
         result = probe(agent, params_for(server), level, timeout=2)
         assert (result.ok, result.reason) == (False, reason), result.detail
+
+
+def _user_pass_server(lab: Lab) -> tuple[Host, OpenVPNServer]:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    script = lab.dir / "check-user.sh"
+    script.write_text('#!/bin/sh\n[ "$(sed -n 1p "$1")" = probe ] && '
+                      '[ "$(sed -n 2p "$1")" = s3cret ]\n')
+    script.chmod(0o755)
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", extra=[
+        "--script-security", "2", "--auth-user-pass-verify", str(script), "via-file"])
+    return agent, server
+
+
+def test_username_password_accepted_and_refused(lab: Lab) -> None:
+    agent, server = _user_pass_server(lab)
+    good, bad = lab.dir / "good.txt", lab.dir / "bad.txt"
+    good.write_text("probe\ns3cret\n")
+    bad.write_text("probe\nwrong\n")
+    result = probe(agent, params_for(server, auth_user_pass_file=str(good)), Level.SESSION)
+    assert result.ok, (result.reason, result.detail, server.log()[-1500:])
+    result = probe(agent, params_for(server, auth_user_pass_file=str(bad)), Level.SESSION)
+    assert (result.ok, result.reason) == (False, Reason.AUTH_FAILED), (
+        result.reason, result.detail, server.log()[-1500:])
