@@ -20,7 +20,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "probe",
     "lab",
     "demo",
-    "agent",
     "keygen",
     "mesh",
     "status",
