@@ -114,6 +114,7 @@ class _Session:
         # everything from the NAT-T port also lands here, for the echo loop (ESP)
         self.esp_inbox: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
         self.outcome = _Outcome()
+        self._closed = False
         self._pump(params.port, ep500)
 
     def _pump(self, port: int, ep: UdpEndpoint) -> None:
@@ -204,6 +205,9 @@ class _Session:
             done) is not None
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         self.ini.close(loop.time())
         if self.ini.get_timer() is not None:
@@ -280,33 +284,41 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             force_nat_t=params.force_nat_t or level == "tunnel",
             nat_t_port=params.nat_t_port, retransmit_initial=params.retransmit_initial)
         session = _Session(params, ep, Initiator(config))
-        session.ini.start(loop.time())
-        await session.run_until(InitCompleted, deadline)
-        watch.lap("sa_init")
-        result = _init_result(session, watch, facts)
-        if result is not None or level == "init":
-            return result or watch.result(True, Reason.OK, facts=facts)
-        await session.run_until(AuthCompleted, deadline)
-        watch.lap("auth")
-        result = _auth_result(session, watch, facts, level)
-        if result is not None or level == "auth":
-            return result or watch.result(True, Reason.OK, facts=facts)
-        auth = session.outcome.auth
-        assert auth is not None and auth.child is not None
-        return await _tunnel(session, auth.child, params, deadline, watch=watch, facts=facts)
-    except (IKEv2Error, OSError) as exc:  # local trouble (e.g. sending failed): never the node
-        return watch.result(False, Reason.PROBE_ERROR, detail=f"{type(exc).__name__}: {exc}",
-                            facts=facts)
+        try:
+            result = await _probe(session, params, level, deadline, watch=watch, facts=facts)
+        except (IKEv2Error, OSError) as exc:  # local trouble (e.g. sending failed): not the node
+            result = watch.result(False, Reason.PROBE_ERROR, facts=facts,
+                                  detail=f"{type(exc).__name__}: {exc}")
+        await session.close()
+        result.phases["delete"] = watch.lap("delete")
+        result.duration_seconds = watch.elapsed()
+        if session.outcome.closed is not None:
+            result.facts["delete_acked"] = session.outcome.closed.acknowledged
+        return result
     finally:
         if session is not None:
-            await session.close()
-            watch.lap("delete")
-            closed = session.outcome.closed
-            if closed is not None:
-                facts["delete_acked"] = closed.acknowledged
+            await session.close()  # idempotent; here for cancellation
             _release(limiter, session.ini.half_open)
         else:
             limiter.release()
+
+
+async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: float, *,
+                 watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
+    session.ini.start(asyncio.get_running_loop().time())
+    await session.run_until(InitCompleted, deadline)
+    watch.lap("sa_init")
+    result = _init_result(session, watch, facts)
+    if result is not None or level == "init":
+        return result or watch.result(True, Reason.OK, facts=facts)
+    await session.run_until(AuthCompleted, deadline)
+    watch.lap("auth")
+    result = _auth_result(session, watch, facts, level)
+    if result is not None or level == "auth":
+        return result or watch.result(True, Reason.OK, facts=facts)
+    auth = session.outcome.auth
+    assert auth is not None and auth.child is not None
+    return await _tunnel(session, auth.child, params, deadline, watch=watch, facts=facts)
 
 
 def _release(limiter: asyncio.Semaphore, half_open: bool) -> None:
