@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "probe",
     "lab",
     "demo",
+    "agent",
     "keygen",
     "mesh",
     "status",

@@ -1,0 +1,296 @@
+"""Agent metrics: plain counters updated per probe, exposed by a custom Collector.
+
+Probes finish at thousands per second, so recording one is a few dict operations on plain
+integers (:class:`ProbeStats`); the Prometheus families are built only when scraped
+(:class:`AgentCollector`, registered on an injected ``CollectorRegistry``).
+
+Labels are bounded by construction: ``node, pool, pop, region, check, vantage`` come from the
+config, ``reason`` from the closed :class:`probes.model.Reason` enum, ``tier`` from
+:class:`probes.checks.base.Tier`, ``endpoint`` is the mesh endpoint's index in the config.
+Never an IP address, a key or error text. Every metric is documented in docs/metrics-agent.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from probes.agent.plan import PlannedCheck
+from probes.agent.scheduler import ProbeRun, SchedulerStats
+
+# .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
+DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)
+LAG_BUCKETS = (.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1)
+CHECK_LABELS = ("node", "pool", "pop", "region", "check", "vantage")
+
+LabelKey = tuple[str, str, str, str, str]  # node, pool, pop, region, check
+
+
+def label_key(check: PlannedCheck) -> LabelKey:
+    return (check.node, check.pool, check.pop, check.region, check.check)
+
+
+class Histogram:
+    """Bucket counts (not cumulative), sum and count: cheap to observe, built on scrape."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            running += count
+            out.append((_fmt(bound), float(running)))
+        running += self.counts[-1]
+        out.append(("+Inf", float(running)))
+        return out
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def _fmt(bound: float) -> str:
+    return repr(float(bound))
+
+
+@dataclass(slots=True)
+class CheckSeries:
+    attempts: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    success: float = math.nan  # last outcome, 1/0
+    rtt_p50: float | None = None
+    rtt_p99: float | None = None
+    loss_ratio: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    node_facts: dict[str, float] = field(default_factory=dict)
+
+
+class ProbeStats:
+    """Per-check counters, updated by the scheduler's sink for every finished probe."""
+
+    def __init__(self) -> None:
+        self.series: dict[LabelKey, CheckSeries] = {}
+        self.overloaded_total = 0
+        self.lag = Histogram(LAG_BUCKETS)  # start lag of every probe, refused ones included
+
+    def plan(self, checks: Iterable[PlannedCheck]) -> None:
+        """Pre-create series for every planned check (attempts start at 0, not absent)."""
+        wanted = {label_key(c) for c in checks}
+        for key in wanted:
+            self.series.setdefault(key, CheckSeries())
+        for key in [k for k in self.series if k not in wanted]:
+            del self.series[key]
+
+    def record(self, run: ProbeRun) -> None:
+        key = label_key(run.check)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = CheckSeries()
+        result = run.result
+        self.lag.observe(max(run.lag, 0.0))
+        if result.reason.value == "overloaded":
+            # the agent did not run it: not an attempt against the node
+            self.overloaded_total += 1
+            return
+        s.attempts += 1
+        s.success = 1.0 if result.ok else 0.0
+        if not result.ok:
+            s.failures[result.reason.value] = s.failures.get(result.reason.value, 0) + 1
+        s.duration.observe(result.duration_seconds)
+        if result.phases:
+            s.phases = result.phases
+        q = result.quality
+        if q is not None:
+            s.rtt_p50, s.rtt_p99 = q.rtt_p50_seconds, q.rtt_p99_seconds
+            s.loss_ratio = q.loss_ratio if q.sent else None
+        for name, value in result.facts.items():
+            # node telemetry: numeric facts named node_* by a telemetry check
+            if name.startswith("node_") and isinstance(value, int | float) and not isinstance(
+                    value, bool):
+                s.node_facts[name] = float(value)
+
+
+@dataclass
+class ReporterStats:
+    """Filled by the reporter and its spool."""
+
+    spool_depth: int = 0  # observations waiting on disk
+    spool_bytes: int = 0
+    spool_capacity_bytes: int = 0
+    dropped_total: int = 0  # observations dropped because the spool was full
+    sent_total: dict[str, int] = field(default_factory=dict)  # endpoint index -> observations
+    batches_total: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, result)
+    last_success: dict[str, float] = field(default_factory=dict)  # endpoint -> unix time
+    endpoints: int = 0
+
+
+class AgentCollector(Collector):
+    """Builds every ``tunnelwatch_*`` family from agent state at scrape time."""
+
+    def __init__(self, vantage: str, probes: ProbeStats, scheduler: Callable[[], SchedulerStats],
+                 reporter: ReporterStats | None = None,
+                 scheduler_info: Callable[[], dict[str, float]] | None = None) -> None:
+        self.vantage = vantage
+        self.probes = probes
+        self.scheduler = scheduler
+        self.reporter = reporter
+        self.scheduler_info = scheduler_info or dict
+
+    def describe(self) -> Iterator[Metric]:
+        # names only: lets registration catch duplicates without calling collect()
+        yield from self._families(empty=True)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(empty=False)
+
+    def _families(self, empty: bool) -> Iterator[Metric]:
+        labels = list(CHECK_LABELS)
+        attempts = CounterMetricFamily("tunnelwatch_probe_attempts",
+                                       "Probes run against a node (refused ones excluded).",
+                                       labels=labels)
+        failures = CounterMetricFamily("tunnelwatch_probe_failures",
+                                       "Failed probes by closed-enum reason.",
+                                       labels=[*labels, "reason"])
+        duration = HistogramMetricFamily("tunnelwatch_probe_duration_seconds",
+                                         "Probe wall time (monotonic clock).", labels=labels)
+        success = GaugeMetricFamily("tunnelwatch_probe_success",
+                                    "Outcome of the last probe (1 ok, 0 failed).", labels=labels)
+        phase = GaugeMetricFamily("tunnelwatch_probe_phase_duration_seconds",
+                                  "Duration of each phase of the last probe.",
+                                  labels=[*labels, "phase"])
+        rtt50 = GaugeMetricFamily("tunnelwatch_probe_rtt_p50_seconds",
+                                  "Median RTT of the last probe's exchanges (in-tunnel for "
+                                  "session checks; kernel timestamps where available).",
+                                  labels=labels)
+        rtt99 = GaugeMetricFamily("tunnelwatch_probe_rtt_p99_seconds",
+                                  "99th percentile RTT of the last probe's exchanges.",
+                                  labels=labels)
+        loss = GaugeMetricFamily("tunnelwatch_probe_loss_ratio",
+                                 "Share of the last probe's exchanges that got no reply (0..1).",
+                                 labels=labels)
+        facts: dict[str, GaugeMetricFamily] = {}
+        if not empty:
+            for key, s in self.probes.series.items():
+                values = [*key, self.vantage]
+                attempts.add_metric(values, s.attempts)
+                for reason, count in s.failures.items():
+                    failures.add_metric([*values, reason], count)
+                duration.add_metric(values, s.duration.cumulative(), s.duration.sum)
+                if not math.isnan(s.success):
+                    success.add_metric(values, s.success)
+                for name, seconds in s.phases.items():
+                    phase.add_metric([*values, name], seconds)
+                if s.rtt_p50 is not None:
+                    rtt50.add_metric(values, s.rtt_p50)
+                if s.rtt_p99 is not None:
+                    rtt99.add_metric(values, s.rtt_p99)
+                if s.loss_ratio is not None:
+                    loss.add_metric(values, s.loss_ratio)
+                for name, value in s.node_facts.items():
+                    fam = facts.get(name)
+                    if fam is None:
+                        fam = facts[name] = GaugeMetricFamily(
+                            f"tunnelwatch_{name}", f"Node telemetry: {name}.", labels=labels)
+                    fam.add_metric(values, value)
+        yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss)
+        yield from facts.values()
+        yield from self._scheduler_families(empty)
+        if self.reporter is not None:
+            yield from self._reporter_families(self.reporter, empty)
+
+    def _scheduler_families(self, empty: bool) -> Iterator[Metric]:
+        v = ["vantage"]
+        lag = HistogramMetricFamily(
+            "tunnelwatch_scheduler_lag_seconds",
+            "How late each probe started relative to its scheduled slot.",
+            labels=v)
+        overloaded = CounterMetricFamily(
+            "tunnelwatch_scheduler_overloaded",
+            "Probes not run because they could not start within max_start_lag.", labels=v)
+        started = CounterMetricFamily("tunnelwatch_scheduler_started",
+                                      "Probes started by the scheduler.", labels=v)
+        cascades = CounterMetricFamily("tunnelwatch_scheduler_cascades",
+                                       "Functional checks triggered by an L4 failure.", labels=v)
+        fast = CounterMetricFamily("tunnelwatch_scheduler_fast_reprobes",
+                                   "Probes run at fast_interval during a state transition.",
+                                   labels=v)
+        in_flight = GaugeMetricFamily("tunnelwatch_scheduler_in_flight",
+                                      "Probes running now.", labels=v)
+        refused = GaugeMetricFamily("tunnelwatch_scheduler_refused_checks",
+                                    "Configured checks refused by admission control "
+                                    "(planned rate above max_probe_rate).", labels=v)
+        rate = GaugeMetricFamily("tunnelwatch_scheduler_planned_probes_per_second",
+                                 "Admitted probe start rate (sum of 1/interval).", labels=v)
+        if not empty:
+            stats = self.scheduler()
+            info = self.scheduler_info()
+            lag.add_metric([self.vantage], self.probes.lag.cumulative(), self.probes.lag.sum)
+            overloaded.add_metric([self.vantage], stats.overloaded_total)
+            started.add_metric([self.vantage], stats.started_total)
+            cascades.add_metric([self.vantage], stats.cascades_total)
+            fast.add_metric([self.vantage], stats.fast_reprobes_total)
+            in_flight.add_metric([self.vantage], info.get("in_flight", 0.0))
+            refused.add_metric([self.vantage], info.get("refused", 0.0))
+            rate.add_metric([self.vantage], info.get("planned_rate", 0.0))
+        yield from (lag, overloaded, started, cascades, fast, in_flight, refused, rate)
+
+    def _reporter_families(self, r: ReporterStats, empty: bool) -> Iterator[Metric]:
+        v = ["vantage"]
+        depth = GaugeMetricFamily("tunnelwatch_spool_depth_observations",
+                                  "Observations in the on-disk spool not yet accepted by every "
+                                  "mesh endpoint.", labels=v)
+        size = GaugeMetricFamily("tunnelwatch_spool_bytes", "Bytes used by the spool.", labels=v)
+        cap = GaugeMetricFamily("tunnelwatch_spool_capacity_bytes", "Spool size limit.",
+                                labels=v)
+        dropped = CounterMetricFamily("tunnelwatch_spool_dropped_observations",
+                                      "Observations dropped because the spool was full.",
+                                      labels=v)
+        sent = CounterMetricFamily("tunnelwatch_report_observations",
+                                   "Observations accepted by a mesh endpoint.",
+                                   labels=[*v, "endpoint"])
+        batches = CounterMetricFamily("tunnelwatch_report_batches",
+                                      "Batch POSTs by endpoint and result (ok, error, rejected).",
+                                      labels=[*v, "endpoint", "result"])
+        last = GaugeMetricFamily("tunnelwatch_report_last_success_timestamp_seconds",
+                                 "Unix time of the last batch an endpoint accepted.",
+                                 labels=[*v, "endpoint"])
+        if not empty:
+            vv = [self.vantage]
+            depth.add_metric(vv, r.spool_depth)
+            size.add_metric(vv, r.spool_bytes)
+            cap.add_metric(vv, r.spool_capacity_bytes)
+            dropped.add_metric(vv, r.dropped_total)
+            for endpoint in (str(i) for i in range(r.endpoints)):
+                sent.add_metric([*vv, endpoint], r.sent_total.get(endpoint, 0))
+                if endpoint in r.last_success:
+                    last.add_metric([*vv, endpoint], r.last_success[endpoint])
+            for (endpoint, result), count in r.batches_total.items():
+                batches.add_metric([*vv, endpoint, result], count)
+        yield from (depth, size, cap, dropped, sent, batches, last)
+
+
+def new_registry(collector: AgentCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    return registry

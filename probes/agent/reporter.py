@@ -1,0 +1,236 @@
+"""Observations to every mesh endpoint: sequence numbers, disk spool, signed batches, retries.
+
+Path of one observation:
+
+1. :meth:`Reporter.submit` gives it the next per-agent ``seq`` and queues it in memory;
+2. the writer task group-commits the queue to the :class:`~probes.agent.spool.Spool` every
+   ``COMMIT_INTERVAL`` (one fsync per commit, on the spool's own thread). From here on it survives
+   a SIGKILL; before, it is as lost as the probes in flight, and its seq is reused, so the mesh
+   never sees a gap it cannot explain;
+3. one sender task per endpoint takes the endpoint's next batch from the spool (or its
+   in-flight batch after a failure or a restart), signs it with :mod:`probes.mesh.signing` and
+   POSTs it. 2xx, or ``409 replay`` (the mesh already has this ``batch_seq``: the answer to an
+   earlier attempt was lost) acknowledge it; other answers are retried with exponential backoff
+   and jitter. 400/413 (the mesh will never accept this body) drop the batch, counted.
+
+Nothing within spool capacity is lost; beyond it the oldest observations go first, counted in
+``tunnelwatch_spool_dropped_observations_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from probes.agent.metrics import ReporterStats
+from probes.agent.spool import Batch, Spool
+from probes.mesh import signing
+from probes.model import SCHEMA_VERSION, Observation
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL = 0.1  # group commit: one fsync per interval, whatever the probe rate
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 30.0
+POST_TIMEOUT = 10.0
+_PERMANENT = (400, 413)  # the mesh will never take this body: drop the batch, count it
+
+T = TypeVar("T")
+
+
+def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes]) -> bytes:
+    """An :class:`~probes.model.ObservationBatch` in JSON, from already encoded observations."""
+    enc = msgspec.json.encode
+    return (b'{"version":' + enc(SCHEMA_VERSION) + b',"agent":' + enc(agent)
+            + b',"batch_seq":' + enc(batch_seq) + b',"sent_at":' + enc(sent_at)
+            + b',"observations":[' + b",".join(bodies) + b"]}")
+
+
+def batch_url(endpoint: str) -> str:
+    """A bare mesh URL (``http://mesh:9480``) means its ingest path, ``/v1/batches``."""
+    scheme, sep, rest = endpoint.partition("://")
+    if "/" not in rest.rstrip("/"):
+        return f"{scheme}{sep}{rest.rstrip('/')}/v1/batches"
+    return endpoint
+
+
+class Reporter:
+    def __init__(self, *, agent: str, endpoints: list[str], key_id: str, key: bytes,
+                 spool_path: Path, spool_max_bytes: int, batch_max: int = 500,
+                 flush_interval: float = 1.0, stats: ReporterStats | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.agent = agent
+        self.endpoints = list(endpoints)
+        self.key_id = key_id
+        self.key = key
+        self.batch_max = batch_max
+        self.flush_interval = flush_interval
+        self.stats = stats or ReporterStats()
+        self.stats.endpoints = len(self.endpoints)
+        self.stats.spool_capacity_bytes = spool_max_bytes
+        self.wall = wall
+        self._spool_path = spool_path
+        self._spool_max = spool_max_bytes
+        self._spool: Spool | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._pending: list[tuple[int, bytes]] = []
+        self._next_seq = 0
+        self._encoder = msgspec.json.Encoder()
+        self._new_data = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, partial(fn, *args))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._spool = await self._db(Spool, self._spool_path, self._spool_max)
+        await self._db(self._spool.forget_endpoints, self.endpoints)
+        self._next_seq = self._spool.next_seq
+        self.stats.dropped_total = self._spool.dropped
+        await self._refresh_stats()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT))
+        self._tasks.append(asyncio.create_task(self._writer(), name="spool-writer"))
+        for endpoint in self.endpoints:
+            self._start_sender(endpoint)
+        log.info("reporter: %d endpoint(s), spool %s holds %d observation(s), next seq %d",
+                 len(self.endpoints), self._spool_path, self.stats.spool_depth, self._next_seq)
+
+    def _start_sender(self, endpoint: str) -> None:
+        self._senders[endpoint] = asyncio.create_task(self._sender(endpoint),
+                                                      name=f"sender-{endpoint}")
+
+    async def set_endpoints(self, endpoints: list[str]) -> None:
+        """Reload: start senders for new endpoints, stop removed ones, keep the spool."""
+        removed = [e for e in self.endpoints if e not in endpoints]
+        for endpoint in removed:
+            task = self._senders.pop(endpoint)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.endpoints = list(endpoints)
+        self.stats.endpoints = len(self.endpoints)
+        if self._spool is not None:
+            await self._db(self._spool.forget_endpoints, self.endpoints)
+        for endpoint in self.endpoints:
+            if endpoint not in self._senders:
+                self._start_sender(endpoint)
+
+    async def close(self, drain_timeout: float = 5.0) -> None:
+        """Commit everything queued; give the senders ``drain_timeout`` to deliver; stop."""
+        self._closing = True
+        await self.commit()
+        if drain_timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    while self.stats.spool_depth > 0:
+                        self._new_data.set()
+                        await asyncio.sleep(0.05)
+        for task in [*self._tasks, *self._senders.values()]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._senders.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._spool is not None:
+            await self._db(self._spool.close)
+        self._io.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- intake
+
+    def submit(self, observation_without_seq: Callable[[int], Observation]) -> int:
+        """Queue one observation; ``observation_without_seq(seq)`` builds it. Returns its seq."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending.append((seq, self._encoder.encode(observation_without_seq(seq))))
+        return seq
+
+    async def commit(self) -> None:
+        if not self._pending or self._spool is None:
+            return
+        records, self._pending = self._pending, []
+        dropped = await self._db(self._spool.append, records)
+        if dropped:
+            log.warning("spool full (%d bytes): dropped the %d oldest observation(s)",
+                        self._spool_max, dropped)
+        self.stats.dropped_total = self._spool.dropped
+        await self._refresh_stats()
+        self._new_data.set()
+
+    async def _refresh_stats(self) -> None:
+        assert self._spool is not None
+        self.stats.spool_depth = await self._db(self._spool.depth, self.endpoints)
+        self.stats.spool_bytes = self._spool.bytes
+
+    async def _writer(self) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_INTERVAL)
+            try:
+                await self.commit()
+            except Exception:  # a full disk must not kill the agent; keep trying
+                log.exception("spool commit failed")
+
+    # ---------------------------------------------------------------- sending
+
+    async def _sender(self, endpoint: str) -> None:
+        index = str(self.endpoints.index(endpoint))
+        backoff = BACKOFF_INITIAL
+        while True:
+            assert self._spool is not None
+            batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
+            if batch is None:
+                self._new_data.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._new_data.wait(), self.flush_interval)
+                continue
+            result = await self._post(endpoint, batch)
+            key = (index, result)
+            self.stats.batches_total[key] = self.stats.batches_total.get(key, 0) + 1
+            if result in ("ok", "rejected"):
+                await self._db(self._spool.ack, batch, self.endpoints)
+                if result == "ok":
+                    self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
+                                                    + len(batch.bodies))
+                    self.stats.last_success[index] = self.wall()
+                await self._refresh_stats()
+                backoff = BACKOFF_INITIAL
+                continue
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _post(self, endpoint: str, batch: Batch) -> str:
+        """POST one batch: "ok" (accepted or already had it), "rejected" (never), or "error"."""
+        assert self._session is not None
+        now = self.wall()
+        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies)
+        headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
+        try:
+            async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
+                status = resp.status
+                text = (await resp.text())[:200] if status >= 300 else ""
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.debug("report to endpoint failed: %s", type(exc).__name__)
+            return "error"
+        if 200 <= status < 300 or status == 409:
+            return "ok"
+        if status in _PERMANENT:
+            log.error("mesh rejected batch %d (%d observations) with %d: %s; dropped",
+                      batch.batch_seq, len(batch.bodies), status, text)
+            return "rejected"
+        log.warning("mesh answered %d to batch %d: %s; will retry", status, batch.batch_seq,
+                    text)
+        return "error"

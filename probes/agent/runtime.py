@@ -1,0 +1,219 @@
+"""The agent process: config -> plan -> scheduler -> metrics, reporter, HTTP; reload; shutdown.
+
+Lifecycle:
+
+* start: load and validate the config, plan the checks, open the spool (the reporter resumes
+  where the last run stopped, also after a SIGKILL), start the scheduler and the HTTP server;
+* SIGHUP or ``POST /-/reload``: re-read the config; a bad one is refused with its problems and
+  the running one kept. Checks that still exist keep their slot, due time and rise/fall state;
+* SIGTERM / SIGINT: start nothing new, let in-flight probes finish, commit their observations
+  to the spool and give the senders a few seconds to deliver; what is left is sent next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from probes.agent.http import HttpHooks, build_app, find_check, start_http
+from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
+from probes.agent.plan import PlannedCheck, plan
+from probes.agent.reporter import Reporter
+from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
+from probes.config import AgentConfig, load_agent_config, resolve_path
+from probes.mesh import signing
+from probes.model import Observation
+
+log = logging.getLogger(__name__)
+
+SPOOL_FILE = "spool.sqlite"
+DETAIL_MAX = 200
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (which carries key=value context)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+class Agent:
+    def __init__(self, config_path: str | Path, *, use_apscheduler: bool = True,
+                 listen: str | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.base_dir = self.config_path.parent.resolve()
+        self.config: AgentConfig = load_agent_config(self.config_path)
+        self.listen = listen or self.config.agent.listen
+        self.vantage = self.config.agent.vantage
+        self.started_at = time.time()
+        self.probe_stats = ProbeStats()
+        self.reporter_stats = ReporterStats()
+        self.core = ScheduleCore(self.config.tiers, max_rate=self.config.agent.max_probe_rate)
+        self.scheduler = AgentScheduler(
+            self.core, self._on_run, max_concurrency=self.config.agent.max_concurrency,
+            per_node_concurrency=self.config.agent.per_node_concurrency,
+            max_start_lag=self.config.agent.max_start_lag, use_apscheduler=use_apscheduler)
+        self.checks: list[PlannedCheck] = []
+        self._apply_plan(self.config)
+        self.collector = AgentCollector(self.vantage, self.probe_stats,
+                                        lambda: self.scheduler.stats, self.reporter_stats,
+                                        self._scheduler_info)
+        self.registry = new_registry(self.collector)
+        self.reporter: Reporter | None = None
+        self._http: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- plan
+
+    @property
+    def state_dir(self) -> Path:
+        return resolve_path(self.config.agent.state_dir, self.base_dir)
+
+    def _apply_plan(self, config: AgentConfig) -> str:
+        checks = plan(config, self.base_dir)
+        report = self.scheduler.reload(checks, config.tiers)
+        refused = set(report.refused)
+        self.checks = [c for c in checks if c.key not in refused]
+        self.probe_stats.plan(self.checks)
+        if refused:
+            log.warning("admission: refused %d of %d checks: planned rate would exceed "
+                        "max_probe_rate=%.0f/s (admitted %.0f/s); first refused: %s",
+                        len(refused), len(checks), config.agent.max_probe_rate,
+                        report.planned_rate, next(iter(report.refused)))
+        summary = (f"{len(self.checks)} checks on {len(config.targets)} targets "
+                   f"({report.added} added, {report.kept} kept, {report.removed} removed, "
+                   f"{len(refused)} refused), {report.planned_rate:.1f} probes/s")
+        log.info("plan: %s", summary)
+        return summary
+
+    def _scheduler_info(self) -> dict[str, float]:
+        return {"in_flight": float(self.scheduler.in_flight),
+                "refused": float(len(self.core.refused)),
+                "planned_rate": self.core.planned_rate}
+
+    # ---------------------------------------------------------------- results
+
+    def _on_run(self, run: ProbeRun) -> None:
+        self.probe_stats.record(run)
+        result = run.result
+        if not result.ok:
+            log.debug("probe node=%s check=%s reason=%s duration_ms=%.1f detail=%s",
+                      run.check.node, run.check.check, result.reason.value,
+                      result.duration_seconds * 1000, result.detail)
+        if self.reporter is None:
+            return
+        check = run.check
+
+        def build(seq: int) -> Observation:
+            return Observation(node=check.node, check=check.check, vantage=self.vantage,
+                               seq=seq, wall_time=run.wall_time, ok=result.ok,
+                               reason=result.reason, duration_seconds=result.duration_seconds,
+                               kind=check.kind.name, phases=result.phases,
+                               quality=result.quality, detail=result.detail[:DETAIL_MAX])
+
+        self.reporter.submit(build)
+
+    # ---------------------------------------------------------------- reporter
+
+    def _new_reporter(self, config: AgentConfig) -> Reporter | None:
+        mesh = config.mesh
+        if mesh is None:
+            return None
+        key = signing.load_key(resolve_path(mesh.key_file, self.base_dir))
+        return Reporter(agent=self.vantage, endpoints=mesh.endpoints, key_id=mesh.key_id,
+                        key=key, spool_path=self.state_dir / SPOOL_FILE,
+                        spool_max_bytes=mesh.spool_max_bytes, batch_max=mesh.batch_max,
+                        flush_interval=mesh.flush_interval, stats=self.reporter_stats)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.reporter = self._new_reporter(self.config)
+        if self.reporter is not None:
+            await self.reporter.start()
+        hooks = HttpHooks(registry=self.registry,
+                          find_check=lambda node, module: find_check(self.checks, node, module),
+                          tier_timeout=lambda c: self.core.policy(c.tier).timeout,
+                          reload=self.reload, health=self.health)
+        self._http = await start_http(build_app(hooks), self.listen)
+        await self.scheduler.start()
+        log.info("agent %s started: %d checks, listening on %s", self.vantage, len(self.checks),
+                 self.listen)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "vantage": self.vantage, "checks": len(self.checks),
+                "in_flight": self.scheduler.in_flight,
+                "uptime_seconds": round(time.time() - self.started_at, 1),
+                "spool_depth": self.reporter_stats.spool_depth}
+
+    async def reload(self) -> str:
+        async with self._reload_lock:
+            config = load_agent_config(self.config_path)  # ConfigError: keep the running one
+            if config.agent.vantage != self.vantage:
+                raise ValueError("agent.vantage cannot change on reload; restart the agent")
+            new_mesh = config.mesh
+            if self.reporter is not None and new_mesh is not None:
+                self.reporter.key_id = new_mesh.key_id
+                self.reporter.key = signing.load_key(resolve_path(new_mesh.key_file,
+                                                                  self.base_dir))
+                await self.reporter.set_endpoints(new_mesh.endpoints)
+            elif self.reporter is not None:
+                await self.reporter.close(drain_timeout=0)
+                self.reporter = None
+            elif new_mesh is not None:
+                self.reporter = self._new_reporter(config)
+                assert self.reporter is not None
+                await self.reporter.start()
+            self.core.max_rate = config.agent.max_probe_rate
+            self.scheduler.max_start_lag = config.agent.max_start_lag
+            self.config = config
+            summary = self._apply_plan(config)
+            log.info("reloaded %s: %s", self.config_path, summary)
+            return f"reloaded: {summary}"
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def _sighup(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # keep running on the old config
+            log.error("reload on SIGHUP failed, keeping the running config: %s", exc)
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        log.info("stopping: %d probe(s) in flight", self.scheduler.in_flight)
+        await self.scheduler.stop()
+        if self.reporter is not None:
+            await self.reporter.close(drain_timeout=drain_timeout)
+        if self._http is not None:
+            with contextlib.suppress(Exception):
+                await self._http.cleanup()
+        log.info("stopped; spool depth %d", self.reporter_stats.spool_depth)

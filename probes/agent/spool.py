@@ -1,0 +1,180 @@
+"""The reporter's crash-safe, bounded on-disk spool (SQLite, WAL, synchronous=FULL).
+
+Why SQLite rather than hand-rolled segment files: the spool must atomically change several
+things at once — append observations *and* advance the persisted sequence counter; record an
+in-flight batch *and* its batch_seq; acknowledge a batch, advance that endpoint's read offset
+*and* prune what every endpoint has — and survive a SIGKILL or power cut at any instant. SQLite's
+WAL gives exactly that (a commit is fsync'd, a torn write is rolled back on open) with no
+recovery code of ours to get wrong. The cost is a group commit (every ~0.1 s, one fsync), run on
+a dedicated thread so the event loop that times probes never blocks on the disk.
+
+Tables:
+
+* ``obs(seq, body)``: encoded :class:`probes.model.Observation` JSON, ``seq`` the per-agent
+  observation sequence number (strictly increasing, never reused once committed);
+* ``acked(endpoint, seq)``: the committed read offset per mesh endpoint URL;
+* ``inflight(endpoint, batch_seq, first_seq, last_seq)``: the batch being sent to an endpoint.
+  A retry — also after a restart — resends the same range under the same ``batch_seq``, so a
+  batch whose answer was lost is answered ``409 replay`` and acknowledged, never duplicated;
+* ``meta(k, v)``: ``next_seq``, ``next_batch_seq``, ``bytes`` (sum of body sizes),
+  ``dropped`` (observations dropped on overflow, oldest first).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,
+                                     first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    endpoint: str
+    batch_seq: int
+    first_seq: int
+    last_seq: int
+    bodies: list[bytes]  # encoded observations, in seq order
+
+
+class Spool:
+    """Synchronous; the reporter calls it from one dedicated thread only."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_bytes = max_bytes
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        self.next_seq = self._meta("next_seq")
+        top = self.db.execute("SELECT MAX(seq) FROM obs").fetchone()[0]
+        if top is not None and top >= self.next_seq:  # belt and braces: never reuse a seq
+            self.next_seq = top + 1
+        self.bytes = self._meta("bytes")
+        self.dropped = self._meta("dropped")
+
+    def _meta(self, key: str) -> int:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self.db.execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE "
+                        "SET v = excluded.v", (key, value))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---------------------------------------------------------------- writing
+
+    def append(self, records: Sequence[tuple[int, bytes]]) -> int:
+        """Commit (seq, body) records; drop the oldest beyond capacity. Returns drops."""
+        if not records:
+            return 0
+        size = sum(len(body) for _, body in records)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("INSERT INTO obs (seq, body) VALUES (?, ?)", records)
+            self.bytes += size
+            dropped = self._evict_over_capacity()
+            self.next_seq = max(self.next_seq, records[-1][0] + 1)
+            self._set_meta("next_seq", self.next_seq)
+            self._set_meta("bytes", self.bytes)
+            self._set_meta("dropped", self.dropped)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self.bytes = self._meta("bytes")
+            raise
+        return dropped
+
+    def _evict_over_capacity(self) -> int:
+        dropped = 0
+        while self.bytes > self.max_bytes:
+            rows = self.db.execute("SELECT seq, length(body) FROM obs ORDER BY seq LIMIT 256"
+                                   ).fetchall()
+            if not rows:
+                self.bytes = 0
+                break
+            cut = 0
+            for seq, length in rows:
+                if self.bytes <= self.max_bytes:
+                    break
+                self.bytes -= int(length)
+                cut = int(seq)
+                dropped += 1
+            self.db.execute("DELETE FROM obs WHERE seq <= ?", (cut,))
+        self.dropped += dropped
+        return dropped
+
+    # ---------------------------------------------------------------- reading
+
+    def acked(self, endpoint: str) -> int:
+        row = self.db.execute("SELECT seq FROM acked WHERE endpoint = ?", (endpoint,)).fetchone()
+        return int(row[0]) if row else -1
+
+    def next_batch(self, endpoint: str, limit: int) -> Batch | None:
+        """The endpoint's in-flight batch (resent as is), or a new one after its offset."""
+        row = self.db.execute("SELECT batch_seq, first_seq, last_seq FROM inflight "
+                              "WHERE endpoint = ?", (endpoint,)).fetchone()
+        if row is not None:
+            batch_seq, first, last = (int(v) for v in row)
+            bodies = [b for (b,) in self.db.execute(
+                "SELECT body FROM obs WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last))]
+            return Batch(endpoint, batch_seq, first, last, bodies)
+        rows = self.db.execute("SELECT seq, body FROM obs WHERE seq > ? ORDER BY seq LIMIT ?",
+                               (self.acked(endpoint), limit)).fetchall()
+        if not rows:
+            return None
+        first, last = int(rows[0][0]), int(rows[-1][0])
+        self.db.execute("BEGIN IMMEDIATE")
+        batch_seq = self._meta("next_batch_seq")
+        self._set_meta("next_batch_seq", batch_seq + 1)
+        self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq) "
+                        "VALUES (?, ?, ?, ?)", (endpoint, batch_seq, first, last))
+        self.db.execute("COMMIT")
+        return Batch(endpoint, batch_seq, first, last, [bytes(b) for _, b in rows])
+
+    def ack(self, batch: Batch, endpoints: Sequence[str]) -> None:
+        """The endpoint has the batch: advance its offset; prune what every endpoint has."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("DELETE FROM inflight WHERE endpoint = ?", (batch.endpoint,))
+        self.db.execute("INSERT INTO acked (endpoint, seq) VALUES (?, ?) ON CONFLICT (endpoint) "
+                        "DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                        (batch.endpoint, batch.last_seq))
+        self._prune(endpoints)
+        self.db.execute("COMMIT")
+
+    def _prune(self, endpoints: Sequence[str]) -> None:
+        low = min((self.acked(e) for e in endpoints), default=-1)
+        if low < 0:
+            return
+        freed = self.db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM obs WHERE seq <= ?",
+                                (low,)).fetchone()[0]
+        self.db.execute("DELETE FROM obs WHERE seq <= ?", (low,))
+        self.bytes = max(0, self.bytes - int(freed))
+        self._set_meta("bytes", self.bytes)
+
+    def forget_endpoints(self, keep: Sequence[str]) -> None:
+        """A reload removed endpoints: their offsets must not hold the spool back."""
+        marks = ",".join("?" * len(keep)) or "''"
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute(f"DELETE FROM acked WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
+        self.db.execute(f"DELETE FROM inflight WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
+        self._prune(keep)
+        self.db.execute("COMMIT")
+
+    def depth(self, endpoints: Sequence[str]) -> int:
+        """Observations not yet accepted by every endpoint."""
+        low = min((self.acked(e) for e in endpoints), default=-1)
+        row = self.db.execute("SELECT COUNT(*) FROM obs WHERE seq > ?", (low,)).fetchone()
+        return int(row[0])

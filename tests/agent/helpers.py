@@ -1,0 +1,105 @@
+"""Helpers for agent tests: free ports, config files, polling, a signed-batch receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from probes.mesh import signing
+from probes.model import SchemaError, decode_batch
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, listen: str, targets: list[dict[str, Any]],
+                 tiers: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None,
+                 vantage: str = "test-vantage") -> Path:
+    doc: dict[str, Any] = {"agent": {"vantage": vantage, "listen": listen,
+                                     "state_dir": str(path.parent / "state")},
+                           "targets": targets}
+    if tiers:
+        doc["tiers"] = tiers
+    if mesh:
+        doc["mesh"] = mesh
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def l4_target(node: str, port: int) -> dict[str, Any]:
+    return {"id": node, "pool": "pool-a", "pop": "pop-1", "region": "eu",
+            "address": "127.0.0.1", "l4": {"tcp_ports": [port]}}
+
+
+FAST_L4 = {"l4": {"interval": 0.2, "timeout": 0.15, "fast_interval": 0.1}}
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {what}") from None
+
+
+@dataclass
+class Receiver:
+    """A stand-in for the mesh ingest: verifies signatures, rejects replays (409), records seqs.
+
+    ``lose_answers`` accepted batches get a 503 although they were kept, as if the answer was
+    lost on the way back: the agent must retry and be told 409, not deliver twice.
+    """
+
+    key: bytes
+    agent: str
+    lose_answers: int = 0
+    seqs: list[int] = field(default_factory=list)
+    last_batch_seq: int = -1
+    bad_signatures: int = 0
+    replays: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        ts = request.headers.get(signing.HEADER_TIMESTAMP, "")
+        sig = request.headers.get(signing.HEADER_SIGNATURE, "")
+        if (request.headers.get(signing.HEADER_AGENT) != self.agent
+                or not signing.verify(self.key, ts, body, sig)):
+            self.bad_signatures += 1
+            return web.Response(status=401, text="bad-signature")
+        try:
+            batch = decode_batch(body)
+        except SchemaError as exc:
+            return web.Response(status=400, text=str(exc))
+        if batch.batch_seq <= self.last_batch_seq:
+            self.replays += 1
+            return web.Response(status=409, text="replay")
+        self.last_batch_seq = batch.batch_seq
+        self.seqs.extend(o.seq for o in batch.observations)
+        if self.lose_answers > 0:
+            self.lose_answers -= 1
+            return web.Response(status=503, text="answer lost")
+        return web.json_response({"accepted": len(batch.observations)})
+
+    async def start(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/batches", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
