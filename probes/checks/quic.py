@@ -1,0 +1,512 @@
+"""QUIC / HTTP/3 and MASQUE check kinds, on aioquic.
+
+* ``quic.handshake``: a QUIC handshake with ALPN ``h3`` and certificate verification against a
+  configured CA. Facts: ALPN, QUIC version, and (with ``resume``) whether a second handshake with
+  the session ticket was resumed and its 0-RTT accepted.
+* ``quic.connect-udp``: extended CONNECT ``:protocol connect-udp`` (RFC 9298 over RFC 9220) to a
+  target, then HTTP datagrams (RFC 9297, context ID 0) echoed through the proxy: RTT and loss.
+* ``quic.connect-ip``: extended CONNECT ``:protocol connect-ip`` (RFC 9484) up to a 2xx and a
+  parsed ADDRESS_ASSIGN capsule.
+
+Why not ``aioquic.asyncio.connect``: it binds a dual-stack ``AF_INET6`` socket, which fails on
+hosts without IPv6 (aioquic#253, #459), it has no timeout, and it hides ICMP errors. Here the
+socket is created in the target's own address family and *connected*, so the kernel reports ICMP
+port unreachable (``error_received``), and everything runs under one ``asyncio.timeout``.
+
+HTTP/3 datagrams need the ``H3_DATAGRAM`` setting, which aioquic only sends with WebTransport
+enabled: :class:`H3DatagramConnection` adds it (and the peer needs the ``max_datagram_frame_size``
+transport parameter, set in :func:`client_configuration`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3Connection, Setting
+from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamReset
+from aioquic.tls import SessionTicket
+from cryptography import x509
+
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.l4 import quality_of, resolve
+from probes.model import Reason
+from probes.protocols import capsules as cap
+
+H3_ALPN = "h3"
+MAX_DATAGRAM_FRAME_SIZE = 65536
+ECHO_GRACE = 1.0  # seconds to wait for stragglers after the last datagram was sent
+TICKET_WAIT = 0.5  # seconds to wait for a session ticket after the first handshake
+_ECHO_MAGIC = b"twq1"
+
+# TLS alerts (RFC 8446 §6) arrive as QUIC CRYPTO_ERROR 0x100 + alert (RFC 9001 §4.8)
+_CRYPTO_ERROR = 0x100
+_ALERT_CERT_EXPIRED = 45
+_ALERT_NO_APPLICATION_PROTOCOL = 120
+_CERT_ALERTS = frozenset({42, 43, 44, 46, 48})  # bad / unsupported / revoked / unknown / unknown_ca
+
+
+class QuicParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int = 443
+    server_name: str | None = None  # SNI and the name to verify; default: host
+    ca_file: str | None = None  # PEM CA bundle; default: certifi's bundle
+    verify: bool = True
+    alpn: str = H3_ALPN
+    resume: bool = False  # handshake: reconnect with the session ticket (resumption, 0-RTT facts)
+    # connect-udp
+    target: str | None = None  # "host:port" of a UDP echo service behind the proxy
+    echo_count: int = 5
+    echo_interval: float = 0.05
+    payload_size: int = 32
+    loss_threshold: float = 0.5  # fail with tunnel-loss-over-threshold above this ratio
+    rtt_threshold: float | None = None  # fail with tunnel-rtt-over-threshold if p50 is above
+    # connect-ip
+    ip_target: str = "*"  # RFC 9484 template variables; "*" = any
+    ip_protocol: str = "*"
+
+
+class QuicConfigError(ValueError):
+    """Unusable parameters (unreadable CA file, bad target): the agent's fault, not the node's."""
+
+
+class _Failed(Exception):
+    """Ends a check early with a closed-enum reason."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class H3DatagramConnection(H3Connection):
+    """An HTTP/3 connection that announces ``SETTINGS_H3_DATAGRAM`` (RFC 9297 §2.1.1)."""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings[Setting.H3_DATAGRAM] = 1
+        return settings
+
+
+def client_configuration(params: QuicParams) -> QuicConfiguration:
+    """The aioquic client configuration; raises :class:`QuicConfigError` for a bad CA file."""
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[params.alpn],
+        server_name=params.server_name or params.host,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        verify_mode=ssl.CERT_REQUIRED if params.verify else ssl.CERT_NONE,
+    )
+    if params.ca_file:
+        try:
+            cadata = Path(params.ca_file).read_bytes()
+            x509.load_pem_x509_certificates(cadata)
+        except (OSError, ValueError) as exc:
+            raise QuicConfigError(f"cannot load CA file {params.ca_file}: {exc}") from None
+        config.cadata = cadata
+    return config
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """``"host:port"`` / ``"[v6]:port"`` -> (host, port); raises :class:`QuicConfigError`."""
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise QuicConfigError(f"target must be host:port, got {target!r}")
+    return host, int(port)
+
+
+def reason_for_close(event: ConnectionTerminated) -> Reason:
+    """Closed-enum reason for a QUIC connection closed during a check."""
+    code = event.error_code
+    if _CRYPTO_ERROR <= code < _CRYPTO_ERROR + 0x100:
+        alert = code - _CRYPTO_ERROR
+        if alert == _ALERT_NO_APPLICATION_PROTOCOL:
+            return Reason.NO_ALPN
+        if alert == _ALERT_CERT_EXPIRED:
+            return Reason.CERT_EXPIRED
+        if alert in _CERT_ALERTS:
+            return Reason.CERT_VERIFY_FAILED
+        return Reason.TLS_FAILED
+    return Reason.BAD_RESPONSE
+
+
+def _reason_for_socket_error(exc: OSError) -> Reason:
+    if exc.errno == errno.ECONNREFUSED:
+        return Reason.ICMP_UNREACHABLE  # ICMP port unreachable on the connected socket
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+        return Reason.NETWORK_UNREACHABLE
+    return Reason.PROBE_ERROR
+
+
+class _ClientProtocol(QuicConnectionProtocol):
+    """aioquic's asyncio glue plus an HTTP/3 layer; wakes waiters on every event."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.h3: H3DatagramConnection | None = None
+        self.handshake: HandshakeCompleted | None = None
+        self.terminated: ConnectionTerminated | None = None
+        self.socket_error: OSError | None = None
+        self.h3_events: collections.deque[H3Event] = collections.deque()
+        self._changed = asyncio.Event()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.handshake = event
+            if event.alpn_protocol == H3_ALPN:
+                self.h3 = H3DatagramConnection(self._quic)
+        elif isinstance(event, ConnectionTerminated):
+            self.terminated = event
+        elif isinstance(event, StreamReset):
+            self.h3_events.append(_Reset(event.stream_id, event.error_code))
+        if self.h3 is not None:
+            self.h3_events.extend(self.h3.handle_event(event))
+        self._changed.set()
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError) and self.socket_error is None:
+            self.socket_error = exc
+            self._changed.set()
+
+    def raise_if_closed(self) -> None:
+        if self.socket_error is not None:
+            raise _Failed(_reason_for_socket_error(self.socket_error), str(self.socket_error))
+        if self.terminated is not None:
+            t = self.terminated
+            raise _Failed(reason_for_close(t),
+                          f"connection closed: error 0x{t.error_code:x} {t.reason_phrase}".strip())
+
+    async def changed(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def wait_handshake(self) -> HandshakeCompleted:
+        while self.handshake is None:
+            self.raise_if_closed()
+            await self.changed()
+        return self.handshake
+
+    async def wait_settings(self, h3: H3Connection) -> dict[int, int]:
+        while h3.received_settings is None:
+            self.raise_if_closed()
+            await self.changed()
+        return h3.received_settings
+
+    async def next_h3_event(self) -> H3Event:
+        while not self.h3_events:
+            self.raise_if_closed()
+            await self.changed()
+        return self.h3_events.popleft()
+
+    def quic_version(self) -> int | None:
+        version: int | None = self._quic._version  # aioquic has no public getter
+        return version
+
+    def abandon(self) -> None:
+        """Send CONNECTION_CLOSE now and stop the timers (no draining period for a probe)."""
+        self.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Reset(H3Event):
+    """The peer reset a stream (aioquic's H3 layer does not surface this as an event)."""
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+
+
+@contextlib.asynccontextmanager
+async def _connection(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
+                      tickets: list[SessionTicket] | None = None,
+                      ) -> AsyncIterator[_ClientProtocol]:
+    """A QUIC connection over a connected UDP socket of the target's own address family."""
+    loop = asyncio.get_running_loop()
+    try:
+        family, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise _Failed(Reason.RESOLVE_FAILED, f"cannot resolve {params.host}: {exc}") from None
+    sw.lap("resolve")
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        raise _Failed(_reason_for_socket_error(exc), str(exc)) from None
+    quic = QuicConnection(configuration=config,
+                          session_ticket_handler=tickets.append if tickets is not None else None)
+    transport, protocol = await loop.create_datagram_endpoint(lambda: _ClientProtocol(quic),
+                                                              sock=sock)
+    try:
+        protocol.connect(address)
+        yield protocol
+    finally:
+        protocol.abandon()
+        transport.close()
+
+
+async def _handshake(conn: _ClientProtocol, params: QuicParams, sw: Stopwatch,
+                     phase: str = "handshake") -> HandshakeCompleted:
+    done = await conn.wait_handshake()
+    sw.lap(phase)
+    if done.alpn_protocol != params.alpn:
+        raise _Failed(Reason.NO_ALPN, f"server chose ALPN {done.alpn_protocol!r}")
+    return done
+
+
+def _handshake_facts(conn: _ClientProtocol, done: HandshakeCompleted) -> dict[str, Fact]:
+    version = conn.quic_version()
+    facts: dict[str, Fact] = {"alpn": done.alpn_protocol or ""}
+    if version is not None:
+        facts["quic_version"] = f"0x{version:08x}"
+    return facts
+
+
+async def _run(params: QuicParams, timeout: float, body: Any) -> CheckResult:
+    """Common frame: configuration, a hard time bound, and reasons for every way out."""
+    sw = Stopwatch()
+    facts: dict[str, Fact] = {}
+    try:
+        config = client_configuration(params)
+        async with asyncio.timeout(timeout):
+            result: CheckResult = await body(params, config, sw, facts)
+            return result
+    except _Failed as failed:
+        return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
+    except QuicConfigError as exc:
+        return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
+    except TimeoutError:
+        return sw.result(False, Reason.TIMEOUT, facts=facts,
+                         detail=f"no answer within {timeout:g}s after {list(sw.phases)}")
+
+
+# ----------------------------------------------------------------------------- handshake
+
+
+async def _handshake_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
+                          facts: dict[str, Fact]) -> CheckResult:
+    tickets: list[SessionTicket] = []
+    async with _connection(params, config, sw, tickets) as conn:
+        done = await _handshake(conn, params, sw)
+        facts.update(_handshake_facts(conn, done))
+        facts["session_resumed"] = done.session_resumed
+        if not params.resume:
+            return sw.result(True, Reason.OK, facts=facts)
+        # the server sends NewSessionTicket right after the handshake; give it a moment
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TICKET_WAIT):
+                while not tickets:
+                    conn.raise_if_closed()
+                    await conn.changed()
+        sw.lap("ticket")
+    facts["ticket_received"] = bool(tickets)
+    if not tickets:
+        return sw.result(True, Reason.OK, facts=facts, detail="no session ticket to resume with")
+    config.session_ticket = tickets[-1]
+    async with _connection(params, config, sw) as again:
+        resumed = await _handshake(again, params, sw, "resumed_handshake")
+        facts["resumed"] = resumed.session_resumed
+        facts["early_data_accepted"] = resumed.early_data_accepted
+    return sw.result(True, Reason.OK, facts=facts)
+
+
+async def run_handshake(params: QuicParams, timeout: float) -> CheckResult:
+    return await _run(params, timeout, _handshake_body)
+
+
+# ------------------------------------------------------------------------ extended CONNECT
+
+
+def _path_segment(value: str) -> str:
+    # RFC 9298 §2: IPv6 literals go into the URI template with their colons percent-encoded
+    return value.replace("%", "%25").replace(":", "%3A")
+
+
+async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopwatch,
+                            protocol: str, path: str) -> tuple[H3Connection, int]:
+    """Handshake, SETTINGS, then CONNECT with ``:protocol``; returns the stream on a 2xx."""
+    await _handshake(conn, params, sw)
+    h3 = conn.h3
+    assert h3 is not None  # _handshake checked the ALPN
+    settings = await conn.wait_settings(h3)
+    sw.lap("settings")
+    if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
+        raise _Failed(Reason.BAD_RESPONSE, "server does not allow extended CONNECT (RFC 9220)")
+    if settings.get(Setting.H3_DATAGRAM) != 1:
+        raise _Failed(Reason.BAD_RESPONSE, "server does not support HTTP datagrams (RFC 9297)")
+    authority = (params.server_name or params.host).encode()
+    if params.port != 443:
+        authority += b":%d" % params.port
+    stream_id = conn._quic.get_next_available_stream_id()
+    h3.send_headers(stream_id, [
+        (b":method", b"CONNECT"), (b":protocol", protocol.encode()), (b":scheme", b"https"),
+        (b":authority", authority), (b":path", path.encode()), (b"capsule-protocol", b"?1"),
+        (b"user-agent", b"tunnelwatch"),
+    ])
+    conn.transmit()
+    while True:
+        event = await conn.next_h3_event()
+        if isinstance(event, _Reset) and event.stream_id == stream_id:
+            raise _Failed(Reason.CONNECT_REFUSED, f"stream reset, error 0x{event.error_code:x}")
+        if not isinstance(event, HeadersReceived) or event.stream_id != stream_id:
+            continue
+        status = dict(event.headers).get(b":status", b"")
+        if status.startswith(b"1"):
+            continue  # interim response
+        sw.lap("connect")
+        if not status.startswith(b"2"):
+            raise _Failed(Reason.CONNECT_REFUSED, f"CONNECT {protocol}: status {status.decode()}")
+        if event.stream_ended:
+            raise _Failed(Reason.BAD_RESPONSE, "2xx response ended the stream")
+        return h3, stream_id
+
+
+def _echo_payload(seq: int, size: int) -> bytes:
+    head = _ECHO_MAGIC + seq.to_bytes(4, "big")
+    return head + os.urandom(max(0, size - len(head)))
+
+
+async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
+                            facts: dict[str, Fact]) -> CheckResult:
+    if not params.target:
+        raise QuicConfigError("quic.connect-udp needs a target (host:port)")
+    target_host, target_port = split_target(params.target)
+    path = f"/.well-known/masque/udp/{_path_segment(target_host)}/{target_port}/"
+    loop = asyncio.get_running_loop()
+    async with _connection(params, config, sw) as conn:
+        h3, stream_id = await _extended_connect(conn, params, sw, "connect-udp", path)
+        sent_at: dict[bytes, float] = {}
+        rtts: list[float] = []
+        parser = cap.CapsuleParser()
+
+        def on_payload(data: bytes, now: float) -> None:
+            try:
+                context_id, payload = cap.decode_http_datagram(data)
+            except cap.CapsuleError:
+                return
+            sent = sent_at.pop(payload, None)
+            if context_id == 0 and sent is not None:
+                rtts.append(now - sent)
+
+        async def sender() -> None:
+            for seq in range(params.echo_count):
+                payload = _echo_payload(seq, params.payload_size)
+                sent_at[payload] = time.monotonic()
+                h3.send_datagram(stream_id, cap.encode_http_datagram(0, payload))
+                conn.transmit()
+                await asyncio.sleep(params.echo_interval)
+
+        send_task = asyncio.create_task(sender())
+        # stop early enough to report what came back rather than a bare timeout
+        deadline = loop.time() + params.echo_count * params.echo_interval + ECHO_GRACE
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    while len(rtts) < params.echo_count:
+                        event = await conn.next_h3_event()
+                        now = time.monotonic()
+                        if isinstance(event, DatagramReceived) and event.stream_id == stream_id:
+                            on_payload(event.data, now)
+                        elif isinstance(event, DataReceived) and event.stream_id == stream_id:
+                            # datagrams may also come as DATAGRAM capsules on the stream
+                            for capsule in parser.feed(event.data):
+                                if capsule.type == cap.CapsuleType.DATAGRAM:
+                                    on_payload(capsule.value, now)
+                            if event.stream_ended:
+                                raise _Failed(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
+        except cap.CapsuleError as exc:
+            raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
+        finally:
+            send_task.cancel()
+        sw.lap("echo")
+        with contextlib.suppress(Exception):
+            h3.send_data(stream_id, b"", end_stream=True)
+    quality = quality_of(params.echo_count, rtts)
+    facts["target"] = params.target
+    if not rtts:
+        return sw.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
+                         detail="no datagram came back through the proxy")
+    if quality.loss_ratio > params.loss_threshold:
+        return sw.result(False, Reason.TUNNEL_LOSS, quality=quality, facts=facts)
+    p50 = quality.rtt_p50_seconds
+    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
+        return sw.result(False, Reason.TUNNEL_RTT, quality=quality, facts=facts)
+    return sw.result(True, Reason.OK, quality=quality, facts=facts)
+
+
+async def run_connect_udp(params: QuicParams, timeout: float) -> CheckResult:
+    return await _run(params, timeout, _connect_udp_body)
+
+
+async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
+                           facts: dict[str, Fact]) -> CheckResult:
+    path = (f"/.well-known/masque/ip/{_path_segment(params.ip_target)}/"
+            f"{_path_segment(params.ip_protocol)}/")
+    async with _connection(params, config, sw) as conn:
+        h3, stream_id = await _extended_connect(conn, params, sw, "connect-ip", path)
+        # ask for any IPv4 address (RFC 9484 §4.7.2: all-zero address = no preference)
+        request = cap.PrefixedAddress(1, ipaddress.IPv4Address(0), 32)
+        h3.send_data(stream_id, cap.encode_capsule(
+            cap.CapsuleType.ADDRESS_REQUEST, cap.encode_prefixed_addresses([request])), False)
+        conn.transmit()
+        parser = cap.CapsuleParser()
+        assigned: list[cap.PrefixedAddress] | None = None
+        routes: list[cap.AddressRange] = []
+        try:
+            while assigned is None:
+                event = await conn.next_h3_event()
+                if not isinstance(event, DataReceived) or event.stream_id != stream_id:
+                    continue
+                for capsule in parser.feed(event.data):
+                    if capsule.type == cap.CapsuleType.ADDRESS_ASSIGN:
+                        assigned = cap.decode_prefixed_addresses(capsule.value, request=False)
+                    elif capsule.type == cap.CapsuleType.ROUTE_ADVERTISEMENT:
+                        routes = cap.decode_route_advertisement(capsule.value)
+                if assigned is None and event.stream_ended:
+                    parser.end()
+                    raise _Failed(Reason.BAD_RESPONSE, "stream ended without ADDRESS_ASSIGN")
+        except cap.CapsuleError as exc:
+            raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
+        sw.lap("address_assign")
+        with contextlib.suppress(Exception):
+            h3.send_data(stream_id, b"", end_stream=True)
+    if not assigned:
+        return sw.result(False, Reason.BAD_RESPONSE, facts=facts,
+                         detail="ADDRESS_ASSIGN assigned no address")
+    facts["assigned"] = ",".join(f"{a.address}/{a.prefix_length}" for a in assigned)
+    facts["routes"] = len(routes)
+    return sw.result(True, Reason.OK, facts=facts)
+
+
+async def run_connect_ip(params: QuicParams, timeout: float) -> CheckResult:
+    return await _run(params, timeout, _connect_ip_body)
+
+
+HANDSHAKE = register(CheckKind(
+    "quic.handshake", Tier.FUNCTIONAL, QuicParams, run_handshake,
+    "QUIC handshake with ALPN h3 and certificate verification; resumption and 0-RTT facts"))
+CONNECT_UDP = register(CheckKind(
+    "quic.connect-udp", Tier.SESSION, QuicParams, run_connect_udp,
+    "MASQUE CONNECT-UDP (RFC 9298): HTTP datagrams echoed through the proxy, RTT and loss"))
+CONNECT_IP = register(CheckKind(
+    "quic.connect-ip", Tier.SESSION, QuicParams, run_connect_ip,
+    "MASQUE CONNECT-IP (RFC 9484): 2xx and a parsed ADDRESS_ASSIGN capsule"))
