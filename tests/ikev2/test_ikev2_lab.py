@@ -12,6 +12,7 @@ import pytest
 from probes.checks.base import CheckResult
 from probes.checks.ikev2 import Ikev2Params, run_level
 from probes.lab import netns
+from probes.lab.strongswan import DEFAULT_PROPOSALS, render_connection
 from probes.model import Reason
 
 pytestmark = [pytest.mark.ikev2, pytest.mark.lab]
@@ -207,3 +208,31 @@ def test_half_open_slots_are_held_so_a_fourth_init_waits(setup: Any) -> None:
     assert results[3].reason is Reason.OVERLOADED, results[3]
     assert sum("CONNECTING" in line for line in ike_sas(ike)) == 3
     assert "COOKIE" not in ike.log()
+
+
+def test_child_sa_refused_is_reported_apart_from_the_ike_sa(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    ike = lab.start_strongswan(node, esp_proposals=("aes128-sha256",))  # we offer AES-GCM only
+    tunnel = probe(agent, params(node, ike), "tunnel")
+    assert not tunnel.ok and tunnel.reason is Reason.CHILD_SA_FAILED, tunnel
+    assert tunnel.facts["responder_auth_verified"] is True  # the IKE SA itself was fine
+    assert tunnel.facts["child_sa_error"] == "NO_PROPOSAL_CHOSEN"
+    assert tunnel.facts["delete_acked"] is True and ike_sas(ike) == []
+    auth = probe(agent, params(node, ike), "auth")  # childless: unaffected by ESP settings
+    assert auth.ok and auth.facts["childless"] is True, auth
+
+
+def test_auth_without_childless_support_negotiates_a_child_sa(lab: Any) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    conf = render_connection(
+        "lab", local_addrs=node.address, remote_addrs="%any", local_id="node.lab",
+        remote_id="agent.lab", proposals=DEFAULT_PROPOSALS, local_ts="10.210.0.0/16",
+        remote_ts="10.211.0.0/16", esp_proposals=("aes256gcm16",), psk="lab-psk-0123456789")
+    conf = conf.replace("    version = 2\n", "    version = 2\n    childless = never\n")
+    ike = lab.start_strongswan(node, psk="lab-psk-0123456789", swanctl_conf=conf)
+    result = probe(agent, params(node, ike), "auth")
+    assert result.ok, result
+    assert result.facts["childless_supported"] is False and result.facts["childless"] is False
+    assert "child_sa_error" not in result.facts
+    assert "CHILD_SA net{1} established" in ike.log()
+    assert ike_sas(ike) == []
