@@ -14,6 +14,7 @@ import msgspec
 from probes.config import ConfigError, Problem, Strict, _line_for, parse_yaml, resolve_path
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
+from probes.mesh.publish import config as publish_config
 
 
 class MeshAgent(Strict, kw_only=True, frozen=True):
@@ -47,6 +48,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     tick_seconds: float = 1.0
     snapshot_every: int = 10_000  # journal entries between engine snapshots
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
+    publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
@@ -98,6 +100,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.snapshot_every", "must be >= 1")
     if cfg.durability not in ("normal", "full"):
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
+    yield from publish_config.publisher_problems(cfg.publishers, base_dir)
     try:
         validate_policy(cfg.decision, "$.decision")
     except PolicyError as exc:
@@ -133,4 +136,5 @@ def with_base_dir(cfg: MeshConfig, base: Path) -> MeshConfig:
         operator_token_file=(
             str(resolve_path(cfg.operator_token_file, base)) if cfg.operator_token_file else None
         ),
+        publishers=[publish_config.with_base_dir(p, base) for p in cfg.publishers],
     )

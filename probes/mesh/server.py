@@ -23,6 +23,7 @@ from probes.mesh.api import Api
 from probes.mesh.config import MeshConfig
 from probes.mesh.ingest import AgentKey, Ingest
 from probes.mesh.metrics import MeshCollector
+from probes.mesh.publish.runner import publishing_context
 from probes.mesh.service import MeshService
 from probes.mesh.store import StoreError
 from probes.mesh.store_sqlite import SQLiteStore
@@ -87,6 +88,8 @@ def build_app(
         svc.close()
 
     app.cleanup_ctx.append(ticker)
+    # after the ticker, so it stops first: nothing is delivered from a closed store
+    app.cleanup_ctx.append(publishing_context(cfg.publishers, svc.store, registry, svc.listeners))
     return app
 
 

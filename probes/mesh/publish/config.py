@@ -172,3 +172,12 @@ def publisher_problems(publishers: Sequence[PublisherConfig], base_dir: Path,
                 yield Problem(f"{here}.timeout", "must be > 0")
         else:
             yield from haproxy_problems(p, here, base_dir)
+
+
+def with_base_dir(cfg: PublisherConfig, base: Path) -> PublisherConfig:
+    """The publisher config with its file paths made absolute against ``base``."""
+    if isinstance(cfg, WebhookConfig):
+        return msgspec.structs.replace(cfg, key_file=str(resolve_path(cfg.key_file, base)))
+    if cfg.socket is not None:
+        return msgspec.structs.replace(cfg, socket=str(resolve_path(cfg.socket, base)))
+    return cfg
