@@ -87,10 +87,10 @@ class FakeResponder:
             p.SAPayload((p.Proposal(1, p.ProtocolId.IKE, mine.transforms),)),
             p.KEPayload(group, own.public), p.NoncePayload(self._nonce_r),
             p.NotifyPayload(p.NotifyType.NAT_DETECTION_SOURCE_IP, c.nat_detection_hash(
-                header.spi_i, self._spi_r, ipaddress.IPv4Address(self.address[0]).packed,
+                header.spi_i, self._spi_r, ipaddress.ip_address(self.address[0]).packed,
                 src_port)),
             p.NotifyPayload(p.NotifyType.NAT_DETECTION_DESTINATION_IP, c.nat_detection_hash(
-                header.spi_i, self._spi_r, ipaddress.IPv4Address(self.peer[0]).packed,
+                header.spi_i, self._spi_r, ipaddress.ip_address(self.peer[0]).packed,
                 self.peer[1])),
         ]
         if self.childless:

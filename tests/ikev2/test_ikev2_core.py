@@ -330,3 +330,14 @@ def test_garbage_and_foreign_datagrams_are_ignored() -> None:
         ini.receive_datagram(junk, 0.1)
         ini.receive_datagram(junk, 0.1, nat_t=True)
     assert ini.next_event() is None and ini.state is State.INIT_SENT
+
+
+def test_ipv6_outer_addresses_work_for_nat_detection() -> None:
+    responder = FakeResponder(address=("2001:db8::1", 500), peer=("2001:db8::7", 40000))
+    ini = Initiator(_config(local_address=("2001:db8::7", 40000),
+                            remote_address=("2001:db8::1", 500)))
+    ini.start(0.0)
+    events = _exchange(ini, responder)
+    init = next(e for e in events if isinstance(e, InitCompleted))
+    assert not init.floated and ini.remote_port == 500
+    assert any(isinstance(e, AuthCompleted) for e in events)

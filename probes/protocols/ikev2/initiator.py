@@ -290,8 +290,8 @@ class Initiator:
     def _build_init(self) -> bytes:
         cfg = self.config
         zero_spi = bytes(SPI_LEN)
-        local_ip = ipaddress.IPv4Address(cfg.local_address[0]).packed
-        remote_ip = ipaddress.IPv4Address(cfg.remote_address[0]).packed
+        local_ip = ipaddress.ip_address(cfg.local_address[0]).packed
+        remote_ip = ipaddress.ip_address(cfg.remote_address[0]).packed
         local_port = cfg.local_address[1]
         if cfg.force_nat_t:
             local_port ^= 0xFFFF  # a hash that cannot match: the responder sees us "behind NAT"
@@ -392,8 +392,8 @@ class Initiator:
     def _nat_detected(self, payloads: list[p.Payload]) -> tuple[bool, bool]:
         """(we are NATed, the responder is NATed) from the responder's NAT-D notifies (§2.23)."""
         cfg = self.config
-        local_ip = ipaddress.IPv4Address(cfg.local_address[0]).packed
-        remote_ip = ipaddress.IPv4Address(cfg.remote_address[0]).packed
+        local_ip = ipaddress.ip_address(cfg.local_address[0]).packed
+        remote_ip = ipaddress.ip_address(cfg.remote_address[0]).packed
         src = [x.data for x in payloads if isinstance(x, p.NotifyPayload)
                and x.notify_type == p.NotifyType.NAT_DETECTION_SOURCE_IP]
         dst = [x.data for x in payloads if isinstance(x, p.NotifyPayload)
