@@ -638,10 +638,33 @@ def render(rf: RuleFile) -> str:
     return HEADER + body
 
 
+PROMETHEUS_RULE = "prometheusrule.yaml"
+K8S_DIR = HERE.parent / "deploy" / "kubernetes"
+
+
+def render_prometheus_rule(files: list[RuleFile]) -> str:
+    """The same groups as a Prometheus Operator PrometheusRule (deploy/kubernetes/)."""
+    resource = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "tunnelwatch",
+            "namespace": "tunnelwatch",
+            "labels": {"app.kubernetes.io/part-of": "tunnelwatch", "release": "prometheus"},
+        },
+        "spec": {"groups": [g for rf in files for g in rf.groups]},
+    }
+    return HEADER + yaml.dump(resource, Dumper=_Dumper, sort_keys=False, width=100)
+
+
 def main(argv: list[str]) -> int:
+    """Write the rule files (and the PrometheusRule) to ``argv[1]``, default rules/ (and deploy/)."""
     out = Path(argv[1]) if len(argv) > 1 else HERE
-    for rf in build():
+    files = build()
+    for rf in files:
         (out / rf.name).write_text(render(rf))
+    k8s = out if len(argv) > 1 else K8S_DIR
+    (k8s / PROMETHEUS_RULE).write_text(render_prometheus_rule(files))
     return 0
 
 

@@ -9,6 +9,7 @@ Keep ``PENDING`` short; every entry is a gap to close with the producer.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -46,21 +47,23 @@ PENDING: dict[str, str] = {
 _NAME = re.compile(r"\btunnelwatch_[a-z0-9_]+[a-z0-9]")
 
 
-def documented() -> set[str]:
+@functools.cache
+def documented() -> frozenset[str]:
     names: set[str] = set()
     for doc in PRODUCER_DOCS:
         path = DOCS / doc
         if path.exists():
             names.update(_NAME.findall(path.read_text()))
-    return names
+    return frozenset(names)
 
 
-def recorded() -> set[str]:
-    names = set()
+@functools.cache
+def recorded() -> frozenset[str]:
+    names: set[str] = set()
     for path in RULES.glob("*.rules.yaml"):
         for group in yaml.safe_load(path.read_text())["groups"]:
             names.update(r["record"] for r in group["rules"] if "record" in r)
-    return names
+    return frozenset(names)
 
 
 def base_name(name: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.observability.tools import RULES, run, tool
+from tests.observability.tools import DEPLOY, RULES, run, tool
 
 pytestmark = pytest.mark.observability
 
@@ -45,6 +45,8 @@ def test_generated_rules_have_no_drift(tmp_path: Path) -> None:
     for path in RULE_FILES:
         fresh = (tmp_path / path.name).read_text()
         assert fresh == path.read_text(), f"{path.name} differs: run python rules/generate.py"
+    k8s = DEPLOY / "kubernetes" / "prometheusrule.yaml"
+    assert (tmp_path / k8s.name).read_text() == k8s.read_text(), "run python rules/generate.py"
 
 
 def test_promtool_check_rules_lint() -> None:
