@@ -1,12 +1,15 @@
-"""``tunnelwatch probe ikev2``: one IKEv2 check now (init, auth or tunnel level)."""
+"""``tunnelwatch probe ikev2``: one IKEv2 check now (init, auth or tunnel level), and
+``tunnelwatch probe ikev2-telemetry``: the responder's SA counts from ``swanctl --list-sas``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import json
 from typing import Any
 
-from probes.checks import ikev2
+from probes.checks import ikev2, ikev2_telemetry
 from probes.cli.probe import add_common_arguments, run_and_report, usage_error
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.proposals import DEFAULT_IKE_PROPOSALS, parse_ike_proposals
@@ -60,6 +63,29 @@ def _handler(args: argparse.Namespace) -> int:
     return run_and_report(KINDS[args.level], params, args.timeout, args.json)
 
 
+def _telemetry(args: argparse.Namespace) -> int:
+    try:
+        if args.ssh:
+            user, _, host = args.ssh.rpartition("@")
+            counts = asyncio.run(ikev2_telemetry.collect_ssh(
+                host, vici_uri=args.uri, username=user or None, port=args.ssh_port))
+        else:
+            counts = asyncio.run(ikev2_telemetry.collect_local(args.uri))
+    except ikev2_telemetry.TelemetryError as exc:
+        print(f"tunnelwatch probe ikev2-telemetry: {exc}")
+        return 1
+    summary = counts.summary()
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"IKE SAs {counts.ike_sas} (half-open {counts.half_open})  "
+              f"CHILD_SAs {counts.child_sas}")
+        for kind in ("ike_by_state", "child_by_state"):
+            for state, n in sorted(summary[kind].items()):
+                print(f"  {kind.split('_')[0]:<6} {state:<12} {n}")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("ikev2", help="IKEv2 responder: SA_INIT, PSK IKE_AUTH, or ESP echoes")
     p.add_argument("--endpoint", required=True, help="responder HOST[:PORT] (default port 500)")
@@ -78,3 +104,10 @@ def add_parser(sub: Any) -> None:
                    help="pretend to be behind NAT so the exchange floats to UDP 4500")
     add_common_arguments(p, default_timeout=5.0)
     p.set_defaults(handler=_handler)
+
+    t = sub.add_parser("ikev2-telemetry", help="SA counts from swanctl --list-sas (local or SSH)")
+    t.add_argument("--uri", help="charon's VICI socket, e.g. unix:///var/run/charon.vici")
+    t.add_argument("--ssh", metavar="[USER@]HOST", help="run swanctl on this host over SSH")
+    t.add_argument("--ssh-port", type=int, default=22)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(handler=_telemetry)

@@ -59,3 +59,7 @@ def test_cli_auth_and_tunnel_against_strongswan(lab: Any,
     assert auth_code == 0 and auth["ok"] and auth["facts"]["responder_auth_verified"], auth
     assert tunnel_code == 0 and tunnel["quality"]["received"] == 3, tunnel
     assert wrong_code == 1  # strongSwan has no such identity: the IKE_AUTH is refused
+    assert main(["probe", "ikev2-telemetry", "--uri", f"unix://{ike.vici_socket}",
+                 "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["ike_sas"] == 0 and counts["child_sas"] == 0  # every probe cleaned up
