@@ -13,6 +13,8 @@ CHECK_MODULES: tuple[str, ...] = (
     "wireguard",
     "openvpn",
     "ikev2",
+    "quic",
+    "mtu",
 )
 
 _loaded = False

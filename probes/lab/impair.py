@@ -34,14 +34,19 @@ class LinkState:
 def render_ruleset(links: dict[str, LinkState]) -> str:
     """nft script for the router: ``links`` maps the router-side interface name to its state."""
     rules: list[str] = []
+    # the router's own ICMP (e.g. frag-needed for a link whose MTU it lowered) is locally
+    # generated: it passes the output hook, never forward, so the black hole needs both
+    output_rules: list[str] = []
     for ifname, st in sorted(links.items()):
         if st.partitioned:
             rules.append(f'iifname "{ifname}" counter drop')
             rules.append(f'oifname "{ifname}" counter drop')
             continue
         if st.drop_icmp_frag_needed:
-            rules.append(f'oifname "{ifname}" icmp type destination-unreachable '
-                         "icmp code frag-needed counter drop")
+            rule = (f'oifname "{ifname}" icmp type destination-unreachable '
+                    "icmp code frag-needed counter drop")
+            rules.append(rule)
+            output_rules.append(rule)
         if st.loss_percent > 0:
             match = {
                 Direction.EGRESS: [f'iifname "{ifname}"'],
@@ -51,6 +56,7 @@ def render_ruleset(links: dict[str, LinkState]) -> str:
             rules.extend(f"{m} numgen random mod 100 < {st.loss_percent} counter drop"
                          for m in match)
     body = "\n".join(f"        {r}" for r in rules)
+    output_body = "\n".join(f"        {r}" for r in output_rules)
     return (
         f"table inet {TABLE}\n"
         f"delete table inet {TABLE}\n"
@@ -58,6 +64,10 @@ def render_ruleset(links: dict[str, LinkState]) -> str:
         "    chain forward {\n"
         "        type filter hook forward priority 0; policy accept;\n"
         f"{body}\n"
+        "    }\n"
+        "    chain output {\n"
+        "        type filter hook output priority 0; policy accept;\n"
+        f"{output_body}\n"
         "    }\n"
         "}\n"
     )

@@ -1,0 +1,381 @@
+"""Path-MTU check kind ``mtu.udp``: DF-set UDP probes to a node's UDP echo service.
+
+Method (no root needed; only an unprivileged UDP socket):
+
+* the socket is connected and set to ``IP_MTU_DISCOVER = IP_PMTUDISC_PROBE`` (``IPV6_...`` for
+  IPv6): every datagram leaves with DF set *and* the kernel ignores the PMTU it has cached, so a
+  probe bigger than a previously learnt PMTU still goes out and tests the path again;
+* ``IP_RECVERR`` puts ICMP errors for the socket on its error queue (``MSG_ERRQUEUE``) with type,
+  code and ``ee_info`` = the next-hop MTU of a "fragmentation needed" (ICMPv6 "packet too big"),
+  plus the start of the offending datagram, which carries the probe's token, so a late ICMP error
+  is never blamed on the wrong probe;
+* sizes are whole IP packets (IP + UDP header + payload), i.e. MTU figures.
+
+Search: try the largest size first (default: the route's MTU, ``IP_MTU``); if it does not come
+back, bisect between a floor that must pass and it. When a frag-needed names an MTU, that size and
+the one above are tried next, so a path with working PMTUD is pinned down in ~4 probes. A size
+"fails" when ICMP frag-needed arrives or when it stays unanswered for ``attempts`` tries.
+
+Outcome: ``ok`` with the path MTU when PMTUD works (or nothing is lower than the first hop);
+``mtu-black-hole`` when large probes vanish and no frag-needed arrived at all; ``mtu-below-minimum``
+when the path MTU is under ``required_mtu``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.l4 import resolve
+from probes.model import Reason
+
+# linux/in.h, linux/in6.h, linux/errqueue.h (not all exported by `socket`)
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3
+IP_RECVERR = 11
+IP_MTU = 14
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_PROBE = 3
+IPV6_RECVERR = 25
+IPV6_MTU = 24
+SO_EE_ORIGIN_LOCAL = 1
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, ICMP_FRAG_NEEDED = 3, 3, 4
+ICMP6_DST_UNREACH, ICMP6_PORT_UNREACH, ICMP6_PACKET_TOO_BIG = 1, 4, 2
+
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_HEADER_V4 = 20 + 8
+_HEADER_V6 = 40 + 8
+_MAGIC = b"twmtu"
+_TOKEN = struct.Struct("!5sIH")  # magic, probe sequence number, probe size
+_RECV_BUFFER = 65535
+_OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the UDP limit
+
+
+class MtuParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int  # the node's UDP echo service (returns each datagram as is)
+    max_size: int | None = None  # largest IP packet to try; default: the route MTU (IP_MTU)
+    min_size: int | None = None  # floor that must pass; default 576 (IPv4) / 1280 (IPv6)
+    required_mtu: int | None = None  # fail with mtu-below-minimum if the path MTU is smaller
+    attempts: int = 2  # tries per size before silence counts as "too big"
+    probe_wait: float = 0.3  # seconds to wait for each echo
+
+
+class MtuConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """One message from the socket's error queue."""
+
+    err: int
+    origin: int
+    icmp_type: int
+    icmp_code: int
+    info: int  # the next-hop MTU for frag-needed / packet-too-big, local MTU for EMSGSIZE
+    token: tuple[int, int] | None  # (sequence, size) of the probe it is about, if readable
+
+    @property
+    def frag_needed(self) -> bool:
+        return (self.origin == SO_EE_ORIGIN_ICMP and self.icmp_type == ICMP_DEST_UNREACH
+                and self.icmp_code == ICMP_FRAG_NEEDED) or (
+            self.origin == SO_EE_ORIGIN_ICMP6 and self.icmp_type == ICMP6_PACKET_TOO_BIG)
+
+    @property
+    def port_unreachable(self) -> bool:
+        return (self.origin == SO_EE_ORIGIN_ICMP and self.icmp_type == ICMP_DEST_UNREACH
+                and self.icmp_code == ICMP_PORT_UNREACH) or (
+            self.origin == SO_EE_ORIGIN_ICMP6 and self.icmp_type == ICMP6_DST_UNREACH
+            and self.icmp_code == ICMP6_PORT_UNREACH)
+
+
+def parse_token(data: bytes) -> tuple[int, int] | None:
+    if len(data) < _TOKEN.size:
+        return None
+    magic, seq, size = _TOKEN.unpack_from(data)
+    return (seq, size) if magic == _MAGIC else None
+
+
+def parse_error_report(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> ErrorReport | None:
+    """An :class:`ErrorReport` from one ``recvmsg(MSG_ERRQUEUE)`` result, or None."""
+    for level, kind, payload in ancdata:
+        if (level, kind) not in ((socket.IPPROTO_IP, IP_RECVERR),
+                                 (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+            continue
+        if len(payload) < _EXTENDED_ERR.size:
+            continue
+        err, origin, icmp_type, icmp_code, _pad, info, _data = _EXTENDED_ERR.unpack_from(payload)
+        return ErrorReport(err, origin, icmp_type, icmp_code, info, parse_token(data))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOutcome:
+    passed: bool
+    frag_needed_mtu: int | None = None  # the MTU a frag-needed named, if one came
+    local_limit: bool = False  # the local stack refused the size (EMSGSIZE at send)
+
+
+class _Failed(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class MtuProber:
+    """A connected DF-setting UDP socket that sends sized probes and reads echoes and ICMP."""
+
+    def __init__(self, sock: socket.socket, family: int) -> None:
+        self.sock = sock
+        self.family = family
+        self.header = _HEADER_V6 if family == socket.AF_INET6 else _HEADER_V4
+        self._loop = asyncio.get_running_loop()
+        self._seq = 0
+        self._echoes: dict[int, asyncio.Future[None]] = {}
+        self.reports: list[ErrorReport] = []
+        self._report_waiters: dict[int, asyncio.Future[ErrorReport]] = {}
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> MtuProber:
+        try:
+            family, address = await resolve(host, port, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            raise _Failed(Reason.RESOLVE_FAILED, f"cannot resolve {host}: {exc}") from None
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            reason = (Reason.NETWORK_UNREACHABLE if exc.errno in (
+                errno.ENETUNREACH, errno.EHOSTUNREACH) else Reason.PROBE_ERROR)
+            raise _Failed(reason, str(exc)) from None
+        return cls(sock, family)
+
+    def device_mtu(self) -> int:
+        """The MTU of the outgoing interface, ignoring any PMTU the kernel has cached.
+
+        ``IP_MTU`` would report a cached (already lowered) PMTU, hiding the bottleneck on every
+        run after the first. A DF datagram over the device MTU fails locally with EMSGSIZE, and
+        with ``IP_RECVERR`` the kernel queues a local error whose ``ee_info`` is that MTU
+        (``IP_PMTUDISC_PROBE`` makes it the device's, not the cached path's). Nothing is sent.
+        """
+        try:
+            self.sock.send(bytes(_OVERSIZE_PAYLOAD))
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                with contextlib.suppress(OSError):
+                    data, ancdata, _, _ = self.sock.recvmsg(_RECV_BUFFER, 512,
+                                                            socket.MSG_ERRQUEUE)
+                    report = parse_error_report(data, ancdata)
+                    if report is not None and report.origin == SO_EE_ORIGIN_LOCAL:
+                        return report.info
+        return self.route_mtu()  # e.g. loopback (64 KiB MTU): the datagram fit
+
+    def route_mtu(self) -> int:
+        """The kernel's MTU for this route (lowered by any frag-needed it has seen)."""
+        if self.family == socket.AF_INET6:
+            return self.sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+        return self.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _on_readable(self) -> None:
+        # the error queue first: reading it also clears the socket's pending error
+        for _ in range(64):
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(_RECV_BUFFER, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            report = parse_error_report(data, ancdata)
+            if report is None:
+                continue
+            self.reports.append(report)
+            waiter = self._report_waiters.pop(report.token[0], None) if report.token else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(report)
+            if report.port_unreachable:  # not about one probe: nobody listens at all
+                for other in self._report_waiters.values():
+                    if not other.done():
+                        other.set_result(report)
+        for _ in range(64):  # bounded, so a flood cannot starve the loop
+            try:
+                data = self.sock.recv(_RECV_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # a pending error already read from the error queue
+            token = parse_token(data)
+            if token is None:
+                continue
+            echo = self._echoes.get(token[0])
+            if echo is not None and not echo.done() and len(data) + self.header == token[1]:
+                echo.set_result(None)
+
+    async def probe_once(self, size: int, wait: float) -> ProbeOutcome | None:
+        """One probe of ``size`` bytes; None when neither the echo nor an ICMP error came."""
+        self._seq += 1
+        seq = self._seq
+        payload_len = size - self.header
+        token = _TOKEN.pack(_MAGIC, seq, size)
+        payload = token + os.urandom(max(0, payload_len - len(token)))
+        echo: asyncio.Future[None] = self._loop.create_future()
+        error: asyncio.Future[ErrorReport] = self._loop.create_future()
+        self._echoes[seq] = echo
+        self._report_waiters[seq] = error
+        try:
+            try:
+                self.sock.send(payload)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    return ProbeOutcome(False, local_limit=True)
+                if exc.errno == errno.ECONNREFUSED:
+                    raise _Failed(Reason.ICMP_UNREACHABLE, "ICMP port unreachable") from None
+                raise _Failed(Reason.NETWORK_UNREACHABLE if exc.errno in (
+                    errno.ENETUNREACH, errno.EHOSTUNREACH) else Reason.PROBE_ERROR,
+                    str(exc)) from None
+            waiting: set[asyncio.Future[Any]] = {echo, error}
+            done, _ = await asyncio.wait(waiting, timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if echo in done:
+                return ProbeOutcome(True)
+            if error in done:
+                report = error.result()
+                if report.port_unreachable:
+                    raise _Failed(Reason.ICMP_UNREACHABLE,
+                                  "ICMP port unreachable: no UDP echo service on the node")
+                if report.frag_needed:
+                    return ProbeOutcome(False, frag_needed_mtu=report.info)
+                return ProbeOutcome(False)
+            return None
+        finally:
+            self._echoes.pop(seq, None)
+            self._report_waiters.pop(seq, None)
+
+    async def probe(self, size: int, attempts: int, wait: float) -> ProbeOutcome:
+        for _ in range(max(1, attempts)):
+            outcome = await self.probe_once(size, wait)
+            if outcome is not None:
+                return outcome
+        return ProbeOutcome(False)
+
+
+@dataclass(slots=True)
+class _Search:
+    """Bisection state: ``low`` passed, ``high`` failed."""
+
+    low: int
+    high: int
+    frag_needed_mtus: set[int]
+    probes: int = 0
+
+
+def _next_size(search: _Search, tried: set[int]) -> int:
+    # a frag-needed told us the answer: check it and the size above before bisecting
+    for mtu in sorted(search.frag_needed_mtus, reverse=True):
+        for candidate in (mtu, mtu + 1):
+            if search.low < candidate < search.high and candidate not in tried:
+                return candidate
+    return (search.low + search.high) // 2
+
+
+async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
+                         facts: dict[str, Fact]) -> CheckResult:
+    local_mtu = prober.device_mtu()
+    facts["local_mtu"] = local_mtu
+    floor = params.min_size or (1280 if prober.family == socket.AF_INET6 else 576)
+    top = params.max_size or local_mtu
+    if not prober.header < floor <= top:
+        raise MtuConfigError(f"need header < min_size <= max_size, got {floor}..{top}")
+    search = _Search(low=floor, high=top + 1, frag_needed_mtus=set())
+    tried: set[int] = set()
+
+    async def attempt(size: int) -> ProbeOutcome:
+        tried.add(size)
+        search.probes += 1
+        outcome = await prober.probe(size, params.attempts, params.probe_wait)
+        if outcome.frag_needed_mtu is not None:
+            search.frag_needed_mtus.add(outcome.frag_needed_mtu)
+        return outcome
+
+    first = await attempt(top)
+    sw.lap("first_probe")
+    if first.passed:
+        search.low = top
+    else:
+        search.high = top
+        base = await attempt(floor)
+        if not base.passed:
+            facts["probes"] = search.probes
+            if search.frag_needed_mtus:
+                return sw.result(False, Reason.MTU_BELOW_MINIMUM, facts=facts,
+                                 detail=f"even {floor}-byte probes need fragmentation")
+            return sw.result(False, Reason.TIMEOUT, facts=facts,
+                             detail=f"no echo even for {floor}-byte probes")
+        while search.high - search.low > 1:
+            size = _next_size(search, tried)
+            if (await attempt(size)).passed:
+                search.low = size
+            else:
+                search.high = size
+    sw.lap("search")
+    path_mtu = search.low
+    facts.update({"path_mtu": path_mtu, "probes": search.probes,
+                  "frag_needed_seen": bool(search.frag_needed_mtus),
+                  "kernel_path_mtu": prober.route_mtu()})
+    if search.frag_needed_mtus:
+        facts["frag_needed_mtu"] = min(search.frag_needed_mtus)
+    if path_mtu < top and not search.frag_needed_mtus:
+        return sw.result(False, Reason.MTU_BLACK_HOLE, facts=facts,
+                         detail=f"packets over {path_mtu} bytes vanish and no ICMP "
+                                "fragmentation-needed came back")
+    if params.required_mtu is not None and path_mtu < params.required_mtu:
+        return sw.result(False, Reason.MTU_BELOW_MINIMUM, facts=facts,
+                         detail=f"path MTU {path_mtu} < required {params.required_mtu}")
+    return sw.result(True, Reason.OK, facts=facts)
+
+
+async def run_udp(params: MtuParams, timeout: float) -> CheckResult:
+    sw = Stopwatch()
+    facts: dict[str, Fact] = {}
+    prober: MtuProber | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            prober = await MtuProber.open(params.host, params.port)
+            return await _find_path_mtu(prober, params, sw, facts)
+    except _Failed as failed:
+        return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
+    except MtuConfigError as exc:
+        return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
+    except TimeoutError:
+        return sw.result(False, Reason.TIMEOUT, facts=facts,
+                         detail=f"search did not finish within {timeout:g}s")
+    finally:
+        if prober is not None:
+            prober.close()
+
+
+UDP = register(CheckKind("mtu.udp", Tier.FUNCTIONAL, MtuParams, run_udp,
+                         "path MTU by DF-set UDP probes to an echo service; PMTU black holes"))

@@ -1,0 +1,67 @@
+"""Path-MTU check on the lab path: exact lowered MTU, PMTU black hole, no echo service.
+
+The router lowers its link MTU toward the node (``lab.set_mtu``) and answers DF packets that are
+too big with ICMP frag-needed to the agent; ``lab.black_hole_pmtu(agent)`` drops that ICMP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from probes.checks import mtu
+from probes.checks.base import CheckResult, execute
+from probes.model import Reason
+
+from .conftest import ECHO_PORT, MtuLab
+
+pytestmark = [pytest.mark.quic, pytest.mark.lab]
+
+
+def _probe(env: MtuLab, timeout: float = 10.0, **overrides: Any) -> CheckResult:
+    fields: dict[str, Any] = {"host": env.node.address, "port": ECHO_PORT}
+    fields.update(overrides)
+    return env.run(execute(mtu.UDP, mtu.MtuParams(**fields), timeout))
+
+
+def test_unrestricted_path_passes_the_full_link_mtu(mtulab: MtuLab) -> None:
+    result = _probe(mtulab)
+    assert result.ok, result
+    assert result.facts["local_mtu"] == 1500
+    assert result.facts["path_mtu"] == 1500
+    assert result.facts["frag_needed_seen"] is False
+
+
+@pytest.mark.parametrize("lowered", [1400, 1337])
+def test_lowered_mtu_found_exactly_with_frag_needed(mtulab: MtuLab, lowered: int) -> None:
+    mtulab.lab.set_mtu(mtulab.node, lowered)
+    for _ in range(2):  # the second run must not be fooled by the PMTU the kernel cached
+        result = _probe(mtulab)
+        assert result.ok, result
+        assert result.facts["local_mtu"] == 1500
+        assert result.facts["path_mtu"] == lowered
+        assert result.facts["frag_needed_seen"] is True
+        assert result.facts["frag_needed_mtu"] == lowered
+
+
+def test_black_hole_flagged_with_the_exact_mtu(mtulab: MtuLab) -> None:
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    mtulab.lab.black_hole_pmtu(mtulab.agent)
+    result = _probe(mtulab, probe_wait=0.2)
+    assert not result.ok
+    assert result.reason is Reason.MTU_BLACK_HOLE, result
+    assert result.facts["path_mtu"] == 1400
+    assert result.facts["frag_needed_seen"] is False
+
+
+def test_path_below_required_mtu(mtulab: MtuLab) -> None:
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    result = _probe(mtulab, required_mtu=1420)
+    assert result.reason is Reason.MTU_BELOW_MINIMUM, result
+    assert result.facts["path_mtu"] == 1400
+
+
+def test_no_echo_service_is_icmp_unreachable(mtulab: MtuLab) -> None:
+    result = _probe(mtulab, port=ECHO_PORT + 1)
+    assert result.reason is Reason.ICMP_UNREACHABLE, result
