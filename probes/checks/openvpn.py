@@ -74,6 +74,11 @@ log = logging.getLogger(__name__)
 
 ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
 EXIT_WAIT = 0.8  # seconds past the check's deadline we wait for the EXIT to be acknowledged
+# A 2.6 server keeps an instance ~5 s after EXIT ("Delayed exit"); a new probe that the kernel
+# gives the same source port would land in that dying instance, so recent ports are avoided.
+SOURCE_PORT_QUARANTINE = 10.0
+_PORT_TRIES = 8
+_recent_ports: dict[tuple[str, int], dict[int, float]] = {}
 
 
 class Level(enum.IntEnum):
@@ -241,6 +246,25 @@ class _Tcp:
         self.writer.close()
 
 
+async def _open_fresh_udp(host: str, port: int) -> UdpEndpoint:
+    """A connected UDP endpoint whose source port this process has not used toward the same
+    server within :data:`SOURCE_PORT_QUARANTINE` seconds."""
+    now = time.monotonic()
+    recent = _recent_ports.setdefault((host, port), {})
+    for old in [p for p, at in recent.items() if now - at > SOURCE_PORT_QUARANTINE]:
+        del recent[old]
+    endpoint = await UdpEndpoint.open(host, port)
+    for _ in range(_PORT_TRIES):
+        local_port = endpoint.local_address[1]
+        if local_port not in recent:
+            break
+        retry = await UdpEndpoint.open(host, port)
+        endpoint.close()
+        endpoint = retry
+    recent[endpoint.local_address[1]] = now
+    return endpoint
+
+
 # --- one probe run ------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -288,7 +312,7 @@ class _Probe:
         params = self.params
         try:
             if params.proto == "udp":
-                self.transport = _Udp(await UdpEndpoint.open(params.host, params.port))
+                self.transport = _Udp(await _open_fresh_udp(params.host, params.port))
             else:
                 self.transport = await _Tcp.open(params.host, params.port, self.remaining())
         except socket.gaierror as exc:

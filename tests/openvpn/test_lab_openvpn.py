@@ -194,3 +194,12 @@ def test_username_password_accepted_and_refused(lab: Lab) -> None:
     result = probe(agent, params_for(server, auth_user_pass_file=str(bad)), Level.SESSION)
     assert (result.ok, result.reason) == (False, Reason.AUTH_FAILED), (
         result.reason, result.detail, server.log()[-1500:])
+
+
+def test_reset_probes_leave_the_stateless_server_without_instances(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    results = [probe(agent, params_for(server), Level.RESET) for _ in range(20)]
+    assert all(r.ok for r in results)
+    # an ACK of the server's reset would be the HMAC-cookie ticket that creates an instance
+    assert "Initial packet from" not in server.log(), server.log()[-1500:]

@@ -12,7 +12,9 @@ the shell adds it (:func:`~probes.protocols.openvpn.packet.frame_tcp`).
 
 The stateless 2.6 server (mudp.c) keeps nothing until our *third* packet ACKs its reset (message
 id 0) under the server's session id with message ids <= 1, so the first TLS packet (id 1) always
-carries that ACK, also when retransmitted.
+carries that ACK, also when retransmitted. For the same reason a reset-only session (no
+``ssl_context``) never ACKs: its ACK alone would make the server allocate an instance that then
+waits a whole hand-window for a TLS handshake that never comes.
 """
 
 from __future__ import annotations
@@ -242,7 +244,8 @@ class ClientSession:
             out.append(self._wrap(ControlPacket(
                 opcode, self.session_id, 0, acks,
                 (self.server_session_id or b"") if acks else b"", message_id, payload)))
-        while self._receiver.has_acks and self.server_session_id is not None:
+        while (self._receiver.has_acks and self.server_session_id is not None
+               and self.options.ssl_context is not None):
             out.append(self._wrap(ControlPacket(
                 Opcode.ACK_V1, self.session_id, 0, self._receiver.take_acks(),
                 self.server_session_id, None)))
