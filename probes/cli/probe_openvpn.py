@@ -1,11 +1,18 @@
-"""``tunnelwatch probe openvpn``: one OpenVPN check now, with the shared probe output contract."""
+"""``tunnelwatch probe openvpn``: one OpenVPN check now, with the shared probe output contract.
+
+``tunnelwatch probe openvpn-telemetry --management-socket PATH [--ssh [USER@]HOST]`` prints the
+node's own view from its management interface (``status 3``, ``load-stats``): clients, bytes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 from typing import Any
 
 from probes.checks import openvpn
+from probes.checks import openvpn_telemetry as telemetry
 from probes.cli.probe import add_common_arguments, run_and_report, usage_error
 
 LEVELS = {level.name.lower(): level for level in openvpn.Level}
@@ -50,6 +57,40 @@ def _run(args: argparse.Namespace) -> int:
     return run_and_report(openvpn.KINDS[level], params, args.timeout, args.json)
 
 
+def _telemetry(args: argparse.Namespace) -> int:
+    try:
+        if args.ssh:
+            user, _, host = args.ssh.rpartition("@")
+            options: dict[str, Any] = {"port": args.ssh_port}
+            if user:
+                options["username"] = user
+            view = asyncio.run(telemetry.read_management_ssh(
+                host, args.management_socket, timeout=args.timeout, **options))
+        else:
+            view = asyncio.run(telemetry.read_management_socket(args.management_socket,
+                                                                args.timeout))
+    except telemetry.TelemetryError as exc:
+        print(f"tunnelwatch probe openvpn-telemetry: {exc}")
+        return 1
+    summary: dict[str, Any] = {"clients": len(view.status.clients),
+                               "bytes_in": view.load.bytes_in if view.load else None,
+                               "bytes_out": view.load.bytes_out if view.load else None}
+    if args.json:
+        summary["client_list"] = [
+            {"common_name": c.common_name, "virtual_address": c.virtual_address,
+             "bytes_received": c.bytes_received, "bytes_sent": c.bytes_sent,
+             "connected_since": c.connected_since, "cipher": c.cipher}
+            for c in view.status.clients]
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    print(f"clients {summary['clients']}  in {summary['bytes_in']} B  "
+          f"out {summary['bytes_out']} B")
+    for c in view.status.clients:
+        print(f"  {c.common_name:<24} {c.virtual_address:<15} rx {c.bytes_received} B  "
+              f"tx {c.bytes_sent} B  {c.cipher}")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "openvpn", help="OpenVPN hard reset, TLS, key-method 2 + PUSH_REPLY, or in-tunnel echoes",
@@ -75,3 +116,12 @@ def add_parser(sub: Any) -> None:
                         help="seconds between echoes at the tunnel level")
     add_common_arguments(parser, default_timeout=5.0)
     parser.set_defaults(handler=_run)
+
+    tele = sub.add_parser("openvpn-telemetry",
+                          help="an OpenVPN node's own view from its management interface")
+    tele.add_argument("--management-socket", required=True, metavar="PATH",
+                      help="the node's --management unix socket")
+    tele.add_argument("--ssh", metavar="[USER@]HOST", help="read it on HOST over SSH (asyncssh)")
+    tele.add_argument("--ssh-port", type=int, default=22)
+    add_common_arguments(tele, default_timeout=5.0)
+    tele.set_defaults(handler=_telemetry)

@@ -47,7 +47,7 @@ def test_bad_key_file_is_a_usage_error(tmp_path: object, capsys: pytest.CaptureF
 
 
 @pytest.mark.lab
-def test_cli_against_the_lab(lab: Lab) -> None:
+def test_cli_against_the_lab(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
     server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
     argv = [sys.executable, "-m", "probes.cli", "probe", "openvpn",
@@ -61,7 +61,19 @@ def test_cli_against_the_lab(lab: Lab) -> None:
     assert out["ok"] is True and out["reason"] == "ok"
     assert set(out["phases"]) >= {"reset", "tls", "key_exchange", "push"}
     assert out["facts"]["pushed_ifconfig"].startswith("10.8.")
+    capsys.readouterr()
+    assert main(["probe", "openvpn-telemetry", "--management-socket",
+                 str(server.management_socket), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["clients"] <= 1 and view["bytes_in"] > 0  # the probe's instance may be exiting
     server.stop()
     failed = agent.run([*argv[:-2], "reset", "--json", "--timeout", "1"], check=False)
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["reason"] == "icmp-unreachable"
+
+
+def test_telemetry_cli_without_a_socket(tmp_path: object, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    assert main(["probe", "openvpn-telemetry", "--management-socket",
+                 f"{tmp_path}/none.sock"]) == 1
+    assert "No such file" in capsys.readouterr().out
