@@ -341,3 +341,23 @@ def test_ipv6_outer_addresses_work_for_nat_detection() -> None:
     init = next(e for e in events if isinstance(e, InitCompleted))
     assert not init.floated and ini.remote_port == 500
     assert any(isinstance(e, AuthCompleted) for e in events)
+
+
+def test_forged_auth_answer_is_dropped_and_the_real_one_still_counts() -> None:
+    responder = FakeResponder()
+    ini = Initiator(_config(proposals=parse_ike_proposals(("aes256gcm16-prfsha256-ecp256",))))
+    ini.start(0.0)
+    (request, _), = ini.datagrams_to_send(0.0)
+    ini.receive_datagram(responder.handle(request) or b"", 0.0)
+    assert isinstance(ini.next_event(), InitCompleted)
+    (auth_request, port), = ini.datagrams_to_send(0.0)
+    real = responder.handle(auth_request[4:] if port == 4500 else auth_request)
+    assert real is not None
+    forged = real[:-1] + bytes([real[-1] ^ 0xFF])  # same header, ICV broken
+    ini.receive_datagram(bytes(4) + forged, 0.01, nat_t=True)
+    assert ini.state is State.AUTH_SENT and ini.next_event() is None
+    ini.receive_datagram(bytes(4) + real, 0.02, nat_t=True)
+    assert isinstance(ini.next_event(), AuthCompleted)
+    ini.close(0.03)
+    ini.close(0.03)  # twice: the Delete in flight is kept
+    assert ini.state is State.DELETE_SENT and ini.get_timer() is not None

@@ -202,7 +202,7 @@ class Initiator:
             self.state = State.DELETE_SENT
             self._send_next_delete(now)
             return
-        if self.state not in (State.CLOSED, State.FAILED):
+        if self.state not in (State.CLOSED, State.FAILED, State.DELETE_SENT):
             self.state = State.CLOSED
             self._out = None
 
@@ -225,21 +225,27 @@ class Initiator:
         out = self._out
         if out is None or header.message_id != out.message_id:
             return  # a late duplicate of an answered request
-        try:
-            if header.exchange == p.ExchangeType.IKE_SA_INIT and self.state is State.INIT_SENT:
+        if header.exchange == p.ExchangeType.IKE_SA_INIT and self.state is State.INIT_SENT:
+            try:
                 self._on_init_response(header, payloads, data, now)
-            elif header.exchange == p.ExchangeType.IKE_AUTH and self.state is State.AUTH_SENT:
-                self._on_auth_response(header, self._open(data, payloads), now)
-            elif (header.exchange == p.ExchangeType.INFORMATIONAL
-                  and self.state is State.DELETE_SENT):
-                self._open(data, payloads)
-                self._out = None
-                self._next_msgid += 1
-                self._send_next_delete(now)
-        except p.IKEv2Error as exc:
-            if header.exchange == p.ExchangeType.INFORMATIONAL:
-                return  # a forged or garbled Delete answer: keep retransmitting
-            self._fail(Failure.BAD_PACKET, str(exc))
+            except p.IKEv2Error as exc:  # the responder's answer, parsed, but unacceptable
+                self._fail(Failure.BAD_PACKET, str(exc))
+            return
+        if header.exchange not in (p.ExchangeType.IKE_AUTH, p.ExchangeType.INFORMATIONAL):
+            return
+        try:
+            inner = self._open(data, payloads)
+        except p.IKEv2Error:
+            return  # fails integrity: not from the responder (§2.21), keep retransmitting
+        if header.exchange == p.ExchangeType.IKE_AUTH and self.state is State.AUTH_SENT:
+            try:
+                self._on_auth_response(header, inner, now)
+            except p.IKEv2Error as exc:
+                self._fail(Failure.BAD_PACKET, str(exc))
+        elif header.exchange == p.ExchangeType.INFORMATIONAL and self.state is State.DELETE_SENT:
+            self._out = None
+            self._next_msgid += 1
+            self._send_next_delete(now)
 
     def handle_timer(self, now: float) -> None:
         out = self._out
