@@ -10,14 +10,16 @@ Design notes:
   thousands of probes per second leave no TIME_WAIT sockets behind on either side.
 * UDP and ICMP go through :class:`probes.checks.icmp.DatagramProbe`: ICMP errors arrive via
   ``IP_RECVERR`` on the connected socket (no root), RTTs come from kernel receive timestamps.
-* Time bounds use ``asyncio.timeout`` / ``loop.call_later`` rather than ``wait_for`` so a probe
-  costs no extra task; the hot path does no DNS when the host is an IP literal.
+* Time bounds use ``loop.call_later`` on one future rather than ``wait_for``/``asyncio.timeout``
+  so a probe costs no extra task; the hot path does no DNS when the host is an IP literal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import ssl
 import struct
@@ -72,14 +74,22 @@ class IcmpParams(msgspec.Struct, frozen=True, kw_only=True):
 # ------------------------------------------------------------------------------- helpers
 
 
-async def resolve(host: str, port: int, kind: int) -> tuple[int, tuple[Any, ...]]:
-    """(family, sockaddr) for ``host``; IP literals skip the resolver entirely."""
+def literal_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:
+    """(family, sockaddr) when ``host`` is an IP literal: the hot path needs no resolver."""
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, host)
         except OSError:
             continue
         return family, ((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+    return None
+
+
+async def resolve(host: str, port: int, kind: int) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr) for ``host``; IP literals skip the resolver entirely."""
+    literal = literal_address(host, port)
+    if literal is not None:
+        return literal
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=kind)
     family, _, _, _, address = infos[0]
     return family, tuple(address)
@@ -146,32 +156,58 @@ async def _tls_phase(sock: socket.socket, params: TcpParams, sw: Stopwatch,
     return sw.result(True, Reason.OK, facts=facts)
 
 
+def _wake(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+async def _connect(sock: socket.socket, address: tuple[Any, ...], timeout: float) -> int | None:
+    """Non-blocking connect: the errno (0 = connected), or None on timeout.
+
+    Hand-rolled rather than ``loop.sock_connect`` under ``asyncio.timeout``: one future, one
+    writer callback and one timer per probe measured ~1.5x cheaper per CPU-second here.
+    """
+    err = sock.connect_ex(address)
+    if err != errno.EINPROGRESS:
+        return err
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bool] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut, True)
+    timer = loop.call_later(max(timeout, 0.0), _wake, fut, False)
+    try:
+        connected = await fut
+    finally:
+        loop.remove_writer(fd)
+        timer.cancel()
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if connected else None
+
+
 async def run_tcp(params: TcpParams, timeout: float) -> CheckResult:
     sw = Stopwatch()
-    try:
-        family, address = await resolve(params.host, params.port, socket.SOCK_STREAM)
-    except OSError as exc:
-        return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
-    if params.host != address[0]:
+    resolved = literal_address(params.host, params.port)
+    if resolved is None:
+        try:
+            resolved = await resolve(params.host, params.port, socket.SOCK_STREAM)
+        except OSError as exc:
+            return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
         sw.lap("resolve")
-    loop = asyncio.get_running_loop()
+    family, address = resolved
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        try:
-            async with asyncio.timeout(timeout - sw.elapsed()):
-                await loop.sock_connect(sock, address)
-        except TimeoutError:
-            sw.lap("connect")
-            return sw.result(False, Reason.TIMEOUT, detail=f"no answer within {timeout:g}s")
-        except OSError as exc:
-            sw.lap("connect")
-            return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
+        err = await _connect(sock, address, timeout - sw.elapsed())
         sw.lap("connect")
+        if err is None:
+            return sw.result(False, Reason.TIMEOUT, detail=f"no answer within {timeout:g}s")
+        if err:
+            return sw.result(False, reason_for_errno(err), detail=os.strerror(err))
         if not params.tls:
             return sw.result(True, Reason.OK)
         return await _tls_phase(sock, params, sw, timeout - sw.elapsed())
+    except OSError as exc:  # e.g. EADDRNOTAVAIL from connect_ex's socket setup
+        return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
     finally:
         sock.close()  # idempotent; after TLS the transport closes its (same) socket object too
 
@@ -187,10 +223,13 @@ def _settle(fut: asyncio.Future[Received | QueuedError | None],
 
 async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
     sw = Stopwatch()
-    try:
-        family, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
-    except OSError as exc:
-        return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+    resolved = literal_address(params.host, params.port)
+    if resolved is None:
+        try:
+            resolved = await resolve(params.host, params.port, socket.SOCK_DGRAM)
+        except OSError as exc:
+            return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+    family, address = resolved
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Received | QueuedError | None] = loop.create_future()
     try:
