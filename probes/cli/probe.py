@@ -25,6 +25,8 @@ PROBE_MODULES: tuple[str, ...] = (
     "probe_wireguard",
     "probe_openvpn",
     "probe_ikev2",
+    "probe_quic",
+    "probe_mtu",
 )
 
 

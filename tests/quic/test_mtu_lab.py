@@ -6,6 +6,8 @@ too big with ICMP frag-needed to the agent; ``lab.black_hole_pmtu(agent)`` drops
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
 import pytest
@@ -65,3 +67,18 @@ def test_path_below_required_mtu(mtulab: MtuLab) -> None:
 def test_no_echo_service_is_icmp_unreachable(mtulab: MtuLab) -> None:
     result = _probe(mtulab, port=ECHO_PORT + 1)
     assert result.reason is Reason.ICMP_UNREACHABLE, result
+
+
+def test_cli_reports_black_hole_with_exit_1_and_json(mtulab: MtuLab) -> None:
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    argv = [sys.executable, "-m", "probes.cli", "probe", "mtu", mtulab.node.address,
+            str(ECHO_PORT), "--json"]
+    proc = mtulab.agent.run(argv, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["facts"]["path_mtu"] == 1400
+    mtulab.lab.black_hole_pmtu(mtulab.agent)
+    proc = mtulab.agent.run([*argv, "--probe-wait", "0.2"], check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 1
+    assert result["reason"] == "mtu-black-hole"
+    assert result["facts"]["path_mtu"] == 1400

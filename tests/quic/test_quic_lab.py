@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
 import pytest
@@ -101,3 +103,33 @@ def test_server_host_down_is_timeout(quiclab: QuicLab) -> None:
     quiclab.lab.partition(quiclab.gone)
     result = _check(quiclab, quic.HANDSHAKE, timeout=1.0, host=quiclab.gone.address)
     assert result.reason is Reason.TIMEOUT, result
+
+
+# ------------------------------------------------------------------------------ one-shot CLI
+
+
+def _cli(env: QuicLab, *argv: str) -> tuple[int, str]:
+    proc = env.agent.run([sys.executable, "-m", "probes.cli", "probe", "quic", *argv],
+                         check=False)
+    return proc.returncode, proc.stdout
+
+
+def test_cli_connect_udp_json_contract(quiclab: QuicLab) -> None:
+    code, out = _cli(quiclab, quiclab.node.address, "--port", str(QUIC_PORT),
+                     "--server-name", SERVER_NAME, "--ca-file", str(quiclab.ca_file),
+                     "--connect-udp", f"{quiclab.node.address}:{ECHO_PORT}", "--json")
+    result = json.loads(out)
+    assert code == 0, out
+    assert result["ok"] is True and result["reason"] == "ok"
+    assert result["quality"]["received"] == 5
+    assert {"duration_seconds", "phases"} <= set(result)
+
+
+def test_cli_exit_codes_for_failure_and_usage_error(quiclab: QuicLab) -> None:
+    code, out = _cli(quiclab, quiclab.node.address, "--port", str(REFUSE_PORT),
+                     "--server-name", SERVER_NAME, "--ca-file", str(quiclab.ca_file),
+                     "--connect-ip")
+    assert code == 1
+    assert "reason=connect-refused" in out
+    code, _ = _cli(quiclab, quiclab.node.address, "--ca-file", "/nonexistent/ca.pem")
+    assert code == 2
