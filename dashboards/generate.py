@@ -32,8 +32,8 @@ from grafana_foundation_sdk.builders import (
 )
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
-    DataSourceRef,
     DashboardLinkType,
+    DataSourceRef,
     DataTransformerConfig,
     VariableRefresh,
 )
@@ -147,9 +147,13 @@ def base(uid: str, title: str, description: str) -> dashboard.Dashboard:
 
 def with_region_pop(d: dashboard.Dashboard) -> dashboard.Dashboard:
     return d.with_variable(
-        variable("region", "Region", "label_values(tunnelwatch_node_verdict, region)")
+        variable("region", "Region", "label_values(node:tunnelwatch_node_placement:info, region)")
     ).with_variable(
-        variable("pop", "PoP", 'label_values(tunnelwatch_node_verdict{region=~"$region"}, pop)')
+        variable(
+            "pop",
+            "PoP",
+            'label_values(node:tunnelwatch_node_placement:info{region=~"$region"}, pop)',
+        )
     )
 
 
@@ -204,7 +208,7 @@ def fleet_overview() -> dashboard.Dashboard:
         single(
             "Nodes held by the pool guard",
             "none",
-            "sum(tunnelwatch_mesh_pool_guard_held_nodes)",
+            "sum(tunnelwatch_mesh_pool_guard_holding)",
             "held",
             desc="Failing nodes kept in service because their pool is at its DOWN share.",
         )
@@ -213,7 +217,7 @@ def fleet_overview() -> dashboard.Dashboard:
         bars(
             "Nodes by PoP and state",
             "none",
-            f'sum by (pop, state) (tunnelwatch_node_verdict{{{POP}, region=~"$region"}})',
+            f'sum by (pop, state) (node:tunnelwatch_verdict:state{{{POP}, region=~"$region"}})',
             "{{pop}} {{state}}",
             desc="The verdict map: how many nodes of each PoP are in each state right now.",
             w=24,
@@ -298,9 +302,13 @@ def node_detail() -> dashboard.Dashboard:
         "tunnelwatch / Node detail",
         "One node seen from every vantage: results, reasons, timings, tunnel quality, telemetry.",
     )
-    d = d.with_variable(variable("pop", "PoP", "label_values(tunnelwatch_node_verdict, pop)"))
     d = d.with_variable(
-        variable("node", "Node", 'label_values(tunnelwatch_node_verdict{pop=~"$pop"}, node)')
+        variable("pop", "PoP", "label_values(node:tunnelwatch_node_placement:info, pop)")
+    )
+    d = d.with_variable(
+        variable(
+            "node", "Node", 'label_values(node:tunnelwatch_node_placement:info{pop=~"$pop"}, node)'
+        )
     )
     sel = f"{NODE}"
     d = d.with_row(dashboard.Row("Verdict and results"))
@@ -308,7 +316,7 @@ def node_detail() -> dashboard.Dashboard:
         ts(
             "Verdict state",
             "none",
-            query(f"tunnelwatch_node_verdict{{{sel}}} == 1", "{{node}} {{state}}"),
+            query(f"node:tunnelwatch_verdict:state{{{sel}}}", "{{node}} {{state}}"),
             desc="The mesh's verdict (one series per state the node was in).",
         )
     )
@@ -346,20 +354,32 @@ def node_detail() -> dashboard.Dashboard:
             desc="The SLO edge is 0.15 s for handshakes.",
         )
     )
+    d = d.with_panel(
+        ts(
+            "Last probe's phases",
+            "s",
+            query(
+                f"max by (check, phase) (tunnelwatch_probe_phase_duration_seconds{{{sel}}})",
+                "{{check}} {{phase}}",
+            ),
+            desc="Where a probe spends its time (connect, handshake, tunnel...), worst vantage.",
+            w=24,
+        )
+    )
     d = d.with_row(dashboard.Row("In-tunnel quality"))
     d = d.with_panel(
         ts(
             "In-tunnel P99 RTT by vantage",
             "s",
-            query(f"tunnelwatch_tunnel_rtt_p99_seconds{{{sel}}}", "{{vantage}} {{check}}"),
+            query(f"tunnelwatch_probe_rtt_p99_seconds{{{sel}}}", "{{vantage}} {{check}}"),
         )
     )
     d = d.with_panel(
         ts(
             "In-tunnel loss (15 m)",
             "percentunit",
-            query(f"node:tunnelwatch_tunnel_loss:ratio_rate15m{{{sel}}}", "{{node}}"),
-            desc="Alert above 0.1 %.",
+            query(f"node:tunnelwatch_probe_loss:ratio_median15m{{{sel}}}", "{{node}}"),
+            desc="Median across vantages of in-tunnel session loss; alert above 0.1 %.",
         )
     )
     d = d.with_row(dashboard.Row("Node telemetry"))
@@ -423,6 +443,14 @@ def vantage_matrix() -> dashboard.Dashboard:
     )
     d = d.with_panel(
         ts(
+            "Seconds since the mesh heard from each vantage",
+            "s",
+            query(f"tunnelwatch_mesh_vantage_last_report_age_seconds{{{VANTAGE}}}", "{{vantage}}"),
+            desc="A stale vantage is left out of the vote.",
+        )
+    )
+    d = d.with_panel(
+        ts(
             "Probe attempts per second by vantage",
             "ops",
             query(
@@ -437,8 +465,8 @@ def vantage_matrix() -> dashboard.Dashboard:
             "Spool fill",
             "percentunit",
             query(
-                f"tunnelwatch_agent_spool_bytes{{{VANTAGE}}}"
-                f" / tunnelwatch_agent_spool_capacity_bytes{{{VANTAGE}}}",
+                f"tunnelwatch_spool_bytes{{{VANTAGE}}}"
+                f" / tunnelwatch_spool_capacity_bytes{{{VANTAGE}}}",
                 "{{vantage}}",
             ),
             desc="Reports waiting for the mesh; alert above 50 % for 10 minutes.",
@@ -451,7 +479,7 @@ def vantage_matrix() -> dashboard.Dashboard:
             "ops",
             query(
                 "sum by (vantage) "
-                f"(rate(tunnelwatch_agent_spool_dropped_total{{{VANTAGE}}}[{RATE}]))",
+                f"(rate(tunnelwatch_spool_dropped_observations_total{{{VANTAGE}}}[{RATE}]))",
                 "{{vantage}}",
             ),
             w=8,
@@ -459,10 +487,14 @@ def vantage_matrix() -> dashboard.Dashboard:
     )
     d = d.with_panel(
         ts(
-            "Scheduler lag",
+            "Scheduler lag P99",
             "s",
-            query(f"tunnelwatch_agent_scheduler_lag_seconds{{{VANTAGE}}}", "{{vantage}}"),
-            desc="How late checks start; above 1 s timings are suspect.",
+            query(
+                "histogram_quantile(0.99, sum by (le, vantage) "
+                f"(rate(tunnelwatch_scheduler_lag_seconds_bucket{{{VANTAGE}}}[{RATE}])))",
+                "{{vantage}}",
+            ),
+            desc="How late probes start after their slot; alert when 5 % start 250 ms late.",
             w=8,
         )
     )
@@ -494,7 +526,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
             "Rejected batches by reason",
             "ops",
             query(
-                f"sum by (reason) (rate(tunnelwatch_mesh_ingest_rejected_total[{RATE}]))",
+                f"sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[{RATE}]))",
                 "{{reason}}",
             ),
             desc="Bad signature, replay, stale timestamp, schema... (alert above 0.01/s).",
@@ -514,7 +546,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
         ts(
             "Nodes held by the pool guard",
             "none",
-            query("tunnelwatch_mesh_pool_guard_held_nodes", "{{pool}}"),
+            query("tunnelwatch_mesh_pool_guard_holding", "{{pool}}"),
         )
     )
     d = d.with_row(dashboard.Row("Publishing"))

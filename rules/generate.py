@@ -46,8 +46,15 @@ NODE_LABELS = "node, pool, pop, region"
 
 # Failures the agent blames on itself (docs/metrics-agent.md): never the node's fault, never budget.
 AGENT_SIDE_REASONS = "probe-error|overloaded"
-# Handshake checks are the functional tier (probes/checks/base.py Tier.FUNCTIONAL).
-HANDSHAKE = 'tier="functional"'
+# The agent's series carry the check *name*; protocol checks are named after their kind
+# (probes/agent/plan.py). Handshakes: the functional-tier protocol kinds, not mtu.udp.
+HANDSHAKE = (
+    r'check=~"wireguard\\.handshake|openvpn\\.(reset|tls)|ikev2\\.(init|auth)|quic\\.handshake"'
+)
+# In-tunnel synthetic sessions: the session-tier kinds.
+SESSION = (
+    r'check=~"wireguard\\.session|openvpn\\.(session|tunnel)|ikev2\\.tunnel|quic\\.connect-.+"'
+)
 NODE_FAULT = f'reason!~"{AGENT_SIDE_REASONS}"'
 # The latency SLO edge: the agent's histogram has a bucket at exactly 0.15 s.
 HANDSHAKE_FAST = HANDSHAKE + ', le="0.15"'
@@ -211,22 +218,45 @@ def alert(
 
 def pop_building_blocks() -> list[dict[str, Any]]:
     """Per-PoP and per-node series the SLOs, alerts and dashboards share."""
-    verdict = "tunnelwatch_node_verdict"
+    verdict = "node:tunnelwatch_verdict:state"
     return [
         {
+            # Where each node belongs, from the agent's series (every planned check is exported
+            # from the start, so this exists as soon as an agent is scraped). The mesh's verdict
+            # series carry node and pool only; this join gives them pop and region.
+            "record": "node:tunnelwatch_node_placement:info",
+            "expr": f"group by ({NODE_LABELS}) (tunnelwatch_probe_attempts_total)",
+        },
+        {
+            # The mesh exports one series per node, value 1, labelled with the current state.
+            "record": verdict,
+            "expr": (
+                "max by (node, pool, state) (tunnelwatch_mesh_node_verdict)\n"
+                "* on (node, pool) group_left (pop, region)\n"
+                "node:tunnelwatch_node_placement:info"
+            ),
+        },
+        {
+            # "or 0 * total": a PoP with no DOWN node has 0, not no series.
             "record": "pop:tunnelwatch_nodes_down:count",
-            "expr": f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})',
+            "expr": (
+                f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})\n'
+                f"or\n0 * sum by ({POP_LABELS}) ({verdict})"
+            ),
         },
         {
             # UP and DEGRADED nodes carry traffic; DRAINING/MAINTENANCE are admin states.
             "record": "pop:tunnelwatch_nodes_serving:count",
-            "expr": f'sum by ({POP_LABELS}) ({verdict}{{state=~"UP|DEGRADED"}})',
+            "expr": (
+                f'sum by ({POP_LABELS}) ({verdict}{{state=~"UP|DEGRADED"}})\n'
+                f"or\n0 * sum by ({POP_LABELS}) ({verdict})"
+            ),
         },
         {
             # Admin drain is a state, not a failure: drained nodes leave the denominator.
             "record": "pop:tunnelwatch_node_unavailable:ratio",
             "expr": (
-                f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})\n/\n'
+                "pop:tunnelwatch_nodes_down:count\n/\n"
                 f'sum by ({POP_LABELS}) ({verdict}{{state!~"DRAINING|MAINTENANCE"}})'
             ),
         },
@@ -244,19 +274,21 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             ),
         },
         {
-            "record": "node:tunnelwatch_tunnel_loss:ratio_rate15m",
+            # In-tunnel loss: the agent exports each session probe's loss ratio as a gauge; average
+            # it over 15 minutes per series, then take the median across vantages and checks so
+            # one vantage's bad path does not decide.
+            "record": "node:tunnelwatch_probe_loss:ratio_median15m",
             "expr": (
-                "1 - (\n"
-                f"  sum by ({NODE_LABELS}) (rate(tunnelwatch_tunnel_packets_received_total[15m]))\n"
-                "  /\n"
-                f"  sum by ({NODE_LABELS}) (rate(tunnelwatch_tunnel_packets_sent_total[15m]))\n"
-                ")"
+                f"quantile by ({NODE_LABELS}) (0.5,\n"
+                f"  avg_over_time(tunnelwatch_probe_loss_ratio{{{SESSION}}}[15m])\n)"
             ),
         },
         {
-            # Median across vantages of each vantage's p99: one far-away vantage does not decide.
-            "record": "node:tunnelwatch_tunnel_rtt_p99_seconds:median",
-            "expr": (f"quantile by ({NODE_LABELS}) (0.5, tunnelwatch_tunnel_rtt_p99_seconds)"),
+            # In-tunnel latency: median across vantages of each session probe's P99 RTT.
+            "record": "node:tunnelwatch_probe_rtt_p99_seconds:median",
+            "expr": (
+                f"quantile by ({NODE_LABELS}) (0.5, tunnelwatch_probe_rtt_p99_seconds{{{SESSION}}})"
+            ),
         },
         {
             # Reconnects per active session per second (node telemetry: sessions that re-handshook
@@ -364,7 +396,7 @@ def fleet_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "NodeDown",
-            f'max by ({NODE_LABELS}) (tunnelwatch_node_verdict{{state="DOWN"}}) == 1',
+            f'max by ({NODE_LABELS}) (node:tunnelwatch_verdict:state{{state="DOWN"}}) == 1',
             for_="5m",
             severity="warning",
             labels={"scope": "node"},
@@ -390,7 +422,7 @@ def fleet_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "TunnelDropRateHigh",
-            "node:tunnelwatch_tunnel_loss:ratio_rate15m > 0.001",
+            "node:tunnelwatch_probe_loss:ratio_median15m > 0.001",
             for_="15m",
             severity="warning",
             labels={"scope": "node"},
@@ -403,7 +435,7 @@ def fleet_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "TunnelLatencyHigh",
-            "node:tunnelwatch_tunnel_rtt_p99_seconds:median > 0.15",
+            "node:tunnelwatch_probe_rtt_p99_seconds:median > 0.15",
             for_="15m",
             severity="warning",
             labels={"scope": "node"},
@@ -477,7 +509,14 @@ def mesh_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "PoolGuardHolding",
-            fleet_pop("max by (pool, pop, region) (tunnelwatch_mesh_pool_guard_held_nodes) > 0"),
+            # the guard works per pool; the pool's PoP comes from the placement join, and a pool
+            # no agent reports on still alerts, as pop="fleet"
+            "max by (pool, pop, region) (\n"
+            "  tunnelwatch_mesh_pool_guard_holding\n"
+            "  * on (pool) group_left (pop, region)\n"
+            "  group by (pool, pop, region) (node:tunnelwatch_node_placement:info)\n"
+            ") > 0\n"
+            "or on (pool)\n" + fleet_pop("max by (pool) (tunnelwatch_mesh_pool_guard_holding) > 0"),
             for_="1m",
             severity="critical",
             labels={"scope": "pool"},
@@ -490,7 +529,7 @@ def mesh_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "MeshIngestRejects",
-            fleet_pop("sum by (reason) (rate(tunnelwatch_mesh_ingest_rejected_total[10m])) > 0.01"),
+            fleet_pop("sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[10m])) > 0.01"),
             for_="10m",
             severity="warning",
             labels={"scope": "mesh"},
@@ -536,8 +575,9 @@ def agent_alerts() -> list[dict[str, Any]]:
         alert(
             "AgentSpoolFilling",
             fleet_pop(
-                "max by (vantage) (tunnelwatch_agent_spool_bytes"
-                " / tunnelwatch_agent_spool_capacity_bytes) > 0.5"
+                "max by (vantage) (\n"
+                "  tunnelwatch_spool_bytes / tunnelwatch_spool_capacity_bytes\n"
+                ") > 0.5"
             ),
             for_="10m",
             severity="warning",
@@ -552,7 +592,7 @@ def agent_alerts() -> list[dict[str, Any]]:
         alert(
             "AgentSpoolDropping",
             fleet_pop(
-                "sum by (vantage) (increase(tunnelwatch_agent_spool_dropped_total[10m])) > 0"
+                "sum by (vantage) (increase(tunnelwatch_spool_dropped_observations_total[10m])) > 0"
             ),
             severity="warning",
             labels={"scope": "agent"},
@@ -565,14 +605,23 @@ def agent_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "AgentSchedulerLagging",
-            fleet_pop("max by (vantage) (tunnelwatch_agent_scheduler_lag_seconds) > 1"),
+            # share of probes that started more than 250 ms after their slot (lag histogram)
+            fleet_pop(
+                "1 - (\n"
+                "  sum by (vantage)\n"
+                '  (rate(tunnelwatch_scheduler_lag_seconds_bucket{le="0.25"}[10m]))\n'
+                "  /\n"
+                "  sum by (vantage) (rate(tunnelwatch_scheduler_lag_seconds_count[10m]))\n"
+                ") > 0.05"
+            ),
             for_="10m",
             severity="warning",
             labels={"scope": "agent"},
             summary="An agent starts its checks late.",
             description=(
-                "Agent at vantage {{ $labels.vantage }} starts checks "
-                "{{ $value | humanizeDuration }} late; its timings may be inflated."
+                "Agent at vantage {{ $labels.vantage }} starts "
+                "{{ $value | humanizePercentage }} of its probes more than 250ms late; "
+                "their timings may be inflated."
             ),
             runbook="agent.md",
         ),
@@ -658,7 +707,7 @@ def render_prometheus_rule(files: list[RuleFile]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Write the rule files (and the PrometheusRule) to ``argv[1]``, default rules/ (and deploy/)."""
+    """Write the rule files and the PrometheusRule to ``argv[1]`` (default rules/, deploy/)."""
     out = Path(argv[1]) if len(argv) > 1 else HERE
     files = build()
     for rf in files:

@@ -95,6 +95,17 @@ def test_selector_extraction_is_not_vacuous() -> None:
     expr = 'sum(rate(a_total{x="1"}[$__rate_interval])) / on (p) group_left () (1 - b:c{d="e"})'
     assert metric_catalog.selectors(expr) == {"a_total", "b:c"}
     assert metric_catalog.unknown({"no_such_metric", "up"}) == {"no_such_metric"}
+    exported = metric_catalog.exported()
+    if (metric_catalog.ROOT / "probes/agent/metrics.py").exists():
+        assert {
+            "tunnelwatch_probe_attempts_total",
+            "tunnelwatch_probe_duration_seconds",
+        } <= exported
+    if (metric_catalog.ROOT / "probes/mesh/metrics.py").exists():
+        assert {
+            "tunnelwatch_mesh_node_verdict",
+            "tunnelwatch_mesh_ingest_rejects_total",
+        } <= exported
 
 
 def test_every_panel_queries_known_metrics() -> None:
