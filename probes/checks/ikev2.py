@@ -170,13 +170,17 @@ class _Session:
             self.outcome.closed = event
 
     async def run_until(self, done: type, deadline: float) -> None:
-        """Pump datagrams and timers until an event of type ``done`` (or a failure) arrives."""
+        """Pump datagrams and timers until an event of type ``done`` arrives, or (except while
+        closing, which must finish even after a failure) a failure."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
+            self.ini.handle_timer(now)  # no-op unless due; here so a busy inbox cannot starve it
             await self.flush(now)
             self._collect()
-            if self._reached(done) or self.outcome.failed is not None or self.outcome.icmp:
+            if self._reached(done):
+                return
+            if done is not Closed and (self.outcome.failed is not None or self.outcome.icmp):
                 return
             timer = self.ini.get_timer()
             wait = deadline - now if timer is None else min(timer, deadline) - now

@@ -78,6 +78,7 @@ async def test_failures_are_results_never_exceptions() -> None:
         wrong = await execute(AUTH, _params(ports, psk="nope"), 3.0)
         none = await execute(INIT, _params(ports, proposals=("aes128-sha256-modp2048",)), 3.0)
     assert forged.reason is Reason.AUTH_FAILED and responder.deleted == [1], forged
+    assert forged.facts["delete_acked"] is True  # the IKE SA the responder holds is gone
     assert wrong.reason is Reason.AUTH_FAILED, wrong
     assert none.reason is Reason.NO_PROPOSAL_CHOSEN and none.facts["alive"] is True, none
 
