@@ -21,6 +21,7 @@ import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -48,6 +49,9 @@ from probes.protocols.ikev2.proposals import (
     DEFAULT_IKE_PROPOSALS,
     parse_ike_proposals,
 )
+
+if TYPE_CHECKING:
+    from probes.config import Target
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +476,31 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
         return watch.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
                             detail=f"no echo reply from {dst} through the CHILD_SA")
     return watch.result(True, Reason.OK, quality=quality, facts=facts)
+
+
+# --- agent plan -------------------------------------------------------------------------------
+
+def params_from_target(target: Target, base_dir: Path) -> dict[str, Ikev2Params]:
+    """The ``ikev2:`` section of a config target -> params per check kind (see agent/plan.py).
+    ``ikev2.auth`` needs a ``psk_file``; ``ikev2.tunnel`` also needs ``ping``."""
+    section = target.ikev2
+    if section is None:
+        return {}
+    psk_file = None
+    if section.psk_file is not None:
+        path = Path(section.psk_file)
+        psk_file = str(path if path.is_absolute() else base_dir / path)
+    base = Ikev2Params(host=target.address, port=section.port,
+                       proposals=tuple(section.proposals), psk_file=psk_file,
+                       local_id=section.local_id or "tunnelwatch-probe",
+                       remote_id=section.remote_id, ping=section.ping,
+                       echo_count=section.echo_count)
+    out = {INIT.name: base}
+    if psk_file is not None:
+        out[AUTH.name] = base
+        if section.ping is not None:
+            out[TUNNEL.name] = base
+    return out
 
 
 # --- registration -----------------------------------------------------------------------------

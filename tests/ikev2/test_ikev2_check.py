@@ -7,12 +7,13 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import cast
 
 import pytest
 
 from probes.checks.base import execute
-from probes.checks.ikev2 import AUTH, INIT, TUNNEL, Ikev2Params, run_level
+from probes.checks.ikev2 import AUTH, INIT, TUNNEL, Ikev2Params, params_from_target, run_level
 from probes.model import Reason
 from tests.ikev2.fake_responder import FakeResponder
 
@@ -120,3 +121,21 @@ def test_resolve_failure() -> None:
         socket.getaddrinfo(name, 500)
     result = asyncio.run(run_level(Ikev2Params(host=name), 1.0, "init"))
     assert result.reason is Reason.RESOLVE_FAILED
+
+
+def test_params_from_config_target(tmp_path: Path) -> None:
+    from probes.config import IKEv2Target, Target
+
+    target = Target(id="n1", pool="p", pop="fra", region="eu", address="192.0.2.10",
+                    ikev2=IKEv2Target(psk_file="psk", remote_id="node.example",
+                                      ping="10.210.0.1", echo_count=3))
+    built = params_from_target(target, tmp_path)
+    assert set(built) == {"ikev2.init", "ikev2.auth", "ikev2.tunnel"}
+    assert built["ikev2.auth"].psk_file == str(tmp_path / "psk")
+    assert built["ikev2.tunnel"].host == "192.0.2.10" and built["ikev2.tunnel"].echo_count == 3
+    bare = Target(id="n2", pool="p", pop="fra", region="eu", address="192.0.2.11",
+                  ikev2=IKEv2Target())
+    assert set(params_from_target(bare, tmp_path)) == {"ikev2.init"}
+    plan = pytest.importorskip("probes.agent.plan")  # the agent's planner picks these up
+    planned = plan.plan_target(target, tmp_path, tmp_path)
+    assert {c.check for c in planned} >= {"ikev2.init", "ikev2.auth", "ikev2.tunnel"}
