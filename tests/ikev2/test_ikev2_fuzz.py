@@ -154,6 +154,7 @@ def test_proposal_parser_raises_only_its_own_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100k examples; the project default of 300 s is for normal tests
 @pytest.mark.parametrize("target", TARGETS, ids=lambda f: f.__name__)
 def test_parsers_fuzz_long(target: object) -> None:
     assert callable(target)
