@@ -42,6 +42,7 @@ per observation.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -132,7 +133,7 @@ class CheckState:
 class NodeVantage:
     """Per (node, vantage): its checks and the opinion the tier cascade derived from them."""
 
-    __slots__ = ("checks", "dirty", "fresh", "node", "opinion", "seen", "vantage")
+    __slots__ = ("checks", "dirty", "fresh", "node", "opinion", "seen", "vantage", "wheeled")
 
     def __init__(self, node: NodeState, vantage: VantageState) -> None:
         self.node = node
@@ -142,6 +143,7 @@ class NodeVantage:
         self.opinion = OP_NONE
         self.fresh = False  # as of the node's last evaluation
         self.dirty = False
+        self.wheeled = False  # registered in the engine's staleness wheel
 
 
 class VantageState:
@@ -214,6 +216,8 @@ class DecisionEngine:
         self._dirty_nodes: list[NodeState] = []
         self._suppressed: dict[tuple[str, str, str], CheckState] = {}  # while damped
         self._vantages_changed = False
+        self._wheel: dict[int, list[NodeVantage]] = {}
+        self._wheel_keys: list[int] = []  # heap of the wheel's bucket keys
         # counters for /metrics
         self.observations_total = 0
         self.unknown_node_total = 0
@@ -293,6 +297,8 @@ class DecisionEngine:
                 if not node.dirty:
                     node.dirty = True
                     dirty_nodes.append(node)
+                if not nv.wheeled:
+                    self._wheel_add(nv, now)
             nv.seen = now
             ok = obs.ok
             quality = obs.quality
@@ -349,11 +355,20 @@ class DecisionEngine:
                 if check.suppressed_until <= now:
                     del self._suppressed[key]
                     self._mark_nv(check.nv)
+        # staleness wheel: buckets of whole seconds of "seen"; a bucket is looked at once all of
+        # its members could be stale, and members seen since move to their newer bucket, so each
+        # (node, vantage) costs O(1) per stale_after instead of a scan of all of them per tick
         stale = self.policy.stale_after_seconds
-        for vantage in self.vantages.values():
-            for nv in vantage.nvs:
-                if nv.fresh and now - nv.seen > stale:
-                    self._mark_node(nv.node)
+        threshold = now - stale
+        keys = self._wheel_keys
+        while keys and keys[0] + 1 <= threshold:
+            for nv in self._wheel.pop(heapq.heappop(keys)):
+                if now - nv.seen > stale:
+                    nv.wheeled = False  # re-registered by its next observation
+                    if nv.fresh:
+                        self._mark_node(nv.node)
+                else:
+                    self._wheel_add(nv, nv.seen)
         self._vantages_changed = True  # vantage freshness moves with time
         return self._settle(now)
 
@@ -372,6 +387,16 @@ class DecisionEngine:
         return changes
 
     # ---- settling: opinions, impairment, votes, guard ---------------------------------------
+
+    def _wheel_add(self, nv: NodeVantage, seen: float) -> None:
+        nv.wheeled = True
+        key = math.floor(seen)
+        bucket = self._wheel.get(key)
+        if bucket is None:
+            self._wheel[key] = [nv]
+            heapq.heappush(self._wheel_keys, key)
+        else:
+            bucket.append(nv)
 
     def _mark_nv(self, nv: NodeVantage) -> None:
         if not nv.dirty:

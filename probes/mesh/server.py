@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -93,9 +94,22 @@ def build_app(
     return app
 
 
+def tune_gc() -> None:
+    """Make the collector cheap for a process holding ~10^6 long-lived engine objects.
+
+    With the default thresholds every few thousand allocations (one decoded batch) trigger a
+    young collection and the full collections rescan the whole engine. Objects alive after start-up
+    move to the permanent generation, and young collections run 100x less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def serve(cfg: MeshConfig) -> None:
     """Run the mesh until SIGINT/SIGTERM."""
     host, port = cfg.listen_host_port()
     app = build_app(cfg)
+    tune_gc()
     log.info("mesh listening on %s:%d, database %s", host, port, cfg.database)
     web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -5,26 +5,18 @@ later verdicts would differ)."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from probes.mesh import signing
 from probes.mesh.decision import DecisionEngine
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
-from probes.model import ObservationBatch, encode
+from probes.model import ObservationBatch
 from tests.mesh.helpers import fleet, obs, write_mesh_config
+from tests.mesh.process import MeshProcess, free_port, post
 
 pytestmark = pytest.mark.mesh
 
@@ -32,12 +24,6 @@ AGENTS = ("va", "vb", "vc")
 NODES = 20
 ROUNDS = 30
 KILL_AFTER = 40  # acknowledged batches before the kill
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def script() -> list[ObservationBatch]:
@@ -59,48 +45,6 @@ def script() -> list[ObservationBatch]:
     return batches
 
 
-class MeshProcess:
-    def __init__(self, config: Path, port: int) -> None:
-        self.config = config
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = Path(sys.executable).parent / "tunnelwatch"
-        self.proc = subprocess.Popen(
-            [str(exe), "mesh", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.config.parent / "mesh.log", "ab"),  # noqa: SIM115
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.base + "/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-            assert self.proc.poll() is None, (self.config.parent / "mesh.log").read_text()
-        raise AssertionError("mesh did not come up")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.base + path, timeout=5) as r:
-            return json.load(r)
-
-
 @pytest.fixture
 def mesh_process(tmp_path: Path) -> Iterator[MeshProcess]:
     extra = "decision:\n  damping: {enabled: false}\n"
@@ -110,23 +54,6 @@ def mesh_process(tmp_path: Path) -> Iterator[MeshProcess]:
         yield mesh
     finally:
         mesh.kill()
-
-
-def post(mesh: MeshProcess, folder: Path, batch: ObservationBatch) -> int | None:
-    """HTTP status, or None when the connection failed (the mesh is dead)."""
-    body = encode(batch)
-    key = signing.load_key(folder / f"{batch.agent}.key")
-    headers = signing.signed_headers(batch.agent, batch.agent, key, body, time.time())
-    req = urllib.request.Request(
-        mesh.base + "/v1/batches", data=body, headers=headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
 
 
 def test_sigkill_mid_stream_then_restart(mesh_process: MeshProcess, tmp_path: Path) -> None:
