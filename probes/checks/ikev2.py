@@ -355,6 +355,9 @@ def _init_result(session: _Session, watch: Stopwatch,
         facts["alive"] = o.failed.failure not in (Failure.TIMEOUT, Failure.BAD_PACKET)
         return watch.result(False, _FAILURE_REASONS[o.failed.failure], detail=o.failed.detail,
                             facts=facts)
+    if session.ini.dropped:  # something answers on the port, but it does not speak IKEv2 to us
+        return watch.result(False, Reason.BAD_RESPONSE, facts=facts,
+                            detail=f"{session.ini.dropped} datagrams back, none an IKE answer")
     return watch.result(False, Reason.TIMEOUT, detail="no IKE_SA_INIT answer", facts=facts)
 
 

@@ -85,7 +85,11 @@ async def test_failures_are_results_never_exceptions() -> None:
 
     async with serve(lambda data: os.urandom(len(data))) as ports:  # noise back: dropped
         noise = await execute(INIT, _params(ports), 0.6)
-    assert noise.reason is Reason.TIMEOUT and noise.facts.get("alive") is not True, noise
+    assert noise.reason is Reason.BAD_RESPONSE and noise.facts.get("alive") is not True, noise
+
+    async with serve(lambda data: None) as ports:  # silence
+        silent = await execute(INIT, _params(ports), 0.4)
+    assert silent.reason is Reason.TIMEOUT, silent
 
     refuse = FakeResponder(address=("127.0.0.1", 0), refuse_child=True)
     async with serve(refuse.handle) as ports:

@@ -188,6 +188,7 @@ class Initiator:
         self.sa_init_answered = False  # the responder holds state for us from here on
         self._auth_answered = False  # it answered IKE_AUTH: it either dropped the SA or set it up
         self._established = False  # the responder holds an established IKE SA for us
+        self.dropped = 0  # datagrams that were not IKE for us (garbage, foreign SPI, bad ICV)
 
     # --- public API ---------------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -216,8 +217,10 @@ class Initiator:
         try:
             header, payloads = p.decode_message(data)
         except p.IKEv2Error:
+            self.dropped += 1
             return
         if header.spi_i != self.spi_i:
+            self.dropped += 1
             return
         if not header.is_response:
             self._answer_peer_request(header, payloads, data, now)
@@ -236,6 +239,7 @@ class Initiator:
         try:
             inner = self._open(data, payloads)
         except p.IKEv2Error:
+            self.dropped += 1
             return  # fails integrity: not from the responder (§2.21), keep retransmitting
         if header.exchange == p.ExchangeType.IKE_AUTH and self.state is State.AUTH_SENT:
             try:
