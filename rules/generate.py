@@ -108,7 +108,18 @@ class Slo:
 
 
 def _rate(metric: str, sel: str, w: str) -> str:
-    return f"sum by ({POP_LABELS}) (rate({metric}{{{sel}}}[{w}]))"
+    selector = f"{metric}{{{sel}}}" if sel else metric
+    return f"sum by ({POP_LABELS}) (rate({selector}[{w}]))"
+
+
+def _failure_ratio(sel: str, w: str) -> str:
+    """Failures / attempts. The agent creates a failure series at its first failure, so a PoP
+    that never failed has none: ``or 0 * attempts`` makes its ratio 0 instead of absent."""
+    failures = _rate(
+        "tunnelwatch_probe_failures_total", ", ".join(filter(None, (sel, NODE_FAULT))), w
+    )
+    attempts = _rate("tunnelwatch_probe_attempts_total", sel, w)
+    return f"(\n  {failures}\n  or\n  0 * {attempts}\n)\n/\n{attempts}"
 
 
 SLOS = (
@@ -130,10 +141,7 @@ SLOS = (
         objective=0.9995,
         what="probe error ratio across all vantages",
         summary="PoP probe error budget is burning too fast.",
-        error=(
-            f"{_rate('tunnelwatch_probe_failures_total', NODE_FAULT, '{w}')}"
-            f"\n/\n{_rate('tunnelwatch_probe_attempts_total', '', '{w}')}"
-        ),
+        error=_failure_ratio("", "{w}"),
         total=_rate("tunnelwatch_probe_attempts_total", "", "{w}"),
         runbook="slo.md",
     ),
@@ -143,10 +151,7 @@ SLOS = (
         objective=0.996,
         what="handshake error ratio",
         summary="VPN handshake error budget is burning too fast.",
-        error=(
-            f"{_rate('tunnelwatch_probe_failures_total', HANDSHAKE + ', ' + NODE_FAULT, '{w}')}"
-            f"\n/\n{_rate('tunnelwatch_probe_attempts_total', HANDSHAKE, '{w}')}"
-        ),
+        error=_failure_ratio(HANDSHAKE, "{w}"),
         total=_rate("tunnelwatch_probe_attempts_total", HANDSHAKE, "{w}"),
         runbook="slo.md",
     ),
