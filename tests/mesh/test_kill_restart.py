@@ -6,6 +6,8 @@ later verdicts would differ)."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +90,19 @@ def test_sigkill_mid_stream_then_restart(mesh_process: MeshProcess, tmp_path: Pa
     for batch in pending[1:]:
         assert post(mesh_process, tmp_path, batch) == 200
     log = mesh_process.get("/v1/verdicts?after=0&limit=100000")["log"]
+    exe = Path(sys.executable).parent / "tunnelwatch"
+    table = subprocess.run(
+        [str(exe), "status", "--once", "--url", mesh_process.base],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     mesh_process.stop()
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()
+    assert rows[0].split()[:4] == ["node", "va", "vb", "vc"]
+    assert len([r for r in rows if r[:1] == "n" and r[1:2].isdigit()]) == NODES
 
     # reference: one uninterrupted engine over the same batches
     policy = DecisionPolicy(damping=DampingPolicy(enabled=False))
