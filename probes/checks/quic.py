@@ -45,6 +45,7 @@ from cryptography import x509
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
 from probes.checks.l4 import quality_of, resolve
+from probes.config import Target
 from probes.model import Reason
 from probes.protocols import capsules as cap
 
@@ -214,6 +215,9 @@ class _ClientProtocol(QuicConnectionProtocol):
             await self.changed()
         return self.h3_events.popleft()
 
+    def next_stream_id(self) -> int:
+        return self._quic.get_next_available_stream_id()
+
     def quic_version(self) -> int | None:
         version: int | None = self._quic._version  # aioquic has no public getter
         return version
@@ -254,8 +258,12 @@ async def _connection(params: QuicParams, config: QuicConfiguration, sw: Stopwat
         raise _Failed(_reason_for_socket_error(exc), str(exc)) from None
     quic = QuicConnection(configuration=config,
                           session_ticket_handler=tickets.append if tickets is not None else None)
-    transport, protocol = await loop.create_datagram_endpoint(lambda: _ClientProtocol(quic),
-                                                              sock=sock)
+    try:
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _ClientProtocol(quic), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         protocol.connect(address)
         yield protocol
@@ -356,7 +364,7 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
     authority = (params.server_name or params.host).encode()
     if params.port != 443:
         authority += b":%d" % params.port
-    stream_id = conn._quic.get_next_available_stream_id()
+    stream_id = conn.next_stream_id()
     h3.send_headers(stream_id, [
         (b":method", b"CONNECT"), (b":protocol", protocol.encode()), (b":scheme", b"https"),
         (b":authority", authority), (b":path", path.encode()), (b"capsule-protocol", b"?1"),
@@ -499,6 +507,29 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
 
 async def run_connect_ip(params: QuicParams, timeout: float) -> CheckResult:
     return await _run(params, timeout, _connect_ip_body)
+
+
+def params_from_target(target: Target, base_dir: Path) -> dict[str, QuicParams]:
+    """The ``quic:`` section of a config target -> params per check kind (see agent/plan.py).
+
+    ``quic.connect-udp`` runs when ``connect_udp_target`` is set; ``quic.connect-ip`` only when
+    the target's ``checks`` ask for it (an HTTP/3 node is not necessarily a MASQUE proxy).
+    """
+    section = target.quic
+    if section is None:
+        return {}
+    ca_file = None
+    if section.ca_file is not None:
+        path = Path(section.ca_file)
+        ca_file = str(path if path.is_absolute() else base_dir / path)
+    base = QuicParams(host=target.address, port=section.port, server_name=section.server_name,
+                      ca_file=ca_file, target=section.connect_udp_target)
+    out = {HANDSHAKE.name: base}
+    if section.connect_udp_target is not None:
+        out[CONNECT_UDP.name] = base
+    if CONNECT_IP.name in target.checks:
+        out[CONNECT_IP.name] = base
+    return out
 
 
 HANDSHAKE = register(CheckKind(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aioquic.quic.events import ConnectionTerminated
 
+from probes.agent.plan import plan_target
 from probes.checks import mtu, quic
+from probes.config import QUICTarget, Target
 from probes.model import Reason
 
 pytestmark = pytest.mark.quic
@@ -128,3 +131,30 @@ def test_mtu_params_out_of_order_is_a_probe_error() -> None:
     params = mtu.MtuParams(host="127.0.0.1", port=9, min_size=1400, max_size=1300)
     result = asyncio.run(execute(mtu.UDP, params, 2.0))
     assert result.reason is Reason.PROBE_ERROR
+
+
+# ------------------------------------------------------------------------ agent plan wiring
+
+
+def _target(checks: tuple[str, ...] = (), **quic_fields: Any) -> Target:
+    return Target(id="n1", pool="p", pop="ams", region="eu", address="192.0.2.10",
+                  quic=QUICTarget(**quic_fields), checks=list(checks))
+
+
+def test_agent_plans_handshake_and_connect_udp_from_the_quic_section(tmp_path: Path) -> None:
+    target = _target(port=4433, server_name="n1.vpn", ca_file="ca.pem",
+                     connect_udp_target="10.0.0.1:7")
+    planned = {p.check: p for p in plan_target(target, tmp_path, tmp_path)}
+    assert set(planned) == {"quic.handshake", "quic.connect-udp"}
+    params = planned["quic.connect-udp"].params
+    assert (params.host, params.port, params.server_name) == ("192.0.2.10", 4433, "n1.vpn")
+    assert params.ca_file == str(tmp_path / "ca.pem")
+    assert params.target == "10.0.0.1:7"
+
+
+def test_connect_ip_is_planned_only_when_asked_for(tmp_path: Path) -> None:
+    assert [p.check for p in plan_target(_target(), tmp_path, tmp_path)] == [
+        "quic.handshake"]
+    asked = _target(checks=("quic.connect-ip",))
+    assert [p.check for p in plan_target(asked, tmp_path, tmp_path)] == [
+        "quic.connect-ip"]
