@@ -46,7 +46,8 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     max_body_bytes: int = 8 * 1024 * 1024
     timestamp_window_seconds: float = 300.0
     tick_seconds: float = 1.0
-    snapshot_every: int = 10_000  # journal entries between engine snapshots
+    snapshot_every: int = 10_000  # journal entries between engine snapshots ...
+    snapshot_bytes: int = 256 * 1024 * 1024  # ... or journaled bytes, whichever comes first
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
     publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
 
@@ -98,6 +99,8 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.tick_seconds", "must be > 0")
     if cfg.snapshot_every < 1:
         yield Problem("$.snapshot_every", "must be >= 1")
+    if cfg.snapshot_bytes < 1:
+        yield Problem("$.snapshot_bytes", "must be >= 1")
     if cfg.durability not in ("normal", "full"):
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)

@@ -148,5 +148,10 @@ class MeshCollector(Collector):
             value=service.journal_since_snapshot,
         )
         yield GaugeMetricFamily(
+            P + "snapshot_duration_seconds",
+            "How long the last engine snapshot blocked the mesh.",
+            value=service.last_snapshot_seconds,
+        )
+        yield GaugeMetricFamily(
             P + "check_states", "Tracked (node, vantage, check) states.", value=engine.check_count()
         )

@@ -42,7 +42,9 @@ def load_keys(cfg: MeshConfig) -> dict[str, AgentKey]:
 
 def open_service(cfg: MeshConfig) -> MeshService:
     store = SQLiteStore(cfg.database, durability="full" if cfg.durability == "full" else "normal")
-    return MeshService(store, cfg.decision, cfg.node_infos(), cfg.snapshot_every)
+    return MeshService(
+        store, cfg.decision, cfg.node_infos(), cfg.snapshot_every, cfg.snapshot_bytes
+    )
 
 
 def build_app(

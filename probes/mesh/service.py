@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -40,9 +41,13 @@ class MeshService:
         policy: DecisionPolicy,
         nodes: Sequence[NodeInfo],
         snapshot_every: int = 10_000,
+        snapshot_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.snapshot_every = snapshot_every
+        self.snapshot_bytes = snapshot_bytes
+        self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
+        self._bytes_since_snapshot = 0
         self.agent_seq: dict[str, int] = {}
         self.last_now = 0.0
         self.replayed_entries = 0
@@ -96,9 +101,12 @@ class MeshService:
         return engine.set_admin(action.node, action.state, entry.now, action.actor)
 
     def _snapshot(self, engine: DecisionEngine | None = None) -> None:
+        started = time.perf_counter()
         blob = pickle.dumps(engine or self.engine, protocol=pickle.HIGHEST_PROTOCOL)
         self.store.save_snapshot(self._last_journal_id, blob)
         self._since_snapshot = 0
+        self._bytes_since_snapshot = 0
+        self.last_snapshot_seconds = time.perf_counter() - started
 
     def _commit(
         self,
@@ -115,7 +123,12 @@ class MeshService:
             self.engine = self._recover(self._policy, self._nodes)
             raise
         self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every:
+        self._bytes_since_snapshot += len(entry.payload)
+        # bound both what a restart replays and the journal's disk use
+        if (
+            self._since_snapshot >= self.snapshot_every
+            or self._bytes_since_snapshot >= self.snapshot_bytes
+        ):
             self._snapshot()
         if verdicts:
             self._announce(verdicts)

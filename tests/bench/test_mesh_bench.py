@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import pickle
 import time
 import tracemalloc
 from pathlib import Path
@@ -260,6 +261,13 @@ def test_mesh_memory_per_check_state() -> None:
         f"\nmemory: {used / 2**20:.1f} MiB for {states:,} (node, vantage, check) states = "
         f"{used / states:.0f} bytes/state including the per-(node, vantage) and per-node state "
         f"(target <= 1024; ratio {used / states / 1024:.2f})"
+    )
+    start = time.perf_counter()
+    blob = pickle.dumps(engine, protocol=pickle.HIGHEST_PROTOCOL)
+    took = time.perf_counter() - start
+    print(
+        f"snapshot (pickle) of that engine: {len(blob) / 2**20:.0f} MiB in {took:.2f} s "
+        "(blocks ingest)"
     )
     start = time.perf_counter()
     for b in batches:
