@@ -28,8 +28,9 @@ import ipaddress
 import os
 import socket
 import ssl
+import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ from aioquic.tls import SessionTicket
 from cryptography import x509
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.icmp import (
+    IcmpParseError,
+    build_echo_request,
+    checksum,
+    parse_icmp,
+    strip_ipv4_header,
+)
 from probes.checks.l4 import quality_of, resolve
 from probes.config import Target
 from probes.model import Reason
@@ -80,6 +88,7 @@ class QuicParams(msgspec.Struct, frozen=True, kw_only=True):
     # connect-ip
     ip_target: str = "*"  # RFC 9484 template variables; "*" = any
     ip_protocol: str = "*"
+    ip_ping: str | None = None  # in-tunnel IPv4 address to ICMP-echo after ADDRESS_ASSIGN
 
 
 class QuicConfigError(ValueError):
@@ -388,9 +397,112 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
         return h3, stream_id
 
 
+_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+_IPPROTO_ICMP = 1
+
+
+def ipv4_icmp_echo(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, identifier: int,
+                   sequence: int, payload: bytes) -> bytes:
+    """An IPv4 packet (DF, TTL 64) carrying an ICMP echo request: what CONNECT-IP tunnels."""
+    icmp = build_echo_request(identifier, sequence, payload)
+    header = _IPV4_HEADER.pack(0x45, 0, _IPV4_HEADER.size + len(icmp), 0, 0x4000, 64,
+                               _IPPROTO_ICMP, 0, src.packed, dst.packed)
+    csum = checksum(header).to_bytes(2, "big")
+    return header[:10] + csum + header[12:] + icmp
+
+
+def ipv4_echo_reply_sequence(packet: bytes, identifier: int) -> int | None:
+    """The sequence number of an ICMP echo reply with our identifier, else None."""
+    try:
+        if len(packet) < _IPV4_HEADER.size or packet[9] != _IPPROTO_ICMP:
+            return None
+        message = parse_icmp(strip_ipv4_header(packet))
+    except IcmpParseError:
+        return None
+    if not message.is_reply or message.identifier != identifier:
+        return None
+    return message.sequence
+
+
 def _echo_payload(seq: int, size: int) -> bytes:
     head = _ECHO_MAGIC + seq.to_bytes(4, "big")
     return head + os.urandom(max(0, size - len(head)))
+
+
+def _echo_payload_seq(payload: bytes) -> int | None:
+    if len(payload) < len(_ECHO_MAGIC) + 4 or not payload.startswith(_ECHO_MAGIC):
+        return None
+    return int.from_bytes(payload[len(_ECHO_MAGIC):len(_ECHO_MAGIC) + 4], "big")
+
+
+async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
+                        params: QuicParams, *, build: Callable[[int], tuple[bytes, int]],
+                        key_of: Callable[[bytes], int | None]) -> list[float]:
+    """Send ``echo_count`` HTTP datagrams (context ID 0) and time the replies.
+
+    ``build(seq)`` gives a payload and the key its reply must carry; ``key_of(payload)`` reads
+    the key of a received payload (None: not ours). Returns the RTTs of the replies that came.
+    """
+    loop = asyncio.get_running_loop()
+    sent_at: dict[int, float] = {}
+    rtts: list[float] = []
+    parser = cap.CapsuleParser()
+
+    def on_payload(data: bytes, now: float) -> None:
+        try:
+            context_id, payload = cap.decode_http_datagram(data)
+        except cap.CapsuleError:
+            return
+        key = key_of(payload) if context_id == 0 else None
+        sent = sent_at.pop(key, None) if key is not None else None
+        if sent is not None:
+            rtts.append(now - sent)
+
+    async def sender() -> None:
+        for seq in range(params.echo_count):
+            payload, key = build(seq)
+            sent_at[key] = time.monotonic()
+            h3.send_datagram(stream_id, cap.encode_http_datagram(0, payload))
+            conn.transmit()
+            await asyncio.sleep(params.echo_interval)
+
+    send_task = asyncio.create_task(sender())
+    # stop early enough to report what came back rather than a bare timeout
+    deadline = loop.time() + params.echo_count * params.echo_interval + ECHO_GRACE
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                while len(rtts) < params.echo_count:
+                    event = await conn.next_h3_event()
+                    now = time.monotonic()
+                    if isinstance(event, DatagramReceived) and event.stream_id == stream_id:
+                        on_payload(event.data, now)
+                    elif isinstance(event, DataReceived) and event.stream_id == stream_id:
+                        # datagrams may also come as DATAGRAM capsules on the stream
+                        for capsule in parser.feed(event.data):
+                            if capsule.type == cap.CapsuleType.DATAGRAM:
+                                on_payload(capsule.value, now)
+                        if event.stream_ended:
+                            raise _Failed(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
+    except cap.CapsuleError as exc:
+        raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
+    finally:
+        send_task.cancel()
+    return rtts
+
+
+def _echo_result(params: QuicParams, sw: Stopwatch, rtts: list[float],
+                 facts: dict[str, Fact]) -> CheckResult:
+    quality = quality_of(params.echo_count, rtts)
+    if not rtts:
+        return sw.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
+                         detail="no echo came back through the proxy")
+    if quality.loss_ratio > params.loss_threshold:
+        return sw.result(False, Reason.TUNNEL_LOSS, quality=quality, facts=facts)
+    p50 = quality.rtt_p50_seconds
+    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
+        return sw.result(False, Reason.TUNNEL_RTT, quality=quality, facts=facts)
+    return sw.result(True, Reason.OK, quality=quality, facts=facts)
 
 
 async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
@@ -399,66 +511,17 @@ async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: S
         raise QuicConfigError("quic.connect-udp needs a target (host:port)")
     target_host, target_port = split_target(params.target)
     path = f"/.well-known/masque/udp/{_path_segment(target_host)}/{target_port}/"
-    loop = asyncio.get_running_loop()
+    facts["target"] = params.target
     async with _connection(params, config, sw) as conn:
         h3, stream_id = await _extended_connect(conn, params, sw, "connect-udp", path)
-        sent_at: dict[bytes, float] = {}
-        rtts: list[float] = []
-        parser = cap.CapsuleParser()
-
-        def on_payload(data: bytes, now: float) -> None:
-            try:
-                context_id, payload = cap.decode_http_datagram(data)
-            except cap.CapsuleError:
-                return
-            sent = sent_at.pop(payload, None)
-            if context_id == 0 and sent is not None:
-                rtts.append(now - sent)
-
-        async def sender() -> None:
-            for seq in range(params.echo_count):
-                payload = _echo_payload(seq, params.payload_size)
-                sent_at[payload] = time.monotonic()
-                h3.send_datagram(stream_id, cap.encode_http_datagram(0, payload))
-                conn.transmit()
-                await asyncio.sleep(params.echo_interval)
-
-        send_task = asyncio.create_task(sender())
-        # stop early enough to report what came back rather than a bare timeout
-        deadline = loop.time() + params.echo_count * params.echo_interval + ECHO_GRACE
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    while len(rtts) < params.echo_count:
-                        event = await conn.next_h3_event()
-                        now = time.monotonic()
-                        if isinstance(event, DatagramReceived) and event.stream_id == stream_id:
-                            on_payload(event.data, now)
-                        elif isinstance(event, DataReceived) and event.stream_id == stream_id:
-                            # datagrams may also come as DATAGRAM capsules on the stream
-                            for capsule in parser.feed(event.data):
-                                if capsule.type == cap.CapsuleType.DATAGRAM:
-                                    on_payload(capsule.value, now)
-                            if event.stream_ended:
-                                raise _Failed(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
-        except cap.CapsuleError as exc:
-            raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
-        finally:
-            send_task.cancel()
+        rtts = await _echo_through(
+            conn, h3, stream_id, params,
+            build=lambda seq: (_echo_payload(seq, params.payload_size), seq),
+            key_of=_echo_payload_seq)
         sw.lap("echo")
         with contextlib.suppress(Exception):
             h3.send_data(stream_id, b"", end_stream=True)
-    quality = quality_of(params.echo_count, rtts)
-    facts["target"] = params.target
-    if not rtts:
-        return sw.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
-                         detail="no datagram came back through the proxy")
-    if quality.loss_ratio > params.loss_threshold:
-        return sw.result(False, Reason.TUNNEL_LOSS, quality=quality, facts=facts)
-    p50 = quality.rtt_p50_seconds
-    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
-        return sw.result(False, Reason.TUNNEL_RTT, quality=quality, facts=facts)
-    return sw.result(True, Reason.OK, quality=quality, facts=facts)
+    return _echo_result(params, sw, rtts, facts)
 
 
 async def run_connect_udp(params: QuicParams, timeout: float) -> CheckResult:
@@ -469,6 +532,10 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
                            facts: dict[str, Fact]) -> CheckResult:
     path = (f"/.well-known/masque/ip/{_path_segment(params.ip_target)}/"
             f"{_path_segment(params.ip_protocol)}/")
+    try:
+        ping = ipaddress.IPv4Address(params.ip_ping) if params.ip_ping else None
+    except ValueError:
+        raise QuicConfigError(f"ip_ping must be an IPv4 address, got {params.ip_ping!r}") from None
     async with _connection(params, config, sw) as conn:
         h3, stream_id = await _extended_connect(conn, params, sw, "connect-ip", path)
         # ask for any IPv4 address (RFC 9484 §4.7.2: all-zero address = no preference)
@@ -495,14 +562,31 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
         except cap.CapsuleError as exc:
             raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
         sw.lap("address_assign")
+        if not assigned:
+            return sw.result(False, Reason.BAD_RESPONSE, facts=facts,
+                             detail="ADDRESS_ASSIGN assigned no address")
+        facts["assigned"] = ",".join(f"{a.address}/{a.prefix_length}" for a in assigned)
+        facts["routes"] = len(routes)
+        if ping is None:
+            with contextlib.suppress(Exception):
+                h3.send_data(stream_id, b"", end_stream=True)
+            return sw.result(True, Reason.OK, facts=facts)
+        source = next((a.address for a in assigned
+                       if isinstance(a.address, ipaddress.IPv4Address)), None)
+        if source is None:
+            return sw.result(False, Reason.BAD_RESPONSE, facts=facts,
+                             detail="no IPv4 address assigned to ping from")
+        ident = int.from_bytes(os.urandom(2), "big")
+        pad = bytes(max(0, params.payload_size))
+        rtts = await _echo_through(
+            conn, h3, stream_id, params,
+            build=lambda seq: (ipv4_icmp_echo(source, ping, ident, seq, pad), seq),
+            key_of=lambda packet: ipv4_echo_reply_sequence(packet, ident))
+        sw.lap("echo")
         with contextlib.suppress(Exception):
             h3.send_data(stream_id, b"", end_stream=True)
-    if not assigned:
-        return sw.result(False, Reason.BAD_RESPONSE, facts=facts,
-                         detail="ADDRESS_ASSIGN assigned no address")
-    facts["assigned"] = ",".join(f"{a.address}/{a.prefix_length}" for a in assigned)
-    facts["routes"] = len(routes)
-    return sw.result(True, Reason.OK, facts=facts)
+    facts["ping"] = str(ping)
+    return _echo_result(params, sw, rtts, facts)
 
 
 async def run_connect_ip(params: QuicParams, timeout: float) -> CheckResult:
@@ -540,4 +624,4 @@ CONNECT_UDP = register(CheckKind(
     "MASQUE CONNECT-UDP (RFC 9298): HTTP datagrams echoed through the proxy, RTT and loss"))
 CONNECT_IP = register(CheckKind(
     "quic.connect-ip", Tier.SESSION, QuicParams, run_connect_ip,
-    "MASQUE CONNECT-IP (RFC 9484): 2xx and a parsed ADDRESS_ASSIGN capsule"))
+    "MASQUE CONNECT-IP (RFC 9484): 2xx, a parsed ADDRESS_ASSIGN, optional in-tunnel ICMP echo"))

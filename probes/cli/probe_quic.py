@@ -18,12 +18,14 @@ def _run(args: argparse.Namespace) -> int:
         return usage_error("--count must be >= 1")
     if not 0.0 <= args.loss_threshold <= 1.0:
         return usage_error("--loss-threshold must be between 0 and 1")
+    if args.ip_ping and not args.connect_ip:
+        return usage_error("--ip-ping needs --connect-ip")
     params = quic.QuicParams(
         host=args.host, port=args.port, server_name=args.server_name, ca_file=args.ca_file,
         verify=not args.insecure, alpn=args.alpn, resume=args.resume,
         target=args.connect_udp, echo_count=args.count, echo_interval=args.interval,
         payload_size=args.size, loss_threshold=args.loss_threshold,
-        rtt_threshold=args.rtt_threshold)
+        rtt_threshold=args.rtt_threshold, ip_ping=args.ip_ping)
     try:  # configuration problems are usage errors here, not a failed node
         quic.client_configuration(params)
         if args.connect_udp:
@@ -57,7 +59,9 @@ def add_parser(sub: Any) -> None:
                       help="CONNECT-UDP to this UDP echo service and echo datagrams through it")
     mode.add_argument("--connect-ip", action="store_true",
                       help="CONNECT-IP up to a 2xx and a parsed ADDRESS_ASSIGN")
-    parser.add_argument("--count", type=int, default=5, help="datagrams to echo (connect-udp)")
+    parser.add_argument("--ip-ping", metavar="ADDR",
+                        help="with --connect-ip: ICMP-echo this IPv4 address inside the tunnel")
+    parser.add_argument("--count", type=int, default=5, help="echoes to send")
     parser.add_argument("--interval", type=float, default=0.05,
                         help="seconds between datagrams")
     parser.add_argument("--size", type=int, default=32, help="datagram payload bytes")

@@ -7,7 +7,8 @@ Run inside a lab host: ``python -m probes.lab.masque --listen 0.0.0.0:4433 --cer
   ``capsule-protocol: ?1``; HTTP datagrams (context ID 0) and DATAGRAM capsules are relayed to the
   target over a connected UDP socket, replies come back as HTTP datagrams.
 * CONNECT-IP (RFC 9484): ``/.well-known/masque/ip/...`` answered 200, then an ADDRESS_ASSIGN
-  (answering an ADDRESS_REQUEST's ID, or unsolicited with ID 0) and a ROUTE_ADVERTISEMENT.
+  (answering an ADDRESS_REQUEST's ID) and a ROUTE_ADVERTISEMENT; inside the tunnel the gateway
+  address 10.200.0.1 answers ICMP echo (IPv4 packets in HTTP datagrams, context ID 0).
 * ``--refuse STATUS``: every CONNECT is answered with that status (e.g. 403).
 * ``--alpn P``: offer ALPN ``P`` instead of ``h3`` (a client asking for h3 then fails).
 * ``--echo HOST:PORT``: a UDP echo service (the CONNECT-UDP target; also the MTU probe's
@@ -37,12 +38,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent
 from aioquic.tls import SessionTicket
 
+from probes.checks.icmp import checksum
 from probes.checks.quic import MAX_DATAGRAM_FRAME_SIZE, H3DatagramConnection
 from probes.protocols import capsules as cap
 
 log = logging.getLogger("masque")
 
 ASSIGNED_ADDRESS = ipaddress.IPv4Address("10.200.0.2")
+GATEWAY_ADDRESS = ipaddress.IPv4Address("10.200.0.1")  # answers ICMP echo inside CONNECT-IP
 ROUTE = cap.AddressRange(ipaddress.IPv4Address("10.200.0.0"),
                          ipaddress.IPv4Address("10.200.0.255"), 0)
 
@@ -69,6 +72,22 @@ class _UdpRelay(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.session.send_datagram(self.stream_id, cap.encode_http_datagram(0, data))
+
+
+def icmp_echo_reply_for(packet: bytes) -> bytes | None:
+    """The reply to an IPv4 ICMP echo request for :data:`GATEWAY_ADDRESS`, else None."""
+    if len(packet) < 28 or packet[0] != 0x45 or packet[9] != 1:
+        return None
+    if packet[16:20] != GATEWAY_ADDRESS.packed or packet[20] != 8:
+        return None
+    icmp = bytearray(packet[20:])
+    icmp[0], icmp[2:4] = 0, b"\x00\x00"
+    icmp[2:4] = checksum(bytes(icmp)).to_bytes(2, "big")
+    header = bytearray(packet[:20])
+    header[12:16], header[16:20] = packet[16:20], packet[12:16]
+    header[8], header[10:12] = 64, b"\x00\x00"
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + bytes(icmp)
 
 
 class MasqueServerProtocol(QuicConnectionProtocol):
@@ -154,8 +173,14 @@ class MasqueServerProtocol(QuicConnectionProtocol):
             context_id, payload = cap.decode_http_datagram(http_datagram)
         except cap.CapsuleError:
             return
-        if relay is not None and context_id == 0:
+        if context_id != 0:
+            return
+        if relay is not None:
             relay.sendto(payload)
+        elif stream_id in self.ip_streams:
+            reply = icmp_echo_reply_for(payload)
+            if reply is not None:
+                self.send_datagram(stream_id, cap.encode_http_datagram(0, reply))
 
     def _on_data(self, event: DataReceived) -> None:
         parser = self.parsers.get(event.stream_id)

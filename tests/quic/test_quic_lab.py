@@ -68,6 +68,13 @@ def test_connect_ip_gets_2xx_and_a_parsed_address_assign(quiclab: QuicLab) -> No
     assert result.facts["routes"] == 1
 
 
+def test_connect_ip_echoes_icmp_inside_the_tunnel(quiclab: QuicLab) -> None:
+    result = _check(quiclab, quic.CONNECT_IP, ip_ping="10.200.0.1", echo_count=5,
+                    echo_interval=0.01)
+    assert result.ok, result
+    assert result.quality is not None and result.quality.received == 5
+
+
 def test_wrong_ca_is_cert_verify_failed(quiclab: QuicLab) -> None:
     result = _check(quiclab, quic.HANDSHAKE, ca_file=str(quiclab.other_ca_file))
     assert result.reason is Reason.CERT_VERIFY_FAILED, result

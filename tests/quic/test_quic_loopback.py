@@ -110,3 +110,17 @@ def test_insecure_mode_skips_verification(loopback: Loopback, tmp_path: Path) ->
     assert strict.reason is Reason.CERT_VERIFY_FAILED
     lax = asyncio.run(execute(quic.HANDSHAKE, _params(loopback, ca_file=None, verify=False), 5.0))
     assert lax.ok, lax
+
+
+def test_connect_ip_pings_the_gateway_inside_the_tunnel(loopback: Loopback) -> None:
+    result = asyncio.run(execute(quic.CONNECT_IP, _params(
+        loopback, ip_ping="10.200.0.1", echo_count=4, echo_interval=0.01), 5.0))
+    assert result.ok, result
+    assert result.quality is not None and result.quality.received == 4
+    assert result.facts["ping"] == "10.200.0.1"
+
+
+def test_connect_ip_ping_to_a_silent_address_is_tunnel_no_reply(loopback: Loopback) -> None:
+    result = asyncio.run(execute(quic.CONNECT_IP, _params(
+        loopback, ip_ping="10.200.0.77", echo_count=2, echo_interval=0.01), 5.0))
+    assert result.reason is Reason.TUNNEL_NO_REPLY, result

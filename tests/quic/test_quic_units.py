@@ -158,3 +158,30 @@ def test_connect_ip_is_planned_only_when_asked_for(tmp_path: Path) -> None:
     asked = _target(checks=("quic.connect-ip",))
     assert [p.check for p in plan_target(asked, tmp_path, tmp_path)] == [
         "quic.connect-ip"]
+
+
+def test_ipv4_icmp_echo_packet_and_lab_reply_round_trip() -> None:
+    import ipaddress
+
+    from probes.checks.icmp import checksum
+    from probes.lab.masque import icmp_echo_reply_for
+
+    src, dst = ipaddress.IPv4Address("10.200.0.2"), ipaddress.IPv4Address("10.200.0.1")
+    request = quic.ipv4_icmp_echo(src, dst, 0x1234, 7, b"abc")
+    assert len(request) == 20 + 8 + 3
+    assert checksum(request[:20]) == 0 and checksum(request[20:]) == 0  # valid checksums
+    assert quic.ipv4_echo_reply_sequence(request, 0x1234) is None  # a request is not a reply
+    reply = icmp_echo_reply_for(request)
+    assert reply is not None
+    assert reply[12:16] == dst.packed and reply[16:20] == src.packed
+    assert checksum(reply[:20]) == 0 and checksum(reply[20:]) == 0
+    assert quic.ipv4_echo_reply_sequence(reply, 0x1234) == 7
+    assert quic.ipv4_echo_reply_sequence(reply, 0x9999) is None
+    assert quic.ipv4_echo_reply_sequence(b"\x45junk", 0x1234) is None
+    other = quic.ipv4_icmp_echo(src, ipaddress.IPv4Address("10.200.0.9"), 1, 1, b"")
+    assert icmp_echo_reply_for(other) is None
+
+
+async def test_connect_ip_with_a_bad_ping_address_is_a_probe_error() -> None:
+    result = await quic.run_connect_ip(quic.QuicParams(host="127.0.0.1", ip_ping="nope"), 1.0)
+    assert result.reason is Reason.PROBE_ERROR
