@@ -222,6 +222,7 @@ class DecisionEngine:
         self.observations_total = 0
         self.unknown_node_total = 0
         self.duplicate_total = 0
+        self.late_total = 0
         self.transitions: dict[tuple[str, str], int] = {}
         self.guard_holds_total = 0
         self.damping_suppressions_total = 0
@@ -273,6 +274,7 @@ class DecisionEngine:
         max_loss = policy.quality.max_loss_ratio
         max_p99 = policy.quality.max_rtt_p99_seconds
         stale = policy.stale_after_seconds
+        oldest = now - policy.max_age_seconds if policy.max_age_seconds else -math.inf
         checks = self._checks
         dirty_nv = self._dirty_nv
         dirty_nodes = self._dirty_nodes
@@ -287,6 +289,9 @@ class DecisionEngine:
                     continue
             if obs.seq <= check.seq:
                 self.duplicate_total += 1
+                continue
+            if obs.wall_time < oldest:
+                self.late_total += 1
                 continue
             accepted += 1
             check.seq = obs.seq

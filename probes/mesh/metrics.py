@@ -122,6 +122,7 @@ class MeshCollector(Collector):
         )
         dropped.add_metric(["unknown-node"], engine.unknown_node_total)
         dropped.add_metric(["duplicate"], engine.duplicate_total)
+        dropped.add_metric(["late"], engine.late_total)
         yield dropped
 
         stats = self._ingest

@@ -124,6 +124,9 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quality: QualityBounds = msgspec.field(default_factory=QualityBounds)
     quorum: QuorumPolicy = msgspec.field(default_factory=QuorumPolicy)
     stale_after_seconds: float = 30.0
+    # observations older than this when they arrive (agent wall clock vs mesh clock: spooled
+    # through a partition, say) are not evidence of the present and are dropped; 0 keeps them all
+    max_age_seconds: float = 120.0
     impairment: ImpairmentPolicy = msgspec.field(default_factory=ImpairmentPolicy)
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
     # check-kind prefix -> tier; the longest matching prefix wins, ``default_tier`` otherwise
@@ -198,6 +201,8 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
     if qu.min_voters < 1:
         raise PolicyError(f"must be >= 1, got {qu.min_voters}", f"{p}.quorum.min_voters")
     _positive(policy.stale_after_seconds, f"{p}.stale_after_seconds")
+    if policy.max_age_seconds < 0:
+        raise PolicyError(f"must be >= 0, got {policy.max_age_seconds}", f"{p}.max_age_seconds")
     _share(policy.impairment.down_share, f"{p}.impairment.down_share")
     if policy.impairment.min_nodes < 1:
         raise PolicyError(

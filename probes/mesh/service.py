@@ -153,7 +153,13 @@ class MeshService:
     def accept_batch(self, body: bytes, batch: ObservationBatch, now: float) -> list[Verdict]:
         """Apply an already authenticated and validated batch; commit it with its effects."""
         now = self._now(now)
-        verdicts = self.engine.observe(batch.observations, now)
+        try:
+            verdicts = self.engine.observe(batch.observations, now)
+        except Exception:
+            # a bug must not leave half a batch in the engine: rebuild it from the store
+            log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
+            self.engine = self._recover(self._policy, self._nodes)
+            raise
         self._commit(
             JournalEntry(EntryKind.BATCH, now, body),
             verdicts,

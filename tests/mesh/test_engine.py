@@ -360,3 +360,14 @@ def test_policy_defaults_and_tiers() -> None:
     assert policy.tier_of("wireguard.session").value == "session"
     assert policy.tier_of("something-new").value == "functional"
     assert len(fleet(4, 2)) == 4
+
+
+def test_late_observations_are_not_evidence_of_the_present() -> None:
+    eng = engine(1, DecisionPolicy(max_age_seconds=60))
+    eng.observe([obs("n0", v, True, at=1000.0) for v in V3], 1000.0)
+    spooled = [obs("n0", v, False, at=900.0) for v in V3 for _ in range(3)]
+    assert eng.observe(spooled, 1001.0) == []
+    assert eng.late_total == 9 and eng.nodes["n0"].state == UP
+    keep_all = engine(1, DecisionPolicy(max_age_seconds=0))
+    keep_all.observe([obs("n0", "va", True, at=0.0)], 1e9)
+    assert keep_all.late_total == 0

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,16 +33,17 @@ def script() -> list[ObservationBatch]:
     """Deterministic rounds: every few rounds a different fifth of the fleet fails everywhere."""
     batches = []
     obs_seq = dict.fromkeys(AGENTS, 0)
+    start = time.time()  # the mesh drops observations older than max_age_seconds
     for r in range(ROUNDS):
         for a, agent in enumerate(AGENTS):
             items = []
             for i in range(NODES):
                 obs_seq[agent] += 1
                 ok = (i + r // 4) % 5 != 0 or (r % 7 == 3 and a == 0)
-                items.append(obs(f"n{i}", agent, ok, seq=obs_seq[agent], at=float(r)))
+                items.append(obs(f"n{i}", agent, ok, seq=obs_seq[agent], at=start + r))
             batches.append(
                 ObservationBatch(
-                    version=1, agent=agent, batch_seq=r + 1, sent_at=float(r), observations=items
+                    version=1, agent=agent, batch_seq=r + 1, sent_at=start + r, observations=items
                 )
             )
     return batches

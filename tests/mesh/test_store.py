@@ -185,3 +185,30 @@ def test_engine_pickles_compactly() -> None:
     eng = DecisionEngine(POLICY, fleet(3))
     eng.observe([obs(f"n{i}", v, True) for i in range(3) for v in V3], 0.0)
     assert msgspec.json.encode(eng.node_view("n0", 0.0))
+
+
+def test_an_engine_failure_leaves_nothing_half_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = MeshService(SQLiteStore(tmp_path / "m.db"), POLICY, fleet(2))
+    feed(svc, [{"n0": True, "n1": True}])
+    before = svc.engine.observations_total
+
+    original = DecisionEngine.observe
+    calls = []
+
+    def explode(self: DecisionEngine, observations: list, now: float) -> list[Verdict]:
+        calls.append(now)
+        if len(calls) > 1:  # the replay during recovery works
+            return original(self, observations, now)
+        self.observations_total += 1000  # some damage before failing
+        raise RuntimeError("bug")
+
+    body, b = batch("va", 99, {"n0": False}, 5.0)
+    with monkeypatch.context() as m:
+        m.setattr(DecisionEngine, "observe", explode)
+        with pytest.raises(RuntimeError):
+            svc.accept_batch(body, b, 5.0)
+    assert svc.engine.observations_total == before  # rebuilt from the store
+    assert svc.agent_seq["va"] == 1
+    svc.close()
