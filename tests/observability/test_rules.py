@@ -121,3 +121,33 @@ def test_every_recording_rule_has_an_expression_test() -> None:
             if name == rule["record"] and all(labels.get(k) == v for k, v in want.items())
         ]
         assert hits, f"no promql_expr_test for {rule['record']} {want}"
+
+
+# The SRE-workbook thresholds for our budgets, typed from the table in
+# shared/reference/observability-and-style.md, not computed: the generator must agree.
+EXPECTED_BOUNDS = {
+    "pop-availability": {"5m": 0.0072, "30m": 0.003, "2h": 0.0015, "6h": 0.0005},
+    "probe-success": {"5m": 0.0072, "30m": 0.003, "2h": 0.0015, "6h": 0.0005},
+    "handshake-errors": {"5m": 0.0576, "30m": 0.024, "2h": 0.012, "6h": 0.004},
+    "handshake-latency": {"5m": 0.144, "30m": 0.06, "2h": 0.03, "6h": 0.01},
+}
+EXPECTED_WINDOWS = {"5m": ("1h", "critical", "2m"), "30m": ("6h", "critical", "15m")}
+EXPECTED_WINDOWS |= {"2h": ("1d", "warning", "1h"), "6h": ("3d", "warning", "3h")}
+
+
+def test_burn_rate_thresholds_match_the_workbook_table() -> None:
+    seen = set()
+    for rule in _rules():
+        slo = rule.get("labels", {}).get("slo")
+        if "alert" not in rule or slo is None:
+            continue
+        short, long_ = rule["labels"]["short"], rule["labels"]["long"]
+        assert EXPECTED_WINDOWS[short] == (long_, rule["labels"]["severity"], rule["for"])
+        bound = EXPECTED_BOUNDS[slo][short]
+        bounds = [
+            float(b) for b in re.findall(r"ratio_rate\w+\{[^}]*\} > ([0-9.e-]+)", rule["expr"])
+        ]
+        assert bounds == [pytest.approx(bound), pytest.approx(bound)], rule["expr"]
+        assert f"ratio_rate{short}{{" in rule["expr"] and f"ratio_rate{long_}{{" in rule["expr"]
+        seen.add((slo, short))
+    assert seen == {(s, w) for s in EXPECTED_BOUNDS for w in EXPECTED_WINDOWS}
