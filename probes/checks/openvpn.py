@@ -418,6 +418,7 @@ class _Probe:
         not_after = dt.datetime.fromtimestamp(event.not_after, dt.UTC)
         self.facts["cert_not_after"] = not_after.isoformat()
         self.facts["cert_expires_in_seconds"] = round(event.not_after - time.time(), 3)
+        self.facts["cert_subject"] = event.subject
 
     async def handshake(self) -> None:
         session = self.session = self.build_session()

@@ -57,6 +57,7 @@ def test_every_level_succeeds(lab: Lab, proto: str, wrap: str) -> None:
         if level >= Level.TLS:
             assert result.facts["tls_version"] in ("TLSv1.3", "TLSv1.2")
             assert float(result.facts["cert_expires_in_seconds"]) > 86400
+            assert result.facts["cert_subject"] == f"CN={server.name}-server"
             assert result.facts["exit_acknowledged"] is True
         if level >= Level.SESSION:
             assert str(result.facts["pushed_ifconfig"]).startswith(prefix)

@@ -76,6 +76,9 @@ def test_full_session_unwrapped(contexts: tuple[ssl.SSLContext, ssl.SSLContext])
     assert isinstance(push, PushReplyReceived) and push.reply.ifconfig == ("10.8.0.2",
                                                                           "255.255.255.0")
     assert session.stage == Stage.ACTIVE
+    established = events[1]
+    assert isinstance(established, TlsEstablished) and established.subject == "CN=server"
+    assert established.not_after > 0 and established.version == "TLSv1.3"
     assert server.first_control_acks == (0,)  # the stateless server's admission ticket
     assert server.key_method is not None and b"IV_PROTO=" in server.key_method
     assert session.send_exit(0.0)

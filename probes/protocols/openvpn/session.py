@@ -73,6 +73,7 @@ class TlsEstablished:
     cipher: str
     peer_certificate_der: bytes
     not_after: float  # Unix seconds
+    subject: str = ""  # RFC 4514
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,18 +171,17 @@ def _classify_ssl_error(exc: ssl.SSLError) -> TlsFailed:
     return TlsFailed(TlsFailure.OTHER, reason.lower() or str(exc))
 
 
-def _check_server_certificate(der: bytes) -> tuple[float, str | None]:
-    """(not_after, problem): the chain is verified by OpenSSL; EKU is ours to check, like
+def _check_server_certificate(der: bytes) -> tuple[x509.Certificate, str | None]:
+    """(certificate, problem): the chain is verified by OpenSSL; EKU is ours to check, like
     ``--remote-cert-tls server``."""
     cert = x509.load_der_x509_certificate(der)
-    not_after = cert.not_valid_after_utc.timestamp()
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        return not_after, "server certificate has no extended key usage"
+        return cert, "server certificate has no extended key usage"
     if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
-        return not_after, "server certificate lacks serverAuth extended key usage"
-    return not_after, None
+        return cert, "server certificate lacks serverAuth extended key usage"
+    return cert, None
 
 
 class ClientSession:
@@ -354,15 +354,17 @@ class ClientSession:
         assert self._tls is not None
         der = self._tls.getpeercert(binary_form=True) or b""
         try:
-            not_after, problem = _check_server_certificate(der)
+            cert, problem = _check_server_certificate(der)
         except ValueError as exc:
             self._fail(TlsFailed(TlsFailure.VERIFY, f"unparsable server certificate: {exc}"))
             return
         if problem is not None:
             self._fail(TlsFailed(TlsFailure.EKU, problem))
             return
-        self._events.append(TlsEstablished(self._tls.version() or "", (self._tls.cipher()
-                                           or ("",))[0], der, not_after))
+        cipher = (self._tls.cipher() or ("",))[0]
+        self._events.append(TlsEstablished(self._tls.version() or "", cipher, der,
+                                           cert.not_valid_after_utc.timestamp(),
+                                           cert.subject.rfc4514_string()))
         self.stage = Stage.KEY_EXCHANGE
         if self.options.key_exchange:
             self._write_plaintext(km.encode_client_key_method_2(
