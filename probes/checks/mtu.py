@@ -59,6 +59,7 @@ _HEADER_V6 = 40 + 8
 _MAGIC = b"twmtu"
 _TOKEN = struct.Struct("!5sIH")  # magic, probe sequence number, probe size
 _RECV_BUFFER = 65535
+_MAX_PACKET = 65535
 _OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the UDP limit
 
 
@@ -289,6 +290,7 @@ class _Search:
     low: int
     high: int
     frag_needed_mtus: set[int]
+    sendable: int = 0  # the largest size the local stack would send (EMSGSIZE above)
     probes: int = 0
 
 
@@ -306,10 +308,12 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
     local_mtu = prober.device_mtu()
     facts["local_mtu"] = local_mtu
     floor = params.min_size or (1280 if prober.family == socket.AF_INET6 else 576)
-    top = params.max_size or local_mtu
+    # an IPv4 packet is at most 65535 bytes; IPv6's length field excludes its 40-byte header
+    largest = _MAX_PACKET + 40 if prober.family == socket.AF_INET6 else _MAX_PACKET
+    top = min(params.max_size or local_mtu, largest)
     if not prober.header < floor <= top:
         raise MtuConfigError(f"need header < min_size <= max_size, got {floor}..{top}")
-    search = _Search(low=floor, high=top + 1, frag_needed_mtus=set())
+    search = _Search(low=floor, high=top + 1, frag_needed_mtus=set(), sendable=top)
     tried: set[int] = set()
 
     async def attempt(size: int) -> ProbeOutcome:
@@ -318,6 +322,8 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
         outcome = await prober.probe(size, params.attempts, params.probe_wait)
         if outcome.frag_needed_mtu is not None:
             search.frag_needed_mtus.add(outcome.frag_needed_mtu)
+        if outcome.local_limit:  # our own stack cannot send it: not the path's fault
+            search.sendable = min(search.sendable, size - 1)
         return outcome
 
     first = await attempt(top)
@@ -347,7 +353,7 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
                   "kernel_path_mtu": prober.route_mtu()})
     if search.frag_needed_mtus:
         facts["frag_needed_mtu"] = min(search.frag_needed_mtus)
-    if path_mtu < top and not search.frag_needed_mtus:
+    if path_mtu < search.sendable and not search.frag_needed_mtus:
         return sw.result(False, Reason.MTU_BLACK_HOLE, facts=facts,
                          detail=f"packets over {path_mtu} bytes vanish and no ICMP "
                                 "fragmentation-needed came back")

@@ -30,7 +30,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,15 +298,18 @@ def _handshake_facts(conn: _ClientProtocol, done: HandshakeCompleted) -> dict[st
     return facts
 
 
-async def _run(params: QuicParams, timeout: float, body: Any) -> CheckResult:
+_Body = Callable[[QuicParams, QuicConfiguration, Stopwatch, dict[str, Fact]],
+                 Awaitable[CheckResult]]
+
+
+async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
     """Common frame: configuration, a hard time bound, and reasons for every way out."""
     sw = Stopwatch()
     facts: dict[str, Fact] = {}
     try:
         config = client_configuration(params)
         async with asyncio.timeout(timeout):
-            result: CheckResult = await body(params, config, sw, facts)
-            return result
+            return await body(params, config, sw, facts)
     except _Failed as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
     except QuicConfigError as exc:

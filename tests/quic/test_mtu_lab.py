@@ -35,6 +35,13 @@ def test_unrestricted_path_passes_the_full_link_mtu(mtulab: MtuLab) -> None:
     assert result.facts["frag_needed_seen"] is False
 
 
+def test_sizes_over_the_local_interface_mtu_are_not_a_black_hole(mtulab: MtuLab) -> None:
+    # 9000 cannot leave a 1500-byte interface with DF: EMSGSIZE locally, never on the wire
+    result = _probe(mtulab, max_size=9000)
+    assert result.ok, result
+    assert result.facts["path_mtu"] == 1500
+
+
 @pytest.mark.parametrize("lowered", [1400, 1337])
 def test_lowered_mtu_found_exactly_with_frag_needed(mtulab: MtuLab, lowered: int) -> None:
     mtulab.lab.set_mtu(mtulab.node, lowered)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from probes.checks import quic
+from probes.checks import mtu, quic
 from probes.checks.base import execute
 from probes.lab.pki import PKI
 from probes.model import Reason
@@ -124,3 +124,13 @@ def test_connect_ip_ping_to_a_silent_address_is_tunnel_no_reply(loopback: Loopba
     result = asyncio.run(execute(quic.CONNECT_IP, _params(
         loopback, ip_ping="10.200.0.77", echo_count=2, echo_interval=0.01), 5.0))
     assert result.reason is Reason.TUNNEL_NO_REPLY, result
+
+
+@pytest.mark.parametrize("max_size", [None, 9000])
+def test_mtu_probe_on_loopback_needs_no_root(loopback: Loopback, max_size: int | None) -> None:
+    # loopback's 64 KiB MTU: the largest IPv4 packet passes, nothing is a black hole
+    params = mtu.MtuParams(host="127.0.0.1", port=loopback.echo_port, max_size=max_size)
+    result = asyncio.run(execute(mtu.UDP, params, 5.0))
+    assert result.ok, result
+    assert result.facts["path_mtu"] == (max_size or 65535)
+    assert result.facts["probes"] == 1
