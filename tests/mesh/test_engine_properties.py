@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import msgspec
@@ -217,3 +218,53 @@ def test_replay_is_deterministic(policy: DecisionPolicy, script: list, cut: int)
         else []
     )
     assert msgspec.json.encode(head + tail) == msgspec.json.encode(first)
+
+
+@PROPS
+@given(
+    half_life=st.floats(5, 60),
+    hold_factor=st.floats(2.5, 6),
+    gaps=st.lists(st.floats(0.5, 20), min_size=2, max_size=8),
+)
+def test_flap_damping_holds_then_releases_on_schedule(
+    half_life: float, hold_factor: float, gaps: list[float]
+) -> None:
+    """A flapping node is held DOWN while damped and comes back exactly when the penalty has decayed
+    to reuse (or max hold ran out), never earlier, never later than the next tick."""
+    damping = DampingPolicy(
+        penalty=1000,
+        half_life_seconds=half_life,
+        suppress=2000,
+        reuse=750,
+        max_hold_seconds=half_life * hold_factor,
+    )
+    eng = engine(1, DecisionPolicy(rise=1, fall=1, damping=damping))
+    vantages = ("va", "vb", "vc")
+    t = 0.0
+    round_of(eng, t, everyone(["n0"], vantages, True))
+    for gap in gaps:  # one flap per gap: down, then up again
+        t += gap
+        round_of(eng, t, everyone(["n0"], vantages, False))
+        t += 0.1
+        round_of(eng, t, everyone(["n0"], vantages, True))
+    check = eng._checks[("n0", "va", "wg")]
+    node = eng.nodes["n0"]
+    if check.suppressed_until <= t:
+        assert node.state == VerdictState.UP
+        return
+    assert check.suppressed_until <= check.suppress_start + damping.max_hold_seconds + 1e-6
+    released_at = None
+    while released_at is None:
+        t = math.floor(t) + 1.0
+        round_of(eng, t, everyone(["n0"], vantages, True))  # keeps passing, stays fresh
+        eng.tick(t)
+        if node.state == VerdictState.UP:
+            released_at = t
+        else:
+            assert node.state == DOWN and t < check.suppressed_until
+    assert check.suppressed_until <= released_at < check.suppressed_until + 1.0
+    decayed = check.penalty * 2 ** (-(check.suppressed_until - check.penalty_at) / half_life)
+    capped = check.suppressed_until == pytest.approx(
+        check.suppress_start + damping.max_hold_seconds
+    )
+    assert capped or decayed == pytest.approx(750, rel=1e-6)
