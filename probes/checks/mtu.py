@@ -35,6 +35,13 @@ from typing import Any
 import msgspec
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.icmp import (
+    IcmpParseError,
+    build_echo_request,
+    open_echo_socket,
+    parse_icmp,
+    strip_ipv4_header,
+)
 from probes.checks.l4 import resolve
 from probes.model import Reason
 
@@ -60,12 +67,12 @@ _MAGIC = b"twmtu"
 _TOKEN = struct.Struct("!5sIH")  # magic, probe sequence number, probe size
 _RECV_BUFFER = 65535
 _MAX_PACKET = 65535
-_OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the UDP limit
+_OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the 64 KiB limit
 
 
 class MtuParams(msgspec.Struct, frozen=True, kw_only=True):
     host: str
-    port: int  # the node's UDP echo service (returns each datagram as is)
+    port: int | None = None  # mtu.udp: the node's UDP echo service (returns datagrams as is)
     max_size: int | None = None  # largest IP packet to try; default: the route MTU (IP_MTU)
     min_size: int | None = None  # floor that must pass; default 576 (IPv4) / 1280 (IPv6)
     required_mtu: int | None = None  # fail with mtu-below-minimum if the path MTU is smaller
@@ -109,8 +116,12 @@ def parse_token(data: bytes) -> tuple[int, int] | None:
     return (seq, size) if magic == _MAGIC else None
 
 
-def parse_error_report(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> ErrorReport | None:
-    """An :class:`ErrorReport` from one ``recvmsg(MSG_ERRQUEUE)`` result, or None."""
+def parse_error_report(data: bytes, ancdata: list[tuple[int, int, bytes]],
+                       token_offset: int = 0) -> ErrorReport | None:
+    """An :class:`ErrorReport` from one ``recvmsg(MSG_ERRQUEUE)`` result, or None.
+
+    ``data`` is the start of the offending datagram's payload: the UDP payload for a UDP socket,
+    the ICMP header and body for an ICMP socket (``token_offset`` 8 skips the header)."""
     for level, kind, payload in ancdata:
         if (level, kind) not in ((socket.IPPROTO_IP, IP_RECVERR),
                                  (socket.IPPROTO_IPV6, IPV6_RECVERR)):
@@ -118,7 +129,8 @@ def parse_error_report(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> Er
         if len(payload) < _EXTENDED_ERR.size:
             continue
         err, origin, icmp_type, icmp_code, _pad, info, _data = _EXTENDED_ERR.unpack_from(payload)
-        return ErrorReport(err, origin, icmp_type, icmp_code, info, parse_token(data))
+        return ErrorReport(err, origin, icmp_type, icmp_code, info,
+                           parse_token(data[token_offset:]))
     return None
 
 
@@ -136,13 +148,77 @@ class _Failed(Exception):
         self.detail = detail
 
 
-class MtuProber:
-    """A connected DF-setting UDP socket that sends sized probes and reads echoes and ICMP."""
+class _UdpWire:
+    """Probes are UDP datagrams to an echo service; the reply is the same datagram."""
 
-    def __init__(self, sock: socket.socket, family: int) -> None:
+    error_token_offset = 0
+    mode = "udp"
+
+    def __init__(self, header: int) -> None:
+        self.header = header
+
+    def open(self, family: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        return sock
+
+    def message(self, seq: int, size: int) -> bytes:
+        token = _TOKEN.pack(_MAGIC, seq, size)
+        return token + os.urandom(max(0, size - self.header - len(token)))
+
+    def reply_token(self, data: bytes) -> tuple[int, int] | None:
+        token = parse_token(data)
+        return token if token is not None and len(data) + self.header == token[1] else None
+
+
+class _IcmpWire:
+    """Probes are ICMP echo requests (IPv4): a ping socket if allowed, else a raw socket."""
+
+    error_token_offset = 8  # the error quotes our ICMP header, then the echo body
+
+    def __init__(self, header: int) -> None:
+        self.header = header
+        self.identifier = int.from_bytes(os.urandom(2), "big")
+        self.raw = False
+
+    def open(self, family: int) -> socket.socket:
+        sock, self.raw = open_echo_socket(family)
+        return sock
+
+    @property
+    def mode(self) -> str:
+        return "icmp-raw" if self.raw else "icmp-ping"
+
+    def message(self, seq: int, size: int) -> bytes:
+        token = _TOKEN.pack(_MAGIC, seq, size)
+        body = token + os.urandom(max(0, size - self.header - len(token)))
+        return build_echo_request(self.identifier, seq, body)
+
+    def reply_token(self, data: bytes) -> tuple[int, int] | None:
+        try:
+            message = parse_icmp(strip_ipv4_header(data) if self.raw else data)
+        except IcmpParseError:
+            return None
+        # a ping socket's identifier is the kernel's; on a raw socket we see everyone's replies
+        if not message.is_reply or (self.raw and message.identifier != self.identifier):
+            return None
+        token = parse_token(message.payload)
+        if token is None or len(message.payload) + self.header != token[1]:
+            return None
+        return token
+
+
+_Wire = _UdpWire | _IcmpWire
+
+
+class MtuProber:
+    """A connected DF-setting socket that sends sized probes and reads echoes and ICMP errors."""
+
+    def __init__(self, sock: socket.socket, family: int, wire: _Wire) -> None:
         self.sock = sock
         self.family = family
-        self.header = _HEADER_V6 if family == socket.AF_INET6 else _HEADER_V4
+        self.wire = wire
+        self.header = wire.header
         self._loop = asyncio.get_running_loop()
         self._seq = 0
         self._echoes: dict[int, asyncio.Future[None]] = {}
@@ -151,14 +227,25 @@ class MtuProber:
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def open(cls, host: str, port: int) -> MtuProber:
+    async def open(cls, host: str, port: int | None) -> MtuProber:
+        """UDP to ``port``, or ICMP echo (IPv4 only) when ``port`` is None."""
         try:
-            family, address = await resolve(host, port, socket.SOCK_DGRAM)
+            family, address = await resolve(host, port or 0, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
             raise _Failed(Reason.RESOLVE_FAILED, f"cannot resolve {host}: {exc}") from None
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        header = _HEADER_V6 if family == socket.AF_INET6 else _HEADER_V4
+        wire: _Wire
+        if port is None:
+            if family != socket.AF_INET:
+                raise MtuConfigError("mtu.icmp probes IPv4 only")
+            wire = _IcmpWire(header)
+        else:
+            wire = _UdpWire(header)
         try:
-            sock.setblocking(False)
+            sock = wire.open(family)
+        except OSError as exc:
+            raise _Failed(Reason.PROBE_ERROR, f"cannot open a socket: {exc}") from None
+        try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
@@ -171,7 +258,7 @@ class MtuProber:
             reason = (Reason.NETWORK_UNREACHABLE if exc.errno in (
                 errno.ENETUNREACH, errno.EHOSTUNREACH) else Reason.PROBE_ERROR)
             raise _Failed(reason, str(exc)) from None
-        return cls(sock, family)
+        return cls(sock, family, wire)
 
     def device_mtu(self) -> int:
         """The MTU of the outgoing interface, ignoring any PMTU the kernel has cached.
@@ -182,13 +269,13 @@ class MtuProber:
         (``IP_PMTUDISC_PROBE`` makes it the device's, not the cached path's). Nothing is sent.
         """
         try:
-            self.sock.send(bytes(_OVERSIZE_PAYLOAD))
+            self.sock.send(self.wire.message(0, _OVERSIZE_PAYLOAD))
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 with contextlib.suppress(OSError):
                     data, ancdata, _, _ = self.sock.recvmsg(_RECV_BUFFER, 512,
                                                             socket.MSG_ERRQUEUE)
-                    report = parse_error_report(data, ancdata)
+                    report = parse_error_report(data, ancdata, self.wire.error_token_offset)
                     if report is not None and report.origin == SO_EE_ORIGIN_LOCAL:
                         return report.info
         return self.route_mtu()  # e.g. loopback (64 KiB MTU): the datagram fit
@@ -210,7 +297,7 @@ class MtuProber:
                 data, ancdata, _, _ = self.sock.recvmsg(_RECV_BUFFER, 512, socket.MSG_ERRQUEUE)
             except OSError:
                 break
-            report = parse_error_report(data, ancdata)
+            report = parse_error_report(data, ancdata, self.wire.error_token_offset)
             if report is None:
                 continue
             self.reports.append(report)
@@ -228,20 +315,16 @@ class MtuProber:
                 return
             except OSError:
                 continue  # a pending error already read from the error queue
-            token = parse_token(data)
-            if token is None:
-                continue
-            echo = self._echoes.get(token[0])
-            if echo is not None and not echo.done() and len(data) + self.header == token[1]:
+            token = self.wire.reply_token(data)
+            echo = self._echoes.get(token[0]) if token is not None else None
+            if echo is not None and not echo.done():
                 echo.set_result(None)
 
     async def probe_once(self, size: int, wait: float) -> ProbeOutcome | None:
         """One probe of ``size`` bytes; None when neither the echo nor an ICMP error came."""
         self._seq += 1
         seq = self._seq
-        payload_len = size - self.header
-        token = _TOKEN.pack(_MAGIC, seq, size)
-        payload = token + os.urandom(max(0, payload_len - len(token)))
+        payload = self.wire.message(seq, size)
         echo: asyncio.Future[None] = self._loop.create_future()
         error: asyncio.Future[ErrorReport] = self._loop.create_future()
         self._echoes[seq] = echo
@@ -307,6 +390,7 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
                          facts: dict[str, Fact]) -> CheckResult:
     local_mtu = prober.device_mtu()
     facts["local_mtu"] = local_mtu
+    facts["socket"] = prober.wire.mode  # which privileges the probe used
     floor = params.min_size or (1280 if prober.family == socket.AF_INET6 else 576)
     # an IPv4 packet is at most 65535 bytes; IPv6's length field excludes its 40-byte header
     largest = _MAX_PACKET + 40 if prober.family == socket.AF_INET6 else _MAX_PACKET
@@ -363,13 +447,13 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
     return sw.result(True, Reason.OK, facts=facts)
 
 
-async def run_udp(params: MtuParams, timeout: float) -> CheckResult:
+async def _run(params: MtuParams, timeout: float, port: int | None) -> CheckResult:
     sw = Stopwatch()
     facts: dict[str, Fact] = {}
     prober: MtuProber | None = None
     try:
         async with asyncio.timeout(timeout):
-            prober = await MtuProber.open(params.host, params.port)
+            prober = await MtuProber.open(params.host, port)
             return await _find_path_mtu(prober, params, sw, facts)
     except _Failed as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
@@ -383,5 +467,17 @@ async def run_udp(params: MtuParams, timeout: float) -> CheckResult:
             prober.close()
 
 
+async def run_udp(params: MtuParams, timeout: float) -> CheckResult:
+    if params.port is None:
+        return CheckResult(False, Reason.PROBE_ERROR, 0.0, detail="mtu.udp needs a port")
+    return await _run(params, timeout, params.port)
+
+
+async def run_icmp(params: MtuParams, timeout: float) -> CheckResult:
+    return await _run(params, timeout, None)
+
+
 UDP = register(CheckKind("mtu.udp", Tier.FUNCTIONAL, MtuParams, run_udp,
                          "path MTU by DF-set UDP probes to an echo service; PMTU black holes"))
+ICMP = register(CheckKind("mtu.icmp", Tier.FUNCTIONAL, MtuParams, run_icmp,
+                          "path MTU by DF-set ICMP echo (ping socket or raw); PMTU black holes"))

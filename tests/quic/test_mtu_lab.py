@@ -33,6 +33,7 @@ def test_unrestricted_path_passes_the_full_link_mtu(mtulab: MtuLab) -> None:
     assert result.facts["local_mtu"] == 1500
     assert result.facts["path_mtu"] == 1500
     assert result.facts["frag_needed_seen"] is False
+    assert result.facts["socket"] == "udp"  # no privileges needed
 
 
 def test_sizes_over_the_local_interface_mtu_are_not_a_black_hole(mtulab: MtuLab) -> None:
@@ -89,3 +90,37 @@ def test_cli_reports_black_hole_with_exit_1_and_json(mtulab: MtuLab) -> None:
     assert proc.returncode == 1
     assert result["reason"] == "mtu-black-hole"
     assert result["facts"]["path_mtu"] == 1400
+
+
+# -------------------------------------------------------------------------- ICMP echo mode
+
+
+def _probe_icmp(env: MtuLab, **overrides: Any) -> CheckResult:
+    params = mtu.MtuParams(host=env.node.address, **overrides)
+    return env.run(execute(mtu.ICMP, params, 10.0))
+
+
+@pytest.mark.parametrize("ping_socket", [False, True])
+def test_icmp_mode_finds_the_mtu_and_the_black_hole(mtulab: MtuLab, ping_socket: bool) -> None:
+    # a new namespace allows no ping sockets ("1 0"): root falls back to a raw socket
+    groups = "0 2147483647" if ping_socket else "1 0"
+    mtulab.agent.run(["sysctl", "-qw", f"net.ipv4.ping_group_range={groups}"])
+    mode = "icmp-ping" if ping_socket else "icmp-raw"
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    found = _probe_icmp(mtulab)
+    assert found.ok, found
+    assert (found.facts["socket"], found.facts["path_mtu"]) == (mode, 1400)
+    assert found.facts["frag_needed_mtu"] == 1400
+    mtulab.lab.black_hole_pmtu(mtulab.agent)
+    hole = _probe_icmp(mtulab, probe_wait=0.2)
+    assert hole.reason is Reason.MTU_BLACK_HOLE, hole
+    assert hole.facts["path_mtu"] == 1400
+
+
+def test_icmp_mode_on_a_cut_link_is_timeout(mtulab: MtuLab) -> None:
+    mtulab.lab.partition(mtulab.node)
+    try:
+        result = _probe_icmp(mtulab, probe_wait=0.1, attempts=1)
+    finally:
+        mtulab.lab.heal(mtulab.node)
+    assert result.reason is Reason.TIMEOUT, result

@@ -185,3 +185,11 @@ def test_ipv4_icmp_echo_packet_and_lab_reply_round_trip() -> None:
 async def test_connect_ip_with_a_bad_ping_address_is_a_probe_error() -> None:
     result = await quic.run_connect_ip(quic.QuicParams(host="127.0.0.1", ip_ping="nope"), 1.0)
     assert result.reason is Reason.PROBE_ERROR
+
+
+def test_mtu_udp_without_a_port_is_a_probe_error() -> None:
+    import asyncio
+
+    result = asyncio.run(mtu.run_udp(mtu.MtuParams(host="127.0.0.1"), 1.0))
+    assert result.reason is Reason.PROBE_ERROR
+    assert "port" in result.detail
