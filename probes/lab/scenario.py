@@ -39,6 +39,7 @@ class Step:
     max_wait: float = 60.0
     hold: float = 0.0  # seconds to observe after the expectation (or alone, without one)
     settle: bool = False  # wait for the whole fleet to be UP and in rotation before the action
+    report_vantages: bool = False  # note which vantages the mesh judged impaired or stale
 
 
 @dataclass
@@ -211,10 +212,10 @@ class Scenario:
         if deadline is not None and step.expect_state is None:
             hold_until = min(hold_until, max(deadline, time.monotonic() + 5))
         while time.monotonic() < hold_until:
-            self._note_vantages(result)
+            if step.report_vantages:
+                self._note_vantages(result)
             next_table = self._maybe_table(next_table)
             time.sleep(0.1)
-        self._note_vantages(result)
         result.ended_at = time.time()
         result.changes = rec.verdicts_between(fault_at, result.ended_at)
         self.say("      " + describe(result))

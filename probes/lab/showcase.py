@@ -1,5 +1,11 @@
-"""What ``make demo`` shows today: a lab node serving every protocol, probed by each protocol's
-real client and by tunnelwatch's own probes where they exist, printed as a table."""
+"""What ``make demo`` shows, in two acts.
+
+1. Real clients: a lab node serving every protocol, probed by each protocol's real client
+   (wireguard-go, openvpn, strongSwan) and HAProxy's runtime API, printed as a table.
+2. The story (:func:`story`): 3 VPN nodes, 3 agents in their own namespaces, one mesh (SQLite),
+   HAProxy receiving verdicts, Prometheus scraping agents and mesh. A live table of nodes x
+   vantages, then a script of faults (see docs/demo.md), then a summary with timings.
+"""
 
 from __future__ import annotations
 
@@ -96,7 +102,8 @@ def haproxy_state(lab: Lab, fleet: Fleet) -> str:
                                                for r in rows)
 
 
-def run(out: TextIO) -> bool:
+def real_clients(out: TextIO) -> bool:
+    """Act 1: every protocol's real client against one lab node."""
     started = time.monotonic()
     print("tunnelwatch demo: building the lab (namespaces, router, real servers)...", file=out)
     with Lab("demo") as lab:
@@ -118,3 +125,13 @@ def run(out: TextIO) -> bool:
                   f"{s.detail}", file=out)
     print(f"\nlab torn down; demo took {time.monotonic() - started:.1f} s", file=out)
     return all(s.ok for s in seen)
+
+
+def run(out: TextIO, *, story_seconds: float = 0.0) -> bool:
+    """Act 1, then (when ``story_seconds`` > 0) act 2 bounded by that many seconds."""
+    ok = real_clients(out)
+    if story_seconds > 0:
+        from probes.lab.story import story  # noqa: PLC0415 - the big act has its own module
+
+        ok = story(out, story_seconds) and ok
+    return ok

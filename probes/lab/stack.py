@@ -225,6 +225,15 @@ class Stack:
         got: dict[str, Any] = json.loads(get(self.control, f"{self.mesh_url}/v1/nodes/{node}"))
         return got
 
+    def planned_checks(self) -> list[str]:
+        """The checks the first agent reports for the first node (what the mesh has seen)."""
+        node = next(iter(self.fleet.nodes))
+        vantages = self.node_view(node).get("vantages", {})
+        checks: set[str] = set()
+        for view in vantages.values():
+            checks.update(view.get("checks", {}))
+        return sorted(checks)
+
     def prometheus_query(self, expr: str) -> list[dict[str, Any]]:
         from urllib.parse import quote  # noqa: PLC0415
 
