@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Generate tunnelwatch's Prometheus recording and alerting rules.
 
-Run ``python rules/generate.py`` after editing this file; it rewrites ``rules/*.rules.yaml``.
-The generated YAML is committed, and ``tests/observability/test_rules.py`` fails when it drifts
-from what this script would write, so the two never disagree.
+Run ``python rules/generate.py`` after editing this file; it rewrites ``rules/*.rules.yaml`` and
+the same groups as a PrometheusRule in ``deploy/kubernetes/prometheusrule.yaml``. The generated
+YAML is committed, and ``tests/observability/test_rules.py`` fails when it drifts from what this
+script would write, so the two never disagree.
 
 Why a generator: the multi-window multi-burn-rate alerts (Google SRE workbook, chapter 5; the
 same table Sloth and kubernetes-mixin use) repeat the same shape for every SLO and every window

@@ -233,6 +233,12 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
             for expr in exprs:
                 if not _query(base, _substitute(expr)):
                     empty.append(f"{dashboard}: {title}: {expr}")
+        # the alert chain on real series: the mesh's verdict joined to the agents' placement
+        # gives the ghost node's NodeDown its pop (pending: it needs 5 minutes to fire)
+        node_down = _query(base, 'ALERTS{alertname="NodeDown"}')
+        pop_down = _query(base, 'ALERTS{alertname="PoPDown"}')
     print(f"\n{checked} panels returned data; skipped {len(skipped)}:\n  " + "\n  ".join(skipped))
+    assert [(a["metric"]["node"], a["metric"]["pop"]) for a in node_down] == [("ghost", "pop1")]
+    assert pop_down == []  # node1 is UP
     assert not empty, "panels without data:\n" + "\n".join(empty)
     assert checked >= 0.8 * (checked + len(skipped)), skipped
