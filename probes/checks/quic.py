@@ -237,6 +237,9 @@ class _ClientProtocol(QuicConnectionProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._transmit_task is not None:
+            self._transmit_task.cancel()
+            self._transmit_task = None
 
 
 class _Reset(H3Event):

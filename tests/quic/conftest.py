@@ -31,6 +31,7 @@ class QuicLab:
     node: Any
     agent: Any
     gone: Any  # a host whose link the tests may cut
+    far: Any  # a second UDP echo target, behind a link the tests may make lossy
     ca_file: Path
     other_ca_file: Path  # a CA that did not sign the server certificate
 
@@ -74,6 +75,8 @@ def quiclab() -> Iterator[QuicLab]:
 
     with Lab("quic") as lab:
         node, agent, gone = lab.add_host("node1"), lab.add_host("agent1"), lab.add_host("gone")
+        far = lab.add_host("far")
+        start_masque(lab, far, "echo", "--echo", f"0.0.0.0:{ECHO_PORT}")
         start_masque(lab, node, "masque", "--listen", f"0.0.0.0:{QUIC_PORT}",
                      "--echo", f"0.0.0.0:{ECHO_PORT}")
         start_masque(lab, node, "masque-refuse", "--listen", f"0.0.0.0:{REFUSE_PORT}",
@@ -82,7 +85,7 @@ def quiclab() -> Iterator[QuicLab]:
                      "--alpn", "hq-interop")
         start_masque(lab, gone, "masque", "--listen", f"0.0.0.0:{QUIC_PORT}")
         other = PKI(lab.dir / "other-pki", name="some-other-ca")
-        yield QuicLab(lab, node, agent, gone, lab.pki().ca_file, other.ca_file)
+        yield QuicLab(lab, node, agent, gone, far, lab.pki().ca_file, other.ca_file)
 
 
 @dataclass

@@ -61,6 +61,22 @@ def test_connect_udp_to_a_silent_target_is_tunnel_no_reply(quiclab: QuicLab) -> 
     assert result.reason is Reason.TUNNEL_NO_REPLY
 
 
+def test_connect_udp_measures_loss_behind_the_proxy(quiclab: QuicLab) -> None:
+    # the target's replies are dropped at random (50 %): the QUIC path itself stays clean
+    quiclab.lab.set_loss(quiclab.far, 50)
+    try:
+        result = _check(quiclab, quic.CONNECT_UDP, target=f"{quiclab.far.address}:{ECHO_PORT}",
+                        echo_count=40, echo_interval=0.005, loss_threshold=0.1)
+    finally:
+        quiclab.lab.heal(quiclab.far)
+    assert result.quality is not None
+    assert 0 < result.quality.received < 40, result.quality  # P(fail) = 2 * 0.5**40
+    assert result.reason is Reason.TUNNEL_LOSS
+    clean = _check(quiclab, quic.CONNECT_UDP, target=f"{quiclab.far.address}:{ECHO_PORT}",
+                   echo_count=10, echo_interval=0.005, loss_threshold=0.1)
+    assert clean.ok, clean
+
+
 def test_connect_ip_gets_2xx_and_a_parsed_address_assign(quiclab: QuicLab) -> None:
     result = _check(quiclab, quic.CONNECT_IP)
     assert result.ok, result
