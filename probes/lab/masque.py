@@ -10,6 +10,7 @@ Run inside a lab host: ``python -m probes.lab.masque --listen 0.0.0.0:4433 --cer
   (answering an ADDRESS_REQUEST's ID) and a ROUTE_ADVERTISEMENT; inside the tunnel the gateway
   address 10.200.0.1 answers ICMP echo (IPv4 packets in HTTP datagrams, context ID 0).
 * ``--refuse STATUS``: every CONNECT is answered with that status (e.g. 403).
+* ``--bad-capsules``: CONNECT-IP answers with a malformed ADDRESS_ASSIGN (prefix length 33).
 * ``--alpn P``: offer ALPN ``P`` instead of ``h3`` (a client asking for h3 then fails).
 * ``--echo HOST:PORT``: a UDP echo service (the CONNECT-UDP target; also the MTU probe's
   reflector). It can run alone, without ``--listen``.
@@ -53,6 +54,7 @@ ROUTE = cap.AddressRange(ipaddress.IPv4Address("10.200.0.0"),
 @dataclass(frozen=True)
 class ServerOptions:
     refuse_status: int | None = None
+    bad_capsules: bool = False
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -213,8 +215,9 @@ class MasqueServerProtocol(QuicConnectionProtocol):
         except cap.CapsuleError:
             requests = []
         request_id = requests[0].request_id if requests else 0
+        prefix = 33 if self.options.bad_capsules else 32  # 33 is malformed for IPv4
         assign = cap.encode_prefixed_addresses(
-            [cap.PrefixedAddress(request_id, ASSIGNED_ADDRESS, 32)])
+            [cap.PrefixedAddress(request_id, ASSIGNED_ADDRESS, prefix)])
         routes = cap.encode_route_advertisement([ROUTE])
         self.h3.send_data(stream_id,
                           cap.encode_capsule(cap.CapsuleType.ADDRESS_ASSIGN, assign)
@@ -258,7 +261,7 @@ async def serve_forever(args: argparse.Namespace) -> None:
         config.load_cert_chain(args.cert, args.key)
         host, port = _host_port(args.listen)
         tickets = _TicketStore()
-        options = ServerOptions(refuse_status=args.refuse)
+        options = ServerOptions(refuse_status=args.refuse, bad_capsules=args.bad_capsules)
         server = await serve(
             host, port, configuration=config,
             create_protocol=lambda *a, **kw: MasqueServerProtocol(*a, options=options, **kw),
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpn", default="h3", help="ALPN to offer (default h3)")
     parser.add_argument("--refuse", type=int, metavar="STATUS",
                         help="answer every CONNECT with this status")
+    parser.add_argument("--bad-capsules", action="store_true",
+                        help="send a malformed ADDRESS_ASSIGN on CONNECT-IP")
     parser.add_argument("--echo", help="HOST:PORT of a UDP echo service")
     args = parser.parse_args(argv)
     if not args.listen and not args.echo:

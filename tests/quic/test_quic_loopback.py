@@ -7,6 +7,7 @@ the case where ``aioquic.asyncio.connect`` fails because it always binds a dual-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import select
 import socket
@@ -21,7 +22,7 @@ import pytest
 
 from probes.checks import mtu, quic
 from probes.checks.base import execute
-from probes.lab.pki import PKI
+from probes.lab.pki import PKI, CertFiles
 from probes.model import Reason
 
 pytestmark = pytest.mark.quic
@@ -40,21 +41,20 @@ class Loopback:
     ca_file: Path
 
 
-@pytest.fixture(scope="module")
-def loopback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
-    pki = PKI(tmp_path_factory.mktemp("pki"))
-    cert = pki.issue("masque.lab", server=True)
-    port, echo_port = _free_udp_port(), _free_udp_port()
+@contextlib.contextmanager
+def _server(cert: CertFiles, *extra: str) -> Iterator[int]:
+    """A MASQUE server on 127.0.0.1 (our own child, stopped by PID); yields its port."""
+    port = _free_udp_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "probes.lab.masque", "--listen", f"127.0.0.1:{port}",
-         "--cert", str(cert.cert), "--key", str(cert.key), "--echo", f"127.0.0.1:{echo_port}"],
+         "--cert", str(cert.cert), "--key", str(cert.key), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 15.0)
         if not ready or b"ready" not in proc.stdout.readline():
             pytest.fail("MASQUE server did not start")
-        yield Loopback(port, echo_port, pki.ca_file)
+        yield port
     finally:
         proc.terminate()
         try:
@@ -62,6 +62,18 @@ def loopback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def loopback(pki: PKI) -> Iterator[Loopback]:
+    echo_port = _free_udp_port()
+    with _server(pki.issue("masque.lab", server=True), "--echo", f"127.0.0.1:{echo_port}") as port:
+        yield Loopback(port, echo_port, pki.ca_file)
 
 
 class _NoIPv6Socket(socket.socket):
@@ -134,3 +146,18 @@ def test_mtu_probe_on_loopback_needs_no_root(loopback: Loopback, max_size: int |
     assert result.ok, result
     assert result.facts["path_mtu"] == (max_size or 65535)
     assert result.facts["probes"] == 1
+
+
+def test_expired_server_certificate_is_cert_expired(pki: PKI, loopback: Loopback) -> None:
+    with _server(pki.issue("expired.lab", server=True, expired=True)) as port:
+        result = asyncio.run(execute(quic.HANDSHAKE, _params(
+            loopback, port=port, server_name="expired.lab"), 5.0))
+    assert result.reason is Reason.CERT_EXPIRED, result
+
+
+def test_malformed_address_assign_is_bad_packet(pki: PKI, loopback: Loopback) -> None:
+    cert = pki.issue("masque.lab", server=True)
+    with _server(cert, "--bad-capsules") as port:
+        result = asyncio.run(execute(quic.CONNECT_IP, _params(loopback, port=port), 5.0))
+    assert result.reason is Reason.BAD_PACKET, result
+    assert "prefix length" in result.detail
