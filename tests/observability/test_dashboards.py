@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.observability import metric_catalog
-from tests.observability.tools import DASHBOARDS, DEPLOY, RULES
+from tests.observability.tools import DASHBOARDS, DEPLOY, ROOT, RULES
 
 pytestmark = pytest.mark.observability
 
@@ -96,12 +96,12 @@ def test_selector_extraction_is_not_vacuous() -> None:
     assert metric_catalog.selectors(expr) == {"a_total", "b:c"}
     assert metric_catalog.unknown({"no_such_metric", "up"}) == {"no_such_metric"}
     exported = metric_catalog.exported()
-    if (metric_catalog.ROOT / "probes/agent/metrics.py").exists():
+    if (ROOT / "probes/agent/metrics.py").exists():
         assert {
             "tunnelwatch_probe_attempts_total",
             "tunnelwatch_probe_duration_seconds",
         } <= exported
-    if (metric_catalog.ROOT / "probes/mesh/metrics.py").exists():
+    if (ROOT / "probes/mesh/metrics.py").exists():
         assert {
             "tunnelwatch_mesh_node_verdict",
             "tunnelwatch_mesh_ingest_rejects_total",

@@ -176,7 +176,7 @@ def test_compose_configs_load(name: str, tmp_path: Path) -> None:
 
 def _resources() -> list[dict[str, Any]]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    docs = []
+    docs: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
         docs.extend(d for d in yaml.safe_load_all((K8S / name).read_text()) if d)
     return docs
@@ -205,6 +205,7 @@ def _pod_checks(workload: dict[str, Any]) -> dict[str, Any]:
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod["automountServiceAccountToken"] is False
     (container,) = pod["containers"]
+    assert isinstance(container, dict)
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]

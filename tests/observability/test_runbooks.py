@@ -33,7 +33,7 @@ def anchors(path: Path) -> set[str]:
 
 
 def _alerts() -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for path in RULES.glob("*.rules.yaml"):
         for group in yaml.safe_load(path.read_text())["groups"]:
             out.extend(r for r in group["rules"] if "alert" in r)
