@@ -61,6 +61,8 @@ H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536
 ECHO_GRACE = 1.0  # seconds to wait for stragglers after the last datagram was sent
 TICKET_WAIT = 0.5  # seconds to wait for a session ticket after the first handshake
+# a datagram must fit one QUIC packet (1,200 bytes unless the path allows more) with its headers
+MAX_ECHO_PAYLOAD = 1100
 _ECHO_MAGIC = b"twq1"
 
 # TLS alerts (RFC 8446 §6) arrive as QUIC CRYPTO_ERROR 0x100 + alert (RFC 9001 §4.8)
@@ -441,6 +443,13 @@ def _echo_payload_seq(payload: bytes) -> int | None:
     return int.from_bytes(payload[len(_ECHO_MAGIC):len(_ECHO_MAGIC) + 4], "big")
 
 
+def _check_echo_params(params: QuicParams) -> None:
+    if not 1 <= params.echo_count <= 10_000:
+        raise QuicConfigError(f"echo_count must be 1..10000, got {params.echo_count}")
+    if not 0 <= params.payload_size <= MAX_ECHO_PAYLOAD:
+        raise QuicConfigError(f"payload_size must be 0..{MAX_ECHO_PAYLOAD}")
+
+
 async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
                         params: QuicParams, *, build: Callable[[int], tuple[bytes, int]],
                         key_of: Callable[[bytes], int | None]) -> list[float]:
@@ -516,6 +525,7 @@ async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: S
     if not params.target:
         raise QuicConfigError("quic.connect-udp needs a target (host:port)")
     target_host, target_port = split_target(params.target)
+    _check_echo_params(params)
     path = f"/.well-known/masque/udp/{_path_segment(target_host)}/{target_port}/"
     facts["target"] = params.target
     async with _connection(params, config, sw) as conn:
@@ -542,6 +552,8 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
         ping = ipaddress.IPv4Address(params.ip_ping) if params.ip_ping else None
     except ValueError:
         raise QuicConfigError(f"ip_ping must be an IPv4 address, got {params.ip_ping!r}") from None
+    if ping is not None:
+        _check_echo_params(params)
     async with _connection(params, config, sw) as conn:
         h3, stream_id = await _extended_connect(conn, params, sw, "connect-ip", path)
         # ask for any IPv4 address (RFC 9484 §4.7.2: all-zero address = no preference)

@@ -26,6 +26,8 @@ def _run(args: argparse.Namespace) -> int:
         target=args.connect_udp, echo_count=args.count, echo_interval=args.interval,
         payload_size=args.size, loss_threshold=args.loss_threshold,
         rtt_threshold=args.rtt_threshold, ip_ping=args.ip_ping)
+    if not 0 <= args.size <= quic.MAX_ECHO_PAYLOAD:
+        return usage_error(f"--size must be 0..{quic.MAX_ECHO_PAYLOAD}")
     try:  # configuration problems are usage errors here, not a failed node
         quic.client_configuration(params)
         if args.connect_udp:

@@ -193,3 +193,10 @@ def test_mtu_udp_without_a_port_is_a_probe_error() -> None:
     result = asyncio.run(mtu.run_udp(mtu.MtuParams(host="127.0.0.1"), 1.0))
     assert result.reason is Reason.PROBE_ERROR
     assert "port" in result.detail
+
+
+@pytest.mark.parametrize("overrides", [{"echo_count": 0}, {"payload_size": 5000}])
+async def test_echo_parameters_out_of_range_are_a_probe_error(overrides: dict[str, int]) -> None:
+    params = quic.QuicParams(host="127.0.0.1", target="127.0.0.1:7", **overrides)
+    result = await quic.run_connect_udp(params, 1.0)
+    assert result.reason is Reason.PROBE_ERROR
