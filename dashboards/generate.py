@@ -280,6 +280,7 @@ def fleet_overview() -> dashboard.Dashboard:
             "Active sessions per node",
             "none",
             query(f"node:tunnelwatch_node_active_sessions:max{{{POP}}}", "{{pop}} {{node}}"),
+            desc="Node telemetry, the largest figure any vantage reports for the node.",
         )
     )
     d = d.with_panel(
@@ -329,6 +330,7 @@ def node_detail() -> dashboard.Dashboard:
                 f"/ sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}])))",
                 "{{vantage}}",
             ),
+            desc="Share of probes that passed, all checks, per vantage.",
         )
     )
     d = d.with_panel(
@@ -372,6 +374,7 @@ def node_detail() -> dashboard.Dashboard:
             "In-tunnel P99 RTT by vantage",
             "s",
             query(f"tunnelwatch_probe_rtt_p99_seconds{{{sel}}}", "{{vantage}} {{check}}"),
+            desc="P99 round-trip time of the last session probe's exchanges.",
         )
     )
     d = d.with_panel(
@@ -388,6 +391,7 @@ def node_detail() -> dashboard.Dashboard:
             "Active sessions",
             "none",
             query(f"node:tunnelwatch_node_active_sessions:max{{{sel}}}", "{{node}}"),
+            desc="Node telemetry: sessions on the node.",
         )
     )
     d = d.with_panel(
@@ -395,6 +399,7 @@ def node_detail() -> dashboard.Dashboard:
             "Reconnects per session",
             "ops",
             query(f"node:tunnelwatch_node_reconnects_per_session:rate15m{{{sel}}}", "{{node}}"),
+            desc="Reconnects per active session per second; alert above 1/600.",
         )
     )
     d = d.with_panel(
@@ -404,6 +409,7 @@ def node_detail() -> dashboard.Dashboard:
             f"min(tunnelwatch_node_certificate_expiry_timestamp_seconds{{{sel}}}) - time()",
             "expires in",
             w=12,
+            desc="Earliest server certificate expiry seen by the TLS-level checks.",
         )
     )
     return d
@@ -457,6 +463,7 @@ def vantage_matrix() -> dashboard.Dashboard:
                 f"sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}]))",
                 "{{vantage}}",
             ),
+            desc="How much each agent probes; a drop means it is starved.",
         )
     )
     d = d.with_row(dashboard.Row("Agent health"))
@@ -483,6 +490,7 @@ def vantage_matrix() -> dashboard.Dashboard:
                 "{{vantage}}",
             ),
             w=8,
+            desc="Observations lost because the agent's spool was full.",
         )
     )
     d = d.with_panel(
@@ -519,6 +527,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
             "Observations ingested per second",
             "ops",
             query(f"sum(rate(tunnelwatch_mesh_ingest_observations_total[{RATE}]))", "accepted"),
+            desc="Observations in batches the mesh accepted.",
         )
     )
     d = d.with_panel(
@@ -540,6 +549,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
                 f"sum by (to) (rate(tunnelwatch_mesh_verdict_transitions_total[{RATE}]))",
                 "to {{to}}",
             ),
+            desc="Verdict changes by new state; a steady stream means flapping.",
         )
     )
     d = d.with_panel(
@@ -547,6 +557,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
             "Nodes held by the pool guard",
             "none",
             query("tunnelwatch_mesh_pool_guard_holding", "{{pool}}"),
+            desc="Failing nodes kept in service because their pool is at its DOWN share.",
         )
     )
     d = d.with_row(dashboard.Row("Publishing"))
@@ -560,6 +571,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
                 "{{publisher}}",
             ),
             w=8,
+            desc="Verdict changes each destination acknowledged.",
         )
     )
     d = d.with_panel(
@@ -571,6 +583,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
                 "{{publisher}}",
             ),
             w=8,
+            desc="Failed deliveries that will be retried with backoff.",
         )
     )
     d = d.with_panel(
@@ -583,6 +596,7 @@ def mesh_and_publisher() -> dashboard.Dashboard:
                 "{{publisher}}",
             ),
             w=8,
+            desc="Verdict changes given up on in the last hour; reconcile repairs it.",
         )
     )
     d = d.with_panel(

@@ -77,6 +77,7 @@ def test_every_panel_is_complete() -> None:
         for panel in _panels(_load(path)):
             where = f"{path.name}: {panel.get('title')!r}"
             assert panel.get("title"), where
+            assert panel.get("description"), f"{where}: no description"
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
             assert panel["fieldConfig"]["defaults"].get("unit"), f"{where}: no unit"
             refs = [t["refId"] for t in panel["targets"]]
