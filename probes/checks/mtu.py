@@ -1,6 +1,10 @@
-"""Path-MTU check kind ``mtu.udp``: DF-set UDP probes to a node's UDP echo service.
+"""Path-MTU check kinds: DF-set probes of different sizes toward a node.
 
-Method (no root needed; only an unprivileged UDP socket):
+* ``mtu.udp``: UDP datagrams to the node's UDP echo service. No privileges at all.
+* ``mtu.icmp``: ICMP echo requests (IPv4), over a ping socket when ``net.ipv4.ping_group_range``
+  allows it, else a raw socket (``CAP_NET_RAW``). Needs nothing on the node but ping replies.
+
+Method:
 
 * the socket is connected and set to ``IP_MTU_DISCOVER = IP_PMTUDISC_PROBE`` (``IPV6_...`` for
   IPv6): every datagram leaves with DF set *and* the kernel ignores the PMTU it has cached, so a
@@ -9,12 +13,13 @@ Method (no root needed; only an unprivileged UDP socket):
   code and ``ee_info`` = the next-hop MTU of a "fragmentation needed" (ICMPv6 "packet too big"),
   plus the start of the offending datagram, which carries the probe's token, so a late ICMP error
   is never blamed on the wrong probe;
-* sizes are whole IP packets (IP + UDP header + payload), i.e. MTU figures.
+* sizes are whole IP packets (IP + UDP/ICMP header + payload), i.e. MTU figures.
 
-Search: try the largest size first (default: the route's MTU, ``IP_MTU``); if it does not come
+Search: try the largest size first (default: the outgoing interface's MTU); if it does not come
 back, bisect between a floor that must pass and it. When a frag-needed names an MTU, that size and
 the one above are tried next, so a path with working PMTUD is pinned down in ~4 probes. A size
-"fails" when ICMP frag-needed arrives or when it stays unanswered for ``attempts`` tries.
+"fails" when ICMP frag-needed arrives or when it stays unanswered for ``attempts`` tries; a size
+our own stack refuses (EMSGSIZE) only lowers what we can send, it says nothing about the path.
 
 Outcome: ``ok`` with the path MTU when PMTUD works (or nothing is lower than the first hop);
 ``mtu-black-hole`` when large probes vanish and no frag-needed arrived at all; ``mtu-below-minimum``
