@@ -16,9 +16,10 @@ Policy (HAProxy's health-check semantics, named after its keywords):
 * **spread**: each check has a fixed phase in [0, 1) of its tier interval (evenly spread over
   the tier's checks at load; a stable hash for checks added by a reload), plus a random
   ``jitter`` share of the interval, so probes never start in bursts.
-* **fastinter**: while an outcome differs from the settled state (or nothing is settled yet) the
-  check re-runs every ``fast_interval`` until ``rise`` successes / ``fall`` failures in a row
-  settle it; then it goes back to its slot in the normal rounds.
+* **fastinter**: while an outcome differs from the settled state the check re-runs every
+  ``fast_interval`` until ``rise`` successes / ``fall`` failures in a row settle it; then it
+  goes back to its slot in the normal rounds. The first outcome of a check settles at once
+  (Envoy's rule): fast re-probing a whole fresh fleet would double the agent's start-up load.
 * **cascade**: an L4 failure makes every functional check of that node due now (once per
   ``fast_interval``), so "port closed" is confirmed or refuted at the protocol level at once.
 * a check never overlaps itself; a global, and a per-node semaphore bound concurrency.
@@ -65,14 +66,14 @@ class CheckState:
     why: str = ""  # "round", "fast" or "cascade": why it is due
     gen: int = 0  # bumps invalidate stale heap entries
     running: bool = False
-    settled: bool | None = None  # None until rise/fall settle the first time
+    settled: bool | None = None  # None until the first outcome
     last_ok: bool | None = None
     streak: int = 0  # consecutive outcomes (all equal) that differ from ``settled``
     last_start: float | None = None
 
     @property
     def transitioning(self) -> bool:
-        return self.settled is None or self.streak > 0
+        return self.streak > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +225,11 @@ class ScheduleCore:
             return Completion(False, None, ())
         st.running = False
         changed = False
-        if st.settled is not None and ok == st.settled:
+        if st.settled is None:
+            # the first outcome settles at once (Envoy: "one success suffices at startup"):
+            # fast re-probing every check of a fresh agent would double its start-up load
+            st.settled, st.streak, changed = ok, 0, True
+        elif ok == st.settled:
             st.streak = 0
         else:
             st.streak = st.streak + 1 if st.last_ok == ok else 1
@@ -389,6 +394,7 @@ class AgentScheduler:
         if self._aps is not None:
             self._aps.shutdown(wait=False)
             self._aps = None
+            await asyncio.sleep(0)  # let a round job that is being dispatched finish
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
