@@ -48,6 +48,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     tick_seconds: float = 1.0
     snapshot_every: int = 10_000  # journal entries between engine snapshots ...
     snapshot_bytes: int = 256 * 1024 * 1024  # ... or journaled bytes, whichever comes first
+    background_snapshots: bool = True  # snapshot in a forked child: ingest does not pause
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
     publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
 

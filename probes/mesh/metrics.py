@@ -149,9 +149,14 @@ class MeshCollector(Collector):
             value=service.journal_since_snapshot,
         )
         yield GaugeMetricFamily(
-            P + "snapshot_duration_seconds",
-            "How long the last engine snapshot blocked the mesh.",
+            P + "snapshot_pause_seconds",
+            "How long the last engine snapshot blocked the mesh (fork only, when in background).",
             value=service.last_snapshot_seconds,
+        )
+        yield CounterMetricFamily(
+            P + "snapshots_background",
+            "Engine snapshots written by a forked child.",
+            value=service.snapshots_background_total,
         )
         yield GaugeMetricFamily(
             P + "check_states", "Tracked (node, vantage, check) states.", value=engine.check_count()

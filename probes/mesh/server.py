@@ -43,7 +43,12 @@ def load_keys(cfg: MeshConfig) -> dict[str, AgentKey]:
 def open_service(cfg: MeshConfig) -> MeshService:
     store = SQLiteStore(cfg.database, durability="full" if cfg.durability == "full" else "normal")
     return MeshService(
-        store, cfg.decision, cfg.node_infos(), cfg.snapshot_every, cfg.snapshot_bytes
+        store,
+        cfg.decision,
+        cfg.node_infos(),
+        snapshot_every=cfg.snapshot_every,
+        snapshot_bytes=cfg.snapshot_bytes,
+        background_snapshots=cfg.background_snapshots,
     )
 
 
@@ -80,6 +85,7 @@ def build_app(
                 await asyncio.sleep(cfg.tick_seconds)
                 try:
                     svc.tick(clock())
+                    svc.housekeeping()
                 except StoreError:
                     log.exception("tick not stored")
 

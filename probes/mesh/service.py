@@ -13,6 +13,7 @@ Time: ``now`` is the mesh's wall clock when an input is applied, never allowed t
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable, Sequence
@@ -40,13 +41,20 @@ class MeshService:
         store: MeshStore,
         policy: DecisionPolicy,
         nodes: Sequence[NodeInfo],
+        *,
         snapshot_every: int = 10_000,
         snapshot_bytes: int = 256 * 1024 * 1024,
+        background_snapshots: bool = False,
     ) -> None:
         self.store = store
         self.snapshot_every = snapshot_every
         self.snapshot_bytes = snapshot_bytes
         self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
+        # snapshot in a forked child when the backend supports it (POSIX only)
+        self.background_snapshots = background_snapshots and hasattr(os, "fork")
+        self.snapshots_background_total = 0
+        self._child: tuple[int, int] | None = None  # (pid, journal id) of a snapshot child
+        self._prune_upto = 0
         self._bytes_since_snapshot = 0
         self.agent_seq: dict[str, int] = {}
         self.last_now = 0.0
@@ -108,6 +116,53 @@ class MeshService:
         self._bytes_since_snapshot = 0
         self.last_snapshot_seconds = time.perf_counter() - started
 
+    def _fork_snapshot(self) -> bool:
+        """Snapshot in a forked child (copy-on-write: the parent pauses only for fork()).
+
+        The child pickles the engine as of the last committed journal id and writes it through
+        a connection of its own; the parent drops the journal up to that id once the child has
+        exited successfully (see :meth:`housekeeping`). False when a child is still running or
+        the backend cannot do it, and the caller snapshots in-process."""
+        if self._child is not None:
+            return True  # one at a time; the journal keeps growing meanwhile
+        journal_id = self._last_journal_id
+        started = time.perf_counter()
+        try:
+            pid = os.fork()
+        except OSError:
+            log.exception("fork for a snapshot failed; snapshotting in-process")
+            return False
+        if pid == 0:  # the child: no logging (locks), no event loop, leave with os._exit
+            code = 1
+            try:
+                blob = pickle.dumps(self.engine, protocol=pickle.HIGHEST_PROTOCOL)
+                self.store.write_snapshot_detached(journal_id, blob)
+                code = 0
+            except BaseException:  # noqa: S110 - the parent sees the exit code
+                pass
+            finally:
+                os._exit(code)
+        self._child = (pid, journal_id)
+        self._since_snapshot = 0
+        self._bytes_since_snapshot = 0
+        self.last_snapshot_seconds = time.perf_counter() - started
+        return True
+
+    def housekeeping(self) -> None:
+        """Reap a snapshot child and drop the journal it covers, a little at a time."""
+        if self._child is not None:
+            pid, journal_id = self._child
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self._child = None
+                if os.waitstatus_to_exitcode(status) == 0:
+                    self._prune_upto = max(self._prune_upto, journal_id)
+                    self.snapshots_background_total += 1
+                else:
+                    log.error("snapshot child failed (%s); journal kept", status)
+        if self._prune_upto and self.store.prune_journal(self._prune_upto) == 0:
+            self._prune_upto = 0
+
     def _commit(
         self,
         entry: JournalEntry,
@@ -125,10 +180,11 @@ class MeshService:
         self._since_snapshot += 1
         self._bytes_since_snapshot += len(entry.payload)
         # bound both what a restart replays and the journal's disk use
-        if (
+        due = (
             self._since_snapshot >= self.snapshot_every
             or self._bytes_since_snapshot >= self.snapshot_bytes
-        ):
+        )
+        if due and not (self.background_snapshots and self._fork_snapshot()):
             self._snapshot()
         if verdicts:
             self._announce(verdicts)
@@ -189,6 +245,9 @@ class MeshService:
     def close(self) -> None:
         """Snapshot (so the next start replays nothing) and close the store."""
         try:
+            if self._child is not None:
+                os.waitpid(self._child[0], 0)
+                self._child = None
             self._snapshot()
         finally:
             self.store.close()

@@ -111,6 +111,18 @@ class MeshStore(abc.ABC):
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
         """Store the engine state as of ``journal_id`` and drop journal entries up to it."""
 
+    def write_snapshot_detached(self, journal_id: int, blob: bytes) -> None:
+        """Store a snapshot from a forked child process, without touching the parent's
+        connections and without dropping journal entries (the parent does that with
+        :meth:`prune_journal` once the child succeeded). Backends that cannot do this raise
+        ``NotImplementedError`` and the mesh snapshots in-process instead."""
+        raise NotImplementedError
+
+    def prune_journal(self, upto: int, limit: int = 1000) -> int:
+        """Drop up to ``limit`` journal entries with id <= ``upto`` (covered by a snapshot);
+        return how many were dropped. Done in small steps so the writer never stalls long."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def ack(self, publisher: str, position: int) -> None:
         """Record that ``publisher`` delivered every verdict up to log id ``position``."""

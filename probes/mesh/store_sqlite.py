@@ -31,8 +31,6 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, now REAL NOT NULL, payload BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS snapshot (
-    one INTEGER PRIMARY KEY CHECK (one = 1), journal_id INTEGER NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS verdicts (
     id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
     decided_at REAL NOT NULL, body BLOB NOT NULL, UNIQUE (node, seq));
@@ -43,18 +41,43 @@ CREATE TABLE IF NOT EXISTS admin (
 CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS publishers (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
 """
-SCHEMA_VERSION = "1"
+SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshot (
+    one INTEGER PRIMARY KEY CHECK (one = 1), journal_id INTEGER NOT NULL, blob BLOB NOT NULL);
+"""
+SCHEMA_VERSION = "2"
+
+
+def _connect(path: str, durability: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
+def _write_snapshot(db: sqlite3.Connection, journal_id: int, blob: bytes) -> None:
+    # never replace a newer snapshot with an older one: a snapshot child orphaned by a crash may
+    # finish after the restarted mesh has snapshotted and pruned past it
+    db.execute(
+        "INSERT INTO snapshot (one, journal_id, blob) VALUES (1, ?, ?) ON CONFLICT (one)"
+        " DO UPDATE SET journal_id=excluded.journal_id, blob=excluded.blob"
+        " WHERE excluded.journal_id >= snapshot.journal_id",
+        (journal_id, blob),
+    )
 
 
 class SQLiteStore(MeshStore):
     def __init__(self, path: str | Path, durability: Literal["normal", "full"] = "normal") -> None:
         self.path = str(path)
+        # snapshots live in their own file: a forked child writes one without ever holding the
+        # main database's write lock, so ingest does not stall behind a 50 MB blob
+        self.snapshot_path = self.path + ".snapshot"
+        self.durability = durability
         # the mesh is single-threaded (asyncio); the lock only guards stray readers in tests
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            self._db = _connect(self.path, durability)
             # checkpoint (copy the WAL into the database, with an fsync) every ~64 MiB instead of
             # every 4 MiB: batches are journaled whole, and each checkpoint stalls the writer
             self._db.execute("PRAGMA wal_autocheckpoint=16384")
@@ -64,12 +87,15 @@ class SQLiteStore(MeshStore):
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema {row[0]}, this build reads {SCHEMA_VERSION}")
+            self._snap = _connect(self.snapshot_path, durability)
+            self._snap.executescript(SNAPSHOT_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._snap.close()
 
     # ---- writes ---------------------------------------------------------------------------
 
@@ -133,20 +159,31 @@ class SQLiteStore(MeshStore):
         return journal_id
 
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
-        db = self._db
         with self._lock:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute(
-                    "INSERT OR REPLACE INTO snapshot (one, journal_id, blob) VALUES (1, ?, ?)",
-                    (journal_id, blob),
-                )
-                db.execute("DELETE FROM journal WHERE id <= ?", (journal_id,))
-                db.execute("COMMIT")
+                _write_snapshot(self._snap, journal_id, blob)
+                self._db.execute("DELETE FROM journal WHERE id <= ?", (journal_id,))
             except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
                 raise StoreError(f"{self.path}: snapshot failed: {exc}") from exc
+
+    def write_snapshot_detached(self, journal_id: int, blob: bytes) -> None:
+        db = _connect(self.snapshot_path, self.durability)
+        try:
+            _write_snapshot(db, journal_id, blob)
+        finally:
+            db.close()
+
+    def prune_journal(self, upto: int, limit: int = 1000) -> int:
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "DELETE FROM journal WHERE id IN"
+                    " (SELECT id FROM journal WHERE id <= ? ORDER BY id LIMIT ?)",
+                    (upto, limit),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: prune failed: {exc}") from exc
+            return int(cur.rowcount)
 
     def ack(self, publisher: str, position: int) -> None:
         with self._lock:
@@ -169,7 +206,13 @@ class SQLiteStore(MeshStore):
                 raise StoreError(f"{self.path}: {exc}") from exc
 
     def recover(self) -> Recovery:
-        snap = self._query("SELECT journal_id, blob FROM snapshot WHERE one = 1")
+        with self._lock:
+            try:
+                snap = self._snap.execute(
+                    "SELECT journal_id, blob FROM snapshot WHERE one = 1"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.snapshot_path}: {exc}") from exc
         snapshot_id = int(snap[0][0]) if snap else 0
         blob = bytes(snap[0][1]) if snap else None
         rows = self._query(

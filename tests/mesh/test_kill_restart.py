@@ -51,7 +51,8 @@ def script() -> list[ObservationBatch]:
 
 @pytest.fixture
 def mesh_process(tmp_path: Path) -> Iterator[MeshProcess]:
-    extra = "decision:\n  damping: {enabled: false}\n"
+    # snapshots every 7 entries, in forked children: some are in flight when the mesh is killed
+    extra = "snapshot_every: 7\ndecision:\n  damping: {enabled: false}\n"
     config = write_mesh_config(tmp_path, NODES, AGENTS, port=free_port(), extra=extra)
     mesh = MeshProcess(config, int(config.read_text().split("listen: 127.0.0.1:")[1].split()[0]))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import msgspec
@@ -50,7 +51,17 @@ def feed(
             body, b = batch(agent, seq0 + i, results, start + i)
             out += svc.accept_batch(body, b, start + i)
         out += svc.tick(start + i + 0.5)
+        svc.housekeeping()
     return out
+
+
+def settle_snapshots(svc: MeshService) -> None:
+    """Wait for a background snapshot child and finish pruning the journal it covers."""
+    deadline = time.monotonic() + 30
+    while (svc._child is not None or svc._prune_upto) and time.monotonic() < deadline:
+        svc.housekeeping()
+        time.sleep(0.01)
+    assert svc._child is None
 
 
 def test_commit_is_atomic(tmp_path: Path) -> None:
@@ -88,8 +99,13 @@ def test_outbox_positions_per_publisher(tmp_path: Path) -> None:
     store.close()
 
 
-@pytest.mark.parametrize("snapshot_every", [1, 3, 10_000])
-def test_restart_resumes_without_reannouncing(tmp_path: Path, snapshot_every: int) -> None:
+@pytest.mark.parametrize(
+    ("snapshot_every", "background"),
+    [(1, False), (3, False), (10_000, False), (2, True), (5, True)],
+)
+def test_restart_resumes_without_reannouncing(
+    tmp_path: Path, snapshot_every: int, background: bool
+) -> None:
     nodes = fleet(4)
     rounds_a = [{f"n{i}": True for i in range(4)}] * 2 + [
         {"n0": False, "n1": True, "n2": True, "n3": True}
@@ -99,15 +115,37 @@ def test_restart_resumes_without_reannouncing(tmp_path: Path, snapshot_every: in
     ] * 3
 
     # reference: one process sees everything
-    ref = MeshService(SQLiteStore(tmp_path / "ref.db"), POLICY, nodes, snapshot_every)
+    ref = MeshService(
+        SQLiteStore(tmp_path / "ref.db"),
+        POLICY,
+        nodes,
+        snapshot_every=snapshot_every,
+        background_snapshots=background,
+    )
     expected = feed(ref, rounds_a) + feed(ref, rounds_b, start=100, seq0=10)
     ref.close()
 
     db = tmp_path / "m.db"
-    first = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    first = MeshService(
+        SQLiteStore(db),
+        POLICY,
+        nodes,
+        snapshot_every=snapshot_every,
+        background_snapshots=background,
+    )
     before = feed(first, rounds_a)
+    if background:
+        settle_snapshots(first)
+        assert first.snapshots_background_total >= 1
+        assert first.store.journal_length() < len(rounds_a) * 4  # the child's snapshot pruned it
     first.store.close()  # no clean shutdown: no final snapshot (a crash)
-    second = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    second = MeshService(
+        SQLiteStore(db),
+        POLICY,
+        nodes,
+        snapshot_every=snapshot_every,
+        background_snapshots=background,
+    )
     assert second.agent_seq == {a: len(rounds_a) for a in V3}
     assert {n: x.seq for n, x in second.engine.nodes.items()} == {
         n: x.seq for n, x in first.engine.nodes.items()
@@ -118,7 +156,13 @@ def test_restart_resumes_without_reannouncing(tmp_path: Path, snapshot_every: in
     assert encode(logged) == encode(expected)
     assert len({(v.node, v.seq) for v in logged}) == len(logged)
     second.close()
-    third = MeshService(SQLiteStore(db), POLICY, nodes, snapshot_every)
+    third = MeshService(
+        SQLiteStore(db),
+        POLICY,
+        nodes,
+        snapshot_every=snapshot_every,
+        background_snapshots=background,
+    )
     assert third.replayed_entries == 0  # clean close left a snapshot covering everything
     third.close()
 
@@ -212,3 +256,14 @@ def test_an_engine_failure_leaves_nothing_half_applied(
     assert svc.engine.observations_total == before  # rebuilt from the store
     assert svc.agent_seq["va"] == 1
     svc.close()
+
+
+def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "m.db")
+    store.save_snapshot(10, b"new")
+    store.write_snapshot_detached(7, b"old")  # a late child from before a crash
+    rec = store.recover()
+    assert (rec.snapshot, rec.snapshot_journal_id) == (b"new", 10)
+    store.write_snapshot_detached(12, b"newer")
+    assert store.recover().snapshot == b"newer"
+    store.close()
