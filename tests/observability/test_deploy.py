@@ -189,10 +189,25 @@ def _kind(kind: str) -> list[dict[str, Any]]:
 def test_manifests_have_required_fields() -> None:
     listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    namespaces = {n["metadata"]["name"]: n for n in _kind("Namespace")}
+    assert set(namespaces) == {"tunnelwatch", "tunnelwatch-agents"}
     for doc in _resources():
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
         if doc["kind"] in NAMESPACED:
-            assert doc["metadata"]["namespace"] == "tunnelwatch", doc["metadata"]["name"]
+            assert doc["metadata"]["namespace"] in namespaces, doc["metadata"]["name"]
+
+
+def test_pod_security_levels_per_namespace() -> None:
+    """Agents alone get the privileged namespace (NET_RAW); everything else is restricted."""
+    level = {
+        n["metadata"]["name"]: n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        for n in _kind("Namespace")
+    }
+    assert level == {"tunnelwatch": "restricted", "tunnelwatch-agents": "privileged"}
+    for workload in _kind("Deployment") + _kind("StatefulSet"):
+        name, namespace = workload["metadata"]["name"], workload["metadata"]["namespace"]
+        agent = name.startswith("tunnelwatch-agent")
+        assert namespace == ("tunnelwatch-agents" if agent else "tunnelwatch"), name
 
 
 def _pod_checks(workload: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +249,15 @@ def test_agents_are_deployments_per_region_with_net_raw(tmp_path: Path) -> None:
         assert container["securityContext"]["capabilities"]["add"] == ["NET_RAW"]
         assert container["args"][0] == "agent"
         cm = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
-        _check_config(configs[cm]["data"]["agent.yaml"], tmp_path, f"{cm}.yaml")
+        agent_yaml = configs[cm]["data"]["agent.yaml"]
+        _check_config(agent_yaml, tmp_path, f"{cm}.yaml")
+        # each agent mounts its own key only, and reports to the mesh across namespaces
+        vantage = yaml.safe_load(agent_yaml)["agent"]["vantage"]
+        secrets = [
+            v["secret"] for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v
+        ]
+        assert [s["secretName"] for s in secrets] == [f"tunnelwatch-agent-{vantage}"]
+        assert ".tunnelwatch.svc:" in yaml.safe_load(agent_yaml)["mesh"]["endpoints"][0]
 
 
 def test_mesh_is_a_statefulset_without_capabilities(tmp_path: Path) -> None:
