@@ -113,6 +113,7 @@ def test_fuzz_timestamps_keys_and_ip(last: bytes, wall_ns: int, key_text: str, i
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100k examples outlast the default 300 s limit
 @SLOW
 @given(DATAGRAMS)
 def test_fuzz_receive_while_handshaking_100k(data: bytes) -> None:
@@ -120,6 +121,7 @@ def test_fuzz_receive_while_handshaking_100k(data: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100k examples outlast the default 300 s limit
 @SLOW
 @given(DATAGRAMS)
 def test_fuzz_receive_when_established_100k(data: bytes) -> None:
@@ -127,6 +129,7 @@ def test_fuzz_receive_when_established_100k(data: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100k examples outlast the default 300 s limit
 @SLOW
 @given(*SCALARS)
 def test_fuzz_timestamps_keys_and_ip_100k(last: bytes, wall_ns: int, key_text: str,
@@ -161,6 +164,7 @@ def test_fuzz_shell_parsers(ancdata: list[tuple[int, int, bytes]], packet: bytes
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100k examples outlast the default 300 s limit
 @SLOW
 @given(ANCILLARY, st.binary(max_size=64), DUMP_ROWS)
 def test_fuzz_shell_parsers_100k(ancdata: list[tuple[int, int, bytes]], packet: bytes,
