@@ -12,9 +12,9 @@ Time: ``now`` is the mesh's wall clock when an input is applied, never allowed t
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,6 +22,7 @@ import msgspec
 
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
+from probes.mesh.snapshot import dump_engine, load_engine
 from probes.mesh.store import (
     AdminAction,
     AgentPosition,
@@ -73,8 +74,7 @@ class MeshService:
     def _recover(self, policy: DecisionPolicy, nodes: Sequence[NodeInfo]) -> DecisionEngine:
         rec = self.store.recover()
         if rec.snapshot is not None:
-            # the snapshot is our own pickled engine from our own database file
-            engine: DecisionEngine = pickle.loads(rec.snapshot)  # noqa: S301
+            engine = load_engine(rec.snapshot)
         else:
             engine = DecisionEngine(policy, nodes)
         self._last_journal_id = rec.snapshot_journal_id
@@ -110,7 +110,7 @@ class MeshService:
 
     def _snapshot(self, engine: DecisionEngine | None = None) -> None:
         started = time.perf_counter()
-        blob = pickle.dumps(engine or self.engine, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = dump_engine(engine or self.engine)
         self.store.save_snapshot(self._last_journal_id, blob)
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
@@ -119,7 +119,7 @@ class MeshService:
     def _fork_snapshot(self) -> bool:
         """Snapshot in a forked child (copy-on-write: the parent pauses only for fork()).
 
-        The child pickles the engine as of the last committed journal id and writes it through
+        The child serializes the engine as of the last committed journal id and writes it through
         a connection of its own; the parent drops the journal up to that id once the child has
         exited successfully (see :meth:`housekeeping`). False when a child is still running or
         the backend cannot do it, and the caller snapshots in-process."""
@@ -135,7 +135,8 @@ class MeshService:
         if pid == 0:  # the child: no logging (locks), no event loop, leave with os._exit
             code = 1
             try:
-                blob = pickle.dumps(self.engine, protocol=pickle.HIGHEST_PROTOCOL)
+                gc.disable()  # a short-lived process: collecting would only touch (copy) pages
+                blob = dump_engine(self.engine)
                 self.store.write_snapshot_detached(journal_id, blob)
                 code = 0
             except BaseException:  # noqa: S110 - the parent sees the exit code

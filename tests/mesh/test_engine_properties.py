@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from probes.mesh.decision import DecisionEngine
 from probes.mesh.policy import DampingPolicy, DecisionPolicy, PoolGuardPolicy, QuorumPolicy
+from probes.mesh.snapshot import dump_engine, load_engine
 from probes.model import Quality, Reason, Verdict, VerdictState
 from tests.mesh.helpers import engine, everyone, fleet, obs, round_of
 
@@ -22,7 +23,7 @@ DOWN = VerdictState.DOWN
 POLICIES = [
     DecisionPolicy(),
     DecisionPolicy(damping=DampingPolicy(enabled=False)),
-    DecisionPolicy(quorum=QuorumPolicy(mode="percent", healthy_percent=18)),
+    DecisionPolicy(quorum=QuorumPolicy(mode="percent", healthy_percent=18.0)),
     DecisionPolicy(window=4, window_failures=2, rise=1, fall=1),
 ]
 policies = st.sampled_from(POLICIES)
@@ -210,7 +211,10 @@ def test_replay_is_deterministic(policy: DecisionPolicy, script: list, cut: int)
     # a snapshot taken midway continues exactly like the original (what a restart relies on)
     eng = DecisionEngine(policy, fleet(4))
     head = run_script(eng, script[:cut])
-    restored: DecisionEngine = pickle.loads(pickle.dumps(eng))
+    blob = dump_engine(eng)
+    restored = load_engine(blob)
+    assert dump_engine(restored) == blob
+    pickled: DecisionEngine = pickle.loads(pickle.dumps(eng))
     now = sum(dt for dt, _ in script[:cut])
     tail = (
         run_script(restored, [(now + script[cut][0], script[cut][1]), *script[cut + 1 :]])
@@ -218,6 +222,10 @@ def test_replay_is_deterministic(policy: DecisionPolicy, script: list, cut: int)
         else []
     )
     assert msgspec.json.encode(head + tail) == msgspec.json.encode(first)
+    rest = script[cut:]
+    if rest:
+        rest = [(now + rest[0][0], rest[0][1]), *rest[1:]]
+    assert msgspec.json.encode(head + run_script(pickled, rest)) == msgspec.json.encode(first)
 
 
 @PROPS
