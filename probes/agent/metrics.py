@@ -34,6 +34,8 @@ LAG_BUCKETS = (.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1)
 CHECK_LABELS = ("node", "pool", "pop", "region", "check", "vantage")
 
 LabelKey = tuple[str, str, str, str, str]  # node, pool, pop, region, check
+HistKey = tuple[str, str, str, str]  # pool, pop, region, check: no node on histograms
+HIST_LABELS = ("pool", "pop", "region", "check", "vantage")
 
 
 def label_key(check: PlannedCheck) -> LabelKey:
@@ -77,7 +79,6 @@ def _fmt(bound: float) -> str:
 class CheckSeries:
     attempts: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # reason -> count
-    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     success: float = math.nan  # last outcome, 1/0
     rtt_p50: float | None = None
     rtt_p99: float | None = None
@@ -91,6 +92,9 @@ class ProbeStats:
 
     def __init__(self) -> None:
         self.series: dict[LabelKey, CheckSeries] = {}
+        # durations per (pool, pop, region, check): node stays on counters and gauges only, so
+        # a 10,000-node agent exports thousands of histogram series, not 150,000
+        self.durations: dict[HistKey, Histogram] = {}
         self.overloaded_total = 0
         self.lag = Histogram(LAG_BUCKETS)  # start lag of every probe, refused ones included
 
@@ -101,6 +105,9 @@ class ProbeStats:
             self.series.setdefault(key, CheckSeries())
         for key in [k for k in self.series if k not in wanted]:
             del self.series[key]
+        hist_keys = {k[1:] for k in wanted}
+        for hkey in [k for k in self.durations if k not in hist_keys]:
+            del self.durations[hkey]
 
     def record(self, run: ProbeRun) -> None:
         key = label_key(run.check)
@@ -117,7 +124,10 @@ class ProbeStats:
         s.success = 1.0 if result.ok else 0.0
         if not result.ok:
             s.failures[result.reason.value] = s.failures.get(result.reason.value, 0) + 1
-        s.duration.observe(result.duration_seconds)
+        hist = self.durations.get(key[1:])
+        if hist is None:
+            hist = self.durations[key[1:]] = Histogram(DURATION_BUCKETS)
+        hist.observe(result.duration_seconds)
         if result.phases:
             s.phases = result.phases
         q = result.quality
@@ -173,7 +183,8 @@ class AgentCollector(Collector):
                                        "Failed probes by closed-enum reason.",
                                        labels=[*labels, "reason"])
         duration = HistogramMetricFamily("tunnelwatch_probe_duration_seconds",
-                                         "Probe wall time (monotonic clock).", labels=labels)
+                                         "Probe wall time (monotonic clock), per check across "
+                                         "the nodes of a pool.", labels=list(HIST_LABELS))
         success = GaugeMetricFamily("tunnelwatch_probe_success",
                                     "Outcome of the last probe (1 ok, 0 failed).", labels=labels)
         phase = GaugeMetricFamily("tunnelwatch_probe_phase_duration_seconds",
@@ -196,7 +207,6 @@ class AgentCollector(Collector):
                 attempts.add_metric(values, s.attempts)
                 for reason, count in s.failures.items():
                     failures.add_metric([*values, reason], count)
-                duration.add_metric(values, s.duration.cumulative(), s.duration.sum)
                 if not math.isnan(s.success):
                     success.add_metric(values, s.success)
                 for name, seconds in s.phases.items():
@@ -213,6 +223,8 @@ class AgentCollector(Collector):
                         fam = facts[name] = GaugeMetricFamily(
                             f"tunnelwatch_{name}", f"Node telemetry: {name}.", labels=labels)
                     fam.add_metric(values, value)
+            for hkey, hist in self.probes.durations.items():
+                duration.add_metric([*hkey, self.vantage], hist.cumulative(), hist.sum)
         yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss)
         yield from facts.values()
         yield from self._scheduler_families(empty)

@@ -87,7 +87,7 @@ async def test_prometheus_scrapes_metrics_and_blackbox_probe(tmp_path: Path) -> 
                 "attempts": 'tunnelwatch_probe_attempts_total{job="agent",node="node-a",'
                             f'check="tcp:{open_port}",vantage="test-vantage"}} > 0',
                 "failures": 'tunnelwatch_probe_failures_total{node="node-b",reason="refused"} > 0',
-                "slo_bucket": 'tunnelwatch_probe_duration_seconds_bucket{node="node-a",le="0.15"}'
+                "slo_bucket": 'tunnelwatch_probe_duration_seconds_bucket{pool="pool-a",le="0.15"}'
                               " > 0",
                 "lag": "tunnelwatch_scheduler_lag_seconds_count > 0",
             }

@@ -1,0 +1,50 @@
+"""The collector over agent state, read through an injected CollectorRegistry."""
+
+from __future__ import annotations
+
+import pytest
+
+from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
+from probes.agent.scheduler import ProbeRun, SchedulerStats
+from probes.checks.base import CheckResult, Tier
+from probes.model import Quality, Reason
+
+from .fakes import planned
+
+pytestmark = pytest.mark.agent
+
+
+def _run(node: str, ok: bool, reason: Reason, seconds: float, **kw: object) -> ProbeRun:
+    result = CheckResult(ok, reason, seconds, **kw)  # type: ignore[arg-type]
+    return ProbeRun(planned(node, Tier.L4), result, 0.0, 1.0, 1.002, "round")
+
+
+def test_counters_histogram_gauges_and_labels() -> None:
+    stats = ProbeStats()
+    stats.plan([planned("n1", Tier.L4), planned("n2", Tier.L4)])
+    stats.record(_run("n1", True, Reason.OK, 0.12, phases={"connect": 0.12},
+                      quality=Quality(sent=5, received=4, loss_ratio=0.2, rtt_p50_seconds=0.03)))
+    stats.record(_run("n1", False, Reason.REFUSED, 0.001))
+    stats.record(_run("n1", False, Reason.OVERLOADED, 0.0))  # not run: not an attempt
+    stats.record(_run("n2", True, Reason.OK, 0.2, facts={"node_active_peers": 12}))
+    reporter = ReporterStats(spool_depth=7, dropped_total=3, endpoints=1)
+    registry = new_registry(AgentCollector("v1", stats, SchedulerStats, reporter))
+    get = registry.get_sample_value
+    n1 = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu", "check": "tcp",
+          "vantage": "v1"}
+    assert get("tunnelwatch_probe_attempts_total", n1) == 2
+    assert get("tunnelwatch_probe_failures_total", {**n1, "reason": "refused"}) == 1
+    assert get("tunnelwatch_probe_success", n1) == 0
+    assert get("tunnelwatch_probe_loss_ratio", n1) == pytest.approx(0.2)
+    assert get("tunnelwatch_probe_phase_duration_seconds", {**n1, "phase": "connect"}) == 0.12
+    assert get("tunnelwatch_node_active_peers", {**n1, "node": "n2"}) == 12
+    hist = {k: v for k, v in n1.items() if k != "node"}
+    # 0.12 and 0.001 are <= 0.15 (the SLO edge); 0.2 is not
+    assert get("tunnelwatch_probe_duration_seconds_bucket", {**hist, "le": "0.15"}) == 2
+    assert get("tunnelwatch_probe_duration_seconds_count", hist) == 3
+    assert get("tunnelwatch_scheduler_lag_seconds_count", {"vantage": "v1"}) == 4
+    assert get("tunnelwatch_spool_depth_observations", {"vantage": "v1"}) == 7
+    assert get("tunnelwatch_spool_dropped_observations_total", {"vantage": "v1"}) == 3
+    for metric in registry.collect():
+        for sample in metric.samples:
+            assert not any(v.startswith("10.") or "/" in v for v in sample.labels.values())
