@@ -96,6 +96,7 @@ def test_fuzz_telemetry_parsers(text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @settings(max_examples=100_000, deadline=None)
 @given(text=st.one_of(st.text(max_size=300), LINES))
 def test_fuzz_telemetry_parsers_long(text: str) -> None:
