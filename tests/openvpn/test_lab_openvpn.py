@@ -204,3 +204,12 @@ def test_reset_probes_leave_the_stateless_server_without_instances(lab: Lab) -> 
     assert all(r.ok for r in results)
     # an ACK of the server's reset would be the HMAC-cookie ticket that creates an instance
     assert "Initial packet from" not in server.log(), server.log()[-1500:]
+
+
+def test_tls_auth_with_sha256_digest(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-auth", extra=["--auth", "SHA256"])
+    assert probe(agent, params_for(server, auth_digest="SHA256"), Level.SESSION).ok
+    # the default SHA1 HMAC does not authenticate against a SHA256 server: silence
+    wrong = probe(agent, params_for(server), Level.RESET, timeout=1.5)
+    assert (wrong.ok, wrong.reason) == (False, Reason.RESET_IGNORED)
