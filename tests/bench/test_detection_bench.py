@@ -31,7 +31,7 @@ from probes.lab.recorder import Recorder
 from probes.lab.stack import Stack, StackOptions
 from probes.lab.topology import Lab
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.lab]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.lab, pytest.mark.timeout(7200)]
 
 FAULTS = int(os.environ.get("TW_BENCH_FAULTS", "20"))
 SOAK_SECONDS = float(os.environ.get("TW_SOAK_SECONDS", "600"))
