@@ -372,6 +372,8 @@ class _Probe:
                 raise _Failure(Reason.AUTH_FAILED, f"server says {event.detail}")
             elif isinstance(event, ov.BadPacket):
                 self.last_bad_packet = event.detail
+            elif isinstance(event, ov.ServerMisbehaved):
+                raise _Failure(Reason.BAD_RESPONSE, f"server broke the protocol: {event.detail}")
             elif isinstance(event, ov.DataReceived) and datagram is not None:
                 self.take_echo(event.payload, datagram)
             elif isinstance(event, ov.ControlMessage):

@@ -19,6 +19,7 @@ from probes.protocols.openvpn.session import (
     KeyExchanged,
     PushReplyReceived,
     ResetAnswered,
+    ServerMisbehaved,
     SessionOptions,
     Stage,
     TlsEstablished,
@@ -209,3 +210,21 @@ def test_data_channel_through_the_session(contexts: tuple[ssl.SSLContext, ssl.SS
     prf_session.connect(0.0)
     drive(prf_session, FakeServer(server_ctx))
     assert prf_session.start_data_channel().peer_id == 3  # PRF path from key-method 2
+
+
+def test_malformed_key_method_from_the_server_is_misbehaviour(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    client_ctx, server_ctx = contexts
+    session = ClientSession(options=SessionOptions(ssl_context=client_ctx))
+    server = FakeServer(server_ctx, reply_to_key_method=False)
+    session.connect(0.0)
+    drive(session, server)
+    server.tls.write(b"\x00\x00\x00\x00\x07 not key-method 2")
+    server._pump()
+    events: list[Event] = []
+    for data in server.flush():
+        session.receive_datagram(data, 1.0)
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    assert any(isinstance(e, ServerMisbehaved) for e in events)
+    assert session.stage == Stage.FAILED

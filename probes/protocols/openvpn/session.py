@@ -112,8 +112,16 @@ class BadPacket:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class ServerMisbehaved:
+    """The authenticated server sent something OpenVPN does not allow (e.g. a malformed
+    key-method 2 message). Unlike :class:`BadPacket` this cannot be spoofed noise."""
+
+    detail: str
+
+
 Event = (ResetAnswered | TlsEstablished | TlsFailed | KeyExchanged | PushReplyReceived
-         | AuthFailed | ControlMessage | DataReceived | BadPacket)
+         | AuthFailed | ControlMessage | DataReceived | BadPacket | ServerMisbehaved)
 
 
 class Stage(enum.IntEnum):
@@ -385,7 +393,12 @@ class ClientSession:
                 return
             if not message:
                 return
-            self._on_plaintext(message, now)
+            try:
+                self._on_plaintext(message, now)
+            except OpenVPNError as exc:
+                self.stage = Stage.FAILED
+                self._events.append(ServerMisbehaved(str(exc)))
+                return
 
     def _on_plaintext(self, message: bytes, now: float) -> None:
         if self.server_key_method is None:
