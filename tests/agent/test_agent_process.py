@@ -78,6 +78,16 @@ async def test_sigkill_while_spooling_then_restart_drains(tmp_path: Path) -> Non
         restarted = _start(cfg, log)
         await until(lambda: len(receiver.seqs) > top + 50, 60,
                     "the old spool and new observations to arrive")
+        # SIGHUP reloads without a restart: a sixth node appears in the reports
+        write_config(cfg, listen=f"127.0.0.1:{free_port()}", tiers=FAST_L4,
+                     targets=[l4_target(f"node-{i}", port) for i in range(6)],
+                     mesh={"endpoints": [f"http://127.0.0.1:{mesh_port}"], "key_id": "k1",
+                           "key_file": "mesh.key", "flush_interval": 0.2},
+                     vantage="vantage-k")
+        os.kill(restarted.pid, signal.SIGHUP)
+        await until(lambda: "reloaded" in log.read_text(), 30, "the reload log line")
+        mark = len(receiver.seqs)
+        await until(lambda: len(receiver.seqs) > mark + 60, 60, "reports after the reload")
         await asyncio.to_thread(_kill, restarted, signal.SIGTERM)  # graceful: drains
         assert restarted.returncode == 0, log.read_text()[-2000:]
     finally:
@@ -91,3 +101,4 @@ async def test_sigkill_while_spooling_then_restart_drains(tmp_path: Path) -> Non
     assert seqs == list(range(len(seqs))), "a gap: an observation was lost"
     assert set(range(top + 1)) <= set(seqs)  # everything spooled before the kill arrived
     assert _spooled(db)[0] == 0  # the graceful stop left nothing behind
+    assert restarted.pid > 0 and "6 checks on 6 targets" in log.read_text()
