@@ -151,10 +151,8 @@ def test_every_problem_is_reported_at_once(config_dir: Path) -> None:
         "$.targets[0].wireguard.private_key_file", "$.targets[0].l4.tcp_ports[0]"}
 
 
-def test_shipped_example_is_valid_but_for_its_key_files() -> None:
+def test_shipped_example_is_valid() -> None:
+    # the agent example ships runnable: sections that need key files are commented out
     example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "agent.yaml"
-    with pytest.raises(ConfigError) as info:
-        load_agent_config(example)
-    assert info.value.problems, "the example points at /etc paths that do not exist here"
-    assert all(p.message.startswith("file not found") for p in info.value.problems), \
-        [str(p) for p in info.value.problems]
+    config = load_agent_config(example)
+    assert config.targets and all(t.l4 is not None for t in config.targets)
