@@ -45,6 +45,7 @@ class Recorder:
     verdicts: list[VerdictEvent] = field(default_factory=list)
     balancer: list[BalancerEvent] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)  # latest mesh view, for tables
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> /v1/nodes/{id}
     errors: int = 0
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -89,9 +90,10 @@ class Recorder:
                                                           int(v["seq"]), time.time()))
                 if started >= next_view:
                     nodes = self.stack.nodes()
+                    details = {n["node"]: self.stack.node_view(n["node"]) for n in nodes}
                     with self._lock:
-                        self.nodes = nodes
-                    next_view = started + 0.5
+                        self.nodes, self.details = nodes, details
+                    next_view = started + 1.0
             except Exception:  # a poll that failed (mesh restarting, ...) is retried
                 self.errors += 1
             with contextlib.suppress(ValueError):
@@ -124,3 +126,16 @@ class Recorder:
     def view(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.nodes)
+
+    def failing_checks(self, node: str) -> list[str]:
+        """``check=reason`` for every check some vantage sees failing on ``node`` (sorted)."""
+        with self._lock:
+            detail = self.details.get(node, {})
+        failing: set[str] = set()
+        for view in detail.get("vantages", {}).values():
+            for name, check in view.get("checks", {}).items():
+                if check.get("effective") == "DOWN":
+                    failing.add(f"{name}={check.get('reason', '?')}")
+                elif check.get("quality_breach"):
+                    failing.add(f"{name}=quality")
+        return sorted(failing)

@@ -261,20 +261,28 @@ def describe(r: StepResult) -> str:
 
 
 def live_table(recorder: Recorder, stack: Stack) -> str:
-    """Nodes x vantages: each vantage's opinion, the verdict, HAProxy's view, the top reason."""
+    """Nodes x vantages: each vantage's opinion, the verdict, HAProxy's view (ours, and its own
+    checks' when it runs them), the votes and the failing checks with their reasons."""
     view = recorder.view()
     vantages = sorted(stack.fleet.agents)
+    native = bool(stack.options.native_checks)
+
+    def lb(backend: str, name: str) -> str:
+        rotation = recorder.in_rotation(backend, name)
+        return "-" if rotation is None else ("ready" if rotation else "out")
+
     lines = [f"    {'node':<7}" + "".join(f"{v:<10}" for v in vantages)
-             + f"{'verdict':<10}{'HAProxy':<9}votes"]
+             + f"{'verdict':<10}{'HAProxy':<9}" + (f"{'native':<8}" if native else "")
+             + "votes / failing checks"]
     for node in view:
         name = node["node"]
         ops = node.get("vantages", {})
-        rotation = recorder.in_rotation("vpn", name)
-        lb = "-" if rotation is None else ("ready" if rotation else "out")
-        votes = node.get("votes", {})
-        vote_text = " ".join(f"{k}={v}" for k, v in votes.items())
+        votes = " ".join(f"{k}={v}" for k, v in node.get("votes", {}).items())
+        failing = ", ".join(recorder.failing_checks(name)[:4])
         lines.append(f"    {name:<7}" + "".join(f"{ops.get(v, '-'):<10}" for v in vantages)
-                     + f"{node['state']:<10}{lb:<9}{vote_text}")
+                     + f"{node['state']:<10}{lb('vpn', name):<9}"
+                     + (f"{lb('native', name):<8}" if native else "")
+                     + votes + (f" / {failing}" if failing else ""))
     return "\n".join(lines)
 
 
