@@ -225,3 +225,40 @@ def test_envelope_rejects_unknown_version_and_mismatched_key() -> None:
     with pytest.raises(SchemaError) as err:
         decode_envelope(json.dumps(doc).encode())
     assert err.value.path == "$.idempotency_key"
+
+
+class BrittleOutbox(MemoryOutbox):
+    """Fails the first read and the first acknowledgement, like a store that hiccups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_failures = 1
+        self.ack_failures = 1
+
+    def outbox(self, publisher: str, limit: int = 100) -> list:  # type: ignore[type-arg]
+        if self.read_failures:
+            self.read_failures -= 1
+            raise RuntimeError("store busy")
+        return super().outbox(publisher, limit)
+
+    def ack(self, publisher: str, position: int) -> None:
+        if self.ack_failures:
+            self.ack_failures -= 1
+            raise RuntimeError("store busy")
+        super().ack(publisher, position)
+
+
+async def test_store_hiccups_cost_a_duplicate_never_a_verdict() -> None:
+    outbox = BrittleOutbox()
+    for v in verdict_stream(["n"], 3):
+        outbox.append(v)
+    pub = Flaky({})
+    registry = CollectorRegistry()
+    loop = DeliveryLoop(pub, outbox, PublisherMetrics(registry), RetryPolicy(poll_interval=0.01))
+    task = asyncio.create_task(loop.run())
+    deadline = time.monotonic() + 10
+    while outbox.positions.get("flaky", 0) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    loop.stop()
+    await task
+    assert pub.accepted == ["n:1", "n:1", "n:2", "n:3"]  # the unacknowledged one came again

@@ -104,7 +104,12 @@ class DeliveryLoop:
         try:
             while not self._stop.is_set():
                 await self._maybe_reconcile()
-                entries = self.outbox.outbox(self.name, self.batch)
+                try:
+                    entries = self.outbox.outbox(self.name, self.batch)
+                except Exception as exc:  # the store failed: nothing was read, try again
+                    log.error("publisher %s: reading the outbox failed: %s", self.name, exc)
+                    await self._sleep(1.0)
+                    continue
                 if not entries:
                     self.metrics.lag.labels(self.name).set(0)
                     await self._idle(self.policy.poll_interval)
@@ -113,10 +118,14 @@ class DeliveryLoop:
                     if self._stop.is_set():
                         return
                     self._update_lag(entry)
-                    if await self._deliver(entry):
-                        self.outbox.ack(self.name, entry.id)
-                    else:
+                    if not await self._deliver(entry):
                         return  # stopped while retrying: not acknowledged, delivered after restart
+                    try:
+                        self.outbox.ack(self.name, entry.id)
+                    except Exception as exc:  # not acknowledged: delivered again (same key)
+                        log.error("publisher %s: acknowledging %d failed: %s", self.name,
+                                  entry.id, exc)
+                        break
         finally:
             with contextlib.suppress(Exception):
                 await self.publisher.close()
@@ -160,6 +169,7 @@ class DeliveryLoop:
                     self._dead_letter(entry, f"failing for {now - first_failure:.0f} s: {exc}")
                     return True
                 self.metrics.retries.labels(self.name).inc()
+                self._update_lag(entry)
                 self._needs_reconcile = True
                 wait = self.policy.backoff(attempt, self.rng)
                 log.info("publisher %s: %s failed (attempt %d), retry in %.2f s: %s",
