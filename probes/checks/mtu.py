@@ -226,9 +226,9 @@ class MtuProber:
         self.header = wire.header
         self._loop = asyncio.get_running_loop()
         self._seq = 0
-        self._echoes: dict[int, asyncio.Future[None]] = {}
+        self._echoes: dict[int, asyncio.Future[None]] = {}  # by probe size
         self.reports: list[ErrorReport] = []
-        self._report_waiters: dict[int, asyncio.Future[ErrorReport]] = {}
+        self._report_waiters: dict[int, asyncio.Future[ErrorReport]] = {}  # by probe size
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
@@ -306,7 +306,7 @@ class MtuProber:
             if report is None:
                 continue
             self.reports.append(report)
-            waiter = self._report_waiters.pop(report.token[0], None) if report.token else None
+            waiter = self._report_waiters.pop(report.token[1], None) if report.token else None
             if waiter is not None and not waiter.done():
                 waiter.set_result(report)
             if report.port_unreachable:  # not about one probe: nobody listens at all
@@ -321,7 +321,7 @@ class MtuProber:
             except OSError:
                 continue  # a pending error already read from the error queue
             token = self.wire.reply_token(data)
-            echo = self._echoes.get(token[0]) if token is not None else None
+            echo = self._echoes.get(token[1]) if token is not None else None
             if echo is not None and not echo.done():
                 echo.set_result(None)
 
@@ -332,8 +332,10 @@ class MtuProber:
         payload = self.wire.message(seq, size)
         echo: asyncio.Future[None] = self._loop.create_future()
         error: asyncio.Future[ErrorReport] = self._loop.create_future()
-        self._echoes[seq] = echo
-        self._report_waiters[seq] = error
+        # keyed by size, not sequence: a late echo of an earlier try of the same size proves
+        # that size as well, while a late answer about another size is never misread
+        self._echoes[size] = echo
+        self._report_waiters[size] = error
         try:
             try:
                 self.sock.send(payload)
@@ -360,8 +362,8 @@ class MtuProber:
                 return ProbeOutcome(False)
             return None
         finally:
-            self._echoes.pop(seq, None)
-            self._report_waiters.pop(seq, None)
+            self._echoes.pop(size, None)
+            self._report_waiters.pop(size, None)
 
     async def probe(self, size: int, attempts: int, wait: float) -> ProbeOutcome:
         for _ in range(max(1, attempts)):

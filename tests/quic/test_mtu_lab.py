@@ -55,6 +55,20 @@ def test_lowered_mtu_found_exactly_with_frag_needed(mtulab: MtuLab, lowered: int
         assert result.facts["frag_needed_mtu"] == lowered
 
 
+def test_answers_slower_than_the_probe_wait_still_count(mtulab: MtuLab) -> None:
+    # 250 ms of delay against a 150 ms wait: every answer comes during the next try of the
+    # same size, and must be credited to that size (not dropped, not given to another size)
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    mtulab.lab.set_delay(mtulab.agent, 250)
+    try:
+        result = _probe(mtulab, probe_wait=0.15, attempts=3)
+    finally:
+        mtulab.lab.set_delay(mtulab.agent, 0)
+    assert result.ok, result
+    assert result.facts["path_mtu"] == 1400
+    assert result.facts["frag_needed_mtu"] == 1400
+
+
 def test_black_hole_flagged_with_the_exact_mtu(mtulab: MtuLab) -> None:
     mtulab.lab.set_mtu(mtulab.node, 1400)
     mtulab.lab.black_hole_pmtu(mtulab.agent)
