@@ -60,7 +60,7 @@ from probes.protocols import capsules as cap
 H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536
 ECHO_GRACE = 1.0  # seconds to wait for stragglers after the last datagram was sent
-TICKET_WAIT = 0.5  # seconds to wait for a session ticket after the first handshake
+TICKET_WAIT = 1.0  # seconds to wait for a session ticket after the first handshake
 # a datagram must fit one QUIC packet (1,200 bytes unless the path allows more) with its headers
 MAX_ECHO_PAYLOAD = 1100
 _ECHO_MAGIC = b"twq1"
