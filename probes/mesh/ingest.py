@@ -148,6 +148,8 @@ class Ingest:
             batch = decode_batch(body)
         except SchemaError as exc:
             raise Rejected(400, "schema", str(exc), exc.path) from None
+        except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 in a string through
+            raise Rejected(400, "schema", f"invalid UTF-8: {exc.reason}", "$") from None
         if batch.agent != agent:
             raise Rejected(403, "identity", "batch from another agent", "$.agent")
         for i, obs in enumerate(batch.observations):

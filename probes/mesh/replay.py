@@ -33,7 +33,7 @@ def parse_lines(lines: Iterable[bytes]) -> Iterator[Observation]:
         decoder = _batch_decoder if b'"observations"' in line else _obs_decoder
         try:
             item: Observation | ObservationBatch = decoder.decode(line)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
             text = str(exc)
             path = text.split(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
             raise SchemaError(f"line {number}: {text}", f"line {number}: {path}") from None

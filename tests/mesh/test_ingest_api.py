@@ -172,6 +172,10 @@ async def test_oversized_body_is_rejected(mesh: Mesh) -> None:
         (b'{"version": 1, "agent": "va", "batch_seq": 1, "sent_at": 1.0, "observations": [', "$"),
         (b"not json at all", "$"),
         (
+            b'{"version": 1, "agent": "va\x80", "batch_seq": 1, "sent_at": 1, "observations": []}',
+            "$",
+        ),
+        (
             b'{"version": 1, "agent": "va", "batch_seq": "one", "sent_at": 1, "observations": []}',
             "$.batch_seq",
         ),

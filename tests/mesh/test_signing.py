@@ -44,6 +44,7 @@ def test_headers_and_timestamp_window() -> None:
     for bad in ("", "1e9", "-5", "1.2.3", "nan", "12 ", "\u0661\u0662"):
         assert signing.parse_timestamp(bad) is None
     assert not signing.verify(KEY, "\u0661", b"", "00")
+    assert not signing.verify(KEY, "1000.500", b"{}", "\u00e9" * 64)
 
 
 def test_key_files(tmp_path: Path) -> None:
