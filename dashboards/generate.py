@@ -279,7 +279,7 @@ def fleet_overview() -> dashboard.Dashboard:
         ts(
             "Active sessions per node",
             "none",
-            query(f"node:tunnelwatch_node_active_sessions:max{{{POP}}}", "{{pop}} {{node}}"),
+            query(f"node:tunnelwatch_node_active_peers:max{{{POP}}}", "{{pop}} {{node}}"),
             desc="Node telemetry, the largest figure any vantage reports for the node.",
         )
     )
@@ -287,7 +287,7 @@ def fleet_overview() -> dashboard.Dashboard:
         ts(
             "Load imbalance (coefficient of variation)",
             "none",
-            query(f"pop:tunnelwatch_node_active_sessions:cv{{{POP}}}", "{{pop}}"),
+            query(f"pop:tunnelwatch_node_active_peers:cv{{{POP}}}", "{{pop}}"),
             desc="Standard deviation / mean of active sessions across a PoP's nodes; alert > 0.25.",
         )
     )
@@ -346,14 +346,15 @@ def node_detail() -> dashboard.Dashboard:
     )
     d = d.with_panel(
         ts(
-            "Check duration P99 by check",
+            "Check duration P99 by check, whole PoP",
             "s",
             query(
                 "histogram_quantile(0.99, sum by (le, check) "
-                f"(rate(tunnelwatch_probe_duration_seconds_bucket{{{sel}}}[{RATE}])))",
+                f"(rate(tunnelwatch_probe_duration_seconds_bucket{{{POP}}}[{RATE}])))",
                 "{{check}}",
             ),
-            desc="The SLO edge is 0.15 s for handshakes.",
+            desc="The agent's duration histogram has no node label (bounded series), so this is "
+            "the node's PoP. The SLO edge is 0.15 s for handshakes.",
         )
     )
     d = d.with_panel(
@@ -390,7 +391,7 @@ def node_detail() -> dashboard.Dashboard:
         ts(
             "Active sessions",
             "none",
-            query(f"node:tunnelwatch_node_active_sessions:max{{{sel}}}", "{{node}}"),
+            query(f"node:tunnelwatch_node_active_peers:max{{{sel}}}", "{{node}}"),
             desc="Node telemetry: sessions on the node.",
         )
     )

@@ -269,14 +269,14 @@ def pop_building_blocks() -> list[dict[str, Any]]:
         {
             # Sessions per node, summed over the vantages that report telemetry for it would
             # double-count, so take the freshest view: max across vantages.
-            "record": "node:tunnelwatch_node_active_sessions:max",
-            "expr": f"max by ({NODE_LABELS}) (tunnelwatch_node_active_sessions)",
+            "record": "node:tunnelwatch_node_active_peers:max",
+            "expr": f"max by ({NODE_LABELS}) (tunnelwatch_node_active_peers)",
         },
         {
-            "record": "pop:tunnelwatch_node_active_sessions:cv",
+            "record": "pop:tunnelwatch_node_active_peers:cv",
             "expr": (
-                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_sessions:max)\n/\n"
-                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_sessions:max)"
+                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:max)\n/\n"
+                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:max)"
             ),
         },
         {
@@ -302,7 +302,7 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             "record": "node:tunnelwatch_node_reconnects_per_session:rate15m",
             "expr": (
                 f"max by ({NODE_LABELS}) (rate(tunnelwatch_node_reconnects_total[15m]))\n/\n"
-                f"(node:tunnelwatch_node_active_sessions:max > 0)"
+                f"(node:tunnelwatch_node_active_peers:max > 0)"
             ),
         },
     ]
@@ -415,7 +415,7 @@ def fleet_alerts() -> list[dict[str, Any]]:
         ),
         alert(
             "PoPLoadImbalanced",
-            "pop:tunnelwatch_node_active_sessions:cv > 0.25",
+            "pop:tunnelwatch_node_active_peers:cv > 0.25",
             for_="15m",
             severity="warning",
             labels={"scope": "pop"},
