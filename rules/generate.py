@@ -632,6 +632,22 @@ def agent_alerts() -> list[dict[str, Any]]:
             runbook="agent.md",
         ),
         alert(
+            "AgentOverloaded",
+            fleet_pop(
+                "sum by (vantage) (rate(tunnelwatch_scheduler_overloaded_total[10m])) > 0.01"
+            ),
+            for_="10m",
+            severity="warning",
+            labels={"scope": "agent"},
+            summary="An agent refuses probes it cannot start on time.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} refuses "
+                '{{ $value | printf "%.3f" }} probes per second as overloaded; '
+                "its nodes are probed less often than configured."
+            ),
+            runbook="agent.md",
+        ),
+        alert(
             "TunnelwatchTargetDown",
             fleet_pop('up{job=~"tunnelwatch-.*"} == 0'),
             for_="5m",
