@@ -474,6 +474,10 @@ class _Probe:
         self.facts["data_cipher"] = channel.cipher
         echoes = self.echoes = _Echoes(secrets.randbelow(0xFFFF) + 1, {}, {})
         payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
+        # scapy builds the packet once; per echo only the sequence and checksum change, so
+        # building does not eat into the send pacing
+        template = bytes(IP(src=reply.ifconfig[0], dst=target)
+                         / ICMP(id=echoes.ident, seq=0) / payload)
         count = max(self.params.echo_count, 0)
         seq, next_send, last_sent = 0, time.monotonic(), time.monotonic()
         while len(echoes.rtts) < count:
@@ -481,8 +485,7 @@ class _Probe:
             if now >= self.deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
                 break
             if seq < count and now >= next_send:
-                packet = IP(src=reply.ifconfig[0], dst=target) / ICMP(id=echoes.ident, seq=seq)
-                session.send_data(bytes(packet / payload))
+                session.send_data(echo_with_seq(template, seq))
                 stamp = self.flush()
                 assert stamp is not None
                 echoes.sent[seq] = stamp
@@ -544,6 +547,25 @@ def _tls_failure(event: ov.TlsFailed, *, after_handshake: bool) -> _Failure:
         return _Failure(Reason.AUTH_FAILED, f"server refused our certificate: {event.detail}")
     when = "after" if after_handshake else "during"
     return _Failure(Reason.TLS_FAILED, f"TLS failed {when} the handshake: {event.detail}")
+
+
+def _ones_complement_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def echo_with_seq(template: bytes, seq: int) -> bytes:
+    """An IPv4 ICMP echo request from ``template`` with sequence ``seq`` and a fresh checksum."""
+    header = (template[0] & 0x0F) * 4
+    icmp = bytearray(template[header:])
+    icmp[6:8] = seq.to_bytes(2, "big")
+    icmp[2:4] = b"\x00\x00"
+    icmp[2:4] = (~_ones_complement_sum(bytes(icmp)) & 0xFFFF).to_bytes(2, "big")
+    return template[:header] + bytes(icmp)
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:

@@ -65,3 +65,12 @@ def test_quality_and_config_errors(tmp_path: Any) -> None:
         check.build_wrapper(both, 0)
     with pytest.raises(check.ConfigError):
         check.build_ssl_context(check.OpenVPNParams(host="h"))
+
+
+def test_echo_with_seq_matches_scapy() -> None:
+    from scapy.layers.inet import ICMP, IP
+
+    template = bytes(IP(src="10.8.0.2", dst="10.8.0.1") / ICMP(id=9, seq=0) / b"payload!")
+    for seq in (1, 255, 65535):
+        want = bytes(IP(src="10.8.0.2", dst="10.8.0.1") / ICMP(id=9, seq=seq) / b"payload!")
+        assert check.echo_with_seq(template, seq) == want
