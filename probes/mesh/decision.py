@@ -44,185 +44,49 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgspec
-
 from probes.checks.base import Tier
+from probes.mesh.evidence import evidence, node_view
 from probes.mesh.policy import DecisionPolicy
-from probes.model import Observation, Reason, Verdict, VerdictReason, VerdictState, Votes
+from probes.mesh.state import (
+    ADMIN_STATES,
+    CHECK_DOWN,
+    CHECK_STATE_NAMES,
+    CHECK_UNKNOWN,
+    CHECK_UP,
+    MAX_REASONS,
+    OP_DEGRADED,
+    OP_DOWN,
+    OP_NONE,
+    OP_UP,
+    OPINION_NAMES,
+    QUALITY_REASONS,
+    CheckState,
+    NodeInfo,
+    NodeState,
+    NodeVantage,
+    PoolState,
+    VantageState,
+)
+from probes.model import Observation, Verdict, VerdictReason, VerdictState, Votes
 
-# check states (small ints: compact and fast to compare)
-CHECK_UNKNOWN = 0
-CHECK_UP = 1
-CHECK_DOWN = 2
-CHECK_STATE_NAMES = ("UNKNOWN", "UP", "DOWN")
-
-# opinions of one vantage about one node
-OP_NONE = 0
-OP_UP = 1
-OP_DEGRADED = 2
-OP_DOWN = 3
-OPINION_NAMES = ("NONE", "UP", "DEGRADED", "DOWN")
-
-# failure reasons that mean "the tunnel works, but badly": quality, not availability
-QUALITY_REASONS = frozenset({Reason.TUNNEL_LOSS, Reason.TUNNEL_RTT})
-
-MAX_REASONS = 32  # evidence items per verdict: enough to explain, bounded for the log
-
-ADMIN_STATES = (VerdictState.DRAINING, VerdictState.MAINTENANCE)
-
-
-class NodeInfo(msgspec.Struct, frozen=True):
-    """What the engine knows about a node before any observation: where it belongs."""
-
-    node: str
-    pool: str
-    pop: str = ""
-    region: str = ""
-
-
-class CheckState:
-    """Per (node, vantage, check) state. Compact on purpose: there are nodes x vantages x checks."""
-
-    __slots__ = (
-        "breach",
-        "count",
-        "kind",
-        "loss",
-        "name",
-        "nv",
-        "p99",
-        "penalty",
-        "penalty_at",
-        "reason",
-        "seen",
-        "seq",
-        "state",
-        "suppress_start",
-        "suppressed_until",
-        "tier",
-        "window",
-    )
-
-    def __init__(self, name: str, kind: str, tier: Tier, nv: NodeVantage) -> None:
-        self.name = name
-        self.kind = kind
-        self.tier = tier
-        self.nv = nv
-        self.state = CHECK_UNKNOWN
-        self.count = 0  # consecutive results against the current state
-        self.window = 0  # last n results as bits, 1 = failure (k-of-n)
-        self.seq = -1
-        self.seen = -math.inf
-        self.reason: Reason = Reason.OK
-        self.breach = False  # latest quality crossed a bound
-        self.loss: float | None = None
-        self.p99: float | None = None
-        self.penalty = 0.0
-        self.penalty_at = 0.0
-        self.suppressed_until = -math.inf
-        self.suppress_start = -math.inf
-
-    # snapshots pickle hundreds of thousands of these: a plain tuple of the slots is several
-    # times cheaper than pickle's default (a dict per object)
-    def __getstate__(self) -> tuple[Any, ...]:
-        state: tuple[Any, ...] = _check_slots(self)
-        return state
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(CheckState.__slots__, state, strict=True):
-            setattr(self, name, value)
-
-    def effective(self, now: float) -> int:
-        """The state the cascade uses: a damped check is down while suppressed."""
-        return CHECK_DOWN if now < self.suppressed_until else self.state
-
-
-class NodeVantage:
-    """Per (node, vantage): its checks and the opinion the tier cascade derived from them."""
-
-    __slots__ = ("checks", "dirty", "fresh", "node", "opinion", "seen", "vantage", "wheeled")
-
-    def __init__(self, node: NodeState, vantage: VantageState) -> None:
-        self.node = node
-        self.vantage = vantage
-        self.checks: list[CheckState] = []
-        self.seen = -math.inf
-        self.opinion = OP_NONE
-        self.fresh = False  # as of the node's last evaluation
-        self.dirty = False
-        self.wheeled = False  # registered in the engine's staleness wheel
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        state: tuple[Any, ...] = _nv_slots(self)
-        return state
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(NodeVantage.__slots__, state, strict=True):
-            setattr(self, name, value)
-
-
-_check_slots = operator.attrgetter(*CheckState.__slots__)
-_nv_slots = operator.attrgetter(*NodeVantage.__slots__)
-
-
-class VantageState:
-    __slots__ = ("decided", "down", "impaired", "name", "nvs", "seen")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.nvs: list[NodeVantage] = []
-        self.decided = 0  # nodes this vantage has an opinion about
-        self.down = 0  # ... of which it sees DOWN
-        self.impaired = False
-        self.seen = -math.inf
-
-
-class PoolState:
-    __slots__ = ("down", "held", "name", "nodes")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.nodes: list[NodeState] = []
-        self.down = 0  # nodes whose probe verdict is DOWN
-        self.held: dict[str, NodeState] = {}  # nodes the guard keeps from going DOWN
-
-    def allowed_down(self, share: float) -> int:
-        return max(1, math.floor(share * len(self.nodes) + 1e-9))
-
-
-class NodeState:
-    __slots__ = (
-        "admin",
-        "dirty",
-        "guard_hold",
-        "info",
-        "last",
-        "nvs",
-        "pool",
-        "probe_state",
-        "quorum_lost",
-        "seq",
-        "state",
-        "votes",
-    )
-
-    def __init__(self, info: NodeInfo, pool: PoolState) -> None:
-        self.info = info
-        self.pool = pool
-        self.nvs: dict[str, NodeVantage] = {}
-        self.probe_state = VerdictState.UNKNOWN  # what the probes say (after the guard)
-        self.admin: VerdictState | None = None
-        self.state = VerdictState.UNKNOWN  # what is published: admin state or probe state
-        self.quorum_lost = True  # never decided = no quorum yet
-        self.guard_hold = False
-        self.seq = 0
-        self.votes = Votes()
-        self.last: Verdict | None = None
-        self.dirty = False
+__all__ = [
+    "CHECK_DOWN",
+    "CHECK_STATE_NAMES",
+    "CHECK_UNKNOWN",
+    "CHECK_UP",
+    "OPINION_NAMES",
+    "CheckState",
+    "DecisionEngine",
+    "NodeInfo",
+    "NodeState",
+    "NodeVantage",
+    "PoolState",
+    "VantageState",
+    "decide",
+]
 
 
 class DecisionEngine:
@@ -609,7 +473,7 @@ class DecisionEngine:
         previous = node.state
         node.state = state
         node.seq += 1
-        reasons = self._evidence(node, now)
+        reasons = evidence(self.policy, node, now)
         if extra is not None:
             reasons.insert(0, extra)
         verdict = Verdict(
@@ -628,186 +492,11 @@ class DecisionEngine:
         self.transitions[key] = self.transitions.get(key, 0) + 1
         changes.append(verdict)
 
-    # ---- evidence -----------------------------------------------------------------------------
-
-    def _evidence(self, node: NodeState, now: float) -> list[VerdictReason]:
-        """Why the node is where it is: the vote, the checks behind it, the bounds crossed."""
-        policy = self.policy
-        votes = node.votes
-        voters = votes.up + votes.degraded + votes.down
-        out: list[VerdictReason] = []
-        if node.quorum_lost:
-            out.append(
-                VerdictReason(
-                    what="quorum-lost",
-                    value=float(voters),
-                    bound=float(policy.quorum.min_voters),
-                    note=f"{voters} voters, {votes.excluded_stale} stale, "
-                    f"{votes.excluded_impaired} impaired: keeping {node.probe_state.value}",
-                )
-            )
-        else:
-            share = votes.down / voters if voters else 0.0
-            quorum = policy.quorum
-            bound = 0.5 if quorum.mode == "majority" else 1 - quorum.healthy_percent / 100
-            out.append(
-                VerdictReason(
-                    what="vote",
-                    value=round(share, 6),
-                    bound=round(bound, 6),
-                    note=f"{policy.quorum.mode}: {votes.up} up, {votes.degraded} degraded, "
-                    f"{votes.down} down, {votes.excluded_stale} stale, "
-                    f"{votes.excluded_impaired} impaired",
-                )
-            )
-        if node.guard_hold:
-            pool = node.pool
-            out.append(
-                VerdictReason(
-                    what="pool-guard",
-                    value=float(pool.down),
-                    bound=float(pool.allowed_down(policy.pool_guard.max_down_share)),
-                    note=f"pool {pool.name} at its down limit: holding {node.probe_state.value}",
-                )
-            )
-        stale = policy.stale_after_seconds
-        for vantage_name, nv in node.nvs.items():
-            if now - nv.seen > stale or nv.vantage.impaired:
-                continue
-            out.extend(self._check_evidence(vantage_name, nv, now))
-        return out
-
-    def _check_evidence(self, vantage: str, nv: NodeVantage, now: float) -> list[VerdictReason]:
-        policy = self.policy
-        out: list[VerdictReason] = []
-        l4_up = any(c.tier == Tier.L4 and c.effective(now) == CHECK_UP for c in nv.checks)
-        for check in nv.checks:
-            effective = check.effective(now)
-            if effective == CHECK_DOWN:
-                if now < check.suppressed_until:
-                    out.append(
-                        VerdictReason(
-                            what="flap-damping",
-                            vantage=vantage,
-                            check=check.name,
-                            value=round(check.penalty, 3),
-                            bound=policy.damping.suppress,
-                            note=f"held down until {check.suppressed_until:.3f}",
-                        )
-                    )
-                if check.state != CHECK_DOWN:
-                    continue
-                if check.tier != Tier.L4 and l4_up:
-                    out.append(
-                        VerdictReason(
-                            what="tier-cascade",
-                            vantage=vantage,
-                            check=check.name,
-                            reason=check.reason.value,
-                            note=f"alive but useless: L4 up, {check.tier.value} check failing",
-                        )
-                    )
-                else:
-                    out.append(
-                        VerdictReason(
-                            what="check-down",
-                            vantage=vantage,
-                            check=check.name,
-                            reason=check.reason.value,
-                            note=f"{check.tier.value} check down",
-                        )
-                    )
-            elif effective == CHECK_UP and check.breach:
-                out.extend(self._quality_evidence(vantage, check))
-        return out
-
-    def _quality_evidence(self, vantage: str, check: CheckState) -> list[VerdictReason]:
-        bounds = self.policy.quality
-        out: list[VerdictReason] = []
-        if check.loss is not None and check.loss > bounds.max_loss_ratio:
-            out.append(
-                VerdictReason(
-                    what="quality-bound",
-                    vantage=vantage,
-                    check=check.name,
-                    reason="loss",
-                    value=check.loss,
-                    bound=bounds.max_loss_ratio,
-                )
-            )
-        if check.p99 is not None and check.p99 > bounds.max_rtt_p99_seconds:
-            out.append(
-                VerdictReason(
-                    what="quality-bound",
-                    vantage=vantage,
-                    check=check.name,
-                    reason="rtt-p99",
-                    value=check.p99,
-                    bound=bounds.max_rtt_p99_seconds,
-                )
-            )
-        if not out:
-            out.append(
-                VerdictReason(
-                    what="quality-bound",
-                    vantage=vantage,
-                    check=check.name,
-                    reason=check.reason.value,
-                    note="agent reported a quality failure",
-                )
-            )
-        return out
-
     # ---- read side (API, metrics) --------------------------------------------------------------
 
     def node_view(self, node_id: str, now: float) -> dict[str, Any]:
-        """The per-vantage picture of one node, as plain data for the API and the status table."""
-        node = self.nodes[node_id]
-        stale = self.policy.stale_after_seconds
-        half_life = self.policy.damping.half_life_seconds
-        vantages: dict[str, Any] = {}
-        for name, nv in node.nvs.items():
-            vantages[name] = {
-                "opinion": OPINION_NAMES[nv.opinion],
-                "stale": now - nv.seen > stale,
-                "impaired": nv.vantage.impaired,
-                "seen": nv.seen,
-                "checks": {
-                    c.name: {
-                        "kind": c.kind,
-                        "tier": c.tier.value,
-                        "state": CHECK_STATE_NAMES[c.state],
-                        "effective": CHECK_STATE_NAMES[c.effective(now)],
-                        "reason": c.reason.value,
-                        "quality_breach": c.breach,
-                        "loss_ratio": c.loss,
-                        "rtt_p99_seconds": c.p99,
-                        "damping_penalty": round(
-                            c.penalty * 2.0 ** (-(now - c.penalty_at) / half_life), 3
-                        ),
-                        "suppressed_until": (
-                            c.suppressed_until if now < c.suppressed_until else None
-                        ),
-                        "seen": c.seen,
-                    }
-                    for c in nv.checks
-                },
-            }
-        return {
-            "node": node_id,
-            "pool": node.info.pool,
-            "pop": node.info.pop,
-            "region": node.info.region,
-            "state": node.state.value,
-            "probe_state": node.probe_state.value,
-            "admin": node.admin.value if node.admin is not None else None,
-            "seq": node.seq,
-            "quorum_lost": node.quorum_lost,
-            "guard_hold": node.guard_hold,
-            "votes": msgspec.to_builtins(node.votes),
-            "last_verdict": msgspec.to_builtins(node.last) if node.last is not None else None,
-            "vantages": vantages,
-        }
+        """The per-vantage picture of one node (KeyError for an unknown node)."""
+        return node_view(self.policy, self.nodes[node_id], now)
 
     def check_count(self) -> int:
         return len(self._checks)
