@@ -146,7 +146,15 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         service = self._service()
-        return _json({"ok": True, "nodes": len(service.engine.nodes), "now": service.last_now})
+        return _json(
+            {
+                "ok": True,
+                "nodes": len(service.engine.nodes),
+                "now": service.last_now,
+                # journal entries replayed at start: 0 after a clean shutdown
+                "replayed_at_start": service.replayed_entries,
+            }
+        )
 
 
 def _json(data: object) -> web.Response:

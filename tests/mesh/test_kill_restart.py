@@ -101,6 +101,11 @@ def test_sigkill_mid_stream_then_restart(mesh_process: MeshProcess, tmp_path: Pa
         text=True,
         timeout=60,
     )
+    mesh_process.stop()  # SIGTERM: a clean shutdown snapshots everything
+    assert mesh_process.proc is not None and mesh_process.proc.returncode == 0
+    mesh_process.start()
+    assert mesh_process.get("/healthz")["replayed_at_start"] == 0
+    assert mesh_process.get("/v1/verdicts?after=0&limit=100000")["log"] == log
     mesh_process.stop()
     assert table.returncode == 0, table.stderr
     rows = table.stdout.splitlines()
