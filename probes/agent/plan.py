@@ -6,9 +6,10 @@
   Every registered check kind named ``<protocol>.<something>`` belongs to that protocol; the
   module that registered it turns the section into params with a module-level
   ``params_from_target(target, base_dir[, state_dir])`` returning either one params struct
-  (shared by all the protocol's kinds) or a ``{kind name: params}`` mapping. A protocol whose
-  module is missing or has no such function is skipped with one log line, not an error: the
-  agent runs what it can.
+  (shared by all the protocol's kinds) or a ``{kind name: params}`` mapping. A module without
+  that function gets params by convention (section fields of the same name, plus ``host``; see
+  :func:`_by_convention`). A protocol with no registered kinds is skipped with one log line,
+  not an error: the agent runs what it can.
 * ``checks:`` on a target filters: an entry matches a check name (``tcp:443``), a kind
   (``tcp``, ``wireguard.handshake``) or a protocol (``wireguard``).
 """
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from probes.checks.base import CheckKind, Tier, all_kinds
-from probes.config import AgentConfig, Target
+from probes.config import AgentConfig, Target, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,7 @@ def _protocol_checks(target: Target, protocol: str, kinds: dict[str, CheckKind[A
         return
     builder = _params_builder(ours)
     if builder is None:
-        _warn_once(f"plan: the {protocol} checks expose no params_from_target(); "
-                   f"skipping {protocol} checks")
+        yield from _by_convention(target, protocol, ours, base_dir, state_dir)
         return
     try:
         if "state_dir" in inspect.signature(builder).parameters:
@@ -116,6 +118,47 @@ def _protocol_checks(target: Target, protocol: str, kinds: dict[str, CheckKind[A
         params = built.get(kind.name) if isinstance(built, dict) else built
         if params is not None and isinstance(params, kind.params_type):
             yield kind.name, kind.name, params
+
+
+# deepest level first-to-last: a section's ``level`` runs the kinds up to and including it
+_LEVELS = {"openvpn": ("reset", "tls", "session", "tunnel")}
+
+
+def _by_convention(target: Target, protocol: str, kinds: list[CheckKind[Any]], base_dir: Path,
+                   state_dir: Path) -> Iterable[tuple[str, str, Any]]:
+    """Params for a protocol module without ``params_from_target``, by naming convention.
+
+    The params struct gets ``host`` = the target address plus every field of the config section
+    it has under the same name (``*_file`` paths resolved against the config directory; a
+    ``state_file`` field goes to the agent's state dir). Session-level kinds that need an
+    in-tunnel address run only when the section names one.
+    """
+    section = getattr(target, protocol)
+    raw: dict[str, Any] = msgspec.to_builtins(section)
+    for name, value in raw.items():
+        if name.endswith("_file") and isinstance(value, str):
+            raw[name] = str(resolve_path(value, base_dir))
+    raw["host"] = target.address
+    raw["state_file"] = str(state_dir / f"{protocol}-state.json")
+    levels = _LEVELS.get(protocol)
+    level = raw.get("level")
+    for kind in kinds:
+        fields = getattr(kind.params_type, "__struct_fields__", None)
+        if fields is None:
+            continue
+        suffix = kind.name.split(".", 1)[1]
+        if levels and level in levels and suffix in levels and (
+                levels.index(suffix) > levels.index(level)):
+            continue
+        if suffix == "session" and "canary" in fields and not raw.get("canary"):
+            continue  # a WireGuard session needs tunnel_address + canary
+        try:
+            params = msgspec.convert({k: v for k, v in raw.items() if k in fields},
+                                     kind.params_type)
+        except msgspec.ValidationError as exc:
+            log.warning("plan: node=%s check=%s skipped: %s", target.id, kind.name, exc)
+            continue
+        yield kind.name, kind.name, params
 
 
 def plan_target(target: Target, base_dir: Path, state_dir: Path,

@@ -70,3 +70,27 @@ def test_protocol_section_uses_the_modules_params_builder(tmp_path: Path,
         checks = plan_target(_target(quic=quic), tmp_path, tmp_path, kinds)
     assert all(not c.check.startswith("quic") for c in checks)
     assert "quic" in caplog.text
+
+
+class _OvParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str
+    port: int = 1194
+    ca_file: str | None = None
+    state_file: str | None = None
+
+
+def test_module_without_builder_gets_params_by_convention(tmp_path: Path) -> None:
+    from .fakes import _never
+
+    kinds = {name: kind for name, kind in all_kinds().items() if "." not in name}
+    for level in ("reset", "tls", "tunnel"):
+        kinds[f"openvpn.{level}"] = CheckKind(f"openvpn.{level}", Tier.FUNCTIONAL, _OvParams,
+                                              _never)
+    target = _target(openvpn={"port": 1195, "ca_file": "ca.crt", "level": "tls"},
+                     checks=["openvpn"])
+    checks = plan_target(target, tmp_path, tmp_path / "state", kinds)
+    # level "tls" runs reset and tls, not tunnel; fields come across by name, files resolved
+    assert [c.check for c in checks] == ["openvpn.reset", "openvpn.tls"]
+    assert checks[0].params == _OvParams(host="10.0.0.1", port=1195,
+                                         ca_file=str(tmp_path / "ca.crt"),
+                                         state_file=str(tmp_path / "state" / "openvpn-state.json"))
