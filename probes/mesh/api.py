@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -41,10 +41,12 @@ class Api:
         service: Callable[[], MeshService],
         operator_token: bytes | None,
         clock: Callable[[], float] = time.time,
+        agents: Sequence[str] = (),
     ) -> None:
         self._service = service
         self._token = operator_token
         self._clock = clock
+        self._agents = tuple(agents)  # configured vantages: shown before their first report
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -95,7 +97,8 @@ class Api:
                     for v, nv in node.nvs.items()
                 }
             nodes.append(item)
-        return _json({"now": now, "vantages": sorted(engine.vantages), "nodes": nodes})
+        vantages = sorted(set(engine.vantages) | set(self._agents))
+        return _json({"now": now, "vantages": vantages, "nodes": nodes})
 
     async def node(self, request: web.Request) -> web.Response:
         service = self._service()

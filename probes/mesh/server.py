@@ -63,7 +63,7 @@ def build_app(
     registry = registry or CollectorRegistry()
     ingest = Ingest(svc, load_keys(cfg), cfg.max_body_bytes, cfg.timestamp_window_seconds, clock)
     token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
-    api = Api(lambda: ingest.service, token, clock)
+    api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
     registry.register(MeshCollector(lambda: ingest.service, ingest.stats))
 
     app = web.Application(client_max_size=cfg.max_body_bytes)

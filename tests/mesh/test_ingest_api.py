@@ -91,6 +91,7 @@ async def test_accepts_signed_batches_and_decides(mesh: Mesh) -> None:
     data = await resp.json()
     states = {n["node"]: n["state"] for n in data["nodes"]}
     assert states == {"n0": "UP", "n1": "UP", "n2": "UNKNOWN", "n3": "UNKNOWN"}
+    assert data["vantages"] == ["va", "vb", "vc"]
     journal, agents, verdicts, applied = mesh.stored()
     assert (journal, agents, verdicts, applied) == (3, {"va": 1, "vb": 2, "vc": 3}, 2, 6)
 
@@ -216,6 +217,9 @@ async def test_header_problems(mesh: Mesh) -> None:
     resp = await mesh.client.post("/v1/batches", data=body)
     assert resp.status == 401 and (await resp.json())["error"] == "missing-header"
     assert mesh.stored()[0] == 0
+    data = await (await mesh.client.get("/v1/verdicts?vantages=1")).json()
+    assert data["vantages"] == ["va", "vb", "vc"]  # configured, none reported yet
+    assert all(n["vantages"] == {} and n["state"] == "UNKNOWN" for n in data["nodes"])
 
 
 async def test_api_nodes_admin_and_metrics(mesh: Mesh) -> None:
