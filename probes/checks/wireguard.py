@@ -35,6 +35,7 @@ from scapy.layers.inet import ICMP, IP
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
 from probes.protocols import wireguard as wg
 
@@ -409,6 +410,33 @@ async def _handshake_kind(params: WireGuardParams, timeout: float) -> CheckResul
 
 async def _session_kind(params: WireGuardParams, timeout: float) -> CheckResult:
     return await run_session(params, timeout)
+
+
+STATE_FILE_NAME = "wireguard-timestamps.json"
+
+
+def params_from_target(target: Target, base_dir: Path,
+                       state_dir: Path | None = None) -> dict[str, WireGuardParams]:
+    """The ``wireguard:`` section of a config target -> params per check kind (agent/plan.py).
+
+    ``wireguard.session`` runs only when the section names both ``tunnel_address`` and
+    ``canary``. Timestamps persist in ``<state_dir>/wireguard-timestamps.json``.
+    """
+    section = target.wireguard
+    if section is None:
+        return {}
+    psk = section.preshared_key_file
+    params = WireGuardParams(
+        host=target.address, port=section.port, server_public_key=section.server_public_key,
+        private_key_file=str(resolve_path(section.private_key_file, base_dir)),
+        preshared_key_file=str(resolve_path(psk, base_dir)) if psk else None,
+        state_file=str(state_dir / STATE_FILE_NAME) if state_dir is not None else None,
+        tunnel_address=section.tunnel_address, canary=section.canary,
+        echo_count=section.echo_count)
+    out = {"wireguard.handshake": params}
+    if section.tunnel_address and section.canary:
+        out["wireguard.session"] = params
+    return out
 
 
 HANDSHAKE = register(CheckKind(
