@@ -52,7 +52,12 @@ def script() -> list[ObservationBatch]:
 @pytest.fixture
 def mesh_process(tmp_path: Path) -> Iterator[MeshProcess]:
     # snapshots every 7 entries, in forked children: some are in flight when the mesh is killed
-    extra = "snapshot_every: 7\ndecision:\n  damping: {enabled: false}\n"
+    # (and vantages never go stale, however slow a loaded CI machine restarts the mesh)
+    extra = (
+        "snapshot_every: 7\n"
+        "decision:\n  damping: {enabled: false}\n  stale_after_seconds: 3600\n"
+        "  max_age_seconds: 0\n"
+    )
     config = write_mesh_config(tmp_path, NODES, AGENTS, port=free_port(), extra=extra)
     mesh = MeshProcess(config, int(config.read_text().split("listen: 127.0.0.1:")[1].split()[0]))
     try:
@@ -113,7 +118,9 @@ def test_sigkill_mid_stream_then_restart(mesh_process: MeshProcess, tmp_path: Pa
     assert len([r for r in rows if r[:1] == "n" and r[1:2].isdigit()]) == NODES
 
     # reference: one uninterrupted engine over the same batches
-    policy = DecisionPolicy(damping=DampingPolicy(enabled=False))
+    policy = DecisionPolicy(
+        damping=DampingPolicy(enabled=False), stale_after_seconds=3600, max_age_seconds=0
+    )
     engine = DecisionEngine(policy, fleet(NODES))
     expected = []
     for batch in batches:
