@@ -52,7 +52,9 @@ class MeshService:
         self.snapshot_bytes = snapshot_bytes
         self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
         # snapshot in a forked child when the backend supports it (POSIX only)
-        self.background_snapshots = background_snapshots and hasattr(os, "fork")
+        self.background_snapshots = (
+            background_snapshots and hasattr(os, "fork") and store.supports_detached_snapshot
+        )
         self.snapshots_background_total = 0
         self._child: tuple[int, int] | None = None  # (pid, journal id) of a snapshot child
         self._prune_upto = 0

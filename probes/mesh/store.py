@@ -111,6 +111,9 @@ class MeshStore(abc.ABC):
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
         """Store the engine state as of ``journal_id`` and drop journal entries up to it."""
 
+    #: True when :meth:`write_snapshot_detached` and :meth:`prune_journal` are implemented
+    supports_detached_snapshot = False
+
     def write_snapshot_detached(self, journal_id: int, blob: bytes) -> None:
         """Store a snapshot from a forked child process, without touching the parent's
         connections and without dropping journal entries (the parent does that with

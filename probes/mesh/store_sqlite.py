@@ -68,6 +68,8 @@ def _write_snapshot(db: sqlite3.Connection, journal_id: int, blob: bytes) -> Non
 
 
 class SQLiteStore(MeshStore):
+    supports_detached_snapshot = True
+
     def __init__(self, path: str | Path, durability: Literal["normal", "full"] = "normal") -> None:
         self.path = str(path)
         # snapshots live in their own file: a forked child writes one without ever holding the
@@ -219,13 +221,9 @@ class SQLiteStore(MeshStore):
             "SELECT id, kind, now, payload FROM journal WHERE id > ? ORDER BY id", (snapshot_id,)
         )
         entries = [
-            JournalEntry(EntryKind(str(k)), float(n), bytes(p), int(i))
-            for i, k, n, p in rows
+            JournalEntry(EntryKind(str(k)), float(n), bytes(p), int(i)) for i, k, n, p in rows
         ]
-        agents = {
-            str(a): int(s)
-            for a, s in self._query("SELECT agent, batch_seq FROM agents")
-        }
+        agents = {str(a): int(s) for a, s in self._query("SELECT agent, batch_seq FROM agents")}
         return Recovery(blob, snapshot_id, entries, agents)
 
     def verdicts(
@@ -244,8 +242,7 @@ class SQLiteStore(MeshStore):
 
     def node_verdicts(self) -> dict[str, Verdict]:
         return {
-            str(n): decode_verdict(bytes(b))
-            for n, b in self._query("SELECT node, body FROM nodes")
+            str(n): decode_verdict(bytes(b)) for n, b in self._query("SELECT node, body FROM nodes")
         }
 
     def admin_states(self) -> dict[str, AdminRecord]:
@@ -265,4 +262,3 @@ class SQLiteStore(MeshStore):
     def verdict_count(self) -> int:
         rows = self._query("SELECT count(*) FROM verdicts")
         return int(rows[0][0])
-
