@@ -7,7 +7,8 @@ otherwise cap ``reset`` probes at 10/s, which measures the server's rate limit, 
 how many of 150 back-to-back probes such a default server answers is printed too.
 
 Figures:
-* ``reset`` probes per second, sequential, each a complete check (socket, reset, answer, close);
+* ``reset`` probes per second, sequential and 25 in flight, each a complete check (socket,
+  reset, answer, close);
 * client CPU (process time) per ``tls`` probe (reset, TLS 1.3, key-method 2, EXIT) and its wall
   time, beside a floor: the CPU of a bare in-memory TLS 1.3 handshake with the same certificates,
   client and server both in this process, so the floor includes server work and the ratio is
@@ -42,6 +43,16 @@ async def _sequential(params: OpenVPNParams, level: Level, count: int) -> tuple[
         result = await run_level(params, 5.0, level)
         assert result.ok, (result.reason, result.detail)
     return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+async def _concurrent(params: OpenVPNParams, count: int, width: int) -> float:
+    """Wall seconds for ``count`` reset probes, ``width`` in flight at a time."""
+    wall0 = time.perf_counter()
+    for _ in range(count // width):
+        results = await asyncio.gather(*(run_level(params, 5.0, Level.RESET)
+                                         for _ in range(width)))
+        assert all(r.ok for r in results), [(r.reason, r.detail) for r in results if not r.ok]
+    return time.perf_counter() - wall0
 
 
 async def _answered(params: OpenVPNParams, count: int) -> int:
@@ -81,6 +92,7 @@ def test_openvpn_probe_bench(lab: Lab) -> None:
     with node.entered():
         asyncio.run(_sequential(fast_params, Level.RESET, 20))  # warm-up
         runs = [asyncio.run(_sequential(fast_params, Level.RESET, RESETS)) for _ in range(3)]
+        concurrent = [asyncio.run(_concurrent(fast_params, RESETS, 25)) for _ in range(3)]
         limited = asyncio.run(_answered(default_params, 150))
         tls_runs = [asyncio.run(_sequential(fast_params, Level.TLS, TLS_PROBES))
                     for _ in range(3)]
@@ -91,6 +103,8 @@ def test_openvpn_probe_bench(lab: Lab) -> None:
     floor = _bare_tls_cpu(fast_params, str(fast.server_cert.cert), str(fast.server_cert.key), 200)
     print(f"\nopenvpn reset probes: {reset_rate:,.0f}/s sequential (median of 3 x {RESETS}), "
           f"client CPU {reset_cpu * 1e6:,.0f} us/probe")
+    print(f"openvpn reset probes, 25 in flight: "
+          f"{statistics.median(RESETS / wall for wall in concurrent):,.0f}/s")
     print(f"against the default connect-freq-initial (100 per 10 s): {limited} of 150 "
           "back-to-back reset probes answered")
     print(f"openvpn tls probe: client CPU {tls_cpu * 1e3:.2f} ms, wall {tls_wall * 1e3:.2f} ms "
