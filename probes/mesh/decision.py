@@ -128,6 +128,46 @@ class DecisionEngine:
         pool.nodes.append(node)
         self.nodes[info.node] = node
 
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node (gone from the config), between inputs. Nothing is announced."""
+        node = self.nodes.pop(node_id)
+        pool = node.pool
+        pool.nodes.remove(node)
+        pool.held.pop(node_id, None)
+        if node.probe_state == VerdictState.DOWN:
+            pool.down -= 1
+        for vantage_name, nv in node.nvs.items():
+            vantage = nv.vantage
+            vantage.nvs.remove(nv)
+            vantage.decided -= nv.opinion != OP_NONE
+            vantage.down -= nv.opinion == OP_DOWN
+            for check in nv.checks:
+                key = (node_id, vantage_name, check.name)
+                del self._checks[key]
+                self._suppressed.pop(key, None)
+        for bucket in self._wheel.values():
+            # (an emptied bucket stays, with its heap key: tick pops it harmlessly)
+            bucket[:] = [nv for nv in bucket if nv.node is not node]
+        self._vantages_changed = True
+
+    def move_node(self, info: NodeInfo) -> None:
+        """Apply a node's new pool / pop / region (a config change), keeping its state and seq."""
+        node = self.nodes[info.node]
+        old = node.pool
+        if info.pool != old.name:
+            new = self.pools.get(info.pool)
+            if new is None:
+                new = self.pools[info.pool] = PoolState(info.pool)
+            old.nodes.remove(node)
+            old.held.pop(info.node, None)
+            node.guard_hold = False
+            new.nodes.append(node)
+            if node.probe_state == VerdictState.DOWN:
+                old.down -= 1
+                new.down += 1
+            node.pool = new
+        node.info = info
+
     def _new_check(self, obs: Observation) -> CheckState | None:
         node = self.nodes.get(obs.node)
         if node is None:
@@ -261,6 +301,11 @@ class DecisionEngine:
                         self._mark_node(nv.node)
                 else:
                     self._wheel_add(nv, nv.seen)
+        # held nodes are looked at again every tick: room in their pool can appear in more ways
+        # than a DOWN node recovering (a node removed, a pool re-shaped by a config change)
+        for pool in self.pools.values():
+            for held in pool.held.values():
+                self._mark_node(held)
         self._vantages_changed = True  # vantage freshness moves with time
         return self._settle(now)
 

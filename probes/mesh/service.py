@@ -95,9 +95,15 @@ class MeshService:
         # config changes apply from here on
         engine.policy = policy
         engine._tiers.clear()
+        wanted = {info.node: info for info in nodes}
+        for node_id in [n for n in engine.nodes if n not in wanted]:
+            log.info("node %s is no longer configured: forgotten", node_id)
+            engine.remove_node(node_id)
         for info in nodes:
             if info.node not in engine.nodes:
                 engine.add_node(info)
+            elif engine.nodes[info.node].info != info:
+                engine.move_node(info)
         self._snapshot(engine)
         return engine
 

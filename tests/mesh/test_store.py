@@ -8,10 +8,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from probes.mesh.decision import DecisionEngine
+from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.replay import parse_lines, replay
 from probes.mesh.service import MeshService
+from probes.mesh.snapshot import dump_engine, load_engine
 from probes.mesh.store import AgentPosition, EntryKind, JournalEntry, StoreError
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.model import (
@@ -267,3 +268,35 @@ def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
     store.write_snapshot_detached(12, b"newer")
     assert store.recover().snapshot == b"newer"
     store.close()
+
+
+def test_config_changes_apply_at_restart(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    svc = MeshService(SQLiteStore(db), POLICY, fleet(4))
+    up = {f"n{i}": True for i in range(4)}
+    feed(svc, [up, {**up, "n3": False}, {**up, "n3": False}, {**up, "n3": False}])
+    assert svc.engine.nodes["n3"].state == VerdictState.DOWN
+    svc.close()
+
+    # n2 is decommissioned, n1 moves to another pool, n4 is new
+    nodes = [
+        NodeInfo("n0", "p0"),
+        NodeInfo("n1", "p9", pop="ams"),
+        NodeInfo("n3", "p0"),
+        NodeInfo("n4", "p0"),
+    ]
+    again = MeshService(SQLiteStore(db), POLICY, nodes)
+    eng = again.engine
+    assert list(eng.nodes) == ["n0", "n1", "n3", "n4"]
+    assert eng.nodes["n1"].pool.name == "p9" and eng.nodes["n1"].info.pop == "ams"
+    assert [n.info.node for n in eng.pools["p0"].nodes] == ["n0", "n3", "n4"]
+    assert eng.pools["p0"].down == 1 and eng.nodes["n3"].seq == 2
+    assert {v.name: (v.decided, v.down) for v in eng.vantages.values()} == {a: (3, 1) for a in V3}
+    assert load_engine(dump_engine(eng)).nodes.keys() == eng.nodes.keys()
+    changes = feed(again, [{**up, "n4": True}] * 2, start=4, seq0=10)
+    assert [(c.node, c.state.value, c.seq) for c in changes] == [
+        ("n4", "UP", 1),
+        ("n3", "UP", 3),
+    ]
+    assert again.engine.unknown_node_total == 6  # n2's observations: no longer a node
+    again.close()
