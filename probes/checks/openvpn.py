@@ -399,13 +399,14 @@ class _Probe:
         if phase == "push":
             return _Failure(Reason.NO_PUSH_REPLY,
                             f"key exchange done but no PUSH_REPLY {waited}", phase)
-        if (phase == "key_exchange" and self.facts.get("tls_version") == "TLSv1.3"
-                and self.session.unacknowledged):
-            # TLS 1.3: the server judges our certificate only after our last flight; on a
-            # rejection (revoked, unknown CA, expired) it drops the instance without the alert
-            # ever reaching us, so our flight and key-method 2 are never ACKed
-            return _Failure(Reason.AUTH_FAILED, "the server dropped the session right after "
-                            f"our certificate (no ACK of our TLS flight {waited}): our client "
+        if (phase in ("tls", "key_exchange") and self.params.cert_file
+                and self.session.tls_bytes_received and self.session.unacknowledged):
+            # The server judges our certificate after our certificate flight (TLS 1.2) or after
+            # our last flight (TLS 1.3). On a rejection (revoked, unknown CA, expired) OpenVPN
+            # 2.6 restarts the instance before its alert leaves, so all we see is a server that
+            # spoke TLS and then never ACKed what we sent after it.
+            return _Failure(Reason.AUTH_FAILED, "the server went silent right after our "
+                            f"certificate (our packets not ACKed {waited}): our client "
                             "certificate was most likely rejected (revoked, unknown CA, "
                             "expired)", phase)
         return _Failure(Reason.TIMEOUT, f"{phase} did not finish {waited}", phase)

@@ -151,9 +151,13 @@ def test_expired_server_certificate_is_cert_expired(lab: Lab) -> None:
     assert (result.ok, result.reason) == (False, Reason.CERT_EXPIRED), result.detail
 
 
-def test_revoked_client_certificate_is_auth_failed(lab: Lab) -> None:
+@pytest.mark.parametrize("tls_max", ["1.3", "1.2"])
+def test_revoked_client_certificate_is_auth_failed(lab: Lab, tls_max: str) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
-    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", crl=True)
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", crl=True,
+                               extra=["--tls-version-max", tls_max])
+    fine = probe(agent, params_for(server), Level.SESSION)
+    assert fine.ok and fine.facts["tls_version"] == f"TLSv{tls_max}"
     revoked = server.issue_client("revoked", revoked=True)
     params = params_for(server, cert_file=str(revoked.cert), key_file=str(revoked.key))
     for level in (Level.TLS, Level.SESSION):

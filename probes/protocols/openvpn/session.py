@@ -220,6 +220,7 @@ class ClientSession:
         self._exit_message_id: int | None = None
         self.data_channel: DataChannel | None = None
         self.bad_packets = 0
+        self.tls_bytes_received = 0  # in-order TLS bytes from the server
 
     # --- driving -------------------------------------------------------------------------------
 
@@ -315,6 +316,7 @@ class ClientSession:
                 self._on_server_reset(payload, now)
             elif op == Opcode.CONTROL_V1 and self._tls is not None:
                 self._incoming.write(payload)
+                self.tls_bytes_received += len(payload)
         self._pump_tls(now)
 
     def _receive_data(self, data: bytes) -> None:
