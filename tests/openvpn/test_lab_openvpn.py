@@ -217,3 +217,19 @@ def test_tls_auth_with_sha256_digest(lab: Lab) -> None:
     # the default SHA1 HMAC does not authenticate against a SHA256 server: silence
     wrong = probe(agent, params_for(server), Level.RESET, timeout=1.5)
     assert (wrong.ok, wrong.reason) == (False, Reason.RESET_IGNORED)
+
+
+def test_password_only_server_without_client_certificate(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    script = lab.dir / "accept.sh"
+    script.write_text('#!/bin/sh\n[ "$(sed -n 2p "$1")" = s3cret ]\n')
+    script.chmod(0o755)
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt", extra=[
+        "--verify-client-cert", "none", "--username-as-common-name", "--script-security", "2",
+        "--auth-user-pass-verify", str(script), "via-file"])
+    creds = lab.dir / "creds.txt"
+    creds.write_text("probe-agent\ns3cret\n")
+    result = probe(agent, params_for(server, cert_file=None, key_file=None,
+                                     auth_user_pass_file=str(creds)), Level.TUNNEL)
+    assert result.ok, (result.reason, result.detail, server.log()[-1500:])
+    assert "probe-agent" in server.log()
