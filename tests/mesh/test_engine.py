@@ -344,6 +344,8 @@ def test_node_view_and_pickle_round_trip() -> None:
         ({"stale_after_seconds": "soon"}, "decision.stale_after_seconds"),
         ({"tiers": {"tcp": "l7"}}, "decision.tiers"),
         ({"bogus": 1}, "decision"),
+        ({"damping": {"suppress": float("nan")}}, "decision.damping.suppress"),
+        ({"max_age_seconds": float("inf")}, "decision.max_age_seconds"),
     ],
 )
 def test_policy_errors_name_the_field(data: dict[str, object], path: str) -> None:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probes.mesh import signing
+from probes.mesh.policy import PolicyError, policy_from_mapping
 from probes.mesh.replay import parse_lines
 from probes.mesh.snapshot import SnapshotError, load_engine
 from probes.model import SchemaError, encode
@@ -66,3 +67,57 @@ def test_snapshot_loader_rejects_garbage_cleanly(blob: bytes) -> None:
 @given(st.integers(0, 400), st.binary(min_size=1, max_size=8))
 def test_replay_lines_mutated_observation_long(cut: int, junk: bytes) -> None:
     _lines([_mutated(GOOD_LINE, cut, junk)])
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True), st.text(max_size=8)
+)
+_fields = st.sampled_from(
+    [
+        "rise",
+        "fall",
+        "window",
+        "window_failures",
+        "stale_after_seconds",
+        "max_age_seconds",
+        "damping",
+        "quality",
+        "quorum",
+        "impairment",
+        "pool_guard",
+        "tiers",
+        "default_tier",
+        "bogus",
+    ]
+)
+
+
+_SECTIONS = {
+    "damping": ["enabled", "penalty", "half_life_seconds", "suppress", "reuse", "max_hold_seconds"],
+    "quality": ["max_loss_ratio", "max_rtt_p99_seconds"],
+    "quorum": ["mode", "healthy_percent", "min_voters"],
+    "impairment": ["down_share", "min_nodes"],
+    "pool_guard": ["max_down_share"],
+}
+_section = st.sampled_from(sorted(_SECTIONS)).flatmap(
+    lambda name: st.tuples(
+        st.just(name), st.dictionaries(st.sampled_from(_SECTIONS[name]), _values, max_size=3)
+    )
+)
+
+
+@FAST
+@given(
+    st.dictionaries(_fields, _values, max_size=4),
+    st.lists(_section, max_size=3),
+)
+def test_policy_loader_only_raises_policy_errors(
+    data: dict[str, object], sections: list[tuple[str, dict[str, object]]]
+) -> None:
+    data = {**data, **dict(sections)}
+    try:
+        policy = policy_from_mapping(data)
+    except PolicyError as exc:
+        assert exc.path.startswith("decision")
+    else:
+        assert policy.rise >= 1 and policy.quorum.min_voters >= 1
