@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 
 ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
 EXIT_WAIT = 0.8  # seconds past the check's deadline we wait for the EXIT to be acknowledged
+EXIT_MAX_WAIT = 2.0  # and at most this long in all
+EXIT_RESEND = 0.25  # an unacknowledged EXIT goes out again this often (no backoff)
 # A 2.6 server keeps an instance ~5 s after EXIT ("Delayed exit"); a new probe that the kernel
 # gives the same source port would land in that dying instance, so recent ports are avoided.
 SOURCE_PORT_QUARANTINE = 10.0
@@ -515,12 +517,16 @@ class _Probe:
             if not session.send_exit(time.monotonic()):
                 return
             self.facts["exit_sent"] = True
-            until = max(self.deadline, time.monotonic()) + min(EXIT_WAIT, CLEANUP_GRACE_SECONDS)
+            now = time.monotonic()
+            until = min(now + EXIT_MAX_WAIT,
+                        max(self.deadline, now) + min(EXIT_WAIT, CLEANUP_GRACE_SECONDS))
+            resend_at = now + EXIT_RESEND
             while not session.exit_acknowledged and time.monotonic() < until:
+                if time.monotonic() >= resend_at:
+                    session.resend_unacknowledged(time.monotonic())
+                    resend_at = time.monotonic() + EXIT_RESEND
                 self.flush()
-                timer = session.get_timer()
-                wake = until if timer is None else min(until, timer)
-                datagram = await transport.recv(wake - time.monotonic())
+                datagram = await transport.recv(min(until, resend_at) - time.monotonic())
                 if datagram is not None:
                     session.receive_datagram(datagram.data, datagram.received_monotonic)
                 while session.next_event() is not None:

@@ -68,3 +68,15 @@ def test_sender_window_limits_packets_in_flight() -> None:
     tx.ack((0, 1))
     assert [m for m, _, _ in tx.due(0.1)] == [SEND_WINDOW, SEND_WINDOW + 1]
     assert not tx.is_acked(SEND_WINDOW) and not tx.is_acked(99)
+
+
+def test_expedite_makes_sent_packets_due_now() -> None:
+    tx = ReliableSender(initial_timeout=5.0)
+    tx.queue(C, b"exit")
+    tx.due(0.0)
+    assert tx.due(1.0) == []
+    tx.expedite(1.0)
+    assert len(tx.due(1.0)) == 1 and tx.retransmissions == 1
+    tx.queue(C, b"never sent")
+    tx.expedite(1.0)  # a packet not yet sent goes out once, as a first send
+    assert len(tx.due(1.0)) == 2

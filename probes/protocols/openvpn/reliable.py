@@ -71,6 +71,14 @@ class ReliableSender:
             out.append((message_id, entry.opcode, entry.payload))
         return out
 
+    def expedite(self, now: float) -> None:
+        """Make every packet already sent and still unacknowledged due now (used for the
+        last words of a session, where waiting out the backoff would hold the server's
+        instance longer)."""
+        for entry in self._unacked.values():
+            if entry.due is not None:
+                entry.due = min(entry.due, now)
+
     def timer(self) -> float | None:
         if not self.retransmit:
             return None

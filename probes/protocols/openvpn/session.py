@@ -472,6 +472,10 @@ class ClientSession:
             self._exit_message_id = self._sender.next_id - 1
         return True
 
+    def resend_unacknowledged(self, now: float) -> None:
+        """Retransmit every unacknowledged control packet at the next ``datagrams_to_send``."""
+        self._sender.expedite(now)
+
     @property
     def exit_acknowledged(self) -> bool:
         return self._exit_message_id is not None and self._sender.is_acked(self._exit_message_id)
