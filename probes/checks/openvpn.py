@@ -290,6 +290,7 @@ class _Probe:
         self.key_exchanged = False
         self.echoes: _Echoes | None = None
         self.last_bad_packet = ""
+        self.last_sent: SendStamp | None = None
 
     # setup
 
@@ -339,6 +340,8 @@ class _Probe:
         stamp = None
         for packet in self.session.datagrams_to_send(time.monotonic()):
             stamp = self.transport.send(packet)
+        if stamp is not None:
+            self.last_sent = stamp
         return stamp
 
     async def step(self, deadline: float) -> Datagram | None:
@@ -364,6 +367,10 @@ class _Probe:
             if isinstance(event, ov.ResetAnswered):
                 self.reset_answered = True
                 self.facts["early_negotiation"] = bool(event.early_negotiation_flags)
+                if datagram is not None and self.last_sent is not None:
+                    # against the latest (re)send of the reset; kernel receive stamp for UDP
+                    self.facts["reset_rtt_seconds"] = round(
+                        round_trip_seconds(self.last_sent, datagram), 9)
             elif isinstance(event, ov.TlsEstablished):
                 self.on_tls(event)
             elif isinstance(event, ov.TlsFailed):

@@ -54,6 +54,7 @@ def test_every_level_succeeds(lab: Lab, proto: str, wrap: str) -> None:
     for level in Level:
         result = probe(agent, params, level)
         assert result.ok, (level, result.reason, result.detail, server.log()[-1500:])
+        assert float(result.facts["reset_rtt_seconds"]) > 0
         if level >= Level.TLS:
             assert result.facts["tls_version"] in ("TLSv1.3", "TLSv1.2")
             assert float(result.facts["cert_expires_in_seconds"]) > 86400
