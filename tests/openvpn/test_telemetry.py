@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from probes.checks.openvpn_telemetry import (
     parse_management_output,
     parse_status_v3,
     read_management_socket,
+    read_management_ssh,
     ssh_command,
 )
 from probes.lab import Lab
@@ -120,3 +122,48 @@ def test_management_interface_of_a_real_server(lab: Lab) -> None:
     assert result.ok and KINDS[Level.SESSION].name == "openvpn.session"
     with pytest.raises(TelemetryError):
         asyncio.run(read_management_socket(str(lab.dir / "missing.sock"), timeout=1))
+
+
+async def _ssh_round_trip(socket_path: str) -> Any:
+    """An in-process asyncssh server on 127.0.0.1 runs the command with ``sh -c`` (no sshd
+    here), so the SSH path is exercised end to end against the real management socket."""
+    import asyncssh
+
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def handle(process: asyncssh.SSHServerProcess[str]) -> None:
+        proc = await asyncio.create_subprocess_shell(
+            str(process.command), stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        process.stdout.write(out.decode())
+        process.exit(proc.returncode or 0)
+
+    class _Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return key.public_data == client_key.public_data
+
+    server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[host_key],
+                                          process_factory=handle)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await read_management_ssh("127.0.0.1", socket_path, port=port, username="probe",
+                                         client_keys=[client_key], known_hosts=None, timeout=10)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.lab
+def test_management_over_ssh(lab: Lab) -> None:
+    node = lab.add_host("node")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    telemetry = asyncio.run(_ssh_round_trip(str(server.management_socket)))
+    assert telemetry.status.title.startswith("OpenVPN 2.")
+    assert telemetry.load is not None and telemetry.load.clients == 0
