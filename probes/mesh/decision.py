@@ -89,6 +89,9 @@ __all__ = [
 ]
 
 
+MAX_EXPONENT = 1000.0  # 2 ** 1000 is ~1e301: any damping ceiling beyond it is "no ceiling"
+
+
 class DecisionEngine:
     """The engine state plus the three inputs. See the module docstring."""
 
@@ -358,7 +361,7 @@ class DecisionEngine:
         d = self.policy.damping
         decayed = check.penalty * 2.0 ** (-(now - check.penalty_at) / d.half_life_seconds)
         # RFC 2439 ceiling: the penalty that decays to reuse in exactly max_hold
-        ceiling = d.reuse * 2.0 ** (d.max_hold_seconds / d.half_life_seconds)
+        ceiling = d.reuse * 2.0 ** min(d.max_hold_seconds / d.half_life_seconds, MAX_EXPONENT)
         check.penalty = min(decayed + d.penalty, ceiling)
         check.penalty_at = now
         suppressed = now < check.suppressed_until

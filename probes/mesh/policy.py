@@ -195,11 +195,11 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
     _positive(d.max_hold_seconds, f"{p}.damping.max_hold_seconds")
     # RFC 2439's ceiling (the penalty that decays to reuse in max_hold) must exceed suppress,
     # or damping could never trigger
-    ceiling = d.reuse * 2.0 ** (d.max_hold_seconds / d.half_life_seconds)
-    if d.enabled and ceiling <= d.suppress:
+    # (compared in log2 space: 2 ** (max_hold / half_life) overflows a float for short half-lives)
+    if d.enabled and d.max_hold_seconds / d.half_life_seconds <= math.log2(d.suppress / d.reuse):
         raise PolicyError(
-            f"too short for half_life {d.half_life_seconds} s: the penalty ceiling {ceiling:.0f} "
-            f"stays below suppress {d.suppress}",
+            f"too short for half_life {d.half_life_seconds} s: the penalty ceiling "
+            f"reuse * 2^(max_hold / half_life) stays below suppress {d.suppress}",
             f"{p}.damping.max_hold_seconds",
         )
     q = policy.quality
