@@ -44,6 +44,7 @@ COMMIT_INTERVAL = 0.1  # group commit: one fsync per interval, whatever the prob
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 POST_TIMEOUT = 10.0
+MAX_PENDING = 100_000  # observations held in memory while the spool cannot be written
 _PERMANENT = (400, 413)  # the mesh will never take this body: drop the batch, count it
 
 T = TypeVar("T")
@@ -163,7 +164,16 @@ class Reporter:
         if not self._pending or self._spool is None:
             return
         records, self._pending = self._pending, []
-        dropped = await self._db(self._spool.append, records)
+        try:
+            dropped = await self._db(self._spool.append, records)
+        except Exception:
+            # keep them for the next commit (a full disk may clear); bounded like the spool
+            self._pending = records + self._pending
+            excess = len(self._pending) - MAX_PENDING
+            if excess > 0:
+                del self._pending[:excess]
+                self.stats.dropped_total += excess
+            raise
         if dropped:
             log.warning("spool full (%d bytes): dropped the %d oldest observation(s)",
                         self._spool_max, dropped)
@@ -187,10 +197,10 @@ class Reporter:
     # ---------------------------------------------------------------- sending
 
     async def _sender(self, endpoint: str) -> None:
-        index = str(self.endpoints.index(endpoint))
         backoff = BACKOFF_INITIAL
         while True:
             assert self._spool is not None
+            index = str(self.endpoints.index(endpoint))  # a reload may reorder endpoints
             batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
             if batch is None:
                 self._new_data.clear()
