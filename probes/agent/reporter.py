@@ -86,6 +86,7 @@ class Reporter:
         self._spool: Spool | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._pending: list[tuple[int, bytes]] = []
+        self._memory_dropped = 0  # dropped while the spool could not be written
         self._next_seq = 0
         self._encoder = msgspec.json.Encoder()
         self._new_data = asyncio.Event()
@@ -172,12 +173,13 @@ class Reporter:
             excess = len(self._pending) - MAX_PENDING
             if excess > 0:
                 del self._pending[:excess]
-                self.stats.dropped_total += excess
+                self._memory_dropped += excess
+                self.stats.dropped_total = self._spool.dropped + self._memory_dropped
             raise
         if dropped:
             log.warning("spool full (%d bytes): dropped the %d oldest observation(s)",
                         self._spool_max, dropped)
-        self.stats.dropped_total = self._spool.dropped
+        self.stats.dropped_total = self._spool.dropped + self._memory_dropped
         await self._refresh_stats()
         self._new_data.set()
 
