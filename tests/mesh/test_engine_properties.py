@@ -7,11 +7,18 @@ import pickle
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from probes.mesh.decision import DecisionEngine
-from probes.mesh.policy import DampingPolicy, DecisionPolicy, PoolGuardPolicy, QuorumPolicy
+from probes.mesh.policy import (
+    DampingPolicy,
+    DecisionPolicy,
+    PolicyError,
+    PoolGuardPolicy,
+    QuorumPolicy,
+    validate_policy,
+)
 from probes.mesh.snapshot import dump_engine, load_engine
 from probes.model import Quality, Reason, Verdict, VerdictState
 from tests.mesh.helpers import engine, everyone, fleet, obs, round_of
@@ -276,3 +283,51 @@ def test_flap_damping_holds_then_releases_on_schedule(
         check.suppress_start + damping.max_hold_seconds
     )
     assert capped or decayed == pytest.approx(750, rel=1e-6)
+
+
+def _policy(draw: st.DrawFn) -> DecisionPolicy:
+    window = draw(st.integers(0, 64))
+    half_life = draw(st.floats(1e-3, 1e5))
+    reuse = draw(st.floats(1e-3, 1e6))
+    return DecisionPolicy(
+        rise=draw(st.integers(1, 5)),
+        fall=draw(st.integers(1, 5)),
+        window=window,
+        window_failures=draw(st.integers(1, window)) if window else 0,
+        damping=DampingPolicy(
+            enabled=draw(st.booleans()),
+            penalty=draw(st.floats(1e-3, 1e9)),
+            half_life_seconds=half_life,
+            reuse=reuse,
+            suppress=reuse * draw(st.floats(1.001, 1e3)),
+            max_hold_seconds=draw(st.floats(1e-3, 1e7)),
+        ),
+        quorum=QuorumPolicy(
+            mode=draw(st.sampled_from(["majority", "percent"])),
+            healthy_percent=draw(st.floats(0, 99.999)),
+            min_voters=draw(st.integers(1, 6)),
+        ),
+        stale_after_seconds=draw(st.floats(1e-3, 1e5)),
+        max_age_seconds=draw(st.floats(0, 1e5)),
+        pool_guard=PoolGuardPolicy(max_down_share=draw(st.floats(1e-3, 1.0))),
+    )
+
+
+valid_policies = st.composite(_policy)()
+
+
+@PROPS
+@given(policy=valid_policies, script=scripts)
+def test_any_valid_policy_runs_any_script(policy: DecisionPolicy, script: list) -> None:
+    """Extreme but valid settings never make the engine raise (overflow, division, ...)."""
+    try:
+        validate_policy(policy)
+    except PolicyError:
+        assume(False)
+    eng = DecisionEngine(policy, fleet(4))
+    last_seq: dict[str, int] = {}
+    for verdict in run_script(eng, script):
+        assert verdict.seq == last_seq.get(verdict.node, 0) + 1
+        last_seq[verdict.node] = verdict.seq
+    blob = dump_engine(eng)
+    assert dump_engine(load_engine(blob)) == blob
