@@ -35,6 +35,8 @@ from probes.mesh import signing
 from probes.model import Observation
 
 log = logging.getLogger(__name__)
+# APScheduler logs every job run at INFO: two lines per tier round are noise, not context
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 SPOOL_FILE = "spool.sqlite"
 DETAIL_MAX = 200

@@ -246,7 +246,7 @@ class ScheduleCore:
         if st.settled is None:
             # the first outcome settles at once (Envoy: "one success suffices at startup"):
             # fast re-probing every check of a fresh agent would double its start-up load
-            st.settled, st.streak, changed = ok, 0, True
+            st.settled, st.streak = ok, 0  # a first state, not a change: not logged
         elif ok == st.settled:
             st.streak = 0
         else:
