@@ -57,6 +57,7 @@ from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round
 from probes.model import Quality, Reason
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
+from probes.protocols.openvpn.data import Framing
 from probes.protocols.openvpn.keymethod import EKM_LABEL, KEY2_LEN
 from probes.protocols.openvpn.packet import OpenVPNError, TcpDeframer, frame_tcp
 from probes.protocols.openvpn.wrap import (
@@ -107,6 +108,7 @@ class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
     ciphers: tuple[str, ...] = ("AES-256-GCM", "CHACHA20-POLY1305")
     tls_ekm: bool = True  # offer TLS-EKM key derivation when this Python can export keys
     # tunnel only
+    compression: str = "none"  # none | comp-lzo | compress | compress-v2: the server's framing
     echo_count: int = 5
     echo_interval: float = 0.05
     echo_target: str | None = None  # default: the server's tunnel address from PUSH_REPLY
@@ -168,6 +170,14 @@ def build_ssl_context(params: OpenVPNParams) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"TLS material: {exc}") from None
     return context
+
+
+def parse_framing(name: str) -> Framing:
+    try:
+        return Framing(name)
+    except ValueError:
+        raise ConfigError(f"compression must be one of "
+                          f"{', '.join(f.value for f in Framing)}, not {name!r}") from None
 
 
 def read_user_pass(path: str) -> tuple[str, str]:
@@ -291,6 +301,7 @@ class _Probe:
         self.echoes: _Echoes | None = None
         self.last_bad_packet = ""
         self.last_sent: SendStamp | None = None
+        self.framing = Framing.NONE
 
     # setup
 
@@ -299,6 +310,7 @@ class _Probe:
         if params.proto not in ("udp", "tcp"):
             raise ConfigError(f"proto must be udp or tcp, not {params.proto!r}")
         wrapper = build_wrapper(params, int(time.time()))
+        self.framing = parse_framing(params.compression)
         user = password = None
         if params.auth_user_pass_file:
             user, password = read_user_pass(params.auth_user_pass_file)
@@ -478,10 +490,11 @@ class _Probe:
             key2 = ekm.export_keying_material(tls, EKM_LABEL, KEY2_LEN)
         self.facts["key_derivation"] = "tls-ekm" if key2 is not None else "prf"
         try:
-            channel = session.start_data_channel(key2)
+            channel = session.start_data_channel(key2, self.framing)
         except OpenVPNError as exc:  # e.g. a pushed cipher we do not speak
             raise _Failure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
         self.facts["data_cipher"] = channel.cipher
+        self.facts["compression_framing"] = channel.framing.value
         echoes = self.echoes = _Echoes(secrets.randbelow(0xFFFF) + 1, {}, {})
         payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
         # scapy builds the packet once; per echo only the sequence and checksum change, so

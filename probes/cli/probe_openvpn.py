@@ -14,6 +14,7 @@ from typing import Any
 from probes.checks import openvpn
 from probes.checks import openvpn_telemetry as telemetry
 from probes.cli.probe import add_common_arguments, run_and_report, usage_error
+from probes.protocols.openvpn.data import Framing
 
 LEVELS = {level.name.lower(): level for level in openvpn.Level}
 
@@ -39,7 +40,7 @@ def params_from_args(args: argparse.Namespace) -> openvpn.OpenVPNParams:
         key_file=args.key, tls_crypt_file=args.tls_crypt, tls_auth_file=args.tls_auth,
         key_direction=args.key_direction, auth_digest=args.auth,
         tls_crypt_v2_file=args.tls_crypt_v2, auth_user_pass_file=args.auth_user_pass,
-        echo_count=args.count, echo_interval=args.interval)
+        echo_count=args.count, echo_interval=args.interval, compression=args.compression)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -111,6 +112,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--auth-user-pass", metavar="FILE",
                         help="file with a username line and a password line")
     parser.add_argument("--level", choices=tuple(LEVELS), default="session")
+    parser.add_argument("--compression", choices=tuple(f.value for f in Framing), default="none",
+                        help="the server's compression framing (its --comp-lzo / --compress); "
+                             "a pushed one wins (tunnel level)")
     parser.add_argument("--count", type=int, default=5, help="ICMP echoes at the tunnel level")
     parser.add_argument("--interval", type=float, default=0.05,
                         help="seconds between echoes at the tunnel level")

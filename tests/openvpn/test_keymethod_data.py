@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from probes.protocols.openvpn import keymethod as km
-from probes.protocols.openvpn.data import PING_STRING, DataChannel
+from probes.protocols.openvpn.data import PING_STRING, DataChannel, Framing, frame, unframe
 from probes.protocols.openvpn.packet import OpenVPNError
 
 pytestmark = pytest.mark.openvpn
@@ -125,3 +125,40 @@ def test_data_channel_refuses_bad_setup_and_packets() -> None:
     for bad in (b"", b"\x48\x00", b"\x20" + bytes(30)):
         with pytest.raises(OpenVPNError):
             channel.decrypt(bad)
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+@pytest.mark.parametrize("payload", [b"E\x00\x00\x14rest-of-ipv4", b"P-starts-0x50", b"x", b""])
+def test_compression_framing_round_trip(framing: Framing, payload: bytes) -> None:
+    assert unframe(framing, frame(framing, payload)) == payload
+
+
+def test_compression_framing_layouts() -> None:
+    ip = b"E\x00abc"
+    assert frame(Framing.NONE, ip) == ip
+    assert frame(Framing.LZO, ip) == b"\xfa" + ip
+    assert frame(Framing.SWAP, ip) == b"\xfb\x00abcE"  # first byte moved to the end
+    assert frame(Framing.V2, ip) == ip  # IPv4 needs no escape
+    assert frame(Framing.V2, b"Pxy") == b"P\x00Pxy"
+    assert unframe(Framing.SWAP, b"\xfa" + ip) == ip  # a plain stub byte is accepted too
+    for framing, compressed in ((Framing.LZO, b"\x66data"), (Framing.SWAP, b"\x69data"),
+                                (Framing.V2, b"P\x01data")):
+        with pytest.raises(OpenVPNError):
+            unframe(framing, compressed)
+
+
+def test_pushed_compression_is_recognised() -> None:
+    cases = {"comp-lzo no": "comp-lzo", "compress": "compress", "compress lz4": "compress",
+             "compress lzo": "comp-lzo", "compress stub-v2": "compress-v2",
+             "compress lz4-v2": "compress-v2", "ping 10": None}
+    for option, want in cases.items():
+        assert km.parse_push_reply(f"PUSH_REPLY,{option}").compression == want
+
+
+def test_framed_data_channel_round_trip() -> None:
+    key2 = os.urandom(256)
+    client = DataChannel(key2, "AES-256-GCM", 1, framing=Framing.SWAP)
+    server = DataChannel(key2, "AES-256-GCM", 1, server=True, framing=Framing.SWAP)
+    assert server.decrypt(client.encrypt(b"E\x00packet")) == b"E\x00packet"
+    assert DataChannel(key2, "AES-256-GCM", 1, server=True).decrypt(
+        client.encrypt(b"E\x00packet")) == b"\xfb\x00packetE"

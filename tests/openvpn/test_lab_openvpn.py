@@ -234,3 +234,31 @@ def test_password_only_server_without_client_certificate(lab: Lab) -> None:
                                      auth_user_pass_file=str(creds)), Level.TUNNEL)
     assert result.ok, (result.reason, result.detail, server.log()[-1500:])
     assert "probe-agent" in server.log()
+
+
+@pytest.mark.parametrize(("server_args", "ours"), [
+    (["--comp-lzo"], "comp-lzo"),
+    (["--compress"], "compress"),
+    (["--compress", "lz4"], "compress"),
+    (["--compress", "lz4-v2"], "compress-v2"),
+    (["--comp-lzo", "--push", "comp-lzo no"], "none"),  # pushed framing wins over ours
+])
+def test_tunnel_through_a_compression_framing_server(lab: Lab, server_args: list[str],
+                                                     ours: str) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt",
+                               extra=[*server_args, "--allow-compression", "yes"])
+    result = probe(agent, params_for(server, compression=ours), Level.TUNNEL)
+    assert result.ok, (result.reason, result.detail, server.log()[-1500:])
+    assert result.quality is not None and result.quality.received == result.quality.sent
+    if ours == "none":
+        assert result.facts["compression_framing"] == "comp-lzo"
+
+
+def test_unframed_probe_against_lzo_server_sees_no_echo(lab: Lab) -> None:
+    # the failure mode the compression setting exists for: session fine, data plane "broken"
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt",
+                               extra=["--comp-lzo", "--allow-compression", "yes"])
+    result = probe(agent, params_for(server, echo_count=2), Level.TUNNEL, timeout=3)
+    assert (result.ok, result.reason) == (False, Reason.TUNNEL_NO_REPLY)

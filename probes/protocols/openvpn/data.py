@@ -12,6 +12,7 @@ the client sends with ``keys[0]`` (KEY_DIRECTION_NORMAL in ``generate_key_expans
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass, field
 
@@ -26,6 +27,51 @@ PING_STRING = bytes.fromhex("2a187bf3641eb4cb07ed2d0a981fc748")
 TAG_LEN = 16
 SUPPORTED_CIPHERS = ("AES-256-GCM", "CHACHA20-POLY1305")
 
+# compression framing bytes (comp.h, lzo.c, comp-lz4.c): we never compress, but a server set up
+# for compression expects its framing on every packet and drops packets without it
+NO_COMPRESS_BYTE = 0xFA
+NO_COMPRESS_BYTE_SWAP = 0xFB
+V2_INDICATOR = 0x50
+V2_UNCOMPRESSED = 0x00
+
+
+class Framing(enum.StrEnum):
+    """How the plaintext is framed for compression (``--comp-lzo`` / ``--compress``)."""
+
+    NONE = "none"
+    LZO = "comp-lzo"  # --comp-lzo, --compress lzo: one prefix byte, 0xFA when not compressed
+    SWAP = "compress"  # --compress [stub|lz4]: first byte moved to the end, 0xFB put first
+    V2 = "compress-v2"  # --compress stub-v2|lz4-v2: only a leading 0x50 needs an escape
+
+
+def frame(framing: Framing, payload: bytes) -> bytes:
+    if framing == Framing.LZO:
+        return bytes([NO_COMPRESS_BYTE]) + payload
+    if framing == Framing.SWAP:
+        if not payload:
+            return bytes([NO_COMPRESS_BYTE_SWAP])
+        return bytes([NO_COMPRESS_BYTE_SWAP]) + payload[1:] + payload[:1]
+    if framing == Framing.V2 and payload[:1] == bytes([V2_INDICATOR]):
+        return bytes([V2_INDICATOR, V2_UNCOMPRESSED]) + payload
+    return payload
+
+
+def unframe(framing: Framing, data: bytes) -> bytes:
+    """The plaintext packet; :class:`OpenVPNError` if the peer compressed it (we cannot)."""
+    if framing == Framing.NONE or not data:
+        return data
+    if framing == Framing.V2:
+        if data[0] != V2_INDICATOR:
+            return data
+        if data[1:2] != bytes([V2_UNCOMPRESSED]):
+            raise OpenVPNError("peer sent a compressed packet (v2 framing)")
+        return data[2:]
+    if data[0] == NO_COMPRESS_BYTE:
+        return data[1:]
+    if framing == Framing.SWAP and data[0] == NO_COMPRESS_BYTE_SWAP:
+        return data[-1:] + data[1:-1] if len(data) > 1 else b""
+    raise OpenVPNError(f"peer sent a compressed packet (framing byte {data[0]:#04x})")
+
 
 @dataclass(slots=True)
 class DataChannel:
@@ -34,6 +80,7 @@ class DataChannel:
     peer_id: int | None  # None: DATA_V1
     key_id: int = 0
     server: bool = False  # True only for test peers
+    framing: Framing = Framing.NONE
     next_packet_id: int = 1
     _seal: AESGCM | ChaCha20Poly1305 = field(init=False)
     _open: AESGCM | ChaCha20Poly1305 = field(init=False)
@@ -62,6 +109,7 @@ class DataChannel:
         return struct.pack("!I", (((Opcode.DATA_V2 << 3) | self.key_id) << 24) | self.peer_id)
 
     def encrypt(self, plaintext: bytes) -> bytes:
+        plaintext = frame(self.framing, plaintext)
         packet_id = struct.pack("!I", self.next_packet_id)
         self.next_packet_id += 1
         header = self._header()
@@ -85,6 +133,7 @@ class DataChannel:
         ciphertext = bytes(packet[header_len + 4 + TAG_LEN:])
         ad = header + packet_id if opcode == Opcode.DATA_V2 else packet_id
         try:
-            return self._open.decrypt(packet_id + self._iv_in, ciphertext + tag, ad)
+            plaintext = self._open.decrypt(packet_id + self._iv_in, ciphertext + tag, ad)
         except InvalidTag:
             raise OpenVPNError("data packet failed authentication") from None
+        return unframe(self.framing, plaintext)

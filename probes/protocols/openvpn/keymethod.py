@@ -158,6 +158,20 @@ class PushReply:
         return (derivation is not None and "tls-ekm" in derivation) or "tls-ekm" in flags
 
     @property
+    def compression(self) -> str | None:
+        """Compression framing the server pushed, as a :class:`~.data.Framing` value, or None
+        when it pushed none (then only our own configuration can know)."""
+        if self.get("comp-lzo") is not None:
+            return "comp-lzo"
+        args = self.get("compress")
+        if args is None:
+            return None
+        algorithm = args[0] if args else "stub"
+        if algorithm.endswith("-v2"):
+            return "compress-v2"
+        return "comp-lzo" if algorithm == "lzo" else "compress"
+
+    @property
     def continues(self) -> bool:
         args = self.get("push-continuation")
         return args is not None and len(args) > 0 and args[0] == "2"

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from probes.protocols.openvpn import keymethod as km
-from probes.protocols.openvpn.data import PING_STRING, DataChannel
+from probes.protocols.openvpn.data import PING_STRING, DataChannel, Framing
 from probes.protocols.openvpn.packet import (
     DATA_OPCODES,
     HEADER_LEN,
@@ -457,6 +457,9 @@ class ClientSession:
             proto |= km.IV_PROTO_TLS_KEY_EXPORT
         lines = [f"IV_VER={self.options.client_version}", "IV_PLAT=linux", f"IV_PROTO={proto}",
                  f"IV_CIPHERS={':'.join(self.options.ciphers)}", "IV_NCP=2",
+                 # we frame but never compress: a server configured for compression then
+                 # pushes a stub (comp-lzo no, compress stub / stub-v2) instead of refusing us
+                 "IV_LZO_STUB=1", "IV_COMP_STUB=1", "IV_COMP_STUBv2=1",
                  "IV_GUI_VER=tunnelwatch"]
         return "\n".join(lines) + "\n"
 
@@ -484,8 +487,10 @@ class ClientSession:
     def tls_object(self) -> ssl.SSLObject | None:
         return self._tls
 
-    def start_data_channel(self, key2: bytes | None = None) -> DataChannel:
-        """Install data-channel keys: ``key2`` from TLS-EKM, or the key-method-2 PRF."""
+    def start_data_channel(self, key2: bytes | None = None,
+                           framing: Framing = Framing.NONE) -> DataChannel:
+        """Install data-channel keys: ``key2`` from TLS-EKM, or the key-method-2 PRF.
+        ``framing`` is our configured compression framing; a pushed one wins."""
         reply = self.push_reply
         if reply is None or self.server_key_method is None or self.server_session_id is None:
             raise OpenVPNError("no PUSH_REPLY yet")
@@ -493,7 +498,10 @@ class ClientSession:
         if key2 is None:
             key2 = km.openvpn_prf_key2(self._key_source, self.server_key_method,
                                        self.session_id, self.server_session_id)
-        self.data_channel = DataChannel(key2, cipher, reply.peer_id)
+        pushed = reply.compression
+        if pushed is not None:
+            framing = Framing(pushed)
+        self.data_channel = DataChannel(key2, cipher, reply.peer_id, framing=framing)
         return self.data_channel
 
     def send_data(self, payload: bytes) -> None:
