@@ -113,14 +113,7 @@ class Api:
             raise web.HTTPNotFound(
                 text=f"unknown action {action!r}; one of drain, maintenance, ready"
             )
-        if self._token is None:
-            raise web.HTTPForbidden(text="no operator_token_file configured: admin API disabled")
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
-        if not given or not hmac.compare_digest(given, self._token):
-            raise web.HTTPUnauthorized(
-                text="bearer token required", headers={"WWW-Authenticate": "Bearer"}
-            )
+        require_operator(request, self._token)
         actor = "operator"
         if request.can_read_body:
             try:
@@ -157,6 +150,18 @@ class Api:
                 # journal entries replayed at start: 0 after a clean shutdown
                 "replayed_at_start": service.replayed_entries,
             }
+        )
+
+
+def require_operator(request: web.Request, token: bytes | None) -> None:
+    """Raise unless the request carries the operator bearer token (403 when none is set up)."""
+    if token is None:
+        raise web.HTTPForbidden(text="no operator_token_file configured: admin API disabled")
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+    if not given or not hmac.compare_digest(given, token):
+        raise web.HTTPUnauthorized(
+            text="bearer token required", headers={"WWW-Authenticate": "Bearer"}
         )
 
 
