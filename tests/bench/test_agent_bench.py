@@ -374,9 +374,15 @@ def test_rtt_error_against_known_delay(lab: Any) -> None:
     lab.set_delay(agent, added * 1000)
     with agent.entered():
         delayed, sent = _run_loop(measure(rate, 5.0))
+        # the same at 100/s: an idle agent, so what remains is mostly the delay box's own error
+        slow, slow_sent = _run_loop(measure(100.0, 5.0))
     lab.set_delay(agent, 0)
+    slow_errors = [abs(r - added - statistics.median(base)) for r in slow]
+    print(f"\nRTT error vs a {added * 1000:g} ms delay box at 100 probes/s (reference): "
+          f"{len(slow)}/{slow_sent} replies; |error| p50 {_pct(slow_errors, .5) * 1e3:.3f} ms "
+          f"p99 {_pct(slow_errors, .99) * 1e3:.3f} ms")
     errors = [abs(r - added - statistics.median(base)) for r in delayed]
-    print(f"\nRTT error vs a {added * 1000:g} ms delay box at {rate:.0f} probes/s (50 % of the "
+    print(f"RTT error vs a {added * 1000:g} ms delay box at {rate:.0f} probes/s (50 % of the "
           f"{max_rate:.0f}/s closed-loop max through the lab path; agent CPU then "
           f"{done / cpu:.0f} probes/CPU-s): {len(delayed)}/{sent} replies; baseline p50 "
           f"{statistics.median(base) * 1e3:.3f} ms; |error| p50 {_pct(errors, .5) * 1e3:.3f} ms"
