@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probes.protocols.openvpn import keymethod as km
-from probes.protocols.openvpn.data import DataChannel
+from probes.protocols.openvpn.data import DataChannel, Framing, unframe
 from probes.protocols.openvpn.packet import (
     ControlPacket,
     Opcode,
@@ -73,6 +73,9 @@ def _build_parsers() -> dict[str, Callable[[bytes], Any]]:
         "km2": km.decode_server_key_method_2,
         "push": lambda d: km.parse_push_reply("PUSH_REPLY," + d.decode("latin-1")).peer_id,
         "data": channel.decrypt,
+        "unframe_lzo": lambda d: unframe(Framing.LZO, d),
+        "unframe_swap": lambda d: unframe(Framing.SWAP, d),
+        "unframe_v2": lambda d: unframe(Framing.V2, d),
         "static_key": lambda d: parse_static_key(
             "-----BEGIN OpenVPN Static key V1-----" + d.decode("latin-1")
             + "-----END OpenVPN Static key V1-----"),
