@@ -494,7 +494,14 @@ class AgentScheduler:
             log.info("settled node=%s check=%s state=%s reason=%s", check.node, check.check,
                      "up" if completion.settled else "down", result.reason.value)
         self._arm()
-        self.sink(ProbeRun(check, result, wall, due.due, started, due.why))
+        self._deliver(ProbeRun(check, result, wall, due.due, started, due.why))
+
+    def _deliver(self, run: ProbeRun) -> None:
+        try:
+            self.sink(run)
+        except Exception:  # metrics or reporting trouble must not stop the schedule
+            log.exception("result sink failed for node=%s check=%s", run.check.node,
+                          run.check.check)
 
     def _refuse_late(self, due: Due, started: float, wall: float, lag: float) -> None:
         self.core.release(due.key)
@@ -505,4 +512,4 @@ class AgentScheduler:
                         lag * 1000, self.max_start_lag * 1000, self.stats.overloaded_total)
         result = CheckResult(False, Reason.OVERLOADED, 0.0,
                              detail=f"start {lag * 1000:.1f} ms late")
-        self.sink(ProbeRun(due.check, result, wall, due.due, started, due.why))
+        self._deliver(ProbeRun(due.check, result, wall, due.due, started, due.why))
