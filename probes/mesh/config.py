@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
 from probes.config import ConfigError, Problem, Strict, _line_for, parse_yaml, resolve_path
+from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
 from probes.mesh.publish import config as publish_config
@@ -34,6 +36,9 @@ class MeshNode(Strict, kw_only=True, frozen=True):
     pool: str = "default"
     pop: str = ""
     region: str = ""
+    # "anycast": not a VPN node but a check of a PoP's anycast address from outside; its
+    # verdict feeds the PoP's announcement decision (docs/anycast.md), not a balancer pool
+    role: Literal["node", "anycast"] = "node"
 
 
 class MeshConfig(Strict, kw_only=True, frozen=True):
@@ -51,6 +56,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     background_snapshots: bool = True  # snapshot in a forked child: ingest does not pause
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
     publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
+    anycast: AnycastConfig | None = None  # PoP announcements through BGP speakers
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
@@ -105,6 +111,14 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.durability not in ("normal", "full"):
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
+    pools_with_nodes = {n.pool for n in cfg.nodes if n.role == "node"}
+    for i, node in enumerate(cfg.nodes):
+        if node.role == "anycast" and node.pool in pools_with_nodes:
+            yield Problem(f"$.nodes[{i}].pool", "an anycast check needs a pool of its own "
+                          "(it must not count in a balancer pool's guard)")
+    if cfg.anycast is not None:
+        for path, message in anycast_problems(cfg.anycast, {n.id: n.pop for n in cfg.nodes}):
+            yield Problem(path, message)
     try:
         validate_policy(cfg.decision, "$.decision")
     except PolicyError as exc:

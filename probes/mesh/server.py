@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from probes.mesh import signing
 from probes.mesh.api import Api
+from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import MeshConfig
 from probes.mesh.ingest import AgentKey, Ingest
 from probes.mesh.metrics import MeshCollector
@@ -99,6 +100,11 @@ def build_app(
     app.cleanup_ctx.append(ticker)
     # after the ticker, so it stops first: nothing is delivered from a closed store
     app.cleanup_ctx.append(publishing_context(cfg.publishers, svc.store, registry, svc.listeners))
+    if cfg.anycast is not None:
+        anycast.install(
+            app, cfg.anycast, [(n.id, n.pop, n.role) for n in cfg.nodes],
+            operator_token=token, registry=registry, listeners=svc.listeners,
+            current_states=lambda: {n: s.state for n, s in ingest.service.engine.nodes.items()})
     return app
 
 

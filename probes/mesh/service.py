@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 
@@ -143,6 +144,10 @@ class MeshService:
         if pid == 0:  # the child: no logging (locks), no event loop, leave with os._exit
             code = 1
             try:
+                # let go of inherited sockets: a child outliving a killed mesh must not keep its
+                # listening port (the restarted mesh binds it again). Files stay open: closing
+                # SQLite's descriptors behind its back breaks its lock bookkeeping.
+                _close_sockets()
                 gc.disable()  # a short-lived process: collecting would only touch (copy) pages
                 blob = dump_engine(self.engine)
                 self.store.write_snapshot_detached(journal_id, blob)
@@ -260,6 +265,20 @@ class MeshService:
             self._snapshot()
         finally:
             self.store.close()
+
+
+def _close_sockets() -> None:
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return  # no /proc: the port may linger until the child exits, nothing worse
+    for name in names:
+        fd = int(name)
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            continue  # the listing's own descriptor, already gone
 
 
 def _decode_admin(payload: bytes) -> AdminAction:

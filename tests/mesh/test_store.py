@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.replay import parse_lines, replay
-from probes.mesh.service import MeshService
+from probes.mesh.service import MeshService, _close_sockets
 from probes.mesh.snapshot import dump_engine, load_engine
 from probes.mesh.store import AgentPosition, EntryKind, JournalEntry, StoreError
 from probes.mesh.store_sqlite import SQLiteStore
@@ -300,3 +302,26 @@ def test_config_changes_apply_at_restart(tmp_path: Path) -> None:
     ]
     assert again.engine.unknown_node_total == 6  # n2's observations: no longer a node
     again.close()
+
+
+def test_a_snapshot_child_lets_go_of_sockets(tmp_path: Path) -> None:
+    """A snapshot child must not keep the mesh's listening port (nor any other socket) open."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    db = tmp_path / "m.db"
+    pid = os.fork()
+    if pid == 0:  # the child: same call as a snapshot child makes first
+        code = 1
+        try:
+            _close_sockets()
+            try:
+                os.fstat(listener.fileno())
+            except OSError:
+                code = 0  # closed, as it should be
+            SQLiteStore(db).close()  # files still work
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    listener.close()
+    assert os.waitstatus_to_exitcode(status) == 0
