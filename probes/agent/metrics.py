@@ -202,10 +202,12 @@ class AgentCollector(Collector):
                                  labels=labels)
         facts: dict[str, GaugeMetricFamily] = {}
         if not empty:
-            for key, s in self.probes.series.items():
+            # list() copies are atomic under the GIL: /metrics renders on a worker thread while
+            # the loop keeps recording
+            for key, s in list(self.probes.series.items()):
                 values = [*key, self.vantage]
                 attempts.add_metric(values, s.attempts)
-                for reason, count in s.failures.items():
+                for reason, count in list(s.failures.items()):
                     failures.add_metric([*values, reason], count)
                 if not math.isnan(s.success):
                     success.add_metric(values, s.success)
@@ -217,13 +219,13 @@ class AgentCollector(Collector):
                     rtt99.add_metric(values, s.rtt_p99)
                 if s.loss_ratio is not None:
                     loss.add_metric(values, s.loss_ratio)
-                for name, value in s.node_facts.items():
+                for name, value in list(s.node_facts.items()):
                     fam = facts.get(name)
                     if fam is None:
                         fam = facts[name] = GaugeMetricFamily(
                             f"tunnelwatch_{name}", f"Node telemetry: {name}.", labels=labels)
                     fam.add_metric(values, value)
-            for hkey, hist in self.probes.durations.items():
+            for hkey, hist in list(self.probes.durations.items()):
                 duration.add_metric([*hkey, self.vantage], hist.cumulative(), hist.sum)
         yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss)
         yield from facts.values()
@@ -297,7 +299,7 @@ class AgentCollector(Collector):
                 sent.add_metric([*vv, endpoint], r.sent_total.get(endpoint, 0))
                 if endpoint in r.last_success:
                     last.add_metric([*vv, endpoint], r.last_success[endpoint])
-            for (endpoint, result), count in r.batches_total.items():
+            for (endpoint, result), count in list(r.batches_total.items()):
                 batches.add_metric([*vv, endpoint, result], count)
         yield from (depth, size, cap, dropped, sent, batches, last)
 
