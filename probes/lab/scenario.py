@@ -90,6 +90,14 @@ def restore_openvpn(node: str) -> Action:
     return lambda stack: stack.restore_openvpn(node)
 
 
+def kill_vpn(node: str) -> Action:
+    return lambda stack: stack.kill_vpn(node)
+
+
+def restore_vpn(node: str) -> Action:
+    return lambda stack: stack.restore_vpn(node)
+
+
 def isolate_node(node: str) -> Action:
     """The node drops off the network (every packet to and from it dropped at the router)."""
     return lambda stack: stack.lab.partition(stack.fleet.nodes[node].host)

@@ -266,6 +266,15 @@ class Stack:
         if node in self.native_ovpn:
             self.native_ovpn[node].start()
 
+    def kill_vpn(self, node: str) -> None:
+        """The node's VPN daemons crash (OpenVPN, its TCP twin, strongSwan); the host stays up."""
+        self.kill_openvpn(node)
+        self.fleet.nodes[node].ikev2.stop()
+
+    def restore_vpn(self, node: str) -> None:
+        self.fleet.nodes[node].ikev2.start()
+        self.restore_openvpn(node)
+
 
 def get(host: Host, url: str, timeout: float = 5.0) -> bytes:
     """HTTP GET from inside ``host``'s namespace (lab addresses are not routed from the host)."""
