@@ -169,7 +169,9 @@ _verdict_decoder = msgspec.json.Decoder(Verdict)
 _encoder = msgspec.json.Encoder()
 
 
-def _schema_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> SchemaError:
+def _schema_error(exc: Exception) -> SchemaError:
+    if isinstance(exc, UnicodeDecodeError):  # invalid UTF-8 inside a JSON string
+        return SchemaError(f"not valid UTF-8 at byte {exc.start}", "$")
     text = str(exc)
     path = "$"
     marker = " - at `"
@@ -187,7 +189,7 @@ def decode_batch(data: bytes) -> ObservationBatch:
     """Decode and validate an agent batch; raise :class:`SchemaError` naming the bad field."""
     try:
         batch = _batch_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _schema_error(exc) from None
     if batch.version != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema version {batch.version}", "$.version")
@@ -197,5 +199,5 @@ def decode_batch(data: bytes) -> ObservationBatch:
 def decode_verdict(data: bytes) -> Verdict:
     try:
         return _verdict_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _schema_error(exc) from None

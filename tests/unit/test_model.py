@@ -88,3 +88,22 @@ json_values = st.recursive(
 def test_fuzz_structured_json_only_raises_schema_error(value: object) -> None:
     with contextlib.suppress(SchemaError):
         decode_batch(json.dumps(value).encode())
+
+
+def test_invalid_utf8_inside_a_string_is_a_schema_error() -> None:
+    batch = encode(ObservationBatch(version=SCHEMA_VERSION, agent="a", batch_seq=1, sent_at=0.0,
+                                    observations=[_obs(1)]))
+    broken = batch.replace(b'"fra1-n1"', b'"fra1-\xff\xfe"')
+    with pytest.raises(SchemaError, match="UTF-8"):
+        decode_batch(broken)
+    with pytest.raises(SchemaError):
+        decode_verdict(b'{"node": "\xc3"}')
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=40))
+def test_fuzz_bytes_inside_a_valid_batch_only_raise_schema_error(junk: bytes) -> None:
+    batch = encode(ObservationBatch(version=SCHEMA_VERSION, agent="a", batch_seq=1, sent_at=0.0,
+                                    observations=[_obs(1)]))
+    with contextlib.suppress(SchemaError):
+        decode_batch(batch.replace(b"fra1-n1", junk.replace(b'"', b"").replace(b"\\", b"")))
