@@ -239,3 +239,49 @@ class _AnycastCollector(Collector):
         holds.add_metric([], float(self.c.engine.guard_holds_total))
         errors.add_metric([], float(self.c.speaker_errors_total))
         return [state, announced, changed, holding, reachable, holds, errors]
+
+
+def anycast_problems(cfg: AnycastConfig, node_pops: dict[str, str],
+                     at: str = "$.anycast") -> Iterator[tuple[str, str]]:
+    """(field path, message) for everything wrong with an ``anycast:`` section.
+
+    ``node_pops`` maps every configured node (and anycast check) to its PoP.
+    """
+    import ipaddress  # noqa: PLC0415 - only config validation needs it
+
+    if not cfg.pops:
+        yield f"{at}.pops", "at least one PoP speaker is required"
+    seen: dict[str, int] = {}
+    known_pops = set(node_pops.values())
+    for i, pop in enumerate(cfg.pops):
+        here = f"{at}.pops[{i}]"
+        if pop.pop in seen:
+            yield f"{here}.pop", f"duplicate of {at}.pops[{seen[pop.pop]}]"
+        seen.setdefault(pop.pop, i)
+        if pop.pop not in known_pops:
+            yield f"{here}.pop", f"no node has pop {pop.pop!r}"
+        if not 0 < pop.api_port < 65536:
+            yield f"{here}.api_port", f"must be 1..65535, got {pop.api_port}"
+        if not 0 < pop.asn < 2**32:
+            yield f"{here}.asn", f"must be a 32-bit AS number, got {pop.asn}"
+        if not pop.prefixes:
+            yield f"{here}.prefixes", "at least one prefix is required"
+        for j, prefix in enumerate(pop.prefixes):
+            try:
+                ipaddress.ip_network(prefix)
+            except ValueError:
+                yield f"{here}.prefixes[{j}]", f"expected a network like 192.0.2.0/24: {prefix!r}"
+    p = cfg.policy
+    if not 0 < p.degraded_below_share <= 1:
+        yield f"{at}.policy.degraded_below_share", "must be within (0, 1]"
+    if not 0 <= p.max_withdrawn_share <= 1:
+        yield f"{at}.policy.max_withdrawn_share", "must be within [0, 1]"
+    if p.max_withdrawn < 0:
+        yield f"{at}.policy.max_withdrawn", "must be >= 0"
+    for name in ("down_after_seconds", "up_after_seconds"):
+        if getattr(p, name) < 0:
+            yield f"{at}.policy.{name}", "must be >= 0"
+    if p.damping.half_life_seconds <= 0 or p.damping.reuse <= 0:
+        yield f"{at}.policy.damping", "half_life_seconds and reuse must be > 0"
+    if cfg.reconcile_interval_seconds <= 0:
+        yield f"{at}.reconcile_interval_seconds", "must be > 0"
