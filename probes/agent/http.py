@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from probes.agent.metrics import render_text
 from probes.agent.plan import PlannedCheck
 from probes.checks.base import CheckResult, execute
 
@@ -70,7 +71,7 @@ def build_app(hooks: HttpHooks) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         # off the loop: a 10,000-target agent's exposition takes hundreds of ms of CPU, which
         # on the loop thread would delay every probe due meanwhile (and get them refused)
-        body = await asyncio.to_thread(generate_latest, hooks.registry)
+        body = await asyncio.to_thread(render_text, hooks.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def probe(request: web.Request) -> web.Response:

@@ -48,3 +48,22 @@ def test_counters_histogram_gauges_and_labels() -> None:
     for metric in registry.collect():
         for sample in metric.samples:
             assert not any(v.startswith("10.") or "/" in v for v in sample.labels.values())
+
+
+def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
+    from prometheus_client import generate_latest
+
+    from probes.agent.metrics import render_text
+    from probes.agent.plan import PlannedCheck
+
+    odd = PlannedCheck(node="n3", pool='po"ol\\x', pop="pop\n2", region="eu", check="udp:53",
+                       kind=planned("n3", Tier.L4).kind, params=None, tier=Tier.L4)
+    stats = ProbeStats()
+    stats.plan([planned("n1", Tier.L4), odd])
+    stats.record(_run("n1", False, Reason.TIMEOUT, 7.0, phases={"connect": 1e-7}))
+    stats.record(ProbeRun(odd, CheckResult(True, Reason.OK, 0.5, quality=Quality(
+        sent=3, received=3, rtt_p50_seconds=1234567.0)), 0.0, 1.0, 1.0, "round"))
+    registry = new_registry(AgentCollector("v1", stats, SchedulerStats,
+                                           ReporterStats(endpoints=2, last_success={"1": 5.0})))
+    for _ in range(2):  # the second time from the label cache
+        assert render_text(registry) == generate_latest(registry)

@@ -309,12 +309,24 @@ RSS_SCRIPT = textwrap.dedent("""
            "mesh": {"endpoints": ["http://127.0.0.1:9"], "key_id": "k", "key_file": "key"},
            "targets": targets}
     (d / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    import aiohttp
     async def main():
-        agent = Agent(d / "agent.yaml")
+        agent = Agent(d / "agent.yaml", listen=f"127.0.0.1:{port + 1}")
+        agent.scheduler.stats.keep_lag_samples = 10**6
         await agent.start()
-        await asyncio.sleep(12)
+        scrapes = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(6):  # a Prometheus scraping every 2 s
+                await asyncio.sleep(2)
+                t = time.monotonic()
+                async with s.get(f"http://127.0.0.1:{port + 1}/metrics") as r:
+                    await r.read()
+                scrapes.append(time.monotonic() - t)
         rss = [l for l in Path("/proc/self/status").read_text().splitlines()
                if l.startswith("VmRSS")][0]
+        lags = sorted(agent.scheduler.stats.lag_samples)
+        print(max(scrapes), lags[len(lags) // 2], lags[int(len(lags) * .99)],
+              agent.scheduler.stats.overloaded_total)
         print(len(agent.checks), agent.scheduler.stats.started_total, rss.split()[1])
         await agent.stop(drain_timeout=0)
     import uvloop; uvloop.run(main())
@@ -326,9 +338,12 @@ def test_rss_with_10000_targets(targets: tuple[int, int], tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path), "10000",
                           str(tcp_port)], capture_output=True, text=True, timeout=120,
                          check=True)
-    checks, started, rss_kb = out.stdout.split()[-3:]
+    scrape, p50, p99, overloaded, checks, started, rss_kb = out.stdout.split()[-7:]
     print(f"\nagent RSS with {checks} targets scheduled (10 s L4 interval, {started} probes "
-          f"run, reporter spooling): {int(rss_kb) / 1024:.1f} MB (target <= 150 MB)")
+          f"run, reporter spooling, /metrics scraped every 2 s): {int(rss_kb) / 1024:.1f} MB "
+          f"(target <= 150 MB); slowest scrape {float(scrape):.2f} s; start lag meanwhile "
+          f"p50 {float(p50) * 1e3:.2f} ms p99 {float(p99) * 1e3:.2f} ms, {overloaded} refused "
+          f"as overloaded")
 
 
 # ------------------------------------------------------------------ RTT accuracy (lab)
