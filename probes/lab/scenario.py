@@ -226,6 +226,8 @@ class Scenario:
             time.sleep(0.1)
         result.ended_at = time.time()
         result.changes = rec.verdicts_between(fault_at, result.ended_at)
+        if self.table_every and self.out is not None:
+            print(live_table(rec, stack), file=self.out, flush=True)
         self.say("      " + describe(result))
         return result
 

@@ -242,13 +242,18 @@ class Stack:
         return list(json.loads(get(self.control, url))["data"]["result"])
 
     def wait_settled(self, timeout: float = 120.0) -> float:
-        """Wait until every node is UP in the mesh and ready in HAProxy; return the time taken."""
+        """Wait until every vantage sees every node UP, every verdict is UP and HAProxy has every
+        node in rotation; return the time taken."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                nodes = {n["node"]: n["state"] for n in self.nodes()}
+                view = self.nodes()
+                nodes = {n["node"]: n["state"] for n in view}
+                every_vantage_up = all(
+                    n.get("vantages", {}).get(a) == "UP" for n in view for a in self.fleet.agents)
                 rows = self.haproxy.states()
                 if (len(nodes) == len(self.fleet.nodes) and set(nodes.values()) == {"UP"}
+                        and every_vantage_up
                         and all(rows[("vpn", n)].in_rotation for n in nodes)):
                     return time.monotonic() - start
             time.sleep(0.25)
