@@ -104,7 +104,8 @@ def build_app(
         anycast.install(
             app, cfg.anycast, [(n.id, n.pop, n.role) for n in cfg.nodes],
             operator_token=token, registry=registry, listeners=svc.listeners,
-            current_states=lambda: {n: s.state for n, s in ingest.service.engine.nodes.items()})
+            pin_store=anycast.PinStore(Path(cfg.database)),
+            current_states=lambda: anycast.member_states(ingest.service.engine.nodes))
     return app
 
 

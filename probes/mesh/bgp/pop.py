@@ -146,6 +146,17 @@ class PopEngine:
         p.pin, p.pin_forced = pin, force and pin is Pin.WITHDRAWN
         return self._settle(now)
 
+    def restore_pins(self, pins: dict[str, tuple[Pin, bool]]) -> None:
+        """Pins saved before a restart (no audit entry: they were audited when set)."""
+        for pop, (pin, force) in pins.items():
+            if pop in self._pops:
+                self._pops[pop].pin = pin
+                self._pops[pop].pin_forced = force and pin is Pin.WITHDRAWN
+
+    def pins(self) -> dict[str, tuple[Pin, bool]]:
+        return {name: (p.pin, p.pin_forced) for name, p in self._pops.items()
+                if p.pin is not None}
+
     # ------------------------------------------------------------------ views
 
     def state(self, pop: str) -> PopState:

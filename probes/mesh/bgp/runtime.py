@@ -2,13 +2,16 @@
 
 ``install(app, ...)`` adds to the mesh's aiohttp app:
 
-* a listener on the mesh service: every committed verdict of a node or anycast check goes, in
-  order, to the controller (a queue keeps the service's commit path synchronous and fast);
+* a feed from the mesh service: what the probes say of every member node (DOWN when the
+  node's pool guard holds it UP: a balancer pool fails open, a PoP must still be withdrawn when
+  all its nodes fail) goes to the controller whenever verdicts are committed, and every
+  ``POLL_SECONDS``; only changes are fed;
 * a background task: on start the controller adopts what the speakers announce, is fed the
   current verdict of every member, then runs its timers and periodic reconcile;
 * ``GET /v1/anycast`` (PoP states, what each speaker announces, pins, the audit trail) and
   ``POST /v1/anycast/{pop}/pin`` (operator bearer token; body ``{"pin": "announced" |
-  "withdrawn" | null, "note": "...", "force": false, "actor": "..."}``);
+  "withdrawn" | null, "note": "...", "force": false, "actor": "..."}``); pins are saved
+  next to the database and restored at start, and every pin change is appended to an audit file;
 * the anycast metrics collector on the mesh registry.
 
 Stopping the mesh stops the controller without touching the speakers: routes stay announced as
@@ -21,7 +24,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,49 +37,98 @@ from probes.mesh.api import require_operator
 from probes.mesh.bgp.controller import AnycastConfig, AnycastController
 from probes.mesh.bgp.pop import Pin
 from probes.mesh.bgp.speaker import GoBgpSpeaker, Speaker
+from probes.mesh.state import NodeState
 from probes.model import Verdict, VerdictState
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_KEY = web.AppKey("anycast", AnycastController)
+POLL_SECONDS = 0.5
+
+
+def member_states(nodes: Mapping[str, NodeState]) -> dict[str, VerdictState]:
+    """What each node's probes say, for PoP decisions: a node its pool's guard holds is DOWN."""
+    return {name: VerdictState.DOWN if node.guard_hold else node.state
+            for name, node in nodes.items()}
+
+
+class PinStore:
+    """Operator pins survive restarts: ``<database>.anycast-pins.json`` (replaced atomically) and
+    an append-only audit trail ``<database>.anycast-audit.jsonl``."""
+
+    def __init__(self, database: Path) -> None:
+        self.pins_file = database.with_name(database.name + ".anycast-pins.json")
+        self.audit_file = database.with_name(database.name + ".anycast-audit.jsonl")
+
+    def load(self) -> dict[str, tuple[Pin, bool]]:
+        try:
+            raw = json.loads(self.pins_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            log.error("anycast: %s is corrupt; starting without pins", self.pins_file)
+            return {}
+        return {pop: (Pin(v["pin"]), bool(v.get("force"))) for pop, v in raw.items()
+                if isinstance(v, dict) and v.get("pin") in ("announced", "withdrawn")}
+
+    def save(self, pins: dict[str, tuple[Pin, bool]], audit: dict[str, object]) -> None:
+        with self.audit_file.open("a") as f:
+            f.write(json.dumps(audit) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp = self.pins_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({p: {"pin": pin.value, "force": force}
+                                   for p, (pin, force) in pins.items()}))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.pins_file)
 
 
 def install(app: web.Application, cfg: AnycastConfig, members: Sequence[tuple[str, str, str]],
             *, operator_token: bytes | None, registry: CollectorRegistry,
             current_states: Callable[[], dict[str, VerdictState]],
-            listeners: list[Callable[[list[Verdict]], None]],
+            listeners: list[Callable[[list[Verdict]], None]], pin_store: PinStore,
             speakers: dict[str, Speaker] | None = None) -> AnycastController:
     speakers = speakers or {p.pop: GoBgpSpeaker(p.api_host, p.api_port, local_asn=p.asn)
                             for p in cfg.pops}
     controller = AnycastController(cfg, members, speakers)
+    controller.engine.restore_pins(pin_store.load())
     registry.register(controller.collector())
     app[CONTROLLER_KEY] = controller
-    queue: asyncio.Queue[Verdict] = asyncio.Queue()
     member_ids = {m[0] for m in members}
+    dirty = asyncio.Event()
+    fed: dict[str, VerdictState] = {}
 
     def on_committed(verdicts: list[Verdict]) -> None:
-        for v in verdicts:
-            if v.node in member_ids:
-                queue.put_nowait(v)
+        if any(v.node in member_ids for v in verdicts):
+            dirty.set()
 
     listeners.append(on_committed)
 
+    async def feed_changes() -> None:
+        for node, state in current_states().items():
+            if node in member_ids and fed.get(node) is not state:
+                fed[node] = state
+                await controller.on_verdict(node, state)
+
     async def feed() -> None:
+        # woken by committed verdicts, and polled too: a node held UP by its pool's guard
+        # changes what the PoP should do without any verdict being published
         while True:
-            verdict = await queue.get()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dirty.wait(), POLL_SECONDS)
+            dirty.clear()
             try:
-                await controller.on_verdict(verdict.node, verdict.state)
+                await feed_changes()
             except Exception:  # one bad step must not stop the feed
-                log.exception("anycast: applying verdict %s", verdict.idempotency_key)
+                log.exception("anycast: feeding verdicts")
 
     async def context(app_: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
 
         async def main() -> None:
             await controller.start()
-            for node, state in current_states().items():
-                if node in member_ids:
-                    await controller.on_verdict(node, state)
+            await feed_changes()
             feeder = asyncio.create_task(feed())
             try:
                 await controller.run(stop)
@@ -115,6 +169,7 @@ def install(app: web.Application, cfg: AnycastConfig, members: Sequence[tuple[st
                                            note=str(note)[:200], force=body.get("force") is True)
         except KeyError:
             raise web.HTTPNotFound(text=f"unknown pop {request.match_info['pop']!r}") from None
+        pin_store.save(controller.engine.pins(), controller.engine.audit[-1])
         return web.json_response({"changes": [msgspec.to_builtins(c) for c in changes]})
 
     app.router.add_get("/v1/anycast", view)
