@@ -125,10 +125,11 @@ class RuntimeAPI:
 
         assert self.ssh is not None
         if self._ssh_conn is None:
-            self._ssh_conn = await asyncssh.connect(
-                self.ssh.host, port=self.ssh.port, username=self.ssh.username,
-                client_keys=list(self.ssh.client_keys) or None,
-                known_hosts=self.ssh.known_hosts or ())
+            options: dict[str, Any] = {"port": self.ssh.port, "username": self.ssh.username,
+                                       "client_keys": list(self.ssh.client_keys) or None}
+            if self.ssh.known_hosts is not None:  # else asyncssh's default, ~/.ssh/known_hosts
+                options["known_hosts"] = self.ssh.known_hosts
+            self._ssh_conn = await asyncssh.connect(self.ssh.host, **options)
         try:
             return await self._ssh_conn.open_unix_connection(self.ssh.socket)  # type: ignore[no-any-return]
         except Exception:
