@@ -145,3 +145,22 @@ async def test_delivery_loop_converges_a_restarted_haproxy(lab: Lab) -> None:
                                      {"publisher": "lb"}) >= 1
     assert registry.get_sample_value("tunnelwatch_publisher_delivered_total",
                                      {"publisher": "lb"}) == 3
+
+
+class TcpHAProxy(HAProxyServer):
+    """The lab HAProxy with a second, TCP runtime API listener on its lab address."""
+
+    def render(self) -> str:
+        return super().render().replace(
+            "global\n", f"global\n    stats socket ipv4@{self.host.address}:9999 level admin\n", 1)
+
+
+async def test_tcp_runtime_api(lab: Lab) -> None:
+    host = lab.add_host("lb")
+    hap = TcpHAProxy(lab, host, servers=[Backend("node1", "10.99.0.1", 51820)])
+    hap.start()
+    with host.entered():  # the listener lives in the lab namespace
+        pub = HAProxyPublisher("tcp-lb", RuntimeAPI(address=(host.address, 9999)))
+        await pub.deliver(verdict("node1", S.MAINTENANCE, 1))
+        await pub.close()
+    assert states(hap)["node1"].admin == "maint"
