@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from probes.agent.metrics import render_text
 from probes.agent.plan import PlannedCheck
 from probes.checks.base import CheckResult, execute
 
@@ -28,7 +28,7 @@ TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
 
 @dataclass
 class HttpHooks:
-    registry: CollectorRegistry
+    render_metrics: Callable[[], bytes]  # the /metrics body (text format 0.0.4)
     find_check: Callable[[str, str], PlannedCheck | None]
     tier_timeout: Callable[[PlannedCheck], float]
     reload: Callable[[], Awaitable[str]]
@@ -62,6 +62,17 @@ def probe_registry(result: CheckResult, timeout: float) -> CollectorRegistry:
     return registry
 
 
+def _render_and_trim(render: Callable[[], bytes]) -> bytes:
+    body = render()
+    _trim()  # hand the exposition's transient megabytes back to the OS now, not at exit
+    return body
+
+
+def _trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _exposition(registry: CollectorRegistry) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type":
                                                                  CONTENT_TYPE_LATEST})
@@ -71,7 +82,7 @@ def build_app(hooks: HttpHooks) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         # off the loop: a 10,000-target agent's exposition takes hundreds of ms of CPU, which
         # on the loop thread would delay every probe due meanwhile (and get them refused)
-        body = await asyncio.to_thread(render_text, hooks.registry)
+        body = await asyncio.to_thread(_render_and_trim, hooks.render_metrics)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def probe(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ def release_parse_memory() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     gc.freeze()
+    # /metrics renders on a worker thread; a short GIL switch interval (default 5 ms) lets the
+    # event loop thread take the GIL back quickly when a probe is due meanwhile
+    sys.setswitchinterval(0.0005)
 
 
 class Agent:
@@ -160,7 +164,7 @@ class Agent:
         self.reporter = self._new_reporter(self.config)
         if self.reporter is not None:
             await self.reporter.start()
-        hooks = HttpHooks(registry=self.registry,
+        hooks = HttpHooks(render_metrics=self.collector.render,
                           find_check=lambda node, module: find_check(self.checks, node, module),
                           tier_timeout=lambda c: self.core.policy(c.tier).timeout,
                           reload=self.reload, health=self.health)

@@ -63,7 +63,14 @@ def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
     stats.record(_run("n1", False, Reason.TIMEOUT, 7.0, phases={"connect": 1e-7}))
     stats.record(ProbeRun(odd, CheckResult(True, Reason.OK, 0.5, quality=Quality(
         sent=3, received=3, rtt_p50_seconds=1234567.0)), 0.0, 1.0, 1.0, "round"))
-    registry = new_registry(AgentCollector("v1", stats, SchedulerStats,
-                                           ReporterStats(endpoints=2, last_success={"1": 5.0})))
-    for _ in range(2):  # the second time from the label cache
-        assert render_text(registry) == generate_latest(registry)
+    stats.record(ProbeRun(planned("n1", Tier.L4), CheckResult(
+        True, Reason.OK, 0.01, facts={"node_active_peers": 3, "node_load": 0.5}),
+        0.0, 1.0, 1.0, "round"))
+    collector = AgentCollector("v1", stats, SchedulerStats,
+                               ReporterStats(endpoints=2, last_success={"1": 5.0},
+                                             batches_total={("0", "ok"): 4}))
+    registry = new_registry(collector)
+    expected = generate_latest(registry)
+    for _ in range(2):  # the second time from the label caches
+        assert render_text(registry) == expected
+        assert collector.render() == expected
