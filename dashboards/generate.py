@@ -561,6 +561,23 @@ def mesh_and_publisher() -> dashboard.Dashboard:
             desc="Failing nodes kept in service because their pool is at its DOWN share.",
         )
     )
+    d = d.with_row(dashboard.Row("Anycast"))
+    d = d.with_panel(
+        ts(
+            "Anycast state by PoP",
+            "none",
+            query("max by (pop, state) (tunnelwatch_anycast_pop_state) == 1", "{{pop}} {{state}}"),
+            desc="ANNOUNCED, DRAINED or WITHDRAWN, per PoP (docs/anycast.md).",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "BGP speakers answering",
+            "none",
+            query("tunnelwatch_anycast_speaker_up", "{{pop}}"),
+            desc="1 when the PoP's speaker answered the mesh's last call.",
+        )
+    )
     d = d.with_row(dashboard.Row("Publishing"))
     d = d.with_panel(
         ts(

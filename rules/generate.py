@@ -576,6 +576,51 @@ def mesh_alerts() -> list[dict[str, Any]]:
     ]
 
 
+def anycast_alerts() -> list[dict[str, Any]]:
+    """The mesh's anycast controller (docs/anycast.md): one BGP speaker per PoP."""
+    return [
+        alert(
+            "AnycastPoPWithdrawn",
+            'max by (pop) (tunnelwatch_anycast_pop_state{state="WITHDRAWN"}) == 1',
+            for_="1m",
+            severity="warning",
+            labels={"scope": "anycast"},
+            summary="A PoP's anycast prefixes are withdrawn.",
+            description=(
+                "PoP {{ $labels.pop }} no longer announces its anycast prefixes; "
+                "its users are routed to other PoPs."
+            ),
+            runbook="anycast.md",
+        ),
+        alert(
+            "AnycastGuardHolding",
+            "max by (pop) (tunnelwatch_anycast_guard_holding) == 1",
+            for_="1m",
+            severity="critical",
+            labels={"scope": "anycast"},
+            summary="The anycast guard keeps a failing PoP announced.",
+            description=(
+                "PoP {{ $labels.pop }} should be withdrawn, but the guard keeps it announced "
+                "so that not too many PoPs leave at once."
+            ),
+            runbook="anycast.md",
+        ),
+        alert(
+            "AnycastSpeakerDown",
+            "max by (pop) (tunnelwatch_anycast_speaker_up) == 0",
+            for_="5m",
+            severity="warning",
+            labels={"scope": "anycast"},
+            summary="The mesh cannot reach a PoP's BGP speaker.",
+            description=(
+                "The BGP speaker of PoP {{ $labels.pop }} does not answer; announcements "
+                "there cannot change until it does."
+            ),
+            runbook="anycast.md",
+        ),
+    ]
+
+
 def agent_alerts() -> list[dict[str, Any]]:
     return [
         alert(
@@ -686,6 +731,7 @@ def build() -> list[RuleFile]:
     other = RuleFile("alerts.rules.yaml")
     other.group("tunnelwatch-fleet-alerts", fleet_alerts())
     other.group("tunnelwatch-mesh-alerts", mesh_alerts())
+    other.group("tunnelwatch-anycast-alerts", anycast_alerts())
     other.group("tunnelwatch-agent-alerts", agent_alerts())
     return [recording, slo_alerts, other]
 

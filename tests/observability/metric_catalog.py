@@ -19,11 +19,12 @@ import yaml
 
 from tests.observability.tools import DOCS, ROOT, RULES
 
-PRODUCER_DOCS = ("metrics-agent.md", "mesh.md", "metrics-mesh-publish.md")
+PRODUCER_DOCS = ("metrics-agent.md", "mesh.md", "metrics-mesh-publish.md", "anycast.md")
 PRODUCER_CODE = (
     "probes/agent/metrics.py",
     "probes/mesh/metrics.py",
     "probes/mesh/publish/metrics.py",
+    "probes/mesh/bgp/controller.py",
 )
 PROMETHEUS_BUILTINS = {"up"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")

@@ -44,6 +44,8 @@ SOAK_SECONDS = 60
 # Documented producer metrics that nothing in this lab produces yet, with the reason.
 NOT_IN_LAB = {
     "tunnelwatch_node_active_peers": "no node-telemetry check in the agent's plan yet",
+    "tunnelwatch_anycast_pop_state": "no anycast section in this lab's mesh (tests/bgp do that)",
+    "tunnelwatch_anycast_speaker_up": "no anycast section in this lab's mesh (tests/bgp do that)",
 }
 HANDSHAKE = (
     r'check=~"wireguard\\.handshake|openvpn\\.(reset|tls)|ikev2\\.(init|auth)|quic\\.handshake"'
