@@ -155,13 +155,15 @@ def test_mesh_drives_bgp_end_to_end(anycast: Anycast) -> None:
     audit = (mesh.dir / "mesh.db.anycast-audit.jsonl").read_text().splitlines()
     assert json.loads(audit[-1])["who"] == "alice"
 
-    # pop1 recovers: re-announced after the hysteresis
+    # pop1 recovers: re-announced after the hysteresis, and the slot it frees goes to the
+    # withdrawal the guard was holding: pop2's pin
     mesh.report(all_nodes())
-    anycast.wait_paths({"pop1": 100, "pop2": 1000, "pop3": 100}, timeout=10)
+    anycast.wait_paths({"pop1": 100, "pop3": 100}, timeout=10)
     metrics = urllib.request.Request(mesh.base + "/metrics")
     with anycast.control.entered(), urllib.request.urlopen(metrics, timeout=5) as r:
         text = r.read().decode()
     assert 'tunnelwatch_anycast_prefix_announced{pop="pop1",prefix="192.0.2.0/24"} 1.0' in text
+    assert 'tunnelwatch_anycast_pop_state{pop="pop2",state="WITHDRAWN"} 1.0' in text
     assert "tunnelwatch_anycast_guard_holding" in text
 
 
