@@ -110,6 +110,8 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     tls_crypt_v2_file: str | None = None
     auth_user_pass_file: str | None = None
     level: Literal["reset", "tls", "session", "tunnel"] = "session"
+    # the server's data-channel framing (--comp-lzo / --compress); a pushed value wins
+    compression: Literal["none", "comp-lzo", "compress", "compress-v2"] = "none"
     echo_count: int = 5
 
 

@@ -54,6 +54,7 @@ from probes.checks.base import (
     register,
 )
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
@@ -697,3 +698,36 @@ TUNNEL = register(CheckKind(
     name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams, run=_tunnel,
     description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT"))
 KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
+
+
+def params_from_target(target: Target, base_dir: Path) -> dict[str, OpenVPNParams]:
+    """The ``openvpn:`` section of a config target -> params per check kind (agent/plan.py).
+
+    The functional tier always runs ``openvpn.tls`` (reset, verified TLS, key-method 2, EXIT:
+    cheap, and it catches a dead daemon, a wrong wrapping key and certificate trouble). The
+    section's ``level`` adds the deeper check in the session tier: ``session`` (PUSH_REPLY) or
+    ``tunnel`` (data-channel echoes); ``reset`` alone replaces the TLS check.
+    """
+    section = target.openvpn
+    if section is None:
+        return {}
+
+    def path(value: str | None) -> str | None:
+        return str(resolve_path(value, base_dir)) if value else None
+
+    params = OpenVPNParams(
+        host=target.address, port=section.port, proto=section.proto,
+        ca_file=path(section.ca_file), cert_file=path(section.cert_file),
+        key_file=path(section.key_file), tls_crypt_file=path(section.tls_crypt_file),
+        tls_auth_file=path(section.tls_auth_file), key_direction=section.key_direction,
+        auth_digest=section.auth_digest, tls_crypt_v2_file=path(section.tls_crypt_v2_file),
+        auth_user_pass_file=path(section.auth_user_pass_file),
+        compression=section.compression, echo_count=section.echo_count)
+    if section.level == "reset":
+        return {RESET.name: params}
+    out = {TLS.name: params}
+    if section.level == "session":
+        out[SESSION.name] = params
+    elif section.level == "tunnel":
+        out[TUNNEL.name] = params
+    return out
