@@ -132,6 +132,15 @@ class QUICTarget(Strict, kw_only=True, frozen=True):
     connect_udp_target: str | None = None  # host:port echoed through MASQUE CONNECT-UDP
 
 
+class MTUTarget(Strict, kw_only=True, frozen=True):
+    """Path-MTU probing: DF-set probes of shrinking size (docs/probes/mtu.md)."""
+
+    port: int | None = None  # the node's UDP echo port (mtu.udp); none: ICMP echo (mtu.icmp)
+    max_size: int | None = None  # largest IP packet to try; default: the route MTU
+    min_size: int | None = None
+    required_mtu: int | None = None  # below this the check fails (mtu-below-minimum)
+
+
 class L4Target(Strict, kw_only=True, frozen=True):
     tcp_ports: list[int] = msgspec.field(default_factory=list)
     udp: list[UDPExchange] = msgspec.field(default_factory=list)
@@ -155,6 +164,7 @@ class Target(Strict, kw_only=True, frozen=True):
     ikev2: IKEv2Target | None = None
     quic: QUICTarget | None = None
     l4: L4Target | None = None
+    mtu: MTUTarget | None = None
     # check kinds to run against this node; empty = every check its protocols allow
     checks: list[str] = msgspec.field(default_factory=list)
 
@@ -314,8 +324,18 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
                     bytes.fromhex(value or "")
                 except ValueError:
                     yield Problem(f"{at}.l4.udp[{j}].{name}", "expected hex digits")
-    if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4)):
-        yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic or l4")
+    if t.mtu is not None:
+        m = t.mtu
+        if m.port is not None:
+            yield from _check_port(m.port, f"{at}.mtu.port")
+        for name in ("max_size", "min_size", "required_mtu"):
+            value = getattr(m, name)
+            if value is not None and not 68 <= value <= 65535:
+                yield Problem(f"{at}.mtu.{name}", f"must be 68..65535 bytes, got {value}")
+        if m.min_size and m.max_size and m.min_size > m.max_size:
+            yield Problem(f"{at}.mtu.min_size", "must not exceed max_size")
+    if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4, t.mtu)):
+        yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic, l4 or mtu")
 
 
 def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:

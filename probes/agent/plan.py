@@ -31,7 +31,7 @@ from probes.config import AgentConfig, Target, resolve_path
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("wireguard", "openvpn", "ikev2", "quic")
+PROTOCOLS = ("wireguard", "openvpn", "ikev2", "quic", "mtu")
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -48,6 +49,7 @@ from probes.checks.icmp import (
     strip_ipv4_header,
 )
 from probes.checks.l4 import resolve
+from probes.config import Target
 from probes.model import Reason
 
 # linux/in.h, linux/in6.h, linux/errqueue.h (not all exported by `socket`)
@@ -484,7 +486,18 @@ async def run_icmp(params: MtuParams, timeout: float) -> CheckResult:
     return await _run(params, timeout, None)
 
 
-UDP = register(CheckKind("mtu.udp", Tier.FUNCTIONAL, MtuParams, run_udp,
+# the session tier: a path MTU changes rarely, and a search sends a handful of large packets
+UDP = register(CheckKind("mtu.udp", Tier.SESSION, MtuParams, run_udp,
                          "path MTU by DF-set UDP probes to an echo service; PMTU black holes"))
-ICMP = register(CheckKind("mtu.icmp", Tier.FUNCTIONAL, MtuParams, run_icmp,
+ICMP = register(CheckKind("mtu.icmp", Tier.SESSION, MtuParams, run_icmp,
                           "path MTU by DF-set ICMP echo (ping socket or raw); PMTU black holes"))
+
+
+def params_from_target(target: Target, base_dir: Path) -> dict[str, MtuParams]:
+    """The ``mtu:`` section of a config target -> ``mtu.udp`` with a port, else ``mtu.icmp``."""
+    section = target.mtu
+    if section is None:
+        return {}
+    params = MtuParams(host=target.address, port=section.port, max_size=section.max_size,
+                       min_size=section.min_size, required_mtu=section.required_mtu)
+    return {(UDP if section.port is not None else ICMP).name: params}
