@@ -1,0 +1,111 @@
+"""Leader election on a real etcd lease, and the fencing deadline (a fake monotonic clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from probes.lab.etcd import LoopbackEtcd
+from probes.mesh.leader import LeaderElector
+from probes.mesh.store_etcd import EtcdClient
+
+pytestmark = pytest.mark.ha
+
+KEY = "/tw/test/leader"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def elector(etcd: LoopbackEtcd, name: str, clock: FakeClock | None = None,
+            endpoints: list[str] | None = None) -> LeaderElector:
+    client = EtcdClient(endpoints or [etcd.endpoint], timeout=0.3)
+    return LeaderElector(client, KEY, name, ttl=3, margin=1.0,
+                         clock=clock or time.monotonic)
+
+
+def test_one_leader_and_followers_see_it(etcd: LoopbackEtcd) -> None:
+    a, b = elector(etcd, "a"), elector(etcd, "b")
+    a.step()
+    b.step()
+    assert a.leading and a.may_publish()
+    assert not b.leading and not b.may_publish() and b.leader == "a"
+    a.step()  # keepalive
+    assert a.may_publish()
+    a.resign()
+    assert not a.may_publish()
+    b.step()
+    assert b.leading and b.leader == "b" and b.terms == 1
+
+
+def test_fencing_deadline_is_ttl_minus_margin_from_the_last_keepalive_sent(
+        etcd: LoopbackEtcd) -> None:
+    clock = FakeClock()
+    a = elector(etcd, "a", clock)
+    a.step()
+    assert a.leading
+    assert a.valid_until == pytest.approx(clock.now + 3 - 1.0)
+    clock.now += 1.9
+    assert a.may_publish()
+    clock.now += 0.2  # 2.1 s after the keepalive was sent: past ttl - margin
+    assert not a.may_publish()
+    a.step()  # a keepalive that succeeds restores the window, counted from its own send
+    assert a.may_publish() and a.valid_until == pytest.approx(clock.now + 2.0)
+
+
+def test_a_leader_cut_from_etcd_stops_before_anyone_else_can_start(etcd: LoopbackEtcd) -> None:
+    a, b = elector(etcd, "a"), elector(etcd, "b")
+    a.step()
+    assert a.leading
+    a.client.endpoints = ["http://127.0.0.1:1"]  # partitioned: keepalives fail
+    stopped_at = None
+    took_over_at = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and took_over_at is None:
+        a.step()
+        b.step()
+        now = time.monotonic()
+        if stopped_at is None and not a.may_publish():
+            stopped_at = now
+        if b.may_publish():
+            took_over_at = now
+        time.sleep(0.05)
+    assert stopped_at is not None and took_over_at is not None
+    assert stopped_at < took_over_at  # the windows never overlap
+    assert b.leader == "b"
+    a.client.endpoints = [etcd.endpoint]  # healed: the old leader learns it lost
+    a.step()
+    assert not a.leading and not a.may_publish()
+    a.step()
+    assert a.leader == "b"
+
+
+async def test_run_reports_publishing_on_and_off(etcd: LoopbackEtcd) -> None:
+    a = elector(etcd, "a")
+    flips: list[bool] = []
+    task = asyncio.create_task(a.run(flips.append))
+    for _ in range(100):
+        if flips:
+            break
+        await asyncio.sleep(0.05)
+    a.client.endpoints = ["http://127.0.0.1:1"]
+    for _ in range(100):
+        if len(flips) > 1:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert flips == [True, False]
+
+
+def test_margin_must_fit_in_the_ttl(etcd: LoopbackEtcd) -> None:
+    with pytest.raises(ValueError, match="margin"):
+        LeaderElector(EtcdClient([etcd.endpoint]), KEY, "a", ttl=2, margin=2.0)
