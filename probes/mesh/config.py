@@ -6,6 +6,7 @@ problem with its field path (``$.agents[1].key_file``) and line, like the agent 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,42 @@ class MeshNode(Strict, kw_only=True, frozen=True):
     role: Literal["node", "anycast"] = "node"
 
 
+class StoreConfig(Strict, kw_only=True, frozen=True):
+    """Where the shared state lives: ``sqlite`` (one process) or ``etcd`` (HA, docs/ha.md)."""
+
+    type: str = "sqlite"  # "sqlite" or "etcd"
+    endpoints: list[str] = msgspec.field(default_factory=list)  # etcd client URLs
+    prefix: str = "/tunnelwatch/mesh"  # every key of this mesh lives under it
+    replica: str = ""  # this replica's name (the leader key's value); default: the host name
+    lease_ttl_seconds: int = 10  # the leader's lease
+    clock_margin_seconds: float = 2.0  # the leader stops this long before its lease can expire
+    request_timeout_seconds: float = 1.0  # per etcd request and endpoint
+
+    @property
+    def replica_name(self) -> str:
+        return self.replica or socket.gethostname()
+
+
+def _store_problems(store: StoreConfig) -> Iterator[Problem]:
+    if store.type not in ("sqlite", "etcd"):
+        yield Problem("$.store.type", f"expected sqlite or etcd, got {store.type!r}")
+    if store.type != "etcd":
+        return
+    if not store.endpoints:
+        yield Problem("$.store.endpoints", "at least one etcd endpoint is required")
+    for i, endpoint in enumerate(store.endpoints):
+        if not endpoint.startswith(("http://", "https://")):
+            yield Problem(f"$.store.endpoints[{i}]", f"expected an http(s) URL, got {endpoint!r}")
+    if not store.prefix.startswith("/") or store.prefix.rstrip("/") == "":
+        yield Problem("$.store.prefix", "must start with / and name something")
+    if store.lease_ttl_seconds < 2:
+        yield Problem("$.store.lease_ttl_seconds", "must be >= 2")
+    if not 0 < store.clock_margin_seconds < store.lease_ttl_seconds:
+        yield Problem("$.store.clock_margin_seconds", "must be > 0 and < lease_ttl_seconds")
+    if not store.request_timeout_seconds > 0:
+        yield Problem("$.store.request_timeout_seconds", "must be > 0")
+
+
 class MeshConfig(Strict, kw_only=True, frozen=True):
     listen: str = "127.0.0.1:9480"
     database: str = "mesh.db"
@@ -57,6 +94,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
     publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
     anycast: AnycastConfig | None = None  # PoP announcements through BGP speakers
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)  # HA: docs/ha.md
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
@@ -111,6 +149,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.durability not in ("normal", "full"):
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
+    yield from _store_problems(cfg.store)
     pools_with_nodes = {n.pool for n in cfg.nodes if n.role == "node"}
     for i, node in enumerate(cfg.nodes):
         if node.role == "anycast" and node.pool in pools_with_nodes:

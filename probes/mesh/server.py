@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,10 +25,12 @@ from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import MeshConfig
 from probes.mesh.ingest import AgentKey, Ingest
+from probes.mesh.leader import LeaderElector
 from probes.mesh.metrics import MeshCollector
-from probes.mesh.publish.runner import publishing_context
+from probes.mesh.publish.runner import Publishing, publishing_context
 from probes.mesh.service import MeshService
-from probes.mesh.store import StoreError
+from probes.mesh.store import MeshStore, StoreError
+from probes.mesh.store_etcd import EtcdClient, EtcdStore
 from probes.mesh.store_sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -35,14 +38,24 @@ log = logging.getLogger(__name__)
 SERVICE_KEY = web.AppKey("service", MeshService)
 INGEST_KEY = web.AppKey("ingest", Ingest)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+ELECTOR_KEY = web.AppKey("elector", LeaderElector)
+LEADER_HEADER = "X-Tunnelwatch-Leader"
 
 
 def load_keys(cfg: MeshConfig) -> dict[str, AgentKey]:
     return {a.effective_key_id: AgentKey(a.name, signing.load_key(a.key_file)) for a in cfg.agents}
 
 
+def open_store(cfg: MeshConfig) -> MeshStore:
+    durability: Literal["normal", "full"] = "full" if cfg.durability == "full" else "normal"
+    if cfg.store.type == "etcd":  # HA (docs/ha.md): engine inputs stay local in cfg.database
+        client = EtcdClient(cfg.store.endpoints, cfg.store.request_timeout_seconds)
+        return EtcdStore(client, cfg.store.prefix, cfg.database, durability)
+    return SQLiteStore(cfg.database, durability=durability)
+
+
 def open_service(cfg: MeshConfig) -> MeshService:
-    store = SQLiteStore(cfg.database, durability="full" if cfg.durability == "full" else "normal")
+    store = open_store(cfg)
     return MeshService(
         store,
         cfg.decision,
@@ -98,8 +111,14 @@ def build_app(
         svc.close()
 
     app.cleanup_ctx.append(ticker)
+    elector = _elector(cfg, svc.store)
+    started: list[Publishing] = []
     # after the ticker, so it stops first: nothing is delivered from a closed store
-    app.cleanup_ctx.append(publishing_context(cfg.publishers, svc.store, registry, svc.listeners))
+    app.cleanup_ctx.append(publishing_context(
+        cfg.publishers, svc.store, registry, svc.listeners,
+        gate=elector.may_publish if elector else None, on_ready=started.append))
+    if elector is not None:
+        _install_leadership(app, elector, svc, started, clock)
     if cfg.anycast is not None:
         anycast.install(
             app, cfg.anycast, [(n.id, n.pop, n.role) for n in cfg.nodes],
@@ -107,6 +126,74 @@ def build_app(
             pin_store=anycast.PinStore(Path(cfg.database)),
             current_states=lambda: anycast.member_states(ingest.service.engine.nodes))
     return app
+
+
+def _elector(cfg: MeshConfig, store: MeshStore) -> LeaderElector | None:
+    if not isinstance(store, EtcdStore):
+        return None
+    return LeaderElector(store.client, store.key("leader"), cfg.store.replica_name,
+                         ttl=cfg.store.lease_ttl_seconds, margin=cfg.store.clock_margin_seconds)
+
+
+def _install_leadership(app: web.Application, elector: LeaderElector, svc: MeshService,
+                        started: list[Publishing], clock: Callable[[], float]) -> None:
+    """HA: only the leader publishes; every replica says who leads and adopts shared admin
+    states (set through any replica)."""
+    store = svc.store
+    assert isinstance(store, EtcdStore)
+    app[ELECTOR_KEY] = elector
+
+    @web.middleware
+    async def leader_header(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers[LEADER_HEADER] = elector.leader
+        return response
+
+    async def leader(request: web.Request) -> web.Response:
+        return web.json_response({"replica": elector.name, "leader": elector.leader,
+                                  "leading": elector.may_publish(), "terms": elector.terms,
+                                  "unsynced_verdicts": store.unsynced})
+
+    app.middlewares.append(leader_header)
+    app.router.add_get("/v1/leader", leader)
+
+    def on_change(allowed: bool) -> None:
+        store.fence = elector.fence_token() if allowed else None
+        for publishing in started:
+            publishing.set_active(allowed)
+
+    async def election(app_: web.Application) -> AsyncIterator[None]:
+        async def admin_sync() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                before = {name: node.admin for name, node in svc.engine.nodes.items()}
+                try:
+                    shared = await asyncio.to_thread(store.admin_states)
+                    adopt_admin_states(svc, shared, before, clock())
+                except StoreError as exc:
+                    log.warning("admin states not read from etcd: %s", exc)
+
+        tasks = [asyncio.create_task(elector.run(on_change)), asyncio.create_task(admin_sync())]
+        yield
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(elector.resign)  # followers take over without waiting the TTL
+
+    app.cleanup_ctx.append(election)
+
+
+def adopt_admin_states(svc: MeshService, shared: dict[str, Any],
+                       before: dict[str, Any], now: float) -> None:
+    """Apply admin states set through another replica to this replica's engine. ``before`` is
+    the engine's admin states when ``shared`` was requested: a node changed here meanwhile is
+    left alone (``shared`` may predate that change)."""
+    for name, node in svc.engine.nodes.items():
+        record = shared.get(name)
+        wanted = record.state if record is not None else None
+        if node.admin != wanted and before.get(name, node.admin) == node.admin:
+            svc.set_admin(name, wanted, record.actor if record is not None else "", now)
 
 
 def tune_gc() -> None:

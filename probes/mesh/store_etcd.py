@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -230,6 +231,9 @@ class EtcdStore(MeshStore):
         # set by the leader elector while this replica leads; None = leader-only writes refused
         self.fence: FenceToken | None = None
         self.unsynced = 0  # verdicts decided here and not yet in etcd (etcd was unreachable)
+        # after a failed sync, commits do not wait on etcd again for a while (ingest stays fast)
+        self.sync_backoff = 1.0
+        self._sync_after = 0.0
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -264,6 +268,9 @@ class EtcdStore(MeshStore):
 
         Stops at the first etcd failure: the rest goes out later, still in order."""
         sent = 0
+        if time.monotonic() < self._sync_after:
+            self.unsynced = len(self.local.outbox(SYNC_POSITION, 10_000))
+            return 0
         try:
             while True:
                 pending = self.local.outbox(SYNC_POSITION, 200)
@@ -275,6 +282,7 @@ class EtcdStore(MeshStore):
                     sent += 1
         except EtcdError as exc:
             log.warning("verdicts not yet in etcd (kept locally, retried): %s", exc)
+            self._sync_after = time.monotonic() + self.sync_backoff
         self.unsynced = len(self.local.outbox(SYNC_POSITION, 10_000))
         return sent
 

@@ -3,6 +3,10 @@
 The mesh app adds :func:`publishing_context` to its ``cleanup_ctx``: the loops start with the app,
 are woken by the mesh service whenever it commits verdict changes, and stop (without
 acknowledging anything in flight: it is delivered again after restart) when the app stops.
+
+With a ``gate`` (HA: :mod:`probes.mesh.leader`) the loops run only while the gate is open: the
+leader elector calls :meth:`Publishing.set_active` on every leadership flip, and each delivery
+checks the gate first, so a replica whose lease may have expired delivers nothing more.
 """
 
 from __future__ import annotations
@@ -16,24 +20,80 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from probes.mesh.publish.base import Publisher, RetryableError
 from probes.mesh.publish.config import PublisherConfig, build_publisher
 from probes.mesh.publish.delivery import DeliveryLoop
 from probes.mesh.publish.metrics import PublisherMetrics
 from probes.mesh.publish.outbox import Outbox
+from probes.model import Verdict
 
 log = logging.getLogger(__name__)
+
+Gate = Callable[[], bool]
+
+
+class GatedPublisher(Publisher):
+    """A publisher that refuses to deliver while ``gate()`` is false (a fenced ex-leader)."""
+
+    def __init__(self, inner: Publisher, gate: Gate) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.gate = gate
+
+    async def deliver(self, verdict: Verdict) -> None:
+        if not self.gate():
+            raise RetryableError("not the leader: publishing is fenced")
+        await self.inner.deliver(verdict)
+
+    async def reconcile(self, current: Any) -> int:
+        if not self.gate():
+            raise RetryableError("not the leader: publishing is fenced")
+        return await self.inner.reconcile(current)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class Publishing:
     def __init__(self, configs: Sequence[PublisherConfig], outbox: Outbox,
-                 registry: CollectorRegistry, base_dir: Path | None = None) -> None:
-        metrics = PublisherMetrics(registry)
-        self.loops = [
-            DeliveryLoop(build_publisher(c, base_dir), outbox, metrics, c.retry.policy(),
-                         dead_letter_file=Path(c.dead_letter_file) if c.dead_letter_file else None)
-            for c in configs
-        ]
+                 registry: CollectorRegistry, base_dir: Path | None = None,
+                 gate: Gate | None = None) -> None:
+        self._configs = list(configs)
+        self._outbox = outbox
+        self._metrics = PublisherMetrics(registry)
+        self._base_dir = base_dir
+        self._gate = gate
+        self.loops = self._build()
         self._tasks: list[asyncio.Task[None]] = []
+        self._transition: asyncio.Task[None] | None = None
+
+    def _build(self) -> list[DeliveryLoop]:
+        loops = []
+        for c in self._configs:
+            publisher = build_publisher(c, self._base_dir)
+            if self._gate is not None:
+                publisher = GatedPublisher(publisher, self._gate)
+            loops.append(DeliveryLoop(
+                publisher, self._outbox, self._metrics, c.retry.policy(),
+                dead_letter_file=Path(c.dead_letter_file) if c.dead_letter_file else None))
+        return loops
+
+    def set_active(self, active: bool) -> None:
+        """Start (fresh loops, resuming from the shared positions) or stop the loops; called
+        on leadership flips, from the event loop."""
+        previous = self._transition
+
+        async def flip() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await previous
+            if active and not self._tasks:
+                self.loops = self._build()
+                self.start()
+            elif not active:
+                await self.stop()
+
+        self._transition = asyncio.create_task(flip())
 
     def notify(self, *_: Any) -> None:
         for loop in self.loops:
@@ -57,19 +117,29 @@ class Publishing:
 def publishing_context(configs: Sequence[PublisherConfig], outbox: Outbox,
                        registry: CollectorRegistry,
                        listeners: list[Callable[[list[Any]], None]] | None = None,
+                       *, gate: Gate | None = None,
+                       on_ready: Callable[[Publishing], None] | None = None,
                        ) -> Callable[[Any], AsyncIterator[None]]:
     """An aiohttp ``cleanup_ctx`` entry running the publishers for the app's lifetime.
 
     ``listeners`` is the mesh service's list of callbacks on committed verdicts: the loops are
     woken from it, so delivery starts as soon as a verdict is stored, not at the next poll.
+    With a ``gate`` nothing starts here: ``on_ready`` receives the :class:`Publishing`, whose
+    :meth:`Publishing.set_active` the leader elector drives.
     """
-    publishing = Publishing(configs, outbox, registry)
+    publishing = Publishing(configs, outbox, registry, gate=gate)
     if listeners is not None:
         listeners.append(publishing.notify)
 
     async def context(app: Any) -> AsyncIterator[None]:
-        publishing.start()
+        if gate is None:
+            publishing.start()
+        elif on_ready is not None:
+            on_ready(publishing)
         yield
+        if publishing._transition is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await publishing._transition
         await publishing.stop()
 
     return context

@@ -1,0 +1,264 @@
+"""The HA lab harness: a 3-member etcd cluster, mesh replicas (real ``tunnelwatch mesh``
+processes) and a recording webhook receiver, each on a lab host of its own.
+
+The test process talks to the lab from the receiver's host (``hook``): its HTTP calls run inside
+``hook.entered()``, and the receiver's listening socket is created there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+from probes.lab.etcd import EtcdCluster
+from probes.lab.topology import Host, Lab
+from probes.mesh import signing
+from probes.model import Observation, ObservationBatch, Reason, encode
+
+AGENTS = ("va", "vb", "vc")
+HOOK_KEY = b"0123456789abcdef0123456789abcdef"
+MESH_PORT = 9480
+HOOK_PORT = 9999
+LEASE_TTL = 3
+CLOCK_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    key: str  # Idempotency-Key
+    digest: str  # sha256 of the body
+    source: str  # the sending replica's address
+    at: float  # monotonic arrival time
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A webhook receiver that records every verified delivery and answers after ``delay``."""
+
+    deliveries: ClassVar[list[Delivery]] = []
+    delay: ClassVar[float] = 0.02
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        ok = signing.verify(HOOK_KEY, self.headers[signing.HEADER_TIMESTAMP], body,
+                            self.headers[signing.HEADER_SIGNATURE])
+        time.sleep(self.delay)
+        if ok:
+            with self.lock:
+                self.deliveries.append(Delivery(self.headers["Idempotency-Key"],
+                                                hashlib.sha256(body).hexdigest(),
+                                                self.client_address[0], time.monotonic()))
+        self.send_response(204 if ok else 401)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Replica:
+    name: str
+    host: Host
+    config: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host.address}:{MESH_PORT}"
+
+
+@dataclass
+class HACluster:
+    lab: Lab
+    etcd: EtcdCluster
+    hook: Host
+    replicas: list[Replica] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+    agent_seq: dict[str, int] = field(default_factory=lambda: dict.fromkeys(AGENTS, 0))
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, lab: Lab, replicas: int = 3, nodes: int = 6) -> HACluster:
+        etcd = EtcdCluster(lab, [lab.add_host(f"e{i}") for i in (1, 2, 3)])
+        hook = lab.add_host("hook")
+        cluster = cls(lab, etcd, hook)
+        etcd.start()
+        Recorder.deliveries = []
+        with hook.entered():
+            cluster.server = ThreadingHTTPServer((hook.address, HOOK_PORT), Recorder)
+        threading.Thread(target=cluster.server.serve_forever, daemon=True).start()
+        lab.on_close(cluster.close_receiver)
+        for i in range(1, replicas + 1):
+            host = lab.add_host(f"m{i}")
+            folder = lab.dir / f"m{i}"
+            folder.mkdir()
+            cluster.replicas.append(Replica(f"m{i}", host, cluster._config(folder, host,
+                                                                          f"m{i}", nodes)))
+        for replica in cluster.replicas:
+            cluster.start(replica)
+        return cluster
+
+    def close_receiver(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def _config(self, folder: Path, host: Host, name: str, nodes: int) -> Path:
+        (folder / "hook.key").write_bytes(HOOK_KEY)
+        lines = [f"listen: {host.address}:{MESH_PORT}", "database: mesh.db", "agents:"]
+        for agent in AGENTS:
+            key = self.lab.dir / f"{agent}.key"
+            if not key.exists():
+                key.write_text(signing.generate_key())
+            lines.append(f"  - {{name: {agent}, key_file: {key}}}")
+        lines.append("nodes:")
+        lines += [f"  - {{id: n{i}, pool: p{i}}}" for i in range(nodes)]
+        endpoints = ", ".join(f"'{e}'" for e in self.etcd.endpoints)
+        url = f"http://{self.hook.address}:{HOOK_PORT}/hook"
+        lines += ["decision:", "  damping: {enabled: false}",
+                  "store:", "  type: etcd", f"  endpoints: [{endpoints}]",
+                  f"  prefix: /tw/{self.lab.run_id}", f"  replica: {name}",
+                  f"  lease_ttl_seconds: {LEASE_TTL}", f"  clock_margin_seconds: {CLOCK_MARGIN}",
+                  "  request_timeout_seconds: 0.5",
+                  "publishers:",
+                  f"  - {{type: webhook, name: hook, url: '{url}', key_id: k1,"
+                  " key_file: hook.key, timeout: 2.0,",
+                  "     retry: {initial_backoff: 0.05, max_backoff: 0.3, poll_interval: 0.05}}"]
+        path = folder / "mesh.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    # ---- replicas -------------------------------------------------------------------------
+
+    def start(self, replica: Replica, timeout: float = 60.0) -> None:
+        replica.proc = replica.host.popen(
+            [sys.executable, "-m", "probes.cli", "mesh", "--config", str(replica.config)],
+            name="mesh")
+        replica.started_at = time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.get(replica, "/healthz")
+                return
+            except OSError:
+                time.sleep(0.05)
+            assert replica.proc.poll() is None, f"{replica.name} exited (logs in {self.lab.dir})"
+        raise AssertionError(f"{replica.name} did not come up")
+
+    def kill(self, replica: Replica) -> None:
+        if replica.proc is not None and replica.proc.poll() is None:
+            os.kill(replica.proc.pid, signal.SIGKILL)
+            replica.proc.wait(10)
+            self.lab.untrack(replica.proc.pid)
+
+    def alive(self) -> list[Replica]:
+        return [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+
+    def get(self, replica: Replica, path: str, timeout: float = 5.0) -> Any:
+        with self.hook.entered(), urllib.request.urlopen(replica.base + path,
+                                                         timeout=timeout) as r:
+            return json.load(r)
+
+    def leader(self, among: list[Replica] | None = None) -> Replica | None:
+        """The replica that says it is leading (and may publish), if any."""
+        for replica in among or self.alive():
+            try:
+                if self.get(replica, "/v1/leader", timeout=2.0)["leading"]:
+                    return replica
+            except OSError:
+                continue
+        return None
+
+    def wait_leader(self, among: list[Replica] | None = None, timeout: float = 30.0) -> Replica:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.leader(among)
+            if found is not None:
+                return found
+            time.sleep(0.02)
+        raise AssertionError("no leader")
+
+    # ---- the fault stream -----------------------------------------------------------------
+
+    def round(self, r: int, nodes: int = 6) -> list[ObservationBatch]:
+        """One round of batches: every node fails or passes everywhere, at its own rhythm."""
+        out = []
+        for agent in AGENTS:
+            items = []
+            for i in range(nodes):
+                self.agent_seq[agent] += 1
+                ok = (r // (2 + i % 3)) % 2 == 0
+                items.append(Observation(node=f"n{i}", check="wg", vantage=agent,
+                                         seq=self.agent_seq[agent], wall_time=time.time(), ok=ok,
+                                         reason=Reason.OK if ok else Reason.TIMEOUT,
+                                         duration_seconds=0.01, kind="wireguard.handshake"))
+            out.append(ObservationBatch(version=1, agent=agent, batch_seq=r + 1,
+                                        sent_at=time.time(), observations=items))
+        return out
+
+    def post_round(self, r: int, nodes: int = 6) -> None:
+        """Post round ``r`` to every live replica (agents report to all of them)."""
+        for batch in self.round(r, nodes):
+            body = encode(batch)
+            key = signing.load_key(self.lab.dir / f"{batch.agent}.key")
+            for replica in self.alive():
+                headers = signing.signed_headers(batch.agent, batch.agent, key, body, time.time())
+                req = urllib.request.Request(replica.base + "/v1/batches", data=body,
+                                             headers=headers)
+                try:
+                    with self.hook.entered(), urllib.request.urlopen(req,
+                                                                     timeout=10) as resp:
+                        assert resp.status == 200
+                except urllib.error.HTTPError as exc:
+                    raise AssertionError(f"{replica.name}: {exc.code} {exc.read()!r}") from None
+
+    def log(self, replica: Replica) -> list[dict[str, Any]]:
+        return list(self.get(replica, "/v1/verdicts?after=0&limit=100000")["log"])
+
+    def wait_delivered(self, replica: Replica, timeout: float = 60.0) -> set[str]:
+        """Until every key of the shared log has reached the receiver; the wanted keys."""
+        deadline = time.monotonic() + timeout
+        while True:
+            want = {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in self.log(replica)}
+            got = {d.key for d in list(Recorder.deliveries)}
+            if want <= got or time.monotonic() > deadline:
+                return want
+            time.sleep(0.1)
+
+
+def check_deliveries(log: list[dict[str, Any]], deliveries: list[Delivery]) -> None:
+    """Nothing lost, nothing out of order, no duplicate without the same key and body."""
+    want = [f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in log]
+    assert len(set(want)) == len(want)
+    assert {d.key for d in deliveries} == set(want)  # nothing lost, nothing invented
+    bodies: dict[str, set[str]] = defaultdict(set)
+    for d in deliveries:
+        bodies[d.key].add(d.digest)
+    assert all(len(b) == 1 for b in bodies.values())  # a duplicate is the same delivery again
+    log_seqs: dict[str, list[int]] = defaultdict(list)
+    for e in log:  # the log itself: per node, revision order is seq order
+        log_seqs[e["verdict"]["node"]].append(e["verdict"]["seq"])
+    assert all(s == sorted(s) for s in log_seqs.values())
+    firsts: dict[str, list[int]] = defaultdict(list)
+    seen: set[str] = set()
+    for d in deliveries:
+        if d.key not in seen:
+            seen.add(d.key)
+            node, seq = d.key.rsplit(":", 1)
+            firsts[node].append(int(seq))
+    assert firsts == log_seqs  # first deliveries per node follow the log exactly
