@@ -60,6 +60,7 @@ def test_verdicts_wait_locally_while_etcd_is_down_and_go_out_in_order(
         etcd: LoopbackEtcd, tmp_path: Path) -> None:
     a = replica(etcd, tmp_path, "a")
     a.client = EtcdClient(["http://127.0.0.1:1"], timeout=0.2)  # nothing listens there
+    a.sync_backoff = 0.0  # retry on every commit (the mesh waits a second between attempts)
     tick(a, verdict("n1", 1))
     tick(a, verdict("n1", 2, VerdictState.UP))
     assert a.unsynced == 2
