@@ -7,6 +7,8 @@ publishing at once, a returning ex-leader publishing.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -114,3 +116,36 @@ def test_leader_cut_from_etcd_stops_publishing_before_a_new_one_starts(ha_lab: L
     block_etcd(old.host, on=False)
     check_deliveries(cluster.log(new), list(Recorder.deliveries))
     assert {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in cluster.log(old)} == want
+
+
+def test_a_paused_leader_does_not_publish_when_it_resumes(ha_lab: Lab) -> None:
+    """SIGSTOP the leader (a long GC pause, a frozen VM) until a follower took over, then SIGCONT:
+    etcd is reachable and its delivery loop holds verdicts in memory, yet the monotonic fencing
+    deadline has passed: its loops are stopped and the gate refuses, so it delivers nothing more
+    (without both, this test sees the resumed ex-leader deliver)."""
+    cluster = HACluster.build(ha_lab, replicas=2, nodes=12)
+    Recorder.delay = 0.1
+    old = cluster.wait_leader()
+    other = next(r for r in cluster.replicas if r is not old)
+    for r in range(12):
+        cluster.post_round(r, nodes=12)
+    deadline = time.monotonic() + 20
+    while len(Recorder.deliveries) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old.proc is not None
+    os.kill(old.proc.pid, signal.SIGSTOP)
+    try:
+        new = cluster.wait_leader([other])
+        while not any(d.source == new.host.address for d in list(Recorder.deliveries)):
+            time.sleep(0.05)
+    finally:
+        resumed_at = time.monotonic()
+        os.kill(old.proc.pid, signal.SIGCONT)
+    want = cluster.wait_delivered(new)
+    time.sleep(1.0)  # time for the resumed one to misbehave
+    deliveries = list(Recorder.deliveries)
+    assert [d for d in deliveries if d.source == old.host.address and d.at > resumed_at] == []
+    assert not cluster.get(old, "/v1/leader")["leading"]
+    assert cluster.get(old, "/v1/leader")["leader"] == new.name
+    check_deliveries(cluster.log(old), deliveries)
+    assert {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in cluster.log(new)} == want
