@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from probes.mesh.store_etcd import EtcdClient, EtcdError, FenceToken, cmp_created, req_put
 
@@ -151,3 +153,28 @@ class LeaderElector:
             if io is not None:
                 with contextlib.suppress(Exception):
                     await io
+
+
+class LeaderCollector:
+    """Prometheus view of the election: who may publish, how often this replica led, and how
+    many verdicts wait for etcd (``unsynced`` reads the store's backlog)."""
+
+    def __init__(self, elector: LeaderElector, unsynced: Callable[[], int]) -> None:
+        self.elector = elector
+        self.unsynced = unsynced
+
+    def collect(self) -> Iterator[Metric]:
+        leading = GaugeMetricFamily(
+            "tunnelwatch_mesh_leader",
+            "1 while this replica holds the leader lease and may publish, else 0")
+        leading.add_metric([], 1.0 if self.elector.may_publish() else 0.0)
+        yield leading
+        terms = CounterMetricFamily(
+            "tunnelwatch_mesh_leader_terms", "Times this replica became the leader")
+        terms.add_metric([], float(self.elector.terms))
+        yield terms
+        backlog = GaugeMetricFamily(
+            "tunnelwatch_mesh_etcd_unsynced_verdicts",
+            "Verdicts decided by this replica and not yet appended to the etcd log")
+        backlog.add_metric([], float(self.unsynced()))
+        yield backlog

@@ -25,7 +25,7 @@ from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import MeshConfig
 from probes.mesh.ingest import AgentKey, Ingest
-from probes.mesh.leader import LeaderElector
+from probes.mesh.leader import LeaderCollector, LeaderElector
 from probes.mesh.metrics import MeshCollector
 from probes.mesh.publish.runner import Publishing, publishing_context
 from probes.mesh.service import MeshService
@@ -156,6 +156,7 @@ def _install_leadership(app: web.Application, elector: LeaderElector, svc: MeshS
 
     app.middlewares.append(leader_header)
     app.router.add_get("/v1/leader", leader)
+    app[REGISTRY_KEY].register(LeaderCollector(elector, lambda: store.unsynced))
 
     def on_change(allowed: bool) -> None:
         store.fence = elector.fence_token() if allowed else None

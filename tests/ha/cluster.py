@@ -174,6 +174,14 @@ class HACluster:
                                                          timeout=timeout) as r:
             return json.load(r)
 
+    def text(self, replica: Replica, path: str) -> str:
+        with self.hook.entered(), urllib.request.urlopen(replica.base + path, timeout=5) as r:
+            return str(r.read().decode())
+
+    def leader_header(self, replica: Replica, path: str = "/v1/verdicts") -> str | None:
+        with self.hook.entered(), urllib.request.urlopen(replica.base + path, timeout=5) as r:
+            return r.headers.get("X-Tunnelwatch-Leader")
+
     def leader(self, among: list[Replica] | None = None) -> Replica | None:
         """The replica that says it is leading (and may publish), if any."""
         for replica in among or self.alive():

@@ -37,6 +37,9 @@ def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> No
     first = cluster.wait_leader()
     others = [r for r in cluster.replicas if r is not first]
     assert all(cluster.get(r, "/v1/leader")["leader"] == first.name for r in others)
+    assert "tunnelwatch_mesh_leader 1.0" in cluster.text(first, "/metrics")
+    assert {cluster.leader_header(r) for r in cluster.replicas} == {first.name}
+    assert "tunnelwatch_mesh_leader 0.0" in cluster.text(others[0], "/metrics")
 
     r = 0
     for r in range(10):

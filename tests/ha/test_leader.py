@@ -109,3 +109,19 @@ async def test_run_reports_publishing_on_and_off(etcd: LoopbackEtcd) -> None:
 def test_margin_must_fit_in_the_ttl(etcd: LoopbackEtcd) -> None:
     with pytest.raises(ValueError, match="margin"):
         LeaderElector(EtcdClient([etcd.endpoint]), KEY, "a", ttl=2, margin=2.0)
+
+
+def test_the_collector_says_who_may_publish(etcd: LoopbackEtcd) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from probes.mesh.leader import LeaderCollector
+
+    a = elector(etcd, "a")
+    registry = CollectorRegistry()
+    registry.register(LeaderCollector(a, lambda: 7))
+    assert b"tunnelwatch_mesh_leader 0.0" in generate_latest(registry)
+    a.step()
+    text = generate_latest(registry)
+    assert b"tunnelwatch_mesh_leader 1.0" in text
+    assert b"tunnelwatch_mesh_leader_terms_total 1.0" in text
+    assert b"tunnelwatch_mesh_etcd_unsynced_verdicts 7.0" in text
