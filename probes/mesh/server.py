@@ -49,7 +49,8 @@ def load_keys(cfg: MeshConfig) -> dict[str, AgentKey]:
 def open_store(cfg: MeshConfig) -> MeshStore:
     durability: Literal["normal", "full"] = "full" if cfg.durability == "full" else "normal"
     if cfg.store.type == "etcd":  # HA (docs/ha.md): engine inputs stay local in cfg.database
-        client = EtcdClient(cfg.store.endpoints, cfg.store.request_timeout_seconds)
+        client = EtcdClient(cfg.store.endpoints, cfg.store.request_timeout_seconds,
+                            fail_fast_seconds=1.0)
         return EtcdStore(client, cfg.store.prefix, cfg.database, durability)
     return SQLiteStore(cfg.database, durability=durability)
 
@@ -131,7 +132,9 @@ def build_app(
 def _elector(cfg: MeshConfig, store: MeshStore) -> LeaderElector | None:
     if not isinstance(store, EtcdStore):
         return None
-    return LeaderElector(store.client, store.key("leader"), cfg.store.replica_name,
+    # a client of its own: the election never fails fast, it retries at its own pace
+    client = EtcdClient(cfg.store.endpoints, cfg.store.request_timeout_seconds)
+    return LeaderElector(client, store.key("leader"), cfg.store.replica_name,
                          ttl=cfg.store.lease_ttl_seconds, margin=cfg.store.clock_margin_seconds)
 
 

@@ -99,16 +99,23 @@ def _kv(raw: dict[str, Any]) -> KeyValue:
 class EtcdClient:
     """A small, thread-safe etcd v3 JSON-gateway client with endpoint failover."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 1.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 1.0,
+                 fail_fast_seconds: float = 0.0) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint")
         if any(not e.startswith(("http://", "https://")) for e in endpoints):
             raise ValueError("etcd endpoints are http:// or https:// URLs")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
+        # after every endpoint failed, fail at once for this long instead of waiting out the
+        # timeouts again: a caller on the event loop (ingest, API) must not stall on each call
+        self.fail_fast_seconds = fail_fast_seconds
+        self._down_until = 0.0
         self._preferred = 0
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.fail_fast_seconds and time.monotonic() < self._down_until:
+            raise EtcdError(f"etcd {path}: every endpoint failed moments ago")
         data = json.dumps(body).encode()
         errors = []
         n = len(self.endpoints)
@@ -129,6 +136,7 @@ class EtcdClient:
                 continue
             self._preferred = index
             return answer
+        self._down_until = time.monotonic() + self.fail_fast_seconds
         raise EtcdError(f"etcd {path} failed: " + "; ".join(errors))
 
     # ---- kv -------------------------------------------------------------------------------

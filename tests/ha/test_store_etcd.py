@@ -121,3 +121,20 @@ def test_a_mesh_service_runs_on_the_etcd_store(etcd: LoopbackEtcd, tmp_path: Pat
     other = MeshService(replica(etcd, tmp_path, "svc2"), DecisionPolicy(), fleet(2))
     assert other.engine.nodes["n0"].seq == log[0].verdict.seq
     other.close()
+
+
+def test_a_client_fails_fast_for_a_while_after_every_endpoint_failed(
+        etcd: LoopbackEtcd) -> None:
+    client = EtcdClient(["http://127.0.0.1:1"], timeout=0.2, fail_fast_seconds=60.0)
+    with pytest.raises(EtcdError, match=r"127\.0\.0\.1:1"):
+        client.get("/k")
+    client.endpoints = [etcd.endpoint]
+    with pytest.raises(EtcdError, match="moments ago"):
+        client.get("/k")  # not even tried
+    client.fail_fast_seconds = 0.0
+    assert client.get("/k") is None
+
+
+def test_endpoints_must_be_http_urls() -> None:
+    with pytest.raises(ValueError, match="http"):
+        EtcdClient(["etcd:2379"])
