@@ -88,14 +88,23 @@ class LeaderElector:
         if holder is not None:
             self.leader = holder.value.decode(errors="replace")
             return
-        if self.lease == 0:
-            self.lease, _ = self.client.lease_grant(self.ttl)
-        sent = self.clock()  # the lease was granted before: counting from here is conservative
-        ok, _ = self.client.txn([cmp_created(self.key, 0)],
-                                [req_put(self.key, self.name.encode(), self.lease)])
-        if not ok:
-            return  # somebody else was faster; we see them at the next poll
-        # a lease granted long ago may be close to expiry: refresh and count from that send
+        # a fresh lease per attempt: one kept from a lost race would expire unused, and a put
+        # under an expired lease is an error
+        self.lease = 0
+        lease, _ = self.client.lease_grant(self.ttl)
+        try:
+            ok, _ = self.client.txn([cmp_created(self.key, 0)],
+                                    [req_put(self.key, self.name.encode(), lease)])
+        except EtcdError:
+            with contextlib.suppress(EtcdError):
+                self.client.lease_revoke(lease)
+            raise
+        if not ok:  # somebody else was faster; we see them at the next poll
+            with contextlib.suppress(EtcdError):
+                self.client.lease_revoke(lease)
+            return
+        self.lease = lease
+        # count the window from a keepalive sent after the key is ours, not from the grant
         sent = self.clock()
         ttl = self.client.lease_keepalive(self.lease)
         if ttl <= 0:

@@ -125,3 +125,18 @@ def test_the_collector_says_who_may_publish(etcd: LoopbackEtcd) -> None:
     assert b"tunnelwatch_mesh_leader 1.0" in text
     assert b"tunnelwatch_mesh_leader_terms_total 1.0" in text
     assert b"tunnelwatch_mesh_etcd_unsynced_verdicts 7.0" in text
+
+
+def test_a_lost_race_keeps_no_lease_and_a_later_attempt_wins(etcd: LoopbackEtcd) -> None:
+    a, b = elector(etcd, "a"), elector(etcd, "b")
+    a.step()
+    real_get = b.client.get
+    b.client.get = lambda key: None  # type: ignore[method-assign] # b saw the key absent
+    b.step()  # ... and lost the txn to a
+    b.client.get = real_get  # type: ignore[method-assign]
+    assert not b.leading and b.lease == 0
+    granted = b.client.call("/v3/lease/leases", {}).get("leases", [])
+    assert [int(x["ID"]) for x in granted] == [a.lease]  # b's lease was revoked
+    a.resign()
+    b.step()
+    assert b.leading and b.may_publish()
