@@ -235,9 +235,17 @@ def pop_building_blocks() -> list[dict[str, Any]]:
         },
         {
             # The mesh exports one series per node, value 1, labelled with the current state.
+            # With several replicas (HA), only the leader's view counts; a replica that exports
+            # no tunnelwatch_mesh_leader (a single mesh) counts as it is.
             "record": verdict,
             "expr": (
-                "max by (node, pool, state) (tunnelwatch_mesh_node_verdict)\n"
+                "max by (node, pool, state) (\n"
+                "  tunnelwatch_mesh_node_verdict\n"
+                "    and on (job, instance) (tunnelwatch_mesh_leader == 1)\n"
+                "  or\n"
+                "  tunnelwatch_mesh_node_verdict\n"
+                "    unless on (job, instance) tunnelwatch_mesh_leader\n"
+                ")\n"
                 "* on (node, pool) group_left (pop, region)\n"
                 "node:tunnelwatch_node_placement:info"
             ),
@@ -543,6 +551,32 @@ def mesh_alerts() -> list[dict[str, Any]]:
             description=(
                 'The mesh rejects {{ $value | printf "%.3f" }} batches per second '
                 "with reason {{ $labels.reason }}."
+            ),
+            runbook="mesh.md",
+        ),
+        alert(
+            "MeshNoLeader",
+            fleet_pop("sum by (job) (tunnelwatch_mesh_leader) == 0"),
+            for_="1m",
+            severity="critical",
+            labels={"scope": "mesh"},
+            summary="No mesh replica is the leader: verdict changes are not published.",
+            description=(
+                "None of the replicas of job {{ $labels.job }} holds the leader lease; "
+                "balancers keep their last verdicts."
+            ),
+            runbook="mesh.md",
+        ),
+        alert(
+            "MeshSeveralLeaders",
+            fleet_pop("sum by (job) (tunnelwatch_mesh_leader) > 1"),
+            for_="2m",
+            severity="warning",
+            labels={"scope": "mesh"},
+            summary="More than one mesh replica believes it is the leader.",
+            description=(
+                "{{ $value }} replicas of job {{ $labels.job }} report tunnelwatch_mesh_leader 1; "
+                "fencing keeps the stale one from publishing, but its clock or etcd path is off."
             ),
             runbook="mesh.md",
         ),

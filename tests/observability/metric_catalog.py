@@ -19,7 +19,7 @@ import yaml
 
 from tests.observability.tools import DOCS, ROOT, RULES
 
-PRODUCER_DOCS = ("metrics-agent.md", "mesh.md", "metrics-mesh-publish.md", "anycast.md")
+PRODUCER_DOCS = ("metrics-agent.md", "mesh.md", "metrics-mesh-publish.md", "anycast.md", "ha.md")
 PRODUCER_CODE = (
     "probes/agent/metrics.py",
     "probes/mesh/metrics.py",
