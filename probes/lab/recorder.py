@@ -26,6 +26,7 @@ class VerdictEvent:
     previous: str
     seq: int
     seen_at: float  # when the recorder saw it in the log
+    why: str = ""  # the verdict's evidence, compact: "what vantage/check=reason; ..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,8 @@ class Recorder:
                     with self._lock:
                         self.verdicts.append(VerdictEvent(float(v["decided_at"]), v["node"],
                                                           v["state"], v["previous"],
-                                                          int(v["seq"]), time.time()))
+                                                          int(v["seq"]), time.time(),
+                                                          _why(v.get("reasons", []))))
                 if started >= next_view:
                     nodes = self.stack.nodes()
                     details = {n["node"]: self.stack.node_view(n["node"]) for n in nodes}
@@ -139,3 +141,16 @@ class Recorder:
                 elif check.get("quality_breach"):
                     failing.add(f"{name}=quality")
         return sorted(failing)
+
+
+def _why(reasons: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in reasons[:8]:
+        where = "/".join(x for x in (r.get("vantage", ""), r.get("check", "")) if x)
+        text = r.get("what", "?") + (f" {where}" if where else "")
+        if r.get("reason"):
+            text += f"={r['reason']}"
+        elif r.get("note"):
+            text += f" ({r['note']})"
+        parts.append(text)
+    return "; ".join(parts)
