@@ -159,10 +159,15 @@ def test_mesh_drives_bgp_end_to_end(anycast: Anycast) -> None:
     # withdrawal the guard was holding: pop2's pin
     mesh.report(all_nodes())
     anycast.wait_paths({"pop1": 100, "pop3": 100}, timeout=10)
-    metrics = urllib.request.Request(mesh.base + "/metrics")
-    with anycast.control.entered(), urllib.request.urlopen(metrics, timeout=5) as r:
-        text = r.read().decode()
-    assert 'tunnelwatch_anycast_prefix_announced{pop="pop1",prefix="192.0.2.0/24"} 1.0' in text
+    def metrics() -> str:
+        req = urllib.request.Request(mesh.base + "/metrics")
+        with anycast.control.entered(), urllib.request.urlopen(req, timeout=5) as r:
+            return r.read().decode()
+
+    # the upstream can see the UPDATE before the speaker's API call has returned to the mesh
+    announced = 'tunnelwatch_anycast_prefix_announced{pop="pop1",prefix="192.0.2.0/24"} 1.0'
+    wait_for(lambda: announced in metrics(), 5, "the mesh to record pop1's announcement")
+    text = metrics()
     assert 'tunnelwatch_anycast_pop_state{pop="pop2",state="WITHDRAWN"} 1.0' in text
     assert "tunnelwatch_anycast_guard_holding" in text
 
