@@ -29,11 +29,12 @@ from typing import Any
 
 import yaml
 
+from probes.lab.bgp import BirdPeer, GoBgpDaemon
 from probes.lab.fleet import Fleet
 from probes.lab.haproxy import Backend, HAProxyServer
 from probes.lab.netns import LabError
 from probes.lab.openvpn import OpenVPNServer
-from probes.lab.topology import Host, Lab
+from probes.lab.topology import Host, Lab, wait_for
 from probes.mesh import signing
 from probes.mesh.publish.runtime_api import ServerState, parse_servers_state
 
@@ -60,6 +61,11 @@ class StackOptions:
     # runs out of slots; auth completes and deletes the SA)
     checks: tuple[str, ...] = ("icmp", "wireguard.handshake", "openvpn.tls", "ikev2.auth")
     max_start_lag: float = 0.5  # a probe starting later than this is "overloaded", not run
+    # anycast: each node is its own PoP with a gobgpd speaker in its namespace, all peering with
+    # a BIRD "upstream"; the mesh drives announcements (docs/anycast.md)
+    anycast: bool = False
+    anycast_prefix: str = "192.0.2.0/24"
+    anycast_up_after: float = 4.0
 
 
 class DualHAProxy(HAProxyServer):
@@ -94,6 +100,8 @@ class Stack:
     agent_procs: dict[str, Any] = field(default_factory=dict)
     prometheus_proc: Any = None
     native_ovpn: dict[str, OpenVPNServer] = field(default_factory=dict)  # TCP twins, per node
+    upstream: BirdPeer | None = None
+    speakers: dict[str, GoBgpDaemon] = field(default_factory=dict)  # per PoP (= per node)
 
     # ------------------------------------------------------------------ building
 
@@ -117,6 +125,8 @@ class Stack:
                    for n in self.fleet.nodes.values()]
         self.haproxy = DualHAProxy(self.lab, self.control, servers, native)
         self.haproxy.start()
+        if o.anycast:
+            self._start_bgp()
         self._start_mesh()
         for name in agents:
             self._start_agent(name)
@@ -142,6 +152,7 @@ class Stack:
                       for n in self.fleet.nodes.values()],
             "tick_seconds": 0.5,
             "decision": {"rise": o.mesh_rise, "fall": o.mesh_fall},
+            **({"anycast": self._anycast_section()} if o.anycast else {}),
             "publishers": [{
                 "type": "haproxy", "name": "haproxy", "socket": str(self.haproxy.runtime_socket),
                 "backend": "vpn",
@@ -153,6 +164,32 @@ class Stack:
         self.mesh_proc = self.control.popen(
             [sys.executable, "-m", "probes.cli", "mesh", "--config", str(path)], name="mesh")
         self._wait_http(self.control, self.mesh_url + "/healthz", self.mesh_proc, "mesh")
+
+    def _start_bgp(self) -> None:
+        self.upstream = BirdPeer(self.lab, self.lab.add_host("upstream"))
+        for i, node in enumerate(self.fleet.nodes.values()):
+            self.upstream.add_neighbor(node.pop, node.host.address, 65101 + i)
+        self.upstream.start()
+        for i, node in enumerate(self.fleet.nodes.values()):
+            speaker = GoBgpDaemon(self.lab, node.host, asn=65101 + i, peer=self.upstream)
+            speaker.start()
+            self.speakers[node.pop] = speaker
+        upstream = self.upstream
+        wait_for(lambda: all(upstream.established(p) for p in self.speakers), 30,
+                 "BGP sessions to the upstream")
+
+    def _anycast_section(self) -> dict[str, Any]:
+        o = self.options
+        return {"pops": [{"pop": pop, "api_host": s.api_host, "api_port": s.api_port,
+                          "asn": s.asn, "prefixes": [o.anycast_prefix]}
+                         for pop, s in self.speakers.items()],
+                "policy": {"up_after_seconds": o.anycast_up_after, "max_withdrawn": 1},
+                "reconcile_interval_seconds": 5.0}
+
+    def announcing_pops(self) -> dict[str, int | None]:
+        """PoP -> MED of its path for the anycast prefix, as the upstream sees it."""
+        assert self.upstream is not None
+        return {r.neighbor: r.med for r in self.upstream.routes(self.options.anycast_prefix)}
 
     def _start_agent(self, name: str) -> None:
         o = self.options
