@@ -41,7 +41,8 @@ class Delivery:
     key: str  # Idempotency-Key
     digest: str  # sha256 of the body
     source: str  # the sending replica's address
-    at: float  # monotonic arrival time
+    at: float  # monotonic time the delivery was answered
+    started: float  # monotonic time its request line and headers had arrived
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -52,6 +53,7 @@ class Recorder(BaseHTTPRequestHandler):
     lock = threading.Lock()
 
     def do_POST(self) -> None:
+        started = time.monotonic()
         body = self.rfile.read(int(self.headers["Content-Length"]))
         ok = signing.verify(HOOK_KEY, self.headers[signing.HEADER_TIMESTAMP], body,
                             self.headers[signing.HEADER_SIGNATURE])
@@ -60,7 +62,8 @@ class Recorder(BaseHTTPRequestHandler):
             with self.lock:
                 self.deliveries.append(Delivery(self.headers["Idempotency-Key"],
                                                 hashlib.sha256(body).hexdigest(),
-                                                self.client_address[0], time.monotonic()))
+                                                self.client_address[0], time.monotonic(),
+                                                started))
         self.send_response(204 if ok else 401)
         self.end_headers()
 
@@ -235,8 +238,17 @@ class HACluster:
                 except urllib.error.HTTPError as exc:
                     raise AssertionError(f"{replica.name}: {exc.code} {exc.read()!r}") from None
 
-    def log(self, replica: Replica) -> list[dict[str, Any]]:
-        return list(self.get(replica, "/v1/verdicts?after=0&limit=100000")["log"])
+    def log(self, replica: Replica, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The shared log as ``replica`` serves it (retried: a replica that just got etcd
+        back fails fast for a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return list(self.get(replica, "/v1/verdicts?after=0&limit=100000")["log"])
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def wait_delivered(self, replica: Replica, timeout: float = 60.0) -> set[str]:
         """Until every key of the shared log has reached the receiver; the wanted keys."""
