@@ -52,6 +52,7 @@ from probes.mesh.evidence import evidence, node_view
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.state import (
     ADMIN_STATES,
+    AGENT_SIDE_REASONS,
     CHECK_DOWN,
     CHECK_STATE_NAMES,
     CHECK_UNKNOWN,
@@ -113,6 +114,7 @@ class DecisionEngine:
         self.unknown_node_total = 0
         self.duplicate_total = 0
         self.late_total = 0
+        self.agent_side_total = 0  # overloaded / probe-error: the agent's trouble, not the node's
         self.transitions: dict[tuple[str, str], int] = {}
         self.guard_holds_total = 0
         self.damping_suppressions_total = 0
@@ -235,6 +237,12 @@ class DecisionEngine:
                 if not nv.wheeled:
                     self._wheel_add(nv, now)
             nv.seen = now
+            if obs.reason in AGENT_SIDE_REASONS:
+                # the agent could not run or time the check: no evidence about the node either
+                # way (the vantage is alive, so it stays fresh)
+                accepted -= 1
+                self.agent_side_total += 1
+                continue
             ok = obs.ok
             quality = obs.quality
             breach = False

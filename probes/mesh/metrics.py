@@ -123,6 +123,7 @@ class MeshCollector(Collector):
         dropped.add_metric(["unknown-node"], engine.unknown_node_total)
         dropped.add_metric(["duplicate"], engine.duplicate_total)
         dropped.add_metric(["late"], engine.late_total)
+        dropped.add_metric(["agent-side"], engine.agent_side_total)
         yield dropped
 
         stats = self._ingest

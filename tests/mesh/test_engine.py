@@ -373,3 +373,20 @@ def test_late_observations_are_not_evidence_of_the_present() -> None:
     keep_all = engine(1, DecisionPolicy(max_age_seconds=0))
     keep_all.observe([obs("n0", "va", True, at=0.0)], 1e9)
     assert keep_all.late_total == 0
+
+
+def test_agent_side_failures_are_no_evidence_about_the_node() -> None:
+    """`overloaded` and `probe-error` mean the agent could not run or time the check."""
+    from probes.model import Reason
+
+    eng = engine(1, DecisionPolicy(fall=1))
+    for v in ("a", "b", "c"):
+        eng.observe([obs("n0", v, ok=True, seq=1)], 1.0)
+    assert states(eng)["n0"] == VerdictState.UP
+    for seq, reason in enumerate((Reason.OVERLOADED, Reason.PROBE_ERROR), start=2):
+        changes = eng.observe([obs("n0", v, ok=False, seq=seq, reason=reason)
+                               for v in ("a", "b", "c")], float(seq))
+        assert changes == []
+    assert states(eng)["n0"] == VerdictState.UP
+    assert eng.agent_side_total == 6
+    assert eng.observe([obs("n0", v, ok=False, seq=9) for v in ("a", "b", "c")], 9.0)
