@@ -26,6 +26,7 @@ protobuf releases (see docs/ha.md).
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import time
@@ -131,8 +132,12 @@ class EtcdClient:
                 detail = exc.read()[:200].decode(errors="replace")
                 errors.append(f"{self.endpoints[index]}: {exc.code} {detail}")
                 continue
-            except (OSError, ValueError) as exc:
-                errors.append(f"{self.endpoints[index]}: {exc}")
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                # refused, timed out, reset, cut short (IncompleteRead), not JSON
+                errors.append(f"{self.endpoints[index]}: {type(exc).__name__}: {exc}")
+                continue
+            if "header" not in answer and "result" not in answer:  # an error object
+                errors.append(f"{self.endpoints[index]}: {str(answer)[:200]}")
                 continue
             self._preferred = index
             return answer
@@ -288,7 +293,7 @@ class EtcdStore(MeshStore):
                     self.append(stored.verdict)
                     self.local.ack(SYNC_POSITION, stored.id)
                     sent += 1
-        except EtcdError as exc:
+        except Exception as exc:
             log.warning("verdicts not yet in etcd (kept locally, retried): %s", exc)
             self._sync_after = time.monotonic() + self.sync_backoff
         self.unsynced = len(self.local.outbox(SYNC_POSITION, 10_000))

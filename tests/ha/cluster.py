@@ -236,7 +236,10 @@ class HACluster:
                                                                      timeout=10) as resp:
                         assert resp.status == 200
                 except urllib.error.HTTPError as exc:
-                    raise AssertionError(f"{replica.name}: {exc.code} {exc.read()!r}") from None
+                    log = self.lab.dir / f"{replica.host.name}-mesh.log"
+                    tail = log.read_text()[-3000:] if log.exists() else ""
+                    raise AssertionError(f"{replica.name}: {exc.code} {exc.read()!r}\n{tail}"
+                                         ) from None
 
     def log(self, replica: Replica, timeout: float = 15.0) -> list[dict[str, Any]]:
         """The shared log as ``replica`` serves it (retried: a replica that just got etcd
