@@ -22,6 +22,12 @@ Policy (HAProxy's health-check semantics, named after its keywords):
   (Envoy's rule): fast re-probing a whole fresh fleet would double the agent's start-up load.
 * **cascade**: an L4 failure makes every functional check of that node due now (once per
   ``fast_interval``), so "port closed" is confirmed or refuted at the protocol level at once.
+* **adaptive timeout** (L4 tier): a single-exchange check waits ``srtt + 4 * rttvar`` of its own
+  successful round trips (TCP's RTO, RFC 6298), clamped to [``min_timeout``, the tier's
+  timeout]: a silent node fails in ~0.25 s instead of the flat timeout, a slow path gets a
+  proportionally longer wait. Failures give no sample (Karn); until ``RTO_MIN_SAMPLES``
+  successes the tier's timeout is used. Multi-exchange checks (handshakes with their own
+  retransmits) keep the tier's timeout: cutting it would turn lost packets into failures.
 * a check never overlaps itself; a global, and a per-node semaphore bound concurrency.
 * **admission control**: the planned start rate (sum of 1/interval) is capped at
   ``max_probe_rate``; checks beyond it are refused at load. At run time a check that cannot start
@@ -55,6 +61,13 @@ DEFAULT_TIERS: dict[str, TierPolicy] = {
     "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
 }
 ROUND_PART = 256  # checks placed per loop callback when a round opens
+# adaptive timeout floor: Linux's minimum TCP RTO is 200 ms; a little above it leaves room for
+# an agent event loop that is busy for a moment when the answer arrives
+MIN_ADAPTIVE_TIMEOUT = 0.25
+RTO_MIN_SAMPLES = 3  # successes before the measured RTT replaces the configured timeout
+RTO_K = 4.0  # RFC 6298: RTO = SRTT + K * RTTVAR
+RTO_ALPHA = 1 / 8
+RTO_BETA = 1 / 4
 _LAST_SLOT = 0.999  # a jittered slot stays inside its round, so it is never skipped by the next
 
 
@@ -71,10 +84,22 @@ class CheckState:
     last_ok: bool | None = None
     streak: int = 0  # consecutive outcomes (all equal) that differ from ``settled``
     last_start: float | None = None
+    srtt: float = 0.0  # smoothed duration of successful runs (adaptive-timeout tiers only)
+    rttvar: float = 0.0
+    rtt_samples: int = 0
 
     @property
     def transitioning(self) -> bool:
         return self.streak > 0
+
+    def sample_rtt(self, rtt: float) -> None:
+        """RFC 6298 section 2: the first sample sets SRTT, later ones are smoothed in."""
+        if self.rtt_samples == 0:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = (1 - RTO_BETA) * self.rttvar + RTO_BETA * abs(self.srtt - rtt)
+            self.srtt = (1 - RTO_ALPHA) * self.srtt + RTO_ALPHA * rtt
+        self.rtt_samples += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +134,13 @@ class ScheduleCore:
     """The scheduling policy. Time is a float in seconds passed in; nothing here sleeps."""
 
     def __init__(self, tiers: dict[str, TierPolicy] | None = None, *,
-                 max_rate: float = float("inf"), rng: random.Random | None = None) -> None:
+                 max_rate: float = float("inf"), rng: random.Random | None = None,
+                 adaptive_tiers: frozenset[Tier] = frozenset({Tier.L4}),
+                 min_timeout: float = MIN_ADAPTIVE_TIMEOUT) -> None:
         self.tiers = dict(DEFAULT_TIERS) | (tiers or {})
         self.max_rate = max_rate
+        self.adaptive_tiers = adaptive_tiers
+        self.min_timeout = min_timeout
         self.rng = rng or random.Random()
         self.states: dict[str, CheckState] = {}
         self.refused: tuple[str, ...] = ()
@@ -236,12 +265,25 @@ class ScheduleCore:
         if st is not None:
             st.running = False
 
-    def complete(self, key: str, ok: bool, now: float) -> Completion:
-        """Record an outcome: rise/fall, fast re-probe, cascade."""
+    def timeout_for(self, key: str) -> float:
+        """How long the next run of ``key`` may take: the adaptive RTO or the tier's timeout."""
+        st = self.states[key]
+        configured = st.policy.timeout
+        if st.check.tier not in self.adaptive_tiers or st.rtt_samples < RTO_MIN_SAMPLES:
+            return configured
+        rto = st.srtt + RTO_K * st.rttvar
+        return min(max(rto, self.min_timeout), configured)
+
+    def complete(self, key: str, ok: bool, now: float,
+                 duration: float | None = None) -> Completion:
+        """Record an outcome: rise/fall, fast re-probe, cascade, and (on success) the round
+        trip ``duration`` for the adaptive timeout."""
         st = self.states.get(key)
         if st is None:  # removed by a reload while it ran
             return Completion(False, None, ())
         st.running = False
+        if ok and duration is not None and st.check.tier in self.adaptive_tiers:
+            st.sample_rtt(max(duration, 0.0))  # Karn: a failure (timeout) is no sample
         changed = False
         if st.settled is None:
             # the first outcome settles at once (Envoy: "one success suffices at startup"):
@@ -479,13 +521,13 @@ class AgentScheduler:
                     return
                 self.stats.started_total += 1
                 self.stats.fast_reprobes_total += due.why == "fast"
-                timeout = self.core.policy(check.tier).timeout
+                timeout = self.core.timeout_for(due.key)
                 result = await self.runner(check, timeout)
         except asyncio.CancelledError:
             self.core.release(due.key)
             raise
         done = self.clock()
-        completion = self.core.complete(due.key, result.ok, done)
+        completion = self.core.complete(due.key, result.ok, done, result.duration_seconds)
         if completion.cascaded:
             self.stats.cascades_total += len(completion.cascaded)
             log.info("cascade node=%s check=%s reason=%s -> %s", check.node, check.check,

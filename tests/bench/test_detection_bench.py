@@ -41,6 +41,8 @@ FAULTS = int(os.environ.get("TW_BENCH_FAULTS", "20"))
 SOAK_SECONDS = float(os.environ.get("TW_SOAK_SECONDS", "600"))
 MESH_FALL = int(os.environ.get("TW_BENCH_FALL", "3"))
 FAST_INTERVAL = float(os.environ.get("TW_BENCH_FAST", "0.25"))
+# fault kinds to run, comma-separated (kill-vpn, isolate, kill-openvpn); empty: all of them
+KINDS = [k for k in os.environ.get("TW_BENCH_KINDS", "").split(",") if k]
 
 
 def figures(name: str, values: list[float]) -> str:
@@ -96,6 +98,9 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     ]
     if any(c.startswith("openvpn") for c in checks):
         kinds.append(("kill-openvpn", sc.kill_openvpn, sc.restore_openvpn))
+    if KINDS:
+        kinds = [k for k in kinds if k[0] in KINDS]
+        assert kinds, f"no fault kind among {KINDS}"
     down: dict[str, Samples] = {k: {} for k, *_ in kinds}
     up: dict[str, Samples] = {k: {} for k, *_ in kinds}
     all_down: Samples = {}
