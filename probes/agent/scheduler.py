@@ -14,7 +14,8 @@ Two layers:
 Policy (HAProxy's health-check semantics, named after its keywords):
 
 * **spread**: each check has a fixed phase in [0, 1) of its tier interval (evenly spread over
-  the tier's checks at load; a stable hash for checks added by a reload), plus a random
+  the tier's checks at load, each node's checks interleaved with the other nodes' so that they
+  are spread over the interval too; a stable hash for checks added by a reload), plus a random
   ``jitter`` share of the interval, so probes never start in bursts.
 * **fastinter**: while an outcome differs from the settled state the check re-runs every
   ``fast_interval`` until ``rise`` successes / ``fall`` failures in a row settle it; then it
@@ -126,6 +127,20 @@ class LoadReport:
     planned_rate: float  # probe starts per second admitted
 
 
+def _interleave_nodes(checks: list[PlannedCheck]) -> list[PlannedCheck]:
+    """Slot order that spreads each node's checks over the interval: every node's first check,
+    then every node's second, ... A node with c checks in a tier is then probed every
+    ``interval / c`` by one of them, not in one burst per interval, so the first evidence of a
+    fault (a silent node fails all its checks) comes within ``interval / c``, not ``interval``."""
+    by_node: dict[str, list[PlannedCheck]] = {}
+    for c in checks:
+        by_node.setdefault(c.node, []).append(c)
+    out: list[PlannedCheck] = []
+    for i in range(max((len(v) for v in by_node.values()), default=0)):
+        out.extend(v[i] for v in by_node.values() if i < len(v))
+    return out
+
+
 def _hash_phase(key: str) -> float:
     return zlib.crc32(key.encode()) / 2**32
 
@@ -175,6 +190,8 @@ class ScheduleCore:
         per_tier: dict[Tier, list[PlannedCheck]] = {}
         for c in admitted:
             per_tier.setdefault(c.tier, []).append(c)
+        for tier, members in per_tier.items():
+            per_tier[tier] = _interleave_nodes(members)
         kept = 0
         for tier, members in per_tier.items():
             policy = self.policy(tier)

@@ -15,12 +15,13 @@ restart replays them; ``tunnelwatch mesh replay`` does the same from a recorded 
 The layers, bottom up:
 
 1. per (node, vantage, check) — :class:`CheckState`: HAProxy-style rise/fall (``fall`` consecutive
-   failures take a check down, ``rise`` consecutive successes bring it back, one success suffices
-   for a check never decided), or a k-of-n window for going down; RFC 2439 flap damping: every
-   up->down flap adds a penalty that halves each half-life; above ``suppress`` the check is held
-   down until the penalty decays below ``reuse`` (never longer than ``max_hold``). A failure whose
-   reason is a quality bound (in-tunnel loss / RTT) counts as a *pass with bad quality*: quality
-   gives DEGRADED, never DOWN.
+   failures take a check down — or, with ``corroboration`` n, n distinct checks of the node failing
+   at once from the same vantage take them all down; ``rise`` consecutive successes bring it back,
+   one success suffices for a check never decided), or a k-of-n window for going down; RFC 2439
+   flap damping: every up->down flap adds a penalty that halves each half-life; above ``suppress``
+   the check is held down until the penalty decays below ``reuse`` (never longer than
+   ``max_hold``). A failure whose reason is a quality bound (in-tunnel loss / RTT) counts as a
+   *pass with bad quality*: quality gives DEGRADED, never DOWN.
 2. per (node, vantage) — :class:`NodeVantage`: the tier cascade turns the checks into one opinion:
    any check down -> DOWN (an L4 check up while a handshake or session fails is "alive but
    useless", still DOWN); otherwise a quality bound crossed -> DEGRADED; otherwise UP.
@@ -203,6 +204,7 @@ class DecisionEngine:
         window = policy.window
         mask = (1 << window) - 1
         k = policy.window_failures
+        corroboration = policy.corroboration
         max_loss = policy.quality.max_loss_ratio
         max_p99 = policy.quality.max_rtt_p99_seconds
         stale = policy.stale_after_seconds
@@ -288,6 +290,8 @@ class DecisionEngine:
                         tripped = check.count >= fall
                     if tripped:
                         self._transition(check, CHECK_DOWN, now)
+                    elif corroboration:
+                        self._corroborate(nv, corroboration, now)
         self.observations_total += accepted
         return self._settle(now)
 
@@ -364,6 +368,20 @@ class DecisionEngine:
         if new == CHECK_DOWN and old == CHECK_UP and self.policy.damping.enabled:
             self._add_penalty(check, now)
         self._mark_nv(check.nv)
+
+    def _corroborate(self, nv: NodeVantage, needed: int, now: float) -> None:
+        """Take down together the checks of ``nv`` that are failing now, if ``needed`` distinct
+        ones are: a failing check's latest results are failures (``count`` failures in a row in
+        the up/unknown state; a success resets it) and the last came within the window.
+
+        Each goes down through :meth:`_transition` as a ``fall`` would take it: damping penalty,
+        and ``rise`` successes to come back, so the hysteresis is the same."""
+        recent = now - self.policy.corroboration_window_seconds
+        failing = [c for c in nv.checks
+                   if c.state != CHECK_DOWN and c.count > 0 and c.seen >= recent]
+        if len(failing) >= needed:
+            for c in failing:
+                self._transition(c, CHECK_DOWN, now)
 
     def _add_penalty(self, check: CheckState, now: float) -> None:
         d = self.policy.damping

@@ -121,6 +121,13 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fall: int = 3
     window: int = 0  # k-of-n window size n; 0 turns it off (then ``fall`` consecutive failures)
     window_failures: int = 0  # k: failures among the last ``window`` results that take a check down
+    # corroboration: when this many *distinct* checks of a node, seen from one vantage, are failing
+    # at once (each one's latest results failed, the last within ``corroboration_window_seconds``),
+    # they all go down together, as if each had failed ``fall`` times: a silent node fails every
+    # check at once, and waiting for one check's ``fall`` timeouts in a row is what made its
+    # detection slow. 0 turns it off. Per vantage only: the vote across vantages is unchanged.
+    corroboration: int = 0
+    corroboration_window_seconds: float = 3.0
     damping: DampingPolicy = msgspec.field(default_factory=DampingPolicy)
     quality: QualityBounds = msgspec.field(default_factory=QualityBounds)
     quorum: QuorumPolicy = msgspec.field(default_factory=QuorumPolicy)
@@ -184,6 +191,12 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
             )
     elif policy.window_failures:
         raise PolicyError("set only together with window", f"{p}.window_failures")
+    if policy.corroboration == 1 or policy.corroboration < 0:
+        raise PolicyError(
+            f"must be 0 (off) or >= 2 distinct checks, got {policy.corroboration}",
+            f"{p}.corroboration",
+        )
+    _positive(policy.corroboration_window_seconds, f"{p}.corroboration_window_seconds")
     d = policy.damping
     _positive(d.penalty, f"{p}.damping.penalty")
     _positive(d.half_life_seconds, f"{p}.damping.half_life_seconds")
