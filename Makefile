@@ -58,8 +58,11 @@ test: setup
 bench: setup
 	$(VENV)/bin/pytest -m slow -s tests/bench $(PYTEST_ARGS)
 
+# DEMO_ARGS: --quick (real clients only), --ha (mesh replicas on etcd), --duration S
+DEMO_ARGS ?=
+
 demo: setup
-	$(VENV)/bin/tunnelwatch demo
+	$(VENV)/bin/tunnelwatch demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,10 @@ def handle(args: argparse.Namespace) -> int:
     from probes.lab.showcase import run  # noqa: PLC0415
 
     try:
+        if args.ha:
+            from probes.lab.ha_story import run as run_ha  # noqa: PLC0415
+
+            return 0 if run_ha(sys.stdout) else 1
         return 0 if run(sys.stdout, story_seconds=0 if args.quick else args.duration) else 1
     except LabError as exc:
         print(f"tunnelwatch demo: {exc}", file=sys.stderr)
@@ -25,4 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=180.0,
                    help="seconds the fault script may take (it stops starting steps after)")
     p.add_argument("--quick", action="store_true", help="act 1 only (real clients)")
+    p.add_argument("--ha", action="store_true",
+                   help="instead: 3 mesh replicas on a 3-member etcd; kill the leader, an etcd "
+                        "member; check every verdict is delivered (docs/ha.md)")
     p.set_defaults(handler=handle)

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
+from probes.lab.ha import LEASE_TTL, HACluster, Recorder, check_deliveries
 from probes.lab.topology import Lab
 from tests.conftest import lab_unavailable
-from tests.ha.cluster import LEASE_TTL, HACluster, Recorder, check_deliveries
 
 pytestmark = [pytest.mark.ha, pytest.mark.lab, pytest.mark.slow]
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from probes.lab.etcd import block_etcd
+from probes.lab.ha import LEASE_TTL, HACluster, Recorder, check_deliveries
 from probes.lab.topology import Lab
 from tests.conftest import lab_unavailable
-from tests.ha.cluster import LEASE_TTL, HACluster, Recorder, check_deliveries
 
 pytestmark = [pytest.mark.ha, pytest.mark.lab]
 
