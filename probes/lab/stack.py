@@ -55,6 +55,8 @@ class StackOptions:
     prometheus: bool = True
     mesh_fall: int = 3
     mesh_rise: int = 2
+    # distinct failing checks of a node, from one vantage, that take it down at once (0: off)
+    mesh_corroboration: int = 3
     # per node and agent: one real handshake per protocol plus ICMP; the session tier (TLS +
     # PUSH_REPLY, CHILD_SA, in-tunnel echoes) is heavier and this machine is shared
     # (ikev2.init would leave a half-open SA per probe: at a 2 s interval the check's own limiter
@@ -151,7 +153,8 @@ class Stack:
             "nodes": [{"id": n.name, "pool": n.pool, "pop": n.pop, "region": n.region}
                       for n in self.fleet.nodes.values()],
             "tick_seconds": 0.5,
-            "decision": {"rise": o.mesh_rise, "fall": o.mesh_fall},
+            "decision": {"rise": o.mesh_rise, "fall": o.mesh_fall,
+                         "corroboration": o.mesh_corroboration},
             **({"anycast": self._anycast_section()} if o.anycast else {}),
             "publishers": [{
                 "type": "haproxy", "name": "haproxy", "socket": str(self.haproxy.runtime_socket),

@@ -4,8 +4,9 @@ One lab, one script: 3 VPN nodes, 3 agents, the mesh, and one HAProxy with two b
 same nodes — ``vpn`` driven by tunnelwatch verdicts, ``native`` by HAProxy's own checks
 (``check inter 2s fall 3 rise 2``; HAProxy cannot check UDP, so it checks an OpenVPN TCP twin
 on each node). Agents use a 2 s base interval (fastinter ``TW_BENCH_FAST``, 0.25 s; timeout
-1 s); the mesh rise 2 / fall ``TW_BENCH_FALL`` (3; 2 detects faster but took a node
-DOWN in a short soak here).
+1 s, the L4 tier's adapted to the measured RTT, floor 0.25 s); the mesh rise 2 / fall
+``TW_BENCH_FALL`` (3; 2 detects faster but took a node DOWN in a short soak here) and
+corroboration ``TW_BENCH_CORROBORATION`` (3 distinct failing checks from one vantage; 0 off).
 
 1. Detection: >= 20 faults, round robin over the nodes and over the fault kinds: the node's VPN
    daemons crash (OpenVPN, its TCP twin, strongSwan: answered by ICMP unreachable / RST), the
@@ -18,7 +19,9 @@ DOWN in a short soak here).
    ``TW_SOAK_SECONDS`` (600 by default): false DOWN verdicts (target 0), and HAProxy's own
    false DOWNs with the same 5% loss on its path.
 
-Run: ``make bench`` or ``pytest -m slow -s tests/bench/test_detection_bench.py``.
+Run: ``make bench`` or ``pytest -m slow -s tests/bench/test_detection_bench.py``. A reduced run:
+``TW_BENCH_FAULTS=6 TW_BENCH_KINDS=isolate TW_SOAK_SECONDS=0`` (fault kinds: kill-vpn, isolate,
+kill-openvpn).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FAULTS = int(os.environ.get("TW_BENCH_FAULTS", "20"))
 SOAK_SECONDS = float(os.environ.get("TW_SOAK_SECONDS", "600"))
 MESH_FALL = int(os.environ.get("TW_BENCH_FALL", "3"))
 FAST_INTERVAL = float(os.environ.get("TW_BENCH_FAST", "0.25"))
+CORROBORATION = int(os.environ.get("TW_BENCH_CORROBORATION", "3"))
 # fault kinds to run, comma-separated (kill-vpn, isolate, kill-openvpn); empty: all of them
 KINDS = [k for k in os.environ.get("TW_BENCH_KINDS", "").split(",") if k]
 
@@ -87,7 +91,8 @@ def report(title: str, down: Samples, up: Samples) -> None:
 
 def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     options = StackOptions(native_checks=True, prometheus=False, timeout=1.0,
-                           fast_interval=FAST_INTERVAL, mesh_fall=MESH_FALL)
+                           fast_interval=FAST_INTERVAL, mesh_fall=MESH_FALL,
+                           mesh_corroboration=CORROBORATION)
     stack = Stack(lab, options).build()
     stack.wait_settled(120)
     checks = stack.planned_checks()
@@ -141,7 +146,8 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     false_down = [c for c in changes if c.state == "DOWN"]
     print(f"\ndetection benchmark: {FAULTS} faults ({', '.join(k for k, *_ in kinds)}, round "
           f"robin over {len(nodes)} nodes); agents' checks: {', '.join(checks)}; base interval "
-          f"2 s, fastinter {FAST_INTERVAL:g} s, timeout 1 s; mesh rise 2 fall {MESH_FALL}; "
+          f"2 s, fastinter {FAST_INTERVAL:g} s, timeout 1 s (L4: adaptive, floor 0.25 s); mesh "
+          f"rise 2 fall {MESH_FALL} corroboration {CORROBORATION}; "
           f"{missed} fault(s) not detected by us within 45 s")
     report("all faults", all_down, all_up)
     print("  targets for ours: median <= 1.5 s, p99 <= 2.5 s")
