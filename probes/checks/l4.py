@@ -152,6 +152,8 @@ async def _tls_phase(sock: socket.socket, params: TcpParams, sw: Stopwatch,
     cert = writer.get_extra_info("peercert")
     if isinstance(cert, dict) and "notAfter" in cert:
         facts["cert_not_after"] = ssl.cert_time_to_seconds(str(cert["notAfter"]))
+        # node_* facts become agent gauges (tunnelwatch_node_...): the expiry alert reads this
+        facts["node_certificate_expiry_timestamp_seconds"] = float(facts["cert_not_after"])
     writer.transport.abort()
     return sw.result(True, Reason.OK, facts=facts)
 

@@ -443,6 +443,8 @@ class _Probe:
         not_after = dt.datetime.fromtimestamp(event.not_after, dt.UTC)
         self.facts["cert_not_after"] = not_after.isoformat()
         self.facts["cert_expires_in_seconds"] = round(event.not_after - time.time(), 3)
+        # node_* facts become agent gauges (tunnelwatch_node_...): the expiry alert reads this
+        self.facts["node_certificate_expiry_timestamp_seconds"] = float(event.not_after)
         self.facts["cert_subject"] = event.subject
 
     async def handshake(self) -> None:

@@ -74,3 +74,16 @@ def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
     for _ in range(2):  # the second time from the label caches
         assert render_text(registry) == expected
         assert collector.render() == expected
+
+
+def test_certificate_expiry_fact_becomes_the_gauge_the_alert_reads() -> None:
+    """openvpn.tls and tcp+TLS report node_certificate_expiry_timestamp_seconds as a fact; the
+    CertificateExpiry alert reads the gauge the agent makes of it."""
+    stats = ProbeStats()
+    stats.record(_run("n1", True, Reason.OK, 0.01, facts={
+        "node_certificate_expiry_timestamp_seconds": 1.9e9, "cert_subject": "CN=x"}))
+    registry = new_registry(AgentCollector("v1", stats, SchedulerStats, None))
+    labels = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu", "check": "tcp",
+              "vantage": "v1"}
+    assert registry.get_sample_value("tunnelwatch_node_certificate_expiry_timestamp_seconds",
+                                     labels) == 1.9e9

@@ -49,6 +49,7 @@ async def test_tls_phase_verifies_names_and_expiry(pki: PKI) -> None:
         assert ok.ok, ok
         assert set(ok.phases) == {"connect", "tls"} and ok.facts["tls_version"]
         assert float(ok.facts["cert_not_after"]) > 0
+        assert ok.facts["node_certificate_expiry_timestamp_seconds"] == ok.facts["cert_not_after"]
         wrong = await l4.run_tcp(l4.TcpParams(host="127.0.0.1", port=port, tls=True,
                                               server_name="other.example.net",
                                               ca_file=str(pki.ca_file)), 3.0)

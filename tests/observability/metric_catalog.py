@@ -32,7 +32,6 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 # name -> the producer expected to export it (see docs/observability.md)
 PENDING: dict[str, str] = {
     "tunnelwatch_node_reconnects_total": "agent node telemetry (fact node_reconnects_total)",
-    "tunnelwatch_node_certificate_expiry_timestamp_seconds": "agent (OpenVPN/TLS cert facts)",
 }
 
 _NAME = re.compile(r"\btunnelwatch_[a-z0-9_]+[a-z0-9]")

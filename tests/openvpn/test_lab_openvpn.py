@@ -58,6 +58,8 @@ def test_every_level_succeeds(lab: Lab, proto: str, wrap: str) -> None:
         if level >= Level.TLS:
             assert result.facts["tls_version"] in ("TLSv1.3", "TLSv1.2")
             assert float(result.facts["cert_expires_in_seconds"]) > 86400
+            expiry = float(result.facts["node_certificate_expiry_timestamp_seconds"])
+            assert expiry - time.time() > 86400  # exported by the agent as a node_* gauge
             assert result.facts["cert_subject"] == f"CN={server.name}-server"
             assert result.facts["exit_acknowledged"] is True
         if level >= Level.SESSION:
