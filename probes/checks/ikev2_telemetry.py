@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from probes.checks.remote import ssh_output
+
 _SWANCTL_TIMEOUT_SECONDS = 10.0
 _IKE_LINE = re.compile(r"^(?P<name>\S[^:]*): #(?P<id>\d+), (?P<state>[A-Z_]+), IKEv(?P<v>[12]),")
 _CHILD_LINE = re.compile(r"^\s+(?P<name>[^\s:]+): #(?P<id>\d+), reqid \d+, (?P<state>[A-Z_]+), ")
@@ -111,23 +113,7 @@ async def collect_ssh(host: str, *, vici_uri: str | None = None, username: str |
                       client_keys: list[str] | None = None,
                       timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
     """Same over SSH (asyncssh); the remote user must be allowed to talk to charon's VICI."""
-    import asyncssh  # noqa: PLC0415 - only remote collection needs it
-
     command = shlex.join(list_sas_command(vici_uri))
-    options: dict[str, Any] = {"port": port, "known_hosts": known_hosts}
-    if username:
-        options["username"] = username
-    if client_keys is not None:
-        options["client_keys"] = client_keys
-    try:
-        async with asyncio.timeout(timeout):
-            async with asyncssh.connect(host, **options) as conn:
-                done = await conn.run(command, check=False)
-    except TimeoutError:
-        raise TelemetryError(f"ssh {host}: no result in {timeout:g}s") from None
-    except (OSError, asyncssh.Error) as exc:
-        raise TelemetryError(f"ssh {host}: {exc}") from None
-    if done.exit_status != 0:
-        raise TelemetryError(f"ssh {host}: `{command}` exited {done.exit_status}: "
-                             f"{str(done.stderr).strip()[:200]}")
-    return parse_list_sas(str(done.stdout))
+    return parse_list_sas(await ssh_output(host, command, error=TelemetryError, username=username,
+                                           port=port, known_hosts=known_hosts,
+                                           client_keys=client_keys, timeout=timeout))

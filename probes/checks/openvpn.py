@@ -35,7 +35,6 @@ import logging
 import secrets
 import socket
 import ssl
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from probes.checks.base import (
     Tier,
     register,
 )
+from probes.checks.tunnel import echo_quality, judge_echoes
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
@@ -521,7 +521,7 @@ class _Probe:
             wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
             await self.step(min(self.deadline, wake))
         self.watch.lap("tunnel")
-        return _quality(len(echoes.sent), list(echoes.rtts.values()))
+        return echo_quality(len(echoes.sent), list(echoes.rtts.values()))
 
     def take_echo(self, packet: bytes, datagram: Datagram) -> None:
         echoes = self.echoes
@@ -609,33 +609,12 @@ def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
             int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
-def _quality(sent: int, rtts: list[float]) -> Quality:
-    if not rtts:
-        return Quality(sent=sent, received=0, loss_ratio=1.0 if sent else 0.0)
-    ordered = sorted(rtts)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Quality(sent=sent, received=len(ordered),
-                   loss_ratio=round((sent - len(ordered)) / sent, 6),
-                   rtt_p50_seconds=statistics.median(ordered), rtt_p99_seconds=p99,
-                   rtt_max_seconds=ordered[-1])
-
-
 def _tunnel_result(probe: _Probe, quality: Quality) -> CheckResult:
-    params, result = probe.params, probe.watch.result
-    if quality.sent and quality.received == 0:
-        return result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=probe.facts,
-                      detail=f"session up, none of {quality.sent} echoes came back through "
-                             "the tunnel: the data plane is broken")
-    if quality.loss_ratio > params.loss_threshold:
-        return result(False, Reason.TUNNEL_LOSS, quality=quality, facts=probe.facts,
-                      detail=f"in-tunnel loss {quality.loss_ratio:.1%} > "
-                             f"{params.loss_threshold:.1%}")
-    p50 = quality.rtt_p50_seconds
-    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
-        return result(False, Reason.TUNNEL_RTT, quality=quality, facts=probe.facts,
-                      detail=f"in-tunnel RTT p50 {p50 * 1000:.1f} ms > "
-                             f"{params.rtt_threshold * 1000:.1f} ms")
-    return result(True, Reason.OK, quality=quality, facts=probe.facts)
+    params = probe.params
+    return judge_echoes(probe.watch, quality, probe.facts, loss_threshold=params.loss_threshold,
+                        rtt_threshold=params.rtt_threshold,
+                        no_reply=f"session up, none of {quality.sent} echoes came back through "
+                                 "the tunnel: the data plane is broken")
 
 
 async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> CheckResult:

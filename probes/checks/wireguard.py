@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ import msgspec
 from scapy.layers.inet import ICMP, IP
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.tunnel import echo_quality, judge_echoes
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
@@ -296,7 +296,7 @@ class _Probe:
             if datagram is not None:
                 self._take_echo_reply(datagram, ident, sent, rtts)
         self.watch.lap("tunnel")
-        return _quality(len(sent), list(rtts.values()))
+        return echo_quality(len(sent), list(rtts.values()))
 
     def _take_echo_reply(self, datagram: Datagram, ident: int, sent: dict[int, SendStamp],
                          rtts: dict[int, float]) -> None:
@@ -339,18 +339,6 @@ def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
             int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
-def _quality(sent: int, rtts: list[float]) -> Quality:
-    received = len(rtts)
-    loss = (sent - received) / sent if sent else 0.0
-    if not rtts:
-        return Quality(sent=sent, received=0, loss_ratio=loss)
-    ordered = sorted(rtts)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Quality(sent=sent, received=received, loss_ratio=round(loss, 6),
-                   rtt_p50_seconds=statistics.median(ordered), rtt_p99_seconds=p99,
-                   rtt_max_seconds=ordered[-1])
-
-
 async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
                session: bool) -> CheckResult:
     probe = _Probe(params, timeout, wall_ns)
@@ -377,21 +365,10 @@ async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
 
 def _session_result(probe: _Probe, quality: Quality) -> CheckResult:
     params = probe.params
-    result = probe.watch.result
-    if quality.sent and quality.received == 0:
-        return result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=probe.facts,
-                      detail=f"handshake fine, none of {quality.sent} echoes to {params.canary} "
-                             "came back through the tunnel")
-    if quality.loss_ratio > params.loss_threshold:
-        return result(False, Reason.TUNNEL_LOSS, quality=quality, facts=probe.facts,
-                      detail=f"in-tunnel loss {quality.loss_ratio:.1%} > "
-                             f"{params.loss_threshold:.1%}")
-    p50 = quality.rtt_p50_seconds
-    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
-        return result(False, Reason.TUNNEL_RTT, quality=quality, facts=probe.facts,
-                      detail=f"in-tunnel RTT p50 {p50 * 1000:.1f} ms > "
-                             f"{params.rtt_threshold * 1000:.1f} ms")
-    return result(True, Reason.OK, quality=quality, facts=probe.facts)
+    return judge_echoes(probe.watch, quality, probe.facts, loss_threshold=params.loss_threshold,
+                        rtt_threshold=params.rtt_threshold,
+                        no_reply=f"handshake fine, none of {quality.sent} echoes to "
+                                 f"{params.canary} came back through the tunnel")
 
 
 async def run_handshake(params: WireGuardParams, timeout: float,

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from probes.checks.remote import ssh_output
+
 # a peer with a handshake younger than this is "active": wireguard-go rejects keys older than
 # REJECT_AFTER_TIME (180 s), so an older handshake means no usable session
 ACTIVE_WITHIN_SECONDS = 180.0
@@ -157,23 +159,7 @@ async def collect_ssh(host: str, interface: str, *, username: str | None = None,
                       known_hosts: str | None = None, client_keys: list[str] | None = None,
                       timeout: float = _WG_TIMEOUT_SECONDS) -> InterfaceTelemetry:
     """Same over SSH (asyncssh); the remote user needs to be allowed to run ``wg show``."""
-    import asyncssh  # noqa: PLC0415 - only remote collection needs it
-
     command = shlex.join(dump_command(interface))
-    options: dict[str, Any] = {"port": port, "known_hosts": known_hosts}
-    if username:
-        options["username"] = username
-    if client_keys is not None:
-        options["client_keys"] = client_keys
-    try:
-        async with asyncio.timeout(timeout):
-            async with asyncssh.connect(host, **options) as conn:
-                done = await conn.run(command, check=False)
-    except TimeoutError:
-        raise TelemetryError(f"ssh {host}: no result in {timeout:g}s") from None
-    except (OSError, asyncssh.Error) as exc:
-        raise TelemetryError(f"ssh {host}: {exc}") from None
-    if done.exit_status != 0:
-        raise TelemetryError(f"ssh {host}: `{command}` exited {done.exit_status}: "
-                             f"{str(done.stderr).strip()}")
-    return parse_dump(str(done.stdout), interface)[0]
+    out = await ssh_output(host, command, error=TelemetryError, username=username, port=port,
+                           known_hosts=known_hosts, client_keys=client_keys, timeout=timeout)
+    return parse_dump(out, interface)[0]

@@ -1,0 +1,46 @@
+"""What every in-tunnel synthetic session shares: echo figures and the verdict on them.
+
+A session check (WireGuard, OpenVPN, ...) sends K echoes through the tunnel it set up and hands
+the round-trip times here: :func:`echo_quality` turns them into a :class:`Quality`, and
+:func:`judge_echoes` decides — no reply at all is ``tunnel-no-reply`` (the data plane is
+broken while the handshake works), then the loss and RTT bounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from probes.checks.base import CheckResult, Fact, Stopwatch
+from probes.model import Quality, Reason
+
+
+def echo_quality(sent: int, rtts: Sequence[float]) -> Quality:
+    """Figures of ``sent`` echoes of which ``rtts`` came back (seconds)."""
+    if not rtts:
+        return Quality(sent=sent, received=0, loss_ratio=1.0 if sent else 0.0)
+    ordered = sorted(rtts)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Quality(sent=sent, received=len(ordered),
+                   loss_ratio=round((sent - len(ordered)) / sent, 6) if sent else 0.0,
+                   rtt_p50_seconds=statistics.median(ordered), rtt_p99_seconds=p99,
+                   rtt_max_seconds=ordered[-1])
+
+
+def judge_echoes(watch: Stopwatch, quality: Quality, facts: dict[str, Fact], *,
+                 loss_threshold: float, rtt_threshold: float | None,
+                 no_reply: str) -> CheckResult:
+    """The session's result from its echo figures; ``no_reply`` explains a total silence."""
+    if quality.sent and quality.received == 0:
+        return watch.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
+                            detail=no_reply)
+    if quality.loss_ratio > loss_threshold:
+        return watch.result(False, Reason.TUNNEL_LOSS, quality=quality, facts=facts,
+                            detail=f"in-tunnel loss {quality.loss_ratio:.1%} > "
+                                   f"{loss_threshold:.1%}")
+    p50 = quality.rtt_p50_seconds
+    if rtt_threshold is not None and p50 is not None and p50 > rtt_threshold:
+        return watch.result(False, Reason.TUNNEL_RTT, quality=quality, facts=facts,
+                            detail=f"in-tunnel RTT p50 {p50 * 1000:.1f} ms > "
+                                   f"{rtt_threshold * 1000:.1f} ms")
+    return watch.result(True, Reason.OK, quality=quality, facts=facts)
