@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from probes.checks import openvpn as check
+from probes.checks.tunnel import echo_quality
 from probes.model import Reason
 
 pytestmark = pytest.mark.openvpn
@@ -53,10 +54,10 @@ def test_parse_echo_reply() -> None:
 
 
 def test_quality_and_config_errors(tmp_path: Any) -> None:
-    q = check._quality(4, [0.003, 0.001, 0.002])
+    q = echo_quality(4, [0.003, 0.001, 0.002])
     assert (q.sent, q.received, q.loss_ratio, q.rtt_p50_seconds, q.rtt_max_seconds) == (
         4, 3, 0.25, 0.002, 0.003)
-    assert check._quality(3, []).loss_ratio == 1.0
+    assert echo_quality(3, []).loss_ratio == 1.0
     params = check.OpenVPNParams(host="127.0.0.1", port=9, tls_crypt_file=str(tmp_path / "x"))
     result = asyncio.run(check.run_level(params, 1.0, check.Level.RESET))
     assert (result.ok, result.reason) == (False, Reason.PROBE_ERROR)
