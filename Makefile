@@ -15,7 +15,7 @@ APT_PACKAGES := iproute2 nftables iputils-ping socat procps openssl python3-venv
 
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv test lint typecheck pytest demo bench clean
+.PHONY: all setup system-packages venv test lint typecheck pytest demo bench docs clean
 
 all: test
 
@@ -63,6 +63,10 @@ DEMO_ARGS ?=
 
 demo: setup
 	$(VENV)/bin/tunnelwatch demo $(DEMO_ARGS)
+
+# docs generated from code: docs/configuration-reference.md from the config models
+docs: venv
+	$(VENV)/bin/tunnelwatch config-reference
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

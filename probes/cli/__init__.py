@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh",
     "status",
     "receiver",
+    "configref",
 )
 
 EXIT_OK = 0
