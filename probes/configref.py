@@ -167,23 +167,23 @@ class _Walker:
         self.anchors.add(anchor)
         self.sections[info.cls] = Section(info, anchor, [path], tagged)
         for f in info.fields:
-            self.type(f.type, f"{path}.{f.encode_name}" if path else f.encode_name)
+            self.visit(f.type, f"{path}.{f.encode_name}" if path else f.encode_name)
 
-    def type(self, t: mi.Type, path: str, *, tagged: bool = False) -> None:
+    def visit(self, t: mi.Type, path: str, *, tagged: bool = False) -> None:
         t = _unwrap(t)
         if isinstance(t, mi.StructType):
             self.struct(t, path, tagged=tagged)
         elif isinstance(t, mi.UnionType):
             alternatives = [s for s in t.types if isinstance(_unwrap(s), mi.StructType)]
             for member in t.types:
-                self.type(member, path, tagged=len(alternatives) > 1)
+                self.visit(member, path, tagged=len(alternatives) > 1)
         elif isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
-            self.type(t.item_type, f"{path}[]")
+            self.visit(t.item_type, f"{path}[]")
         elif isinstance(t, mi.TupleType):
             for item in t.item_types:
-                self.type(item, f"{path}[]")
+                self.visit(item, f"{path}[]")
         elif isinstance(t, mi.DictType):
-            self.type(t.value_type, f"{path}.<key>")
+            self.visit(t.value_type, f"{path}.<key>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class _Renderer:
     def link(self, cls: type, text: str) -> str:
         return f"[{text}](#{self.sections[cls].anchor})"
 
-    def type(self, t: mi.Type) -> str:
+    def describe(self, t: mi.Type) -> str:
         t = _unwrap(t)
         text = self._type(t)
         limits = _constraints(t)
@@ -246,11 +246,11 @@ class _Renderer:
         if isinstance(t, mi.EnumType):
             return "one of " + " / ".join(_literal(v) for v in t.cls)
         if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
-            return f"list of {self.type(t.item_type)}"
+            return f"list of {self.describe(t.item_type)}"
         if isinstance(t, mi.TupleType):
-            return "list of [" + ", ".join(self.type(i) for i in t.item_types) + "]"
+            return "list of [" + ", ".join(self.describe(i) for i in t.item_types) + "]"
         if isinstance(t, mi.DictType):
-            return f"map of {self.type(t.key_type)} to {self.type(t.value_type)}"
+            return f"map of {self.describe(t.key_type)} to {self.describe(t.value_type)}"
         if isinstance(t, mi.UnionType):
             return self._union(t)
         return _SCALARS.get(type(t), type(t).__name__)
@@ -265,7 +265,7 @@ class _Renderer:
             options = " / ".join(self.link(m.cls, f"`{m.tag_field}: {m.tag}`") for m in tagged)
             text = f"one of {options} (chosen by `{field_name}`)"
         else:
-            text = " or ".join(self.type(m) for m in rest)
+            text = " or ".join(self.describe(m) for m in rest)
         return f"{text} or null" if nullable else text
 
     def default(self, f: mi.Field) -> str:
@@ -307,7 +307,7 @@ class _Renderer:
             yield f"| `{info.tag_field}` | {_literal(info.tag)} | {need} |  |"
         for f in info.fields:
             description = field_comment(info.cls, f.name) or _meta_description(f.type)
-            cells = (f"`{f.encode_name}`", self.type(f.type), self.default(f), description)
+            cells = (f"`{f.encode_name}`", self.describe(f.type), self.default(f), description)
             yield "| " + " | ".join(_cell(c) for c in cells) + " |"
         yield ""
 
