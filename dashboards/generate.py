@@ -279,7 +279,7 @@ def fleet_overview() -> dashboard.Dashboard:
         ts(
             "Active sessions per node",
             "none",
-            query(f"node:tunnelwatch_node_active_peers:max{{{POP}}}", "{{pop}} {{node}}"),
+            query(f"node:tunnelwatch_node_active_peers:sum{{{POP}}}", "{{pop}} {{node}}"),
             desc="Node telemetry, the largest figure any vantage reports for the node.",
         )
     )
@@ -391,7 +391,7 @@ def node_detail() -> dashboard.Dashboard:
         ts(
             "Active sessions",
             "none",
-            query(f"node:tunnelwatch_node_active_peers:max{{{sel}}}", "{{node}}"),
+            query(f"node:tunnelwatch_node_active_peers:sum{{{sel}}}", "{{node}}"),
             desc="Node telemetry: sessions on the node.",
         )
     )

@@ -58,6 +58,7 @@ class ConfigError(ValueError):
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                        r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_INTERFACE = re.compile(r"^[A-Za-z0-9._-]{1,15}$")  # Linux IFNAMSIZ - 1, no '/' or spaces
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -84,6 +85,7 @@ def _default_tiers() -> dict[str, TierPolicy]:
         "l4": TierPolicy(interval=2.0, timeout=1.0, fast_interval=0.5),
         "functional": TierPolicy(interval=15.0, timeout=5.0, fast_interval=2.0),
         "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
+        "telemetry": TierPolicy(interval=30.0, timeout=10.0),
     }
 
 
@@ -153,6 +155,30 @@ class UDPExchange(Strict, kw_only=True, frozen=True):
     expect_hex: str | None = None  # prefix the reply must start with; None = any reply
 
 
+class NodeLogin(Strict, kw_only=True, frozen=True):
+    """How the agent logs in to a node over SSH (asyncssh, key-based) to read its telemetry."""
+
+    host: str | None = None  # default: the target's address
+    port: int = 22
+    username: str | None = None  # default: the agent's own user name
+    key_file: str | None = None  # private key; default: the agent user's ~/.ssh keys
+    known_hosts_file: str | None = None  # default: the agent user's ~/.ssh/known_hosts
+    verify_host_key: bool = True  # false skips host key verification: lab use only
+
+
+class TelemetryTarget(Strict, kw_only=True, frozen=True):
+    """Node telemetry: what the node says about its own sessions (active peers, reconnects,
+    bytes), read on the node every ``telemetry`` tier interval, locally when the agent runs on
+    the node, else over SSH. It feeds metrics, never verdicts (docs/agent.md, "Node telemetry").
+    """
+
+    ssh: NodeLogin | None = None  # none: run the commands on the agent's own host
+    wireguard_interface: str | None = None  # read with `wg show <interface> dump`
+    openvpn_management_socket: str | None = None  # the server's `--management <path> unix`
+    ikev2: bool = False  # read charon's SAs with `swanctl --list-sas`
+    ikev2_vici_uri: str | None = None  # charon's VICI socket; default: swanctl's default
+
+
 class Target(Strict, kw_only=True, frozen=True):
     id: str
     pool: str
@@ -165,6 +191,7 @@ class Target(Strict, kw_only=True, frozen=True):
     quic: QUICTarget | None = None
     l4: L4Target | None = None
     mtu: MTUTarget | None = None
+    telemetry: TelemetryTarget | None = None
     # check kinds to run against this node; empty = every check its protocols allow
     checks: list[str] = msgspec.field(default_factory=list)
 
@@ -285,6 +312,24 @@ def _openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Pro
         yield from _check_file(getattr(o, name), f"{at}.{name}", base_dir)
 
 
+def _telemetry_problems(t: TelemetryTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+    if t.wireguard_interface is None and t.openvpn_management_socket is None and not t.ikev2:
+        yield Problem(at, "nothing to read: set wireguard_interface, openvpn_management_socket "
+                          "or ikev2")
+    name = t.wireguard_interface
+    if name is not None and not _INTERFACE.match(name):
+        yield Problem(f"{at}.wireguard_interface",
+                      f"expected an interface name (1-15 of A-Z a-z 0-9 . _ -), got {name!r}")
+    if t.ikev2_vici_uri is not None and not t.ikev2:
+        yield Problem(f"{at}.ikev2_vici_uri", "only applies with ikev2: true")
+    if t.ssh is not None:
+        yield from _check_port(t.ssh.port, f"{at}.ssh.port")
+        yield from _check_file(t.ssh.key_file, f"{at}.ssh.key_file", base_dir)
+        yield from _check_file(t.ssh.known_hosts_file, f"{at}.ssh.known_hosts_file", base_dir)
+        if t.ssh.known_hosts_file is not None and not t.ssh.verify_host_key:
+            yield Problem(f"{at}.ssh.known_hosts_file", "unused with verify_host_key: false")
+
+
 def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
     if not _NAME.match(t.id):
         yield Problem(f"{at}.id", f"expected letters, digits, '.', '_' or '-', got {t.id!r}")
@@ -334,6 +379,8 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
                 yield Problem(f"{at}.mtu.{name}", f"must be 68..65535 bytes, got {value}")
         if m.min_size and m.max_size and m.min_size > m.max_size:
             yield Problem(f"{at}.mtu.min_size", "must not exceed max_size")
+    if t.telemetry is not None:
+        yield from _telemetry_problems(t.telemetry, f"{at}.telemetry", base_dir)
     if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4, t.mtu)):
         yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic, l4 or mtu")
 
@@ -350,8 +397,9 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.agent.max_start_lag <= 0:
         yield Problem("$.agent.max_start_lag", "must be > 0")
     for name, tier in cfg.tiers.items():
-        if name not in ("l4", "functional", "session"):
-            yield Problem(f"$.tiers.{name}", "unknown tier; expected l4, functional or session")
+        if name not in ("l4", "functional", "session", "telemetry"):
+            yield Problem(f"$.tiers.{name}",
+                          "unknown tier; expected l4, functional, session or telemetry")
         yield from _tier_problems(name, tier)
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.targets):

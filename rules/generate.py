@@ -275,16 +275,20 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             ),
         },
         {
-            # Sessions per node, summed over the vantages that report telemetry for it would
-            # double-count, so take the freshest view: max across vantages.
-            "record": "node:tunnelwatch_node_active_peers:max",
-            "expr": f"max by ({NODE_LABELS}) (tunnelwatch_node_active_peers)",
+            # Sessions on a node, all its protocols: each protocol's telemetry (check) may come
+            # from several vantages, and summing those would double-count, so take the freshest
+            # view (max across vantages) per protocol, then add the protocols up.
+            "record": "node:tunnelwatch_node_active_peers:sum",
+            "expr": (
+                f"sum by ({NODE_LABELS}) (\n"
+                f"  max by ({NODE_LABELS}, check) (tunnelwatch_node_active_peers)\n)"
+            ),
         },
         {
             "record": "pop:tunnelwatch_node_active_peers:cv",
             "expr": (
-                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:max)\n/\n"
-                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:max)"
+                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)\n/\n"
+                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)"
             ),
         },
         {
@@ -305,12 +309,15 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             ),
         },
         {
-            # Reconnects per active session per second (node telemetry: sessions that re-handshook
-            # although the previous one was still inside its lifetime).
+            # Reconnects per active session per second (node telemetry: a known client's new
+            # session, or its return after a gap; probes/checks/reconnects.py), per protocol the
+            # max across vantages as above.
             "record": "node:tunnelwatch_node_reconnects_per_session:rate15m",
             "expr": (
-                f"max by ({NODE_LABELS}) (rate(tunnelwatch_node_reconnects_total[15m]))\n/\n"
-                f"(node:tunnelwatch_node_active_peers:max > 0)"
+                f"sum by ({NODE_LABELS}) (\n"
+                f"  max by ({NODE_LABELS}, check) (rate(tunnelwatch_node_reconnects_total[15m]))\n"
+                f")\n/\n"
+                f"(node:tunnelwatch_node_active_peers:sum > 0)"
             ),
         },
     ]

@@ -28,6 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ProbeRun, SchedulerStats
+from probes.checks.base import CheckResult, Tier
 
 # .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
 DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)
@@ -86,6 +87,7 @@ class CheckSeries:
     loss_ratio: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
     node_facts: dict[str, float] = field(default_factory=dict)
+    telemetry: bool = False  # a telemetry-tier check: counted apart from the probes' SLIs
 
 
 class ProbeStats:
@@ -101,9 +103,11 @@ class ProbeStats:
 
     def plan(self, checks: Iterable[PlannedCheck]) -> None:
         """Pre-create series for every planned check (attempts start at 0, not absent)."""
-        wanted = {label_key(c) for c in checks}
-        for key in wanted:
-            self.series.setdefault(key, CheckSeries())
+        wanted: set[LabelKey] = set()
+        for c in checks:
+            key = label_key(c)
+            wanted.add(key)
+            self.series.setdefault(key, CheckSeries(telemetry=c.tier is Tier.TELEMETRY))
         for key in [k for k in self.series if k not in wanted]:
             del self.series[key]
         hist_keys = {k[1:] for k in wanted}
@@ -122,9 +126,13 @@ class ProbeStats:
             self.overloaded_total += 1
             return
         s.attempts += 1
-        s.success = 1.0 if result.ok else 0.0
         if not result.ok:
             s.failures[result.reason.value] = s.failures.get(result.reason.value, 0) + 1
+        if run.check.tier is Tier.TELEMETRY:
+            s.telemetry = True
+            self._record_facts(s, result)
+            return
+        s.success = 1.0 if result.ok else 0.0
         hist = self.durations.get(key[1:])
         if hist is None:
             hist = self.durations[key[1:]] = Histogram(DURATION_BUCKETS)
@@ -135,8 +143,17 @@ class ProbeStats:
         if q is not None:
             s.rtt_p50, s.rtt_p99 = q.rtt_p50_seconds, q.rtt_p99_seconds
             s.loss_ratio = q.loss_ratio if q.sent else None
+        self._record_facts(s, result)
+
+    @staticmethod
+    def _record_facts(s: CheckSeries, result: CheckResult) -> None:
+        """Numeric facts named ``node_*`` become node gauges (counters if named ``*_total``).
+        A failed read withdraws the gauges — an old peer count is not today's — and keeps the
+        counters, whose next value continues them."""
+        if not result.ok and s.telemetry:
+            for name in [n for n in s.node_facts if not n.endswith("_total")]:
+                del s.node_facts[name]
         for name, value in result.facts.items():
-            # node telemetry: numeric facts named node_* by a telemetry check
             if name.startswith("node_") and isinstance(value, int | float) and not isinstance(
                     value, bool):
                 s.node_facts[name] = float(value)
@@ -202,15 +219,22 @@ class AgentCollector(Collector):
         loss = GaugeMetricFamily("tunnelwatch_probe_loss_ratio",
                                  "Share of the last probe's exchanges that got no reply (0..1).",
                                  labels=labels)
-        facts: dict[str, GaugeMetricFamily] = {}
+        reads = CounterMetricFamily("tunnelwatch_telemetry_reads",
+                                    "Node telemetry reads (telemetry.* checks; not probes).",
+                                    labels=labels)
+        read_failures = CounterMetricFamily("tunnelwatch_telemetry_read_failures",
+                                            "Failed node telemetry reads by closed-enum reason.",
+                                            labels=[*labels, "reason"])
+        facts: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         if not empty:
             # list() copies are atomic under the GIL: /metrics renders on a worker thread while
             # the loop keeps recording
             for key, s in list(self.probes.series.items()):
                 values = [*key, self.vantage]
-                attempts.add_metric(values, s.attempts)
+                counted, failed = (reads, read_failures) if s.telemetry else (attempts, failures)
+                counted.add_metric(values, s.attempts)
                 for reason, count in list(s.failures.items()):
-                    failures.add_metric([*values, reason], count)
+                    failed.add_metric([*values, reason], count)
                 if not math.isnan(s.success):
                     success.add_metric(values, s.success)
                 for name, seconds in s.phases.items():
@@ -224,12 +248,15 @@ class AgentCollector(Collector):
                 for name, value in list(s.node_facts.items()):
                     fam = facts.get(name)
                     if fam is None:
-                        fam = facts[name] = GaugeMetricFamily(
-                            f"tunnelwatch_{name}", f"Node telemetry: {name}.", labels=labels)
+                        kind = (CounterMetricFamily if name.endswith("_total")
+                                else GaugeMetricFamily)
+                        fam = facts[name] = kind(f"tunnelwatch_{name}", _fact_doc(name),
+                                                 labels=labels)
                     fam.add_metric(values, value)
             for hkey, hist in list(self.probes.durations.items()):
                 duration.add_metric([*hkey, self.vantage], hist.cumulative(), hist.sum)
-        yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss)
+        yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss, reads,
+                    read_failures)
         yield from facts.values()
         yield from self._scheduler_families(empty)
         if self.reporter is not None:
@@ -243,7 +270,9 @@ class AgentCollector(Collector):
         text cached per series, instead of building ~40,000 sample objects for a 10,000-target
         agent on every scrape (3-5x less CPU, and no transient tens of MB)."""
         heads = {m.name: m for m in self._families(empty=True)}
-        series = [(self._fragments(key), s) for key, s in list(self.probes.series.items())]
+        every = [(self._fragments(key), s) for key, s in list(self.probes.series.items())]
+        series = [(f, s) for f, s in every if not s.telemetry]
+        telemetry = [(f, s) for f, s in every if s.telemetry]
         g = _go_float
         out: list[str] = []
 
@@ -272,14 +301,22 @@ class AgentCollector(Collector):
             family(name, (f"{name}{{{cn},{pp},{rv}}} {g(value)}\n"
                           for (cn, pp, rv), s in series
                           if (value := getattr(s, attr)) is not None))
+        family("tunnelwatch_telemetry_reads", (
+            f"tunnelwatch_telemetry_reads_total{{{cn},{pp},{rv}}} {g(s.attempts)}\n"
+            for (cn, pp, rv), s in telemetry))
+        family("tunnelwatch_telemetry_read_failures", (
+            f"tunnelwatch_telemetry_read_failures_total{{{cn},{pp},"
+            f"reason=\"{_escape_label_value(r)}\",{rv}}} {g(n)}\n"
+            for (cn, pp, rv), s in telemetry for r, n in list(s.failures.items())))
         facts: dict[str, list[str]] = {}
-        for (cn, pp, rv), s in series:
+        for (cn, pp, rv), s in every:
             for name, value in list(s.node_facts.items()):
                 facts.setdefault(name, []).append(
                     f"tunnelwatch_{name}{{{cn},{pp},{rv}}} {g(value)}\n")
         for name, lines in facts.items():
-            out.append(f"# HELP tunnelwatch_{name} Node telemetry: {name}.\n"
-                       f"# TYPE tunnelwatch_{name} gauge\n")
+            kind = "counter" if name.endswith("_total") else "gauge"
+            out.append(f"# HELP tunnelwatch_{name} {_fact_doc(name)}\n"
+                       f"# TYPE tunnelwatch_{name} {kind}\n")
             out.extend(lines)
         for metric in self._scheduler_families(empty=False):
             format_family(metric, out)
@@ -384,6 +421,10 @@ class AgentCollector(Collector):
             for (endpoint, result), count in list(r.batches_total.items()):
                 batches.add_metric([*vv, endpoint, result], count)
         yield from (depth, size, cap, dropped, sent, batches, last)
+
+
+def _fact_doc(name: str) -> str:
+    return f"Node telemetry: {name}."
 
 
 def new_registry(collector: AgentCollector) -> CollectorRegistry:

@@ -31,7 +31,7 @@ from probes.config import AgentConfig, Target, resolve_path
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("wireguard", "openvpn", "ikev2", "quic", "mtu")
+PROTOCOLS = ("wireguard", "openvpn", "ikev2", "quic", "mtu", "telemetry")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_
 from probes.agent.plan import PlannedCheck, plan
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
+from probes.checks.base import Tier
 from probes.config import AgentConfig, load_agent_config, resolve_path
 from probes.mesh import signing
 from probes.model import Observation
@@ -132,9 +133,9 @@ class Agent:
             log.debug("probe node=%s check=%s reason=%s duration_ms=%.1f detail=%s",
                       run.check.node, run.check.check, result.reason.value,
                       result.duration_seconds * 1000, result.detail)
-        if self.reporter is None:
-            return
         check = run.check
+        if self.reporter is None or check.tier is Tier.TELEMETRY:
+            return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
 
         def build(seq: int) -> Observation:
             return Observation(node=check.node, check=check.check, vantage=self.vantage,

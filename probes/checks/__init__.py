@@ -15,6 +15,7 @@ CHECK_MODULES: tuple[str, ...] = (
     "ikev2",
     "quic",
     "mtu",
+    "telemetry",
 )
 
 _loaded = False

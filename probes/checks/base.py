@@ -37,11 +37,13 @@ Fact = str | int | float | bool
 
 
 class Tier(enum.StrEnum):
-    """How deep a check goes; sets its default interval (fast L4, functional, synthetic session)."""
+    """How deep a check goes; sets its default interval (fast L4, functional, synthetic session,
+    node telemetry)."""
 
     L4 = "l4"
     FUNCTIONAL = "functional"
     SESSION = "session"
+    TELEMETRY = "telemetry"  # node telemetry: feeds metrics, never reported to the mesh
 
 
 @dataclass(slots=True)

@@ -16,14 +16,13 @@ Everything else (addresses, algorithms, byte counters) is skipped.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import ssh_output
+from probes.checks.remote import KnownHosts, local_output, ssh_output
 
 _SWANCTL_TIMEOUT_SECONDS = 10.0
 _IKE_LINE = re.compile(r"^(?P<name>\S[^:]*): #(?P<id>\d+), (?P<state>[A-Z_]+), IKEv(?P<v>[12]),")
@@ -90,27 +89,13 @@ def list_sas_command(vici_uri: str | None = None) -> list[str]:
 async def collect_local(vici_uri: str | None = None, *,
                         timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
     """Run ``swanctl --list-sas`` here (``vici_uri`` e.g. ``unix:///run/charon.vici``)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *list_sas_command(vici_uri), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise TelemetryError(f"cannot run swanctl: {exc.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise TelemetryError(f"swanctl --list-sas did not finish in {timeout:g}s") from None
-    if proc.returncode != 0:
-        raise TelemetryError(f"swanctl exited {proc.returncode}: "
-                             f"{err.decode(errors='replace').strip()[:200]}")
-    return parse_list_sas(out.decode(errors="replace"))
+    return parse_list_sas(await local_output(list_sas_command(vici_uri), error=TelemetryError,
+                                             timeout=timeout))
 
 
 async def collect_ssh(host: str, *, vici_uri: str | None = None, username: str | None = None,
-                      port: int = 22, known_hosts: str | None = None,
-                      client_keys: list[str] | None = None,
+                      port: int = 22, known_hosts: KnownHosts = (),
+                      client_keys: list[Any] | None = None,
                       timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
     """Same over SSH (asyncssh); the remote user must be allowed to talk to charon's VICI."""
     command = shlex.join(list_sas_command(vici_uri))

@@ -16,6 +16,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from probes.checks.remote import KnownHosts, ssh_output
+
 _LOAD_STATS = re.compile(r"SUCCESS: nclients=(\d+),bytesin=(\d+),bytesout=(\d+)")
 
 
@@ -166,11 +168,11 @@ async def read_management_socket(path: str, timeout: float = 2.0) -> Telemetry:
 
     try:
         text = await asyncio.wait_for(exchange(), timeout)
-    except TimeoutError:
+    except TimeoutError as exc:
         raise TelemetryError(f"management interface {path} did not answer in {timeout:g}s"
-                             ) from None
+                             ) from exc
     except OSError as exc:
-        raise TelemetryError(f"management interface {path}: {exc.strerror or exc}") from None
+        raise TelemetryError(f"management interface {path}: {exc.strerror or exc}") from exc
     return parse_management_output(text)
 
 
@@ -183,19 +185,10 @@ def ssh_command(socket_path: str) -> str:
 
 
 async def read_management_ssh(host: str, socket_path: str, *, timeout: float = 5.0,
-                              **connect_options: Any) -> Telemetry:
-    """The same over SSH (asyncssh; ``connect_options`` go to ``asyncssh.connect``)."""
-    import asyncssh  # noqa: PLC0415 - optional path; most agents read a local socket
-
-    async def exchange() -> str:
-        async with asyncssh.connect(host, **connect_options) as conn:
-            done = await conn.run(ssh_command(socket_path), check=False)
-            return str(done.stdout or "")
-
-    try:
-        text = await asyncio.wait_for(exchange(), timeout)
-    except TimeoutError:
-        raise TelemetryError(f"ssh {host}: no answer in {timeout:g}s") from None
-    except (OSError, asyncssh.Error) as exc:
-        raise TelemetryError(f"ssh {host}: {exc}") from None
-    return parse_management_output(text)
+                              username: str | None = None, port: int = 22,
+                              known_hosts: KnownHosts = (),
+                              client_keys: list[Any] | None = None) -> Telemetry:
+    """The same over SSH (asyncssh); needs ``socat`` on the node."""
+    return parse_management_output(await ssh_output(
+        host, ssh_command(socket_path), error=TelemetryError, username=username, port=port,
+        known_hosts=known_hosts, client_keys=client_keys, timeout=timeout))

@@ -1,17 +1,50 @@
-"""Run one command on a node over SSH (asyncssh) for node telemetry: stdout, or an error that
-says what went wrong. Key-based auth; ``known_hosts`` as asyncssh takes it."""
+"""Run one command for node telemetry, on this host or on the node over SSH (asyncssh).
+
+Both return the command's stdout or raise the caller's error type with a message that says what
+went wrong (could not start, timed out, non-zero exit with the start of stderr). SSH is key-based;
+``known_hosts`` is what asyncssh takes: a file path, ``()`` for the user's default known_hosts,
+or ``None`` to skip host key verification (lab use only). The error is raised *from* what
+caused it (``TimeoutError``, ``OSError``, ``asyncssh.Error``; none for a non-zero exit), so a
+caller can tell a silent node from a refusing one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shlex
+from collections.abc import Sequence
 from typing import Any
+
+KnownHosts = str | tuple[()] | None
+_STDERR_SHOWN = 200
+
+
+async def local_output(argv: Sequence[str], *, error: type[Exception],
+                       timeout: float = 10.0) -> str:
+    """``argv``'s stdout here; raises ``error`` if it cannot start, times out or exits != 0."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise error(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise error(f"`{shlex.join(argv)}` did not finish in {timeout:g}s") from exc
+    if proc.returncode != 0:
+        raise error(f"`{shlex.join(argv)}` exited {proc.returncode}: "
+                    f"{err.decode(errors='replace').strip()[:_STDERR_SHOWN]}")
+    return out.decode(errors="replace")
 
 
 async def ssh_output(host: str, command: str, *, error: type[Exception],
                      username: str | None = None, port: int = 22,
-                     known_hosts: str | None = None, client_keys: list[str] | None = None,
+                     known_hosts: KnownHosts = (), client_keys: list[Any] | None = None,
                      timeout: float = 10.0) -> str:
-    """``command``'s stdout on ``host``; raises ``error`` on timeout, SSH failure or exit != 0."""
+    """``command``'s stdout on ``host``; raises ``error`` on timeout, SSH failure or exit != 0.
+    ``client_keys``: key file paths or asyncssh key objects; None = the user's default keys."""
     import asyncssh  # noqa: PLC0415 - only remote collection needs it
 
     options: dict[str, Any] = {"port": port, "known_hosts": known_hosts}
@@ -23,11 +56,11 @@ async def ssh_output(host: str, command: str, *, error: type[Exception],
         async with asyncio.timeout(timeout):
             async with asyncssh.connect(host, **options) as conn:
                 done = await conn.run(command, check=False)
-    except TimeoutError:
-        raise error(f"ssh {host}: no result in {timeout:g}s") from None
+    except TimeoutError as exc:
+        raise error(f"ssh {host}: no result in {timeout:g}s") from exc
     except (OSError, asyncssh.Error) as exc:
-        raise error(f"ssh {host}: {exc}") from None
+        raise error(f"ssh {host}: {exc}") from exc
     if done.exit_status != 0:
         raise error(f"ssh {host}: `{command}` exited {done.exit_status}: "
-                    f"{str(done.stderr).strip()[:200]}")
+                    f"{str(done.stderr).strip()[:_STDERR_SHOWN]}")
     return str(done.stdout)

@@ -13,12 +13,11 @@ private key on the interface line is never kept.
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import ssh_output
+from probes.checks.remote import KnownHosts, local_output, ssh_output
 
 # a peer with a handshake younger than this is "active": wireguard-go rejects keys older than
 # REJECT_AFTER_TIME (180 s), so an older handshake means no usable session
@@ -138,25 +137,12 @@ def dump_command(interface: str) -> list[str]:
 async def collect_local(interface: str, *, timeout: float = _WG_TIMEOUT_SECONDS
                         ) -> InterfaceTelemetry:
     """Run ``wg show <interface> dump`` here (needs CAP_NET_ADMIN or the UAPI socket)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *dump_command(interface), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise TelemetryError(f"cannot run wg: {exc.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise TelemetryError(f"wg show {interface} dump did not finish in {timeout:g}s") from None
-    if proc.returncode != 0:
-        raise TelemetryError(f"wg exited {proc.returncode}: {err.decode(errors='replace').strip()}")
-    return parse_dump(out.decode(errors="replace"), interface)[0]
+    out = await local_output(dump_command(interface), error=TelemetryError, timeout=timeout)
+    return parse_dump(out, interface)[0]
 
 
 async def collect_ssh(host: str, interface: str, *, username: str | None = None, port: int = 22,
-                      known_hosts: str | None = None, client_keys: list[str] | None = None,
+                      known_hosts: KnownHosts = (), client_keys: list[Any] | None = None,
                       timeout: float = _WG_TIMEOUT_SECONDS) -> InterfaceTelemetry:
     """Same over SSH (asyncssh); the remote user needs to be allowed to run ``wg show``."""
     command = shlex.join(dump_command(interface))

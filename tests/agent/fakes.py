@@ -15,6 +15,7 @@ KINDS = {
     Tier.L4: CheckKind("tcp", Tier.L4, object, _never),
     Tier.FUNCTIONAL: CheckKind("fake.handshake", Tier.FUNCTIONAL, object, _never),
     Tier.SESSION: CheckKind("fake.session", Tier.SESSION, object, _never),
+    Tier.TELEMETRY: CheckKind("telemetry.fake", Tier.TELEMETRY, object, _never),
 }
 
 

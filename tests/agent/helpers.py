@@ -65,6 +65,7 @@ class Receiver:
     agent: str
     lose_answers: int = 0
     seqs: list[int] = field(default_factory=list)
+    checks: set[str] = field(default_factory=set)  # every check name that was reported
     last_batch_seq: int = -1
     bad_signatures: int = 0
     replays: int = 0
@@ -87,6 +88,7 @@ class Receiver:
             return web.Response(status=409, text="replay")
         self.last_batch_seq = batch.batch_seq
         self.seqs.extend(o.seq for o in batch.observations)
+        self.checks.update(o.check for o in batch.observations)
         if self.lose_answers > 0:
             self.lose_answers -= 1
             return web.Response(status=503, text="answer lost")

@@ -66,6 +66,12 @@ def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
     stats.record(ProbeRun(planned("n1", Tier.L4), CheckResult(
         True, Reason.OK, 0.01, facts={"node_active_peers": 3, "node_load": 0.5}),
         0.0, 1.0, 1.0, "round"))
+    stats.plan([planned("n1", Tier.L4), odd, planned("n1", Tier.TELEMETRY)])
+    stats.record(ProbeRun(planned("n1", Tier.TELEMETRY), CheckResult(
+        True, Reason.OK, 0.2, facts={"node_active_peers": 4, "node_reconnects_total": 2}),
+        0.0, 1.0, 1.0, "round"))
+    stats.record(ProbeRun(planned("n1", Tier.TELEMETRY), CheckResult(
+        False, Reason.TIMEOUT, 0.2), 0.0, 1.0, 1.0, "round"))
     collector = AgentCollector("v1", stats, SchedulerStats,
                                ReporterStats(endpoints=2, last_success={"1": 5.0},
                                              batches_total={("0", "ok"): 4}))
@@ -87,3 +93,33 @@ def test_certificate_expiry_fact_becomes_the_gauge_the_alert_reads() -> None:
               "vantage": "v1"}
     assert registry.get_sample_value("tunnelwatch_node_certificate_expiry_timestamp_seconds",
                                      labels) == 1.9e9
+
+
+def _telemetry(ok: bool, reason: Reason = Reason.OK, **facts: float) -> ProbeRun:
+    result = CheckResult(ok, reason, 0.3, facts=dict(facts))
+    return ProbeRun(planned("n1", Tier.TELEMETRY), result, 0.0, 1.0, 1.0, "round")
+
+
+def test_telemetry_reads_are_not_probes_and_their_facts_follow_the_last_read() -> None:
+    """A telemetry read counts in tunnelwatch_telemetry_* (never in the probe SLIs); its gauges
+    go away when a read fails (an old peer count is not today's), its counters stay."""
+    stats = ProbeStats()
+    stats.plan([planned("n1", Tier.L4), planned("n1", Tier.TELEMETRY)])
+    stats.record(_telemetry(True, node_active_peers=7, node_reconnects_total=3))
+    registry = new_registry(AgentCollector("v1", stats, SchedulerStats, None))
+    get = registry.get_sample_value
+    labels = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu",
+              "check": "telemetry.fake", "vantage": "v1"}
+    assert get("tunnelwatch_telemetry_reads_total", labels) == 1
+    assert get("tunnelwatch_probe_attempts_total", labels) is None
+    assert get("tunnelwatch_probe_success", labels) is None
+    assert get("tunnelwatch_probe_duration_seconds_count",
+               {k: v for k, v in labels.items() if k != "node"}) is None
+    assert get("tunnelwatch_node_active_peers", labels) == 7
+    assert get("tunnelwatch_node_reconnects_total", labels) == 3
+    stats.record(_telemetry(False, Reason.TIMEOUT))
+    assert get("tunnelwatch_telemetry_read_failures_total", {**labels, "reason": "timeout"}) == 1
+    assert get("tunnelwatch_node_active_peers", labels) is None
+    assert get("tunnelwatch_node_reconnects_total", labels) == 3
+    kinds = {m.name: m.type for m in registry.collect()}
+    assert kinds["tunnelwatch_node_reconnects"] == "counter"

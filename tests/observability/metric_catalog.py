@@ -30,9 +30,7 @@ PROMETHEUS_BUILTINS = {"up"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 # name -> the producer expected to export it (see docs/observability.md)
-PENDING: dict[str, str] = {
-    "tunnelwatch_node_reconnects_total": "agent node telemetry (fact node_reconnects_total)",
-}
+PENDING: dict[str, str] = {}
 
 _NAME = re.compile(r"\btunnelwatch_[a-z0-9_]+[a-z0-9]")
 

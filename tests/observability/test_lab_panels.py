@@ -2,8 +2,11 @@
 
 The lab: one node running wireguard-go, OpenVPN and strongSwan, a "ghost" node nobody serves
 (so there are failures, a DOWN verdict and transitions), two agents probing both from their own
-namespaces, the mesh with a webhook publisher (to a closed port: retries and lag, but every
-publisher series exists), and Prometheus with rules/ loaded, all in lab namespaces. After a
+namespaces and reading node1's telemetry (``wg show``, the OpenVPN management socket, swanctl:
+unix sockets, reachable from any namespace), the mesh with a webhook publisher (to a closed port:
+retries and lag, but every publisher series exists) and an anycast section driving a gobgpd
+speaker on node1 that peers with a BIRD upstream, and Prometheus with rules/ loaded, all in lab
+namespaces. After a
 minute of probing, every target of every panel (Grafana variables set to "All") must return at
 least one series.
 
@@ -36,17 +39,14 @@ TIERS = {
     "l4": {"interval": 1, "timeout": 0.5, "fast_interval": 0.5},
     "functional": {"interval": 2, "timeout": 1.5, "fast_interval": 1},
     "session": {"interval": 5, "timeout": 4, "fast_interval": 2},
+    "telemetry": {"interval": 2, "timeout": 1.5},
 }
 AGENT_PORT, MESH_PORT, PROM_PORT = 9470, 9480, 9090
 # Grafana variables -> "All"; $__rate_interval as Grafana computes it for 1 s scrapes (>= 4 scrapes)
 VARIABLES = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
 SOAK_SECONDS = 60
 # Documented producer metrics that nothing in this lab produces yet, with the reason.
-NOT_IN_LAB = {
-    "tunnelwatch_node_active_peers": "no node-telemetry check in the agent's plan yet",
-    "tunnelwatch_anycast_pop_state": "no anycast section in this lab's mesh (tests/bgp do that)",
-    "tunnelwatch_anycast_speaker_up": "no anycast section in this lab's mesh (tests/bgp do that)",
-}
+NOT_IN_LAB: dict[str, str] = {}
 HANDSHAKE = (
     r'check=~"wireguard\\.handshake|openvpn\\.(reset|tls)|ikev2\\.(init|auth)|quic\\.handshake"'
 )
@@ -116,6 +116,7 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed")
     pytest.importorskip("promql_parser", reason="pip install -e '.[dev]'")
+    from probes.lab.bgp import BirdPeer, GoBgpDaemon
     from probes.lab.fleet import Fleet
     from probes.mesh import signing
 
@@ -123,6 +124,12 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
     obs = lab.add_host("obs")  # mesh and Prometheus
     ghost = lab.add_host("ghost")  # an address where nothing listens: refused, DOWN
     exe = str(Path(sys.executable).parent / "tunnelwatch")
+    node1 = fleet.nodes["node1"]
+    upstream = BirdPeer(lab, lab.add_host("upstream"))
+    upstream.add_neighbor("pop1", node1.host.address, 65101)
+    upstream.start()
+    speaker = GoBgpDaemon(lab, node1.host, asn=65101, peer=upstream)
+    speaker.start()
 
     keys = tmp_path / "keys"
     keys.mkdir()
@@ -136,6 +143,11 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
             {"id": "node1", "pool": "pool-a", "pop": "pop1", "region": "lab"},
             {"id": "ghost", "pool": "pool-a", "pop": "pop1", "region": "lab"},
         ],
+        "anycast": {
+            "pops": [{"pop": "pop1", "api_host": speaker.api_host, "api_port": speaker.api_port,
+                      "asn": speaker.asn, "prefixes": ["192.0.2.0/24"]}],
+            "policy": {"up_after_seconds": 2.0},
+        },
         "publishers": [
             {
                 "type": "webhook",
@@ -163,6 +175,10 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
         config = yaml.safe_load(path.read_text())
         config["agent"]["listen"] = f"0.0.0.0:{AGENT_PORT}"
         config["tiers"] = TIERS
+        config["targets"][0]["telemetry"] = {
+            "wireguard_interface": node1.wireguard.interface,
+            "openvpn_management_socket": str(node1.openvpn.management_socket),
+            "ikev2": True, "ikev2_vici_uri": f"unix://{node1.ikev2.vici_socket}"}
         config["targets"].append(
             {
                 "id": "ghost",

@@ -102,6 +102,21 @@ BAD_CASES = [
                  "Invalid enum value 'sctp'", id="bad-enum"),
     pytest.param(("vantage: fra-hetzner", "vantage: 'fra hetzner'"), "$.agent.vantage",
                  "short name", id="bad-vantage-name"),
+    pytest.param(("    l4:\n", "    telemetry: {ssh: {port: 22}}\n    l4:\n"),
+                 "$.targets[0].telemetry", "nothing to read", id="telemetry-reads-nothing"),
+    pytest.param(("    l4:\n", "    telemetry: {wireguard_interface: wg/0}\n    l4:\n"),
+                 "$.targets[0].telemetry.wireguard_interface", "expected an interface name",
+                 id="telemetry-bad-interface"),
+    pytest.param(("    l4:\n", "    telemetry: {ikev2: true, ssh: {key_file: no.key}}\n"
+                                 "    l4:\n"),
+                 "$.targets[0].telemetry.ssh.key_file", "file not found",
+                 id="telemetry-missing-ssh-key"),
+    pytest.param(("    l4:\n", "    telemetry: {ikev2_vici_uri: 'unix:///x'}\n    l4:\n"),
+                 "$.targets[0].telemetry.ikev2_vici_uri", "only applies with ikev2",
+                 id="telemetry-vici-without-ikev2"),
+    pytest.param(("tiers:\n", "tiers:\n  telemetry: {interval: 5, timeout: 9}\n"),
+                 "$.tiers.telemetry.interval", "must be longer than timeout",
+                 id="telemetry-tier"),
 ]
 
 

@@ -1,0 +1,193 @@
+"""Node telemetry as check kinds: ``telemetry.wireguard``, ``telemetry.openvpn``,
+``telemetry.ikev2``.
+
+Each reads what the node says about its own sessions — on this host when the agent runs on the
+node, else over SSH — and returns it as numeric ``node_*`` facts, which the agent exports as
+``tunnelwatch_node_*`` metrics (docs/metrics-agent.md). The kinds run in the ``telemetry`` tier:
+the agent never reports them to the mesh, because a node whose SSH is down may serve its clients
+perfectly well; telemetry feeds load-balance and reconnect metrics, not verdicts.
+
+Facts (every kind): ``node_active_peers`` (sessions in use now). WireGuard and OpenVPN also give
+``node_reconnects_total`` (see :mod:`probes.checks.reconnects`; counted from this agent's start)
+and ``node_received_bytes_total`` / ``node_sent_bytes_total`` (the node's own counters); IKEv2
+gives ``node_half_open_sas`` and ``node_child_sas``.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from probes.checks import ikev2_telemetry as ike
+from probes.checks import openvpn_telemetry as ovpn
+from probes.checks import wireguard_telemetry as wg
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.reconnects import ReconnectCounter
+from probes.checks.remote import KnownHosts
+from probes.config import Target, resolve_path
+from probes.model import Reason
+
+
+class NodeShell(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int = 22
+    username: str | None = None
+    key_file: str | None = None
+    known_hosts_file: str | None = None
+    verify_host_key: bool = True
+
+    def ssh_options(self) -> dict[str, Any]:
+        known_hosts: KnownHosts = (self.known_hosts_file if self.known_hosts_file
+                                   else () if self.verify_host_key else None)
+        return {"username": self.username, "port": self.port, "known_hosts": known_hosts,
+                "client_keys": [self.key_file] if self.key_file else None}
+
+
+class WireGuardTelemetry(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    interface: str
+    ssh: NodeShell | None = None
+
+
+class OpenVPNTelemetry(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    management_socket: str
+    ssh: NodeShell | None = None
+
+
+class IKEv2Telemetry(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    vici_uri: str | None = None
+    ssh: NodeShell | None = None
+
+
+# one reconnect counter per (node, kind), living as long as the agent process: a reload keeps
+# the counts, a restart starts them again (Prometheus' rate() handles the reset)
+_COUNTERS: dict[tuple[str, str], ReconnectCounter] = {}
+
+
+def reconnect_counter(node: str, kind: str) -> ReconnectCounter:
+    counter = _COUNTERS.get((node, kind))
+    if counter is None:
+        counter = _COUNTERS[(node, kind)] = ReconnectCounter()
+    return counter
+
+
+def failure_reason(exc: BaseException) -> Reason:
+    """Why telemetry could not be read, from what caused the error (see probes.checks.remote)."""
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError):
+        return Reason.TIMEOUT
+    if isinstance(cause, ConnectionRefusedError):
+        return Reason.REFUSED
+    if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return Reason.NETWORK_UNREACHABLE
+    if cause is not None:
+        return Reason.PROBE_ERROR  # could not run the command, or SSH refused our key
+    return Reason.BAD_RESPONSE  # the node answered, but not with telemetry we can read
+
+
+async def _wireguard(params: WireGuardTelemetry, timeout: float) -> CheckResult:
+    watch = Stopwatch()
+    try:
+        if params.ssh is None:
+            view = await wg.collect_local(params.interface, timeout=timeout)
+        else:
+            view = await wg.collect_ssh(params.ssh.host, params.interface, timeout=timeout,
+                                        **params.ssh.ssh_options())
+    except wg.TelemetryError as exc:
+        return watch.result(False, failure_reason(exc), detail=str(exc))
+    watch.lap("collect")
+    # handshake times are the node's clock; skew between it and ours shifts the 180 s window
+    now = time.time()
+    active = {p.public_key: "" for p in view.peers
+              if (age := p.handshake_age(now)) is not None and age < wg.ACTIVE_WITHIN_SECONDS}
+    counter = reconnect_counter(params.node, WIREGUARD.name)
+    counter.observe(active)
+    facts: dict[str, Fact] = {
+        "node_active_peers": len(active), "node_peers": len(view.peers),
+        "node_reconnects_total": counter.total, "node_received_bytes_total": view.rx_bytes,
+        "node_sent_bytes_total": view.tx_bytes}
+    return watch.result(True, Reason.OK, facts=facts)
+
+
+async def _openvpn(params: OpenVPNTelemetry, timeout: float) -> CheckResult:
+    watch = Stopwatch()
+    try:
+        if params.ssh is None:
+            view = await ovpn.read_management_socket(params.management_socket, timeout)
+        else:
+            view = await ovpn.read_management_ssh(params.ssh.host, params.management_socket,
+                                                  timeout=timeout, **params.ssh.ssh_options())
+    except ovpn.TelemetryError as exc:
+        return watch.result(False, failure_reason(exc), detail=str(exc))
+    watch.lap("collect")
+    # a client's session is its connection: a new "connected since" or source is a new one
+    sessions = {c.common_name: f"{c.connected_since} {c.real_address}"
+                for c in view.status.clients}
+    counter = reconnect_counter(params.node, OPENVPN.name)
+    counter.observe(sessions)
+    facts: dict[str, Fact] = {"node_active_peers": len(view.status.clients),
+                              "node_reconnects_total": counter.total}
+    if view.load is not None:
+        facts["node_received_bytes_total"] = view.load.bytes_in
+        facts["node_sent_bytes_total"] = view.load.bytes_out
+    return watch.result(True, Reason.OK, facts=facts)
+
+
+async def _ikev2(params: IKEv2Telemetry, timeout: float) -> CheckResult:
+    watch = Stopwatch()
+    try:
+        if params.ssh is None:
+            counts = await ike.collect_local(params.vici_uri, timeout=timeout)
+        else:
+            counts = await ike.collect_ssh(params.ssh.host, vici_uri=params.vici_uri,
+                                           timeout=timeout, **params.ssh.ssh_options())
+    except ike.TelemetryError as exc:
+        return watch.result(False, failure_reason(exc), detail=str(exc))
+    watch.lap("collect")
+    # no reconnect count: an IKE SA rekey also gets a new unique id, so ids cannot tell them
+    established = counts.ike_by_state.get("ESTABLISHED", 0)
+    return watch.result(True, Reason.OK, facts={
+        "node_active_peers": established, "node_half_open_sas": counts.half_open,
+        "node_child_sas": counts.child_sas})
+
+
+WIREGUARD = register(CheckKind("telemetry.wireguard", Tier.TELEMETRY, WireGuardTelemetry,
+                               _wireguard, "WireGuard peers from `wg show <if> dump` on the node"))
+OPENVPN = register(CheckKind("telemetry.openvpn", Tier.TELEMETRY, OpenVPNTelemetry, _openvpn,
+                             "OpenVPN clients from the node's management socket"))
+IKEV2 = register(CheckKind("telemetry.ikev2", Tier.TELEMETRY, IKEv2Telemetry, _ikev2,
+                           "IKE SAs from `swanctl --list-sas` on the node"))
+
+
+def params_from_target(target: Target, base_dir: Path) -> dict[str, Any]:
+    """The agent plan's hook: one params struct per telemetry source the target names."""
+    section = target.telemetry
+    if section is None:
+        return {}
+    shell = None
+    if section.ssh is not None:
+        login = section.ssh
+        shell = NodeShell(
+            host=login.host or target.address, port=login.port, username=login.username,
+            key_file=str(resolve_path(login.key_file, base_dir)) if login.key_file else None,
+            known_hosts_file=(str(resolve_path(login.known_hosts_file, base_dir))
+                              if login.known_hosts_file else None),
+            verify_host_key=login.verify_host_key)
+    out: dict[str, Any] = {}
+    if section.wireguard_interface is not None:
+        out[WIREGUARD.name] = WireGuardTelemetry(node=target.id,
+                                                 interface=section.wireguard_interface,
+                                                 ssh=shell)
+    if section.openvpn_management_socket is not None:
+        out[OPENVPN.name] = OpenVPNTelemetry(
+            node=target.id, management_socket=section.openvpn_management_socket, ssh=shell)
+    if section.ikev2:
+        out[IKEV2.name] = IKEv2Telemetry(node=target.id, vici_uri=section.ikev2_vici_uri,
+                                         ssh=shell)
+    return out
