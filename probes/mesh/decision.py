@@ -15,8 +15,10 @@ restart replays them; ``tunnelwatch mesh replay`` does the same from a recorded 
 The layers, bottom up:
 
 1. per (node, vantage, check) — :class:`CheckState`: HAProxy-style rise/fall (``fall`` consecutive
-   failures take a check down — or, with ``corroboration`` n, n distinct checks of the node failing
-   at once from the same vantage take them all down; ``rise`` consecutive successes bring it back,
+   failures take a check down — ``fall_definitive`` suffice when each was a definitive answer
+   (RST, ICMP unreachable: loss cannot fabricate those) — or, with ``corroboration`` n, n distinct
+   checks of the node failing at once from the same vantage take them all down; ``rise``
+   consecutive successes bring it back,
    one success suffices for a check never decided), or a k-of-n window for going down; RFC 2439
    flap damping: every up->down flap adds a penalty that halves each half-life; above ``suppress``
    the check is held down until the penalty decays below ``reuse`` (never longer than
@@ -205,6 +207,11 @@ class DecisionEngine:
         mask = (1 << window) - 1
         k = policy.window_failures
         corroboration = policy.corroboration
+        # consecutive mode keeps the run of definitive failures in ``check.window`` (unused
+        # there): bit 1 per definitive failure, shifted in per failure, cleared by a success
+        fall_definitive = 0 if window else policy.fall_definitive
+        definitive_run = (1 << fall_definitive) - 1
+        definitive = policy.definitive_reasons  # a few members: a tuple scan is cheap
         max_loss = policy.quality.max_loss_ratio
         max_p99 = policy.quality.max_rtt_p99_seconds
         stale = policy.stale_after_seconds
@@ -267,6 +274,8 @@ class DecisionEngine:
             if ok:
                 if window:
                     check.window = (check.window << 1) & mask
+                elif fall_definitive:
+                    check.window = 0  # the run of definitive failures is broken
                 if state == CHECK_UP:
                     check.count = 0
                 elif state == CHECK_DOWN:
@@ -288,6 +297,10 @@ class DecisionEngine:
                     else:
                         check.count += 1
                         tripped = check.count >= fall
+                        if fall_definitive:
+                            bit = obs.reason in definitive
+                            check.window = ((check.window << 1) | bit) & definitive_run
+                            tripped = tripped or check.window == definitive_run
                     if tripped:
                         self._transition(check, CHECK_DOWN, now)
                     elif corroboration:

@@ -7,6 +7,9 @@ offending field (``decision.damping.reuse``), so a config loader can report it a
 Where the defaults come from (see shared/reference/peer-systems.md):
 
 * ``rise`` 2 / ``fall`` 3 are HAProxy's;
+* ``fall_definitive`` 2 for answers that say "nothing here" (TCP RST, ICMP unreachable): loss
+  cannot fabricate those, unlike a timeout (HAProxy's nearest precedent: ``observe layer4`` with
+  ``on-error sudden-death``, hard errors leave a server one failed check away from down);
 * the k-of-n window is Azure Front Door's "successful samples of the last sample size", used
   here for failures: a check goes down when ``window_failures`` of its last ``window`` results
   failed;
@@ -25,6 +28,8 @@ from typing import Literal
 import msgspec
 
 from probes.checks.base import Tier
+from probes.mesh.state import AGENT_SIDE_REASONS, QUALITY_REASONS
+from probes.model import Reason
 
 QuorumMode = Literal["majority", "percent"]
 
@@ -119,6 +124,16 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     rise: int = 2
     fall: int = 3
+    # definitive failures: answers from the node, or a router in front of it, that nothing
+    # serves the port (TCP RST, ICMP port/host unreachable). Random loss can delay an answer
+    # into a timeout but cannot fabricate one of these, so ``fall_definitive`` of them in a row
+    # take a check down, where timeouts still need ``fall``. 0 turns it off; at or above
+    # ``fall`` it changes nothing. Consecutive mode only: a k-of-n ``window`` replaces both.
+    # Per vantage only, like ``fall``: the vote across vantages is unchanged.
+    fall_definitive: int = 2
+    # the failure reasons that count as definitive; ``ok``, the quality reasons and the
+    # agent-side ones (``overloaded``, ``probe-error``) are no answer from the node: rejected
+    definitive_reasons: tuple[Reason, ...] = (Reason.REFUSED, Reason.ICMP_UNREACHABLE)
     window: int = 0  # k-of-n window size n; 0 turns it off (then ``fall`` consecutive failures)
     window_failures: int = 0  # k: failures among the last ``window`` results that take a check down
     # corroboration: when this many *distinct* checks of a node, seen from one vantage, are failing
@@ -181,6 +196,17 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
         raise PolicyError(f"must be >= 1, got {policy.rise}", f"{p}.rise")
     if policy.fall < 1:
         raise PolicyError(f"must be >= 1, got {policy.fall}", f"{p}.fall")
+    if not 0 <= policy.fall_definitive <= 64:
+        raise PolicyError(
+            f"must be 0 (off) or 1..64, got {policy.fall_definitive}", f"{p}.fall_definitive"
+        )
+    for reason in policy.definitive_reasons:
+        if reason == Reason.OK or reason in QUALITY_REASONS or reason in AGENT_SIDE_REASONS:
+            # a pass, a quality figure or the agent's own trouble is no answer from the node
+            raise PolicyError(
+                f"{reason.value!r} is not a failure the node answers with",
+                f"{p}.definitive_reasons",
+            )
     if not 0 <= policy.window <= 64:
         raise PolicyError(f"must be 0 (off) or 1..64, got {policy.window}", f"{p}.window")
     if policy.window:
