@@ -22,6 +22,7 @@ from probes.lab.keys import wg_keypair, wg_psk
 from probes.lab.wireguard import WgPeer
 from probes.mesh import signing
 from probes.model import Reason
+from tests.sshd import command_server
 
 from .helpers import Receiver, free_port, until, write_config
 
@@ -123,40 +124,16 @@ def test_telemetry_over_ssh_with_key_auth(lab: Any, tmp_path: Path) -> None:
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     key_file = tmp_path / "id_ed25519"
     client_key.write_private_key(str(key_file))
-    commands: list[str] = []
 
-    async def handle(process: Any) -> None:
-        commands.append(process.command)
-        proc = await asyncio.create_subprocess_shell(
-            process.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-        process.stdout.write(out.decode())
-        process.stderr.write(err.decode())
-        process.exit(proc.returncode or 0)
-
-    class KeyOnly(asyncssh.SSHServer):  # type: ignore[misc]
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return bool(key.public_data == client_key.public_data)
-
-    async def scenario() -> list[Any]:
-        server = await asyncssh.create_server(
-            KeyOnly, "127.0.0.1", 0, process_factory=handle,
-            server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")])
-        port = server.sockets[0].getsockname()[1]
-        shell = telemetry.NodeShell(host="127.0.0.1", port=port, username="tw",
-                                    key_file=str(key_file), verify_host_key=False)
-        stranger = telemetry.NodeShell(host="127.0.0.1", port=port, username="tw",
-                                       key_file=None, verify_host_key=True)
-        params = telemetry.OpenVPNTelemetry(node="ssh-node", ssh=shell,
-                                            management_socket=str(ovpn.management_socket))
-        try:
-            return [
+    async def scenario() -> tuple[list[Any], list[str]]:
+        async with command_server(client_key=client_key) as sshd:
+            shell = telemetry.NodeShell(host="127.0.0.1", port=sshd.port, username="tw",
+                                        key_file=str(key_file), verify_host_key=False)
+            stranger = telemetry.NodeShell(host="127.0.0.1", port=sshd.port, username="tw",
+                                           key_file=None, verify_host_key=True)
+            params = telemetry.OpenVPNTelemetry(node="ssh-node", ssh=shell,
+                                                management_socket=str(ovpn.management_socket))
+            results = [
                 await execute(telemetry.OPENVPN, params, 5.0),
                 # host key not in any known_hosts: refused before a command runs
                 await execute(telemetry.OPENVPN, telemetry.OpenVPNTelemetry(
@@ -164,11 +141,9 @@ def test_telemetry_over_ssh_with_key_auth(lab: Any, tmp_path: Path) -> None:
                 await execute(telemetry.OPENVPN, telemetry.OpenVPNTelemetry(
                     node="ssh-node", ssh=shell, management_socket=str(tmp_path / "none")), 5.0),
             ]
-        finally:
-            server.close()
-            await server.wait_closed()
+            return results, sshd.commands
 
-    ok, unverified, missing = asyncio.run(scenario())
+    (ok, unverified, missing), commands = asyncio.run(scenario())
     assert ok.ok and ok.facts["node_active_peers"] == 0, ok
     assert ok.facts["node_reconnects_total"] == 0
     assert not unverified.ok and unverified.reason is Reason.PROBE_ERROR, unverified

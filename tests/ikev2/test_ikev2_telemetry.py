@@ -16,6 +16,7 @@ from probes.checks.ikev2 import Ikev2Params, run_level
 from probes.checks.ikev2_telemetry import TelemetryError, collect_local, parse_list_sas
 from probes.protocols.ikev2.initiator import AuthCompleted, ChildRequest, Initiator, InitiatorConfig
 from probes.protocols.ikev2.proposals import parse_ike_proposals
+from tests.sshd import command_server
 
 pytestmark = pytest.mark.ikev2
 
@@ -121,45 +122,22 @@ def test_counts_follow_the_responder(lab: Any) -> None:
 def test_counts_over_ssh(lab: Any) -> None:
     """asyncssh client against an in-process asyncssh server (sshd is not installed here) that
     runs the command for real: ``swanctl --list-sas --uri ...`` against the lab's charon."""
-    import asyncssh
-
     from probes.checks.ikev2_telemetry import collect_ssh
 
     node = lab.add_host("node")
     ike = lab.start_strongswan(node)
-    commands: list[str] = []
 
-    class AnyUser(asyncssh.SSHServer):  # type: ignore[misc]
-        def begin_auth(self, username: str) -> bool:
-            return False  # no authentication needed: loopback, test only
-
-    async def handle(process: Any) -> None:
-        commands.append(process.command)
-        proc = await asyncio.create_subprocess_shell(
-            process.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-        process.stdout.write(out.decode())
-        process.stderr.write(err.decode())
-        process.exit(proc.returncode or 0)
-
-    async def scenario() -> tuple[int, str]:
-        server = await asyncssh.create_server(
-            AnyUser, "127.0.0.1", 0, process_factory=handle,
-            server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")])
-        port = server.sockets[0].getsockname()[1]
-        try:
+    async def scenario() -> tuple[int, str, list[str]]:
+        async with command_server() as sshd:
             counts = await collect_ssh("127.0.0.1", vici_uri=f"unix://{ike.vici_socket}",
-                                       username="probe", port=port, known_hosts=None)
+                                       username="probe", port=sshd.port, known_hosts=None)
             try:
                 await collect_ssh("127.0.0.1", vici_uri="unix:///nonexistent.vici",
-                                  username="probe", port=port, known_hosts=None)
+                                  username="probe", port=sshd.port, known_hosts=None)
             except TelemetryError as exc:
-                return counts.ike_sas, str(exc)
-            return counts.ike_sas, ""
-        finally:
-            server.close()
-            await server.wait_closed()
+                return counts.ike_sas, str(exc), sshd.commands
+            return counts.ike_sas, "", sshd.commands
 
-    ike_sas, error = asyncio.run(scenario())
+    ike_sas, error, commands = asyncio.run(scenario())
     assert ike_sas == 0 and commands[0].startswith("swanctl --list-sas --uri unix://")
     assert "exited" in error

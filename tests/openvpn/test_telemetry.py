@@ -23,6 +23,7 @@ from probes.checks.openvpn_telemetry import (
 from probes.lab import Lab
 from probes.lab.topology import wait_for
 from tests.openvpn.test_lab_openvpn import params_for, probe
+from tests.sshd import command_server
 
 pytestmark = pytest.mark.openvpn
 
@@ -125,39 +126,15 @@ def test_management_interface_of_a_real_server(lab: Lab) -> None:
 
 
 async def _ssh_round_trip(socket_path: str) -> Any:
-    """An in-process asyncssh server on 127.0.0.1 runs the command with ``sh -c`` (no sshd
+    """An in-process SSH server (tests/sshd.py) runs the command with ``sh -c`` (no sshd
     here), so the SSH path is exercised end to end against the real management socket."""
     import asyncssh
 
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
-
-    async def handle(process: asyncssh.SSHServerProcess[str]) -> None:
-        proc = await asyncio.create_subprocess_shell(
-            str(process.command), stdout=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
-        process.stdout.write(out.decode())
-        process.exit(proc.returncode or 0)
-
-    class _Server(asyncssh.SSHServer):
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return key.public_data == client_key.public_data
-
-    server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[host_key],
-                                          process_factory=handle)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        return await read_management_ssh("127.0.0.1", socket_path, port=port, username="probe",
-                                         client_keys=[client_key], known_hosts=None, timeout=10)
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with command_server(client_key=client_key) as sshd:
+        return await read_management_ssh("127.0.0.1", socket_path, port=sshd.port,
+                                         username="probe", client_keys=[client_key],
+                                         known_hosts=None, timeout=10)
 
 
 @pytest.mark.lab

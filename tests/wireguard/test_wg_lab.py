@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from probes.checks.wireguard_telemetry import collect_local
 from probes.cli import main
 from probes.lab import Host, Lab, WgPeer, wg_keypair, wg_psk
 from probes.model import Reason
+from tests.sshd import ThreadedCommandServer
 
 pytestmark = [pytest.mark.wireguard, pytest.mark.lab]
 
@@ -175,68 +174,12 @@ def test_under_load_cookie_then_mac2_succeeds(wg_lab: Setup) -> None:
 # --- identity tooling, telemetry and the one-shot CLI against the real server -----------------
 
 
-class _FakeSshd:
-    """An in-process SSH server (asyncssh) standing in for sshd, which is not installed here.
-
-    It runs each command for real with ``sh -c`` inside the node's namespace, with the channel's
-    stdin, so provisioning is exercised end to end against wireguard-go."""
-
-    def __init__(self, ns: str) -> None:
-        import asyncssh
-
-        self.ns = ns
-        self.commands: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._key = asyncssh.generate_private_key("ssh-ed25519")
-        self.port = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "fake sshd did not start"
-
-    def _run(self) -> None:
-        import asyncssh
-
-        class NoAuth(asyncssh.SSHServer):  # type: ignore[misc]
-            def begin_auth(self, username: str) -> bool:
-                return False
-
-        async def handle(process: Any) -> None:
-            command = process.command or ""
-            self.commands.append(command)
-            data = await process.stdin.read() if "/dev/stdin" in command else ""
-            done = await asyncio.to_thread(
-                subprocess.run, ["ip", "netns", "exec", self.ns, "sh", "-c", command],
-                input=data, capture_output=True, text=True, check=False)
-            process.stdout.write(done.stdout)
-            process.stderr.write(done.stderr)
-            process.exit(done.returncode)
-
-        async def main() -> None:
-            server = await asyncssh.create_server(
-                NoAuth, "127.0.0.1", 0, server_host_keys=[self._key], process_factory=handle)
-            self.port = server.sockets[0].getsockname()[1]
-            self._server = server
-            self._ready.set()
-
-        self._loop.run_until_complete(main())
-        self._loop.run_forever()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-
 def test_keygen_ssh_provisioning_cli_json_and_telemetry(
         lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
     server = lab.start_wireguard(node)  # no peers yet: keygen provisions ours
-    sshd = _FakeSshd(node.ns)
+    # sshd is not installed: an in-process SSH server runs each command in the node's namespace
+    sshd = ThreadedCommandServer(namespace=node.ns)
     ids = lab.dir / "ids"
     ssh = ["--ssh", "root@127.0.0.1", "--ssh-port", str(sshd.port), "--known-hosts", "none"]
     try:
