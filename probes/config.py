@@ -191,7 +191,7 @@ class Target(Strict, kw_only=True, frozen=True):
     quic: QUICTarget | None = None
     l4: L4Target | None = None
     mtu: MTUTarget | None = None
-    telemetry: TelemetryTarget | None = None
+    telemetry: TelemetryTarget | None = None  # node telemetry reads: metrics, never verdicts
     # check kinds to run against this node; empty = every check its protocols allow
     checks: list[str] = msgspec.field(default_factory=list)
 
