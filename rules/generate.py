@@ -483,6 +483,25 @@ def fleet_alerts() -> list[dict[str, Any]]:
             runbook="fleet.md",
         ),
         alert(
+            "NodeTelemetryUnreadable",
+            # Every vantage's reads of one protocol's telemetry fail: the load-imbalance and
+            # reconnect alerts for that node have gone blind (telemetry never makes a verdict).
+            f"sum by ({NODE_LABELS}, check) "
+            "(rate(tunnelwatch_telemetry_read_failures_total[15m]))\n/\n"
+            f"sum by ({NODE_LABELS}, check) (rate(tunnelwatch_telemetry_reads_total[15m]))\n"
+            "> 0.9",
+            for_="30m",
+            severity="warning",
+            labels={"scope": "node"},
+            summary="A VPN node's own telemetry cannot be read.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }}: "
+                '{{ $value | humanizePercentage }} of the {{ $labels.check }} reads failed in '
+                "the last 15 minutes."
+            ),
+            runbook="fleet.md",
+        ),
+        alert(
             "NodeCertificateExpiry",
             f"min by ({NODE_LABELS}) (tunnelwatch_node_certificate_expiry_timestamp_seconds)"
             " - time() < 14 * 86400",
