@@ -4,15 +4,26 @@ states, polled every ``interval`` (50 ms) on a thread, each change stamped with 
 Times: verdicts carry the mesh's ``decided_at`` (wall clock, the instant the engine decided);
 balancer changes are stamped when a poll first sees them, so they are late by at most one poll
 interval (plus the poll's own duration). Fault times come from the scenario, same clock.
+
+With ``probes=True`` it also taps the mesh's journal (its SQLite database, read-only) for every
+observation the mesh applied: when the probe started and ended at the agent, and when the mesh
+applied it. That splits a detection time into its parts (waiting for a probe slot, the probe
+itself, reporting, deciding, publishing): see :func:`detection_path`. Rows are read within a
+poll or two of their commit, long before a snapshot prunes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from probes.mesh.store import EntryKind
+from probes.model import decode_batch
 
 if TYPE_CHECKING:
     from probes.lab.stack import Stack
@@ -39,6 +50,20 @@ class BalancerEvent:
     op_state: int
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeEvent:
+    """One observation the mesh applied (from its journal)."""
+
+    node: str
+    vantage: str
+    check: str
+    started: float  # agent wall clock at the probe's start
+    ended: float  # started + the probe's duration
+    applied: float  # mesh wall clock when the engine took it (a verdict's decided_at)
+    ok: bool
+    reason: str
+
+
 @dataclass
 class Recorder:
     stack: Stack
@@ -48,6 +73,10 @@ class Recorder:
     nodes: list[dict[str, Any]] = field(default_factory=list)  # latest mesh view, for tables
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> /v1/nodes/{id}
     errors: int = 0
+    probes: bool = False  # tap the mesh journal for every applied observation
+    probe_events: list[ProbeEvent] = field(default_factory=list)
+    _journal: sqlite3.Connection | None = None
+    _journal_id: int = 0
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -61,6 +90,8 @@ class Recorder:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self._journal is not None:
+            self._journal.close()
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -90,6 +121,8 @@ class Recorder:
                                                           v["state"], v["previous"],
                                                           int(v["seq"]), time.time(),
                                                           _why(v.get("reasons", []))))
+                if self.probes:
+                    self._read_journal()
                 if started >= next_view:
                     nodes = self.stack.nodes()
                     details = {n["node"]: self.stack.node_view(n["node"]) for n in nodes}
@@ -101,7 +134,31 @@ class Recorder:
             with contextlib.suppress(ValueError):
                 self._stop.wait(max(0.0, self.interval - (time.time() - started)))
 
+    def _read_journal(self) -> None:
+        if self._journal is None:
+            path = Path(self.stack.dir) / "mesh.db"
+            self._journal = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                            check_same_thread=False)
+        rows = self._journal.execute(
+            "SELECT id, now, payload FROM journal WHERE id > ? AND kind = ? ORDER BY id",
+            (self._journal_id, EntryKind.BATCH.value)).fetchall()
+        events = []
+        for row_id, now, payload in rows:
+            self._journal_id = max(self._journal_id, int(row_id))
+            for o in decode_batch(bytes(payload)).observations:
+                events.append(ProbeEvent(o.node, o.vantage, o.check, o.wall_time,
+                                         o.wall_time + o.duration_seconds, float(now), o.ok,
+                                         o.reason.value))
+        if events:
+            with self._lock:
+                self.probe_events.extend(events)
+
     # ------------------------------------------------------------------ queries
+
+    def probes_of(self, node: str, start: float, end: float) -> list[ProbeEvent]:
+        """Observations of ``node`` the mesh applied in [start, end], in order of application."""
+        with self._lock:
+            return [p for p in self.probe_events if p.node == node and start <= p.applied <= end]
 
     def first_verdict(self, node: str, state: str, after: float) -> VerdictEvent | None:
         with self._lock:
@@ -137,7 +194,9 @@ class Recorder:
         for view in detail.get("vantages", {}).values():
             for name, check in view.get("checks", {}).items():
                 if check.get("effective") == "DOWN":
-                    failing.add(f"{name}={check.get('reason', '?')}")
+                    # a check held down by flap damping (RFC 2439) says so: it is not failing
+                    damped = " (damped)" if check.get("suppressed_until") is not None else ""
+                    failing.add(f"{name}={check.get('reason', '?')}{damped}")
                 elif check.get("quality_breach"):
                     failing.add(f"{name}=quality")
         return sorted(failing)
@@ -154,3 +213,45 @@ def _why(reasons: list[dict[str, Any]]) -> str:
             text += f" ({r['note']})"
         parts.append(text)
     return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectionPath:
+    """Where the time from a fault (or repair) to the verdict went, from the journal tap.
+
+    All figures in seconds from the fault; ``None`` when the tap saw nothing to explain."""
+
+    first_result: float | None  # the first probe result showing the change ended (any vantage)
+    deciding_result: float | None  # the probe whose report tipped the verdict ended
+    deciding_started: float | None  # ... and started (the wait for its slot, from the fault)
+    applied: float | None  # the mesh applied that report (= the verdict, decided at ingest)
+    results: int  # results showing the change the mesh applied before the verdict
+    reasons: str  # their reasons, counted: "icmp-unreachable x4, timeout x1"
+
+    @property
+    def reporting(self) -> float | None:
+        """Deciding probe's end -> the mesh applied its report (agent spool, batching, POST)."""
+        if self.applied is None or self.deciding_result is None:
+            return None
+        return self.applied - self.deciding_result
+
+
+def detection_path(rec: Recorder, node: str, fault_at: float, verdict_at: float | None,
+                   ok: bool) -> DetectionPath:
+    """Split fault -> verdict for ``node``: the probe results with outcome ``ok`` the mesh
+    applied between the fault and the verdict, and the one(s) applied at the verdict's instant."""
+    if verdict_at is None:
+        return DetectionPath(None, None, None, None, 0, "")
+    shown = [p for p in rec.probes_of(node, fault_at, verdict_at + 1e-3)
+             if p.ok == ok and p.ended >= fault_at]
+    deciding = [p for p in shown if abs(p.applied - verdict_at) < 1e-3]
+    counts: dict[str, int] = {}
+    for p in shown:
+        counts[p.reason] = counts.get(p.reason, 0) + 1
+    reasons = ", ".join(f"{r} x{n}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
+    if not deciding:
+        return DetectionPath(min((p.ended for p in shown), default=fault_at) - fault_at
+                             if shown else None, None, None, None, len(shown), reasons)
+    last = max(deciding, key=lambda p: p.ended)
+    return DetectionPath(min(p.ended for p in shown) - fault_at, last.ended - fault_at,
+                         last.started - fault_at, last.applied - fault_at, len(shown), reasons)
