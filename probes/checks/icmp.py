@@ -15,7 +15,8 @@ Three kernel facilities do the work without root:
 
 :class:`DatagramProbe` is the one socket driver for UDP and ICMP probes: a non-blocking connected
 socket whose readability callback drains the error queue first, then the data, each datagram
-stamped by the kernel; replies are handed to a callback, errors to another.
+stamped by the kernel; replies are handed to a callback, errors to another. The error-queue and
+timestamp ancillary data are parsed by :mod:`probes.checks.errqueue`.
 """
 
 from __future__ import annotations
@@ -29,23 +30,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from probes.checks.errqueue import (
+    ICMP_ORIGINS,
+    Ancillary,
+    enable_error_queue,
+    enable_receive_timestamps,
+    kernel_timestamp_ns,
+    parse_extended_error,
+)
 from probes.model import Reason
-
-# linux/in.h, asm-generic/socket.h, linux/errqueue.h: not all exported by the socket module
-IP_RECVERR = 11
-IPV6_RECVERR = 25
-SO_TIMESTAMPNS = 35
-SO_EE_ORIGIN_LOCAL = 1
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
 
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
 ICMP_ECHO_REQUEST = 8
 ICMP_TIME_EXCEEDED = 11
 
-_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
-_TIMESPEC = struct.Struct("=qq")
 _ICMP_HEADER = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 _ANCILLARY = 256
 _MAX_DATAGRAM = 65535
@@ -133,34 +132,23 @@ class QueuedError:
 
     @property
     def reason(self) -> Reason:
-        if self.origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+        if self.origin in ICMP_ORIGINS:
             return Reason.ICMP_UNREACHABLE
         return reason_for_errno(self.err)
 
     def describe(self) -> str:
         name = errno.errorcode.get(self.err, str(self.err))
-        if self.origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+        if self.origin in ICMP_ORIGINS:
             return f"{name} (ICMP type {self.icmp_type} code {self.icmp_code})"
         return name
 
 
-def parse_errqueue(ancdata: list[tuple[int, int, bytes]]) -> QueuedError | None:
-    for level, kind, payload in ancdata:
-        ours = (level == socket.IPPROTO_IP and kind == IP_RECVERR) or (
-            level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR)
-        if ours and len(payload) >= _EXTENDED_ERR.size:
-            err, origin, icmp_type, icmp_code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(
-                payload)
-            return QueuedError(err, origin, icmp_type, icmp_code)
-    return None
-
-
-def kernel_timestamp_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
-            seconds, nanos = _TIMESPEC.unpack_from(payload)
-            return int(seconds) * 1_000_000_000 + int(nanos)
-    return None
+def parse_errqueue(ancdata: Ancillary) -> QueuedError | None:
+    """The entry in one ``MSG_ERRQUEUE`` message's ancillary data, or None."""
+    entry = parse_extended_error(ancdata)
+    if entry is None:
+        return None
+    return QueuedError(entry.err, entry.origin, entry.icmp_type, entry.icmp_code)
 
 
 def reason_for_errno(err: int) -> Reason:
@@ -218,11 +206,8 @@ class DatagramProbe:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            enable_error_queue(sock)
+            enable_receive_timestamps(sock)
         except BaseException:
             sock.close()
             raise

@@ -41,6 +41,14 @@ from typing import Any
 import msgspec
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.errqueue import (
+    SO_EE_ORIGIN_ICMP,
+    SO_EE_ORIGIN_ICMP6,
+    SO_EE_ORIGIN_LOCAL,
+    Ancillary,
+    enable_error_queue,
+    parse_extended_error,
+)
 from probes.checks.icmp import (
     IcmpParseError,
     build_echo_request,
@@ -52,22 +60,16 @@ from probes.checks.l4 import resolve
 from probes.config import Target
 from probes.model import Reason
 
-# linux/in.h, linux/in6.h, linux/errqueue.h (not all exported by `socket`)
+# linux/in.h, linux/in6.h (not all exported by `socket`)
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_PROBE = 3
-IP_RECVERR = 11
 IP_MTU = 14
 IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_PROBE = 3
-IPV6_RECVERR = 25
 IPV6_MTU = 24
-SO_EE_ORIGIN_LOCAL = 1
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
 ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, ICMP_FRAG_NEEDED = 3, 3, 4
 ICMP6_DST_UNREACH, ICMP6_PORT_UNREACH, ICMP6_PACKET_TOO_BIG = 1, 4, 2
 
-_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
 _HEADER_V4 = 20 + 8
 _HEADER_V6 = 40 + 8
 _MAGIC = b"twmtu"
@@ -123,22 +125,17 @@ def parse_token(data: bytes) -> tuple[int, int] | None:
     return (seq, size) if magic == _MAGIC else None
 
 
-def parse_error_report(data: bytes, ancdata: list[tuple[int, int, bytes]],
+def parse_error_report(data: bytes, ancdata: Ancillary,
                        token_offset: int = 0) -> ErrorReport | None:
     """An :class:`ErrorReport` from one ``recvmsg(MSG_ERRQUEUE)`` result, or None.
 
     ``data`` is the start of the offending datagram's payload: the UDP payload for a UDP socket,
     the ICMP header and body for an ICMP socket (``token_offset`` 8 skips the header)."""
-    for level, kind, payload in ancdata:
-        if (level, kind) not in ((socket.IPPROTO_IP, IP_RECVERR),
-                                 (socket.IPPROTO_IPV6, IPV6_RECVERR)):
-            continue
-        if len(payload) < _EXTENDED_ERR.size:
-            continue
-        err, origin, icmp_type, icmp_code, _pad, info, _data = _EXTENDED_ERR.unpack_from(payload)
-        return ErrorReport(err, origin, icmp_type, icmp_code, info,
-                           parse_token(data[token_offset:]))
-    return None
+    entry = parse_extended_error(ancdata)
+    if entry is None:
+        return None
+    return ErrorReport(entry.err, entry.origin, entry.icmp_type, entry.icmp_code, entry.info,
+                       parse_token(data[token_offset:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +252,9 @@ class MtuProber:
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            enable_error_queue(sock)
             sock.connect(address)
         except OSError as exc:
             sock.close()

@@ -9,6 +9,8 @@ the kernel that only ``recvmsg`` gives:
 * ``SO_TIMESTAMPNS``: the kernel's receive time of each datagram, so an RTT does not include the
   time the event loop took to notice the packet.
 
+Both are parsed by :mod:`probes.checks.errqueue`.
+
 Usage::
 
     async with await UdpEndpoint.open(host, port) as udp:
@@ -22,23 +24,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from types import TracebackType
 
+from probes.checks.errqueue import (
+    ICMP_ORIGINS,
+    SO_EE_ORIGIN_ICMP6,
+    Ancillary,
+    enable_error_queue,
+    enable_receive_timestamps,
+    kernel_timestamp_ns,
+    parse_extended_error,
+)
 from probes.model import Reason
 
-# linux/errqueue.h, linux/in.h, linux/in6.h, asm-generic/socket.h (not all exported by `socket`)
-IP_RECVERR = 11
-IPV6_RECVERR = 25
-SO_TIMESTAMPNS = 35
-SO_EE_ORIGIN_LOCAL = 1
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
-
-_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
-_TIMESPEC = struct.Struct("=qq")
 _MAX_DATAGRAM = 65535
 _ANCILLARY = 512
 
@@ -72,7 +72,7 @@ class IcmpError(OSError):
 
     @property
     def from_icmp(self) -> bool:
-        return self.origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6) or (
+        return self.origin in ICMP_ORIGINS or (
             self.origin == 0 and self.errno == errno.ECONNREFUSED)
 
     @property
@@ -88,7 +88,7 @@ class IcmpError(OSError):
 def describe_icmp(err: int, origin: int, icmp_type: int | None, icmp_code: int | None,
                   offender: str | None) -> str:
     text = errno.errorcode.get(err, str(err))
-    if origin in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+    if origin in ICMP_ORIGINS:
         family = "ICMPv6" if origin == SO_EE_ORIGIN_ICMP6 else "ICMP"
         text += f" ({family} type {icmp_type} code {icmp_code}"
         text += f" from {offender})" if offender else ")"
@@ -109,40 +109,14 @@ def round_trip_seconds(sent: SendStamp, received: Datagram) -> float:
     return monotonic_rtt
 
 
-def _parse_offender(family: int, raw: bytes) -> str | None:
-    # SO_EE_OFFENDER: a sockaddr right after sock_extended_err
-    try:
-        if family == socket.AF_INET and len(raw) >= 8:
-            return socket.inet_ntop(socket.AF_INET, raw[4:8])
-        if family == socket.AF_INET6 and len(raw) >= 24:
-            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def parse_error_queue_message(ancdata: list[tuple[int, int, bytes]]) -> IcmpError | None:
+def parse_error_queue_message(ancdata: Ancillary) -> IcmpError | None:
     """Turn the ancillary data of one MSG_ERRQUEUE message into an :class:`IcmpError`."""
-    for level, kind, payload in ancdata:
-        is_v4 = level == socket.IPPROTO_IP and kind == IP_RECVERR
-        is_v6 = level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR
-        if not (is_v4 or is_v6) or len(payload) < _EXTENDED_ERR.size:
-            continue
-        err, origin, icmp_type, icmp_code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(payload)
-        family = socket.AF_INET6 if origin == SO_EE_ORIGIN_ICMP6 else socket.AF_INET
-        offender = _parse_offender(family, payload[_EXTENDED_ERR.size:])
-        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
-            return IcmpError(err, origin)
-        return IcmpError(err, origin, icmp_type, icmp_code, offender)
-    return None
-
-
-def _kernel_timestamp(ancdata: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
-            seconds, nanos = _TIMESPEC.unpack_from(payload)
-            return int(seconds) * 1_000_000_000 + int(nanos)
-    return None
+    entry = parse_extended_error(ancdata)
+    if entry is None:
+        return None
+    if not entry.from_icmp:  # a local error: type and code mean nothing
+        return IcmpError(entry.err, entry.origin)
+    return IcmpError(entry.err, entry.origin, entry.icmp_type, entry.icmp_code, entry.offender)
 
 
 class UdpEndpoint:
@@ -165,11 +139,8 @@ class UdpEndpoint:
         sock = socket.socket(family, socket.SOCK_DGRAM, proto)
         try:
             sock.setblocking(False)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            enable_error_queue(sock)
+            enable_receive_timestamps(sock)
             if local_port:
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local_port))  # noqa: S104
             sock.connect(address)
@@ -234,7 +205,7 @@ class UdpEndpoint:
             except OSError as exc:
                 self._queue.put_nowait(self._drain_error_queue() or IcmpError(exc.errno or 0))
                 return
-            self._queue.put_nowait(Datagram(data, time.monotonic(), _kernel_timestamp(ancdata)))
+            self._queue.put_nowait(Datagram(data, time.monotonic(), kernel_timestamp_ns(ancdata)))
 
     def close(self) -> None:
         if self._closed:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.checks import icmp
+from probes.checks import errqueue, icmp
 from probes.model import Reason
 
 pytestmark = pytest.mark.l4
@@ -37,13 +37,13 @@ def test_reply_and_quoted_error_parse() -> None:
 
 
 def test_errqueue_entry_maps_to_reason() -> None:
-    payload = struct.pack("=IBBBBII", 111, icmp.SO_EE_ORIGIN_ICMP, 3, 3, 0, 0, 0)
-    entry = icmp.parse_errqueue([(socket.IPPROTO_IP, icmp.IP_RECVERR, payload)])
+    payload = struct.pack("=IBBBBII", 111, errqueue.SO_EE_ORIGIN_ICMP, 3, 3, 0, 0, 0)
+    entry = icmp.parse_errqueue([(socket.IPPROTO_IP, errqueue.IP_RECVERR, payload)])
     assert entry is not None and entry.reason is Reason.ICMP_UNREACHABLE
-    local = struct.pack("=IBBBBII", 113, icmp.SO_EE_ORIGIN_LOCAL, 0, 0, 0, 0, 0)
-    entry = icmp.parse_errqueue([(socket.IPPROTO_IP, icmp.IP_RECVERR, local)])
+    local = struct.pack("=IBBBBII", 113, errqueue.SO_EE_ORIGIN_LOCAL, 0, 0, 0, 0, 0)
+    entry = icmp.parse_errqueue([(socket.IPPROTO_IP, errqueue.IP_RECVERR, local)])
     assert entry is not None and entry.reason is Reason.NETWORK_UNREACHABLE
-    assert icmp.parse_errqueue([(socket.IPPROTO_IP, icmp.IP_RECVERR, b"\x00")]) is None
+    assert icmp.parse_errqueue([(socket.IPPROTO_IP, errqueue.IP_RECVERR, b"\x00")]) is None
 
 
 @settings(max_examples=3000)
@@ -60,7 +60,7 @@ def test_parse_icmp_never_crashes(data: bytes) -> None:
 @given(st.binary(max_size=100), st.integers(0, 300), st.integers(0, 300))
 def test_parse_ancillary_never_crashes(payload: bytes, level: int, kind: int) -> None:
     icmp.parse_errqueue([(level, kind, payload)])
-    icmp.kernel_timestamp_ns([(level, kind, payload)])
+    errqueue.kernel_timestamp_ns([(level, kind, payload)])
 
 
 @pytest.mark.slow

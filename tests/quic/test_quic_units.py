@@ -11,7 +11,7 @@ import pytest
 from aioquic.quic.events import ConnectionTerminated
 
 from probes.agent.plan import plan_target
-from probes.checks import mtu, quic
+from probes.checks import errqueue, mtu, quic
 from probes.config import QUICTarget, Target
 from probes.model import Reason
 
@@ -87,27 +87,27 @@ def test_ipv6_target_is_percent_encoded_in_the_path() -> None:
 def _errqueue(origin: int, icmp_type: int, icmp_code: int,
               info: int) -> list[tuple[int, int, bytes]]:
     ext = struct.pack("=IBBBBII", 90, origin, icmp_type, icmp_code, 0, info, 0)
-    return [(socket.IPPROTO_IP, mtu.IP_RECVERR, ext + bytes(16))]
+    return [(socket.IPPROTO_IP, errqueue.IP_RECVERR, ext + bytes(16))]
 
 
 def test_frag_needed_report_carries_mtu_and_probe_token() -> None:
     payload = struct.pack("!5sIH", b"twmtu", 7, 1500) + bytes(20)
-    report = mtu.parse_error_report(payload, _errqueue(mtu.SO_EE_ORIGIN_ICMP, 3, 4, 1400))
+    report = mtu.parse_error_report(payload, _errqueue(errqueue.SO_EE_ORIGIN_ICMP, 3, 4, 1400))
     assert report is not None
     assert report.frag_needed and not report.port_unreachable
     assert (report.info, report.token) == (1400, (7, 1500))
 
 
 def test_port_unreachable_and_packet_too_big_are_told_apart() -> None:
-    port = mtu.parse_error_report(b"", _errqueue(mtu.SO_EE_ORIGIN_ICMP, 3, 3, 0))
+    port = mtu.parse_error_report(b"", _errqueue(errqueue.SO_EE_ORIGIN_ICMP, 3, 3, 0))
     assert port is not None and port.port_unreachable and port.token is None
-    too_big = mtu.parse_error_report(b"", _errqueue(mtu.SO_EE_ORIGIN_ICMP6, 2, 0, 1280))
+    too_big = mtu.parse_error_report(b"", _errqueue(errqueue.SO_EE_ORIGIN_ICMP6, 2, 0, 1280))
     assert too_big is not None and too_big.frag_needed
 
 
 def test_error_report_ignores_other_ancillary_data() -> None:
     assert mtu.parse_error_report(b"", [(socket.SOL_SOCKET, 35, bytes(16))]) is None
-    assert mtu.parse_error_report(b"", [(socket.IPPROTO_IP, mtu.IP_RECVERR, b"\x00")]) is None
+    assert mtu.parse_error_report(b"", [(socket.IPPROTO_IP, errqueue.IP_RECVERR, b"\x00")]) is None
 
 
 def test_search_tries_the_reported_mtu_and_the_size_above_first() -> None:

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
+from probes.checks.errqueue import SO_EE_ORIGIN_ICMP
 from probes.checks.udp import (
-    SO_EE_ORIGIN_ICMP,
     Datagram,
     IcmpError,
     SendStamp,
