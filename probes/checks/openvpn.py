@@ -52,7 +52,7 @@ from probes.checks.base import (
     Tier,
     register,
 )
-from probes.checks.tunnel import echo_quality, judge_echoes
+from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
@@ -596,17 +596,6 @@ def echo_with_seq(template: bytes, seq: int) -> bytes:
     icmp[2:4] = b"\x00\x00"
     icmp[2:4] = (~_ones_complement_sum(bytes(icmp)) & 0xFFFF).to_bytes(2, "big")
     return template[:header] + bytes(icmp)
-
-
-def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
-    """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        return None
-    header = (packet[0] & 0x0F) * 4
-    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
-        return None
-    return (int.from_bytes(packet[header + 4:header + 6], "big"),
-            int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
 def _tunnel_result(probe: _Probe, quality: Quality) -> CheckResult:

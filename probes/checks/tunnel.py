@@ -3,7 +3,8 @@
 A session check (WireGuard, OpenVPN, ...) sends K echoes through the tunnel it set up and hands
 the round-trip times here: :func:`echo_quality` turns them into a :class:`Quality`, and
 :func:`judge_echoes` decides — no reply at all is ``tunnel-no-reply`` (the data plane is
-broken while the handshake works), then the loss and RTT bounds.
+broken while the handshake works), then the loss and RTT bounds. :func:`parse_echo_reply` reads
+the echo replies out of the decrypted inner IPv4 packets.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from collections.abc import Sequence
 
 from probes.checks.base import CheckResult, Fact, Stopwatch
 from probes.model import Quality, Reason
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    header = (packet[0] & 0x0F) * 4
+    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
+        return None
+    return (int.from_bytes(packet[header + 4:header + 6], "big"),
+            int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
 def echo_quality(sent: int, rtts: Sequence[float]) -> Quality:

@@ -33,7 +33,7 @@ import msgspec
 from scapy.layers.inet import ICMP, IP
 
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
-from probes.checks.tunnel import echo_quality, judge_echoes
+from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
 from probes.model import Quality, Reason
@@ -326,17 +326,6 @@ class _Probe:
     def close(self) -> None:
         if self.udp is not None:
             self.udp.close()
-
-
-def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
-    """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        return None
-    header = (packet[0] & 0x0F) * 4
-    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
-        return None
-    return (int.from_bytes(packet[header + 4:header + 6], "big"),
-            int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
 async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
