@@ -19,7 +19,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -488,16 +488,27 @@ def parse_yaml(text: str, struct: type[S], source: str = "<config>") -> tuple[S,
         raise ConfigError(source, [Problem(path, message, _line_for(path, lines))]) from None
 
 
-def load_agent_config(path: str | Path) -> AgentConfig:
-    """Load and fully validate an agent config file."""
+def load_config_file(path: str | Path, struct: type[S],
+                     problems: Callable[[S, Path], Iterable[Problem]]) -> tuple[S, Path]:
+    """Read, parse and validate a config file of any kind: the agent's, the mesh's, the
+    receiver's. ``problems(config, folder)`` checks what types cannot; every problem found is
+    raised together in one :class:`ConfigError`, each with its line. Returns the config and the
+    folder its relative file paths resolve against."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(str(p), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
-    cfg, lines = parse_yaml(text, AgentConfig, str(p))
-    problems = cfg.problems(p.parent.resolve())
-    if problems:
+    cfg, lines = parse_yaml(text, struct, str(p))
+    base = p.parent.resolve()
+    found = list(problems(cfg, base))
+    if found:
         raise ConfigError(str(p), [Problem(q.path, q.message, _line_for(q.path, lines))
-                                   for q in problems])
+                                   for q in found])
+    return cfg, base
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Load and fully validate an agent config file."""
+    cfg, _base = load_config_file(path, AgentConfig, AgentConfig.problems)
     return cfg

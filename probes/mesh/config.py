@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from probes.config import ConfigError, Problem, Strict, _line_for, parse_yaml, resolve_path
+from probes.config import Problem, Strict, load_config_file, resolve_path
 from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
@@ -166,18 +166,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
 
 def load_mesh_config(path: str | Path) -> MeshConfig:
     """Load and fully validate a mesh config; relative file paths resolve against its folder."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(str(p), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
-    cfg, lines = parse_yaml(text, MeshConfig, str(p))
-    base = p.parent.resolve()
-    problems = list(_problems(cfg, base))
-    if problems:
-        raise ConfigError(
-            str(p), [Problem(q.path, q.message, _line_for(q.path, lines)) for q in problems]
-        )
+    cfg, base = load_config_file(path, MeshConfig, _problems)
     return with_base_dir(cfg, base)
 
 

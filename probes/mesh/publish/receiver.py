@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from probes.config import ConfigError, Problem, Strict, _line_for, parse_yaml, resolve_path
+from probes.config import Problem, Strict, load_config_file, resolve_path
 from probes.mesh import signing
 from probes.mesh.publish.base import PermanentError, PublishError
 from probes.mesh.publish.config import HAProxyConfig, haproxy_problems
@@ -86,18 +86,7 @@ def _problems(cfg: ReceiverConfig, base: Path) -> list[Problem]:
 
 
 def load_receiver_config(path: str | Path) -> tuple[ReceiverConfig, Path]:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(str(p), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
-    cfg, lines = parse_yaml(text, ReceiverConfig, str(p))
-    base = p.parent.resolve()
-    problems = _problems(cfg, base)
-    if problems:
-        raise ConfigError(str(p), [Problem(q.path, q.message, _line_for(q.path, lines))
-                                   for q in problems])
-    return cfg, base
+    return load_config_file(path, ReceiverConfig, _problems)
 
 
 class NodeLedger:
