@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+from tests.labenv import AgentLab
+
 SERVERS = Path(__file__).with_name("servers.py")
 TCP_PORT, UDP_PORT = 7001, 7002
 
 
-@dataclass
-class L4Lab:
-    lab: Any
-    node: Any
-    agent: Any
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine with its sockets inside the agent's namespace."""
-        with self.agent.entered():
-            return asyncio.run(coro)
+class L4Lab(AgentLab):
+    """The node runs the TCP/UDP test servers (SERVERS) on TCP_PORT and UDP_PORT."""
 
 

@@ -7,38 +7,29 @@ servers instead of building a lab each (the failure tests do not change shared s
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.conftest import lab_unavailable
+from tests.labenv import AgentLab
 
-T = TypeVar("T")
 SERVER_NAME = "masque.lab"
 QUIC_PORT, REFUSE_PORT, ALPN_PORT, DEAD_PORT = 4433, 4434, 4435, 4436
 ECHO_PORT = 7003
 
 
 @dataclass
-class QuicLab:
-    lab: Any
-    node: Any
-    agent: Any
+class QuicLab(AgentLab):
     gone: Any  # a host whose link the tests may cut
     far: Any  # a second UDP echo target, behind a link the tests may make lossy
     ca_file: Path
     other_ca_file: Path  # a CA that did not sign the server certificate
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine with its sockets inside the agent's namespace."""
-        with self.agent.entered():
-            return asyncio.run(coro)
 
 
 def _wait_ready(log: Path, proc: Any, timeout: float = 15.0) -> None:
@@ -88,15 +79,8 @@ def quiclab() -> Iterator[QuicLab]:
         yield QuicLab(lab, node, agent, gone, far, lab.pki().ca_file, other.ca_file)
 
 
-@dataclass
-class MtuLab:
-    lab: Any
-    node: Any
-    agent: Any
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        with self.agent.entered():
-            return asyncio.run(coro)
+class MtuLab(AgentLab):
+    """The node runs a UDP echo on ECHO_PORT; tests lower the path MTU or black-hole it."""
 
 
 @pytest.fixture(scope="module")
