@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from probes.lab.etcd import block_etcd
-from probes.lab.ha import LEASE_TTL, HACluster, Recorder, check_deliveries
+from probes.lab.ha import LEASE_TTL, HACluster, Recorder, Replica, check_deliveries
 from probes.lab.topology import Lab
 from tests.conftest import lab_unavailable
 
@@ -29,6 +29,27 @@ def ha_lab() -> Iterator[Lab]:
         pytest.skip(reason)
     with Lab("ha") as lab:
         yield lab
+
+
+def _wait_for_deliveries(count: int = 3, timeout: float = 20.0) -> None:
+    """Until the leader has delivered ``count`` verdicts, so the fault that follows lands while
+    it is delivering."""
+    deadline = time.monotonic() + timeout
+    while len(Recorder.deliveries) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _leader_delivering_a_backlog(ha_lab: Lab) -> tuple[HACluster, Replica, Replica]:
+    """Two replicas, 12 rounds posted to 12 nodes and the leader delivering them to a slow
+    receiver (it holds a long backlog in memory): (cluster, leader, follower)."""
+    cluster = HACluster.build(ha_lab, replicas=2, nodes=12)
+    Recorder.delay = 0.1
+    leader = cluster.wait_leader()
+    follower = next(r for r in cluster.replicas if r is not leader)
+    for r in range(12):
+        cluster.post_round(r, nodes=12)
+    _wait_for_deliveries()
+    return cluster, leader, follower
 
 
 def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> None:
@@ -46,9 +67,7 @@ def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> No
         cluster.post_round(r)
     log = cluster.log(first)
     assert len(log) > 10  # the stream really moves verdicts
-    deadline = time.monotonic() + 20
-    while len(Recorder.deliveries) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_deliveries()
     killed_at = time.monotonic()
     cluster.kill(first)
     delivered_before = len(Recorder.deliveries)
@@ -87,15 +106,7 @@ def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> No
 
 
 def test_leader_cut_from_etcd_stops_publishing_before_a_new_one_starts(ha_lab: Lab) -> None:
-    cluster = HACluster.build(ha_lab, replicas=2, nodes=12)
-    Recorder.delay = 0.1  # a slow receiver: the leader holds a long backlog in memory
-    old = cluster.wait_leader()
-    other = next(r for r in cluster.replicas if r is not old)
-    for r in range(12):
-        cluster.post_round(r, nodes=12)
-    deadline = time.monotonic() + 20
-    while len(Recorder.deliveries) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    cluster, old, other = _leader_delivering_a_backlog(ha_lab)
 
     block_etcd(old.host)  # it still reaches the receiver; only etcd is gone
     blocked_at = time.monotonic()
@@ -126,15 +137,7 @@ def test_a_paused_leader_does_not_publish_when_it_resumes(ha_lab: Lab) -> None:
     etcd is reachable and its delivery loop holds verdicts in memory, yet the monotonic fencing
     deadline has passed: its loops are stopped and the gate refuses, so it starts no delivery
     (without both, this test sees the resumed ex-leader deliver again and again)."""
-    cluster = HACluster.build(ha_lab, replicas=2, nodes=12)
-    Recorder.delay = 0.1
-    old = cluster.wait_leader()
-    other = next(r for r in cluster.replicas if r is not old)
-    for r in range(12):
-        cluster.post_round(r, nodes=12)
-    deadline = time.monotonic() + 20
-    while len(Recorder.deliveries) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    cluster, old, other = _leader_delivering_a_backlog(ha_lab)
     assert old.proc is not None
     os.kill(old.proc.pid, signal.SIGSTOP)
     try:
