@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import (
@@ -30,11 +31,13 @@ from grafana_foundation_sdk.builders import (
     table,
     timeseries,
 )
+from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
     DashboardLinkType,
     DataSourceRef,
     DataTransformerConfig,
+    Panel,
     VariableRefresh,
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
@@ -61,33 +64,37 @@ def query(expr: str, legend: str = "", *, instant: bool = False) -> prometheus.D
     return q
 
 
-def ts(
-    title: str, unit: str, *targets: prometheus.Dataquery, desc: str = "", w: int = 12
+def graph(
+    title: str, unit: str, targets: Iterable[prometheus.Dataquery], *, desc: str, w: int = 12
 ) -> timeseries.Panel:
-    panel = timeseries.Panel().title(title).datasource(PROM).unit(unit).height(8).span(w)
-    if desc:
-        panel = panel.description(desc)
+    """A time series of several queries, lettered A, B, ... in order.
+
+    Here and in the other panel builders ``desc`` is required: it is the panel's hover text, and
+    every panel should say what it shows.
+    """
+    panel = timeseries.Panel().title(title).description(desc).datasource(PROM).unit(unit).height(8)
     for ref, t in zip("ABCDEFGH", targets, strict=False):
         panel = panel.with_target(t.ref_id(ref))
-    return panel
+    return panel.span(w)
 
 
-def single(
-    title: str, unit: str, expr: str, legend: str, *, desc: str = "", w: int = 6
-) -> stat.Panel:
-    panel = stat.Panel().title(title).datasource(PROM).unit(unit).height(5).span(w)
-    if desc:
-        panel = panel.description(desc)
-    return panel.with_target(query(expr, legend).ref_id("A"))
+def ts(
+    title: str, unit: str, expr: str, legend: str, *, desc: str, w: int = 12
+) -> timeseries.Panel:
+    """A time series of one query."""
+    return graph(title, unit, [query(expr, legend)], desc=desc, w=w)
+
+
+def single(title: str, unit: str, expr: str, legend: str, *, desc: str, w: int = 6) -> stat.Panel:
+    panel = stat.Panel().title(title).description(desc).datasource(PROM).unit(unit).height(5)
+    return panel.span(w).with_target(query(expr, legend).ref_id("A"))
 
 
 def bars(
-    title: str, unit: str, expr: str, legend: str, *, desc: str = "", w: int = 12
+    title: str, unit: str, expr: str, legend: str, *, desc: str, w: int = 12
 ) -> bargauge.Panel:
-    panel = bargauge.Panel().title(title).datasource(PROM).unit(unit).height(8).span(w)
-    if desc:
-        panel = panel.description(desc)
-    return panel.with_target(query(expr, legend).ref_id("A"))
+    panel = bargauge.Panel().title(title).description(desc).datasource(PROM).unit(unit).height(8)
+    return panel.span(w).with_target(query(expr, legend).ref_id("A"))
 
 
 def matrix(title: str, expr: str, rows: str, cols: str, *, desc: str, unit: str) -> table.Panel:
@@ -108,6 +115,18 @@ def matrix(title: str, expr: str, rows: str, cols: str, *, desc: str, unit: str)
             )
         )
     )
+
+
+# a row, or any panel builder (timeseries, stat, bar gauge, table)
+Item = dashboard.Row | cogbuilder.Builder[Panel]
+
+
+def laid_out(d: dashboard.Dashboard, *items: Item) -> dashboard.Dashboard:
+    """Add rows and panels in reading order: the SDK puts each one on the grid after the one
+    before (width ``span``, wrapping at 24), so the order of ``items`` is the layout."""
+    for item in items:
+        d = d.with_row(item) if isinstance(item, dashboard.Row) else d.with_panel(item)
+    return d
 
 
 def variable(name: str, label: str, expr: str, *, multi: bool = True) -> dashboard.QueryVariable:
@@ -159,6 +178,8 @@ def with_region_pop(d: dashboard.Dashboard) -> dashboard.Dashboard:
 
 # ---------------------------------------------------------------------------- dashboards
 
+SLOS = ("pop-availability", "probe-success", "handshake-errors", "handshake-latency")
+
 
 def burn(slo: str, window: str) -> str:
     """Burn rate = error ratio / error budget (1 = spending exactly the 30 d budget)."""
@@ -166,6 +187,19 @@ def burn(slo: str, window: str) -> str:
         f'slo:sli_error:ratio_rate{window}{{slo="{slo}", {POP}}}\n'
         f'/ on (slo) group_left () (1 - slo:objective:ratio{{slo="{slo}"}})'
     )
+
+
+def burn_rates(window: str, *, desc: str) -> timeseries.Panel:
+    """Every SLO's burn rate over one alert window, one series per PoP and SLO."""
+    targets = (query(burn(s, window), "{{pop}} " + s) for s in SLOS)
+    # "1h" is titled "1 h", the way the descriptions write durations
+    return graph(f"Burn rate, {window[:-1]} {window[-1]} window", "none", targets, desc=desc)
+
+
+def slo_error_ratio(title: str, slo: str, *, desc: str) -> timeseries.Panel:
+    """One SLO's error ratio over the shortest window, per PoP."""
+    expr = f'slo:sli_error:ratio_rate5m{{slo="{slo}", {POP}}}'
+    return ts(title, "percentunit", expr, "{{pop}}", desc=desc)
 
 
 def fleet_overview() -> dashboard.Dashboard:
@@ -176,44 +210,37 @@ def fleet_overview() -> dashboard.Dashboard:
             "Node verdicts by PoP, SLOs and error-budget burn, load spread across nodes.",
         )
     )
-    d = d.with_row(dashboard.Row("Verdicts"))
-    d = d.with_panel(
+    return laid_out(
+        d,
+        dashboard.Row("Verdicts"),
         single(
             "Serving nodes",
             "none",
             f"sum(pop:tunnelwatch_nodes_serving:count{{{POP}}})",
             "serving",
             desc="Nodes UP or DEGRADED (drained nodes are not counted).",
-        )
-    )
-    d = d.with_panel(
+        ),
         single(
             "Nodes down",
             "none",
             f"sum(pop:tunnelwatch_nodes_down:count{{{POP}}})",
             "down",
             desc="Nodes the mesh judges DOWN.",
-        )
-    )
-    d = d.with_panel(
+        ),
         single(
             "Impaired vantages",
             "none",
             "sum(tunnelwatch_mesh_vantage_impaired)",
             "impaired",
             desc="Vantages left out of every vote because they see most of the fleet down.",
-        )
-    )
-    d = d.with_panel(
+        ),
         single(
             "Nodes held by the pool guard",
             "none",
             "sum(tunnelwatch_mesh_pool_guard_holding)",
             "held",
             desc="Failing nodes kept in service because their pool is at its DOWN share.",
-        )
-    )
-    d = d.with_panel(
+        ),
         bars(
             "Nodes by PoP and state",
             "none",
@@ -221,80 +248,50 @@ def fleet_overview() -> dashboard.Dashboard:
             "{{pop}} {{state}}",
             desc="The verdict map: how many nodes of each PoP are in each state right now.",
             w=24,
-        )
-    )
-    d = d.with_row(dashboard.Row("SLOs (30 days)"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("SLOs (30 days)"),
         bars(
             "Error budget remaining",
             "percentunit",
             f"slo:error_budget_remaining:ratio{{{POP}}}",
             "{{pop}} {{slo}}",
             desc="1 = untouched, 0 = spent, below 0 = SLO missed over the last 30 days.",
-        )
-    )
-    d = d.with_panel(
+        ),
         bars(
             "PoP availability (30 d)",
             "percentunit",
             f'1 - slo:sli_error:ratio_rate30d{{slo="pop-availability", {POP}}}',
             "{{pop}}",
             desc="Share of node time not judged DOWN by the mesh. Objective 99.95 %.",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Burn rate, 1 h window",
-            "none",
-            *(query(burn(s, "1h"), "{{pop}} " + s) for s in SLOS),
-            desc="Pages when above 14.4 together with the 5 m window.",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Burn rate, 6 h window",
-            "none",
-            *(query(burn(s, "6h"), "{{pop}} " + s) for s in SLOS),
-            desc="Pages when above 6 together with the 30 m window.",
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        burn_rates("1h", desc="Pages when above 14.4 together with the 5 m window."),
+        burn_rates("6h", desc="Pages when above 6 together with the 30 m window."),
+        slo_error_ratio(
             "Handshake error ratio",
-            "percentunit",
-            query(f'slo:sli_error:ratio_rate5m{{slo="handshake-errors", {POP}}}', "{{pop}}"),
+            "handshake-errors",
             desc="Failed handshakes / attempts (agent-side failures excluded). Budget 0.4 %.",
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        slo_error_ratio(
             "Handshakes slower than 150 ms",
-            "percentunit",
-            query(f'slo:sli_error:ratio_rate5m{{slo="handshake-latency", {POP}}}', "{{pop}}"),
+            "handshake-latency",
             desc="Share of handshakes above the 0.15 s bucket. Budget 1 % (P99 < 150 ms).",
-        )
-    )
-    d = d.with_row(dashboard.Row("Load"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("Load"),
         ts(
             "Active sessions per node",
             "none",
-            query(f"node:tunnelwatch_node_active_peers:sum{{{POP}}}", "{{pop}} {{node}}"),
+            f"node:tunnelwatch_node_active_peers:sum{{{POP}}}",
+            "{{pop}} {{node}}",
             desc="Node telemetry, the largest figure any vantage reports for the node.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Load imbalance (coefficient of variation)",
             "none",
-            query(f"pop:tunnelwatch_node_active_peers:cv{{{POP}}}", "{{pop}}"),
+            f"pop:tunnelwatch_node_active_peers:cv{{{POP}}}",
+            "{{pop}}",
             desc="Standard deviation / mean of active sessions across a PoP's nodes; alert > 0.25.",
-        )
+        ),
     )
-    return d
-
-
-SLOS = ("pop-availability", "probe-success", "handshake-errors", "handshake-latency")
 
 
 def node_detail() -> dashboard.Dashboard:
@@ -311,99 +308,79 @@ def node_detail() -> dashboard.Dashboard:
             "node", "Node", 'label_values(node:tunnelwatch_node_placement:info{pop=~"$pop"}, node)'
         )
     )
-    sel = f"{NODE}"
-    d = d.with_row(dashboard.Row("Verdict and results"))
-    d = d.with_panel(
+    sel = NODE
+    return laid_out(
+        d,
+        dashboard.Row("Verdict and results"),
         ts(
             "Verdict state",
             "none",
-            query(f"node:tunnelwatch_verdict:state{{{sel}}}", "{{node}} {{state}}"),
+            f"node:tunnelwatch_verdict:state{{{sel}}}",
+            "{{node}} {{state}}",
             desc="The mesh's verdict (one series per state the node was in).",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Probe success by vantage",
             "percentunit",
-            query(
-                f"1 - (sum by (vantage) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))\n"
-                f"/ sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}])))",
-                "{{vantage}}",
-            ),
+            f"1 - (sum by (vantage) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))\n"
+            f"/ sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}])))",
+            "{{vantage}}",
             desc="Share of probes that passed, all checks, per vantage.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Failures by reason",
             "ops",
-            query(
-                f"sum by (reason) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))",
-                "{{reason}}",
-            ),
+            f"sum by (reason) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))",
+            "{{reason}}",
             desc="Closed-enum reasons (probes/model.py Reason).",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Check duration P99 by check, whole PoP",
             "s",
-            query(
-                "histogram_quantile(0.99, sum by (le, check) "
-                f"(rate(tunnelwatch_probe_duration_seconds_bucket{{{POP}}}[{RATE}])))",
-                "{{check}}",
-            ),
+            "histogram_quantile(0.99, sum by (le, check) "
+            f"(rate(tunnelwatch_probe_duration_seconds_bucket{{{POP}}}[{RATE}])))",
+            "{{check}}",
             desc="The agent's duration histogram has no node label (bounded series), so this is "
             "the node's PoP. The SLO edge is 0.15 s for handshakes.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Last probe's phases",
             "s",
-            query(
-                f"max by (check, phase) (tunnelwatch_probe_phase_duration_seconds{{{sel}}})",
-                "{{check}} {{phase}}",
-            ),
+            f"max by (check, phase) (tunnelwatch_probe_phase_duration_seconds{{{sel}}})",
+            "{{check}} {{phase}}",
             desc="Where a probe spends its time (connect, handshake, tunnel...), worst vantage.",
             w=24,
-        )
-    )
-    d = d.with_row(dashboard.Row("In-tunnel quality"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("In-tunnel quality"),
         ts(
             "In-tunnel P99 RTT by vantage",
             "s",
-            query(f"tunnelwatch_probe_rtt_p99_seconds{{{sel}}}", "{{vantage}} {{check}}"),
+            f"tunnelwatch_probe_rtt_p99_seconds{{{sel}}}",
+            "{{vantage}} {{check}}",
             desc="P99 round-trip time of the last session probe's exchanges.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "In-tunnel loss (15 m)",
             "percentunit",
-            query(f"node:tunnelwatch_probe_loss:ratio_median15m{{{sel}}}", "{{node}}"),
+            f"node:tunnelwatch_probe_loss:ratio_median15m{{{sel}}}",
+            "{{node}}",
             desc="Median across vantages of in-tunnel session loss; alert above 0.1 %.",
-        )
-    )
-    d = d.with_row(dashboard.Row("Node telemetry"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("Node telemetry"),
         ts(
             "Active sessions",
             "none",
-            query(f"node:tunnelwatch_node_active_peers:sum{{{sel}}}", "{{node}}"),
+            f"node:tunnelwatch_node_active_peers:sum{{{sel}}}",
+            "{{node}}",
             desc="Node telemetry: sessions on the node.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Reconnects per session",
             "ops",
-            query(f"node:tunnelwatch_node_reconnects_per_session:rate15m{{{sel}}}", "{{node}}"),
+            f"node:tunnelwatch_node_reconnects_per_session:rate15m{{{sel}}}",
+            "{{node}}",
             desc="Reconnects per active session per second; alert above 1/600.",
-        )
-    )
-    d = d.with_panel(
+        ),
         single(
             "Certificate expires in",
             "s",
@@ -411,9 +388,8 @@ def node_detail() -> dashboard.Dashboard:
             "expires in",
             w=12,
             desc="Earliest server certificate expiry seen by the TLS-level checks.",
-        )
+        ),
     )
-    return d
 
 
 def vantage_matrix() -> dashboard.Dashboard:
@@ -428,7 +404,8 @@ def vantage_matrix() -> dashboard.Dashboard:
         variable("vantage", "Vantage", "label_values(tunnelwatch_probe_attempts_total, vantage)")
     )
     sel = f"{POP}, {VANTAGE}"
-    d = d.with_panel(
+    return laid_out(
+        d,
         matrix(
             "Probe success: vantages x nodes",
             f"1 - (sum by (vantage, node) (rate(tunnelwatch_probe_failures_total{{{sel}}}[10m]))\n"
@@ -438,76 +415,56 @@ def vantage_matrix() -> dashboard.Dashboard:
             desc="Success ratio over 10 minutes. A whole red row is a vantage problem, "
             "a whole red column a node problem.",
             unit="percentunit",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Impaired vantages",
             "none",
-            query(f"tunnelwatch_mesh_vantage_impaired{{{VANTAGE}}}", "{{vantage}}"),
+            f"tunnelwatch_mesh_vantage_impaired{{{VANTAGE}}}",
+            "{{vantage}}",
             desc="1 = the mesh leaves this vantage out of every vote.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Seconds since the mesh heard from each vantage",
             "s",
-            query(f"tunnelwatch_mesh_vantage_last_report_age_seconds{{{VANTAGE}}}", "{{vantage}}"),
+            f"tunnelwatch_mesh_vantage_last_report_age_seconds{{{VANTAGE}}}",
+            "{{vantage}}",
             desc="A stale vantage is left out of the vote.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Probe attempts per second by vantage",
             "ops",
-            query(
-                f"sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}]))",
-                "{{vantage}}",
-            ),
+            f"sum by (vantage) (rate(tunnelwatch_probe_attempts_total{{{sel}}}[{RATE}]))",
+            "{{vantage}}",
             desc="How much each agent probes; a drop means it is starved.",
-        )
-    )
-    d = d.with_row(dashboard.Row("Agent health"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("Agent health"),
         ts(
             "Spool fill",
             "percentunit",
-            query(
-                f"tunnelwatch_spool_bytes{{{VANTAGE}}}"
-                f" / tunnelwatch_spool_capacity_bytes{{{VANTAGE}}}",
-                "{{vantage}}",
-            ),
+            f"tunnelwatch_spool_bytes{{{VANTAGE}}} / tunnelwatch_spool_capacity_bytes{{{VANTAGE}}}",
+            "{{vantage}}",
             desc="Reports waiting for the mesh; alert above 50 % for 10 minutes.",
             w=8,
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Observations dropped (spool full)",
             "ops",
-            query(
-                "sum by (vantage) "
-                f"(rate(tunnelwatch_spool_dropped_observations_total{{{VANTAGE}}}[{RATE}]))",
-                "{{vantage}}",
-            ),
-            w=8,
+            "sum by (vantage) "
+            f"(rate(tunnelwatch_spool_dropped_observations_total{{{VANTAGE}}}[{RATE}]))",
+            "{{vantage}}",
             desc="Observations lost because the agent's spool was full.",
-        )
-    )
-    d = d.with_panel(
+            w=8,
+        ),
         ts(
             "Scheduler lag P99",
             "s",
-            query(
-                "histogram_quantile(0.99, sum by (le, vantage) "
-                f"(rate(tunnelwatch_scheduler_lag_seconds_bucket{{{VANTAGE}}}[{RATE}])))",
-                "{{vantage}}",
-            ),
+            "histogram_quantile(0.99, sum by (le, vantage) "
+            f"(rate(tunnelwatch_scheduler_lag_seconds_bucket{{{VANTAGE}}}[{RATE}])))",
+            "{{vantage}}",
             desc="How late probes start after their slot; alert when 5 % start 250 ms late.",
             w=8,
-        )
+        ),
     )
-    return d
 
 
 def mesh_and_publisher() -> dashboard.Dashboard:
@@ -522,111 +479,87 @@ def mesh_and_publisher() -> dashboard.Dashboard:
         )
     )
     pub = 'publisher=~"$publisher"'
-    d = d.with_row(dashboard.Row("Ingest and decisions"))
-    d = d.with_panel(
+    return laid_out(
+        d,
+        dashboard.Row("Ingest and decisions"),
         ts(
             "Observations ingested per second",
             "ops",
-            query(f"sum(rate(tunnelwatch_mesh_ingest_observations_total[{RATE}]))", "accepted"),
+            f"sum(rate(tunnelwatch_mesh_ingest_observations_total[{RATE}]))",
+            "accepted",
             desc="Observations in batches the mesh accepted.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Rejected batches by reason",
             "ops",
-            query(
-                f"sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[{RATE}]))",
-                "{{reason}}",
-            ),
+            f"sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[{RATE}]))",
+            "{{reason}}",
             desc="Bad signature, replay, stale timestamp, schema... (alert above 0.01/s).",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Verdict transitions per second",
             "ops",
-            query(
-                f"sum by (to) (rate(tunnelwatch_mesh_verdict_transitions_total[{RATE}]))",
-                "to {{to}}",
-            ),
+            f"sum by (to) (rate(tunnelwatch_mesh_verdict_transitions_total[{RATE}]))",
+            "to {{to}}",
             desc="Verdict changes by new state; a steady stream means flapping.",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Nodes held by the pool guard",
             "none",
-            query("tunnelwatch_mesh_pool_guard_holding", "{{pool}}"),
+            "tunnelwatch_mesh_pool_guard_holding",
+            "{{pool}}",
             desc="Failing nodes kept in service because their pool is at its DOWN share.",
-        )
-    )
-    d = d.with_row(dashboard.Row("Anycast"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("Anycast"),
         ts(
             "Anycast state by PoP",
             "none",
-            query("max by (pop, state) (tunnelwatch_anycast_pop_state) == 1", "{{pop}} {{state}}"),
+            "max by (pop, state) (tunnelwatch_anycast_pop_state) == 1",
+            "{{pop}} {{state}}",
             desc="ANNOUNCED, DRAINED or WITHDRAWN, per PoP (docs/anycast.md).",
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "BGP speakers answering",
             "none",
-            query("tunnelwatch_anycast_speaker_up", "{{pop}}"),
+            "tunnelwatch_anycast_speaker_up",
+            "{{pop}}",
             desc="1 when the PoP's speaker answered the mesh's last call.",
-        )
-    )
-    d = d.with_row(dashboard.Row("Publishing"))
-    d = d.with_panel(
+        ),
+        dashboard.Row("Publishing"),
         ts(
             "Delivered per second",
             "ops",
-            query(
-                "sum by (publisher) "
-                f"(rate(tunnelwatch_publisher_delivered_total{{{pub}}}[{RATE}]))",
-                "{{publisher}}",
-            ),
-            w=8,
+            f"sum by (publisher) (rate(tunnelwatch_publisher_delivered_total{{{pub}}}[{RATE}]))",
+            "{{publisher}}",
             desc="Verdict changes each destination acknowledged.",
-        )
-    )
-    d = d.with_panel(
+            w=8,
+        ),
         ts(
             "Retries per second",
             "ops",
-            query(
-                f"sum by (publisher) (rate(tunnelwatch_publisher_retries_total{{{pub}}}[{RATE}]))",
-                "{{publisher}}",
-            ),
-            w=8,
+            f"sum by (publisher) (rate(tunnelwatch_publisher_retries_total{{{pub}}}[{RATE}]))",
+            "{{publisher}}",
             desc="Failed deliveries that will be retried with backoff.",
-        )
-    )
-    d = d.with_panel(
+            w=8,
+        ),
         ts(
             "Dead-lettered (1 h)",
             "none",
-            query(
-                "sum by (publisher) "
-                f"(increase(tunnelwatch_publisher_dead_lettered_total{{{pub}}}[1h]))",
-                "{{publisher}}",
-            ),
-            w=8,
+            "sum by (publisher) "
+            f"(increase(tunnelwatch_publisher_dead_lettered_total{{{pub}}}[1h]))",
+            "{{publisher}}",
             desc="Verdict changes given up on in the last hour; reconcile repairs it.",
-        )
-    )
-    d = d.with_panel(
+            w=8,
+        ),
         ts(
             "Publisher lag",
             "s",
-            query(f"tunnelwatch_publisher_lag_seconds{{{pub}}}", "{{publisher}}"),
+            f"tunnelwatch_publisher_lag_seconds{{{pub}}}",
+            "{{publisher}}",
             desc="Age of the oldest undelivered verdict change; alert above 60 s for 5 minutes.",
             w=24,
-        )
+        ),
     )
-    return d
 
 
 DASHBOARDS = {

@@ -195,6 +195,14 @@ def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
 
 
+def record(name: str, expr: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"record": name, "expr": expr}
+    if labels:
+        # a copy: PyYAML writes a dict shared by several rules as an &anchor and *aliases
+        rule["labels"] = dict(labels)
+    return rule
+
+
 def alert(
     name: str,
     expr: str,
@@ -219,144 +227,177 @@ def alert(
     return rule
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a plain alert is about: its ``scope`` label and the runbook page that covers it.
+
+    The scope decides both, so an alert names only its scope and what is its own. Series of a
+    ``fleet_wide`` scope (a vantage, the mesh, a publisher, an agent) have no ``pop``; their
+    expressions go through :func:`fleet_pop` so inhibition still has a ``pop`` to compare.
+    """
+
+    label: str
+    runbook: str
+    fleet_wide: bool = False
+
+    def alert(
+        self,
+        name: str,
+        expr: str,
+        *,
+        severity: str,
+        summary: str,
+        description: str,
+        for_: str | None = None,
+    ) -> dict[str, Any]:
+        return alert(
+            name,
+            fleet_pop(expr) if self.fleet_wide else expr,
+            for_=for_,
+            severity=severity,
+            labels={"scope": self.label},
+            summary=summary,
+            description=description,
+            runbook=self.runbook,
+        )
+
+    def critical(
+        self, name: str, expr: str, *, summary: str, description: str, for_: str | None = None
+    ) -> dict[str, Any]:
+        """Pages."""
+        return self.alert(
+            name, expr, severity="critical", summary=summary, description=description, for_=for_
+        )
+
+    def warning(
+        self, name: str, expr: str, *, summary: str, description: str, for_: str | None = None
+    ) -> dict[str, Any]:
+        """Opens a ticket."""
+        return self.alert(
+            name, expr, severity="warning", summary=summary, description=description, for_=for_
+        )
+
+
+POPS = Scope("pop", "fleet.md")
+NODES = Scope("node", "fleet.md")
+VANTAGES = Scope("vantage", "mesh.md", fleet_wide=True)
+# A pool's PoP comes from the placement join; PoolGuardHolding falls back to "fleet" itself.
+POOLS = Scope("pool", "mesh.md")
+MESH = Scope("mesh", "mesh.md", fleet_wide=True)
+PUBLISHERS = Scope("publisher", "publisher.md", fleet_wide=True)
+ANYCAST = Scope("anycast", "anycast.md")
+AGENTS = Scope("agent", "agent.md", fleet_wide=True)
+TARGETS = Scope("target", "agent.md", fleet_wide=True)
+
+
 # ---------------------------------------------------------------------------- recording rules
+
+VERDICT = "node:tunnelwatch_verdict:state"
+
+
+def _pop_nodes(state: str) -> str:
+    """Nodes per PoP whose verdict matches ``state``; ``or 0 * all`` gives a PoP with none 0,
+    not no series."""
+    return (
+        f"sum by ({POP_LABELS}) ({VERDICT}{{{state}}})\nor\n0 * sum by ({POP_LABELS}) ({VERDICT})"
+    )
 
 
 def pop_building_blocks() -> list[dict[str, Any]]:
     """Per-PoP and per-node series the SLOs, alerts and dashboards share."""
-    verdict = "node:tunnelwatch_verdict:state"
     return [
-        {
-            # Where each node belongs, from the agent's series (every planned check is exported
-            # from the start, so this exists as soon as an agent is scraped). The mesh's verdict
-            # series carry node and pool only; this join gives them pop and region.
-            "record": "node:tunnelwatch_node_placement:info",
-            "expr": f"group by ({NODE_LABELS}) (tunnelwatch_probe_attempts_total)",
-        },
-        {
-            # The mesh exports one series per node, value 1, labelled with the current state.
-            # With several replicas (HA), only the leader's view counts; a replica that exports
-            # no tunnelwatch_mesh_leader (a single mesh) counts as it is.
-            "record": verdict,
-            "expr": (
-                "max by (node, pool, state) (\n"
-                "  tunnelwatch_mesh_node_verdict\n"
-                "    and on (job, instance) (tunnelwatch_mesh_leader == 1)\n"
-                "  or\n"
-                "  tunnelwatch_mesh_node_verdict\n"
-                "    unless on (job, instance) tunnelwatch_mesh_leader\n"
-                ")\n"
-                "* on (node, pool) group_left (pop, region)\n"
-                "node:tunnelwatch_node_placement:info"
-            ),
-        },
-        {
-            # "or 0 * total": a PoP with no DOWN node has 0, not no series.
-            "record": "pop:tunnelwatch_nodes_down:count",
-            "expr": (
-                f'sum by ({POP_LABELS}) ({verdict}{{state="DOWN"}})\n'
-                f"or\n0 * sum by ({POP_LABELS}) ({verdict})"
-            ),
-        },
-        {
-            # UP and DEGRADED nodes carry traffic; DRAINING/MAINTENANCE are admin states.
-            "record": "pop:tunnelwatch_nodes_serving:count",
-            "expr": (
-                f'sum by ({POP_LABELS}) ({verdict}{{state=~"UP|DEGRADED"}})\n'
-                f"or\n0 * sum by ({POP_LABELS}) ({verdict})"
-            ),
-        },
-        {
-            # Admin drain is a state, not a failure: drained nodes leave the denominator.
-            "record": "pop:tunnelwatch_node_unavailable:ratio",
-            "expr": (
-                "pop:tunnelwatch_nodes_down:count\n/\n"
-                f'sum by ({POP_LABELS}) ({verdict}{{state!~"DRAINING|MAINTENANCE"}})'
-            ),
-        },
-        {
-            # Sessions on a node, all its protocols: each protocol's telemetry (check) may come
-            # from several vantages, and summing those would double-count, so take the freshest
-            # view (max across vantages) per protocol, then add the protocols up.
-            "record": "node:tunnelwatch_node_active_peers:sum",
-            "expr": (
-                f"sum by ({NODE_LABELS}) (\n"
-                f"  max by ({NODE_LABELS}, check) (tunnelwatch_node_active_peers)\n)"
-            ),
-        },
-        {
-            "record": "pop:tunnelwatch_node_active_peers:cv",
-            "expr": (
-                f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)\n/\n"
-                f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)"
-            ),
-        },
-        {
-            # In-tunnel loss: the agent exports each session probe's loss ratio as a gauge; average
-            # it over 15 minutes per series, then take the median across vantages and checks so
-            # one vantage's bad path does not decide.
-            "record": "node:tunnelwatch_probe_loss:ratio_median15m",
-            "expr": (
-                f"quantile by ({NODE_LABELS}) (0.5,\n"
-                f"  avg_over_time(tunnelwatch_probe_loss_ratio{{{SESSION}}}[15m])\n)"
-            ),
-        },
-        {
-            # In-tunnel latency: median across vantages of each session probe's P99 RTT.
-            "record": "node:tunnelwatch_probe_rtt_p99_seconds:median",
-            "expr": (
-                f"quantile by ({NODE_LABELS}) (0.5, tunnelwatch_probe_rtt_p99_seconds{{{SESSION}}})"
-            ),
-        },
-        {
-            # Reconnects per active session per second (node telemetry: a known client's new
-            # session, or its return after a gap; probes/checks/reconnects.py), per protocol the
-            # max across vantages as above.
-            "record": "node:tunnelwatch_node_reconnects_per_session:rate15m",
-            "expr": (
-                f"sum by ({NODE_LABELS}) (\n"
-                f"  max by ({NODE_LABELS}, check) (rate(tunnelwatch_node_reconnects_total[15m]))\n"
-                f")\n/\n"
-                f"(node:tunnelwatch_node_active_peers:sum > 0)"
-            ),
-        },
+        # Where each node belongs, from the agent's series (every planned check is exported
+        # from the start, so this exists as soon as an agent is scraped). The mesh's verdict
+        # series carry node and pool only; this join gives them pop and region.
+        record(
+            "node:tunnelwatch_node_placement:info",
+            f"group by ({NODE_LABELS}) (tunnelwatch_probe_attempts_total)",
+        ),
+        # The mesh exports one series per node, value 1, labelled with the current state.
+        # With several replicas (HA), only the leader's view counts; a replica that exports
+        # no tunnelwatch_mesh_leader (a single mesh) counts as it is.
+        record(
+            VERDICT,
+            "max by (node, pool, state) (\n"
+            "  tunnelwatch_mesh_node_verdict\n"
+            "    and on (job, instance) (tunnelwatch_mesh_leader == 1)\n"
+            "  or\n"
+            "  tunnelwatch_mesh_node_verdict\n"
+            "    unless on (job, instance) tunnelwatch_mesh_leader\n"
+            ")\n"
+            "* on (node, pool) group_left (pop, region)\n"
+            "node:tunnelwatch_node_placement:info",
+        ),
+        record("pop:tunnelwatch_nodes_down:count", _pop_nodes('state="DOWN"')),
+        # UP and DEGRADED nodes carry traffic; DRAINING/MAINTENANCE are admin states.
+        record("pop:tunnelwatch_nodes_serving:count", _pop_nodes('state=~"UP|DEGRADED"')),
+        # Admin drain is a state, not a failure: drained nodes leave the denominator.
+        record(
+            "pop:tunnelwatch_node_unavailable:ratio",
+            "pop:tunnelwatch_nodes_down:count\n/\n"
+            f'sum by ({POP_LABELS}) ({VERDICT}{{state!~"DRAINING|MAINTENANCE"}})',
+        ),
+        # Sessions on a node, all its protocols: each protocol's telemetry (check) may come
+        # from several vantages, and summing those would double-count, so take the freshest
+        # view (max across vantages) per protocol, then add the protocols up.
+        record(
+            "node:tunnelwatch_node_active_peers:sum",
+            f"sum by ({NODE_LABELS}) (\n"
+            f"  max by ({NODE_LABELS}, check) (tunnelwatch_node_active_peers)\n)",
+        ),
+        record(
+            "pop:tunnelwatch_node_active_peers:cv",
+            f"stddev by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)\n/\n"
+            f"avg by ({POP_LABELS}) (node:tunnelwatch_node_active_peers:sum)",
+        ),
+        # In-tunnel loss: the agent exports each session probe's loss ratio as a gauge; average
+        # it over 15 minutes per series, then take the median across vantages and checks so
+        # one vantage's bad path does not decide.
+        record(
+            "node:tunnelwatch_probe_loss:ratio_median15m",
+            f"quantile by ({NODE_LABELS}) (0.5,\n"
+            f"  avg_over_time(tunnelwatch_probe_loss_ratio{{{SESSION}}}[15m])\n)",
+        ),
+        # In-tunnel latency: median across vantages of each session probe's P99 RTT.
+        record(
+            "node:tunnelwatch_probe_rtt_p99_seconds:median",
+            f"quantile by ({NODE_LABELS}) (0.5, tunnelwatch_probe_rtt_p99_seconds{{{SESSION}}})",
+        ),
+        # Reconnects per active session per second (node telemetry: a known client's new
+        # session, or its return after a gap; probes/checks/reconnects.py), per protocol the
+        # max across vantages as above.
+        record(
+            "node:tunnelwatch_node_reconnects_per_session:rate15m",
+            f"sum by ({NODE_LABELS}) (\n"
+            f"  max by ({NODE_LABELS}, check) (rate(tunnelwatch_node_reconnects_total[15m]))\n"
+            f")\n/\n"
+            f"(node:tunnelwatch_node_active_peers:sum > 0)",
+        ),
     ]
 
 
 def slo_recording_rules(slo: Slo) -> list[dict[str, Any]]:
-    rules: list[dict[str, Any]] = []
-    for w in ALL_WINDOWS:
-        rules.append(
-            {
-                "record": f"slo:sli_error:ratio_rate{w}",
-                "expr": slo.error.replace("{w}", w),
-                "labels": {"slo": slo.name},
-            }
-        )
+    labels = {"slo": slo.name}
+    rules = [
+        record(f"slo:sli_error:ratio_rate{w}", slo.error.replace("{w}", w), labels)
+        for w in ALL_WINDOWS
+    ]
     if slo.total is not None:
-        for w in SHORT_WINDOWS:
-            rules.append(
-                {
-                    "record": f"slo:sli_total:increase{w}",
-                    "expr": slo.total.replace("rate(", "increase(").replace("{w}", w),
-                    "labels": {"slo": slo.name},
-                }
-            )
-    rules.append(
-        {
-            "record": "slo:objective:ratio",
-            "expr": f"vector({_num(slo.objective)})",
-            "labels": {"slo": slo.name},
-        }
-    )
-    rules.append(
-        {
-            "record": "slo:error_budget_remaining:ratio",
-            "expr": f'1 - slo:sli_error:ratio_rate30d{{slo="{slo.name}"}} / {_num(slo.budget)}',
-            "labels": {"slo": slo.name},
-        }
-    )
-    return rules
+        # The low-traffic guard wants event counts: the same sum over increase(), not rate().
+        total = slo.total.replace("rate(", "increase(")
+        rules += [
+            record(f"slo:sli_total:increase{w}", total.replace("{w}", w), labels)
+            for w in SHORT_WINDOWS
+        ]
+    return [
+        *rules,
+        record("slo:objective:ratio", f"vector({_num(slo.objective)})", labels),
+        record(
+            "slo:error_budget_remaining:ratio",
+            f'1 - slo:sli_error:ratio_rate30d{{slo="{slo.name}"}} / {_num(slo.budget)}',
+            labels,
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------- SLO alerts
@@ -401,88 +442,70 @@ def burn_alerts(slo: Slo) -> list[dict[str, Any]]:
 
 def fleet_alerts() -> list[dict[str, Any]]:
     return [
-        alert(
+        POPS.critical(
             "PoPDown",
             "pop:tunnelwatch_nodes_serving:count == 0\n"
             f"and on ({POP_LABELS})\npop:tunnelwatch_nodes_down:count > 0",
             for_="1m",
-            severity="critical",
-            labels={"scope": "pop"},
             summary="Every serving node of a PoP is down.",
             description=(
                 "PoP {{ $labels.pop }} ({{ $labels.region }}) has no node UP or DEGRADED; "
                 "the mesh judges every non-drained node DOWN."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        NODES.warning(
             "NodeDown",
             f'max by ({NODE_LABELS}) (node:tunnelwatch_verdict:state{{state="DOWN"}}) == 1',
             for_="5m",
-            severity="warning",
-            labels={"scope": "node"},
             summary="The mesh judges a VPN node DOWN.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }} (pool {{ $labels.pool }}) "
                 "has been DOWN for 5 minutes."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        POPS.warning(
             "PoPLoadImbalanced",
             "pop:tunnelwatch_node_active_peers:cv > 0.25",
             for_="15m",
-            severity="warning",
-            labels={"scope": "pop"},
             summary="Active sessions are unevenly spread across a PoP's nodes.",
             description=(
                 "PoP {{ $labels.pop }} ({{ $labels.region }}): the coefficient of variation of "
                 'active sessions across its nodes is {{ $value | printf "%.2f" }} (bound 0.25).'
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        NODES.warning(
             "TunnelDropRateHigh",
             "node:tunnelwatch_probe_loss:ratio_median15m > 0.001",
             for_="15m",
-            severity="warning",
-            labels={"scope": "node"},
             summary="In-tunnel packet loss is above 0.1%.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }} drops "
                 "{{ $value | humanizePercentage }} of synthetic in-tunnel packets."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        NODES.warning(
             "TunnelLatencyHigh",
             "node:tunnelwatch_probe_rtt_p99_seconds:median > 0.15",
             for_="15m",
-            severity="warning",
-            labels={"scope": "node"},
             summary="In-tunnel P99 round-trip time is above 150 ms.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }}: median across vantages of the "
                 "in-tunnel P99 RTT is {{ $value | humanizeDuration }}."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        NODES.warning(
             "NodeReconnectionRateHigh",
             # More than one reconnect per session every 10 minutes, sustained.
             "node:tunnelwatch_node_reconnects_per_session:rate15m > (1 / 600)",
             for_="15m",
-            severity="warning",
-            labels={"scope": "node"},
             summary="Clients reconnect to a VPN node unusually often.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }}: "
                 '{{ $value | printf "%.4f" }} reconnects per active session per second '
                 "(bound 1/600)."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        NODES.warning(
             "NodeTelemetryUnreadable",
             # Every vantage's reads of one protocol's telemetry fail: the load-imbalance and
             # reconnect alerts for that node have gone blind (telemetry never makes a verdict).
@@ -491,63 +514,49 @@ def fleet_alerts() -> list[dict[str, Any]]:
             f"sum by ({NODE_LABELS}, check) (rate(tunnelwatch_telemetry_reads_total[15m]))\n"
             "> 0.9",
             for_="30m",
-            severity="warning",
-            labels={"scope": "node"},
             summary="A VPN node's own telemetry cannot be read.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }}: "
-                '{{ $value | humanizePercentage }} of the {{ $labels.check }} reads failed in '
+                "{{ $value | humanizePercentage }} of the {{ $labels.check }} reads failed in "
                 "the last 15 minutes."
             ),
-            runbook="fleet.md",
         ),
-        alert(
+        *certificate_expiry_alerts(),
+    ]
+
+
+def certificate_expiry_alerts() -> list[dict[str, Any]]:
+    """One alert name at two horizons: a ticket two weeks ahead, a page two days ahead."""
+    return [
+        NODES.alert(
             "NodeCertificateExpiry",
             f"min by ({NODE_LABELS}) (tunnelwatch_node_certificate_expiry_timestamp_seconds)"
-            " - time() < 14 * 86400",
+            f" - time() < {days} * 86400",
             for_="10m",
-            severity="warning",
-            labels={"scope": "node"},
+            severity=severity,
             summary="A VPN node's server certificate is about to expire.",
             description=(
                 "The certificate of node {{ $labels.node }} in PoP {{ $labels.pop }} expires in "
                 "{{ $value | humanizeDuration }}."
             ),
-            runbook="fleet.md",
-        ),
-        alert(
-            "NodeCertificateExpiry",
-            f"min by ({NODE_LABELS}) (tunnelwatch_node_certificate_expiry_timestamp_seconds)"
-            " - time() < 2 * 86400",
-            for_="10m",
-            severity="critical",
-            labels={"scope": "node"},
-            summary="A VPN node's server certificate is about to expire.",
-            description=(
-                "The certificate of node {{ $labels.node }} in PoP {{ $labels.pop }} expires in "
-                "{{ $value | humanizeDuration }}."
-            ),
-            runbook="fleet.md",
-        ),
+        )
+        for days, severity in ((14, "warning"), (2, "critical"))
     ]
 
 
 def mesh_alerts() -> list[dict[str, Any]]:
     return [
-        alert(
+        VANTAGES.warning(
             "VantageImpaired",
-            fleet_pop("max by (vantage) (tunnelwatch_mesh_vantage_impaired) == 1"),
+            "max by (vantage) (tunnelwatch_mesh_vantage_impaired) == 1",
             for_="5m",
-            severity="warning",
-            labels={"scope": "vantage"},
             summary="The mesh ignores a vantage that sees most of the fleet down.",
             description=(
                 "Vantage {{ $labels.vantage }} is judged impaired and left out of every vote; "
                 "its network, not the nodes, is the likely problem."
             ),
-            runbook="mesh.md",
         ),
-        alert(
+        POOLS.critical(
             "PoolGuardHolding",
             # the guard works per pool; the pool's PoP comes from the placement join, and a pool
             # no agent reports on still alerts, as pop="fleet"
@@ -558,80 +567,60 @@ def mesh_alerts() -> list[dict[str, Any]]:
             ") > 0\n"
             "or on (pool)\n" + fleet_pop("max by (pool) (tunnelwatch_mesh_pool_guard_holding) > 0"),
             for_="1m",
-            severity="critical",
-            labels={"scope": "pool"},
             summary="The pool guard keeps failing nodes in service.",
             description=(
                 "Pool {{ $labels.pool }} would have more nodes DOWN than its guard allows; "
                 "{{ $value }} failing node(s) are held in service."
             ),
-            runbook="mesh.md",
         ),
-        alert(
+        MESH.warning(
             "MeshIngestRejects",
-            fleet_pop("sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[10m])) > 0.01"),
+            "sum by (reason) (rate(tunnelwatch_mesh_ingest_rejects_total[10m])) > 0.01",
             for_="10m",
-            severity="warning",
-            labels={"scope": "mesh"},
             summary="The mesh rejects observation batches.",
             description=(
                 'The mesh rejects {{ $value | printf "%.3f" }} batches per second '
                 "with reason {{ $labels.reason }}."
             ),
-            runbook="mesh.md",
         ),
-        alert(
+        MESH.critical(
             "MeshNoLeader",
-            fleet_pop("sum by (job) (tunnelwatch_mesh_leader) == 0"),
+            "sum by (job) (tunnelwatch_mesh_leader) == 0",
             for_="1m",
-            severity="critical",
-            labels={"scope": "mesh"},
             summary="No mesh replica is the leader: verdict changes are not published.",
             description=(
                 "None of the replicas of job {{ $labels.job }} holds the leader lease; "
                 "balancers keep their last verdicts."
             ),
-            runbook="mesh.md",
         ),
-        alert(
+        MESH.warning(
             "MeshSeveralLeaders",
-            fleet_pop("sum by (job) (tunnelwatch_mesh_leader) > 1"),
+            "sum by (job) (tunnelwatch_mesh_leader) > 1",
             for_="2m",
-            severity="warning",
-            labels={"scope": "mesh"},
             summary="More than one mesh replica believes it is the leader.",
             description=(
                 "{{ $value }} replicas of job {{ $labels.job }} report tunnelwatch_mesh_leader 1; "
                 "fencing keeps the stale one from publishing, but its clock or etcd path is off."
             ),
-            runbook="mesh.md",
         ),
-        alert(
+        PUBLISHERS.warning(
             "PublisherLagHigh",
-            fleet_pop("max by (publisher) (tunnelwatch_publisher_lag_seconds) > 60"),
+            "max by (publisher) (tunnelwatch_publisher_lag_seconds) > 60",
             for_="5m",
-            severity="warning",
-            labels={"scope": "publisher"},
             summary="Verdict changes wait too long in the outbox.",
             description=(
                 "Publisher {{ $labels.publisher }}: the oldest undelivered verdict change is "
                 "{{ $value | humanizeDuration }} old."
             ),
-            runbook="publisher.md",
         ),
-        alert(
+        PUBLISHERS.warning(
             "PublisherDeadLetters",
-            fleet_pop(
-                "sum by (publisher) (increase(tunnelwatch_publisher_dead_lettered_total[15m])) > 0"
-            ),
-            severity="warning",
-            labels={"scope": "publisher"},
+            "sum by (publisher) (increase(tunnelwatch_publisher_dead_lettered_total[15m])) > 0",
             summary="A verdict change could not be delivered and was dead-lettered.",
             description=(
                 "Publisher {{ $labels.publisher }} dead-lettered about "
                 '{{ $value | printf "%.0f" }} verdict change(s) in the last 15 minutes.'
             ),
-            runbook="publisher.md",
         ),
     ]
 
@@ -639,128 +628,96 @@ def mesh_alerts() -> list[dict[str, Any]]:
 def anycast_alerts() -> list[dict[str, Any]]:
     """The mesh's anycast controller (docs/anycast.md): one BGP speaker per PoP."""
     return [
-        alert(
+        ANYCAST.warning(
             "AnycastPoPWithdrawn",
             'max by (pop) (tunnelwatch_anycast_pop_state{state="WITHDRAWN"}) == 1',
             for_="1m",
-            severity="warning",
-            labels={"scope": "anycast"},
             summary="A PoP's anycast prefixes are withdrawn.",
             description=(
                 "PoP {{ $labels.pop }} no longer announces its anycast prefixes; "
                 "its users are routed to other PoPs."
             ),
-            runbook="anycast.md",
         ),
-        alert(
+        ANYCAST.critical(
             "AnycastGuardHolding",
             "max by (pop) (tunnelwatch_anycast_guard_holding) == 1",
             for_="1m",
-            severity="critical",
-            labels={"scope": "anycast"},
             summary="The anycast guard keeps a failing PoP announced.",
             description=(
                 "PoP {{ $labels.pop }} should be withdrawn, but the guard keeps it announced "
                 "so that not too many PoPs leave at once."
             ),
-            runbook="anycast.md",
         ),
-        alert(
+        ANYCAST.warning(
             "AnycastSpeakerDown",
             "max by (pop) (tunnelwatch_anycast_speaker_up) == 0",
             for_="5m",
-            severity="warning",
-            labels={"scope": "anycast"},
             summary="The mesh cannot reach a PoP's BGP speaker.",
             description=(
                 "The BGP speaker of PoP {{ $labels.pop }} does not answer; announcements "
                 "there cannot change until it does."
             ),
-            runbook="anycast.md",
         ),
     ]
 
 
 def agent_alerts() -> list[dict[str, Any]]:
     return [
-        alert(
+        AGENTS.warning(
             "AgentSpoolFilling",
-            fleet_pop(
-                "max by (vantage) (\n"
-                "  tunnelwatch_spool_bytes / tunnelwatch_spool_capacity_bytes\n"
-                ") > 0.5"
-            ),
+            "max by (vantage) (\n"
+            "  tunnelwatch_spool_bytes / tunnelwatch_spool_capacity_bytes\n"
+            ") > 0.5",
             for_="10m",
-            severity="warning",
-            labels={"scope": "agent"},
             summary="An agent's report spool is filling up: the mesh is not taking reports.",
             description=(
                 "Agent at vantage {{ $labels.vantage }} has its spool "
                 "{{ $value | humanizePercentage }} full."
             ),
-            runbook="agent.md",
         ),
-        alert(
+        AGENTS.warning(
             "AgentSpoolDropping",
-            fleet_pop(
-                "sum by (vantage) (increase(tunnelwatch_spool_dropped_observations_total[10m])) > 0"
-            ),
-            severity="warning",
-            labels={"scope": "agent"},
+            "sum by (vantage) (increase(tunnelwatch_spool_dropped_observations_total[10m])) > 0",
             summary="An agent drops observations because its spool is full.",
             description=(
                 "Agent at vantage {{ $labels.vantage }} dropped about "
                 '{{ $value | printf "%.0f" }} observation(s) in the last 10 minutes.'
             ),
-            runbook="agent.md",
         ),
-        alert(
+        AGENTS.warning(
             "AgentSchedulerLagging",
             # share of probes that started more than 250 ms after their slot (lag histogram)
-            fleet_pop(
-                "1 - (\n"
-                "  sum by (vantage)\n"
-                '  (rate(tunnelwatch_scheduler_lag_seconds_bucket{le="0.25"}[10m]))\n'
-                "  /\n"
-                "  sum by (vantage) (rate(tunnelwatch_scheduler_lag_seconds_count[10m]))\n"
-                ") > 0.05"
-            ),
+            "1 - (\n"
+            "  sum by (vantage)\n"
+            '  (rate(tunnelwatch_scheduler_lag_seconds_bucket{le="0.25"}[10m]))\n'
+            "  /\n"
+            "  sum by (vantage) (rate(tunnelwatch_scheduler_lag_seconds_count[10m]))\n"
+            ") > 0.05",
             for_="10m",
-            severity="warning",
-            labels={"scope": "agent"},
             summary="An agent starts its checks late.",
             description=(
                 "Agent at vantage {{ $labels.vantage }} starts "
                 "{{ $value | humanizePercentage }} of its probes more than 250ms late; "
                 "their timings may be inflated."
             ),
-            runbook="agent.md",
         ),
-        alert(
+        AGENTS.warning(
             "AgentOverloaded",
-            fleet_pop(
-                "sum by (vantage) (rate(tunnelwatch_scheduler_overloaded_total[10m])) > 0.01"
-            ),
+            "sum by (vantage) (rate(tunnelwatch_scheduler_overloaded_total[10m])) > 0.01",
             for_="10m",
-            severity="warning",
-            labels={"scope": "agent"},
             summary="An agent refuses probes it cannot start on time.",
             description=(
                 "Agent at vantage {{ $labels.vantage }} refuses "
                 '{{ $value | printf "%.3f" }} probes per second as overloaded; '
                 "its nodes are probed less often than configured."
             ),
-            runbook="agent.md",
         ),
-        alert(
+        TARGETS.warning(
             "TunnelwatchTargetDown",
-            fleet_pop('up{job=~"tunnelwatch-.*"} == 0'),
+            'up{job=~"tunnelwatch-.*"} == 0',
             for_="5m",
-            severity="warning",
-            labels={"scope": "target"},
             summary="Prometheus cannot scrape a tunnelwatch agent or mesh.",
             description="Target {{ $labels.instance }} of job {{ $labels.job }} is down.",
-            runbook="agent.md",
         ),
     ]
 
