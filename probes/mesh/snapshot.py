@@ -118,17 +118,21 @@ def _dump(engine: DecisionEngine) -> bytes:
         ],
         "wheel_keys": list(engine._wheel_keys),
         "vantages_changed": engine._vantages_changed,
-        "counters": [
-            engine.observations_total,
-            engine.unknown_node_total,
-            engine.duplicate_total,
-            engine.late_total,
-            engine.guard_holds_total,
-            engine.damping_suppressions_total,
-        ],
+        "counters": [getattr(engine, name) for name in _COUNTERS],
         "transitions": [[a, b, n] for (a, b), n in engine.transitions.items()],
     }
     return _encoder.encode(state)
+
+
+# the engine's counters, in the order a snapshot stores them (the order is the format)
+_COUNTERS = (
+    "observations_total",
+    "unknown_node_total",
+    "duplicate_total",
+    "late_total",
+    "guard_holds_total",
+    "damping_suppressions_total",
+)
 
 
 def _load(blob: bytes) -> DecisionEngine:
@@ -167,14 +171,8 @@ def _load(blob: bytes) -> DecisionEngine:
         engine._wheel[key] = [engine.nodes[n].nvs[v] for n, v in members]
     engine._wheel_keys = list(state["wheel_keys"])
     engine._vantages_changed = state["vantages_changed"]
-    (
-        engine.observations_total,
-        engine.unknown_node_total,
-        engine.duplicate_total,
-        engine.late_total,
-        engine.guard_holds_total,
-        engine.damping_suppressions_total,
-    ) = state["counters"]
+    for name, value in zip(_COUNTERS, state["counters"], strict=True):
+        setattr(engine, name, value)
     engine.transitions = {(a, b): n for a, b, n in state["transitions"]}
     return engine
 
