@@ -28,9 +28,10 @@ The layers, bottom up:
    any check down -> DOWN (an L4 check up while a handshake or session fails is "alive but
    useless", still DOWN); otherwise a quality bound crossed -> DEGRADED; otherwise UP.
 3. per node — the vote across vantages: stale vantages (no report for ``stale_after``) and
-   impaired vantages (they see an abnormal share of the fleet down while their peers do not) do
-   not vote; with fewer than ``min_voters`` voters the node keeps its last verdict with
-   ``quorum_lost``; otherwise majority or Route-53-style percent rule.
+   impaired vantages (they see an abnormal share of the fleet down while a strict majority of
+   the *other* vantages does not) do not vote; with fewer than ``min_voters`` voters the node
+   keeps its last verdict with ``quorum_lost``; otherwise majority or Route-53-style percent
+   rule.
 4. per pool — the guard: a node may go DOWN only while at most ``max(1, floor(share * size))``
    nodes of its pool are DOWN; beyond that the node keeps its previous verdict and is reported as
    held (Envoy's panic threshold: fail open rather than empty the pool).
@@ -470,9 +471,13 @@ class DecisionEngine:
         for vantage in self.vantages.values():
             if vantage.decided >= imp.min_nodes:
                 share[vantage.name] = vantage.down / vantage.decided
-        alarmed = [name for name, s in share.items() if s >= imp.down_share]
-        # if most vantages see the same thing, it is the fleet, not the vantages
-        peers_agree = len(alarmed) * 2 >= len(share)
+        alarmed = {name for name, s in share.items() if s >= imp.down_share}
+        # if most of its peers see the same thing, it is the fleet, not the vantage. Peers only:
+        # a vantage does not confirm itself (counting it, a vantage cut off the fleet plus one
+        # flaky peer made "most vantages" of three, and the cut one voted again: false DOWNs in
+        # the detection benchmark's soak). A vantage without peers has no one to be judged by.
+        others = len(share) - 1
+        peers_agree = others < 1 or (len(alarmed) - 1) * 2 > others
         for vantage in self.vantages.values():
             impaired = vantage.name in alarmed and not peers_agree
             if impaired != vantage.impaired:

@@ -84,8 +84,9 @@ class ImpairmentPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When a vantage is judged impaired (its own problem, not the fleet's) and left out of votes.
 
     A vantage is impaired when it sees at least ``down_share`` of the nodes it probes down, it
-    probes at least ``min_nodes`` nodes, and fewer than half of the vantages see that much
-    failure (if most vantages agree, the fleet really is failing).
+    probes at least ``min_nodes`` nodes, and no strict majority of the *other* vantages sees
+    that much failure (if most of its peers agree, the fleet really is failing; a vantage does
+    not count as its own peer).
     """
 
     down_share: float = 0.5

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import pytest
 
 from probes.lab import scenario as sc
-from probes.lab.recorder import DetectionPath, Recorder, detection_path
+from probes.lab.recorder import DetectionPath, ProbeEvent, Recorder, detection_path
 from probes.lab.stack import Stack, StackOptions
 from probes.lab.topology import Lab
 from probes.mesh.policy import DampingPolicy
@@ -128,6 +128,33 @@ def trace(rec: Recorder, node: str, fault_at: float, verdict_at: float) -> list[
             f"{'ok' if p.ok else p.reason}" for p in events]
 
 
+def soak_failures(probes: list[ProbeEvent], cut: str) -> str:
+    """Per check, what 5% loss did to the vantages that still reach the fleet: failure ratio,
+    reasons, and runs of >= 3 failures in a row (what ``fall`` 3 turns into a DOWN opinion)."""
+    lines = [f"soak: probe results of the vantages that reach the fleet (not {cut}):"]
+    by_check: dict[str, list[ProbeEvent]] = {}
+    for p in probes:
+        if p.vantage != cut:
+            by_check.setdefault(p.check, []).append(p)
+    for check, got in sorted(by_check.items()):
+        failed = [p for p in got if not p.ok]
+        reasons: dict[str, int] = {}
+        for p in failed:
+            reasons[p.reason] = reasons.get(p.reason, 0) + 1
+        runs = 0
+        for key in {(p.node, p.vantage) for p in got}:
+            streak = 0
+            for p in sorted((q for q in got if (q.node, q.vantage) == key),
+                            key=lambda q: q.started):
+                streak = 0 if p.ok else streak + 1
+                runs += streak == 3
+        lines.append(f"  {check:<22} {len(got):>5} results, {len(failed):>4} failed "
+                     f"({len(failed) / len(got):6.1%}); runs of >= 3 failures: {runs:>3}; "
+                     + ", ".join(f"{r} x{n}" for r, n in sorted(reasons.items(),
+                                                               key=lambda x: -x[1])))
+    return "\n".join(lines)
+
+
 def path_medians(title: str, paths: list[DetectionPath]) -> str:
     def med(values: list[float | None]) -> str:
         got = [v for v in values if v is not None]
@@ -204,8 +231,12 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
                 unrepaired.append(f"  {i + 1:>2} {name} {node}: not back in 60 s; still down: "
                                   f"{', '.join(rec.failing_checks(node)) or 'none'}")
 
-        # soak: 5% loss on every agent path (and HAProxy's), one vantage cut off the fleet
+        # soak: 5% loss on every agent path (and HAProxy's), one vantage cut off the fleet.
+        # It starts, like each fault, once damping leaves every node room for one more flap:
+        # the penalties the faults just left would otherwise hold a check down after one
+        # loss-made flap, and that vantage would vote DOWN for minutes (docs/demo.md)
         stack.wait_settled(120)
+        soak_damping_wait = sum(wait_damping_room(stack, n) for n in nodes)
         soak_start = time.time()
         cut = sorted(stack.fleet.agents)[-1]
         sc.cut_vantage(cut)(stack)
@@ -220,6 +251,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
                       and soak_start <= b.at <= soak_end]
 
     false_down = [c for c in changes if c.state == "DOWN"]
+    soak_probes = [p for n in nodes for p in rec.probes_of(n, soak_start, soak_end)]
     print(f"\ndetection benchmark: {FAULTS} faults ({', '.join(k for k, *_ in kinds)}, round "
           f"robin over {len(nodes)} nodes); agents' checks: {', '.join(checks)}; base interval "
           f"2 s, fastinter {FAST_INTERVAL:g} s, timeout 1 s (L4: adaptive, floor 0.25 s); mesh "
@@ -241,11 +273,14 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
           f"for one more flap; repairs not back in rotation within 60 s: {len(unrepaired)}")
     for line in unrepaired:
         print(line)
-    print(f"soak {SOAK_SECONDS:.0f} s, 5% loss on every agent path and HAProxy's, {cut} cut off "
+    print(f"soak {SOAK_SECONDS:.0f} s (after {soak_damping_wait:.0f} s for damping room), 5% "
+          f"loss on every agent path and HAProxy's, {cut} cut off "
           f"the fleet: tunnelwatch false DOWN verdicts: {len(false_down)} "
           f"({len(changes)} verdict changes in all: "
           f"{', '.join(f'{c.node} {c.previous}->{c.state}' for c in changes) or 'none'}; "
           f"target 0); HAProxy native servers taken out: {len(native_out)}")
     for c in false_down:
         print(f"  false DOWN {c.node} seq {c.seq}: {c.why}")
+    if soak_probes:
+        print(soak_failures(soak_probes, cut))
     assert all_down.get("ours") or not FAULTS, "no fault was detected at all"
