@@ -28,7 +28,7 @@ corroboration ``TW_BENCH_CORROBORATION`` (3 distinct failing checks from one van
 
 Run: ``make bench`` or ``pytest -m slow -s tests/bench/test_detection_bench.py``. A reduced run:
 ``TW_BENCH_FAULTS=6 TW_BENCH_KINDS=isolate TW_SOAK_SECONDS=0`` (fault kinds: kill-vpn, isolate,
-kill-openvpn).
+kill-openvpn); ``TW_BENCH_TRACE=1`` prints every probe result between each fault and its verdict.
 """
 
 from __future__ import annotations
