@@ -105,7 +105,8 @@ class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
     auth_digest: str = "SHA1"  # tls-auth HMAC digest (--auth)
     tls_crypt_v2_file: str | None = None  # the client key
     auth_user_pass_file: str | None = None  # two lines: username, password
-    retry_interval: float = 1.0  # first control-packet retransmission; doubles after
+    retry_interval: float = 1.0  # first control-packet retransmission (earlier if the timeout
+    # is short: two retries always fit in it); doubles after
     ciphers: tuple[str, ...] = ("AES-256-GCM", "CHACHA20-POLY1305")
     tls_ekm: bool = True  # offer TLS-EKM key derivation when this Python can export keys
     # tunnel only
@@ -287,10 +288,24 @@ class _Echoes:
     rtts: dict[int, float]
 
 
+# control packets are retransmitted at least this often within a check's timeout (the backoff
+# doubles: first retry at timeout / 4, second at 3/4), so one lost packet does not fail a check
+RETRIES_WITHIN_TIMEOUT = 2
+SILENT_AFTER_SENDS = 1 + RETRIES_WITHIN_TIMEOUT
+MIN_RETRY_SECONDS = 0.05
+
+
+def first_retry_after(retry_interval: float, timeout: float) -> float:
+    """The first control-packet retransmission: ``retry_interval``, but early enough that
+    RETRIES_WITHIN_TIMEOUT retries fit in ``timeout`` (1 + 2 = 3 intervals of backoff)."""
+    return max(MIN_RETRY_SECONDS, min(retry_interval, timeout / 4))
+
+
 class _Probe:
     def __init__(self, params: OpenVPNParams, level: Level, timeout: float) -> None:
         self.params = params
         self.level = level
+        self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.watch = Stopwatch()
         self.facts: dict[str, Fact] = {"proto": params.proto}
@@ -321,7 +336,8 @@ class _Probe:
             username=user, password=password, ciphers=tuple(params.ciphers),
             tls_ekm=self.level == Level.TUNNEL and params.tls_ekm and ekm.available(),
             proto_name="UDPv4" if params.proto == "udp" else "TCPv4_CLIENT",
-            retransmit=params.proto == "udp", initial_timeout=params.retry_interval)
+            retransmit=params.proto == "udp",
+            initial_timeout=first_retry_after(params.retry_interval, self.timeout))
         return ov.ClientSession(wrapper, options)
 
     async def open(self) -> None:
@@ -421,8 +437,12 @@ class _Probe:
         if phase == "push":
             return _Failure(Reason.NO_PUSH_REPLY,
                             f"key exchange done but no PUSH_REPLY {waited}", phase)
+        # over UDP only a packet sent SILENT_AFTER_SENDS times without an ACK is silence: once
+        # or twice is what loss does (5 % loss made half the failures "auth-failed" before)
+        sends_needed = SILENT_AFTER_SENDS if self.params.proto == "udp" else 1
         if (phase in ("tls", "key_exchange") and self.params.cert_file
-                and self.session.tls_bytes_received and self.session.unacknowledged):
+                and self.session.tls_bytes_received
+                and self.session.fewest_sends_unacknowledged >= sends_needed):
             # The server judges our certificate after our certificate flight (TLS 1.2) or after
             # our last flight (TLS 1.3). On a rejection (revoked, unknown CA, expired) OpenVPN
             # 2.6 restarts the instance before its alert leaves, so all we see is a server that

@@ -80,3 +80,32 @@ def test_expedite_makes_sent_packets_due_now() -> None:
     tx.queue(C, b"never sent")
     tx.expedite(1.0)  # a packet not yet sent goes out once, as a first send
     assert len(tx.due(1.0)) == 2
+
+
+def test_fewest_sends_of_what_waits_for_an_ack() -> None:
+    """Silence is judged by the least-tried pending packet: one ACKed early does not count."""
+    tx = ReliableSender(initial_timeout=0.25)
+    assert tx.fewest_sends_unacked == 0
+    tx.queue(C, b"a")
+    tx.queue(C, b"b")
+    assert tx.fewest_sends_unacked == 0  # queued, not sent
+    tx.due(0.0)
+    assert tx.fewest_sends_unacked == 1
+    tx.due(0.25)  # both retried once (timeout doubles to 0.5)
+    tx.ack((0,))
+    tx.due(0.75)  # b retried again
+    assert tx.fewest_sends_unacked == 3 and tx.unacked == 1
+    tx.ack((1,))
+    assert tx.fewest_sends_unacked == 0
+
+
+@pytest.mark.parametrize(("retry", "timeout", "first"), [
+    (1.0, 5.0, 1.0),  # the default functional tier: the configured retry
+    (1.0, 1.0, 0.25),  # a 1 s handshake timeout: retries at 0.25 s and 0.75 s
+    (0.5, 1.0, 0.25),
+    (1.0, 0.1, 0.05),  # never below 50 ms
+])
+def test_two_retries_fit_in_the_timeout(retry: float, timeout: float, first: float) -> None:
+    from probes.checks.openvpn import first_retry_after
+
+    assert first_retry_after(retry, timeout) == pytest.approx(first)

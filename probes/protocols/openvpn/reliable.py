@@ -52,6 +52,12 @@ class ReliableSender:
     def unacked(self) -> int:
         return len(self._unacked)
 
+    @property
+    def fewest_sends_unacked(self) -> int:
+        """How often the least-tried packet still waiting for an ACK was sent (0: none waits).
+        Silence after several sends of every pending packet is the server's doing, not loss."""
+        return min((e.sends for e in self._unacked.values() if e.sends), default=0)
+
     def due(self, now: float) -> list[tuple[int, Opcode, bytes]]:
         """Packets to put on the wire now (first sends within the window, then retransmits)."""
         out: list[tuple[int, Opcode, bytes]] = []

@@ -269,6 +269,11 @@ class ClientSession:
         """Our control packets the server has not ACKed yet."""
         return self._sender.unacked
 
+    @property
+    def fewest_sends_unacknowledged(self) -> int:
+        """Sends of the least-tried control packet the server has not ACKed (0: none)."""
+        return self._sender.fewest_sends_unacked
+
     def _take_acks(self) -> tuple[int, ...]:
         if self.server_session_id is None:
             return ()
