@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Fact,
+    Stopwatch,
+    Tier,
+    first_retry_after,
+    register,
+)
 from probes.checks.udp import IcmpError, UdpEndpoint
 from probes.model import Quality, Reason
 from probes.protocols.ikev2 import IKEv2Error
@@ -71,7 +79,7 @@ class Ikev2Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     local_id: str = "tunnelwatch-probe"
     remote_id: str | None = None  # when set, the responder must identify as this
     force_nat_t: bool = False  # fake NAT-D so the exchange floats to 4500
-    retransmit_initial: float = 0.5
+    retransmit_initial: float = 0.5  # at most a quarter of the timeout (first_retry_after)
     # tunnel level
     ping: str | None = None  # address behind the responder; default: its single-host TSr
     inner_address: str | None = None  # our source inside the tunnel; default: from TSi
@@ -292,7 +300,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             proposals=proposals, psk=None if level == "init" else psk,
             local_id=params.local_id, remote_id=params.remote_id, child=child,
             force_nat_t=params.force_nat_t or level == "tunnel",
-            nat_t_port=params.nat_t_port, retransmit_initial=params.retransmit_initial)
+            nat_t_port=params.nat_t_port,
+            retransmit_initial=first_retry_after(params.retransmit_initial, timeout))
         session = _Session(params, ep, Initiator(config))
         try:
             result = await _probe(session, params, level, deadline, watch=watch, facts=facts)

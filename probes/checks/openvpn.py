@@ -50,6 +50,7 @@ from probes.checks.base import (
     Fact,
     Stopwatch,
     Tier,
+    first_retry_after,
     register,
 )
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
@@ -288,17 +289,9 @@ class _Echoes:
     rtts: dict[int, float]
 
 
-# control packets are retransmitted at least this often within a check's timeout (the backoff
-# doubles: first retry at timeout / 4, second at 3/4), so one lost packet does not fail a check
-RETRIES_WITHIN_TIMEOUT = 2
-SILENT_AFTER_SENDS = 1 + RETRIES_WITHIN_TIMEOUT
-MIN_RETRY_SECONDS = 0.05
-
-
-def first_retry_after(retry_interval: float, timeout: float) -> float:
-    """The first control-packet retransmission: ``retry_interval``, but early enough that
-    RETRIES_WITHIN_TIMEOUT retries fit in ``timeout`` (1 + 2 = 3 intervals of backoff)."""
-    return max(MIN_RETRY_SECONDS, min(retry_interval, timeout / 4))
+# over UDP a control packet is retried twice within the timeout (first_retry_after), so one
+# sent this often without an ACK is silence, not loss
+SILENT_AFTER_SENDS = 3
 
 
 class _Probe:

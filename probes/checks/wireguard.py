@@ -32,7 +32,15 @@ from pathlib import Path
 import msgspec
 from scapy.layers.inet import ICMP, IP
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Fact,
+    Stopwatch,
+    Tier,
+    first_retry_after,
+    register,
+)
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
@@ -44,6 +52,7 @@ log = logging.getLogger(__name__)
 WallClock = Callable[[], int]  # Unix nanoseconds; injectable so tests can step it back
 
 DEFAULT_RETRY_INTERVAL = 1.0  # seconds between initiation retransmissions inside one check
+# (at most a quarter of the check's timeout: checks.base.first_retry_after)
 ECHO_REPLY_GRACE = 1.0  # how long to wait for stragglers after the last echo was sent
 
 
@@ -166,6 +175,7 @@ class _Probe:
 
     def __init__(self, params: WireGuardParams, timeout: float, wall_ns: WallClock) -> None:
         self.params = params
+        self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.wall_ns = wall_ns
         self.watch = Stopwatch()
@@ -217,7 +227,8 @@ class _Probe:
         stamps: dict[int, SendStamp] = {}
         started = time.monotonic()
         self._send_initiation(stamps)
-        next_retry = time.monotonic() + self.params.retry_interval
+        retry_interval = first_retry_after(self.params.retry_interval, self.timeout)
+        next_retry = time.monotonic() + retry_interval
         cookie = False
         while True:
             now = time.monotonic()
@@ -230,7 +241,7 @@ class _Probe:
                     self.params.host, self.params.port, now - started))
             if now >= next_retry:
                 self._send_initiation(stamps)
-                next_retry = now + self.params.retry_interval
+                next_retry = now + retry_interval
                 continue
             datagram = await self.udp.recv(min(self.deadline, next_retry) - now)
             if datagram is None:
@@ -246,7 +257,7 @@ class _Probe:
                     self.facts["cookies_received"] = self.conn.cookies_received
                     self.watch.lap("cookie")
                     self._send_initiation(stamps)  # now with mac2
-                    next_retry = time.monotonic() + self.params.retry_interval
+                    next_retry = time.monotonic() + retry_interval
                 elif isinstance(event, wg.HandshakeCompleted):
                     self._completed(event, stamps[event.local_index], datagram)
                     return

@@ -106,6 +106,6 @@ def test_fewest_sends_of_what_waits_for_an_ack() -> None:
     (1.0, 0.1, 0.05),  # never below 50 ms
 ])
 def test_two_retries_fit_in_the_timeout(retry: float, timeout: float, first: float) -> None:
-    from probes.checks.openvpn import first_retry_after
+    from probes.checks.base import first_retry_after
 
     assert first_retry_after(retry, timeout) == pytest.approx(first)
