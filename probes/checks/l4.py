@@ -28,7 +28,14 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Stopwatch, Tier, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Stopwatch,
+    Tier,
+    first_retry_after,
+    register,
+)
 from probes.checks.icmp import (
     DatagramProbe,
     IcmpParseError,
@@ -69,6 +76,10 @@ class IcmpParams(msgspec.Struct, frozen=True, kw_only=True):
     count: int = 1
     interval: float = 0.2  # seconds between echo requests
     payload_size: int = 56
+    # a single-echo (liveness) probe resends while nothing has answered, at most this often
+    # within its timeout (at min(interval, timeout/4), then doubling): one lost packet is loss,
+    # not a dead node (fping -r); echoes for loss figures (count > 1) are never resent
+    retries: int = 2
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -354,6 +365,15 @@ async def run_icmp(params: IcmpParams, timeout: float) -> CheckResult:
                     await asyncio.wait_for(asyncio.shield(done), params.interval)
                 if done.done():
                     break
+        wait = first_retry_after(params.interval, timeout)
+        for retry in range(params.retries if count == 1 else 0):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), wait)
+            if done.done():
+                break
+            session.sent[count + retry] = probe.send(
+                build_echo_request(identifier, count + retry, payload))
+            wait *= 2
         await done
     finally:
         timer.cancel()

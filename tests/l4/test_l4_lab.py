@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from probes.checks import l4
-from probes.checks.base import execute
+from probes.checks.base import CheckResult, execute
 from probes.model import Reason
 
 from .l4env import TCP_PORT, UDP_PORT, L4Lab
@@ -79,10 +79,28 @@ async def _many(kind: object, params: object, n: int, concurrency: int = 25) -> 
 def test_loss_rate_matches_injected(l4lab: L4Lab, kind: str) -> None:
     host = l4lab.node.address
     l4lab.lab.set_loss(l4lab.agent, 20)
+    # one packet per probe (no ICMP resends), so each outcome is one Bernoulli trial of the loss
     params = (l4.UdpParams(host=host, port=UDP_PORT, send=b"x") if kind == "udp"
-              else l4.IcmpParams(host=host))
+              else l4.IcmpParams(host=host, retries=0))
     n = 300
     outcomes = l4lab.run(_many(l4.UDP if kind == "udp" else l4.ICMP, params, n))
     failed = outcomes.count(False) / n
     # binomial(300, 0.2): sd 2.3 points; 12..28 % is > 3 sd either side
     assert 0.12 <= failed <= 0.28, failed
+
+
+def test_a_liveness_echo_rides_out_loss_by_resending(l4lab: L4Lab) -> None:
+    """A single-echo probe resends while nothing answered (at timeout/4, then 3/4): at 20 %
+    loss it fails only when all three echoes are lost (~1 %), and says how many it sent."""
+    l4lab.lab.set_loss(l4lab.agent, 20)
+    params = l4.IcmpParams(host=l4lab.node.address)
+
+    async def run_all() -> list[CheckResult]:
+        return [await execute(l4.ICMP, params, 0.5) for _ in range(150)]
+
+    results = l4lab.run(run_all())
+    failed = [r for r in results if not r.ok]
+    resent = [r for r in results if r.ok and r.quality is not None and r.quality.sent > 1]
+    assert len(failed) <= 8, len(failed)  # 3 trials at 20 %: 0.8 % expected; 8 of 150 is 5 %
+    assert resent, "no probe needed a resend at 20 % loss"
+    assert all(r.quality is not None and r.quality.received >= 1 for r in resent)
