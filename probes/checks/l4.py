@@ -380,8 +380,12 @@ async def run_icmp(params: IcmpParams, timeout: float) -> CheckResult:
         probe.close()
     sw.lap("echo")
     rtts = [session.rtts[s] for s in sorted(session.rtts)]
-    quality = quality_of(len(session.sent), rtts)
-    facts: dict[str, str | int | float | bool] = {"socket": "raw" if raw else "ping"}
+    resends = len(session.sent) - count
+    # resends are how a liveness probe rides out loss, not loss figures: quality covers the
+    # ``count`` echoes asked for (a resent echo that came back counts as that one answered)
+    quality = quality_of(count, rtts[:count])
+    facts: dict[str, str | int | float | bool] = {"socket": "raw" if raw else "ping",
+                                                  "echo_resends": resends}
     if rtts:
         sw.phases["rtt"] = quality.rtt_p50_seconds or 0.0
         return sw.result(True, Reason.OK, quality=quality, facts=facts)
