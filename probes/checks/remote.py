@@ -42,9 +42,10 @@ async def local_output(argv: Sequence[str], *, error: type[Exception],
 async def ssh_output(host: str, command: str, *, error: type[Exception],
                      username: str | None = None, port: int = 22,
                      known_hosts: KnownHosts = (), client_keys: list[Any] | None = None,
-                     timeout: float = 10.0) -> str:
+                     stdin: str | None = None, timeout: float = 10.0) -> str:
     """``command``'s stdout on ``host``; raises ``error`` on timeout, SSH failure or exit != 0.
-    ``client_keys``: key file paths or asyncssh key objects; None = the user's default keys."""
+    ``client_keys``: key file paths or asyncssh key objects; None = the user's default keys.
+    ``stdin`` is fed to the command's stdin (e.g. a key for ``wg set ... /dev/stdin``)."""
     import asyncssh  # noqa: PLC0415 - only remote collection needs it
 
     options: dict[str, Any] = {"port": port, "known_hosts": known_hosts}
@@ -55,7 +56,7 @@ async def ssh_output(host: str, command: str, *, error: type[Exception],
     try:
         async with asyncio.timeout(timeout):
             async with asyncssh.connect(host, **options) as conn:
-                done = await conn.run(command, check=False)
+                done = await conn.run(command, input=stdin, check=False)
     except TimeoutError as exc:
         raise error(f"ssh {host}: no result in {timeout:g}s") from exc
     except (OSError, asyncssh.Error) as exc:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from probes.checks.remote import KnownHosts, ssh_output
+
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -100,26 +102,13 @@ def peer_stanza(identity: AgentIdentity, allowed_ip: str | None) -> str:
 
 async def provision_ssh(target: str, argv: list[str], stdin: str | None, *, port: int = 22,
                         known_hosts: str | None = None, timeout: float = 15.0) -> None:
-    """Run ``argv`` on ``target`` over SSH, feeding ``stdin``; KeygenError on any failure."""
-    import asyncssh  # noqa: PLC0415 - only provisioning needs it
-
+    """Run ``argv`` on ``target`` (``[user@]host``) over SSH, feeding ``stdin``; KeygenError on
+    any failure. ``known_hosts``: a file, "none" to skip host key checks, or the user's default."""
     user, _, host = target.rpartition("@")
-    options: dict[str, Any] = {"port": port}
-    if known_hosts is not None:
-        options["known_hosts"] = None if known_hosts == "none" else known_hosts
-    if user:
-        options["username"] = user
-    try:
-        async with asyncio.timeout(timeout):
-            async with asyncssh.connect(host, **options) as conn:
-                done = await conn.run(shlex.join(argv), input=stdin, check=False)
-    except TimeoutError:
-        raise KeygenError(f"ssh {target}: no answer in {timeout:g}s") from None
-    except (OSError, asyncssh.Error) as exc:
-        raise KeygenError(f"ssh {target}: {exc}") from None
-    if done.exit_status != 0:
-        raise KeygenError(f"ssh {target}: remote command exited {done.exit_status}: "
-                          f"{str(done.stderr).strip()}")
+    checked: KnownHosts = () if known_hosts is None else None if known_hosts == "none" \
+        else known_hosts
+    await ssh_output(host, shlex.join(argv), error=KeygenError, username=user or None,
+                     port=port, known_hosts=checked, stdin=stdin, timeout=timeout)
 
 
 def _read_public(directory: Path, agent: str) -> str:
