@@ -18,11 +18,36 @@ schema error, not a new time series.
 from __future__ import annotations
 
 import enum
-from typing import Any
+import json
+import math
+from typing import Annotated, Any
 
 import msgspec
 
 SCHEMA_VERSION = 1
+
+# Bounds of every number and string on the wire. A value outside them is a schema error naming
+# the field: an unbounded integer once made every snapshot fail (msgpack holds 64 bits) and an
+# unbounded batch_seq made SQLite raise OverflowError mid-transaction.
+MAX_SEQ = 2**63 - 1  # seq, batch_seq: what SQLite and msgpack hold as a signed 64-bit integer
+MAX_COUNT = 2**31 - 1  # packets sent/received in one check
+MAX_SECONDS = 86_400.0  # a duration, phase or RTT: a check never takes a day
+MAX_WALL_TIME = 1e10  # Unix seconds, year 2286: "a time", not 1e300
+MAX_NAME = 256  # node, check, vantage, agent and kind names
+MAX_DETAIL = 1024  # human context (the agent cuts it to 200)
+MAX_PHASES = 32  # phases per observation, and ...
+MAX_PHASE_NAME = 64  # ... the length of a phase's name
+
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_SECONDS)]
+Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+WallTime = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WALL_TIME)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+Phases = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=MAX_PHASE_NAME)], Seconds],
+    msgspec.Meta(max_length=MAX_PHASES),
+]
 
 
 class Reason(enum.StrEnum):
@@ -69,38 +94,38 @@ class Reason(enum.StrEnum):
 class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """Measured quality of an in-tunnel (or L4) exchange. Times in seconds, loss as a ratio 0..1."""
 
-    sent: int = 0
-    received: int = 0
-    loss_ratio: float = 0.0
-    rtt_p50_seconds: float | None = None
-    rtt_p99_seconds: float | None = None
-    rtt_max_seconds: float | None = None
+    sent: Count = 0
+    received: Count = 0
+    loss_ratio: Ratio = 0.0
+    rtt_p50_seconds: Seconds | None = None
+    rtt_p99_seconds: Seconds | None = None
+    rtt_max_seconds: Seconds | None = None
 
 
 class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """One check's result at one instant from one vantage point."""
 
-    node: str
-    check: str  # check name from the config, e.g. "wg-handshake"; its kind and tier come from there
-    vantage: str
-    seq: int  # per-agent sequence number, strictly increasing, persisted across restarts
-    wall_time: float  # agent wall clock at check start, Unix seconds
+    node: Name
+    check: Name  # check name from the config, e.g. "wg-handshake"; kind and tier come from there
+    vantage: Name
+    seq: Seq  # per-agent sequence number, strictly increasing, persisted across restarts
+    wall_time: WallTime  # agent wall clock at check start, Unix seconds
     ok: bool
     reason: Reason
-    duration_seconds: float
-    kind: str = ""  # check kind, e.g. "wireguard.handshake", "tcp"; lets the mesh tier it
-    phases: dict[str, float] = msgspec.field(default_factory=dict)  # seconds by phase
+    duration_seconds: Seconds
+    kind: Name = ""  # check kind, e.g. "wireguard.handshake", "tcp"; lets the mesh tier it
+    phases: Phases = msgspec.field(default_factory=dict)  # seconds by phase
     quality: Quality | None = None
-    detail: str = ""  # human context for logs and the audit trail; never a metric label
+    detail: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""  # human context; never a label
 
 
 class ObservationBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What an agent POSTs to the mesh. ``batch_seq`` lets the mesh reject replays."""
 
     version: int
-    agent: str
-    batch_seq: int
-    sent_at: float
+    agent: Name
+    batch_seq: Seq
+    sent_at: WallTime
     observations: list[Observation]
 
 
@@ -143,7 +168,7 @@ class Verdict(msgspec.Struct, frozen=True, omit_defaults=True):
     node: str
     state: VerdictState
     previous: VerdictState
-    seq: int
+    seq: Seq
     decided_at: float
     reasons: list[VerdictReason] = msgspec.field(default_factory=list)
     votes: Votes = msgspec.field(default_factory=Votes)
@@ -180,6 +205,63 @@ def _schema_error(exc: Exception) -> SchemaError:
     return SchemaError(text, path)
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as the list of its (key, value) pairs, duplicates kept."""
+
+
+def _duplicate_path(value: Any, path: str) -> str | None:
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for key, item in value:
+            here = f"{path}.{key}"
+            if key in seen:
+                return here
+            seen.add(key)
+            found = _duplicate_path(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _duplicate_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def reject_duplicate_keys(data: bytes, decoded: Any) -> None:
+    """Raise :class:`SchemaError` naming the first key that appears twice in one object.
+
+    The decoders keep the last of duplicate keys; another parser may keep the first, so a body
+    with duplicates means different things to different readers and is refused. ``decoded`` is
+    what the decoder made of ``data``: when encoding it gives ``data`` back byte for byte (the
+    agents' bodies do), the body is canonical and has no duplicates, and the slower exact scan
+    is skipped."""
+    if _encoder.encode(decoded) == data:
+        return
+    try:
+        parsed = json.loads(data, object_pairs_hook=_Pairs, parse_constant=_no_constant)
+    except ValueError as exc:  # not JSON to the stdlib parser although the decoder took it
+        raise SchemaError(f"not JSON: {exc}", "$") from None
+    path = _duplicate_path(parsed, "$")
+    if path is not None:
+        raise SchemaError(f"duplicate key {path.rsplit('.', 1)[1]!r}", path)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    """Decode and validate ``data`` (bounds included) and refuse duplicate keys; raise
+    :class:`SchemaError` naming the bad field."""
+    try:
+        decoded = decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _schema_error(exc) from None
+    reject_duplicate_keys(data, decoded)
+    return decoded
+
+
 def encode(obj: Any) -> bytes:
     """Encode any schema struct (or list of them) to JSON bytes."""
     return _encoder.encode(obj)
@@ -187,17 +269,51 @@ def encode(obj: Any) -> bytes:
 
 def decode_batch(data: bytes) -> ObservationBatch:
     """Decode and validate an agent batch; raise :class:`SchemaError` naming the bad field."""
-    try:
-        batch = _batch_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise _schema_error(exc) from None
+    batch: ObservationBatch = strict_decode(_batch_decoder, data)
     if batch.version != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema version {batch.version}", "$.version")
     return batch
 
 
 def decode_verdict(data: bytes) -> Verdict:
-    try:
-        return _verdict_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise _schema_error(exc) from None
+    verdict: Verdict = strict_decode(_verdict_decoder, data)
+    return verdict
+
+
+def within_bounds(obs: Observation) -> Observation:
+    """``obs`` with every number clamped into the wire bounds and strings cut to their limits.
+
+    The agent passes each observation through this before spooling it: the mesh refuses a batch
+    holding any out-of-range value (and the agent then drops the whole batch), so a probe that
+    measured, say, a slightly negative RTT from two clocks must not cost the batch."""
+    quality = obs.quality
+    if quality is not None:
+        quality = Quality(
+            sent=_clamp_int(quality.sent, MAX_COUNT),
+            received=_clamp_int(quality.received, MAX_COUNT),
+            loss_ratio=_clamp(quality.loss_ratio, 1.0),
+            rtt_p50_seconds=_clamp_opt(quality.rtt_p50_seconds),
+            rtt_p99_seconds=_clamp_opt(quality.rtt_p99_seconds),
+            rtt_max_seconds=_clamp_opt(quality.rtt_max_seconds),
+        )
+    phases = {k[:MAX_PHASE_NAME]: _clamp(v, MAX_SECONDS)
+              for k, v in list(obs.phases.items())[:MAX_PHASES]}
+    return msgspec.structs.replace(
+        obs,
+        node=obs.node[:MAX_NAME], check=obs.check[:MAX_NAME], vantage=obs.vantage[:MAX_NAME],
+        kind=obs.kind[:MAX_NAME], seq=_clamp_int(obs.seq, MAX_SEQ),
+        wall_time=_clamp(obs.wall_time, MAX_WALL_TIME),
+        duration_seconds=_clamp(obs.duration_seconds, MAX_SECONDS),
+        phases=phases, quality=quality, detail=obs.detail[:MAX_DETAIL])
+
+
+def _clamp(value: float, high: float) -> float:
+    return min(max(value, 0.0), high) if math.isfinite(value) else (high if value > 0 else 0.0)
+
+
+def _clamp_opt(value: float | None) -> float | None:
+    return None if value is None else _clamp(value, MAX_SECONDS)
+
+
+def _clamp_int(value: int, high: int) -> int:
+    return min(max(value, 0), high)

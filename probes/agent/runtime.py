@@ -34,7 +34,7 @@ from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.checks.base import Tier
 from probes.config import AgentConfig, load_agent_config, resolve_path
 from probes.mesh import signing
-from probes.model import Observation
+from probes.model import Observation, within_bounds
 
 log = logging.getLogger(__name__)
 # APScheduler logs every job run at INFO: two lines per tier round are noise, not context
@@ -138,11 +138,12 @@ class Agent:
             return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
 
         def build(seq: int) -> Observation:
-            return Observation(node=check.node, check=check.check, vantage=self.vantage,
-                               seq=seq, wall_time=run.wall_time, ok=result.ok,
-                               reason=result.reason, duration_seconds=result.duration_seconds,
-                               kind=check.kind.name, phases=result.phases,
-                               quality=result.quality, detail=result.detail[:DETAIL_MAX])
+            # clamped into the wire bounds: one odd figure must not cost the mesh the batch
+            return within_bounds(Observation(
+                node=check.node, check=check.check, vantage=self.vantage, seq=seq,
+                wall_time=run.wall_time, ok=result.ok, reason=result.reason,
+                duration_seconds=result.duration_seconds, kind=check.kind.name,
+                phases=result.phases, quality=result.quality, detail=result.detail[:DETAIL_MAX]))
 
         self.reporter.submit(build)
 

@@ -17,7 +17,7 @@ import msgspec
 
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
-from probes.model import Observation, ObservationBatch, SchemaError, Verdict
+from probes.model import Observation, ObservationBatch, SchemaError, Verdict, strict_decode
 
 MAX_TICKS_PER_GAP = 10_000  # a long silence ticks at its end instead of once per second
 
@@ -32,11 +32,9 @@ def parse_lines(lines: Iterable[bytes]) -> Iterator[Observation]:
             continue
         decoder = _batch_decoder if b'"observations"' in line else _obs_decoder
         try:
-            item: Observation | ObservationBatch = decoder.decode(line)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-            text = str(exc)
-            path = text.split(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
-            raise SchemaError(f"line {number}: {text}", f"line {number}: {path}") from None
+            item: Observation | ObservationBatch = strict_decode(decoder, line)
+        except SchemaError as exc:
+            raise SchemaError(f"line {number}: {exc}", f"line {number}: {exc.path}") from None
         if isinstance(item, ObservationBatch):
             yield from item.observations
         else:

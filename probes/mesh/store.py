@@ -7,7 +7,8 @@ implements the abstract methods and nothing else. What a backend keeps:
   admin actions), each with the ``now`` it was applied at. The engine is deterministic, so the
   engine state is "snapshot + journal after it": a restart loads the snapshot and replays the rest
   without announcing anything (the verdicts those entries produced are already in the log).
-* **snapshot** — the engine state as of a journal id; older journal entries can then be dropped.
+* **snapshot** — the engine state as of a journal id; older journal entries can then be dropped
+  (a few hundred per step: a long delete would stall every commit queued behind it).
 * **verdict log** — every verdict change with an increasing id; it doubles as the publishers'
   outbox: each publisher keeps its own position (the last id it delivered).
 * **node snapshot** — the latest published verdict per node (for queries without the engine).
@@ -77,7 +78,8 @@ class Recovery(msgspec.Struct):
 
 
 class StoreError(RuntimeError):
-    """The backend failed; the caller must not assume anything was stored."""
+    """The backend failed; the caller must not assume anything was stored. Every write is
+    rolled back before this is raised, so the next call starts clean."""
 
 
 class MeshStore(abc.ABC):
@@ -109,22 +111,22 @@ class MeshStore(abc.ABC):
 
     @abc.abstractmethod
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
-        """Store the engine state as of ``journal_id`` and drop journal entries up to it."""
+        """Store the engine state as of ``journal_id``. The journal up to it is then covered
+        and the caller drops it with :meth:`prune_journal`, a little at a time."""
 
-    #: True when :meth:`write_snapshot_detached` and :meth:`prune_journal` are implemented
+    #: True when :meth:`write_snapshot_detached` is implemented
     supports_detached_snapshot = False
 
     def write_snapshot_detached(self, journal_id: int, blob: bytes) -> None:
         """Store a snapshot from a forked child process, without touching the parent's
-        connections and without dropping journal entries (the parent does that with
-        :meth:`prune_journal` once the child succeeded). Backends that cannot do this raise
-        ``NotImplementedError`` and the mesh snapshots in-process instead."""
+        connections (the parent prunes the journal once the child succeeded). Backends that
+        cannot do this raise ``NotImplementedError`` and the mesh snapshots in-process instead."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def prune_journal(self, upto: int, limit: int = 1000) -> int:
         """Drop up to ``limit`` journal entries with id <= ``upto`` (covered by a snapshot);
         return how many were dropped. Done in small steps so the writer never stalls long."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def ack(self, publisher: str, position: int) -> None:

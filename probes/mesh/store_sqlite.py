@@ -8,9 +8,10 @@ commit and survives that too, at a cost in throughput.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,11 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
     return db
 
 
+# what a failed statement can raise besides sqlite3.Error: a value the driver cannot bind
+# (an integer beyond 64 bits: OverflowError) must fail the call like any store error
+_STORE_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
+
+
 def _write_snapshot(db: sqlite3.Connection, journal_id: int, blob: bytes) -> None:
     # never replace a newer snapshot with an older one: a snapshot child orphaned by a crash may
     # finish after the restarted mesh has snapshotted and pruned past it
@@ -79,10 +85,7 @@ class SQLiteStore(MeshStore):
         # the mesh is single-threaded (asyncio); the lock only guards stray readers in tests
         self._lock = threading.Lock()
         try:
-            self._db = _connect(self.path, durability)
-            # checkpoint (copy the WAL into the database, with an fsync) every ~64 MiB instead of
-            # every 4 MiB: batches are journaled whole, and each checkpoint stalls the writer
-            self._db.execute("PRAGMA wal_autocheckpoint=16384")
+            self._db = self._open_main()
             self._db.executescript(SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -109,64 +112,93 @@ class SQLiteStore(MeshStore):
         admin: AdminAction | None = None,
         at: float = 0.0,
     ) -> int:
-        db = self._db
-        with self._lock:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                cur = db.execute(
-                    "INSERT INTO journal (kind, now, payload) VALUES (?, ?, ?)",
-                    (entry.kind.value, entry.now, entry.payload),
+        with self._transaction("commit") as db:
+            cur = db.execute(
+                "INSERT INTO journal (kind, now, payload) VALUES (?, ?, ?)",
+                (entry.kind.value, entry.now, entry.payload),
+            )
+            journal_id = cur.lastrowid
+            if verdicts:
+                bodies = [encode(v) for v in verdicts]
+                db.executemany(
+                    "INSERT INTO verdicts (node, seq, state, decided_at, body)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (v.node, v.seq, v.state.value, v.decided_at, b)
+                        for v, b in zip(verdicts, bodies, strict=True)
+                    ],
                 )
-                journal_id = cur.lastrowid
-                if verdicts:
-                    bodies = [encode(v) for v in verdicts]
-                    db.executemany(
-                        "INSERT INTO verdicts (node, seq, state, decided_at, body)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        [
-                            (v.node, v.seq, v.state.value, v.decided_at, b)
-                            for v, b in zip(verdicts, bodies, strict=True)
-                        ],
-                    )
-                    db.executemany(
-                        "INSERT INTO nodes (node, seq, state, body) VALUES (?, ?, ?, ?)"
-                        " ON CONFLICT (node) DO UPDATE SET"
-                        " seq=excluded.seq, state=excluded.state, body=excluded.body",
-                        [
-                            (v.node, v.seq, v.state.value, b)
-                            for v, b in zip(verdicts, bodies, strict=True)
-                        ],
-                    )
-                if agent is not None:
+                db.executemany(
+                    "INSERT INTO nodes (node, seq, state, body) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (node) DO UPDATE SET"
+                    " seq=excluded.seq, state=excluded.state, body=excluded.body",
+                    [
+                        (v.node, v.seq, v.state.value, b)
+                        for v, b in zip(verdicts, bodies, strict=True)
+                    ],
+                )
+            if agent is not None:
+                db.execute(
+                    "INSERT INTO agents (agent, batch_seq) VALUES (?, ?)"
+                    " ON CONFLICT (agent) DO UPDATE SET batch_seq=excluded.batch_seq",
+                    (agent.agent, agent.batch_seq),
+                )
+            if admin is not None:
+                if admin.state is None:
+                    db.execute("DELETE FROM admin WHERE node=?", (admin.node,))
+                else:
                     db.execute(
-                        "INSERT INTO agents (agent, batch_seq) VALUES (?, ?)"
-                        " ON CONFLICT (agent) DO UPDATE SET batch_seq=excluded.batch_seq",
-                        (agent.agent, agent.batch_seq),
+                        "INSERT OR REPLACE INTO admin (node, state, actor, at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (admin.node, admin.state.value, admin.actor, at),
                     )
-                if admin is not None:
-                    if admin.state is None:
-                        db.execute("DELETE FROM admin WHERE node=?", (admin.node,))
-                    else:
-                        db.execute(
-                            "INSERT OR REPLACE INTO admin (node, state, actor, at)"
-                            " VALUES (?, ?, ?, ?)",
-                            (admin.node, admin.state.value, admin.actor, at),
-                        )
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: commit failed: {exc}") from exc
         assert journal_id is not None
         return journal_id
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction. On any failure — in a statement, in COMMIT (a full disk), or
+        a value the driver refuses — it is rolled back before the error leaves, so the next
+        call starts clean (a transaction left open once answered every later request with
+        "cannot start a transaction within a transaction")."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, _STORE_ERRORS):
+                    raise StoreError(f"{self.path}: {what} failed: {exc}") from exc
+                raise
+
+    def _rollback(self) -> None:
+        """Roll back whatever is open. SQLite may already have rolled back on its own (a failed
+        COMMIT on a full disk does), then ROLLBACK itself fails; if the connection is still in
+        a transaction after all, it is replaced (closing it discards the transaction)."""
+        db = self._db
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._db = self._open_main()
+
+    def _open_main(self) -> sqlite3.Connection:
+        db = _connect(self.path, self.durability)
+        # checkpoint (copy the WAL into the database, with an fsync) every ~64 MiB instead of
+        # every 4 MiB: batches are journaled whole, and each checkpoint stalls the writer
+        db.execute("PRAGMA wal_autocheckpoint=16384")
+        return db
 
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
         with self._lock:
             try:
                 _write_snapshot(self._snap, journal_id, blob)
-                self._db.execute("DELETE FROM journal WHERE id <= ?", (journal_id,))
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: snapshot failed: {exc}") from exc
+            except _STORE_ERRORS as exc:
+                raise StoreError(f"{self.snapshot_path}: snapshot failed: {exc}") from exc
 
     def write_snapshot_detached(self, journal_id: int, blob: bytes) -> None:
         db = _connect(self.snapshot_path, self.durability)
@@ -183,7 +215,7 @@ class SQLiteStore(MeshStore):
                     " (SELECT id FROM journal WHERE id <= ? ORDER BY id LIMIT ?)",
                     (upto, limit),
                 )
-            except sqlite3.Error as exc:
+            except _STORE_ERRORS as exc:
                 raise StoreError(f"{self.path}: prune failed: {exc}") from exc
             return int(cur.rowcount)
 
@@ -195,7 +227,7 @@ class SQLiteStore(MeshStore):
                     " DO UPDATE SET position=max(position, excluded.position)",
                     (publisher, position),
                 )
-            except sqlite3.Error as exc:
+            except _STORE_ERRORS as exc:
                 raise StoreError(f"{self.path}: ack failed: {exc}") from exc
 
     # ---- reads ----------------------------------------------------------------------------
@@ -204,7 +236,7 @@ class SQLiteStore(MeshStore):
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
+            except _STORE_ERRORS as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
     def recover(self) -> Recovery:

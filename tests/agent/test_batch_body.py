@@ -10,21 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes.agent.reporter import batch_body, batch_url
-from probes.model import Observation, Reason, decode_batch
+from probes.model import MAX_SECONDS, MAX_WALL_TIME, Observation, Reason, decode_batch
 
 pytestmark = pytest.mark.agent
 
+# within the wire's bounds (the agent clamps what it measured into them: model.within_bounds)
+wall_times = st.floats(0, MAX_WALL_TIME)
 observations = st.builds(
     Observation, node=st.text(max_size=20), check=st.text(max_size=20),
-    vantage=st.text(max_size=10), seq=st.integers(0, 2**53),
-    wall_time=st.floats(allow_nan=False, allow_infinity=False),
+    vantage=st.text(max_size=10), seq=st.integers(0, 2**63 - 1), wall_time=wall_times,
     ok=st.booleans(), reason=st.sampled_from(list(Reason)),
-    duration_seconds=st.floats(0, 1e6), detail=st.text(max_size=50))
+    duration_seconds=st.floats(0, MAX_SECONDS), detail=st.text(max_size=50))
 
 
 @settings(max_examples=500)
-@given(st.text(max_size=30), st.integers(0, 2**53),
-       st.floats(allow_nan=False, allow_infinity=False), st.lists(observations, max_size=5))
+@given(st.text(max_size=30), st.integers(0, 2**63 - 1), wall_times,
+       st.lists(observations, max_size=5))
 def test_batch_body_decodes_to_the_same_batch(agent: str, batch_seq: int, sent_at: float,
                                               obs: list[Observation]) -> None:
     body = batch_body(agent, batch_seq, sent_at, [msgspec.json.encode(o) for o in obs])

@@ -9,78 +9,22 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CollectorRegistry
 
 from probes.cli.status import render
 from probes.config import ConfigError
 from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
-from probes.mesh.server import SERVICE_KEY, build_app
 from probes.model import ObservationBatch, encode
+from tests.mesh.apptest import NOW, TOKEN, Mesh, mesh_app
 from tests.mesh.helpers import obs, write_mesh_config
 
 pytestmark = pytest.mark.mesh
-NOW = 1_764_000_000.0
-TOKEN = {"Authorization": "Bearer operator-secret-token"}
-
-
-class Mesh:
-    def __init__(self, client: TestClient[Any, Any], folder: Path) -> None:
-        self.client = client
-        self.folder = folder
-        self.now = NOW
-        self.service = client.app[SERVICE_KEY]  # type: ignore[index]
-
-    def key(self, agent: str) -> bytes:
-        return signing.load_key(self.folder / f"{agent}.key")
-
-    def body(self, agent: str, seq: int, results: dict[str, bool], **kw: Any) -> bytes:
-        observations = [
-            obs(n, kw.get("vantage", agent), ok, at=self.now) for n, ok in results.items()
-        ]
-        b = ObservationBatch(
-            version=1,
-            agent=kw.get("batch_agent", agent),
-            batch_seq=seq,
-            sent_at=self.now,
-            observations=observations,
-        )
-        return encode(b)
-
-    async def post(
-        self, agent: str, body: bytes, *, key_agent: str | None = None, **hdr: str
-    ) -> Any:
-        headers = signing.signed_headers(
-            agent, key_agent or agent, self.key(key_agent or agent), body, self.now
-        )
-        headers.update(hdr)
-        resp = await self.client.post("/v1/batches", data=body, headers=headers)
-        return resp.status, await resp.json()
-
-    def stored(self) -> tuple[int, dict[str, int], int, int]:
-        store = self.service.store
-        return (
-            store.journal_length(),
-            store.recover().agents,
-            store.verdict_count(),
-            self.service.engine.observations_total,
-        )
 
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    path = write_mesh_config(tmp_path, 4, ["va", "vb", "vc"], extra="max_body_bytes: 4096\n")
-    cfg = load_mesh_config(path)
-    holder: dict[str, Mesh] = {}
-    app = build_app(cfg, CollectorRegistry(), clock=lambda: holder["m"].now)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    holder["m"] = Mesh(client, tmp_path)
-    try:
-        yield holder["m"]
-    finally:
-        await client.close()
+    async with mesh_app(tmp_path) as m:
+        yield m
 
 
 async def test_accepts_signed_batches_and_decides(mesh: Mesh) -> None:
