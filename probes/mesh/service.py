@@ -121,6 +121,7 @@ class MeshService:
         started = time.perf_counter()
         blob = dump_engine(engine or self.engine)
         self.store.save_snapshot(self._last_journal_id, blob)
+        self._prune_upto = max(self._prune_upto, self._last_journal_id)  # dropped in steps
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
         self.last_snapshot_seconds = time.perf_counter() - started

@@ -94,6 +94,12 @@ class SQLiteStore(MeshStore):
                 raise StoreError(f"{self.path}: schema {row[0]}, this build reads {SCHEMA_VERSION}")
             self._snap = _connect(self.snapshot_path, durability)
             self._snap.executescript(SNAPSHOT_SCHEMA)
+            # journal ids are given here, never by SQLite: once the journal is pruned empty,
+            # SQLite would hand out 1 again, below the snapshot's id, and a restart would skip
+            # those entries as "covered" (the engine and the store apart)
+            top = self._db.execute("SELECT max(id) FROM journal").fetchone()[0]
+            covered = self._snap.execute("SELECT journal_id FROM snapshot").fetchone()
+            self._next_journal_id = max(int(top or 0), int(covered[0]) if covered else 0) + 1
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -112,12 +118,12 @@ class SQLiteStore(MeshStore):
         admin: AdminAction | None = None,
         at: float = 0.0,
     ) -> int:
+        journal_id = self._next_journal_id
         with self._transaction("commit") as db:
-            cur = db.execute(
-                "INSERT INTO journal (kind, now, payload) VALUES (?, ?, ?)",
-                (entry.kind.value, entry.now, entry.payload),
+            db.execute(
+                "INSERT INTO journal (id, kind, now, payload) VALUES (?, ?, ?, ?)",
+                (journal_id, entry.kind.value, entry.now, entry.payload),
             )
-            journal_id = cur.lastrowid
             if verdicts:
                 bodies = [encode(v) for v in verdicts]
                 db.executemany(
@@ -152,7 +158,7 @@ class SQLiteStore(MeshStore):
                         " VALUES (?, ?, ?, ?)",
                         (admin.node, admin.state.value, admin.actor, at),
                     )
-        assert journal_id is not None
+        self._next_journal_id = journal_id + 1
         return journal_id
 
     @contextlib.contextmanager

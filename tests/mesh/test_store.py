@@ -325,3 +325,21 @@ def test_a_snapshot_child_lets_go_of_sockets(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     listener.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_journal_ids_never_go_back_below_a_snapshot(tmp_path: Path) -> None:
+    """Pruned empty, the journal must not hand out ids the snapshot already covers: a restart
+    would skip those entries (SQLite's rowid restarts at 1 in an empty table)."""
+    store = SQLiteStore(tmp_path / "m.db")
+    ids = [store.commit(JournalEntry(EntryKind.TICK, float(t)), []) for t in range(3)]
+    store.save_snapshot(ids[-1], b"snap")
+    while store.prune_journal(ids[-1], limit=1):
+        pass
+    assert store.journal_length() == 0
+    later = store.commit(JournalEntry(EntryKind.TICK, 9.0), [])
+    store.close()
+    again = SQLiteStore(tmp_path / "m.db")
+    assert later > ids[-1]
+    assert [e.now for e in again.recover().entries] == [9.0]
+    assert again.commit(JournalEntry(EntryKind.TICK, 10.0), []) == later + 1
+    again.close()
