@@ -35,10 +35,12 @@ import msgspec
 
 from probes.agent.metrics import ReporterStats
 from probes.agent.spool import Batch, Spool
+from probes.logutil import RateLimitedLog
 from probes.mesh import signing
 from probes.model import SCHEMA_VERSION, Observation
 
 log = logging.getLogger(__name__)
+trouble = RateLimitedLog(log)  # a full disk fails every commit: one line per 10 s, not 10 a second
 
 COMMIT_INTERVAL = 0.1  # group commit: one fsync per interval, whatever the probe rate
 BACKOFF_INITIAL = 0.5
@@ -193,36 +195,45 @@ class Reporter:
             await asyncio.sleep(COMMIT_INTERVAL)
             try:
                 await self.commit()
-            except Exception:  # a full disk must not kill the agent; keep trying
-                log.exception("spool commit failed")
+            except Exception as exc:  # a full disk must not kill the agent; keep trying
+                trouble("commit", "spool commit failed (%d observation(s) held in memory): %s",
+                        len(self._pending), exc)
 
     # ---------------------------------------------------------------- sending
 
     async def _sender(self, endpoint: str) -> None:
         backoff = BACKOFF_INITIAL
         while True:
-            assert self._spool is not None
-            index = str(self.endpoints.index(endpoint))  # a reload may reorder endpoints
-            batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
-            if batch is None:
-                self._new_data.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._new_data.wait(), self.flush_interval)
-                continue
-            result = await self._post(endpoint, batch)
-            key = (index, result)
-            self.stats.batches_total[key] = self.stats.batches_total.get(key, 0) + 1
-            if result in ("ok", "rejected"):
-                await self._db(self._spool.ack, batch, self.endpoints)
-                if result == "ok":
-                    self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
-                                                    + len(batch.bodies))
-                    self.stats.last_success[index] = self.wall()
-                await self._refresh_stats()
-                backoff = BACKOFF_INITIAL
-                continue
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            try:
+                backoff = await self._send_next(endpoint, backoff)
+            except Exception as exc:  # the spool failed (a full disk): nothing lost, retried
+                trouble(f"send:{endpoint}", "reporting to an endpoint paused: spool: %s", exc)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _send_next(self, endpoint: str, backoff: float) -> float:
+        """Send the endpoint's next batch (or wait for one); the backoff to use next."""
+        assert self._spool is not None
+        index = str(self.endpoints.index(endpoint))  # a reload may reorder endpoints
+        batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
+        if batch is None:
+            self._new_data.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_data.wait(), self.flush_interval)
+            return backoff
+        result = await self._post(endpoint, batch)
+        key = (index, result)
+        self.stats.batches_total[key] = self.stats.batches_total.get(key, 0) + 1
+        if result in ("ok", "rejected"):
+            await self._db(self._spool.ack, batch, self.endpoints)
+            if result == "ok":
+                self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
+                                                + len(batch.bodies))
+                self.stats.last_success[index] = self.wall()
+            await self._refresh_stats()
+            return BACKOFF_INITIAL
+        await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+        return min(backoff * 2, BACKOFF_MAX)
 
     async def _post(self, endpoint: str, batch: Batch) -> str:
         """POST one batch: "ok" (accepted or already had it), "rejected" (never), or "error"."""

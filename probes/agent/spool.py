@@ -22,8 +22,9 @@ Tables:
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,25 @@ class Spool:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction; the in-memory counters it changes are put back on failure.
+
+        A COMMIT that fails on a full disk has already been rolled back by SQLite, so an
+        explicit ROLLBACK then raises; before, that skipped restoring the counters, and the
+        spool believed itself full and dropped an observation per commit ever after."""
+        saved = (self.bytes, self.dropped, self.next_seq)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.bytes, self.dropped, self.next_seq = saved
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            raise
+
     # ---------------------------------------------------------------- writing
 
     def append(self, records: Sequence[tuple[int, bytes]]) -> int:
@@ -81,8 +101,7 @@ class Spool:
         if not records:
             return 0
         size = sum(len(body) for _, body in records)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self.db.executemany("INSERT INTO obs (seq, body) VALUES (?, ?)", records)
             self.bytes += size
             dropped = self._evict_over_capacity()
@@ -90,11 +109,6 @@ class Spool:
             self._set_meta("next_seq", self.next_seq)
             self._set_meta("bytes", self.bytes)
             self._set_meta("dropped", self.dropped)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self.bytes = self._meta("bytes")
-            raise
         return dropped
 
     def _evict_over_capacity(self) -> int:
@@ -136,23 +150,21 @@ class Spool:
         if not rows:
             return None
         first, last = int(rows[0][0]), int(rows[-1][0])
-        self.db.execute("BEGIN IMMEDIATE")
-        batch_seq = self._meta("next_batch_seq")
-        self._set_meta("next_batch_seq", batch_seq + 1)
-        self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq) "
-                        "VALUES (?, ?, ?, ?)", (endpoint, batch_seq, first, last))
-        self.db.execute("COMMIT")
+        with self._transaction():
+            batch_seq = self._meta("next_batch_seq")
+            self._set_meta("next_batch_seq", batch_seq + 1)
+            self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq) "
+                            "VALUES (?, ?, ?, ?)", (endpoint, batch_seq, first, last))
         return Batch(endpoint, batch_seq, first, last, [bytes(b) for _, b in rows])
 
     def ack(self, batch: Batch, endpoints: Sequence[str]) -> None:
         """The endpoint has the batch: advance its offset; prune what every endpoint has."""
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("DELETE FROM inflight WHERE endpoint = ?", (batch.endpoint,))
-        self.db.execute("INSERT INTO acked (endpoint, seq) VALUES (?, ?) ON CONFLICT (endpoint) "
-                        "DO UPDATE SET seq = MAX(seq, excluded.seq)",
-                        (batch.endpoint, batch.last_seq))
-        self._prune(endpoints)
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.execute("DELETE FROM inflight WHERE endpoint = ?", (batch.endpoint,))
+            self.db.execute("INSERT INTO acked (endpoint, seq) VALUES (?, ?) ON CONFLICT "
+                            "(endpoint) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                            (batch.endpoint, batch.last_seq))
+            self._prune(endpoints)
 
     def _prune(self, endpoints: Sequence[str]) -> None:
         low = min((self.acked(e) for e in endpoints), default=-1)
@@ -167,11 +179,10 @@ class Spool:
     def forget_endpoints(self, keep: Sequence[str]) -> None:
         """A reload removed endpoints: their offsets must not hold the spool back."""
         marks = ",".join("?" * len(keep)) or "''"
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute(f"DELETE FROM acked WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
-        self.db.execute(f"DELETE FROM inflight WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
-        self._prune(keep)
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.execute(f"DELETE FROM acked WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
+            self.db.execute(f"DELETE FROM inflight WHERE endpoint NOT IN ({marks})", tuple(keep))  # noqa: S608
+            self._prune(keep)
 
     def depth(self, endpoints: Sequence[str]) -> int:
         """Observations not yet accepted by every endpoint."""

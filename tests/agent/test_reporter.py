@@ -10,6 +10,7 @@ import pytest
 from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
 from probes.model import Observation, Reason
+from tests.diskfull import fill, free, small_filesystem
 
 from .helpers import Receiver, free_port, until
 
@@ -90,3 +91,45 @@ async def test_restart_resumes_spool_and_sequence(tmp_path: Path) -> None:
         await receiver.stop()
     assert seqs == list(range(150))  # the sequence continued across the restart
     assert sorted(receiver.seqs) == seqs and len(set(receiver.seqs)) == 150
+
+
+async def test_a_full_disk_loses_nothing_once_space_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #17 item 5: the spool's disk fills up while the agent reports; commits and batch
+    bookkeeping fail for a while. Once space is back every observation arrives exactly once
+    and the spool's accounting is true (before, it believed itself full and dropped one
+    observation per commit)."""
+    port = free_port()
+    receiver = Receiver(KEY, "vantage-1")
+    await receiver.start(port)
+    with small_filesystem(tmp_path / "disk", 1024 * 1024) as disk:
+        stats = ReporterStats()
+        reporter = _reporter(disk, port, stats)
+        await reporter.start()
+        submitted: list[int] = []
+
+        async def produce(seconds: float) -> None:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + seconds
+            while loop.time() < end:
+                submitted.append(reporter.submit(_obs))
+                await asyncio.sleep(0.005)
+
+        try:
+            await produce(0.5)
+            filler = fill(disk)
+            await produce(1.5)  # commits fail: kept in memory, retried
+            free(filler)
+            await produce(0.5)
+            await until(lambda: len(receiver.seqs) >= len(submitted), 30,
+                        "every observation to arrive")
+            await until(lambda: stats.spool_depth == 0, 10, "the spool to drain")
+        finally:
+            await reporter.close(drain_timeout=1)
+            await receiver.stop()
+    assert sorted(receiver.seqs) == submitted == list(range(len(submitted)))
+    assert stats.dropped_total == 0 and stats.spool_bytes == 0
+    # ~15 failed commits in 1.5 s: one log line for them (rate-limited), not one each
+    failed = [r for r in caplog.records if "spool commit failed" in r.getMessage()]
+    assert 1 <= len(failed) <= 2, [r.getMessage() for r in failed]

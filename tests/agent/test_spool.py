@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from probes.agent.spool import Spool
+from tests.diskfull import fill, free, small_filesystem
 
 pytestmark = pytest.mark.agent
 
@@ -54,3 +57,37 @@ def test_overflow_drops_oldest_and_counts(tmp_path: Path) -> None:
     assert batch is not None and batch.first_seq == 15 and batch.last_seq == 24
     spool.close()
     assert Spool(tmp_path / "s.db", 100).dropped == 15
+
+
+def test_accounting_stays_true_through_a_full_disk(tmp_path: Path) -> None:
+    """Issue #17 item 5: a COMMIT that fails on a full disk (SQLite has already rolled back, so
+    an explicit ROLLBACK raises) must leave the byte and drop counters true; before, the spool
+    believed itself full and dropped one observation per commit ever after."""
+    with small_filesystem(tmp_path / "disk", 2 * 1024 * 1024) as disk:
+        spool = Spool(disk / "s.db", 1_000_000)
+        spool.append(_records(0, 5, size=1000))
+        batch = spool.next_batch(A, limit=2)
+        assert batch is not None
+        spool.ack(batch, [A])
+        filler = fill(disk)
+        failures = 0
+        for seq in range(5, 205):  # more than the free space: commits fail, none is counted
+            try:
+                spool.append(_records(seq, 1, size=5000))
+            except sqlite3.Error:
+                failures += 1
+        assert failures > 0
+        for call in (lambda: spool.next_batch(A, limit=10), lambda: spool.ack(batch, [A])):
+            with contextlib.suppress(sqlite3.Error):
+                call()
+        free(filler)
+        rows = spool.db.execute("SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM obs")
+        count, size = rows.fetchone()
+        assert (spool.bytes, spool.dropped) == (size, 0)
+        assert spool.next_seq == 5 + count - 3  # the rows that made it, after the 5 first
+        assert spool.append(_records(spool.next_seq, 3, size=1000)) == 0  # nothing dropped
+        spool.close()
+        reopened = Spool(disk / "s.db", 1_000_000)
+        again = reopened.db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM obs").fetchone()
+        assert (reopened.bytes, reopened.dropped) == (again[0], 0)
+        reopened.close()

@@ -1,0 +1,41 @@
+"""Rate-limited log lines for repeated trouble."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from probes.logutil import RateLimitedLog, install_loop_exception_limiter
+
+
+def test_one_line_per_key_per_interval_saying_how_many_were_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("t"), interval=10.0, clock=lambda: now[0])
+    logged = []
+    for i in range(100):
+        now[0] = i * 0.25  # 25 s of the same trouble, four times a second
+        logged.append(limited("disk", "commit failed: %s", "full"))
+        limited("other", "another trouble")
+    assert sum(logged) == 3  # at 0, 10 and 20 s
+    lines = [r.getMessage() for r in caplog.records if "commit failed" in r.getMessage()]
+    assert lines[0] == "commit failed: full"
+    assert lines[1] == "commit failed: full (39 more like it in the last 10 s not logged)"
+    assert len([r for r in caplog.records if "another" in r.getMessage()]) == 3
+
+
+async def test_the_loop_reports_descriptor_exhaustion_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    install_loop_exception_limiter(loop, RateLimitedLog(logging.getLogger("t"), 60.0))
+    try:
+        for _ in range(1000):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+    finally:
+        loop.set_exception_handler(None)
+    assert len([r for r in caplog.records if "accept" in r.getMessage()]) == 1
