@@ -179,12 +179,12 @@ def _share(value: float, path: str, *, allow_zero: bool = False) -> None:
         raise PolicyError(f"must be a share in {low}, 1], got {value}", path)
 
 
-def _finite(struct: msgspec.Struct, path: str) -> None:
+def finite_fields(struct: msgspec.Struct, path: str) -> None:
     """NaN and infinities compare false with everything and would slip past every range check."""
     for name in struct.__struct_fields__:
         value = getattr(struct, name)
         if isinstance(value, msgspec.Struct):
-            _finite(value, f"{path}.{name}")
+            finite_fields(value, f"{path}.{name}")
         elif isinstance(value, float) and not math.isfinite(value):
             raise PolicyError(f"must be a finite number, got {value}", f"{path}.{name}")
 
@@ -192,7 +192,7 @@ def _finite(struct: msgspec.Struct, path: str) -> None:
 def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> DecisionPolicy:
     """Check ranges and cross-field rules; raise :class:`PolicyError` naming the field."""
     p = prefix
-    _finite(policy, p)
+    finite_fields(policy, p)
     if policy.rise < 1:
         raise PolicyError(f"must be >= 1, got {policy.rise}", f"{p}.rise")
     if policy.fall < 1:

@@ -1,0 +1,160 @@
+"""The weight policy: every knob of the weight engine, with defaults and validation.
+
+The mesh config embeds :class:`WeightPolicy` as its ``weights:`` section (off unless
+``enabled: true``). :func:`validate_weight_policy` raises
+:class:`probes.mesh.policy.PolicyError` naming the field (``weights.steps[0].steps[1].cut``).
+
+Where the defaults come from (the domain brief, shared/seed):
+
+* the CPU steps are the brief's "-20 % weight at 75 % CPU, -50 % at 85 %";
+* the drop steps follow its "drop rates over 0.1 % are a warning": -20 % at 0.1 % of packets
+  dropped, -50 % at 1 %;
+* the effective-session steps make it "least load": a node carrying 1.25x the pool's mean
+  effective sessions per unit of capacity loses 20 %, 1.5x loses 50 %;
+* load is "smoothed exponentially and updated every 1-3 s": a 2 s half-life, one step per second;
+* DEGRADED keeps today's HAProxy mapping (50 %); slow start is HAProxy's ``slowstart`` idea
+  (a returning node ramps up instead of taking a full share of new flows at once);
+* the pool guard is the decision engine's guard carried over to weights: when every node is hot,
+  shrinking them all only loses resolution in the balancer, so reductions are scaled back up
+  until the pool keeps ``guard_share`` of its capacity — never down to zero.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from probes.mesh.policy import PolicyError, finite_fields
+
+Signal = Literal["cpu", "drops", "effective_sessions", "sessions", "packets", "bytes"]
+SIGNALS: tuple[Signal, ...] = ("cpu", "drops", "effective_sessions", "sessions", "packets",
+                               "bytes")
+
+
+class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At or above ``at`` the node's weight is cut by ``cut`` (0.2 = "-20 %")."""
+
+    at: float
+    cut: float
+
+
+class SignalSteps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A step table over one load signal.
+
+    ``cpu`` is the busy share 0..1; ``drops`` the share of packets dropped (softnet, UDP receive
+    buffer, interface, qdisc drops over packets); ``effective_sessions`` / ``sessions`` count
+    sessions; ``packets`` / ``bytes`` are per second. With ``relative`` the value compared is the
+    node's figure per unit of capacity divided by the pool's mean per unit of capacity (1.0 = an
+    average node), so the table says how much busier than its peers a node may be.
+    """
+
+    signal: Signal
+    steps: list[Step]
+    relative: bool = False
+
+
+def _default_steps() -> list[SignalSteps]:
+    return [
+        SignalSteps("cpu", [Step(0.75, 0.2), Step(0.85, 0.5)]),
+        SignalSteps("drops", [Step(0.001, 0.2), Step(0.01, 0.5)]),
+        SignalSteps("effective_sessions", [Step(1.25, 0.2), Step(1.5, 0.5)], relative=True),
+    ]
+
+
+class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``weights:`` section of the mesh config. Weights are percent of a node's nominal
+    weight (its balancer's configured weight): 100 = a full share, 0 = no new flows."""
+
+    enabled: bool = False
+    # EWMA of every load signal: a sample's pull halves every half-life of time since the last
+    half_life_seconds: float = 2.0
+    # weights are recomputed at most this often; ``max_step_percent`` bounds one recomputation
+    step_seconds: float = 1.0
+    steps: list[SignalSteps] = msgspec.field(default_factory=_default_steps)
+    # a step is left only once its signal fell this share below the step's ``at`` (0.05 = 5 %
+    # below): a signal hovering at a threshold does not flip the weight every second
+    step_hysteresis: float = 0.05
+    degraded_cap_percent: float = 50.0  # a DEGRADED node's weight never exceeds this
+    # a node back from DOWN, MAINTENANCE or DRAINING starts at slow_start_initial_percent and
+    # ramps linearly to its full weight over slow_start_seconds (0: no slow start)
+    slow_start_seconds: float = 60.0
+    slow_start_initial_percent: float = 10.0
+    max_step_percent: float = 25.0  # load-driven change per step (states apply at once)
+    floor_percent: float = 10.0  # load alone never takes an available node below this
+    # the sum of the available nodes' weights (x capacity) never falls below this share of their
+    # capacity at their caps: if load cuts would go further, the cuts are scaled back
+    guard_share: float = 0.5
+    # a published weight moves only when the new one differs by at least this many points
+    # (reaching 0, a cap or the full weight is always published)
+    dead_band_percent: float = 5.0
+    # a node's load older than this is no evidence: its load cuts lapse (weight back to its cap)
+    load_stale_after_seconds: float = 10.0
+    # a drain is finished when the node's active sessions are at or below this
+    drain_done_sessions: int = 0
+
+
+def _positive(value: float, path: str) -> None:
+    if not value > 0:
+        raise PolicyError(f"must be > 0, got {value}", path)
+
+
+def _percent(value: float, path: str) -> None:
+    if not 0 <= value <= 100:
+        raise PolicyError(f"must be in [0, 100], got {value}", path)
+
+
+def validate_weight_policy(policy: WeightPolicy, prefix: str = "weights") -> WeightPolicy:
+    """Check ranges and cross-field rules; raise :class:`PolicyError` naming the field."""
+    p = prefix
+    finite_fields(policy, p)
+    _positive(policy.half_life_seconds, f"{p}.half_life_seconds")
+    _positive(policy.step_seconds, f"{p}.step_seconds")
+    seen: set[tuple[str, bool]] = set()
+    for i, table in enumerate(policy.steps):
+        at = f"{p}.steps[{i}]"
+        key = (table.signal, table.relative)
+        if key in seen:
+            raise PolicyError(f"a second table for {table.signal!r}", f"{at}.signal")
+        seen.add(key)
+        if not table.steps:
+            raise PolicyError("at least one step", f"{at}.steps")
+        previous: Step | None = None
+        for j, step in enumerate(table.steps):
+            here = f"{at}.steps[{j}]"
+            finite_fields(step, here)
+            if step.at < 0:
+                raise PolicyError(f"must be >= 0, got {step.at}", f"{here}.at")
+            if not 0 < step.cut < 1:
+                raise PolicyError(
+                    f"must be in (0, 1) (a share of the weight; states, not load, take a node "
+                    f"to 0), got {step.cut}", f"{here}.cut")
+            if previous is not None and not (step.at > previous.at and step.cut > previous.cut):
+                raise PolicyError("steps must rise: each a higher 'at' and a deeper 'cut' "
+                                  "than the one before", here)
+            previous = step
+    if not 0 <= policy.step_hysteresis < 1:
+        raise PolicyError(f"must be in [0, 1), got {policy.step_hysteresis}",
+                          f"{p}.step_hysteresis")
+    _percent(policy.degraded_cap_percent, f"{p}.degraded_cap_percent")
+    if policy.slow_start_seconds < 0:
+        raise PolicyError(f"must be >= 0, got {policy.slow_start_seconds}",
+                          f"{p}.slow_start_seconds")
+    _percent(policy.slow_start_initial_percent, f"{p}.slow_start_initial_percent")
+    if not 0 < policy.max_step_percent <= 100:
+        raise PolicyError(f"must be in (0, 100], got {policy.max_step_percent}",
+                          f"{p}.max_step_percent")
+    if not 0 < policy.floor_percent <= 100:
+        raise PolicyError(f"must be in (0, 100] (load never takes a node to 0), got "
+                          f"{policy.floor_percent}", f"{p}.floor_percent")
+    if not 0 <= policy.guard_share <= 1:
+        raise PolicyError(f"must be a share in [0, 1], got {policy.guard_share}",
+                          f"{p}.guard_share")
+    if not 0 <= policy.dead_band_percent < 100:
+        raise PolicyError(f"must be in [0, 100), got {policy.dead_band_percent}",
+                          f"{p}.dead_band_percent")
+    _positive(policy.load_stale_after_seconds, f"{p}.load_stale_after_seconds")
+    if policy.drain_done_sessions < 0:
+        raise PolicyError(f"must be >= 0, got {policy.drain_done_sessions}",
+                          f"{p}.drain_done_sessions")
+    return policy
