@@ -86,6 +86,7 @@ def _default_tiers() -> dict[str, TierPolicy]:
         "functional": TierPolicy(interval=15.0, timeout=5.0, fast_interval=2.0),
         "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
         "telemetry": TierPolicy(interval=30.0, timeout=10.0),
+        "load": TierPolicy(interval=1.0, timeout=0.8),
     }
 
 
@@ -166,6 +167,20 @@ class NodeLogin(Strict, kw_only=True, frozen=True):
     verify_host_key: bool = True  # false skips host key verification: lab use only
 
 
+class LoadTarget(Strict, kw_only=True, frozen=True):
+    """Node load for the mesh's weights (docs/weights.md): CPU, softnet, UDP receive errors,
+    interface rates and drops, qdisc drops and backlog, and effective sessions from the
+    protocols this telemetry section reads; every ``load`` tier interval (1 s by default)."""
+
+    interfaces: list[str] = msgspec.field(default_factory=list)  # counted; empty: all but lo
+    qdisc: bool = True  # read `tc -s qdisc show` (drops and backlog of the root qdiscs)
+    daemon_pid_file: str | None = None  # the VPN daemon: its own CPU share counts too
+    daemon_cores: float = 1.0  # cores the daemon can use (1 for single-threaded OpenVPN)
+    netns: str | None = None  # read locally inside this network namespace (not with ssh)
+    effective_window_seconds: float = 30.0  # "traffic in the last N seconds"
+    session_unit_bytes_per_second: float = 125_000.0  # one effective session's worth
+
+
 class TelemetryTarget(Strict, kw_only=True, frozen=True):
     """Node telemetry: what the node says about its own sessions (active peers, reconnects,
     bytes), read on the node every ``telemetry`` tier interval, locally when the agent runs on
@@ -177,6 +192,7 @@ class TelemetryTarget(Strict, kw_only=True, frozen=True):
     openvpn_management_socket: str | None = None  # the server's `--management <path> unix`
     ikev2: bool = False  # read charon's SAs with `swanctl --list-sas`
     ikev2_vici_uri: str | None = None  # charon's VICI socket; default: swanctl's default
+    load: LoadTarget | None = None  # node load for the mesh's weights (tier ``load``)
 
 
 class Target(Strict, kw_only=True, frozen=True):
@@ -312,10 +328,26 @@ def _openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Pro
         yield from _check_file(getattr(o, name), f"{at}.{name}", base_dir)
 
 
+def _load_problems(load: LoadTarget, over_ssh: bool, at: str) -> Iterator[Problem]:
+    for i, name in enumerate(load.interfaces):
+        if not _INTERFACE.match(name):
+            yield Problem(f"{at}.interfaces[{i}]", f"expected an interface name, got {name!r}")
+    if load.netns is not None and over_ssh:
+        yield Problem(f"{at}.netns", "a local namespace read: not with ssh")
+    if load.netns is not None and not _NAME.match(load.netns):
+        yield Problem(f"{at}.netns", f"expected a namespace name, got {load.netns!r}")
+    for name in ("daemon_cores", "effective_window_seconds", "session_unit_bytes_per_second"):
+        if not getattr(load, name) > 0:
+            yield Problem(f"{at}.{name}", "must be > 0")
+
+
 def _telemetry_problems(t: TelemetryTarget, at: str, base_dir: Path) -> Iterator[Problem]:
-    if t.wireguard_interface is None and t.openvpn_management_socket is None and not t.ikev2:
-        yield Problem(at, "nothing to read: set wireguard_interface, openvpn_management_socket "
-                          "or ikev2")
+    if (t.wireguard_interface is None and t.openvpn_management_socket is None and not t.ikev2
+            and t.load is None):
+        yield Problem(at, "nothing to read: set wireguard_interface, openvpn_management_socket, "
+                          "ikev2 or load")
+    if t.load is not None:
+        yield from _load_problems(t.load, t.ssh is not None, f"{at}.load")
     name = t.wireguard_interface
     if name is not None and not _INTERFACE.match(name):
         yield Problem(f"{at}.wireguard_interface",
@@ -397,9 +429,9 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.agent.max_start_lag <= 0:
         yield Problem("$.agent.max_start_lag", "must be > 0")
     for name, tier in cfg.tiers.items():
-        if name not in ("l4", "functional", "session", "telemetry"):
+        if name not in ("l4", "functional", "session", "telemetry", "load"):
             yield Problem(f"$.tiers.{name}",
-                          "unknown tier; expected l4, functional, session or telemetry")
+                          "unknown tier; expected l4, functional, session, telemetry or load")
         yield from _tier_problems(name, tier)
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.targets):

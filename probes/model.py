@@ -37,12 +37,14 @@ MAX_NAME = 256  # node, check, vantage, agent and kind names
 MAX_DETAIL = 1024  # human context (the agent cuts it to 200)
 MAX_PHASES = 32  # phases per observation, and ...
 MAX_PHASE_NAME = 64  # ... the length of a phase's name
+MAX_RATE = 1e13  # per second: packets, bytes (80 Tbit/s), drops of one node
 
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_SECONDS)]
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 WallTime = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WALL_TIME)]
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RATE)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
 Phases = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=MAX_PHASE_NAME)], Seconds],
@@ -102,6 +104,36 @@ class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fi
     rtt_max_seconds: Seconds | None = None
 
 
+class NodeLoad(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A node's load as read on the node (``telemetry.load``): the input of the mesh's weights.
+
+    Rates are over ``interval_seconds``, the time between this read and the previous one of the
+    same agent (counters in, rates out, on the agent). ``cpu_busy_ratio`` is the busier of the
+    whole host and the VPN daemon's own share of the cores it may use (a single-threaded OpenVPN
+    saturates one core while the host idles). ``effective_sessions`` counts sessions weighted by
+    their traffic over the agent's window (docs/weights.md). None = not measured.
+    """
+
+    interval_seconds: Seconds
+    cpu_busy_ratio: Ratio | None = None
+    softnet_drops_per_second: Rate = 0.0
+    softnet_squeezes_per_second: Rate = 0.0
+    udp_receive_errors_per_second: Rate = 0.0
+    packets_per_second: Rate = 0.0
+    bytes_per_second: Rate = 0.0
+    interface_drops_per_second: Rate = 0.0
+    qdisc_backlog_packets: Rate = 0.0
+    qdisc_drops_per_second: Rate = 0.0
+    active_sessions: Count | None = None
+    effective_sessions: Rate | None = None
+
+    @property
+    def drops_per_second(self) -> float:
+        """Every drop the node counted: softnet backlog, UDP receive buffers, NIC, qdisc."""
+        return (self.softnet_drops_per_second + self.udp_receive_errors_per_second
+                + self.interface_drops_per_second + self.qdisc_drops_per_second)
+
+
 class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """One check's result at one instant from one vantage point."""
 
@@ -117,6 +149,7 @@ class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     phases: Phases = msgspec.field(default_factory=dict)  # seconds by phase
     quality: Quality | None = None
     detail: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""  # human context; never a label
+    load: NodeLoad | None = None  # a node load read (telemetry.load): weights, never verdicts
 
 
 class ObservationBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -174,11 +207,48 @@ class Verdict(msgspec.Struct, frozen=True, omit_defaults=True):
     votes: Votes = msgspec.field(default_factory=Votes)
     pool: str = ""
     quorum_lost: bool = False  # state kept from before because too few vantages could vote
+    # the node's published weight (percent of nominal) after this verdict; weights on only
+    weight: int | None = None
     version: int = SCHEMA_VERSION
 
     @property
     def idempotency_key(self) -> str:
         return f"{self.node}:{self.seq}"
+
+
+class WeightReason(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One piece of evidence behind a weight.
+
+    ``what``: a load signal that cut the weight (``cpu``, ``drops``, ``effective_sessions``,
+    ...; ``value`` the smoothed figure, ``bound`` the step it reached, ``cut`` the share taken),
+    or a rule that shaped it (``state``, ``degraded-cap``, ``slow-start``, ``max-step``,
+    ``floor``, ``pool-guard``, ``load-stale``).
+    """
+
+    what: str
+    value: float | None = None
+    bound: float | None = None
+    cut: float | None = None
+    note: str = ""
+
+
+class WeightChange(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A node's published weight changed. ``weight`` is percent of the node's nominal weight
+    (0 = no new flows); ``seq`` increases by one per published change per node."""
+
+    node: str
+    weight: int
+    previous: int | None
+    seq: int
+    decided_at: float
+    state: VerdictState = VerdictState.UNKNOWN
+    pool: str = ""
+    reasons: list[WeightReason] = msgspec.field(default_factory=list)
+    version: int = SCHEMA_VERSION
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.node}:w{self.seq}"
 
 
 class SchemaError(ValueError):
@@ -298,13 +368,22 @@ def within_bounds(obs: Observation) -> Observation:
         )
     phases = {k[:MAX_PHASE_NAME]: _clamp(v, MAX_SECONDS)
               for k, v in list(obs.phases.items())[:MAX_PHASES]}
+    load = obs.load
+    if load is not None:
+        load = NodeLoad(**{
+            name: (None if value is None
+                   else _clamp_int(value, MAX_COUNT) if isinstance(value, int)
+                   else _clamp(value, 1.0 if name == "cpu_busy_ratio"
+                               else MAX_SECONDS if name == "interval_seconds" else MAX_RATE))
+            for name in NodeLoad.__struct_fields__
+            for value in (getattr(load, name),)})
     return msgspec.structs.replace(
         obs,
         node=obs.node[:MAX_NAME], check=obs.check[:MAX_NAME], vantage=obs.vantage[:MAX_NAME],
         kind=obs.kind[:MAX_NAME], seq=_clamp_int(obs.seq, MAX_SEQ),
         wall_time=_clamp(obs.wall_time, MAX_WALL_TIME),
         duration_seconds=_clamp(obs.duration_seconds, MAX_SECONDS),
-        phases=phases, quality=quality, detail=obs.detail[:MAX_DETAIL])
+        phases=phases, quality=quality, detail=obs.detail[:MAX_DETAIL], load=load)
 
 
 def _clamp(value: float, high: float) -> float:

@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ProbeRun, SchedulerStats
-from probes.checks.base import CheckResult, Tier
+from probes.checks.base import NODE_READ_TIERS, CheckResult
 
 # .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
 DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)
@@ -107,7 +107,7 @@ class ProbeStats:
         for c in checks:
             key = label_key(c)
             wanted.add(key)
-            self.series.setdefault(key, CheckSeries(telemetry=c.tier is Tier.TELEMETRY))
+            self.series.setdefault(key, CheckSeries(telemetry=c.tier in NODE_READ_TIERS))
         for key in [k for k in self.series if k not in wanted]:
             del self.series[key]
         hist_keys = {k[1:] for k in wanted}
@@ -128,7 +128,7 @@ class ProbeStats:
         s.attempts += 1
         if not result.ok:
             s.failures[result.reason.value] = s.failures.get(result.reason.value, 0) + 1
-        if run.check.tier is Tier.TELEMETRY:
+        if run.check.tier in NODE_READ_TIERS:
             s.telemetry = True
             self._record_facts(s, result)
             return

@@ -31,7 +31,7 @@ from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_
 from probes.agent.plan import PlannedCheck, plan
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
-from probes.checks.base import Tier
+from probes.checks.base import NODE_READ_TIERS
 from probes.config import AgentConfig, load_agent_config, resolve_path
 from probes.mesh import signing
 from probes.model import Observation, within_bounds
@@ -134,7 +134,9 @@ class Agent:
                       run.check.node, run.check.check, result.reason.value,
                       result.duration_seconds * 1000, result.detail)
         check = run.check
-        if self.reporter is None or check.tier is Tier.TELEMETRY:
+        if self.reporter is None:
+            return
+        if check.tier in NODE_READ_TIERS and result.load is None:
             return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
 
         def build(seq: int) -> Observation:
@@ -143,7 +145,8 @@ class Agent:
                 node=check.node, check=check.check, vantage=self.vantage, seq=seq,
                 wall_time=run.wall_time, ok=result.ok, reason=result.reason,
                 duration_seconds=result.duration_seconds, kind=check.kind.name,
-                phases=result.phases, quality=result.quality, detail=result.detail[:DETAIL_MAX]))
+                phases=result.phases, quality=result.quality, detail=result.detail[:DETAIL_MAX],
+                load=result.load))
 
         self.reporter.submit(build)
 

@@ -61,6 +61,7 @@ DEFAULT_TIERS: dict[str, TierPolicy] = {
     "functional": TierPolicy(interval=15.0, timeout=5.0, fast_interval=2.0),
     "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
     "telemetry": TierPolicy(interval=30.0, timeout=10.0),  # no fast re-probe: not health
+    "load": TierPolicy(interval=1.0, timeout=0.8),  # weights follow load within seconds
 }
 ROUND_PART = 256  # checks placed per loop callback when a round opens
 # adaptive timeout floor: Linux's minimum TCP RTO is 200 ms; a little above it leaves room for

@@ -16,6 +16,7 @@ CHECK_MODULES: tuple[str, ...] = (
     "quic",
     "mtu",
     "telemetry",
+    "load",
 )
 
 _loaded = False

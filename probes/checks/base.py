@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from probes.model import Quality, Reason
+from probes.model import NodeLoad, Quality, Reason
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,17 @@ Fact = str | int | float | bool
 
 class Tier(enum.StrEnum):
     """How deep a check goes; sets its default interval (fast L4, functional, synthetic session,
-    node telemetry)."""
+    node telemetry, node load)."""
 
     L4 = "l4"
     FUNCTIONAL = "functional"
     SESSION = "session"
     TELEMETRY = "telemetry"  # node telemetry: feeds metrics, never reported to the mesh
+    LOAD = "load"  # node load: feeds metrics and the mesh's weights, never verdicts
+
+
+# the tiers that read what a node says about itself rather than probe it
+NODE_READ_TIERS = frozenset({Tier.TELEMETRY, Tier.LOAD})
 
 
 @dataclass(slots=True)
@@ -66,6 +71,7 @@ class CheckResult:
     quality: Quality | None = None
     detail: str = ""
     facts: dict[str, Fact] = field(default_factory=dict)
+    load: NodeLoad | None = None  # a node load read's rates (telemetry.load), for the mesh
 
     def to_json_dict(self) -> dict[str, Any]:
         """The one-shot CLI's ``--json`` output contract."""
@@ -81,6 +87,8 @@ class CheckResult:
             out["detail"] = self.detail
         if self.facts:
             out["facts"] = dict(self.facts)
+        if self.load is not None:
+            out["load"] = msgspec.to_builtins(self.load)
         return out
 
 

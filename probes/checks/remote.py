@@ -11,9 +11,14 @@ caller can tell a silent node from a refusing one.
 from __future__ import annotations
 
 import asyncio
+import errno
 import shlex
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
+
+from probes.model import Reason
 
 KnownHosts = str | tuple[()] | None
 _STDERR_SHOWN = 200
@@ -65,3 +70,34 @@ async def ssh_output(host: str, command: str, *, error: type[Exception],
         raise error(f"ssh {host}: `{command}` exited {done.exit_status}: "
                     f"{str(done.stderr).strip()[:_STDERR_SHOWN]}")
     return str(done.stdout)
+
+
+class NodeShell(msgspec.Struct, frozen=True, kw_only=True):
+    """How a telemetry read logs in to its node (the ``ssh_output`` arguments, ready made)."""
+
+    host: str
+    port: int = 22
+    username: str | None = None
+    key_file: str | None = None
+    known_hosts_file: str | None = None
+    verify_host_key: bool = True
+
+    def ssh_options(self) -> dict[str, Any]:
+        known_hosts: KnownHosts = (self.known_hosts_file if self.known_hosts_file
+                                   else () if self.verify_host_key else None)
+        return {"username": self.username, "port": self.port, "known_hosts": known_hosts,
+                "client_keys": [self.key_file] if self.key_file else None}
+
+
+def failure_reason(exc: BaseException) -> Reason:
+    """Why telemetry could not be read, from what caused the error (see probes.checks.remote)."""
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError):
+        return Reason.TIMEOUT
+    if isinstance(cause, ConnectionRefusedError):
+        return Reason.REFUSED
+    if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return Reason.NETWORK_UNREACHABLE
+    if cause is not None:
+        return Reason.PROBE_ERROR  # could not run the command, or SSH refused our key
+    return Reason.BAD_RESPONSE  # the node answered, but not with telemetry we can read

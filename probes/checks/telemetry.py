@@ -15,7 +15,6 @@ gives ``node_half_open_sas`` and ``node_child_sas``.
 
 from __future__ import annotations
 
-import errno
 import time
 from pathlib import Path
 from typing import Any
@@ -23,28 +22,14 @@ from typing import Any
 import msgspec
 
 from probes.checks import ikev2_telemetry as ike
+from probes.checks import load
 from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
 from probes.checks.reconnects import ReconnectCounter
-from probes.checks.remote import KnownHosts
+from probes.checks.remote import NodeShell, failure_reason
 from probes.config import Target, resolve_path
 from probes.model import Reason
-
-
-class NodeShell(msgspec.Struct, frozen=True, kw_only=True):
-    host: str
-    port: int = 22
-    username: str | None = None
-    key_file: str | None = None
-    known_hosts_file: str | None = None
-    verify_host_key: bool = True
-
-    def ssh_options(self) -> dict[str, Any]:
-        known_hosts: KnownHosts = (self.known_hosts_file if self.known_hosts_file
-                                   else () if self.verify_host_key else None)
-        return {"username": self.username, "port": self.port, "known_hosts": known_hosts,
-                "client_keys": [self.key_file] if self.key_file else None}
 
 
 class WireGuardTelemetry(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,20 +60,6 @@ def reconnect_counter(node: str, kind: str) -> ReconnectCounter:
     if counter is None:
         counter = _COUNTERS[(node, kind)] = ReconnectCounter()
     return counter
-
-
-def failure_reason(exc: BaseException) -> Reason:
-    """Why telemetry could not be read, from what caused the error (see probes.checks.remote)."""
-    cause = exc.__cause__
-    if isinstance(cause, TimeoutError):
-        return Reason.TIMEOUT
-    if isinstance(cause, ConnectionRefusedError):
-        return Reason.REFUSED
-    if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return Reason.NETWORK_UNREACHABLE
-    if cause is not None:
-        return Reason.PROBE_ERROR  # could not run the command, or SSH refused our key
-    return Reason.BAD_RESPONSE  # the node answered, but not with telemetry we can read
 
 
 async def _wireguard(params: WireGuardTelemetry, timeout: float) -> CheckResult:
@@ -190,4 +161,14 @@ def params_from_target(target: Target, base_dir: Path) -> dict[str, Any]:
     if section.ikev2:
         out[IKEV2.name] = IKEv2Telemetry(node=target.id, vici_uri=section.ikev2_vici_uri,
                                          ssh=shell)
+    if section.load is not None:
+        reads = section.load
+        out[load.LOAD.name] = load.LoadParams(
+            node=target.id, ssh=shell, netns=reads.netns, interfaces=tuple(reads.interfaces),
+            qdisc=reads.qdisc, daemon_pid_file=reads.daemon_pid_file,
+            daemon_cores=reads.daemon_cores, wireguard_interface=section.wireguard_interface,
+            openvpn_management_socket=section.openvpn_management_socket, ikev2=section.ikev2,
+            ikev2_vici_uri=section.ikev2_vici_uri,
+            effective_window_seconds=reads.effective_window_seconds,
+            session_unit_bytes_per_second=reads.session_unit_bytes_per_second)
     return out
