@@ -7,7 +7,7 @@ problem with its field path (``$.agents[1].key_file``) and line, like the agent 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +18,8 @@ from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
 from probes.mesh.publish import config as publish_config
+from probes.mesh.weight_policy import WeightPolicy, validate_weight_policy
+from probes.mesh.weights import WeightNode
 
 
 class MeshAgent(Strict, kw_only=True, frozen=True):
@@ -40,6 +42,9 @@ class MeshNode(Strict, kw_only=True, frozen=True):
     # "anycast": not a VPN node but a check of a PoP's anycast address from outside; its
     # verdict feeds the PoP's announcement decision (docs/anycast.md), not a balancer pool
     role: Literal["node", "anycast"] = "node"
+    # how much this node can take compared with a typical one (1.0): weights compare load per
+    # unit of capacity, and the weight guard counts it (docs/weights.md)
+    capacity: float = 1.0
 
 
 class StoreConfig(Strict, kw_only=True, frozen=True):
@@ -85,6 +90,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     nodes: list[MeshNode]
     operator_token_file: str | None = None  # bearer token for POST /v1/nodes/{id}/...
     decision: DecisionPolicy = msgspec.field(default_factory=DecisionPolicy)
+    weights: WeightPolicy = msgspec.field(default_factory=WeightPolicy)  # docs/weights.md
     max_body_bytes: int = 8 * 1024 * 1024
     timestamp_window_seconds: float = 300.0
     tick_seconds: float = 1.0
@@ -98,6 +104,10 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
+
+    def weight_nodes(self) -> list[WeightNode]:
+        """The balancer nodes the weight engine weighs (anycast checks are not in a pool)."""
+        return [WeightNode(n.id, n.pool, n.capacity) for n in self.nodes if n.role == "node"]
 
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -132,6 +142,8 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         if node.id in nodes:
             yield Problem(f"$.nodes[{i}].id", f"duplicate of $.nodes[{nodes[node.id]}]")
         nodes.setdefault(node.id, i)
+        if not node.capacity > 0 or node.capacity != node.capacity:
+            yield Problem(f"$.nodes[{i}].capacity", f"must be > 0, got {node.capacity}")
     if cfg.operator_token_file is not None and not resolve_path(
         cfg.operator_token_file, base_dir
     ).is_file():
@@ -158,8 +170,13 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.anycast is not None:
         for path, message in anycast_problems(cfg.anycast, {n.id: n.pop for n in cfg.nodes}):
             yield Problem(path, message)
+    yield from _policy_problems(lambda: validate_policy(cfg.decision, "$.decision"))
+    yield from _policy_problems(lambda: validate_weight_policy(cfg.weights, "$.weights"))
+
+
+def _policy_problems(validate: Callable[[], object]) -> Iterator[Problem]:
     try:
-        validate_policy(cfg.decision, "$.decision")
+        validate()
     except PolicyError as exc:
         yield Problem(exc.path, str(exc).split(": ", 1)[1])
 

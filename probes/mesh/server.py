@@ -64,6 +64,8 @@ def open_service(cfg: MeshConfig) -> MeshService:
         snapshot_every=cfg.snapshot_every,
         snapshot_bytes=cfg.snapshot_bytes,
         background_snapshots=cfg.background_snapshots,
+        weight_policy=cfg.weights,
+        weight_nodes=cfg.weight_nodes(),
     )
 
 

@@ -18,12 +18,13 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
-from probes.mesh.snapshot import dump_engine, load_engine
+from probes.mesh.snapshot import dump_engine, load_snapshot
 from probes.mesh.store import (
     AdminAction,
     AgentPosition,
@@ -32,9 +33,31 @@ from probes.mesh.store import (
     MeshStore,
     StoreError,
 )
-from probes.model import ObservationBatch, Verdict, VerdictState, decode_batch, encode
+from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weights import WeightEngine, WeightNode
+from probes.model import (
+    NodeLoad,
+    Observation,
+    ObservationBatch,
+    Verdict,
+    VerdictState,
+    WeightChange,
+    decode_batch,
+    encode,
+)
 
 log = logging.getLogger(__name__)
+
+
+def split_load(
+    observations: Sequence[Observation],
+) -> tuple[Sequence[Observation], list[tuple[str, NodeLoad]]]:
+    """Check results for the decision engine, load reads for the weight engine: a load read is
+    never evidence of a node's health (its absence says nothing about the service)."""
+    loads = [(o.node, o.load) for o in observations if o.load is not None]
+    if not loads:
+        return observations, loads
+    return [o for o in observations if o.load is None], loads
 
 
 class MeshService:
@@ -47,6 +70,8 @@ class MeshService:
         snapshot_every: int = 10_000,
         snapshot_bytes: int = 256 * 1024 * 1024,
         background_snapshots: bool = False,
+        weight_policy: WeightPolicy | None = None,
+        weight_nodes: Sequence[WeightNode] = (),
     ) -> None:
         self.store = store
         self.snapshot_every = snapshot_every
@@ -68,21 +93,32 @@ class MeshService:
         self._last_journal_id = 0
         # called with the verdict changes of every committed input (e.g. to wake publishers)
         self.listeners: list[Callable[[list[Verdict]], None]] = []
+        # called with the weight changes of every committed input (weights enabled only)
+        self.weight_listeners: list[Callable[[list[WeightChange]], None]] = []
         self._policy = policy
         self._nodes = list(nodes)
+        enabled = weight_policy is not None and weight_policy.enabled
+        self._weight_policy = weight_policy if enabled else None
+        self._weight_nodes = list(weight_nodes)
+        self.weights: WeightEngine | None = None
         self.engine = self._recover(policy, nodes)
 
     # ---- start-up -------------------------------------------------------------------------
 
     def _recover(self, policy: DecisionPolicy, nodes: Sequence[NodeInfo]) -> DecisionEngine:
         rec = self.store.recover()
+        saved_weights = None
         if rec.snapshot is not None:
-            engine = load_engine(rec.snapshot)
+            engine, saved_weights = load_snapshot(rec.snapshot)
         else:
             engine = DecisionEngine(policy, nodes)
+        weights = None
+        if self._weight_policy is not None:
+            weights = (WeightEngine.restore(saved_weights) if saved_weights is not None
+                       else WeightEngine(self._weight_policy, self._weight_nodes))
         self._last_journal_id = rec.snapshot_journal_id
         for entry in rec.entries:
-            self.replayed_verdicts += len(self._apply(engine, entry))
+            self.replayed_verdicts += len(self._apply(engine, weights, entry)[0])
             self.last_now = max(self.last_now, entry.now)
             self._last_journal_id = entry.id
         self.replayed_entries = len(rec.entries)
@@ -105,21 +141,45 @@ class MeshService:
                 engine.add_node(info)
             elif engine.nodes[info.node].info != info:
                 engine.move_node(info)
+        if weights is not None and self._weight_policy is not None:
+            weights.reconfigure(self._weight_policy, self._weight_nodes)
+            for node_id, node in engine.nodes.items():  # states of nodes new to the weights
+                weights.set_state(node_id, node.state, self.last_now)
+        self.weights = weights
         self._snapshot(engine)
         return engine
 
     @staticmethod
-    def _apply(engine: DecisionEngine, entry: JournalEntry) -> list[Verdict]:
+    def _apply(engine: DecisionEngine, weights: WeightEngine | None, entry: JournalEntry,
+               observations: Sequence[Observation] | None = None,
+               ) -> tuple[list[Verdict], list[WeightChange]]:
+        """Apply one journaled input to both engines; (verdict changes, weight changes).
+        ``observations``: a batch entry's, when the caller decoded them already."""
+        now = entry.now
         if entry.kind == EntryKind.BATCH:
-            return engine.observe(decode_batch(entry.payload).observations, entry.now)
+            if observations is None:
+                observations = decode_batch(entry.payload).observations
+            checks, loads = split_load(observations)
+            verdicts = engine.observe(checks, now)
+            if weights is not None and loads:
+                weights.load(loads, now)
+        elif entry.kind == EntryKind.TICK:
+            verdicts = engine.tick(now)
+        else:
+            action = _decode_admin(entry.payload)
+            verdicts = engine.set_admin(action.node, action.state, now, action.actor)
+        if weights is None:
+            return verdicts, []
+        changes: list[WeightChange] = []
+        for verdict in verdicts:
+            changes += weights.set_state(verdict.node, verdict.state, now)
         if entry.kind == EntryKind.TICK:
-            return engine.tick(entry.now)
-        action = _decode_admin(entry.payload)
-        return engine.set_admin(action.node, action.state, entry.now, action.actor)
+            changes += weights.tick(now)
+        return verdicts, changes
 
     def _snapshot(self, engine: DecisionEngine | None = None) -> None:
         started = time.perf_counter()
-        blob = dump_engine(engine or self.engine)
+        blob = dump_engine(engine or self.engine, self._weights_state())
         self.store.save_snapshot(self._last_journal_id, blob)
         self._prune_upto = max(self._prune_upto, self._last_journal_id)  # dropped in steps
         self._since_snapshot = 0
@@ -150,7 +210,7 @@ class MeshService:
                 # SQLite's descriptors behind its back breaks its lock bookkeeping.
                 _close_sockets()
                 gc.disable()  # a short-lived process: collecting would only touch (copy) pages
-                blob = dump_engine(self.engine)
+                blob = dump_engine(self.engine, self._weights_state())
                 self.store.write_snapshot_detached(journal_id, blob)
                 code = 0
             except BaseException:  # noqa: S110 - the parent sees the exit code
@@ -178,12 +238,16 @@ class MeshService:
         if self._prune_upto and self.store.prune_journal(self._prune_upto) == 0:
             self._prune_upto = 0
 
+    def _weights_state(self) -> dict[str, object] | None:
+        return self.weights.to_builtins() if self.weights is not None else None
+
     def _commit(
         self,
         entry: JournalEntry,
         verdicts: list[Verdict],
         agent: AgentPosition | None = None,
         admin: AdminAction | None = None,
+        weight_changes: list[WeightChange] | None = None,
     ) -> None:
         try:
             self._last_journal_id = self.store.commit(entry, verdicts, agent, admin, entry.now)
@@ -202,7 +266,22 @@ class MeshService:
         if due and not (self.background_snapshots and self._fork_snapshot()):
             self._snapshot()
         if verdicts:
-            self._announce(verdicts)
+            self._announce(self.listeners, verdicts)
+        if weight_changes:
+            self._announce(self.weight_listeners, weight_changes)
+
+    def _with_weights(self, verdicts: list[Verdict]) -> list[Verdict]:
+        """Verdicts carrying their node's weight as it is after them (weights enabled)."""
+        weights = self.weights
+        if weights is None:
+            return verdicts
+        out = []
+        for verdict in verdicts:
+            node = weights.nodes.get(verdict.node)
+            weight = node.published if node is not None else None
+            out.append(msgspec.structs.replace(verdict, weight=weight) if weight is not None
+                       else verdict)
+        return out
 
     def _now(self, now: float) -> float:
         self.last_now = max(self.last_now, float(now))
@@ -212,37 +291,44 @@ class MeshService:
     def journal_since_snapshot(self) -> int:
         return self._since_snapshot
 
-    def _announce(self, verdicts: list[Verdict]) -> None:
-        for listener in self.listeners:
+    @staticmethod
+    def _announce(listeners: list[Callable[[list[Any]], None]], changes: list[Any]) -> None:
+        for listener in listeners:
             try:
-                listener(verdicts)
+                listener(changes)
             except Exception:  # a broken listener must not undo a committed input
-                log.exception("verdict listener failed")
+                log.exception("listener failed")
 
     # ---- inputs ---------------------------------------------------------------------------
 
     def accept_batch(self, body: bytes, batch: ObservationBatch, now: float) -> list[Verdict]:
         """Apply an already authenticated and validated batch; commit it with its effects."""
         now = self._now(now)
+        entry = JournalEntry(EntryKind.BATCH, now, body)
         try:
-            verdicts = self.engine.observe(batch.observations, now)
+            verdicts, changes = self._apply_live(entry, batch.observations)
         except Exception:
             # a bug must not leave half a batch in the engine: rebuild it from the store
             log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
             self.engine = self._recover(self._policy, self._nodes)
             raise
-        self._commit(
-            JournalEntry(EntryKind.BATCH, now, body),
-            verdicts,
-            agent=AgentPosition(batch.agent, batch.batch_seq),
-        )
+        self._commit(entry, verdicts, agent=AgentPosition(batch.agent, batch.batch_seq),
+                     weight_changes=changes)
         self.agent_seq[batch.agent] = batch.batch_seq
         return verdicts
 
+    def _apply_live(self, entry: JournalEntry,
+                    observations: Sequence[Observation] | None = None,
+                    ) -> tuple[list[Verdict], list[WeightChange]]:
+        """:meth:`_apply` on the live engines (a batch's observations already decoded)."""
+        verdicts, changes = self._apply(self.engine, self.weights, entry, observations)
+        return self._with_weights(verdicts), changes
+
     def tick(self, now: float) -> list[Verdict]:
         now = self._now(now)
-        verdicts = self.engine.tick(now)
-        self._commit(JournalEntry(EntryKind.TICK, now), verdicts)
+        entry = JournalEntry(EntryKind.TICK, now)
+        verdicts, changes = self._apply_live(entry)
+        self._commit(entry, verdicts, weight_changes=changes)
         return verdicts
 
     def set_admin(
@@ -253,8 +339,9 @@ class MeshService:
             raise KeyError(node)
         now = self._now(now)
         action = AdminAction(node, state, actor)
-        verdicts = self.engine.set_admin(node, state, now, actor)
-        self._commit(JournalEntry(EntryKind.ADMIN, now, encode(action)), verdicts, admin=action)
+        entry = JournalEntry(EntryKind.ADMIN, now, encode(action))
+        verdicts, changes = self._apply_live(entry)
+        self._commit(entry, verdicts, admin=action, weight_changes=changes)
         return verdicts
 
     def close(self) -> None:

@@ -63,17 +63,23 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def dump_engine(engine: DecisionEngine) -> bytes:
+def dump_engine(engine: DecisionEngine, weights: dict[str, Any] | None = None) -> bytes:
+    """The engine, and the weight engine's state beside it (``WeightEngine.to_builtins``)."""
     with _no_gc():
-        return _dump(engine)
+        return _dump(engine, weights)
 
 
 def load_engine(blob: bytes) -> DecisionEngine:
+    return load_snapshot(blob)[0]
+
+
+def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
+    """The engine and the weight engine's state (None in a snapshot taken without weights)."""
     with _no_gc():
         return _load(blob)
 
 
-def _dump(engine: DecisionEngine) -> bytes:
+def _dump(engine: DecisionEngine, weights: dict[str, Any] | None) -> bytes:
     if engine._dirty_nv or engine._dirty_nodes:
         raise RuntimeError("snapshot taken in the middle of an engine call")
     checks = []
@@ -120,6 +126,7 @@ def _dump(engine: DecisionEngine) -> bytes:
         "vantages_changed": engine._vantages_changed,
         "counters": [getattr(engine, name) for name in _COUNTERS],
         "transitions": [[a, b, n] for (a, b), n in engine.transitions.items()],
+        "weights": weights,
     }
     return _encoder.encode(state)
 
@@ -135,7 +142,7 @@ _COUNTERS = (
 )
 
 
-def _load(blob: bytes) -> DecisionEngine:
+def _load(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
     try:
         state: dict[str, Any] = _decoder.decode(blob)
     except msgspec.DecodeError as exc:
@@ -174,7 +181,7 @@ def _load(blob: bytes) -> DecisionEngine:
     for name, value in zip(_COUNTERS, state["counters"], strict=True):
         setattr(engine, name, value)
     engine.transitions = {(a, b): n for a, b, n in state["transitions"]}
-    return engine
+    return engine, state.get("weights")
 
 
 def _load_checks(engine: DecisionEngine, rows: list[list[Any]]) -> None:
