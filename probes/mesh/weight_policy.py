@@ -94,22 +94,24 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_done_sessions: int = 0
 
 
-def _positive(value: float, path: str) -> None:
-    if not value > 0:
-        raise PolicyError(f"must be > 0, got {value}", path)
-
-
-def _percent(value: float, path: str) -> None:
-    if not 0 <= value <= 100:
-        raise PolicyError(f"must be in [0, 100], got {value}", path)
+def _within(value: float, path: str, low: float, high: float = float("inf"), *,
+            open_low: bool = False, open_high: bool = False, why: str = "") -> None:
+    """Raise unless ``low <= value <= high`` (strict at an open end)."""
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        span = (f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+                if high != float("inf") else f"{'>' if open_low else '>='} {low:g}")
+        raise PolicyError(f"must be {'in ' if high != float('inf') else ''}{span}{why}, "
+                          f"got {value}", path)
 
 
 def validate_weight_policy(policy: WeightPolicy, prefix: str = "weights") -> WeightPolicy:
     """Check ranges and cross-field rules; raise :class:`PolicyError` naming the field."""
     p = prefix
     finite_fields(policy, p)
-    _positive(policy.half_life_seconds, f"{p}.half_life_seconds")
-    _positive(policy.step_seconds, f"{p}.step_seconds")
+    _within(policy.half_life_seconds, f"{p}.half_life_seconds", 0, open_low=True)
+    _within(policy.step_seconds, f"{p}.step_seconds", 0, open_low=True)
     seen: set[tuple[str, bool]] = set()
     for i, table in enumerate(policy.steps):
         at = f"{p}.steps[{i}]"
@@ -123,38 +125,22 @@ def validate_weight_policy(policy: WeightPolicy, prefix: str = "weights") -> Wei
         for j, step in enumerate(table.steps):
             here = f"{at}.steps[{j}]"
             finite_fields(step, here)
-            if step.at < 0:
-                raise PolicyError(f"must be >= 0, got {step.at}", f"{here}.at")
-            if not 0 < step.cut < 1:
-                raise PolicyError(
-                    f"must be in (0, 1) (a share of the weight; states, not load, take a node "
-                    f"to 0), got {step.cut}", f"{here}.cut")
+            _within(step.at, f"{here}.at", 0)
+            _within(step.cut, f"{here}.cut", 0, 1, open_low=True, open_high=True,
+                    why=" (a share of the weight; states, not load, take a node to 0)")
             if previous is not None and not (step.at > previous.at and step.cut > previous.cut):
                 raise PolicyError("steps must rise: each a higher 'at' and a deeper 'cut' "
                                   "than the one before", here)
             previous = step
-    if not 0 <= policy.step_hysteresis < 1:
-        raise PolicyError(f"must be in [0, 1), got {policy.step_hysteresis}",
-                          f"{p}.step_hysteresis")
-    _percent(policy.degraded_cap_percent, f"{p}.degraded_cap_percent")
-    if policy.slow_start_seconds < 0:
-        raise PolicyError(f"must be >= 0, got {policy.slow_start_seconds}",
-                          f"{p}.slow_start_seconds")
-    _percent(policy.slow_start_initial_percent, f"{p}.slow_start_initial_percent")
-    if not 0 < policy.max_step_percent <= 100:
-        raise PolicyError(f"must be in (0, 100], got {policy.max_step_percent}",
-                          f"{p}.max_step_percent")
-    if not 0 < policy.floor_percent <= 100:
-        raise PolicyError(f"must be in (0, 100] (load never takes a node to 0), got "
-                          f"{policy.floor_percent}", f"{p}.floor_percent")
-    if not 0 <= policy.guard_share <= 1:
-        raise PolicyError(f"must be a share in [0, 1], got {policy.guard_share}",
-                          f"{p}.guard_share")
-    if not 0 <= policy.dead_band_percent < 100:
-        raise PolicyError(f"must be in [0, 100), got {policy.dead_band_percent}",
-                          f"{p}.dead_band_percent")
-    _positive(policy.load_stale_after_seconds, f"{p}.load_stale_after_seconds")
-    if policy.drain_done_sessions < 0:
-        raise PolicyError(f"must be >= 0, got {policy.drain_done_sessions}",
-                          f"{p}.drain_done_sessions")
+    _within(policy.step_hysteresis, f"{p}.step_hysteresis", 0, 1, open_high=True)
+    _within(policy.degraded_cap_percent, f"{p}.degraded_cap_percent", 0, 100)
+    _within(policy.slow_start_seconds, f"{p}.slow_start_seconds", 0)
+    _within(policy.slow_start_initial_percent, f"{p}.slow_start_initial_percent", 0, 100)
+    _within(policy.max_step_percent, f"{p}.max_step_percent", 0, 100, open_low=True)
+    _within(policy.floor_percent, f"{p}.floor_percent", 0, 100, open_low=True,
+            why=" (load never takes a node to 0)")
+    _within(policy.guard_share, f"{p}.guard_share", 0, 1)
+    _within(policy.dead_band_percent, f"{p}.dead_band_percent", 0, 100, open_high=True)
+    _within(policy.load_stale_after_seconds, f"{p}.load_stale_after_seconds", 0, open_low=True)
+    _within(policy.drain_done_sessions, f"{p}.drain_done_sessions", 0)
     return policy
