@@ -370,13 +370,15 @@ def within_bounds(obs: Observation) -> Observation:
               for k, v in list(obs.phases.items())[:MAX_PHASES]}
     load = obs.load
     if load is not None:
-        load = NodeLoad(**{
-            name: (None if value is None
-                   else _clamp_int(value, MAX_COUNT) if isinstance(value, int)
-                   else _clamp(value, 1.0 if name == "cpu_busy_ratio"
-                               else MAX_SECONDS if name == "interval_seconds" else MAX_RATE))
-            for name in NodeLoad.__struct_fields__
-            for value in (getattr(load, name),)})
+        load = NodeLoad(
+            interval_seconds=_clamp(load.interval_seconds, MAX_SECONDS),
+            cpu_busy_ratio=(None if load.cpu_busy_ratio is None
+                            else _clamp(load.cpu_busy_ratio, 1.0)),
+            **{name: _clamp(getattr(load, name), MAX_RATE) for name in _LOAD_RATES},
+            active_sessions=(None if load.active_sessions is None
+                             else _clamp_int(load.active_sessions, MAX_COUNT)),
+            effective_sessions=(None if load.effective_sessions is None
+                                else _clamp(load.effective_sessions, MAX_RATE)))
     return msgspec.structs.replace(
         obs,
         node=obs.node[:MAX_NAME], check=obs.check[:MAX_NAME], vantage=obs.vantage[:MAX_NAME],
@@ -384,6 +386,11 @@ def within_bounds(obs: Observation) -> Observation:
         wall_time=_clamp(obs.wall_time, MAX_WALL_TIME),
         duration_seconds=_clamp(obs.duration_seconds, MAX_SECONDS),
         phases=phases, quality=quality, detail=obs.detail[:MAX_DETAIL], load=load)
+
+
+_LOAD_RATES = ("softnet_drops_per_second", "softnet_squeezes_per_second",
+               "udp_receive_errors_per_second", "packets_per_second", "bytes_per_second",
+               "interface_drops_per_second", "qdisc_backlog_packets", "qdisc_drops_per_second")
 
 
 def _clamp(value: float, high: float) -> float:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes.model import (
     SCHEMA_VERSION,
+    NodeLoad,
     Observation,
     ObservationBatch,
     Quality,
@@ -24,6 +26,7 @@ from probes.model import (
     decode_batch,
     decode_verdict,
     encode,
+    within_bounds,
 )
 
 
@@ -107,3 +110,23 @@ def test_fuzz_bytes_inside_a_valid_batch_only_raise_schema_error(junk: bytes) ->
                                     observations=[_obs(1)]))
     with contextlib.suppress(SchemaError):
         decode_batch(batch.replace(b"fra1-n1", junk.replace(b'"', b"").replace(b"\\", b"")))
+
+
+def test_a_load_record_round_trips_and_out_of_range_figures_name_their_field() -> None:
+    load = NodeLoad(interval_seconds=1.0, cpu_busy_ratio=0.8, bytes_per_second=1e6,
+                    active_sessions=12, effective_sessions=20.5)
+    obs = msgspec.structs.replace(_obs(1), load=load)
+    batch = ObservationBatch(version=SCHEMA_VERSION, agent="a", batch_seq=1, sent_at=0.0,
+                             observations=[obs])
+    assert decode_batch(encode(batch)) == batch
+    for field, value in (("cpu_busy_ratio", 1.5), ("bytes_per_second", -1.0),
+                         ("active_sessions", 2**40), ("interval_seconds", 1e9)):
+        data = json.loads(encode(batch))
+        data["observations"][0]["load"][field] = value
+        with pytest.raises(SchemaError) as info:
+            decode_batch(json.dumps(data).encode())
+        assert info.value.path == f"$.observations[0].load.{field}"
+        # the agent clamps what it measured instead of losing the batch
+        odd = msgspec.structs.replace(load, **{field: value})
+        clamped = within_bounds(msgspec.structs.replace(obs, load=odd))
+        decode_batch(encode(msgspec.structs.replace(batch, observations=[clamped])))
