@@ -332,7 +332,7 @@ def node_detail() -> dashboard.Dashboard:
             "ops",
             f"sum by (reason) (rate(tunnelwatch_probe_failures_total{{{sel}}}[{RATE}]))",
             "{{reason}}",
-            desc="Closed-enum reasons (probes/model.py Reason).",
+            desc="Closed-enum reasons (probes.model.Reason).",
         ),
         ts(
             "Check duration P99 by check, whole PoP",

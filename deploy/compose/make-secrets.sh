@@ -1,6 +1,6 @@
 #!/bin/sh
 # One random HMAC key per agent for the compose stack: 64 hex characters, like
-# probes/mesh/signing.py generate_key(). Never committed (see .gitignore).
+# probes/model/signing.py generate_key(). Never committed (see .gitignore).
 # The mesh gets every agent's key; each agent only its own (compose.yaml `secrets:`).
 set -eu
 dir="$(dirname "$0")/secrets"

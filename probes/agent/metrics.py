@@ -28,7 +28,8 @@ from prometheus_client.utils import floatToGoString
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ProbeRun, SchedulerStats
-from probes.checks.base import NODE_READ_TIERS, CheckResult
+from probes.checks.base import CheckResult
+from probes.model import NODE_READ_TIERS
 
 # .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
 DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)

@@ -26,8 +26,9 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, Tier, all_kinds
+from probes.checks.base import CheckKind, all_kinds
 from probes.config import AgentConfig, Target, resolve_path
+from probes.model import Tier
 
 log = logging.getLogger(__name__)
 

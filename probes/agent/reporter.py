@@ -8,7 +8,7 @@ Path of one observation:
    a SIGKILL; before, it is as lost as the probes in flight, and its seq is reused, so the mesh
    never sees a gap it cannot explain;
 3. one sender task per endpoint takes the endpoint's next batch from the spool (or its
-   in-flight batch after a failure or a restart), signs it with :mod:`probes.mesh.signing` and
+   in-flight batch after a failure or a restart), signs it with :mod:`probes.model.signing` and
    POSTs it. 2xx, or ``409 replay`` (the mesh already has this ``batch_seq``: the answer to an
    earlier attempt was lost) acknowledge it; other answers are retried with exponential backoff
    and jitter. 400/413 (the mesh will never accept this body) drop the batch, counted.
@@ -36,8 +36,7 @@ import msgspec
 from probes.agent.metrics import ReporterStats
 from probes.agent.spool import Batch, Spool
 from probes.logutil import RateLimitedLog
-from probes.mesh import signing
-from probes.model import SCHEMA_VERSION, Observation
+from probes.model import Observation, batch_body, signing
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every commit: one line per 10 s, not 10 a second
@@ -50,14 +49,6 @@ MAX_PENDING = 100_000  # observations held in memory while the spool cannot be w
 _PERMANENT = (400, 413)  # the mesh will never take this body: drop the batch, count it
 
 T = TypeVar("T")
-
-
-def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes]) -> bytes:
-    """An :class:`~probes.model.ObservationBatch` in JSON, from already encoded observations."""
-    enc = msgspec.json.encode
-    return (b'{"version":' + enc(SCHEMA_VERSION) + b',"agent":' + enc(agent)
-            + b',"batch_seq":' + enc(batch_seq) + b',"sent_at":' + enc(sent_at)
-            + b',"observations":[' + b",".join(bodies) + b"]}")
 
 
 def batch_url(endpoint: str) -> str:

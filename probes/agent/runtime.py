@@ -31,10 +31,8 @@ from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_
 from probes.agent.plan import PlannedCheck, plan
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
-from probes.checks.base import NODE_READ_TIERS
 from probes.config import AgentConfig, load_agent_config, resolve_path
-from probes.mesh import signing
-from probes.model import Observation, within_bounds
+from probes.model import NODE_READ_TIERS, Observation, signing, within_bounds
 
 log = logging.getLogger(__name__)
 # APScheduler logs every job run at INFO: two lines per tier round are noise, not context

@@ -50,9 +50,9 @@ from datetime import datetime
 from typing import Any
 
 from probes.agent.plan import PlannedCheck
-from probes.checks.base import CheckResult, Tier, execute
+from probes.checks.base import CheckResult, execute
 from probes.config import TierPolicy
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 log = logging.getLogger(__name__)
 

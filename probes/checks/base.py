@@ -17,7 +17,6 @@ Contract for ``run``:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from probes.model import NodeLoad, Quality, Reason
+from probes.model import NodeLoad, Quality, Reason, Tier
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +44,6 @@ def first_retry_after(configured: float, timeout: float) -> float:
     return max(MIN_RETRY_SECONDS, min(configured, timeout / 4))
 
 Fact = str | int | float | bool
-
-
-class Tier(enum.StrEnum):
-    """How deep a check goes; sets its default interval (fast L4, functional, synthetic session,
-    node telemetry, node load)."""
-
-    L4 = "l4"
-    FUNCTIONAL = "functional"
-    SESSION = "session"
-    TELEMETRY = "telemetry"  # node telemetry: feeds metrics, never reported to the mesh
-    LOAD = "load"  # node load: feeds metrics and the mesh's weights, never verdicts
-
-
-# the tiers that read what a node says about itself rather than probe it
-NODE_READ_TIERS = frozenset({Tier.TELEMETRY, Tier.LOAD})
 
 
 @dataclass(slots=True)

@@ -25,17 +25,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from probes.checks.base import (
-    CheckKind,
-    CheckResult,
-    Fact,
-    Stopwatch,
-    Tier,
-    first_retry_after,
-    register,
-)
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, first_retry_after, register
 from probes.checks.udp import IcmpError, UdpEndpoint
-from probes.model import Quality, Reason
+from probes.model import Quality, Reason, Tier
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.crypto import CipherSuite
 from probes.protocols.ikev2.esp import classify_nat_t

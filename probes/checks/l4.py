@@ -28,14 +28,7 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import (
-    CheckKind,
-    CheckResult,
-    Stopwatch,
-    Tier,
-    first_retry_after,
-    register,
-)
+from probes.checks.base import CheckKind, CheckResult, Stopwatch, first_retry_after, register
 from probes.checks.icmp import (
     DatagramProbe,
     IcmpParseError,
@@ -49,7 +42,7 @@ from probes.checks.icmp import (
     round_trip_seconds,
     strip_ipv4_header,
 )
-from probes.model import Quality, Reason
+from probes.model import Quality, Reason, Tier
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _X509_V_ERR_CERT_HAS_EXPIRED = 10

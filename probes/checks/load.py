@@ -28,9 +28,9 @@ from probes.checks import ikev2_telemetry as ike
 from probes.checks import load_telemetry as lt
 from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
 from probes.checks.remote import NodeShell, failure_reason, local_output, ssh_output
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 _MARK = "@@tunnelwatch-load "
 

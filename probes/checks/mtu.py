@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
 from probes.checks.errqueue import (
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
@@ -58,7 +58,7 @@ from probes.checks.icmp import (
 )
 from probes.checks.l4 import resolve
 from probes.config import Target
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 # linux/in.h, linux/in6.h (not all exported by `socket`)
 IP_MTU_DISCOVER = 10

@@ -49,14 +49,13 @@ from probes.checks.base import (
     CheckResult,
     Fact,
     Stopwatch,
-    Tier,
     first_retry_after,
     register,
 )
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
-from probes.model import Quality, Reason
+from probes.model import Quality, Reason, Tier
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
 from probes.protocols.openvpn.data import Framing

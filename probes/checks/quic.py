@@ -44,7 +44,7 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from aioquic.tls import SessionTicket
 from cryptography import x509
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
 from probes.checks.icmp import (
     IcmpParseError,
     build_echo_request,
@@ -54,7 +54,7 @@ from probes.checks.icmp import (
 )
 from probes.checks.l4 import quality_of, resolve
 from probes.config import Target
-from probes.model import Reason
+from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
 
 H3_ALPN = "h3"

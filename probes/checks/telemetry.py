@@ -25,11 +25,11 @@ from probes.checks import ikev2_telemetry as ike
 from probes.checks import load
 from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, Tier, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
 from probes.checks.reconnects import ReconnectCounter
 from probes.checks.remote import NodeShell, failure_reason
 from probes.config import Target, resolve_path
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 
 class WireGuardTelemetry(msgspec.Struct, frozen=True, kw_only=True):

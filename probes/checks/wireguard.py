@@ -32,19 +32,11 @@ from pathlib import Path
 import msgspec
 from scapy.layers.inet import ICMP, IP
 
-from probes.checks.base import (
-    CheckKind,
-    CheckResult,
-    Fact,
-    Stopwatch,
-    Tier,
-    first_retry_after,
-    register,
-)
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, first_retry_after, register
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import Target, resolve_path
-from probes.model import Quality, Reason
+from probes.model import Quality, Reason, Tier
 from probes.protocols import wireguard as wg
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ from typing import Any, ClassVar
 from probes.lab.etcd import EtcdCluster
 from probes.lab.netns import LabError
 from probes.lab.topology import Host, Lab
-from probes.mesh import signing
-from probes.model import Observation, ObservationBatch, Reason, encode
+from probes.model import Observation, ObservationBatch, Reason, encode, signing
 
 AGENTS = ("va", "vb", "vc")
 HOOK_KEY = b"0123456789abcdef0123456789abcdef"

@@ -35,8 +35,8 @@ from probes.lab.haproxy import Backend, HAProxyServer
 from probes.lab.netns import LabError
 from probes.lab.openvpn import OpenVPNServer
 from probes.lab.topology import Host, Lab, wait_for
-from probes.mesh import signing
 from probes.mesh.publish.runtime_api import ServerState, parse_servers_state
+from probes.model import signing
 
 MESH_PORT = 9480
 AGENT_PORT = 9470

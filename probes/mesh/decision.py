@@ -51,7 +51,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from probes.checks.base import Tier
+import msgspec
+
 from probes.mesh.evidence import evidence, node_view
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.state import (
@@ -74,8 +75,9 @@ from probes.mesh.state import (
     NodeVantage,
     PoolState,
     VantageState,
+    check_row,
 )
-from probes.model import Observation, Verdict, VerdictReason, VerdictState, Votes
+from probes.model import Observation, Reason, Tier, Verdict, VerdictReason, VerdictState, Votes
 
 __all__ = [
     "CHECK_DOWN",
@@ -90,7 +92,6 @@ __all__ = [
     "NodeVantage",
     "PoolState",
     "VantageState",
-    "decide",
 ]
 
 
@@ -176,6 +177,33 @@ class DecisionEngine:
                 new.down += 1
             node.pool = new
         node.info = info
+
+    def reconfigure(self, policy: DecisionPolicy, nodes: Iterable[NodeInfo]) -> list[str]:
+        """Apply a config change between inputs: the new policy (tiers looked up afresh), nodes
+        added, moved (state and seq kept) or forgotten. Returns the forgotten nodes."""
+        self.policy = policy
+        self._tiers.clear()
+        nodes = list(nodes)
+        wanted = {info.node for info in nodes}
+        forgotten = [n for n in self.nodes if n not in wanted]
+        for node_id in forgotten:
+            self.remove_node(node_id)
+        for info in nodes:
+            if info.node not in self.nodes:
+                self.add_node(info)
+            elif self.nodes[info.node].info != info:
+                self.move_node(info)
+        return forgotten
+
+    def catch_up_seq(self, node_id: str, logged_seq: int) -> int | None:
+        """Never re-announce a seq the verdict log already holds: raise the node's seq to
+        ``logged_seq`` when it is behind; returns the seq it had then (None: not behind, or
+        not a node)."""
+        node = self.nodes.get(node_id)
+        if node is None or node.seq >= logged_seq:
+            return None
+        behind, node.seq = node.seq, logged_seq
+        return behind
 
     def _new_check(self, obs: Observation) -> CheckState | None:
         node = self.nodes.get(obs.node)
@@ -593,10 +621,154 @@ class DecisionEngine:
     def check_count(self) -> int:
         return len(self._checks)
 
+    def check_state(self, node_id: str, vantage: str, check: str) -> CheckState:
+        """One (node, vantage, check) state (KeyError when never observed)."""
+        return self._checks[(node_id, vantage, check)]
 
-def decide(
-    state: DecisionEngine, observations: Sequence[Observation], now: float
-) -> tuple[DecisionEngine, list[Verdict]]:
-    """Functional spelling of :meth:`DecisionEngine.observe` (the state is updated in place)."""
-    changes = state.observe(observations, now)
-    return state, changes
+    # ---- persistence: the engine as rows of plain values, and back ----------------------------
+
+    def to_rows(self) -> dict[str, Any]:
+        """The whole engine as plain values (names instead of references), for a snapshot.
+
+        Everything a restart needs to continue like an uninterrupted run: every slot of every
+        state object, the order of every dict and list the engine iterates (creation order of
+        checks, from which that of (node, vantage) pairs and vantages follows; the damping and
+        guard registries; the staleness wheel), and the counters."""
+        if self._dirty_nv or self._dirty_nodes:
+            raise RuntimeError("engine rows taken in the middle of an engine call")
+        row_of = check_row  # enums (reason, tier) encode as their values
+        checks = [(node_id, vantage_id, row_of(check))
+                  for (node_id, vantage_id, _name), check in self._checks.items()]
+        nvs = [[node_name, vantage_name, nv.seen, nv.opinion, nv.fresh, nv.wheeled]
+               for node_name, node in self.nodes.items()
+               for vantage_name, nv in node.nvs.items()]
+        nodes = [
+            [
+                name,
+                node.probe_state.value,
+                node.admin.value if node.admin is not None else None,
+                node.state.value,
+                node.quorum_lost,
+                node.guard_hold,
+                node.seq,
+                msgspec.to_builtins(node.votes),
+                msgspec.to_builtins(node.last) if node.last is not None else None,
+            ]
+            for name, node in self.nodes.items()
+        ]
+        return {
+            "policy": msgspec.to_builtins(self.policy),
+            "registry": [
+                [n.info.node, n.info.pool, n.info.pop, n.info.region] for n in self.nodes.values()
+            ],
+            "checks": checks,
+            "nvs": nvs,
+            "vantages": [
+                [v.name, v.decided, v.down, v.impaired, v.seen] for v in self.vantages.values()
+            ],
+            "nodes": nodes,
+            "pools": [[p.name, p.down, list(p.held)] for p in self.pools.values()],
+            "suppressed": [list(key) for key in self._suppressed],
+            "wheel": [
+                [key, [[nv.node.info.node, nv.vantage.name] for nv in bucket]]
+                for key, bucket in self._wheel.items()
+            ],
+            "wheel_keys": list(self._wheel_keys),
+            "vantages_changed": self._vantages_changed,
+            "counters": [getattr(self, name) for name in _COUNTERS],
+            "transitions": [[a, b, n] for (a, b), n in self.transitions.items()],
+        }
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, Any]) -> DecisionEngine:
+        """The engine :meth:`to_rows` described (KeyError / ValueError when they do not fit)."""
+        policy = msgspec.convert(rows["policy"], DecisionPolicy)
+        engine = cls(policy, [NodeInfo(*row) for row in rows["registry"]])
+        engine._load_checks(rows["checks"])
+        for node_name, vantage, seen, opinion, fresh, wheeled in rows["nvs"]:
+            nv = engine.nodes[node_name].nvs[vantage]
+            nv.seen, nv.opinion, nv.fresh, nv.wheeled = seen, opinion, fresh, wheeled
+        for name, decided, down, impaired, seen in rows["vantages"]:
+            v = engine.vantages[name]
+            v.decided, v.down, v.impaired, v.seen = decided, down, impaired, seen
+        for name, probe, admin, published, quorum_lost, hold, seq, votes, last in rows["nodes"]:
+            node = engine.nodes[name]
+            node.probe_state = VerdictState(probe)
+            node.admin = VerdictState(admin) if admin is not None else None
+            node.state = VerdictState(published)
+            node.quorum_lost = quorum_lost
+            node.guard_hold = hold
+            node.seq = seq
+            node.votes = msgspec.convert(votes, Votes)
+            node.last = msgspec.convert(last, Verdict) if last is not None else None
+        for name, down, held in rows["pools"]:
+            pool = engine.pools[name]
+            pool.down = down
+            pool.held = {n: engine.nodes[n] for n in held}
+        for key in rows["suppressed"]:
+            engine._suppressed[(key[0], key[1], key[2])] = engine._checks[(key[0], key[1], key[2])]
+        for key, members in rows["wheel"]:
+            engine._wheel[key] = [engine.nodes[n].nvs[v] for n, v in members]
+        engine._wheel_keys = list(rows["wheel_keys"])
+        engine._vantages_changed = rows["vantages_changed"]
+        for name, value in zip(_COUNTERS, rows["counters"], strict=True):
+            setattr(engine, name, value)
+        engine.transitions = {(a, b): n for a, b, n in rows["transitions"]}
+        return engine
+
+    def _load_checks(self, rows: list[list[Any]]) -> None:
+        """Re-create checks in creation order; (node, vantage) pairs and vantages follow."""
+        nodes = self.nodes
+        vantages = self.vantages
+        checks = self._checks
+        reason_of = Reason
+        tier_of = Tier
+        new = CheckState.__new__
+        for node_name, vantage_name, values in rows:
+            node = nodes[node_name]
+            vantage = vantages.get(vantage_name)
+            if vantage is None:
+                vantage = vantages[vantage_name] = VantageState(vantage_name)
+            nv = node.nvs.get(vantage_name)
+            if nv is None:
+                nv = node.nvs[vantage_name] = NodeVantage(node, vantage)
+                vantage.nvs.append(nv)
+            check = new(CheckState)
+            check.nv = nv
+            # CHECK_ROW_FIELDS, in their order: a slot added to CheckState fails this unpacking,
+            # and a mismatched order fails the rows -> engine -> rows round trip of the engine
+            # property tests
+            (
+                check.breach,
+                check.count,
+                check.kind,
+                check.loss,
+                check.name,
+                check.p99,
+                check.penalty,
+                check.penalty_at,
+                reason,
+                check.seen,
+                check.seq,
+                check.state,
+                check.suppress_start,
+                check.suppressed_until,
+                tier,
+                check.window,
+            ) = values
+            check.reason = reason_of(reason)
+            check.tier = tier_of(tier)
+            nv.checks.append(check)
+            checks[(node_name, vantage_name, check.name)] = check
+
+
+# the engine's counters, in the order its rows store them (the order is the snapshot format)
+_COUNTERS = (
+    "observations_total",
+    "unknown_node_total",
+    "duplicate_total",
+    "late_total",
+    "guard_holds_total",
+    "damping_suppressions_total",
+)
+

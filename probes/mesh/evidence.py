@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import Tier
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.state import (
     CHECK_DOWN,
@@ -23,7 +22,7 @@ from probes.mesh.state import (
     NodeState,
     NodeVantage,
 )
-from probes.model import VerdictReason
+from probes.model import Tier, VerdictReason
 
 
 def evidence(policy: DecisionPolicy, node: NodeState, now: float) -> list[VerdictReason]:

@@ -10,7 +10,7 @@ reason                status  when
 ``unknown-key``       401     the key id is not configured
 ``identity``          403     the key belongs to another agent than X-Tunnelwatch-Agent
 ``stale-timestamp``   401     timestamp malformed or outside the window
-``bad-signature``     401     HMAC does not match (see :mod:`probes.mesh.signing`)
+``bad-signature``     401     HMAC does not match (see :mod:`probes.model.signing`)
 ``schema``            400     not JSON / not a batch; the answer names the field
 ``identity``          403     batch.agent or an observation's vantage is not the agent
 ``replay``            409     batch_seq not above the last accepted one for this agent
@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from probes.mesh import signing
 from probes.mesh.service import MeshService
 from probes.mesh.store import StoreError
-from probes.model import SchemaError, Verdict, decode_batch
+from probes.model import SchemaError, Verdict, decode_batch, signing
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,8 @@ from typing import Literal
 
 import msgspec
 
-from probes.checks.base import Tier
 from probes.mesh.state import AGENT_SIDE_REASONS, QUALITY_REASONS
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 QuorumMode = Literal["majority", "percent"]
 

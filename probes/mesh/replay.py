@@ -13,16 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
-import msgspec
-
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
-from probes.model import Observation, ObservationBatch, SchemaError, Verdict, strict_decode
+from probes.model import Observation, SchemaError, Verdict, decode_recorded
 
 MAX_TICKS_PER_GAP = 10_000  # a long silence ticks at its end instead of once per second
-
-_obs_decoder = msgspec.json.Decoder(Observation)
-_batch_decoder = msgspec.json.Decoder(ObservationBatch)
 
 
 def parse_lines(lines: Iterable[bytes]) -> Iterator[Observation]:
@@ -30,15 +25,10 @@ def parse_lines(lines: Iterable[bytes]) -> Iterator[Observation]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        decoder = _batch_decoder if b'"observations"' in line else _obs_decoder
         try:
-            item: Observation | ObservationBatch = strict_decode(decoder, line)
+            yield from decode_recorded(line)
         except SchemaError as exc:
             raise SchemaError(f"line {number}: {exc}", f"line {number}: {exc.path}") from None
-        if isinstance(item, ObservationBatch):
-            yield from item.observations
-        else:
-            yield item
 
 
 def replay(

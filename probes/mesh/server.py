@@ -20,7 +20,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from probes.mesh import signing
 from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import MeshConfig
@@ -32,6 +31,7 @@ from probes.mesh.service import MeshService
 from probes.mesh.store import MeshStore, StoreError
 from probes.mesh.store_etcd import EtcdClient, EtcdStore
 from probes.mesh.store_sqlite import SQLiteStore
+from probes.model import signing
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,8 @@ Time: ``now`` is the mesh's wall clock when an input is applied, never allowed t
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +22,7 @@ import msgspec
 
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
-from probes.mesh.snapshot import dump_engine, load_snapshot
+from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
 from probes.mesh.store import (
     AdminAction,
     AgentPosition,
@@ -81,9 +79,7 @@ class MeshService:
         self.background_snapshots = (
             background_snapshots and hasattr(os, "fork") and store.supports_detached_snapshot
         )
-        self.snapshots_background_total = 0
-        self._child: tuple[int, int] | None = None  # (pid, journal id) of a snapshot child
-        self._prune_upto = 0
+        self.snapshotter = ForkSnapshotter(store)
         self._bytes_since_snapshot = 0
         self.agent_seq: dict[str, int] = {}
         self.last_now = 0.0
@@ -125,22 +121,12 @@ class MeshService:
         self.agent_seq = dict(rec.agents)
         # never re-announce: the engine's per-node seq must be at least the logged one
         for node_id, verdict in self.store.node_verdicts().items():
-            node = engine.nodes.get(node_id)
-            if node is not None and node.seq < verdict.seq:
-                log.warning("node %s: engine seq %d behind log %d", node_id, node.seq, verdict.seq)
-                node.seq = verdict.seq
+            behind = engine.catch_up_seq(node_id, verdict.seq)
+            if behind is not None:
+                log.warning("node %s: engine seq %d behind log %d", node_id, behind, verdict.seq)
         # config changes apply from here on
-        engine.policy = policy
-        engine._tiers.clear()
-        wanted = {info.node: info for info in nodes}
-        for node_id in [n for n in engine.nodes if n not in wanted]:
+        for node_id in engine.reconfigure(policy, nodes):
             log.info("node %s is no longer configured: forgotten", node_id)
-            engine.remove_node(node_id)
-        for info in nodes:
-            if info.node not in engine.nodes:
-                engine.add_node(info)
-            elif engine.nodes[info.node].info != info:
-                engine.move_node(info)
         if weights is not None and self._weight_policy is not None:
             weights.reconfigure(self._weight_policy, self._weight_nodes)
             for node_id, node in engine.nodes.items():  # states of nodes new to the weights
@@ -181,62 +167,32 @@ class MeshService:
         started = time.perf_counter()
         blob = dump_engine(engine or self.engine, self._weights_state())
         self.store.save_snapshot(self._last_journal_id, blob)
-        self._prune_upto = max(self._prune_upto, self._last_journal_id)  # dropped in steps
+        self.snapshotter.covered(self._last_journal_id)  # the journal it covers: dropped in steps
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
         self.last_snapshot_seconds = time.perf_counter() - started
 
     def _fork_snapshot(self) -> bool:
-        """Snapshot in a forked child (copy-on-write: the parent pauses only for fork()).
-
-        The child serializes the engine as of the last committed journal id and writes it through
-        a connection of its own; the parent drops the journal up to that id once the child has
-        exited successfully (see :meth:`housekeeping`). False when a child is still running or
-        the backend cannot do it, and the caller snapshots in-process."""
-        if self._child is not None:
+        """Snapshot in a forked child (see :class:`ForkSnapshotter`); False when fork failed and
+        the caller snapshots in-process."""
+        if self.snapshotter.running:
             return True  # one at a time; the journal keeps growing meanwhile
-        journal_id = self._last_journal_id
         started = time.perf_counter()
-        try:
-            pid = os.fork()
-        except OSError:
-            log.exception("fork for a snapshot failed; snapshotting in-process")
+        if not self.snapshotter.start(
+                lambda: dump_engine(self.engine, self._weights_state()), self._last_journal_id):
             return False
-        if pid == 0:  # the child: no logging (locks), no event loop, leave with os._exit
-            code = 1
-            try:
-                # let go of inherited sockets: a child outliving a killed mesh must not keep its
-                # listening port (the restarted mesh binds it again). Files stay open: closing
-                # SQLite's descriptors behind its back breaks its lock bookkeeping.
-                _close_sockets()
-                gc.disable()  # a short-lived process: collecting would only touch (copy) pages
-                blob = dump_engine(self.engine, self._weights_state())
-                self.store.write_snapshot_detached(journal_id, blob)
-                code = 0
-            except BaseException:  # noqa: S110 - the parent sees the exit code
-                pass
-            finally:
-                os._exit(code)
-        self._child = (pid, journal_id)
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
         self.last_snapshot_seconds = time.perf_counter() - started
         return True
 
+    @property
+    def snapshots_background_total(self) -> int:
+        return self.snapshotter.completed_total
+
     def housekeeping(self) -> None:
         """Reap a snapshot child and drop the journal it covers, a little at a time."""
-        if self._child is not None:
-            pid, journal_id = self._child
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                self._child = None
-                if os.waitstatus_to_exitcode(status) == 0:
-                    self._prune_upto = max(self._prune_upto, journal_id)
-                    self.snapshots_background_total += 1
-                else:
-                    log.error("snapshot child failed (%s); journal kept", status)
-        if self._prune_upto and self.store.prune_journal(self._prune_upto) == 0:
-            self._prune_upto = 0
+        self.snapshotter.reap()
 
     def _weights_state(self) -> dict[str, object] | None:
         return self.weights.to_builtins() if self.weights is not None else None
@@ -347,26 +303,10 @@ class MeshService:
     def close(self) -> None:
         """Snapshot (so the next start replays nothing) and close the store."""
         try:
-            if self._child is not None:
-                os.waitpid(self._child[0], 0)
-                self._child = None
+            self.snapshotter.wait()
             self._snapshot()
         finally:
             self.store.close()
-
-
-def _close_sockets() -> None:
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return  # no /proc: the port may linger until the child exits, nothing worse
-    for name in names:
-        fd = int(name)
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                os.close(fd)
-        except OSError:
-            continue  # the listing's own descriptor, already gone
 
 
 def _decode_admin(payload: bytes) -> AdminAction:

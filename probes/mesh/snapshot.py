@@ -1,46 +1,32 @@
-"""Engine snapshots: the whole :class:`DecisionEngine` as flat msgpack rows, and back.
+"""Engine snapshots: :meth:`DecisionEngine.to_rows` as one msgpack blob, and back; and the
+snapshotter that writes them from a forked child.
 
 Why not pickle: the engine is a graph of ~10^6 small objects (checks point to their
 (node, vantage), which point to their node and vantage...). Pickle walks and memoizes that graph
-object by object, which takes seconds at 10,000 nodes x 20 vantages. Here every object becomes a
-row of plain values and references become names, so msgspec encodes it in one pass.
-
-What must survive, exactly, for a restart to continue like an uninterrupted run (the restart test
-and the replay property test check it): every slot of every state object, the order of every
-dict and list the engine iterates (creation order of checks, (node, vantage) pairs and vantages,
-the damping and guard registries, the staleness wheel), and the counters. The order of checks
-in ``_checks`` is the creation order, from which the creation order of (node, vantage) pairs and
-of vantages follows, so those are rebuilt by re-creating them in that order.
+object by object, which takes seconds at 10,000 nodes x 20 vantages. The engine's rows are plain
+values whose references are names, so msgspec encodes them in one pass. What the rows hold, and
+why that is enough for a restart to continue like an uninterrupted run, is the engine's business
+(:meth:`DecisionEngine.to_rows`); this module owns the format version and the encoding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import operator
-from collections.abc import Iterator
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 
-from probes.checks.base import Tier
-from probes.mesh.decision import (
-    CheckState,
-    DecisionEngine,
-    NodeInfo,
-    NodeVantage,
-    VantageState,
-)
-from probes.mesh.policy import DecisionPolicy
-from probes.model import Reason, Verdict, VerdictState, Votes
+from probes.mesh.decision import DecisionEngine
+from probes.mesh.store import MeshStore
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_VERSION = 1
-
-# the CheckState slots stored per row, after (node, vantage), in slot order (_load_checks unpacks
-# them in that order); "nv" is the reference, rebuilt from the row's (node, vantage)
-_CHECK_FIELDS = tuple(slot for slot in CheckState.__slots__ if slot != "nv")
-_check_row = operator.attrgetter(*_CHECK_FIELDS)
-_NV_FIELDS = ("seen", "opinion", "fresh", "wheeled")
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -66,7 +52,8 @@ def _no_gc() -> Iterator[None]:
 def dump_engine(engine: DecisionEngine, weights: dict[str, Any] | None = None) -> bytes:
     """The engine, and the weight engine's state beside it (``WeightEngine.to_builtins``)."""
     with _no_gc():
-        return _dump(engine, weights)
+        return _encoder.encode(
+            {"version": SNAPSHOT_VERSION, **engine.to_rows(), "weights": weights})
 
 
 def load_engine(blob: bytes) -> DecisionEngine:
@@ -76,154 +63,106 @@ def load_engine(blob: bytes) -> DecisionEngine:
 def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
     """The engine and the weight engine's state (None in a snapshot taken without weights)."""
     with _no_gc():
-        return _load(blob)
+        try:
+            state: dict[str, Any] = _decoder.decode(blob)
+        except msgspec.DecodeError as exc:
+            raise SnapshotError(f"not a snapshot: {exc}") from None
+        if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+            raise SnapshotError("unknown snapshot version")
+        weights = state.pop("weights", None)
+        return DecisionEngine.from_rows(state), weights
 
 
-def _dump(engine: DecisionEngine, weights: dict[str, Any] | None) -> bytes:
-    if engine._dirty_nv or engine._dirty_nodes:
-        raise RuntimeError("snapshot taken in the middle of an engine call")
-    checks = []
-    nvs = []
-    row_of = _check_row  # enums (reason, tier) encode as their values
-    for (node_id, vantage_id, _name), check in engine._checks.items():
-        checks.append((node_id, vantage_id, row_of(check)))
-    for node_name, node in engine.nodes.items():
-        for vantage_name, nv in node.nvs.items():
-            nvs.append([node_name, vantage_name, nv.seen, nv.opinion, nv.fresh, nv.wheeled])
-    nodes = [
-        [
-            name,
-            node.probe_state.value,
-            node.admin.value if node.admin is not None else None,
-            node.state.value,
-            node.quorum_lost,
-            node.guard_hold,
-            node.seq,
-            msgspec.to_builtins(node.votes),
-            msgspec.to_builtins(node.last) if node.last is not None else None,
-        ]
-        for name, node in engine.nodes.items()
-    ]
-    state = {
-        "version": SNAPSHOT_VERSION,
-        "policy": msgspec.to_builtins(engine.policy),
-        "registry": [
-            [n.info.node, n.info.pool, n.info.pop, n.info.region] for n in engine.nodes.values()
-        ],
-        "checks": checks,
-        "nvs": nvs,
-        "vantages": [
-            [v.name, v.decided, v.down, v.impaired, v.seen] for v in engine.vantages.values()
-        ],
-        "nodes": nodes,
-        "pools": [[p.name, p.down, list(p.held)] for p in engine.pools.values()],
-        "suppressed": [list(key) for key in engine._suppressed],
-        "wheel": [
-            [key, [[nv.node.info.node, nv.vantage.name] for nv in bucket]]
-            for key, bucket in engine._wheel.items()
-        ],
-        "wheel_keys": list(engine._wheel_keys),
-        "vantages_changed": engine._vantages_changed,
-        "counters": [getattr(engine, name) for name in _COUNTERS],
-        "transitions": [[a, b, n] for (a, b), n in engine.transitions.items()],
-        "weights": weights,
-    }
-    return _encoder.encode(state)
+class ForkSnapshotter:
+    """Snapshots written by a forked child (copy-on-write: the parent pauses only for fork()),
+    and the dropping of the journal a snapshot covers.
+
+    The child serializes the engine as of a committed journal id and writes it through a store
+    connection of its own; once it has exited successfully :meth:`reap` drops the journal up to
+    that id, a little at a time (as after an in-process snapshot, see :meth:`covered`). One
+    child at a time."""
+
+    def __init__(self, store: MeshStore) -> None:
+        self.store = store
+        self.completed_total = 0
+        self._child: tuple[int, int] | None = None  # (pid, journal id)
+        self._prune_upto = 0
+
+    @property
+    def running(self) -> bool:
+        return self._child is not None
+
+    @property
+    def busy(self) -> bool:
+        """A child is running, or the journal it covered is not pruned yet."""
+        return self._child is not None or self._prune_upto > 0
+
+    def start(self, dump: Callable[[], bytes], journal_id: int) -> bool:
+        """Fork a child that writes ``dump()`` as the snapshot of ``journal_id`` (none may be
+        running). False when fork failed: the caller snapshots in-process."""
+        if self._child is not None:
+            raise RuntimeError("a snapshot child is still running")
+        try:
+            pid = os.fork()
+        except OSError:
+            log.exception("fork for a snapshot failed; snapshotting in-process")
+            return False
+        if pid == 0:  # the child: no logging (locks), no event loop, leave with os._exit
+            code = 1
+            try:
+                # let go of inherited sockets: a child outliving a killed mesh must not keep its
+                # listening port (the restarted mesh binds it again). Files stay open: closing
+                # SQLite's descriptors behind its back breaks its lock bookkeeping.
+                close_sockets()
+                gc.disable()  # a short-lived process: collecting would only touch (copy) pages
+                blob = dump()
+                self.store.write_snapshot_detached(journal_id, blob)
+                code = 0
+            except BaseException:  # noqa: S110 - the parent sees the exit code
+                pass
+            finally:
+                os._exit(code)
+        self._child = (pid, journal_id)
+        return True
+
+    def covered(self, journal_id: int) -> None:
+        """A snapshot (made in-process) covers the journal up to ``journal_id``: drop it in
+        steps from the next :meth:`reap` on."""
+        self._prune_upto = max(self._prune_upto, journal_id)
+
+    def reap(self) -> None:
+        """Reap a finished child and drop the journal it covers, a little at a time."""
+        if self._child is not None:
+            pid, journal_id = self._child
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self._child = None
+                if os.waitstatus_to_exitcode(status) == 0:
+                    self._prune_upto = max(self._prune_upto, journal_id)
+                    self.completed_total += 1
+                else:
+                    log.error("snapshot child failed (%s); journal kept", status)
+        if self._prune_upto and self.store.prune_journal(self._prune_upto) == 0:
+            self._prune_upto = 0
+
+    def wait(self) -> None:
+        """Wait for a running child (at shutdown: before the parent snapshots and closes)."""
+        if self._child is not None:
+            os.waitpid(self._child[0], 0)
+            self._child = None
 
 
-# the engine's counters, in the order a snapshot stores them (the order is the format)
-_COUNTERS = (
-    "observations_total",
-    "unknown_node_total",
-    "duplicate_total",
-    "late_total",
-    "guard_holds_total",
-    "damping_suppressions_total",
-)
-
-
-def _load(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
+def close_sockets() -> None:
+    """Close every socket descriptor of this process (a snapshot child's first act)."""
     try:
-        state: dict[str, Any] = _decoder.decode(blob)
-    except msgspec.DecodeError as exc:
-        raise SnapshotError(f"not a snapshot: {exc}") from None
-    if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
-        raise SnapshotError("unknown snapshot version")
-    policy = msgspec.convert(state["policy"], DecisionPolicy)
-    engine = DecisionEngine(policy, [NodeInfo(*row) for row in state["registry"]])
-    _load_checks(engine, state["checks"])
-    for node_name, vantage, seen, opinion, fresh, wheeled in state["nvs"]:
-        nv = engine.nodes[node_name].nvs[vantage]
-        nv.seen, nv.opinion, nv.fresh, nv.wheeled = seen, opinion, fresh, wheeled
-    for name, decided, down, impaired, seen in state["vantages"]:
-        v = engine.vantages[name]
-        v.decided, v.down, v.impaired, v.seen = decided, down, impaired, seen
-    for name, probe, admin, published, quorum_lost, hold, seq, votes, last in state["nodes"]:
-        node = engine.nodes[name]
-        node.probe_state = VerdictState(probe)
-        node.admin = VerdictState(admin) if admin is not None else None
-        node.state = VerdictState(published)
-        node.quorum_lost = quorum_lost
-        node.guard_hold = hold
-        node.seq = seq
-        node.votes = msgspec.convert(votes, Votes)
-        node.last = msgspec.convert(last, Verdict) if last is not None else None
-    for name, down, held in state["pools"]:
-        pool = engine.pools[name]
-        pool.down = down
-        pool.held = {n: engine.nodes[n] for n in held}
-    for key in state["suppressed"]:
-        engine._suppressed[(key[0], key[1], key[2])] = engine._checks[(key[0], key[1], key[2])]
-    for key, members in state["wheel"]:
-        engine._wheel[key] = [engine.nodes[n].nvs[v] for n, v in members]
-    engine._wheel_keys = list(state["wheel_keys"])
-    engine._vantages_changed = state["vantages_changed"]
-    for name, value in zip(_COUNTERS, state["counters"], strict=True):
-        setattr(engine, name, value)
-    engine.transitions = {(a, b): n for a, b, n in state["transitions"]}
-    return engine, state.get("weights")
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return  # no /proc: the port may linger until the child exits, nothing worse
+    for name in names:
+        fd = int(name)
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            continue  # the listing's own descriptor, already gone
 
-
-def _load_checks(engine: DecisionEngine, rows: list[list[Any]]) -> None:
-    """Re-create checks in creation order; (node, vantage) pairs and vantages follow from it."""
-    nodes = engine.nodes
-    vantages = engine.vantages
-    checks = engine._checks
-    reason_of = Reason
-    tier_of = Tier
-    new = CheckState.__new__
-    for node_name, vantage_name, values in rows:
-        node = nodes[node_name]
-        vantage = vantages.get(vantage_name)
-        if vantage is None:
-            vantage = vantages[vantage_name] = VantageState(vantage_name)
-        nv = node.nvs.get(vantage_name)
-        if nv is None:
-            nv = node.nvs[vantage_name] = NodeVantage(node, vantage)
-            vantage.nvs.append(nv)
-        check = new(CheckState)
-        check.nv = nv
-        # _CHECK_FIELDS, in their order: a slot added to CheckState fails this unpacking, and a
-        # mismatched order fails the dump -> load -> dump round trip of the engine property tests
-        (
-            check.breach,
-            check.count,
-            check.kind,
-            check.loss,
-            check.name,
-            check.p99,
-            check.penalty,
-            check.penalty_at,
-            reason,
-            check.seen,
-            check.seq,
-            check.state,
-            check.suppress_start,
-            check.suppressed_until,
-            tier,
-            check.window,
-        ) = values
-        check.reason = reason_of(reason)
-        check.tier = tier_of(tier)
-        nv.checks.append(check)
-        checks[(node_name, vantage_name, check.name)] = check

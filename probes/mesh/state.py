@@ -14,8 +14,7 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import Tier
-from probes.model import Reason, Verdict, VerdictState, Votes
+from probes.model import Reason, Tier, Verdict, VerdictState, Votes
 
 # check states (small ints: compact and fast to compare)
 CHECK_UNKNOWN = 0
@@ -132,6 +131,10 @@ class NodeVantage:
 
 _check_slots = operator.attrgetter(*CheckState.__slots__)
 _nv_slots = operator.attrgetter(*NodeVantage.__slots__)
+# a check's row in the engine's rows: its slots but the reference to its (node, vantage), which
+# the row names instead, in slot order
+CHECK_ROW_FIELDS = tuple(slot for slot in CheckState.__slots__ if slot != "nv")
+check_row = operator.attrgetter(*CHECK_ROW_FIELDS)
 
 
 class VantageState:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from probes.agent.plan import PlannedCheck
-from probes.checks.base import CheckKind, CheckResult, Tier
-from probes.model import Reason
+from probes.checks.base import CheckKind, CheckResult
+from probes.model import Reason, Tier
 
 
 async def _never(params: object, timeout: float) -> CheckResult:

@@ -12,8 +12,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from probes.mesh import signing
-from probes.model import SchemaError, decode_batch
+from probes.model import SchemaError, decode_batch, signing
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

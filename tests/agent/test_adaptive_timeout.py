@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from probes.agent.scheduler import MIN_ADAPTIVE_TIMEOUT, RTO_MIN_SAMPLES, ScheduleCore
-from probes.checks.base import Tier
 from probes.config import TierPolicy
+from probes.model import Tier
 
 from .fakes import planned
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.mesh import signing
+from probes.model import signing
 
 from .helpers import FAST_L4, Receiver, free_port, l4_target, until, write_config
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.agent.reporter import batch_body, batch_url
-from probes.model import MAX_SECONDS, MAX_WALL_TIME, Observation, Reason, decode_batch
+from probes.agent.reporter import batch_url
+from probes.model import MAX_SECONDS, MAX_WALL_TIME, Observation, Reason, batch_body, decode_batch
 
 pytestmark = pytest.mark.agent
 

@@ -6,8 +6,8 @@ import pytest
 
 from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
 from probes.agent.scheduler import ProbeRun, SchedulerStats
-from probes.checks.base import CheckResult, Tier
-from probes.model import Quality, Reason
+from probes.checks.base import CheckResult
+from probes.model import Quality, Reason, Tier
 
 from .fakes import planned
 

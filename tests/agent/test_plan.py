@@ -10,10 +10,10 @@ import msgspec
 import pytest
 
 from probes.agent.plan import plan_target
-from probes.checks.base import CheckKind, CheckResult, Tier, all_kinds
+from probes.checks.base import CheckKind, CheckResult, all_kinds
 from probes.checks.l4 import TcpParams, UdpParams
 from probes.config import Target
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 pytestmark = pytest.mark.agent
 

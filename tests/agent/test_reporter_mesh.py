@@ -10,10 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
-from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
 from probes.mesh.server import INGEST_KEY, SERVICE_KEY, build_app
-from probes.model import Observation, Reason
+from probes.model import Observation, Reason, signing
 
 from .helpers import free_port, until
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pytest
 
 from probes.agent.scheduler import ScheduleCore
-from probes.checks.base import Tier
 from probes.config import TierPolicy
+from probes.model import Tier
 
 from .fakes import fleet, planned
 

@@ -9,9 +9,9 @@ import pytest
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
-from probes.checks.base import CheckResult, Tier
+from probes.checks.base import CheckResult
 from probes.config import TierPolicy
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 from .fakes import fleet
 

@@ -12,8 +12,8 @@ import random
 import pytest
 
 from probes.agent.scheduler import ScheduleCore
-from probes.checks.base import Tier
 from probes.config import TierPolicy
+from probes.model import Tier
 
 from .fakes import planned
 

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 from probes.agent.plan import plan_target
 from probes.checks import telemetry
-from probes.checks.base import Tier
 from probes.checks.reconnects import ReconnectCounter
 from probes.config import Target
-from probes.model import Reason
+from probes.model import Reason, Tier
 
 pytestmark = pytest.mark.agent
 

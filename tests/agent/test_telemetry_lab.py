@@ -20,8 +20,7 @@ from probes.checks import telemetry
 from probes.checks.base import execute
 from probes.lab.keys import wg_keypair, wg_psk
 from probes.lab.wireguard import WgPeer
-from probes.mesh import signing
-from probes.model import Reason
+from probes.model import Reason, signing
 from tests.sshd import command_server
 
 from .helpers import Receiver, free_port, until, write_config

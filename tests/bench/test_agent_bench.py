@@ -252,8 +252,8 @@ async def _agent_dispatch(n: int, interval: float, seconds: float,
                           tcp_port: int) -> tuple[int, list[float], float, int]:
     from probes.agent.plan import PlannedCheck
     from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
-    from probes.checks.base import Tier
     from probes.config import TierPolicy
+    from probes.model import Tier
 
     ran = failed = 0
 

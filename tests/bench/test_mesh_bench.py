@@ -28,11 +28,10 @@ import aiohttp
 import msgspec
 import pytest
 
-from probes.mesh import signing
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import dump_engine, load_engine
-from probes.model import Observation, ObservationBatch, Reason, decode_batch, encode
+from probes.model import Observation, ObservationBatch, Reason, decode_batch, encode, signing
 from tests.mesh.helpers import write_mesh_config
 from tests.mesh.process import MeshProcess, free_port
 

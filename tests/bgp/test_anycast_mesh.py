@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from probes.lab.topology import wait_for
-from probes.mesh import signing
-from probes.model import SCHEMA_VERSION, Observation, ObservationBatch, Reason, encode
+from probes.model import SCHEMA_VERSION, Observation, ObservationBatch, Reason, encode, signing
 from tests.bgp.conftest import POPS, PREFIX, Anycast
 
 pytestmark = [pytest.mark.bgp, pytest.mark.lab]

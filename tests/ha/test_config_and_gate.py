@@ -9,13 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from probes.config import ConfigError
-from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
 from probes.mesh.publish.base import Publisher, RetryableError
 from probes.mesh.publish.config import RetryConfig, WebhookConfig
 from probes.mesh.publish.outbox import MemoryOutbox
 from probes.mesh.publish.runner import GatedPublisher, Publishing
-from probes.model import Verdict, VerdictState
+from probes.model import Verdict, VerdictState, signing
 
 pytestmark = pytest.mark.ha
 

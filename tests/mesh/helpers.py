@@ -84,7 +84,7 @@ def write_mesh_config(
     pool_of: int | None = None,
 ) -> Path:
     """A mesh config with fresh keys (one per agent) and an operator token, in ``folder``."""
-    from probes.mesh.signing import generate_key
+    from probes.model.signing import generate_key
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = [

@@ -14,8 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from probes.mesh import signing
-from probes.model import ObservationBatch, encode
+from probes.model import ObservationBatch, encode, signing
 
 
 def free_port() -> int:

@@ -12,10 +12,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from probes.agent.reporter import Reporter
-from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
 from probes.mesh.server import INGEST_KEY, SERVICE_KEY, build_app
-from probes.model import Observation, Reason
+from probes.model import Observation, Reason, signing
 from tests.mesh.helpers import write_mesh_config
 
 pytestmark = pytest.mark.mesh

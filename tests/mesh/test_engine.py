@@ -48,7 +48,7 @@ def test_rise_fall_table(results: str, expected: str) -> None:
     seen = ""
     for i, r in enumerate(results.split()):
         eng.observe([obs("n0", "va", r == "ok", at=float(i))], float(i))
-        check = eng._checks[("n0", "va", "wg")]
+        check = eng.check_state("n0", "va", "wg")
         seen += next(k for k, v in LETTER.items() if v == check.state)
     assert seen == expected
 
@@ -68,7 +68,7 @@ def test_k_of_n_window(results: str, expected: str) -> None:
     seen = ""
     for i, r in enumerate(results.split()):
         eng.observe([obs("n0", "va", r == "ok")], float(i))
-        seen += next(k for k, v in LETTER.items() if v == eng._checks[("n0", "va", "wg")].state)
+        seen += next(k for k, v in LETTER.items() if v == eng.check_state("n0", "va", "wg").state)
     assert seen == expected
 
 
@@ -242,7 +242,7 @@ def test_flap_damping_suppresses_then_releases() -> None:
             t += 2
         flaps += 1
     node = eng.nodes["n0"]
-    check = eng._checks[("n0", "va", "wg")]
+    check = eng.check_state("n0", "va", "wg")
     assert check.state == CHECK_UP and check.effective(t) == CHECK_DOWN
     assert node.state == DOWN  # held down although every check passes
     assert any(r.what == "flap-damping" for r in (node.last.reasons if node.last else []))
@@ -269,7 +269,7 @@ def test_damping_max_hold_caps_suppression() -> None:
     round_of(eng, 0, everyone(["n0"], V3, True))
     for t in (1, 2, 3):  # flap 1 at t=3: penalty 5000, suppressed from 3
         round_of(eng, t, everyone(["n0"], V3, False))
-    check = eng._checks[("n0", "va", "wg")]
+    check = eng.check_state("n0", "va", "wg")
     assert check.suppressed_until == pytest.approx(3 + 10 * math.log2(5000 / 750))
     for t in (4, 5, 6, 7, 8):  # flap 2 at t=8 while suppressed: penalty at the ceiling 6000
         round_of(eng, t, everyone(["n0"], V3, t > 5))
@@ -308,7 +308,7 @@ def test_unknown_nodes_and_duplicates_are_counted_not_applied() -> None:
     first = obs("n0", "va", True, seq=5)
     eng.observe([first, obs("n0", "va", False, seq=5), obs("n0", "va", False, seq=4)], 0)
     assert eng.unknown_node_total == 1 and eng.duplicate_total == 2
-    assert eng._checks[("n0", "va", "wg")].count == 0
+    assert eng.check_state("n0", "va", "wg").count == 0
 
 
 def test_node_view_and_pickle_round_trip() -> None:

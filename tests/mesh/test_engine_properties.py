@@ -262,7 +262,7 @@ def test_flap_damping_holds_then_releases_on_schedule(
         round_of(eng, t, everyone(["n0"], vantages, False))
         t += 0.1
         round_of(eng, t, everyone(["n0"], vantages, True))
-    check = eng._checks[("n0", "va", "wg")]
+    check = eng.check_state("n0", "va", "wg")
     node = eng.nodes["n0"]
     if check.suppressed_until <= t:
         assert node.state == VerdictState.UP

@@ -8,11 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.mesh import signing
 from probes.mesh.policy import PolicyError, policy_from_mapping
 from probes.mesh.replay import parse_lines
 from probes.mesh.snapshot import SnapshotError, load_engine
-from probes.model import SchemaError, encode
+from probes.model import SchemaError, encode, signing
 from tests.mesh.helpers import obs
 
 pytestmark = pytest.mark.mesh

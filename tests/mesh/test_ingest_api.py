@@ -12,9 +12,8 @@ import pytest
 
 from probes.cli.status import render
 from probes.config import ConfigError
-from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
-from probes.model import ObservationBatch, encode
+from probes.model import ObservationBatch, encode, signing
 from tests.mesh.apptest import NOW, TOKEN, Mesh, mesh_app
 from tests.mesh.helpers import obs, write_mesh_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.mesh import signing
+from probes.model import signing
 
 pytestmark = pytest.mark.mesh
 KEY = b"0123456789abcdef0123456789abcdef"

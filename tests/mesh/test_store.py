@@ -13,8 +13,8 @@ import pytest
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.replay import parse_lines, replay
-from probes.mesh.service import MeshService, _close_sockets
-from probes.mesh.snapshot import dump_engine, load_engine
+from probes.mesh.service import MeshService
+from probes.mesh.snapshot import close_sockets, dump_engine, load_engine
 from probes.mesh.store import AgentPosition, EntryKind, JournalEntry, StoreError
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.model import (
@@ -61,10 +61,10 @@ def feed(
 def settle_snapshots(svc: MeshService) -> None:
     """Wait for a background snapshot child and finish pruning the journal it covers."""
     deadline = time.monotonic() + 30
-    while (svc._child is not None or svc._prune_upto) and time.monotonic() < deadline:
+    while svc.snapshotter.busy and time.monotonic() < deadline:
         svc.housekeeping()
         time.sleep(0.01)
-    assert svc._child is None
+    assert not svc.snapshotter.running
 
 
 def test_commit_is_atomic(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_a_snapshot_child_lets_go_of_sockets(tmp_path: Path) -> None:
     if pid == 0:  # the child: same call as a snapshot child makes first
         code = 1
         try:
-            _close_sockets()
+            close_sockets()
             try:
                 os.fstat(listener.fileno())
             except OSError:

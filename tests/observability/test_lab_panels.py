@@ -118,7 +118,7 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
     pytest.importorskip("promql_parser", reason="pip install -e '.[dev]'")
     from probes.lab.bgp import BirdPeer, GoBgpDaemon
     from probes.lab.fleet import Fleet
-    from probes.mesh import signing
+    from probes.model import signing
 
     fleet = Fleet.build(lab, ["node1"], ["agent1", "agent2"], pops=["pop1"])
     obs = lab.add_host("obs")  # mesh and Prometheus

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from probes.mesh import signing
 from probes.mesh.publish.envelope import decode_envelope
-from probes.model import Verdict, VerdictState
+from probes.model import Verdict, VerdictState, signing
 
 KEY = b"0123456789abcdef0123456789abcdef"
 

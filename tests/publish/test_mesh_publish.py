@@ -23,8 +23,7 @@ from typing import ClassVar
 
 import pytest
 
-from probes.mesh import signing
-from probes.model import Observation, ObservationBatch, Reason, encode
+from probes.model import Observation, ObservationBatch, Reason, encode, signing
 from tests.publish.helpers import KEY
 
 pytestmark = pytest.mark.publish

@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry
 
 from probes.lab.haproxy import Backend
 from probes.lab.topology import Lab
-from probes.mesh import signing
 from probes.mesh.publish.delivery import DeliveryLoop, RetryPolicy
 from probes.mesh.publish.envelope import encode_envelope
 from probes.mesh.publish.metrics import PublisherMetrics
@@ -24,7 +23,7 @@ from probes.mesh.publish.outbox import MemoryOutbox
 from probes.mesh.publish.receiver import build_receiver_app, load_receiver_config
 from probes.mesh.publish.runtime_api import parse_servers_state
 from probes.mesh.publish.webhook import WebhookPublisher
-from probes.model import Verdict, VerdictState
+from probes.model import Verdict, VerdictState, signing
 from tests.publish.helpers import KEY
 
 pytestmark = pytest.mark.publish

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from probes.mesh import signing
 from probes.mesh.publish.base import PermanentError, Publisher, RetryableError
 from probes.mesh.publish.delivery import DeliveryLoop, RetryPolicy
 from probes.mesh.publish.envelope import decode_envelope, encode_envelope
 from probes.mesh.publish.metrics import PublisherMetrics
 from probes.mesh.publish.outbox import MemoryOutbox
 from probes.mesh.publish.webhook import WebhookPublisher
-from probes.model import SchemaError, Verdict, VerdictState
+from probes.model import SchemaError, Verdict, VerdictState, signing
 from tests.publish.helpers import KEY, Sink, running_sink, verdict_stream
 
 pytestmark = pytest.mark.publish

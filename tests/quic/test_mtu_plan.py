@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from probes.agent.plan import plan
-from probes.checks.base import Tier
 from probes.config import ConfigError, load_agent_config
+from probes.model import Tier
 
 pytestmark = pytest.mark.quic
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import msgspec
 
 from probes.config import Problem, Strict, resolve_path
-from probes.mesh import signing
 from probes.mesh.publish.base import Publisher
 from probes.mesh.publish.delivery import RetryPolicy
 from probes.mesh.publish.haproxy import HAProxyPublisher, ServerMap, StateMapping
 from probes.mesh.publish.runtime_api import RuntimeAPI, SSHTarget
 from probes.mesh.publish.webhook import WebhookPublisher
+from probes.model import signing
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 

@@ -36,12 +36,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from probes.config import Problem, Strict, load_config_file, resolve_path
-from probes.mesh import signing
 from probes.mesh.publish.base import PermanentError, PublishError
 from probes.mesh.publish.config import HAProxyConfig, haproxy_problems
 from probes.mesh.publish.envelope import HEADER_IDEMPOTENCY_KEY, decode_envelope
 from probes.mesh.publish.haproxy import HAProxyPublisher
-from probes.model import SchemaError, Verdict
+from probes.model import SchemaError, Verdict, signing
 
 log = logging.getLogger(__name__)
 

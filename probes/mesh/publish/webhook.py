@@ -1,6 +1,6 @@
 """Webhook publisher: POST a signed JSON envelope per verdict (schema in docs/webhooks.md).
 
-Signing is the agent->mesh scheme of :mod:`probes.mesh.signing` (hex HMAC-SHA256 over
+Signing is the agent->mesh scheme of :mod:`probes.model.signing` (hex HMAC-SHA256 over
 ``timestamp + "." + body``), so one verifier serves both. The timestamp is taken per attempt: a
 retry an hour later is signed afresh and still passes the receiver's freshness window.
 
@@ -16,10 +16,9 @@ from collections.abc import Callable
 
 import aiohttp
 
-from probes.mesh import signing
 from probes.mesh.publish.base import PermanentError, Publisher, RetryableError
 from probes.mesh.publish.envelope import HEADER_EVENT, HEADER_IDEMPOTENCY_KEY, encode_envelope
-from probes.model import Verdict
+from probes.model import Verdict, signing
 
 RETRYABLE_4XX = frozenset({408, 425, 429})
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -91,6 +91,22 @@ class Reason(enum.StrEnum):
     # agent-side
     PROBE_ERROR = "probe-error"  # the probe itself failed (bug or local resource): never the node
     OVERLOADED = "overloaded"  # the agent refused to run the check: it could not time it honestly
+
+
+class Tier(enum.StrEnum):
+    """How deep a check goes: fast L4, functional handshake, synthetic session, node telemetry,
+    node load. A property of the check kind; it sets the kind's default interval and the mesh's
+    cascade."""
+
+    L4 = "l4"
+    FUNCTIONAL = "functional"
+    SESSION = "session"
+    TELEMETRY = "telemetry"  # node telemetry: feeds metrics, never reported to the mesh
+    LOAD = "load"  # node load: feeds metrics and the mesh's weights, never verdicts
+
+
+# the tiers that read what a node says about itself rather than probe it
+NODE_READ_TIERS = frozenset({Tier.TELEMETRY, Tier.LOAD})
 
 
 class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -260,19 +276,24 @@ class SchemaError(ValueError):
 
 
 _batch_decoder = msgspec.json.Decoder(ObservationBatch)
+_observation_decoder = msgspec.json.Decoder(Observation)
 _verdict_decoder = msgspec.json.Decoder(Verdict)
 _encoder = msgspec.json.Encoder()
 
+T = TypeVar("T")
 
-def _schema_error(exc: Exception) -> SchemaError:
-    if isinstance(exc, UnicodeDecodeError):  # invalid UTF-8 inside a JSON string
-        return SchemaError(f"not valid UTF-8 at byte {exc.start}", "$")
-    text = str(exc)
-    path = "$"
-    marker = " - at `"
-    if marker in text:
-        path = text.split(marker, 1)[1].rstrip("`")
-    return SchemaError(text, path)
+
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+    """``decoder.decode(data)``, every failure a :class:`SchemaError` naming the field."""
+    try:
+        return decoder.decode(data)
+    except UnicodeDecodeError as exc:  # invalid UTF-8 inside a JSON string
+        raise SchemaError(f"not valid UTF-8 at byte {exc.start}", "$") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        text = str(exc)
+        marker = " - at `"
+        path = text.split(marker, 1)[1].rstrip("`") if marker in text else "$"
+        raise SchemaError(text, path) from None
 
 
 class _Pairs(list[tuple[str, Any]]):
@@ -324,10 +345,7 @@ def _no_constant(name: str) -> float:
 def strict_decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
     """Decode and validate ``data`` (bounds included) and refuse duplicate keys; raise
     :class:`SchemaError` naming the bad field."""
-    try:
-        decoded = decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise _schema_error(exc) from None
+    decoded = _decode(decoder, data)
     reject_duplicate_keys(data, decoded)
     return decoded
 
@@ -337,12 +355,30 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes]) -> bytes:
+    """An :class:`ObservationBatch` in JSON, from already encoded observations (the agent's
+    spool keeps them encoded, so a batch is put together without decoding them again)."""
+    enc = _encoder.encode
+    return (b'{"version":' + enc(SCHEMA_VERSION) + b',"agent":' + enc(agent)
+            + b',"batch_seq":' + enc(batch_seq) + b',"sent_at":' + enc(sent_at)
+            + b',"observations":[' + b",".join(bodies) + b"]}")
+
+
 def decode_batch(data: bytes) -> ObservationBatch:
     """Decode and validate an agent batch; raise :class:`SchemaError` naming the bad field."""
     batch: ObservationBatch = strict_decode(_batch_decoder, data)
     if batch.version != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema version {batch.version}", "$.version")
     return batch
+
+
+def decode_recorded(data: bytes) -> list[Observation]:
+    """One record of a recorded stream: an :class:`Observation`, or a whole
+    :class:`ObservationBatch` (its observations, in order)."""
+    if b'"observations"' in data:
+        batch: ObservationBatch = strict_decode(_batch_decoder, data)
+        return batch.observations
+    return [strict_decode(_observation_decoder, data)]
 
 
 def decode_verdict(data: bytes) -> Verdict:
