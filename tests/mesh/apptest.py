@@ -11,10 +11,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from probes.mesh import signing
 from probes.mesh.config import load_mesh_config
 from probes.mesh.server import SERVICE_KEY, build_app
-from probes.model import ObservationBatch, encode
+from probes.model import ObservationBatch, encode, signing
 from tests.mesh.helpers import obs, write_mesh_config
 
 NOW = 1_764_000_000.0
