@@ -21,10 +21,13 @@ import textwrap
 import tokenize
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.inspect as mi
+
+if TYPE_CHECKING:
+    from probes.checks.base import Family
 
 GENERATOR_COMMAND = "tunnelwatch config-reference"
 
@@ -369,9 +372,30 @@ them all.
 """
 
 
-def render_reference(files: Sequence[ConfigFile] | None = None) -> str:
-    """The whole page: header, a contents list, then every config file's sections."""
+def render_kinds(families: Sequence[Family]) -> str:
+    """The check kinds of the registry: section, tier and what each one checks."""
+    lines = ['<a id="check-kinds"></a>', "", "## Check kinds", "",
+             "Every check kind the agent can plan, from the registry "
+             "(`probes/checks/registry.py`). A target's config section plans its kinds; each "
+             "observation carries its kind's tier to the mesh; `checks:` on a target filters by "
+             "check name, kind or section.", "",
+             "| kind | config section | tier | what it checks |", "|---|---|---|---|"]
+    for family in families:
+        lines += [f"| `{kind.name}` | `{family.name}` | {kind.tier.value} | "
+                  f"{_cell(kind.description)} |" for kind in family.kinds]
+    return "\n".join(lines) + "\n"
+
+
+def render_reference(files: Sequence[ConfigFile] | None = None,
+                     families: Sequence[Family] | None = None) -> str:
+    """The whole page: header, a contents list, every config file's sections, then the check
+    kinds of the registry."""
+    if families is None:
+        from probes.checks.registry import FAMILIES  # noqa: PLC0415 - imports every check
+
+        families = FAMILIES
     chosen = config_files() if files is None else tuple(files)
-    contents = [f"- [{cf.title}](#{cf.key})" for cf in chosen]
-    parts = [HEADER, "\n".join(contents) + "\n", *(render_file(cf) for cf in chosen)]
+    contents = [f"- [{cf.title}](#{cf.key})" for cf in chosen] + ["- [Check kinds](#check-kinds)"]
+    parts = [HEADER, "\n".join(contents) + "\n", *(render_file(cf) for cf in chosen),
+             render_kinds(families)]
     return "\n".join(parts).rstrip("\n") + "\n"

@@ -142,7 +142,7 @@ class Agent:
             return within_bounds(Observation(
                 node=check.node, check=check.check, vantage=self.vantage, seq=seq,
                 wall_time=run.wall_time, ok=result.ok, reason=result.reason,
-                duration_seconds=result.duration_seconds, kind=check.kind.name,
+                duration_seconds=result.duration_seconds, kind=check.kind.name, tier=check.tier,
                 phases=result.phases, quality=result.quality, detail=result.detail[:DETAIL_MAX],
                 load=result.load))
 

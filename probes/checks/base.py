@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 
+from probes.config import Target, resolve_path
 from probes.model import NodeLoad, Quality, Reason, Tier
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ P = TypeVar("P")
 
 @dataclass(frozen=True, slots=True)
 class CheckKind(Generic[P]):
+    """One kind of check: its name, its tier (sent with every observation of it), its params
+    struct and the coroutine that runs it. Declared once, in its family (:class:`Family`)."""
+
     name: str
     tier: Tier
     params_type: type[P]
@@ -126,32 +131,61 @@ class CheckKind(Generic[P]):
     description: str = ""
 
 
-_REGISTRY: dict[str, CheckKind[Any]] = {}
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One check of one node, as a family plans it: its name (unique per node, e.g.
+    ``tcp:443``, ``wireguard.handshake``), its kind and its params."""
+
+    check: str
+    kind: CheckKind[Any]
+    params: Any
+
+    @classmethod
+    def of(cls, kind: CheckKind[P], params: P) -> Planned:
+        """The check named after its kind (one per node)."""
+        return cls(kind.name, kind, params)
 
 
-def register(kind: CheckKind[P]) -> CheckKind[P]:
-    if kind.name in _REGISTRY and _REGISTRY[kind.name] is not kind:
-        raise ValueError(f"check kind {kind.name!r} registered twice")
-    _REGISTRY[kind.name] = kind
-    return kind
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """What planning one target needs beside the target: where its relative paths lead (the
+    config file's folder) and where checks keep state across runs (the agent's state dir;
+    ``None``: not kept, as the one-shot CLI does with ``--no-state``)."""
+
+    target: Target
+    base_dir: Path
+    state_dir: Path | None = None
+
+    @overload
+    def path(self, value: str) -> str: ...
+
+    @overload
+    def path(self, value: None) -> None: ...
+
+    @overload
+    def path(self, value: str | None) -> str | None: ...
+
+    def path(self, value: str | None) -> str | None:
+        """A config path, resolved against the config's folder."""
+        return None if value is None else str(resolve_path(value, self.base_dir))
+
+    def state_file(self, name: str) -> str | None:
+        return None if self.state_dir is None else str(self.state_dir / name)
 
 
-def get_kind(name: str) -> CheckKind[Any]:
-    from probes.checks import load_all  # noqa: PLC0415 - registry fills lazily, avoids import cycles
+@dataclass(frozen=True, slots=True)
+class Family:
+    """The check kinds of one protocol (one config section) and how they are planned.
 
-    load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown check kind {name!r}; known: {known}") from None
+    ``plan`` turns a target into its checks of this family: nothing when the target has no
+    section for it; a kind the section cannot run (a WireGuard session without a canary) is
+    simply not planned. It is the one mapping from a config section to check params, used by
+    the agent and by ``tunnelwatch probe`` alike."""
 
-
-def all_kinds() -> dict[str, CheckKind[Any]]:
-    from probes.checks import load_all  # noqa: PLC0415
-
-    load_all()
-    return dict(_REGISTRY)
+    name: str  # the config section, the word `checks:` filters on, the `probe` subcommand
+    kinds: tuple[CheckKind[Any], ...]
+    plan: Callable[[PlanContext], Iterable[Planned]]
+    description: str = ""
 
 
 async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:

@@ -21,11 +21,19 @@ import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, first_retry_after, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Fact,
+    Family,
+    PlanContext,
+    Planned,
+    Stopwatch,
+    first_retry_after,
+)
 from probes.checks.udp import IcmpError, UdpEndpoint
 from probes.model import Quality, Reason, Tier
 from probes.protocols.ikev2 import IKEv2Error
@@ -49,9 +57,6 @@ from probes.protocols.ikev2.proposals import (
     DEFAULT_IKE_PROPOSALS,
     parse_ike_proposals,
 )
-
-if TYPE_CHECKING:
-    from probes.config import Target
 
 log = logging.getLogger(__name__)
 
@@ -493,31 +498,6 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
     return watch.result(True, Reason.OK, quality=quality, facts=facts)
 
 
-# --- agent plan -------------------------------------------------------------------------------
-
-def params_from_target(target: Target, base_dir: Path) -> dict[str, Ikev2Params]:
-    """The ``ikev2:`` section of a config target -> params per check kind (see agent/plan.py).
-    ``ikev2.auth`` needs a ``psk_file``; ``ikev2.tunnel`` also needs ``ping``."""
-    section = target.ikev2
-    if section is None:
-        return {}
-    psk_file = None
-    if section.psk_file is not None:
-        path = Path(section.psk_file)
-        psk_file = str(path if path.is_absolute() else base_dir / path)
-    base = Ikev2Params(host=target.address, port=section.port,
-                       proposals=tuple(section.proposals), psk_file=psk_file,
-                       local_id=section.local_id or "tunnelwatch-probe",
-                       remote_id=section.remote_id, ping=section.ping,
-                       echo_count=section.echo_count)
-    out = {INIT.name: base}
-    if psk_file is not None:
-        out[AUTH.name] = base
-        if section.ping is not None:
-            out[TUNNEL.name] = base
-    return out
-
-
 # --- registration -----------------------------------------------------------------------------
 
 async def run_init(params: Ikev2Params, timeout: float) -> CheckResult:
@@ -532,9 +512,33 @@ async def run_tunnel(params: Ikev2Params, timeout: float) -> CheckResult:
     return await run_level(params, timeout, "tunnel")
 
 
-INIT = register(CheckKind("ikev2.init", Tier.FUNCTIONAL, Ikev2Params, run_init,
-                          "IKE_SA_INIT answered with an accepted proposal"))
-AUTH = register(CheckKind("ikev2.auth", Tier.FUNCTIONAL, Ikev2Params, run_auth,
-                          "PSK IKE SA established, responder AUTH verified, then deleted"))
-TUNNEL = register(CheckKind("ikev2.tunnel", Tier.SESSION, Ikev2Params, run_tunnel,
-                            "CHILD_SA + ICMP echoes in ESP-in-UDP (AES-GCM), then deleted"))
+INIT = CheckKind("ikev2.init", Tier.FUNCTIONAL, Ikev2Params, run_init,
+                 "IKE_SA_INIT answered with an accepted proposal")
+AUTH = CheckKind("ikev2.auth", Tier.FUNCTIONAL, Ikev2Params, run_auth,
+                 "PSK IKE SA established, responder AUTH verified, then deleted")
+TUNNEL = CheckKind("ikev2.tunnel", Tier.SESSION, Ikev2Params, run_tunnel,
+                   "CHILD_SA + ICMP echoes in ESP-in-UDP (AES-GCM), then deleted")
+
+
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``ikev2:`` section -> ``ikev2.init``; ``ikev2.auth`` with a ``psk_file``;
+    ``ikev2.tunnel`` with a ``psk_file`` and a ``ping`` address."""
+    section = ctx.target.ikev2
+    if section is None:
+        return []
+    psk_file = ctx.path(section.psk_file)
+    base = Ikev2Params(host=ctx.target.address, port=section.port,
+                       proposals=tuple(section.proposals), psk_file=psk_file,
+                       local_id=section.local_id or "tunnelwatch-probe",
+                       remote_id=section.remote_id, ping=section.ping,
+                       echo_count=section.echo_count)
+    out = [Planned.of(INIT, base)]
+    if psk_file is not None:
+        out.append(Planned.of(AUTH, base))
+        if section.ping is not None:
+            out.append(Planned.of(TUNNEL, base))
+    return out
+
+
+FAMILY = Family("ikev2", (INIT, AUTH, TUNNEL), plan,
+                "IKEv2: IKE_SA_INIT, PSK IKE_AUTH, ESP-in-UDP echoes")

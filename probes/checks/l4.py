@@ -28,7 +28,15 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Stopwatch, first_retry_after, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Family,
+    PlanContext,
+    Planned,
+    Stopwatch,
+    first_retry_after,
+)
 from probes.checks.icmp import (
     DatagramProbe,
     IcmpParseError,
@@ -392,9 +400,32 @@ async def run_icmp(params: IcmpParams, timeout: float) -> CheckResult:
                      detail=f"no echo reply within {timeout:g}s")
 
 
-TCP = register(CheckKind("tcp", Tier.L4, TcpParams, run_tcp,
-                         "TCP connect (phase connect), optional TLS handshake (phase tls)"))
-UDP = register(CheckKind("udp", Tier.L4, UdpParams, run_udp,
-                         "UDP request/response; reply must start with expect_prefix"))
-ICMP = register(CheckKind("icmp", Tier.L4, IcmpParams, run_icmp,
-                          "ICMP echo via ping socket (raw socket fallback)"))
+TCP = CheckKind("tcp", Tier.L4, TcpParams, run_tcp,
+                "TCP connect (phase connect), optional TLS handshake (phase tls)")
+UDP = CheckKind("udp", Tier.L4, UdpParams, run_udp,
+                "UDP request/response; reply must start with expect_prefix")
+ICMP = CheckKind("icmp", Tier.L4, IcmpParams, run_icmp,
+                 "ICMP echo via ping socket (raw socket fallback)")
+
+
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``l4:`` section -> one ``tcp:<port>`` per TCP port, one ``udp:<port>`` per UDP
+    exchange, ``icmp`` when enabled."""
+    target = ctx.target
+    section = target.l4
+    if section is None:
+        return []
+    out = [Planned(f"tcp:{port}", TCP, TcpParams(host=target.address, port=port))
+           for port in section.tcp_ports]
+    for ex in section.udp:
+        expect = bytes.fromhex(ex.expect_hex) if ex.expect_hex is not None else None
+        out.append(Planned(f"udp:{ex.port}", UDP,
+                           UdpParams(host=target.address, port=ex.port,
+                                     send=bytes.fromhex(ex.send_hex), expect_prefix=expect)))
+    if section.icmp:
+        out.append(Planned("icmp", ICMP, IcmpParams(host=target.address)))
+    return out
+
+
+FAMILY = Family("l4", (TCP, UDP, ICMP), plan,
+                "Fast L4 checks: TCP connect, UDP exchange, ICMP echo")

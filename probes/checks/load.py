@@ -28,7 +28,7 @@ from probes.checks import ikev2_telemetry as ike
 from probes.checks import load_telemetry as lt
 from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch
 from probes.checks.remote import NodeShell, failure_reason, local_output, ssh_output
 from probes.model import Reason, Tier
 
@@ -272,6 +272,6 @@ async def _load(params: LoadParams, timeout: float) -> CheckResult:
     return result
 
 
-LOAD = register(CheckKind("telemetry.load", Tier.LOAD, LoadParams, _load,
-                          "Node load (CPU, softnet, UDP errors, interface rates, qdisc, "
-                          "effective sessions) for the mesh's weights"))
+LOAD = CheckKind("telemetry.load", Tier.LOAD, LoadParams, _load,
+                 "Node load (CPU, softnet, UDP errors, interface rates, qdisc, effective "
+                 "sessions) for the mesh's weights")

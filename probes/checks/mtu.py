@@ -35,12 +35,11 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
 from probes.checks.errqueue import (
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
@@ -57,7 +56,6 @@ from probes.checks.icmp import (
     strip_ipv4_header,
 )
 from probes.checks.l4 import resolve
-from probes.config import Target
 from probes.model import Reason, Tier
 
 # linux/in.h, linux/in6.h (not all exported by `socket`)
@@ -483,17 +481,20 @@ async def run_icmp(params: MtuParams, timeout: float) -> CheckResult:
 
 
 # the session tier: a path MTU changes rarely, and a search sends a handful of large packets
-UDP = register(CheckKind("mtu.udp", Tier.SESSION, MtuParams, run_udp,
-                         "path MTU by DF-set UDP probes to an echo service; PMTU black holes"))
-ICMP = register(CheckKind("mtu.icmp", Tier.SESSION, MtuParams, run_icmp,
-                          "path MTU by DF-set ICMP echo (ping socket or raw); PMTU black holes"))
+UDP = CheckKind("mtu.udp", Tier.SESSION, MtuParams, run_udp,
+                "path MTU by DF-set UDP probes to an echo service; PMTU black holes")
+ICMP = CheckKind("mtu.icmp", Tier.SESSION, MtuParams, run_icmp,
+                 "path MTU by DF-set ICMP echo (ping socket or raw); PMTU black holes")
 
 
-def params_from_target(target: Target, base_dir: Path) -> dict[str, MtuParams]:
-    """The ``mtu:`` section of a config target -> ``mtu.udp`` with a port, else ``mtu.icmp``."""
-    section = target.mtu
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``mtu:`` section -> ``mtu.udp`` with a port, else ``mtu.icmp``."""
+    section = ctx.target.mtu
     if section is None:
-        return {}
-    params = MtuParams(host=target.address, port=section.port, max_size=section.max_size,
+        return []
+    params = MtuParams(host=ctx.target.address, port=section.port, max_size=section.max_size,
                        min_size=section.min_size, required_mtu=section.required_mtu)
-    return {(UDP if section.port is not None else ICMP).name: params}
+    return [Planned.of(UDP if section.port is not None else ICMP, params)]
+
+
+FAMILY = Family("mtu", (UDP, ICMP), plan, "Path MTU and PMTU black holes")

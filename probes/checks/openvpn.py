@@ -48,13 +48,14 @@ from probes.checks.base import (
     CheckKind,
     CheckResult,
     Fact,
+    Family,
+    PlanContext,
+    Planned,
     Stopwatch,
     first_retry_after,
-    register,
 )
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
-from probes.config import Target, resolve_path
 from probes.model import Quality, Reason, Tier
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
@@ -667,49 +668,49 @@ async def _tunnel(params: OpenVPNParams, timeout: float) -> CheckResult:
     return await run_level(params, timeout, Level.TUNNEL)
 
 
-RESET = register(CheckKind(
+RESET = CheckKind(
     name="openvpn.reset", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_reset,
-    description="hard reset answered (daemon up, wrapping key right)"))
-TLS = register(CheckKind(
+    description="hard reset answered (daemon up, wrapping key right)")
+TLS = CheckKind(
     name="openvpn.tls", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_tls,
-    description="reset, TLS with CA + EKU verification, key-method 2, EXIT"))
-SESSION = register(CheckKind(
+    description="reset, TLS with CA + EKU verification, key-method 2, EXIT")
+SESSION = CheckKind(
     name="openvpn.session", tier=Tier.SESSION, params_type=OpenVPNParams, run=_session,
-    description="reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT"))
-TUNNEL = register(CheckKind(
+    description="reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT")
+TUNNEL = CheckKind(
     name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams, run=_tunnel,
-    description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT"))
+    description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT")
 KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
 
 
-def params_from_target(target: Target, base_dir: Path) -> dict[str, OpenVPNParams]:
-    """The ``openvpn:`` section of a config target -> params per check kind (agent/plan.py).
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``openvpn:`` section -> its checks.
 
     The functional tier always runs ``openvpn.tls`` (reset, verified TLS, key-method 2, EXIT:
     cheap, and it catches a dead daemon, a wrong wrapping key and certificate trouble). The
     section's ``level`` adds the deeper check in the session tier: ``session`` (PUSH_REPLY) or
     ``tunnel`` (data-channel echoes); ``reset`` alone replaces the TLS check.
     """
-    section = target.openvpn
+    section = ctx.target.openvpn
     if section is None:
-        return {}
-
-    def path(value: str | None) -> str | None:
-        return str(resolve_path(value, base_dir)) if value else None
-
+        return []
     params = OpenVPNParams(
-        host=target.address, port=section.port, proto=section.proto,
-        ca_file=path(section.ca_file), cert_file=path(section.cert_file),
-        key_file=path(section.key_file), tls_crypt_file=path(section.tls_crypt_file),
-        tls_auth_file=path(section.tls_auth_file), key_direction=section.key_direction,
-        auth_digest=section.auth_digest, tls_crypt_v2_file=path(section.tls_crypt_v2_file),
-        auth_user_pass_file=path(section.auth_user_pass_file),
+        host=ctx.target.address, port=section.port, proto=section.proto,
+        ca_file=ctx.path(section.ca_file), cert_file=ctx.path(section.cert_file),
+        key_file=ctx.path(section.key_file), tls_crypt_file=ctx.path(section.tls_crypt_file),
+        tls_auth_file=ctx.path(section.tls_auth_file), key_direction=section.key_direction,
+        auth_digest=section.auth_digest, tls_crypt_v2_file=ctx.path(section.tls_crypt_v2_file),
+        auth_user_pass_file=ctx.path(section.auth_user_pass_file),
         compression=section.compression, echo_count=section.echo_count)
     if section.level == "reset":
-        return {RESET.name: params}
-    out = {TLS.name: params}
+        return [Planned.of(RESET, params)]
+    out = [Planned.of(TLS, params)]
     if section.level == "session":
-        out[SESSION.name] = params
+        out.append(Planned.of(SESSION, params))
     elif section.level == "tunnel":
-        out[TUNNEL.name] = params
+        out.append(Planned.of(TUNNEL, params))
     return out
+
+
+FAMILY = Family("openvpn", (RESET, TLS, SESSION, TUNNEL), plan,
+                "OpenVPN: hard reset, TLS, key-method 2 and PUSH_REPLY, data-channel echoes")

@@ -44,7 +44,7 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from aioquic.tls import SessionTicket
 from cryptography import x509
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
 from probes.checks.icmp import (
     IcmpParseError,
     build_echo_request,
@@ -53,7 +53,6 @@ from probes.checks.icmp import (
     strip_ipv4_header,
 )
 from probes.checks.l4 import quality_of, resolve
-from probes.config import Target
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
 
@@ -611,35 +610,34 @@ async def run_connect_ip(params: QuicParams, timeout: float) -> CheckResult:
     return await _run(params, timeout, _connect_ip_body)
 
 
-def params_from_target(target: Target, base_dir: Path) -> dict[str, QuicParams]:
-    """The ``quic:`` section of a config target -> params per check kind (see agent/plan.py).
+HANDSHAKE = CheckKind(
+    "quic.handshake", Tier.FUNCTIONAL, QuicParams, run_handshake,
+    "QUIC handshake with ALPN h3 and certificate verification; resumption and 0-RTT facts")
+CONNECT_UDP = CheckKind(
+    "quic.connect-udp", Tier.SESSION, QuicParams, run_connect_udp,
+    "MASQUE CONNECT-UDP (RFC 9298): HTTP datagrams echoed through the proxy, RTT and loss")
+CONNECT_IP = CheckKind(
+    "quic.connect-ip", Tier.SESSION, QuicParams, run_connect_ip,
+    "MASQUE CONNECT-IP (RFC 9484): 2xx, a parsed ADDRESS_ASSIGN, optional in-tunnel ICMP echo")
 
-    ``quic.connect-udp`` runs when ``connect_udp_target`` is set; ``quic.connect-ip`` only when
-    the target's ``checks`` ask for it (an HTTP/3 node is not necessarily a MASQUE proxy).
-    """
-    section = target.quic
+
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``quic:`` section -> ``quic.handshake``; ``quic.connect-udp`` when
+    ``connect_udp_target`` is set; ``quic.connect-ip`` only when the target's ``checks`` ask for
+    it (an HTTP/3 node is not necessarily a MASQUE proxy)."""
+    section = ctx.target.quic
     if section is None:
-        return {}
-    ca_file = None
-    if section.ca_file is not None:
-        path = Path(section.ca_file)
-        ca_file = str(path if path.is_absolute() else base_dir / path)
-    base = QuicParams(host=target.address, port=section.port, server_name=section.server_name,
-                      ca_file=ca_file, target=section.connect_udp_target)
-    out = {HANDSHAKE.name: base}
+        return []
+    base = QuicParams(host=ctx.target.address, port=section.port,
+                      server_name=section.server_name, ca_file=ctx.path(section.ca_file),
+                      target=section.connect_udp_target)
+    out = [Planned.of(HANDSHAKE, base)]
     if section.connect_udp_target is not None:
-        out[CONNECT_UDP.name] = base
-    if CONNECT_IP.name in target.checks:
-        out[CONNECT_IP.name] = base
+        out.append(Planned.of(CONNECT_UDP, base))
+    if CONNECT_IP.name in ctx.target.checks:
+        out.append(Planned.of(CONNECT_IP, base))
     return out
 
 
-HANDSHAKE = register(CheckKind(
-    "quic.handshake", Tier.FUNCTIONAL, QuicParams, run_handshake,
-    "QUIC handshake with ALPN h3 and certificate verification; resumption and 0-RTT facts"))
-CONNECT_UDP = register(CheckKind(
-    "quic.connect-udp", Tier.SESSION, QuicParams, run_connect_udp,
-    "MASQUE CONNECT-UDP (RFC 9298): HTTP datagrams echoed through the proxy, RTT and loss"))
-CONNECT_IP = register(CheckKind(
-    "quic.connect-ip", Tier.SESSION, QuicParams, run_connect_ip,
-    "MASQUE CONNECT-IP (RFC 9484): 2xx, a parsed ADDRESS_ASSIGN, optional in-tunnel ICMP echo"))
+FAMILY = Family("quic", (HANDSHAKE, CONNECT_UDP, CONNECT_IP), plan,
+                "QUIC / MASQUE: HTTP/3 handshake, CONNECT-UDP and CONNECT-IP sessions")

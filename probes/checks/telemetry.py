@@ -16,8 +16,6 @@ gives ``node_half_open_sas`` and ``node_child_sas``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -25,10 +23,9 @@ from probes.checks import ikev2_telemetry as ike
 from probes.checks import load
 from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, register
+from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
 from probes.checks.reconnects import ReconnectCounter
 from probes.checks.remote import NodeShell, failure_reason
-from probes.config import Target, resolve_path
 from probes.model import Reason, Tier
 
 
@@ -128,47 +125,50 @@ async def _ikev2(params: IKEv2Telemetry, timeout: float) -> CheckResult:
         "node_child_sas": counts.child_sas})
 
 
-WIREGUARD = register(CheckKind("telemetry.wireguard", Tier.TELEMETRY, WireGuardTelemetry,
-                               _wireguard, "WireGuard peers from `wg show <if> dump` on the node"))
-OPENVPN = register(CheckKind("telemetry.openvpn", Tier.TELEMETRY, OpenVPNTelemetry, _openvpn,
-                             "OpenVPN clients from the node's management socket"))
-IKEV2 = register(CheckKind("telemetry.ikev2", Tier.TELEMETRY, IKEv2Telemetry, _ikev2,
-                           "IKE SAs from `swanctl --list-sas` on the node"))
+WIREGUARD = CheckKind("telemetry.wireguard", Tier.TELEMETRY, WireGuardTelemetry, _wireguard,
+                      "WireGuard peers from `wg show <if> dump` on the node")
+OPENVPN = CheckKind("telemetry.openvpn", Tier.TELEMETRY, OpenVPNTelemetry, _openvpn,
+                    "OpenVPN clients from the node's management socket")
+IKEV2 = CheckKind("telemetry.ikev2", Tier.TELEMETRY, IKEv2Telemetry, _ikev2,
+                  "IKE SAs from `swanctl --list-sas` on the node")
 
 
-def params_from_target(target: Target, base_dir: Path) -> dict[str, Any]:
-    """The agent plan's hook: one params struct per telemetry source the target names."""
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``telemetry:`` section -> one read per source it names (and the node's load)."""
+    target = ctx.target
     section = target.telemetry
     if section is None:
-        return {}
+        return []
     shell = None
     if section.ssh is not None:
         login = section.ssh
         shell = NodeShell(
             host=login.host or target.address, port=login.port, username=login.username,
-            key_file=str(resolve_path(login.key_file, base_dir)) if login.key_file else None,
-            known_hosts_file=(str(resolve_path(login.known_hosts_file, base_dir))
-                              if login.known_hosts_file else None),
+            key_file=ctx.path(login.key_file), known_hosts_file=ctx.path(login.known_hosts_file),
             verify_host_key=login.verify_host_key)
-    out: dict[str, Any] = {}
+    out: list[Planned] = []
     if section.wireguard_interface is not None:
-        out[WIREGUARD.name] = WireGuardTelemetry(node=target.id,
-                                                 interface=section.wireguard_interface,
-                                                 ssh=shell)
+        out.append(Planned.of(WIREGUARD, WireGuardTelemetry(
+            node=target.id, interface=section.wireguard_interface, ssh=shell)))
     if section.openvpn_management_socket is not None:
-        out[OPENVPN.name] = OpenVPNTelemetry(
-            node=target.id, management_socket=section.openvpn_management_socket, ssh=shell)
+        out.append(Planned.of(OPENVPN, OpenVPNTelemetry(
+            node=target.id, management_socket=section.openvpn_management_socket, ssh=shell)))
     if section.ikev2:
-        out[IKEV2.name] = IKEv2Telemetry(node=target.id, vici_uri=section.ikev2_vici_uri,
-                                         ssh=shell)
+        out.append(Planned.of(IKEV2, IKEv2Telemetry(
+            node=target.id, vici_uri=section.ikev2_vici_uri, ssh=shell)))
     if section.load is not None:
         reads = section.load
-        out[load.LOAD.name] = load.LoadParams(
+        out.append(Planned.of(load.LOAD, load.LoadParams(
             node=target.id, ssh=shell, netns=reads.netns, interfaces=tuple(reads.interfaces),
             qdisc=reads.qdisc, daemon_pid_file=reads.daemon_pid_file,
             daemon_cores=reads.daemon_cores, wireguard_interface=section.wireguard_interface,
             openvpn_management_socket=section.openvpn_management_socket, ikev2=section.ikev2,
             ikev2_vici_uri=section.ikev2_vici_uri,
             effective_window_seconds=reads.effective_window_seconds,
-            session_unit_bytes_per_second=reads.session_unit_bytes_per_second)
+            session_unit_bytes_per_second=reads.session_unit_bytes_per_second)))
     return out
+
+
+FAMILY = Family("telemetry", (WIREGUARD, OPENVPN, IKEV2, load.LOAD), plan,
+                "Node telemetry and load: what a node says about itself (metrics and weights, "
+                "never verdicts)")

@@ -32,10 +32,18 @@ from pathlib import Path
 import msgspec
 from scapy.layers.inet import ICMP, IP
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch, first_retry_after, register
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    Fact,
+    Family,
+    PlanContext,
+    Planned,
+    Stopwatch,
+    first_retry_after,
+)
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
-from probes.config import Target, resolve_path
 from probes.model import Quality, Reason, Tier
 from probes.protocols import wireguard as wg
 
@@ -384,36 +392,35 @@ async def _session_kind(params: WireGuardParams, timeout: float) -> CheckResult:
 STATE_FILE_NAME = "wireguard-timestamps.json"
 
 
-def params_from_target(target: Target, base_dir: Path,
-                       state_dir: Path | None = None) -> dict[str, WireGuardParams]:
-    """The ``wireguard:`` section of a config target -> params per check kind (agent/plan.py).
-
-    ``wireguard.session`` runs only when the section names both ``tunnel_address`` and
-    ``canary``. Timestamps persist in ``<state_dir>/wireguard-timestamps.json``.
-    """
-    section = target.wireguard
+def plan(ctx: PlanContext) -> list[Planned]:
+    """The ``wireguard:`` section -> ``wireguard.handshake``, and ``wireguard.session`` when the
+    section names both ``tunnel_address`` and ``canary``. Timestamps persist in
+    ``<state_dir>/wireguard-timestamps.json``."""
+    section = ctx.target.wireguard
     if section is None:
-        return {}
-    psk = section.preshared_key_file
+        return []
     params = WireGuardParams(
-        host=target.address, port=section.port, server_public_key=section.server_public_key,
-        private_key_file=str(resolve_path(section.private_key_file, base_dir)),
-        preshared_key_file=str(resolve_path(psk, base_dir)) if psk else None,
-        state_file=str(state_dir / STATE_FILE_NAME) if state_dir is not None else None,
+        host=ctx.target.address, port=section.port, server_public_key=section.server_public_key,
+        private_key_file=ctx.path(section.private_key_file),
+        preshared_key_file=ctx.path(section.preshared_key_file),
+        state_file=ctx.state_file(STATE_FILE_NAME),
         tunnel_address=section.tunnel_address, canary=section.canary,
         echo_count=section.echo_count)
-    out = {"wireguard.handshake": params}
+    out = [Planned.of(HANDSHAKE, params)]
     if section.tunnel_address and section.canary:
-        out["wireguard.session"] = params
+        out.append(Planned.of(SESSION, params))
     return out
 
 
-HANDSHAKE = register(CheckKind(
+HANDSHAKE = CheckKind(
     name="wireguard.handshake", tier=Tier.FUNCTIONAL, params_type=WireGuardParams,
     run=_handshake_kind,
-    description="Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)"))
+    description="Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)")
 
-SESSION = register(CheckKind(
+SESSION = CheckKind(
     name="wireguard.session", tier=Tier.SESSION, params_type=WireGuardParams,
     run=_session_kind,
-    description="handshake, ICMP echoes to an in-tunnel canary, keepalive"))
+    description="handshake, ICMP echoes to an in-tunnel canary, keepalive")
+
+FAMILY = Family("wireguard", (HANDSHAKE, SESSION), plan,
+                "WireGuard: Noise handshake, in-tunnel echoes")

@@ -107,7 +107,7 @@ class DecisionEngine:
         self.pools: dict[str, PoolState] = {}
         self.vantages: dict[str, VantageState] = {}
         self._checks: dict[tuple[str, str, str], CheckState] = {}
-        self._tiers: dict[str, Tier] = {}
+        self._tiers: dict[tuple[str, Tier | None], Tier] = {}  # (kind, tier sent) -> tier
         self._dirty_nv: list[NodeVantage] = []
         self._dirty_nodes: list[NodeState] = []
         self._suppressed: dict[tuple[str, str, str], CheckState] = {}  # while damped
@@ -217,9 +217,9 @@ class DecisionEngine:
             nv = node.nvs[obs.vantage] = NodeVantage(node, vantage)
             vantage.nvs.append(nv)
         kind = obs.kind or obs.check
-        tier = self._tiers.get(kind)
+        tier = self._tiers.get((kind, obs.tier))
         if tier is None:
-            tier = self._tiers[kind] = self.policy.tier_of(kind)
+            tier = self._tiers[kind, obs.tier] = self.policy.tier_of(kind, obs.tier)
         check = CheckState(obs.check, kind, tier, nv)
         nv.checks.append(check)
         self._checks[(obs.node, obs.vantage, obs.check)] = check

@@ -98,25 +98,36 @@ class PoolGuardPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_down_share: float = 0.5
 
 
-def _default_tiers() -> dict[str, Tier]:
-    return {
-        "tcp": Tier.L4,
-        "udp": Tier.L4,
-        "icmp": Tier.L4,
-        "l4": Tier.L4,
-        "wireguard": Tier.FUNCTIONAL,
-        "openvpn": Tier.FUNCTIONAL,
-        "ikev2": Tier.FUNCTIONAL,
-        "quic": Tier.FUNCTIONAL,
-        "masque": Tier.FUNCTIONAL,
-        "mtu": Tier.SESSION,
-        "session": Tier.SESSION,
-        "wireguard.session": Tier.SESSION,
-        "openvpn.session": Tier.SESSION,
-        "ikev2.session": Tier.SESSION,
-        "quic.session": Tier.SESSION,
-        "masque.session": Tier.SESSION,
-    }
+# The tiers of check kinds for observations that do not say (agents that predate the ``tier``
+# field), by longest prefix. Agents send the tier each kind declares; a test walks every kind
+# and holds this table to it.
+LEGACY_TIERS: dict[str, Tier] = {
+    "tcp": Tier.L4,
+    "udp": Tier.L4,
+    "icmp": Tier.L4,
+    "wireguard": Tier.FUNCTIONAL,
+    "wireguard.session": Tier.SESSION,
+    "openvpn": Tier.FUNCTIONAL,
+    "openvpn.session": Tier.SESSION,
+    "openvpn.tunnel": Tier.SESSION,
+    "ikev2": Tier.FUNCTIONAL,
+    "ikev2.tunnel": Tier.SESSION,
+    "quic": Tier.FUNCTIONAL,
+    "quic.connect-udp": Tier.SESSION,
+    "quic.connect-ip": Tier.SESSION,
+    "mtu": Tier.SESSION,
+    "telemetry": Tier.TELEMETRY,
+    "telemetry.load": Tier.LOAD,
+}
+
+
+def _longest_prefix(table: dict[str, Tier], kind: str) -> Tier | None:
+    best = ""
+    tier = None
+    for prefix, mapped in table.items():
+        if len(prefix) > len(best) and kind.startswith(prefix):
+            best, tier = prefix, mapped
+    return tier
 
 
 class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -152,17 +163,20 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_age_seconds: float = 120.0
     impairment: ImpairmentPolicy = msgspec.field(default_factory=ImpairmentPolicy)
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
-    # check-kind prefix -> tier; the longest matching prefix wins, ``default_tier`` otherwise
-    tiers: dict[str, Tier] = msgspec.field(default_factory=_default_tiers)
+    # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the
+    # agent sends with the observation (for special cases; empty: the kinds' own tiers)
+    tiers: dict[str, Tier] = msgspec.field(default_factory=dict)
+    # the tier of a kind neither an override nor the agent names (nor the table of kinds older
+    # agents send without their tier)
     default_tier: Tier = Tier.FUNCTIONAL
 
-    def tier_of(self, kind: str) -> Tier:
-        """Tier of a check kind by longest prefix ("wireguard.session" beats "wireguard")."""
-        best = ""
-        tier = self.default_tier
-        for prefix, mapped in self.tiers.items():
-            if len(prefix) > len(best) and kind.startswith(prefix):
-                best, tier = prefix, mapped
+    def tier_of(self, kind: str, sent: Tier | None = None) -> Tier:
+        """A check kind's tier: an override of ``tiers`` (longest prefix: "wireguard.session"
+        beats "wireguard"), else the one the agent ``sent``, else the built-in table of kinds
+        older agents send without their tier, else ``default_tier``."""
+        tier = _longest_prefix(self.tiers, kind) if self.tiers else None
+        if tier is None:
+            tier = sent or _longest_prefix(LEGACY_TIERS, kind) or self.default_tier
         return tier
 
 

@@ -161,7 +161,11 @@ class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     ok: bool
     reason: Reason
     duration_seconds: Seconds
-    kind: Name = ""  # check kind, e.g. "wireguard.handshake", "tcp"; lets the mesh tier it
+    kind: Name = ""  # check kind, e.g. "wireguard.handshake", "tcp"
+    # the tier the kind declares; absent from agents that predate it (the mesh then looks the
+    # kind up in its tables). Meshes must be upgraded before agents: an older mesh refuses the
+    # unknown field.
+    tier: Tier | None = None
     phases: Phases = msgspec.field(default_factory=dict)  # seconds by phase
     quality: Quality | None = None
     detail: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""  # human context; never a label

@@ -10,8 +10,10 @@ import msgspec
 import pytest
 
 from probes.agent.plan import plan_target
-from probes.checks.base import CheckKind, CheckResult, all_kinds
+from probes.checks import l4
+from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned
 from probes.checks.l4 import TcpParams, UdpParams
+from probes.checks.registry import KINDS
 from probes.config import Target
 from probes.model import Reason, Tier
 
@@ -51,46 +53,35 @@ async def _run(params: _Params, timeout: float) -> CheckResult:
     return CheckResult(True, Reason.OK, 0.0)
 
 
-def params_from_target(target: Target, base_dir: Path) -> _Params:
-    return _Params(host=target.address)
+_FAKE = CheckKind("quic.fake", Tier.FUNCTIONAL, _Params, _run)
 
 
-def test_protocol_section_uses_the_modules_params_builder(tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    # only the L4 kinds plus a fake protocol kind whose module (this one) has params_from_target
-    kinds = {name: kind for name, kind in all_kinds().items() if "." not in name}
-    kinds["quic.handshake"] = CheckKind("quic.handshake", Tier.FUNCTIONAL, _Params, _run)
+def _plan_fake(ctx: PlanContext) -> list[Planned]:
+    return [] if ctx.target.quic is None else [Planned.of(_FAKE, _Params(host=ctx.target.address))]
+
+
+def test_protocol_section_is_planned_by_its_family(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # the L4 family plus a fake family planning from the quic section
+    families = (l4.FAMILY, Family("quic", (_FAKE,), _plan_fake))
     quic = {"port": 443}
-    checks = plan_target(_target(quic=quic), tmp_path, tmp_path, kinds)
-    assert [c.check for c in checks][-1] == "quic.handshake"
+    checks = plan_target(_target(quic=quic), tmp_path, tmp_path, families)
+    assert [c.check for c in checks][-1] == "quic.fake"
     assert checks[-1].params == _Params(host="10.0.0.1") and checks[-1].tier is Tier.FUNCTIONAL
-    # a protocol without registered kinds is skipped with a log line, not an error
-    kinds.pop("quic.handshake")
+    # a family whose planning fails is skipped with a log line, not an error: the agent runs
+    # what it can
+
+    def broken(ctx: PlanContext) -> list[Planned]:
+        raise ValueError("unreadable")
+
     with caplog.at_level(logging.WARNING):
-        checks = plan_target(_target(quic=quic), tmp_path, tmp_path, kinds)
-    assert all(not c.check.startswith("quic") for c in checks)
-    assert "quic" in caplog.text
+        checks = plan_target(_target(quic=quic), tmp_path, tmp_path,
+                             (l4.FAMILY, Family("quic", (_FAKE,), broken)))
+    assert [c.check for c in checks] == ["tcp:443", "tcp:1194", "udp:51820", "icmp"]
+    assert "quic" in caplog.text and "unreadable" in caplog.text
 
 
-class _OvParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    host: str
-    port: int = 1194
-    ca_file: str | None = None
-    state_file: str | None = None
-
-
-def test_module_without_builder_gets_params_by_convention(tmp_path: Path) -> None:
-    from .fakes import _never
-
-    kinds = {name: kind for name, kind in all_kinds().items() if "." not in name}
-    for level in ("reset", "tls", "tunnel"):
-        kinds[f"openvpn.{level}"] = CheckKind(f"openvpn.{level}", Tier.FUNCTIONAL, _OvParams,
-                                              _never)
-    target = _target(openvpn={"port": 1195, "ca_file": "ca.crt", "level": "tls"},
-                     checks=["openvpn"])
-    checks = plan_target(target, tmp_path, tmp_path / "state", kinds)
-    # level "tls" runs reset and tls, not tunnel; fields come across by name, files resolved
-    assert [c.check for c in checks] == ["openvpn.reset", "openvpn.tls"]
-    assert checks[0].params == _OvParams(host="10.0.0.1", port=1195,
-                                         ca_file=str(tmp_path / "ca.crt"),
-                                         state_file=str(tmp_path / "state" / "openvpn-state.json"))
+def test_every_registered_kind_is_planned_with_its_own_tier(tmp_path: Path) -> None:
+    """The planner takes a check's tier from its kind (the tier it reports to the mesh)."""
+    for check in plan_target(_target(), tmp_path, tmp_path):
+        assert check.tier is KINDS[check.kind.name].tier

@@ -8,12 +8,12 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
-from probes.checks.base import execute
-from probes.checks.ikev2 import AUTH, INIT, TUNNEL, Ikev2Params, params_from_target, run_level
+from probes.checks.base import PlanContext, execute
+from probes.checks.ikev2 import AUTH, FAMILY, INIT, TUNNEL, Ikev2Params, run_level
 from probes.model import Reason
 from tests.ikev2.fake_responder import FakeResponder
 
@@ -125,6 +125,10 @@ def test_resolve_failure() -> None:
         socket.getaddrinfo(name, 500)
     result = asyncio.run(run_level(Ikev2Params(host=name), 1.0, "init"))
     assert result.reason is Reason.RESOLVE_FAILED
+
+
+def params_from_target(target: Any, base_dir: Path) -> dict[str, Any]:
+    return {p.kind.name: p.params for p in FAMILY.plan(PlanContext(target, base_dir))}
 
 
 def test_params_from_config_target(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP
 
 from probes.checks import wireguard as check
-from probes.checks.base import get_kind
+from probes.checks.base import PlanContext
+from probes.checks.registry import kind as get_kind
 from probes.config import Target, WireGuardTarget
 from probes.model import Reason
 from probes.protocols import wireguard as wg
@@ -242,13 +243,18 @@ def test_fuzz_parse_echo_reply(data: bytes) -> None:
     assert out is None or all(0 <= v <= 0xFFFF for v in out)
 
 
+def planned(target: Target, base_dir: Path, state_dir: Path | None = None) -> dict[str, Any]:
+    return {p.kind.name: p.params
+            for p in check.FAMILY.plan(PlanContext(target, base_dir, state_dir))}
+
+
 def test_params_from_target_for_the_agent_plan(tmp_path: Path) -> None:
     section = WireGuardTarget(port=51999, server_public_key="K" * 43 + "=",
                               private_key_file="keys/a.key", preshared_key_file="/abs/a.psk",
                               tunnel_address="10.201.0.2/32", canary="10.201.0.1", echo_count=7)
     target = Target(id="n1", pool="p", pop="fra", region="eu", address="10.77.1.2",
                     wireguard=section)
-    out = check.params_from_target(target, tmp_path, state_dir=tmp_path / "state")
+    out = planned(target, tmp_path, state_dir=tmp_path / "state")
     assert set(out) == {"wireguard.handshake", "wireguard.session"}
     params = out["wireguard.session"]
     assert (params.host, params.port, params.echo_count) == ("10.77.1.2", 51999, 7)
@@ -257,6 +263,6 @@ def test_params_from_target_for_the_agent_plan(tmp_path: Path) -> None:
     assert params.state_file == str(tmp_path / "state" / "wireguard-timestamps.json")
     no_canary = Target(id="n1", pool="p", pop="fra", region="eu", address="10.77.1.2",
                        wireguard=msgspec.structs.replace(section, canary=None))
-    assert set(check.params_from_target(no_canary, tmp_path)) == {"wireguard.handshake"}
-    assert check.params_from_target(
+    assert set(planned(no_canary, tmp_path)) == {"wireguard.handshake"}
+    assert planned(
         Target(id="n2", pool="p", pop="fra", region="eu", address="10.77.1.3"), tmp_path) == {}
