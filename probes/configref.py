@@ -379,9 +379,9 @@ def render_kinds(families: Sequence[Family]) -> str:
              "(`probes/checks/registry.py`). A target's config section plans its kinds; each "
              "observation carries its kind's tier to the mesh; `checks:` on a target filters by "
              "check name, kind or section.", "",
-             "| kind | config section | tier | what it checks |", "|---|---|---|---|"]
+             "| config section | kind | tier | what it checks |", "|---|---|---|---|"]
     for family in families:
-        lines += [f"| `{kind.name}` | `{family.name}` | {kind.tier.value} | "
+        lines += [f"| {family.name} | `{kind.name}` | {kind.tier.value} | "
                   f"{_cell(kind.description)} |" for kind in family.kinds]
     return "\n".join(lines) + "\n"
 
