@@ -27,6 +27,9 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from probes.protocols.ikev2 import IKEv2Error
+from probes.protocols.ikev2.proposals import parse_ike_proposals
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
@@ -97,13 +100,16 @@ class WireGuardTarget(Strict, kw_only=True, frozen=True):
     preshared_key_file: str | None = None
     tunnel_address: str | None = None  # this agent's AllowedIPs address, e.g. 10.201.0.2/32
     canary: str | None = None  # in-tunnel address to ping in session checks
-    echo_count: int = 5
+    echo_count: int = 5  # in-tunnel echoes per session check
+    echo_interval: float = 0.05  # seconds between in-tunnel echoes
+    loss_threshold: float = 0.5  # a session fails above this in-tunnel loss ratio
+    rtt_threshold: float | None = None  # ... or above this median in-tunnel RTT (seconds)
 
 
 class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     port: int = 1194
     proto: Literal["udp", "tcp"] = "udp"
-    ca_file: str
+    ca_file: str | None = None  # the CA that signed the server; needed from level tls on
     cert_file: str | None = None
     key_file: str | None = None
     tls_crypt_file: str | None = None
@@ -115,24 +121,41 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     level: Literal["reset", "tls", "session", "tunnel"] = "session"
     # the server's data-channel framing (--comp-lzo / --compress); a pushed value wins
     compression: Literal["none", "comp-lzo", "compress", "compress-v2"] = "none"
-    echo_count: int = 5
+    echo_count: int = 5  # in-tunnel echoes at the tunnel level
+    echo_interval: float = 0.05  # seconds between them
 
 
 class IKEv2Target(Strict, kw_only=True, frozen=True):
     port: int = 500
-    local_id: str | None = None
-    remote_id: str | None = None
-    psk_file: str | None = None
+    local_id: str | None = None  # our IDi (FQDN or IPv4); default tunnelwatch-probe
+    remote_id: str | None = None  # the responder must identify as this (IDr)
+    psk_file: str | None = None  # the pre-shared key: auth and tunnel levels
+    # IKE proposals in strongSwan notation, e.g. aes256gcm16-prfsha256-ecp256
     proposals: list[str] = msgspec.field(default_factory=lambda: ["aes256gcm16-prfsha256-ecp256"])
+    # the deepest check to run: init (alive, proposal), auth (PSK IKE SA), tunnel (ESP echoes);
+    # default: as deep as psk_file and ping allow
+    level: Literal["init", "auth", "tunnel"] | None = None
     ping: str | None = None  # address behind the responder for the tunnel level
-    echo_count: int = 5
+    inner_address: str | None = None  # our source inside the tunnel; default: from TSi
+    echo_count: int = 5  # ICMP echoes at the tunnel level
+    force_nat_t: bool = False  # pretend to be behind NAT so the exchange floats to UDP 4500
 
 
 class QUICTarget(Strict, kw_only=True, frozen=True):
     port: int = 443
-    server_name: str | None = None
-    ca_file: str | None = None
+    server_name: str | None = None  # SNI and the name to verify; default: the address
+    ca_file: str | None = None  # PEM CA bundle; default: certifi's bundle
+    verify: bool = True  # verify the server certificate
+    alpn: str = "h3"  # the ALPN to offer
+    resume: bool = False  # handshake again with the session ticket (resumption, 0-RTT facts)
     connect_udp_target: str | None = None  # host:port echoed through MASQUE CONNECT-UDP
+    connect_ip: bool = False  # run CONNECT-IP (also when `checks:` names quic.connect-ip)
+    ip_ping: str | None = None  # CONNECT-IP: ICMP-echo this IPv4 address inside the tunnel
+    echo_count: int = 5  # echoes through the proxy
+    echo_interval: float = 0.05  # seconds between them
+    payload_size: int = 32  # echo payload bytes (0..1100)
+    loss_threshold: float = 0.5  # fail above this loss ratio
+    rtt_threshold: float | None = None  # fail above this median RTT (seconds)
 
 
 class MTUTarget(Strict, kw_only=True, frozen=True):
@@ -142,6 +165,8 @@ class MTUTarget(Strict, kw_only=True, frozen=True):
     max_size: int | None = None  # largest IP packet to try; default: the route MTU
     min_size: int | None = None
     required_mtu: int | None = None  # below this the check fails (mtu-below-minimum)
+    attempts: int = 2  # tries per size before silence counts as too big
+    probe_wait: float = 0.3  # seconds to wait for each echo
 
 
 class L4Target(Strict, kw_only=True, frozen=True):
@@ -311,7 +336,116 @@ def _tier_problems(name: str, tier: TierPolicy) -> Iterator[Problem]:
         yield Problem(f"{at}.jitter", f"must be within 0..0.5, got {tier.jitter:g}")
 
 
-def _openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+MAX_ECHO_PAYLOAD = 1100  # bytes in one echo through a MASQUE proxy (fits a QUIC datagram)
+_MTU_RANGE = (68, 65535)
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare IPv6 address has no port) ->
+    (host, port or None); ValueError naming what is wrong."""
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [IPV6]:PORT, got {text!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, None  # a name, an IPv4 address or a bare IPv6 address
+    if not host.strip():
+        raise ValueError(f"no host in {text!r}")
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1..65535, got {port_text!r} in {text!r}")
+    return host, int(port_text)
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (``HOST`` alone when there is a ``default_port``)."""
+    host, port = split_host_port(text)
+    if port is None:
+        if default_port is None or (":" in host and not text.startswith("[")):
+            raise ValueError(f"expected HOST:PORT (an IPv6 address as [ADDRESS]:PORT), "
+                             f"got {text!r}")
+        port = default_port
+    return host, port
+
+
+def _echo_problems(at: str, count: int, interval: float, loss: float | None = None,
+                   rtt: float | None = None) -> Iterator[Problem]:
+    if count < 1:
+        yield Problem(f"{at}.echo_count", f"must be >= 1, got {count}")
+    if not interval >= 0:
+        yield Problem(f"{at}.echo_interval", f"must be >= 0, got {interval:g}")
+    if loss is not None and not 0 <= loss <= 1:
+        yield Problem(f"{at}.loss_threshold", f"must be within 0..1, got {loss:g}")
+    if rtt is not None and not rtt > 0:
+        yield Problem(f"{at}.rtt_threshold", f"must be > 0, got {rtt:g}")
+
+
+def wireguard_problems(w: WireGuardTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+    yield from _check_port(w.port, f"{at}.port")
+    yield from _check_wg_key(w.server_public_key, f"{at}.server_public_key")
+    yield from _check_file(w.private_key_file, f"{at}.private_key_file", base_dir)
+    yield from _check_file(w.preshared_key_file, f"{at}.preshared_key_file", base_dir)
+    yield from _check_ip(w.tunnel_address, f"{at}.tunnel_address", network=True)
+    yield from _check_ip(w.canary, f"{at}.canary")
+    if (w.canary is None) != (w.tunnel_address is None):
+        yield Problem(at, "tunnel_address and canary go together (session checks need both)")
+    yield from _echo_problems(at, w.echo_count, w.echo_interval, w.loss_threshold,
+                              w.rtt_threshold)
+
+
+def ikev2_problems(i: IKEv2Target, at: str, base_dir: Path) -> Iterator[Problem]:
+    yield from _check_port(i.port, f"{at}.port")
+    yield from _check_file(i.psk_file, f"{at}.psk_file", base_dir)
+    yield from _check_ip(i.ping, f"{at}.ping")
+    yield from _check_ip(i.inner_address, f"{at}.inner_address")
+    try:
+        parse_ike_proposals(i.proposals)
+    except IKEv2Error as exc:
+        yield Problem(f"{at}.proposals", str(exc))
+    if i.level in ("auth", "tunnel") and i.psk_file is None:
+        yield Problem(f"{at}.level", f"level {i.level} needs psk_file")
+    yield from _echo_problems(at, i.echo_count, 0.0)
+
+
+def quic_problems(q: QUICTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+    yield from _check_port(q.port, f"{at}.port")
+    yield from _check_file(q.ca_file, f"{at}.ca_file", base_dir)
+    if q.connect_udp_target is not None:
+        try:
+            parse_host_port(q.connect_udp_target)
+        except ValueError as exc:
+            yield Problem(f"{at}.connect_udp_target", str(exc))
+    if q.ip_ping is not None:
+        yield from _check_ip(q.ip_ping, f"{at}.ip_ping")
+        if not q.connect_ip:
+            yield Problem(f"{at}.ip_ping", "only applies with connect_ip")
+    if not 0 <= q.payload_size <= MAX_ECHO_PAYLOAD:
+        yield Problem(f"{at}.payload_size", f"must be 0..{MAX_ECHO_PAYLOAD}, got {q.payload_size}")
+    yield from _echo_problems(at, q.echo_count, q.echo_interval, q.loss_threshold,
+                              q.rtt_threshold)
+
+
+def mtu_problems(m: MTUTarget, at: str, base_dir: Path) -> Iterator[Problem]:
+    if m.port is not None:
+        yield from _check_port(m.port, f"{at}.port")
+    low, high = _MTU_RANGE
+    for name, value in (("max_size", m.max_size), ("min_size", m.min_size),
+                        ("required_mtu", m.required_mtu)):
+        if value is not None and not low <= value <= high:
+            yield Problem(f"{at}.{name}", f"must be {low}..{high} bytes, got {value}")
+    if m.min_size and m.max_size and m.min_size > m.max_size:
+        yield Problem(f"{at}.min_size", "must not exceed max_size")
+    if m.attempts < 1:
+        yield Problem(f"{at}.attempts", f"must be >= 1, got {m.attempts}")
+    if not m.probe_wait > 0:
+        yield Problem(f"{at}.probe_wait", f"must be > 0, got {m.probe_wait:g}")
+
+
+def openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Problem]:
     yield from _check_port(o.port, f"{at}.port")
     wraps = [n for n in ("tls_crypt_file", "tls_auth_file", "tls_crypt_v2_file")
              if getattr(o, n) is not None]
@@ -326,6 +460,9 @@ def _openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Pro
     for name in ("ca_file", "cert_file", "key_file", "tls_crypt_file", "tls_auth_file",
                  "tls_crypt_v2_file", "auth_user_pass_file"):
         yield from _check_file(getattr(o, name), f"{at}.{name}", base_dir)
+    if o.ca_file is None and o.level != "reset":
+        yield Problem(f"{at}.ca_file", f"required from level tls on (level is {o.level})")
+    yield from _echo_problems(at, o.echo_count, o.echo_interval)
 
 
 def _load_problems(load: LoadTarget, over_ssh: bool, at: str) -> Iterator[Problem]:
@@ -371,25 +508,13 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
         if not _HOSTNAME.match(t.address):
             yield Problem(f"{at}.address", f"expected an IP address or hostname, got {t.address!r}")
     if t.wireguard is not None:
-        w, wat = t.wireguard, f"{at}.wireguard"
-        yield from _check_port(w.port, f"{wat}.port")
-        yield from _check_wg_key(w.server_public_key, f"{wat}.server_public_key")
-        yield from _check_file(w.private_key_file, f"{wat}.private_key_file", base_dir)
-        yield from _check_file(w.preshared_key_file, f"{wat}.preshared_key_file", base_dir)
-        yield from _check_ip(w.tunnel_address, f"{wat}.tunnel_address", network=True)
-        yield from _check_ip(w.canary, f"{wat}.canary")
-        if (w.canary is None) != (w.tunnel_address is None):
-            yield Problem(wat, "tunnel_address and canary go together (session checks need both)")
+        yield from wireguard_problems(t.wireguard, f"{at}.wireguard", base_dir)
     if t.openvpn is not None:
-        yield from _openvpn_problems(t.openvpn, f"{at}.openvpn", base_dir)
+        yield from openvpn_problems(t.openvpn, f"{at}.openvpn", base_dir)
     if t.ikev2 is not None:
-        i, iat = t.ikev2, f"{at}.ikev2"
-        yield from _check_port(i.port, f"{iat}.port")
-        yield from _check_file(i.psk_file, f"{iat}.psk_file", base_dir)
-        yield from _check_ip(i.ping, f"{iat}.ping")
+        yield from ikev2_problems(t.ikev2, f"{at}.ikev2", base_dir)
     if t.quic is not None:
-        yield from _check_port(t.quic.port, f"{at}.quic.port")
-        yield from _check_file(t.quic.ca_file, f"{at}.quic.ca_file", base_dir)
+        yield from quic_problems(t.quic, f"{at}.quic", base_dir)
     if t.l4 is not None:
         for j, port in enumerate(t.l4.tcp_ports):
             yield from _check_port(port, f"{at}.l4.tcp_ports[{j}]")
@@ -402,15 +527,7 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
                 except ValueError:
                     yield Problem(f"{at}.l4.udp[{j}].{name}", "expected hex digits")
     if t.mtu is not None:
-        m = t.mtu
-        if m.port is not None:
-            yield from _check_port(m.port, f"{at}.mtu.port")
-        for name in ("max_size", "min_size", "required_mtu"):
-            value = getattr(m, name)
-            if value is not None and not 68 <= value <= 65535:
-                yield Problem(f"{at}.mtu.{name}", f"must be 68..65535 bytes, got {value}")
-        if m.min_size and m.max_size and m.min_size > m.max_size:
-            yield Problem(f"{at}.mtu.min_size", "must not exceed max_size")
+        yield from mtu_problems(t.mtu, f"{at}.mtu", base_dir)
     if t.telemetry is not None:
         yield from _telemetry_problems(t.telemetry, f"{at}.telemetry", base_dir)
     if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4, t.mtu)):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from probes.checks import registry
 from probes.checks.base import CheckKind, Family, PlanContext
-from probes.checks.registry import FAMILIES
 from probes.config import AgentConfig, Target, resolve_path
 from probes.model import Tier
 
@@ -48,10 +48,11 @@ def _wanted(target: Target, check: str, kind: str) -> bool:
 
 
 def plan_target(target: Target, base_dir: Path, state_dir: Path,
-                families: tuple[Family, ...] = FAMILIES) -> list[PlannedCheck]:
+                families: tuple[Family, ...] | None = None) -> list[PlannedCheck]:
+    """The target's checks, family by family (default: the registry's)."""
     ctx = PlanContext(target, base_dir, state_dir)
     out: list[PlannedCheck] = []
-    for family in families:
+    for family in registry.FAMILIES if families is None else families:
         try:
             planned = list(family.plan(ctx))
         except (ValueError, OSError) as exc:  # validated at load: a race with the disk at most
@@ -64,7 +65,7 @@ def plan_target(target: Target, base_dir: Path, state_dir: Path,
 
 
 def plan(config: AgentConfig, base_dir: Path,
-         families: tuple[Family, ...] = FAMILIES) -> list[PlannedCheck]:
+         families: tuple[Family, ...] | None = None) -> list[PlannedCheck]:
     """Every check of every target, in config order."""
     state_dir = resolve_path(config.agent.state_dir, base_dir)
     out: list[PlannedCheck] = []

@@ -66,6 +66,17 @@ def release_parse_memory() -> None:
     sys.setswitchinterval(0.0005)
 
 
+
+def observation(run: ProbeRun, vantage: str, seq: int) -> Observation:
+    """What the mesh is told of one probe run: its kind and the tier the kind declares, the
+    result, clamped into the wire bounds (one odd figure must not cost the mesh the batch)."""
+    check, result = run.check, run.result
+    return within_bounds(Observation(
+        node=check.node, check=check.check, vantage=vantage, seq=seq, wall_time=run.wall_time,
+        ok=result.ok, reason=result.reason, duration_seconds=result.duration_seconds,
+        kind=check.kind.name, tier=check.tier, phases=result.phases, quality=result.quality,
+        detail=result.detail[:DETAIL_MAX], load=result.load))
+
 class Agent:
     def __init__(self, config_path: str | Path, *, use_apscheduler: bool = True,
                  listen: str | None = None) -> None:
@@ -137,16 +148,7 @@ class Agent:
         if check.tier in NODE_READ_TIERS and result.load is None:
             return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
 
-        def build(seq: int) -> Observation:
-            # clamped into the wire bounds: one odd figure must not cost the mesh the batch
-            return within_bounds(Observation(
-                node=check.node, check=check.check, vantage=self.vantage, seq=seq,
-                wall_time=run.wall_time, ok=result.ok, reason=result.reason,
-                duration_seconds=result.duration_seconds, kind=check.kind.name, tier=check.tier,
-                phases=result.phases, quality=result.quality, detail=result.detail[:DETAIL_MAX],
-                load=result.load))
-
-        self.reporter.submit(build)
+        self.reporter.submit(lambda seq: observation(run, self.vantage, seq))
 
     # ---------------------------------------------------------------- reporter
 

@@ -17,16 +17,17 @@ Contract for ``run``:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 
-from probes.config import Target, resolve_path
+from probes.config import Problem, Target, resolve_path
 from probes.model import NodeLoad, Quality, Reason, Tier
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,12 @@ class Stopwatch:
         )
 
 
+class ConfigError(ValueError):
+    """A check's own parameters or material (key files, certificates) are unusable: never the
+    node's fault. A check turns it into ``probe-error``; ``tunnelwatch probe`` into a usage error
+    before it runs anything."""
+
+
 P = TypeVar("P")
 
 
@@ -155,6 +162,7 @@ class PlanContext:
     target: Target
     base_dir: Path
     state_dir: Path | None = None
+    state_files: Mapping[str, str] = field(default_factory=dict)  # a name's file elsewhere
 
     @overload
     def path(self, value: str) -> str: ...
@@ -170,7 +178,46 @@ class PlanContext:
         return None if value is None else str(resolve_path(value, self.base_dir))
 
     def state_file(self, name: str) -> str | None:
+        if name in self.state_files:
+            return self.state_files[name]
         return None if self.state_dir is None else str(self.state_dir / name)
+
+    def with_sections(self, **sections: Any) -> PlanContext:
+        """The same context for the target with these config sections (``wireguard=...``)."""
+        return dataclasses.replace(self, target=msgspec.structs.replace(self.target, **sections))
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeCommand(Generic[S]):
+    """``tunnelwatch probe <name>``: one check now, planned as the agent plans it.
+
+    Its flags are the fields of ``options`` — the family's config section, or (for a command
+    without one) the kind's params — one ``--field-name`` each, typed, defaulted and described
+    (by the field's comment) as the struct says, plus the older spellings in ``aliases`` and
+    ``negated`` (a flag that sets a boolean field to false). The node is ``--endpoint
+    HOST[:PORT]``; ``positional`` keeps an older positional spelling (``host``, ``port``).
+    The options are checked by ``validate`` (the config file's own rules), planned by ``plan``
+    with the node as the target's address, and the last check planned — the deepest — runs,
+    after ``preflight`` has read its keys and certificates (:class:`ConfigError`: a usage
+    error)."""
+
+    name: str
+    help: str
+    options: type[S]
+    plan: Callable[[S, PlanContext], Iterable[Planned]]
+    validate: Callable[[S, str, Path], Iterable[Problem]] | None = None
+    preflight: Callable[[Planned], None] | None = None
+    aliases: Mapping[str, str] = field(default_factory=dict)  # older flag -> field
+    negated: Mapping[str, str] = field(default_factory=dict)  # flag -> boolean field it clears
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # one-shot defaults of fields
+    positional: tuple[str, ...] = ()
+    port_required: bool = False  # the node's port has no default: HOST:PORT
+    state_files: tuple[str, ...] = ()  # what its checks keep between runs (--state-file)
+    default_timeout: float = 5.0
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +229,11 @@ class Family:
     simply not planned. It is the one mapping from a config section to check params, used by
     the agent and by ``tunnelwatch probe`` alike."""
 
-    name: str  # the config section, the word `checks:` filters on, the `probe` subcommand
+    name: str  # the config section, the word `checks:` filters on
     kinds: tuple[CheckKind[Any], ...]
     plan: Callable[[PlanContext], Iterable[Planned]]
     description: str = ""
+    commands: tuple[ProbeCommand[Any], ...] = ()  # its `tunnelwatch probe` subcommands
 
 
 async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:

@@ -27,14 +27,17 @@ import msgspec
 from probes.checks.base import (
     CheckKind,
     CheckResult,
+    ConfigError,
     Fact,
     Family,
     PlanContext,
     Planned,
+    ProbeCommand,
     Stopwatch,
     first_retry_after,
 )
 from probes.checks.udp import IcmpError, UdpEndpoint
+from probes.config import IKEv2Target, ikev2_problems
 from probes.model import Quality, Reason, Tier
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.crypto import CipherSuite
@@ -522,7 +525,8 @@ TUNNEL = CheckKind("ikev2.tunnel", Tier.SESSION, Ikev2Params, run_tunnel,
 
 def plan(ctx: PlanContext) -> list[Planned]:
     """The ``ikev2:`` section -> ``ikev2.init``; ``ikev2.auth`` with a ``psk_file``;
-    ``ikev2.tunnel`` with a ``psk_file`` and a ``ping`` address."""
+    ``ikev2.tunnel`` with a ``psk_file`` and a ``ping`` address (or when ``level`` asks for it:
+    the responder's single-host traffic selector is echoed then). ``level`` stops at a kind."""
     section = ctx.target.ikev2
     if section is None:
         return []
@@ -531,14 +535,37 @@ def plan(ctx: PlanContext) -> list[Planned]:
                        proposals=tuple(section.proposals), psk_file=psk_file,
                        local_id=section.local_id or "tunnelwatch-probe",
                        remote_id=section.remote_id, ping=section.ping,
-                       echo_count=section.echo_count)
+                       inner_address=section.inner_address, echo_count=section.echo_count,
+                       force_nat_t=section.force_nat_t)
+    level = section.level
     out = [Planned.of(INIT, base)]
-    if psk_file is not None:
+    if psk_file is not None and level != "init":
         out.append(Planned.of(AUTH, base))
-        if section.ping is not None:
+        if level == "tunnel" or (level is None and section.ping is not None):
             out.append(Planned.of(TUNNEL, base))
     return out
 
 
+def _plan_options(section: IKEv2Target, ctx: PlanContext) -> list[Planned]:
+    return plan(ctx.with_sections(ikev2=section))
+
+
+def _preflight(planned: Planned) -> None:
+    try:
+        _psk(planned.params)
+    except OSError as exc:
+        raise ConfigError(f"psk_file: {exc}") from None
+
+
+COMMAND = ProbeCommand(
+    name="ikev2", help="IKEv2 responder: SA_INIT, PSK IKE_AUTH, or ESP echoes",
+    description="--level init: alive and a proposal accepted; auth: a PSK IKE SA with the "
+                "responder's AUTH verified; tunnel: ICMP echoes through ESP. Every SA made is "
+                "deleted.",
+    options=IKEv2Target, plan=_plan_options, validate=ikev2_problems, preflight=_preflight,
+    aliases={"--proposal": "proposals", "--count": "echo_count"},
+    # a one-shot probe offers the usual suites and stops at init unless asked
+    defaults={"level": "init", "proposals": list(DEFAULT_IKE_PROPOSALS)})
+
 FAMILY = Family("ikev2", (INIT, AUTH, TUNNEL), plan,
-                "IKEv2: IKE_SA_INIT, PSK IKE_AUTH, ESP-in-UDP echoes")
+                "IKEv2: IKE_SA_INIT, PSK IKE_AUTH, ESP-in-UDP echoes", (COMMAND,))

@@ -24,7 +24,9 @@ import socket
 import ssl
 import struct
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -34,6 +36,7 @@ from probes.checks.base import (
     Family,
     PlanContext,
     Planned,
+    ProbeCommand,
     Stopwatch,
     first_retry_after,
 )
@@ -50,6 +53,7 @@ from probes.checks.icmp import (
     round_trip_seconds,
     strip_ipv4_header,
 )
+from probes.config import Problem
 from probes.model import Quality, Reason, Tier
 
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -427,5 +431,35 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
+P = TypeVar("P", bound=msgspec.Struct)
+
+
+def _one(name: str, kind: CheckKind[P]) -> Callable[[P, PlanContext], list[Planned]]:
+    """A command's options are the kind's params: the one check named ``name`` (a format with
+    the params' fields, e.g. ``tcp:{port}``)."""
+    def plan_one(params: P, ctx: PlanContext) -> list[Planned]:
+        return [Planned(name.format_map(msgspec.structs.asdict(params)), kind, params)]
+    return plan_one
+
+
+def _icmp_problems(params: IcmpParams, at: str, base_dir: Path) -> Iterator[Problem]:
+    if params.count < 1:
+        yield Problem(f"{at}.count", f"must be >= 1, got {params.count}")
+
+
+COMMANDS = (
+    ProbeCommand(name="tcp", help="TCP connect, optionally followed by a TLS handshake",
+                 options=TcpParams, plan=_one("tcp:{port}", TCP), positional=("host", "port"),
+                 port_required=True, negated={"--insecure": "verify"}, default_timeout=2.0),
+    ProbeCommand(name="udp", help="UDP request/response (ICMP unreachable via IP_RECVERR)",
+                 options=UdpParams, plan=_one("udp:{port}", UDP), positional=("host", "port"),
+                 port_required=True, aliases={"--send-hex": "send", "--expect-hex":
+                                              "expect_prefix"}, default_timeout=2.0),
+    ProbeCommand(name="icmp", help="ICMP echo (ping socket, raw socket fallback)",
+                 options=IcmpParams, plan=_one("icmp", ICMP), validate=_icmp_problems,
+                 positional=("host",), aliases={"--size": "payload_size"},
+                 default_timeout=2.0),
+)
+
 FAMILY = Family("l4", (TCP, UDP, ICMP), plan,
-                "Fast L4 checks: TCP connect, UDP exchange, ICMP echo")
+                "Fast L4 checks: TCP connect, UDP exchange, ICMP echo", COMMANDS)

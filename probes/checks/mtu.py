@@ -39,7 +39,17 @@ from typing import Any
 
 import msgspec
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    ConfigError,
+    Fact,
+    Family,
+    PlanContext,
+    Planned,
+    ProbeCommand,
+    Stopwatch,
+)
 from probes.checks.errqueue import (
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
@@ -56,6 +66,7 @@ from probes.checks.icmp import (
     strip_ipv4_header,
 )
 from probes.checks.l4 import resolve
+from probes.config import MTUTarget, mtu_problems
 from probes.model import Reason, Tier
 
 # linux/in.h, linux/in6.h (not all exported by `socket`)
@@ -85,10 +96,6 @@ class MtuParams(msgspec.Struct, frozen=True, kw_only=True):
     required_mtu: int | None = None  # fail with mtu-below-minimum if the path MTU is smaller
     attempts: int = 2  # tries per size before silence counts as "too big"
     probe_wait: float = 0.3  # seconds to wait for each echo
-
-
-class MtuConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +246,7 @@ class MtuProber:
         wire: _Wire
         if port is None:
             if family != socket.AF_INET:
-                raise MtuConfigError("mtu.icmp probes IPv4 only")
+                raise ConfigError("mtu.icmp probes IPv4 only")
             wire = _IcmpWire(header)
         else:
             wire = _UdpWire(header)
@@ -399,7 +406,7 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
     largest = _MAX_PACKET + 40 if prober.family == socket.AF_INET6 else _MAX_PACKET
     top = min(params.max_size or local_mtu, largest)
     if not prober.header < floor <= top:
-        raise MtuConfigError(f"need header < min_size <= max_size, got {floor}..{top}")
+        raise ConfigError(f"need header < min_size <= max_size, got {floor}..{top}")
     search = _Search(low=floor, high=top + 1, frag_needed_mtus=set(), sendable=top)
     tried: set[int] = set()
 
@@ -460,7 +467,7 @@ async def _run(params: MtuParams, timeout: float, port: int | None) -> CheckResu
             return await _find_path_mtu(prober, params, sw, facts)
     except _Failed as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
-    except MtuConfigError as exc:
+    except ConfigError as exc:
         return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
     except TimeoutError:
         return sw.result(False, Reason.TIMEOUT, facts=facts,
@@ -493,8 +500,22 @@ def plan(ctx: PlanContext) -> list[Planned]:
     if section is None:
         return []
     params = MtuParams(host=ctx.target.address, port=section.port, max_size=section.max_size,
-                       min_size=section.min_size, required_mtu=section.required_mtu)
+                       min_size=section.min_size, required_mtu=section.required_mtu,
+                       attempts=section.attempts, probe_wait=section.probe_wait)
     return [Planned.of(UDP if section.port is not None else ICMP, params)]
 
 
-FAMILY = Family("mtu", (UDP, ICMP), plan, "Path MTU and PMTU black holes")
+def _plan_options(section: MTUTarget, ctx: PlanContext) -> list[Planned]:
+    return plan(ctx.with_sections(mtu=section))
+
+
+COMMAND = ProbeCommand(
+    name="mtu", help="path MTU by DF-set UDP or ICMP echo probes (PMTU black holes)",
+    description="Binary search with DF-set probes: UDP to an echo service on PORT (mtu.udp, no "
+                "privileges), or ICMP echo without PORT (mtu.icmp: ping socket or "
+                "CAP_NET_RAW). Reports the largest IP packet that passes and whether ICMP "
+                "fragmentation-needed came back. Sizes are whole IP packets (MTU figures).",
+    options=MTUTarget, plan=_plan_options, validate=mtu_problems, positional=("host", "port"),
+    default_timeout=10.0)
+
+FAMILY = Family("mtu", (UDP, ICMP), plan, "Path MTU and PMTU black holes", (COMMAND,))

@@ -47,15 +47,18 @@ from probes.checks.base import (
     CLEANUP_GRACE_SECONDS,
     CheckKind,
     CheckResult,
+    ConfigError,
     Fact,
     Family,
     PlanContext,
     Planned,
+    ProbeCommand,
     Stopwatch,
     first_retry_after,
 )
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.config import OpenVPNTarget, openvpn_problems
 from probes.model import Quality, Reason, Tier
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
@@ -117,10 +120,6 @@ class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
     echo_target: str | None = None  # default: the server's tunnel address from PUSH_REPLY
     loss_threshold: float = 0.5
     rtt_threshold: float | None = None
-
-
-class ConfigError(ValueError):
-    """The probe's own configuration is unusable (never the node's fault)."""
 
 
 class _Failure(Exception):
@@ -701,7 +700,8 @@ def plan(ctx: PlanContext) -> list[Planned]:
         tls_auth_file=ctx.path(section.tls_auth_file), key_direction=section.key_direction,
         auth_digest=section.auth_digest, tls_crypt_v2_file=ctx.path(section.tls_crypt_v2_file),
         auth_user_pass_file=ctx.path(section.auth_user_pass_file),
-        compression=section.compression, echo_count=section.echo_count)
+        compression=section.compression, echo_count=section.echo_count,
+        echo_interval=section.echo_interval)
     if section.level == "reset":
         return [Planned.of(RESET, params)]
     out = [Planned.of(TLS, params)]
@@ -712,5 +712,33 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
+def _plan_options(section: OpenVPNTarget, ctx: PlanContext) -> list[Planned]:
+    return plan(ctx.with_sections(openvpn=section))
+
+
+def _preflight(planned: Planned) -> None:
+    """Every key and certificate the check will need, read now."""
+    params: OpenVPNParams = planned.params
+    build_wrapper(params, 0)
+    if planned.kind is not RESET:
+        build_ssl_context(params)
+    if params.auth_user_pass_file:
+        read_user_pass(params.auth_user_pass_file)
+
+
+COMMAND = ProbeCommand(
+    name="openvpn",
+    help="OpenVPN hard reset, TLS, key-method 2 + PUSH_REPLY, or in-tunnel echoes",
+    description="Probe an OpenVPN 2.x server like a client would; ends with EXIT. --level "
+                "picks the deepest step: reset, tls, session (PUSH_REPLY) or tunnel.",
+    options=OpenVPNTarget, plan=_plan_options, validate=openvpn_problems,
+    preflight=_preflight, port_required=True,
+    aliases={"--ca": "ca_file", "--cert": "cert_file", "--key": "key_file",
+             "--tls-crypt": "tls_crypt_file", "--tls-auth": "tls_auth_file",
+             "--tls-crypt-v2": "tls_crypt_v2_file", "--auth": "auth_digest",
+             "--auth-user-pass": "auth_user_pass_file", "--count": "echo_count",
+             "--interval": "echo_interval"})
+
 FAMILY = Family("openvpn", (RESET, TLS, SESSION, TUNNEL), plan,
-                "OpenVPN: hard reset, TLS, key-method 2 and PUSH_REPLY, data-channel echoes")
+                "OpenVPN: hard reset, TLS, key-method 2 and PUSH_REPLY, data-channel echoes",
+                (COMMAND,))

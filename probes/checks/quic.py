@@ -44,7 +44,17 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from aioquic.tls import SessionTicket
 from cryptography import x509
 
-from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
+from probes.checks.base import (
+    CheckKind,
+    CheckResult,
+    ConfigError,
+    Fact,
+    Family,
+    PlanContext,
+    Planned,
+    ProbeCommand,
+    Stopwatch,
+)
 from probes.checks.icmp import (
     IcmpParseError,
     build_echo_request,
@@ -53,6 +63,7 @@ from probes.checks.icmp import (
     strip_ipv4_header,
 )
 from probes.checks.l4 import quality_of, resolve
+from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
 
@@ -61,7 +72,6 @@ MAX_DATAGRAM_FRAME_SIZE = 65536
 ECHO_GRACE = 1.0  # seconds to wait for stragglers after the last datagram was sent
 TICKET_WAIT = 1.0  # seconds to wait for a session ticket after the first handshake
 # a datagram must fit one QUIC packet (1,200 bytes unless the path allows more) with its headers
-MAX_ECHO_PAYLOAD = 1100
 _ECHO_MAGIC = b"twq1"
 
 # TLS alerts (RFC 8446 §6) arrive as QUIC CRYPTO_ERROR 0x100 + alert (RFC 9001 §4.8)
@@ -92,10 +102,6 @@ class QuicParams(msgspec.Struct, frozen=True, kw_only=True):
     ip_ping: str | None = None  # in-tunnel IPv4 address to ICMP-echo after ADDRESS_ASSIGN
 
 
-class QuicConfigError(ValueError):
-    """Unusable parameters (unreadable CA file, bad target): the agent's fault, not the node's."""
-
-
 class _Failed(Exception):
     """Ends a check early with a closed-enum reason."""
 
@@ -115,7 +121,7 @@ class H3DatagramConnection(H3Connection):
 
 
 def client_configuration(params: QuicParams) -> QuicConfiguration:
-    """The aioquic client configuration; raises :class:`QuicConfigError` for a bad CA file."""
+    """The aioquic client configuration; raises :class:`ConfigError` for a bad CA file."""
     config = QuicConfiguration(
         is_client=True,
         alpn_protocols=[params.alpn],
@@ -128,17 +134,17 @@ def client_configuration(params: QuicParams) -> QuicConfiguration:
             cadata = Path(params.ca_file).read_bytes()
             x509.load_pem_x509_certificates(cadata)
         except (OSError, ValueError) as exc:
-            raise QuicConfigError(f"cannot load CA file {params.ca_file}: {exc}") from None
+            raise ConfigError(f"cannot load CA file {params.ca_file}: {exc}") from None
         config.cadata = cadata
     return config
 
 
 def split_target(target: str) -> tuple[str, int]:
-    """``"host:port"`` / ``"[v6]:port"`` -> (host, port); raises :class:`QuicConfigError`."""
+    """``"host:port"`` / ``"[v6]:port"`` -> (host, port); raises :class:`ConfigError`."""
     host, sep, port = target.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise QuicConfigError(f"target must be host:port, got {target!r}")
+        raise ConfigError(f"target must be host:port, got {target!r}")
     return host, int(port)
 
 
@@ -316,7 +322,7 @@ async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
             return await body(params, config, sw, facts)
     except _Failed as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
-    except QuicConfigError as exc:
+    except ConfigError as exc:
         return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
     except TimeoutError:
         return sw.result(False, Reason.TIMEOUT, facts=facts,
@@ -444,9 +450,9 @@ def _echo_payload_seq(payload: bytes) -> int | None:
 
 def _check_echo_params(params: QuicParams) -> None:
     if not 1 <= params.echo_count <= 10_000:
-        raise QuicConfigError(f"echo_count must be 1..10000, got {params.echo_count}")
+        raise ConfigError(f"echo_count must be 1..10000, got {params.echo_count}")
     if not 0 <= params.payload_size <= MAX_ECHO_PAYLOAD:
-        raise QuicConfigError(f"payload_size must be 0..{MAX_ECHO_PAYLOAD}")
+        raise ConfigError(f"payload_size must be 0..{MAX_ECHO_PAYLOAD}")
 
 
 async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
@@ -522,7 +528,7 @@ def _echo_result(params: QuicParams, sw: Stopwatch, rtts: list[float],
 async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
                             facts: dict[str, Fact]) -> CheckResult:
     if not params.target:
-        raise QuicConfigError("quic.connect-udp needs a target (host:port)")
+        raise ConfigError("quic.connect-udp needs a target (host:port)")
     target_host, target_port = split_target(params.target)
     _check_echo_params(params)
     path = f"/.well-known/masque/udp/{_path_segment(target_host)}/{target_port}/"
@@ -550,7 +556,7 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
     try:
         ping = ipaddress.IPv4Address(params.ip_ping) if params.ip_ping else None
     except ValueError:
-        raise QuicConfigError(f"ip_ping must be an IPv4 address, got {params.ip_ping!r}") from None
+        raise ConfigError(f"ip_ping must be an IPv4 address, got {params.ip_ping!r}") from None
     if ping is not None:
         _check_echo_params(params)
     async with _connection(params, config, sw) as conn:
@@ -623,21 +629,48 @@ CONNECT_IP = CheckKind(
 
 def plan(ctx: PlanContext) -> list[Planned]:
     """The ``quic:`` section -> ``quic.handshake``; ``quic.connect-udp`` when
-    ``connect_udp_target`` is set; ``quic.connect-ip`` only when the target's ``checks`` ask for
-    it (an HTTP/3 node is not necessarily a MASQUE proxy)."""
+    ``connect_udp_target`` is set; ``quic.connect-ip`` only with ``connect_ip`` or when the
+    target's ``checks`` ask for it (an HTTP/3 node is not necessarily a MASQUE proxy)."""
     section = ctx.target.quic
     if section is None:
         return []
     base = QuicParams(host=ctx.target.address, port=section.port,
                       server_name=section.server_name, ca_file=ctx.path(section.ca_file),
-                      target=section.connect_udp_target)
+                      verify=section.verify, alpn=section.alpn, resume=section.resume,
+                      target=section.connect_udp_target, echo_count=section.echo_count,
+                      echo_interval=section.echo_interval, payload_size=section.payload_size,
+                      loss_threshold=section.loss_threshold, rtt_threshold=section.rtt_threshold,
+                      ip_ping=section.ip_ping)
     out = [Planned.of(HANDSHAKE, base)]
     if section.connect_udp_target is not None:
         out.append(Planned.of(CONNECT_UDP, base))
-    if CONNECT_IP.name in ctx.target.checks:
+    if section.connect_ip or CONNECT_IP.name in ctx.target.checks:
         out.append(Planned.of(CONNECT_IP, base))
     return out
 
 
+def _plan_options(section: QUICTarget, ctx: PlanContext) -> list[Planned]:
+    return plan(ctx.with_sections(quic=section))
+
+
+def _preflight(planned: Planned) -> None:
+    params: QuicParams = planned.params
+    client_configuration(params)  # the CA file
+    if params.target is not None:
+        split_target(params.target)
+
+
+COMMAND = ProbeCommand(
+    name="quic", help="QUIC/HTTP/3 handshake, or MASQUE CONNECT-UDP / CONNECT-IP",
+    description="QUIC handshake (ALPN h3, certificate verified), or a MASQUE session: "
+                "CONNECT-UDP with HTTP datagrams echoed through the proxy (RTT, loss), or "
+                "CONNECT-IP up to a parsed ADDRESS_ASSIGN capsule.",
+    options=QUICTarget, plan=_plan_options, validate=quic_problems, preflight=_preflight,
+    positional=("host",),
+    aliases={"--connect-udp": "connect_udp_target", "--count": "echo_count",
+             "--interval": "echo_interval", "--size": "payload_size"},
+    negated={"--insecure": "verify"})
+
 FAMILY = Family("quic", (HANDSHAKE, CONNECT_UDP, CONNECT_IP), plan,
-                "QUIC / MASQUE: HTTP/3 handshake, CONNECT-UDP and CONNECT-IP sessions")
+                "QUIC / MASQUE: HTTP/3 handshake, CONNECT-UDP and CONNECT-IP sessions",
+                (COMMAND,))

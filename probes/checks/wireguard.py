@@ -35,15 +35,18 @@ from scapy.layers.inet import ICMP, IP
 from probes.checks.base import (
     CheckKind,
     CheckResult,
+    ConfigError,
     Fact,
     Family,
     PlanContext,
     Planned,
+    ProbeCommand,
     Stopwatch,
     first_retry_after,
 )
 from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
 from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.config import WireGuardTarget, wireguard_problems
 from probes.model import Quality, Reason, Tier
 from probes.protocols import wireguard as wg
 
@@ -71,10 +74,6 @@ class WireGuardParams(msgspec.Struct, frozen=True, kw_only=True):
     echo_interval: float = 0.05
     loss_threshold: float = 0.5  # fail with tunnel-loss-over-threshold above this ratio
     rtt_threshold: float | None = None  # fail with tunnel-rtt-over-threshold if p50 is above
-
-
-class ConfigError(ValueError):
-    """The check's parameters or key files are unusable (a usage error, not a node failure)."""
 
 
 def read_key_file(path: str, what: str) -> bytes:
@@ -405,7 +404,8 @@ def plan(ctx: PlanContext) -> list[Planned]:
         preshared_key_file=ctx.path(section.preshared_key_file),
         state_file=ctx.state_file(STATE_FILE_NAME),
         tunnel_address=section.tunnel_address, canary=section.canary,
-        echo_count=section.echo_count)
+        echo_count=section.echo_count, echo_interval=section.echo_interval,
+        loss_threshold=section.loss_threshold, rtt_threshold=section.rtt_threshold)
     out = [Planned.of(HANDSHAKE, params)]
     if section.tunnel_address and section.canary:
         out.append(Planned.of(SESSION, params))
@@ -422,5 +422,21 @@ SESSION = CheckKind(
     run=_session_kind,
     description="handshake, ICMP echoes to an in-tunnel canary, keepalive")
 
+def _plan_options(section: WireGuardTarget, ctx: PlanContext) -> list[Planned]:
+    return plan(ctx.with_sections(wireguard=section))
+
+
+def _preflight(planned: Planned) -> None:
+    load_config(planned.params)  # unreadable or malformed keys
+
+
+COMMAND = ProbeCommand(
+    name="wireguard", help="WireGuard handshake, or a session with --ping",
+    description="Without --ping: wireguard.handshake. With --tunnel-address and --ping: "
+                "wireguard.session (handshake, ICMP echoes to the in-tunnel address, keepalive).",
+    options=WireGuardTarget, plan=_plan_options, validate=wireguard_problems,
+    preflight=_preflight, port_required=True, state_files=(STATE_FILE_NAME,),
+    aliases={"--ping": "canary", "--count": "echo_count", "--interval": "echo_interval"})
+
 FAMILY = Family("wireguard", (HANDSHAKE, SESSION), plan,
-                "WireGuard: Noise handshake, in-tunnel echoes")
+                "WireGuard: Noise handshake, in-tunnel echoes", (COMMAND,))

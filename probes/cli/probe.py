@@ -1,7 +1,8 @@
 """``tunnelwatch probe KIND ...``: run one check now and print what it saw.
 
-Every protocol module (``probe_<kind>.py``) adds its own sub-parser through ``add_parser`` and
-finishes with :func:`run_and_report`, so all probes share one output contract:
+The subcommands are the probe commands the check families declare (:mod:`probes.checks.registry`,
+built by :mod:`probes.cli.probe_command`), plus the node views of :mod:`probes.cli.node_views`.
+Every check goes through :func:`run_and_report`, so all probes share one output contract:
 
 * human-readable lines by default;
 * with ``--json``, one JSON object with at least ``ok``, ``reason``, ``duration_seconds`` and
@@ -13,21 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import sys
 from typing import Any
 
 from probes.checks.base import CheckKind, CheckResult, execute
-
-PROBE_MODULES: tuple[str, ...] = (
-    "probe_l4",
-    "probe_wireguard",
-    "probe_openvpn",
-    "probe_ikev2",
-    "probe_quic",
-    "probe_mtu",
-)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_timeout: float = 5.0) -> None:
@@ -39,8 +30,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_timeout: float
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("probe", help="run one check now and print the result")
     probe_sub = parser.add_subparsers(dest="probe_kind", required=True, metavar="KIND")
-    for name in PROBE_MODULES:
-        importlib.import_module(f"probes.cli.{name}").add_parser(probe_sub)
+    # imported here: probe_command and node_views build on this module's output contract
+    from probes.checks.registry import FAMILIES  # noqa: PLC0415
+    from probes.cli import node_views, probe_command  # noqa: PLC0415
+
+    for family in FAMILIES:
+        for command in family.commands:
+            probe_command.add_command(probe_sub, command)
+    node_views.add_parsers(probe_sub)
 
 
 def format_human(result: CheckResult) -> str:

@@ -9,9 +9,13 @@ from typing import Any
 import pytest
 
 from probes.cli import main
-from probes.cli.probe_ikev2 import split_endpoint
+from probes.config import parse_host_port
 
 pytestmark = pytest.mark.ikev2
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    return parse_host_port(text, default_port=500)
 
 
 def test_endpoint_forms() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from probes.cli import main
-from probes.cli.probe_openvpn import parse_endpoint
+from probes.config import parse_host_port as parse_endpoint
 from probes.lab import Lab
 from tests.openvpn.pki import static_key_text
 

@@ -45,16 +45,16 @@ def test_split_target(text: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("text", ["10.0.0.1", ":80", "host:0", "host:70000", "host:x"])
 def test_split_target_rejects(text: str) -> None:
-    with pytest.raises(quic.QuicConfigError):
+    with pytest.raises(quic.ConfigError):
         quic.split_target(text)
 
 
 def test_client_configuration_rejects_unreadable_or_non_pem_ca(tmp_path: Path) -> None:
-    with pytest.raises(quic.QuicConfigError, match="cannot load CA"):
+    with pytest.raises(quic.ConfigError, match="cannot load CA"):
         quic.client_configuration(quic.QuicParams(host="h", ca_file=str(tmp_path / "none")))
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
-    with pytest.raises(quic.QuicConfigError):
+    with pytest.raises(quic.ConfigError):
         quic.client_configuration(quic.QuicParams(host="h", ca_file=str(junk)))
 
 

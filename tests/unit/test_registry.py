@@ -4,14 +4,21 @@ observation, and the mesh tiers each kind as it declares (also for agents that p
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from probes.agent.plan import plan_target
+from probes.agent.runtime import observation
+from probes.agent.scheduler import ProbeRun
+from probes.checks import registry
+from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned, ProbeCommand
 from probes.checks.registry import FAMILIES, KINDS, kinds_of
+from probes.cli import main
 from probes.config import Target
+from probes.configref import render_reference
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
 from probes.model import NODE_READ_TIERS, Observation, Reason, Tier
@@ -84,3 +91,60 @@ def test_an_observation_without_a_tier_still_decodes_and_is_tiered() -> None:
     engine = DecisionEngine(DecisionPolicy(), [NodeInfo("n1", "p")])
     engine.observe([obs], 1.0)
     assert engine.check_state("n1", "va", "openvpn.tunnel").tier is Tier.SESSION
+
+
+# ---------------------------------------------------------------------- a kind in one place
+
+
+class GreetParams(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    greeting: str = "hello"  # what to say
+
+
+async def _greet(params: GreetParams, timeout: float) -> CheckResult:
+    return CheckResult(True, Reason.OK, 0.001, facts={"said": f"{params.greeting} {params.host}"})
+
+
+GREET = CheckKind("greet.hello", Tier.SESSION, GreetParams, _greet, "says hello to the node")
+
+
+def _plan_greet(ctx: PlanContext) -> list[Planned]:
+    if ctx.target.l4 is None:
+        return []
+    return [Planned.of(GREET, GreetParams(host=ctx.target.address, port=7))]
+
+
+def _greet_options(params: GreetParams, ctx: PlanContext) -> list[Planned]:
+    return [Planned.of(GREET, params)]
+
+
+# the one place: a family with its kind, its planning and its probe command
+GREET_FAMILY = Family("greet", (GREET,), _plan_greet, "greetings",
+                      (ProbeCommand("greet", "say hello", GreetParams, _greet_options,
+                                    port_required=True),))
+
+
+def test_a_kind_added_in_one_place_is_planned_probed_tiered_and_documented(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    families = (*FAMILIES, GREET_FAMILY)
+    monkeypatch.setattr(registry, "FAMILIES", families)  # as if listed in the registry
+    target = msgspec.convert({"id": "n1", "pool": "p", "pop": "fra", "region": "eu",
+                              "address": "10.0.0.1", "l4": {"icmp": True}}, Target)
+    # plannable
+    planned = [c for c in plan_target(target, tmp_path, tmp_path) if c.kind is GREET]
+    assert [(c.check, c.tier) for c in planned] == [("greet.hello", Tier.SESSION)]
+    # probe-able from the CLI, flags from its params struct
+    assert main(["probe", "greet", "--endpoint", "127.0.0.1:7", "--greeting", "hi",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["facts"]["said"] == "hi 127.0.0.1"
+    # tiered in the mesh, from what the agent reports
+    result = CheckResult(False, Reason.TIMEOUT, 0.5)
+    obs = observation(ProbeRun(planned[0], result, 1.0, 0.0, 0.0, "due"), "va", 1)
+    assert obs.tier is Tier.SESSION
+    engine = DecisionEngine(DecisionPolicy(), [NodeInfo("n1", "p")])
+    engine.observe([obs], 1.0)
+    assert engine.check_state("n1", "va", "greet.hello").tier is Tier.SESSION
+    # listed in the docs
+    assert "| greet | `greet.hello` | session | says hello to the node |" in render_reference()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from probes.checks import wireguard_telemetry as tel
 from probes.cli import main
 from probes.cli.keygen import wg_set_argv
-from probes.cli.probe_wireguard import parse_endpoint
+from probes.config import parse_host_port as parse_endpoint
 from probes.protocols import wireguard as wg
 
 pytestmark = pytest.mark.wireguard
