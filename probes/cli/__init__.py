@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "keygen",
     "mesh",
     "status",
+    "drain",
     "receiver",
     "configref",
 )

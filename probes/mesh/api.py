@@ -3,8 +3,11 @@
 * ``GET /v1/verdicts`` — the current verdict of every node; ``?vantages=1`` adds each vantage's
   opinion (what ``tunnelwatch status`` draws); ``?after=ID[&limit=N][&node=X]`` returns the
   verdict log after log id ``ID`` instead (the audit trail, publishers' view).
+* ``GET /v1/nodes`` — every node: state, and with weights on its weight, the evidence behind it,
+  its smoothed load and sessions, and a drain's progress (docs/weights.md).
 * ``GET /v1/nodes/{id}`` — one node: verdict, votes, guard and quorum flags, admin state, the last
-  verdict's reasons, and the per-vantage picture down to each check.
+  verdict's reasons, and the per-vantage picture down to each check; with weights on, the same
+  weight, load and drain fields as ``/v1/nodes``.
 * ``POST /v1/nodes/{id}/drain|maintenance|ready`` — operator actions; ``Authorization: Bearer
   <token>`` from ``operator_token_file``; optional JSON body ``{"actor": "name"}``. Each action is
   journaled and its verdict change is in the log with an ``admin`` reason naming the actor.
@@ -51,6 +54,7 @@ class Api:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/v1/verdicts", self.verdicts),
+            web.get("/v1/nodes", self.nodes),
             web.get("/v1/nodes/{node}", self.node),
             web.post("/v1/nodes/{node}/{action}", self.admin),
             web.get("/healthz", self.healthz),
@@ -85,6 +89,8 @@ class Api:
                 "admin": node.admin.value if node.admin is not None else None,
                 "votes": msgspec.to_builtins(node.votes),
             }
+            if service.weights is not None:
+                item["weight"] = service.weights.weight_of(name)
             if with_vantages:
                 item["vantages"] = {
                     v: (
@@ -105,7 +111,20 @@ class Api:
         name = request.match_info["node"]
         if name not in service.engine.nodes:
             raise web.HTTPNotFound(text=f"unknown node {name!r}")
-        return _json(service.engine.node_view(name, service.last_now))
+        view = service.engine.node_view(name, service.last_now)
+        view.update(weight_view(service, name))
+        return _json(view)
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        service = self._service()
+        out = []
+        for name, node in service.engine.nodes.items():
+            item: dict[str, Any] = {"node": name, "pool": node.info.pool, "pop": node.info.pop,
+                                    "state": node.state.value, "seq": node.seq}
+            item.update(weight_view(service, name))
+            out.append(item)
+        return _json({"now": service.last_now, "weights": service.weights is not None,
+                      "nodes": out})
 
     async def admin(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
@@ -151,6 +170,22 @@ class Api:
                 "replayed_at_start": service.replayed_entries,
             }
         )
+
+
+def weight_view(service: MeshService, name: str) -> dict[str, Any]:
+    """A node's weight, its evidence, load and drain progress (empty with weights off)."""
+    weights = service.weights
+    if weights is None or name not in weights.nodes:
+        return {}
+    now = service.last_now
+    view = weights.view(name, now)
+    node = service.engine.nodes.get(name)
+    if node is not None and node.state == VerdictState.DRAINING:
+        view["drain"] = {"done": weights.drain_done(name, now),
+                         "sessions": view["sessions"],
+                         "effective_sessions": view["effective_sessions"],
+                         "bound": weights.policy.drain_done_sessions}
+    return view
 
 
 def require_operator(request: web.Request, token: bytes | None) -> None:

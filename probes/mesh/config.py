@@ -83,6 +83,20 @@ def _store_problems(store: StoreConfig) -> Iterator[Problem]:
         yield Problem("$.store.request_timeout_seconds", "must be > 0")
 
 
+class AgentCheckConfig(Strict, kw_only=True, frozen=True):
+    """HAProxy's agent-check, answered by the mesh (docs/weights.md, "HAProxy agent-check"):
+    HAProxy sends ``agent-send "<name>\n"`` and gets ``up ready <weight>%`` / ``drain`` /
+    ``maint`` / ``down`` back."""
+
+    listen: str = "127.0.0.1:9481"
+    servers: dict[str, str] = msgspec.field(default_factory=dict)  # sent name -> node id
+    degraded_weight_percent: int = 50  # with weights off
+
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
 class MeshConfig(Strict, kw_only=True, frozen=True):
     listen: str = "127.0.0.1:9480"
     database: str = "mesh.db"
@@ -100,6 +114,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     durability: str = "normal"  # "normal" (survives a crash) or "full" (survives a power cut)
     publishers: list[publish_config.PublisherConfig] = msgspec.field(default_factory=list)
     anycast: AnycastConfig | None = None  # PoP announcements through BGP speakers
+    agent_check: AgentCheckConfig | None = None  # HAProxy pulls states and weights
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)  # HA: docs/ha.md
 
     def node_infos(self) -> list[NodeInfo]:
@@ -161,6 +176,16 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
     if cfg.durability not in ("normal", "full"):
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
+    if cfg.agent_check is not None:
+        _h, sep, port = cfg.agent_check.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            yield Problem("$.agent_check.listen",
+                          f"expected host:port, got {cfg.agent_check.listen!r}")
+        if not 0 <= cfg.agent_check.degraded_weight_percent <= 100:
+            yield Problem("$.agent_check.degraded_weight_percent", "must be 0..100")
+        for name, node_id in cfg.agent_check.servers.items():
+            if node_id not in {n.id for n in cfg.nodes}:
+                yield Problem(f"$.agent_check.servers.{name}", f"no node {node_id!r}")
     yield from _store_problems(cfg.store)
     pools_with_nodes = {n.pool for n in cfg.nodes if n.role == "node"}
     for i, node in enumerate(cfg.nodes):

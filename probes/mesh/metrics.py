@@ -162,3 +162,69 @@ class MeshCollector(Collector):
         yield GaugeMetricFamily(
             P + "check_states", "Tracked (node, vantage, check) states.", value=engine.check_count()
         )
+
+
+# the smoothed load signals the weight engine holds per node, as gauges (docs/weights.md)
+_LOAD_GAUGES = (
+    ("cpu", "node_load_cpu_busy_ratio", "Smoothed CPU busy share (host or VPN daemon)."),
+    ("drops", "node_load_drop_ratio", "Smoothed share of packets the node dropped."),
+    ("effective_sessions", "node_load_effective_sessions",
+     "Smoothed effective sessions (sessions weighted by their recent traffic)."),
+    ("sessions", "node_load_sessions", "Smoothed active sessions."),
+    ("packets", "node_load_packets_per_second", "Smoothed packets per second, both ways."),
+    ("bytes", "node_load_bytes_per_second", "Smoothed bytes per second, both ways."),
+)
+
+
+class WeightCollector(Collector):
+    """The weight engine at scrape time (weights on): weights, their inputs and the guard."""
+
+    def __init__(self, service: Callable[[], MeshService]) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service()
+        weights = service.weights
+        if weights is None:
+            return
+        now = service.last_now
+        stale = weights.policy.load_stale_after_seconds
+        labels = ["node", "pool", "pop"]
+        weight = GaugeMetricFamily(
+            P + "node_weight_ratio",
+            "The node's published weight, a share of its nominal weight (0 = no new flows).",
+            labels=labels)
+        changes = CounterMetricFamily(
+            P + "node_weight_changes", "Published weight changes of the node.", labels=labels)
+        capacity = GaugeMetricFamily(
+            P + "node_capacity", "The node's configured capacity (1 = a typical node).",
+            labels=labels)
+        fresh = GaugeMetricFamily(
+            P + "node_load_fresh", "1 while the node's load is recent enough to weigh.",
+            labels=labels)
+        gauges = {signal: GaugeMetricFamily(P + name, doc, labels=labels)
+                  for signal, name, doc in _LOAD_GAUGES}
+        engine_nodes = service.engine.nodes
+        for name, node in weights.nodes.items():
+            info = engine_nodes.get(name)
+            values = [name, node.pool, info.info.pop if info is not None else ""]
+            if node.published is not None:
+                weight.add_metric(values, node.published / 100.0)
+            changes.add_metric(values, node.seq)
+            capacity.add_metric(values, node.capacity)
+            is_fresh = node.load_fresh(now, stale)
+            fresh.add_metric(values, int(is_fresh))
+            if is_fresh:
+                for signal, value in node.ewma.items():
+                    gauges[signal].add_metric(values, value)
+        yield from (weight, changes, capacity, fresh, *gauges.values())
+        scale = GaugeMetricFamily(
+            P + "weight_guard_scale",
+            "Factor the pool's weight guard scales load cuts back by (1 = not holding).",
+            labels=["pool"])
+        for pool in weights.pools:
+            scale.add_metric([pool], weights.guard_scale.get(pool, 1.0))
+        yield scale
+        yield CounterMetricFamily(
+            P + "weight_guard_steps", "Weight steps in which a pool's guard scaled cuts back.",
+            value=weights.guard_steps_total)

@@ -22,16 +22,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
-from probes.mesh.config import MeshConfig
+from probes.mesh.config import AgentCheckConfig, MeshConfig
 from probes.mesh.ingest import AgentKey, Ingest
 from probes.mesh.leader import LeaderCollector, LeaderElector
-from probes.mesh.metrics import MeshCollector
+from probes.mesh.metrics import MeshCollector, WeightCollector
+from probes.mesh.publish.agentcheck import AgentCheckServer
 from probes.mesh.publish.runner import Publishing, publishing_context
 from probes.mesh.service import MeshService
 from probes.mesh.store import MeshStore, StoreError
 from probes.mesh.store_etcd import EtcdClient, EtcdStore
 from probes.mesh.store_sqlite import SQLiteStore
-from probes.model import signing
+from probes.model import VerdictState, signing
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def build_app(
     token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
     registry.register(MeshCollector(lambda: ingest.service, ingest.stats))
+    registry.register(WeightCollector(lambda: ingest.service))
 
     app = web.Application(client_max_size=cfg.max_body_bytes)
     app[SERVICE_KEY] = svc
@@ -119,7 +121,10 @@ def build_app(
     # after the ticker, so it stops first: nothing is delivered from a closed store
     app.cleanup_ctx.append(publishing_context(
         cfg.publishers, svc.store, registry, svc.listeners,
-        gate=elector.may_publish if elector else None, on_ready=started.append))
+        gate=elector.may_publish if elector else None, on_ready=started.append,
+        weights=lambda: ingest.service.weights, weight_listeners=svc.weight_listeners))
+    if cfg.agent_check is not None:
+        app.cleanup_ctx.append(_agent_check(cfg.agent_check, lambda: ingest.service))
     if elector is not None:
         _install_leadership(app, elector, svc, started, clock)
     if cfg.anycast is not None:
@@ -129,6 +134,29 @@ def build_app(
             pin_store=anycast.PinStore(Path(cfg.database)),
             current_states=lambda: anycast.member_states(ingest.service.engine.nodes))
     return app
+
+
+def _agent_check(cfg: AgentCheckConfig, service: Callable[[], MeshService],
+                 ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """HAProxy's agent checks answered from the live state (docs/weights.md)."""
+
+    def status(node_id: str) -> tuple[VerdictState, int | None] | None:
+        svc = service()
+        node = svc.engine.nodes.get(node_id)
+        if node is None:
+            return None
+        weight = svc.weights.weight_of(node_id) if svc.weights is not None else None
+        return node.state, weight
+
+    responder = AgentCheckServer(status, servers=cfg.servers,
+                                 degraded_weight_percent=cfg.degraded_weight_percent)
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        await responder.start(*cfg.listen_host_port())
+        yield
+        await responder.stop()
+
+    return context
 
 
 def _elector(cfg: MeshConfig, store: MeshStore) -> LeaderElector | None:

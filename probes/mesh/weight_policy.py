@@ -90,8 +90,9 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dead_band_percent: float = 5.0
     # a node's load older than this is no evidence: its load cuts lapse (weight back to its cap)
     load_stale_after_seconds: float = 10.0
-    # a drain is finished when the node's active sessions are at or below this
-    drain_done_sessions: int = 0
+    # a drain is finished when the node's effective sessions (its active ones, when its protocols
+    # give no bytes) are at or below this: its clients stopped moving traffic there
+    drain_done_sessions: float = 0.0
 
 
 def _within(value: float, path: str, low: float, high: float = float("inf"), *,

@@ -86,9 +86,9 @@ def signals_of(sample: NodeLoad) -> dict[str, float]:
 class NodeWeight:
     """Per-node state of the weight engine."""
 
-    __slots__ = ("cap", "capacity", "ewma", "limit", "load_at", "load_reasons", "load_target",
-                 "node", "pool", "published", "reasons", "seq", "sessions", "slow_start_at",
-                 "state", "steps", "target", "weight")
+    __slots__ = ("cap", "capacity", "effective", "ewma", "last", "limit", "load_at",
+                 "load_reasons", "load_target", "node", "pool", "published", "reasons", "seq",
+                 "sessions", "slow_start_at", "state", "steps", "target", "weight")
 
     def __init__(self, info: WeightNode) -> None:
         self.node = info.node
@@ -97,7 +97,8 @@ class NodeWeight:
         self.state = VerdictState.UNKNOWN
         self.ewma: dict[str, float] = {}
         self.load_at = -math.inf  # when the last load sample arrived
-        self.sessions: int | None = None  # last raw active sessions (drain follows it)
+        self.sessions: int | None = None  # last raw active sessions
+        self.effective: float | None = None  # last raw effective sessions (a drain follows it)
         self.steps: dict[int, int] = {}  # table index -> step index reached (hysteresis)
         self.load_target = FULL  # what load allows, as of the last step (floored)
         self.load_reasons: list[WeightReason] = []  # the signals that cut it
@@ -109,13 +110,14 @@ class NodeWeight:
         self.seq = 0
         self.slow_start_at: float | None = None
         self.reasons: list[WeightReason] = []  # evidence of the last computation
+        self.last: WeightChange | None = None  # the last published change (reconcile sends it)
 
     def load_fresh(self, now: float, stale_after: float) -> bool:
         return now - self.load_at <= stale_after
 
 
-_NODE_FIELDS = ("state", "ewma", "load_at", "sessions", "steps", "load_target", "weight",
-                "target", "cap", "limit", "published", "seq", "slow_start_at")
+_NODE_FIELDS = ("state", "ewma", "load_at", "sessions", "effective", "steps", "load_target",
+                "weight", "target", "cap", "limit", "published", "seq", "slow_start_at")
 
 
 class WeightEngine:
@@ -175,6 +177,8 @@ class WeightEngine:
             node.load_at = now
             if sample.active_sessions is not None:
                 node.sessions = sample.active_sessions
+            if sample.effective_sessions is not None:
+                node.effective = sample.effective_sessions
         return used
 
     def set_state(self, node_id: str, state: VerdictState, now: float) -> list[WeightChange]:
@@ -349,18 +353,31 @@ class WeightEngine:
         node.published = rounded
         node.seq += 1
         self.changes_total += 1
-        changes.append(WeightChange(node=node.node, weight=rounded, previous=published,
-                                    seq=node.seq, decided_at=now, state=node.state,
-                                    pool=node.pool, reasons=list(node.reasons)))
+        node.last = WeightChange(node=node.node, weight=rounded, previous=published,
+                                 seq=node.seq, decided_at=now, state=node.state,
+                                 pool=node.pool, reasons=list(node.reasons))
+        changes.append(node.last)
 
-    # ---- read side (API, metrics, drain) ------------------------------------------------------
+    # ---- read side (API, metrics, drain, publishers) ------------------------------------------
+
+    def current(self) -> dict[str, WeightChange]:
+        """The last published change of every node that has one (what reconcile converges to)."""
+        return {name: node.last for name, node in self.nodes.items() if node.last is not None}
+
+    def weight_of(self, node_id: str) -> int | None:
+        """A node's published weight (None: unknown node, or nothing published yet)."""
+        node = self.nodes.get(node_id)
+        return None if node is None else node.published
 
     def drain_done(self, node_id: str, now: float) -> bool | None:
-        """Whether a draining node has shed its sessions (None: no fresh session count)."""
+        """Whether a draining node has shed its sessions: its effective sessions (sessions that
+        moved traffic lately; its active ones when no protocol gives bytes) at or below
+        ``drain_done_sessions``. None: no fresh count to tell."""
         node = self.nodes[node_id]
-        if node.sessions is None or not node.load_fresh(now, self.policy.load_stale_after_seconds):
+        count = node.effective if node.effective is not None else node.sessions
+        if count is None or not node.load_fresh(now, self.policy.load_stale_after_seconds):
             return None
-        return node.sessions <= self.policy.drain_done_sessions
+        return count <= self.policy.drain_done_sessions
 
     def view(self, node_id: str, now: float) -> dict[str, Any]:
         """One node's weight and its evidence (KeyError for an unknown node)."""
@@ -376,6 +393,7 @@ class WeightEngine:
             "load_age_seconds": _r(now - node.load_at) if node.load_at > -math.inf else None,
             "load_fresh": fresh,
             "sessions": node.sessions,
+            "effective_sessions": None if node.effective is None else _r(node.effective),
             "guard_scale": _r(self.guard_scale.get(node.pool, 1.0)),
             "weight_reasons": [msgspec.to_builtins(r) for r in node.reasons],
         }
@@ -392,6 +410,7 @@ class WeightEngine:
             "changes_total": self.changes_total,
             "guard_steps_total": self.guard_steps_total,
             "nodes": [[node.node, *(_plain(getattr(node, f)) for f in _NODE_FIELDS),
+                       msgspec.to_builtins(node.last) if node.last is not None else None,
                        [msgspec.to_builtins(r) for r in node.reasons],
                        [msgspec.to_builtins(r) for r in node.load_reasons]]
                       for node in self.nodes.values()],
@@ -412,11 +431,12 @@ class WeightEngine:
             node = engine.nodes.get(row[0])
             if node is None:
                 continue
-            values = dict(zip(_NODE_FIELDS, row[1:-2], strict=True))
+            values = dict(zip(_NODE_FIELDS, row[1:-3], strict=True))
             node.state = VerdictState(values["state"])
             node.ewma = dict(values["ewma"])
             node.load_at = -math.inf if values["load_at"] is None else float(values["load_at"])
             node.sessions = values["sessions"]
+            node.effective = values["effective"]
             node.steps = {int(k): int(v) for k, v in values["steps"].items()}
             node.load_target = float(values["load_target"])
             node.weight = values["weight"]
@@ -426,6 +446,7 @@ class WeightEngine:
             node.published = values["published"]
             node.seq = int(values["seq"])
             node.slow_start_at = values["slow_start_at"]
+            node.last = None if row[-3] is None else msgspec.convert(row[-3], WeightChange)
             node.reasons = [msgspec.convert(r, WeightReason) for r in row[-2]]
             node.load_reasons = [msgspec.convert(r, WeightReason) for r in row[-1]]
         return engine
@@ -451,6 +472,7 @@ def _copy_state(src: NodeWeight, dst: NodeWeight) -> None:
         setattr(dst, name, dict(value) if isinstance(value, dict) else value)
     dst.reasons = list(src.reasons)
     dst.load_reasons = list(src.load_reasons)
+    dst.last = src.last
 
 
 def _step_level(table: SignalSteps, value: float, current: int, hysteresis: float) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from probes.model import Verdict
+from probes.model import Verdict, WeightChange
+
+# a node's current published weight (percent), or None: no weights, or none published yet
+WeightOf = Callable[[str], int | None]
 
 
 class PublishError(Exception):
@@ -29,6 +32,11 @@ class Publisher(abc.ABC):
     """
 
     name: str
+    # weights (docs/weights.md): a publisher that can carry them sets ``supports_weights`` and
+    # implements :meth:`deliver_weights`; the mesh hands it ``weight_of`` so that a verdict it
+    # applies (and reconcile) uses the node's current weight, not the one of the verdict's time
+    supports_weights = False
+    weight_of: WeightOf | None = None
 
     @abc.abstractmethod
     async def deliver(self, verdict: Verdict) -> None:
@@ -38,6 +46,20 @@ class Publisher(abc.ABC):
         """Bring the destination in line with the latest verdict of every node (on start, and
         after the destination was unreachable). Returns how many things it had to fix.
         Publishers without state of their own (webhooks) have nothing to do."""
+        del current
+        return 0
+
+    async def deliver_weights(self, changes: Sequence[WeightChange]) -> None:
+        """Apply the latest weight change of each of some nodes (at most one per node). Weights
+        are levels, not events: only the newest matters, and applying one twice is harmless.
+        Weight 0 comes with a state (DOWN, DRAINING, MAINTENANCE) that the verdict applies."""
+        del changes
+
+    async def reconcile_weights(self, current: Mapping[str, WeightChange]) -> int:
+        """Bring the destination's weights in line with ``current`` (the latest change of every
+        node) on start and after an outage; returns how many things it had to fix. Publishers
+        whose :meth:`reconcile` already converges weights (through ``weight_of``) need nothing
+        here."""
         del current
         return 0
 

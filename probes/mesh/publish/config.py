@@ -15,6 +15,13 @@ publishers:
     down_action: maint              # or drain
     degraded_weight_percent: 50
     retry: {dead_letter_after: 900}
+  - type: nftlb                     # a UDP pool: WireGuard / IKEv2 behind nftlb (docs/weights.md)
+    name: lb-udp
+    url: http://10.0.0.5:5555       # nftlb's REST API
+    key_file: keys/nftlb.key        # its -k / NFTLB_SERVER_KEY
+    farms: [wg-pool, ike-pool]      # node id = backend name in each farm that has it
+    backends: {vpn-fra-1: ["wg-pool/fra1"]}
+    nominal_weights: {vpn-fra-1: 200}  # a node's weight at 100 %; default 100
 ```
 
 Problems are reported with their field path (``$.publishers[1].socket``), like every config here.
@@ -32,6 +39,7 @@ from probes.config import Problem, Strict, resolve_path
 from probes.mesh.publish.base import Publisher
 from probes.mesh.publish.delivery import RetryPolicy
 from probes.mesh.publish.haproxy import HAProxyPublisher, ServerMap, StateMapping
+from probes.mesh.publish.nftlb import BackendMap, NftlbAPI, NftlbPublisher
 from probes.mesh.publish.runtime_api import RuntimeAPI, SSHTarget
 from probes.mesh.publish.webhook import WebhookPublisher
 from probes.model import signing
@@ -109,7 +117,33 @@ class HAProxyConfig(Strict, tag="haproxy", tag_field="type", kw_only=True, froze
             StateMapping(self.down_action, self.degraded_weight_percent))
 
 
-PublisherConfig = WebhookConfig | HAProxyConfig
+class NftlbConfig(Strict, tag="nftlb", tag_field="type", kw_only=True, frozen=True):
+    name: str
+    url: str  # nftlb's REST API, http://host:port
+    key_file: str  # the key nftlb was started with (-k, or NFTLB_SERVER_KEY)
+    farms: list[str] = msgspec.field(default_factory=list)  # node id = backend name in these
+    backends: dict[str, list[str]] = msgspec.field(default_factory=dict)  # node -> farm/backend
+    only_listed: bool = False  # True: ignore nodes not in ``backends``
+    nominal_weights: dict[str, int] = msgspec.field(default_factory=dict)  # weight at 100 %
+    degraded_weight_percent: int = 50  # with weights off
+    down_state: str = "down"  # or "off": a DOWN node's conntrack flows keep their backend
+    timeout: float = 3.0
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    dead_letter_file: str | None = None
+
+    def publisher(self, base_dir: Path | None = None) -> NftlbPublisher:
+        key = signing.load_key(resolve_path(self.key_file, base_dir or Path.cwd())).decode()
+        refs = {node: tuple((farm, backend) for farm, _, backend in
+                            (ref.partition("/") for ref in refs))
+                for node, refs in self.backends.items()}
+        return NftlbPublisher(
+            self.name, NftlbAPI(self.url, key, self.timeout),
+            BackendMap(tuple(self.farms), refs, self.only_listed),
+            nominal_weights=self.nominal_weights,
+            degraded_weight_percent=self.degraded_weight_percent, down_state=self.down_state)
+
+
+PublisherConfig = WebhookConfig | HAProxyConfig | NftlbConfig
 
 
 def build_publisher(cfg: PublisherConfig, base_dir: Path | None = None) -> Publisher:
@@ -152,6 +186,26 @@ def haproxy_problems(h: HAProxyConfig, at: str, base_dir: Path) -> Iterator[Prob
         yield Problem(f"{at}.timeout", "must be > 0")
 
 
+def nftlb_problems(n: NftlbConfig, at: str) -> Iterator[Problem]:
+    if not n.farms and not n.backends:
+        yield Problem(at, "name the farms (node id = backend name) or map backends")
+    for i, farm in enumerate(n.farms):
+        if not _NAME.match(farm):
+            yield Problem(f"{at}.farms[{i}]", f"not a farm name: {farm!r}")
+    for node, refs in n.backends.items():
+        for i, ref in enumerate(refs):
+            farm, sep, backend = ref.partition("/")
+            if not sep or not _NAME.match(farm) or not _NAME.match(backend):
+                yield Problem(f"{at}.backends.{node}[{i}]", f"expected farm/backend, got {ref!r}")
+    for node, weight in n.nominal_weights.items():
+        if not 1 <= weight <= 10_000:
+            yield Problem(f"{at}.nominal_weights.{node}", "must be 1..10000")
+    if not 0 <= n.degraded_weight_percent <= 100:
+        yield Problem(f"{at}.degraded_weight_percent", "must be 0..100")
+    if n.down_state not in ("down", "off"):
+        yield Problem(f"{at}.down_state", f"expected down or off, got {n.down_state!r}")
+
+
 def publisher_problems(publishers: Sequence[PublisherConfig], base_dir: Path,
                        at: str = "$.publishers") -> Iterator[Problem]:
     names: dict[str, int] = {}
@@ -163,20 +217,22 @@ def publisher_problems(publishers: Sequence[PublisherConfig], base_dir: Path,
             yield Problem(f"{here}.name", f"duplicate of {at}[{names[p.name]}]")
         names.setdefault(p.name, i)
         yield from _retry_problems(p.retry, here)
-        if isinstance(p, WebhookConfig):
+        if isinstance(p, WebhookConfig | NftlbConfig):
             if not re.match(r"^https?://[^/\s]+", p.url):
                 yield Problem(f"{here}.url", f"expected an http(s) URL, got {p.url!r}")
             if not resolve_path(p.key_file, base_dir).is_file():
                 yield Problem(f"{here}.key_file", f"no such file: {p.key_file}")
             if not p.timeout > 0:
                 yield Problem(f"{here}.timeout", "must be > 0")
-        else:
+        if isinstance(p, NftlbConfig):
+            yield from nftlb_problems(p, here)
+        elif isinstance(p, HAProxyConfig):
             yield from haproxy_problems(p, here, base_dir)
 
 
 def with_base_dir(cfg: PublisherConfig, base: Path) -> PublisherConfig:
     """The publisher config with its file paths made absolute against ``base``."""
-    if isinstance(cfg, WebhookConfig):
+    if isinstance(cfg, WebhookConfig | NftlbConfig):
         return msgspec.structs.replace(cfg, key_file=str(resolve_path(cfg.key_file, base)))
     if cfg.socket is not None:
         return msgspec.structs.replace(cfg, socket=str(resolve_path(cfg.socket, base)))

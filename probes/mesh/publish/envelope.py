@@ -1,4 +1,5 @@
-"""The webhook body: a versioned envelope around one :class:`probes.model.Verdict`.
+"""The webhook bodies: a versioned envelope around one :class:`probes.model.Verdict`, or around
+the latest weight changes of some nodes (:class:`probes.model.WeightChange`, weights on).
 
 Documented in docs/webhooks.md. ``schema_version`` changes only on incompatible changes; a
 receiver rejects a version it does not know (400) rather than guessing. The body of a given
@@ -7,12 +8,17 @@ verdict is the same bytes on every retry, so a receiver may also de-duplicate on
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import msgspec
 
-from probes.model import SchemaError, Verdict
+from probes.model import SchemaError, Verdict, WeightChange
 
 WEBHOOK_SCHEMA = "tunnelwatch.verdict"
 WEBHOOK_SCHEMA_VERSION = 1
+WEIGHTS_SCHEMA = "tunnelwatch.weights"
+WEIGHTS_SCHEMA_VERSION = 1
 
 HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
 HEADER_EVENT = "X-Tunnelwatch-Event"
@@ -25,8 +31,22 @@ class VerdictEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verdict: Verdict
 
 
+class WeightsEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    schema: str
+    schema_version: int
+    # "weights:" + a digest of the changes' own keys (node:w<seq>): the same changes, the same key
+    idempotency_key: str
+    weights: list[WeightChange]
+
+
+class _Schema(msgspec.Struct):
+    schema: str = ""
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(VerdictEnvelope)
+_weights_decoder = msgspec.json.Decoder(WeightsEnvelope)
+_schema_decoder = msgspec.json.Decoder(_Schema)
 
 
 def encode_envelope(verdict: Verdict) -> bytes:
@@ -34,14 +54,50 @@ def encode_envelope(verdict: Verdict) -> bytes:
                                            verdict.idempotency_key, verdict))
 
 
-def decode_envelope(body: bytes) -> VerdictEnvelope:
-    """Decode and validate a webhook body; :class:`SchemaError` names the offending field."""
+def weights_key(changes: list[WeightChange]) -> str:
+    keys = ",".join(c.idempotency_key for c in changes)
+    return "weights:" + hashlib.sha256(keys.encode()).hexdigest()[:32]
+
+
+def encode_weights(changes: list[WeightChange]) -> tuple[str, bytes]:
+    """(idempotency key, body) of a weights webhook."""
+    key = weights_key(changes)
+    return key, _encoder.encode(WeightsEnvelope(WEIGHTS_SCHEMA, WEIGHTS_SCHEMA_VERSION, key,
+                                                changes))
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     try:
-        env = _decoder.decode(body)
+        return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         text = str(exc)
         path = text.split(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
         raise SchemaError(text, path) from None
+
+
+def decode_any(body: bytes) -> VerdictEnvelope | WeightsEnvelope:
+    """A verdict or a weights webhook, by its ``schema``; :class:`SchemaError` names the
+    offending field."""
+    if _decode(_schema_decoder, body).schema == WEIGHTS_SCHEMA:
+        return decode_weights(body)
+    return decode_envelope(body)
+
+
+def decode_weights(body: bytes) -> WeightsEnvelope:
+    env: WeightsEnvelope = _decode(_weights_decoder, body)
+    if env.schema != WEIGHTS_SCHEMA:
+        raise SchemaError(f"unknown schema {env.schema!r}", "$.schema")
+    if env.schema_version != WEIGHTS_SCHEMA_VERSION:
+        raise SchemaError(f"unsupported schema_version {env.schema_version}", "$.schema_version")
+    if env.idempotency_key != weights_key(env.weights):
+        raise SchemaError("idempotency_key does not match the weights' node:w<seq> keys",
+                          "$.idempotency_key")
+    return env
+
+
+def decode_envelope(body: bytes) -> VerdictEnvelope:
+    """Decode and validate a webhook body; :class:`SchemaError` names the offending field."""
+    env: VerdictEnvelope = _decode(_decoder, body)
     if env.schema != WEBHOOK_SCHEMA:
         raise SchemaError(f"unknown schema {env.schema!r}", "$.schema")
     if env.schema_version != WEBHOOK_SCHEMA_VERSION:

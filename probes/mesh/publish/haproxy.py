@@ -16,6 +16,11 @@ commands that differ. So applying a verdict twice is the same as once (idempoten
 construction), and :meth:`reconcile` is the same code over every mapped server — after a HAProxy
 restart, the servers come back in their configured state and reconcile puts them right.
 
+With weights on (docs/weights.md) the weight comes from the mesh's weight engine instead of the
+table (DEGRADED's cap, slow start and load are in it already): every delivery and reconcile sets
+the node's *current* weight, and weight changes between verdicts go out as ``set weight
+<b>/<s> <n>%`` alone (:meth:`HAProxyPublisher.deliver_weights`).
+
 Admin flags: in HAProxy 2.6 ``set server B/S state ready|drain|maint`` sets exactly that state
 (``drain`` from ``maint`` clears maint, ``maint`` from ``drain`` clears drain; checked against the
 real binary in tests/publish/test_haproxy_lab.py), so one command per change, and the server never
@@ -25,12 +30,12 @@ passes through "ready" between drain and maint.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from probes.mesh.publish.base import PermanentError, Publisher
 from probes.mesh.publish.runtime_api import RuntimeAPI, ServerState
-from probes.model import Verdict, VerdictState
+from probes.model import Verdict, VerdictState, WeightChange
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,8 @@ def plan(ref: str, current: ServerState, want: Desired) -> list[str]:
 
 
 class HAProxyPublisher(Publisher):
+    supports_weights = True
+
     def __init__(self, name: str, api: RuntimeAPI, servers: ServerMap | None = None,
                  mapping: StateMapping | None = None) -> None:
         self.name = name
@@ -113,9 +120,16 @@ class HAProxyPublisher(Publisher):
             await self.api.set_command(command)
         return commands
 
+    def _desired(self, node: str, state: VerdictState) -> Desired | None:
+        want = self.mapping.desired(state)
+        weight = self.weight_of(node) if self.weight_of is not None else None
+        if want is None or weight is None:
+            return want
+        return Desired(want.admin, weight)
+
     async def deliver(self, verdict: Verdict) -> None:
         ref = self.servers.lookup(verdict.node)
-        want = self.mapping.desired(verdict.state)
+        want = self._desired(verdict.node, verdict.state)
         if ref is None or want is None:
             return  # not ours, or UNKNOWN: nothing to apply
         commands = await self._converge(*ref, want)
@@ -130,7 +144,7 @@ class HAProxyPublisher(Publisher):
         fixed = 0
         for node, verdict in sorted(current.items()):
             ref = self.servers.lookup(node)
-            want = self.mapping.desired(verdict.state)
+            want = self._desired(node, verdict.state)
             if ref is None or want is None:
                 continue
             if ref not in rows:
@@ -143,6 +157,22 @@ class HAProxyPublisher(Publisher):
                          "; ".join(commands))
                 fixed += 1
         return fixed
+
+    async def deliver_weights(self, changes: Sequence[WeightChange]) -> None:
+        rows = await self.api.servers_state()
+        for change in changes:
+            ref = self.servers.lookup(change.node)
+            if ref is None:
+                continue
+            current = rows.get(ref)
+            if current is None:  # the others still get theirs; the verdict path says so loudly
+                log.warning("haproxy %s: no server %s/%s for %s's weight", self.name, *ref,
+                            change.node)
+                continue
+            if current.user_weight != current.initial_weight * change.weight // 100:
+                await self.api.set_command(f"set weight {ref[0]}/{ref[1]} {change.weight}%")
+                log.info("haproxy %s: %s weight -> %d%%", self.name, change.idempotency_key,
+                         change.weight)
 
     async def close(self) -> None:
         await self.api.close()

@@ -7,7 +7,8 @@
 2. validates the envelope (400 naming the field);
 3. de-duplicates by idempotency key and keeps per-node order: a verdict whose ``seq`` is not
    newer than the last one applied for its node is answered 200 ``duplicate`` and not applied
-   (an older verdict must never overwrite a newer one);
+   (an older verdict must never overwrite a newer one); weight webhooks likewise per node by
+   their weight ``seq`` (schema ``tunnelwatch.weights``: docs/weights.md);
 4. applies it to the local HAProxy through :class:`probes.mesh.publish.haproxy.HAProxyPublisher`
    (the very code the mesh uses when it talks to HAProxy directly). If HAProxy cannot be reached
    the answer is 503, so the mesh retries; a verdict for a server HAProxy does not have is 422
@@ -38,9 +39,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from probes.config import Problem, Strict, load_config_file, resolve_path
 from probes.mesh.publish.base import PermanentError, PublishError
 from probes.mesh.publish.config import HAProxyConfig, haproxy_problems
-from probes.mesh.publish.envelope import HEADER_IDEMPOTENCY_KEY, decode_envelope
+from probes.mesh.publish.envelope import HEADER_IDEMPOTENCY_KEY, WeightsEnvelope, decode_any
 from probes.mesh.publish.haproxy import HAProxyPublisher
-from probes.model import SchemaError, Verdict, signing
+from probes.model import SchemaError, Verdict, WeightChange, signing
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,11 @@ class Receiver:
         self.keys = keys
         self.haproxy = haproxy
         self.ledger = ledger
+        # the latest weight applied per node: weights are levels the mesh re-sends whole on its
+        # start, so memory is enough; verdicts applied here use it
+        self.weights: dict[str, WeightChange] = {}
+        if haproxy is not None:
+            haproxy.weight_of = self._weight_of
         self.window = window
         self.clock = clock
         self.registry = registry
@@ -150,13 +156,15 @@ class Receiver:
         if not self.authentic(request, body):
             return self._answer("unauthorized", 401)
         try:
-            env = decode_envelope(body)
+            env = decode_any(body)
         except SchemaError as exc:
             return self._answer("bad_request", 400, field=exc.path, error=str(exc)[:200])
         header_key = request.headers.get(HEADER_IDEMPOTENCY_KEY)
         if header_key is not None and header_key != env.idempotency_key:
             return self._answer("bad_request", 400, field="Idempotency-Key",
                                 error="header does not match the body")
+        if isinstance(env, WeightsEnvelope):
+            return await self._apply_weights(env)
         verdict = env.verdict
         lock = self._locks.setdefault(verdict.node, asyncio.Lock())
         async with lock:  # one verdict per node at a time: order holds under concurrency
@@ -178,8 +186,32 @@ class Receiver:
         log.info("receiver: applied %s %s", env.idempotency_key, verdict.state)
         return self._answer("applied", 200, key=env.idempotency_key)
 
+    def _weight_of(self, node: str) -> int | None:
+        change = self.weights.get(node)
+        return change.weight if change is not None else None
+
+    async def _apply_weights(self, env: WeightsEnvelope) -> web.Response:
+        newer = [c for c in env.weights
+                 if c.seq > (self.weights[c.node].seq if c.node in self.weights else 0)]
+        if not newer:
+            return self._answer("duplicate", 200, key=env.idempotency_key)
+        if self.haproxy is not None:
+            try:
+                await self.haproxy.deliver_weights(newer)
+            except PermanentError as exc:
+                return self._answer("rejected", 422, error=str(exc)[:200])
+            except PublishError as exc:
+                log.warning("receiver: HAProxy unavailable for %s: %s", env.idempotency_key, exc)
+                return self._answer("unavailable", 503, error=str(exc)[:200])
+        for change in newer:
+            self.weights[change.node] = change
+        log.info("receiver: applied weights %s", ", ".join(
+            f"{c.node}={c.weight}" for c in newer))
+        return self._answer("applied", 200, key=env.idempotency_key)
+
     async def state(self, request: web.Request) -> web.Response:
-        return web.json_response({n: {"seq": v.seq, "state": str(v.state)}
+        return web.json_response({n: {"seq": v.seq, "state": str(v.state),
+                                      "weight": self._weight_of(n)}
                                   for n, v in sorted(self.ledger.latest.items())})
 
     async def metrics(self, request: web.Request) -> web.Response:

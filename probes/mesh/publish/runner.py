@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from probes.mesh.publish.config import PublisherConfig, build_publisher
 from probes.mesh.publish.delivery import DeliveryLoop
 from probes.mesh.publish.metrics import PublisherMetrics
 from probes.mesh.publish.outbox import Outbox
-from probes.model import Verdict
+from probes.mesh.publish.weightloop import WeightLoop, WeightMetrics
+from probes.mesh.weights import WeightEngine
+from probes.model import Verdict, WeightChange
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class GatedPublisher(Publisher):
         self.inner = inner
         self.name = inner.name
         self.gate = gate
+        self.supports_weights = inner.supports_weights
 
     async def deliver(self, verdict: Verdict) -> None:
         if not self.gate():
@@ -50,32 +53,64 @@ class GatedPublisher(Publisher):
             raise RetryableError("not the leader: publishing is fenced")
         return await self.inner.reconcile(current)
 
+    async def deliver_weights(self, changes: Sequence[WeightChange]) -> None:
+        if not self.gate():
+            raise RetryableError("not the leader: publishing is fenced")
+        await self.inner.deliver_weights(changes)
+
+    async def reconcile_weights(self, current: Mapping[str, WeightChange]) -> int:
+        if not self.gate():
+            raise RetryableError("not the leader: publishing is fenced")
+        return await self.inner.reconcile_weights(current)
+
     async def close(self) -> None:
         await self.inner.close()
+
+
+# the mesh's weight engine, when weights are on (it is rebuilt when the service recovers)
+WeightSource = Callable[[], WeightEngine | None]
 
 
 class Publishing:
     def __init__(self, configs: Sequence[PublisherConfig], outbox: Outbox,
                  registry: CollectorRegistry, base_dir: Path | None = None,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None, *, weights: WeightSource | None = None) -> None:
         self._configs = list(configs)
         self._outbox = outbox
         self._metrics = PublisherMetrics(registry)
+        self._weight_metrics = WeightMetrics(registry)
         self._base_dir = base_dir
         self._gate = gate
+        self._weights = weights
+        self.weight_loops: list[WeightLoop] = []
         self.loops = self._build()
         self._tasks: list[asyncio.Task[None]] = []
         self._transition: asyncio.Task[None] | None = None
 
+    def _weight_of(self, node: str) -> int | None:
+        engine = self._weights() if self._weights is not None else None
+        return engine.weight_of(node) if engine is not None else None
+
+    def _current_weights(self) -> Mapping[str, WeightChange]:
+        engine = self._weights() if self._weights is not None else None
+        return engine.current() if engine is not None else {}
+
     def _build(self) -> list[DeliveryLoop]:
         loops = []
+        self.weight_loops = []
+        weights_on = self._weights is not None and self._weights() is not None
         for c in self._configs:
             publisher = build_publisher(c, self._base_dir)
+            if weights_on:
+                publisher.weight_of = self._weight_of
             if self._gate is not None:
                 publisher = GatedPublisher(publisher, self._gate)
             loops.append(DeliveryLoop(
                 publisher, self._outbox, self._metrics, c.retry.policy(),
                 dead_letter_file=Path(c.dead_letter_file) if c.dead_letter_file else None))
+            if weights_on and publisher.supports_weights:
+                self.weight_loops.append(WeightLoop(publisher, self._current_weights,
+                                                    self._weight_metrics, c.retry.policy()))
         return loops
 
     def set_active(self, active: bool) -> None:
@@ -99,13 +134,21 @@ class Publishing:
         for loop in self.loops:
             loop.notify()
 
+    def notify_weights(self, changes: list[WeightChange]) -> None:
+        for loop in self.weight_loops:
+            loop.notify(changes)
+
     def start(self) -> None:
         for loop in self.loops:
             self._tasks.append(asyncio.create_task(loop.run(), name=f"publisher-{loop.name}"))
+        for wloop in self.weight_loops:
+            self._tasks.append(asyncio.create_task(wloop.run(), name=f"weights-{wloop.name}"))
         if self.loops:
             log.info("publishing to %s", ", ".join(loop.name for loop in self.loops))
 
     async def stop(self) -> None:
+        for wloop in self.weight_loops:
+            wloop.stop()
         for loop in self.loops:
             loop.stop()
         for task in self._tasks:
@@ -119,6 +162,8 @@ def publishing_context(configs: Sequence[PublisherConfig], outbox: Outbox,
                        listeners: list[Callable[[list[Any]], None]] | None = None,
                        *, gate: Gate | None = None,
                        on_ready: Callable[[Publishing], None] | None = None,
+                       weights: WeightSource | None = None,
+                       weight_listeners: list[Callable[[list[Any]], None]] | None = None,
                        ) -> Callable[[Any], AsyncIterator[None]]:
     """An aiohttp ``cleanup_ctx`` entry running the publishers for the app's lifetime.
 
@@ -127,9 +172,11 @@ def publishing_context(configs: Sequence[PublisherConfig], outbox: Outbox,
     With a ``gate`` nothing starts here: ``on_ready`` receives the :class:`Publishing`, whose
     :meth:`Publishing.set_active` the leader elector drives.
     """
-    publishing = Publishing(configs, outbox, registry, gate=gate)
+    publishing = Publishing(configs, outbox, registry, gate=gate, weights=weights)
     if listeners is not None:
         listeners.append(publishing.notify)
+    if weight_listeners is not None:
+        weight_listeners.append(publishing.notify_weights)
 
     async def context(app: Any) -> AsyncIterator[None]:
         if gate is None:

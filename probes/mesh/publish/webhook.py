@@ -1,4 +1,5 @@
-"""Webhook publisher: POST a signed JSON envelope per verdict (schema in docs/webhooks.md).
+"""Webhook publisher: POST a signed JSON envelope per verdict, and (weights on) one per batch of
+weight changes (schemas in docs/webhooks.md).
 
 Signing is the agent->mesh scheme of :mod:`probes.model.signing` (hex HMAC-SHA256 over
 ``timestamp + "." + body``), so one verifier serves both. The timestamp is taken per attempt: a
@@ -12,15 +13,21 @@ it again cannot help).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 
 from probes.mesh.publish.base import PermanentError, Publisher, RetryableError
-from probes.mesh.publish.envelope import HEADER_EVENT, HEADER_IDEMPOTENCY_KEY, encode_envelope
-from probes.model import Verdict, signing
+from probes.mesh.publish.envelope import (
+    HEADER_EVENT,
+    HEADER_IDEMPOTENCY_KEY,
+    encode_envelope,
+    encode_weights,
+)
+from probes.model import Verdict, WeightChange, signing
 
 RETRYABLE_4XX = frozenset({408, 425, 429})
+WEIGHTS_PER_POST = 500  # weight changes in one webhook body
 
 
 class WebhookPublisher(Publisher):
@@ -34,25 +41,42 @@ class WebhookPublisher(Publisher):
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
 
+    supports_weights = True
+
     def headers(self, verdict: Verdict, body: bytes) -> dict[str, str]:
+        return self._headers("verdict", verdict.idempotency_key, body)
+
+    def _headers(self, event: str, key: str, body: bytes) -> dict[str, str]:
         timestamp = signing.format_timestamp(self.clock())
         return {
             "Content-Type": "application/json",
-            HEADER_EVENT: "verdict",
-            HEADER_IDEMPOTENCY_KEY: verdict.idempotency_key,
+            HEADER_EVENT: event,
+            HEADER_IDEMPOTENCY_KEY: key,
             signing.HEADER_KEY_ID: self.key_id,
             signing.HEADER_TIMESTAMP: timestamp,
             signing.HEADER_SIGNATURE: signing.sign(self.key, timestamp, body),
         }
 
     async def deliver(self, verdict: Verdict) -> None:
+        body = encode_envelope(verdict)
+        await self._post(body, self.headers(verdict, body))
+
+    async def deliver_weights(self, changes: Sequence[WeightChange]) -> None:
+        for start in range(0, len(changes), WEIGHTS_PER_POST):
+            key, body = encode_weights(list(changes[start:start + WEIGHTS_PER_POST]))
+            await self._post(body, self._headers("weights", key, body))
+
+    async def reconcile_weights(self, current: Mapping[str, WeightChange]) -> int:
+        """A receiver keeps no state we can read: send every node's current weight."""
+        await self.deliver_weights([current[n] for n in sorted(current)])
+        return 0
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout))
-        body = encode_envelope(verdict)
         try:
-            async with self._session.post(self.url, data=body,
-                                          headers=self.headers(verdict, body)) as resp:
+            async with self._session.post(self.url, data=body, headers=headers) as resp:
                 status = resp.status
                 text = (await resp.text())[:200]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
