@@ -201,6 +201,9 @@ class LoadTarget(Strict, kw_only=True, frozen=True):
     qdisc: bool = True  # read `tc -s qdisc show` (drops and backlog of the root qdiscs)
     daemon_pid_file: str | None = None  # the VPN daemon: its own CPU share counts too
     daemon_cores: float = 1.0  # cores the daemon can use (1 for single-threaded OpenVPN)
+    # whose CPU counts: the busier of the host and the daemon ("both"), or one of them ("daemon"
+    # where nodes share a host's CPUs, as network namespaces do)
+    cpu: Literal["both", "host", "daemon"] = "both"
     netns: str | None = None  # read locally inside this network namespace (not with ssh)
     effective_window_seconds: float = 30.0  # "traffic in the last N seconds"
     session_unit_bytes_per_second: float = 125_000.0  # one effective session's worth

@@ -43,6 +43,9 @@ class LoadParams(msgspec.Struct, frozen=True, kw_only=True):
     qdisc: bool = True
     daemon_pid_file: str | None = None
     daemon_cores: float = 1.0  # the cores the daemon can use: its busy share is over these
+    cpu: str = "both"  # "both", "host" or "daemon": whose busy share counts
+    # sessions that are not clients: this agent's own probe identity on the node ("wg:<key>")
+    ignore_sessions: tuple[str, ...] = ()
     wireguard_interface: str | None = None
     openvpn_management_socket: str | None = None
     ikev2: bool = False
@@ -158,7 +161,7 @@ def counters_from(parts: dict[str, str], params: LoadParams, at: float,
     """One read's counters from the script's sections (pure, apart from the tracker)."""
     if "stat" not in parts or "dev" not in parts:
         raise lt.LoadTelemetryError("the read printed no /proc/stat or /proc/net/dev")
-    cpu = lt.parse_proc_stat(parts["stat"])
+    cpu = lt.parse_proc_stat(parts["stat"]) if params.cpu != "daemon" else None
     interfaces = lt.sum_interfaces(lt.parse_net_dev(parts["dev"]), params.interfaces)
     softnet = lt.parse_softnet_stat(parts["softnet"]) if parts.get("softnet") else None
     udp = lt.parse_snmp_udp(parts["snmp"]) if parts.get("snmp") else None
@@ -169,7 +172,8 @@ def counters_from(parts: dict[str, str], params: LoadParams, at: float,
             if q.root and (not wanted or q.device in wanted):
                 dropped += q.dropped
                 backlog += q.backlog_packets
-    process = lt.parse_process_stat(parts["pid"]) if parts.get("pid") else None
+    process = (lt.parse_process_stat(parts["pid"]) if parts.get("pid") and params.cpu != "host"
+               else None)
     active = effective_now = None
     if sessions is not None:
         active = len(sessions)
@@ -196,6 +200,8 @@ def _sessions(parts: dict[str, str], params: LoadParams,
     if openvpn is not None:
         add({f"ovpn:{c.common_name}/{c.real_address}": c.bytes_received + c.bytes_sent
              for c in openvpn.status.clients})
+    if found is not None and params.ignore_sessions:
+        found = {k: v for k, v in found.items() if k not in params.ignore_sessions}
     return found
 
 

@@ -15,6 +15,7 @@ gives ``node_half_open_sas`` and ``node_child_sas``.
 
 from __future__ import annotations
 
+import base64
 import time
 
 import msgspec
@@ -26,7 +27,9 @@ from probes.checks import wireguard_telemetry as wg
 from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
 from probes.checks.reconnects import ReconnectCounter
 from probes.checks.remote import NodeShell, failure_reason
+from probes.checks.wireguard import read_key_file
 from probes.model import Reason, Tier
+from probes.protocols.wireguard import public_key
 
 
 class WireGuardTelemetry(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,10 +166,23 @@ def plan(ctx: PlanContext) -> list[Planned]:
             qdisc=reads.qdisc, daemon_pid_file=reads.daemon_pid_file,
             daemon_cores=reads.daemon_cores, wireguard_interface=section.wireguard_interface,
             openvpn_management_socket=section.openvpn_management_socket, ikev2=section.ikev2,
-            ikev2_vici_uri=section.ikev2_vici_uri,
+            ikev2_vici_uri=section.ikev2_vici_uri, cpu=reads.cpu,
+            ignore_sessions=_own_probe_peers(ctx),
             effective_window_seconds=reads.effective_window_seconds,
             session_unit_bytes_per_second=reads.session_unit_bytes_per_second)))
     return out
+
+
+def _own_probe_peers(ctx: PlanContext) -> tuple[str, ...]:
+    """This agent's WireGuard probe identity on the node: a peer of the node, not a client."""
+    section = ctx.target.wireguard
+    if section is None:
+        return ()
+    try:
+        private = read_key_file(ctx.path(section.private_key_file), "private key")
+    except ValueError:
+        return ()  # the WireGuard check reports an unreadable key; load reads go on
+    return (f"wg:{base64.b64encode(public_key(private)).decode()}",)
 
 
 FAMILY = Family("telemetry", (WIREGUARD, OPENVPN, IKEV2, load.LOAD), plan,

@@ -46,19 +46,23 @@ class SignalSteps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buffer, interface, qdisc drops over packets); ``effective_sessions`` / ``sessions`` count
     sessions; ``packets`` / ``bytes`` are per second. With ``relative`` the value compared is the
     node's figure per unit of capacity divided by the pool's mean per unit of capacity (1.0 = an
-    average node), so the table says how much busier than its peers a node may be.
+    average node), so the table says how much busier than its peers a node may be; it applies
+    only while that mean is at least ``min_mean`` (an idle pool's ratios are noise: 0.02 sessions
+    is "twice" 0.01).
     """
 
     signal: Signal
     steps: list[Step]
     relative: bool = False
+    min_mean: float = 0.0
 
 
 def _default_steps() -> list[SignalSteps]:
     return [
         SignalSteps("cpu", [Step(0.75, 0.2), Step(0.85, 0.5)]),
         SignalSteps("drops", [Step(0.001, 0.2), Step(0.01, 0.5)]),
-        SignalSteps("effective_sessions", [Step(1.25, 0.2), Step(1.5, 0.5)], relative=True),
+        SignalSteps("effective_sessions", [Step(1.25, 0.2), Step(1.5, 0.5)], relative=True,
+                    min_mean=1.0),
     ]
 
 
@@ -122,6 +126,9 @@ def validate_weight_policy(policy: WeightPolicy, prefix: str = "weights") -> Wei
         seen.add(key)
         if not table.steps:
             raise PolicyError("at least one step", f"{at}.steps")
+        _within(table.min_mean, f"{at}.min_mean", 0)
+        if table.min_mean and not table.relative:
+            raise PolicyError("only for a relative table", f"{at}.min_mean")
         previous: Step | None = None
         for j, step in enumerate(table.steps):
             here = f"{at}.steps[{j}]"

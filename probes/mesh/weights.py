@@ -250,7 +250,7 @@ class WeightEngine:
                 total += value
                 capacity += node.capacity
                 count += 1
-            if count >= 2 and total > 0:
+            if count >= 2 and total > 0 and total / capacity >= table.min_mean:
                 means[index] = total / capacity
         return means
 

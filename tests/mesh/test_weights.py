@@ -96,6 +96,23 @@ def test_effective_sessions_are_relative_to_the_pool_per_unit_of_capacity() -> N
     assert reasons["effective_sessions-share"].cut == 0.5
 
 
+def test_an_idle_pool_is_not_compared() -> None:
+    """Below the table's min_mean the ratios are noise (a decaying average is never exactly 0:
+    without the bound a node whose clients left stayed "twice as busy" as idle peers)."""
+    policy = msgspec.structs.replace(ONLY_CPU, steps=[
+        SignalSteps("effective_sessions", [Step(1.5, 0.5)], relative=True, min_mean=1.0)])
+    eng = pool(2, policy)
+    up_all(eng)
+    eng.load([("n0", NodeLoad(1.0, effective_sessions=0.02)),
+              ("n1", NodeLoad(1.0, effective_sessions=0.001))], 1.0)
+    eng.tick(1.0)
+    assert published(eng) == {"n0": 100, "n1": 100}
+    eng.load([("n0", NodeLoad(1.0, effective_sessions=2.0)),
+              ("n1", NodeLoad(1.0, effective_sessions=0.5))], 2.0)
+    eng.tick(2.0)  # mean 1.25: compared now, n0 at 1.6x
+    assert published(eng) == {"n0": 50, "n1": 100}
+
+
 def test_one_node_alone_has_nothing_to_be_relative_to() -> None:
     policy = msgspec.structs.replace(ONLY_CPU, steps=[
         SignalSteps("effective_sessions", [Step(1.25, 0.2)], relative=True)])
@@ -315,6 +332,7 @@ def test_drain_done_follows_fresh_session_counts() -> None:
      "weights.steps[0].steps[1]"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 1.0)])]}, "weights.steps[0].steps[0].cut"),
     ({"steps": [SignalSteps("cpu", [])]}, "weights.steps[0].steps"),
+    ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)], min_mean=1.0)]}, "weights.steps[0].min_mean"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)]), SignalSteps("cpu", [Step(0.9, 0.2)])]},
      "weights.steps[1].signal"),
 ])
