@@ -36,7 +36,7 @@ from probes.lab.strongswan import StrongSwanServer
 from probes.lab.topology import Host, Lab, wait_for
 from probes.lab.wgclients import INNER_SERVER, WgClient
 from probes.lab.wireguard import WgPeer, WireGuardServer
-from probes.mesh import signing
+from probes.model import signing
 
 VIP = "10.77.250.1"
 WG_PORT = 51820
