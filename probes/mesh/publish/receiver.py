@@ -210,9 +210,12 @@ class Receiver:
         return self._answer("applied", 200, key=env.idempotency_key)
 
     async def state(self, request: web.Request) -> web.Response:
-        return web.json_response({n: {"seq": v.seq, "state": str(v.state),
-                                      "weight": self._weight_of(n)}
-                                  for n, v in sorted(self.ledger.latest.items())})
+        out: dict[str, dict[str, object]] = {}
+        for node, verdict in sorted(self.ledger.latest.items()):
+            out[node] = {"seq": verdict.seq, "state": str(verdict.state)}
+            if node in self.weights:  # weights on: the weight it last applied
+                out[node]["weight"] = self.weights[node].weight
+        return web.json_response(out)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
