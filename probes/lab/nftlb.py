@@ -7,10 +7,10 @@ it. :class:`NftlbServer` starts it, creates farms through the API (the same API 
 uses: nothing is written to nftables by hand), reads backends back, and reads the ruleset nftlb
 generated (``nft list table ip nftlb``) so a test can see a weight reach the kernel.
 
-A second, lab-only table (``ip twlab``) counts new flows per backend address after nftlb's DNAT:
-a nat-type postrouting chain (it sees only the first packet of each connection), one counter per
-backend. That is how tests see which node a
-new client landed on without asking nftlb.
+A second, lab-only table (``ip twlab``) counts new flows to a farm's virtual address per backend
+address after nftlb's DNAT: a nat-type postrouting chain (it sees only the first packet of each
+connection), one counter per backend. That is how tests see which node a new client landed on
+without asking nftlb.
 """
 
 from __future__ import annotations
@@ -151,7 +151,9 @@ class NftlbServer:
 
     # ---- new flows per backend (lab-only counters) ------------------------------------------
 
-    def count_new_flows(self, addresses: Sequence[str]) -> None:
+    def count_new_flows(self, vip: str, addresses: Sequence[str]) -> None:
+        """Count new flows to ``vip`` by the backend nftlb sent them to (other traffic to the
+        backends, an agent's probes say, is not counted)."""
         lines = ["table ip twlab {"]
         for i, address in enumerate(addresses):
             self.counted[address] = f"new{i}"
@@ -159,7 +161,8 @@ class NftlbServer:
         # a nat chain sees the first packet of each connection only: one count per flow
         lines.append("  chain post { type nat hook postrouting priority 200; policy accept;")
         for address, counter in self.counted.items():
-            lines.append(f"    ip daddr {address} counter name {counter}")
+            lines.append(f"    ct original ip daddr {vip} ip daddr {address} "
+                         f"counter name {counter}")
         lines += ["  }", "}"]
         netns.run(netns.exec_argv(self.lab.router_ns, ["nft", "-f", "-"]),
                   input_text="\n".join(lines) + "\n")

@@ -93,7 +93,7 @@ class UdpPool:
             self.nftlb.add_farm("ike", VIP, "500,4500",
                                 [FarmBackend(n.name, n.host.address) for n in self.nodes.values()],
                                 persistence="srcip")
-        self.nftlb.count_new_flows([n.host.address for n in self.nodes.values()])
+        self.nftlb.count_new_flows(VIP, [n.host.address for n in self.nodes.values()])
         if o.openvpn_tcp:
             self._start_haproxy()
         self._start_mesh()

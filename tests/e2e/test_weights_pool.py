@@ -10,6 +10,7 @@ One pool for the module (building it takes seconds; the tests reset what they ch
 
 from __future__ import annotations
 
+import itertools
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.conftest import lab_unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.publish, pytest.mark.lab]
 
+SOURCE_PORTS = itertools.count(20_000)
 HEAVY = 300_000  # bytes/s through one tunnel: ~2.4 effective sessions at 1 Mbit/s per session
 LIGHT = 20_000
 
@@ -57,6 +59,9 @@ def new_udp_flows(pool: UdpPool, count: int) -> dict[str, int]:
     with pool.client.entered():
         for _ in range(count):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                # a port never used before: a reused one is a 5-tuple conntrack still holds,
+                # the old flow (with its old backend), not a new one
+                s.bind(("0.0.0.0", next(SOURCE_PORTS)))
                 s.sendto(b"not a handshake", (VIP, WG_PORT))
     wait_for(lambda: sum(pool.nftlb.new_flows().values()) - sum(before.values()) >= count, 10,
              "the flows to pass nftlb")

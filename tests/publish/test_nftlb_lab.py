@@ -57,7 +57,7 @@ def pool(lab: Any) -> Any:
     nftlb = NftlbServer(lab, control)
     nftlb.start()
     nftlb.add_farm("wg", VIP, str(PORT), [FarmBackend(n.name, n.address) for n in nodes])
-    nftlb.count_new_flows([n.address for n in nodes])
+    nftlb.count_new_flows(VIP, [n.address for n in nodes])
     return lab, control, nodes, client, nftlb
 
 
