@@ -85,14 +85,22 @@ def drain_progress(view: dict[str, Any]) -> tuple[bool | None, str]:
     return bool(drain["done"]), f"{counts} (done at <= {drain['bound']:g})"
 
 
-def handle_drain(args: argparse.Namespace) -> int:
+def _admin(args: argparse.Namespace, action: str) -> tuple[str, dict[str, Any]] | None:
+    """POST the operator action; (mesh URL, answer), or None after saying what failed."""
     try:
         url, token = _mesh(args)
-        answer = _call(f"{url}/v1/nodes/{args.node}/drain", "POST", token,
-                       {"actor": args.actor})
+        return url, _call(f"{url}/v1/nodes/{args.node}/{action}", "POST", token,
+                          {"actor": args.actor})
     except (ApiError, OSError, ValueError) as exc:
-        print(f"drain {args.node}: {exc}", file=sys.stderr)
+        print(f"{action} {args.node}: {exc}", file=sys.stderr)
+        return None
+
+
+def handle_drain(args: argparse.Namespace) -> int:
+    done_admin = _admin(args, "drain")
+    if done_admin is None:
         return EXIT_USAGE
+    url, answer = done_admin
     print(f"{args.node}: {answer.get('state')} (no new flows; existing sessions continue)")
     if not args.wait:
         return EXIT_OK
@@ -116,15 +124,11 @@ def handle_drain(args: argparse.Namespace) -> int:
 
 
 def handle_ready(args: argparse.Namespace) -> int:
-    try:
-        url, token = _mesh(args)
-        answer = _call(f"{url}/v1/nodes/{args.node}/ready", "POST", token,
-                       {"actor": args.actor})
-    except (ApiError, OSError, ValueError) as exc:
-        print(f"ready {args.node}: {exc}", file=sys.stderr)
+    done_admin = _admin(args, "ready")
+    if done_admin is None:
         return EXIT_USAGE
-    print(f"{args.node}: {answer.get('state')} (back to the probes' verdict; weight returns "
-          "through slow start)")
+    print(f"{args.node}: {done_admin[1].get('state')} (back to the probes' verdict; weight "
+          "returns through slow start)")
     return EXIT_OK
 
 

@@ -83,12 +83,16 @@ def decode_any(body: bytes) -> VerdictEnvelope | WeightsEnvelope:
     return decode_envelope(body)
 
 
+def _known(schema: str, version: int, expected: str, expected_version: int) -> None:
+    if schema != expected:
+        raise SchemaError(f"unknown schema {schema!r}", "$.schema")
+    if version != expected_version:
+        raise SchemaError(f"unsupported schema_version {version}", "$.schema_version")
+
+
 def decode_weights(body: bytes) -> WeightsEnvelope:
     env: WeightsEnvelope = _decode(_weights_decoder, body)
-    if env.schema != WEIGHTS_SCHEMA:
-        raise SchemaError(f"unknown schema {env.schema!r}", "$.schema")
-    if env.schema_version != WEIGHTS_SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema_version {env.schema_version}", "$.schema_version")
+    _known(env.schema, env.schema_version, WEIGHTS_SCHEMA, WEIGHTS_SCHEMA_VERSION)
     if env.idempotency_key != weights_key(env.weights):
         raise SchemaError("idempotency_key does not match the weights' node:w<seq> keys",
                           "$.idempotency_key")
@@ -98,10 +102,7 @@ def decode_weights(body: bytes) -> WeightsEnvelope:
 def decode_envelope(body: bytes) -> VerdictEnvelope:
     """Decode and validate a webhook body; :class:`SchemaError` names the offending field."""
     env: VerdictEnvelope = _decode(_decoder, body)
-    if env.schema != WEBHOOK_SCHEMA:
-        raise SchemaError(f"unknown schema {env.schema!r}", "$.schema")
-    if env.schema_version != WEBHOOK_SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema_version {env.schema_version}", "$.schema_version")
+    _known(env.schema, env.schema_version, WEBHOOK_SCHEMA, WEBHOOK_SCHEMA_VERSION)
     if env.idempotency_key != env.verdict.idempotency_key:
         raise SchemaError("idempotency_key does not match verdict node:seq", "$.idempotency_key")
     return env
