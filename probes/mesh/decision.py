@@ -48,17 +48,21 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
 
 from probes.mesh.evidence import evidence, node_view
+from probes.mesh.impairment import contradicted
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.state import (
     ADMIN_STATES,
     AGENT_SIDE_REASONS,
+    AUDIT_WHAT,
     CHECK_DOWN,
+    CHECK_ROW_FIELDS,
     CHECK_STATE_NAMES,
     CHECK_UNKNOWN,
     CHECK_UP,
@@ -69,7 +73,9 @@ from probes.mesh.state import (
     OP_UP,
     OPINION_NAMES,
     QUALITY_REASONS,
+    AuditNote,
     CheckState,
+    CorroborationAsk,
     NodeInfo,
     NodeState,
     NodeVantage,
@@ -85,7 +91,9 @@ __all__ = [
     "CHECK_UNKNOWN",
     "CHECK_UP",
     "OPINION_NAMES",
+    "AuditNote",
     "CheckState",
+    "CorroborationAsk",
     "DecisionEngine",
     "NodeInfo",
     "NodeState",
@@ -96,6 +104,10 @@ __all__ = [
 
 
 MAX_EXPONENT = 1000.0  # 2 ** 1000 is ~1e301: any damping ceiling beyond it is "no ceiling"
+# impairment is judged on every input, at most this often: during a mass failure the judgement
+# reads each vantage's DOWN opinions, and batches arrive many times a second
+JUDGE_EVERY_SECONDS = 0.25
+AUDIT_KEPT = 10_000  # audit notes kept until taken (a replay that never takes them stays bounded)
 
 
 class DecisionEngine:
@@ -111,9 +123,14 @@ class DecisionEngine:
         self._dirty_nv: list[NodeVantage] = []
         self._dirty_nodes: list[NodeState] = []
         self._suppressed: dict[tuple[str, str, str], CheckState] = {}  # while damped
-        self._vantages_changed = False
         self._wheel: dict[int, list[NodeVantage]] = {}
         self._wheel_keys: list[int] = []  # heap of the wheel's bucket keys
+        self._judged_at = -math.inf  # last impairment judgement (mesh time)
+        self._deferred: dict[str, NodeState] = {}  # nodes whose change waits for the dwell
+        # transient, per observe() call: checks whose run of failures began in it (for
+        # corroboration_asks); audit notes until taken
+        self._onsets: list[CheckState] = []
+        self.audit: deque[AuditNote] = deque(maxlen=AUDIT_KEPT)
         # counters for /metrics
         self.observations_total = 0
         self.unknown_node_total = 0
@@ -123,6 +140,7 @@ class DecisionEngine:
         self.transitions: dict[tuple[str, str], int] = {}
         self.guard_holds_total = 0
         self.damping_suppressions_total = 0
+        self.audit_totals: dict[str, int] = dict.fromkeys(AUDIT_WHAT, 0)
         for info in nodes:
             self.add_node(info)
 
@@ -144,6 +162,7 @@ class DecisionEngine:
         pool = node.pool
         pool.nodes.remove(node)
         pool.held.pop(node_id, None)
+        self._deferred.pop(node_id, None)
         if node.probe_state == VerdictState.DOWN:
             pool.down -= 1
         for vantage_name, nv in node.nvs.items():
@@ -158,7 +177,6 @@ class DecisionEngine:
         for bucket in self._wheel.values():
             # (an emptied bucket stays, with its heap key: tick pops it harmlessly)
             bucket[:] = [nv for nv in bucket if nv.node is not node]
-        self._vantages_changed = True
 
     def move_node(self, info: NodeInfo) -> None:
         """Apply a node's new pool / pop / region (a config change), keeping its state and seq."""
@@ -249,6 +267,9 @@ class DecisionEngine:
         dirty_nv = self._dirty_nv
         dirty_nodes = self._dirty_nodes
         quality_reasons = QUALITY_REASONS
+        onsets = self._onsets
+        onsets.clear()
+        inf = math.inf
         accepted = 0
         for obs in observations:
             check = checks.get((obs.node, obs.vantage, obs.check))
@@ -301,6 +322,8 @@ class DecisionEngine:
                     dirty_nv.append(nv)
             state = check.state
             if ok:
+                check.fail_since = inf
+                check.pass_at = max(check.pass_at, obs.wall_time)
                 if window:
                     check.window = (check.window << 1) & mask
                 elif fall_definitive:
@@ -315,6 +338,10 @@ class DecisionEngine:
                     self._transition(check, CHECK_UP, now)  # one success suffices at start
             else:
                 check.reason = obs.reason
+                if check.fail_since == inf:  # a run of failures begins
+                    check.fail_since = obs.wall_time
+                    if state != CHECK_DOWN:
+                        onsets.append(check)
                 if state == CHECK_DOWN:
                     check.count = 0
                     if window:
@@ -363,7 +390,12 @@ class DecisionEngine:
         for pool in self.pools.values():
             for held in pool.held.values():
                 self._mark_node(held)
-        self._vantages_changed = True  # vantage freshness moves with time
+        if self._deferred:  # changes held by the dwell are looked at again once it has passed
+            dwell = self.policy.min_dwell_seconds
+            for name, node in list(self._deferred.items()):
+                if now >= node.changed_at + dwell:
+                    del self._deferred[name]
+                    self._mark_node(node)
         return self._settle(now)
 
     def set_admin(
@@ -475,12 +507,13 @@ class DecisionEngine:
                 vantage = nv.vantage
                 vantage.decided += (opinion != OP_NONE) - (old != OP_NONE)
                 vantage.down += (opinion == OP_DOWN) - (old == OP_DOWN)
-                self._vantages_changed = True
                 nv.opinion = opinion
                 self._mark_node(nv.node)
             dirty_nv.clear()
-        if self._vantages_changed:
-            self._vantages_changed = False
+        if now >= self._judged_at + JUDGE_EVERY_SECONDS:
+            # contrary evidence comes with any peer's pass, not only with opinion changes; a
+            # vantage that sees nothing down costs one comparison to judge
+            self._judged_at = now
             self._update_impairment(now)
         changes: list[Verdict] = []
         dirty_nodes = self._dirty_nodes
@@ -494,24 +527,31 @@ class DecisionEngine:
         return changes
 
     def _update_impairment(self, now: float) -> None:
+        """Judge each vantage from contrary evidence (:mod:`probes.mesh.impairment`), with
+        hysteresis: the judgement must hold ``confirm_seconds`` before the vantage is impaired
+        and ``release_seconds`` before it is no longer, so it cannot flip within one probe
+        interval while vantages learn about a correlated failure at different moments."""
         imp = self.policy.impairment
-        share: dict[str, float] = {}
+        stale = self.policy.stale_after_seconds
+        checks = self._checks
         for vantage in self.vantages.values():
-            if vantage.decided >= imp.min_nodes:
-                share[vantage.name] = vantage.down / vantage.decided
-        alarmed = {name for name, s in share.items() if s >= imp.down_share}
-        # if most of its peers see the same thing, it is the fleet, not the vantage. Peers only:
-        # a vantage does not confirm itself (counting it, a vantage cut off the fleet plus one
-        # flaky peer made "most vantages" of three, and the cut one voted again: false DOWNs in
-        # the detection benchmark's soak). A vantage without peers has no one to be judged by.
-        others = len(share) - 1
-        peers_agree = others < 1 or (len(alarmed) - 1) * 2 > others
-        for vantage in self.vantages.values():
-            impaired = vantage.name in alarmed and not peers_agree
-            if impaired != vantage.impaired:
-                vantage.impaired = impaired
-                for nv in vantage.nvs:
-                    self._mark_node(nv.node)
+            raw = contradicted(vantage, imp, checks, stale, now)
+            if raw != vantage.contradicted:
+                vantage.contradicted = raw
+                vantage.since = now
+            if raw == vantage.impaired:
+                continue
+            if now - vantage.since < (imp.confirm_seconds if raw else imp.release_seconds):
+                continue
+            vantage.impaired = raw
+            self._note(AuditNote(now, "impaired" if raw else "impairment-cleared",
+                                 vantage=vantage.name))
+            for nv in vantage.nvs:
+                self._mark_node(nv.node)
+
+    def _note(self, note: AuditNote) -> None:
+        self.audit.append(note)
+        self.audit_totals[note.what] += 1
 
     def _evaluate(self, node: NodeState, now: float, changes: list[Verdict]) -> None:
         policy = self.policy
@@ -552,9 +592,26 @@ class DecisionEngine:
             candidate = VerdictState.DEGRADED
         else:
             candidate = VerdictState.DOWN
+        previous = node.probe_state
+        if quorum_lost != node.quorum_lost and previous != VerdictState.UNKNOWN:
+            self._note(AuditNote(now, "quorum-lost" if quorum_lost else "quorum-regained",
+                                 node=node.info.node, state=previous.value,
+                                 note=f"{voters} voters of {quorum.min_voters} needed"))
+        node.quorum_lost = quorum_lost
+        dwell = policy.min_dwell_seconds
+        if candidate != previous and now < node.changed_at + dwell:
+            # changed too recently: the new verdict waits until the dwell has passed (the
+            # tick looks at it again then), so a balancer never sees a flip-flop
+            if node.info.node not in self._deferred:
+                self._deferred[node.info.node] = node
+                self._note(AuditNote(now, "dwell-held", node=node.info.node,
+                                     state=previous.value,
+                                     note=f"{candidate.value} waits until "
+                                     f"{node.changed_at + dwell:.3f}"))
+            return
+        self._deferred.pop(node.info.node, None)
         pool = node.pool
         hold = False
-        previous = node.probe_state
         if candidate == VerdictState.DOWN and previous != VerdictState.DOWN:
             if pool.down + 1 > pool.allowed_down(policy.pool_guard.max_down_share):
                 hold = True
@@ -572,8 +629,10 @@ class DecisionEngine:
                 self.guard_holds_total += 1
             else:
                 pool.held.pop(node.info.node, None)
+        if candidate != previous:
+            # the first verdict after UNKNOWN starts no dwell: it is a start, not a change
+            node.changed_at = now if previous != VerdictState.UNKNOWN else -math.inf
         node.probe_state = candidate
-        node.quorum_lost = quorum_lost
         self._publish(node, now, changes, None)
 
     def _publish(
@@ -584,11 +643,9 @@ class DecisionEngine:
         extra: VerdictReason | None,
     ) -> None:
         state = node.admin if node.admin is not None else node.probe_state
-        last = node.last
-        last_quorum = last.quorum_lost if last is not None else True
-        # a quorum flag flip alone is announced (loudly), except under an admin state: then the
-        # published state is the operator's and the probes' quorum is only shown in the node view
-        if state == node.state and (node.admin is not None or node.quorum_lost == last_quorum):
+        # only a change of state is published (and takes a seq): a quorum flag or evidence
+        # that changes alone goes to the audit notes, metrics and the API, not to balancers
+        if state == node.state:
             return
         previous = node.state
         node.state = state
@@ -625,6 +682,48 @@ class DecisionEngine:
         """One (node, vantage, check) state (KeyError when never observed)."""
         return self._checks[(node_id, vantage, check)]
 
+    def take_audit(self) -> list[AuditNote]:
+        """The audit notes since the last call (quorum, impairment, dwell), oldest first."""
+        notes = list(self.audit)
+        self.audit.clear()
+        return notes
+
+    def corroboration_asks(self, now: float) -> list[CorroborationAsk]:
+        """Who should re-probe what now, for the checks whose run of failures began in the
+        last :meth:`observe` call (from a vantage not judged impaired, on a node that is
+        neither DOWN nor under an admin state).
+
+        Asked: every other vantage probing the node, fresh and not impaired, for the same check,
+        and, when the failing check is an L4 one, also for its functional checks of the node
+        (the agent's own cascade, across vantages: a silent node fails ICMP first, and its
+        handshakes time out only a timeout later). A peer whose check already fails, is down, or
+        passed after this failure began is not asked: it has already answered."""
+        stale = self.policy.stale_after_seconds
+        out: list[CorroborationAsk] = []
+        for check in self._onsets:
+            nv = check.nv
+            node = nv.node
+            if (nv.vantage.impaired or node.admin is not None
+                    or node.probe_state == VerdictState.DOWN):
+                continue
+            since = check.fail_since
+            cascade = check.tier == Tier.L4
+            peers: list[tuple[str, tuple[str, ...]]] = []
+            for name, peer in node.nvs.items():
+                if peer is nv or peer.vantage.impaired or now - peer.seen > stale:
+                    continue
+                wanted = tuple(
+                    c.name for c in peer.checks
+                    if (c.name == check.name or (cascade and c.tier == Tier.FUNCTIONAL))
+                    and c.fail_since == math.inf and c.state != CHECK_DOWN and c.pass_at < since
+                )
+                if wanted:
+                    peers.append((name, wanted))
+            if peers:
+                out.append(CorroborationAsk(node.info.node, check.name, nv.vantage.name, since,
+                                            tuple(peers)))
+        return out
+
     # ---- persistence: the engine as rows of plain values, and back ----------------------------
 
     def to_rows(self) -> dict[str, Any]:
@@ -653,6 +752,7 @@ class DecisionEngine:
                 node.seq,
                 msgspec.to_builtins(node.votes),
                 msgspec.to_builtins(node.last) if node.last is not None else None,
+                node.changed_at,
             ]
             for name, node in self.nodes.items()
         ]
@@ -664,7 +764,8 @@ class DecisionEngine:
             "checks": checks,
             "nvs": nvs,
             "vantages": [
-                [v.name, v.decided, v.down, v.impaired, v.seen] for v in self.vantages.values()
+                [v.name, v.decided, v.down, v.impaired, v.seen, v.contradicted, v.since]
+                for v in self.vantages.values()
             ],
             "nodes": nodes,
             "pools": [[p.name, p.down, list(p.held)] for p in self.pools.values()],
@@ -674,25 +775,36 @@ class DecisionEngine:
                 for key, bucket in self._wheel.items()
             ],
             "wheel_keys": list(self._wheel_keys),
-            "vantages_changed": self._vantages_changed,
+            "judged_at": self._judged_at,
+            "deferred": list(self._deferred),
+            "audit_totals": self.audit_totals,
             "counters": [getattr(self, name) for name in _COUNTERS],
             "transitions": [[a, b, n] for (a, b), n in self.transitions.items()],
         }
 
     @classmethod
     def from_rows(cls, rows: dict[str, Any]) -> DecisionEngine:
-        """The engine :meth:`to_rows` described (KeyError / ValueError when they do not fit)."""
+        """The engine :meth:`to_rows` described (KeyError / ValueError when they do not fit).
+
+        Rows from before the contrary-evidence rule (no ``judged_at``) load with that state's
+        defaults: no run of failures under way, never judged, no dwell pending."""
         policy = msgspec.convert(rows["policy"], DecisionPolicy)
         engine = cls(policy, [NodeInfo(*row) for row in rows["registry"]])
-        engine._load_checks(rows["checks"])
+        older = "judged_at" not in rows
+        engine._load_checks(rows["checks"], older)
         for node_name, vantage, seen, opinion, fresh, wheeled in rows["nvs"]:
             nv = engine.nodes[node_name].nvs[vantage]
             nv.seen, nv.opinion, nv.fresh, nv.wheeled = seen, opinion, fresh, wheeled
-        for name, decided, down, impaired, seen in rows["vantages"]:
-            v = engine.vantages[name]
-            v.decided, v.down, v.impaired, v.seen = decided, down, impaired, seen
-        for name, probe, admin, published, quorum_lost, hold, seq, votes, last in rows["nodes"]:
+        for row in rows["vantages"]:
+            v = engine.vantages[row[0]]
+            v.decided, v.down, v.impaired, v.seen = row[1:5]
+            if not older:
+                v.contradicted, v.since = row[5:7]
+        for row in rows["nodes"]:
+            name, probe, admin, published, quorum_lost, hold, seq, votes, last = row[:9]
             node = engine.nodes[name]
+            if not older:
+                node.changed_at = row[9]
             node.probe_state = VerdictState(probe)
             node.admin = VerdictState(admin) if admin is not None else None
             node.state = VerdictState(published)
@@ -710,13 +822,16 @@ class DecisionEngine:
         for key, members in rows["wheel"]:
             engine._wheel[key] = [engine.nodes[n].nvs[v] for n, v in members]
         engine._wheel_keys = list(rows["wheel_keys"])
-        engine._vantages_changed = rows["vantages_changed"]
+        if not older:
+            engine._judged_at = rows["judged_at"]
+            engine._deferred = {n: engine.nodes[n] for n in rows["deferred"]}
+            engine.audit_totals.update(rows["audit_totals"])
         for name, value in zip(_COUNTERS, rows["counters"], strict=True):
             setattr(engine, name, value)
         engine.transitions = {(a, b): n for a, b, n in rows["transitions"]}
         return engine
 
-    def _load_checks(self, rows: list[list[Any]]) -> None:
+    def _load_checks(self, rows: list[list[Any]], older: bool = False) -> None:
         """Re-create checks in creation order; (node, vantage) pairs and vantages follow."""
         nodes = self.nodes
         vantages = self.vantages
@@ -724,7 +839,8 @@ class DecisionEngine:
         reason_of = Reason
         tier_of = Tier
         new = CheckState.__new__
-        for node_name, vantage_name, values in rows:
+        for node_name, vantage_name, row in rows:
+            values = _with_evidence_times(row) if older else row
             node = nodes[node_name]
             vantage = vantages.get(vantage_name)
             if vantage is None:
@@ -741,10 +857,12 @@ class DecisionEngine:
             (
                 check.breach,
                 check.count,
+                check.fail_since,
                 check.kind,
                 check.loss,
                 check.name,
                 check.p99,
+                check.pass_at,
                 check.penalty,
                 check.penalty_at,
                 reason,
@@ -760,6 +878,16 @@ class DecisionEngine:
             check.tier = tier_of(tier)
             nv.checks.append(check)
             checks[(node_name, vantage_name, check.name)] = check
+
+
+_EVIDENCE_TIMES = {"fail_since": math.inf, "pass_at": -math.inf}
+_OLDER_CHECK_FIELDS = tuple(f for f in CHECK_ROW_FIELDS if f not in _EVIDENCE_TIMES)
+
+
+def _with_evidence_times(row: list[Any]) -> list[Any]:
+    """A check row from before fail_since / pass_at: those at "no run, no pass"."""
+    values = dict(zip(_OLDER_CHECK_FIELDS, row, strict=True))
+    return [values.get(f, _EVIDENCE_TIMES.get(f)) for f in CHECK_ROW_FIELDS]
 
 
 # the engine's counters, in the order its rows store them (the order is the snapshot format)

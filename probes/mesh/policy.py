@@ -82,14 +82,22 @@ class QuorumPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ImpairmentPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When a vantage is judged impaired (its own problem, not the fleet's) and left out of votes.
 
-    A vantage is impaired when it sees at least ``down_share`` of the nodes it probes down, it
-    probes at least ``min_nodes`` nodes, and no strict majority of the *other* vantages sees
-    that much failure (if most of its peers agree, the fleet really is failing; a vantage does
-    not count as its own peer).
+    Judged from *contrary evidence*: a node the vantage sees DOWN counts against it when, for
+    the checks it sees failing, the peers that probed the node since (after this vantage saw it
+    fail) and saw it pass are a strict majority of the vantages with such fresh evidence, this
+    vantage included. Peers that have not probed it since, are stale, or fail too are never
+    evidence against it; a peer failing the same check agrees with it. The vantage is
+    *contradicted* when such nodes are at least ``down_share`` of the nodes it counts (those
+    contradicted plus those it sees UP), and it probes at least ``min_nodes`` nodes.
+
+    Hysteresis: a vantage becomes impaired only after it has been contradicted for
+    ``confirm_seconds``, and stops being impaired only after ``release_seconds`` without.
     """
 
     down_share: float = 0.5
     min_nodes: int = 3
+    confirm_seconds: float = 2.0
+    release_seconds: float = 4.0
 
 
 class PoolGuardPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -162,6 +170,10 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # through a partition, say) are not evidence of the present and are dropped; 0 keeps them all
     max_age_seconds: float = 120.0
     impairment: ImpairmentPolicy = msgspec.field(default_factory=ImpairmentPolicy)
+    # a node's probe verdict never changes twice within this many seconds: a change that comes
+    # sooner waits until the dwell has passed (operator actions are not held; the first verdict
+    # after UNKNOWN starts no dwell). 0 turns it off
+    min_dwell_seconds: float = 4.0
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
     # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the
     # agent sends with the observation (for special cases; empty: the kinds' own tiers)
@@ -273,6 +285,13 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
         raise PolicyError(
             f"must be >= 1, got {policy.impairment.min_nodes}", f"{p}.impairment.min_nodes"
         )
+    for name in ("confirm_seconds", "release_seconds"):
+        if getattr(policy.impairment, name) < 0:
+            raise PolicyError(f"must be >= 0, got {getattr(policy.impairment, name)}",
+                              f"{p}.impairment.{name}")
+    if policy.min_dwell_seconds < 0:
+        raise PolicyError(f"must be >= 0, got {policy.min_dwell_seconds}",
+                          f"{p}.min_dwell_seconds")
     _share(policy.pool_guard.max_down_share, f"{p}.pool_guard.max_down_share")
     for prefix_ in policy.tiers:
         if not prefix_:

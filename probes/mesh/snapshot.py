@@ -26,7 +26,10 @@ from probes.mesh.store import MeshStore
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+# version 1: rows from before the contrary-evidence impairment rule (issue 16); the engine loads
+# them with that state's defaults, so a mesh upgraded in place restarts from its snapshot
+READABLE_VERSIONS = (1, SNAPSHOT_VERSION)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -67,7 +70,7 @@ def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
             state: dict[str, Any] = _decoder.decode(blob)
         except msgspec.DecodeError as exc:
             raise SnapshotError(f"not a snapshot: {exc}") from None
-        if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
             raise SnapshotError("unknown snapshot version")
         weights = state.pop("weights", None)
         return DecisionEngine.from_rows(state), weights

@@ -54,11 +54,13 @@ class CheckState:
     __slots__ = (
         "breach",
         "count",
+        "fail_since",
         "kind",
         "loss",
         "name",
         "nv",
         "p99",
+        "pass_at",
         "penalty",
         "penalty_at",
         "reason",
@@ -89,6 +91,10 @@ class CheckState:
         self.penalty_at = 0.0
         self.suppressed_until = -math.inf
         self.suppress_start = -math.inf
+        # evidence times, agent wall clock at the probe's start: the first failure of the
+        # current run of failures (inf while the latest result passed) and the latest pass
+        self.fail_since = math.inf
+        self.pass_at = -math.inf
 
     # snapshots pickle hundreds of thousands of these: a plain tuple of the slots is several
     # times cheaper than pickle's default (a dict per object)
@@ -138,7 +144,7 @@ check_row = operator.attrgetter(*CHECK_ROW_FIELDS)
 
 
 class VantageState:
-    __slots__ = ("decided", "down", "impaired", "name", "nvs", "seen")
+    __slots__ = ("contradicted", "decided", "down", "impaired", "name", "nvs", "seen", "since")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -146,6 +152,8 @@ class VantageState:
         self.decided = 0  # nodes this vantage has an opinion about
         self.down = 0  # ... of which it sees DOWN
         self.impaired = False
+        self.contradicted = False  # its peers' fresh evidence says otherwise (last judgement)
+        self.since = -math.inf  # when ``contradicted`` last changed (mesh time)
         self.seen = -math.inf
 
 
@@ -165,6 +173,7 @@ class PoolState:
 class NodeState:
     __slots__ = (
         "admin",
+        "changed_at",
         "dirty",
         "guard_hold",
         "info",
@@ -191,3 +200,31 @@ class NodeState:
         self.votes = Votes()
         self.last: Verdict | None = None
         self.dirty = False
+        self.changed_at = -math.inf  # last change of probe_state (the dwell counts from it)
+
+
+class AuditNote(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Something the engine decided that changes no published state, for the audit log,
+    metrics and the API (never for balancers): ``what`` is ``quorum-lost``,
+    ``quorum-regained``, ``impaired``, ``impairment-cleared`` or ``dwell-held``."""
+
+    at: float
+    what: str
+    node: str = ""
+    vantage: str = ""
+    state: str = ""
+    note: str = ""
+
+
+AUDIT_WHAT = ("quorum-lost", "quorum-regained", "impaired", "impairment-cleared", "dwell-held")
+
+
+class CorroborationAsk(msgspec.Struct, frozen=True):
+    """A check of ``node`` began failing at ``vantage`` (agent wall clock ``since``): the other
+    vantages that probe the node, with the checks each should re-probe now."""
+
+    node: str
+    check: str
+    vantage: str
+    since: float
+    peers: tuple[tuple[str, tuple[str, ...]], ...]

@@ -82,8 +82,10 @@ def write_mesh_config(
     port: int = 9480,
     extra: str = "",
     pool_of: int | None = None,
+    infos: Iterable[NodeInfo] | None = None,
 ) -> Path:
-    """A mesh config with fresh keys (one per agent) and an operator token, in ``folder``."""
+    """A mesh config with fresh keys (one per agent) and an operator token, in ``folder``.
+    Nodes: ``nodes`` named n0.. in pools of ``pool_of``, or exactly ``infos`` when given."""
     from probes.model.signing import generate_key
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,9 +99,9 @@ def write_mesh_config(
         (folder / f"{agent}.key").write_text(generate_key() + "\n")
         lines.append(f"  - {{name: {agent}, key_file: {agent}.key}}")
     lines.append("nodes:")
-    size = pool_of or nodes
-    for i in range(nodes):
-        lines.append(f"  - {{id: n{i}, pool: p{i // size}, pop: pop{i % 3}, region: eu}}")
+    for info in fleet(nodes, pool_of) if infos is None else infos:
+        lines.append(f"  - {{id: {info.node}, pool: {info.pool}, pop: {info.pop}, "
+                     f"region: {info.region}}}")
     (folder / "token").write_text("operator-secret-token\n")
     path = folder / "mesh.yaml"
     path.write_text("\n".join(lines) + "\n" + extra)

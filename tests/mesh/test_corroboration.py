@@ -22,7 +22,9 @@ pytestmark = pytest.mark.mesh
 CHECKS = (("icmp", "icmp"), ("wg", "wireguard.handshake"), ("ovpn", "openvpn.tls"),
           ("ike", "ikev2.auth"))
 V3 = ("va", "vb", "vc")
-POLICY = DecisionPolicy(corroboration=3, damping=DampingPolicy(enabled=False))
+# no dwell: these tests take a node down and back within a second (tests/mesh/test_dwell.py)
+POLICY = DecisionPolicy(corroboration=3, damping=DampingPolicy(enabled=False),
+                        min_dwell_seconds=0)
 
 
 def report(eng: DecisionEngine, now: float, vantage: str, failing: set[str]) -> None:

@@ -150,12 +150,18 @@ def test_a_single_lying_vantage_never_takes_a_node_down(
     ),
 )
 def test_an_impaired_vantage_changes_no_verdict(pictures: list[set[tuple[int, int]]]) -> None:
-    """A vantage that sees the whole fleet down leaves every verdict as it would have been."""
+    """A vantage that sees the whole fleet down, once judged impaired, leaves every verdict as it
+    would have been (before that, for confirm_seconds, it votes: the price of hysteresis)."""
     policy = DecisionPolicy(pool_guard=PoolGuardPolicy(max_down_share=1.0))
     nodes = [f"n{i}" for i in range(8)]
     honest = [f"v{i}" for i in range(4)]
     with_bad, without = DecisionEngine(policy, fleet(8)), DecisionEngine(policy, fleet(8))
-    for t, failing in enumerate(pictures):
+    for t in range(6):  # the bad vantage is cut off first, and confirmed impaired
+        round_of(with_bad, t, everyone(nodes, ["bad"], t == 0))
+        round_of(with_bad, t, everyone(nodes, honest, True))
+        round_of(without, t, everyone(nodes, honest, True))
+    assert with_bad.vantages["bad"].impaired
+    for t, failing in enumerate(pictures, start=6):
         picture = everyone(nodes, honest, True)
         picture.update({(f"n{n}", f"v{v}"): False for n, v in failing})
         a = round_of(without, t, picture)
@@ -174,7 +180,8 @@ def test_an_impaired_vantage_changes_no_verdict(pictures: list[set[tuple[int, in
     pictures=st.lists(st.sets(st.integers(0, 8)), max_size=15),
 )
 def test_pool_guard_holds_at_its_bound(share: float, size: int, pictures: list[set[int]]) -> None:
-    policy = DecisionPolicy(pool_guard=PoolGuardPolicy(max_down_share=share), fall=1, rise=1)
+    policy = DecisionPolicy(pool_guard=PoolGuardPolicy(max_down_share=share), fall=1, rise=1,
+                            min_dwell_seconds=0)
     eng = DecisionEngine(policy, fleet(size))
     nodes = [f"n{i}" for i in range(size)]
     vantages = ("va", "vb", "vc")
@@ -253,7 +260,7 @@ def test_flap_damping_holds_then_releases_on_schedule(
         reuse=750,
         max_hold_seconds=half_life * hold_factor,
     )
-    eng = engine(1, DecisionPolicy(rise=1, fall=1, damping=damping))
+    eng = engine(1, DecisionPolicy(rise=1, fall=1, damping=damping, min_dwell_seconds=0))
     vantages = ("va", "vb", "vc")
     t = 0.0
     round_of(eng, t, everyone(["n0"], vantages, True))

@@ -56,7 +56,7 @@ def mesh_process(tmp_path: Path) -> Iterator[MeshProcess]:
     extra = (
         "snapshot_every: 7\n"
         "decision:\n  damping: {enabled: false}\n  stale_after_seconds: 3600\n"
-        "  max_age_seconds: 0\n"
+        "  max_age_seconds: 0\n  min_dwell_seconds: 0\n"
     )
     config = write_mesh_config(tmp_path, NODES, AGENTS, port=free_port(), extra=extra)
     mesh = MeshProcess(config, int(config.read_text().split("listen: 127.0.0.1:")[1].split()[0]))
@@ -119,7 +119,8 @@ def test_sigkill_mid_stream_then_restart(mesh_process: MeshProcess, tmp_path: Pa
 
     # reference: one uninterrupted engine over the same batches
     policy = DecisionPolicy(
-        damping=DampingPolicy(enabled=False), stale_after_seconds=3600, max_age_seconds=0
+        damping=DampingPolicy(enabled=False), stale_after_seconds=3600, max_age_seconds=0,
+        min_dwell_seconds=0,
     )
     engine = DecisionEngine(policy, fleet(NODES))
     expected = []

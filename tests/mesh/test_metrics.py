@@ -41,11 +41,11 @@ def test_collector_reports_impairment_guard_and_drops(tmp_path: Path) -> None:
     nodes = [f"n{i}" for i in range(8)]
     for agent in ("va", "vb", "vc", "vd"):
         send(agent, dict.fromkeys(nodes, True), 0.0)
-    for t in range(1, 4):
+    for t in range(1, 7):  # vd: down at t=3, impaired once contradicted for confirm_seconds
         for agent in ("va", "vb", "vc", "vd"):
             # vd sees the whole fleet down (impaired); va..vc see n0..n2 down (guard: 2 of 8)
             send(agent, {n: agent != "vd" and int(n[1:]) >= 3 for n in nodes}, float(t))
-    svc.engine.observe([obs("ghost", "va", True, at=3.0)], 3.0)
+    svc.engine.observe([obs("ghost", "va", True, at=6.0)], 6.0)
     registry = CollectorRegistry()
     registry.register(MeshCollector(lambda: svc, IngestStats()))
     text = generate_latest(registry).decode()
