@@ -11,6 +11,9 @@
 * ``POST /v1/nodes/{id}/drain|maintenance|ready`` — operator actions; ``Authorization: Bearer
   <token>`` from ``operator_token_file``; optional JSON body ``{"actor": "name"}``. Each action is
   journaled and its verdict change is in the log with an ``admin`` reason naming the actor.
+* ``GET /v1/audit[?limit=N]`` — the latest audit notes (newest last): quorum lost or regained,
+  a vantage judged impaired or cleared, a change held by the minimum dwell. None of these
+  changes a published state, so none is a verdict record.
 * ``GET /healthz`` — 200 while the mesh is serving.
 """
 
@@ -26,7 +29,7 @@ import msgspec
 from aiohttp import web
 
 from probes.mesh.decision import OPINION_NAMES
-from probes.mesh.service import MeshService
+from probes.mesh.service import AUDIT_RECENT, MeshService
 from probes.mesh.store import StoreError
 from probes.model import VerdictState
 
@@ -56,6 +59,7 @@ class Api:
             web.get("/v1/verdicts", self.verdicts),
             web.get("/v1/nodes", self.nodes),
             web.get("/v1/nodes/{node}", self.node),
+            web.get("/v1/audit", self.audit),
             web.post("/v1/nodes/{node}/{action}", self.admin),
             web.get("/healthz", self.healthz),
         ]
@@ -105,6 +109,14 @@ class Api:
             nodes.append(item)
         vantages = sorted(set(engine.vantages) | set(self._agents))
         return _json({"now": now, "vantages": vantages, "nodes": nodes})
+
+    async def audit(self, request: web.Request) -> web.Response:
+        try:
+            limit = max(0, min(int(request.query.get("limit", "100")), AUDIT_RECENT))
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit is an integer") from None
+        notes = list(self._service().audit)[-limit:] if limit else []
+        return _json({"audit": [msgspec.to_builtins(n) for n in notes]})
 
     async def node(self, request: web.Request) -> web.Response:
         service = self._service()

@@ -169,6 +169,8 @@ def node_view(policy: DecisionPolicy, node: NodeState, now: float) -> dict[str, 
             "opinion": OPINION_NAMES[nv.opinion],
             "stale": now - nv.seen > stale,
             "impaired": nv.vantage.impaired,
+            # its peers' fresh evidence contradicts it (impaired once that has held long enough)
+            "contradicted": nv.vantage.contradicted,
             "seen": nv.seen,
             "checks": {
                 c.name: {

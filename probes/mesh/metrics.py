@@ -89,12 +89,27 @@ class MeshCollector(Collector):
             "Seconds since the vantage's last accepted observation.",
             labels=["vantage"],
         )
+        contradicted = GaugeMetricFamily(
+            P + "vantage_contradicted",
+            "1 while the vantage's peers hold fresh contrary evidence (impaired once confirmed).",
+            labels=["vantage"],
+        )
         for name, vantage in engine.vantages.items():
             impaired.add_metric([name], int(vantage.impaired))
+            contradicted.add_metric([name], int(vantage.contradicted))
             seen = max((nv.seen for nv in vantage.nvs), default=now)
             fresh.add_metric([name], max(0.0, now - seen))
         yield impaired
+        yield contradicted
         yield fresh
+        audit = CounterMetricFamily(
+            P + "audit_events",
+            "Engine decisions that change no published state (quorum, impairment, dwell).",
+            labels=["what"],
+        )
+        for what, value in engine.audit_totals.items():
+            audit.add_metric([what], value)
+        yield audit
 
         holding = GaugeMetricFamily(
             P + "pool_guard_holding", "Nodes the pool guard keeps from going DOWN.", labels=["pool"]

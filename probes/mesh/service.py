@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from probes.mesh.decision import DecisionEngine, NodeInfo
+from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
 from probes.mesh.store import (
@@ -45,6 +46,8 @@ from probes.model import (
 )
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("probes.mesh.audit")
+AUDIT_RECENT = 1000
 
 
 def split_load(
@@ -91,6 +94,9 @@ class MeshService:
         self.listeners: list[Callable[[list[Verdict]], None]] = []
         # called with the weight changes of every committed input (weights enabled only)
         self.weight_listeners: list[Callable[[list[WeightChange]], None]] = []
+        # the engine's audit notes (quorum, impairment, dwell: nothing a balancer sees), newest
+        # last, for GET /v1/audit; each is also logged on the "probes.mesh.audit" logger
+        self.audit: deque[AuditNote] = deque(maxlen=AUDIT_RECENT)
         self._policy = policy
         self._nodes = list(nodes)
         enabled = weight_policy is not None and weight_policy.enabled
@@ -118,6 +124,7 @@ class MeshService:
             self.last_now = max(self.last_now, entry.now)
             self._last_journal_id = entry.id
         self.replayed_entries = len(rec.entries)
+        engine.take_audit()  # the replayed inputs' notes were logged when first applied
         self.agent_seq = dict(rec.agents)
         # never re-announce: the engine's per-node seq must be at least the logged one
         for node_id, verdict in self.store.node_verdicts().items():
@@ -221,6 +228,9 @@ class MeshService:
         )
         if due and not (self.background_snapshots and self._fork_snapshot()):
             self._snapshot()
+        for note in self.engine.take_audit():
+            self.audit.append(note)
+            audit_log.info("%s", encode(note).decode())
         if verdicts:
             self._announce(self.listeners, verdicts)
         if weight_changes:

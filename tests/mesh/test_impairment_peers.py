@@ -234,3 +234,39 @@ def test_a_cut_vantage_never_helps_take_a_node_down(
                 nvs = eng.nodes[change.node].nvs
                 assert nvs["v0"].opinion == OP_DOWN and nvs["v1"].opinion == OP_DOWN
         assert "cut" in impaired(eng)
+
+
+# ---------------------------------------------------------------------- docs/mesh.md's timeline
+
+
+def test_the_worked_timeline_in_the_docs() -> None:
+    """docs/mesh.md, "Impairment": a pool of 10, the daemons of n0..n5 die at t=0; A learns at
+    0.2/0.45, B at 0.9/1.15, C at 1.6/1.85 (two unreachable answers each, fastinter 0.25)."""
+    nodes = [f"n{i}" for i in range(10)]
+    eng = engine(10, DecisionPolicy(damping=DampingPolicy(enabled=False)))
+    dead = set(nodes[:6])
+
+    def probe(t: float, vantage: str, failing: set[str]) -> list:
+        return eng.observe([obs(n, vantage, n not in failing, reason=None if n not in failing
+                                else Reason.ICMP_UNREACHABLE, check="ovpn", kind="openvpn.tls",
+                                at=t) for n in nodes], t)
+
+    for t, v in ((-1.8, "A"), (-1.4, "B"), (-1.1, "C")):
+        probe(t, v, set())
+    changes = []
+    for t, v in ((0.2, "A"), (0.45, "A")):
+        changes += probe(t, v, dead)
+    # A sees 6 of 10 DOWN; B and C passed before A's failures began: no evidence against A
+    assert eng.vantages["A"].down == 6 and not eng.vantages["A"].contradicted
+    for t, v in ((0.9, "B"), (1.15, "B")):
+        changes += probe(t, v, dead)
+    # A and B agree: 2 of 3 vote DOWN; the guard lets 5 of 10 go, n5 is held
+    assert [(c.node, c.state) for c in changes] == [(n, VerdictState.DOWN) for n in nodes[:5]]
+    assert eng.nodes["n5"].guard_hold and eng.nodes["n5"].state == VerdictState.UP
+    for t, v in ((1.6, "C"), (1.85, "C")):
+        changes += probe(t, v, dead)
+    for t in (3.0, 5.0, 7.0):
+        eng.tick(t)
+    assert not any(v.impaired or v.contradicted for v in eng.vantages.values())
+    assert not any(n.quorum_lost for n in eng.nodes.values())
+    assert len(changes) == 5 and all(c.state != c.previous for c in changes)

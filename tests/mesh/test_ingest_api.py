@@ -239,3 +239,21 @@ def test_shipped_mesh_example_is_valid_but_for_its_key_files() -> None:
     assert all(p.message.startswith("no such file") for p in info.value.problems), [
         str(p) for p in info.value.problems
     ]
+
+
+async def test_quorum_loss_is_an_audit_note_not_a_verdict(mesh: Mesh) -> None:
+    for seq, agent in enumerate(["va", "vb", "vc"], 1):
+        await mesh.post(agent, mesh.body(agent, seq, {"n0": True}))
+    mesh.now += 40  # vb and vc go stale (30 s): va alone is below min_voters
+    status, reply = await mesh.post("va", mesh.body("va", 4, {"n0": True}))
+    assert (status, reply["verdicts"]) == (200, 0)
+    log = (await (await mesh.client.get("/v1/verdicts?after=0&node=n0")).json())["log"]
+    assert [e["verdict"]["state"] for e in log] == ["UP"]  # nothing for the balancers
+    node = await (await mesh.client.get("/v1/nodes/n0")).json()
+    assert node["quorum_lost"] and node["seq"] == 1
+    audit = (await (await mesh.client.get("/v1/audit")).json())["audit"]
+    assert [(a["what"], a["node"], a["state"]) for a in audit] == [("quorum-lost", "n0", "UP")]
+    assert (await mesh.client.get("/v1/audit?limit=x")).status == 400
+    metrics = await (await mesh.client.get("/metrics")).text()
+    assert 'tunnelwatch_mesh_audit_events_total{what="quorum-lost"} 1.0' in metrics
+    assert 'tunnelwatch_mesh_vantage_contradicted{vantage="va"} 0.0' in metrics

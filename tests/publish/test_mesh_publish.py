@@ -80,7 +80,8 @@ def write_config(folder: Path, port: int, url: str) -> Path:
         lines.append(f"  - {{name: {agent}, key_file: {agent}.key}}")
     lines.append("nodes:")
     lines += [f"  - {{id: n{i}, pool: p{i}}}" for i in range(NODES)]
-    lines += ["decision:", "  damping: {enabled: false}", "publishers:",
+    # no dwell: the script flips every node within seconds, as fast as it can post
+    lines += ["decision:", "  damping: {enabled: false}", "  min_dwell_seconds: 0", "publishers:",
               f"  - {{type: webhook, name: hook, url: '{url}', key_id: k1, key_file: hook.key,",
               "     retry: {initial_backoff: 0.05, max_backoff: 0.5, poll_interval: 0.05}}"]
     path = folder / "mesh.yaml"
