@@ -250,6 +250,9 @@ class AgentIdentity(Strict, kw_only=True, frozen=True):
     max_concurrency: int = 256
     per_node_concurrency: int = 4
     max_probe_rate: float = 2500.0  # probe starts/s admitted; checks beyond it are refused
+    # re-probes the mesh may ask for (another vantage saw a check fail), per second; bursts of
+    # twice this; 0 honours none
+    max_reprobe_rate: float = 10.0
     max_start_lag: float = 0.05  # seconds; a probe that cannot start this close to its slot is
     # not run (reason "overloaded") rather than timed dishonestly
 
@@ -261,6 +264,8 @@ class MeshEndpoints(Strict, kw_only=True, frozen=True):
     batch_max: int = 500
     flush_interval: float = 1.0
     spool_max_bytes: int = 64 * 1024 * 1024
+    # honour the re-probe requests the mesh sends in its replies (corroboration on demand)
+    reprobe: bool = True
 
 
 class AgentConfig(Strict, kw_only=True, frozen=True):
@@ -548,6 +553,8 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.agent.max_probe_rate", "must be > 0")
     if cfg.agent.max_start_lag <= 0:
         yield Problem("$.agent.max_start_lag", "must be > 0")
+    if not cfg.agent.max_reprobe_rate >= 0:
+        yield Problem("$.agent.max_reprobe_rate", "must be >= 0")
     for name, tier in cfg.tiers.items():
         if name not in ("l4", "functional", "session", "telemetry", "load"):
             yield Problem(f"$.tiers.{name}",

@@ -369,6 +369,13 @@ class AgentCollector(Collector):
         fast = CounterMetricFamily("tunnelwatch_scheduler_fast_reprobes",
                                    "Probes run at fast_interval during a state transition.",
                                    labels=v)
+        reprobes = CounterMetricFamily("tunnelwatch_scheduler_reprobes",
+                                       "Probes started because the mesh asked (another vantage "
+                                       "saw the check fail).", labels=v)
+        requests = CounterMetricFamily("tunnelwatch_scheduler_reprobe_requests",
+                                       "Re-probe requests from the mesh by what became of them "
+                                       "(honoured, busy, unknown, limited, disabled).",
+                                       labels=[*v, "result"])
         in_flight = GaugeMetricFamily("tunnelwatch_scheduler_in_flight",
                                       "Probes running now.", labels=v)
         refused = GaugeMetricFamily("tunnelwatch_scheduler_refused_checks",
@@ -384,10 +391,14 @@ class AgentCollector(Collector):
             started.add_metric([self.vantage], stats.started_total)
             cascades.add_metric([self.vantage], stats.cascades_total)
             fast.add_metric([self.vantage], stats.fast_reprobes_total)
+            reprobes.add_metric([self.vantage], stats.reprobes_total)
+            for result, count in stats.reprobe_requests.items():
+                requests.add_metric([self.vantage, result], count)
             in_flight.add_metric([self.vantage], info.get("in_flight", 0.0))
             refused.add_metric([self.vantage], info.get("refused", 0.0))
             rate.add_metric([self.vantage], info.get("planned_rate", 0.0))
-        yield from (lag, overloaded, started, cascades, fast, in_flight, refused, rate)
+        yield from (lag, overloaded, started, cascades, fast, reprobes, requests, in_flight,
+                    refused, rate)
 
     def _reporter_families(self, r: ReporterStats, empty: bool) -> Iterator[Metric]:
         v = ["vantage"]

@@ -37,7 +37,12 @@ class PlannedCheck:
 
     @property
     def key(self) -> str:
-        return f"{self.node}/{self.check}"
+        return check_key(self.node, self.check)
+
+
+def check_key(node: str, check: str) -> str:
+    """The scheduler's key of a node's check (what the mesh's re-probe requests name)."""
+    return f"{node}/{check}"
 
 
 def _wanted(target: Target, check: str, kind: str) -> bool:

@@ -12,6 +12,8 @@ Path of one observation:
    POSTs it. 2xx, or ``409 replay`` (the mesh already has this ``batch_seq``: the answer to an
    earlier attempt was lost) acknowledge it; other answers are retried with exponential backoff
    and jitter. 400/413 (the mesh will never accept this body) drop the batch, counted.
+4. a 2xx answer may carry ``reprobe``: checks another vantage saw fail, which the mesh asks this
+   agent to re-probe now (corroboration on demand); they go to ``on_reprobe`` (the scheduler).
 
 Nothing within spool capacity is lost; beyond it the oldest observations go first, counted in
 ``tunnelwatch_spool_dropped_observations_total``.
@@ -51,6 +53,24 @@ _PERMANENT = (400, 413)  # the mesh will never take this body: drop the batch, c
 T = TypeVar("T")
 
 
+MAX_REPROBE_REQUESTS = 1000  # per reply: a mesh cannot make an agent take more at once
+
+
+def reprobe_requests(reply: bytes) -> list[tuple[str, str]]:
+    """The ``reprobe`` list of a mesh's 2xx answer: ``[[node, check], ...]``, re-probes the mesh
+    asks for because another vantage saw those checks fail. Anything malformed is ignored (an
+    older mesh sends none; a reply is never a reason to fail a delivered batch)."""
+    try:
+        data = msgspec.json.decode(reply)
+    except msgspec.DecodeError:
+        return []
+    asks = data.get("reprobe") if isinstance(data, dict) else None
+    if not isinstance(asks, list):
+        return []
+    return [(a[0], a[1]) for a in asks[:MAX_REPROBE_REQUESTS]
+            if isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)]
+
+
 def batch_url(endpoint: str) -> str:
     """A bare mesh URL (``http://mesh:9480``) means its ingest path, ``/v1/batches``."""
     scheme, sep, rest = endpoint.partition("://")
@@ -87,6 +107,8 @@ class Reporter:
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
+        # called with the re-probes a mesh asks for in its reply (the agent's scheduler)
+        self.on_reprobe: Callable[[list[tuple[str, str]]], None] | None = None
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, partial(fn, *args))
@@ -235,12 +257,20 @@ class Reporter:
         try:
             async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
                 status = resp.status
-                text = (await resp.text())[:200] if status >= 300 else ""
+                reply = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.debug("report to endpoint failed: %s", type(exc).__name__)
             return "error"
         if 200 <= status < 300 or status == 409:
+            if status < 300 and self.on_reprobe is not None:
+                asks = reprobe_requests(reply)
+                try:
+                    if asks:
+                        self.on_reprobe(asks)
+                except Exception:  # the batch is delivered whatever the scheduler made of it
+                    log.exception("re-probe requests not applied")
             return "ok"
+        text = reply[:200].decode(errors="replace")
         if status in _PERMANENT:
             log.error("mesh rejected batch %d (%d observations) with %d: %s; dropped",
                       batch.batch_seq, len(batch.bodies), status, text)

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from probes.agent.http import HttpHooks, build_app, find_check, start_http
 from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
-from probes.agent.plan import PlannedCheck, plan
+from probes.agent.plan import PlannedCheck, check_key, plan
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.config import AgentConfig, load_agent_config, resolve_path
@@ -88,7 +88,8 @@ class Agent:
         self.started_at = time.time()
         self.probe_stats = ProbeStats()
         self.reporter_stats = ReporterStats()
-        self.core = ScheduleCore(self.config.tiers, max_rate=self.config.agent.max_probe_rate)
+        self.core = ScheduleCore(self.config.tiers, max_rate=self.config.agent.max_probe_rate,
+                                 max_reprobe_rate=self.config.agent.max_reprobe_rate)
         self.scheduler = AgentScheduler(
             self.core, self._on_run, max_concurrency=self.config.agent.max_concurrency,
             per_node_concurrency=self.config.agent.per_node_concurrency,
@@ -157,10 +158,21 @@ class Agent:
         if mesh is None:
             return None
         key = signing.load_key(resolve_path(mesh.key_file, self.base_dir))
-        return Reporter(agent=self.vantage, endpoints=mesh.endpoints, key_id=mesh.key_id,
-                        key=key, spool_path=self.state_dir / SPOOL_FILE,
-                        spool_max_bytes=mesh.spool_max_bytes, batch_max=mesh.batch_max,
-                        flush_interval=mesh.flush_interval, stats=self.reporter_stats)
+        reporter = Reporter(agent=self.vantage, endpoints=mesh.endpoints, key_id=mesh.key_id,
+                            key=key, spool_path=self.state_dir / SPOOL_FILE,
+                            spool_max_bytes=mesh.spool_max_bytes, batch_max=mesh.batch_max,
+                            flush_interval=mesh.flush_interval, stats=self.reporter_stats)
+        reporter.on_reprobe = self._on_reprobe
+        return reporter
+
+    def _on_reprobe(self, asks: list[tuple[str, str]]) -> None:
+        """Re-probes the mesh asked for: another vantage saw these checks fail."""
+        honour = self.config.mesh is not None and self.config.mesh.reprobe
+        for node, check in asks:
+            if honour:
+                self.scheduler.request(check_key(node, check))
+            else:
+                self.scheduler.stats.reprobe_requests["disabled"] += 1
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -203,6 +215,7 @@ class Agent:
                 assert self.reporter is not None
                 await self.reporter.start()
             self.core.max_rate = config.agent.max_probe_rate
+            self.core.max_reprobe_rate = config.agent.max_reprobe_rate
             self.scheduler.max_start_lag = config.agent.max_start_lag
             self.config = config
             summary = self._apply_plan(config)

@@ -29,6 +29,11 @@ Policy (HAProxy's health-check semantics, named after its keywords):
   proportionally longer wait. Failures give no sample (Karn); until ``RTO_MIN_SAMPLES``
   successes the tier's timeout is used. Multi-exchange checks (handshakes with their own
   retransmits) keep the tier's timeout: cutting it would turn lost packets into failures.
+* **re-probe on request** (corroboration on demand): when another vantage saw a check of a node
+  fail, the mesh asks this agent (in the reply to a batch) to re-probe it now. The check is
+  made due now unless it is running or already due; a slot already queued later in the round
+  is pulled forward (no extra probe). A token bucket (``max_reprobe_rate`` per second, burst
+  twice that) bounds what requests can add, whatever the mesh asks.
 * a check never overlaps itself; a global, and a per-node semaphore bound concurrency.
 * **admission control**: the planned start rate (sum of 1/interval) is capped at
   ``max_probe_rate``; checks beyond it are refused at load. At run time a check that cannot start
@@ -72,6 +77,9 @@ RTO_K = 4.0  # RFC 6298: RTO = SRTT + K * RTTVAR
 RTO_ALPHA = 1 / 8
 RTO_BETA = 1 / 4
 _LAST_SLOT = 0.999  # a jittered slot stays inside its round, so it is never skipped by the next
+DEFAULT_MAX_REPROBE_RATE = 10.0  # re-probes on request per second (burst: twice that)
+# what became of a re-probe request (the metric's closed label set)
+REPROBE_RESULTS = ("honoured", "busy", "unknown", "limited", "disabled")
 
 
 @dataclass(slots=True)
@@ -153,9 +161,13 @@ class ScheduleCore:
     def __init__(self, tiers: dict[str, TierPolicy] | None = None, *,
                  max_rate: float = float("inf"), rng: random.Random | None = None,
                  adaptive_tiers: frozenset[Tier] = frozenset({Tier.L4}),
-                 min_timeout: float = MIN_ADAPTIVE_TIMEOUT) -> None:
+                 min_timeout: float = MIN_ADAPTIVE_TIMEOUT,
+                 max_reprobe_rate: float = DEFAULT_MAX_REPROBE_RATE) -> None:
         self.tiers = dict(DEFAULT_TIERS) | (tiers or {})
         self.max_rate = max_rate
+        self.max_reprobe_rate = max_reprobe_rate
+        self._reprobe_tokens = 2 * max_reprobe_rate
+        self._reprobe_at = -float("inf")
         self.adaptive_tiers = adaptive_tiers
         self.min_timeout = min_timeout
         self.rng = rng or random.Random()
@@ -278,6 +290,27 @@ class ScheduleCore:
             out.append(Due(key, st.check, due, st.why))
         return out
 
+    def request(self, key: str, now: float) -> str:
+        """The mesh asks for a re-probe of ``key`` now (another vantage saw it fail). Returns
+        what became of it: ``honoured``, ``busy`` (running, or already due by now),
+        ``unknown`` (no such check here) or ``limited`` (the re-probe budget is spent)."""
+        st = self.states.get(key)
+        if st is None:
+            return "unknown"
+        if st.running or (st.due is not None and st.due <= now):
+            return "busy"
+        if not self.max_reprobe_rate > 0:
+            return "limited"
+        burst = 2 * self.max_reprobe_rate
+        self._reprobe_tokens = min(burst, self._reprobe_tokens
+                                   + (now - self._reprobe_at) * self.max_reprobe_rate)
+        self._reprobe_at = now
+        if self._reprobe_tokens < 1:
+            return "limited"
+        self._reprobe_tokens -= 1
+        self._queue(st, now, "reprobe")
+        return "honoured"
+
     def release(self, key: str) -> None:
         """The check finished without an outcome (refused as overloaded, or cancelled)."""
         st = self.states.get(key)
@@ -372,6 +405,9 @@ class SchedulerStats:
     overloaded_total: int = 0
     cascades_total: int = 0
     fast_reprobes_total: int = 0
+    reprobes_total: int = 0  # started because the mesh asked (corroboration on demand)
+    reprobe_requests: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(REPROBE_RESULTS, 0))
     lag_last: float = 0.0
     lag_max_window: float = 0.0  # max since the last scrape (reset by the metrics collector)
     lag_samples: list[float] = field(default_factory=list)  # bounded ring for the benchmark
@@ -493,6 +529,14 @@ class AgentScheduler:
 
     # ---------------------------------------------------------------- dispatch
 
+    def request(self, key: str) -> str:
+        """A re-probe the mesh asked for (see :meth:`ScheduleCore.request`); counted."""
+        result = self.core.request(key, self.clock())
+        self.stats.reprobe_requests[result] += 1
+        if result == "honoured":
+            self._arm()
+        return result
+
     def _arm(self) -> None:
         if self._stopping or self._loop is None:
             return
@@ -540,6 +584,7 @@ class AgentScheduler:
                     return
                 self.stats.started_total += 1
                 self.stats.fast_reprobes_total += due.why == "fast"
+                self.stats.reprobes_total += due.why == "reprobe"
                 timeout = self.core.timeout_for(due.key)
                 result = await self.runner(check, timeout)
         except asyncio.CancelledError:

@@ -136,7 +136,8 @@ class HACluster:
         lines += [f"  - {{id: n{i}, pool: p{i}}}" for i in range(nodes)]
         endpoints = ", ".join(f"'{e}'" for e in self.etcd.endpoints)
         url = f"http://{self.hook.address}:{HOOK_PORT}/hook"
-        lines += ["decision:", "  damping: {enabled: false}",
+        # no dwell: the fault stream flips nodes every few rounds, posted as fast as it goes
+        lines += ["decision:", "  damping: {enabled: false}", "  min_dwell_seconds: 0",
                   "store:", "  type: etcd", f"  endpoints: [{endpoints}]",
                   f"  prefix: /tw/{self.lab.run_id}", f"  replica: {name}",
                   f"  lease_ttl_seconds: {LEASE_TTL}", f"  clock_margin_seconds: {CLOCK_MARGIN}",

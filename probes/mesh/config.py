@@ -18,6 +18,7 @@ from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
 from probes.mesh.publish import config as publish_config
+from probes.mesh.reprobe import ReprobePolicy, policy_problems
 from probes.mesh.weight_policy import WeightPolicy, validate_weight_policy
 from probes.mesh.weights import WeightNode
 
@@ -116,6 +117,8 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     anycast: AnycastConfig | None = None  # PoP announcements through BGP speakers
     agent_check: AgentCheckConfig | None = None  # HAProxy pulls states and weights
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)  # HA: docs/ha.md
+    # corroboration on demand: ask other vantages to re-probe a failing check (docs/mesh.md)
+    reprobe: ReprobePolicy = msgspec.field(default_factory=ReprobePolicy)
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
@@ -187,6 +190,8 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
             if node_id not in {n.id for n in cfg.nodes}:
                 yield Problem(f"$.agent_check.servers.{name}", f"no node {node_id!r}")
     yield from _store_problems(cfg.store)
+    for path, message in policy_problems(cfg.reprobe):
+        yield Problem(path, message)
     pools_with_nodes = {n.pool for n in cfg.nodes if n.role == "node"}
     for i, node in enumerate(cfg.nodes):
         if node.role == "anycast" and node.pool in pools_with_nodes:

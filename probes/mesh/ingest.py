@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
 from probes.mesh.store import StoreError
 from probes.model import SchemaError, Verdict, decode_batch, signing
@@ -82,6 +83,8 @@ class Ingest:
         max_body_bytes: int,
         timestamp_window_seconds: float,
         clock: Callable[[], float] = time.time,
+        *,
+        reprobe: ReprobePlanner | None = None,
     ) -> None:
         self.service = service
         self.keys = keys
@@ -89,6 +92,7 @@ class Ingest:
         self.window = timestamp_window_seconds
         self.clock = clock
         self.stats = IngestStats()
+        self.reprobe = reprobe
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -100,7 +104,16 @@ class Ingest:
             if exc.path:
                 payload["field"] = exc.path
             return web.json_response(payload, status=exc.status)
-        return web.json_response({"accepted": True, "verdicts": len(verdicts)})
+        reply: dict[str, object] = {"accepted": True, "verdicts": len(verdicts)}
+        if self.reprobe is not None:
+            # corroboration on demand: the failures this batch began go to the other vantages,
+            # and this vantage gets what others' failures asked of it (probes/mesh/reprobe.py)
+            now = self.service.last_now
+            self.reprobe.plan(self.service.engine, now)
+            asks = self.reprobe.take(request.headers[signing.HEADER_AGENT], now)
+            if asks:
+                reply["reprobe"] = asks
+        return web.json_response(reply)
 
     async def _read(self, request: web.Request) -> bytes:
         length = request.content_length

@@ -18,6 +18,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from probes.mesh.ingest import IngestStats
+from probes.mesh.reprobe import RESULTS as REPROBE_RESULTS
+from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
 from probes.model import VerdictState
 
@@ -25,10 +27,12 @@ P = "tunnelwatch_mesh_"
 
 
 class MeshCollector(Collector):
-    def __init__(self, service: Callable[[], MeshService], ingest: IngestStats) -> None:
+    def __init__(self, service: Callable[[], MeshService], ingest: IngestStats,
+                 reprobe: ReprobePlanner | None = None) -> None:
         # a callable: the service's engine may be rebuilt after a store failure
         self._service = service
         self._ingest = ingest
+        self._reprobe = reprobe
 
     def collect(self) -> Iterator[Metric]:
         service = self._service()
@@ -140,6 +144,17 @@ class MeshCollector(Collector):
         dropped.add_metric(["late"], engine.late_total)
         dropped.add_metric(["agent-side"], engine.agent_side_total)
         yield dropped
+
+        requests = CounterMetricFamily(
+            P + "reprobe_requests",
+            "Re-probe requests to other vantages when a check began failing (corroboration on "
+            "demand), by result: sent, or dropped by cooldown, agent-rate, expired.",
+            labels=["result"],
+        )
+        for result in REPROBE_RESULTS:
+            requests.add_metric(
+                [result], self._reprobe.counts[result] if self._reprobe is not None else 0)
+        yield requests
 
         stats = self._ingest
         yield CounterMetricFamily(

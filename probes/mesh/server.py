@@ -28,6 +28,7 @@ from probes.mesh.leader import LeaderCollector, LeaderElector
 from probes.mesh.metrics import MeshCollector, WeightCollector
 from probes.mesh.publish.agentcheck import AgentCheckServer
 from probes.mesh.publish.runner import Publishing, publishing_context
+from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
 from probes.mesh.store import MeshStore, StoreError
 from probes.mesh.store_etcd import EtcdClient, EtcdStore
@@ -79,10 +80,12 @@ def build_app(
     """The mesh app. Opens the store (and recovers) now; closes it on app cleanup."""
     svc = service or open_service(cfg)
     registry = registry or CollectorRegistry()
-    ingest = Ingest(svc, load_keys(cfg), cfg.max_body_bytes, cfg.timestamp_window_seconds, clock)
+    planner = ReprobePlanner(cfg.reprobe) if cfg.reprobe.enabled else None
+    ingest = Ingest(svc, load_keys(cfg), cfg.max_body_bytes, cfg.timestamp_window_seconds, clock,
+                    reprobe=planner)
     token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
-    registry.register(MeshCollector(lambda: ingest.service, ingest.stats))
+    registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner))
     registry.register(WeightCollector(lambda: ingest.service))
 
     app = web.Application(client_max_size=cfg.max_body_bytes)

@@ -257,3 +257,18 @@ async def test_quorum_loss_is_an_audit_note_not_a_verdict(mesh: Mesh) -> None:
     metrics = await (await mesh.client.get("/metrics")).text()
     assert 'tunnelwatch_mesh_audit_events_total{what="quorum-lost"} 1.0' in metrics
     assert 'tunnelwatch_mesh_vantage_contradicted{vantage="va"} 0.0' in metrics
+
+
+async def test_a_failure_asks_the_other_vantages_in_their_replies(mesh: Mesh) -> None:
+    for seq, agent in enumerate(["va", "vb", "vc"], 1):
+        status, reply = await mesh.post(agent, mesh.body(agent, seq, {"n0": True}))
+        assert "reprobe" not in reply
+    mesh.now += 1
+    status, reply = await mesh.post("va", mesh.body("va", 4, {"n0": False}))
+    assert status == 200 and "reprobe" not in reply  # nothing is asked of the one that failed
+    status, reply = await mesh.post("vb", mesh.body("vb", 5, {"n1": True}))
+    assert reply["reprobe"] == [["n0", "wg"]]
+    status, reply = await mesh.post("vb", mesh.body("vb", 6, {"n1": True}))
+    assert "reprobe" not in reply  # delivered once
+    metrics = await (await mesh.client.get("/metrics")).text()
+    assert 'tunnelwatch_mesh_reprobe_requests_total{result="sent"} 1.0' in metrics
