@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from probes.agent.reporter import MAX_REPROBE_REQUESTS, reprobe_requests
 from probes.agent.scheduler import ScheduleCore
-from probes.checks.base import Tier
 from probes.config import TierPolicy
+from probes.model import Tier
 
 from .fakes import planned
 

@@ -56,7 +56,10 @@ class Feeder:
 
 def service(db: Path, *, weights: WeightPolicy | None = WEIGHTS) -> MeshService:
     nodes = fleet(3)
-    return MeshService(SQLiteStore(db), DecisionPolicy(), nodes, weight_policy=weights,
+    # no dwell: the script takes n1 down and back within 4 s, and the weights' slow start must
+    # run its course before the script ends
+    return MeshService(SQLiteStore(db), DecisionPolicy(min_dwell_seconds=0), nodes,
+                       weight_policy=weights,
                        weight_nodes=[WeightNode(n.node, n.pool) for n in nodes])
 
 
