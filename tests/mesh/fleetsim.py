@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ScheduleCore
-from probes.checks.base import get_kind
+from probes.checks.registry import kind as get_kind
 from probes.config import TierPolicy
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
@@ -269,7 +269,8 @@ class FleetSim:
         v.seq += 1
         v.pending.append(Observation(node=node, check=check, vantage=vantage, seq=v.seq,
                                      wall_time=started, ok=ok, reason=reason,
-                                     duration_seconds=duration, kind=self.kinds[check]))
+                                     duration_seconds=duration, kind=self.kinds[check],
+                                     tier=get_kind(self.kinds[check]).tier))
         self._wake(v, t)
 
     def _flush(self, v: _Vantage, t: float) -> None:
