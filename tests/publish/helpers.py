@@ -30,9 +30,11 @@ def verdict_stream(nodes: list[str], per_node: int,
 
 @dataclass
 class Sink:
-    """Records every accepted delivery; answers 500 while ``failing_until`` is in the future."""
+    """Records every accepted delivery; answers ``failing_status`` (500) while ``failing_until``
+    is in the future."""
 
     failing_until: float = 0.0
+    failing_status: int = 500
     received: list[tuple[str, int]] = field(default_factory=list)  # (node, seq), in arrival order
     keys: list[str] = field(default_factory=list)
     rejected: int = 0
@@ -48,7 +50,7 @@ class Sink:
             return web.Response(status=401)
         if time.monotonic() < self.failing_until:
             self.rejected += 1
-            return web.Response(status=500, text="down for the test")
+            return web.Response(status=self.failing_status, text="down for the test")
         env = decode_envelope(body)
         assert request.headers["Idempotency-Key"] == env.idempotency_key
         self.received.append((env.verdict.node, env.verdict.seq))

@@ -98,9 +98,10 @@ class Flaky(Publisher):
         self.accepted.append(verdict.idempotency_key)
 
 
-async def drain(loop: DeliveryLoop, outbox: MemoryOutbox, total: int) -> None:
+async def drain(loop: DeliveryLoop, outbox: MemoryOutbox, total: int,
+                timeout: float = 10) -> None:
     task = asyncio.create_task(loop.run())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while outbox.positions.get(loop.name, 0) < total and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     loop.stop()
@@ -149,8 +150,10 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
 
 @pytest.mark.parametrize(("status", "outcome"), [
     (200, None), (204, None), (409, None), (500, RetryableError), (503, RetryableError),
-    (429, RetryableError), (408, RetryableError), (400, PermanentError), (401, PermanentError),
-    (404, PermanentError),
+    (429, RetryableError), (408, RetryableError), (400, PermanentError), (422, PermanentError),
+    # refusals a receiver gives while it rotates keys or is redeployed: retried (issue #17)
+    (401, RetryableError), (403, RetryableError), (404, RetryableError), (410, RetryableError),
+    (307, RetryableError), (301, RetryableError),
 ])
 async def test_status_classification(status: int, outcome: type[Exception] | None) -> None:
     from aiohttp import web
@@ -261,3 +264,49 @@ async def test_store_hiccups_cost_a_duplicate_never_a_verdict() -> None:
     loop.stop()
     await task
     assert pub.accepted == ["n:1", "n:1", "n:2", "n:3"]  # the unacknowledged one came again
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 410])
+async def test_a_short_refusal_window_loses_no_verdict(status: int) -> None:
+    """Issue #17 item 7: a receiver rotating its key answers 401 for a few seconds; those
+    verdicts must be retried with backoff, not dead-lettered at once (4 were lost for good)."""
+    registry = CollectorRegistry()
+    outbox = MemoryOutbox()
+    stream = list(verdict_stream(NODES, 3))
+    for v in stream:
+        outbox.append(v)
+    policy = RetryPolicy(initial_backoff=0.05, max_backoff=0.5, dead_letter_after=30,
+                         poll_interval=0.02)
+    sink = Sink(failing_until=time.monotonic() + 1.5, failing_status=status)
+    async with running_sink(sink):
+        loop = DeliveryLoop(WebhookPublisher("hook", sink.url, KEY, "k1"), outbox,
+                            PublisherMetrics(registry), policy, rng=random.Random(3))
+        await drain(loop, outbox, len(stream), timeout=30)
+    assert sink.rejected > 0
+    assert value(registry, "tunnelwatch_publisher_dead_lettered_total", "hook") == 0
+    assert_complete_in_order(sink.received, 3)
+
+
+async def test_a_redirect_is_never_followed() -> None:
+    """Issue #17 item 9: a 307 from the webhook target was followed to another port and
+    counted as delivered. A redirect is not a delivery: retried (and in the end
+    dead-lettered), never followed."""
+    from aiohttp import web
+
+    async with running_sink(Sink()) as elsewhere:
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(elsewhere.url)
+
+        app = web.Application()
+        app.router.add_post("/", redirect)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        pub = WebhookPublisher("w", f"http://127.0.0.1:{runner.addresses[0][1]}/", KEY, "k")
+        try:
+            with pytest.raises(RetryableError, match="307"):
+                await pub.deliver(next(verdict_stream(["n"], 1)))
+        finally:
+            await pub.close()
+            await runner.cleanup()
+        assert elsewhere.received == []

@@ -6,8 +6,12 @@ Signing is the agent->mesh scheme of :mod:`probes.model.signing` (hex HMAC-SHA25
 retry an hour later is signed afresh and still passes the receiver's freshness window.
 
 Status codes: 2xx delivered; 409 (the receiver already has this idempotency key) delivered too;
-408, 425, 429 and 5xx retried; any other 4xx is permanent (the receiver rejects this body: sending
-it again cannot help).
+408, 425, 429 and 5xx retried; so are 401, 403, 404 and 410: a receiver rotating its keys or
+being redeployed answers them for a while, and dead-lettering at once lost verdicts for good
+(Stripe retries any non-2xx). A redirect (3xx) is never followed — the verdict is for this URL
+and its signature for this receiver — and is retried like a refusal. Any other 4xx is permanent
+(the receiver rejects this body: sending it again cannot help). Retried failures are
+dead-lettered after the publisher's ``retry.dead_letter_after``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from probes.mesh.publish.envelope import (
 )
 from probes.model import Verdict, WeightChange, signing
 
-RETRYABLE_4XX = frozenset({408, 425, 429})
+# timeouts and throttling, and refusals that end once the receiver's keys or routes are right
+RETRYABLE_4XX = frozenset({401, 403, 404, 408, 410, 425, 429})
 WEIGHTS_PER_POST = 500  # weight changes in one webhook body
 
 
@@ -76,13 +81,17 @@ class WebhookPublisher(Publisher):
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout))
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as resp:
+            async with self._session.post(self.url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
                 status = resp.status
                 text = (await resp.text())[:200]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from None
         if 200 <= status < 300 or status == 409:
             return
+        if 300 <= status < 400:
+            where = resp.headers.get("Location", "?")[:200]
+            raise RetryableError(f"HTTP {status} to {where}: redirects are not followed")
         if status >= 500 or status in RETRYABLE_4XX:
             raise RetryableError(f"HTTP {status}: {text}")
         raise PermanentError(f"HTTP {status}: {text}")
