@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +41,9 @@ ACTIONS: dict[str, VerdictState | None] = {
     "ready": None,
 }
 MAX_LOG_LIMIT = 10_000
+MAX_LOG_ID = 2**63 - 1  # log ids are SQLite integers / etcd revisions
+MAX_ACTOR = 64
+MAX_ADMIN_BODY = 4096  # {"actor": "..."}: a few bytes; nothing bigger is read
 
 
 class Api:
@@ -70,9 +75,12 @@ class Api:
         if "after" in q:
             try:
                 after = int(q["after"])
-                limit = min(int(q.get("limit", "1000")), MAX_LOG_LIMIT)
+                limit = int(q.get("limit", "1000"))
             except ValueError:
                 raise web.HTTPBadRequest(text="after and limit are integers") from None
+            if not (0 <= after <= MAX_LOG_ID and 1 <= limit <= MAX_LOG_ID):
+                raise web.HTTPBadRequest(text=f"after is 0..{MAX_LOG_ID}, limit at least 1")
+            limit = min(limit, MAX_LOG_LIMIT)
             entries = service.store.verdicts(after=after, limit=limit, node=q.get("node"))
             log = [{"id": e.id, "verdict": msgspec.to_builtins(e.verdict)} for e in entries]
             return _json({"log": log, "next": entries[-1].id if entries else after})
@@ -144,15 +152,8 @@ class Api:
             raise web.HTTPNotFound(
                 text=f"unknown action {action!r}; one of drain, maintenance, ready"
             )
-        require_operator(request, self._token)
-        actor = "operator"
-        if request.can_read_body:
-            try:
-                body = json.loads(await request.read() or b"{}")
-            except ValueError:
-                raise web.HTTPBadRequest(text="body must be JSON") from None
-            if isinstance(body, dict) and isinstance(body.get("actor"), str):
-                actor = body["actor"][:64]
+        body = await operator_request(request, self._token)
+        actor = sanitise_text(body.get("actor"), MAX_ACTOR, "operator")
         name = request.match_info["node"]
         service = self._service()
         try:
@@ -200,12 +201,50 @@ def weight_view(service: MeshService, name: str) -> dict[str, Any]:
     return view
 
 
+def sanitise_text(text: object, limit: int, default: str = "") -> str:
+    """Operator-given text (an actor's name, a note) fit for logs, the audit trail and a
+    terminal: line breaks become spaces, control and format characters (escape codes, bidi
+    overrides) are dropped, runs of spaces collapse, at most ``limit`` characters; ``default``
+    when nothing is left (or it was not a string)."""
+    if not isinstance(text, str):
+        return default
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if char in "\t\n\r" or category in ("Zl", "Zp"):
+            kept.append(" ")
+        elif not category.startswith("C"):
+            kept.append(char)
+    cleaned = " ".join("".join(kept).split())[:limit].strip()
+    return cleaned or default
+
+
+async def operator_request(request: web.Request, token: bytes | None) -> dict[str, Any]:
+    """The JSON object body of an operator's request (``{}`` when empty), after the bearer
+    token was checked and before more than ``MAX_ADMIN_BODY`` bytes are read."""
+    require_operator(request, token)
+    if not request.can_read_body:
+        return {}
+    length = request.content_length
+    if length is None or length > MAX_ADMIN_BODY:
+        raise web.HTTPRequestEntityTooLarge(MAX_ADMIN_BODY, length or 0)
+    try:
+        body = json.loads(await request.content.readexactly(length) or b"{}")
+    except (ValueError, asyncio.IncompleteReadError):
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+
 def require_operator(request: web.Request, token: bytes | None) -> None:
     """Raise unless the request carries the operator bearer token (403 when none is set up)."""
     if token is None:
         raise web.HTTPForbidden(text="no operator_token_file configured: admin API disabled")
     auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+    # header bytes that are not UTF-8 arrive as surrogate escapes: compare them as sent
+    given = auth[7:].strip().encode("utf-8", "surrogateescape") if auth.startswith("Bearer ") \
+        else b""
     if not given or not hmac.compare_digest(given, token):
         raise web.HTTPUnauthorized(
             text="bearer token required", headers={"WWW-Authenticate": "Bearer"}

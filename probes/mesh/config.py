@@ -108,6 +108,11 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     weights: WeightPolicy = msgspec.field(default_factory=WeightPolicy)  # docs/weights.md
     max_body_bytes: int = 8 * 1024 * 1024
     timestamp_window_seconds: float = 300.0
+    # what an unauthenticated client may cost (docs/mesh.md, "Ingest under attack")
+    max_connections: int = 512  # open at once; lowered to fit the open-file limit
+    idle_timeout_seconds: float = 30.0  # no complete request on a connection for this long
+    body_timeout_seconds: float = 15.0  # a request body must have arrived by then
+    unverified_body_bytes: int = 32 * 1024 * 1024  # bodies read before their signature checks
     tick_seconds: float = 1.0
     snapshot_every: int = 10_000  # journal entries between engine snapshots ...
     snapshot_bytes: int = 256 * 1024 * 1024  # ... or journaled bytes, whichever comes first
@@ -168,6 +173,13 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.operator_token_file", f"no such file: {cfg.operator_token_file}")
     if cfg.max_body_bytes < 1024:
         yield Problem("$.max_body_bytes", "must be >= 1024")
+    if cfg.max_connections < 16:
+        yield Problem("$.max_connections", "must be >= 16")
+    for name in ("idle_timeout_seconds", "body_timeout_seconds"):
+        if not getattr(cfg, name) > 0:
+            yield Problem(f"$.{name}", "must be > 0")
+    if cfg.unverified_body_bytes < cfg.max_body_bytes:
+        yield Problem("$.unverified_body_bytes", "must be >= max_body_bytes (one body fits)")
     if not cfg.timestamp_window_seconds > 0:
         yield Problem("$.timestamp_window_seconds", "must be > 0")
     if not cfg.tick_seconds > 0:

@@ -1,21 +1,31 @@
 """``POST /v1/batches``: authenticated, validated, all-or-nothing ingest of agent batches.
 
-Checks, in order (the first that fails answers, and nothing is applied):
+Checks, in order (the first that fails answers, and nothing is applied). Everything up to the
+key id is judged from the headers, before the body is read (:mod:`probes.mesh.gate`):
 
-====================  ======  =======================================================
-reason                status  when
-====================  ======  =======================================================
-``too-large``         413     body over ``max_body_bytes`` (by Content-Length or read)
-``missing-header``    401     one of the four X-Tunnelwatch-* headers is absent
-``unknown-key``       401     the key id is not configured
-``identity``          403     the key belongs to another agent than X-Tunnelwatch-Agent
-``stale-timestamp``   401     timestamp malformed or outside the window
-``bad-signature``     401     HMAC does not match (see :mod:`probes.model.signing`)
-``schema``            400     not JSON / not a batch; the answer names the field
-``identity``          403     batch.agent or an observation's vantage is not the agent
-``replay``            409     batch_seq not above the last accepted one for this agent
-``store``             503     the store failed; nothing was kept, the agent retries
-====================  ======  =======================================================
+======================  ======  =======================================================
+reason                  status  when
+======================  ======  =======================================================
+``encoding``            415     a Content-Encoding other than identity (never decoded)
+``missing-header``      401     one of the four X-Tunnelwatch-* headers is absent
+``length-required``     411     no Content-Length
+``too-large``           413     declared length over ``max_body_bytes``
+``stale-timestamp``     401     timestamp malformed or outside the window
+``unknown-key``         401     the key id is not configured (answered ``bad-signature``)
+``busy``                503     too many unverified bodies being read at once; retry
+``body-timeout``        408     the body did not arrive within ``body_timeout_seconds``
+``bad-signature``       401     HMAC does not match (see :mod:`probes.model.signing`)
+``identity``            403     the key belongs to another agent than X-Tunnelwatch-Agent,
+                                or batch.agent or an observation's vantage is not the agent
+``schema``              400     not JSON / not a batch; the answer names the field
+``replay``              409     batch_seq not above the last accepted one for this agent
+``store``               503     the store failed; nothing was kept, the agent retries
+======================  ======  =======================================================
+
+An unknown key id and a wrong signature get the same answer (401 ``bad-signature``), and the
+key's owner is compared with X-Tunnelwatch-Agent only after the signature verified, so key ids
+cannot be told apart from outside; ``tunnelwatch_mesh_ingest_rejects_total`` keeps the reasons
+apart for the operator.
 
 A 409 ``replay`` for a batch the agent sent before means the mesh already has it (the answer to
 the first attempt was lost): the agent drops it from its spool.
@@ -30,20 +40,28 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from probes.logutil import RateLimitedLog
+from probes.mesh.connections import ConnectionGuard
+from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
 from probes.mesh.store import StoreError
 from probes.model import SchemaError, Verdict, decode_batch, signing
 
 log = logging.getLogger(__name__)
+trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
 REJECT_REASONS = (
-    "too-large",
+    "encoding",
     "missing-header",
-    "unknown-key",
-    "identity",
+    "length-required",
+    "too-large",
     "stale-timestamp",
+    "unknown-key",
+    "busy",
+    "body-timeout",
     "bad-signature",
+    "identity",
     "schema",
     "replay",
     "store",
@@ -64,13 +82,14 @@ class IngestStats:
     rejects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
 
 
-class Rejected(Exception):
-    def __init__(self, status: int, reason: str, detail: str, path: str = "") -> None:
-        super().__init__(detail)
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-        self.path = path
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """How much an unauthenticated client may cost (the mesh config's keys of the same names)."""
+
+    max_body_bytes: int
+    timestamp_window_seconds: float
+    body_timeout_seconds: float = 15.0
+    unverified_body_bytes: int = 32 * 1024 * 1024
 
 
 class Ingest:
@@ -80,30 +99,36 @@ class Ingest:
         self,
         service: MeshService,
         keys: dict[str, AgentKey],
-        max_body_bytes: int,
-        timestamp_window_seconds: float,
+        limits: IngestLimits,
         clock: Callable[[], float] = time.time,
         *,
         reprobe: ReprobePlanner | None = None,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self.service = service
         self.keys = keys
-        self.max_body_bytes = max_body_bytes
-        self.window = timestamp_window_seconds
         self.clock = clock
+        self.guard = guard
+        self.gate = BodyGate(
+            {key_id: known.key for key_id, known in keys.items()},
+            max_body_bytes=limits.max_body_bytes, window_seconds=limits.timestamp_window_seconds,
+            timeout=limits.body_timeout_seconds, budget_bytes=limits.unverified_body_bytes,
+            clock=clock)
         self.stats = IngestStats()
         self.reprobe = reprobe
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            body = await self._read(request)
-            verdicts = self._accept(request, body)
+            agent = request.headers.get(signing.HEADER_AGENT)
+            if not agent:
+                raise Rejected(401, "missing-header", f"missing {signing.HEADER_AGENT}")
+            signed = await self.gate.read(request)
+            if self.guard is not None:
+                self.guard.trust(request.protocol)  # a signed request: keep this connection
+            verdicts = self._accept(agent, signed.key_id, signed.body)
         except Rejected as exc:
             self.stats.rejects[exc.reason] += 1
-            payload = {"error": exc.reason, "detail": exc.detail}
-            if exc.path:
-                payload["field"] = exc.path
-            return web.json_response(payload, status=exc.status)
+            return await answer(request, exc)
         reply: dict[str, object] = {"accepted": True, "verdicts": len(verdicts)}
         if self.reprobe is not None:
             # corroboration on demand: the failures this batch began go to the other vantages,
@@ -115,53 +140,13 @@ class Ingest:
                 reply["reprobe"] = asks
         return web.json_response(reply)
 
-    async def _read(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise Rejected(413, "too-large", f"body of {length} bytes over {self.max_body_bytes}")
-        try:
-            # the app's client_max_size is max_body_bytes: aiohttp stops reading beyond it
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise Rejected(413, "too-large", f"body over {self.max_body_bytes} bytes") from None
-        if len(body) > self.max_body_bytes:
-            raise Rejected(413, "too-large", f"body over {self.max_body_bytes} bytes")
-        return body
-
-    def _accept(self, request: web.Request, body: bytes) -> list[Verdict]:
-        headers = request.headers
-        agent = headers.get(signing.HEADER_AGENT)
-        key_id = headers.get(signing.HEADER_KEY_ID)
-        timestamp = headers.get(signing.HEADER_TIMESTAMP)
-        signature = headers.get(signing.HEADER_SIGNATURE)
-        if not (agent and key_id and timestamp and signature):
-            missing = [
-                name
-                for name, value in (
-                    (signing.HEADER_AGENT, agent),
-                    (signing.HEADER_KEY_ID, key_id),
-                    (signing.HEADER_TIMESTAMP, timestamp),
-                    (signing.HEADER_SIGNATURE, signature),
-                )
-                if not value
-            ]
-            raise Rejected(401, "missing-header", f"missing {', '.join(missing)}")
-        known = self.keys.get(key_id)
-        if known is None:
-            raise Rejected(401, "unknown-key", "unknown key id")
-        if known.agent != agent:
+    def _accept(self, agent: str, key_id: str, body: bytes) -> list[Verdict]:
+        if self.keys[key_id].agent != agent:
             raise Rejected(403, "identity", "key id belongs to another agent")
-        now = self.clock()
-        if not signing.timestamp_fresh(timestamp, now, self.window):
-            raise Rejected(401, "stale-timestamp", f"timestamp not within {self.window:g} s")
-        if not signing.verify(known.key, timestamp, body, signature):
-            raise Rejected(401, "bad-signature", "signature does not match")
         try:
             batch = decode_batch(body)
         except SchemaError as exc:
             raise Rejected(400, "schema", str(exc), exc.path) from None
-        except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 in a string through
-            raise Rejected(400, "schema", f"invalid UTF-8: {exc.reason}", "$") from None
         if batch.agent != agent:
             raise Rejected(403, "identity", "batch from another agent", "$.agent")
         for i, obs in enumerate(batch.observations):
@@ -176,9 +161,9 @@ class Ingest:
         if batch.batch_seq <= last:
             raise Rejected(409, "replay", f"batch_seq {batch.batch_seq} not above {last}")
         try:
-            verdicts = self.service.accept_batch(body, batch, now)
+            verdicts = self.service.accept_batch(body, batch, self.clock())
         except StoreError as exc:
-            log.error("batch from %s not stored: %s", agent, exc)
+            trouble("store", "batch from %s not stored: %s", agent, exc)
             raise Rejected(503, "store", "not stored; retry") from None
         stats = self.stats
         stats.batches_total += 1

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from probes.mesh.connections import ConnectionGuard
 from probes.mesh.ingest import IngestStats
 from probes.mesh.reprobe import RESULTS as REPROBE_RESULTS
 from probes.mesh.reprobe import ReprobePlanner
@@ -28,11 +29,13 @@ P = "tunnelwatch_mesh_"
 
 class MeshCollector(Collector):
     def __init__(self, service: Callable[[], MeshService], ingest: IngestStats,
-                 reprobe: ReprobePlanner | None = None) -> None:
+                 reprobe: ReprobePlanner | None = None,
+                 guard: ConnectionGuard | None = None) -> None:
         # a callable: the service's engine may be rebuilt after a store failure
         self._service = service
         self._ingest = ingest
         self._reprobe = reprobe
+        self._guard = guard
 
     def collect(self) -> Iterator[Metric]:
         service = self._service()
@@ -192,6 +195,19 @@ class MeshCollector(Collector):
         yield GaugeMetricFamily(
             P + "check_states", "Tracked (node, vantage, check) states.", value=engine.check_count()
         )
+        guard = self._guard
+        if guard is not None:
+            yield GaugeMetricFamily(P + "connections", "Client connections open.", value=guard.open)
+            yield GaugeMetricFamily(P + "connections_limit", "Client connections allowed at once.",
+                                    value=guard.limit)
+            yield CounterMetricFamily(
+                P + "connections_evicted",
+                "Unauthenticated connections closed to make room for a new one at the limit.",
+                value=guard.evicted_total)
+            yield CounterMetricFamily(
+                P + "connections_refused",
+                "New connections closed at once: every slot held by authenticated clients.",
+                value=guard.refused_total)
 
 
 # the smoothed load signals the weight engine holds per node, as gauges (docs/weights.md)

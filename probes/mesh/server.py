@@ -20,10 +20,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from probes.mesh import connections
 from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import AgentCheckConfig, MeshConfig
-from probes.mesh.ingest import AgentKey, Ingest
+from probes.mesh.ingest import AgentKey, Ingest, IngestLimits
 from probes.mesh.leader import LeaderCollector, LeaderElector
 from probes.mesh.metrics import MeshCollector, WeightCollector
 from probes.mesh.publish.agentcheck import AgentCheckServer
@@ -41,6 +42,7 @@ SERVICE_KEY = web.AppKey("service", MeshService)
 INGEST_KEY = web.AppKey("ingest", Ingest)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 ELECTOR_KEY = web.AppKey("elector", LeaderElector)
+GUARD_KEY = web.AppKey("guard", connections.ConnectionGuard)
 LEADER_HEADER = "X-Tunnelwatch-Leader"
 
 
@@ -81,17 +83,21 @@ def build_app(
     svc = service or open_service(cfg)
     registry = registry or CollectorRegistry()
     planner = ReprobePlanner(cfg.reprobe) if cfg.reprobe.enabled else None
-    ingest = Ingest(svc, load_keys(cfg), cfg.max_body_bytes, cfg.timestamp_window_seconds, clock,
-                    reprobe=planner)
+    guard = connections.ConnectionGuard(connections.connection_limit(cfg.max_connections))
+    limits = IngestLimits(cfg.max_body_bytes, cfg.timestamp_window_seconds,
+                          cfg.body_timeout_seconds, cfg.unverified_body_bytes)
+    ingest = Ingest(svc, load_keys(cfg), limits, clock, reprobe=planner, guard=guard)
     token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
-    registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner))
+    registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner, guard))
     registry.register(WeightCollector(lambda: ingest.service))
 
-    app = web.Application(client_max_size=cfg.max_body_bytes)
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          handler_args=connections.handler_args(cfg.idle_timeout_seconds))
     app[SERVICE_KEY] = svc
     app[INGEST_KEY] = ingest
     app[REGISTRY_KEY] = registry
+    app[GUARD_KEY] = guard
 
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -250,5 +256,7 @@ def serve(cfg: MeshConfig) -> None:
     host, port = cfg.listen_host_port()
     app = build_app(cfg)
     tune_gc()
-    log.info("mesh listening on %s:%d, database %s", host, port, cfg.database)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    guard = app[GUARD_KEY]
+    log.info("mesh listening on %s:%d (at most %d connections), database %s", host, port,
+             guard.limit, cfg.database)
+    connections.serve(app, host, port, guard)

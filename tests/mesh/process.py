@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -24,19 +25,29 @@ def free_port() -> int:
 
 
 class MeshProcess:
-    def __init__(self, config: Path, port: int, cpu: int | None = None) -> None:
+    def __init__(self, config: Path, port: int, cpu: int | None = None,
+                 nofile: int | None = None) -> None:
         self.config = config
         self.cpu = cpu  # pin to one core (taskset) for benchmarks
+        self.nofile = nofile  # the mesh's open-file limit (soft), e.g. the common 1,024
         self.base = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         exe = Path(sys.executable).parent / "tunnelwatch"
         pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        nofile = self.nofile
+
+        def limits() -> None:
+            if nofile is not None:
+                _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
         self.proc = subprocess.Popen(
             [*pin, str(exe), "mesh", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=open(self.config.parent / "mesh.log", "ab"),  # noqa: SIM115
+            preexec_fn=limits if nofile is not None else None,  # noqa: PLW1509
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

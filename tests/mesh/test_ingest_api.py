@@ -39,8 +39,11 @@ async def test_accepts_signed_batches_and_decides(mesh: Mesh) -> None:
     assert (journal, agents, verdicts, applied) == (3, {"va": 1, "vb": 2, "vc": 3}, 2, 6)
 
 
-async def _assert_rejected(mesh: Mesh, result: tuple[int, Any], status: int, reason: str) -> None:
-    assert result[0] == status and result[1]["error"] == reason, result
+async def _assert_rejected(mesh: Mesh, result: tuple[int, Any], status: int, reason: str,
+                           answered: str | None = None) -> None:
+    """Rejected with ``status``, answered ``answered`` (default: ``reason``), and counted in the
+    rejects metric under ``reason``."""
+    assert result[0] == status and result[1]["error"] == (answered or reason), result
     metrics = await (await mesh.client.get("/metrics")).text()
     assert f'tunnelwatch_mesh_ingest_rejects_total{{reason="{reason}"}} 1.0' in metrics
 
@@ -154,8 +157,10 @@ async def test_header_problems(mesh: Mesh) -> None:
         signing.HEADER_SIGNATURE: signing.sign(mesh.key("va"), stale, body),
     }
     await _assert_rejected(mesh, await mesh.post("va", body, **headers), 401, "stale-timestamp")
+    # an unknown key id gets the answer a wrong signature gets (no enumeration of key ids)
     await _assert_rejected(
-        mesh, await mesh.post("va", body, **{signing.HEADER_KEY_ID: "nobody"}), 401, "unknown-key"
+        mesh, await mesh.post("va", body, **{signing.HEADER_KEY_ID: "nobody"}), 401, "unknown-key",
+        answered="bad-signature",
     )
     resp = await mesh.client.post("/v1/batches", data=body)
     assert resp.status == 401 and (await resp.json())["error"] == "missing-header"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.mesh.publish.base import PermanentError
+from probes.mesh.publish.base import RetryableError
 from probes.mesh.publish.webhook import WebhookPublisher
 from probes.model import Verdict, VerdictState
 from tests.publish.helpers import KEY
@@ -56,7 +56,7 @@ async def test_doc_receiver_verifies_real_deliveries(tmp_path: Path) -> None:
         good = WebhookPublisher("doc", url, KEY, "k")
         await good.deliver(verdict)  # 204: accepted
         forged = WebhookPublisher("doc", url, b"another-key-of-32-bytes-length!!", "k")
-        with pytest.raises(PermanentError):  # 401
+        with pytest.raises(RetryableError, match="401"):  # refused: retried until dead-lettered
             await forged.deliver(verdict)
         await good.close()
         await forged.close()

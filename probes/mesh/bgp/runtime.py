@@ -27,13 +27,12 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from probes.mesh.api import require_operator
+from probes.mesh.api import operator_request, sanitise_text
 from probes.mesh.bgp.controller import AnycastConfig, AnycastController
 from probes.mesh.bgp.pop import Pin
 from probes.mesh.bgp.speaker import GoBgpSpeaker, Speaker
@@ -151,22 +150,16 @@ def install(app: web.Application, cfg: AnycastConfig, members: Sequence[tuple[st
         return web.json_response(body)
 
     async def pin(request: web.Request) -> web.Response:
-        require_operator(request, operator_token)
-        try:
-            body: Any = json.loads(await request.read() or b"{}")
-        except ValueError:
-            raise web.HTTPBadRequest(text="body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
+        body = await operator_request(request, operator_token)
         raw = body.get("pin")
         if raw not in (None, "announced", "withdrawn"):
             raise web.HTTPBadRequest(text="$.pin: expected announced, withdrawn or null")
-        actor = body.get("actor") if isinstance(body.get("actor"), str) else "operator"
-        note = body.get("note") if isinstance(body.get("note"), str) else ""
+        actor = sanitise_text(body.get("actor"), 64, "operator")
+        note = sanitise_text(body.get("note"), 200)
         try:
             changes = await controller.pin(request.match_info["pop"],
-                                           Pin(raw) if raw else None, who=str(actor)[:64],
-                                           note=str(note)[:200], force=body.get("force") is True)
+                                           Pin(raw) if raw else None, who=actor,
+                                           note=note, force=body.get("force") is True)
         except KeyError:
             raise web.HTTPNotFound(text=f"unknown pop {request.match_info['pop']!r}") from None
         pin_store.save(controller.engine.pins(), controller.engine.audit[-1])

@@ -1,0 +1,202 @@
+"""Serving an aiohttp app with a cap on connections, for a process others may attack.
+
+Without a cap, 1,100 slow clients took every descriptor of a mesh with the common 1,024
+open-file limit: legitimate agents could not connect, and each failed accept() logged a line
+(157,695 in 30 s). Here:
+
+* at most ``limit`` connections are open at once, and ``limit`` stays below the process's
+  open-file limit (a reserve is kept for the store, publishers and snapshots);
+* when a new connection arrives at the cap, the oldest connection that never completed an
+  authenticated request is closed to make room (a slow or idle stranger gives way to a newcomer;
+  an agent whose signed request went through keeps its keep-alive connection); when every
+  connection is authenticated, the newcomer is closed instead;
+* a connection that sends no complete request for ``idle_timeout`` seconds is closed (aiohttp's
+  keep-alive timer, also armed when the connection opens, so it covers slowly sent headers);
+* request bodies are never decompressed, headers and lines are kept small.
+
+:func:`serve` runs the app until SIGINT or SIGTERM, like ``aiohttp.web.run_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from probes.logutil import RateLimitedLog, install_loop_exception_limiter
+
+log = logging.getLogger(__name__)
+
+FD_RESERVE = 64  # descriptors kept for everything but client connections
+
+
+def handler_args(idle_timeout: float) -> dict[str, Any]:
+    """Per-connection settings for ``web.Application(handler_args=...)``."""
+    return {
+        "auto_decompress": False,  # a gzip body is bytes like any other (and refused: 415)
+        "keepalive_timeout": idle_timeout,  # from connect and between requests
+        "lingering_time": 1.0,  # draining an unread body after answering: a second at most
+        "max_headers": 32,
+        "max_field_size": 4096,
+        "max_line_size": 4096,
+    }
+
+
+def connection_limit(wanted: int) -> int:
+    """``wanted``, lowered to fit the process's open-file limit minus a reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fits = max(16, soft - FD_RESERVE)
+    if wanted > fits:
+        log.warning("max_connections %d lowered to %d: the open-file limit is %d", wanted,
+                    fits, soft)
+    return min(wanted, fits)
+
+
+class ConnectionGuard:
+    """Counts connections and decides who gives way at the cap (see the module docstring)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._untrusted: dict[_Guarded, None] = {}  # oldest first
+        self._trusted: set[_Guarded] = set()
+        self._outer: dict[asyncio.BaseProtocol, _Guarded] = {}
+        self.evicted_total = 0  # strangers closed to make room
+        self.refused_total = 0  # newcomers closed: every slot held by authenticated clients
+
+    @property
+    def open(self) -> int:
+        return len(self._untrusted) + len(self._trusted)
+
+    def factory(self, inner: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
+        def make() -> asyncio.Protocol:
+            if self.open >= self.limit and not self._evict_one():
+                self.refused_total += 1
+                return _Refused()
+            return _Guarded(self, inner())
+        return make
+
+    def trust(self, protocol: object) -> None:
+        """The connection carrying ``protocol`` (a request's ``request.protocol``) completed an
+        authenticated request: it is not evicted any more."""
+        outer = self._outer.get(protocol)  # type: ignore[call-overload]
+        if outer is not None and outer in self._untrusted:
+            del self._untrusted[outer]
+            self._trusted.add(outer)
+
+    def _evict_one(self) -> bool:
+        for victim in self._untrusted:
+            victim.close()
+            self._forget(victim)
+            self.evicted_total += 1
+            return True
+        return False
+
+    def _opened(self, conn: _Guarded) -> None:
+        self._untrusted[conn] = None
+        self._outer[conn.inner] = conn
+
+    def _forget(self, conn: _Guarded) -> None:
+        self._untrusted.pop(conn, None)
+        self._trusted.discard(conn)
+        self._outer.pop(conn.inner, None)
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol, with the guard told when the connection opens and closes."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.BaseProtocol) -> None:
+        self.guard = guard
+        self.inner: Any = inner
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.guard._opened(self)
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard._forget(self)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections go through ``guard``."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int,
+                 guard: ConnectionGuard) -> None:
+        super().__init__(runner, host, port)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; the server is made here instead
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.guard.factory(server), self._host, self._port, reuse_address=True,
+            backlog=self._backlog)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+async def start_site(app: web.Application, host: str, port: int,
+                     guard: ConnectionGuard) -> tuple[web.AppRunner, GuardedSite]:
+    """Set ``app`` up and listen on ``host:port`` (0: any free port) through ``guard``."""
+    install_loop_exception_limiter(asyncio.get_running_loop(),
+                                   RateLimitedLog(logging.getLogger("asyncio")))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = GuardedSite(runner, host, port, guard)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site
+
+
+async def run_until_signalled(app: web.Application, host: str, port: int,
+                              guard: ConnectionGuard) -> None:
+    """Serve ``app`` on ``host:port`` through ``guard`` until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner, _site = await start_site(app, host, port, guard)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(app: web.Application, host: str, port: int, guard: ConnectionGuard) -> None:
+    asyncio.run(run_until_signalled(app, host, port, guard))

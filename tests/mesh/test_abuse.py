@@ -1,0 +1,238 @@
+"""Unauthenticated clients cannot drain the mesh (issue #17, items 3, 4 and the key-id
+enumeration of item 9): gzip bodies are never inflated, headers are judged before the body is
+read, a stalled body or slow headers are cut off, unverified bodies share a bounded budget, and
+connections are capped below the open-file limit with strangers giving way to agents.
+
+The in-process tests serve the real app through the same guarded site ``tunnelwatch mesh``
+uses; the descriptor test runs a real mesh process with a low open-file limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import resource
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from probes.mesh.config import load_mesh_config
+from probes.mesh.connections import start_site
+from probes.mesh.server import GUARD_KEY, INGEST_KEY, build_app
+from probes.model import ObservationBatch, encode, signing
+from tests.mesh.helpers import obs, write_mesh_config
+from tests.mesh.process import MeshProcess, free_port, post
+
+pytestmark = pytest.mark.mesh
+
+LIMITS = ("max_body_bytes: 65536\nbody_timeout_seconds: 1.0\nidle_timeout_seconds: 1.0\n"
+          "unverified_body_bytes: 131072\n")
+
+
+class Served:
+    def __init__(self, folder: Path, port: int, app: object) -> None:
+        self.folder = folder
+        self.port = port
+        self.app = app
+        self.seq = 0
+
+    def batch(self, agent: str = "va") -> bytes:
+        self.seq += 1
+        now = time.time()
+        return encode(ObservationBatch(version=1, agent=agent, batch_seq=self.seq, sent_at=now,
+                                       observations=[obs("n0", agent, True, at=now)]))
+
+    def signed(self, body: bytes, agent: str = "va", key_id: str | None = None,
+               key: bytes | None = None) -> dict[str, str]:
+        key = key or signing.load_key(self.folder / f"{agent}.key")
+        return signing.signed_headers(agent, key_id or agent, key, body, time.time())
+
+    async def raw(self, head: bytes, body: bytes = b"", *, wait: float = 5.0) -> bytes:
+        """Send ``head`` (and ``body``) on a fresh connection; what comes back within ``wait``
+        seconds, until the server closes or stops talking."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head + body)
+            await writer.drain()
+            chunks = []
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(65536),
+                                                   deadline - time.monotonic())
+                except (TimeoutError, ConnectionError):
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            writer.close()
+
+    def head(self, headers: dict[str, str], length: int | None,
+             path: str = "/v1/batches") -> bytes:
+        lines = [f"POST {path} HTTP/1.1", "Host: mesh"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def rejects(self) -> dict[str, int]:
+        return dict(self.app[INGEST_KEY].stats.rejects)  # type: ignore[index]
+
+
+@asynccontextmanager
+async def served(folder: Path, extra: str = "") -> AsyncIterator[Served]:
+    cfg = load_mesh_config(write_mesh_config(folder, 2, ["va", "vb"], extra=LIMITS + extra))
+    app = build_app(cfg, CollectorRegistry())
+    runner, site = await start_site(app, "127.0.0.1", 0, app[GUARD_KEY])
+    try:
+        yield Served(folder, site.port, app)
+    finally:
+        await runner.cleanup()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+async def test_gzip_bodies_are_refused_not_inflated(tmp_path: Path) -> None:
+    """Item 3: request bodies were inflated on the event loop before any check, past the body
+    limit. A bomb (a few KB inflating to 64 MB) is refused from its headers, and an agent gets
+    through while bombs keep coming."""
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), 9)
+    async with served(tmp_path) as mesh:
+        headers = mesh.signed(bomb) | {"Content-Encoding": "gzip"}
+        answer = await mesh.raw(mesh.head(headers, len(bomb)), bomb)
+        assert status_of(answer) == 415 and b'"encoding"' in answer
+
+        async def bombs() -> None:
+            while True:
+                await mesh.raw(mesh.head(headers, len(bomb)), bomb, wait=1.0)
+
+        attackers = [asyncio.create_task(bombs()) for _ in range(4)]
+        try:
+            body = mesh.batch()
+            answer = await mesh.raw(mesh.head(mesh.signed(body), len(body)), body, wait=10.0)
+            assert status_of(answer) == 200, answer[:300]
+        finally:
+            for task in attackers:
+                task.cancel()
+            await asyncio.gather(*attackers, return_exceptions=True)
+        assert mesh.rejects()["encoding"] >= 1
+
+
+async def test_headers_are_judged_before_the_body_is_read(tmp_path: Path) -> None:
+    """Item 4: bodies were read before headers were checked. Each of these is answered from its
+    headers alone: the client never sends a byte of its body."""
+    async with served(tmp_path) as mesh:
+        body = mesh.batch()
+        good = mesh.signed(body)
+        stale = mesh.signed(body) | {signing.HEADER_TIMESTAMP: signing.format_timestamp(1e9)}
+        cases = [
+            (good | {signing.HEADER_KEY_ID: "nobody"}, 60_000, 401, b'"bad-signature"'),
+            (stale, 60_000, 401, b'"stale-timestamp"'),
+            (good, 8 << 20, 413, b'"too-large"'),
+            ({signing.HEADER_AGENT: "va"}, 60_000, 401, b'"missing-header"'),
+            (good | {"Transfer-Encoding": "chunked"}, None, 411, b'"length-required"'),
+        ]
+        for headers, length, status, reason in cases:
+            answer = await mesh.raw(mesh.head(headers, length), wait=5.0)
+            assert status_of(answer) == status and reason in answer, (headers, answer[:300])
+        assert mesh.rejects()["unknown-key"] == 1
+
+
+async def test_a_stalled_body_is_cut_off(tmp_path: Path) -> None:
+    """Item 4: a stalled body was still open after 150 s. It gets 408 after
+    ``body_timeout_seconds`` and the connection is closed."""
+    async with served(tmp_path) as mesh:
+        body = mesh.batch()
+        answer = await mesh.raw(mesh.head(mesh.signed(body), len(body)), body[:10], wait=10.0)
+        assert status_of(answer) == 408 and b'"body-timeout"' in answer, answer[:300]
+
+
+async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
+    """A client that never finishes its headers is closed after ``idle_timeout_seconds``."""
+    async with served(tmp_path) as mesh:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port)
+        writer.write(b"POST /v1/batches HTTP/1.1\r\nHost: mesh\r\n")
+        await writer.drain()
+        closed = await asyncio.wait_for(reader.read(), 10.0)  # b"" once the server closes
+        writer.close()
+        assert closed == b""
+
+
+async def test_unverified_bodies_share_a_bounded_budget(tmp_path: Path) -> None:
+    """Bodies read before their signature is checked hold at most ``unverified_body_bytes``
+    and two per key id; beyond that the answer is 503 ``busy`` (the agent retries)."""
+    async with served(tmp_path) as mesh:
+        forged = b"x" * 60_000
+
+        async def slow(agent: str) -> bytes:  # a known key id, a body that trickles in
+            headers = mesh.signed(forged, agent=agent, key=b"w" * 32)
+            return await mesh.raw(mesh.head(headers, len(forged)), forged[:100], wait=5.0)
+
+        answers = await asyncio.gather(slow("va"), slow("va"), slow("va"), slow("vb"),
+                                       slow("vb"))
+        statuses = sorted(status_of(a) for a in answers)
+        # va: two slots then busy; vb: one slot, then the byte budget (2 x 64 KiB) is spent
+        assert statuses == [408, 408, 503, 503, 503], statuses
+        assert mesh.app[INGEST_KEY].gate.reading_bytes == 0  # type: ignore[index]
+
+
+async def test_unknown_key_ids_cannot_be_told_from_bad_signatures(tmp_path: Path) -> None:
+    """Item 9: 401 ``unknown-key`` against 403 ``identity`` told which key ids exist before any
+    signature was checked. Now an unknown key id, a known one with a wrong signature and a
+    known one of another agent with a wrong signature all get the same answer."""
+    async with served(tmp_path) as mesh:
+        body = mesh.batch()
+        forged = mesh.signed(body, key=b"w" * 32)
+        answers = []
+        for key_id in ("nobody", "va", "vb"):
+            headers = forged | {signing.HEADER_KEY_ID: key_id}
+            answer = await mesh.raw(mesh.head(headers, len(body)), body)
+            answers.append(answer.split(b"\r\n", 1)[0] + answer.split(b"\r\n\r\n", 1)[1])
+        assert answers[0] == answers[1] == answers[2], answers
+        assert status_of(answers[0]) == 401
+
+
+def test_the_connection_cap_keeps_agents_in_at_a_low_open_file_limit(tmp_path: Path) -> None:
+    """Item 4: with the open-file limit at 1,024, 1,100 slow clients shut legitimate agents out
+    and logged 157,695 "Too many open files" lines in 30 s. Here a real mesh runs with a limit
+    of 128 descriptors and 300 slow clients hold connections: a signed batch still gets in, the
+    mesh holds fewer connections than descriptors, and its log stays short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024:  # this process opens the 300 client sockets (the attacker's side)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    port = free_port()
+    config = write_mesh_config(tmp_path, 2, ["va"], port=port,
+                               extra="max_connections: 512\nidle_timeout_seconds: 30\n")
+    mesh = MeshProcess(config, port, nofile=128)
+    mesh.start()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: mesh\r\n")  # and never more
+            sockets.append(s)
+        now = time.time()
+        batch = ObservationBatch(version=1, agent="va", batch_seq=1, sent_at=now,
+                                 observations=[obs("n0", "va", True, at=now)])
+        assert post(mesh, tmp_path, batch) == 200
+        with urllib.request.urlopen(mesh.base + "/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert "tunnelwatch_mesh_connections_limit 64.0" in metrics  # 128 minus the reserve
+        assert "tunnelwatch_mesh_connections_evicted_total 0.0" not in metrics
+    finally:
+        for s in sockets:
+            s.close()
+        mesh.stop()
+    log = (tmp_path / "mesh.log").read_text()
+    assert log.count("Too many open files") <= 3, log[-2000:]
+
