@@ -32,7 +32,10 @@ from probes.logutil import RateLimitedLog, install_loop_exception_limiter
 
 log = logging.getLogger(__name__)
 
-FD_RESERVE = 64  # descriptors kept for everything but client connections
+BACKLOG = 128  # the listen queue; asyncio accepts up to this many at once before any is seen
+# descriptors kept for everything but client connections: the store, publishers, snapshots,
+# and one accept burst (a burst is accepted before the guard can close anything)
+FD_RESERVE = 64 + BACKLOG
 
 
 def handler_args(idle_timeout: float) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def connection_limit(wanted: int) -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    fits = max(16, soft - FD_RESERVE)
+    fits = max(16, int(soft) - FD_RESERVE)
     if wanted > fits:
         log.warning("max_connections %d lowered to %d: the open-file limit is %d", wanted,
                     fits, soft)
@@ -163,7 +166,7 @@ class GuardedSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard.factory(server), self._host, self._port, reuse_address=True,
-            backlog=self._backlog)
+            backlog=BACKLOG)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
