@@ -584,6 +584,17 @@ def mesh_alerts() -> list[dict[str, Any]]:
             ),
         ),
         MESH.critical(
+            "MeshStoreFailing",
+            "min by (job, instance) (tunnelwatch_mesh_store_up) == 0",
+            for_="1m",
+            summary="The mesh's store cannot commit: it refuses every observation.",
+            description=(
+                "Mesh {{ $labels.instance }} of job {{ $labels.job }} cannot commit to its store "
+                "(a full disk, a read-only file) and answers agents 503: verdicts stay as they "
+                "were until it can."
+            ),
+        ),
+        MESH.critical(
             "MeshNoLeader",
             "sum by (job) (tunnelwatch_mesh_leader) == 0",
             for_="1m",

@@ -81,7 +81,10 @@ class Api:
             if not (0 <= after <= MAX_LOG_ID and 1 <= limit <= MAX_LOG_ID):
                 raise web.HTTPBadRequest(text=f"after is 0..{MAX_LOG_ID}, limit at least 1")
             limit = min(limit, MAX_LOG_LIMIT)
-            entries = service.store.verdicts(after=after, limit=limit, node=q.get("node"))
+            try:
+                entries = await service.read(service.store.verdicts, after, limit, q.get("node"))
+            except StoreError:
+                raise web.HTTPServiceUnavailable(text="the store cannot be read; retry") from None
             log = [{"id": e.id, "verdict": msgspec.to_builtins(e.verdict)} for e in entries]
             return _json({"log": log, "next": entries[-1].id if entries else after})
         with_vantages = q.get("vantages") in ("1", "true", "yes")
@@ -157,7 +160,7 @@ class Api:
         name = request.match_info["node"]
         service = self._service()
         try:
-            changes = service.set_admin(name, ACTIONS[action], actor, self._clock())
+            changes = await service.set_admin(name, ACTIONS[action], actor, self._clock())
         except KeyError:
             raise web.HTTPNotFound(text=f"unknown node {name!r}") from None
         except StoreError:
@@ -173,15 +176,20 @@ class Api:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """200 while the mesh decides and stores; 503 while its store cannot commit (it then
+        refuses inputs rather than decide alone), saying why."""
         service = self._service()
+        health = service.health
         return _json(
             {
-                "ok": True,
+                "ok": health.ok,
+                **health.view(),
                 "nodes": len(service.engine.nodes),
                 "now": service.last_now,
                 # journal entries replayed at start: 0 after a clean shutdown
                 "replayed_at_start": service.replayed_entries,
-            }
+            },
+            status=200 if health.ok else 503,
         )
 
 
@@ -251,5 +259,6 @@ def require_operator(request: web.Request, token: bytes | None) -> None:
         )
 
 
-def _json(data: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), content_type="application/json")
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), content_type="application/json",
+                        status=status)

@@ -44,7 +44,7 @@ from probes.logutil import RateLimitedLog
 from probes.mesh.connections import ConnectionGuard
 from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.reprobe import ReprobePlanner
-from probes.mesh.service import MeshService
+from probes.mesh.service import MeshService, Replay
 from probes.mesh.store import StoreError
 from probes.model import SchemaError, Verdict, decode_batch, signing
 
@@ -125,7 +125,7 @@ class Ingest:
             signed = await self.gate.read(request)
             if self.guard is not None:
                 self.guard.trust(request.protocol)  # a signed request: keep this connection
-            verdicts = self._accept(agent, signed.key_id, signed.body)
+            verdicts = await self._accept(agent, signed.key_id, signed.body)
         except Rejected as exc:
             self.stats.rejects[exc.reason] += 1
             return await answer(request, exc)
@@ -140,7 +140,7 @@ class Ingest:
                 reply["reprobe"] = asks
         return web.json_response(reply)
 
-    def _accept(self, agent: str, key_id: str, body: bytes) -> list[Verdict]:
+    async def _accept(self, agent: str, key_id: str, body: bytes) -> list[Verdict]:
         if self.keys[key_id].agent != agent:
             raise Rejected(403, "identity", "key id belongs to another agent")
         try:
@@ -157,11 +157,11 @@ class Ingest:
                     "an agent reports only as its own vantage",
                     f"$.observations[{i}].vantage",
                 )
-        last = self.service.agent_seq.get(agent, -1)
-        if batch.batch_seq <= last:
-            raise Rejected(409, "replay", f"batch_seq {batch.batch_seq} not above {last}")
         try:
-            verdicts = self.service.accept_batch(body, batch, self.clock())
+            verdicts = await self.service.accept_batch(body, batch, self.clock())
+        except Replay as exc:
+            raise Rejected(409, "replay", f"batch_seq {batch.batch_seq} not above {exc.last}"
+                           ) from None
         except StoreError as exc:
             trouble("store", "batch from %s not stored: %s", agent, exc)
             raise Rejected(503, "store", "not stored; retry") from None

@@ -177,6 +177,21 @@ class MeshCollector(Collector):
         for reason, value in stats.rejects.items():
             rejects.add_metric([reason], value)
         yield rejects
+        health = service.health
+        yield GaugeMetricFamily(
+            P + "store_up",
+            "1 while the store commits; 0 while it cannot (inputs are refused, 503).",
+            value=int(health.ok))
+        yield GaugeMetricFamily(
+            P + "engine_diverged",
+            "1 while the engine could not be rebuilt from the store after a failed commit.",
+            value=int(health.diverged))
+        yield CounterMetricFamily(
+            P + "store_commit_failures", "Commits the store failed (nothing of them was kept).",
+            value=health.commit_failures_total)
+        yield CounterMetricFamily(
+            P + "engine_rebuilds", "Times the engine was rebuilt from the store after a failure.",
+            value=health.rebuilds_total)
         yield GaugeMetricFamily(
             P + "journal_entries",
             "Journal entries a restart would replay.",

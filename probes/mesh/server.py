@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from probes.logutil import RateLimitedLog
 from probes.mesh import connections
 from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
@@ -37,6 +38,7 @@ from probes.mesh.store_sqlite import SQLiteStore
 from probes.model import VerdictState, signing
 
 log = logging.getLogger(__name__)
+trouble = RateLimitedLog(log)
 
 SERVICE_KEY = web.AppKey("service", MeshService)
 INGEST_KEY = web.AppKey("ingest", Ingest)
@@ -112,24 +114,24 @@ def build_app(
             while True:
                 await asyncio.sleep(cfg.tick_seconds)
                 try:
-                    svc.tick(clock())
-                    svc.housekeeping()
-                except StoreError:
-                    log.exception("tick not stored")
+                    await svc.tick(clock())
+                except StoreError as exc:  # said once per 10 s; housekeeping probes the store
+                    trouble("tick", "tick not stored: %s", exc)
+                await svc.housekeeping()
 
         task = asyncio.create_task(loop())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        svc.close()
+        await svc.close()
 
     app.cleanup_ctx.append(ticker)
     elector = _elector(cfg, svc.store)
     started: list[Publishing] = []
     # after the ticker, so it stops first: nothing is delivered from a closed store
     app.cleanup_ctx.append(publishing_context(
-        cfg.publishers, svc.store, registry, svc.listeners,
+        cfg.publishers, svc.outbox, registry, svc.listeners,
         gate=elector.may_publish if elector else None, on_ready=started.append,
         weights=lambda: ingest.service.weights, weight_listeners=svc.weight_listeners))
     if cfg.agent_check is not None:
@@ -212,7 +214,7 @@ def _install_leadership(app: web.Application, elector: LeaderElector, svc: MeshS
                 before = {name: node.admin for name, node in svc.engine.nodes.items()}
                 try:
                     shared = await asyncio.to_thread(store.admin_states)
-                    adopt_admin_states(svc, shared, before, clock())
+                    await adopt_admin_states(svc, shared, before, clock())
                 except StoreError as exc:
                     log.warning("admin states not read from etcd: %s", exc)
 
@@ -227,16 +229,16 @@ def _install_leadership(app: web.Application, elector: LeaderElector, svc: MeshS
     app.cleanup_ctx.append(election)
 
 
-def adopt_admin_states(svc: MeshService, shared: dict[str, Any],
-                       before: dict[str, Any], now: float) -> None:
+async def adopt_admin_states(svc: MeshService, shared: dict[str, Any],
+                             before: dict[str, Any], now: float) -> None:
     """Apply admin states set through another replica to this replica's engine. ``before`` is
     the engine's admin states when ``shared`` was requested: a node changed here meanwhile is
     left alone (``shared`` may predate that change)."""
-    for name, node in svc.engine.nodes.items():
+    for name, node in list(svc.engine.nodes.items()):
         record = shared.get(name)
         wanted = record.state if record is not None else None
         if node.admin != wanted and before.get(name, node.admin) == node.admin:
-            svc.set_admin(name, wanted, record.actor if record is not None else "", now)
+            await svc.set_admin(name, wanted, record.actor if record is not None else "", now)
 
 
 def tune_gc() -> None:

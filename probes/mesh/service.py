@@ -8,19 +8,33 @@ taken so the journal always follows a snapshot made by this very engine — a la
 
 Time: ``now`` is the mesh's wall clock when an input is applied, never allowed to go backwards
 (a clock step back would otherwise un-expire staleness and damping).
+
+Inputs are applied one at a time on the event loop; the store's work (commit, snapshot, prune,
+reads) runs on the store thread (:mod:`probes.mesh.storethread`), so the loop keeps serving.
+
+A failed commit never leaves the engine and the store apart: the engine is rebuilt from what
+was really stored — reading only, so a full disk cannot stop it — and until the store commits
+again every input is refused (:class:`StoreUnavailable`: agents get 503 and resend) and
+``/healthz`` and ``/metrics`` say so (:mod:`probes.mesh.storehealth`). If even the rebuild
+fails, nothing is decided and no snapshot is written (it would save the unstored change) until
+it succeeds. Before, recovery began with a snapshot: on a full disk it failed, the engine kept
+the uncommitted verdict, and after a restart its seq existed nowhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 
+from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
@@ -32,6 +46,8 @@ from probes.mesh.store import (
     MeshStore,
     StoreError,
 )
+from probes.mesh.storehealth import StoreHealth
+from probes.mesh.storethread import StoreOutbox, StoreThread
 from probes.mesh.weight_policy import WeightPolicy
 from probes.mesh.weights import WeightEngine, WeightNode
 from probes.model import (
@@ -48,6 +64,33 @@ from probes.model import (
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("probes.mesh.audit")
 AUDIT_RECENT = 1000
+trouble = RateLimitedLog(log)
+T = TypeVar("T")
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot commit right now; the input was not applied. Retry later."""
+
+
+class Replay(Exception):
+    """A batch the mesh already has (or an older one): ``last`` is the agent's position."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__(f"batch_seq not above {last}")
+        self.last = last
+
+
+@dataclass
+class _Loaded:
+    """The engines as the store has them (snapshot + journal), and where that leaves us."""
+
+    engine: DecisionEngine
+    weights: WeightEngine | None
+    journal_id: int
+    last_now: float
+    agent_seq: dict[str, int]
+    replayed_entries: int
+    replayed_verdicts: int
 
 
 def split_load(
@@ -73,8 +116,14 @@ class MeshService:
         background_snapshots: bool = False,
         weight_policy: WeightPolicy | None = None,
         weight_nodes: Sequence[WeightNode] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.thread = StoreThread()
+        self.outbox = StoreOutbox(store, self.thread)  # what the publishers read
+        self.health = StoreHealth()
+        self._clock = clock
+        self._inputs = asyncio.Lock()  # one input at a time: apply, then commit
         self.snapshot_every = snapshot_every
         self.snapshot_bytes = snapshot_bytes
         self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
@@ -103,11 +152,23 @@ class MeshService:
         self._weight_policy = weight_policy if enabled else None
         self._weight_nodes = list(weight_nodes)
         self.weights: WeightEngine | None = None
-        self.engine = self._recover(policy, nodes)
+        self._install(self.thread.run(self._load))
+        try:
+            # config changes apply from here on: the journal always follows a snapshot made
+            # with the running config
+            self.thread.run(self._snapshot)
+        except StoreError as exc:  # e.g. a full disk at start: serve reads, refuse inputs
+            trouble("snapshot", "start-up snapshot not written (inputs refused until it is): %s",
+                    exc)
+            self.health.snapshot_required = True
+            self.health.failed(str(exc), clock(), time.monotonic())
 
-    # ---- start-up -------------------------------------------------------------------------
+    # ---- start-up and rebuilds --------------------------------------------------------------
 
-    def _recover(self, policy: DecisionPolicy, nodes: Sequence[NodeInfo]) -> DecisionEngine:
+    def _load(self) -> _Loaded:
+        """The engines as stored (snapshot, then the journal replayed silently: those verdicts
+        are logged already), reconfigured to the running config. Reads only."""
+        policy, nodes = self._policy, self._nodes
         rec = self.store.recover()
         saved_weights = None
         if rec.snapshot is not None:
@@ -118,14 +179,14 @@ class MeshService:
         if self._weight_policy is not None:
             weights = (WeightEngine.restore(saved_weights) if saved_weights is not None
                        else WeightEngine(self._weight_policy, self._weight_nodes))
-        self._last_journal_id = rec.snapshot_journal_id
+        journal_id = rec.snapshot_journal_id
+        last_now = self.last_now
+        replayed_verdicts = 0
         for entry in rec.entries:
-            self.replayed_verdicts += len(self._apply(engine, weights, entry)[0])
-            self.last_now = max(self.last_now, entry.now)
-            self._last_journal_id = entry.id
-        self.replayed_entries = len(rec.entries)
+            replayed_verdicts += len(self._apply(engine, weights, entry)[0])
+            last_now = max(last_now, entry.now)
+            journal_id = entry.id
         engine.take_audit()  # the replayed inputs' notes were logged when first applied
-        self.agent_seq = dict(rec.agents)
         # never re-announce: the engine's per-node seq must be at least the logged one
         for node_id, verdict in self.store.node_verdicts().items():
             behind = engine.catch_up_seq(node_id, verdict.seq)
@@ -137,10 +198,33 @@ class MeshService:
         if weights is not None and self._weight_policy is not None:
             weights.reconfigure(self._weight_policy, self._weight_nodes)
             for node_id, node in engine.nodes.items():  # states of nodes new to the weights
-                weights.set_state(node_id, node.state, self.last_now)
-        self.weights = weights
-        self._snapshot(engine)
-        return engine
+                weights.set_state(node_id, node.state, last_now)
+        return _Loaded(engine, weights, journal_id, last_now, dict(rec.agents),
+                       len(rec.entries), replayed_verdicts)
+
+    def _install(self, loaded: _Loaded) -> None:
+        self.engine = loaded.engine
+        self.weights = loaded.weights
+        self._last_journal_id = loaded.journal_id
+        self.last_now = max(self.last_now, loaded.last_now)
+        self.agent_seq = loaded.agent_seq
+        self.replayed_entries = loaded.replayed_entries
+        self.replayed_verdicts = loaded.replayed_verdicts
+
+    async def _rebuild(self) -> bool:
+        """Replace the engines with what the store holds; False when the store cannot even be
+        read (then nothing is decided until a later rebuild works)."""
+        try:
+            loaded = await self.thread.call(self._load)
+        except Exception as exc:  # whatever it is, the engine stays suspect
+            self.health.diverged = True
+            self.health.failed(f"engine not rebuilt: {exc}", self._clock(), time.monotonic())
+            trouble("rebuild", "engine not rebuilt from the store (inputs refused): %s", exc)
+            return False
+        self._install(loaded)
+        self.health.diverged = False
+        self.health.rebuilds_total += 1
+        return True
 
     @staticmethod
     def _apply(engine: DecisionEngine, weights: WeightEngine | None, entry: JournalEntry,
@@ -170,9 +254,12 @@ class MeshService:
             changes += weights.tick(now)
         return verdicts, changes
 
-    def _snapshot(self, engine: DecisionEngine | None = None) -> None:
+    def _snapshot(self) -> None:
+        """Write the engines as of the last committed journal id (on the store thread)."""
+        if self.health.diverged:
+            raise StoreError("the engine may hold an input the store does not: not saved")
         started = time.perf_counter()
-        blob = dump_engine(engine or self.engine, self._weights_state())
+        blob = dump_engine(self.engine, self._weights_state())
         self.store.save_snapshot(self._last_journal_id, blob)
         self.snapshotter.covered(self._last_journal_id)  # the journal it covers: dropped in steps
         self._since_snapshot = 0
@@ -197,14 +284,43 @@ class MeshService:
     def snapshots_background_total(self) -> int:
         return self.snapshotter.completed_total
 
-    def housekeeping(self) -> None:
-        """Reap a snapshot child and drop the journal it covers, a little at a time."""
-        self.snapshotter.reap()
+    async def housekeeping(self) -> None:
+        """Every tick: reap a snapshot child, drop a step of the journal it covers; while the
+        store is failing, probe it (with backoff) and come back once it commits again."""
+        if self.health.ok:
+            await self.thread.call(self.snapshotter.reap)
+            return
+        if not self.health.due(time.monotonic()):
+            return
+        async with self._inputs:
+            await self._try_recover()
+
+    async def _try_recover(self) -> None:
+        health = self.health
+        try:
+            await self.thread.call(self.store.probe_write)
+            if health.diverged and not await self._rebuild():
+                raise StoreError(health.error)
+            if health.snapshot_required:
+                await self.thread.call(self._snapshot)
+        except StoreError as exc:
+            health.failed(str(exc), self._clock(), time.monotonic())
+            return
+        log.warning("store commits again after failing since %.0f: inputs accepted",
+                    health.since)
+        health.recovered()
 
     def _weights_state(self) -> dict[str, object] | None:
         return self.weights.to_builtins() if self.weights is not None else None
 
-    def _commit(
+    def _commit_step(self, entry: JournalEntry, verdicts: list[Verdict],
+                     agent: AgentPosition | None, admin: AdminAction | None) -> int:
+        """Commit, then drop a step of covered journal (on the store thread)."""
+        journal_id = self.store.commit(entry, verdicts, agent, admin, entry.now)
+        self.snapshotter.prune_step()
+        return journal_id
+
+    async def _commit(
         self,
         entry: JournalEntry,
         verdicts: list[Verdict],
@@ -213,12 +329,16 @@ class MeshService:
         weight_changes: list[WeightChange] | None = None,
     ) -> None:
         try:
-            self._last_journal_id = self.store.commit(entry, verdicts, agent, admin, entry.now)
-        except StoreError:
-            # the engine is now ahead of the store: rebuild it from what was really stored
-            log.exception("commit failed; rebuilding the engine from the store")
-            self.engine = self._recover(self._policy, self._nodes)
-            raise
+            journal_id = await self.thread.call(self._commit_step, entry, verdicts, agent, admin)
+        except StoreError as exc:
+            # the engine is now ahead of the store: rebuild it from what was really stored,
+            # and take no input until the store commits again
+            self.health.commit_failures_total += 1
+            self.health.failed(str(exc), self._clock(), time.monotonic())
+            trouble("commit", "commit failed; inputs refused until the store commits: %s", exc)
+            await self._rebuild()
+            raise StoreUnavailable(str(exc)) from exc
+        self._last_journal_id = journal_id
         self._since_snapshot += 1
         self._bytes_since_snapshot += len(entry.payload)
         # bound both what a restart replays and the journal's disk use
@@ -226,8 +346,8 @@ class MeshService:
             self._since_snapshot >= self.snapshot_every
             or self._bytes_since_snapshot >= self.snapshot_bytes
         )
-        if due and not (self.background_snapshots and self._fork_snapshot()):
-            self._snapshot()
+        if due:
+            await self.thread.call(self._snapshot_due)
         for note in self.engine.take_audit():
             self.audit.append(note)
             audit_log.info("%s", encode(note).decode())
@@ -235,6 +355,18 @@ class MeshService:
             self._announce(self.listeners, verdicts)
         if weight_changes:
             self._announce(self.weight_listeners, weight_changes)
+
+    def _snapshot_due(self) -> None:
+        """A snapshot in a forked child, or in-process (on the store thread: no other store
+        call is in flight, so the child inherits no half-held SQLite lock)."""
+        if self.background_snapshots and self._fork_snapshot():
+            return
+        try:
+            self._snapshot()
+        except StoreError as exc:  # the journal grows until the next one works
+            self._since_snapshot = 0
+            self._bytes_since_snapshot = 0
+            trouble("snapshot", "snapshot not written: %s", exc)
 
     def _with_weights(self, verdicts: list[Verdict]) -> list[Verdict]:
         """Verdicts carrying their node's weight as it is after them (weights enabled)."""
@@ -267,21 +399,48 @@ class MeshService:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    def accept_batch(self, body: bytes, batch: ObservationBatch, now: float) -> list[Verdict]:
-        """Apply an already authenticated and validated batch; commit it with its effects."""
-        now = self._now(now)
-        entry = JournalEntry(EntryKind.BATCH, now, body)
-        try:
-            verdicts, changes = self._apply_live(entry, batch.observations)
-        except Exception:
-            # a bug must not leave half a batch in the engine: rebuild it from the store
-            log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
-            self.engine = self._recover(self._policy, self._nodes)
-            raise
-        self._commit(entry, verdicts, agent=AgentPosition(batch.agent, batch.batch_seq),
-                     weight_changes=changes)
-        self.agent_seq[batch.agent] = batch.batch_seq
-        return verdicts
+    def _require_store(self) -> None:
+        if not self.health.ok:
+            raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
+
+    def check_replay(self, batch: ObservationBatch) -> None:
+        """The replay rule: a batch is taken only if its ``batch_seq`` is above the agent's
+        last accepted one (raises :class:`Replay`). Checked under the input lock, so a resent
+        batch racing its first attempt is taken once."""
+        last = self.agent_seq.get(batch.agent, -1)
+        if batch.batch_seq <= last:
+            raise Replay(last)
+
+    async def _serially(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run an input under the lock, to completion: once applied, its commit (and the
+        rebuild if that fails) finishes even if the caller is cancelled."""
+        async def locked() -> T:
+            async with self._inputs:
+                self._require_store()
+                return await step()
+
+        return await asyncio.shield(asyncio.ensure_future(locked()))
+
+    async def accept_batch(self, body: bytes, batch: ObservationBatch, now: float
+                           ) -> list[Verdict]:
+        """Apply an already authenticated and validated batch; commit it with its effects.
+        Raises :class:`Replay`, or :class:`StoreUnavailable` (nothing applied)."""
+        async def step() -> list[Verdict]:
+            self.check_replay(batch)
+            entry = JournalEntry(EntryKind.BATCH, self._now(now), body)
+            try:
+                verdicts, changes = self._apply_live(entry, batch.observations)
+            except Exception:
+                # a bug must not leave half a batch in the engine: rebuild it from the store
+                log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
+                await self._rebuild()
+                raise
+            await self._commit(entry, verdicts, agent=AgentPosition(batch.agent, batch.batch_seq),
+                               weight_changes=changes)
+            self.agent_seq[batch.agent] = batch.batch_seq
+            return verdicts
+
+        return await self._serially(step)
 
     def _apply_live(self, entry: JournalEntry,
                     observations: Sequence[Observation] | None = None,
@@ -290,31 +449,51 @@ class MeshService:
         verdicts, changes = self._apply(self.engine, self.weights, entry, observations)
         return self._with_weights(verdicts), changes
 
-    def tick(self, now: float) -> list[Verdict]:
-        now = self._now(now)
-        entry = JournalEntry(EntryKind.TICK, now)
-        verdicts, changes = self._apply_live(entry)
-        self._commit(entry, verdicts, weight_changes=changes)
-        return verdicts
+    async def tick(self, now: float) -> list[Verdict]:
+        async def step() -> list[Verdict]:
+            entry = JournalEntry(EntryKind.TICK, self._now(now))
+            verdicts, changes = self._apply_live(entry)
+            await self._commit(entry, verdicts, weight_changes=changes)
+            return verdicts
 
-    def set_admin(
+        return await self._serially(step)
+
+    async def set_admin(
         self, node: str, state: VerdictState | None, actor: str, now: float
     ) -> list[Verdict]:
         """Operator action. Raises KeyError for an unknown node."""
         if node not in self.engine.nodes:
             raise KeyError(node)
-        now = self._now(now)
-        action = AdminAction(node, state, actor)
-        entry = JournalEntry(EntryKind.ADMIN, now, encode(action))
-        verdicts, changes = self._apply_live(entry)
-        self._commit(entry, verdicts, admin=action, weight_changes=changes)
-        return verdicts
 
-    def close(self) -> None:
-        """Snapshot (so the next start replays nothing) and close the store."""
+        async def step() -> list[Verdict]:
+            action = AdminAction(node, state, actor)
+            entry = JournalEntry(EntryKind.ADMIN, self._now(now), encode(action))
+            verdicts, changes = self._apply_live(entry)
+            await self._commit(entry, verdicts, admin=action, weight_changes=changes)
+            return verdicts
+
+        return await self._serially(step)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store read (``fn`` a method of :attr:`store`) on the store thread."""
+        return await self.thread.call(fn, *args)
+
+    async def close(self) -> None:
+        """Snapshot (so the next start replays nothing) and close the store. No snapshot while
+        the engine may hold what the store does not."""
+        async with self._inputs:
+            try:
+                await self.thread.call(self._close_in_thread)
+            finally:
+                self.thread.close()
+
+    def _close_in_thread(self) -> None:
         try:
             self.snapshotter.wait()
-            self._snapshot()
+            if not self.health.diverged:
+                self._snapshot()
+        except StoreError as exc:
+            log.error("no snapshot at shutdown (the journal is replayed at start): %s", exc)
         finally:
             self.store.close()
 

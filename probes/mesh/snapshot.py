@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from probes.mesh.decision import DecisionEngine
-from probes.mesh.store import MeshStore
+from probes.mesh.store import MeshStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
         return DecisionEngine.from_rows(state), weights
 
 
+PRUNE_STEP = 32  # journal rows dropped per step
+
+
 class ForkSnapshotter:
     """Snapshots written by a forked child (copy-on-write: the parent pauses only for fork()),
     and the dropping of the journal a snapshot covers.
@@ -106,7 +109,8 @@ class ForkSnapshotter:
         if self._child is not None:
             raise RuntimeError("a snapshot child is still running")
         try:
-            pid = os.fork()
+            with self.store.quiet():  # the store's own threads hold no SQLite lock across it
+                pid = os.fork()
         except OSError:
             log.exception("fork for a snapshot failed; snapshotting in-process")
             return False
@@ -145,8 +149,19 @@ class ForkSnapshotter:
                     self.completed_total += 1
                 else:
                     log.error("snapshot child failed (%s); journal kept", status)
-        if self._prune_upto and self.store.prune_journal(self._prune_upto) == 0:
-            self._prune_upto = 0
+        self.prune_step()
+
+    def prune_step(self) -> None:
+        """Drop up to :data:`PRUNE_STEP` rows of covered journal (one after every commit and
+        every tick: a row is a whole batch, up to megabytes, and one long delete once stalled
+        the writer for 200 ms). A failure only leaves the journal longer a while."""
+        if not self._prune_upto:
+            return
+        try:
+            if self.store.prune_journal(self._prune_upto, PRUNE_STEP) == 0:
+                self._prune_upto = 0
+        except StoreError as exc:
+            log.warning("journal not pruned: %s", exc)
 
     def wait(self) -> None:
         """Wait for a running child (at shutdown: before the parent snapshots and closes)."""

@@ -24,6 +24,7 @@ no answer can send the same batch again and it is taken exactly once.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 from collections.abc import Sequence
 
@@ -123,10 +124,20 @@ class MeshStore(abc.ABC):
         cannot do this raise ``NotImplementedError`` and the mesh snapshots in-process instead."""
         raise NotImplementedError
 
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the backend's own background threads still (a checkpoint) for a moment: the
+        mesh forks a snapshot child inside it, so the child inherits no lock they held."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def prune_journal(self, upto: int, limit: int = 1000) -> int:
         """Drop up to ``limit`` journal entries with id <= ``upto`` (covered by a snapshot);
         return how many were dropped. Done in small steps so the writer never stalls long."""
+
+    @abc.abstractmethod
+    def probe_write(self) -> None:
+        """A small write that fails like a commit would (a full disk, a read-only file): how a
+        mesh whose commits failed learns that the store takes writes again."""
 
     @abc.abstractmethod
     def ack(self, publisher: str, position: int) -> None:

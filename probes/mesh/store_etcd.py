@@ -26,6 +26,7 @@ protobuf releases (see docs/ha.md).
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -317,6 +318,12 @@ class EtcdStore(MeshStore):
             if ok:
                 return revision
         raise EtcdError(f"appending {verdict.idempotency_key}: too much contention")
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        return self.local.quiet()
+
+    def probe_write(self) -> None:
+        self.local.probe_write()  # etcd being away is handled by the sync backoff
 
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
         self.local.save_snapshot(journal_id, blob)

@@ -4,11 +4,17 @@ Durability: every :meth:`SQLiteStore.commit` is one transaction. With ``synchron
 default) a committed transaction survives the process being killed (SIGKILL included: the WAL is
 in the OS page cache); only a power cut can lose the last few. ``durability="full"`` fsyncs every
 commit and survives that too, at a cost in throughput.
+
+Checkpoints (copying the WAL into the database, with an fsync) run on a thread of their own with
+a connection of their own (PASSIVE: they never block a commit), not inside a commit: done by
+SQLite's autocheckpoint, the commit that crossed the threshold stalled for the whole copy (one
+took 114 ms) and every request queued behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -62,6 +68,41 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
 _STORE_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
 
 
+class _Checkpointer:
+    """Checkpoints the WAL from its own thread once it holds more than ``wal_bytes``."""
+
+    def __init__(self, path: str, durability: str, wal_bytes: int = 16 * 1024 * 1024,
+                 interval: float = 0.5) -> None:
+        self.path = path
+        self.durability = durability
+        self.wal_bytes = wal_bytes
+        self.interval = interval
+        # held while checkpointing: a fork waits for it, so the child never inherits a SQLite
+        # lock held by this thread (its first SQLite call would hang)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        while not self._stop.wait(self.interval):
+            try:
+                if os.path.getsize(self.path + "-wal") < self.wal_bytes:
+                    continue
+                with self.lock:
+                    db = db or _connect(self.path, self.durability)
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except (OSError, sqlite3.Error):
+                continue  # no WAL yet, or a full disk: the next round tries again
+        if db is not None:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _write_snapshot(db: sqlite3.Connection, journal_id: int, blob: bytes) -> None:
     # never replace a newer snapshot with an older one: a snapshot child orphaned by a crash may
     # finish after the restarted mesh has snapshotted and pruned past it
@@ -102,11 +143,21 @@ class SQLiteStore(MeshStore):
             self._next_journal_id = max(int(top or 0), int(covered[0]) if covered else 0) + 1
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
+        self._checkpointer = _Checkpointer(self.path, durability)
 
     def close(self) -> None:
+        self._checkpointer.stop()
         with self._lock:
             self._db.close()
             self._snap.close()
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        return self._checkpoint_held()
+
+    @contextlib.contextmanager
+    def _checkpoint_held(self) -> Iterator[None]:
+        with self._checkpointer.lock:
+            yield
 
     # ---- writes ---------------------------------------------------------------------------
 
@@ -194,10 +245,16 @@ class SQLiteStore(MeshStore):
 
     def _open_main(self) -> sqlite3.Connection:
         db = _connect(self.path, self.durability)
-        # checkpoint (copy the WAL into the database, with an fsync) every ~64 MiB instead of
-        # every 4 MiB: batches are journaled whole, and each checkpoint stalls the writer
-        db.execute("PRAGMA wal_autocheckpoint=16384")
+        # no checkpoint inside a commit: the checkpointer thread does them (see the module);
+        # past 256 MiB of WAL (it fell behind, or is stuck) commits checkpoint again themselves
+        db.execute("PRAGMA wal_autocheckpoint=65536")
         return db
+
+    def probe_write(self) -> None:
+        # a page's worth, rewritten in place: it needs WAL room as a small commit does
+        with self._transaction("probe") as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
+                       ("x" * 2048,))
 
     def save_snapshot(self, journal_id: int, blob: bytes) -> None:
         with self._lock:

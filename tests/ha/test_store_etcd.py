@@ -108,19 +108,19 @@ def test_only_the_lease_holder_moves_a_publisher_position(
     assert a.outbox("hook") == [s for s in a.verdicts() if s.id > 9]
 
 
-def test_a_mesh_service_runs_on_the_etcd_store(etcd: LoopbackEtcd, tmp_path: Path) -> None:
+async def test_a_mesh_service_runs_on_the_etcd_store(etcd: LoopbackEtcd, tmp_path: Path) -> None:
     from probes.mesh.policy import DecisionPolicy
 
     store = replica(etcd, tmp_path, "svc")
     svc = MeshService(store, DecisionPolicy(), fleet(2))
-    svc.set_admin("n0", VerdictState.MAINTENANCE, "ops", 10.0)
+    await svc.set_admin("n0", VerdictState.MAINTENANCE, "ops", 10.0)
     log = store.verdicts()
     assert [(s.verdict.node, s.verdict.state) for s in log] == [("n0", VerdictState.MAINTENANCE)]
-    svc.close()
+    await svc.close()
     # a second replica starting empty takes the node's seq from etcd
     other = MeshService(replica(etcd, tmp_path, "svc2"), DecisionPolicy(), fleet(2))
     assert other.engine.nodes["n0"].seq == log[0].verdict.seq
-    other.close()
+    await other.close()
 
 
 def test_a_client_fails_fast_for_a_while_after_every_endpoint_failed(

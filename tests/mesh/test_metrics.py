@@ -19,14 +19,14 @@ from tests.mesh.helpers import fleet, obs
 pytestmark = pytest.mark.mesh
 
 
-def test_collector_reports_impairment_guard_and_drops(tmp_path: Path) -> None:
+async def test_collector_reports_impairment_guard_and_drops(tmp_path: Path) -> None:
     policy = DecisionPolicy(
         pool_guard=PoolGuardPolicy(max_down_share=0.25), damping=DampingPolicy(enabled=False)
     )
     svc = MeshService(SQLiteStore(tmp_path / "m.db"), policy, fleet(8))
     seq = 0
 
-    def send(agent: str, results: dict[str, bool], t: float) -> None:
+    async def send(agent: str, results: dict[str, bool], t: float) -> None:
         nonlocal seq
         seq += 1
         b = ObservationBatch(
@@ -36,15 +36,15 @@ def test_collector_reports_impairment_guard_and_drops(tmp_path: Path) -> None:
             sent_at=t,
             observations=[obs(n, agent, ok, at=t) for n, ok in results.items()],
         )
-        svc.accept_batch(encode(b), b, t)
+        await svc.accept_batch(encode(b), b, t)
 
     nodes = [f"n{i}" for i in range(8)]
     for agent in ("va", "vb", "vc", "vd"):
-        send(agent, dict.fromkeys(nodes, True), 0.0)
+        await send(agent, dict.fromkeys(nodes, True), 0.0)
     for t in range(1, 7):  # vd: down at t=3, impaired once contradicted for confirm_seconds
         for agent in ("va", "vb", "vc", "vd"):
             # vd sees the whole fleet down (impaired); va..vc see n0..n2 down (guard: 2 of 8)
-            send(agent, {n: agent != "vd" and int(n[1:]) >= 3 for n in nodes}, float(t))
+            await send(agent, {n: agent != "vd" and int(n[1:]) >= 3 for n in nodes}, float(t))
     svc.engine.observe([obs("ghost", "va", True, at=6.0)], 6.0)
     registry = CollectorRegistry()
     registry.register(MeshCollector(lambda: svc, IngestStats()))
@@ -61,6 +61,7 @@ def test_collector_reports_impairment_guard_and_drops(tmp_path: Path) -> None:
         'tunnelwatch_mesh_observations_dropped_total{reason="unknown-node"} 1.0',
         'tunnelwatch_mesh_verdict_transitions_total{from="UP",to="DOWN"} 2.0',
         "tunnelwatch_mesh_check_states 32.0",
+        "tunnelwatch_mesh_store_up 1.0",
     ):
         assert line in text, line
-    svc.close()
+    await svc.close()

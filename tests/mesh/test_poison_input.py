@@ -245,7 +245,7 @@ async def _through_the_mesh(folder: Path, batches: list[tuple[int, list[dict[str
         assert again.service.store.recover().agents == ({"va": last} if accepted else {})
     after_crash = MeshService(SQLiteStore(crashed / "mesh.db"), cfg.decision, cfg.node_infos())
     assert dump_engine(after_crash.engine) == before
-    after_crash.close()
+    await after_crash.close()
     # an offline replay of what was accepted runs, and decides the same twice
     stream = [o for body in accepted for o in decode_batch(body).observations]
     first = encode(list(replay(cfg.decision, cfg.node_infos(), stream)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -45,25 +46,25 @@ def batch(
     return encode(b), b
 
 
-def feed(
+async def feed(
     svc: MeshService, rounds: list[dict[str, bool]], start: float = 0.0, seq0: int = 1
 ) -> list[Verdict]:
     out: list[Verdict] = []
     for i, results in enumerate(rounds):
         for agent in V3:
             body, b = batch(agent, seq0 + i, results, start + i)
-            out += svc.accept_batch(body, b, start + i)
-        out += svc.tick(start + i + 0.5)
-        svc.housekeeping()
+            out += await svc.accept_batch(body, b, start + i)
+        out += await svc.tick(start + i + 0.5)
+        await svc.housekeeping()
     return out
 
 
-def settle_snapshots(svc: MeshService) -> None:
+async def settle_snapshots(svc: MeshService) -> None:
     """Wait for a background snapshot child and finish pruning the journal it covers."""
     deadline = time.monotonic() + 30
     while svc.snapshotter.busy and time.monotonic() < deadline:
-        svc.housekeeping()
-        time.sleep(0.01)
+        await svc.housekeeping()
+        await asyncio.sleep(0.01)
     assert not svc.snapshotter.running
 
 
@@ -106,7 +107,7 @@ def test_outbox_positions_per_publisher(tmp_path: Path) -> None:
     ("snapshot_every", "background"),
     [(1, False), (3, False), (10_000, False), (2, True), (5, True)],
 )
-def test_restart_resumes_without_reannouncing(
+async def test_restart_resumes_without_reannouncing(
     tmp_path: Path, snapshot_every: int, background: bool
 ) -> None:
     nodes = fleet(4)
@@ -125,8 +126,8 @@ def test_restart_resumes_without_reannouncing(
         snapshot_every=snapshot_every,
         background_snapshots=background,
     )
-    expected = feed(ref, rounds_a) + feed(ref, rounds_b, start=100, seq0=10)
-    ref.close()
+    expected = await feed(ref, rounds_a) + await feed(ref, rounds_b, start=100, seq0=10)
+    await ref.close()
 
     db = tmp_path / "m.db"
     first = MeshService(
@@ -136,9 +137,9 @@ def test_restart_resumes_without_reannouncing(
         snapshot_every=snapshot_every,
         background_snapshots=background,
     )
-    before = feed(first, rounds_a)
+    before = await feed(first, rounds_a)
     if background:
-        settle_snapshots(first)
+        await settle_snapshots(first)
         assert first.snapshots_background_total >= 1
         assert first.store.journal_length() < len(rounds_a) * 4  # the child's snapshot pruned it
     first.store.close()  # no clean shutdown: no final snapshot (a crash)
@@ -153,12 +154,12 @@ def test_restart_resumes_without_reannouncing(
     assert {n: x.seq for n, x in second.engine.nodes.items()} == {
         n: x.seq for n, x in first.engine.nodes.items()
     }
-    after = feed(second, rounds_b, start=100, seq0=10)
+    after = await feed(second, rounds_b, start=100, seq0=10)
     assert encode(before + after) == encode(expected)
     logged = [s.verdict for s in second.store.verdicts()]
     assert encode(logged) == encode(expected)
     assert len({(v.node, v.seq) for v in logged}) == len(logged)
-    second.close()
+    await second.close()
     third = MeshService(
         SQLiteStore(db),
         POLICY,
@@ -167,22 +168,22 @@ def test_restart_resumes_without_reannouncing(
         background_snapshots=background,
     )
     assert third.replayed_entries == 0  # clean close left a snapshot covering everything
-    third.close()
+    await third.close()
 
 
-def test_admin_actions_are_journaled_and_audited(tmp_path: Path) -> None:
+async def test_admin_actions_are_journaled_and_audited(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     svc = MeshService(SQLiteStore(db), POLICY, fleet(2))
-    feed(svc, [{"n0": True, "n1": True}])
-    changes = svc.set_admin("n0", VerdictState.DRAINING, "alice", 10.0)
+    await feed(svc, [{"n0": True, "n1": True}])
+    changes = await svc.set_admin("n0", VerdictState.DRAINING, "alice", 10.0)
     assert [c.state for c in changes] == [VerdictState.DRAINING]
     assert svc.store.admin_states()["n0"].actor == "alice"
     with pytest.raises(KeyError):
-        svc.set_admin("nope", VerdictState.DRAINING, "alice", 11.0)
+        await svc.set_admin("nope", VerdictState.DRAINING, "alice", 11.0)
     svc.store.close()
     again = MeshService(SQLiteStore(db), POLICY, fleet(2))
     assert again.engine.nodes["n0"].state == VerdictState.DRAINING
-    again.set_admin("n0", None, "bob", 12.0)
+    await again.set_admin("n0", None, "bob", 12.0)
     assert again.store.admin_states() == {}
     log = [s.verdict for s in again.store.verdicts(node="n0")]
     assert [
@@ -191,7 +192,7 @@ def test_admin_actions_are_journaled_and_audited(tmp_path: Path) -> None:
         (VerdictState.DRAINING, "admin"),
         (VerdictState.UP, "admin"),
     ]
-    again.close()
+    await again.close()
 
 
 def test_replay_from_jsonl_is_deterministic_and_ticks() -> None:
@@ -234,11 +235,11 @@ def test_engine_pickles_compactly() -> None:
     assert msgspec.json.encode(eng.node_view("n0", 0.0))
 
 
-def test_an_engine_failure_leaves_nothing_half_applied(
+async def test_an_engine_failure_leaves_nothing_half_applied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc = MeshService(SQLiteStore(tmp_path / "m.db"), POLICY, fleet(2))
-    feed(svc, [{"n0": True, "n1": True}])
+    await feed(svc, [{"n0": True, "n1": True}])
     before = svc.engine.observations_total
 
     original = DecisionEngine.observe
@@ -255,10 +256,10 @@ def test_an_engine_failure_leaves_nothing_half_applied(
     with monkeypatch.context() as m:
         m.setattr(DecisionEngine, "observe", explode)
         with pytest.raises(RuntimeError):
-            svc.accept_batch(body, b, 5.0)
+            await svc.accept_batch(body, b, 5.0)
     assert svc.engine.observations_total == before  # rebuilt from the store
     assert svc.agent_seq["va"] == 1
-    svc.close()
+    await svc.close()
 
 
 def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
@@ -272,13 +273,13 @@ def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
     store.close()
 
 
-def test_config_changes_apply_at_restart(tmp_path: Path) -> None:
+async def test_config_changes_apply_at_restart(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     svc = MeshService(SQLiteStore(db), POLICY, fleet(4))
     up = {f"n{i}": True for i in range(4)}
-    feed(svc, [up, {**up, "n3": False}, {**up, "n3": False}, {**up, "n3": False}])
+    await feed(svc, [up, {**up, "n3": False}, {**up, "n3": False}, {**up, "n3": False}])
     assert svc.engine.nodes["n3"].state == VerdictState.DOWN
-    svc.close()
+    await svc.close()
 
     # n2 is decommissioned, n1 moves to another pool, n4 is new
     nodes = [
@@ -296,13 +297,13 @@ def test_config_changes_apply_at_restart(tmp_path: Path) -> None:
     assert {v.name: (v.decided, v.down) for v in eng.vantages.values()} == {a: (3, 1) for a in V3}
     assert load_engine(dump_engine(eng)).nodes.keys() == eng.nodes.keys()
     # n3 went DOWN at t=3: it may come back once the dwell (4 s) has passed
-    changes = feed(again, [{**up, "n4": True}] * 2, start=7, seq0=10)
+    changes = await feed(again, [{**up, "n4": True}] * 2, start=7, seq0=10)
     assert [(c.node, c.state.value, c.seq) for c in changes] == [
         ("n4", "UP", 1),
         ("n3", "UP", 3),
     ]
     assert again.engine.unknown_node_total == 6  # n2's observations: no longer a node
-    again.close()
+    await again.close()
 
 
 def test_a_snapshot_child_lets_go_of_sockets(tmp_path: Path) -> None:
@@ -344,3 +345,18 @@ def test_journal_ids_never_go_back_below_a_snapshot(tmp_path: Path) -> None:
     assert [e.now for e in again.recover().entries] == [9.0]
     assert again.commit(JournalEntry(EntryKind.TICK, 10.0), []) == later + 1
     again.close()
+
+
+def test_checkpoints_happen_beside_the_commits(tmp_path: Path) -> None:
+    """The WAL is copied into the database by the checkpointer thread once it holds 16 MiB,
+    not by whichever commit crossed SQLite's threshold (that commit stalled for the copy)."""
+    db = tmp_path / "m.db"
+    store = SQLiteStore(db)
+    payload = b"x" * (1 << 20)
+    for t in range(20):
+        store.commit(JournalEntry(EntryKind.BATCH, float(t), payload), [])
+    deadline = time.monotonic() + 30
+    while db.stat().st_size < 16 * (1 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert db.stat().st_size >= 16 * (1 << 20)  # the journal's pages are in the database file
+    store.close()

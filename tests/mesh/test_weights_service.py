@@ -38,7 +38,7 @@ class Feeder:
         self.batch_seq = 0
         self.obs_seq = 0
 
-    def second(self, t: float, up: dict[str, bool], busy: dict[str, float]) -> None:
+    async def second(self, t: float, up: dict[str, bool], busy: dict[str, float]) -> None:
         self.batch_seq += 1
         for vantage in VANTAGES:
             items = []
@@ -50,8 +50,8 @@ class Feeder:
                     self.obs_seq += 1
                     items.append(load_obs(node, vantage, value, self.obs_seq, t))
             batch = ObservationBatch(1, vantage, self.batch_seq, t, items)
-            self.svc.accept_batch(encode(batch), batch, t)
-        self.svc.tick(t + 0.5)
+            await self.svc.accept_batch(encode(batch), batch, t)
+        await self.svc.tick(t + 0.5)
 
 
 def service(db: Path, *, weights: WeightPolicy | None = WEIGHTS) -> MeshService:
@@ -63,11 +63,11 @@ def service(db: Path, *, weights: WeightPolicy | None = WEIGHTS) -> MeshService:
                        weight_nodes=[WeightNode(n.node, n.pool) for n in nodes])
 
 
-def script(feeder: Feeder, start: float, seconds: int) -> None:
+async def script(feeder: Feeder, start: float, seconds: int) -> None:
     for i in range(seconds):
         t = start + i
         hot = 0.99 if 3 <= i < 9 else 0.3
-        feeder.second(t, {"n0": True, "n1": i < 5 or i > 7, "n2": True},
+        await feeder.second(t, {"n0": True, "n1": i < 5 or i > 7, "n2": True},
                       {"n0": hot, "n1": 0.3, "n2": 0.3})
 
 
@@ -80,24 +80,24 @@ def test_load_reads_are_split_from_checks() -> None:
     assert split_load(checks)[0] is checks  # nothing to split: no copy
 
 
-def test_load_reads_never_vote_even_without_weights(tmp_path: Path) -> None:
+async def test_load_reads_never_vote_even_without_weights(tmp_path: Path) -> None:
     svc = service(tmp_path / "m.db", weights=None)
     assert svc.weights is None
     feeder = Feeder(svc)
-    feeder.second(0.0, {}, {"n0": 0.5, "n1": 0.5, "n2": 0.5})
-    feeder.second(1.0, {}, {"n0": 0.5, "n1": 0.5, "n2": 0.5})
+    await feeder.second(0.0, {}, {"n0": 0.5, "n1": 0.5, "n2": 0.5})
+    await feeder.second(1.0, {}, {"n0": 0.5, "n1": 0.5, "n2": 0.5})
     assert svc.engine.check_count() == 0  # no check state was made from a load read
     assert {n.state for n in svc.engine.nodes.values()} == {VerdictState.UNKNOWN}
-    svc.close()
+    await svc.close()
 
 
-def test_weights_follow_load_and_states_and_verdicts_carry_them(tmp_path: Path) -> None:
+async def test_weights_follow_load_and_states_and_verdicts_carry_them(tmp_path: Path) -> None:
     svc = service(tmp_path / "m.db")
     seen: list = []
     svc.weight_listeners.append(seen.extend)
     verdicts: list = []
     svc.listeners.append(verdicts.extend)
-    script(Feeder(svc), 0.0, 20)
+    await script(Feeder(svc), 0.0, 20)
     n0 = [c.weight for c in seen if c.node == "n0"]
     assert n0[0] == 100 and 50 in n0 and n0[-1] == 100  # hot for 5 s, cut -50 %, then back
     n1 = [(c.weight, c.state) for c in seen if c.node == "n1"]
@@ -107,18 +107,18 @@ def test_weights_follow_load_and_states_and_verdicts_carry_them(tmp_path: Path) 
     down = next(v for v in verdicts if v.node == "n1" and v.state == VerdictState.DOWN)
     assert down.weight == 0
     assert all(v.weight is not None for v in verdicts)
-    svc.close()
+    await svc.close()
 
 
 @pytest.mark.parametrize("snapshot_every", [1, 7, 10_000])
-def test_restart_continues_the_same_weights(tmp_path: Path, snapshot_every: int) -> None:
+async def test_restart_continues_the_same_weights(tmp_path: Path, snapshot_every: int) -> None:
     ref = service(tmp_path / "ref.db")
     expected: list = []
     ref.weight_listeners.append(expected.extend)
     feeder = Feeder(ref)
-    script(feeder, 0.0, 12)
-    script(feeder, 12.0, 12)
-    ref.close()
+    await script(feeder, 0.0, 12)
+    await script(feeder, 12.0, 12)
+    await ref.close()
 
     db = tmp_path / "m.db"
     first = service(db)
@@ -126,7 +126,7 @@ def test_restart_continues_the_same_weights(tmp_path: Path, snapshot_every: int)
     got: list = []
     first.weight_listeners.append(got.extend)
     feeder = Feeder(first)
-    script(feeder, 0.0, 12)
+    await script(feeder, 0.0, 12)
     first.store.close()  # a crash: no final snapshot
     second = service(db)
     second.snapshot_every = snapshot_every
@@ -134,6 +134,6 @@ def test_restart_continues_the_same_weights(tmp_path: Path, snapshot_every: int)
     assert second.weights is not None and first.weights is not None
     assert second.weights.to_builtins() == first.weights.to_builtins()
     feeder.svc = second
-    script(feeder, 12.0, 12)
+    await script(feeder, 12.0, 12)
     assert encode(got) == encode(expected)
-    second.close()
+    await second.close()

@@ -237,17 +237,17 @@ class BrittleOutbox(MemoryOutbox):
         self.read_failures = 1
         self.ack_failures = 1
 
-    def outbox(self, publisher: str, limit: int = 100) -> list:  # type: ignore[type-arg]
+    async def outbox(self, publisher: str, limit: int = 100) -> list:  # type: ignore[type-arg]
         if self.read_failures:
             self.read_failures -= 1
             raise RuntimeError("store busy")
-        return super().outbox(publisher, limit)
+        return await super().outbox(publisher, limit)
 
-    def ack(self, publisher: str, position: int) -> None:
+    async def ack(self, publisher: str, position: int) -> None:
         if self.ack_failures:
             self.ack_failures -= 1
             raise RuntimeError("store busy")
-        super().ack(publisher, position)
+        await super().ack(publisher, position)
 
 
 async def test_store_hiccups_cost_a_duplicate_never_a_verdict() -> None:

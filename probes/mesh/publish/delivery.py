@@ -105,7 +105,7 @@ class DeliveryLoop:
             while not self._stop.is_set():
                 await self._maybe_reconcile()
                 try:
-                    entries = self.outbox.outbox(self.name, self.batch)
+                    entries = await self.outbox.outbox(self.name, self.batch)
                 except Exception as exc:  # the store failed: nothing was read, try again
                     log.error("publisher %s: reading the outbox failed: %s", self.name, exc)
                     await self._sleep(1.0)
@@ -121,7 +121,7 @@ class DeliveryLoop:
                     if not await self._deliver(entry):
                         return  # stopped while retrying: not acknowledged, delivered after restart
                     try:
-                        self.outbox.ack(self.name, entry.id)
+                        await self.outbox.ack(self.name, entry.id)
                     except Exception as exc:  # not acknowledged: delivered again (same key)
                         log.error("publisher %s: acknowledging %d failed: %s", self.name,
                                   entry.id, exc)
@@ -140,7 +140,7 @@ class DeliveryLoop:
         if not (self._needs_reconcile or due):
             return
         try:
-            fixed = await self.publisher.reconcile(self.outbox.node_verdicts())
+            fixed = await self.publisher.reconcile(await self.outbox.node_verdicts())
         except Exception as exc:  # an unreachable destination: deliveries will retry it
             log.warning("publisher %s: reconcile failed: %s", self.name, exc)
             self._needs_reconcile = True

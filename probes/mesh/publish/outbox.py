@@ -1,8 +1,10 @@
 """What the delivery loop reads: the mesh store's verdict log, seen as a per-publisher outbox.
 
-:class:`probes.mesh.store.MeshStore` satisfies :class:`Outbox` as it is (its verdict log doubles
-as the outbox; each publisher keeps its own acknowledged position). :class:`MemoryOutbox` is the
-same contract in memory, for tests and for a receiver that feeds a local publisher.
+The mesh's store is the outbox (its verdict log doubles as one; each publisher keeps its own
+acknowledged position), reached through :class:`probes.mesh.storethread.StoreOutbox` so reads and
+acknowledgements run on the store's thread, never on the event loop: the contract is
+asynchronous. :class:`MemoryOutbox` is the same contract in memory, for tests and for a receiver
+that feeds a local publisher.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 class Outbox(Protocol):
-    def outbox(self, publisher: str, limit: int = 100) -> Sequence[OutboxEntry]:
+    async def outbox(self, publisher: str, limit: int = 100) -> Sequence[OutboxEntry]:
         """Verdicts ``publisher`` has not acknowledged yet, oldest first."""
         ...
 
-    def ack(self, publisher: str, position: int) -> None:
+    async def ack(self, publisher: str, position: int) -> None:
         """``publisher`` delivered (or dead-lettered) everything up to log id ``position``."""
         ...
 
-    def node_verdicts(self) -> dict[str, Verdict]:
+    async def node_verdicts(self) -> dict[str, Verdict]:
         """The latest verdict per node (what reconcile converges to)."""
         ...
 
@@ -58,14 +60,14 @@ class MemoryOutbox:
         self.log.append(Entry(position, verdict))
         return position
 
-    def outbox(self, publisher: str, limit: int = 100) -> list[Entry]:
+    async def outbox(self, publisher: str, limit: int = 100) -> list[Entry]:
         after = self.positions.get(publisher, 0)
         return self.log[after : after + limit]
 
-    def ack(self, publisher: str, position: int) -> None:
+    async def ack(self, publisher: str, position: int) -> None:
         self.positions[publisher] = max(self.positions.get(publisher, 0), position)
 
-    def node_verdicts(self) -> dict[str, Verdict]:
+    async def node_verdicts(self) -> dict[str, Verdict]:
         latest: dict[str, Verdict] = {}
         for entry in self.log:
             latest[entry.verdict.node] = entry.verdict
