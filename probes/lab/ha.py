@@ -26,10 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
+
 from probes.lab.etcd import EtcdCluster
 from probes.lab.netns import LabError
 from probes.lab.topology import Host, Lab
-from probes.model import Observation, ObservationBatch, Reason, encode, signing
+from probes.mesh.publish.envelope import decode_envelope
+from probes.model import Observation, ObservationBatch, Reason, Verdict, encode, signing
 
 AGENTS = ("va", "vb", "vc")
 HOOK_KEY = b"0123456789abcdef0123456789abcdef"
@@ -42,6 +45,8 @@ CLOCK_MARGIN = 1.0
 @dataclass(frozen=True)
 class Delivery:
     key: str  # Idempotency-Key
+    node: str
+    seq: int
     digest: str  # sha256 of the body
     source: str  # the sending replica's address
     at: float  # monotonic time the delivery was answered
@@ -62,9 +67,10 @@ class Recorder(BaseHTTPRequestHandler):
                             self.headers[signing.HEADER_SIGNATURE])
         time.sleep(self.delay)
         if ok:
+            verdict = decode_envelope(body).verdict
             with self.lock:
-                self.deliveries.append(Delivery(self.headers["Idempotency-Key"],
-                                                hashlib.sha256(body).hexdigest(),
+                self.deliveries.append(Delivery(self.headers["Idempotency-Key"], verdict.node,
+                                                verdict.seq, hashlib.sha256(body).hexdigest(),
                                                 self.client_address[0], time.monotonic(),
                                                 started))
         self.send_response(204 if ok else 401)
@@ -264,20 +270,25 @@ class HACluster:
         """Until every key of the shared log has reached the receiver; the wanted keys."""
         deadline = time.monotonic() + timeout
         while True:
-            want = {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in self.log(replica)}
+            want = {log_key(e) for e in self.log(replica)}
             got = {d.key for d in list(Recorder.deliveries)}
             if want <= got or time.monotonic() > deadline:
                 return want
             time.sleep(0.1)
 
 
+def log_key(entry: dict[str, Any]) -> str:
+    """The idempotency key of a ``/v1/verdicts?after=`` log entry."""
+    return msgspec.convert(entry["verdict"], Verdict).idempotency_key
+
+
 def delivery_problems(log: list[dict[str, Any]], deliveries: list[Delivery]) -> list[str]:
     """What is wrong with the deliveries against the shared log (empty: nothing lost, nothing
     out of order, no duplicate without the same key and body)."""
     problems: list[str] = []
-    want = [f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in log]
+    want = [log_key(e) for e in log]
     if len(set(want)) != len(want):
-        problems.append("the shared log holds a node:seq twice")
+        problems.append("the shared log holds a verdict (node, epoch, seq) twice")
     got = {d.key for d in deliveries}
     if lost := set(want) - got:
         problems.append(f"lost: {sorted(lost)[:5]}")
@@ -298,8 +309,7 @@ def delivery_problems(log: list[dict[str, Any]], deliveries: list[Delivery]) -> 
     for d in deliveries:
         if d.key not in seen:
             seen.add(d.key)
-            node, seq = d.key.rsplit(":", 1)
-            firsts[node].append(int(seq))
+            firsts[d.node].append(d.seq)
     if firsts != log_seqs:
         problems.append("first deliveries per node do not follow the log order")
     return problems

@@ -368,17 +368,16 @@ class MeshService:
             self._bytes_since_snapshot = 0
             trouble("snapshot", "snapshot not written: %s", exc)
 
-    def _with_weights(self, verdicts: list[Verdict]) -> list[Verdict]:
-        """Verdicts carrying their node's weight as it is after them (weights enabled)."""
+    def _published(self, verdicts: list[Verdict]) -> list[Verdict]:
+        """Verdicts as logged and published: with the store's epoch, and the node's weight as
+        it is after them (weights enabled)."""
         weights = self.weights
-        if weights is None:
-            return verdicts
+        epoch = self.store.epoch
         out = []
         for verdict in verdicts:
-            node = weights.nodes.get(verdict.node)
-            weight = node.published if node is not None else None
-            out.append(msgspec.structs.replace(verdict, weight=weight) if weight is not None
-                       else verdict)
+            node = weights.nodes.get(verdict.node) if weights is not None else None
+            weight = node.published if node is not None else verdict.weight
+            out.append(msgspec.structs.replace(verdict, weight=weight, epoch=epoch))
         return out
 
     def _now(self, now: float) -> float:
@@ -447,7 +446,7 @@ class MeshService:
                     ) -> tuple[list[Verdict], list[WeightChange]]:
         """:meth:`_apply` on the live engines (a batch's observations already decoded)."""
         verdicts, changes = self._apply(self.engine, self.weights, entry, observations)
-        return self._with_weights(verdicts), changes
+        return self._published(verdicts), changes
 
     async def tick(self, now: float) -> list[Verdict]:
         async def step() -> list[Verdict]:

@@ -10,7 +10,10 @@ implements the abstract methods and nothing else. What a backend keeps:
 * **snapshot** — the engine state as of a journal id; older journal entries can then be dropped
   (a few hundred per step: a long delete would stall every commit queued behind it).
 * **verdict log** — every verdict change with an increasing id; it doubles as the publishers'
-  outbox: each publisher keeps its own position (the last id it delivered).
+  outbox: each publisher keeps its own position (the last id it delivered). Verdicts carry the
+  store's :attr:`MeshStore.epoch` (:attr:`probes.model.Verdict.epoch`): a new, higher one
+  whenever its history may have restarted, so receivers that order by (epoch, seq) follow a
+  reset or restored store instead of ignoring its seq 1.
 * **node snapshot** — the latest published verdict per node (for queries without the engine).
 * **admin states** — DRAINING / MAINTENANCE per node, with who set them and when.
 * **agent replay state** — the last accepted ``batch_seq`` per agent.
@@ -85,6 +88,10 @@ class StoreError(RuntimeError):
 
 class MeshStore(abc.ABC):
     """Backend interface. Methods are synchronous and short; callers batch their writes."""
+
+    #: the epoch of the verdicts logged through this store (milliseconds since 1970): new and
+    #: higher at every start of a SQLite store; a shared one for etcd (stamped when appended)
+    epoch: int = 0
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -4,9 +4,13 @@ Every replica ingests and decides on its own engine, so the engine's inputs (jou
 agents' positions) stay in a replica-local :class:`SQLiteStore`. What the replicas must agree on
 lives in etcd under ``prefix``:
 
-* ``log/<node>/<seq>`` — the verdict log. A verdict is appended in one transaction together with
-  ``head/<node>`` (the node's latest verdict), compared on the head's ``mod_revision``: the first
-  replica to decide ``node:seq`` writes it, the others find it there and skip it. Per-node
+* ``log/<node>/<epoch>-<seq>`` — the verdict log. A verdict is appended in one transaction
+  together with ``head/<node>`` (the node's latest verdict), compared on the head's
+  ``mod_revision``: the first replica to decide ``node:seq`` writes it, the others find it there
+  and skip it.
+* ``epoch`` — the epoch every verdict in etcd carries (created with the prefix, in milliseconds):
+  shared, so verdicts of every replica order the same way at the receivers. Delete it after
+  restoring etcd from a backup: the next verdict creates a new, higher one. Per-node
   sequence numbers therefore live in etcd and survive any replica's failure. A verdict's log id
   is the etcd revision that created its key, so the log is revision-ordered across replicas.
 * ``admin/<node>`` — admin states, shared by all replicas.
@@ -65,6 +69,10 @@ class EtcdError(StoreError):
 
 class Fenced(StoreError):
     """A leader-only write was refused: this replica does not hold the leader key any more."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def b64(text: str | bytes) -> str:
@@ -242,12 +250,14 @@ class EtcdStore(MeshStore):
         self.client = client
         self.prefix = prefix.rstrip("/") + "/"
         self.local = SQLiteStore(local_path, durability)
+        self.epoch = self.local.epoch  # locally; appended to etcd with the shared one
         # set by the leader elector while this replica leads; None = leader-only writes refused
         self.fence: FenceToken | None = None
         self.unsynced = 0  # verdicts decided here and not yet in etcd (etcd was unreachable)
         # after a failed sync, commits do not wait on etcd again for a while (ingest stays fast)
         self.sync_backoff = 1.0
         self._sync_after = 0.0
+        self._epoch = 0
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -300,20 +310,33 @@ class EtcdStore(MeshStore):
         self.unsynced = len(self.local.outbox(SYNC_POSITION, 10_000))
         return sent
 
+    def shared_epoch(self) -> int:
+        """The epoch of the shared log: read, or created (milliseconds now) if absent."""
+        if not self._epoch:
+            key = self.key("epoch")
+            self.client.txn([cmp_created(key, 0)], [req_put(key, str(now_ms()).encode())])
+            current = self.client.get(key)
+            if current is None:
+                raise EtcdError(f"{key}: not readable after creating it")
+            self._epoch = int(current.value)
+        return self._epoch
+
     def append(self, verdict: Verdict) -> int | None:
         """Append ``verdict`` to the shared log unless its ``node:seq`` (or a later one) is there.
 
         Returns the new log id, or None when another replica got there first."""
+        verdict = msgspec.structs.replace(verdict, epoch=self.shared_epoch())
         head_key = self.key("head", verdict.node)
         body = encode(verdict)
         for _ in range(_CAS_ATTEMPTS):
             head = self.client.get(head_key)
-            if head is not None and decode_verdict(head.value).seq >= verdict.seq:
+            if head is not None and decode_verdict(head.value).order >= verdict.order:
                 return None
             ok, revision = self.client.txn(
                 [cmp_mod(head_key, head.mod_revision if head else 0)],
                 [req_put(head_key, body),
-                 req_put(self.key("log", verdict.node, f"{verdict.seq:012d}"), body)],
+                 req_put(self.key("log", verdict.node,
+                                  f"{verdict.epoch:013d}-{verdict.seq:012d}"), body)],
             )
             if ok:
                 return revision

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -141,9 +142,25 @@ class SQLiteStore(MeshStore):
             top = self._db.execute("SELECT max(id) FROM journal").fetchone()[0]
             covered = self._snap.execute("SELECT journal_id FROM snapshot").fetchone()
             self._next_journal_id = max(int(top or 0), int(covered[0]) if covered else 0) + 1
+            self.epoch = self._new_epoch()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         self._checkpointer = _Checkpointer(self.path, durability)
+
+    def _new_epoch(self) -> int:
+        """This start's epoch: the wall clock in ms, never at or below the last one. One store
+        file is written by one mesh at a time, so its history may have restarted (a reset or a
+        restored file) only across a start: every start begins a new epoch. The verdict log
+        keeps each verdict's own epoch, and a restored file's starts above everything the
+        receivers saw from it."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        epoch = max(int(row[0]) + 1 if row else 1, int(time.time() * 1000))
+        # on a full disk the start goes on (inputs are refused until it can commit); the next
+        # start's clock is later anyway
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)",
+                             (str(epoch),))
+        return epoch
 
     def close(self) -> None:
         self._checkpointer.stop()

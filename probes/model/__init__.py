@@ -216,7 +216,12 @@ class Votes(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Verdict(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A node's state as decided by the mesh. ``seq`` increases by one per change per node."""
+    """A node's state as decided by the mesh. ``seq`` increases by one per change per node.
+
+    ``epoch`` names the history the verdict belongs to: the store that logged it stamps it (a
+    new, higher one whenever the history may have restarted: a reset or restored database).
+    Verdicts order by ``(epoch, seq)``; within an epoch ``seq`` has no gaps. 0: logged before
+    verdicts carried an epoch."""
 
     node: str
     state: VerdictState
@@ -230,10 +235,20 @@ class Verdict(msgspec.Struct, frozen=True, omit_defaults=True):
     # the node's published weight (percent of nominal) after this verdict; weights on only
     weight: int | None = None
     version: int = SCHEMA_VERSION
+    epoch: Seq = 0  # milliseconds since 1970 when its store's history began (see above)
 
     @property
     def idempotency_key(self) -> str:
+        """``node:epoch:seq`` (``node:seq`` for a verdict logged before epochs): unique across a
+        reset store, whose seqs start at 1 again."""
+        if self.epoch:
+            return f"{self.node}:{self.epoch}:{self.seq}"
         return f"{self.node}:{self.seq}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """What receivers compare: a verdict is newer when this is greater."""
+        return (self.epoch, self.seq)
 
 
 class WeightReason(msgspec.Struct, frozen=True, omit_defaults=True):

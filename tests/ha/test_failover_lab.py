@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from probes.lab.etcd import block_etcd
-from probes.lab.ha import LEASE_TTL, HACluster, Recorder, Replica, check_deliveries
+from probes.lab.ha import LEASE_TTL, HACluster, Recorder, Replica, check_deliveries, log_key
 from probes.lab.topology import Lab
 from tests.conftest import lab_unavailable
 
@@ -95,7 +95,7 @@ def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> No
 
     deliveries = list(Recorder.deliveries)
     log = cluster.log(first)  # followers serve the shared log too
-    assert {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in log} == want
+    assert {log_key(e) for e in log} == want
     check_deliveries(log, deliveries)
     from_first_after_return = [d for d in deliveries
                                if d.source == first.host.address and d.at >= returned_at]
@@ -129,7 +129,7 @@ def test_leader_cut_from_etcd_stops_publishing_before_a_new_one_starts(ha_lab: L
 
     block_etcd(old.host, on=False)
     check_deliveries(cluster.log(new), list(Recorder.deliveries))
-    assert {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in cluster.log(old)} == want
+    assert {log_key(e) for e in cluster.log(old)} == want
 
 
 def test_a_paused_leader_does_not_publish_when_it_resumes(ha_lab: Lab) -> None:
@@ -158,4 +158,4 @@ def test_a_paused_leader_does_not_publish_when_it_resumes(ha_lab: Lab) -> None:
     assert not cluster.get(old, "/v1/leader")["leading"]
     assert cluster.get(old, "/v1/leader")["leader"] == new.name
     check_deliveries(cluster.log(old), deliveries)
-    assert {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in cluster.log(new)} == want
+    assert {log_key(e) for e in cluster.log(new)} == want

@@ -21,9 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
 import pytest
 
-from probes.model import Observation, ObservationBatch, Reason, encode, signing
+from probes.model import Observation, ObservationBatch, Reason, Verdict, encode, signing
 from tests.publish.helpers import KEY
 
 pytestmark = pytest.mark.publish
@@ -174,7 +175,7 @@ def test_sigkill_during_delivery_loses_nothing(tmp_path: Path,
 
         mesh.start()
         assert mesh.log() == log  # the restart announced nothing new
-        want = {f"{e['verdict']['node']}:{e['verdict']['seq']}" for e in log}
+        want = {msgspec.convert(e["verdict"], Verdict).idempotency_key for e in log}
         deadline = time.monotonic() + 30
         while {k for k, _ in recorder.deliveries} != want and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry
@@ -98,6 +99,30 @@ async def test_verifies_deduplicates_orders_and_persists(tmp_path: Path) -> None
         assert (await c.post(v("n1", 3)))[1]["status"] == "duplicate"
         assert (await c.post(v("n1", 4)))[1]["status"] == "applied"
     await runner.cleanup()
+
+
+async def test_receiver_orders_by_epoch_then_seq(tmp_path: Path) -> None:
+    """A newer epoch (the mesh's store was reset or restored) is newer whatever its seq; an
+    older epoch's verdict arriving late is a duplicate; a gap is only a gap within an epoch."""
+    cfg, base = load_receiver_config(write_config(tmp_path))
+    app, receiver = build_receiver_app(cfg, base)
+    runner, url = await start(app)
+
+    def e(epoch: int, seq: int, state: VerdictState) -> Verdict:
+        return msgspec.structs.replace(v("n1", seq, state), epoch=epoch)
+
+    async with ClientSession() as session:
+        c = Client(session, url + cfg.path)
+        assert (await c.post(e(100, 5, VerdictState.DOWN)))[1]["status"] == "applied"
+        status, answer = await c.post(e(200, 1, VerdictState.UP))
+        assert (status, answer) == (200, {"status": "applied", "key": "n1:200:1"})
+        assert (await c.post(e(100, 6, VerdictState.DOWN)))[1]["status"] == "duplicate"
+        assert (await c.post(e(200, 2, VerdictState.DOWN)))[1]["status"] == "applied"
+    await runner.cleanup()
+    assert receiver.ledger.latest["n1"].order == (200, 2)
+    registry = receiver.registry
+    assert registry.get_sample_value("tunnelwatch_receiver_epoch_changes_total") == 1
+    assert registry.get_sample_value("tunnelwatch_receiver_sequence_gaps_total") == 0
 
 
 @pytest.mark.parametrize(("extra", "path"), [

@@ -201,7 +201,7 @@ def test_headers_verify_with_signing_module_and_body_is_stable() -> None:
     assert not signing.verify(KEY, headers[signing.HEADER_TIMESTAMP], body + b" ",
                               headers[signing.HEADER_SIGNATURE])
     env = decode_envelope(body)
-    assert env.verdict == verdict and env.schema_version == 1
+    assert env.verdict == verdict and env.schema_version == 2
 
 
 @pytest.mark.parametrize(("body", "path"), [
@@ -218,11 +218,11 @@ def test_envelope_rejects_unknown_version_and_mismatched_key() -> None:
     verdict = Verdict(node="n1", state=VerdictState.UP, previous=VerdictState.DOWN, seq=2,
                       decided_at=1.0)
     doc = json.loads(encode_envelope(verdict))
-    doc["schema_version"] = 2
+    doc["schema_version"] = 3
     with pytest.raises(SchemaError) as err:
         decode_envelope(json.dumps(doc).encode())
     assert err.value.path == "$.schema_version"
-    doc["schema_version"] = 1
+    doc["schema_version"] = 1  # an older mesh's body (no epoch) is still read
     doc["idempotency_key"] = "n1:3"
     with pytest.raises(SchemaError) as err:
         decode_envelope(json.dumps(doc).encode())

@@ -26,9 +26,9 @@ class PermanentError(PublishError):
 class Publisher(abc.ABC):
     """A destination for verdict changes.
 
-    :meth:`deliver` must be idempotent per ``verdict.idempotency_key`` (``node:seq``): the delivery
-    loop delivers at least once, so after a crash a verdict may come again. Applying a verdict
-    twice must leave the destination as applying it once does.
+    :meth:`deliver` must be idempotent per ``verdict.idempotency_key`` (``node:epoch:seq``): the
+    delivery loop delivers at least once, so after a crash a verdict may come again. Applying a
+    verdict twice must leave the destination as applying it once does.
     """
 
     name: str

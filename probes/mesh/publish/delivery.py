@@ -4,7 +4,7 @@ One loop per publisher. It reads the unacknowledged verdicts oldest first and de
 a time, so verdicts of a node can never overtake each other (the log is ordered, and per node the
 sequence numbers increase with it). A verdict is acknowledged only after the publisher returned,
 so a crash between delivery and acknowledgement re-delivers it after restart with the same
-idempotency key (``node:seq``) — duplicates, never gaps.
+idempotency key (``node:epoch:seq``) — duplicates, never gaps.
 
 A failed attempt is retried with exponential backoff and jitter ("decorrelated" enough that many
 meshes do not retry in step) until it succeeds, or until the verdict has been failing for

@@ -4,6 +4,11 @@ the latest weight changes of some nodes (:class:`probes.model.WeightChange`, wei
 Documented in docs/webhooks.md. ``schema_version`` changes only on incompatible changes; a
 receiver rejects a version it does not know (400) rather than guessing. The body of a given
 verdict is the same bytes on every retry, so a receiver may also de-duplicate on a body hash.
+
+Verdict schema version 2: the verdict carries ``epoch`` and the idempotency key is
+``node:epoch:seq``; order by ``(epoch, seq)``. Version 1 bodies (an older mesh) are still read:
+their epoch is 0. Bodies are decoded like every wire message: bounds checked, duplicate keys
+refused.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from typing import Any
 
 import msgspec
 
-from probes.model import SchemaError, Verdict, WeightChange
+from probes.model import SchemaError, Verdict, WeightChange, strict_decode
 
 WEBHOOK_SCHEMA = "tunnelwatch.verdict"
-WEBHOOK_SCHEMA_VERSION = 1
+WEBHOOK_SCHEMA_VERSION = 2
+WEBHOOK_READABLE_VERSIONS = (1, 2)
 WEIGHTS_SCHEMA = "tunnelwatch.weights"
 WEIGHTS_SCHEMA_VERSION = 1
 
@@ -27,7 +33,7 @@ HEADER_EVENT = "X-Tunnelwatch-Event"
 class VerdictEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     schema: str
     schema_version: int
-    idempotency_key: str  # "<node>:<seq>", the same as the Idempotency-Key header
+    idempotency_key: str  # "<node>:<epoch>:<seq>", the same as the Idempotency-Key header
     verdict: Verdict
 
 
@@ -67,12 +73,7 @@ def encode_weights(changes: list[WeightChange]) -> tuple[str, bytes]:
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    try:
-        return decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        text = str(exc)
-        path = text.split(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
-        raise SchemaError(text, path) from None
+    return strict_decode(decoder, body)
 
 
 def decode_any(body: bytes) -> VerdictEnvelope | WeightsEnvelope:
@@ -83,16 +84,16 @@ def decode_any(body: bytes) -> VerdictEnvelope | WeightsEnvelope:
     return decode_envelope(body)
 
 
-def _known(schema: str, version: int, expected: str, expected_version: int) -> None:
+def _known(schema: str, version: int, expected: str, versions: tuple[int, ...]) -> None:
     if schema != expected:
         raise SchemaError(f"unknown schema {schema!r}", "$.schema")
-    if version != expected_version:
+    if version not in versions:
         raise SchemaError(f"unsupported schema_version {version}", "$.schema_version")
 
 
 def decode_weights(body: bytes) -> WeightsEnvelope:
     env: WeightsEnvelope = _decode(_weights_decoder, body)
-    _known(env.schema, env.schema_version, WEIGHTS_SCHEMA, WEIGHTS_SCHEMA_VERSION)
+    _known(env.schema, env.schema_version, WEIGHTS_SCHEMA, (WEIGHTS_SCHEMA_VERSION,))
     if env.idempotency_key != weights_key(env.weights):
         raise SchemaError("idempotency_key does not match the weights' node:w<seq> keys",
                           "$.idempotency_key")
@@ -102,7 +103,8 @@ def decode_weights(body: bytes) -> WeightsEnvelope:
 def decode_envelope(body: bytes) -> VerdictEnvelope:
     """Decode and validate a webhook body; :class:`SchemaError` names the offending field."""
     env: VerdictEnvelope = _decode(_decoder, body)
-    _known(env.schema, env.schema_version, WEBHOOK_SCHEMA, WEBHOOK_SCHEMA_VERSION)
+    _known(env.schema, env.schema_version, WEBHOOK_SCHEMA, WEBHOOK_READABLE_VERSIONS)
     if env.idempotency_key != env.verdict.idempotency_key:
-        raise SchemaError("idempotency_key does not match verdict node:seq", "$.idempotency_key")
+        raise SchemaError("idempotency_key does not match the verdict's node, epoch and seq",
+                          "$.idempotency_key")
     return env

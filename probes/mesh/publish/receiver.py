@@ -3,12 +3,15 @@
 ``POST /v1/verdicts`` (any path configured as ``path``) takes the mesh's signed webhook
 (docs/webhooks.md) and:
 
-1. verifies it: known key id, timestamp within the window, HMAC signature (401 otherwise);
+1. verifies it like the mesh's ingest does (:mod:`probes.mesh.gate`): headers first (no
+   decompression, a declared length within ``max_body_bytes``, fresh timestamp, known key id),
+   then the body within a time limit, then the HMAC signature (401 otherwise);
 2. validates the envelope (400 naming the field);
-3. de-duplicates by idempotency key and keeps per-node order: a verdict whose ``seq`` is not
-   newer than the last one applied for its node is answered 200 ``duplicate`` and not applied
-   (an older verdict must never overwrite a newer one); weight webhooks likewise per node by
-   their weight ``seq`` (schema ``tunnelwatch.weights``: docs/weights.md);
+3. de-duplicates and keeps per-node order by ``(epoch, seq)``: a verdict not newer than the last
+   one applied for its node is answered 200 ``duplicate`` and not applied (an older verdict must
+   never overwrite a newer one); a higher epoch is newer whatever its seq (the mesh's store was
+   reset or restored: its seqs start again); weight webhooks likewise per node by their weight
+   ``seq`` (schema ``tunnelwatch.weights``: docs/weights.md);
 4. applies it to the local HAProxy through :class:`probes.mesh.publish.haproxy.HAProxyPublisher`
    (the very code the mesh uses when it talks to HAProxy directly). If HAProxy cannot be reached
    the answer is 503, so the mesh retries; a verdict for a server HAProxy does not have is 422
@@ -37,6 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from probes.config import Problem, Strict, load_config_file, resolve_path
+from probes.mesh import connections
+from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.publish.base import PermanentError, PublishError
 from probes.mesh.publish.config import HAProxyConfig, haproxy_problems
 from probes.mesh.publish.envelope import HEADER_IDEMPOTENCY_KEY, WeightsEnvelope, decode_any
@@ -99,9 +104,8 @@ class NodeLedger:
             raw = json.loads(path.read_text())
             self.latest = {n: msgspec.convert(v, Verdict) for n, v in raw.items()}
 
-    def seq(self, node: str) -> int:
-        v = self.latest.get(node)
-        return v.seq if v is not None else 0
+    def last(self, node: str) -> Verdict | None:
+        return self.latest.get(node)
 
     def record(self, verdict: Verdict) -> None:
         self.latest[verdict.node] = verdict
@@ -117,7 +121,8 @@ class NodeLedger:
 class Receiver:
     def __init__(self, keys: dict[str, bytes], haproxy: HAProxyPublisher | None,
                  ledger: NodeLedger, window: float, *, registry: CollectorRegistry,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 max_body_bytes: int = 1024 * 1024) -> None:
         self.keys = keys
         self.haproxy = haproxy
         self.ledger = ledger
@@ -128,6 +133,10 @@ class Receiver:
             haproxy.weight_of = self._weight_of
         self.window = window
         self.clock = clock
+        # the mesh's own ingest rules: headers judged before the body, nothing decompressed
+        self.gate = BodyGate(keys, max_body_bytes=max_body_bytes, window_seconds=window,
+                             timeout=15.0, budget_bytes=8 * max_body_bytes, clock=clock)
+        self.guard = connections.ConnectionGuard(connections.connection_limit(512))
         self.registry = registry
         self._locks: dict[str, asyncio.Lock] = {}
         self.requests = Counter("tunnelwatch_receiver_requests_total",
@@ -136,6 +145,10 @@ class Receiver:
                             "Verdicts applied whose seq skipped past the next expected one "
                             "(the sender dead-lettered something, or the state file was lost).",
                             registry=registry)
+        self.epochs = Counter("tunnelwatch_receiver_epoch_changes_total",
+                              "Verdicts applied from a newer mesh epoch than the node's last "
+                              "(the mesh's store was reset or restored, or it restarted).",
+                              registry=registry)
         for outcome in ("applied", "duplicate", "unauthorized", "bad_request", "unavailable",
                         "rejected"):
             self.requests.labels(outcome)
@@ -144,17 +157,15 @@ class Receiver:
         self.requests.labels(outcome).inc()
         return web.json_response({"status": outcome, **extra}, status=status)
 
-    def authentic(self, request: web.Request, body: bytes) -> bool:
-        key = self.keys.get(request.headers.get(signing.HEADER_KEY_ID, ""))
-        timestamp = request.headers.get(signing.HEADER_TIMESTAMP, "")
-        signature = request.headers.get(signing.HEADER_SIGNATURE, "")
-        return (key is not None and signing.timestamp_fresh(timestamp, self.clock(), self.window)
-                and signing.verify(key, timestamp, body, signature))
-
     async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if not self.authentic(request, body):
-            return self._answer("unauthorized", 401)
+        try:
+            body = (await self.gate.read(request)).body
+            self.guard.trust(request.protocol)  # a signed request: keep this connection
+        except Rejected as exc:
+            outcome = ("unauthorized" if exc.status == 401 else
+                       "unavailable" if exc.status == 503 else "bad_request")
+            self.requests.labels(outcome).inc()
+            return await answer(request, exc)
         try:
             env = decode_any(body)
         except SchemaError as exc:
@@ -168,9 +179,11 @@ class Receiver:
         verdict = env.verdict
         lock = self._locks.setdefault(verdict.node, asyncio.Lock())
         async with lock:  # one verdict per node at a time: order holds under concurrency
-            last = self.ledger.seq(verdict.node)
-            if verdict.seq <= last:
-                return self._answer("duplicate", 200, key=env.idempotency_key, applied_seq=last)
+            last = self.ledger.last(verdict.node)
+            # (epoch, seq): a reset or restored mesh starts a higher epoch, its seq 1 is news
+            if last is not None and verdict.order <= last.order:
+                return self._answer("duplicate", 200, key=env.idempotency_key,
+                                    applied_seq=last.seq, applied_epoch=last.epoch)
             if self.haproxy is not None:
                 try:
                     await self.haproxy.deliver(verdict)
@@ -180,7 +193,9 @@ class Receiver:
                     log.warning("receiver: HAProxy unavailable for %s: %s",
                                 env.idempotency_key, exc)
                     return self._answer("unavailable", 503, error=str(exc)[:200])
-            if last and verdict.seq != last + 1:
+            if last is not None and verdict.epoch != last.epoch:
+                self.epochs.inc()
+            elif last is not None and verdict.seq != last.seq + 1:
                 self.gaps.inc()
             self.ledger.record(verdict)
         log.info("receiver: applied %s %s", env.idempotency_key, verdict.state)
@@ -247,8 +262,9 @@ def build_receiver_app(cfg: ReceiverConfig, base: Path,
     haproxy = cfg.haproxy.publisher(base) if cfg.haproxy is not None else None
     state = resolve_path(cfg.state_file, base) if cfg.state_file else None
     receiver = Receiver(keys, haproxy, NodeLedger(state), cfg.timestamp_window_seconds,
-                        registry=registry)
-    app = web.Application(client_max_size=cfg.max_body_bytes)
+                        registry=registry, max_body_bytes=cfg.max_body_bytes)
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          handler_args=connections.handler_args(idle_timeout=30.0))
     app.router.add_post(cfg.path, receiver.handle)
     app.router.add_get("/v1/state", receiver.state)
     app.router.add_get("/metrics", receiver.metrics)
@@ -269,6 +285,6 @@ def build_receiver_app(cfg: ReceiverConfig, base: Path,
 
 def serve(cfg: ReceiverConfig, base: Path) -> None:
     host, port = cfg.listen_host_port()
-    app, _ = build_receiver_app(cfg, base)
+    app, receiver = build_receiver_app(cfg, base)
     log.info("receiver listening on %s:%d%s", host, port, cfg.path)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    connections.serve(app, host, port, receiver.guard)
