@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from probes.model import signing
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.proposals import parse_ike_proposals
 
@@ -294,6 +295,16 @@ def _check_file(path: str | None, field: str, base_dir: Path) -> Iterator[Proble
     resolved = resolve_path(path, base_dir)
     if not resolved.is_file():
         yield Problem(field, f"file not found: {resolved}")
+
+
+def check_secret_file(path: str | None, field: str, base_dir: Path) -> Iterator[Problem]:
+    """An HMAC key or token file: it exists, only its owner may read it, it holds at least 32
+    bytes (the mesh and the agent refuse to start otherwise, with the same one line)."""
+    if path is None:
+        return
+    problem = signing.key_file_problem(resolve_path(path, base_dir))
+    if problem is not None:
+        yield Problem(field, problem)
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:
@@ -575,7 +586,7 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
         for j, url in enumerate(cfg.mesh.endpoints):
             if not re.match(r"^https?://[^/\s]+", url):
                 yield Problem(f"$.mesh.endpoints[{j}]", f"expected an http(s) URL, got {url!r}")
-        yield from _check_file(cfg.mesh.key_file, "$.mesh.key_file", base_dir)
+        yield from check_secret_file(cfg.mesh.key_file, "$.mesh.key_file", base_dir)
 
 
 # ---------------------------------------------------------------------------------------------

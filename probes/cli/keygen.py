@@ -166,6 +166,25 @@ def _wireguard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(args: argparse.Namespace) -> int:
+    """A random HMAC key or operator token (64 hex characters), mode 600."""
+    from probes.model import signing  # noqa: PLC0415 - keeps the CLI start light
+
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        print(f"tunnelwatch keygen: error: {path} exists (use --force to replace it)",
+              file=sys.stderr)
+        return 2
+    try:
+        signing.write_key_file(path, signing.generate_key() + "\n")
+    except OSError as exc:
+        print(f"tunnelwatch keygen: error: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (0600): give the same file to both ends (agent and mesh, mesh and "
+          "webhook receiver), or use it as operator_token_file")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("keygen", help="create probe identities (one per agent per node)")
     kinds = parser.add_subparsers(dest="keygen_kind", required=True, metavar="KIND")
@@ -185,3 +204,7 @@ def add_parser(sub: Any) -> None:
     wg.add_argument("--remove", action="store_true",
                     help="with --ssh: remove this agent's peer from the node")
     wg.set_defaults(handler=_wireguard)
+    secret = kinds.add_parser("secret", help="an HMAC key or operator token file (mode 600)")
+    secret.add_argument("file", help="where to write it")
+    secret.add_argument("--force", action="store_true", help="replace an existing file")
+    secret.set_defaults(handler=_secret)

@@ -8,7 +8,9 @@ import sys
 from typing import Any
 
 from probes.config import ConfigError
+from probes.mesh.store import StoreError
 from probes.model import SchemaError, encode
+from probes.model.signing import KeyFileError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -24,10 +26,10 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        run(cfg)
+    except (ConfigError, KeyFileError, StoreError) as exc:  # one line, no traceback
+        print(f"tunnelwatch mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    run(cfg)
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from probes.config import ConfigError
+from probes.model.signing import KeyFileError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -18,13 +19,13 @@ def handle(args: argparse.Namespace) -> int:
 
     try:
         cfg, base = load_receiver_config(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        if args.check:
+            print(f"{args.config}: OK")
+            return EXIT_OK
+        serve(cfg, base)
+    except (ConfigError, KeyFileError) as exc:  # one line, no traceback
+        print(f"tunnelwatch receiver: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.check:
-        print(f"{args.config}: OK")
-        return EXIT_OK
-    serve(cfg, base)
     return EXIT_OK
 
 

@@ -131,12 +131,12 @@ class HACluster:
             self.server.server_close()
 
     def _config(self, folder: Path, host: Host, name: str, nodes: int) -> Path:
-        (folder / "hook.key").write_bytes(HOOK_KEY)
+        signing.write_key_file(folder / "hook.key", HOOK_KEY)
         lines = [f"listen: {host.address}:{MESH_PORT}", "database: mesh.db", "agents:"]
         for agent in AGENTS:
             key = self.lab.dir / f"{agent}.key"
             if not key.exists():
-                key.write_text(signing.generate_key())
+                signing.write_key_file(key, signing.generate_key())
             lines.append(f"  - {{name: {agent}, key_file: {key}}}")
         lines.append("nodes:")
         lines += [f"  - {{id: n{i}, pool: p{i}}}" for i in range(nodes)]

@@ -144,7 +144,7 @@ class Stack:
         o = self.options
         agents = []
         for name in self.fleet.agents:
-            (self.dir / f"{name}-mesh.key").write_text(signing.generate_key() + "\n")
+            signing.write_key_file(self.dir / f"{name}-mesh.key", signing.generate_key() + "\n")
             agents.append({"name": name, "key_file": f"{name}-mesh.key"})
         config = {
             "listen": f"{self.control.address}:{MESH_PORT}",

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from probes.config import Problem, Strict, load_config_file, resolve_path
+from probes.config import Problem, Strict, check_secret_file, load_config_file, resolve_path
 from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
@@ -156,8 +156,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         if agent.effective_key_id in key_ids:
             yield Problem(f"$.agents[{i}].key_id", "key id used twice")
         key_ids.setdefault(agent.effective_key_id, i)
-        if not resolve_path(agent.key_file, base_dir).is_file():
-            yield Problem(f"$.agents[{i}].key_file", f"no such file: {agent.key_file}")
+        yield from check_secret_file(agent.key_file, f"$.agents[{i}].key_file", base_dir)
     nodes: dict[str, int] = {}
     for i, node in enumerate(cfg.nodes):
         if not node.id:
@@ -167,10 +166,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         nodes.setdefault(node.id, i)
         if not node.capacity > 0 or node.capacity != node.capacity:
             yield Problem(f"$.nodes[{i}].capacity", f"must be > 0, got {node.capacity}")
-    if cfg.operator_token_file is not None and not resolve_path(
-        cfg.operator_token_file, base_dir
-    ).is_file():
-        yield Problem("$.operator_token_file", f"no such file: {cfg.operator_token_file}")
+    yield from check_secret_file(cfg.operator_token_file, "$.operator_token_file", base_dir)
     if cfg.max_body_bytes < 1024:
         yield Problem("$.max_body_bytes", "must be >= 1024")
     if cfg.max_connections < 16:

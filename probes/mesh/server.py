@@ -89,7 +89,7 @@ def build_app(
     limits = IngestLimits(cfg.max_body_bytes, cfg.timestamp_window_seconds,
                           cfg.body_timeout_seconds, cfg.unverified_body_bytes)
     ingest = Ingest(svc, load_keys(cfg), limits, clock, reprobe=planner, guard=guard)
-    token = Path(cfg.operator_token_file).read_bytes().strip() if cfg.operator_token_file else None
+    token = signing.load_key(cfg.operator_token_file) if cfg.operator_token_file else None
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
     registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner, guard))
     registry.register(WeightCollector(lambda: ingest.service))

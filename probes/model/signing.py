@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import secrets
 from pathlib import Path
 
@@ -28,12 +29,15 @@ HEADER_KEY_ID = "X-Tunnelwatch-Key-Id"
 HEADER_TIMESTAMP = "X-Tunnelwatch-Timestamp"
 HEADER_SIGNATURE = "X-Tunnelwatch-Signature"
 
-MIN_KEY_BYTES = 16
+MIN_KEY_BYTES = 32  # a key or token shorter than 256 bits of hex/base64 is guessable
+SECRET_MODE = 0o600  # what key and token files are written with
+_OPEN_BITS = 0o066  # read or write for the group or for others: refused
 _DIGITS = frozenset("0123456789.")
 
 
 class KeyFileError(ValueError):
-    """A key file is missing, unreadable or too short."""
+    """A key or token file is missing, unreadable, open to others, empty or too short. The
+    message is one line naming the file and what to do."""
 
 
 def generate_key() -> str:
@@ -42,16 +46,45 @@ def generate_key() -> str:
 
 
 def load_key(path: str | Path) -> bytes:
-    """Read a key file: its stripped content, as bytes."""
+    """Read a key (or token) file: its stripped content, as bytes. Refused (:class:`KeyFileError`)
+    when the group or others may read or write it, or when it holds fewer than
+    :data:`MIN_KEY_BYTES` bytes: an empty operator token once made the admin API answer 401
+    forever, and a 5-byte key passed `check-config`."""
+    path = Path(path)
     try:
-        key = Path(path).read_bytes().strip()
+        mode = path.stat().st_mode
+        key = path.read_bytes().strip()
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & _OPEN_BITS:
+        raise KeyFileError(f"key file {path} is open to the group or others (mode "
+                           f"{mode & 0o777:04o}): chmod 600 {path}")
     if len(key) < MIN_KEY_BYTES:
-        raise KeyFileError(
-            f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} needed"
-        )
+        raise KeyFileError(f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} "
+                           "needed (tunnelwatch keygen secret FILE makes one)")
     return key
+
+
+def key_file_problem(path: str | Path) -> str | None:
+    """What :func:`load_key` would refuse about ``path``, as one line; None when it is fine."""
+    try:
+        load_key(path)
+    except KeyFileError as exc:
+        return str(exc)
+    return None
+
+
+def write_key_file(path: str | Path, secret: str | bytes) -> Path:
+    """Write a key or token file only its owner can read (mode 600, also when it existed)."""
+    path = Path(path)
+    data = secret.encode() if isinstance(secret, str) else secret
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
+    try:
+        os.fchmod(fd, SECRET_MODE)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return path
 
 
 def format_timestamp(now: float) -> str:

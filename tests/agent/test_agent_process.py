@@ -56,7 +56,7 @@ async def test_sigkill_while_spooling_then_restart_drains(tmp_path: Path) -> Non
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     key = signing.generate_key()
-    (tmp_path / "mesh.key").write_text(key)
+    signing.write_key_file(tmp_path / "mesh.key", key)
     mesh_port = free_port()
     cfg = write_config(
         tmp_path / "agent.yaml", listen=f"127.0.0.1:{free_port()}", tiers=FAST_L4,

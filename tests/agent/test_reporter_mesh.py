@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.agent, pytest.mark.mesh]
 
 
 def _mesh_config(folder: Path, port: int) -> Path:
-    (folder / "va.key").write_text(signing.generate_key() + "\n")
+    signing.write_key_file(folder / "va.key", signing.generate_key() + "\n")
     (folder / "mesh.yaml").write_text(
         f"listen: 127.0.0.1:{port}\n"
         "database: mesh.db\n"

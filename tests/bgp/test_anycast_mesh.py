@@ -24,6 +24,7 @@ from probes.model import SCHEMA_VERSION, Observation, ObservationBatch, Reason, 
 from tests.bgp.conftest import POPS, PREFIX, Anycast
 
 pytestmark = [pytest.mark.bgp, pytest.mark.lab]
+TOKEN = "s3cret-operator-token-of-at-least-32-bytes"
 
 AGENTS = ("a1", "a2", "a3")
 PORT = 9481
@@ -37,8 +38,8 @@ class Mesh:
         self.base = f"http://{anycast.control.address}:{PORT}"
         self.seq = {a: 0 for a in AGENTS}
         for a in AGENTS:
-            (self.dir / f"{a}.key").write_text(signing.generate_key() + "\n")
-        (self.dir / "operator.token").write_text("s3cret-operator-token\n")
+            signing.write_key_file(self.dir / f"{a}.key", signing.generate_key() + "\n")
+        signing.write_key_file(self.dir / "operator.token", TOKEN + "\n")
         nodes: list[dict[str, Any]] = [{"id": f"{p}-n{j}", "pool": p, "pop": p}
                                        for p in POPS for j in (1, 2)]
         config = {
@@ -123,7 +124,7 @@ def test_mesh_drives_bgp_end_to_end(anycast: Anycast) -> None:
           f"{(time.monotonic() - started) * 1000:.0f} ms")
 
     # an operator pins pop2 withdrawn: the guard (one PoP withdrawn at most) holds it announced
-    token = {"Authorization": "Bearer s3cret-operator-token"}
+    token = {"Authorization": f"Bearer {TOKEN}"}
     with pytest.raises(urllib.error.HTTPError) as denied:
         mesh.request("POST", "/v1/anycast/pop2/pin", b'{"pin": "withdrawn"}')
     assert denied.value.code == 401
@@ -175,7 +176,7 @@ def test_mesh_rejects_a_bad_anycast_section(tmp_path: Path) -> None:
     from probes.config import ConfigError
     from probes.mesh.config import load_mesh_config
 
-    (tmp_path / "a.key").write_text(signing.generate_key() + "\n")
+    signing.write_key_file(tmp_path / "a.key", signing.generate_key() + "\n")
     config = {
         "agents": [{"name": "a", "key_file": "a.key"}],
         "nodes": [{"id": "n1", "pool": "p", "pop": "fra1"},

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ha
 
 
 def write(tmp_path: Path, store: str) -> Path:
-    (tmp_path / "va.key").write_text(signing.generate_key())
+    signing.write_key_file(tmp_path / "va.key", signing.generate_key())
     path = tmp_path / "mesh.yaml"
     path.write_text("agents:\n  - {name: va, key_file: va.key}\nnodes:\n  - {id: n0}\n"
                     f"store:\n{store}")
@@ -75,7 +75,7 @@ async def test_a_closed_gate_refuses_delivery() -> None:
 
 
 async def test_publishing_starts_and_stops_with_leadership(tmp_path: Path) -> None:
-    (tmp_path / "hook.key").write_bytes(b"k" * 32)
+    signing.write_key_file(tmp_path / "hook.key", b"k" * 32)
     config = WebhookConfig(name="hook", url="http://127.0.0.1:1/", key_id="k",
                            key_file=str(tmp_path / "hook.key"),
                            retry=RetryConfig(poll_interval=0.01))

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from probes.mesh.config import load_mesh_config
+from probes.model.signing import write_key_file
 
 pytestmark = pytest.mark.ha
 
@@ -42,7 +43,7 @@ def test_the_mesh_config_loads_and_names_every_etcd_member(tmp_path: Path) -> No
     cm = next(d for d in docs() if d["kind"] == "ConfigMap")
     text = cm["data"]["mesh.yaml"]
     for agent in ("eu-1", "us-1"):
-        (tmp_path / agent).write_text("k" * 64)
+        write_key_file(tmp_path / agent, "k" * 64)
         text = text.replace(f"/etc/tunnelwatch/keys/{agent}", str(tmp_path / agent))
     (tmp_path / "mesh.yaml").write_text(text)
     cfg = load_mesh_config(tmp_path / "mesh.yaml")

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from probes.mesh.config import load_mesh_config
 from probes.mesh.server import SERVICE_KEY, build_app
 from probes.model import ObservationBatch, encode, signing
-from tests.mesh.helpers import obs, write_mesh_config
+from tests.mesh.helpers import OPERATOR_TOKEN, obs, write_mesh_config
 
 NOW = 1_764_000_000.0
-TOKEN = {"Authorization": "Bearer operator-secret-token"}
+TOKEN = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
 
 class Mesh:

@@ -10,6 +10,8 @@ from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
 from probes.model import Observation, Quality, Reason, Verdict, VerdictState
 
+OPERATOR_TOKEN = "operator-secret-token-for-the-tests-0123"  # 32 bytes at least
+
 _seq = itertools.count(1)
 
 
@@ -86,7 +88,7 @@ def write_mesh_config(
 ) -> Path:
     """A mesh config with fresh keys (one per agent) and an operator token, in ``folder``.
     Nodes: ``nodes`` named n0.. in pools of ``pool_of``, or exactly ``infos`` when given."""
-    from probes.model.signing import generate_key
+    from probes.model.signing import generate_key, write_key_file
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -96,13 +98,13 @@ def write_mesh_config(
         "agents:",
     ]
     for agent in agents:
-        (folder / f"{agent}.key").write_text(generate_key() + "\n")
+        write_key_file(folder / f"{agent}.key", generate_key() + "\n")
         lines.append(f"  - {{name: {agent}, key_file: {agent}.key}}")
     lines.append("nodes:")
     for info in fleet(nodes, pool_of) if infos is None else infos:
         lines.append(f"  - {{id: {info.node}, pool: {info.pool}, pop: {info.pop}, "
                      f"region: {info.region}}}")
-    (folder / "token").write_text("operator-secret-token\n")
+    write_key_file(folder / "token", OPERATOR_TOKEN + "\n")
     path = folder / "mesh.yaml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path

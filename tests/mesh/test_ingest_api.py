@@ -241,7 +241,7 @@ def test_shipped_mesh_example_is_valid_but_for_its_key_files() -> None:
     with pytest.raises(ConfigError) as info:
         load_mesh_config(example)
     assert info.value.problems
-    assert all(p.message.startswith("no such file") for p in info.value.problems), [
+    assert all(p.message.startswith("cannot read key file") for p in info.value.problems), [
         str(p) for p in info.value.problems
     ]
 

@@ -48,12 +48,10 @@ def test_headers_and_timestamp_window() -> None:
 
 
 def test_key_files(tmp_path: Path) -> None:
-    good = tmp_path / "k"
-    good.write_text(signing.generate_key() + "\n")
+    good = signing.write_key_file(tmp_path / "k", signing.generate_key() + "\n")
     assert len(signing.load_key(good)) == 64
-    short = tmp_path / "s"
-    short.write_text("short")
-    with pytest.raises(signing.KeyFileError, match="at least 16"):
+    short = signing.write_key_file(tmp_path / "s", "short")
+    with pytest.raises(signing.KeyFileError, match="at least 32"):
         signing.load_key(short)
     with pytest.raises(signing.KeyFileError, match="cannot read"):
         signing.load_key(tmp_path / "missing")

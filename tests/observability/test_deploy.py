@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from probes.model.signing import write_key_file
 from tests.observability.tools import DEPLOY, RULES, run, tool
 
 pytestmark = pytest.mark.observability
@@ -156,7 +157,7 @@ def _check_config(text: str, tmp_path: Path, name: str) -> None:
 
     def fake_key(match: re.Match[str]) -> str:
         path = keys / Path(match.group(1)).name
-        path.write_text("00" * 32)
+        write_key_file(path, "00" * 32)
         return f"key_file: {path}"
 
     config = tmp_path / name

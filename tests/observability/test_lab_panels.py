@@ -134,7 +134,7 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     for name in [*fleet.agents, "webhook"]:
-        (keys / f"{name}.key").write_text(signing.generate_key())
+        signing.write_key_file(keys / f"{name}.key", signing.generate_key())
     mesh_cfg = {
         "listen": f"0.0.0.0:{MESH_PORT}",
         "database": str(tmp_path / "mesh.db"),

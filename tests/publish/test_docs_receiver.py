@@ -14,6 +14,7 @@ import pytest
 from probes.mesh.publish.base import RetryableError
 from probes.mesh.publish.webhook import WebhookPublisher
 from probes.model import Verdict, VerdictState
+from probes.model.signing import write_key_file
 from tests.publish.helpers import KEY
 
 pytestmark = pytest.mark.publish
@@ -37,7 +38,7 @@ async def test_doc_receiver_verifies_real_deliveries(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (tmp_path / "webhook.key").write_bytes(KEY)
+    write_key_file(tmp_path / "webhook.key", KEY)
     code = snippet().replace("9490", str(port))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)

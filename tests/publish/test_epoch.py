@@ -19,6 +19,7 @@ from aiohttp import web
 
 from probes.mesh.publish.receiver import Receiver, build_receiver_app, load_receiver_config
 from probes.model import VerdictState
+from probes.model.signing import write_key_file
 from tests.mesh.apptest import Mesh, mesh_app
 from tests.publish.helpers import KEY
 
@@ -31,7 +32,7 @@ DB_FILES = ("mesh.db", "mesh.db-wal", "mesh.db.snapshot", "mesh.db.snapshot-wal"
 @asynccontextmanager
 async def reference_receiver(folder: Path) -> AsyncIterator[tuple[Receiver, int]]:
     folder.mkdir()
-    (folder / "hook.key").write_bytes(KEY)
+    write_key_file(folder / "hook.key", KEY)
     (folder / "receiver.yaml").write_text(
         "listen: 127.0.0.1:1\nkeys:\n  - {key_id: k1, key_file: hook.key}\n"
         "state_file: state.json\n")
@@ -83,7 +84,7 @@ async def test_a_reset_database_is_followed_by_receivers(tmp_path: Path) -> None
     async with reference_receiver(tmp_path / "receiver") as (receiver, port):
         folder = tmp_path / "mesh"
         (folder).mkdir()
-        (folder / "hook.key").write_bytes(KEY)
+        write_key_file(folder / "hook.key", KEY)
         fleet = Fleet()
         async with mesh_app(folder, extra=publisher(port)) as mesh:
             await fleet.rounds(mesh, True, 1)
@@ -108,7 +109,7 @@ async def test_a_restored_database_is_followed_by_receivers(tmp_path: Path) -> N
         backup = tmp_path / "backup"
         folder.mkdir()
         backup.mkdir()
-        (folder / "hook.key").write_bytes(KEY)
+        write_key_file(folder / "hook.key", KEY)
         fleet = Fleet()
         async with mesh_app(folder, extra=publisher(port)) as mesh:
             await fleet.rounds(mesh, True, 1)

@@ -74,10 +74,10 @@ def sink() -> Iterator[tuple[str, type[Recorder]]]:
 
 
 def write_config(folder: Path, port: int, url: str) -> Path:
-    (folder / "hook.key").write_bytes(KEY)
+    signing.write_key_file(folder / "hook.key", KEY)
     lines = [f"listen: 127.0.0.1:{port}", "database: mesh.db", "agents:"]
     for agent in AGENTS:
-        (folder / f"{agent}.key").write_text(signing.generate_key())
+        signing.write_key_file(folder / f"{agent}.key", signing.generate_key())
         lines.append(f"  - {{name: {agent}, key_file: {agent}.key}}")
     lines.append("nodes:")
     lines += [f"  - {{id: n{i}, pool: p{i}}}" for i in range(NODES)]

@@ -25,13 +25,14 @@ from probes.mesh.publish.receiver import build_receiver_app, load_receiver_confi
 from probes.mesh.publish.runtime_api import parse_servers_state
 from probes.mesh.publish.webhook import WebhookPublisher
 from probes.model import Verdict, VerdictState, signing
+from probes.model.signing import write_key_file
 from tests.publish.helpers import KEY
 
 pytestmark = pytest.mark.publish
 
 
 def write_config(tmp: Path, extra: str = "") -> Path:
-    (tmp / "hook.key").write_bytes(KEY)
+    write_key_file(tmp / "hook.key", KEY)
     cfg = tmp / "receiver.yaml"
     cfg.write_text("listen: 127.0.0.1:9490\nkeys:\n  - {key_id: k1, key_file: hook.key}\n"
                    "state_file: state.json\nreconcile_interval: 0.2\n" + extra)

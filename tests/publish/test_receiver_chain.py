@@ -15,6 +15,7 @@ import pytest
 from probes.lab.haproxy import Backend
 from probes.lab.topology import Lab
 from probes.mesh.publish.runtime_api import parse_servers_state
+from probes.model.signing import write_key_file
 from tests.publish.helpers import KEY
 from tests.publish.test_mesh_publish import NODES, Mesh, batches, free_port, write_config
 
@@ -28,7 +29,7 @@ def test_mesh_webhook_receiver_haproxy(lab: Lab, tmp_path: Path) -> None:
     hap = lab.start_haproxy(lab.add_host("lb"), servers=[
         Backend(f"n{i}", f"10.99.0.{i + 1}", 1194) for i in range(NODES)])
     port = free_port()
-    (tmp_path / "hook.key").write_bytes(KEY)
+    write_key_file(tmp_path / "hook.key", KEY)
     receiver_cfg = tmp_path / "receiver.yaml"
     receiver_cfg.write_text(
         f"listen: 127.0.0.1:{port}\nkeys:\n  - {{key_id: k1, key_file: hook.key}}\n"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import msgspec
 
-from probes.config import Problem, Strict, resolve_path
+from probes.config import Problem, Strict, check_secret_file, resolve_path
 from probes.mesh.publish.base import Publisher
 from probes.mesh.publish.delivery import RetryPolicy
 from probes.mesh.publish.haproxy import HAProxyPublisher, ServerMap, StateMapping
@@ -220,8 +220,7 @@ def publisher_problems(publishers: Sequence[PublisherConfig], base_dir: Path,
         if isinstance(p, WebhookConfig | NftlbConfig):
             if not re.match(r"^https?://[^/\s]+", p.url):
                 yield Problem(f"{here}.url", f"expected an http(s) URL, got {p.url!r}")
-            if not resolve_path(p.key_file, base_dir).is_file():
-                yield Problem(f"{here}.key_file", f"no such file: {p.key_file}")
+            yield from check_secret_file(p.key_file, f"{here}.key_file", base_dir)
             if not p.timeout > 0:
                 yield Problem(f"{here}.timeout", "must be > 0")
         if isinstance(p, NftlbConfig):

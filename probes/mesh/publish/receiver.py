@@ -39,7 +39,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from probes.config import Problem, Strict, load_config_file, resolve_path
+from probes.config import Problem, Strict, check_secret_file, load_config_file, resolve_path
 from probes.mesh import connections
 from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.publish.base import PermanentError, PublishError
@@ -81,8 +81,7 @@ def _problems(cfg: ReceiverConfig, base: Path) -> list[Problem]:
     if not cfg.keys:
         problems.append(Problem("$.keys", "at least one key is required"))
     for i, k in enumerate(cfg.keys):
-        if not resolve_path(k.key_file, base).is_file():
-            problems.append(Problem(f"$.keys[{i}].key_file", f"no such file: {k.key_file}"))
+        problems += check_secret_file(k.key_file, f"$.keys[{i}].key_file", base)
     if not cfg.timestamp_window_seconds > 0:
         problems.append(Problem("$.timestamp_window_seconds", "must be > 0"))
     if cfg.haproxy is not None:
