@@ -137,8 +137,8 @@ class UdpPool:
         return f"http://{self.control.address}:{MESH_PORT}"
 
     def _start_mesh(self) -> None:
-        (self.dir / "agent-mesh.key").write_text(signing.generate_key() + "\n")
-        (self.dir / "operator.token").write_text(signing.generate_key() + "\n")
+        signing.write_key_file(self.dir / "agent-mesh.key", signing.generate_key() + "\n")
+        signing.write_key_file(self.dir / "operator.token", signing.generate_key() + "\n")
         weights = {"enabled": True, "slow_start_seconds": 10.0, "load_stale_after_seconds": 5.0,
                    **self.options.weights}
         publishers: list[dict[str, Any]] = [{
