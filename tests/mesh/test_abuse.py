@@ -56,24 +56,22 @@ class Served:
     async def raw(self, head: bytes, body: bytes = b"", *, wait: float = 5.0) -> bytes:
         """Send ``head`` (and ``body``) on a fresh connection; what comes back within ``wait``
         seconds, until the server closes or stops talking."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        chunks: list[bytes] = []
         try:
-            writer.write(head + body)
-            await writer.drain()
-            chunks = []
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
+            # one deadline for the whole exchange (asyncio.timeout: wait_for in a loop can
+            # swallow a cancellation on 3.11 and leave the caller hanging)
+            async with asyncio.timeout(wait):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 try:
-                    chunk = await asyncio.wait_for(reader.read(65536),
-                                                   deadline - time.monotonic())
-                except (TimeoutError, ConnectionError):
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            writer.close()
+                    writer.write(head + body)
+                    await writer.drain()
+                    while chunk := await reader.read(65536):
+                        chunks.append(chunk)
+                finally:
+                    writer.close()
+        except (TimeoutError, ConnectionError):
+            pass
+        return b"".join(chunks)
 
     def head(self, headers: dict[str, str], length: int | None,
              path: str = "/v1/batches") -> bytes:
