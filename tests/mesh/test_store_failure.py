@@ -77,7 +77,7 @@ async def test_a_full_disk_never_leaves_engine_and_store_apart(tmp_path: Path) -
             assert "tunnelwatch_mesh_store_up 1.0" in metrics
         # a restart continues from seq 2: nothing missing, nothing re-announced
         async with mesh_app(tmp_path / "mesh", extra=extra) as again:
-            again.now = mesh.now
+            again.now = mesh.now + 5.0  # past the minimum dwell of DOWN (min_dwell_seconds)
             for _ in range(2):
                 assert await _round(again, seqs, True) == [200] * 3
             log = [s.verdict for s in again.service.store.verdicts(node="n0")]

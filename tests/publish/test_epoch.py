@@ -62,6 +62,7 @@ class Fleet:
         self.seq = dict.fromkeys(AGENTS, 1)
 
     async def rounds(self, mesh: Mesh, ok: bool, n: int) -> None:
+        mesh.now += 5.0  # past the minimum dwell of the last change (decision.min_dwell_seconds)
         for _ in range(n):
             for agent in AGENTS:
                 status, _ = await mesh.post(agent, mesh.body(agent, self.seq[agent], {"n0": ok}))
