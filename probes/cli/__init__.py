@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def _exit_on_signal(signum: int, frame: object) -> None:
+    print(f"tunnelwatch: {signal.Signals(signum).name}: stopping, cleaning up", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM unwinds like Ctrl-C, so `with Lab(...)` blocks and other cleanups run; long-running
-    # commands (agent, mesh) install their own graceful handlers on their event loop
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, saying so, so `with Lab(...)` blocks and other
+    # cleanups run; long-running commands (agent, mesh) install their own handlers on their loop
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     code: int = args.handler(args)
     return code
 

@@ -3,7 +3,9 @@
 ``lab up`` builds namespaces, a router and a fleet of real servers, writes agent configs for
 every agent into the lab directory, prints where everything is, and leaves it running.
 ``lab down`` tears a lab down from its state file (processes by PID, then namespaces);
-``lab status`` lists running labs and whether their processes are alive.
+``lab status`` lists running labs, whether their processes are alive and whether their owner
+(the process that built them) still runs; ``lab down --orphans`` tears down the labs whose owner
+is gone (a test run killed with SIGKILL, a crashed demo), and leaves every other lab alone.
 """
 
 from __future__ import annotations
@@ -44,10 +46,18 @@ def _up(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     from probes.lab import destroy, list_labs  # noqa: PLC0415
+    from probes.lab.topology import orphans  # noqa: PLC0415
 
-    ids = [lab["run_id"] for lab in list_labs()] if args.all else args.run_ids
+    if args.orphans:  # only labs whose owner is gone; with run ids, only those of them
+        found = orphans()
+        ids = [i for i in found if i in args.run_ids] if args.run_ids else found
+        if not ids:
+            print("no orphaned labs")
+            return 0
+    else:
+        ids = [lab["run_id"] for lab in list_labs()] if args.all else args.run_ids
     if not ids:
-        print("nothing to tear down (give a run id or --all)", file=sys.stderr)
+        print("nothing to tear down (give a run id, --orphans or --all)", file=sys.stderr)
         return 2
     for run_id in ids:
         removed = destroy(run_id)
@@ -59,13 +69,16 @@ def _down(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from probes.lab import leftovers, list_labs  # noqa: PLC0415
+    from probes.lab.topology import orphans, owner_alive  # noqa: PLC0415
 
     labs = list_labs()
-    if not labs:
+    stateless = [i for i in orphans() if i not in {lab["run_id"] for lab in labs}]
+    if not labs and not stateless:
         print("no labs running")
     for lab in labs:
         alive = [x for x in leftovers(lab["run_id"]) if x.startswith("process")]
-        print(f"lab {lab['run_id']} ({lab['name']}), owner pid {lab['owner_pid']}, "
+        owner = "running" if owner_alive(lab) else "GONE (orphan: tunnelwatch lab down --orphans)"
+        print(f"lab {lab['run_id']} ({lab['name']}), owner pid {lab['owner_pid']} {owner}, "
               f"dir {lab['dir']}: {len(lab.get('hosts', {}))} hosts, "
               f"{len(alive)}/{len(lab.get('processes', []))} processes alive")
         for name, address in lab.get("hosts", {}).items():
@@ -74,6 +87,9 @@ def _status(args: argparse.Namespace) -> int:
             for p in lab.get("processes", []):
                 state = "alive" if Path(f"/proc/{p['pid']}").exists() else "gone"
                 print(f"    pid {p['pid']:<8} {p['label']:<30} {state}")
+    for run_id in stateless:
+        print(f"lab {run_id}: namespaces without a state file (orphan: "
+              "tunnelwatch lab down --orphans)")
     return 0
 
 
@@ -87,6 +103,8 @@ def add_parser(sub: Any) -> None:
     down = lab_sub.add_parser("down", help="tear down labs by run id")
     down.add_argument("run_ids", nargs="*")
     down.add_argument("--all", action="store_true", help="every lab on this machine")
+    down.add_argument("--orphans", action="store_true",
+                      help="the labs whose owner process is gone (with run ids: only those)")
     down.set_defaults(handler=_down)
     status = lab_sub.add_parser("status", help="list labs")
     status.add_argument("--processes", dest="verbose_status", action="store_true")

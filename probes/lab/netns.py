@@ -55,6 +55,13 @@ def list_names(prefix: str) -> list[str]:
     return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
 
 
+def pids(ns: str) -> list[int]:
+    """Processes inside namespace ``ns`` (none when it is gone)."""
+    proc = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                          check=False, timeout=10)
+    return [int(line) for line in proc.stdout.split() if line.isdigit()]
+
+
 def exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ SUBNET = "10.77"
 # run ids of the labs this process created: lets a test session check its own leftovers only,
 # even while other runs share the machine
 CREATED_RUN_IDS: list[str] = []
+# the labs of this process not closed yet: torn down by close_all() when the process is told to
+# stop (a CI timeout's SIGTERM), whatever the code that opened them was doing
+OPEN_LABS: weakref.WeakValueDictionary[str, Lab] = weakref.WeakValueDictionary()
 
 
 def _stop_pid(pid: int, grace: float = 2.0) -> None:
@@ -71,6 +75,15 @@ def _stop_pid(pid: int, grace: float = 2.0) -> None:
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): tells a process from a later one that got
+    the same pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -146,6 +159,7 @@ class Lab:
         self.dir = Path(tempfile.mkdtemp(prefix=f"tunnelwatch-lab-{self.name}-{self.run_id}-"))
         self.router_ns = f"{self.prefix}router"
         CREATED_RUN_IDS.append(self.run_id)
+        OPEN_LABS[self.run_id] = self
         self._write_state()
         try:
             netns.create(self.router_ns)
@@ -169,6 +183,7 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        OPEN_LABS.pop(self.run_id, None)
         for cleanup in reversed(self._cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
@@ -206,6 +221,7 @@ class Lab:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {"run_id": self.run_id, "name": self.name, "dir": str(self.dir),
                  "prefix": self.prefix, "owner_pid": os.getpid(),
+                 "owner_start": _start_time(os.getpid()),
                  "processes": [{"pid": t.pid, "label": t.label} for t in self._procs],
                  "hosts": {h.name: h.address for h in self.hosts.values()}}
         self._state_file.write_text(json.dumps(state, indent=2))
@@ -376,6 +392,38 @@ def list_labs() -> list[dict[str, Any]]:
     return labs
 
 
+def close_all() -> list[str]:
+    """Tear down every lab this process has open (on SIGTERM/SIGHUP, before exiting);
+    the run ids closed."""
+    closed = []
+    for lab in list(OPEN_LABS.values()):
+        lab.close()
+        closed.append(lab.run_id)
+    return closed
+
+
+def owner_alive(state: dict[str, Any]) -> bool:
+    """Whether the process that made a lab still runs (the same process: pid and start time)."""
+    pid = state.get("owner_pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    started = state.get("owner_start")
+    return started is None or _start_time(pid) == started
+
+
+def orphans() -> list[str]:
+    """Run ids of labs whose owner is gone: a state file whose process died (SIGKILL), or lab
+    namespaces with no state file at all (the state is written before any namespace)."""
+    labs = list_labs()
+    found = [lab["run_id"] for lab in labs if not owner_alive(lab)]
+    known = {lab["run_id"] for lab in labs}
+    for ns in netns.list_names(PREFIX):
+        run_id = ns[len(PREFIX):].split("-", 1)[0]
+        if run_id not in known and run_id not in found:
+            found.append(run_id)
+    return found
+
+
 def destroy(run_id: str) -> list[str]:
     """Tear down a lab from its state file (its owner died). Returns what was removed."""
     removed: list[str] = []
@@ -389,6 +437,11 @@ def destroy(run_id: str) -> list[str]:
             _stop_pid(p["pid"])
             removed.append(f"process {p['pid']} ({p['label']})")
     for ns in netns.list_names(state["prefix"]):
+        # whatever still runs inside (a lab whose state file was lost lists no processes): a
+        # deleted namespace lives on as long as a process holds it
+        for pid in netns.pids(ns):
+            _stop_pid(pid)
+            removed.append(f"process {pid} (in {ns})")
         netns.delete(ns)
         removed.append(f"namespace {ns}")
     for sock in Path("/var/run/wireguard").glob(f"tw{run_id}*.sock"):
