@@ -104,6 +104,7 @@ __all__ = [
 
 
 MAX_EXPONENT = 1000.0  # 2 ** 1000 is ~1e301: any damping ceiling beyond it is "no ceiling"
+MAX_TIER_CACHE = 4096  # (kind, tier sent) pairs whose tier is remembered
 # impairment is judged on every input, at most this often: during a mass failure the judgement
 # reads each vantage's DOWN opinions, and batches arrive many times a second
 JUDGE_EVERY_SECONDS = 0.25
@@ -125,6 +126,10 @@ class DecisionEngine:
         self._suppressed: dict[tuple[str, str, str], CheckState] = {}  # while damped
         self._wheel: dict[int, list[NodeVantage]] = {}
         self._wheel_keys: list[int] = []  # heap of the wheel's bucket keys
+        # stale (node, vantage) pairs by whole second of "seen", forgotten once they have not
+        # reported for limits.forget_after_seconds (derived state: rebuilt from rows on load)
+        self._forget: dict[int, list[NodeVantage]] = {}
+        self._forget_keys: list[int] = []
         self._judged_at = -math.inf  # last impairment judgement (mesh time)
         self._deferred: dict[str, NodeState] = {}  # nodes whose change waits for the dwell
         # transient, per observe() call: checks whose run of failures began in it (for
@@ -140,6 +145,9 @@ class DecisionEngine:
         self.transitions: dict[tuple[str, str], int] = {}
         self.guard_holds_total = 0
         self.damping_suppressions_total = 0
+        # state limits (policy.limits); not in snapshots: they start at 0 with the process
+        self.check_limit_total = 0  # observations dropped: their (node, agent) had no room
+        self.forgotten_checks_total = 0  # check states forgotten: no report for forget_after
         self.audit_totals: dict[str, int] = dict.fromkeys(AUDIT_WHAT, 0)
         for info in nodes:
             self.add_node(info)
@@ -223,9 +231,17 @@ class DecisionEngine:
         behind, node.seq = node.seq, logged_seq
         return behind
 
-    def _new_check(self, obs: Observation) -> CheckState | None:
+    def _new_check(self, obs: Observation, now: float) -> CheckState | None:
+        """The state of a check seen for the first time; None (counted) for an unknown node
+        or when its (node, agent) pair has no room left (policy.limits)."""
         node = self.nodes.get(obs.node)
         if node is None:
+            self.unknown_node_total += 1
+            return None
+        nv = node.nvs.get(obs.vantage)
+        limit = self.policy.limits.max_checks_per_node
+        if nv is not None and len(nv.checks) >= limit and not self._forget_unseen_checks(nv, now):
+            self.check_limit_total += 1
             return None
         vantage = self.vantages.get(obs.vantage)
         if vantage is None:
@@ -237,7 +253,9 @@ class DecisionEngine:
         kind = obs.kind or obs.check
         tier = self._tiers.get((kind, obs.tier))
         if tier is None:
-            tier = self._tiers[kind, obs.tier] = self.policy.tier_of(kind, obs.tier)
+            tier = self.policy.tier_of(kind, obs.tier)
+            if len(self._tiers) < MAX_TIER_CACHE:  # kinds come from the wire: a bounded cache
+                self._tiers[kind, obs.tier] = tier
         check = CheckState(obs.check, kind, tier, nv)
         nv.checks.append(check)
         self._checks[(obs.node, obs.vantage, obs.check)] = check
@@ -274,9 +292,8 @@ class DecisionEngine:
         for obs in observations:
             check = checks.get((obs.node, obs.vantage, obs.check))
             if check is None:
-                check = self._new_check(obs)
+                check = self._new_check(obs, now)
                 if check is None:
-                    self.unknown_node_total += 1
                     continue
             if obs.seq <= check.seq:
                 self.duplicate_total += 1
@@ -381,10 +398,12 @@ class DecisionEngine:
             for nv in self._wheel.pop(heapq.heappop(keys)):
                 if now - nv.seen > stale:
                     nv.wheeled = False  # re-registered by its next observation
+                    self._forget_add(nv)
                     if nv.fresh:
                         self._mark_node(nv.node)
                 else:
                     self._wheel_add(nv, nv.seen)
+        self._forget_silent(now)
         # held nodes are looked at again every tick: room in their pool can appear in more ways
         # than a DOWN node recovering (a node removed, a pool re-shaped by a config change)
         for pool in self.pools.values():
@@ -423,6 +442,68 @@ class DecisionEngine:
             heapq.heappush(self._wheel_keys, key)
         else:
             bucket.append(nv)
+
+    def _forget_add(self, nv: NodeVantage) -> None:
+        key = math.floor(nv.seen)
+        bucket = self._forget.get(key)
+        if bucket is None:
+            self._forget[key] = [nv]
+            heapq.heappush(self._forget_keys, key)
+        else:
+            bucket.append(nv)
+
+    def _forget_silent(self, now: float) -> None:
+        """Forget the (node, vantage) pairs that have reported nothing for forget_after (an
+        agent taken out of the config, a node it no longer probes), with their checks."""
+        after = self.policy.limits.forget_after_seconds
+        keys = self._forget_keys
+        if not after or not keys or keys[0] + 1 > now - after:
+            return
+        doomed: list[NodeVantage] = []
+        while keys and keys[0] + 1 <= now - after:
+            for nv in self._forget.pop(heapq.heappop(keys)):
+                # reported since (wheeled again) or already gone: nothing to forget
+                if not nv.wheeled and now - nv.seen > after and nv.node.nvs.get(
+                        nv.vantage.name) is nv:
+                    doomed.append(nv)
+        if not doomed:
+            return
+        for nv in doomed:
+            node, vantage = nv.node, nv.vantage
+            for check in nv.checks:
+                key = (node.info.node, vantage.name, check.name)
+                del self._checks[key]
+                self._suppressed.pop(key, None)
+            self.forgotten_checks_total += len(nv.checks)
+            vantage.decided -= nv.opinion != OP_NONE
+            vantage.down -= nv.opinion == OP_DOWN
+            del node.nvs[vantage.name]
+            self._mark_node(node)  # its votes no longer count this vantage as stale
+        gone = {id(nv) for nv in doomed}
+        for vantage in {nv.vantage.name: nv.vantage for nv in doomed}.values():
+            vantage.nvs = [nv for nv in vantage.nvs if id(nv) not in gone]
+            if not vantage.nvs:
+                del self.vantages[vantage.name]
+
+    def _forget_unseen_checks(self, nv: NodeVantage, now: float) -> bool:
+        """Make room in a full (node, vantage): drop its checks not reported for forget_after
+        (renamed or removed checks of an agent that still reports); True when room was made."""
+        after = self.policy.limits.forget_after_seconds
+        if not after:
+            return False
+        keep = [c for c in nv.checks if now - c.seen <= after]
+        if len(keep) == len(nv.checks):
+            return False
+        node, vantage = nv.node.info.node, nv.vantage.name
+        for check in nv.checks:
+            if now - check.seen > after:
+                key = (node, vantage, check.name)
+                del self._checks[key]
+                self._suppressed.pop(key, None)
+        self.forgotten_checks_total += len(nv.checks) - len(keep)
+        nv.checks = keep
+        self._mark_nv(nv)
+        return True
 
     def _mark_nv(self, nv: NodeVantage) -> None:
         if not nv.dirty:
@@ -829,6 +910,12 @@ class DecisionEngine:
         for name, value in zip(_COUNTERS, rows["counters"], strict=True):
             setattr(engine, name, value)
         engine.transitions = {(a, b): n for a, b, n in rows["transitions"]}
+        # the forget wheel is derived: a (node, vantage) enters it when it goes stale, that is,
+        # leaves the staleness wheel; which bucket and when it is forgotten follow from "seen"
+        for node in engine.nodes.values():
+            for nv in node.nvs.values():
+                if not nv.wheeled and math.isfinite(nv.seen):
+                    engine._forget_add(nv)
         return engine
 
     def _load_checks(self, rows: list[list[Any]], older: bool = False) -> None:

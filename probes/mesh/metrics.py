@@ -146,6 +146,7 @@ class MeshCollector(Collector):
         dropped.add_metric(["duplicate"], engine.duplicate_total)
         dropped.add_metric(["late"], engine.late_total)
         dropped.add_metric(["agent-side"], engine.agent_side_total)
+        dropped.add_metric(["check-limit"], engine.check_limit_total)
         yield dropped
 
         requests = CounterMetricFamily(
@@ -210,6 +211,10 @@ class MeshCollector(Collector):
         yield GaugeMetricFamily(
             P + "check_states", "Tracked (node, vantage, check) states.", value=engine.check_count()
         )
+        yield CounterMetricFamily(
+            P + "check_states_forgotten",
+            "Check states forgotten: not reported for decision.limits.forget_after_seconds.",
+            value=engine.forgotten_checks_total)
         guard = self._guard
         if guard is not None:
             yield GaugeMetricFamily(P + "connections", "Client connections open.", value=guard.open)

@@ -100,6 +100,20 @@ class ImpairmentPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     release_seconds: float = 4.0
 
 
+class StateLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How much state one agent can make the engine keep, and when state that stopped
+    reporting is forgotten (one agent once made 400,000 check states: +238 MiB, never freed).
+
+    Nodes are bounded by the config (observations about others are dropped and counted); per
+    (node, agent) at most ``max_checks_per_node`` distinct checks are kept — a new one beyond
+    that first replaces checks the agent has not reported for ``forget_after_seconds``, else
+    it is dropped and counted (``check-limit``); a (node, agent) pair that has reported nothing
+    for ``forget_after_seconds`` is forgotten with its checks. 0 keeps state forever."""
+
+    max_checks_per_node: int = 32
+    forget_after_seconds: float = 86_400.0
+
+
 class PoolGuardPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Never let more than ``max_down_share`` of a pool be DOWN at once (at least one node may)."""
 
@@ -175,6 +189,7 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # after UNKNOWN starts no dwell). 0 turns it off
     min_dwell_seconds: float = 4.0
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
+    limits: StateLimits = msgspec.field(default_factory=StateLimits)
     # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the
     # agent sends with the observation (for special cases; empty: the kinds' own tiers)
     tiers: dict[str, Tier] = msgspec.field(default_factory=dict)
@@ -293,6 +308,17 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
         raise PolicyError(f"must be >= 0, got {policy.min_dwell_seconds}",
                           f"{p}.min_dwell_seconds")
     _share(policy.pool_guard.max_down_share, f"{p}.pool_guard.max_down_share")
+    limits = policy.limits
+    if limits.max_checks_per_node < 1:
+        raise PolicyError(f"must be >= 1, got {limits.max_checks_per_node}",
+                          f"{p}.limits.max_checks_per_node")
+    # forgetting must never touch state that still matters: a stale vantage, a late result,
+    # a check held down by damping
+    floor = max(policy.stale_after_seconds, policy.max_age_seconds, d.max_hold_seconds)
+    if limits.forget_after_seconds and limits.forget_after_seconds < floor:
+        raise PolicyError(f"must be 0 (never) or >= {floor:g} (stale_after, max_age and "
+                          f"damping.max_hold), got {limits.forget_after_seconds}",
+                          f"{p}.limits.forget_after_seconds")
     for prefix_ in policy.tiers:
         if not prefix_:
             raise PolicyError("empty prefix", f"{p}.tiers")
