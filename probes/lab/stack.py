@@ -39,6 +39,7 @@ from probes.mesh.publish.runtime_api import ServerState, parse_servers_state
 from probes.model import signing
 
 MESH_PORT = 9480
+RECEIVER_PORT = 9490
 AGENT_PORT = 9470
 PROMETHEUS_PORT = 9090
 NATIVE_CHECK = "check inter 2s fall 3 rise 2"
@@ -68,6 +69,12 @@ class StackOptions:
     anycast: bool = False
     anycast_prefix: str = "192.0.2.0/24"
     anycast_up_after: float = 4.0
+    # where the mesh keeps its database and the agents their state (e.g. on a filesystem a
+    # chaos test fills up); default: in the lab's directory
+    mesh_database: str = "mesh.db"
+    agent_state_dirs: tuple[tuple[str, str], ...] = ()  # (agent, directory)
+    # a webhook publisher to the reference receiver (tunnelwatch receiver) on the control host
+    receiver: bool = False
 
 
 class DualHAProxy(HAProxyServer):
@@ -104,6 +111,7 @@ class Stack:
     native_ovpn: dict[str, OpenVPNServer] = field(default_factory=dict)  # TCP twins, per node
     upstream: BirdPeer | None = None
     speakers: dict[str, GoBgpDaemon] = field(default_factory=dict)  # per PoP (= per node)
+    receiver_proc: Any = None
 
     # ------------------------------------------------------------------ building
 
@@ -129,6 +137,8 @@ class Stack:
         self.haproxy.start()
         if o.anycast:
             self._start_bgp()
+        if o.receiver:
+            self._start_receiver()
         self._start_mesh()
         for name in agents:
             self._start_agent(name)
@@ -146,9 +156,9 @@ class Stack:
         for name in self.fleet.agents:
             signing.write_key_file(self.dir / f"{name}-mesh.key", signing.generate_key() + "\n")
             agents.append({"name": name, "key_file": f"{name}-mesh.key"})
-        config = {
+        config: dict[str, Any] = {
             "listen": f"{self.control.address}:{MESH_PORT}",
-            "database": "mesh.db",
+            "database": o.mesh_database,
             "agents": agents,
             "nodes": [{"id": n.name, "pool": n.pool, "pop": n.pop, "region": n.region}
                       for n in self.fleet.nodes.values()],
@@ -162,11 +172,39 @@ class Stack:
                 "retry": {"initial_backoff": 0.1, "max_backoff": 2.0, "poll_interval": 0.05,
                           "reconcile_interval": 5.0}}],
         }
+        if o.receiver:
+            config["publishers"].append({
+                "type": "webhook", "name": "receiver", "url": f"{self.receiver_url}/v1/verdicts",
+                "key_id": "mesh", "key_file": "webhook.key",
+                "retry": {"initial_backoff": 0.1, "max_backoff": 2.0, "poll_interval": 0.05}})
         path = self.dir / "mesh.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.mesh_proc = self.control.popen(
             [sys.executable, "-m", "probes.cli", "mesh", "--config", str(path)], name="mesh")
         self._wait_http(self.control, self.mesh_url + "/healthz", self.mesh_proc, "mesh")
+
+    @property
+    def receiver_url(self) -> str:
+        return f"http://{self.control.address}:{RECEIVER_PORT}"
+
+    def _start_receiver(self) -> None:
+        """The reference receiver, verifying and recording (no HAProxy of its own)."""
+        signing.write_key_file(self.dir / "webhook.key", signing.generate_key() + "\n")
+        path = self.dir / "receiver.yaml"
+        path.write_text(yaml.safe_dump({
+            "listen": f"{self.control.address}:{RECEIVER_PORT}",
+            "keys": [{"key_id": "mesh", "key_file": "webhook.key"}],
+            "state_file": "receiver-state.json"}, sort_keys=False))
+        self.receiver_proc = self.control.popen(
+            [sys.executable, "-m", "probes.cli", "receiver", "--config", str(path)],
+            name="receiver")
+        self._wait_http(self.control, self.receiver_url + "/healthz", self.receiver_proc,
+                        "receiver")
+
+    def receiver_state(self) -> dict[str, Any]:
+        """What the reference receiver applied last per node (``{node: {seq, state, ...}}``)."""
+        got: dict[str, Any] = json.loads(get(self.control, self.receiver_url + "/v1/state"))
+        return got
 
     def _start_bgp(self) -> None:
         self.upstream = BirdPeer(self.lab, self.lab.add_host("upstream"))
@@ -208,6 +246,9 @@ class Stack:
                                        "fast_interval": 5.0}}
         config["agent"]["listen"] = f"{agent.host.address}:{AGENT_PORT}"
         config["agent"]["max_start_lag"] = o.max_start_lag
+        state_dirs = dict(o.agent_state_dirs)
+        if name in state_dirs:
+            config["agent"]["state_dir"] = state_dirs[name]
         for target in config["targets"]:
             target["checks"] = list(o.checks)
         path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -227,6 +227,8 @@ class Receiver:
         out: dict[str, dict[str, object]] = {}
         for node, verdict in sorted(self.ledger.latest.items()):
             out[node] = {"seq": verdict.seq, "state": str(verdict.state)}
+            if verdict.epoch:  # a mesh with epochs (docs/webhooks.md): the pair orders them
+                out[node]["epoch"] = verdict.epoch
             if node in self.weights:  # weights on: the weight it last applied
                 out[node]["weight"] = self.weights[node].weight
         return web.json_response(out)
