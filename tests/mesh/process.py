@@ -97,6 +97,10 @@ class MeshProcess:
         with urllib.request.urlopen(self.base + path, timeout=5) as r:
             return json.load(r)
 
+    def get_text(self, path: str) -> str:
+        with urllib.request.urlopen(self.base + path, timeout=10) as r:
+            return str(r.read().decode())
+
 
 def post(mesh: MeshProcess, folder: Path, batch: ObservationBatch) -> int | None:
     """HTTP status, or None when the connection failed (the mesh is dead)."""
