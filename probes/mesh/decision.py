@@ -435,22 +435,10 @@ class DecisionEngine:
 
     def _wheel_add(self, nv: NodeVantage, seen: float) -> None:
         nv.wheeled = True
-        key = math.floor(seen)
-        bucket = self._wheel.get(key)
-        if bucket is None:
-            self._wheel[key] = [nv]
-            heapq.heappush(self._wheel_keys, key)
-        else:
-            bucket.append(nv)
+        _into_wheel(self._wheel, self._wheel_keys, seen, nv)
 
     def _forget_add(self, nv: NodeVantage) -> None:
-        key = math.floor(nv.seen)
-        bucket = self._forget.get(key)
-        if bucket is None:
-            self._forget[key] = [nv]
-            heapq.heappush(self._forget_keys, key)
-        else:
-            bucket.append(nv)
+        _into_wheel(self._forget, self._forget_keys, nv.seen, nv)
 
     def _forget_silent(self, now: float) -> None:
         """Forget the (node, vantage) pairs that have reported nothing for forget_after (an
@@ -965,6 +953,18 @@ class DecisionEngine:
             check.tier = tier_of(tier)
             nv.checks.append(check)
             checks[(node_name, vantage_name, check.name)] = check
+
+
+def _into_wheel(wheel: dict[int, list[NodeVantage]], keys: list[int], seen: float,
+                nv: NodeVantage) -> None:
+    """Put ``nv`` in the bucket of the whole second ``seen`` (a heap keeps the buckets' keys)."""
+    key = math.floor(seen)
+    bucket = wheel.get(key)
+    if bucket is None:
+        wheel[key] = [nv]
+        heapq.heappush(keys, key)
+    else:
+        bucket.append(nv)
 
 
 _EVIDENCE_TIMES = {"fail_since": math.inf, "pass_at": -math.inf}
