@@ -39,6 +39,7 @@ from probes.checks.errqueue import (
     parse_extended_error,
 )
 from probes.model import Reason
+from probes.protocols.inet import checksum
 
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
@@ -56,16 +57,6 @@ _DRAIN_LIMIT = 64  # datagrams per readability callback: a flood must not starve
 
 class IcmpParseError(ValueError):
     """Bytes that are not an ICMP message we understand."""
-
-
-def checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
 
 
 def build_echo_request(identifier: int, sequence: int, payload: bytes) -> bytes:

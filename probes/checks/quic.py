@@ -58,7 +58,6 @@ from probes.checks.base import (
 from probes.checks.icmp import (
     IcmpParseError,
     build_echo_request,
-    checksum,
     parse_icmp,
     strip_ipv4_header,
 )
@@ -66,6 +65,7 @@ from probes.checks.l4 import quality_of, resolve
 from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
+from probes.protocols.inet import checksum
 
 H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536

@@ -39,9 +39,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent
 from aioquic.tls import SessionTicket
 
-from probes.checks.icmp import checksum
 from probes.checks.quic import MAX_DATAGRAM_FRAME_SIZE, H3DatagramConnection
 from probes.protocols import capsules as cap
+from probes.protocols.inet import checksum
 
 log = logging.getLogger("masque")
 
