@@ -18,6 +18,7 @@ schema error, not a new time series.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import math
 from typing import Annotated, Any, TypeVar
@@ -172,14 +173,106 @@ class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     load: NodeLoad | None = None  # a node load read (telemetry.load): weights, never verdicts
 
 
-class ObservationBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What an agent POSTs to the mesh. ``batch_seq`` lets the mesh reject replays."""
+# ---- path traces (agent -> mesh, optional in a batch) ------------------------------------------
+
+
+class TraceProtocol(enum.StrEnum):
+    """What the probes of a trace are: the node's own protocol and port where it matters."""
+
+    UDP = "udp"
+    TCP = "tcp"  # SYN to the port
+    ICMP = "icmp"  # echo request
+
+
+class HopReply(enum.StrEnum):
+    """What answered a trace probe. The first two are routers on the way, the rest end a flow."""
+
+    TIME_EXCEEDED = "time-exceeded"  # a router on the way: the probe's TTL ran out there
+    FRAG_NEEDED = "frag-needed"  # a router could not forward a DF probe this big (``mtu``)
+    UNREACHABLE = "unreachable"  # ICMP unreachable other than port/frag: no route, prohibited
+    PORT_UNREACHABLE = "port-unreachable"  # the node itself: the UDP port is closed
+    ECHO_REPLY = "echo-reply"  # the node itself, ICMP
+    TCP_SYN_ACK = "tcp-syn-ack"  # the node itself, TCP port open
+    TCP_RESET = "tcp-reset"  # the node itself, TCP port closed
+
+
+class TraceStop(enum.StrEnum):
+    """Why a flow stopped being probed."""
+
+    REACHED = "reached"  # the node answered
+    UNREACHABLE = "unreachable"  # a router answered unreachable (or frag-needed for big probes)
+    GAP = "gap"  # ``gap_limit`` hops in a row answered nothing (also: a silent node, e.g. UDP VPN)
+    LOOP = "loop"  # an address came back after a different one: a forwarding loop
+    MAX_TTL = "max-ttl"
+    LOCAL_ERROR = "local-error"  # our own stack refused to send (e.g. bigger than the link MTU)
+
+
+class TraceTrigger(enum.StrEnum):
+    CHANGE = "change"  # the agent's opinion of the node changed
+    FAILING = "failing"  # re-traced while the agent sees the node failing
+    BASELINE = "baseline"  # the slow schedule
+
+
+MAX_HOPS = 64  # answers per flow
+MAX_FLOWS = 16  # flows per trace
+MAX_TRACES_PER_BATCH = 64
+Ttl = Annotated[int, msgspec.Meta(ge=1, le=255)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Address = Annotated[str, msgspec.Meta(max_length=45)]  # an IP address: see check_traces
+
+
+class TraceHop(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One TTL of one flow. ``addr`` empty: nothing answered after every attempt."""
+
+    ttl: Ttl
+    addr: Address = ""
+    reply: HopReply | None = None
+    rtt_seconds: Seconds | None = None
+    mtu: Port | None = None  # the next-hop MTU a frag-needed named
+
+
+class PathFlow(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One Paris flow: every probe has the same addresses, ports (``sport``; the ICMP identifier
+    for ICMP) and size, so per-flow load balancing keeps all of them on one path."""
+
+    sport: Port
+    size: Annotated[int, msgspec.Meta(ge=28, le=65535)]  # IP packet size of its probes, bytes
+    stop: TraceStop
+    hops: Annotated[list[TraceHop], msgspec.Meta(max_length=MAX_HOPS)] = msgspec.field(
+        default_factory=list)
+
+
+class PathTrace(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A trace of the path from a vantage to a node, taken when the agent's opinion of the node
+    changed (or on its slow schedule). ``failing``: the agent saw the node failing then."""
+
+    node: Name
+    vantage: Name
+    wall_time: WallTime  # agent wall clock at the start of the trace
+    trigger: TraceTrigger
+    failing: bool
+    target: Address
+    protocol: TraceProtocol
+    port: Port = 0  # destination port; 0 for ICMP
+    flows: Annotated[list[PathFlow], msgspec.Meta(max_length=MAX_FLOWS)] = msgspec.field(
+        default_factory=list)
+    duration_seconds: Seconds = 0.0
+
+
+class ObservationBatch(msgspec.Struct, frozen=True, omit_defaults=True,
+                       forbid_unknown_fields=True):
+    """What an agent POSTs to the mesh. ``batch_seq`` lets the mesh reject replays.
+
+    ``traces`` is optional: agents from before path tracing never send it, and an agent sends it
+    only to a mesh whose batch answers list ``"traces"`` in ``accepts`` (docs/paths.md)."""
 
     version: int
     agent: Name
     batch_seq: Seq
     sent_at: WallTime
     observations: list[Observation]
+    traces: Annotated[list[PathTrace], msgspec.Meta(max_length=MAX_TRACES_PER_BATCH)] = (
+        msgspec.field(default_factory=list))
 
 
 class VerdictState(enum.StrEnum):
@@ -195,7 +288,9 @@ class VerdictReason(msgspec.Struct, frozen=True, omit_defaults=True):
     """One piece of evidence behind a verdict, for the audit log.
 
     ``what`` says which rule fired (e.g. "vote", "tier-cascade", "quality-bound", "pool-guard",
-    "admin", "quorum-lost"); the other fields say where and by how much.
+    "admin", "quorum-lost", and from path traces "path", "vantage-path", "route-change"); the
+    other fields say where and by how much. ``asn`` and ``hop`` locate path evidence: the network
+    and the router address after which a vantage loses the node.
     """
 
     what: str
@@ -205,6 +300,8 @@ class VerdictReason(msgspec.Struct, frozen=True, omit_defaults=True):
     value: float | None = None
     bound: float | None = None
     note: str = ""
+    asn: int | None = None
+    hop: str = ""
 
 
 class Votes(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -374,13 +471,16 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes]) -> bytes:
+def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes],
+               traces: list[bytes] | None = None) -> bytes:
     """An :class:`ObservationBatch` in JSON, from already encoded observations (the agent's
-    spool keeps them encoded, so a batch is put together without decoding them again)."""
+    spool keeps them encoded, so a batch is put together without decoding them again) and path
+    traces (the field is left out when there are none, as the struct's encoder does)."""
     enc = _encoder.encode
+    extra = b',"traces":[' + b",".join(traces) + b"]" if traces else b""
     return (b'{"version":' + enc(SCHEMA_VERSION) + b',"agent":' + enc(agent)
             + b',"batch_seq":' + enc(batch_seq) + b',"sent_at":' + enc(sent_at)
-            + b',"observations":[' + b",".join(bodies) + b"]}")
+            + b',"observations":[' + b",".join(bodies) + b"]" + extra + b"}")
 
 
 def decode_batch(data: bytes) -> ObservationBatch:
@@ -388,7 +488,34 @@ def decode_batch(data: bytes) -> ObservationBatch:
     batch: ObservationBatch = strict_decode(_batch_decoder, data)
     if batch.version != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema version {batch.version}", "$.version")
+    if batch.traces:
+        check_traces(batch.traces)
     return batch
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_traces(traces: list[PathTrace]) -> None:
+    """What types cannot say: addresses are IP addresses, the TTLs of a flow increase."""
+    for i, trace in enumerate(traces):
+        at = f"$.traces[{i}]"
+        if not _is_ip(trace.target):
+            raise SchemaError(f"not an IP address: {trace.target!r}", f"{at}.target")
+        for j, flow in enumerate(trace.flows):
+            last = 0
+            for k, hop in enumerate(flow.hops):
+                where = f"{at}.flows[{j}].hops[{k}]"
+                if hop.ttl <= last:
+                    raise SchemaError("hop TTLs must increase", f"{where}.ttl")
+                last = hop.ttl
+                if hop.addr and not _is_ip(hop.addr):
+                    raise SchemaError(f"not an IP address: {hop.addr!r}", f"{where}.addr")
 
 
 def decode_recorded(data: bytes) -> list[Observation]:
