@@ -1,0 +1,1 @@
+"""Path evidence shared by the mesh and the command line: the operator's prefix-to-ASN table."""
