@@ -11,6 +11,7 @@ from probes.config import ConfigError
 from probes.mesh.store import StoreError
 from probes.model import SchemaError, encode
 from probes.model.signing import KeyFileError
+from probes.paths.asn import AsnTableError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -27,7 +28,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args.config)
         run(cfg)
-    except (ConfigError, KeyFileError, StoreError) as exc:  # one line, no traceback
+    except (ConfigError, KeyFileError, StoreError, AsnTableError) as exc:  # one line
         print(f"tunnelwatch mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -7,7 +7,11 @@
   its smoothed load and sessions, and a drain's progress (docs/weights.md).
 * ``GET /v1/nodes/{id}`` — one node: verdict, votes, guard and quorum flags, admin state, the last
   verdict's reasons, and the per-vantage picture down to each check; with weights on, the same
-  weight, load and drain fields as ``/v1/nodes``.
+  weight, load and drain fields as ``/v1/nodes``; and ``paths``: each vantage's latest trace to it
+  (hops with their networks, route changes, where a failing one loses it) and the node's path
+  localisation (docs/paths.md).
+* ``GET /v1/paths`` — the fleet's path faults: every failing (node, vantage) with where it is
+  lost, and each vantage that loses most of its failing nodes after one network.
 * ``POST /v1/nodes/{id}/drain|maintenance|ready`` — operator actions; ``Authorization: Bearer
   <token>`` from ``operator_token_file``; optional JSON body ``{"actor": "name"}``. Each action is
   journaled and its verdict change is in the log with an ``admin`` reason naming the actor.
@@ -65,6 +69,7 @@ class Api:
             web.get("/v1/nodes", self.nodes),
             web.get("/v1/nodes/{node}", self.node),
             web.get("/v1/audit", self.audit),
+            web.get("/v1/paths", self.paths),
             web.post("/v1/nodes/{node}/{action}", self.admin),
             web.get("/healthz", self.healthz),
         ]
@@ -136,6 +141,7 @@ class Api:
             raise web.HTTPNotFound(text=f"unknown node {name!r}")
         view = service.engine.node_view(name, service.last_now)
         view.update(weight_view(service, name))
+        view["paths"] = service.paths.node_view(name, service.last_now)
         return _json(view)
 
     async def nodes(self, request: web.Request) -> web.Response:
@@ -148,6 +154,27 @@ class Api:
             out.append(item)
         return _json({"now": service.last_now, "weights": service.weights is not None,
                       "nodes": out})
+
+    async def paths(self, request: web.Request) -> web.Response:
+        service = self._service()
+        paths = service.paths
+        now = service.last_now
+        faults = [
+            {"node": node, "vantage": vantage, "kind": f.kind, "ttl": f.ttl or None,
+             "hop": f.hop.addr if f.hop else None, "asn": f.network.asn if f.hop else None,
+             "network": f.network.label if f.hop else None, "mtu": f.mtu,
+             "summary": f.sentence(vantage, node)}
+            for node, vantage, f in paths.faults(now)
+        ]
+        vantages = {}
+        for vantage in sorted(paths.failing_vantages()):
+            fault = paths.vantage_fault(vantage, now)
+            if fault is not None:
+                vantages[vantage] = {"asn": fault.network.asn, "network": fault.network.label,
+                                     "hop": fault.hop.addr if fault.hop else None,
+                                     "nodes": fault.nodes, "failing": fault.failing,
+                                     "summary": fault.sentence()}
+        return _json({"now": now, "faults": faults, "vantages": vantages})
 
     async def admin(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]

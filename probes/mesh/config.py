@@ -16,6 +16,7 @@ import msgspec
 from probes.config import Problem, Strict, check_secret_file, load_config_file, resolve_path
 from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
+from probes.mesh.paths import PathPolicy
 from probes.mesh.policy import DecisionPolicy, PolicyError, validate_policy
 from probes.mesh.publish import config as publish_config
 from probes.mesh.reprobe import ReprobePolicy, policy_problems
@@ -98,6 +99,21 @@ class AgentCheckConfig(Strict, kw_only=True, frozen=True):
         return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class PathsConfig(PathPolicy, kw_only=True, frozen=True):
+    """Path evidence from the agents' traces (docs/paths.md): where on the way a vantage loses
+    a node, by hop and by network. Hops are mapped to networks with a table you provide; the
+    mesh never looks anything up on the network. Without a table, hops are shown by address
+    and marked private or unknown."""
+
+    # prefix-to-AS table: pyasn's IPASN file, an MRT RIB dump or `bgpdump -m` lines (.gz/.bz2
+    # too)
+    asn_table: str | None = None
+    asn_names: str | None = None  # AS names: pyasn's asnames.json or "asn name" lines
+    # the AS of the router that wrote an MRT dump of its own RIB: its own routes have an
+    # empty AS path
+    local_asn: int | None = None
+
+
 class MeshConfig(Strict, kw_only=True, frozen=True):
     listen: str = "127.0.0.1:9480"
     database: str = "mesh.db"
@@ -124,6 +140,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)  # HA: docs/ha.md
     # corroboration on demand: ask other vantages to re-probe a failing check (docs/mesh.md)
     reprobe: ReprobePolicy = msgspec.field(default_factory=ReprobePolicy)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)  # docs/paths.md
 
     def node_infos(self) -> list[NodeInfo]:
         return [NodeInfo(n.id, n.pool, n.pop, n.region) for n in self.nodes]
@@ -210,6 +227,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
             yield Problem(path, message)
     yield from _policy_problems(lambda: validate_policy(cfg.decision, "$.decision"))
     yield from _policy_problems(lambda: validate_weight_policy(cfg.weights, "$.weights"))
+    yield from _paths_problems(cfg.paths, base_dir)
 
 
 def _policy_problems(validate: Callable[[], object]) -> Iterator[Problem]:
@@ -217,6 +235,25 @@ def _policy_problems(validate: Callable[[], object]) -> Iterator[Problem]:
         validate()
     except PolicyError as exc:
         yield Problem(exc.path, str(exc).split(": ", 1)[1])
+
+
+def _paths_problems(paths: PathsConfig, base_dir: Path) -> Iterator[Problem]:
+    for name in ("asn_table", "asn_names"):
+        value = getattr(paths, name)
+        if value is not None and not resolve_path(value, base_dir).is_file():
+            yield Problem(f"$.paths.{name}", f"no such file: {value}")
+    if paths.asn_names is not None and paths.asn_table is None:
+        yield Problem("$.paths.asn_names", "names need a table (asn_table)")
+    for name in ("failing_max_age_seconds", "reference_max_age_seconds",
+                 "route_change_window_seconds"):
+        if not getattr(paths, name) > 0:
+            yield Problem(f"$.paths.{name}", "must be > 0")
+    if paths.vantage_min_nodes < 1:
+        yield Problem("$.paths.vantage_min_nodes", "must be >= 1")
+    if paths.max_reasons < 1:
+        yield Problem("$.paths.max_reasons", "must be >= 1")
+    if paths.local_asn is not None and not 0 < paths.local_asn < 2**32:
+        yield Problem("$.paths.local_asn", "must be an AS number (1..4294967295)")
 
 
 def load_mesh_config(path: str | Path) -> MeshConfig:
@@ -238,4 +275,11 @@ def with_base_dir(cfg: MeshConfig, base: Path) -> MeshConfig:
             str(resolve_path(cfg.operator_token_file, base)) if cfg.operator_token_file else None
         ),
         publishers=[publish_config.with_base_dir(p, base) for p in cfg.publishers],
+        paths=msgspec.structs.replace(
+            cfg.paths,
+            asn_table=str(resolve_path(cfg.paths.asn_table, base)) if cfg.paths.asn_table
+            else None,
+            asn_names=str(resolve_path(cfg.paths.asn_names, base)) if cfg.paths.asn_names
+            else None,
+        ),
     )

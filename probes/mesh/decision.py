@@ -49,7 +49,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -103,6 +103,8 @@ __all__ = [
 ]
 
 
+# more evidence for a verdict from beside the engine: (node id, now, its impaired vantages)
+ExtraEvidence = Callable[[str, float, Sequence[str]], list[VerdictReason]]
 MAX_EXPONENT = 1000.0  # 2 ** 1000 is ~1e301: any damping ceiling beyond it is "no ceiling"
 MAX_TIER_CACHE = 4096  # (kind, tier sent) pairs whose tier is remembered
 # impairment is judged on every input, at most this often: during a mass failure the judgement
@@ -149,6 +151,9 @@ class DecisionEngine:
         self.check_limit_total = 0  # observations dropped: their (node, agent) had no room
         self.forgotten_checks_total = 0  # check states forgotten: no report for forget_after
         self.audit_totals: dict[str, int] = dict.fromkeys(AUDIT_WHAT, 0)
+        # path traces' evidence (probes.mesh.paths), asked for when a verdict is published;
+        # set by the service, not engine state
+        self.extra_evidence: ExtraEvidence | None = None
         for info in nodes:
             self.add_node(info)
 
@@ -720,6 +725,10 @@ class DecisionEngine:
         node.state = state
         node.seq += 1
         reasons = evidence(self.policy, node, now)
+        if self.extra_evidence is not None:
+            impaired = [name for name, nv in node.nvs.items() if nv.vantage.impaired]
+            # right after the vote: the cap on reasons must not cut them off behind the checks
+            reasons[1:1] = self.extra_evidence(node.info.node, now, impaired)
         if extra is not None:
             reasons.insert(0, extra)
         verdict = Verdict(

@@ -51,6 +51,7 @@ from probes.model import SchemaError, Verdict, decode_batch, signing
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
+ACCEPTS = ("traces",)  # optional batch fields this mesh takes (see the reply of handle)
 REJECT_REASONS = (
     "encoding",
     "missing-header",
@@ -78,6 +79,7 @@ class AgentKey:
 class IngestStats:
     batches_total: int = 0
     observations_total: int = 0
+    traces_total: int = 0
     bytes_total: int = 0
     rejects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
 
@@ -129,7 +131,10 @@ class Ingest:
         except Rejected as exc:
             self.stats.rejects[exc.reason] += 1
             return await answer(request, exc)
-        reply: dict[str, object] = {"accepted": True, "verdicts": len(verdicts)}
+        # "accepts" tells an agent which optional batch fields this mesh takes: an agent sends
+        # path traces only to a mesh that lists "traces" (an older one would refuse the batch)
+        reply: dict[str, object] = {"accepted": True, "verdicts": len(verdicts),
+                                    "accepts": list(ACCEPTS)}
         if self.reprobe is not None:
             # corroboration on demand: the failures this batch began go to the other vantages,
             # and this vantage gets what others' failures asked of it (probes/mesh/reprobe.py)
@@ -157,6 +162,12 @@ class Ingest:
                     "an agent reports only as its own vantage",
                     f"$.observations[{i}].vantage",
                 )
+        for i, trace in enumerate(batch.traces):
+            if trace.vantage != agent:
+                raise Rejected(
+                    403, "identity", "an agent traces only as its own vantage",
+                    f"$.traces[{i}].vantage",
+                )
         try:
             verdicts = await self.service.accept_batch(body, batch, self.clock())
         except Replay as exc:
@@ -168,5 +179,6 @@ class Ingest:
         stats = self.stats
         stats.batches_total += 1
         stats.observations_total += len(batch.observations)
+        stats.traces_total += len(batch.traces)
         stats.bytes_total += len(body)
         return verdicts

@@ -228,6 +228,10 @@ class MeshCollector(Collector):
                 P + "connections_refused",
                 "New connections closed at once: every slot held by authenticated clients.",
                 value=guard.refused_total)
+        yield from path_metrics(service, now)
+        yield CounterMetricFamily(
+            P + "ingest_traces", "Path traces in accepted batches.", value=stats.traces_total
+        )
 
 
 # the smoothed load signals the weight engine holds per node, as gauges (docs/weights.md)
@@ -294,3 +298,74 @@ class WeightCollector(Collector):
         yield CounterMetricFamily(
             P + "weight_guard_steps", "Weight steps in which a pool's guard scaled cuts back.",
             value=weights.guard_steps_total)
+
+
+def path_metrics(service: MeshService, now: float) -> Iterator[Metric]:
+    """Path evidence (docs/paths.md). Labels: vantage and node from the config, the finding's
+    kind from a closed set, the network as its AS number (or private/unknown): never an IP."""
+    paths = service.paths
+    traces = CounterMetricFamily(
+        P + "traces", "Path traces taken in, by vantage.", labels=["vantage"]
+    )
+    for vantage, value in sorted(paths.traces_total.items()):
+        traces.add_metric([vantage], value)
+    yield traces
+    changes = CounterMetricFamily(
+        P + "path_route_changes",
+        "Route changes seen in consecutive traces of one (node, vantage), by vantage.",
+        labels=["vantage"],
+    )
+    for vantage, value in sorted(paths.route_changes_total.items()):
+        changes.add_metric([vantage], value)
+    yield changes
+    fault = GaugeMetricFamily(
+        P + "path_fault",
+        "1 per failing (node, vantage) whose latest trace says where the node is lost.",
+        labels=["node", "vantage", "kind", "asn"],
+    )
+    nodes: dict[tuple[str, str], set[str]] = {}
+    asns: dict[str, str] = {}
+    for node, vantage, found in paths.faults(now):
+        label = found.network.label if found.hop else "none"
+        fault.add_metric([node, vantage, found.kind, label], 1)
+        nodes.setdefault((label, found.kind), set()).add(node)
+        if found.network.asn is not None:
+            asns[label] = found.network.name
+    yield fault
+    per_network = GaugeMetricFamily(
+        P + "path_fault_nodes",
+        "Nodes some vantage loses after this network, by kind of finding.",
+        labels=["asn", "kind"],
+    )
+    for (label, kind), members in sorted(nodes.items()):
+        per_network.add_metric([label, kind], len(members))
+    yield per_network
+    impaired = GaugeMetricFamily(
+        P + "vantage_path_fault",
+        "1 while a vantage loses most of the nodes it fails after one network.",
+        labels=["vantage", "asn"],
+    )
+    for vantage in sorted(paths.failing_vantages()):
+        found_v = paths.vantage_fault(vantage, now)
+        if found_v is not None:
+            impaired.add_metric([vantage, found_v.network.label], 1)
+            if found_v.network.asn is not None:
+                asns[found_v.network.label] = found_v.network.name
+    yield impaired
+    info = GaugeMetricFamily(
+        P + "asn_info", "1 per AS named in a path fault: its name from the ASN table.",
+        labels=["asn", "as_name"],
+    )
+    for label, name in sorted(asns.items()):
+        info.add_metric([label, name], 1)
+    yield info
+    yield CounterMetricFamily(
+        P + "traces_unknown_node",
+        "Path traces of nodes the mesh is not configured with, ignored.",
+        value=paths.unknown_node_total,
+    )
+    yield CounterMetricFamily(
+        P + "path_news",
+        "Localisation changes of DOWN or DEGRADED nodes noted after their verdict (audit).",
+        value=paths.news_total,
+    )

@@ -36,6 +36,7 @@ from probes.mesh.store import MeshStore, StoreError
 from probes.mesh.store_etcd import EtcdClient, EtcdStore
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.model import VerdictState, signing
+from probes.paths.asn import EMPTY, AsnTable, load_table
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)
@@ -61,7 +62,19 @@ def open_store(cfg: MeshConfig) -> MeshStore:
     return SQLiteStore(cfg.database, durability=durability)
 
 
+def open_table(cfg: MeshConfig) -> AsnTable:
+    """The operator's ASN table (raises AsnTableError naming the file and line)."""
+    paths = cfg.paths
+    if paths.asn_table is None:
+        return EMPTY
+    table = load_table(paths.asn_table, paths.asn_names, paths.local_asn)
+    log.info("ASN table %s: %d prefixes, %d AS names", paths.asn_table, len(table),
+             len(table.names))
+    return table
+
+
 def open_service(cfg: MeshConfig) -> MeshService:
+    table = open_table(cfg)
     store = open_store(cfg)
     return MeshService(
         store,
@@ -72,6 +85,8 @@ def open_service(cfg: MeshConfig) -> MeshService:
         background_snapshots=cfg.background_snapshots,
         weight_policy=cfg.weights,
         weight_nodes=cfg.weight_nodes(),
+        path_policy=cfg.paths,
+        asn_table=table,
     )
 
 

@@ -36,6 +36,7 @@ import msgspec
 
 from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
+from probes.mesh.paths import PathEngine, PathPolicy
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
 from probes.mesh.store import (
@@ -54,12 +55,14 @@ from probes.model import (
     NodeLoad,
     Observation,
     ObservationBatch,
+    PathTrace,
     Verdict,
     VerdictState,
     WeightChange,
     decode_batch,
     encode,
 )
+from probes.paths.asn import EMPTY, AsnTable
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("probes.mesh.audit")
@@ -86,6 +89,7 @@ class _Loaded:
 
     engine: DecisionEngine
     weights: WeightEngine | None
+    paths: PathEngine
     journal_id: int
     last_now: float
     agent_seq: dict[str, int]
@@ -117,6 +121,8 @@ class MeshService:
         weight_policy: WeightPolicy | None = None,
         weight_nodes: Sequence[WeightNode] = (),
         clock: Callable[[], float] = time.time,
+        path_policy: PathPolicy | None = None,
+        asn_table: AsnTable = EMPTY,
     ) -> None:
         self.store = store
         self.thread = StoreThread()
@@ -152,6 +158,8 @@ class MeshService:
         self._weight_policy = weight_policy if enabled else None
         self._weight_nodes = list(weight_nodes)
         self.weights: WeightEngine | None = None
+        self._path_policy = path_policy or PathPolicy()
+        self._table = asn_table
         self._install(self.thread.run(self._load))
         try:
             # config changes apply from here on: the journal always follows a snapshot made
@@ -170,11 +178,15 @@ class MeshService:
         are logged already), reconfigured to the running config. Reads only."""
         policy, nodes = self._policy, self._nodes
         rec = self.store.recover()
-        saved_weights = None
+        saved_weights = saved_paths = None
         if rec.snapshot is not None:
-            engine, saved_weights = load_snapshot(rec.snapshot)
+            engine, saved_weights, saved_paths = load_snapshot(rec.snapshot)
         else:
             engine = DecisionEngine(policy, nodes)
+        # the path engine knows the nodes configured now: traces of others are not kept
+        ids = [info.node for info in nodes]
+        paths = PathEngine.from_rows(saved_paths or {}, self._path_policy, self._table, ids)
+        engine.extra_evidence = paths.evidence
         weights = None
         if self._weight_policy is not None:
             weights = (WeightEngine.restore(saved_weights) if saved_weights is not None
@@ -183,10 +195,11 @@ class MeshService:
         last_now = self.last_now
         replayed_verdicts = 0
         for entry in rec.entries:
-            replayed_verdicts += len(self._apply(engine, weights, entry)[0])
+            replayed_verdicts += len(self._apply(engine, weights, paths, entry)[0])
             last_now = max(last_now, entry.now)
             journal_id = entry.id
         engine.take_audit()  # the replayed inputs' notes were logged when first applied
+        paths.take_notes()
         # never re-announce: the engine's per-node seq must be at least the logged one
         for node_id, verdict in self.store.node_verdicts().items():
             behind = engine.catch_up_seq(node_id, verdict.seq)
@@ -199,12 +212,16 @@ class MeshService:
             weights.reconfigure(self._weight_policy, self._weight_nodes)
             for node_id, node in engine.nodes.items():  # states of nodes new to the weights
                 weights.set_state(node_id, node.state, last_now)
-        return _Loaded(engine, weights, journal_id, last_now, dict(rec.agents),
+        paths.policy = self._path_policy
+        paths.table = self._table  # new traces are looked up in the table configured now
+        paths.set_nodes(ids)
+        return _Loaded(engine, weights, paths, journal_id, last_now, dict(rec.agents),
                        len(rec.entries), replayed_verdicts)
 
     def _install(self, loaded: _Loaded) -> None:
         self.engine = loaded.engine
         self.weights = loaded.weights
+        self.paths = loaded.paths
         self._last_journal_id = loaded.journal_id
         self.last_now = max(self.last_now, loaded.last_now)
         self.agent_seq = loaded.agent_seq
@@ -227,17 +244,17 @@ class MeshService:
         return True
 
     @staticmethod
-    def _apply(engine: DecisionEngine, weights: WeightEngine | None, entry: JournalEntry,
-               observations: Sequence[Observation] | None = None,
+    def _apply(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
+               entry: JournalEntry, batch: ObservationBatch | None = None,
                ) -> tuple[list[Verdict], list[WeightChange]]:
-        """Apply one journaled input to both engines; (verdict changes, weight changes).
-        ``observations``: a batch entry's, when the caller decoded them already."""
+        """Apply one journaled input to the engines; (verdict changes, weight changes).
+        ``batch``: a batch entry's, when the caller decoded it already."""
         now = entry.now
         if entry.kind == EntryKind.BATCH:
-            if observations is None:
-                observations = decode_batch(entry.payload).observations
-            checks, loads = split_load(observations)
-            verdicts = engine.observe(checks, now)
+            if batch is None:
+                batch = decode_batch(entry.payload)
+            checks, loads = split_load(batch.observations)
+            verdicts = observe_with_paths(engine, paths, checks, batch.traces, now)
             if weights is not None and loads:
                 weights.load(loads, now)
         elif entry.kind == EntryKind.TICK:
@@ -259,7 +276,7 @@ class MeshService:
         if self.health.diverged:
             raise StoreError("the engine may hold an input the store does not: not saved")
         started = time.perf_counter()
-        blob = dump_engine(self.engine, self._weights_state())
+        blob = dump_engine(self.engine, self._weights_state(), self.paths.to_rows())
         self.store.save_snapshot(self._last_journal_id, blob)
         self.snapshotter.covered(self._last_journal_id)  # the journal it covers: dropped in steps
         self._since_snapshot = 0
@@ -273,7 +290,8 @@ class MeshService:
             return True  # one at a time; the journal keeps growing meanwhile
         started = time.perf_counter()
         if not self.snapshotter.start(
-                lambda: dump_engine(self.engine, self._weights_state()), self._last_journal_id):
+                lambda: dump_engine(self.engine, self._weights_state(), self.paths.to_rows()),
+                self._last_journal_id):
             return False
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
@@ -348,7 +366,7 @@ class MeshService:
         )
         if due:
             await self.thread.call(self._snapshot_due)
-        for note in self.engine.take_audit():
+        for note in [*self.engine.take_audit(), *self.paths.take_notes()]:
             self.audit.append(note)
             audit_log.info("%s", encode(note).decode())
         if verdicts:
@@ -428,7 +446,7 @@ class MeshService:
             self.check_replay(batch)
             entry = JournalEntry(EntryKind.BATCH, self._now(now), body)
             try:
-                verdicts, changes = self._apply_live(entry, batch.observations)
+                verdicts, changes = self._apply_live(entry, batch)
             except Exception:
                 # a bug must not leave half a batch in the engine: rebuild it from the store
                 log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
@@ -441,11 +459,10 @@ class MeshService:
 
         return await self._serially(step)
 
-    def _apply_live(self, entry: JournalEntry,
-                    observations: Sequence[Observation] | None = None,
+    def _apply_live(self, entry: JournalEntry, batch: ObservationBatch | None = None,
                     ) -> tuple[list[Verdict], list[WeightChange]]:
-        """:meth:`_apply` on the live engines (a batch's observations already decoded)."""
-        verdicts, changes = self._apply(self.engine, self.weights, entry, observations)
+        """:meth:`_apply` on the live engines (a batch already decoded)."""
+        verdicts, changes = self._apply(self.engine, self.weights, self.paths, entry, batch)
         return self._published(verdicts), changes
 
     async def tick(self, now: float) -> list[Verdict]:
@@ -495,6 +512,26 @@ class MeshService:
             log.error("no snapshot at shutdown (the journal is replayed at start): %s", exc)
         finally:
             self.store.close()
+
+
+def observe_with_paths(engine: DecisionEngine, paths: PathEngine,
+                       observations: Sequence[Observation], traces: Sequence[PathTrace],
+                       now: float) -> list[Verdict]:
+    """A batch's traces, then its observations: a verdict the batch causes carries what the
+    traces say. Only state changes are verdicts, so when traces change where the vantages lose
+    a node that is already DOWN or DEGRADED, that goes to the audit notes (and the API and
+    metrics, which always show the latest): agents trace at the first failure of a check, so the
+    traces usually come before or with the verdict they explain, but not always."""
+    changed = paths.ingest(traces, now) if traces else []
+    verdicts = engine.observe(observations, now)
+    published = {v.node for v in verdicts}
+    for node in changed:
+        if node not in published and engine.nodes[node].state in _EXPLAINED:
+            paths.note_news(node, now)
+    return verdicts
+
+
+_EXPLAINED = (VerdictState.DOWN, VerdictState.DEGRADED)
 
 
 def _decode_admin(payload: bytes) -> AdminAction:

@@ -52,19 +52,25 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def dump_engine(engine: DecisionEngine, weights: dict[str, Any] | None = None) -> bytes:
-    """The engine, and the weight engine's state beside it (``WeightEngine.to_builtins``)."""
+def dump_engine(engine: DecisionEngine, weights: dict[str, Any] | None = None,
+                paths: dict[str, Any] | None = None) -> bytes:
+    """The engine, and the state of the engines beside it: weights
+    (``WeightEngine.to_builtins``) and path localisation (``PathEngine.to_rows``)."""
+    beside = {"paths": paths} if paths is not None else {}
     with _no_gc():
         return _encoder.encode(
-            {"version": SNAPSHOT_VERSION, **engine.to_rows(), "weights": weights})
+            {"version": SNAPSHOT_VERSION, **engine.to_rows(), "weights": weights, **beside})
 
 
 def load_engine(blob: bytes) -> DecisionEngine:
     return load_snapshot(blob)[0]
 
 
-def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
-    """The engine and the weight engine's state (None in a snapshot taken without weights)."""
+def load_snapshot(
+    blob: bytes,
+) -> tuple[DecisionEngine, dict[str, Any] | None, dict[str, Any] | None]:
+    """The engine, the weight engine's state and the path engine's (each None in a snapshot
+    taken without it)."""
     with _no_gc():
         try:
             state: dict[str, Any] = _decoder.decode(blob)
@@ -73,7 +79,8 @@ def load_snapshot(blob: bytes) -> tuple[DecisionEngine, dict[str, Any] | None]:
         if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
             raise SnapshotError("unknown snapshot version")
         weights = state.pop("weights", None)
-        return DecisionEngine.from_rows(state), weights
+        paths = state.pop("paths", None)
+        return DecisionEngine.from_rows(state), weights, paths
 
 
 PRUNE_STEP = 32  # journal rows dropped per step

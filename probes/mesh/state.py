@@ -206,7 +206,8 @@ class NodeState:
 class AuditNote(msgspec.Struct, frozen=True, omit_defaults=True):
     """Something the engine decided that changes no published state, for the audit log,
     metrics and the API (never for balancers): ``what`` is ``quorum-lost``,
-    ``quorum-regained``, ``impaired``, ``impairment-cleared`` or ``dwell-held``."""
+    ``quorum-regained``, ``impaired``, ``impairment-cleared`` or ``dwell-held``; and from the
+    path engine beside it ``path-localised`` (probes/mesh/paths.py)."""
 
     at: float
     what: str
