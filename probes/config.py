@@ -269,11 +269,34 @@ class MeshEndpoints(Strict, kw_only=True, frozen=True):
     reprobe: bool = True
 
 
+class TracingConfig(Strict, kw_only=True, frozen=True):
+    """Path traces toward the nodes (docs/paths.md): Paris-style, with each node's own
+    protocol and port, when this agent's opinion of a node changes and on a slow baseline
+    schedule; sent to the mesh with the observations. Needs raw sockets (root or
+    CAP_NET_RAW); without them the agent logs it once and traces nothing. IPv4 only."""
+
+    enabled: bool = True
+    baseline_interval: float = 1800.0  # seconds between baseline traces of each node; 0: none
+    failing_interval: float = 300.0  # re-trace a node this often while it fails here; 0: never
+    min_interval: float = 60.0  # seconds between the traces a node's changes ask for
+    max_per_minute: float = 60.0  # all traces of this agent
+    concurrency: int = 2  # traces at once
+    flows: int = 4  # source ports per trace when a node changes (load-balanced branches)
+    baseline_flows: int = 1  # source ports per baseline trace
+    big_probe_size: int = 1500  # bytes: large DF probes on the first flow find MTU drops; 0: none
+    max_ttl: int = 30
+    probe_timeout: float = 1.0  # seconds to wait for each probe's answer
+    attempts: int = 2  # probes per hop before it counts as silent (rate-limited routers)
+    gap_limit: int = 3  # silent hops in a row that end a flow (a silent node ends it too)
+    packets_per_second: float = 100.0  # per trace
+
+
 class AgentConfig(Strict, kw_only=True, frozen=True):
     agent: AgentIdentity
     targets: list[Target]
     tiers: dict[str, TierPolicy] = msgspec.field(default_factory=_default_tiers)
     mesh: MeshEndpoints | None = None
+    paths: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
     def problems(self, base_dir: Path) -> list[Problem]:
         return list(_agent_problems(self, base_dir))
@@ -587,6 +610,22 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
             if not re.match(r"^https?://[^/\s]+", url):
                 yield Problem(f"$.mesh.endpoints[{j}]", f"expected an http(s) URL, got {url!r}")
         yield from check_secret_file(cfg.mesh.key_file, "$.mesh.key_file", base_dir)
+    yield from _tracing_problems(cfg.paths)
+
+
+def _tracing_problems(t: TracingConfig) -> Iterator[Problem]:
+    for name in ("baseline_interval", "failing_interval", "min_interval"):
+        if getattr(t, name) < 0:
+            yield Problem(f"$.paths.{name}", "must be >= 0")
+    for name in ("max_per_minute", "probe_timeout", "packets_per_second"):
+        if not getattr(t, name) > 0:
+            yield Problem(f"$.paths.{name}", "must be > 0")
+    for name, low, high in (("concurrency", 1, 64), ("flows", 1, 16), ("baseline_flows", 1, 16),
+                            ("max_ttl", 1, 64), ("attempts", 1, 5), ("gap_limit", 1, 16)):
+        if not low <= getattr(t, name) <= high:
+            yield Problem(f"$.paths.{name}", f"must be {low}..{high}")
+    if t.big_probe_size and not 68 <= t.big_probe_size <= 65535:
+        yield Problem("$.paths.big_probe_size", "must be 0 (off) or 68..65535 bytes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,23 @@ class ReporterStats:
     batches_total: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, result)
     last_success: dict[str, float] = field(default_factory=dict)  # endpoint -> unix time
     endpoints: int = 0
+    traces_sent_total: dict[str, int] = field(default_factory=dict)  # endpoint index -> traces
+    traces_dropped_total: dict[str, int] = field(default_factory=dict)  # reason -> traces
+
+
+@dataclass
+class TracerStats:
+    """Filled by the path tracer (probes/agent/tracer.py)."""
+
+    traces_total: dict[tuple[str, str], int] = field(default_factory=dict)  # (trigger, outcome)
+    packets_total: int = 0
+    cpu_seconds_total: float = 0.0  # the tracing code's own CPU on the event loop
+    in_flight: int = 0
+    unavailable: str = ""  # why this host cannot trace, once it found out
+
+    def count(self, trigger: str, outcome: str) -> None:
+        key = (trigger, outcome)
+        self.traces_total[key] = self.traces_total.get(key, 0) + 1
 
 
 class AgentCollector(Collector):
@@ -179,11 +196,13 @@ class AgentCollector(Collector):
 
     def __init__(self, vantage: str, probes: ProbeStats, scheduler: Callable[[], SchedulerStats],
                  reporter: ReporterStats | None = None,
-                 scheduler_info: Callable[[], dict[str, float]] | None = None) -> None:
+                 scheduler_info: Callable[[], dict[str, float]] | None = None, *,
+                 tracer: TracerStats | None = None) -> None:
         self.vantage = vantage
         self.probes = probes
         self.scheduler = scheduler
         self.reporter = reporter
+        self.tracer = tracer
         self.scheduler_info = scheduler_info or dict
         self._frag_cache: dict[LabelKey, tuple[str, str, str]] = {}
 
@@ -262,6 +281,8 @@ class AgentCollector(Collector):
         yield from self._scheduler_families(empty)
         if self.reporter is not None:
             yield from self._reporter_families(self.reporter, empty)
+        if self.tracer is not None:
+            yield from self._tracer_families(self.tracer, empty)
 
     # ---------------------------------------------------------------- fast exposition
 
@@ -323,6 +344,9 @@ class AgentCollector(Collector):
             format_family(metric, out)
         if self.reporter is not None:
             for metric in self._reporter_families(self.reporter, empty=False):
+                format_family(metric, out)
+        if self.tracer is not None:
+            for metric in self._tracer_families(self.tracer, empty=False):
                 format_family(metric, out)
         return "".join(out).encode("utf-8")
 
@@ -433,6 +457,46 @@ class AgentCollector(Collector):
             for (endpoint, result), count in list(r.batches_total.items()):
                 batches.add_metric([*vv, endpoint, result], count)
         yield from (depth, size, cap, dropped, sent, batches, last)
+        traces_sent = CounterMetricFamily("tunnelwatch_report_traces",
+                                          "Path traces accepted by a mesh endpoint.",
+                                          labels=[*v, "endpoint"])
+        traces_dropped = CounterMetricFamily(
+            "tunnelwatch_report_traces_dropped",
+            "Path traces not delivered: the queue was full, or a mesh refused them.",
+            labels=[*v, "reason"])
+        if not empty:
+            vv = [self.vantage]
+            for endpoint, count in list(r.traces_sent_total.items()):
+                traces_sent.add_metric([*vv, endpoint], count)
+            for reason, count in list(r.traces_dropped_total.items()):
+                traces_dropped.add_metric([*vv, reason], count)
+        yield from (traces_sent, traces_dropped)
+
+    def _tracer_families(self, t: TracerStats, empty: bool) -> Iterator[Metric]:
+        v = ["vantage"]
+        traces = CounterMetricFamily("tunnelwatch_path_traces",
+                                     "Path traces by trigger (change, failing, baseline) and "
+                                     "outcome (ok, error, unavailable).",
+                                     labels=[*v, "trigger", "outcome"])
+        packets = CounterMetricFamily("tunnelwatch_path_trace_packets",
+                                      "Probe packets the path traces sent.", labels=v)
+        cpu = CounterMetricFamily("tunnelwatch_path_trace_cpu_seconds",
+                                  "CPU the path tracing code took on the agent's event loop.",
+                                  labels=v)
+        in_flight = GaugeMetricFamily("tunnelwatch_path_traces_in_flight",
+                                      "Path traces running now.", labels=v)
+        available = GaugeMetricFamily("tunnelwatch_path_tracing_available",
+                                      "0 once the agent found it cannot trace (no raw sockets).",
+                                      labels=v)
+        if not empty:
+            vv = [self.vantage]
+            for (trigger, outcome), count in list(t.traces_total.items()):
+                traces.add_metric([*vv, trigger, outcome], count)
+            packets.add_metric(vv, t.packets_total)
+            cpu.add_metric(vv, t.cpu_seconds_total)
+            in_flight.add_metric(vv, t.in_flight)
+            available.add_metric(vv, 0 if t.unavailable else 1)
+        yield from (traces, packets, cpu, in_flight, available)
 
 
 def _fact_doc(name: str) -> str:

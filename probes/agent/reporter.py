@@ -17,6 +17,14 @@ Path of one observation:
 
 Nothing within spool capacity is lost; beyond it the oldest observations go first, counted in
 ``tunnelwatch_spool_dropped_observations_total``.
+
+Path traces ride along (:meth:`Reporter.submit_trace`): each endpoint has a bounded in-memory
+queue of them, and a batch carries up to ``TRACES_PER_BATCH`` — but only to an endpoint whose
+last answer listed ``"traces"`` in ``accepts`` (a mesh from before path evidence refuses fields
+it does not know, and must keep getting the observations). If a batch with traces is refused
+(400/413), it is sent again at once without them and that endpoint gets no traces for
+``TRACE_REFUSAL_BACKOFF``: traces never cost an observation. They are evidence, not state: the
+ones queued when the agent stops are gone (the next change or baseline traces again).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -38,7 +47,7 @@ import msgspec
 from probes.agent.metrics import ReporterStats
 from probes.agent.spool import Batch, Spool
 from probes.logutil import RateLimitedLog
-from probes.model import Observation, batch_body, signing
+from probes.model import Observation, PathTrace, batch_body, signing
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every commit: one line per 10 s, not 10 a second
@@ -49,6 +58,9 @@ BACKOFF_MAX = 30.0
 POST_TIMEOUT = 10.0
 MAX_PENDING = 100_000  # observations held in memory while the spool cannot be written
 _PERMANENT = (400, 413)  # the mesh will never take this body: drop the batch, count it
+TRACE_QUEUE_MAX = 256  # traces waiting per endpoint; beyond it the oldest go
+TRACES_PER_BATCH = 16
+TRACE_REFUSAL_BACKOFF = 600.0  # seconds without traces to an endpoint that refused them
 
 T = TypeVar("T")
 
@@ -60,15 +72,26 @@ def reprobe_requests(reply: bytes) -> list[tuple[str, str]]:
     """The ``reprobe`` list of a mesh's 2xx answer: ``[[node, check], ...]``, re-probes the mesh
     asks for because another vantage saw those checks fail. Anything malformed is ignored (an
     older mesh sends none; a reply is never a reason to fail a delivered batch)."""
-    try:
-        data = msgspec.json.decode(reply)
-    except msgspec.DecodeError:
-        return []
-    asks = data.get("reprobe") if isinstance(data, dict) else None
+    asks = _reply_object(reply).get("reprobe")
     if not isinstance(asks, list):
         return []
     return [(a[0], a[1]) for a in asks[:MAX_REPROBE_REQUESTS]
             if isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)]
+
+
+def accepts_traces(reply: bytes) -> bool:
+    """Whether a mesh's 2xx answer lists "traces" among the optional batch fields it takes
+    (``"accepts": ["traces"]``; an older mesh sends no such list)."""
+    accepts = _reply_object(reply).get("accepts")
+    return isinstance(accepts, list) and "traces" in accepts
+
+
+def _reply_object(reply: bytes) -> dict[str, Any]:
+    try:
+        data = msgspec.json.decode(reply)
+    except msgspec.DecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def batch_url(endpoint: str) -> str:
@@ -109,6 +132,9 @@ class Reporter:
         self._closing = False
         # called with the re-probes a mesh asks for in its reply (the agent's scheduler)
         self.on_reprobe: Callable[[list[tuple[str, str]]], None] | None = None
+        self._traces: dict[str, deque[bytes]] = {}  # endpoint -> encoded traces waiting
+        self._takes_traces: dict[str, bool] = {}  # endpoint -> its last answer accepts them
+        self._traces_refused_until: dict[str, float] = {}
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, partial(fn, *args))
@@ -140,6 +166,8 @@ class Reporter:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self._traces.pop(endpoint, None)
+            self._takes_traces.pop(endpoint, None)
         self.endpoints = list(endpoints)
         self.stats.endpoints = len(self.endpoints)
         if self._spool is not None:
@@ -175,6 +203,34 @@ class Reporter:
         self._next_seq += 1
         self._pending.append((seq, self._encoder.encode(observation_without_seq(seq))))
         return seq
+
+    def submit_trace(self, trace: PathTrace) -> None:
+        """Queue a path trace for every endpoint (bounded; the oldest go first)."""
+        body = self._encoder.encode(trace)
+        for endpoint in self.endpoints:
+            queue = self._traces.setdefault(endpoint, deque())
+            queue.append(body)
+            if len(queue) > TRACE_QUEUE_MAX:
+                queue.popleft()
+                self._count_dropped_traces("queue-full", 1)
+
+    def _count_dropped_traces(self, reason: str, n: int) -> None:
+        dropped = self.stats.traces_dropped_total
+        dropped[reason] = dropped.get(reason, 0) + n
+
+    def _take_traces(self, endpoint: str) -> list[bytes]:
+        queue = self._traces.get(endpoint)
+        if (not queue or not self._takes_traces.get(endpoint)
+                or self.wall() < self._traces_refused_until.get(endpoint, 0.0)):
+            return []
+        return [queue.popleft() for _ in range(min(TRACES_PER_BATCH, len(queue)))]
+
+    def _give_back(self, endpoint: str, traces: list[bytes]) -> None:
+        queue = self._traces.setdefault(endpoint, deque())
+        queue.extendleft(reversed(traces))
+        while len(queue) > TRACE_QUEUE_MAX:
+            queue.pop()
+            self._count_dropped_traces("queue-full", 1)
 
     async def commit(self) -> None:
         if not self._pending or self._spool is None:
@@ -249,10 +305,32 @@ class Reporter:
         return min(backoff * 2, BACKOFF_MAX)
 
     async def _post(self, endpoint: str, batch: Batch) -> str:
-        """POST one batch: "ok" (accepted or already had it), "rejected" (never), or "error"."""
+        """POST one batch: "ok" (accepted or already had it), "rejected" (never), or "error".
+        Path traces the endpoint takes ride along; they are put back when the batch did not
+        go through, and left out (and dropped) when it was refused with them."""
+        traces = self._take_traces(endpoint)
+        result = await self._post_body(endpoint, batch, traces)
+        if not traces:
+            return result
+        index = str(self.endpoints.index(endpoint))
+        if result == "ok":
+            sent = self.stats.traces_sent_total
+            sent[index] = sent.get(index, 0) + len(traces)
+        elif result == "rejected":
+            log.warning("mesh endpoint %s refused a batch carrying %d path trace(s): sending it "
+                        "again without them; no traces to it for %.0f s", index, len(traces),
+                        TRACE_REFUSAL_BACKOFF)
+            self._count_dropped_traces("refused", len(traces))
+            self._traces_refused_until[endpoint] = self.wall() + TRACE_REFUSAL_BACKOFF
+            result = await self._post_body(endpoint, batch, [])
+        else:
+            self._give_back(endpoint, traces)
+        return result
+
+    async def _post_body(self, endpoint: str, batch: Batch, traces: list[bytes]) -> str:
         assert self._session is not None
         now = self.wall()
-        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies)
+        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces)
         headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
         try:
             async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
@@ -261,6 +339,8 @@ class Reporter:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.debug("report to endpoint failed: %s", type(exc).__name__)
             return "error"
+        if 200 <= status < 300:
+            self._takes_traces[endpoint] = accepts_traces(reply)
         if 200 <= status < 300 or status == 409:
             if status < 300 and self.on_reprobe is not None:
                 asks = reprobe_requests(reply)

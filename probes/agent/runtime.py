@@ -27,10 +27,17 @@ from typing import Any
 from aiohttp import web
 
 from probes.agent.http import HttpHooks, build_app, find_check, start_http
-from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
+from probes.agent.metrics import (
+    AgentCollector,
+    ProbeStats,
+    ReporterStats,
+    TracerStats,
+    new_registry,
+)
 from probes.agent.plan import PlannedCheck, check_key, plan
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
+from probes.agent.tracer import Tracer
 from probes.config import AgentConfig, load_agent_config, resolve_path
 from probes.model import NODE_READ_TIERS, Observation, signing, within_bounds
 
@@ -88,6 +95,8 @@ class Agent:
         self.started_at = time.time()
         self.probe_stats = ProbeStats()
         self.reporter_stats = ReporterStats()
+        self.tracer_stats = TracerStats()
+        self.tracer: Tracer | None = None
         self.core = ScheduleCore(self.config.tiers, max_rate=self.config.agent.max_probe_rate,
                                  max_reprobe_rate=self.config.agent.max_reprobe_rate)
         self.scheduler = AgentScheduler(
@@ -98,7 +107,7 @@ class Agent:
         self._apply_plan(self.config)
         self.collector = AgentCollector(self.vantage, self.probe_stats,
                                         lambda: self.scheduler.stats, self.reporter_stats,
-                                        self._scheduler_info)
+                                        self._scheduler_info, tracer=self.tracer_stats)
         self.registry = new_registry(self.collector)
         self.reporter: Reporter | None = None
         self._http: web.AppRunner | None = None
@@ -186,9 +195,26 @@ class Agent:
                           tier_timeout=lambda c: self.core.policy(c.tier).timeout,
                           reload=self.reload, health=self.health)
         self._http = await start_http(build_app(hooks), self.listen)
+        await self._start_tracer()
         await self.scheduler.start()
         log.info("agent %s started: %d checks, listening on %s", self.vantage, len(self.checks),
                  self.listen)
+
+    async def _start_tracer(self) -> None:
+        """Path traces go to the mesh with the observations: no mesh, no tracing."""
+        if self.reporter is None or not self.config.paths.enabled:
+            return
+        self.tracer = Tracer(self.vantage, self.config.paths, self.reporter.submit_trace,
+                             stats=self.tracer_stats)
+        self.tracer.load(self.checks)
+        self.scheduler.on_settled = self.tracer.settled
+        await self.tracer.start()
+
+    async def _stop_tracer(self) -> None:
+        self.scheduler.on_settled = None
+        if self.tracer is not None:
+            await self.tracer.stop()
+            self.tracer = None
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "vantage": self.vantage, "checks": len(self.checks),
@@ -219,6 +245,12 @@ class Agent:
             self.scheduler.max_start_lag = config.agent.max_start_lag
             self.config = config
             summary = self._apply_plan(config)
+            if self.tracer is not None and self.reporter is not None and config.paths.enabled:
+                self.tracer.submit = self.reporter.submit_trace
+                self.tracer.load(self.checks, config.paths)
+            else:
+                await self._stop_tracer()
+                await self._start_tracer()
             release_parse_memory()
             log.info("reloaded %s: %s", self.config_path, summary)
             return f"reloaded: {summary}"
@@ -248,6 +280,7 @@ class Agent:
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         log.info("stopping: %d probe(s) in flight", self.scheduler.in_flight)
+        await self._stop_tracer()
         await self.scheduler.stop()
         if self.reporter is not None:
             await self.reporter.close(drain_timeout=drain_timeout)

@@ -126,6 +126,7 @@ class Completion:
     settled_changed: bool  # this result settled a new state (rise/fall reached)
     settled: bool | None
     cascaded: tuple[str, ...]  # keys made due now by this result
+    first: bool = False  # the check's first outcome: it settled at once (not a change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +338,8 @@ class ScheduleCore:
         if ok and duration is not None and st.check.tier in self.adaptive_tiers:
             st.sample_rtt(max(duration, 0.0))  # Karn: a failure (timeout) is no sample
         changed = False
-        if st.settled is None:
+        first = st.settled is None
+        if first:
             # the first outcome settles at once (Envoy: "one success suffices at startup"):
             # fast re-probing every check of a fresh agent would double its start-up load
             st.settled, st.streak = ok, 0  # a first state, not a change: not logged
@@ -354,7 +356,7 @@ class ScheduleCore:
         cascaded: list[str] = []
         if not ok and st.check.tier is Tier.L4:
             cascaded = self._cascade(st.check.node, now)
-        return Completion(changed, st.settled, tuple(cascaded))
+        return Completion(changed, st.settled, tuple(cascaded), first)
 
     def _cascade(self, node: str, now: float) -> list[str]:
         out = []
@@ -393,6 +395,7 @@ class ProbeRun:
 
 Runner = Callable[[PlannedCheck, float], Awaitable[CheckResult]]
 Sink = Callable[[ProbeRun], None]
+Settled = Callable[[PlannedCheck, bool], None]  # a check settled: up (True) or down
 
 
 async def run_check(check: PlannedCheck, timeout: float) -> CheckResult:
@@ -429,6 +432,7 @@ class AgentScheduler:
         self.wall = wall
         self.use_apscheduler = use_apscheduler
         self.stats = SchedulerStats()
+        self.on_settled: Settled | None = None  # e.g. the path tracer's trigger
         self._global = asyncio.Semaphore(max_concurrency)
         self._per_node_limit = per_node_concurrency
         self._per_node: dict[str, asyncio.Semaphore] = {}
@@ -599,6 +603,12 @@ class AgentScheduler:
         if completion.settled_changed:
             log.info("settled node=%s check=%s state=%s reason=%s", check.node, check.check,
                      "up" if completion.settled else "down", result.reason.value)
+        if (completion.settled_changed or completion.first) and self.on_settled is not None:
+            try:
+                self.on_settled(check, bool(completion.settled))
+            except Exception:  # tracing trouble must not stop the schedule
+                log.exception("settled hook failed for node=%s check=%s", check.node,
+                              check.check)
         self._arm()
         self._deliver(ProbeRun(check, result, wall, due.due, started, due.why))
 

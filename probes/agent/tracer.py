@@ -1,0 +1,373 @@
+"""When the agent traces the path to a node, and the asyncio shell that does it.
+
+Triggers (docs/paths.md):
+
+* **change**: this agent's opinion of the node changed (one of its checks settled down, or the
+  last one that was down settled up; the first outcome of a check counts when it is a failure).
+  Routes move, so a trace taken later could show a path that no longer fails: the trace is
+  queued at once and runs as soon as the limits allow;
+* **failing**: while the agent sees the node failing, every ``failing_interval``, to follow the
+  path through an incident (and to see it heal);
+* **baseline**: every ``baseline_interval``, each node at its own phase of it, so there is a
+  passing trace to compare a failing one with, and route changes show up.
+
+Limits, so that tracing never takes the probes' place: ``concurrency`` traces at once; a
+token bucket of ``max_per_minute``; per node, change traces at least ``min_interval`` apart (a
+change during the wait is traced when it ends, so the final state gets its trace); pacing per
+trace (``packets_per_second``). Changes go before re-traces, re-traces before baselines.
+
+Each trace uses the node's own protocol and port (its first VPN check, else an L4 check, else
+ICMP), Paris-style flows with source ports fixed per node (so consecutive traces of a node
+compare), ``flows`` of them when the opinion changed (to find a load-balanced branch that loses
+the port) and ``baseline_flows`` otherwise, plus large DF probes on the first flow.
+
+:class:`TracePlanner` is the policy with time passed in (no asyncio); :class:`Tracer` runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import socket
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from probes.agent.metrics import TracerStats
+from probes.agent.plan import PlannedCheck
+from probes.checks.traceroute import TraceUnavailable, trace
+from probes.config import TracingConfig
+from probes.model import NODE_READ_TIERS, PathTrace, TraceProtocol, TraceTrigger
+from probes.protocols.traceroute import TraceSpec
+
+log = logging.getLogger(__name__)
+
+SPORT_BASE = 61000  # above Linux's ephemeral range (32768-60999): no socket of ours uses them
+SPORT_SPAN = 4000
+_VPN = ("wireguard.", "openvpn.", "ikev2.", "quic.")
+_PRIORITY = {TraceTrigger.CHANGE: 0, TraceTrigger.FAILING: 1, TraceTrigger.BASELINE: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class TraceTarget:
+    """What a node is traced with: its address, protocol and port, and its flows' ports."""
+
+    node: str
+    host: str
+    protocol: TraceProtocol
+    port: int
+
+    @property
+    def sport(self) -> int:
+        """The first flow's source port, the same in every trace of the node."""
+        return SPORT_BASE + zlib.crc32(self.node.encode()) % SPORT_SPAN
+
+
+def _flow_of(check: PlannedCheck) -> tuple[int, TraceProtocol, int] | None:
+    """(preference, protocol, port) of a check's traffic; lower preference wins."""
+    if check.tier in NODE_READ_TIERS:
+        return None  # telemetry and load reads go to the node's own SSH, not its service
+    params = check.params
+    port = getattr(params, "port", None)
+    kind = check.kind.name
+    if kind in ("icmp", "mtu.icmp") or port is None:
+        return 2, TraceProtocol.ICMP, 0
+    tcp = kind == "tcp" or getattr(params, "proto", "udp") == "tcp"
+    protocol = TraceProtocol.TCP if tcp else TraceProtocol.UDP
+    return (0 if kind.startswith(_VPN) else 1), protocol, int(port)
+
+
+def trace_targets(checks: Iterable[PlannedCheck]) -> dict[str, TraceTarget]:
+    """Per node, the flow of its most telling check (its first VPN check, else L4, else ICMP)."""
+    best: dict[str, tuple[int, TraceTarget]] = {}
+    for check in checks:
+        flow = _flow_of(check)
+        host = getattr(check.params, "host", None)
+        if flow is None or not isinstance(host, str):
+            continue
+        rank, protocol, port = flow
+        if check.node not in best or rank < best[check.node][0]:
+            best[check.node] = (rank, TraceTarget(check.node, host, protocol, port))
+    return {node: target for node, (_rank, target) in best.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class TraceJob:
+    target: TraceTarget
+    trigger: TraceTrigger
+    failing: bool
+
+
+@dataclass(slots=True)
+class _NodeState:
+    target: TraceTarget
+    phase: float  # share of the baseline interval: where this node's baselines fall
+    failing: bool = False
+    down_checks: set[str] = field(default_factory=set)
+    last_trace: float | None = None  # start of the last trace
+    change_pending: bool = False
+    running: bool = False
+    gen: int = 0  # bumps invalidate this node's heap entries
+
+
+class TracePlanner:
+    """Which node to trace when. Time (``now``, monotonic seconds) is passed in."""
+
+    def __init__(self, policy: TracingConfig, now: float) -> None:
+        self.policy = policy
+        self.nodes: dict[str, _NodeState] = {}
+        self._changes: deque[str] = deque()
+        self._heap: list[tuple[float, int, int, str]] = []  # (due, priority, gen, node)
+        self._tokens = self._burst
+        self._refill_at = now
+        self._started = now
+        self.in_flight = 0
+        self.skipped_rate_limited = 0  # change traces that waited for the bucket or min_interval
+
+    @property
+    def _burst(self) -> float:
+        return max(1.0, self.policy.max_per_minute / 6)
+
+    def load(self, targets: dict[str, TraceTarget], now: float) -> None:
+        """(Re)load the nodes; a node that stays keeps its state."""
+        old = self.nodes
+        self.nodes = {}
+        for name, target in targets.items():
+            st = old.get(name)
+            if st is None:
+                phase = zlib.crc32(f"baseline/{name}".encode()) / 2**32
+                st = _NodeState(target, phase)
+                self.nodes[name] = st
+                self._schedule_baseline(st, now, first=True)
+            else:
+                st.target = target
+                self.nodes[name] = st
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def settled(self, node: str, check: str, ok: bool, now: float) -> bool:
+        """A check of ``node`` settled ``ok`` (or not). True when the node's opinion changed:
+        a trace is asked for."""
+        st = self.nodes.get(node)
+        if st is None:
+            return False
+        if ok:
+            st.down_checks.discard(check)
+        else:
+            st.down_checks.add(check)
+        failing = bool(st.down_checks)
+        if failing == st.failing:
+            return False
+        st.failing = failing
+        if not st.change_pending:
+            st.change_pending = True
+            self._changes.append(node)
+        if failing and self.policy.failing_interval > 0:
+            self._push(st, now + self.policy.failing_interval, TraceTrigger.FAILING)
+        return True
+
+    def finished(self, node: str, now: float) -> None:
+        st = self.nodes.get(node)
+        self.in_flight -= 1
+        if st is None:
+            return
+        st.running = False
+        self._schedule_baseline(st, now)
+        if st.failing and self.policy.failing_interval > 0:
+            self._push(st, now + self.policy.failing_interval, TraceTrigger.FAILING)
+
+    # ---- scheduling -----------------------------------------------------------------------------
+
+    def _push(self, st: _NodeState, due: float, trigger: TraceTrigger) -> None:
+        heapq.heappush(self._heap, (due, _PRIORITY[trigger], st.gen, st.target.node))
+
+    def _schedule_baseline(self, st: _NodeState, now: float, first: bool = False) -> None:
+        interval = self.policy.baseline_interval
+        if interval <= 0:
+            return
+        st.gen += 1  # the baseline clock restarts at every trace
+        due = now + st.phase * interval if first else now + interval
+        self._push(st, due, TraceTrigger.BASELINE)
+
+    def _refill(self, now: float) -> None:
+        rate = self.policy.max_per_minute / 60.0
+        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._refill_at) * rate)
+        self._refill_at = now
+
+    def take(self, now: float) -> list[TraceJob]:
+        """The traces to start now."""
+        self._refill(now)
+        jobs: list[TraceJob] = []
+        deferred: list[str] = []
+        while self._changes and self._room():
+            node = self._changes.popleft()
+            st = self.nodes.get(node)
+            if st is None:
+                continue
+            if st.running or (st.last_trace is not None
+                              and now - st.last_trace < self.policy.min_interval):
+                deferred.append(node)
+                continue
+            st.change_pending = False
+            jobs.append(self._start(st, TraceTrigger.CHANGE, now))
+        if deferred:
+            self.skipped_rate_limited += len(deferred)
+            self._changes.extendleft(reversed(deferred))
+        while self._heap and self._heap[0][0] <= now and self._room():
+            _due, priority, gen, node = heapq.heappop(self._heap)
+            st = self.nodes.get(node)
+            if st is None or st.running:
+                continue
+            trigger = TraceTrigger.FAILING if priority == 1 else TraceTrigger.BASELINE
+            if trigger is TraceTrigger.BASELINE and gen != st.gen:
+                continue  # a newer trace restarted this node's baseline clock
+            if trigger is TraceTrigger.FAILING and (
+                    not st.failing or (st.last_trace is not None and
+                                       now - st.last_trace < self.policy.failing_interval)):
+                continue
+            jobs.append(self._start(st, trigger, now))
+        return jobs
+
+    def _room(self) -> bool:
+        return self.in_flight < self.policy.concurrency and self._tokens >= 1.0
+
+    def _start(self, st: _NodeState, trigger: TraceTrigger, now: float) -> TraceJob:
+        st.running = True
+        st.last_trace = now
+        self.in_flight += 1
+        self._tokens -= 1.0
+        return TraceJob(st.target, trigger, st.failing)
+
+    def next_due(self, now: float) -> float | None:
+        """When :meth:`take` may have something (None: nothing is waiting)."""
+        times = []
+        for node in self._changes:
+            st = self.nodes.get(node)
+            if st is not None:  # a running node's end wakes the shell anyway
+                last = st.last_trace
+                times.append(now if last is None else last + self.policy.min_interval)
+        if self._heap:
+            times.append(self._heap[0][0])
+        if not times:
+            return None
+        due = min(times)
+        if self._tokens < 1.0:
+            due = max(due, now + (1.0 - self._tokens) * 60.0 / self.policy.max_per_minute)
+        return due
+
+
+# ------------------------------------------------------------------------------- the shell
+
+
+class Tracer:
+    """Runs a :class:`TracePlanner`: starts its traces, hands the results to ``submit``."""
+
+    def __init__(self, vantage: str, policy: TracingConfig,
+                 submit: Callable[[PathTrace], None], *, stats: TracerStats | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.vantage = vantage
+        self.policy = policy
+        self.submit = submit
+        self.clock = clock
+        self.wall = wall
+        self.planner = TracePlanner(policy, clock())
+        self.stats = stats or TracerStats()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def load(self, checks: Iterable[PlannedCheck], policy: TracingConfig | None = None) -> None:
+        """(Re)load the plan (and the policy, on a config reload)."""
+        if policy is not None:
+            self.policy = self.planner.policy = policy
+        self.planner.load(trace_targets(checks), self.clock())
+        self._wake.set()
+
+    def settled(self, check: PlannedCheck, ok: bool) -> None:
+        """Called by the scheduler when a check settles (cheap: no I/O here)."""
+        if check.tier in NODE_READ_TIERS:
+            return
+        if self.planner.settled(check.node, check.check, ok, self.clock()):
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="tracer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            now = self.clock()
+            if not self.stats.unavailable:
+                for job in self.planner.take(now):
+                    task = asyncio.create_task(self._run(job), name=f"trace-{job.target.node}")
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+            due = self.planner.next_due(now)
+            self._wake.clear()
+            wait = 60.0 if due is None else max(0.0, due - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.001))
+
+    async def _run(self, job: TraceJob) -> None:
+        policy = self.policy
+        target = job.target
+        started_wall = self.wall()
+        self.stats.in_flight += 1
+        outcome = "ok"
+        try:
+            address = await _resolve(target.host)
+            flows = policy.flows if job.trigger is not TraceTrigger.BASELINE else (
+                policy.baseline_flows)
+            spec = TraceSpec(
+                source="", target=address, protocol=target.protocol, port=target.port,
+                flows=tuple(target.sport + i for i in range(max(1, flows))),
+                big_size=policy.big_probe_size, max_ttl=policy.max_ttl,
+                attempts=policy.attempts, probe_timeout=policy.probe_timeout,
+                gap_limit=policy.gap_limit, packets_per_second=policy.packets_per_second)
+            run = await trace(spec, deadline=policy.max_ttl * policy.probe_timeout
+                              * policy.attempts + 5.0)
+        except TraceUnavailable as exc:
+            outcome = "unavailable"
+            if not self.stats.unavailable:
+                self.stats.unavailable = str(exc)
+                log.warning("path tracing off: %s", exc)
+            return
+        except (OSError, ValueError) as exc:
+            outcome = "error"
+            log.info("trace node=%s failed: %s", target.node, exc)
+            return
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.count(job.trigger.value, outcome)
+            self.planner.finished(target.node, self.clock())
+            self._wake.set()
+        self.stats.packets_total += run.packets_sent
+        self.stats.cpu_seconds_total += run.cpu_seconds
+        self.submit(PathTrace(
+            node=target.node, vantage=self.vantage, wall_time=started_wall,
+            trigger=job.trigger, failing=job.failing, target=address,
+            protocol=target.protocol, port=target.port, flows=run.flows,
+            duration_seconds=round(run.duration_seconds, 6)))
+
+
+async def _resolve(host: str) -> str:
+    """The node's IPv4 address (traces are IPv4 only)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET,
+                                                         type=socket.SOCK_DGRAM)
+    if not infos:
+        raise ValueError(f"{host} has no IPv4 address")
+    return str(infos[0][4][0])
