@@ -331,6 +331,24 @@ def route_change(old: Trace, new: Trace) -> RouteChange | None:
     return None
 
 
+def degraded(new: Trace, reference: Trace) -> bool:
+    """``new`` goes less far than ``reference`` on the same route: its main flow ends sooner,
+    or its big probes stop sooner (or meet a frag-needed the reference did not). A passing
+    trace like that was taken after a fault began but before the vantage's checks noticed; it
+    must not become the picture of the healthy path."""
+    if not reference.comparable(new) or route_change(reference, new) is not None:
+        return False
+    a, b = reference.main, new.main
+    assert a is not None and b is not None
+    if b.extent < a.extent and not b.reached:
+        return True
+    big_a, big_b = reference.big, new.big
+    if big_a is None or big_b is None:
+        return False
+    return big_b.extent < big_a.extent or (mtu_limit(new) is not None
+                                           and mtu_limit(reference) is None)
+
+
 def fingerprint(trace: Trace) -> str:
     """The main flow's answering hops, ``ttl:address`` joined: equal for equal routes. (Use
     :func:`route_change` to compare: a silent hop changes the fingerprint, not the route.)"""

@@ -177,8 +177,13 @@ class PathEngine:
         pair.latest = trace
         pair.fingerprint = pc.fingerprint(trace)
         if not trace.failing:
-            pair.reference = trace
-            pair.raw = (raw, raw)
+            ref = pair.reference
+            if (ref is None or not pc.degraded(trace, ref)
+                    or now - ref.received > self.policy.reference_max_age_seconds):
+                pair.reference = trace
+                pair.raw = (raw, raw)
+            else:  # a fault the vantage has not noticed yet: keep the healthy picture
+                pair.raw = (raw, pair.raw[1])
             pair.finding = None
             self._failing.discard((raw.node, vantage))
         else:
