@@ -39,7 +39,7 @@ from probes.lab.keys import wg_keypair
 from probes.lab.netns import LabError
 from probes.lab.topology import Lab, wait_for
 from probes.lab.wireguard import WgPeer, WireGuardServer
-from probes.mesh import signing
+from probes.model import signing
 from probes.paths.asn import load_table
 
 MESH_PORT = 9480
