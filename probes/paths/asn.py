@@ -195,8 +195,10 @@ def parse_bgpdump(text: str, source: str = "<bgpdump>") -> Iterator[tuple[str, i
         if not path:
             continue
         last = path[-1]
-        origin = min(last.strip("{}").split(",")) if last.startswith("{") else last
-        yield _checked(fields[5], origin, source, number)
+        members = last.strip("{}").split(",") if last.startswith("{") else [last]
+        if not all(m.isdigit() for m in members):
+            raise AsnTableError(f"{source} line {number}: bad AS path {fields[6]!r}")
+        yield _checked(fields[5], str(min(int(m) for m in members)), source, number)
 
 
 def _checked(prefix: str, asn: str, source: str, number: int) -> tuple[str, int]:

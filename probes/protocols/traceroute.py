@@ -53,6 +53,7 @@ _MIN_SIZE = {TraceProtocol.UDP: 20 + 8, TraceProtocol.TCP: 20 + 20, TraceProtoco
 PAYLOAD = b"tunnelwatch path trace"  # what a capture on the node shows
 _TERMINAL = frozenset({HopReply.UNREACHABLE, HopReply.PORT_UNREACHABLE, HopReply.ECHO_REPLY,
                        HopReply.TCP_SYN_ACK, HopReply.TCP_RESET, HopReply.FRAG_NEEDED})
+_ONE = 1.0 - 1e-9  # a whole token, give or take float rounding of the refills
 _FROM_NODE = frozenset({HopReply.PORT_UNREACHABLE, HopReply.ECHO_REPLY, HopReply.TCP_SYN_ACK,
                         HopReply.TCP_RESET})
 
@@ -119,7 +120,7 @@ class _Probe:
     pid: int
     lane: _Lane
     ttl: int
-    sent_at: float = 0.0
+    sent_at: float | None = None  # None while it waits in the send queue
 
 
 class TraceCore:
@@ -144,7 +145,7 @@ class TraceCore:
         self._probes: dict[int, _Probe] = {}  # by IP id: every probe of a TTL not yet final
         self._queue: deque[_Probe] = deque()
         self._deadlines: deque[tuple[float, _Probe]] = deque()  # send order = deadline order
-        self._tokens = 1.0
+        self._tokens = self._burst
         self._refill_at = 0.0
         self.sent = 0
         self.received = 0  # packets that answered one of our probes
@@ -166,11 +167,11 @@ class TraceCore:
         """Probes due now (paced). Each is a whole IPv4 packet for an IP_HDRINCL raw socket."""
         self._refill(now)
         out: list[bytes] = []
-        while self._queue and self._tokens >= 1.0:
+        while self._queue and self._tokens >= _ONE:
             probe = self._queue.popleft()
             if probe.lane.stop is not None or probe.pid not in self._probes:
                 continue  # its lane ended while it waited
-            self._tokens -= 1.0
+            self._tokens = max(0.0, self._tokens - 1.0)
             probe.sent_at = now
             self._deadlines.append((now + self.spec.probe_timeout, probe))
             out.append(self._packet(probe))
@@ -183,8 +184,10 @@ class TraceCore:
         if self._deadlines:
             times.append(self._deadlines[0][0])
         if self._queue:
-            times.append(self._refill_at + max(0.0, 1.0 - self._tokens)
-                         / self.spec.packets_per_second)
+            short = _ONE - self._tokens
+            # at least a microsecond: a wait shorter than float rounding would never refill
+            times.append(self._refill_at if short <= 0 else self._refill_at + max(
+                short / self.spec.packets_per_second, 1e-6))
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -278,7 +281,7 @@ class TraceCore:
         if hop is None or hop.final or lane.stop is not None:
             return
         hop.addr, hop.reply, hop.mtu = responder, reply, mtu
-        hop.rtt = max(0.0, now - probe.sent_at) if probe.sent_at else None
+        hop.rtt = None if probe.sent_at is None else max(0.0, now - probe.sent_at)
         self._finalise(lane, hop)
         if reply in _TERMINAL:
             self._cut(lane, probe.ttl)
@@ -347,10 +350,13 @@ class TraceCore:
         for pid in [p.pid for p in self._probes.values() if p.lane is lane]:
             del self._probes[pid]
 
+    @property
+    def _burst(self) -> float:
+        return max(1.0, self.spec.packets_per_second / 20)  # 50 ms worth of probes at once
+
     def _refill(self, now: float) -> None:
         rate = self.spec.packets_per_second
-        burst = max(1.0, rate / 20)  # 50 ms worth of probes at once
-        self._tokens = min(burst, self._tokens + max(0.0, now - self._refill_at) * rate)
+        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._refill_at) * rate)
         self._refill_at = now
 
     # ---------------------------------------------------------------- packets

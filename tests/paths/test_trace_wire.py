@@ -1,0 +1,270 @@
+"""Traces over the signed report channel: the mesh's ingest (identity, schema errors naming the
+field), the service (verdicts republished with evidence that came later, restart and crash
+replay keep the paths), and the agent's reporter against a new mesh, an old one, and one that
+refuses traces: observations are never lost for them."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from probes.agent.metrics import ReporterStats
+from probes.agent.reporter import Reporter
+from probes.mesh.config import load_mesh_config
+from probes.mesh.paths import PathPolicy
+from probes.mesh.policy import DecisionPolicy
+from probes.mesh.server import SERVICE_KEY, build_app
+from probes.mesh.service import MeshService
+from probes.mesh.store_sqlite import SQLiteStore
+from probes.model import (
+    Observation,
+    ObservationBatch,
+    PathTrace,
+    Reason,
+    VerdictState,
+    encode,
+    signing,
+)
+from probes.paths.asn import AsnTable
+from tests.agent.helpers import free_port, until
+from tests.mesh.apptest import mesh_app
+from tests.mesh.helpers import fleet, obs, write_mesh_config
+from tests.paths.test_localise import A_PATH, flow, trace
+
+pytestmark = [pytest.mark.paths, pytest.mark.mesh]
+
+TABLE = AsnTable([("10.10.0.0/16", 64510), ("10.20.0.0/16", 64520)], {64510: "transit-1"})
+
+
+def failing_trace(vantage: str, node: str = "n0") -> PathTrace:
+    return trace(vantage, True, flow(A_PATH[:2]), node=node)
+
+
+def batch(agent: str, seq: int, at: float, results: dict[str, bool],
+          traces: list[PathTrace] | None = None) -> ObservationBatch:
+    return ObservationBatch(version=1, agent=agent, batch_seq=seq, sent_at=at,
+                            observations=[obs(n, agent, ok, at=at) for n, ok in results.items()],
+                            traces=traces or [])
+
+
+# ------------------------------------------------------------------------------ ingest
+
+
+async def test_ingest_takes_traces_and_names_bad_fields(tmp_path: Path) -> None:
+    async with mesh_app(tmp_path, extra="max_body_bytes: 65536\n") as mesh:
+        good = encode(batch("va", 1, mesh.now, {"n0": True}, [failing_trace("va")]))
+        status, reply = await mesh.post("va", good)
+        assert status == 200 and reply["accepts"] == ["traces"]
+        view = mesh.service.paths.node_view("n0", mesh.now)
+        assert view["vantages"]["va"]["failing"] is True
+
+        def posted(data: dict[str, Any], seq: int) -> bytes:
+            data["batch_seq"] = seq
+            return json.dumps(data).encode()
+
+        base = msgspec.to_builtins(batch("va", 2, mesh.now, {}, [failing_trace("vb")]))
+        status, reply = await mesh.post("va", posted(base, 2))
+        assert (status, reply["error"], reply["field"]) == (403, "identity",
+                                                             "$.traces[0].vantage")
+        bad_addr = msgspec.to_builtins(batch("va", 2, mesh.now, {}, [failing_trace("va")]))
+        bad_addr["traces"][0]["flows"][0]["hops"][1]["addr"] = "10.10.0.999"
+        status, reply = await mesh.post("va", posted(bad_addr, 2))
+        assert (status, reply["field"]) == (400, "$.traces[0].flows[0].hops[1].addr")
+        back = msgspec.to_builtins(batch("va", 2, mesh.now, {}, [failing_trace("va")]))
+        back["traces"][0]["flows"][0]["hops"][1]["ttl"] = 1
+        status, reply = await mesh.post("va", posted(back, 2))
+        assert (status, reply["field"]) == (400, "$.traces[0].flows[0].hops[1].ttl")
+        unknown = batch("va", 2, mesh.now, {}, [failing_trace("va", node="elsewhere")])
+        status, _ = await mesh.post("va", encode(unknown))
+        assert status == 200 and mesh.service.paths.unknown_node_total == 1
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+def service(db: Path) -> MeshService:
+    return MeshService(SQLiteStore(db), DecisionPolicy(), fleet(2),
+                       path_policy=PathPolicy(), asn_table=TABLE)
+
+
+def test_a_down_node_is_published_again_when_its_traces_arrive(tmp_path: Path) -> None:
+    svc = service(tmp_path / "mesh.db")
+    seq = 0
+    for t in range(4):
+        for vantage in ("va", "vb", "vc"):
+            seq += 1
+            b = batch(vantage, seq, 100.0 + t, {"n0": vantage == "vc", "n1": True})
+            svc.accept_batch(encode(b), b, 100.0 + t)
+    node = svc.engine.nodes["n0"]
+    assert node.state is VerdictState.DOWN
+    before = node.seq
+    seq += 1
+    late = batch("va", seq, 105.0, {}, [failing_trace("va")])
+    verdicts = svc.accept_batch(encode(late), late, 105.0)
+    assert [(v.node, v.state, v.previous, v.seq) for v in verdicts] == [
+        ("n0", VerdictState.DOWN, VerdictState.DOWN, before + 1)]
+    paths = [r for r in verdicts[0].reasons if r.what == "path"]
+    assert [(r.vantage, r.reason, r.asn, r.hop) for r in paths] == [
+        ("va", "stop", 64510, "10.10.0.1")]
+    assert verdicts[0].reasons[0].what == "vote"  # path evidence right after the vote
+    # the same news again publishes nothing; an UP node's traces publish nothing either
+    seq += 1
+    again = batch("va", seq, 106.0, {}, [failing_trace("va"), failing_trace("va", "n1")])
+    assert svc.accept_batch(encode(again), again, 106.0) == []
+    assert svc.engine.transitions.get(("DOWN", "DOWN")) is None  # not a transition
+    view = svc.paths.node_view("n0", 106.0)
+    # a crash (no close, no snapshot since start): the journal replays into the same paths
+    crashed = service(tmp_path / "mesh.db")
+    assert crashed.paths.node_view("n0", 106.0) == view
+    assert crashed.engine.nodes["n0"].seq == before + 1
+    # a clean restart: the snapshot carries them
+    crashed.close()
+    svc.store.close()
+    clean = service(tmp_path / "mesh.db")
+    assert clean.paths.node_view("n0", 106.0) == view
+    assert clean.replayed_entries == 0  # nothing replayed: it came from the snapshot
+    clean.close()
+
+
+# ------------------------------------------------------------------------------ the reporter
+
+
+def observation(seq: int) -> Observation:
+    return Observation(node="n0", check="wg", vantage="va", seq=seq, wall_time=1.7e9 + seq,
+                       ok=False, reason=Reason.TIMEOUT, duration_seconds=0.5,
+                       kind="wireguard.handshake")
+
+
+async def _reporter(tmp_path: Path, port: int, stats: ReporterStats) -> Reporter:
+    reporter = Reporter(agent="va", endpoints=[f"http://127.0.0.1:{port}"], key_id="va",
+                        key=signing.load_key(tmp_path / "va.key"),
+                        spool_path=tmp_path / "agent" / "spool.sqlite",
+                        spool_max_bytes=10_000_000, batch_max=10, flush_interval=0.05,
+                        stats=stats)
+    await reporter.start()
+    return reporter
+
+
+async def _serve(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_the_reporter_delivers_traces_to_a_mesh_that_takes_them(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = load_mesh_config(write_mesh_config(tmp_path, 1, ["va"], port=port))
+    app = build_app(cfg)
+    runner = await _serve(app, port)
+    stats = ReporterStats()
+    reporter = await _reporter(tmp_path, port, stats)
+    try:
+        reporter.submit(observation)  # the first answer says the mesh takes traces
+        await until(lambda: stats.sent_total.get("0", 0) >= 1, 20, "the first batch")
+        reporter.submit_trace(failing_trace("va"))
+        reporter.submit(observation)
+        await until(lambda: stats.traces_sent_total.get("0", 0) == 1, 20, "the trace")
+        assert app[SERVICE_KEY].paths.traces_total == {"va": 1}
+    finally:
+        await reporter.close(drain_timeout=1)
+        await runner.cleanup()
+
+
+class _OldBatch(msgspec.Struct, forbid_unknown_fields=True):
+    """The batch as a mesh from before path traces decodes it (no ``traces``): a stand-in for
+    that mesh, which cannot run here beside this one."""
+
+    version: int
+    agent: str
+    batch_seq: int
+    sent_at: float
+    observations: list[dict[str, Any]]
+
+
+async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -> None:
+    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
+    got: list[int] = []
+    refused = []
+
+    async def old_ingest(request: web.Request) -> web.Response:
+        try:
+            b = msgspec.json.decode(await request.read(), type=_OldBatch)
+        except msgspec.ValidationError as exc:
+            refused.append(str(exc))
+            return web.json_response({"error": "schema", "detail": str(exc)}, status=400)
+        got.extend(o["seq"] for o in b.observations)
+        return web.json_response({"accepted": True, "verdicts": 0})
+
+    app = web.Application()
+    app.router.add_post("/v1/batches", old_ingest)
+    port = free_port()
+    runner = await _serve(app, port)
+    stats = ReporterStats()
+    reporter = await _reporter(tmp_path, port, stats)
+    try:
+        for i in range(30):
+            reporter.submit(observation)
+            reporter.submit_trace(failing_trace("va"))
+            if i % 10 == 0:
+                await until(lambda n=i: len(got) > n, 20, "a batch")
+        await until(lambda: len(got) == 30, 20, "every observation")
+        assert refused == [] and stats.traces_sent_total == {}
+        assert sorted(got) == list(range(30))
+    finally:
+        await reporter.close(drain_timeout=1)
+        await runner.cleanup()
+
+
+async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path: Path) -> None:
+    """A mesh that says it takes traces but refuses a batch carrying them (a bug, or limits of
+    its own): the batch goes again at once without them; the traces are dropped and counted."""
+    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
+    got: list[int] = []
+    with_traces = 0
+
+    async def picky(request: web.Request) -> web.Response:
+        nonlocal with_traces
+        body = json.loads(await request.read())
+        if body.get("traces"):
+            with_traces += 1
+            return web.json_response({"error": "schema"}, status=400)
+        got.extend(o["seq"] for o in body["observations"])
+        return web.json_response({"accepted": True, "verdicts": 0, "accepts": ["traces"]})
+
+    app = web.Application()
+    app.router.add_post("/v1/batches", picky)
+    port = free_port()
+    runner = await _serve(app, port)
+    stats = ReporterStats()
+    reporter = await _reporter(tmp_path, port, stats)
+    try:
+        reporter.submit(observation)
+        await until(lambda: len(got) == 1, 20, "the first batch")
+        for _ in range(5):
+            reporter.submit_trace(failing_trace("va"))
+        for _ in range(20):
+            reporter.submit(observation)
+        await until(lambda: len(got) == 21, 20, "every observation")
+        assert with_traces == 1  # once refused, no more traces to it for a while
+        assert stats.traces_dropped_total == {"refused": 5}
+        assert sorted(got) == list(range(21))
+    finally:
+        await reporter.close(drain_timeout=1)
+        await runner.cleanup()
+
+
+def test_the_journal_keeps_the_traces_as_sent(tmp_path: Path) -> None:
+    svc = service(tmp_path / "mesh.db")
+    b = batch("va", 1, 1.0, {"n0": True}, [failing_trace("va")])
+    svc.accept_batch(encode(b), b, 1.0)
+    svc.store.close()
+    with sqlite3.connect(tmp_path / "mesh.db") as db:
+        (payload,) = db.execute("SELECT payload FROM journal WHERE kind = 'batch'").fetchone()
+    assert json.loads(payload)["traces"][0]["vantage"] == "va"
