@@ -440,6 +440,21 @@ def burn_alerts(slo: Slo) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- other alerts
 
 
+# Path evidence (docs/paths.md) in descriptions: where each vantage loses the node, where an
+# impaired vantage loses most of what it fails. Prometheus's ``query`` template function reads it
+# when the alert fires; nothing is added when there is none.
+NODE_PATHS = (
+    '{{ with printf "tunnelwatch_mesh_path_fault{node=\\"%s\\"}" $labels.node | query }}'
+    "{{ range . }} Vantage {{ .Labels.vantage }} loses it after AS{{ .Labels.asn }} "
+    "({{ .Labels.kind }}).{{ end }}{{ end }}"
+)
+VANTAGE_PATHS = (
+    '{{ with printf "tunnelwatch_mesh_vantage_path_fault{vantage=\\"%s\\"}" $labels.vantage'
+    " | query }}{{ range . }} It loses most of the nodes it fails after AS{{ .Labels.asn }}: "
+    "check its ASN routing.{{ end }}{{ end }}"
+)
+
+
 def fleet_alerts() -> list[dict[str, Any]]:
     return [
         POPS.critical(
@@ -460,7 +475,24 @@ def fleet_alerts() -> list[dict[str, Any]]:
             summary="The mesh judges a VPN node DOWN.",
             description=(
                 "Node {{ $labels.node }} in PoP {{ $labels.pop }} (pool {{ $labels.pool }}) "
-                "has been DOWN for 5 minutes."
+                "has been DOWN for 5 minutes." + NODE_PATHS
+            ),
+        ),
+        NODES.warning(
+            "PathLossAtNetwork",
+            # a vantage's latest trace loses the node in a network on the way (not at the node's
+            # own edge): the path, not the node; placement gives the alert its PoP
+            "max by (node, vantage, asn, kind) (\n"
+            '  tunnelwatch_mesh_path_fault{kind!~"node-network|no-answer"}\n'
+            ")\n"
+            "* on (node) group_left (pool, pop, region)\n"
+            f"group by ({NODE_LABELS}) (node:tunnelwatch_node_placement:info)",
+            for_="10m",
+            summary="A vantage loses a VPN node in a network on the way to it.",
+            description=(
+                "Vantage {{ $labels.vantage }} loses node {{ $labels.node }} (PoP "
+                "{{ $labels.pop }}) after AS{{ $labels.asn }} ({{ $labels.kind }}): check ASN "
+                "routing between them."
             ),
         ),
         POPS.warning(
@@ -553,7 +585,7 @@ def mesh_alerts() -> list[dict[str, Any]]:
             summary="The mesh ignores a vantage that sees most of the fleet down.",
             description=(
                 "Vantage {{ $labels.vantage }} is judged impaired and left out of every vote; "
-                "its network, not the nodes, is the likely problem."
+                "its network, not the nodes, is the likely problem." + VANTAGE_PATHS
             ),
         ),
         POOLS.critical(

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "drain",
     "receiver",
     "configref",
+    "paths",
 )
 
 EXIT_OK = 0

@@ -56,7 +56,7 @@ class Network:
 
     def describe(self) -> str:
         if self.asn is None:
-            return f"a {self.label} address"
+            return "a private address" if self.private else "an unknown address"
         return f"AS{self.asn}" + (f" ({self.name})" if self.name else "")
 
 
