@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import logging
 import socket
@@ -65,6 +66,11 @@ class TraceTarget:
     def sport(self) -> int:
         """The first flow's source port, the same in every trace of the node."""
         return SPORT_BASE + zlib.crc32(self.node.encode()) % SPORT_SPAN
+
+
+def _hash_phase(name: str) -> float:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _flow_of(check: PlannedCheck) -> tuple[int, TraceProtocol, int] | None:
@@ -133,13 +139,16 @@ class TracePlanner:
         return max(1.0, self.policy.max_per_minute / 6)
 
     def load(self, targets: dict[str, TraceTarget], now: float) -> None:
-        """(Re)load the nodes; a node that stays keeps its state."""
+        """(Re)load the nodes; a node that stays keeps its state. At the first load the nodes'
+        baselines are spread evenly over the interval; a node added later gets a phase from its
+        name (a reload must not move everyone's)."""
         old = self.nodes
+        first = not old
         self.nodes = {}
-        for name, target in targets.items():
+        for i, (name, target) in enumerate(targets.items()):
             st = old.get(name)
             if st is None:
-                phase = zlib.crc32(f"baseline/{name}".encode()) / 2**32
+                phase = i / len(targets) if first else _hash_phase(name)
                 st = _NodeState(target, phase)
                 self.nodes[name] = st
                 self._schedule_baseline(st, now, first=True)

@@ -304,20 +304,16 @@ def path_metrics(service: MeshService, now: float) -> Iterator[Metric]:
     """Path evidence (docs/paths.md). Labels: vantage and node from the config, the finding's
     kind from a closed set, the network as its AS number (or private/unknown): never an IP."""
     paths = service.paths
-    traces = CounterMetricFamily(
-        P + "traces", "Path traces taken in, by vantage.", labels=["vantage"]
-    )
-    for vantage, value in sorted(paths.traces_total.items()):
-        traces.add_metric([vantage], value)
-    yield traces
-    changes = CounterMetricFamily(
-        P + "path_route_changes",
-        "Route changes seen in consecutive traces of one (node, vantage), by vantage.",
-        labels=["vantage"],
-    )
-    for vantage, value in sorted(paths.route_changes_total.items()):
-        changes.add_metric([vantage], value)
-    yield changes
+    for name, doc, counts in (
+        ("traces", "Path traces taken in, by vantage.", paths.traces_total),
+        ("path_route_changes",
+         "Route changes seen in consecutive traces of one (node, vantage), by vantage.",
+         paths.route_changes_total),
+    ):
+        per_vantage = CounterMetricFamily(P + name, doc, labels=["vantage"])
+        for vantage, value in sorted(counts.items()):
+            per_vantage.add_metric([vantage], value)
+        yield per_vantage
     fault = GaugeMetricFamily(
         P + "path_fault",
         "1 per failing (node, vantage) whose latest trace says where the node is lost.",

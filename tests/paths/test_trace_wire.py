@@ -5,8 +5,10 @@ refuses traces: observations are never lost for them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,24 @@ async def _serve(app: web.Application, port: int) -> web.AppRunner:
     return runner
 
 
+@contextlib.asynccontextmanager
+async def fake_mesh(tmp_path: Path, ingest: Any) -> AsyncIterator[tuple[Reporter,
+                                                                         ReporterStats]]:
+    """A reporter posting to ``ingest`` (an aiohttp handler standing in for a mesh)."""
+    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
+    app = web.Application()
+    app.router.add_post("/v1/batches", ingest)
+    port = free_port()
+    runner = await _serve(app, port)
+    stats = ReporterStats()
+    reporter = await _reporter(tmp_path, port, stats)
+    try:
+        yield reporter, stats
+    finally:
+        await reporter.close(drain_timeout=1)
+        await runner.cleanup()
+
+
 async def test_the_reporter_delivers_traces_to_a_mesh_that_takes_them(tmp_path: Path) -> None:
     port = free_port()
     cfg = load_mesh_config(write_mesh_config(tmp_path, 1, ["va"], port=port))
@@ -189,7 +209,6 @@ class _OldBatch(msgspec.Struct, forbid_unknown_fields=True):
 
 
 async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -> None:
-    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
     got: list[int] = []
     refused = []
 
@@ -202,13 +221,7 @@ async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -
         got.extend(o["seq"] for o in b.observations)
         return web.json_response({"accepted": True, "verdicts": 0})
 
-    app = web.Application()
-    app.router.add_post("/v1/batches", old_ingest)
-    port = free_port()
-    runner = await _serve(app, port)
-    stats = ReporterStats()
-    reporter = await _reporter(tmp_path, port, stats)
-    try:
+    async with fake_mesh(tmp_path, old_ingest) as (reporter, stats):
         for i in range(30):
             reporter.submit(observation)
             reporter.submit_trace(failing_trace("va"))
@@ -217,15 +230,11 @@ async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -
         await until(lambda: len(got) == 30, 20, "every observation")
         assert refused == [] and stats.traces_sent_total == {}
         assert sorted(got) == list(range(30))
-    finally:
-        await reporter.close(drain_timeout=1)
-        await runner.cleanup()
 
 
 async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path: Path) -> None:
     """A mesh that says it takes traces but refuses a batch carrying them (a bug, or limits of
     its own): the batch goes again at once without them; the traces are dropped and counted."""
-    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
     got: list[int] = []
     with_traces = 0
 
@@ -238,13 +247,7 @@ async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path
         got.extend(o["seq"] for o in body["observations"])
         return web.json_response({"accepted": True, "verdicts": 0, "accepts": ["traces"]})
 
-    app = web.Application()
-    app.router.add_post("/v1/batches", picky)
-    port = free_port()
-    runner = await _serve(app, port)
-    stats = ReporterStats()
-    reporter = await _reporter(tmp_path, port, stats)
-    try:
+    async with fake_mesh(tmp_path, picky) as (reporter, stats):
         reporter.submit(observation)
         await until(lambda: len(got) == 1, 20, "the first batch")
         for _ in range(5):
@@ -255,9 +258,6 @@ async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path
         assert with_traces == 1  # once refused, no more traces to it for a while
         assert stats.traces_dropped_total == {"refused": 5}
         assert sorted(got) == list(range(21))
-    finally:
-        await reporter.close(drain_timeout=1)
-        await runner.cleanup()
 
 
 def test_the_journal_keeps_the_traces_as_sent(tmp_path: Path) -> None:
