@@ -207,11 +207,11 @@ class Agent:
         self.tracer = Tracer(self.vantage, self.config.paths, self.reporter.submit_trace,
                              stats=self.tracer_stats)
         self.tracer.load(self.checks)
-        self.scheduler.on_settled = self.tracer.settled
+        self.scheduler.on_failing = self.tracer.failing
         await self.tracer.start()
 
     async def _stop_tracer(self) -> None:
-        self.scheduler.on_settled = None
+        self.scheduler.on_failing = None
         if self.tracer is not None:
             await self.tracer.stop()
             self.tracer = None

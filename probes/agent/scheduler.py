@@ -94,6 +94,7 @@ class CheckState:
     settled: bool | None = None  # None until the first outcome
     last_ok: bool | None = None
     streak: int = 0  # consecutive outcomes (all equal) that differ from ``settled``
+    failing: bool = False  # settled down, or on a run of failures (see Completion.failing)
     last_start: float | None = None
     srtt: float = 0.0  # smoothed duration of successful runs (adaptive-timeout tiers only)
     rttvar: float = 0.0
@@ -127,6 +128,11 @@ class Completion:
     settled: bool | None
     cascaded: tuple[str, ...]  # keys made due now by this result
     first: bool = False  # the check's first outcome: it settled at once (not a change)
+    # settled down, or failing now on its way there (a run of failures began): what the path
+    # tracer takes as "this check fails"; ``failing_changed``: it was not so before, or the
+    # other way round (the tracer hears of changes only: nothing on the hot path)
+    failing: bool = False
+    failing_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +362,10 @@ class ScheduleCore:
         cascaded: list[str] = []
         if not ok and st.check.tier is Tier.L4:
             cascaded = self._cascade(st.check.node, now)
-        return Completion(changed, st.settled, tuple(cascaded), first)
+        failing = st.settled is False or (st.streak > 0 and not ok)
+        flipped = failing != st.failing
+        st.failing = failing
+        return Completion(changed, st.settled, tuple(cascaded), first, failing, flipped)
 
     def _cascade(self, node: str, now: float) -> list[str]:
         out = []
@@ -395,7 +404,8 @@ class ProbeRun:
 
 Runner = Callable[[PlannedCheck, float], Awaitable[CheckResult]]
 Sink = Callable[[ProbeRun], None]
-Settled = Callable[[PlannedCheck, bool], None]  # a check settled: up (True) or down
+# a check's outcome: failing (True) or not, and whether it just settled down
+Failing = Callable[[PlannedCheck, bool, bool], None]
 
 
 async def run_check(check: PlannedCheck, timeout: float) -> CheckResult:
@@ -432,7 +442,7 @@ class AgentScheduler:
         self.wall = wall
         self.use_apscheduler = use_apscheduler
         self.stats = SchedulerStats()
-        self.on_settled: Settled | None = None  # e.g. the path tracer's trigger
+        self.on_failing: Failing | None = None  # e.g. the path tracer's trigger
         self._global = asyncio.Semaphore(max_concurrency)
         self._per_node_limit = per_node_concurrency
         self._per_node: dict[str, asyncio.Semaphore] = {}
@@ -603,11 +613,14 @@ class AgentScheduler:
         if completion.settled_changed:
             log.info("settled node=%s check=%s state=%s reason=%s", check.node, check.check,
                      "up" if completion.settled else "down", result.reason.value)
-        if (completion.settled_changed or completion.first) and self.on_settled is not None:
+        if self.on_failing is not None and (completion.failing_changed
+                                            or completion.settled_changed):
             try:
-                self.on_settled(check, bool(completion.settled))
+                down = completion.settled is False and (completion.settled_changed
+                                                        or completion.first)
+                self.on_failing(check, completion.failing, down)
             except Exception:  # tracing trouble must not stop the schedule
-                log.exception("settled hook failed for node=%s check=%s", check.node,
+                log.exception("failing hook failed for node=%s check=%s", check.node,
                               check.check)
         self._arm()
         self._deliver(ProbeRun(check, result, wall, due.due, started, due.why))

@@ -2,10 +2,14 @@
 
 Triggers (docs/paths.md):
 
-* **change**: this agent's opinion of the node changed (one of its checks settled down, or the
-  last one that was down settled up; the first outcome of a check counts when it is a failure).
-  Routes move, so a trace taken later could show a path that no longer fails: the trace is
-  queued at once and runs as soon as the limits allow;
+* **change**: this agent's opinion of the node changed: one of its checks began failing (the
+  first failure of a run that may settle it down; its first outcome counts when it is a
+  failure), or the last failing one passes again. Routes move, so a trace taken later could show
+  a path that no longer fails: the trace is queued at once and runs as soon as the limits allow,
+  usually finishing before the check has failed often enough to settle down, so it reaches the
+  mesh with (or before) the verdict it explains. A failing trace is dropped when the node no
+  longer fails by the time it finishes and none of its checks settled down meanwhile (a lone
+  failure, not a change);
 * **failing**: while the agent sees the node failing, every ``failing_interval``, to follow the
   path through an incident (and to see it heal);
 * **baseline**: every ``baseline_interval``, each node at its own phase of it, so there is a
@@ -115,6 +119,7 @@ class _NodeState:
     failing: bool = False
     down_checks: set[str] = field(default_factory=set)
     last_trace: float | None = None  # start of the last trace
+    settled_down_at: float = -1.0  # when one of its checks last settled down
     change_pending: bool = False
     running: bool = False
     gen: int = 0  # bumps invalidate this node's heap entries
@@ -158,16 +163,19 @@ class TracePlanner:
 
     # ---- inputs -------------------------------------------------------------------------------
 
-    def settled(self, node: str, check: str, ok: bool, now: float) -> bool:
-        """A check of ``node`` settled ``ok`` (or not). True when the node's opinion changed:
-        a trace is asked for."""
+    def check_failing(self, node: str, check: str, failing: bool, now: float,
+                      settled_down: bool = False) -> bool:
+        """A check of ``node`` is failing now (settled down, or a run of failures began) or
+        not. True when the node's opinion changed: a trace is asked for."""
         st = self.nodes.get(node)
         if st is None:
             return False
-        if ok:
-            st.down_checks.discard(check)
-        else:
+        if settled_down:
+            st.settled_down_at = now
+        if failing:
             st.down_checks.add(check)
+        else:
+            st.down_checks.discard(check)
         failing = bool(st.down_checks)
         if failing == st.failing:
             return False
@@ -297,12 +305,18 @@ class Tracer:
         self.planner.load(trace_targets(checks), self.clock())
         self._wake.set()
 
-    def settled(self, check: PlannedCheck, ok: bool) -> None:
-        """Called by the scheduler when a check settles (cheap: no I/O here)."""
+    def failing(self, check: PlannedCheck, failing: bool, settled_down: bool) -> None:
+        """Called by the scheduler with every outcome (cheap: a set operation, no I/O)."""
         if check.tier in NODE_READ_TIERS:
             return
-        if self.planner.settled(check.node, check.check, ok, self.clock()):
+        if self.planner.check_failing(check.node, check.check, failing, self.clock(),
+                                      settled_down):
             self._wake.set()
+
+    def confirmed(self, node: str, since: float) -> bool:
+        """The node is failing now, or one of its checks settled down since ``since``."""
+        st = self.planner.nodes.get(node)
+        return st is not None and (st.failing or st.settled_down_at >= since)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="tracer")
@@ -335,6 +349,7 @@ class Tracer:
         policy = self.policy
         target = job.target
         started_wall = self.wall()
+        started = self.clock()
         self.stats.in_flight += 1
         outcome = "ok"
         try:
@@ -366,6 +381,9 @@ class Tracer:
             self._wake.set()
         self.stats.packets_total += run.packets_sent
         self.stats.cpu_seconds_total += run.cpu_seconds
+        if job.failing and not self.confirmed(target.node, started):
+            self.stats.count(job.trigger.value, "transient")  # a lone failure, not a change
+            return
         self.submit(PathTrace(
             node=target.node, vantage=self.vantage, wall_time=started_wall,
             trigger=job.trigger, failing=job.failing, target=address,

@@ -157,7 +157,9 @@ class PathLab:
             "agents": agents,
             "nodes": [{"id": "node1", "pool": "lab", "pop": "pop1", "region": "lab"}],
             "tick_seconds": 0.5,
-            "decision": {"rise": 2, "fall": 2, "pool_guard": {"max_down_share": 1.0},
+            # fall 3 (the default): an agent traces at a check's first failure and the trace
+            # is in before the third failure makes the verdict, whose evidence it becomes
+            "decision": {"rise": 2, "fall": 3, "pool_guard": {"max_down_share": 1.0},
                          "damping": {"enabled": False}},
             "paths": {"asn_table": str(self.net.mrt_file), "asn_names": str(names),
                       "local_asn": POP_ASN},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ class WireGuardServer:
         self.proc = self.host.popen(["wireguard-go", "-f", self.interface], name=self.interface,
                                     env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"})
         proc = self.proc
-        wait_for(lambda: self.socket_path.exists() or proc.poll() is not None, 5,
+        # the socket file appears at bind(), a moment before wireguard-go accepts on it; `wg`
+        # finding it not yet accepting falls back to the kernel ("Protocol not supported")
+        wait_for(lambda: self._uapi_ready() or proc.poll() is not None, 5,
                  f"{self.interface} control socket")
         if proc.poll() is not None:
             raise LabError(f"wireguard-go exited with {proc.returncode} (see {self.lab.dir})")
@@ -76,6 +79,14 @@ class WireGuardServer:
         self.host.run(["ip", "link", "set", self.interface, "up"])
         for peer in [*self.peers.values(), *peers]:
             self.add_peer(peer)
+
+    def _uapi_ready(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> None:
         if self.proc is not None:

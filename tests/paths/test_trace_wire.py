@@ -95,42 +95,63 @@ def service(db: Path) -> MeshService:
                        path_policy=PathPolicy(), asn_table=TABLE)
 
 
-def test_a_down_node_is_published_again_when_its_traces_arrive(tmp_path: Path) -> None:
-    svc = service(tmp_path / "mesh.db")
-    seq = 0
-    for t in range(4):
+def _fail_n0(svc: MeshService, seq: int, start: float, rounds: int,
+             traces: dict[str, list[PathTrace]] | None = None) -> tuple[int, list[Any]]:
+    """va and vb fail n0 (vc passes it) for ``rounds`` rounds; the verdicts they caused."""
+    verdicts = []
+    for t in range(rounds):
         for vantage in ("va", "vb", "vc"):
             seq += 1
-            b = batch(vantage, seq, 100.0 + t, {"n0": vantage == "vc", "n1": True})
-            svc.accept_batch(encode(b), b, 100.0 + t)
+            b = batch(vantage, seq, start + t, {"n0": vantage == "vc", "n1": True},
+                      (traces or {}).get(vantage) if t == 0 else None)
+            verdicts += svc.accept_batch(encode(b), b, start + t)
+    return seq, verdicts
+
+
+def test_traces_before_the_verdict_are_its_evidence(tmp_path: Path) -> None:
+    svc = service(tmp_path / "mesh.db")
+    # agents trace at a check's first failure: the traces ride with the first failures
+    _, verdicts = _fail_n0(svc, 0, 100.0, 4, {"va": [failing_trace("va")],
+                                              "vb": [failing_trace("vb")]})
+    (down,) = [v for v in verdicts if v.node == "n0" and v.state is VerdictState.DOWN]
+    assert down.reasons[0].what == "vote"  # path evidence right after the vote
+    paths = [(r.vantage, r.reason, r.asn, r.hop) for r in down.reasons if r.what == "path"]
+    assert paths[0] == ("", "network", 64510, "")  # every failing vantage: the same AS
+    assert sorted(paths[1:]) == [("va", "stop", 64510, "10.10.0.1"),
+                                 ("vb", "stop", 64510, "10.10.0.1")]
+    svc.close()
+
+
+def test_traces_after_the_verdict_are_an_audit_note(tmp_path: Path) -> None:
+    svc = service(tmp_path / "mesh.db")
+    seq, _ = _fail_n0(svc, 0, 100.0, 4)
     node = svc.engine.nodes["n0"]
     assert node.state is VerdictState.DOWN
-    before = node.seq
+    seq_before = node.seq
     seq += 1
     late = batch("va", seq, 105.0, {}, [failing_trace("va")])
-    verdicts = svc.accept_batch(encode(late), late, 105.0)
-    assert [(v.node, v.state, v.previous, v.seq) for v in verdicts] == [
-        ("n0", VerdictState.DOWN, VerdictState.DOWN, before + 1)]
-    paths = [r for r in verdicts[0].reasons if r.what == "path"]
-    assert [(r.vantage, r.reason, r.asn, r.hop) for r in paths] == [
-        ("va", "stop", 64510, "10.10.0.1")]
-    assert verdicts[0].reasons[0].what == "vote"  # path evidence right after the vote
-    # the same news again publishes nothing; an UP node's traces publish nothing either
+    assert svc.accept_batch(encode(late), late, 105.0) == []  # only state changes are verdicts
+    assert node.seq == seq_before
+    (note,) = [n for n in svc.audit if n.what == "path-localised"]
+    assert note.node == "n0" and "AS64510" in note.note and "va loses n0" in note.note
+    # the same news again says nothing; an UP node's traces say nothing either
     seq += 1
     again = batch("va", seq, 106.0, {}, [failing_trace("va"), failing_trace("va", "n1")])
     assert svc.accept_batch(encode(again), again, 106.0) == []
-    assert svc.engine.transitions.get(("DOWN", "DOWN")) is None  # not a transition
+    assert [n.what for n in svc.audit].count("path-localised") == 1
+    assert svc.paths.news_total == 1
     view = svc.paths.node_view("n0", 106.0)
     # a crash (no close, no snapshot since start): the journal replays into the same paths
     crashed = service(tmp_path / "mesh.db")
     assert crashed.paths.node_view("n0", 106.0) == view
-    assert crashed.engine.nodes["n0"].seq == before + 1
+    assert not [n for n in crashed.audit if n.what == "path-localised"]  # logged once, live
     # a clean restart: the snapshot carries them
     crashed.close()
     svc.store.close()
     clean = service(tmp_path / "mesh.db")
     assert clean.paths.node_view("n0", 106.0) == view
     assert clean.replayed_entries == 0  # nothing replayed: it came from the snapshot
+    assert clean.paths.news_total == 1
     clean.close()
 
 

@@ -39,11 +39,11 @@ def started(p: TracePlanner, now: float) -> list[tuple[str, TraceTrigger, bool]]
 
 def test_an_opinion_change_is_traced_at_once() -> None:
     p = planner(baseline_interval=0.0)
-    assert p.settled("n1", "wg", False, 5.0)  # the node's first failing check
+    assert p.check_failing("n1", "wg", True, 5.0)  # the node's first failing check
     assert started(p, 5.0) == [("n1", TraceTrigger.CHANGE, True)]
-    assert not p.settled("n1", "mtu", False, 6.0)  # still failing: no new opinion
-    assert p.settled("n1", "wg", True, 7.0) is False  # mtu still down
-    assert p.settled("n1", "mtu", True, 8.0)  # every check up again: a change
+    assert not p.check_failing("n1", "mtu", True, 6.0)  # still failing: no new opinion
+    assert p.check_failing("n1", "wg", False, 7.0) is False  # mtu still down
+    assert p.check_failing("n1", "mtu", False, 8.0)  # every check up again: a change
     assert started(p, 8.0) == []  # within min_interval of the last trace: it waits ...
     due = p.next_due(8.0)
     assert due == pytest.approx(35.0)
@@ -53,7 +53,7 @@ def test_an_opinion_change_is_traced_at_once() -> None:
 def test_changes_wait_for_the_bucket_and_concurrency() -> None:
     p = planner(nodes=10, max_per_minute=6.0, concurrency=2)  # a burst of one
     for i in range(4):
-        p.settled(f"n{i}", "wg", False, 1.0)
+        p.check_failing(f"n{i}", "wg", True, 1.0)
     first = p.take(1.0)
     assert [j.target.node for j in first] == ["n0"]
     assert p.take(1.0) == []  # the bucket is empty
@@ -80,9 +80,9 @@ def test_baselines_are_spread_over_the_interval_and_restart_after_any_trace() ->
     assert max(gaps) <= 13  # evenly spread: one every 12 s, not in bursts
     # a change trace restarts the node's baseline clock
     p2 = planner(nodes=1, baseline_interval=100.0)
-    p2.settled("n0", "wg", False, 1.0)
+    p2.check_failing("n0", "wg", True, 1.0)
     started(p2, 1.0)
-    p2.settled("n0", "wg", True, 50.0)
+    p2.check_failing("n0", "wg", False, 50.0)
     assert started(p2, 50.0) == [("n0", TraceTrigger.CHANGE, False)]
     assert started(p2, 120.0) == []  # the old baseline due time no longer counts
     assert started(p2, 150.0) == [("n0", TraceTrigger.BASELINE, False)]
@@ -90,11 +90,11 @@ def test_baselines_are_spread_over_the_interval_and_restart_after_any_trace() ->
 
 def test_a_failing_node_is_traced_again_while_it_fails() -> None:
     p = planner(nodes=1, baseline_interval=0.0)
-    p.settled("n0", "wg", False, 0.0)
+    p.check_failing("n0", "wg", True, 0.0)
     assert started(p, 0.0) == [("n0", TraceTrigger.CHANGE, True)]
     assert started(p, 119.0) == []
     assert started(p, 120.0) == [("n0", TraceTrigger.FAILING, True)]
-    p.settled("n0", "wg", True, 130.0)
+    p.check_failing("n0", "wg", False, 130.0)
     assert started(p, 130.0) == []  # min_interval after the last trace
     assert started(p, 150.0) == [("n0", TraceTrigger.CHANGE, False)]
     assert started(p, 1000.0) == []  # healthy, baseline off: nothing
@@ -102,13 +102,13 @@ def test_a_failing_node_is_traced_again_while_it_fails() -> None:
 
 def test_changes_go_before_baselines() -> None:
     p = planner(nodes=3, baseline_interval=1.0, concurrency=1, max_per_minute=6000.0)
-    p.settled("n2", "wg", False, 5.0)
+    p.check_failing("n2", "wg", True, 5.0)
     assert started(p, 5.0)[0][:2] == ("n2", TraceTrigger.CHANGE)
 
 
 def test_a_reload_keeps_the_nodes_that_stay() -> None:
     p = planner(nodes=2)
-    p.settled("n0", "wg", False, 1.0)
+    p.check_failing("n0", "wg", True, 1.0)
     p.load(targets("n0", "n9"), 2.0)
     assert set(p.nodes) == {"n0", "n9"} and p.nodes["n0"].failing
     assert started(p, 2.0) == [("n0", TraceTrigger.CHANGE, True)]
@@ -150,3 +150,42 @@ targets:
         "icmp-only": (TraceProtocol.ICMP, 0)}
     assert 61000 <= found["wg"].sport < 65000
     assert found["wg"].sport == TraceTarget("wg", "x", TraceProtocol.UDP, 1).sport  # per node
+
+
+def test_a_check_is_failing_from_its_first_failure_until_it_passes_again(tmp_path: Path) -> None:
+    """The scheduler tells the tracer when a check begins failing (not only when it settles),
+    so the trace starts while the check is still failing its way down."""
+    from probes.agent.scheduler import ScheduleCore
+
+    cfg, _ = parse_yaml("agent: {vantage: va}\ntargets:\n  - {id: n, pool: p, pop: x, region: r,"
+                        " address: 192.0.2.1, l4: {icmp: true}}\n", AgentConfig)
+    (check,) = plan(cfg, tmp_path)
+    core = ScheduleCore()
+    core.load([check])
+    key = check.key
+    first = core.complete(key, True, 0.0)
+    assert (first.failing, first.failing_changed) == (False, False)
+    began = core.complete(key, False, 1.0)
+    assert (began.failing, began.failing_changed, began.settled_changed) == (True, True, False)
+    lone = core.complete(key, True, 2.0)  # a lone failure: passing again, never settled down
+    assert (lone.failing, lone.failing_changed) == (False, True)
+    outcomes = [core.complete(key, False, t) for t in (3.0, 4.0, 5.0)]
+    assert [c.failing for c in outcomes] == [True, True, True]
+    assert outcomes[-1].settled_changed and outcomes[-1].settled is False
+    assert [c.failing_changed for c in outcomes] == [True, False, False]
+
+
+def test_a_failing_trace_is_kept_only_when_the_failure_was_real() -> None:
+    from probes.agent.tracer import Tracer
+
+    got: list[Any] = []
+    tracer = Tracer("va", TracingConfig(), got.append, clock=lambda: 10.0)
+    tracer.planner.load(targets("n0"), 0.0)
+    check = type("C", (), {"node": "n0", "check": "wg", "tier": None})()
+    tracer.failing(check, True, False)  # type: ignore[arg-type]
+    assert tracer.confirmed("n0", since=5.0)
+    tracer.failing(check, False, False)  # type: ignore[arg-type]
+    assert not tracer.confirmed("n0", since=5.0)  # a lone failure: the trace is dropped
+    tracer.failing(check, True, True)  # type: ignore[arg-type]
+    tracer.failing(check, False, False)  # type: ignore[arg-type]
+    assert tracer.confirmed("n0", since=5.0)  # it settled down meanwhile: a real change
