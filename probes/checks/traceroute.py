@@ -168,7 +168,7 @@ async def trace(spec: TraceSpec, *, deadline: float = 60.0) -> TraceRun:
     source, mtu = route_facts(spec.target)
     spec = replace(spec, source=spec.source or source,
                    big_size=min(spec.big_size, mtu) if spec.big_size else 0,
-                   id_base=spec.id_base if spec.id_base != 1 else random.randrange(1, 0xFFFF))
+                   id_base=spec.id_base or random.randrange(1, 0xFFFF))
     core = TraceCore(spec)
     sockets: list[socket.socket] = []
     try:

@@ -76,7 +76,7 @@ class TraceSpec:
     gap_limit: int = 3
     window: int = 4
     packets_per_second: float = 200.0
-    id_base: int = 1  # first IP identification used (the shell picks it at random)
+    id_base: int = 0  # first IP identification used; 0: the shell picks one at random
 
     def __post_init__(self) -> None:
         if not self.flows:
@@ -141,7 +141,7 @@ class TraceCore:
             self.lanes.append(_Lane(len(self.lanes), spec.flows[0] & 0xFFFF, spec.big_size,
                                     spec.first_ttl, spec.max_ttl))
         self._sports = {lane.sport for lane in self.lanes}
-        self._next_pid = spec.id_base & 0xFFFF
+        self._next_pid = spec.id_base & 0xFFFF or 1  # 0 would let the kernel choose
         self._probes: dict[int, _Probe] = {}  # by IP id: every probe of a TTL not yet final
         self._queue: deque[_Probe] = deque()
         self._deadlines: deque[tuple[float, _Probe]] = deque()  # send order = deadline order
