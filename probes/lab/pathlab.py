@@ -132,7 +132,7 @@ class PathLab:
 
     def _start_receiver(self) -> None:
         key = self.dir / "webhook.key"
-        key.write_text(signing.generate_key() + "\n")
+        signing.write_key_file(key, signing.generate_key() + "\n")
         config = {"listen": f"127.0.0.1:{RECEIVER_PORT}",
                   "keys": [{"key_id": "mesh", "key_file": str(key)}],
                   "state_file": str(self.dir / "receiver-state.json")}
@@ -149,7 +149,7 @@ class PathLab:
         names.write_text("".join(f"{asn} {name}\n" for asn, name in AS_NAMES.items()))
         agents = []
         for name in VANTAGES:
-            (self.dir / f"{name}-mesh.key").write_text(signing.generate_key() + "\n")
+            signing.write_key_file(self.dir / f"{name}-mesh.key", signing.generate_key() + "\n")
             agents.append({"name": name, "key_file": f"{name}-mesh.key"})
         config = {
             "listen": f"0.0.0.0:{MESH_PORT}",

@@ -126,7 +126,7 @@ def bench_net() -> Iterator[Net]:
 
 def _start(net: Net, folder: Path, *, tracing: dict[str, Any] | None) -> tuple[Any, Any, str]:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "va.key").write_text(signing.generate_key() + "\n")
+    signing.write_key_file(folder / "va.key", signing.generate_key() + "\n")
     mesh = {"listen": "127.0.0.1:19480", "database": str(folder / "mesh.db"),
             "agents": [{"name": "va", "key_file": str(folder / "va.key")}],
             "nodes": [{"id": f"n{i}", "pool": "p"} for i in range(NODES)]}

@@ -95,7 +95,7 @@ def service(db: Path) -> MeshService:
                        path_policy=PathPolicy(), asn_table=TABLE)
 
 
-def _fail_n0(svc: MeshService, seq: int, start: float, rounds: int,
+async def _fail_n0(svc: MeshService, seq: int, start: float, rounds: int,
              traces: dict[str, list[PathTrace]] | None = None) -> tuple[int, list[Any]]:
     """va and vb fail n0 (vc passes it) for ``rounds`` rounds; the verdicts they caused."""
     verdicts = []
@@ -104,14 +104,14 @@ def _fail_n0(svc: MeshService, seq: int, start: float, rounds: int,
             seq += 1
             b = batch(vantage, seq, start + t, {"n0": vantage == "vc", "n1": True},
                       (traces or {}).get(vantage) if t == 0 else None)
-            verdicts += svc.accept_batch(encode(b), b, start + t)
+            verdicts += await svc.accept_batch(encode(b), b, start + t)
     return seq, verdicts
 
 
-def test_traces_before_the_verdict_are_its_evidence(tmp_path: Path) -> None:
+async def test_traces_before_the_verdict_are_its_evidence(tmp_path: Path) -> None:
     svc = service(tmp_path / "mesh.db")
     # agents trace at a check's first failure: the traces ride with the first failures
-    _, verdicts = _fail_n0(svc, 0, 100.0, 4, {"va": [failing_trace("va")],
+    _, verdicts = await _fail_n0(svc, 0, 100.0, 4, {"va": [failing_trace("va")],
                                               "vb": [failing_trace("vb")]})
     (down,) = [v for v in verdicts if v.node == "n0" and v.state is VerdictState.DOWN]
     assert down.reasons[0].what == "vote"  # path evidence right after the vote
@@ -119,25 +119,26 @@ def test_traces_before_the_verdict_are_its_evidence(tmp_path: Path) -> None:
     assert paths[0] == ("", "network", 64510, "")  # every failing vantage: the same AS
     assert sorted(paths[1:]) == [("va", "stop", 64510, "10.10.0.1"),
                                  ("vb", "stop", 64510, "10.10.0.1")]
-    svc.close()
+    await svc.close()
 
 
-def test_traces_after_the_verdict_are_an_audit_note(tmp_path: Path) -> None:
+async def test_traces_after_the_verdict_are_an_audit_note(tmp_path: Path) -> None:
     svc = service(tmp_path / "mesh.db")
-    seq, _ = _fail_n0(svc, 0, 100.0, 4)
+    seq, _ = await _fail_n0(svc, 0, 100.0, 4)
     node = svc.engine.nodes["n0"]
     assert node.state is VerdictState.DOWN
     seq_before = node.seq
     seq += 1
     late = batch("va", seq, 105.0, {}, [failing_trace("va")])
-    assert svc.accept_batch(encode(late), late, 105.0) == []  # only state changes are verdicts
+    # only state changes are verdicts
+    assert await svc.accept_batch(encode(late), late, 105.0) == []
     assert node.seq == seq_before
     (note,) = [n for n in svc.audit if n.what == "path-localised"]
     assert note.node == "n0" and "AS64510" in note.note and "va loses n0" in note.note
     # the same news again says nothing; an UP node's traces say nothing either
     seq += 1
     again = batch("va", seq, 106.0, {}, [failing_trace("va"), failing_trace("va", "n1")])
-    assert svc.accept_batch(encode(again), again, 106.0) == []
+    assert await svc.accept_batch(encode(again), again, 106.0) == []
     assert [n.what for n in svc.audit].count("path-localised") == 1
     assert svc.paths.news_total == 1
     view = svc.paths.node_view("n0", 106.0)
@@ -146,13 +147,14 @@ def test_traces_after_the_verdict_are_an_audit_note(tmp_path: Path) -> None:
     assert crashed.paths.node_view("n0", 106.0) == view
     assert not [n for n in crashed.audit if n.what == "path-localised"]  # logged once, live
     # a clean restart: the snapshot carries them
-    crashed.close()
+    await crashed.close()
+    svc.thread.close()
     svc.store.close()
     clean = service(tmp_path / "mesh.db")
     assert clean.paths.node_view("n0", 106.0) == view
     assert clean.replayed_entries == 0  # nothing replayed: it came from the snapshot
     assert clean.paths.news_total == 1
-    clean.close()
+    await clean.close()
 
 
 # ------------------------------------------------------------------------------ the reporter
@@ -185,7 +187,7 @@ async def _serve(app: web.Application, port: int) -> web.AppRunner:
 async def fake_mesh(tmp_path: Path, ingest: Any) -> AsyncIterator[tuple[Reporter,
                                                                          ReporterStats]]:
     """A reporter posting to ``ingest`` (an aiohttp handler standing in for a mesh)."""
-    (tmp_path / "va.key").write_text(signing.generate_key() + "\n")
+    signing.write_key_file(tmp_path / "va.key", signing.generate_key() + "\n")
     app = web.Application()
     app.router.add_post("/v1/batches", ingest)
     port = free_port()
@@ -281,11 +283,11 @@ async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path
         assert sorted(got) == list(range(21))
 
 
-def test_the_journal_keeps_the_traces_as_sent(tmp_path: Path) -> None:
+async def test_the_journal_keeps_the_traces_as_sent(tmp_path: Path) -> None:
     svc = service(tmp_path / "mesh.db")
     b = batch("va", 1, 1.0, {"n0": True}, [failing_trace("va")])
-    svc.accept_batch(encode(b), b, 1.0)
-    svc.store.close()
+    await svc.accept_batch(encode(b), b, 1.0)
+    await svc.close()
     with sqlite3.connect(tmp_path / "mesh.db") as db:
         (payload,) = db.execute("SELECT payload FROM journal WHERE kind = 'batch'").fetchone()
     assert json.loads(payload)["traces"][0]["vantage"] == "va"
