@@ -117,6 +117,17 @@ class Stopwatch:
         )
 
 
+class ProbeFailure(Exception):
+    """Ends a check run early with a closed-enum reason. ``phase``: the phase that stalled (the
+    check laps its time up to the failure)."""
+
+    def __init__(self, reason: Reason, detail: str, phase: str = "") -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.phase = phase
+
+
 class ConfigError(ValueError):
     """A check's own parameters or material (key files, certificates) are unusable: never the
     node's fault. A check turns it into ``probe-error``; ``tunnelwatch probe`` into a usage error

@@ -13,11 +13,10 @@ Every SA that got established is deleted before the check returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
-import struct
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,12 @@ from probes.checks.base import (
     Stopwatch,
     first_retry_after,
 )
-from probes.checks.udp import IcmpError, UdpEndpoint
+from probes.checks.driver import Closed as DriverClosed
+from probes.checks.driver import Driver, Unreachable
+from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import IKEv2Target, ikev2_problems
-from probes.model import Quality, Reason, Tier
+from probes.model import Reason, Tier
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.crypto import CipherSuite
 from probes.protocols.ikev2.esp import classify_nat_t
@@ -47,6 +49,7 @@ from probes.protocols.ikev2.initiator import (
     ChildRequest,
     ChildSa,
     Closed,
+    EspPacket,
     Event,
     Failed,
     Failure,
@@ -115,105 +118,42 @@ class _Outcome:
 
 
 class _Session:
-    """One initiator over a UDP socket to port 500 and, once floated, one to the NAT-T port."""
+    """One initiator on the driver: port 500 and, once floated, the NAT-T port."""
 
-    def __init__(self, params: Ikev2Params, ep500: UdpEndpoint, initiator: Initiator) -> None:
-        self.params = params
-        self.ini = initiator
-        self.eps: dict[int, UdpEndpoint] = {params.port: ep500}
-        self.inbox: asyncio.Queue[tuple[int, bytes | IcmpError]] = asyncio.Queue()
-        self.pumps: list[asyncio.Task[None]] = []
-        # everything from the NAT-T port also lands here, for the echo loop (ESP)
-        self.esp_inbox: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+    def __init__(self, ini: Initiator, driver: Driver[Event]) -> None:
+        self.ini = ini
+        self.driver = driver
         self.outcome = _Outcome()
         self._closed = False
-        self._pump(params.port, ep500)
 
-    def _pump(self, port: int, ep: UdpEndpoint) -> None:
-        async def pump() -> None:
-            while True:
-                try:
-                    datagram = await ep.recv(3600.0)
-                except IcmpError as exc:
-                    self.inbox.put_nowait((port, exc))
-                    continue
-                if datagram is not None:
-                    self.inbox.put_nowait((port, datagram.data))
-                    if port != self.params.port:
-                        self.esp_inbox.put_nowait((datagram.data, datagram.received_monotonic))
-
-        self.pumps.append(asyncio.create_task(pump()))
-
-    async def endpoint(self, port: int) -> UdpEndpoint:
-        ep = self.eps.get(port)
-        if ep is None:
-            ep = await UdpEndpoint.open(self.params.host, port)
-            self.eps[port] = ep
-            self._pump(port, ep)
-        return ep
-
-    async def flush(self, now: float) -> None:
-        for data, port in self.ini.datagrams_to_send(now):
-            ep = await self.endpoint(port)
-            try:
-                ep.send(data)
-            except IcmpError as exc:
-                self._note_icmp(exc)
-
-    def _note_icmp(self, exc: IcmpError) -> None:
-        # Only meaningful before the responder ever answered: afterwards it is stale noise.
-        if not self.ini.sa_init_answered and self.outcome.icmp is None:
-            self.outcome.icmp = exc
-
-    def _collect(self) -> None:
-        while (event := self.ini.next_event()) is not None:
-            self._record(event)
-
-    def _record(self, event: Event) -> None:
+    def record(self, event: Event | Unreachable | DriverClosed) -> None:
+        o = self.outcome
         if isinstance(event, InitCompleted):
-            self.outcome.init = event
+            o.init = event
         elif isinstance(event, InitRetried):
-            self.outcome.retries.append(event)
+            o.retries.append(event)
         elif isinstance(event, AuthCompleted):
-            self.outcome.auth = event
+            o.auth = event
         elif isinstance(event, Failed):
-            self.outcome.failed = event
-        else:
-            self.outcome.closed = event
+            o.failed = event
+        elif isinstance(event, Closed):
+            o.closed = event
+        elif (isinstance(event, Unreachable) and not self.ini.sa_init_answered
+              and o.icmp is None):
+            # only meaningful before the responder ever answered: afterwards it is stale noise
+            o.icmp = event.error
+        # BadDatagram: counted by the initiator (dropped); EspPacket: the echo loop's
 
     async def run_until(self, done: type, deadline: float) -> None:
-        """Pump datagrams and timers until an event of type ``done`` arrives, or (except while
-        closing, which must finish even after a failure) a failure."""
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            self.ini.handle_timer(now)  # no-op unless due; here so a busy inbox cannot starve it
-            await self.flush(now)
-            self._collect()
-            if self._reached(done):
-                return
+        """Events until one of type ``done`` arrives, or (except while closing, which must
+        finish even after a failure) a failure, or the deadline."""
+        while not self._reached(done):
             if done is not Closed and (self.outcome.failed is not None or self.outcome.icmp):
                 return
-            timer = self.ini.get_timer()
-            wait = deadline - now if timer is None else min(timer, deadline) - now
-            if now >= deadline:
+            event = await self.driver.next_event(deadline)
+            if event is None:
                 return
-            try:
-                port, item = await asyncio.wait_for(self.inbox.get(), max(wait, 0.0))
-            except TimeoutError:
-                self.ini.handle_timer(loop.time())
-                continue
-            if isinstance(item, IcmpError):
-                self._note_icmp(item)
-                continue
-            if port != self.params.port:
-                try:
-                    kind, _ = classify_nat_t(item)
-                except IKEv2Error:
-                    continue
-                if kind != "ike":
-                    continue  # ESP goes to the echo loop through esp_inbox
-            self.ini.receive_datagram(item, loop.time(), nat_t=port != self.params.port)
+            self.record(event)
 
     def _reached(self, done: type) -> bool:
         o = self.outcome
@@ -224,17 +164,11 @@ class _Session:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        self.ini.close(loop.time())
+        now = time.monotonic()
+        self.ini.close(now)
         if self.ini.get_timer() is not None:
-            await self.run_until(Closed, loop.time() + DELETE_BUDGET_SECONDS)
-        for task in self.pumps:
-            task.cancel()
-        for task in self.pumps:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for ep in self.eps.values():
-            ep.close()
+            await self.run_until(Closed, now + DELETE_BUDGET_SECONDS)
+        await self.driver.aclose()
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -264,8 +198,6 @@ _FAILURE_REASONS = {
 
 async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
     """One probe at ``level`` ("init", "auth" or "tunnel")."""
-    if level == "tunnel":
-        await asyncio.to_thread(load_scapy)  # once per process, before the clock starts
     watch = Stopwatch()
     facts: dict[str, Fact] = {}
     try:
@@ -275,8 +207,7 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
         return watch.result(False, Reason.PROBE_ERROR, detail=f"configuration: {exc}")
     if level != "init" and psk is None:
         return watch.result(False, Reason.PROBE_ERROR, detail=f"level {level} needs a PSK")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = time.monotonic() + timeout
     limiter = half_open_limiter(params.host, params.port)
     try:
         await asyncio.wait_for(limiter.acquire(), timeout)
@@ -302,7 +233,10 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             force_nat_t=params.force_nat_t or level == "tunnel",
             nat_t_port=params.nat_t_port,
             retransmit_initial=first_retry_after(params.retransmit_initial, timeout))
-        session = _Session(params, ep, Initiator(config))
+        initiator = Initiator(config)
+        driver: Driver[Event] = Driver(initiator)
+        driver.adopt_udp(ep.remote, ep)
+        session = _Session(initiator, driver)
         try:
             result = await _probe(session, params, level, deadline, watch=watch, facts=facts)
         except (IKEv2Error, OSError) as exc:  # local trouble (e.g. sending failed): not the node
@@ -324,7 +258,7 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
 
 async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: float, *,
                  watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
-    session.ini.start(asyncio.get_running_loop().time())
+    session.ini.start(time.monotonic())
     await session.run_until(InitCompleted, deadline)
     watch.lap("sa_init")
     result = _init_result(session, watch, facts)
@@ -407,29 +341,6 @@ def _pick_address(selectors: tuple[object, ...], explicit: str | None) -> str | 
     return None
 
 
-def load_scapy() -> None:
-    """Import scapy's IP layer (about 1 s here), so the first tunnel probe does not pay for it
-    inside its timed window."""
-    import scapy.layers.inet  # noqa: PLC0415, F401 - scapy is slow to import; only the tunnel needs it
-
-
-def build_echo(src: str, dst: str, ident: int, seq: int, payload: bytes) -> bytes:
-    from scapy.layers.inet import ICMP, IP  # noqa: PLC0415 - see load_scapy
-
-    return bytes(IP(src=src, dst=dst, ttl=64) / ICMP(type=8, id=ident, seq=seq) / payload)
-
-
-def parse_echo_reply(packet: bytes, ident: int) -> int | None:
-    """The sequence number of an ICMP echo reply with our identifier, else None."""
-    if len(packet) < 28 or packet[0] >> 4 != 4 or packet[9] != 1:
-        return None
-    ihl = (packet[0] & 0x0F) * 4
-    if len(packet) < ihl + 8:
-        return None
-    icmp_type, _, _, rid, rseq = struct.unpack_from("!BBHHH", packet, ihl)
-    return rseq if icmp_type == 0 and rid == ident else None
-
-
 async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadline: float, *,
                   watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
     src = _pick_address(child.ts_i, params.inner_address)
@@ -438,67 +349,54 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
         return watch.result(False, Reason.PROBE_ERROR, facts=facts,
                             detail="no inner source or ping target: set ping/inner_address")
     facts.update(inner_source=src, ping=dst)
-    loop = asyncio.get_running_loop()
-    ep = await session.endpoint(session.ini.remote_port)
+    driver = session.driver
+    nat_t = (session.ini.config.remote_address[0], session.ini.remote_port)
     ident = int.from_bytes(session.ini.spi_i[:2], "big")
-    sent_at: dict[int, float] = {}
+    sent: dict[int, SendStamp] = {}
     rtts: dict[int, float] = {}
     bad = 0
 
-    def absorb(packet: bytes, received: float) -> None:
+    def absorb(packet: bytes, received: Datagram) -> None:
         nonlocal bad
         try:
             kind, esp = classify_nat_t(packet)
             if kind != "esp":
-                return
+                return  # a NAT keepalive
             _, inner = child.esp.open(esp)
         except IKEv2Error:
             bad += 1
             return
-        seq = parse_echo_reply(inner, ident)
-        if seq is not None and seq in sent_at and seq not in rtts:
-            rtts[seq] = received - sent_at[seq]
+        echo = parse_echo_reply(inner)
+        if echo is not None and echo[0] == ident and echo[1] in sent and echo[1] not in rtts:
+            rtts[echo[1]] = round_trip_seconds(sent[echo[1]], received)
 
     async def receive_until(until: float) -> None:
-        while (now := loop.time()) < until:
-            if len(rtts) == params.echo_count:
+        while len(rtts) < params.echo_count:
+            event = await driver.next_event(until)
+            if event is None:
                 return
-            try:
-                packet, received = await asyncio.wait_for(session.esp_inbox.get(), until - now)
-            except TimeoutError:
-                return
-            absorb(packet, received)
+            if isinstance(event, EspPacket):
+                assert driver.datagram is not None
+                absorb(event.data, driver.datagram)
+            else:
+                session.record(event)  # the IKE SA goes on (the initiator answers requests)
 
-    # built up front: a scapy build takes milliseconds, and replies arriving meanwhile would
-    # only be read (and timestamped) after it
-    echoes = [build_echo(src, dst, ident, seq, b"tunnelwatch" + bytes(21))
-              for seq in range(1, params.echo_count + 1)]
-    for seq, echo in enumerate(echoes, 1):
-        if loop.time() >= deadline:
+    payload = b"tunnelwatch" + bytes(21)
+    for seq in range(1, params.echo_count + 1):
+        if time.monotonic() >= deadline:
             break
-        sent_at[seq] = loop.time()
-        try:
-            ep.send(child.esp.seal(echo))
-        except IcmpError as exc:
-            log.debug("echo %d: %s", seq, exc)
-        await receive_until(min(loop.time() + params.echo_interval, deadline))
-    await receive_until(min(loop.time() + ECHO_GRACE_SECONDS, deadline))
+        stamp = driver.send(child.esp.seal(build_echo(src, dst, ident, seq, payload)), nat_t)
+        if stamp is not None:
+            sent[seq] = stamp
+        await receive_until(min(time.monotonic() + params.echo_interval, deadline))
+    await receive_until(min(time.monotonic() + ECHO_GRACE_SECONDS, deadline))
     watch.lap("tunnel")
-    sent = len(sent_at)
-    samples = sorted(rtts.values())
-    quality = Quality(
-        sent=sent, received=len(samples),
-        loss_ratio=(sent - len(samples)) / sent if sent else 1.0,
-        rtt_p50_seconds=samples[len(samples) // 2] if samples else None,
-        rtt_p99_seconds=samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-        if samples else None,
-        rtt_max_seconds=samples[-1] if samples else None)
     if bad:
         facts["esp_rejected"] = bad
-    if not samples:
-        return watch.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
-                            detail=f"no echo reply from {dst} through the CHILD_SA")
-    return watch.result(True, Reason.OK, quality=quality, facts=facts)
+    # no loss or RTT bound here: any reply through the CHILD_SA passes
+    return judge_echoes(watch, echo_quality(params.echo_count, list(rtts.values())), facts,
+                        loss_threshold=1.0, rtt_threshold=None,
+                        no_reply=f"no echo reply from {dst} through the CHILD_SA")
 
 
 # --- registration -----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     ProbeCommand,
+    ProbeFailure,
     Stopwatch,
 )
 from probes.checks.errqueue import (
@@ -150,12 +151,6 @@ class ProbeOutcome:
     local_limit: bool = False  # the local stack refused the size (EMSGSIZE at send)
 
 
-class _Failed(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
 
 class _UdpWire:
     """Probes are UDP datagrams to an echo service; the reply is the same datagram."""
@@ -241,7 +236,7 @@ class MtuProber:
         try:
             family, address = await resolve(host, port or 0, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
-            raise _Failed(Reason.RESOLVE_FAILED, f"cannot resolve {host}: {exc}") from None
+            raise ProbeFailure(Reason.RESOLVE_FAILED, f"cannot resolve {host}: {exc}") from None
         header = _HEADER_V6 if family == socket.AF_INET6 else _HEADER_V4
         wire: _Wire
         if port is None:
@@ -253,7 +248,7 @@ class MtuProber:
         try:
             sock = wire.open(family)
         except OSError as exc:
-            raise _Failed(Reason.PROBE_ERROR, f"cannot open a socket: {exc}") from None
+            raise ProbeFailure(Reason.PROBE_ERROR, f"cannot open a socket: {exc}") from None
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
@@ -265,7 +260,7 @@ class MtuProber:
             sock.close()
             reason = (Reason.NETWORK_UNREACHABLE if exc.errno in (
                 errno.ENETUNREACH, errno.EHOSTUNREACH) else Reason.PROBE_ERROR)
-            raise _Failed(reason, str(exc)) from None
+            raise ProbeFailure(reason, str(exc)) from None
         return cls(sock, family, wire)
 
     def device_mtu(self) -> int:
@@ -346,8 +341,8 @@ class MtuProber:
                 if exc.errno == errno.EMSGSIZE:
                     return ProbeOutcome(False, local_limit=True)
                 if exc.errno == errno.ECONNREFUSED:
-                    raise _Failed(Reason.ICMP_UNREACHABLE, "ICMP port unreachable") from None
-                raise _Failed(Reason.NETWORK_UNREACHABLE if exc.errno in (
+                    raise ProbeFailure(Reason.ICMP_UNREACHABLE, "ICMP port unreachable") from None
+                raise ProbeFailure(Reason.NETWORK_UNREACHABLE if exc.errno in (
                     errno.ENETUNREACH, errno.EHOSTUNREACH) else Reason.PROBE_ERROR,
                     str(exc)) from None
             waiting: set[asyncio.Future[Any]] = {echo, error}
@@ -358,7 +353,7 @@ class MtuProber:
             if error in done:
                 report = error.result()
                 if report.port_unreachable:
-                    raise _Failed(Reason.ICMP_UNREACHABLE,
+                    raise ProbeFailure(Reason.ICMP_UNREACHABLE,
                                   "ICMP port unreachable: no UDP echo service on the node")
                 if report.frag_needed:
                     return ProbeOutcome(False, frag_needed_mtu=report.info)
@@ -465,7 +460,7 @@ async def _run(params: MtuParams, timeout: float, port: int | None) -> CheckResu
         async with asyncio.timeout(timeout):
             prober = await MtuProber.open(params.host, port)
             return await _find_path_mtu(prober, params, sw, facts)
-    except _Failed as failed:
+    except ProbeFailure as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
     except ConfigError as exc:
         return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)

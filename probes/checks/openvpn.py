@@ -28,7 +28,6 @@ certificate or credentials), ``timeout`` (a later phase stalled), ``no-push-repl
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import enum
 import logging
@@ -39,7 +38,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import msgspec
 
@@ -53,13 +51,16 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     ProbeCommand,
+    ProbeFailure,
     Stopwatch,
     first_retry_after,
 )
-from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
-from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
+from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.udp import SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import OpenVPNTarget, openvpn_problems
 from probes.model import Quality, Reason, Tier
+from probes.protocols.core import BadDatagram
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
 from probes.protocols.openvpn.data import Framing
@@ -122,14 +123,6 @@ class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
     rtt_threshold: float | None = None
 
 
-class _Failure(Exception):
-    def __init__(self, reason: Reason, detail: str, phase: str = "") -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.phase = phase  # the phase that stalled, timed up to the failure
-
-
 def _read(path: str, what: str) -> str:
     try:
         return Path(path).read_text()
@@ -189,76 +182,7 @@ def read_user_pass(path: str) -> tuple[str, str]:
     return lines[0].strip(), lines[1].rstrip("\r\n")
 
 
-# --- transports ---------------------------------------------------------------------------------
-
-class _Transport(Protocol):
-    def send(self, packet: bytes) -> SendStamp: ...
-
-    async def recv(self, timeout: float) -> Datagram | None: ...
-
-    def close(self) -> None: ...
-
-
-class _Udp:
-    def __init__(self, endpoint: UdpEndpoint) -> None:
-        self.endpoint = endpoint
-
-    def send(self, packet: bytes) -> SendStamp:
-        return self.endpoint.send(packet)
-
-    async def recv(self, timeout: float) -> Datagram | None:
-        return await self.endpoint.recv(timeout)
-
-    def close(self) -> None:
-        self.endpoint.close()
-
-
-class _ConnectionClosed(Exception):
-    pass
-
-
-class _Tcp:
-    """Length-framed packets over one TCP connection with Nagle off."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.deframer = TcpDeframer()
-        self.ready: list[bytes] = []
-        self.eof = False
-
-    @classmethod
-    async def open(cls, host: str, port: int, timeout: float) -> _Tcp:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer)
-
-    def send(self, packet: bytes) -> SendStamp:
-        stamp = SendStamp(time.monotonic(), time.time_ns())
-        if not self.writer.is_closing():
-            self.writer.write(frame_tcp(packet))
-        return stamp
-
-    async def recv(self, timeout: float) -> Datagram | None:
-        while not self.ready:
-            if self.eof:
-                raise _ConnectionClosed
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), max(timeout, 0.0))
-            except TimeoutError:
-                return None
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                continue
-            self.ready += self.deframer.feed(chunk)  # OpenVPNError on a zero-length frame
-        return Datagram(self.ready.pop(0), time.monotonic(), None)
-
-    def close(self) -> None:
-        self.writer.close()
-
+# --- one probe run ------------------------------------------------------------------------------
 
 async def _open_fresh_udp(host: str, port: int) -> UdpEndpoint:
     """A connected UDP endpoint whose source port this process has not used toward the same
@@ -278,8 +202,6 @@ async def _open_fresh_udp(host: str, port: int) -> UdpEndpoint:
     recent[endpoint.local_address[1]] = now
     return endpoint
 
-
-# --- one probe run ------------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class _Echoes:
@@ -301,15 +223,17 @@ class _Probe:
         self.deadline = time.monotonic() + timeout
         self.watch = Stopwatch()
         self.facts: dict[str, Fact] = {"proto": params.proto}
-        self.transport: _Transport | None = None
+        self.remote = (params.host, params.port)
+        self.transport: UdpEndpoint | Stream | None = None  # until the driver adopts it
         self.session: ov.ClientSession | None = None
+        self.driver: Driver[ov.Event] | None = None
         self.reset_answered = False
         self.tls_done = False
         self.key_exchanged = False
         self.echoes: _Echoes | None = None
         self.last_bad_packet = ""
-        self.last_sent: SendStamp | None = None
         self.framing = Framing.NONE
+        self.transport_lost = False  # unreachable or closed: no EXIT to say
 
     # setup
 
@@ -330,104 +254,104 @@ class _Probe:
             proto_name="UDPv4" if params.proto == "udp" else "TCPv4_CLIENT",
             retransmit=params.proto == "udp",
             initial_timeout=first_retry_after(params.retry_interval, self.timeout))
-        return ov.ClientSession(wrapper, options)
+        return ov.ClientSession(wrapper, options, remote=self.remote)
 
     async def open(self) -> None:
         params = self.params
         try:
             if params.proto == "udp":
-                self.transport = _Udp(await _open_fresh_udp(params.host, params.port))
+                self.transport = await _open_fresh_udp(params.host, params.port)
             else:
-                self.transport = await _Tcp.open(params.host, params.port, self.remaining())
+                self.transport = await connect_stream(self.remote, self.remaining())
         except socket.gaierror as exc:
-            raise _Failure(Reason.RESOLVE_FAILED, f"{params.host}: {exc.strerror}") from None
+            raise ProbeFailure(Reason.RESOLVE_FAILED, f"{params.host}: {exc.strerror}") from None
         except ConnectionRefusedError:
-            raise _Failure(Reason.REFUSED, f"TCP connection to {params.host}:{params.port} "
-                                           "refused: nothing listens") from None
+            raise ProbeFailure(Reason.REFUSED, f"TCP connection to {params.host}:{params.port} "
+                                               "refused: nothing listens") from None
         except TimeoutError:
-            raise _Failure(Reason.TIMEOUT, f"TCP connect to {params.host}:{params.port} "
-                                           "unanswered") from None
+            raise ProbeFailure(Reason.TIMEOUT, f"TCP connect to {params.host}:{params.port} "
+                                               "unanswered") from None
         except OSError as exc:
-            raise _Failure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
+            raise ProbeFailure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
         self.watch.lap("connect")
+
+    def drive(self, session: ov.ClientSession) -> Driver[ov.Event]:
+        """The driver of ``session`` over the transport :meth:`open` made."""
+        driver = self.driver = Driver(session)
+        transport, self.transport = self.transport, None
+        if isinstance(transport, UdpEndpoint):
+            driver.adopt_udp(self.remote, transport)
+        elif transport is not None:
+            driver.adopt_stream(self.remote, transport, frame_tcp, TcpDeframer())
+        return driver
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    # the event pump
+    # the events
 
-    def flush(self) -> SendStamp | None:
-        assert self.session is not None and self.transport is not None
-        stamp = None
-        for packet in self.session.datagrams_to_send(time.monotonic()):
-            stamp = self.transport.send(packet)
-        if stamp is not None:
-            self.last_sent = stamp
-        return stamp
+    def handle(self, event: ov.Event | Unreachable | Closed) -> None:
+        driver = self.driver
+        assert driver is not None
+        if isinstance(event, ov.ResetAnswered):
+            self.reset_answered = True
+            self.facts["early_negotiation"] = bool(event.early_negotiation_flags)
+            if driver.datagram is not None and driver.last_sent is not None:
+                # against the latest (re)send of the reset; kernel receive stamp for UDP
+                self.facts["reset_rtt_seconds"] = round(
+                    round_trip_seconds(driver.last_sent, driver.datagram), 9)
+        elif isinstance(event, ov.TlsEstablished):
+            self.on_tls(event)
+        elif isinstance(event, ov.TlsFailed):
+            raise _tls_failure(event, after_handshake=self.tls_done)
+        elif isinstance(event, ov.KeyExchanged):
+            self.key_exchanged = True
+        elif isinstance(event, ov.AuthFailed):
+            raise ProbeFailure(Reason.AUTH_FAILED, f"server says {event.detail}")
+        elif isinstance(event, BadDatagram):
+            self.last_bad_packet = event.detail
+        elif isinstance(event, ov.ServerMisbehaved):
+            raise ProbeFailure(Reason.BAD_RESPONSE, f"server broke the protocol: {event.detail}")
+        elif isinstance(event, ov.DataReceived):
+            self.take_echo(event.payload)
+        elif isinstance(event, ov.ControlMessage):
+            log.debug("openvpn control message: %s", event.text)
+        elif isinstance(event, Unreachable):
+            self.transport_lost = True
+            raise ProbeFailure(event.error.reason, str(event.error))
+        elif isinstance(event, Closed):
+            self.transport_lost = True
+            raise self.closed(event)
 
-    async def step(self, deadline: float) -> Datagram | None:
-        """Send what is due, wait for one packet or the next timer, feed it to the core."""
-        assert self.session is not None and self.transport is not None
-        self.flush()
-        now = time.monotonic()
-        timer = self.session.get_timer()
-        wake = deadline if timer is None else min(deadline, timer)
-        datagram = await self.transport.recv(wake - now)
-        now = time.monotonic()
-        if datagram is not None:
-            self.session.receive_datagram(datagram.data, datagram.received_monotonic)
-        if timer is not None and now >= timer:
-            self.session.handle_timer(now)
-        self.handle_events(datagram)
-        self.flush()
-        return datagram
-
-    def handle_events(self, datagram: Datagram | None) -> None:
-        assert self.session is not None
-        while (event := self.session.next_event()) is not None:
-            if isinstance(event, ov.ResetAnswered):
-                self.reset_answered = True
-                self.facts["early_negotiation"] = bool(event.early_negotiation_flags)
-                if datagram is not None and self.last_sent is not None:
-                    # against the latest (re)send of the reset; kernel receive stamp for UDP
-                    self.facts["reset_rtt_seconds"] = round(
-                        round_trip_seconds(self.last_sent, datagram), 9)
-            elif isinstance(event, ov.TlsEstablished):
-                self.on_tls(event)
-            elif isinstance(event, ov.TlsFailed):
-                raise _tls_failure(event, after_handshake=self.tls_done)
-            elif isinstance(event, ov.KeyExchanged):
-                self.key_exchanged = True
-            elif isinstance(event, ov.AuthFailed):
-                raise _Failure(Reason.AUTH_FAILED, f"server says {event.detail}")
-            elif isinstance(event, ov.BadPacket):
-                self.last_bad_packet = event.detail
-            elif isinstance(event, ov.ServerMisbehaved):
-                raise _Failure(Reason.BAD_RESPONSE, f"server broke the protocol: {event.detail}")
-            elif isinstance(event, ov.DataReceived) and datagram is not None:
-                self.take_echo(event.payload, datagram)
-            elif isinstance(event, ov.ControlMessage):
-                log.debug("openvpn control message: %s", event.text)
+    def closed(self, event: Closed) -> ProbeFailure:
+        if event.error:  # a broken TCP frame
+            return ProbeFailure(Reason.BAD_PACKET, event.error)
+        if self.reset_answered:
+            return ProbeFailure(Reason.TLS_FAILED, "server closed the TCP connection")
+        return ProbeFailure(Reason.RESET_IGNORED, "server closed the TCP connection without "
+                                                  "answering the hard reset (wrong key?)")
 
     async def run_until(self, done: Callable[[], bool], phase: str) -> None:
-        """Step until ``done()`` or the deadline; a deadline becomes this phase's failure."""
+        """Events until ``done()`` or the deadline; a deadline becomes this phase's failure."""
+        assert self.driver is not None
         while not done():
-            if time.monotonic() >= self.deadline:
+            event = await self.driver.next_event(self.deadline)
+            if event is None:
                 raise self.stalled(phase)
-            await self.step(self.deadline)
+            self.handle(event)
 
-    def stalled(self, phase: str) -> _Failure:
+    def stalled(self, phase: str) -> ProbeFailure:
         assert self.session is not None
         waited = f"within {self.watch.elapsed():.3g}s"
         if phase == "reset":
             if self.session.bad_packets:
-                return _Failure(Reason.BAD_PACKET, f"only unauthenticated answers to the hard "
+                return ProbeFailure(Reason.BAD_PACKET, f"only unauthenticated answers to the hard "
                                                    f"reset ({self.last_bad_packet})", phase)
-            return _Failure(Reason.RESET_IGNORED, f"no answer to the hard reset {waited}: a "
+            return ProbeFailure(Reason.RESET_IGNORED, f"no answer to the hard reset {waited}: a "
                             "wrong tls-crypt/tls-auth key, or the host is down or filtered",
                             phase)
         if phase == "push":
-            return _Failure(Reason.NO_PUSH_REPLY,
+            return ProbeFailure(Reason.NO_PUSH_REPLY,
                             f"key exchange done but no PUSH_REPLY {waited}", phase)
         # over UDP only a packet sent SILENT_AFTER_SENDS times without an ACK is silence: once
         # or twice is what loss does (5 % loss made half the failures "auth-failed" before)
@@ -439,11 +363,11 @@ class _Probe:
             # our last flight (TLS 1.3). On a rejection (revoked, unknown CA, expired) OpenVPN
             # 2.6 restarts the instance before its alert leaves, so all we see is a server that
             # spoke TLS and then never ACKed what we sent after it.
-            return _Failure(Reason.AUTH_FAILED, "the server went silent right after our "
+            return ProbeFailure(Reason.AUTH_FAILED, "the server went silent right after our "
                             f"certificate (our packets not ACKed {waited}): our client "
                             "certificate was most likely rejected (revoked, unknown CA, "
                             "expired)", phase)
-        return _Failure(Reason.TIMEOUT, f"{phase} did not finish {waited}", phase)
+        return ProbeFailure(Reason.TIMEOUT, f"{phase} did not finish {waited}", phase)
 
     # phases
 
@@ -461,7 +385,8 @@ class _Probe:
 
     async def handshake(self) -> None:
         session = self.session = self.build_session()
-        session.connect(time.monotonic())
+        self.drive(session)
+        session.start(time.monotonic())
         await self.run_until(lambda: self.reset_answered, "reset")
         self.watch.lap("reset")
         if self.level == Level.RESET:
@@ -488,34 +413,29 @@ class _Probe:
         self.facts["pushed_options"] = ",".join(sorted({name for name, _ in reply.options}))
 
     async def tunnel(self) -> Quality:
-        from scapy.layers.inet import ICMP, IP  # noqa: PLC0415 - only the tunnel level pays
-
-        session = self.session
-        assert session is not None and session.push_reply is not None
+        session, driver = self.session, self.driver
+        assert session is not None and session.push_reply is not None and driver is not None
         reply = session.push_reply
         target = self.params.echo_target or reply.server_tunnel_address
         if reply.ifconfig is None or target is None:
-            raise _Failure(Reason.BAD_RESPONSE, "PUSH_REPLY has no ifconfig/route-gateway to "
+            raise ProbeFailure(Reason.BAD_RESPONSE, "PUSH_REPLY has no ifconfig/route-gateway to "
                                                 "send in-tunnel echoes with")
         key2 = None
         if reply.uses_tls_ekm:
             tls = session.tls_object
             if tls is None:
-                raise _Failure(Reason.PROBE_ERROR, "server wants TLS-EKM but TLS is gone")
+                raise ProbeFailure(Reason.PROBE_ERROR, "server wants TLS-EKM but TLS is gone")
             key2 = ekm.export_keying_material(tls, EKM_LABEL, KEY2_LEN)
         self.facts["key_derivation"] = "tls-ekm" if key2 is not None else "prf"
         try:
             channel = session.start_data_channel(key2, self.framing)
         except OpenVPNError as exc:  # e.g. a pushed cipher we do not speak
-            raise _Failure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
+            raise ProbeFailure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
         self.facts["data_cipher"] = channel.cipher
         self.facts["compression_framing"] = channel.framing.value
         echoes = self.echoes = _Echoes(secrets.randbelow(0xFFFF) + 1, {}, {})
         payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
-        # scapy builds the packet once; per echo only the sequence and checksum change, so
-        # building does not eat into the send pacing
-        template = bytes(IP(src=reply.ifconfig[0], dst=target)
-                         / ICMP(id=echoes.ident, seq=0) / payload)
+        source = reply.ifconfig[0]
         count = max(self.params.echo_count, 0)
         seq, next_send, last_sent = 0, time.monotonic(), time.monotonic()
         while len(echoes.rtts) < count:
@@ -523,21 +443,24 @@ class _Probe:
             if now >= self.deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
                 break
             if seq < count and now >= next_send:
-                session.send_data(echo_with_seq(template, seq))
-                stamp = self.flush()
-                assert stamp is not None
-                echoes.sent[seq] = stamp
-                last_sent, seq = stamp.monotonic, seq + 1
+                session.send_data(build_echo(source, target, echoes.ident, seq, payload))
+                stamp = driver.flush()
+                if stamp is not None:
+                    echoes.sent[seq] = stamp
+                    last_sent = stamp.monotonic
+                seq += 1
                 next_send = now + self.params.echo_interval
                 continue
             wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
-            await self.step(min(self.deadline, wake))
+            event = await driver.next_event(min(self.deadline, wake))
+            if event is not None:
+                self.handle(event)
         self.watch.lap("tunnel")
         return echo_quality(len(echoes.sent), list(echoes.rtts.values()))
 
-    def take_echo(self, packet: bytes, datagram: Datagram) -> None:
-        echoes = self.echoes
-        if echoes is None:
+    def take_echo(self, packet: bytes) -> None:
+        echoes, datagram = self.echoes, self.driver.datagram if self.driver else None
+        if echoes is None or datagram is None:
             return
         echo = parse_echo_reply(packet)
         if echo is not None and echo[0] == echoes.ident and echo[1] in echoes.sent:
@@ -545,69 +468,48 @@ class _Probe:
 
     async def leave(self) -> None:
         """Say EXIT and wait (briefly, also after a failure) until the server has it."""
-        session, transport = self.session, self.transport
-        if session is None or transport is None:
+        session, driver = self.session, self.driver
+        if (session is None or driver is None or self.transport_lost
+                or not session.send_exit(time.monotonic())):
             return
-        try:
-            if not session.send_exit(time.monotonic()):
+        self.facts["exit_sent"] = True
+        now = time.monotonic()
+        until = min(now + EXIT_MAX_WAIT,
+                    max(self.deadline, now) + min(EXIT_WAIT, CLEANUP_GRACE_SECONDS))
+        resend_at = now + EXIT_RESEND
+        while not session.exit_acknowledged and time.monotonic() < until:
+            if time.monotonic() >= resend_at:
+                session.resend_unacknowledged(time.monotonic())
+                resend_at = time.monotonic() + EXIT_RESEND
+            event = await driver.next_event(min(until, resend_at))
+            if isinstance(event, Unreachable | Closed):
+                log.debug("EXIT not confirmed: %s", event)
                 return
-            self.facts["exit_sent"] = True
-            now = time.monotonic()
-            until = min(now + EXIT_MAX_WAIT,
-                        max(self.deadline, now) + min(EXIT_WAIT, CLEANUP_GRACE_SECONDS))
-            resend_at = now + EXIT_RESEND
-            while not session.exit_acknowledged and time.monotonic() < until:
-                if time.monotonic() >= resend_at:
-                    session.resend_unacknowledged(time.monotonic())
-                    resend_at = time.monotonic() + EXIT_RESEND
-                self.flush()
-                datagram = await transport.recv(min(until, resend_at) - time.monotonic())
-                if datagram is not None:
-                    session.receive_datagram(datagram.data, datagram.received_monotonic)
-                while session.next_event() is not None:
-                    pass
-            self.facts["exit_acknowledged"] = session.exit_acknowledged
-            self.watch.lap("exit")
-        except (IcmpError, _ConnectionClosed, OpenVPNError, OSError) as exc:
-            log.debug("EXIT not confirmed: %s", exc)
+        self.facts["exit_acknowledged"] = session.exit_acknowledged
+        self.watch.lap("exit")
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.driver is not None:
+            self.driver.close()
+        elif isinstance(self.transport, UdpEndpoint):
             self.transport.close()
+        elif self.transport is not None:
+            self.transport[1].close()
         if self.session is not None:
             self.facts["retransmissions"] = self.session.retransmissions
             if self.session.bad_packets:
                 self.facts["bad_packets"] = self.session.bad_packets
 
 
-def _tls_failure(event: ov.TlsFailed, *, after_handshake: bool) -> _Failure:
+def _tls_failure(event: ov.TlsFailed, *, after_handshake: bool) -> ProbeFailure:
     if event.failure == ov.TlsFailure.EXPIRED:
-        return _Failure(Reason.CERT_EXPIRED, f"server certificate: {event.detail}")
+        return ProbeFailure(Reason.CERT_EXPIRED, f"server certificate: {event.detail}")
     if event.failure in (ov.TlsFailure.VERIFY, ov.TlsFailure.EKU):
-        return _Failure(Reason.CERT_VERIFY_FAILED, f"server certificate: {event.detail}")
+        return ProbeFailure(Reason.CERT_VERIFY_FAILED, f"server certificate: {event.detail}")
     if event.failure == ov.TlsFailure.PEER_REJECTED:
-        return _Failure(Reason.AUTH_FAILED, f"server refused our certificate: {event.detail}")
+        return ProbeFailure(Reason.AUTH_FAILED, f"server refused our certificate: {event.detail}")
     when = "after" if after_handshake else "during"
-    return _Failure(Reason.TLS_FAILED, f"TLS failed {when} the handshake: {event.detail}")
-
-
-def _ones_complement_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def echo_with_seq(template: bytes, seq: int) -> bytes:
-    """An IPv4 ICMP echo request from ``template`` with sequence ``seq`` and a fresh checksum."""
-    header = (template[0] & 0x0F) * 4
-    icmp = bytearray(template[header:])
-    icmp[6:8] = seq.to_bytes(2, "big")
-    icmp[2:4] = b"\x00\x00"
-    icmp[2:4] = (~_ones_complement_sum(bytes(icmp)) & 0xFFFF).to_bytes(2, "big")
-    return template[:header] + bytes(icmp)
+    return ProbeFailure(Reason.TLS_FAILED, f"TLS failed {when} the handshake: {event.detail}")
 
 
 def _tunnel_result(probe: _Probe, quality: Quality) -> CheckResult:
@@ -629,22 +531,12 @@ async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> Chec
             return _tunnel_result(probe, quality)
         await probe.leave()
         return probe.watch.result(True, Reason.OK, facts=probe.facts)
-    except _Failure as failure:
+    except ProbeFailure as failure:
         if failure.phase:
             probe.watch.lap(failure.phase)
         await probe.leave()
         return probe.watch.result(False, failure.reason, detail=failure.detail,
                                   facts=probe.facts)
-    except IcmpError as exc:
-        return probe.watch.result(False, exc.reason, detail=str(exc), facts=probe.facts)
-    except _ConnectionClosed:
-        reason = Reason.RESET_IGNORED if not probe.reset_answered else Reason.TLS_FAILED
-        return probe.watch.result(False, reason, facts=probe.facts,
-                                  detail="server closed the TCP connection"
-                                         + ("" if probe.reset_answered else
-                                            " without answering the hard reset (wrong key?)"))
-    except OpenVPNError as exc:  # a broken TCP frame
-        return probe.watch.result(False, Reason.BAD_PACKET, detail=str(exc), facts=probe.facts)
     except ConfigError as exc:
         return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
     finally:

@@ -28,7 +28,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -53,19 +52,14 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     ProbeCommand,
+    ProbeFailure,
     Stopwatch,
 )
-from probes.checks.icmp import (
-    IcmpParseError,
-    build_echo_request,
-    parse_icmp,
-    strip_ipv4_header,
-)
 from probes.checks.l4 import quality_of, resolve
+from probes.checks.tunnel import build_echo, parse_echo_reply
 from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
-from probes.protocols.inet import checksum
 
 H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536
@@ -101,14 +95,6 @@ class QuicParams(msgspec.Struct, frozen=True, kw_only=True):
     ip_protocol: str = "*"
     ip_ping: str | None = None  # in-tunnel IPv4 address to ICMP-echo after ADDRESS_ASSIGN
 
-
-class _Failed(Exception):
-    """Ends a check early with a closed-enum reason."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 class H3DatagramConnection(H3Connection):
@@ -203,10 +189,10 @@ class _ClientProtocol(QuicConnectionProtocol):
 
     def raise_if_closed(self) -> None:
         if self.socket_error is not None:
-            raise _Failed(_reason_for_socket_error(self.socket_error), str(self.socket_error))
+            raise ProbeFailure(_reason_for_socket_error(self.socket_error), str(self.socket_error))
         if self.terminated is not None:
             t = self.terminated
-            raise _Failed(reason_for_close(t),
+            raise ProbeFailure(reason_for_close(t),
                           f"connection closed: error 0x{t.error_code:x} {t.reason_phrase}".strip())
 
     async def changed(self) -> None:
@@ -266,7 +252,7 @@ async def _connection(params: QuicParams, config: QuicConfiguration, sw: Stopwat
     try:
         family, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
-        raise _Failed(Reason.RESOLVE_FAILED, f"cannot resolve {params.host}: {exc}") from None
+        raise ProbeFailure(Reason.RESOLVE_FAILED, f"cannot resolve {params.host}: {exc}") from None
     sw.lap("resolve")
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -274,7 +260,7 @@ async def _connection(params: QuicParams, config: QuicConfiguration, sw: Stopwat
         sock.connect(address)
     except OSError as exc:
         sock.close()
-        raise _Failed(_reason_for_socket_error(exc), str(exc)) from None
+        raise ProbeFailure(_reason_for_socket_error(exc), str(exc)) from None
     quic = QuicConnection(configuration=config,
                           session_ticket_handler=tickets.append if tickets is not None else None)
     try:
@@ -296,7 +282,7 @@ async def _handshake(conn: _ClientProtocol, params: QuicParams, sw: Stopwatch,
     done = await conn.wait_handshake()
     sw.lap(phase)
     if done.alpn_protocol != params.alpn:
-        raise _Failed(Reason.NO_ALPN, f"server chose ALPN {done.alpn_protocol!r}")
+        raise ProbeFailure(Reason.NO_ALPN, f"server chose ALPN {done.alpn_protocol!r}")
     return done
 
 
@@ -320,7 +306,7 @@ async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
         config = client_configuration(params)
         async with asyncio.timeout(timeout):
             return await body(params, config, sw, facts)
-    except _Failed as failed:
+    except ProbeFailure as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
     except ConfigError as exc:
         return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
@@ -380,9 +366,9 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
     settings = await conn.wait_settings(h3)
     sw.lap("settings")
     if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
-        raise _Failed(Reason.BAD_RESPONSE, "server does not allow extended CONNECT (RFC 9220)")
+        raise ProbeFailure(Reason.BAD_RESPONSE, "server does not allow extended CONNECT (RFC 9220)")
     if settings.get(Setting.H3_DATAGRAM) != 1:
-        raise _Failed(Reason.BAD_RESPONSE, "server does not support HTTP datagrams (RFC 9297)")
+        raise ProbeFailure(Reason.BAD_RESPONSE, "server does not support HTTP datagrams (RFC 9297)")
     authority = (params.server_name or params.host).encode()
     if params.port != 443:
         authority += b":%d" % params.port
@@ -396,7 +382,8 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
     while True:
         event = await conn.next_h3_event()
         if isinstance(event, _Reset) and event.stream_id == stream_id:
-            raise _Failed(Reason.CONNECT_REFUSED, f"stream reset, error 0x{event.error_code:x}")
+            raise ProbeFailure(Reason.CONNECT_REFUSED,
+                               f"stream reset, error 0x{event.error_code:x}")
         if not isinstance(event, HeadersReceived) or event.stream_id != stream_id:
             continue
         status = dict(event.headers).get(b":status", b"")
@@ -404,37 +391,17 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
             continue  # interim response
         sw.lap("connect")
         if not status.startswith(b"2"):
-            raise _Failed(Reason.CONNECT_REFUSED, f"CONNECT {protocol}: status {status.decode()}")
+            raise ProbeFailure(Reason.CONNECT_REFUSED,
+                               f"CONNECT {protocol}: status {status.decode()}")
         if event.stream_ended:
-            raise _Failed(Reason.BAD_RESPONSE, "2xx response ended the stream")
+            raise ProbeFailure(Reason.BAD_RESPONSE, "2xx response ended the stream")
         return h3, stream_id
 
 
-_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
-_IPPROTO_ICMP = 1
-
-
-def ipv4_icmp_echo(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, identifier: int,
-                   sequence: int, payload: bytes) -> bytes:
-    """An IPv4 packet (DF, TTL 64) carrying an ICMP echo request: what CONNECT-IP tunnels."""
-    icmp = build_echo_request(identifier, sequence, payload)
-    header = _IPV4_HEADER.pack(0x45, 0, _IPV4_HEADER.size + len(icmp), 0, 0x4000, 64,
-                               _IPPROTO_ICMP, 0, src.packed, dst.packed)
-    csum = checksum(header).to_bytes(2, "big")
-    return header[:10] + csum + header[12:] + icmp
-
-
-def ipv4_echo_reply_sequence(packet: bytes, identifier: int) -> int | None:
-    """The sequence number of an ICMP echo reply with our identifier, else None."""
-    try:
-        if len(packet) < _IPV4_HEADER.size or packet[9] != _IPPROTO_ICMP:
-            return None
-        message = parse_icmp(strip_ipv4_header(packet))
-    except IcmpParseError:
-        return None
-    if not message.is_reply or message.identifier != identifier:
-        return None
-    return message.sequence
+def _reply_sequence(packet: bytes, ident: int) -> int | None:
+    """The sequence number of an in-tunnel ICMP echo reply with our identifier, else None."""
+    echo = parse_echo_reply(packet)
+    return echo[1] if echo is not None and echo[0] == ident else None
 
 
 def _echo_payload(seq: int, size: int) -> bytes:
@@ -503,9 +470,9 @@ async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
                             if capsule.type == cap.CapsuleType.DATAGRAM:
                                 on_payload(capsule.value, now)
                         if event.stream_ended:
-                            raise _Failed(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
+                            raise ProbeFailure(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
     except cap.CapsuleError as exc:
-        raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
+        raise ProbeFailure(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
     finally:
         send_task.cancel()
     return rtts
@@ -581,9 +548,9 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
                         routes = cap.decode_route_advertisement(capsule.value)
                 if assigned is None and event.stream_ended:
                     parser.end()
-                    raise _Failed(Reason.BAD_RESPONSE, "stream ended without ADDRESS_ASSIGN")
+                    raise ProbeFailure(Reason.BAD_RESPONSE, "stream ended without ADDRESS_ASSIGN")
         except cap.CapsuleError as exc:
-            raise _Failed(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
+            raise ProbeFailure(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
         sw.lap("address_assign")
         if not assigned:
             return sw.result(False, Reason.BAD_RESPONSE, facts=facts,
@@ -603,8 +570,8 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
         pad = bytes(max(0, params.payload_size))
         rtts = await _echo_through(
             conn, h3, stream_id, params,
-            build=lambda seq: (ipv4_icmp_echo(source, ping, ident, seq, pad), seq),
-            key_of=lambda packet: ipv4_echo_reply_sequence(packet, ident))
+            build=lambda seq: (build_echo(str(source), str(ping), ident, seq, pad), seq),
+            key_of=lambda packet: _reply_sequence(packet, ident))
         sw.lap("echo")
         with contextlib.suppress(Exception):
             h3.send_data(stream_id, b"", end_stream=True)

@@ -1,19 +1,37 @@
-"""What every in-tunnel synthetic session shares: echo figures and the verdict on them.
+"""What every in-tunnel synthetic session shares: the echoes, their figures and the verdict.
 
-A session check (WireGuard, OpenVPN, ...) sends K echoes through the tunnel it set up and hands
-the round-trip times here: :func:`echo_quality` turns them into a :class:`Quality`, and
-:func:`judge_echoes` decides — no reply at all is ``tunnel-no-reply`` (the data plane is
-broken while the handshake works), then the loss and RTT bounds. :func:`parse_echo_reply` reads
-the echo replies out of the decrypted inner IPv4 packets.
+A session check (WireGuard, OpenVPN, IKEv2, MASQUE CONNECT-IP) sends K ICMP echoes built by
+:func:`build_echo` through the tunnel it set up, reads the replies out of the decrypted inner
+IPv4 packets with :func:`parse_echo_reply`, and hands the round-trip times here:
+:func:`echo_quality` turns them into a :class:`Quality`, and :func:`judge_echoes` decides — no
+reply at all is ``tunnel-no-reply`` (the data plane is broken while the handshake works), then
+the loss and RTT bounds.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import statistics
+import struct
 from collections.abc import Sequence
 
 from probes.checks.base import CheckResult, Fact, Stopwatch
+from probes.checks.icmp import build_echo_request
 from probes.model import Quality, Reason
+from probes.protocols.inet import checksum
+
+_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+_IPPROTO_ICMP = 1
+_DONT_FRAGMENT = 0x4000
+
+
+def build_echo(src: str, dst: str, ident: int, seq: int, payload: bytes) -> bytes:
+    """An IPv4 packet (DF, TTL 64) carrying an ICMP echo request from ``src`` to ``dst``."""
+    icmp = build_echo_request(ident, seq, payload)
+    header = _IPV4_HEADER.pack(0x45, 0, _IPV4_HEADER.size + len(icmp), 0, _DONT_FRAGMENT, 64,
+                               _IPPROTO_ICMP, 0, ipaddress.IPv4Address(src).packed,
+                               ipaddress.IPv4Address(dst).packed)
+    return header[:10] + checksum(header).to_bytes(2, "big") + header[12:] + icmp
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:

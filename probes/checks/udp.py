@@ -25,6 +25,7 @@ import asyncio
 import errno
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -122,16 +123,26 @@ def parse_error_queue_message(ancdata: Ancillary) -> IcmpError | None:
 class UdpEndpoint:
     """A non-blocking connected UDP socket driven by the running event loop."""
 
-    def __init__(self, sock: socket.socket, remote: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, remote: tuple[str, int],
+                 sink: Callable[[Datagram | IcmpError], None] | None = None) -> None:
         self.sock = sock
         self.remote = remote
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Datagram | IcmpError] = asyncio.Queue()
+        # where arrivals go: this endpoint's own queue (recv), or a driver's inbox
+        self._sink = sink or self._queue.put_nowait
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
+    def redirect(self, sink: Callable[[Datagram | IcmpError], None]) -> None:
+        """Hand arrivals to ``sink`` from now on (what is queued already goes first)."""
+        while not self._queue.empty():
+            sink(self._queue.get_nowait())
+        self._sink = sink
+
     @classmethod
-    async def open(cls, host: str, port: int, *, local_port: int = 0) -> UdpEndpoint:
+    async def open(cls, host: str, port: int, *, local_port: int = 0,
+                   sink: Callable[[Datagram | IcmpError], None] | None = None) -> UdpEndpoint:
         """Resolve, bind and connect. Raises ``socket.gaierror`` / ``OSError`` as the OS does."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -147,7 +158,7 @@ class UdpEndpoint:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, (str(address[0]), int(address[1])))
+        return cls(sock, (str(address[0]), int(address[1])), sink)
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -194,18 +205,19 @@ class UdpEndpoint:
     def _on_readable(self) -> None:
         # the error queue first: reading it clears the socket's pending error, so the ICMP
         # message is reported once, with its details
+        sink = self._sink
         error = self._drain_error_queue()
         if error is not None:
-            self._queue.put_nowait(error)
+            sink(error)
         for _ in range(64):  # bounded, so a flood cannot starve the loop
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._queue.put_nowait(self._drain_error_queue() or IcmpError(exc.errno or 0))
+                sink(self._drain_error_queue() or IcmpError(exc.errno or 0))
                 return
-            self._queue.put_nowait(Datagram(data, time.monotonic(), kernel_timestamp_ns(ancdata)))
+            sink(Datagram(data, time.monotonic(), kernel_timestamp_ns(ancdata)))
 
     def close(self) -> None:
         if self._closed:

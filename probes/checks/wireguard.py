@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from scapy.layers.inet import ICMP, IP
 
 from probes.checks.base import (
     CheckKind,
@@ -41,14 +40,17 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     ProbeCommand,
+    ProbeFailure,
     Stopwatch,
     first_retry_after,
 )
-from probes.checks.tunnel import echo_quality, judge_echoes, parse_echo_reply
-from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.checks.driver import Driver, Unreachable
+from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.config import WireGuardTarget, wireguard_problems
 from probes.model import Quality, Reason, Tier
 from probes.protocols import wireguard as wg
+from probes.protocols.core import Address, BadDatagram
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +158,6 @@ class TimestampStore:
 # --- the probe ----------------------------------------------------------------------------------
 
 
-class _Failure(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 def _silence_detail(host: str, port: int, waited: float) -> str:
     return (f"no answer from {host}:{port} within {waited:.3g}s: the server is down, the path "
             "filters UDP, or the server does not know this agent's key (or we have the wrong "
@@ -170,7 +165,7 @@ def _silence_detail(host: str, port: int, waited: float) -> str:
 
 
 class _Probe:
-    """One check run: socket, initiator, stopwatch and facts."""
+    """One check run: the initiator on the driver, stopwatch and facts."""
 
     def __init__(self, params: WireGuardParams, timeout: float, wall_ns: WallClock) -> None:
         self.params = params
@@ -179,87 +174,74 @@ class _Probe:
         self.wall_ns = wall_ns
         self.watch = Stopwatch()
         self.facts: dict[str, Fact] = {"cookie_used": False, "initiations_sent": 0}
-        self.udp: UdpEndpoint | None = None
+        self.remote = (params.host, params.port)
         self.conn: wg.WireGuardInitiator | None = None
+        self.driver: Driver[wg.Event] | None = None
         self.store = TimestampStore(params.state_file) if params.state_file else None
         self.key_id = ""
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        self.initiations: dict[int, SendStamp] = {}  # sender index -> when it left
 
     async def open(self) -> None:
         config = load_config(self.params)
         self.key_id = wg.encode_key(wg.public_key(config.private_key))
         last = self.store.load(self.key_id) if self.store else None
-        self.conn = wg.WireGuardInitiator(config, last_timestamp=last)
+        self.conn = wg.WireGuardInitiator(
+            config, remote=self.remote, last_timestamp=last, wall_ns=self.wall_ns,
+            retry_interval=first_retry_after(self.params.retry_interval, self.timeout))
+        self.driver = Driver(self.conn, on_send=self._sent)
         try:
-            self.udp = await UdpEndpoint.open(self.params.host, self.params.port)
+            await self.driver.open_udp(self.remote)
         except socket.gaierror as exc:
-            raise _Failure(Reason.RESOLVE_FAILED, f"{self.params.host}: {exc.strerror}") from None
+            raise ProbeFailure(Reason.RESOLVE_FAILED,
+                               f"{self.params.host}: {exc.strerror}") from None
         except OSError as exc:
-            raise _Failure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
+            raise ProbeFailure(Reason.NETWORK_UNREACHABLE, f"socket: {exc.strerror}") from None
         self.watch.lap("resolve")
 
-    def _flush(self) -> SendStamp | None:
-        assert self.conn is not None and self.udp is not None
-        stamp = None
-        for datagram in self.conn.datagrams_to_send():
-            stamp = self.udp.send(datagram)
-        return stamp
+    def _sent(self, data: bytes, addr: Address, stamp: SendStamp) -> None:
+        if data[0] == wg.MESSAGE_INITIATION:
+            self.initiations[int.from_bytes(data[4:8], "little")] = stamp
+            self.facts["initiations_sent"] = int(self.facts["initiations_sent"]) + 1
 
-    def _send_initiation(self, stamps: dict[int, SendStamp]) -> None:
-        assert self.conn is not None
-        message = self.conn.initiate(time.monotonic(), self.wall_ns())
-        if self.store is not None and self.conn.last_timestamp is not None:
-            try:  # persist before sending: a crash must not let the next run reuse it
-                self.store.save(self.key_id, self.conn.last_timestamp)
-            except OSError as exc:
-                log.warning("cannot persist WireGuard timestamp to %s: %s", self.store.path, exc)
-                self.facts["timestamp_persist_failed"] = True
-        stamp = self._flush()
-        assert stamp is not None
-        stamps[int.from_bytes(message[4:8], "little")] = stamp
-        self.facts["initiations_sent"] = int(self.facts["initiations_sent"]) + 1
+    def _persist(self, event: wg.InitiationSent) -> None:
+        """Before the initiation leaves: a crash must not let the next run reuse its stamp."""
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.key_id, event.timestamp)
+        except OSError as exc:
+            log.warning("cannot persist WireGuard timestamp to %s: %s", self.store.path, exc)
+            self.facts["timestamp_persist_failed"] = True
 
     async def handshake(self) -> None:
-        assert self.conn is not None and self.udp is not None
-        stamps: dict[int, SendStamp] = {}
+        assert self.conn is not None and self.driver is not None
         started = time.monotonic()
-        self._send_initiation(stamps)
-        retry_interval = first_retry_after(self.params.retry_interval, self.timeout)
-        next_retry = time.monotonic() + retry_interval
+        self.conn.start(started)
         cookie = False
-        while True:
-            now = time.monotonic()
-            if now >= self.deadline:
-                if cookie:
-                    raise _Failure(Reason.COOKIE_THEN_TIMEOUT,
-                                   "server under load sent a cookie reply, but the retry with "
-                                   f"mac2 got no response within {now - started:.3g}s")
-                raise _Failure(Reason.TIMEOUT, _silence_detail(
-                    self.params.host, self.params.port, now - started))
-            if now >= next_retry:
-                self._send_initiation(stamps)
-                next_retry = now + retry_interval
-                continue
-            datagram = await self.udp.recv(min(self.deadline, next_retry) - now)
-            if datagram is None:
-                continue
-            try:
-                self.conn.receive_datagram(datagram.data, datagram.received_monotonic)
-            except wg.WireGuardError as exc:
-                raise _Failure(Reason.BAD_RESPONSE, f"handshake answer rejected: {exc}") from None
-            while (event := self.conn.next_event()) is not None:
-                if isinstance(event, wg.CookieReceived):
-                    cookie = True
-                    self.facts["cookie_used"] = True
-                    self.facts["cookies_received"] = self.conn.cookies_received
-                    self.watch.lap("cookie")
-                    self._send_initiation(stamps)  # now with mac2
-                    next_retry = time.monotonic() + retry_interval
-                elif isinstance(event, wg.HandshakeCompleted):
-                    self._completed(event, stamps[event.local_index], datagram)
-                    return
+        while (event := await self.driver.next_event(self.deadline)) is not None:
+            if isinstance(event, wg.InitiationSent):
+                self._persist(event)
+            elif isinstance(event, wg.CookieReceived):  # the core retries at once, with mac2
+                cookie = True
+                self.facts["cookie_used"] = True
+                self.facts["cookies_received"] = self.conn.cookies_received
+                self.watch.lap("cookie")
+            elif isinstance(event, wg.HandshakeCompleted):
+                assert self.driver.datagram is not None
+                self._completed(event, self.initiations[event.local_index], self.driver.datagram)
+                return
+            elif isinstance(event, BadDatagram):
+                raise ProbeFailure(Reason.BAD_RESPONSE, f"handshake answer rejected: "
+                                                        f"{event.detail}")
+            elif isinstance(event, Unreachable):
+                raise ProbeFailure(event.error.reason, str(event.error))
+        waited = time.monotonic() - started
+        if cookie:
+            raise ProbeFailure(Reason.COOKIE_THEN_TIMEOUT, "server under load sent a cookie "
+                               f"reply, but the retry with mac2 got no response within "
+                               f"{waited:.3g}s")
+        raise ProbeFailure(Reason.TIMEOUT, _silence_detail(self.params.host, self.params.port,
+                                                           waited))
 
     def _completed(self, event: wg.HandshakeCompleted, sent: SendStamp,
                    answer: Datagram) -> None:
@@ -270,7 +252,7 @@ class _Probe:
 
     async def echoes(self) -> Quality:
         """K ICMP echoes to the canary through the tunnel; RTTs from kernel receive stamps."""
-        assert self.conn is not None and self.udp is not None
+        assert self.conn is not None and self.driver is not None
         params = self.params
         if params.tunnel_address is None or params.canary is None:
             raise ConfigError("a session needs tunnel_address and canary")
@@ -280,9 +262,8 @@ class _Probe:
         sent: dict[int, SendStamp] = {}
         rtts: dict[int, float] = {}
         count = max(params.echo_count, 0)
-        next_send = time.monotonic()
+        next_send = last_send_at = time.monotonic()
         seq = 0
-        last_send_at = time.monotonic()
         while True:
             now = time.monotonic()
             all_sent = seq >= count
@@ -290,52 +271,47 @@ class _Probe:
                     all_sent and now >= last_send_at + ECHO_REPLY_GRACE):
                 break
             if not all_sent and now >= next_send:
-                packet = IP(src=source, dst=params.canary) / ICMP(id=ident, seq=seq) / payload
-                self.conn.send_data(bytes(packet), now)
-                stamp = self._flush()
-                assert stamp is not None
-                sent[seq] = stamp
-                last_send_at = stamp.monotonic
+                self.conn.send_data(build_echo(source, params.canary, ident, seq, payload), now)
+                stamp = self.driver.flush()
+                if stamp is not None:
+                    sent[seq] = stamp
+                    last_send_at = stamp.monotonic
                 seq += 1
                 next_send = now + params.echo_interval
                 continue
             wake = self.deadline if all_sent else next_send
             if all_sent:
                 wake = min(wake, last_send_at + ECHO_REPLY_GRACE)
-            datagram = await self.udp.recv(wake - now)
-            if datagram is not None:
-                self._take_echo_reply(datagram, ident, sent, rtts)
+            event = await self.driver.next_event(wake)
+            if isinstance(event, wg.DataReceived):
+                self._take_echo_reply(event, ident, sent, rtts)
+            elif isinstance(event, BadDatagram):
+                # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
+                self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
+            elif isinstance(event, Unreachable):
+                raise ProbeFailure(event.error.reason, str(event.error))
         self.watch.lap("tunnel")
         return echo_quality(len(sent), list(rtts.values()))
 
-    def _take_echo_reply(self, datagram: Datagram, ident: int, sent: dict[int, SendStamp],
+    def _take_echo_reply(self, event: wg.DataReceived, ident: int, sent: dict[int, SendStamp],
                          rtts: dict[int, float]) -> None:
-        assert self.conn is not None
-        try:
-            self.conn.receive_datagram(datagram.data, datagram.received_monotonic)
-        except wg.WireGuardError:
-            # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
-            self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
+        echo = parse_echo_reply(event.payload)
+        datagram = self.driver.datagram if self.driver is not None else None
+        if echo is None or datagram is None:
             return
-        while (event := self.conn.next_event()) is not None:
-            if not isinstance(event, wg.DataReceived):
-                continue
-            echo = parse_echo_reply(event.payload)
-            if echo is None:
-                continue
-            echo_id, echo_seq = echo
-            if echo_id == ident and echo_seq in sent and echo_seq not in rtts:
-                rtts[echo_seq] = round_trip_seconds(sent[echo_seq], datagram)
+        echo_id, echo_seq = echo
+        if echo_id == ident and echo_seq in sent and echo_seq not in rtts:
+            rtts[echo_seq] = round_trip_seconds(sent[echo_seq], datagram)
 
     def keepalive(self) -> None:
-        assert self.conn is not None
+        assert self.conn is not None and self.driver is not None
         self.conn.send_keepalive(time.monotonic())
-        self._flush()
+        self.driver.flush()
         self.facts["keepalive_sent"] = True
 
     def close(self) -> None:
-        if self.udp is not None:
-            self.udp.close()
+        if self.driver is not None:
+            self.driver.close()
 
 
 async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
@@ -350,13 +326,9 @@ async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
         quality = await probe.echoes()
         probe.keepalive()
         return _session_result(probe, quality)
-    except _Failure as failure:
+    except ProbeFailure as failure:
         return probe.watch.result(False, failure.reason, detail=failure.detail, facts=probe.facts)
-    except IcmpError as exc:
-        return probe.watch.result(False, exc.reason, detail=str(exc), facts=probe.facts)
-    except ConfigError as exc:
-        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
-    except wg.WireGuardError as exc:  # e.g. keys expired mid-check: ours, not the node's
+    except (ConfigError, wg.WireGuardError) as exc:  # ours (e.g. keys expired mid-check)
         return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
     finally:
         probe.close()

@@ -1,21 +1,27 @@
 """Sans-I/O WireGuard initiator: Noise_IKpsk2 handshake, cookies, transport data.
 
-No sockets, no clocks, no asyncio. The caller passes bytes and time in and takes bytes and events
-out, in the aioquic style::
+No sockets, no asyncio. The caller passes bytes and time in and takes bytes and events out, with
+the verbs every core has (:mod:`probes.protocols.core`)::
 
-    conn = WireGuardInitiator(config)
-    conn.initiate(now, wall_ns)              # queues a 148-byte initiation
-    for datagram in conn.datagrams_to_send(): sock.send(datagram)
-    conn.receive_datagram(reply, now)        # response, cookie reply or transport data
+    conn = WireGuardInitiator(config, remote=server, retry_interval=0.25)
+    conn.start(now)                          # queues a 148-byte initiation
+    for data, addr in conn.datagrams_to_send(now): send(data, addr)
+    conn.receive_datagram(reply, server, now)  # response, cookie reply or transport data
     while (event := conn.next_event()) is not None: ...
 
-``now`` is a monotonic time in seconds (key ages, cookie ages); ``wall_ns`` is the wall clock in
-Unix nanoseconds and is used for one thing only, the TAI64N timestamp in the initiation. The server
-accepts a timestamp only if it is strictly greater than the last one it accepted from this key, so
-:func:`next_timestamp` never goes backwards: it takes the last timestamp sent (the caller persists
-it across restarts) and bumps it when the wall clock stepped back.
+``now`` is a monotonic time in seconds (key ages, cookie ages, retransmissions). The wall clock
+(``wall_ns``, injected like randomness) is used for one thing only, the TAI64N timestamp in the
+initiation. The server accepts a timestamp only if it is strictly greater than the last one it
+accepted from this key, so :func:`next_timestamp` never goes backwards: it takes the last
+timestamp sent (the caller persists it across restarts: :class:`InitiationSent` says when) and
+bumps it when the wall clock stepped back.
 
-Every malformed or unauthenticated input raises :class:`WireGuardError` and nothing else.
+With a ``retry_interval`` the initiator retransmits by itself (a fresh initiation every interval
+while none is answered, ``get_timer`` says when) and answers a cookie reply at once with an
+initiation carrying mac2. Without one, :meth:`initiate` is the caller's to call.
+
+A malformed or unauthenticated datagram never raises: it becomes a :class:`BadDatagram` event
+with the reason; the helpers below raise :class:`WireGuardError` and nothing else.
 Message layouts and the key schedule follow the WireGuard paper and wireguard-go's device/noise-*.go
 (see docs/probes/wireguard.md).
 """
@@ -28,6 +34,7 @@ import hashlib
 import hmac
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +44,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl import bindings as sodium
 from nacl.exceptions import CryptoError
 from nacl.exceptions import RuntimeError as SodiumRuntimeError
+
+from probes.protocols.core import Address, BadDatagram
 
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
@@ -303,7 +312,17 @@ class HandshakeTimedOut:
     """No response within REKEY_TIMEOUT of the last initiation (the caller decides to retry)."""
 
 
-Event = HandshakeCompleted | CookieReceived | DataReceived | KeepaliveReceived | HandshakeTimedOut
+@dataclass(frozen=True, slots=True)
+class InitiationSent:
+    """An initiation of the initiator's own (``start``, a retransmission, the answer to a cookie)
+    is queued: ``timestamp`` is the one to persist before it leaves."""
+
+    sender_index: int
+    timestamp: bytes
+
+
+Event = (HandshakeCompleted | CookieReceived | DataReceived | KeepaliveReceived
+         | HandshakeTimedOut | InitiationSent | BadDatagram)
 
 
 @dataclass(slots=True)
@@ -327,12 +346,19 @@ class WireGuardInitiator:
         self,
         config: InitiatorConfig,
         *,
+        remote: Address = ("", 0),
         last_timestamp: bytes | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        wall_ns: Callable[[], int] = time.time_ns,
+        retry_interval: float | None = None,
     ) -> None:
         if last_timestamp is not None:
             parse_tai64n(last_timestamp)
         self.config = config
+        self.remote = remote  # the server, as the caller's transport knows it
+        self._wall_ns = wall_ns
+        self.retry_interval = retry_interval
+        self._next_retry: float | None = None
         self.last_timestamp = last_timestamp  # persist this before sending the initiation
         self._random = random_bytes
         self.public_key = public_key(config.private_key)
@@ -357,21 +383,39 @@ class WireGuardInitiator:
 
     # -- sans-I/O surface --
 
-    def datagrams_to_send(self) -> list[bytes]:
+    def start(self, now: float) -> None:
+        """Queue the first initiation (announced with :class:`InitiationSent`)."""
+        self._initiate_announced(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
-        return out
+        return [(data, self.remote) for data in out]
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
+        if self.retry_interval is not None:
+            return self._next_retry if self._pending else None
         return max(p.deadline for p in self._pending.values()) if self._pending else None
 
     def handle_timer(self, now: float) -> None:
         deadline = self.get_timer()
-        if deadline is not None and now >= deadline:
-            self._pending.clear()
-            self._events.append(HandshakeTimedOut())
+        if deadline is None or now < deadline:
+            return
+        if self.retry_interval is not None:
+            self._initiate_announced(now)  # a retransmission: a fresh initiation
+            return
+        self._pending.clear()
+        self._events.append(HandshakeTimedOut())
+
+    def _initiate_announced(self, now: float) -> None:
+        message = self.initiate(now, self._wall_ns())
+        if self.retry_interval is not None:
+            self._next_retry = now + self.retry_interval
+        assert self.last_timestamp is not None
+        self._events.append(InitiationSent(int.from_bytes(message[4:8], "little"),
+                                           self.last_timestamp))
 
     # -- handshake --
 
@@ -418,8 +462,14 @@ class WireGuardInitiator:
             return None
         return self._cookie
 
-    def receive_datagram(self, data: bytes, now: float) -> None:
-        """Consume one datagram from the server; raise :class:`WireGuardError` if it is bad."""
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Consume one datagram from the server; a bad one becomes a :class:`BadDatagram`."""
+        try:
+            self._receive(data, now)
+        except WireGuardError as exc:
+            self._events.append(BadDatagram(str(exc)))
+
+    def _receive(self, data: bytes, now: float) -> None:
         if len(data) < 4:
             raise WireGuardError(f"datagram of {len(data)} bytes is too short")
         kind = data[0]
@@ -481,6 +531,8 @@ class WireGuardInitiator:
         self._cookie_at = now
         self.cookies_received += 1
         self._events.append(CookieReceived())
+        if self.retry_interval is not None:
+            self._initiate_announced(now)  # at once, now with mac2
 
     # -- transport data --
 

@@ -40,7 +40,7 @@ def _one_auth(proposal: str) -> tuple[float, float]:
         reply = responder.handle(out[0][0])
         assert reply is not None
         t = time.perf_counter()
-        ini.receive_datagram(reply, 0.0, nat_t=out[0][1] == 4500)
+        ini.receive_datagram(reply, out[0][1], 0.0)
         out = ini.datagrams_to_send(0.0)
         ours += time.perf_counter() - t
     assert any(isinstance(e, AuthCompleted) for e in iter(ini.next_event, None))

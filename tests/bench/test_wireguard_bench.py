@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.wireguard]
 ROUNDS = 2000
 REPEATS = 5
 WALL = 1_800_000_000 * 10**9
+PEER = ("192.0.2.1", 51820)
 
 
 def _client_cpu_per_handshake() -> tuple[float, float, float]:
@@ -37,12 +38,12 @@ def _client_cpu_per_handshake() -> tuple[float, float, float]:
         for i in range(ROUNDS):
             t0 = time.thread_time_ns()
             conn.initiate(float(i), WALL)
-            (message,) = conn.datagrams_to_send()
+            ((message, _),) = conn.datagrams_to_send(float(i))
             t1 = time.thread_time_ns()
             reply = responder.handle(message)
             assert reply is not None
             t2 = time.thread_time_ns()
-            conn.receive_datagram(reply, float(i))
+            conn.receive_datagram(reply, PEER, float(i))
             event = conn.next_event()
             t3 = time.thread_time_ns()
             assert isinstance(event, wg.HandshakeCompleted)
@@ -96,19 +97,19 @@ def test_transport_encrypt_decrypt_rate() -> None:
     responder = Responder(server, wg.public_key(client))
     conn = wg.WireGuardInitiator(wg.InitiatorConfig(client, wg.public_key(server)))
     conn.initiate(0.0, WALL)
-    reply = responder.handle(conn.datagrams_to_send()[0])
+    reply = responder.handle(conn.datagrams_to_send(0.0)[0][0])
     assert reply is not None
-    conn.receive_datagram(reply, 0.0)
+    conn.receive_datagram(reply, PEER, 0.0)
     assert isinstance(conn.next_event(), wg.HandshakeCompleted)
     packets = [responder.seal(b"") for _ in range(20000)]
     payload = bytes(84)  # an ICMP echo of 56 data bytes
     t0 = time.thread_time_ns()
     for _ in range(20000):
         conn.send_data(payload, 1.0)
-    conn.datagrams_to_send()
+    conn.datagrams_to_send(1.0)
     t1 = time.thread_time_ns()
     for packet in packets:
-        conn.receive_datagram(packet, 1.0)
+        conn.receive_datagram(packet, PEER, 1.0)
     t2 = time.thread_time_ns()
     received = 0
     while conn.next_event() is not None:

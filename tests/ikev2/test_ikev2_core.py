@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from probes.protocols.core import BadDatagram
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2 import crypto as c
 from probes.protocols.ikev2 import payloads as p
@@ -19,6 +20,7 @@ from probes.protocols.ikev2.initiator import (
     AuthCompleted,
     ChildRequest,
     Closed,
+    EspPacket,
     Failed,
     Failure,
     InitCompleted,
@@ -36,6 +38,9 @@ from probes.protocols.ikev2.proposals import (
 from tests.ikev2.fake_responder import FakeResponder
 
 pytestmark = pytest.mark.ikev2
+
+IKE = ("192.0.2.1", 500)  # datagrams from the responder's IKE port
+NAT_T = ("192.0.2.1", 4500)  # ... and from its NAT-T port
 
 LOCAL = ("198.51.100.7", 40000)
 
@@ -202,14 +207,14 @@ def _exchange(ini: Initiator, responder: FakeResponder, now: float = 0.0,
             now = timer
             ini.handle_timer(now)
             continue
-        for data, port in out:
+        for data, (_, port) in out:
             sent += 1
             if drop and sent in drop:
                 continue
             reply = responder.handle(data)
             if reply is not None:
                 framed = bytes(4) + reply if port == 4500 else reply
-                ini.receive_datagram(framed, now, nat_t=port == 4500)
+                ini.receive_datagram(framed, ("", port), now)
         while (event := ini.next_event()) is not None:
             events.append(event)
             if isinstance(event, (AuthCompleted, Failed)) and ini.established:
@@ -327,9 +332,11 @@ def test_garbage_and_foreign_datagrams_are_ignored() -> None:
     ini = Initiator(_config())
     ini.start(0.0)
     for junk in (b"", b"\x00" * 4, os.urandom(28), bytes(4) + os.urandom(40), os.urandom(300)):
-        ini.receive_datagram(junk, 0.1)
-        ini.receive_datagram(junk, 0.1, nat_t=True)
-    assert ini.next_event() is None and ini.state is State.INIT_SENT
+        ini.receive_datagram(junk, IKE, 0.1)
+        ini.receive_datagram(junk, NAT_T, 0.1)
+    # told as bad datagrams (or, without the non-ESP marker on the NAT-T port, ESP), not acted on
+    assert all(isinstance(e, BadDatagram | EspPacket) for e in iter(ini.next_event, None))
+    assert ini.state is State.INIT_SENT
 
 
 def test_ipv6_outer_addresses_work_for_nat_detection() -> None:
@@ -348,15 +355,15 @@ def test_forged_auth_answer_is_dropped_and_the_real_one_still_counts() -> None:
     ini = Initiator(_config(proposals=parse_ike_proposals(("aes256gcm16-prfsha256-ecp256",))))
     ini.start(0.0)
     (request, _), = ini.datagrams_to_send(0.0)
-    ini.receive_datagram(responder.handle(request) or b"", 0.0)
+    ini.receive_datagram(responder.handle(request) or b"", IKE, 0.0)
     assert isinstance(ini.next_event(), InitCompleted)
-    (auth_request, port), = ini.datagrams_to_send(0.0)
+    (auth_request, (_, port)), = ini.datagrams_to_send(0.0)
     real = responder.handle(auth_request[4:] if port == 4500 else auth_request)
     assert real is not None
     forged = real[:-1] + bytes([real[-1] ^ 0xFF])  # same header, ICV broken
-    ini.receive_datagram(bytes(4) + forged, 0.01, nat_t=True)
-    assert ini.state is State.AUTH_SENT and ini.next_event() is None
-    ini.receive_datagram(bytes(4) + real, 0.02, nat_t=True)
+    ini.receive_datagram(bytes(4) + forged, NAT_T, 0.01)
+    assert ini.state is State.AUTH_SENT and isinstance(ini.next_event(), BadDatagram)
+    ini.receive_datagram(bytes(4) + real, NAT_T, 0.02)
     assert isinstance(ini.next_event(), AuthCompleted)
     ini.close(0.03)
     ini.close(0.03)  # twice: the Delete in flight is kept

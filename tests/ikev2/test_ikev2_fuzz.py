@@ -44,7 +44,7 @@ def _sample_messages() -> list[bytes]:
     responder = FakeResponder(proposal="aes256gcm16-prfsha256-curve25519")
     answer = responder.handle(request)
     assert answer is not None
-    ini.receive_datagram(answer, 0.0)
+    ini.receive_datagram(answer, ("192.0.2.1", 500), 0.0)
     auth_request = ini.datagrams_to_send(0.0)[0][0]
     auth_answer = responder.handle(auth_request)
     assert auth_answer is not None
@@ -96,8 +96,8 @@ def _feed_initiator(data: bytes) -> None:
     # make the fuzz input belong to this initiator so it gets past the SPI filter
     if len(data) >= 8:
         data = ini.spi_i + data[8:]
-    ini.receive_datagram(data, 0.1)
-    ini.receive_datagram(bytes(4) + data, 0.1, nat_t=True)
+    ini.receive_datagram(data, ("192.0.2.1", 500), 0.1)
+    ini.receive_datagram(bytes(4) + data, ("192.0.2.1", 4500), 0.1)
     ini.handle_timer(100.0)
     while ini.next_event() is not None:
         pass

@@ -75,15 +75,15 @@ def _establish(host: str, ike: Any) -> tuple[Initiator, socket.socket, socket.so
 def _pump(ini: Initiator, s500: socket.socket, s4500: socket.socket, until: Any) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        for data, port in ini.datagrams_to_send(time.monotonic()):
+        for data, (_, port) in ini.datagrams_to_send(time.monotonic()):
             (s4500 if port == 4500 else s500).send(data)
         while (event := ini.next_event()) is not None:
             if until(event):
                 return
-        for sock, nat_t in ((s500, False), (s4500, True)):
+        for sock in (s500, s4500):
             sock.settimeout(0.02)
             with contextlib.suppress(TimeoutError):
-                ini.receive_datagram(sock.recv(65535), time.monotonic(), nat_t)
+                ini.receive_datagram(sock.recv(65535), sock.getpeername(), time.monotonic())
         ini.handle_timer(time.monotonic())
     raise AssertionError("exchange did not finish")
 

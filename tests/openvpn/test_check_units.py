@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from probes.checks import openvpn as check
-from probes.checks.tunnel import echo_quality
+from probes.checks.tunnel import build_echo, echo_quality
 from probes.model import Reason
 
 pytestmark = pytest.mark.openvpn
@@ -68,10 +68,10 @@ def test_quality_and_config_errors(tmp_path: Any) -> None:
         check.build_ssl_context(check.OpenVPNParams(host="h"))
 
 
-def test_echo_with_seq_matches_scapy() -> None:
+def test_in_tunnel_echo_matches_scapy() -> None:
     from scapy.layers.inet import ICMP, IP
 
-    template = bytes(IP(src="10.8.0.2", dst="10.8.0.1") / ICMP(id=9, seq=0) / b"payload!")
     for seq in (1, 255, 65535):
-        want = bytes(IP(src="10.8.0.2", dst="10.8.0.1") / ICMP(id=9, seq=seq) / b"payload!")
-        assert check.echo_with_seq(template, seq) == want
+        want = bytes(IP(src="10.8.0.2", dst="10.8.0.1", flags="DF", id=0)
+                     / ICMP(id=9, seq=seq) / b"payload!")
+        assert build_echo("10.8.0.2", "10.8.0.1", 9, seq, b"payload!") == want

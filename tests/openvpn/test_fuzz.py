@@ -105,10 +105,10 @@ _CONTEXT = _insecure_context()
 def _session_never_raises(chunks: list[bytes]) -> None:
     session = ClientSession(options=SessionOptions(ssl_context=_CONTEXT))
     session.session_id = SID  # lets fuzzed ACKs name our session
-    session.connect(0.0)
+    session.start(0.0)
     session.datagrams_to_send(0.0)
     for i, data in enumerate(chunks):
-        session.receive_datagram(data, float(i))
+        session.receive_datagram(data, ("", 0), float(i))
         session.handle_timer(float(i))
         session.datagrams_to_send(float(i))
     while session.next_event() is not None:

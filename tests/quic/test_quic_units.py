@@ -164,21 +164,26 @@ def test_ipv4_icmp_echo_packet_and_lab_reply_round_trip() -> None:
     import ipaddress
 
     from probes.checks.icmp import checksum
+    from probes.checks.tunnel import build_echo, parse_echo_reply
     from probes.lab.masque import icmp_echo_reply_for
 
+    def reply_sequence(packet: bytes, ident: int) -> int | None:
+        echo = parse_echo_reply(packet)
+        return echo[1] if echo is not None and echo[0] == ident else None
+
     src, dst = ipaddress.IPv4Address("10.200.0.2"), ipaddress.IPv4Address("10.200.0.1")
-    request = quic.ipv4_icmp_echo(src, dst, 0x1234, 7, b"abc")
+    request = build_echo(str(src), str(dst), 0x1234, 7, b"abc")
     assert len(request) == 20 + 8 + 3
     assert checksum(request[:20]) == 0 and checksum(request[20:]) == 0  # valid checksums
-    assert quic.ipv4_echo_reply_sequence(request, 0x1234) is None  # a request is not a reply
+    assert reply_sequence(request, 0x1234) is None  # a request is not a reply
     reply = icmp_echo_reply_for(request)
     assert reply is not None
     assert reply[12:16] == dst.packed and reply[16:20] == src.packed
     assert checksum(reply[:20]) == 0 and checksum(reply[20:]) == 0
-    assert quic.ipv4_echo_reply_sequence(reply, 0x1234) == 7
-    assert quic.ipv4_echo_reply_sequence(reply, 0x9999) is None
-    assert quic.ipv4_echo_reply_sequence(b"\x45junk", 0x1234) is None
-    other = quic.ipv4_icmp_echo(src, ipaddress.IPv4Address("10.200.0.9"), 1, 1, b"")
+    assert reply_sequence(reply, 0x1234) == 7
+    assert reply_sequence(reply, 0x9999) is None
+    assert reply_sequence(b"\x45junk", 0x1234) is None
+    other = build_echo(str(src), "10.200.0.9", 1, 1, b"")
     assert icmp_echo_reply_for(other) is None
 
 

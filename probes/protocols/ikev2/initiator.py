@@ -1,9 +1,12 @@
 """IKEv2 initiator state machine (RFC 7296), sans-I/O.
 
-Drive it like aioquic's connection: ``start(now)``, then feed every datagram with
-``receive_datagram(data, now, nat_t)``, call ``handle_timer(now)`` when ``get_timer()`` is due, send
-what ``datagrams_to_send(now)`` returns (``(bytes, remote_port)``; datagrams for the NAT-T port
-already carry the non-ESP marker) and read ``next_event()`` until it returns None.
+Drive it with the verbs every core has (:mod:`probes.protocols.core`): ``start(now)``, then feed
+every datagram with ``receive_datagram(data, addr, now)`` (``addr``: the responder's address and
+the port it came from, 500 or the NAT-T port), call ``handle_timer(now)`` when ``get_timer()`` is
+due, send what ``datagrams_to_send(now)`` returns (``(bytes, (host, port))``; datagrams for the
+NAT-T port already carry the non-ESP marker) and read ``next_event()`` until it returns None.
+What arrives on the NAT-T port without the marker is ESP (or a keepalive): an :class:`EspPacket`
+event for the CHILD_SA's owner. What is not IKE for us is a :class:`BadDatagram` event.
 
 Exchanges: IKE_SA_INIT (COOKIE and INVALID_KE_PAYLOAD retries, NAT detection and the float to
 4500), optionally IKE_AUTH with a PSK (childless per RFC 6023 when the responder offers it and no
@@ -20,6 +23,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
+from probes.protocols.core import Address, BadDatagram
 from probes.protocols.ikev2 import crypto as c
 from probes.protocols.ikev2 import payloads as p
 from probes.protocols.ikev2.esp import NON_ESP_MARKER, EspSa
@@ -132,7 +136,14 @@ class Closed:
     by_responder: bool = False
 
 
-Event = InitRetried | InitCompleted | AuthCompleted | Failed | Closed
+@dataclass(frozen=True, slots=True)
+class EspPacket:
+    """A datagram on the NAT-T port without the non-ESP marker: ESP, or a NAT keepalive."""
+
+    data: bytes
+
+
+Event = InitRetried | InitCompleted | AuthCompleted | Failed | Closed | EspPacket | BadDatagram
 
 
 @dataclass(slots=True)
@@ -207,20 +218,22 @@ class Initiator:
             self.state = State.CLOSED
             self._out = None
 
-    def receive_datagram(self, data: bytes, now: float, nat_t: bool = False) -> None:
-        """Feed one UDP payload. ``nat_t``: it came from the NAT-T port (marker still on).
-        Bad bytes never raise: what does not parse is dropped, as a real initiator would."""
-        if nat_t:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Feed one UDP payload from ``addr`` (from the NAT-T port: marker still on). Bad bytes
+        never raise: what does not parse is dropped, as a real initiator would, and told as a
+        :class:`BadDatagram` event."""
+        if addr[1] != self.config.remote_address[1]:  # the NAT-T port
             if data[:4] != NON_ESP_MARKER:
-                return  # ESP or keepalive; the shell demultiplexes those
+                self._events.append(EspPacket(data))
+                return
             data = data[4:]
         try:
             header, payloads = p.decode_message(data)
-        except p.IKEv2Error:
-            self.dropped += 1
+        except p.IKEv2Error as exc:
+            self._drop(f"not an IKE message: {exc}")
             return
         if header.spi_i != self.spi_i:
-            self.dropped += 1
+            self._drop("an IKE message for another SA")
             return
         if not header.is_response:
             self._answer_peer_request(header, payloads, data, now)
@@ -238,9 +251,9 @@ class Initiator:
             return
         try:
             inner = self._open(data, payloads)
-        except p.IKEv2Error:
-            self.dropped += 1
-            return  # fails integrity: not from the responder (§2.21), keep retransmitting
+        except p.IKEv2Error as exc:
+            self._drop(f"fails integrity: {exc}")
+            return  # not from the responder (§2.21): keep retransmitting
         if header.exchange == p.ExchangeType.IKE_AUTH and self.state is State.AUTH_SENT:
             try:
                 self._on_auth_response(header, inner, now)
@@ -250,6 +263,10 @@ class Initiator:
             self._out = None
             self._next_msgid += 1
             self._send_next_delete(now)
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        self._events.append(BadDatagram(why))
 
     def handle_timer(self, now: float) -> None:
         out = self._out
@@ -270,10 +287,11 @@ class Initiator:
     def get_timer(self) -> float | None:
         return None if self._out is None else self._out.next_send
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, int]]:
-        del now  # sending is decided by the timer; kept for the aioquic-style signature
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        del now  # sending is decided by the timer
         queued, self._send_queue = self._send_queue, []
-        return queued
+        host = self.config.remote_address[0]
+        return [(data, (host, port)) for data, port in queued]
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None

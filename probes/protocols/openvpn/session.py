@@ -1,14 +1,16 @@
 """A sans-I/O OpenVPN client session: hard reset, TLS, key-method 2, PUSH_REPLY, data, EXIT.
 
-Drive it like aioquic's connection::
+Drive it with the verbs every core has (:mod:`probes.protocols.core`)::
 
-    session.connect(now)
+    session.start(now)
     send(session.datagrams_to_send(now))          # repeat after every call below
-    session.receive_datagram(data, now)           # or handle_timer(now) at get_timer()
+    session.receive_datagram(data, server, now)   # or handle_timer(now) at get_timer()
     while (event := session.next_event()) is not None: ...
 
-It never touches a socket or a clock. ``datagrams_to_send`` returns packets without TCP framing;
-the shell adds it (:func:`~probes.protocols.openvpn.packet.frame_tcp`).
+It never touches a socket or a clock. ``datagrams_to_send`` returns ``(packet, server)`` pairs
+without TCP framing; the transport adds it (:func:`~probes.protocols.openvpn.packet.frame_tcp`).
+A packet that does not parse or authenticate is a :class:`BadDatagram` event, never an
+exception.
 
 The stateless 2.6 server (mudp.c) keeps nothing until our *third* packet ACKs its reset (message
 id 0) under the server's session id with message ids <= 1, so the first TLS packet (id 1) always
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from probes.protocols.core import Address, BadDatagram
 from probes.protocols.openvpn import keymethod as km
 from probes.protocols.openvpn.data import PING_STRING, DataChannel, Framing
 from probes.protocols.openvpn.packet import (
@@ -108,20 +111,15 @@ class DataReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class BadPacket:
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
 class ServerMisbehaved:
     """The authenticated server sent something OpenVPN does not allow (e.g. a malformed
-    key-method 2 message). Unlike :class:`BadPacket` this cannot be spoofed noise."""
+    key-method 2 message). Unlike a :class:`BadDatagram` this cannot be spoofed noise."""
 
     detail: str
 
 
 Event = (ResetAnswered | TlsEstablished | TlsFailed | KeyExchanged | PushReplyReceived
-         | AuthFailed | ControlMessage | DataReceived | BadPacket | ServerMisbehaved)
+         | AuthFailed | ControlMessage | DataReceived | BadDatagram | ServerMisbehaved)
 
 
 class Stage(enum.IntEnum):
@@ -194,7 +192,9 @@ def _check_server_certificate(der: bytes) -> tuple[x509.Certificate, str | None]
 
 class ClientSession:
     def __init__(self, wrapper: Wrapper | None = None, options: SessionOptions | None = None,
-                 *, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 *, remote: Address = ("", 0),
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.remote = remote  # the server, as the caller's transport knows it
         self.wrapper: Wrapper = wrapper if wrapper is not None else NoWrap()
         self.options = options if options is not None else SessionOptions()
         self._random = random_bytes
@@ -224,7 +224,7 @@ class ClientSession:
 
     # --- driving -------------------------------------------------------------------------------
 
-    def connect(self, now: float) -> None:
+    def start(self, now: float) -> None:
         opcode = (Opcode.CONTROL_HARD_RESET_CLIENT_V3 if isinstance(self.wrapper, TlsCryptV2)
                   else Opcode.CONTROL_HARD_RESET_CLIENT_V2)
         self._sender.queue(opcode, b"")
@@ -243,7 +243,10 @@ class ClientSession:
             if self.push_reply is None and self.stage == Stage.ACTIVE:
                 self._write_plaintext(b"PUSH_REQUEST\x00")
 
-    def datagrams_to_send(self, now: float) -> list[bytes]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        return [(packet, self.remote) for packet in self._packets_to_send(now)]
+
+    def _packets_to_send(self, now: float) -> list[bytes]:
         out = self._data_out
         self._data_out = []
         for message_id, opcode, payload in self._sender.due(now):
@@ -285,12 +288,12 @@ class ClientSession:
 
     # --- receiving -----------------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, now: float) -> None:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         try:
             self._receive(data, now)
         except OpenVPNError as exc:
             self.bad_packets += 1
-            self._events.append(BadPacket(str(exc)))
+            self._events.append(BadDatagram(str(exc)))
 
     def _receive(self, data: bytes, now: float) -> None:
         if not data:
