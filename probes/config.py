@@ -382,9 +382,12 @@ MAX_ECHO_PAYLOAD = 1100  # bytes in one echo through a MASQUE proxy (fits a QUIC
 _MTU_RANGE = (68, 65535)
 
 
-def split_host_port(text: str) -> tuple[str, int | None]:
+def split_host_port(text: str, *, default_host: str | None = None,
+                    ephemeral: bool = False) -> tuple[str, int | None]:
     """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare IPv6 address has no port) ->
-    (host, port or None); ValueError naming what is wrong."""
+    (host, port or None); ValueError naming what is wrong. The one host:port parser: nodes,
+    listen addresses, endpoints. ``:PORT`` means ``default_host`` where there is one; port 0
+    (the OS picks one) only for a listen address that says ``ephemeral``."""
     if text.startswith("["):
         host, close, rest = text[1:].partition("]")
         if not close or (rest and not rest.startswith(":")):
@@ -395,23 +398,34 @@ def split_host_port(text: str) -> tuple[str, int | None]:
     else:
         host, port_text = text, None  # a name, an IPv4 address or a bare IPv6 address
     if not host.strip():
-        raise ValueError(f"no host in {text!r}")
+        if default_host is None:
+            raise ValueError(f"no host in {text!r}")
+        host = default_host
     if port_text is None:
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1..65535, got {port_text!r} in {text!r}")
+    lowest = 0 if ephemeral else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ValueError(f"port must be {lowest}..65535, got {port_text!r} in {text!r}")
     return host, int(port_text)
 
 
-def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(text: str, default_port: int | None = None, *,
+                    default_host: str | None = None, ephemeral: bool = False) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` (``HOST`` alone when there is a ``default_port``)."""
-    host, port = split_host_port(text)
+    host, port = split_host_port(text, default_host=default_host, ephemeral=ephemeral)
     if port is None:
         if default_port is None or (":" in host and not text.startswith("[")):
             raise ValueError(f"expected HOST:PORT (an IPv6 address as [ADDRESS]:PORT), "
                              f"got {text!r}")
         port = default_port
     return host, port
+
+
+def host_port_problems(text: str, at: str) -> Iterator[Problem]:
+    try:
+        parse_host_port(text)
+    except ValueError as exc:
+        yield Problem(at, str(exc))
 
 
 def _echo_problems(at: str, count: int, interval: float, loss: float | None = None,
@@ -457,10 +471,7 @@ def quic_problems(q: QUICTarget, at: str, base_dir: Path) -> Iterator[Problem]:
     yield from _check_port(q.port, f"{at}.port")
     yield from _check_file(q.ca_file, f"{at}.ca_file", base_dir)
     if q.connect_udp_target is not None:
-        try:
-            parse_host_port(q.connect_udp_target)
-        except ValueError as exc:
-            yield Problem(f"{at}.connect_udp_target", str(exc))
+        yield from host_port_problems(q.connect_udp_target, f"{at}.connect_udp_target")
     if q.ip_ping is not None:
         yield from _check_ip(q.ip_ping, f"{at}.ip_ping")
         if not q.connect_ip:

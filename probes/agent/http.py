@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from probes.agent.plan import PlannedCheck
 from probes.checks.base import CheckResult, execute
+from probes.config import parse_host_port
 
 TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
 
@@ -121,8 +122,7 @@ def build_app(hooks: HttpHooks) -> web.Application:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return parse_host_port(listen, default_host="127.0.0.1")
 
 
 async def start_http(app: web.Application, listen: str) -> web.AppRunner:

@@ -57,7 +57,7 @@ from probes.checks.base import (
 )
 from probes.checks.l4 import quality_of, resolve
 from probes.checks.tunnel import build_echo, parse_echo_reply
-from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, quic_problems
+from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, parse_host_port, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
 
@@ -127,11 +127,10 @@ def client_configuration(params: QuicParams) -> QuicConfiguration:
 
 def split_target(target: str) -> tuple[str, int]:
     """``"host:port"`` / ``"[v6]:port"`` -> (host, port); raises :class:`ConfigError`."""
-    host, sep, port = target.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"target must be host:port, got {target!r}")
-    return host, int(port)
+    try:
+        return parse_host_port(target)
+    except ValueError as exc:
+        raise ConfigError(f"target must be host:port: {exc}") from None
 
 
 def reason_for_close(event: ConnectionTerminated) -> Reason:

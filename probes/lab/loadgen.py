@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.config import parse_host_port
+
 TICK = 0.005
 PACKET = 1200
 BURST_SECONDS = 0.05  # a flow may catch up at most this much after a stall
@@ -34,11 +36,10 @@ class Flow:
 
 
 def _open(source: str, target: str) -> socket.socket:
-    host, _, port = target.rpartition(":")
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setblocking(False)
     s.bind((source, 0))
-    s.connect((host, int(port)))
+    s.connect(parse_host_port(target))
     return s
 
 

@@ -40,6 +40,7 @@ from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEv
 from aioquic.tls import SessionTicket
 
 from probes.checks.quic import MAX_DATAGRAM_FRAME_SIZE, H3DatagramConnection
+from probes.config import parse_host_port
 from probes.protocols import capsules as cap
 from probes.protocols.inet import checksum
 
@@ -238,8 +239,7 @@ class _TicketStore:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
+    return parse_host_port(text)
 
 
 async def serve_forever(args: argparse.Namespace) -> None:

@@ -13,7 +13,14 @@ from typing import Literal
 
 import msgspec
 
-from probes.config import Problem, Strict, check_secret_file, load_config_file, resolve_path
+from probes.config import (
+    Problem,
+    Strict,
+    check_secret_file,
+    load_config_file,
+    parse_host_port,
+    resolve_path,
+)
 from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.paths import PathPolicy
@@ -95,8 +102,7 @@ class AgentCheckConfig(Strict, kw_only=True, frozen=True):
     degraded_weight_percent: int = 50  # with weights off
 
     def listen_host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return parse_host_port(self.listen, default_host="127.0.0.1", ephemeral=True)
 
 
 class PathsConfig(PathPolicy, kw_only=True, frozen=True):
@@ -150,14 +156,14 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
         return [WeightNode(n.id, n.pool, n.capacity) for n in self.nodes if n.role == "node"]
 
     def listen_host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return parse_host_port(self.listen, default_host="127.0.0.1")
 
 
 def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
-    _host, sep, port = cfg.listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        yield Problem("$.listen", f"expected host:port, got {cfg.listen!r}")
+    try:
+        parse_host_port(cfg.listen, default_host="127.0.0.1")
+    except ValueError as exc:
+        yield Problem("$.listen", str(exc))
     if not cfg.agents:
         yield Problem("$.agents", "at least one agent is required")
     if not cfg.nodes:
@@ -205,10 +211,10 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
     if cfg.agent_check is not None:
-        _h, sep, port = cfg.agent_check.listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-            yield Problem("$.agent_check.listen",
-                          f"expected host:port, got {cfg.agent_check.listen!r}")
+        try:
+            cfg.agent_check.listen_host_port()
+        except ValueError as exc:
+            yield Problem("$.agent_check.listen", str(exc))
         if not 0 <= cfg.agent_check.degraded_weight_percent <= 100:
             yield Problem("$.agent_check.degraded_weight_percent", "must be 0..100")
         for name, node_id in cfg.agent_check.servers.items():

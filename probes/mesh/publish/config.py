@@ -35,7 +35,14 @@ from pathlib import Path
 
 import msgspec
 
-from probes.config import Problem, Strict, check_secret_file, resolve_path
+from probes.config import (
+    Problem,
+    Strict,
+    check_secret_file,
+    host_port_problems,
+    parse_host_port,
+    resolve_path,
+)
 from probes.mesh.publish.base import Publisher
 from probes.mesh.publish.delivery import RetryPolicy
 from probes.mesh.publish.haproxy import HAProxyPublisher, ServerMap, StateMapping
@@ -100,8 +107,7 @@ class HAProxyConfig(Strict, tag="haproxy", tag_field="type", kw_only=True, froze
             return RuntimeAPI(socket_path=str(resolve_path(self.socket, base)),
                               timeout=self.timeout)
         if self.address is not None:
-            host, _, port = self.address.rpartition(":")
-            return RuntimeAPI(address=(host.strip("[]"), int(port)), timeout=self.timeout)
+            return RuntimeAPI(address=parse_host_port(self.address), timeout=self.timeout)
         assert self.ssh is not None
         keys = (str(resolve_path(self.ssh.key_file, base)),) if self.ssh.key_file else ()
         return RuntimeAPI(ssh=SSHTarget(self.ssh.host, self.ssh.socket, self.ssh.port,
@@ -169,9 +175,7 @@ def haproxy_problems(h: HAProxyConfig, at: str, base_dir: Path) -> Iterator[Prob
         yield Problem(at, "set exactly one of socket, address, ssh"
                       + (f" (got {', '.join(transports)})" if transports else ""))
     if h.address is not None:
-        _host, sep, port = h.address.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            yield Problem(f"{at}.address", f"expected host:port, got {h.address!r}")
+        yield from host_port_problems(h.address, f"{at}.address")
     if h.ssh is not None and h.ssh.key_file is not None and not resolve_path(
             h.ssh.key_file, base_dir).is_file():
         yield Problem(f"{at}.ssh.key_file", f"no such file: {h.ssh.key_file}")

@@ -39,7 +39,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from probes.config import Problem, Strict, check_secret_file, load_config_file, resolve_path
+from probes.config import (
+    Problem,
+    Strict,
+    check_secret_file,
+    load_config_file,
+    parse_host_port,
+    resolve_path,
+)
 from probes.mesh import connections
 from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.publish.base import PermanentError, PublishError
@@ -67,15 +74,15 @@ class ReceiverConfig(Strict, kw_only=True, frozen=True):
     max_body_bytes: int = 1024 * 1024
 
     def listen_host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return parse_host_port(self.listen, default_host="127.0.0.1")
 
 
 def _problems(cfg: ReceiverConfig, base: Path) -> list[Problem]:
     problems = []
-    _h, sep, port = cfg.listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        problems.append(Problem("$.listen", f"expected host:port, got {cfg.listen!r}"))
+    try:
+        parse_host_port(cfg.listen, default_host="127.0.0.1")
+    except ValueError as exc:
+        problems.append(Problem("$.listen", str(exc)))
     if not cfg.path.startswith("/"):
         problems.append(Problem("$.path", "must start with /"))
     if not cfg.keys:
