@@ -37,8 +37,8 @@ from probes.checks.base import (
 )
 from probes.checks.driver import Closed as DriverClosed
 from probes.checks.driver import Driver, Unreachable
-from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
-from probes.checks.udp import Datagram, IcmpError, SendStamp, UdpEndpoint, round_trip_seconds
+from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
+from probes.checks.udp import IcmpError, SendStamp, UdpEndpoint
 from probes.config import IKEv2Target, ikev2_problems
 from probes.model import Reason, Tier
 from probes.protocols.ikev2 import IKEv2Error
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 MAX_HALF_OPEN = 3  # strongSwan's cookie_threshold_ip default
 HALF_OPEN_HOLD_SECONDS = 30.0  # strongSwan's half_open_timeout default
 DELETE_BUDGET_SECONDS = 0.9  # must fit in base.CLEANUP_GRACE_SECONDS
-ECHO_GRACE_SECONDS = 1.0  # how long to wait for echo replies after the last request
 
 
 class Ikev2Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -351,51 +350,35 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
     facts.update(inner_source=src, ping=dst)
     driver = session.driver
     nat_t = (session.ini.config.remote_address[0], session.ini.remote_port)
-    ident = int.from_bytes(session.ini.spi_i[:2], "big")
-    sent: dict[int, SendStamp] = {}
-    rtts: dict[int, float] = {}
+    run = EchoRun(int.from_bytes(session.ini.spi_i[:2], "big"))
+    payload = b"tunnelwatch" + bytes(21)
     bad = 0
 
-    def absorb(packet: bytes, received: Datagram) -> None:
+    def send(seq: int) -> SendStamp | None:
+        return driver.send(child.esp.seal(build_echo(src, dst, run.ident, seq, payload)), nat_t)
+
+    def handle(event: Event | Unreachable | DriverClosed) -> None:
         nonlocal bad
+        if not isinstance(event, EspPacket) or driver.datagram is None:
+            session.record(event)  # the IKE SA goes on (the initiator answers requests)
+            return
         try:
-            kind, esp = classify_nat_t(packet)
+            kind, esp = classify_nat_t(event.data)
             if kind != "esp":
                 return  # a NAT keepalive
             _, inner = child.esp.open(esp)
         except IKEv2Error:
             bad += 1
             return
-        echo = parse_echo_reply(inner)
-        if echo is not None and echo[0] == ident and echo[1] in sent and echo[1] not in rtts:
-            rtts[echo[1]] = round_trip_seconds(sent[echo[1]], received)
+        run.reply(inner, driver.datagram)
 
-    async def receive_until(until: float) -> None:
-        while len(rtts) < params.echo_count:
-            event = await driver.next_event(until)
-            if event is None:
-                return
-            if isinstance(event, EspPacket):
-                assert driver.datagram is not None
-                absorb(event.data, driver.datagram)
-            else:
-                session.record(event)  # the IKE SA goes on (the initiator answers requests)
-
-    payload = b"tunnelwatch" + bytes(21)
-    for seq in range(1, params.echo_count + 1):
-        if time.monotonic() >= deadline:
-            break
-        stamp = driver.send(child.esp.seal(build_echo(src, dst, ident, seq, payload)), nat_t)
-        if stamp is not None:
-            sent[seq] = stamp
-        await receive_until(min(time.monotonic() + params.echo_interval, deadline))
-    await receive_until(min(time.monotonic() + ECHO_GRACE_SECONDS, deadline))
+    await run.run(driver, params.echo_count, params.echo_interval, deadline, send=send,
+                  handle=handle)
     watch.lap("tunnel")
     if bad:
         facts["esp_rejected"] = bad
     # no loss or RTT bound here: any reply through the CHILD_SA passes
-    return judge_echoes(watch, echo_quality(params.echo_count, list(rtts.values())), facts,
-                        loss_threshold=1.0, rtt_threshold=None,
+    return judge_echoes(watch, run.quality(), facts, loss_threshold=1.0, rtt_threshold=None,
                         no_reply=f"no echo reply from {dst} through the CHILD_SA")
 
 

@@ -36,7 +36,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -56,7 +55,7 @@ from probes.checks.base import (
     first_retry_after,
 )
 from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
-from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
 from probes.checks.udp import SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import OpenVPNTarget, openvpn_problems
 from probes.model import Quality, Reason, Tier
@@ -79,7 +78,6 @@ from probes.protocols.openvpn.wrap import (
 
 log = logging.getLogger(__name__)
 
-ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
 EXIT_WAIT = 0.8  # seconds past the check's deadline we wait for the EXIT to be acknowledged
 EXIT_MAX_WAIT = 2.0  # and at most this long in all
 EXIT_RESEND = 0.25  # an unacknowledged EXIT goes out again this often (no backoff)
@@ -203,13 +201,6 @@ async def _open_fresh_udp(host: str, port: int) -> UdpEndpoint:
     return endpoint
 
 
-@dataclass(slots=True)
-class _Echoes:
-    ident: int
-    sent: dict[int, SendStamp]
-    rtts: dict[int, float]
-
-
 # over UDP a control packet is retried twice within the timeout (first_retry_after), so one
 # sent this often without an ACK is silence, not loss
 SILENT_AFTER_SENDS = 3
@@ -230,7 +221,7 @@ class _Probe:
         self.reset_answered = False
         self.tls_done = False
         self.key_exchanged = False
-        self.echoes: _Echoes | None = None
+        self.echoes: EchoRun | None = None
         self.last_bad_packet = ""
         self.framing = Framing.NONE
         self.transport_lost = False  # unreachable or closed: no EXIT to say
@@ -312,8 +303,9 @@ class _Probe:
             self.last_bad_packet = event.detail
         elif isinstance(event, ov.ServerMisbehaved):
             raise ProbeFailure(Reason.BAD_RESPONSE, f"server broke the protocol: {event.detail}")
-        elif isinstance(event, ov.DataReceived):
-            self.take_echo(event.payload)
+        elif (isinstance(event, ov.DataReceived) and self.echoes is not None
+              and driver.datagram is not None):
+            self.echoes.reply(event.payload, driver.datagram)
         elif isinstance(event, ov.ControlMessage):
             log.debug("openvpn control message: %s", event.text)
         elif isinstance(event, Unreachable):
@@ -433,38 +425,18 @@ class _Probe:
             raise ProbeFailure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
         self.facts["data_cipher"] = channel.cipher
         self.facts["compression_framing"] = channel.framing.value
-        echoes = self.echoes = _Echoes(secrets.randbelow(0xFFFF) + 1, {}, {})
+        run = self.echoes = EchoRun(secrets.randbelow(0xFFFF) + 1)
         payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
         source = reply.ifconfig[0]
-        count = max(self.params.echo_count, 0)
-        seq, next_send, last_sent = 0, time.monotonic(), time.monotonic()
-        while len(echoes.rtts) < count:
-            now = time.monotonic()
-            if now >= self.deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
-                break
-            if seq < count and now >= next_send:
-                session.send_data(build_echo(source, target, echoes.ident, seq, payload))
-                stamp = driver.flush()
-                if stamp is not None:
-                    echoes.sent[seq] = stamp
-                    last_sent = stamp.monotonic
-                seq += 1
-                next_send = now + self.params.echo_interval
-                continue
-            wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
-            event = await driver.next_event(min(self.deadline, wake))
-            if event is not None:
-                self.handle(event)
-        self.watch.lap("tunnel")
-        return echo_quality(len(echoes.sent), list(echoes.rtts.values()))
 
-    def take_echo(self, packet: bytes) -> None:
-        echoes, datagram = self.echoes, self.driver.datagram if self.driver else None
-        if echoes is None or datagram is None:
-            return
-        echo = parse_echo_reply(packet)
-        if echo is not None and echo[0] == echoes.ident and echo[1] in echoes.sent:
-            echoes.rtts.setdefault(echo[1], round_trip_seconds(echoes.sent[echo[1]], datagram))
+        def send(seq: int) -> SendStamp | None:
+            session.send_data(build_echo(source, target, run.ident, seq, payload))
+            return driver.flush()
+
+        await run.run(driver, max(self.params.echo_count, 0), self.params.echo_interval,
+                      self.deadline, send=send, handle=self.handle)
+        self.watch.lap("tunnel")
+        return run.quality()
 
     async def leave(self) -> None:
         """Say EXIT and wait (briefly, also after a failure) until the server has it."""

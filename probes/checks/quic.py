@@ -55,8 +55,8 @@ from probes.checks.base import (
     ProbeFailure,
     Stopwatch,
 )
-from probes.checks.l4 import quality_of, resolve
-from probes.checks.tunnel import build_echo, parse_echo_reply
+from probes.checks.l4 import resolve
+from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
 from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, parse_host_port, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
@@ -479,16 +479,9 @@ async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
 
 def _echo_result(params: QuicParams, sw: Stopwatch, rtts: list[float],
                  facts: dict[str, Fact]) -> CheckResult:
-    quality = quality_of(params.echo_count, rtts)
-    if not rtts:
-        return sw.result(False, Reason.TUNNEL_NO_REPLY, quality=quality, facts=facts,
-                         detail="no echo came back through the proxy")
-    if quality.loss_ratio > params.loss_threshold:
-        return sw.result(False, Reason.TUNNEL_LOSS, quality=quality, facts=facts)
-    p50 = quality.rtt_p50_seconds
-    if params.rtt_threshold is not None and p50 is not None and p50 > params.rtt_threshold:
-        return sw.result(False, Reason.TUNNEL_RTT, quality=quality, facts=facts)
-    return sw.result(True, Reason.OK, quality=quality, facts=facts)
+    return judge_echoes(sw, echo_quality(params.echo_count, rtts), facts,
+                        loss_threshold=params.loss_threshold, rtt_threshold=params.rtt_threshold,
+                        no_reply="no echo came back through the proxy")
 
 
 async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,

@@ -13,12 +13,18 @@ from __future__ import annotations
 import ipaddress
 import statistics
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from probes.checks.base import CheckResult, Fact, Stopwatch
+from probes.checks.driver import Driver
 from probes.checks.icmp import build_echo_request
+from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.model import Quality, Reason
 from probes.protocols.inet import checksum
+
+ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPPROTO_ICMP = 1
@@ -43,6 +49,48 @@ def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
         return None
     return (int.from_bytes(packet[header + 4:header + 6], "big"),
             int.from_bytes(packet[header + 6:header + 8], "big"))
+
+
+class EchoRun:
+    """The K echoes of one session check: when each left, when its reply came back."""
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.sent: dict[int, SendStamp] = {}
+        self.rtts: dict[int, float] = {}
+
+    def reply(self, packet: bytes, received: Datagram) -> None:
+        """An inner packet that came back: the RTT of the echo it answers, if it is ours."""
+        echo = parse_echo_reply(packet)
+        if echo is not None and echo[0] == self.ident and echo[1] in self.sent:
+            self.rtts.setdefault(echo[1], round_trip_seconds(self.sent[echo[1]], received))
+
+    async def run(self, driver: Driver[Any], count: int, interval: float, deadline: float, *,
+                  send: Callable[[int], SendStamp | None], handle: Callable[[Any], None]) -> None:
+        """Send ``count`` echoes ``interval`` apart (``send(seq)``: the stamp of the datagram
+        that carried it), handing every event to ``handle`` meanwhile, until every reply came,
+        the deadline, or :data:`ECHO_REPLY_GRACE` after the last send."""
+        seq = 0
+        next_send = last_sent = time.monotonic()
+        while len(self.rtts) < count:
+            now = time.monotonic()
+            if now >= deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
+                return
+            if seq < count and now >= next_send:
+                stamp = send(seq)
+                if stamp is not None:
+                    self.sent[seq] = stamp
+                    last_sent = stamp.monotonic
+                seq += 1
+                next_send = now + interval
+                continue
+            wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
+            event = await driver.next_event(min(deadline, wake))
+            if event is not None:
+                handle(event)
+
+    def quality(self) -> Quality:
+        return echo_quality(len(self.sent), list(self.rtts.values()))
 
 
 def echo_quality(sent: int, rtts: Sequence[float]) -> Quality:

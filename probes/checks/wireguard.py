@@ -44,8 +44,8 @@ from probes.checks.base import (
     Stopwatch,
     first_retry_after,
 )
-from probes.checks.driver import Driver, Unreachable
-from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.driver import Closed, Driver, Unreachable
+from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
 from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.config import WireGuardTarget, wireguard_problems
 from probes.model import Quality, Reason, Tier
@@ -58,7 +58,6 @@ WallClock = Callable[[], int]  # Unix nanoseconds; injectable so tests can step 
 
 DEFAULT_RETRY_INTERVAL = 1.0  # seconds between initiation retransmissions inside one check
 # (at most a quarter of the check's timeout: checks.base.first_retry_after)
-ECHO_REPLY_GRACE = 1.0  # how long to wait for stragglers after the last echo was sent
 
 
 class WireGuardParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -252,56 +251,31 @@ class _Probe:
 
     async def echoes(self) -> Quality:
         """K ICMP echoes to the canary through the tunnel; RTTs from kernel receive stamps."""
-        assert self.conn is not None and self.driver is not None
-        params = self.params
+        conn, driver, params = self.conn, self.driver, self.params
+        assert conn is not None and driver is not None
         if params.tunnel_address is None or params.canary is None:
             raise ConfigError("a session needs tunnel_address and canary")
-        source = str(ipaddress.ip_interface(params.tunnel_address).ip)
-        ident = secrets.randbelow(0xFFFF) + 1
+        source, canary = str(ipaddress.ip_interface(params.tunnel_address).ip), params.canary
+        run = EchoRun(secrets.randbelow(0xFFFF) + 1)
         payload = b"tunnelwatch-wg-" + secrets.token_bytes(8)
-        sent: dict[int, SendStamp] = {}
-        rtts: dict[int, float] = {}
-        count = max(params.echo_count, 0)
-        next_send = last_send_at = time.monotonic()
-        seq = 0
-        while True:
-            now = time.monotonic()
-            all_sent = seq >= count
-            if len(rtts) == count or now >= self.deadline or (
-                    all_sent and now >= last_send_at + ECHO_REPLY_GRACE):
-                break
-            if not all_sent and now >= next_send:
-                self.conn.send_data(build_echo(source, params.canary, ident, seq, payload), now)
-                stamp = self.driver.flush()
-                if stamp is not None:
-                    sent[seq] = stamp
-                    last_send_at = stamp.monotonic
-                seq += 1
-                next_send = now + params.echo_interval
-                continue
-            wake = self.deadline if all_sent else next_send
-            if all_sent:
-                wake = min(wake, last_send_at + ECHO_REPLY_GRACE)
-            event = await self.driver.next_event(wake)
-            if isinstance(event, wg.DataReceived):
-                self._take_echo_reply(event, ident, sent, rtts)
+
+        def send(seq: int) -> SendStamp | None:
+            conn.send_data(build_echo(source, canary, run.ident, seq, payload), time.monotonic())
+            return driver.flush()
+
+        def handle(event: wg.Event | Unreachable | Closed) -> None:
+            if isinstance(event, wg.DataReceived) and driver.datagram is not None:
+                run.reply(event.payload, driver.datagram)
             elif isinstance(event, BadDatagram):
                 # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
                 self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
             elif isinstance(event, Unreachable):
                 raise ProbeFailure(event.error.reason, str(event.error))
-        self.watch.lap("tunnel")
-        return echo_quality(len(sent), list(rtts.values()))
 
-    def _take_echo_reply(self, event: wg.DataReceived, ident: int, sent: dict[int, SendStamp],
-                         rtts: dict[int, float]) -> None:
-        echo = parse_echo_reply(event.payload)
-        datagram = self.driver.datagram if self.driver is not None else None
-        if echo is None or datagram is None:
-            return
-        echo_id, echo_seq = echo
-        if echo_id == ident and echo_seq in sent and echo_seq not in rtts:
-            rtts[echo_seq] = round_trip_seconds(sent[echo_seq], datagram)
+        await run.run(driver, max(params.echo_count, 0), params.echo_interval, self.deadline,
+                      send=send, handle=handle)
+        self.watch.lap("tunnel")
+        return run.quality()
 
     def keepalive(self) -> None:
         assert self.conn is not None and self.driver is not None

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from probes.checks import openvpn as check
-from probes.checks.tunnel import build_echo, echo_quality
+from probes.checks.tunnel import build_echo, echo_quality, parse_echo_reply
 from probes.model import Reason
 
 pytestmark = pytest.mark.openvpn
@@ -46,11 +46,11 @@ def test_recent_source_ports_are_not_reused(monkeypatch: pytest.MonkeyPatch) -> 
 def test_parse_echo_reply() -> None:
     reply = bytes.fromhex("450000210000000040010000" "0a080001" "0a080002") + bytes.fromhex(
         "0000" "0000" "0007" "0001") + b"hello"
-    assert check.parse_echo_reply(reply) == (7, 1)
-    assert check.parse_echo_reply(reply[:22]) is None
-    assert check.parse_echo_reply(b"\x60" + reply[1:]) is None  # not IPv4
+    assert parse_echo_reply(reply) == (7, 1)
+    assert parse_echo_reply(reply[:22]) is None
+    assert parse_echo_reply(b"\x60" + reply[1:]) is None  # not IPv4
     request = reply[:20] + b"\x08" + reply[21:]
-    assert check.parse_echo_reply(request) is None
+    assert parse_echo_reply(request) is None
 
 
 def test_quality_and_config_errors(tmp_path: Any) -> None:

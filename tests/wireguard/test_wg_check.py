@@ -23,6 +23,7 @@ from scapy.layers.inet import ICMP, IP
 from probes.checks import wireguard as check
 from probes.checks.base import PlanContext
 from probes.checks.registry import kind as get_kind
+from probes.checks.tunnel import parse_echo_reply
 from probes.config import Target, WireGuardTarget
 from probes.model import Reason
 from probes.protocols import wireguard as wg
@@ -231,15 +232,15 @@ def test_timestamp_store_roundtrip_and_monotonic(tmp_path: Path) -> None:
 
 def test_parse_echo_reply() -> None:
     reply = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=0, id=5, seq=9) / b"x")
-    assert check.parse_echo_reply(reply) == (5, 9)
+    assert parse_echo_reply(reply) == (5, 9)
     request = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8, id=5, seq=9))
-    assert check.parse_echo_reply(request) is None
+    assert parse_echo_reply(request) is None
 
 
 @settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=80))
 def test_fuzz_parse_echo_reply(data: bytes) -> None:
-    out = check.parse_echo_reply(data)
+    out = parse_echo_reply(data)
     assert out is None or all(0 <= v <= 0xFFFF for v in out)
 
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from probes.checks.tunnel import parse_echo_reply
 from probes.checks.udp import parse_error_queue_message
-from probes.checks.wireguard import parse_echo_reply
 from probes.checks.wireguard_telemetry import TelemetryError, parse_dump
 from probes.model import Reason
 from probes.protocols import wireguard as wg
