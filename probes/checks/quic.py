@@ -8,10 +8,11 @@
 * ``quic.connect-ip``: extended CONNECT ``:protocol connect-ip`` (RFC 9484) up to a 2xx and a
   parsed ADDRESS_ASSIGN capsule.
 
-Why not ``aioquic.asyncio.connect``: it binds a dual-stack ``AF_INET6`` socket, which fails on
-hosts without IPv6 (aioquic#253, #459), it has no timeout, and it hides ICMP errors. Here the
-socket is created in the target's own address family and *connected*, so the kernel reports ICMP
-port unreachable (``error_received``), and everything runs under one ``asyncio.timeout``.
+aioquic's sans-I/O ``QuicConnection`` runs on the shared driver (:mod:`probes.checks.driver`), like
+every other core, not on ``aioquic.asyncio``: that binds a dual-stack ``AF_INET6`` socket, which
+fails on hosts without IPv6 (aioquic#253, #459), has no timeout and hides ICMP errors. The
+driver's socket is in the target's own address family and *connected*, so ICMP port unreachable
+comes back with its details (``IP_RECVERR``), and every wait ends at the check's deadline.
 
 HTTP/3 datagrams need the ``H3_DATAGRAM`` setting, which aioquic only sends with WebTransport
 enabled: :class:`H3DatagramConnection` adds it (and the peer needs the ``max_datagram_frame_size``
@@ -31,10 +32,8 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
@@ -55,11 +54,13 @@ from probes.checks.base import (
     ProbeFailure,
     Stopwatch,
 )
+from probes.checks.driver import Driver, Unreachable
 from probes.checks.l4 import resolve
 from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
 from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, parse_host_port, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
+from probes.protocols.core import Address
 
 H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536
@@ -156,82 +157,22 @@ def _reason_for_socket_error(exc: OSError) -> Reason:
     return Reason.PROBE_ERROR
 
 
-class _ClientProtocol(QuicConnectionProtocol):
-    """aioquic's asyncio glue plus an HTTP/3 layer; wakes waiters on every event."""
+class _Quic(QuicConnection):
+    """aioquic's sans-I/O connection with the start verb every core has."""
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
-        self.h3: H3DatagramConnection | None = None
-        self.handshake: HandshakeCompleted | None = None
-        self.terminated: ConnectionTerminated | None = None
-        self.socket_error: OSError | None = None
-        self.h3_events: collections.deque[H3Event] = collections.deque()
-        self._changed = asyncio.Event()
+    def __init__(self, remote: Address, configuration: QuicConfiguration,
+                 tickets: list[SessionTicket] | None) -> None:
+        super().__init__(configuration=configuration,
+                         session_ticket_handler=tickets.append if tickets is not None else None)
+        self.remote = remote
 
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, HandshakeCompleted):
-            self.handshake = event
-            if event.alpn_protocol == H3_ALPN:
-                self.h3 = H3DatagramConnection(self._quic)
-        elif isinstance(event, ConnectionTerminated):
-            self.terminated = event
-        elif isinstance(event, StreamReset):
-            self.h3_events.append(_Reset(event.stream_id, event.error_code))
-        if self.h3 is not None:
-            self.h3_events.extend(self.h3.handle_event(event))
-        self._changed.set()
+    def start(self, now: float) -> None:
+        self.connect(self.remote, now)
 
-    def error_received(self, exc: Exception) -> None:
-        if isinstance(exc, OSError) and self.socket_error is None:
-            self.socket_error = exc
-            self._changed.set()
-
-    def raise_if_closed(self) -> None:
-        if self.socket_error is not None:
-            raise ProbeFailure(_reason_for_socket_error(self.socket_error), str(self.socket_error))
-        if self.terminated is not None:
-            t = self.terminated
-            raise ProbeFailure(reason_for_close(t),
-                          f"connection closed: error 0x{t.error_code:x} {t.reason_phrase}".strip())
-
-    async def changed(self) -> None:
-        self._changed.clear()
-        await self._changed.wait()
-
-    async def wait_handshake(self) -> HandshakeCompleted:
-        while self.handshake is None:
-            self.raise_if_closed()
-            await self.changed()
-        return self.handshake
-
-    async def wait_settings(self, h3: H3Connection) -> dict[int, int]:
-        while h3.received_settings is None:
-            self.raise_if_closed()
-            await self.changed()
-        return h3.received_settings
-
-    async def next_h3_event(self) -> H3Event:
-        while not self.h3_events:
-            self.raise_if_closed()
-            await self.changed()
-        return self.h3_events.popleft()
-
-    def next_stream_id(self) -> int:
-        return self._quic.get_next_available_stream_id()
-
-    def quic_version(self) -> int | None:
-        version: int | None = self._quic._version  # aioquic has no public getter
+    @property
+    def version(self) -> int | None:
+        version: int | None = self._version  # aioquic has no public getter
         return version
-
-    def abandon(self) -> None:
-        """Send CONNECTION_CLOSE now and stop the timers (no draining period for a probe)."""
-        self.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._transmit_task is not None:
-            self._transmit_task.cancel()
-            self._transmit_task = None
 
 
 class _Reset(H3Event):
@@ -242,58 +183,93 @@ class _Reset(H3Event):
         self.error_code = error_code
 
 
+class _Session:
+    """One QUIC connection on the driver, and its HTTP/3 layer once the handshake chose h3."""
+
+    def __init__(self, quic: _Quic, driver: Driver[QuicEvent], deadline: float) -> None:
+        self.quic = quic
+        self.driver = driver
+        self.deadline = deadline
+        self.h3: H3DatagramConnection | None = None
+        self.handshake: HandshakeCompleted | None = None
+        self.h3_events: collections.deque[H3Event] = collections.deque()
+
+    async def step(self) -> None:
+        """Handle the next event; a closed connection or socket error is the check's end."""
+        event = await self.driver.next_event(self.deadline)
+        if event is None:
+            raise TimeoutError
+        if isinstance(event, Unreachable):
+            raise ProbeFailure(event.error.reason, str(event.error))
+        if isinstance(event, ConnectionTerminated):
+            raise ProbeFailure(reason_for_close(event), f"connection closed: error "
+                               f"0x{event.error_code:x} {event.reason_phrase}".strip())
+        if isinstance(event, HandshakeCompleted):
+            self.handshake = event
+            if event.alpn_protocol == H3_ALPN:
+                self.h3 = H3DatagramConnection(self.quic)
+        elif isinstance(event, StreamReset):
+            self.h3_events.append(_Reset(event.stream_id, event.error_code))
+        if self.h3 is not None and isinstance(event, QuicEvent):
+            self.h3_events.extend(self.h3.handle_event(event))
+
+    async def settings(self, h3: H3Connection) -> dict[int, int]:
+        while h3.received_settings is None:
+            await self.step()
+        return h3.received_settings
+
+    async def next_h3_event(self) -> H3Event:
+        while not self.h3_events:
+            await self.step()
+        return self.h3_events.popleft()
+
+
 @contextlib.asynccontextmanager
 async def _connection(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
-                      tickets: list[SessionTicket] | None = None,
-                      ) -> AsyncIterator[_ClientProtocol]:
+                      deadline: float, tickets: list[SessionTicket] | None = None,
+                      ) -> AsyncIterator[_Session]:
     """A QUIC connection over a connected UDP socket of the target's own address family."""
-    loop = asyncio.get_running_loop()
     try:
-        family, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
+        _, address = await resolve(params.host, params.port, socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
         raise ProbeFailure(Reason.RESOLVE_FAILED, f"cannot resolve {params.host}: {exc}") from None
     sw.lap("resolve")
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    remote = (str(address[0]), int(address[1]))
+    quic = _Quic(remote, config, tickets)
+    driver: Driver[QuicEvent] = Driver(quic)
     try:
-        sock.setblocking(False)
-        sock.connect(address)
+        await driver.open_udp(remote)
     except OSError as exc:
-        sock.close()
         raise ProbeFailure(_reason_for_socket_error(exc), str(exc)) from None
-    quic = QuicConnection(configuration=config,
-                          session_ticket_handler=tickets.append if tickets is not None else None)
     try:
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _ClientProtocol(quic), sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        protocol.connect(address)
-        yield protocol
+        quic.start(time.monotonic())
+        yield _Session(quic, driver, deadline)
     finally:
-        protocol.abandon()
-        transport.close()
+        quic.close()  # CONNECTION_CLOSE now: no draining period for a probe
+        driver.flush()
+        driver.close()
 
 
-async def _handshake(conn: _ClientProtocol, params: QuicParams, sw: Stopwatch,
+async def _handshake(conn: _Session, params: QuicParams, sw: Stopwatch,
                      phase: str = "handshake") -> HandshakeCompleted:
-    done = await conn.wait_handshake()
+    while conn.handshake is None:
+        await conn.step()
+    done = conn.handshake
     sw.lap(phase)
     if done.alpn_protocol != params.alpn:
         raise ProbeFailure(Reason.NO_ALPN, f"server chose ALPN {done.alpn_protocol!r}")
     return done
 
 
-def _handshake_facts(conn: _ClientProtocol, done: HandshakeCompleted) -> dict[str, Fact]:
-    version = conn.quic_version()
+def _handshake_facts(conn: _Session, done: HandshakeCompleted) -> dict[str, Fact]:
+    version = conn.quic.version
     facts: dict[str, Fact] = {"alpn": done.alpn_protocol or ""}
     if version is not None:
         facts["quic_version"] = f"0x{version:08x}"
     return facts
 
 
-_Body = Callable[[QuicParams, QuicConfiguration, Stopwatch, dict[str, Fact]],
+_Body = Callable[[QuicParams, QuicConfiguration, Stopwatch, dict[str, Fact], float],
                  Awaitable[CheckResult]]
 
 
@@ -303,8 +279,7 @@ async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
     facts: dict[str, Fact] = {}
     try:
         config = client_configuration(params)
-        async with asyncio.timeout(timeout):
-            return await body(params, config, sw, facts)
+        return await body(params, config, sw, facts, time.monotonic() + timeout)
     except ProbeFailure as failed:
         return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
     except ConfigError as exc:
@@ -318,26 +293,25 @@ async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
 
 
 async def _handshake_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
-                          facts: dict[str, Fact]) -> CheckResult:
+                          facts: dict[str, Fact], deadline: float) -> CheckResult:
     tickets: list[SessionTicket] = []
-    async with _connection(params, config, sw, tickets) as conn:
+    async with _connection(params, config, sw, deadline, tickets) as conn:
         done = await _handshake(conn, params, sw)
         facts.update(_handshake_facts(conn, done))
         facts["session_resumed"] = done.session_resumed
         if not params.resume:
             return sw.result(True, Reason.OK, facts=facts)
         # the server sends NewSessionTicket right after the handshake; give it a moment
+        conn.deadline = min(deadline, time.monotonic() + TICKET_WAIT)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TICKET_WAIT):
-                while not tickets:
-                    conn.raise_if_closed()
-                    await conn.changed()
+            while not tickets:
+                await conn.step()
         sw.lap("ticket")
     facts["ticket_received"] = bool(tickets)
     if not tickets:
         return sw.result(True, Reason.OK, facts=facts, detail="no session ticket to resume with")
     config.session_ticket = tickets[-1]
-    async with _connection(params, config, sw) as again:
+    async with _connection(params, config, sw, deadline) as again:
         resumed = await _handshake(again, params, sw, "resumed_handshake")
         facts["resumed"] = resumed.session_resumed
         facts["early_data_accepted"] = resumed.early_data_accepted
@@ -356,13 +330,13 @@ def _path_segment(value: str) -> str:
     return value.replace("%", "%25").replace(":", "%3A")
 
 
-async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopwatch,
+async def _extended_connect(conn: _Session, params: QuicParams, sw: Stopwatch,
                             protocol: str, path: str) -> tuple[H3Connection, int]:
     """Handshake, SETTINGS, then CONNECT with ``:protocol``; returns the stream on a 2xx."""
     await _handshake(conn, params, sw)
     h3 = conn.h3
     assert h3 is not None  # _handshake checked the ALPN
-    settings = await conn.wait_settings(h3)
+    settings = await conn.settings(h3)
     sw.lap("settings")
     if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
         raise ProbeFailure(Reason.BAD_RESPONSE, "server does not allow extended CONNECT (RFC 9220)")
@@ -371,13 +345,12 @@ async def _extended_connect(conn: _ClientProtocol, params: QuicParams, sw: Stopw
     authority = (params.server_name or params.host).encode()
     if params.port != 443:
         authority += b":%d" % params.port
-    stream_id = conn.next_stream_id()
+    stream_id = conn.quic.get_next_available_stream_id()
     h3.send_headers(stream_id, [
         (b":method", b"CONNECT"), (b":protocol", protocol.encode()), (b":scheme", b"https"),
         (b":authority", authority), (b":path", path.encode()), (b"capsule-protocol", b"?1"),
         (b"user-agent", b"tunnelwatch"),
     ])
-    conn.transmit()
     while True:
         event = await conn.next_h3_event()
         if isinstance(event, _Reset) and event.stream_id == stream_id:
@@ -421,7 +394,7 @@ def _check_echo_params(params: QuicParams) -> None:
         raise ConfigError(f"payload_size must be 0..{MAX_ECHO_PAYLOAD}")
 
 
-async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
+async def _echo_through(conn: _Session, h3: H3Connection, stream_id: int,
                         params: QuicParams, *, build: Callable[[int], tuple[bytes, int]],
                         key_of: Callable[[bytes], int | None]) -> list[float]:
     """Send ``echo_count`` HTTP datagrams (context ID 0) and time the replies.
@@ -429,7 +402,6 @@ async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
     ``build(seq)`` gives a payload and the key its reply must carry; ``key_of(payload)`` reads
     the key of a received payload (None: not ours). Returns the RTTs of the replies that came.
     """
-    loop = asyncio.get_running_loop()
     sent_at: dict[int, float] = {}
     rtts: list[float] = []
     parser = cap.CapsuleParser()
@@ -449,27 +421,27 @@ async def _echo_through(conn: _ClientProtocol, h3: H3Connection, stream_id: int,
             payload, key = build(seq)
             sent_at[key] = time.monotonic()
             h3.send_datagram(stream_id, cap.encode_http_datagram(0, payload))
-            conn.transmit()
+            conn.driver.flush()
             await asyncio.sleep(params.echo_interval)
 
     send_task = asyncio.create_task(sender())
     # stop early enough to report what came back rather than a bare timeout
-    deadline = loop.time() + params.echo_count * params.echo_interval + ECHO_GRACE
+    conn.deadline = min(conn.deadline, time.monotonic() + params.echo_count * params.echo_interval
+                        + ECHO_GRACE)
     try:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                while len(rtts) < params.echo_count:
-                    event = await conn.next_h3_event()
-                    now = time.monotonic()
-                    if isinstance(event, DatagramReceived) and event.stream_id == stream_id:
-                        on_payload(event.data, now)
-                    elif isinstance(event, DataReceived) and event.stream_id == stream_id:
-                        # datagrams may also come as DATAGRAM capsules on the stream
-                        for capsule in parser.feed(event.data):
-                            if capsule.type == cap.CapsuleType.DATAGRAM:
-                                on_payload(capsule.value, now)
-                        if event.stream_ended:
-                            raise ProbeFailure(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
+            while len(rtts) < params.echo_count:
+                event = await conn.next_h3_event()
+                now = time.monotonic()
+                if isinstance(event, DatagramReceived) and event.stream_id == stream_id:
+                    on_payload(event.data, now)
+                elif isinstance(event, DataReceived) and event.stream_id == stream_id:
+                    # datagrams may also come as DATAGRAM capsules on the stream
+                    for capsule in parser.feed(event.data):
+                        if capsule.type == cap.CapsuleType.DATAGRAM:
+                            on_payload(capsule.value, now)
+                    if event.stream_ended:
+                        raise ProbeFailure(Reason.TUNNEL_NO_REPLY, "proxy ended the stream")
     except cap.CapsuleError as exc:
         raise ProbeFailure(Reason.BAD_PACKET, f"bad capsule: {exc}") from None
     finally:
@@ -485,14 +457,14 @@ def _echo_result(params: QuicParams, sw: Stopwatch, rtts: list[float],
 
 
 async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
-                            facts: dict[str, Fact]) -> CheckResult:
+                            facts: dict[str, Fact], deadline: float) -> CheckResult:
     if not params.target:
         raise ConfigError("quic.connect-udp needs a target (host:port)")
     target_host, target_port = split_target(params.target)
     _check_echo_params(params)
     path = f"/.well-known/masque/udp/{_path_segment(target_host)}/{target_port}/"
     facts["target"] = params.target
-    async with _connection(params, config, sw) as conn:
+    async with _connection(params, config, sw, deadline) as conn:
         h3, stream_id = await _extended_connect(conn, params, sw, "connect-udp", path)
         rtts = await _echo_through(
             conn, h3, stream_id, params,
@@ -509,7 +481,7 @@ async def run_connect_udp(params: QuicParams, timeout: float) -> CheckResult:
 
 
 async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
-                           facts: dict[str, Fact]) -> CheckResult:
+                           facts: dict[str, Fact], deadline: float) -> CheckResult:
     path = (f"/.well-known/masque/ip/{_path_segment(params.ip_target)}/"
             f"{_path_segment(params.ip_protocol)}/")
     try:
@@ -518,13 +490,12 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
         raise ConfigError(f"ip_ping must be an IPv4 address, got {params.ip_ping!r}") from None
     if ping is not None:
         _check_echo_params(params)
-    async with _connection(params, config, sw) as conn:
+    async with _connection(params, config, sw, deadline) as conn:
         h3, stream_id = await _extended_connect(conn, params, sw, "connect-ip", path)
         # ask for any IPv4 address (RFC 9484 §4.7.2: all-zero address = no preference)
         request = cap.PrefixedAddress(1, ipaddress.IPv4Address(0), 32)
         h3.send_data(stream_id, cap.encode_capsule(
             cap.CapsuleType.ADDRESS_REQUEST, cap.encode_prefixed_addresses([request])), False)
-        conn.transmit()
         parser = cap.CapsuleParser()
         assigned: list[cap.PrefixedAddress] | None = None
         routes: list[cap.AddressRange] = []

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.checks import ikev2, openvpn, wireguard
+from probes.checks import ikev2, openvpn, quic, wireguard
 from probes.checks.base import CheckKind, CheckResult, execute
 from probes.model import Reason
 from probes.protocols import wireguard as wg
@@ -174,3 +174,28 @@ def test_ikev2_through_the_driver_on_garbage(psk: Path, replies: list[Reply]) ->
 @given(REPLIES)
 def test_ikev2_through_the_driver_on_garbage_long(psk: Path, replies: list[Reply]) -> None:
     _ikev2(replies, psk)
+
+
+# ------------------------------------------------------------------------------------ QUIC
+
+
+def _quic(replies: list[Reply]) -> None:
+    # aioquic drops what it cannot read (no event): such a check times out
+    result = _run(quic.HANDSHAKE, lambda port: quic.QuicParams(host="127.0.0.1", port=port),
+                  replies, _keep)
+    assert not result.ok
+    assert result.reason in (Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.TLS_FAILED,
+                             Reason.NO_ALPN, Reason.CERT_VERIFY_FAILED), result
+
+
+@FAST
+@given(REPLIES)
+def test_quic_through_the_driver_on_garbage(replies: list[Reply]) -> None:
+    _quic(replies)
+
+
+@pytest.mark.slow
+@SLOW
+@given(REPLIES)
+def test_quic_through_the_driver_on_garbage_long(replies: list[Reply]) -> None:
+    _quic(replies)
