@@ -231,6 +231,13 @@ class ProbeCommand(Generic[S]):
     description: str = ""
 
 
+def section_plan(section: str, plan: Callable[[PlanContext], Iterable[Planned]]
+                 ) -> Callable[[Any, PlanContext], Iterable[Planned]]:
+    """A probe command's planning when its options are a config section: the family's own
+    ``plan`` for a target with that section."""
+    return lambda options, ctx: plan(ctx.with_sections(**{section: options}))
+
+
 @dataclass(frozen=True, slots=True)
 class Family:
     """The check kinds of one protocol (one config section) and how they are planned.

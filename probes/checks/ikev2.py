@@ -34,6 +34,7 @@ from probes.checks.base import (
     ProbeCommand,
     Stopwatch,
     first_retry_after,
+    section_plan,
 )
 from probes.checks.driver import Closed as DriverClosed
 from probes.checks.driver import Driver, Unreachable
@@ -427,9 +428,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
-def _plan_options(section: IKEv2Target, ctx: PlanContext) -> list[Planned]:
-    return plan(ctx.with_sections(ikev2=section))
-
 
 def _preflight(planned: Planned) -> None:
     try:
@@ -443,7 +441,8 @@ COMMAND = ProbeCommand(
     description="--level init: alive and a proposal accepted; auth: a PSK IKE SA with the "
                 "responder's AUTH verified; tunnel: ICMP echoes through ESP. Every SA made is "
                 "deleted.",
-    options=IKEv2Target, plan=_plan_options, validate=ikev2_problems, preflight=_preflight,
+    options=IKEv2Target, plan=section_plan("ikev2", plan), validate=ikev2_problems,
+    preflight=_preflight,
     aliases={"--proposal": "proposals", "--count": "echo_count"},
     # a one-shot probe offers the usual suites and stops at init unless asked
     defaults={"level": "init", "proposals": list(DEFAULT_IKE_PROPOSALS)})

@@ -50,6 +50,7 @@ from probes.checks.base import (
     ProbeCommand,
     ProbeFailure,
     Stopwatch,
+    section_plan,
 )
 from probes.checks.errqueue import (
     SO_EE_ORIGIN_ICMP,
@@ -500,9 +501,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return [Planned.of(UDP if section.port is not None else ICMP, params)]
 
 
-def _plan_options(section: MTUTarget, ctx: PlanContext) -> list[Planned]:
-    return plan(ctx.with_sections(mtu=section))
-
 
 COMMAND = ProbeCommand(
     name="mtu", help="path MTU by DF-set UDP or ICMP echo probes (PMTU black holes)",
@@ -510,7 +508,8 @@ COMMAND = ProbeCommand(
                 "privileges), or ICMP echo without PORT (mtu.icmp: ping socket or "
                 "CAP_NET_RAW). Reports the largest IP packet that passes and whether ICMP "
                 "fragmentation-needed came back. Sizes are whole IP packets (MTU figures).",
-    options=MTUTarget, plan=_plan_options, validate=mtu_problems, positional=("host", "port"),
+    options=MTUTarget, plan=section_plan("mtu", plan), validate=mtu_problems,
+    positional=("host", "port"),
     default_timeout=10.0)
 
 FAMILY = Family("mtu", (UDP, ICMP), plan, "Path MTU and PMTU black holes", (COMMAND,))

@@ -53,6 +53,7 @@ from probes.checks.base import (
     ProbeFailure,
     Stopwatch,
     first_retry_after,
+    section_plan,
 )
 from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
 from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
@@ -576,9 +577,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
-def _plan_options(section: OpenVPNTarget, ctx: PlanContext) -> list[Planned]:
-    return plan(ctx.with_sections(openvpn=section))
-
 
 def _preflight(planned: Planned) -> None:
     """Every key and certificate the check will need, read now."""
@@ -595,7 +593,7 @@ COMMAND = ProbeCommand(
     help="OpenVPN hard reset, TLS, key-method 2 + PUSH_REPLY, or in-tunnel echoes",
     description="Probe an OpenVPN 2.x server like a client would; ends with EXIT. --level "
                 "picks the deepest step: reset, tls, session (PUSH_REPLY) or tunnel.",
-    options=OpenVPNTarget, plan=_plan_options, validate=openvpn_problems,
+    options=OpenVPNTarget, plan=section_plan("openvpn", plan), validate=openvpn_problems,
     preflight=_preflight, port_required=True,
     aliases={"--ca": "ca_file", "--cert": "cert_file", "--key": "key_file",
              "--tls-crypt": "tls_crypt_file", "--tls-auth": "tls_auth_file",

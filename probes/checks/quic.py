@@ -53,6 +53,7 @@ from probes.checks.base import (
     ProbeCommand,
     ProbeFailure,
     Stopwatch,
+    section_plan,
 )
 from probes.checks.driver import Driver, Unreachable
 from probes.checks.l4 import resolve
@@ -579,9 +580,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
-def _plan_options(section: QUICTarget, ctx: PlanContext) -> list[Planned]:
-    return plan(ctx.with_sections(quic=section))
-
 
 def _preflight(planned: Planned) -> None:
     params: QuicParams = planned.params
@@ -595,7 +593,8 @@ COMMAND = ProbeCommand(
     description="QUIC handshake (ALPN h3, certificate verified), or a MASQUE session: "
                 "CONNECT-UDP with HTTP datagrams echoed through the proxy (RTT, loss), or "
                 "CONNECT-IP up to a parsed ADDRESS_ASSIGN capsule.",
-    options=QUICTarget, plan=_plan_options, validate=quic_problems, preflight=_preflight,
+    options=QUICTarget, plan=section_plan("quic", plan), validate=quic_problems,
+    preflight=_preflight,
     positional=("host",),
     aliases={"--connect-udp": "connect_udp_target", "--count": "echo_count",
              "--interval": "echo_interval", "--size": "payload_size"},

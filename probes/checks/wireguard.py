@@ -43,6 +43,7 @@ from probes.checks.base import (
     ProbeFailure,
     Stopwatch,
     first_retry_after,
+    section_plan,
 )
 from probes.checks.driver import Closed, Driver, Unreachable
 from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
@@ -368,9 +369,6 @@ SESSION = CheckKind(
     run=_session_kind,
     description="handshake, ICMP echoes to an in-tunnel canary, keepalive")
 
-def _plan_options(section: WireGuardTarget, ctx: PlanContext) -> list[Planned]:
-    return plan(ctx.with_sections(wireguard=section))
-
 
 def _preflight(planned: Planned) -> None:
     load_config(planned.params)  # unreadable or malformed keys
@@ -380,7 +378,7 @@ COMMAND = ProbeCommand(
     name="wireguard", help="WireGuard handshake, or a session with --ping",
     description="Without --ping: wireguard.handshake. With --tunnel-address and --ping: "
                 "wireguard.session (handshake, ICMP echoes to the in-tunnel address, keepalive).",
-    options=WireGuardTarget, plan=_plan_options, validate=wireguard_problems,
+    options=WireGuardTarget, plan=section_plan("wireguard", plan), validate=wireguard_problems,
     preflight=_preflight, port_required=True, state_files=(STATE_FILE_NAME,),
     aliases={"--ping": "canary", "--count": "echo_count", "--interval": "echo_interval"})
 
