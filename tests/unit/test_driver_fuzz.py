@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -75,14 +74,13 @@ def _keep(request: bytes, reply: Reply) -> bytes:
     return request[:keep] + rest
 
 
-# ------------------------------------------------------------------------------- WireGuard
-
-
 @pytest.fixture(scope="module")
-def wg_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    path = tmp_path_factory.mktemp("wg") / "agent.key"
-    path.write_text(wg.encode_key(os.urandom(32)))
-    yield str(path)
+def material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Throwaway key files: a WireGuard agent key, an IKEv2 PSK the responder does not know."""
+    folder = tmp_path_factory.mktemp("material")
+    (folder / "agent.key").write_text(wg.encode_key(os.urandom(32)))
+    (folder / "psk").write_text("not-the-responders-key")
+    return {"wg_key": str(folder / "agent.key"), "psk": str(folder / "psk")}
 
 
 def _wg_shape(request: bytes, reply: Reply) -> bytes:
@@ -94,108 +92,61 @@ def _wg_shape(request: bytes, reply: Reply) -> bytes:
     return rest
 
 
-def _wireguard(replies: list[Reply], key_file: str) -> None:
+def _wireguard(replies: list[Reply], material: dict[str, str]) -> CheckResult:
     server = wg.encode_key(wg.public_key(os.urandom(32)))
-    result = _run(wireguard.HANDSHAKE, lambda port: wireguard.WireGuardParams(
-        host="127.0.0.1", port=port, server_public_key=server, private_key_file=key_file),
-        replies, _wg_shape)
-    assert not result.ok
-    assert result.reason in (Reason.BAD_RESPONSE, Reason.TIMEOUT, Reason.COOKIE_THEN_TIMEOUT), \
-        result
+    return _run(wireguard.HANDSHAKE, lambda port: wireguard.WireGuardParams(
+        host="127.0.0.1", port=port, server_public_key=server,
+        private_key_file=material["wg_key"]), replies, _wg_shape)
 
 
-@FAST
-@given(REPLIES)
-def test_wireguard_through_the_driver_on_garbage(wg_key: str, replies: list[Reply]) -> None:
-    _wireguard(replies, wg_key)
+def _openvpn(replies: list[Reply], material: dict[str, str]) -> CheckResult:
+    # with bytes of the request kept: our opcode and session id echoed, then random
+    return _run(openvpn.RESET, lambda port: openvpn.OpenVPNParams(host="127.0.0.1", port=port),
+                replies, _keep)
 
 
-@pytest.mark.slow
-@SLOW
-@given(REPLIES)
-def test_wireguard_through_the_driver_on_garbage_long(wg_key: str,
-                                                      replies: list[Reply]) -> None:
-    _wireguard(replies, wg_key)
-
-
-# --------------------------------------------------------------------------------- OpenVPN
-
-
-def _openvpn(replies: list[Reply]) -> None:
-    # a server hard reset opcode (v2) with our session id echoed, or random
-    result = _run(openvpn.RESET, lambda port: openvpn.OpenVPNParams(host="127.0.0.1", port=port),
-                  replies, _keep)
-    assert not result.ok
-    assert result.reason in (Reason.BAD_PACKET, Reason.RESET_IGNORED, Reason.BAD_RESPONSE,
-                             Reason.TIMEOUT), result
-
-
-@FAST
-@given(REPLIES)
-def test_openvpn_through_the_driver_on_garbage(replies: list[Reply]) -> None:
-    _openvpn(replies)
-
-
-@pytest.mark.slow
-@SLOW
-@given(REPLIES)
-def test_openvpn_through_the_driver_on_garbage_long(replies: list[Reply]) -> None:
-    _openvpn(replies)
-
-
-# ----------------------------------------------------------------------------------- IKEv2
-
-
-def _ikev2(replies: list[Reply], psk: Path) -> None:
+def _ikev2(replies: list[Reply], material: dict[str, str]) -> CheckResult:
     # with 8 or 16 bytes kept: our SPI (and the responder's zero one), then random
-    result = _run(ikev2.AUTH, lambda port: ikev2.Ikev2Params(
-        host="127.0.0.1", port=port, psk_file=str(psk)), replies, _keep)
-    assert not result.ok
-    assert result.reason in (Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.BAD_PACKET,
-                             Reason.NO_PROPOSAL_CHOSEN, Reason.INVALID_KE,
-                             Reason.AUTH_FAILED), result
+    return _run(ikev2.AUTH, lambda port: ikev2.Ikev2Params(
+        host="127.0.0.1", port=port, psk_file=material["psk"]), replies, _keep)
 
 
-@pytest.fixture(scope="module")
-def psk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ike") / "psk"
-    path.write_text("not-the-responders-key")
-    return path
-
-
-@FAST
-@given(REPLIES)
-def test_ikev2_through_the_driver_on_garbage(psk: Path, replies: list[Reply]) -> None:
-    _ikev2(replies, psk)
-
-
-@pytest.mark.slow
-@SLOW
-@given(REPLIES)
-def test_ikev2_through_the_driver_on_garbage_long(psk: Path, replies: list[Reply]) -> None:
-    _ikev2(replies, psk)
-
-
-# ------------------------------------------------------------------------------------ QUIC
-
-
-def _quic(replies: list[Reply]) -> None:
+def _quic(replies: list[Reply], material: dict[str, str]) -> CheckResult:
     # aioquic drops what it cannot read (no event): such a check times out
-    result = _run(quic.HANDSHAKE, lambda port: quic.QuicParams(host="127.0.0.1", port=port),
-                  replies, _keep)
-    assert not result.ok
-    assert result.reason in (Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.TLS_FAILED,
-                             Reason.NO_ALPN, Reason.CERT_VERIFY_FAILED), result
+    return _run(quic.HANDSHAKE, lambda port: quic.QuicParams(host="127.0.0.1", port=port),
+                replies, _keep)
 
 
+# each core's check, and the reasons a server answering garbage may get
+CORES: dict[str, tuple[Callable[[list[Reply], dict[str, str]], CheckResult], set[Reason]]] = {
+    "wireguard": (_wireguard, {Reason.BAD_RESPONSE, Reason.TIMEOUT, Reason.COOKIE_THEN_TIMEOUT}),
+    "openvpn": (_openvpn, {Reason.BAD_PACKET, Reason.RESET_IGNORED, Reason.BAD_RESPONSE,
+                           Reason.TIMEOUT}),
+    "ikev2": (_ikev2, {Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.BAD_PACKET,
+                       Reason.NO_PROPOSAL_CHOSEN, Reason.INVALID_KE, Reason.AUTH_FAILED}),
+    "quic": (_quic, {Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.TLS_FAILED, Reason.NO_ALPN,
+                     Reason.CERT_VERIFY_FAILED}),
+}
+
+
+def _check(core: str, replies: list[Reply], material: dict[str, str]) -> None:
+    run, reasons = CORES[core]
+    result = run(replies, material)
+    assert not result.ok and result.reason in reasons, result
+
+
+@pytest.mark.parametrize("core", sorted(CORES))
 @FAST
-@given(REPLIES)
-def test_quic_through_the_driver_on_garbage(replies: list[Reply]) -> None:
-    _quic(replies)
+@given(replies=REPLIES)
+def test_every_core_through_the_driver_on_garbage(core: str, replies: list[Reply],
+                                                   material: dict[str, str]) -> None:
+    _check(core, replies, material)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("core", sorted(CORES))
 @SLOW
-@given(REPLIES)
-def test_quic_through_the_driver_on_garbage_long(replies: list[Reply]) -> None:
-    _quic(replies)
+@given(replies=REPLIES)
+def test_every_core_through_the_driver_on_garbage_long(core: str, replies: list[Reply],
+                                                        material: dict[str, str]) -> None:
+    _check(core, replies, material)
