@@ -25,7 +25,6 @@ a protocol needs no new pump: a core, its check's event handling, and ``open_udp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections import deque
@@ -102,6 +101,7 @@ class Driver(Generic[E]):
         self._endpoints: dict[Address, UdpEndpoint | _Stream] = {}
         self._inbox: deque[_Arrival] = deque()
         self._notes: deque[Unreachable | Closed] = deque()  # the driver's own events
+        self._unrouted: deque[tuple[bytes, Address]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._readers: list[asyncio.Task[None]] = []
 
@@ -163,10 +163,13 @@ class Driver(Generic[E]):
 
     def send(self, data: bytes, addr: Address) -> SendStamp | None:
         """One datagram to ``addr`` now (the core's, or one the check builds itself). An error
-        the socket reports becomes an :class:`Unreachable` event."""
+        the socket reports becomes an :class:`Unreachable` event; a datagram for an address
+        without a socket yet (IKEv2 floating to the NAT-T port) waits for :meth:`next_event` to
+        open one."""
         endpoint = self._endpoints.get(addr)
         if endpoint is None:
-            raise KeyError(f"no transport to {addr}: open_udp() it first")
+            self._unrouted.append((data, addr))
+            return None
         try:
             stamp = endpoint.send(data)
         except IcmpError as exc:
@@ -184,19 +187,16 @@ class Driver(Generic[E]):
             stamp = self.send(data, addr) or stamp
         return stamp
 
-    async def flush_to_new(self) -> SendStamp | None:
-        """:meth:`flush`, opening a UDP socket first for an address the core sends to for the
-        first time (IKEv2 floating to the NAT-T port)."""
-        stamp = None
-        for data, addr in self.core.datagrams_to_send(time.monotonic()):
+    async def _route(self) -> None:
+        while self._unrouted:
+            data, addr = self._unrouted.popleft()
             if addr not in self._endpoints:
                 try:
                     await self.open_udp(addr)
                 except OSError as exc:
                     self._notes.append(Unreachable(IcmpError(exc.errno or 0), addr))
                     continue
-            stamp = self.send(data, addr) or stamp
-        return stamp
+            self.send(data, addr)
 
     # ---- the pump ----------------------------------------------------------------------------
 
@@ -207,7 +207,9 @@ class Driver(Generic[E]):
             event = core.next_event()
             if event is not None:
                 return event
-            await self.flush_to_new()
+            self.flush()
+            if self._unrouted:
+                await self._route()
             if self._notes:
                 return self._notes.popleft()
             now = time.monotonic()
@@ -244,12 +246,6 @@ class Driver(Generic[E]):
         for endpoint in self._endpoints.values():
             endpoint.close()
         self._endpoints.clear()
-
-    async def aclose(self) -> None:
-        self.close()
-        for task in self._readers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def _release(waiter: asyncio.Future[None]) -> None:

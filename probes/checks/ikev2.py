@@ -168,7 +168,7 @@ class _Session:
         self.ini.close(now)
         if self.ini.get_timer() is not None:
             await self.run_until(Closed, now + DELETE_BUDGET_SECONDS)
-        await self.driver.aclose()
+        self.driver.close()
 
 
 # --- the check --------------------------------------------------------------------------------
