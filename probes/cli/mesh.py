@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from probes.config import ConfigError
@@ -35,7 +36,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from probes.mesh.replay import parse_lines  # noqa: PLC0415
+    from probes.mesh.replay import parse_lines, replay_weights  # noqa: PLC0415
     from probes.mesh.replay import replay as run  # noqa: PLC0415
 
     try:
@@ -51,9 +52,13 @@ def replay(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     try:
         with stream:
-            verdicts = run(cfg.decision, cfg.node_infos(), parse_lines(stream), cfg.tick_seconds)
-            for verdict in verdicts:
-                out.write(encode(verdict) + b"\n")
+            changes: Iterable[Any] = (
+                replay_weights(cfg.decision, cfg.node_infos(), cfg.weights, cfg.weight_nodes(),
+                               parse_lines(stream), tick_seconds=cfg.tick_seconds)
+                if args.weights
+                else run(cfg.decision, cfg.node_infos(), parse_lines(stream), cfg.tick_seconds))
+            for change in changes:
+                out.write(encode(change) + b"\n")
     except SchemaError as exc:
         out.flush()
         print(f"{args.observations}: {exc.path}: {exc}", file=sys.stderr)
@@ -72,6 +77,9 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--observations", required=True, help="JSON lines of observations or batches ('-': stdin)"
     )
+    r.add_argument("--weights", action="store_true",
+                   help="print the weight changes (the stream's load reads through the config's "
+                        "weights policy) instead of the verdict changes")
     r.set_defaults(handler=replay)
 
 

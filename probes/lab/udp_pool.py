@@ -44,6 +44,10 @@ MESH_PORT = 9480
 AGENT_CHECK_PORT = 9481
 AGENT_PORT = 9470
 SINK = f"{INNER_SERVER}:9"  # where the loadgen's datagrams go, through a tunnel
+# the pool mesh's policies (one agent votes; a short slow start for tests), as config sections
+DECISION: dict[str, Any] = {"rise": 2, "fall": 3, "quorum": {"min_voters": 1}}
+WEIGHTS: dict[str, Any] = {"enabled": True, "slow_start_seconds": 10.0,
+                           "load_stale_after_seconds": 5.0}
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,11 @@ class UdpPool:
         return f"http://{self.control.address}:{MESH_PORT}"
 
     def _start_mesh(self) -> None:
-        signing.write_key_file(self.dir / "agent-mesh.key", signing.generate_key() + "\n")
-        signing.write_key_file(self.dir / "operator.token", signing.generate_key() + "\n")
-        weights = {"enabled": True, "slow_start_seconds": 10.0, "load_stale_after_seconds": 5.0,
-                   **self.options.weights}
+        signing.write_key_file(self.dir / "agent-mesh.key", signing.generate_key() + "
+")
+        signing.write_key_file(self.dir / "operator.token", signing.generate_key() + "
+")
+        weights = {**WEIGHTS, **self.options.weights}
         publishers: list[dict[str, Any]] = [{
             "type": "nftlb", "name": "nftlb", "url": self.nftlb.url,
             "key_file": str(self.nftlb.key_file),
@@ -159,7 +164,7 @@ class UdpPool:
             "nodes": [{"id": n, "pool": "udp", "pop": "lab1", "region": "lab"}
                       for n in self.nodes],
             "tick_seconds": 0.5,
-            "decision": {"rise": 2, "fall": 3, "quorum": {"min_voters": 1}},
+            "decision": DECISION,
             "weights": weights,
             "publishers": publishers,
             "agent_check": {"listen": f"{self.control.address}:{AGENT_CHECK_PORT}"},

@@ -50,7 +50,7 @@ from probes.mesh.store import (
 from probes.mesh.storehealth import StoreHealth
 from probes.mesh.storethread import StoreOutbox, StoreThread
 from probes.mesh.weight_policy import WeightPolicy
-from probes.mesh.weights import WeightEngine, WeightNode
+from probes.mesh.weights import WeightEngine, WeightNode, follow, split_load
 from probes.model import (
     NodeLoad,
     Observation,
@@ -95,17 +95,6 @@ class _Loaded:
     agent_seq: dict[str, int]
     replayed_entries: int
     replayed_verdicts: int
-
-
-def split_load(
-    observations: Sequence[Observation],
-) -> tuple[Sequence[Observation], list[tuple[str, NodeLoad]]]:
-    """Check results for the decision engine, load reads for the weight engine: a load read is
-    never evidence of a node's health (its absence says nothing about the service)."""
-    loads = [(o.node, o.load) for o in observations if o.load is not None]
-    if not loads:
-        return observations, loads
-    return [o for o in observations if o.load is None], loads
 
 
 class MeshService:
@@ -250,13 +239,12 @@ class MeshService:
         """Apply one journaled input to the engines; (verdict changes, weight changes).
         ``batch``: a batch entry's, when the caller decoded it already."""
         now = entry.now
+        loads: list[tuple[str, NodeLoad]] = []
         if entry.kind == EntryKind.BATCH:
             if batch is None:
                 batch = decode_batch(entry.payload)
             checks, loads = split_load(batch.observations)
             verdicts = observe_with_paths(engine, paths, checks, batch.traces, now)
-            if weights is not None and loads:
-                weights.load(loads, now)
         elif entry.kind == EntryKind.TICK:
             verdicts = engine.tick(now)
         else:
@@ -264,12 +252,7 @@ class MeshService:
             verdicts = engine.set_admin(action.node, action.state, now, action.actor)
         if weights is None:
             return verdicts, []
-        changes: list[WeightChange] = []
-        for verdict in verdicts:
-            changes += weights.set_state(verdict.node, verdict.state, now)
-        if entry.kind == EntryKind.TICK:
-            changes += weights.tick(now)
-        return verdicts, changes
+        return verdicts, follow(weights, loads, verdicts, now, entry.kind == EntryKind.TICK)
 
     def _snapshot(self) -> None:
         """Write the engines as of the last committed journal id (on the store thread)."""

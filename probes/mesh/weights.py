@@ -47,9 +47,9 @@ from typing import Any
 import msgspec
 
 from probes.mesh.weight_policy import SignalSteps, WeightPolicy
-from probes.model import NodeLoad, VerdictState, WeightChange, WeightReason
+from probes.model import NodeLoad, Observation, Verdict, VerdictState, WeightChange, WeightReason
 
-__all__ = ["NodeWeight", "WeightEngine", "WeightNode", "signals_of"]
+__all__ = ["NodeWeight", "WeightEngine", "WeightNode", "follow", "signals_of", "split_load"]
 
 FULL = 100.0
 _ZERO_STATES = frozenset({VerdictState.DOWN, VerdictState.DRAINING, VerdictState.MAINTENANCE})
@@ -64,6 +64,32 @@ class WeightNode(msgspec.Struct, frozen=True):
     node: str
     pool: str
     capacity: float = 1.0
+
+
+def split_load(
+    observations: Sequence[Observation],
+) -> tuple[Sequence[Observation], list[tuple[str, NodeLoad]]]:
+    """Check results for the decision engine, load reads for the weight engine: a load read is
+    never evidence of a node's health (its absence says nothing about the service)."""
+    loads = [(o.node, o.load) for o in observations if o.load is not None]
+    if not loads:
+        return observations, loads
+    return [o for o in observations if o.load is None], loads
+
+
+def follow(weights: WeightEngine, loads: Sequence[tuple[str, NodeLoad]],
+           verdicts: Sequence[Verdict], now: float, ticked: bool) -> list[WeightChange]:
+    """One mesh input's effect on the weights, in the one order the mesh, its restart replay and
+    ``mesh replay`` all use: the input's load reads, then the verdict states it changed, then
+    (a tick) the weights' step."""
+    if loads:
+        weights.load(loads, now)
+    changes: list[WeightChange] = []
+    for verdict in verdicts:
+        changes += weights.set_state(verdict.node, verdict.state, now)
+    if ticked:
+        changes += weights.tick(now)
+    return changes
 
 
 def signals_of(sample: NodeLoad) -> dict[str, float]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from probes.mesh.policy import DecisionPolicy
-from probes.mesh.service import MeshService, split_load
+from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.mesh.weight_policy import WeightPolicy
-from probes.mesh.weights import WeightNode
+from probes.mesh.weights import WeightNode, split_load
 from probes.model import NodeLoad, Observation, ObservationBatch, VerdictState, encode
 from tests.mesh.helpers import fleet, obs
 

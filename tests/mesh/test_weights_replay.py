@@ -1,0 +1,60 @@
+"""A load trace recorded on real nodes (tests/bench/record_weights_trace.py: three wireguard-go
+nodes behind nftlb, one made hot, one stopped and restarted) replayed through the decision and
+weight engines gives the same weights, byte for byte, as the committed expected output — and
+again on a second run. ``TW_REGENERATE=1`` rewrites the expected output (after a deliberate
+policy change; review the diff)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from probes.lab.udp_pool import DECISION, WEIGHTS
+from probes.mesh.decision import NodeInfo
+from probes.mesh.policy import DecisionPolicy
+from probes.mesh.replay import parse_lines, replay_weights
+from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weights import WeightNode
+from probes.model import WeightChange, encode
+
+pytestmark = pytest.mark.mesh
+
+DATA = Path(__file__).parent / "data"
+TRACE = DATA / "weights-trace.jsonl"
+EXPECTED = DATA / "weights-trace.weights.jsonl"
+NODES = ("node1", "node2", "node3")
+
+
+def replayed() -> bytes:
+    with TRACE.open("rb") as f:
+        changes = replay_weights(
+            msgspec.convert(DECISION, DecisionPolicy), [NodeInfo(n, "udp") for n in NODES],
+            msgspec.convert(WEIGHTS, WeightPolicy), [WeightNode(n, "udp") for n in NODES],
+            parse_lines(f))
+        return b"".join(encode(change) + b"\n" for change in changes)
+
+
+def test_recorded_trace_replays_to_the_same_weights_byte_for_byte() -> None:
+    got = replayed()
+    if os.environ.get("TW_REGENERATE"):
+        EXPECTED.write_bytes(got)
+    assert got == EXPECTED.read_bytes()
+    assert replayed() == got  # and again
+
+
+def test_the_trace_shows_what_was_done_to_the_nodes() -> None:
+    changes = [msgspec.json.decode(line, type=WeightChange)
+               for line in EXPECTED.read_bytes().splitlines()]
+    by_node = {n: [c for c in changes if c.node == n] for n in NODES}
+    # node1 carried three heavy clients: its effective sessions cut it by half
+    hot = [c for c in by_node["node1"] if c.weight == 50]
+    assert hot and hot[0].reasons[0].what == "effective_sessions-share"
+    # node3's WireGuard was stopped: weight 0 with its DOWN verdict, then back through slow start
+    node3 = by_node["node3"]
+    down = next(i for i, c in enumerate(node3) if c.weight == 0)
+    assert node3[down].state.value == "DOWN"
+    assert any(r.what == "slow-start" for r in node3[down + 1].reasons)
+    assert node3[-1].weight == 100
