@@ -291,6 +291,59 @@ def fleet_overview() -> dashboard.Dashboard:
             "{{pop}}",
             desc="Standard deviation / mean of active sessions across a PoP's nodes; alert > 0.25.",
         ),
+        dashboard.Row("Weights, load and spare capacity"),
+        ts(
+            "Node weights",
+            "percentunit",
+            f"node:tunnelwatch_node_weight:ratio{{{POP}}}",
+            "{{pop}} {{node}}",
+            desc="The weight the mesh publishes to the balancers, a share of the node's nominal "
+            "weight (docs/weights.md); 0 = no new flows.",
+        ),
+        ts(
+            "Node load (CPU busy)",
+            "percentunit",
+            f"node:tunnelwatch_node_cpu_busy:ratio{{{POP}}}",
+            "{{pop}} {{node}}",
+            desc="Smoothed CPU busy share of each node (host or VPN daemon), from telemetry.load.",
+        ),
+        ts(
+            "Effective sessions",
+            "none",
+            f"node:tunnelwatch_node_effective_sessions:smoothed{{{POP}}}",
+            "{{pop}} {{node}}",
+            desc="Sessions weighted by their recent traffic (a 1 Mbit/s client counts one).",
+        ),
+        ts(
+            "CPU load uniformity (coefficient of variation)",
+            "none",
+            f"pop:tunnelwatch_node_cpu_busy:cv{{{POP}}}",
+            "{{pop}}",
+            desc="Standard deviation / mean of CPU busy across a PoP's serving nodes (not "
+            "computed below 5 % mean); PoPLoadUneven above 0.25.",
+        ),
+        ts(
+            "Effective-session uniformity (coefficient of variation)",
+            "none",
+            f"pop:tunnelwatch_node_effective_sessions:cv{{{POP}}}",
+            "{{pop}}",
+            desc="Standard deviation / mean of effective sessions across a PoP's serving nodes "
+            "(not computed below one per node); PoPEffectiveSessionsUneven above 0.25.",
+        ),
+        ts(
+            "Spare capacity",
+            "percentunit",
+            f"pop:tunnelwatch_capacity_spare:ratio{{{POP}}}",
+            "{{pop}}",
+            desc="1 - load / capacity of a PoP's serving nodes; keep 20 % (PoPSpareCapacityLow).",
+        ),
+        ts(
+            "Weight changes per node",
+            "ops",
+            "pool:tunnelwatch_weight_changes_per_node:rate5m",
+            "{{pool}}",
+            desc="How often the balancers get a new weight, per node; churn alert above 1/60 s.",
+        ),
     )
 
 

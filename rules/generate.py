@@ -288,11 +288,26 @@ PUBLISHERS = Scope("publisher", "publisher.md", fleet_wide=True)
 ANYCAST = Scope("anycast", "anycast.md")
 AGENTS = Scope("agent", "agent.md", fleet_wide=True)
 TARGETS = Scope("target", "agent.md", fleet_wide=True)
+# weights from load and capacity advice (docs/weights.md, docs/runbooks/weights.md)
+LOAD_POPS = Scope("pop", "weights.md")
+WEIGHT_POOLS = Scope("pool", "weights.md")
 
 
 # ---------------------------------------------------------------------------- recording rules
 
 VERDICT = "node:tunnelwatch_verdict:state"
+
+
+def leaders(series: str) -> str:
+    """A mesh series as the leader sees it: with several replicas (HA) only the leader's view
+    counts; a replica that exports no tunnelwatch_mesh_leader (a single mesh) counts as it is."""
+    return (
+        f"  {series}\n"
+        "    and on (job, instance) (tunnelwatch_mesh_leader == 1)\n"
+        "  or\n"
+        f"  {series}\n"
+        "    unless on (job, instance) tunnelwatch_mesh_leader\n"
+    )
 
 
 def _pop_nodes(state: str) -> str:
@@ -319,12 +334,8 @@ def pop_building_blocks() -> list[dict[str, Any]]:
         record(
             VERDICT,
             "max by (node, pool, state) (\n"
-            "  tunnelwatch_mesh_node_verdict\n"
-            "    and on (job, instance) (tunnelwatch_mesh_leader == 1)\n"
-            "  or\n"
-            "  tunnelwatch_mesh_node_verdict\n"
-            "    unless on (job, instance) tunnelwatch_mesh_leader\n"
-            ")\n"
+            + leaders("tunnelwatch_mesh_node_verdict")
+            + ")\n"
             "* on (node, pool) group_left (pop, region)\n"
             "node:tunnelwatch_node_placement:info",
         ),
@@ -373,6 +384,95 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             f")\n/\n"
             f"(node:tunnelwatch_node_active_peers:sum > 0)",
         ),
+    ]
+
+
+# Capacity advice, the brief's: scale up when P95 latency climbs 30 % for 3 minutes while packets
+# per node are above SCALE_UP_PPS; one node can go when the PoP's load would fit in one node fewer
+# with SPARE to spare, for 15 minutes; keep SPARE per PoP.
+SCALE_UP_PPS = 100_000
+LATENCY_CLIMB = 1.3
+SPARE = 0.2
+SERVING = f'{VERDICT}{{state=~"UP|DEGRADED"}}'
+
+
+def _node_load(series: str) -> str:
+    """A weight-engine gauge per node (leader's view) with the node's region."""
+    return (
+        "max by (node, pool, pop) (\n"
+        + leaders(series)
+        + ")\n"
+        "* on (node, pool) group_left (region)\n"
+        "group by (node, pool, region) (node:tunnelwatch_node_placement:info)"
+    )
+
+
+def _serving(series: str) -> str:
+    return f"{series}\nand on (node, pool)\n{SERVING}"
+
+
+def _cv(series: str, floor: str) -> str:
+    """Coefficient of variation across a PoP's serving nodes; absent below ``floor`` (an idle
+    PoP's ratios are noise)."""
+    serving = _indent(_serving(series))
+    return (
+        f"stddev by ({POP_LABELS}) (\n{serving}\n)\n/\n"
+        f"(avg by ({POP_LABELS}) (\n{serving}\n) > {floor})"
+    )
+
+
+def load_building_blocks() -> list[dict[str, Any]]:
+    """Weights and load (the mesh's weight engine, docs/weights.md) per node and PoP."""
+    cpu = "node:tunnelwatch_node_cpu_busy:ratio"
+    capacity = "node:tunnelwatch_node_capacity:max"
+    def handshake_p95(window: str) -> str:
+        return ("histogram_quantile(0.95,\n"
+                f"  sum by (le, {POP_LABELS}) (rate(tunnelwatch_probe_duration_seconds_bucket"
+                f"{{{HANDSHAKE}}}[{window}))\n)")
+
+    return [
+        record(cpu, _node_load("tunnelwatch_mesh_node_load_cpu_busy_ratio")),
+        record("node:tunnelwatch_node_effective_sessions:smoothed",
+               _node_load("tunnelwatch_mesh_node_load_effective_sessions")),
+        record("node:tunnelwatch_node_packets_per_second:smoothed",
+               _node_load("tunnelwatch_mesh_node_load_packets_per_second")),
+        record("node:tunnelwatch_node_weight:ratio",
+               _node_load("tunnelwatch_mesh_node_weight_ratio")),
+        record(capacity, _node_load("tunnelwatch_mesh_node_capacity")),
+        record("pop:tunnelwatch_node_cpu_busy:cv", _cv(cpu, "0.05")),
+        record("pop:tunnelwatch_node_effective_sessions:cv",
+               _cv("node:tunnelwatch_node_effective_sessions:smoothed", "1")),
+        # how often the balancers are told a new weight, per node of the pool
+        record(
+            "pool:tunnelwatch_weight_changes_per_node:rate5m",
+            "sum by (pool, pop, region) (\n"
+            + _indent(_node_load("rate(tunnelwatch_mesh_node_weight_changes_total[5m])"))
+            + "\n)\n/\n"
+            "count by (pool, pop, region) (node:tunnelwatch_node_weight:ratio)",
+        ),
+        # 1 - load / capacity over the serving nodes (CPU busy share x capacity)
+        record(
+            "pop:tunnelwatch_capacity_spare:ratio",
+            f"1 - (\n  sum by ({POP_LABELS}) (\n"
+            + _indent(_serving(f"{cpu} * on (node, pool) group_left () {capacity}"), "    ")
+            + f"\n  )\n  /\n  sum by ({POP_LABELS}) (\n"
+            + _indent(_serving(capacity), "    ")
+            + "\n  )\n)",
+        ),
+        # the PoP's load as a share of its capacity without its biggest serving node
+        record(
+            "pop:tunnelwatch_capacity_one_node_fewer:ratio",
+            f"sum by ({POP_LABELS}) (\n"
+            + _indent(_serving(f"{cpu} * on (node, pool) group_left () {capacity}"))
+            + f"\n)\n/\n(\n  sum by ({POP_LABELS}) (\n"
+            + _indent(_serving(capacity), "    ")
+            + f"\n  )\n  -\n  max by ({POP_LABELS}) (\n"
+            + _indent(_serving(capacity), "    ")
+            + "\n  )\n)",
+        ),
+        record("pop:tunnelwatch_handshake_seconds:p95_5m", handshake_p95("5m]")),
+        # the hour before those 5 minutes: the baseline a climb is measured against
+        record("pop:tunnelwatch_handshake_seconds:p95_1h_before", handshake_p95("1h] offset 5m")),
     ]
 
 
@@ -668,6 +768,99 @@ def mesh_alerts() -> list[dict[str, Any]]:
     ]
 
 
+def load_alerts() -> list[dict[str, Any]]:
+    """Load uniformity, weight churn and guard, capacity advice (docs/runbooks/weights.md)."""
+    return [
+        LOAD_POPS.warning(
+            "PoPLoadUneven",
+            "pop:tunnelwatch_node_cpu_busy:cv > 0.25",
+            for_="15m",
+            summary="CPU load is unevenly spread across a PoP's serving nodes.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}): the coefficient of variation of "
+                'its serving nodes\' CPU busy share is {{ $value | printf "%.2f" }} (bound 0.25).'
+            ),
+        ),
+        LOAD_POPS.warning(
+            "PoPEffectiveSessionsUneven",
+            "pop:tunnelwatch_node_effective_sessions:cv > 0.25",
+            for_="15m",
+            summary="Effective sessions are unevenly spread across a PoP's serving nodes.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}): the coefficient of variation of "
+                "its serving nodes' effective sessions is "
+                '{{ $value | printf "%.2f" }} (bound 0.25).'
+            ),
+        ),
+        WEIGHT_POOLS.warning(
+            "WeightChurn",
+            # more than one new weight per node per minute, sustained: the dead band or the
+            # hysteresis is too narrow for this pool's load noise
+            "pool:tunnelwatch_weight_changes_per_node:rate5m > (1 / 60)",
+            for_="15m",
+            summary="The mesh changes a pool's weights so often that it churns its balancers.",
+            description=(
+                "Pool {{ $labels.pool }} in PoP {{ $labels.pop }}: "
+                '{{ $value | printf "%.3f" }} weight changes per node per second.'
+            ),
+        ),
+        WEIGHT_POOLS.warning(
+            "WeightGuardHolding",
+            "max by (pool, pop, region) (\n"
+            "  max by (pool) (\n" + _indent(leaders("tunnelwatch_mesh_weight_guard_scale"), "  ")
+            + "\n  )\n"
+            "  * on (pool) group_left (pop, region)\n"
+            "  group by (pool, pop, region) (node:tunnelwatch_node_placement:info)\n"
+            ") > 1",
+            for_="10m",
+            summary="A whole pool is loaded: the weight guard scales its load cuts back.",
+            description=(
+                "Pool {{ $labels.pool }} in PoP {{ $labels.pop }}: every node is cut for load; "
+                'the guard scales the cuts back by {{ $value | printf "%.2f" }}x.'
+            ),
+        ),
+        LOAD_POPS.warning(
+            "PoPScaleUp",
+            f"pop:tunnelwatch_handshake_seconds:p95_5m\n> {_num(LATENCY_CLIMB)} * "
+            "pop:tunnelwatch_handshake_seconds:p95_1h_before\n"
+            f"and on ({POP_LABELS})\n"
+            f"avg by ({POP_LABELS}) (node:tunnelwatch_node_packets_per_second:smoothed)"
+            f" > {SCALE_UP_PPS}",
+            for_="3m",
+            summary="A PoP's handshakes slow down under heavy load: add a node.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}): handshake P95 is "
+                "{{ $value | humanizeDuration }}, 30 % above the hour before, while its nodes "
+                f"carry over {SCALE_UP_PPS} packets per second each."
+            ),
+        ),
+        LOAD_POPS.alert(
+            "PoPCanShedNode",
+            f"pop:tunnelwatch_capacity_one_node_fewer:ratio < {_num(1 - SPARE)}\n"
+            f"and on ({POP_LABELS})\n"
+            f"count by ({POP_LABELS}) ({SERVING}) > 1",
+            for_="15m",
+            severity="info",
+            summary="A PoP's load would fit in one node fewer with 20 % to spare.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}): without its biggest node the "
+                "load would use {{ $value | humanizePercentage }} of its capacity; one node can "
+                "be drained."
+            ),
+        ),
+        LOAD_POPS.warning(
+            "PoPSpareCapacityLow",
+            f"pop:tunnelwatch_capacity_spare:ratio < {_num(SPARE)}",
+            for_="15m",
+            summary="A PoP has less than 20 % spare capacity.",
+            description=(
+                "PoP {{ $labels.pop }} ({{ $labels.region }}) has "
+                "{{ $value | humanizePercentage }} of its serving capacity to spare (keep 20 %)."
+            ),
+        ),
+    ]
+
+
 def anycast_alerts() -> list[dict[str, Any]]:
     """The mesh's anycast controller (docs/anycast.md): one BGP speaker per PoP."""
     return [
@@ -784,6 +977,7 @@ class RuleFile:
 def build() -> list[RuleFile]:
     recording = RuleFile("recording.rules.yaml")
     recording.group("tunnelwatch-pop", pop_building_blocks())
+    recording.group("tunnelwatch-load", load_building_blocks())
     for slo in SLOS:
         recording.group(f"tunnelwatch-slo-{slo.name}", slo_recording_rules(slo))
     slo_alerts = RuleFile("slo.rules.yaml")
@@ -791,6 +985,7 @@ def build() -> list[RuleFile]:
     other = RuleFile("alerts.rules.yaml")
     other.group("tunnelwatch-fleet-alerts", fleet_alerts())
     other.group("tunnelwatch-mesh-alerts", mesh_alerts())
+    other.group("tunnelwatch-load-alerts", load_alerts())
     other.group("tunnelwatch-anycast-alerts", anycast_alerts())
     other.group("tunnelwatch-agent-alerts", agent_alerts())
     return [recording, slo_alerts, other]

@@ -320,6 +320,9 @@ class _Peer:
     history: list[tuple[float, int]] = field(default_factory=list)  # (at, bytes so far)
 
 
+MIN_SPAN_SECONDS = 0.5  # a rate over less than this is noise
+
+
 class EffectiveSessions:
     """Sessions weighted by their recent traffic (the brief's "effective sessions").
 
@@ -364,7 +367,9 @@ class EffectiveSessions:
                 del history[0]
             moved = total - history[0][1]
             if moved >= self.min_bytes and moved > 0:
-                span = max(now - history[0][0], gap)  # a young session: its own span
+                # a young session: over its own span (not the whole window, which would count a
+                # new heavy client light for its first seconds and slow the weights down)
+                span = max(now - history[0][0], MIN_SPAN_SECONDS)
                 effective += max(1.0, moved / span / self.unit)
         for gone in [k for k in peers if k not in byte_counters]:
             del peers[gone]

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from probes.checks.load_telemetry import parse_net_dev
 from probes.lab.haproxy import Backend, HAProxyServer
 from probes.lab.keys import WgKeyPair, wg_keypair
 from probes.lab.netns import LabError
@@ -140,12 +141,17 @@ class UdpPool:
     def mesh_url(self) -> str:
         return f"http://{self.control.address}:{MESH_PORT}"
 
-    def _start_mesh(self) -> None:
-        signing.write_key_file(self.dir / "agent-mesh.key", signing.generate_key() + "
-")
-        signing.write_key_file(self.dir / "operator.token", signing.generate_key() + "
-")
-        weights = {**WEIGHTS, **self.options.weights}
+    def restart_mesh(self, *, weights: bool) -> None:
+        """Restart the mesh with weights on or off (off: every UP node at weight 100 — the
+        equal-weights run of the benchmark, on the same pool)."""
+        self.lab.stop_process(self.mesh_proc)
+        self._start_mesh(weights_on=weights)
+
+    def _start_mesh(self, *, weights_on: bool = True) -> None:
+        for name in ("agent-mesh.key", "operator.token"):
+            if not (self.dir / name).exists():
+                signing.write_key_file(self.dir / name, signing.generate_key() + "\n")
+        weights = {**WEIGHTS, **self.options.weights, "enabled": weights_on}
         publishers: list[dict[str, Any]] = [{
             "type": "nftlb", "name": "nftlb", "url": self.nftlb.url,
             "key_file": str(self.nftlb.key_file),
@@ -269,6 +275,15 @@ class UdpPool:
                     if best is None or stamp > best[0]:
                         best = (stamp, node.name)
         return best[1] if best else None
+
+    def node_bytes(self) -> dict[str, int]:
+        """Bytes each node's network interface moved so far (both ways): its traffic load."""
+        out = {}
+        for name, node in self.nodes.items():
+            text = node.host.run(["cat", "/proc/net/dev"]).stdout
+            counters = parse_net_dev(text)["eth0"]
+            out[name] = counters.rx_bytes + counters.tx_bytes
+        return out
 
     def mesh_nodes(self) -> dict[str, dict[str, Any]]:
         got = json.loads(get(self.control, self.mesh_url + "/v1/nodes"))

@@ -11,7 +11,10 @@ Where the defaults come from (the domain brief, shared/seed):
   dropped, -50 % at 1 %;
 * the effective-session steps make it "least load": a node carrying 1.25x the pool's mean
   effective sessions per unit of capacity loses 20 %, 1.5x loses 50 %;
-* load is "smoothed exponentially and updated every 1-3 s": a 2 s half-life, one step per second;
+* load is "smoothed exponentially and updated every 1-3 s": a 1 s half-life (effective sessions
+  are already a 30 s window on the agent; hysteresis and the dead band absorb CPU noise), one
+  step per second — the weights benchmark measured 2 s of half-life as one more second from a
+  load change to the balancer;
 * DEGRADED keeps today's HAProxy mapping (50 %); slow start is HAProxy's ``slowstart`` idea
   (a returning node ramps up instead of taking a full share of new flows at once);
 * the pool guard is the decision engine's guard carried over to weights: when every node is hot,
@@ -72,7 +75,7 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     enabled: bool = False
     # EWMA of every load signal: a sample's pull halves every half-life of time since the last
-    half_life_seconds: float = 2.0
+    half_life_seconds: float = 1.0
     # weights are recomputed at most this often; ``max_step_percent`` bounds one recomputation
     step_seconds: float = 1.0
     steps: list[SignalSteps] = msgspec.field(default_factory=_default_steps)
