@@ -318,6 +318,7 @@ def node_load(prev: LoadCounters, cur: LoadCounters, *, clock_ticks: int = 100,
 @dataclass(slots=True)
 class _Peer:
     history: list[tuple[float, int]] = field(default_factory=list)  # (at, bytes so far)
+    last: tuple[float, int] | None = None  # the previous read: the recent rate is since then
 
 
 MIN_SPAN_SECONDS = 0.5  # a rate over less than this is noise
@@ -327,11 +328,13 @@ class EffectiveSessions:
     """Sessions weighted by their recent traffic (the brief's "effective sessions").
 
     Feed it every read's byte counter per session (rx + tx, as the node counts them). A session
-    whose traffic over the last ``window_seconds`` reached ``min_bytes`` counts
-    ``max(1, rate / unit_bytes_per_second)``, its rate being those bytes over the window (or over
-    its own life, if younger): a light session counts one, a heavy one as many units of traffic
-    as it moves; keepalive-only and silent sessions count nothing.
-    History is kept at a few points per window, so memory stays small per session.
+    counts when its traffic over the last ``window_seconds`` reached ``min_bytes`` (keepalive-only
+    and silent sessions count nothing), and then counts ``max(1, rate / unit_bytes_per_second)``,
+    its rate being what it moved since the previous read: a light session counts one, a heavy one
+    as many units of traffic as it moves now. The window decides who is a session; the rate is
+    the latest, so a client that turns heavy weighs in at the next read, not after a window of
+    averaging (the mesh smooths the figure). History is kept at a few points per window, so
+    memory stays small per session.
     """
 
     POINTS_PER_WINDOW = 4
@@ -358,6 +361,7 @@ class EffectiveSessions:
             history = peer.history
             if history and total < history[-1][1]:
                 history.clear()  # counter reset: the session was re-created
+                peer.last = None
             if not history or now - history[-1][0] >= gap:
                 history.append((now, total))
             else:
@@ -365,12 +369,12 @@ class EffectiveSessions:
             # the oldest point inside the window (or the one just before it) is the base
             while len(history) > 1 and history[1][0] <= horizon:
                 del history[0]
+            last, peer.last = peer.last, (now, total)
             moved = total - history[0][1]
-            if moved >= self.min_bytes and moved > 0:
-                # a young session: over its own span (not the whole window, which would count a
-                # new heavy client light for its first seconds and slow the weights down)
-                span = max(now - history[0][0], MIN_SPAN_SECONDS)
-                effective += max(1.0, moved / span / self.unit)
+            if moved < self.min_bytes or moved <= 0 or last is None:
+                continue
+            recent = (total - last[1]) / max(now - last[0], MIN_SPAN_SECONDS)
+            effective += max(1.0, recent / self.unit)
         for gone in [k for k in peers if k not in byte_counters]:
             del peers[gone]
         return effective

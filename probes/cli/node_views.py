@@ -1,7 +1,8 @@
-"""``tunnelwatch probe wireguard-telemetry | openvpn-telemetry | ikev2-telemetry``: a node's own
-view of its sessions, printed as read (not a check result): ``wg show IF dump``, an OpenVPN
-management socket (``status 3``, ``load-stats``), or ``swanctl --list-sas``; on this host, or
-on the node over SSH."""
+"""``tunnelwatch probe wireguard-telemetry | openvpn-telemetry | ikev2-telemetry |
+load-telemetry``: a node's own view of its sessions, printed as read (not a check result):
+``wg show IF dump``, an OpenVPN management socket (``status 3``, ``load-stats``), or ``swanctl
+--list-sas``; or its load (two ``telemetry.load`` reads an interval apart: the rates the mesh
+would weigh); on this host (or in a network namespace), or on the node over SSH."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import json
 import time
 from typing import Any
 
-from probes.checks import ikev2_telemetry, openvpn_telemetry, wireguard_telemetry
+import msgspec
+
+from probes.checks import ikev2_telemetry, load, openvpn_telemetry, wireguard_telemetry
+from probes.checks.base import execute
+from probes.checks.remote import NodeShell
 from probes.cli.probe import add_common_arguments
 
 
@@ -114,6 +119,36 @@ def _ikev2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    shell = None
+    if args.ssh:
+        host, user = _login(args)
+        shell = NodeShell(host=host, port=args.ssh_port, username=user)
+    params = load.LoadParams(
+        node="cli", ssh=shell, netns=args.netns, interfaces=tuple(args.interface),
+        daemon_pid_file=args.daemon_pid_file, daemon_cores=args.daemon_cores, cpu=args.cpu,
+        wireguard_interface=args.wireguard_interface)
+
+    async def two_reads() -> Any:
+        first = await execute(load.LOAD, params, args.timeout)
+        if not first.ok:
+            return first
+        await asyncio.sleep(args.interval)
+        return await execute(load.LOAD, params, args.timeout)
+
+    result = asyncio.run(two_reads())
+    if not result.ok:
+        print(f"tunnelwatch probe load-telemetry: {result.reason.value}: {result.detail}")
+        return 1
+    rates = msgspec.to_builtins(result.load) if result.load is not None else {}
+    if args.json:
+        print(json.dumps({"load": rates, "facts": result.facts}, sort_keys=True))
+        return 0
+    for name, value in rates.items():
+        print(f"  {name:<32} {value}")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     tel = sub.add_parser("wireguard-telemetry", help="a node's own view: `wg show IF dump`")
     tel.add_argument("--interface", required=True)
@@ -134,3 +169,17 @@ def add_parsers(sub: Any) -> None:
     _add_login(t, "run swanctl")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(handler=_ikev2)
+
+    lt = sub.add_parser("load-telemetry",
+                        help="a node's load as the mesh weighs it: two reads an interval apart")
+    lt.add_argument("--netns", help="read inside this network namespace")
+    lt.add_argument("--interface", action="append", default=[],
+                    help="count this interface (repeat; default: all but lo)")
+    lt.add_argument("--daemon-pid-file", help="the VPN daemon, for its own CPU share")
+    lt.add_argument("--daemon-cores", type=float, default=1.0)
+    lt.add_argument("--cpu", choices=("both", "host", "daemon"), default="both")
+    lt.add_argument("--wireguard-interface", help="count its peers as sessions")
+    lt.add_argument("--interval", type=float, default=1.0, help="seconds between the reads")
+    _add_login(lt, "read it")
+    add_common_arguments(lt, default_timeout=5.0)
+    lt.set_defaults(handler=_load)

@@ -58,6 +58,7 @@ class PoolOptions:
     openvpn_tcp: bool = True  # OpenVPN-TCP on every node behind HAProxy (push and pull)
     weights: dict[str, Any] = field(default_factory=dict)  # overrides of the mesh's weights:
     effective_window_seconds: float = 10.0
+    session_unit_bytes_per_second: float = 125_000.0  # one effective session's worth
     max_clients: int = 40  # every node gets a peer for each
 
 
@@ -198,7 +199,9 @@ class UdpPool:
                               "load": {"netns": node.host.ns, "interfaces": ["eth0"],
                                        "daemon_pid_file": str(pid_file), "daemon_cores": 2.0,
                                        "cpu": "daemon", "effective_window_seconds":
-                                           self.options.effective_window_seconds}},
+                                           self.options.effective_window_seconds,
+                                       "session_unit_bytes_per_second":
+                                           self.options.session_unit_bytes_per_second}},
                 "checks": ["wireguard.handshake", "telemetry.load"],
             })
         fast = {"interval": 1.0, "timeout": 0.8, "fast_interval": 0.5, "rise": 2, "fall": 3}

@@ -62,6 +62,7 @@ class WgClient:
         if self.proc is not None:
             raise LabError(f"client {self.index} already running")
         self.port = next(_ports)
+        Path(self.socket_path).unlink(missing_ok=True)  # a killed client's socket stays behind
         key_file = self.lab.dir / f"{self.interface}.key"
         self.keys.write_private(key_file)
         self.proc = self.host.popen(["wireguard-go", "-f", self.interface], name=self.interface,
@@ -71,6 +72,10 @@ class WgClient:
                  f"{self.interface} control socket")
         if proc.poll() is not None:
             raise LabError(f"wireguard-go client exited with {proc.returncode}")
+        # the socket file appears before wireguard-go answers on it (seen under heavy load:
+        # "wg set" then fell back to netlink, which this kernel does not have)
+        wait_for(lambda: self.host.run(["wg", "show", self.interface], check=False).returncode
+                 == 0 or proc.poll() is not None, 10, f"{self.interface} answering")
         run = self.host.run
         run(["wg", "set", self.interface, "listen-port", str(self.port), "private-key",
              str(key_file), "peer", self.server_key, "allowed-ips", f"{INNER_SERVER}/32",
@@ -88,6 +93,7 @@ class WgClient:
         self.host.run(["ip", "rule", "del", "pref", self.table], check=False)
         self.lab.stop_process(self.proc)
         self.proc = None
+        Path(self.socket_path).unlink(missing_ok=True)
 
     def ping(self, count: int = 3) -> bool:
         """Whether the tunnel carries traffic: pings to the inner server address from it."""

@@ -4,6 +4,9 @@ it (``netns``), while another host sends it packets; the daemon's CPU from its p
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -54,3 +57,19 @@ def test_unreadable_node_is_a_failed_read_with_a_reason(lab: Any) -> None:
     assert not result.ok
     assert result.reason in (Reason.BAD_RESPONSE, Reason.PROBE_ERROR)
     assert result.load is None
+
+
+def test_cli_prints_the_rates_the_mesh_would_weigh(lab: Any) -> None:
+    node, client = lab.add_host("node"), lab.add_host("client")
+    pinger = client.popen(["ping", "-q", "-i", "0.01", node.address], name="ping")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "probes.cli", "probe", "load-telemetry", "--netns", node.ns,
+             "--interface", "eth0", "--cpu", "host", "--interval", "1", "--json"],
+            capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        lab.stop_process(pinger)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = json.loads(done.stdout)
+    assert 100 <= got["load"]["packets_per_second"] <= 300  # 100 echo requests + replies a s
+    assert got["facts"]["node_interface_received_packets_total"] > 0

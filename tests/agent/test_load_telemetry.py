@@ -215,4 +215,5 @@ def test_effective_sessions_are_bounded(reads: list[tuple[float, dict[str, int]]
         now += dt + 0.001
         value = eff.observe(now, counters)
         assert value >= 0.0
-        assert value <= sum(max(1.0, total / 2.5 / 1000.0) for total in counters.values()) + 1e-9
+        assert value <= sum(max(1.0, total / lt.MIN_SPAN_SECONDS / 1000.0)
+                            for total in counters.values()) + 1e-9

@@ -165,7 +165,10 @@ def pool() -> Iterator[UdpPool]:
     if reason:
         pytest.skip(reason)
     with Lab("wbench") as lab:
-        built = UdpPool(lab, PoolOptions(openvpn_tcp=False, max_clients=48)).build()
+        # one effective session = one light client's traffic (the knob says what "a session"
+        # is for a fleet; here the light clients define it)
+        built = UdpPool(lab, PoolOptions(openvpn_tcp=False, max_clients=48,
+                                         session_unit_bytes_per_second=LIGHT)).build()
         built.wait_all_up()
         yield built
 
