@@ -8,10 +8,13 @@ publishing to nftlb. Clients are real wireguard-go tunnels through nftlb's virtu
 pushing UDP through their tunnels with the lab's load generator.
 
 The mix (one seed, the same for both runs): a client arrives every ``ARRIVAL`` seconds and stays
-``LIFETIME`` seconds; one in ``HEAVY_ONE_IN`` is heavy (``HEAVY`` bytes/s), the rest light
-(``LIGHT``): many mice, a few elephants, the brief's "one node bears several elephant flows".
-Each arrival is a new flow that nftlb places by the current weights; a flow keeps its node
-(conntrack) for its life.
+``LIFETIME`` seconds; one in ``HEAVY_ONE_IN`` is heavy (``HEAVY`` bytes/s, eight light ones'
+worth), the rest light (``LIGHT``): many mice, some elephants, the brief's "one node bears
+several elephant flows". Each arrival is a new flow that nftlb places by the current weights; a
+flow keeps its node (conntrack) for its life, so only new flows can be steered. (With a few huge
+elephants — one in six clients at sixteen mice's worth, tried first — even the best placement
+of ~4 elephants on 3 nodes leaves a CV near 0.27: the mix must be balanceable at all for the
+figure to say something about the balancer.)
 
 Printed, each run side by side, with the load average:
 
@@ -44,11 +47,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.timeout(1800)]
 SEED = 20
 ARRIVAL = 1.5  # seconds between arrivals
 LIFETIME = (30.0, 45.0)  # uniform
-HEAVY_ONE_IN = 6
-HEAVY = 400_000  # bytes/s through one tunnel (3.2 Mbit/s)
+HEAVY_ONE_IN = 4
+HEAVY = 200_000  # bytes/s through one tunnel (1.6 Mbit/s): eight light clients' worth
 LIGHT = 25_000
-RUN = float(os.environ.get("TW_BENCH_WEIGHTS_SECONDS", "180"))  # per mode
-WARM_UP = 50.0
+RUN = float(os.environ.get("TW_BENCH_WEIGHTS_SECONDS", "240"))  # per mode
+WARM_UP = 60.0
 SAMPLE = 2.0
 TRIALS = int(os.environ.get("TW_BENCH_WEIGHTS_TRIALS", "7"))
 IDLE_BEFORE = 3.0
