@@ -20,7 +20,6 @@ import re
 import shlex
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -30,7 +29,7 @@ from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
 from probes.checks.base import CheckKind, CheckResult, Fact, Stopwatch
 from probes.checks.remote import NodeShell, failure_reason, local_output, ssh_output
-from probes.model import Reason, Tier
+from probes.model import NodeLoad, Reason, Tier
 
 _MARK = "@@tunnelwatch-load "
 
@@ -226,7 +225,7 @@ async def _openvpn(params: LoadParams, timeout: float) -> ovpn.Telemetry | None:
     return await ovpn.read_management_socket(path, timeout)
 
 
-def facts_of(counters: lt.LoadCounters, load: Any) -> dict[str, Fact]:
+def facts_of(counters: lt.LoadCounters, load: NodeLoad | None) -> dict[str, Fact]:
     """The read's metrics: kernel counters as ``*_total``, levels as gauges."""
     i = counters.interfaces
     facts: dict[str, Fact] = {
