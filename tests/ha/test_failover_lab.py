@@ -64,13 +64,15 @@ def test_leader_kill_etcd_member_kill_and_return_lose_nothing(ha_lab: Lab) -> No
     assert "tunnelwatch_mesh_leader 0.0" in cluster.text(others[0], "/metrics")
 
     r = 0
-    Recorder.hold = threading.Event()  # a backlog builds up however slowly the rounds go in
-    for r in range(10):
-        cluster.post_round(r)
-    log = cluster.log(first)
-    assert len(log) > 10  # the stream really moves verdicts
-    Recorder.hold.set()
-    Recorder.hold = None
+    hold = Recorder.hold = threading.Event()  # a backlog builds up however slowly rounds go in
+    try:
+        for r in range(10):
+            cluster.post_round(r)
+        log = cluster.log(first)
+        assert len(log) > 10  # the stream really moves verdicts
+    finally:
+        hold.set()
+        Recorder.hold = None
     _wait_for_deliveries()
     killed_at = time.monotonic()
     cluster.kill(first)
