@@ -242,6 +242,15 @@ def row(name: str, r: dict[str, Any]) -> str:
             f"{growth:>9.1f} {r['cpu']:>7.1f}  {r['statuses']}")
 
 
+def print_phases(phases: dict[str, dict[str, Any]]) -> None:
+    """The phases' figures side by side, with the load average at the end."""
+    print(f"load average at the end {loadavg()}")
+    print("phase      samples  p50 ms  p99 ms   max ms  RSS MiB  peak MiB  growth MiB  "
+          "CPU-s  statuses")
+    for name, figures in phases.items():
+        print(row(name, figures))
+
+
 def test_agents_keep_their_latency_and_the_mesh_its_memory_under_attack(tmp_path: Path) -> None:
     port = free_port()
     config = write_mesh_config(tmp_path, NODES, [*AGENTS, "leaked"], port=port)
@@ -270,11 +279,7 @@ def test_agents_keep_their_latency_and_the_mesh_its_memory_under_attack(tmp_path
         metrics = mesh.get_text("/metrics")
     finally:
         mesh.stop()
-    print(f"load average at the end {loadavg()}")
-    print("phase      samples  p50 ms  p99 ms   max ms  RSS MiB  peak MiB  growth MiB  "
-          "CPU-s  statuses")
-    print(row("no attack", calm))
-    print(row("attack", attacked))
+    print_phases({"no attack": calm, "attack": attacked})
     print(f"p99 attack / no attack: {attacked['p99'] / calm['p99']:.2f} (target p99 <= 50 ms); "
           f"RSS growth under attack {(attacked['rss_peak'] - attacked['rss_start']) / 2**20:.1f} "
           "MiB (target <= 100 MiB)")
@@ -367,11 +372,7 @@ def test_a_low_rate_agent_keeps_its_latency_behind_heavy_ingest(tmp_path: Path) 
         metrics = mesh.get_text("/metrics")
     finally:
         mesh.stop()
-    print(f"load average at the end {loadavg()}")
-    print("phase      samples  p50 ms  p99 ms   max ms  RSS MiB  peak MiB  growth MiB  "
-          "CPU-s  statuses")
-    print(row("idle", idle))
-    print(row("heavy", loaded))
+    print_phases({"idle": idle, "heavy": loaded})
     snaps = [line for line in metrics.splitlines() if line.startswith(
         ("tunnelwatch_mesh_snapshots_background_total", "tunnelwatch_mesh_snapshot_pause"))]
     print(f"heavy ingest: {sent:,} observations alongside, mesh CPU busy {busy:.0%} of one core; "
