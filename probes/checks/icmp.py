@@ -39,7 +39,7 @@ from probes.checks.errqueue import (
     parse_extended_error,
 )
 from probes.model import Reason
-from probes.protocols.inet import checksum
+from probes.protocols import ipv4
 
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
@@ -60,10 +60,7 @@ class IcmpParseError(ValueError):
 
 
 def build_echo_request(identifier: int, sequence: int, payload: bytes) -> bytes:
-    header = _ICMP_HEADER.pack(ICMP_ECHO_REQUEST, 0, 0, identifier & 0xFFFF, sequence & 0xFFFF)
-    csum = checksum(header + payload)
-    return _ICMP_HEADER.pack(ICMP_ECHO_REQUEST, 0, csum, identifier & 0xFFFF,
-                             sequence & 0xFFFF) + payload
+    return ipv4.icmp_echo(identifier, sequence, payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import secrets
 import socket
 import ssl
 import time
@@ -56,10 +55,10 @@ from probes.checks.base import (
     section_plan,
 )
 from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
-from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
+from probes.checks.tunnel import Tunnel, TunnelProbe, echo_node, judge_echoes, run_through
 from probes.checks.udp import SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import OpenVPNTarget, openvpn_problems
-from probes.model import Quality, Reason, Tier
+from probes.model import Reason, Tier
 from probes.protocols.core import BadDatagram
 from probes.protocols.openvpn import ekm
 from probes.protocols.openvpn import session as ov
@@ -120,6 +119,7 @@ class OpenVPNParams(msgspec.Struct, frozen=True, kw_only=True):
     echo_target: str | None = None  # default: the server's tunnel address from PUSH_REPLY
     loss_threshold: float = 0.5
     rtt_threshold: float | None = None
+    dns_resolver: str | None = None  # default: the first resolver PUSH_REPLY names
 
 
 def _read(path: str, what: str) -> str:
@@ -222,7 +222,6 @@ class _Probe:
         self.reset_answered = False
         self.tls_done = False
         self.key_exchanged = False
-        self.echoes: EchoRun | None = None
         self.last_bad_packet = ""
         self.framing = Framing.NONE
         self.transport_lost = False  # unreachable or closed: no EXIT to say
@@ -304,9 +303,6 @@ class _Probe:
             self.last_bad_packet = event.detail
         elif isinstance(event, ov.ServerMisbehaved):
             raise ProbeFailure(Reason.BAD_RESPONSE, f"server broke the protocol: {event.detail}")
-        elif (isinstance(event, ov.DataReceived) and self.echoes is not None
-              and driver.datagram is not None):
-            self.echoes.reply(event.payload, driver.datagram)
         elif isinstance(event, ov.ControlMessage):
             log.debug("openvpn control message: %s", event.text)
         elif isinstance(event, Unreachable):
@@ -405,14 +401,18 @@ class _Probe:
                 self.facts[f"pushed_{name.replace('-', '_')}"] = " ".join(args)
         self.facts["pushed_options"] = ",".join(sorted({name for name, _ in reply.options}))
 
-    async def tunnel(self) -> Quality:
+    async def establish(self) -> Tunnel:
+        """Reset, TLS, key exchange, PUSH_REPLY, then the data channel: the tunnel from the
+        pushed address to the server's own (or ``echo_target``)."""
+        await self.open()
+        await self.handshake()
         session, driver = self.session, self.driver
         assert session is not None and session.push_reply is not None and driver is not None
         reply = session.push_reply
         target = self.params.echo_target or reply.server_tunnel_address
         if reply.ifconfig is None or target is None:
             raise ProbeFailure(Reason.BAD_RESPONSE, "PUSH_REPLY has no ifconfig/route-gateway to "
-                                                "send in-tunnel echoes with")
+                                                "send in-tunnel packets with")
         key2 = None
         if reply.uses_tls_ekm:
             tls = session.tls_object
@@ -426,18 +426,24 @@ class _Probe:
             raise ProbeFailure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
         self.facts["data_cipher"] = channel.cipher
         self.facts["compression_framing"] = channel.framing.value
-        run = self.echoes = EchoRun(secrets.randbelow(0xFFFF) + 1)
-        payload = b"tunnelwatch-ovpn-" + secrets.token_bytes(8)
-        source = reply.ifconfig[0]
+        resolvers = ((self.params.dns_resolver,) if self.params.dns_resolver
+                     else reply.dns_servers)
 
-        def send(seq: int) -> SendStamp | None:
-            session.send_data(build_echo(source, target, run.ident, seq, payload))
+        def send(packet: bytes) -> SendStamp | None:
+            session.send_data(packet)
             return driver.flush()
 
-        await run.run(driver, max(self.params.echo_count, 0), self.params.echo_interval,
-                      self.deadline, send=send, handle=self.handle)
-        self.watch.lap("tunnel")
-        return run.quality()
+        return Tunnel(driver, reply.ifconfig[0], target, send, self._unwrap, resolvers)
+
+    def _unwrap(self, event: ov.Event | Unreachable | Closed) -> bytes | None:
+        if isinstance(event, ov.DataReceived):
+            return event.payload
+        self.handle(event)
+        return None
+
+    async def finish(self) -> None:
+        await self.leave()
+        self.close()
 
     async def leave(self) -> None:
         """Say EXIT and wait (briefly, also after a failure) until the server has it."""
@@ -485,23 +491,29 @@ def _tls_failure(event: ov.TlsFailed, *, after_handshake: bool) -> ProbeFailure:
     return ProbeFailure(Reason.TLS_FAILED, f"TLS failed {when} the handshake: {event.detail}")
 
 
-def _tunnel_result(probe: _Probe, quality: Quality) -> CheckResult:
+async def _tunnel_step(tunnel: Tunnel, probe: TunnelProbe) -> CheckResult:
+    assert isinstance(probe, _Probe)
     params = probe.params
+    quality = await echo_node(tunnel, probe, params.echo_count, params.echo_interval,
+                              b"tunnelwatch-ovpn-")
     return judge_echoes(probe.watch, quality, probe.facts, loss_threshold=params.loss_threshold,
                         rtt_threshold=params.rtt_threshold,
                         no_reply=f"session up, none of {quality.sent} echoes came back through "
                                  "the tunnel: the data plane is broken")
 
 
+def tunnel_probe(params: OpenVPNParams, timeout: float) -> _Probe:
+    """One run of traffic through an OpenVPN data channel (the tunnel and user-path checks)."""
+    return _Probe(params, Level.TUNNEL, timeout)
+
+
 async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> CheckResult:
     probe = _Probe(params, level, timeout)
+    if level == Level.TUNNEL:
+        return await run_through(probe, _tunnel_step)
     try:
         await probe.open()
         await probe.handshake()
-        if level == Level.TUNNEL:
-            quality = await probe.tunnel()
-            await probe.leave()
-            return _tunnel_result(probe, quality)
         await probe.leave()
         return probe.watch.result(True, Reason.OK, facts=probe.facts)
     except ProbeFailure as failure:

@@ -1,80 +1,171 @@
-"""What every in-tunnel synthetic session shares: the echoes, their figures and the verdict.
+"""What every in-tunnel synthetic session shares: the tunnel, the echoes, their figures and the
+verdict.
 
-A session check (WireGuard, OpenVPN, IKEv2, MASQUE CONNECT-IP) sends K ICMP echoes built by
-:func:`build_echo` through the tunnel it set up, reads the replies out of the decrypted inner
-IPv4 packets with :func:`parse_echo_reply`, and hands the round-trip times here:
-:func:`echo_quality` turns them into a :class:`Quality`, and :func:`judge_echoes` decides — no
-reply at all is ``tunnel-no-reply`` (the data plane is broken while the handshake works), then
-the loss and RTT bounds.
+A protocol that carries IPv4 (WireGuard, OpenVPN, IKEv2) hands its checks a :class:`Tunnel` once
+its handshake is done: inner packets go out with :meth:`Tunnel.send`, and the driver's events
+come back through :meth:`Tunnel.unwrap` (the inner packet an event carries; every other event is
+the protocol's to handle). A :class:`TunnelProbe` is one check run of such a protocol:
+``establish()`` sets the tunnel up, ``finish()`` takes it down (keepalive, EXIT, Delete), and
+:func:`run_through` runs any step (the session's echoes, egress, DNS, throughput, a TCP
+transaction) between the two.
+
+The session check sends K ICMP echoes built by :func:`build_echo` to the node's own tunnel
+address, reads the replies out of the decrypted inner IPv4 packets with
+:func:`parse_echo_reply`, and hands the round-trip times here: :func:`echo_quality` turns them
+into a :class:`Quality`, and :func:`judge_echoes` decides — no reply at all is
+``tunnel-no-reply`` (the data plane is broken while the handshake works), then the loss and RTT
+bounds. :class:`EchoRun` is the one loop that paces probes and matches replies, whatever the
+probe (ICMP echoes, reflector requests, a burst).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import secrets
 import statistics
-import struct
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from probes.checks.base import CheckResult, Fact, Stopwatch
+from probes.checks.base import CheckResult, ConfigError, Fact, ProbeFailure, Stopwatch
 from probes.checks.driver import Driver
-from probes.checks.icmp import build_echo_request
 from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.model import Quality, Reason
-from probes.protocols.inet import checksum
+from probes.protocols import ipv4
 
 ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
-
-_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
-_IPPROTO_ICMP = 1
-_DONT_FRAGMENT = 0x4000
 
 
 def build_echo(src: str, dst: str, ident: int, seq: int, payload: bytes) -> bytes:
     """An IPv4 packet (DF, TTL 64) carrying an ICMP echo request from ``src`` to ``dst``."""
-    icmp = build_echo_request(ident, seq, payload)
-    header = _IPV4_HEADER.pack(0x45, 0, _IPV4_HEADER.size + len(icmp), 0, _DONT_FRAGMENT, 64,
-                               _IPPROTO_ICMP, 0, ipaddress.IPv4Address(src).packed,
-                               ipaddress.IPv4Address(dst).packed)
-    return header[:10] + checksum(header).to_bytes(2, "big") + header[12:] + icmp
+    return ipv4.echo_packet(src, dst, ident, seq, payload)
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
     """(id, seq) of an IPv4 ICMP echo reply, None for anything else (never raises)."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
+    parsed = ipv4.parse(packet)
+    return (parsed.ident, parsed.seq) if isinstance(parsed, ipv4.EchoReply) else None
+
+
+# ---- the tunnel ----------------------------------------------------------------------------
+
+
+@dataclass
+class Tunnel:
+    """An established tunnel of one check run: inner IPv4 packets in and out.
+
+    ``source`` is our address inside, ``node`` the node's own (what the session check echoes:
+    it answers even when nothing beyond the node does), ``resolvers`` the DNS servers the node
+    pushed (OpenVPN ``dhcp-option DNS``, IKEv2 INTERNAL_IP4_DNS) or the configuration names.
+    ``send`` carries one inner packet (its datagram's send stamp); ``unwrap`` returns the inner
+    packet a driver event carries, or None after handling any other event itself (raising
+    :class:`ProbeFailure` for one that ends the run)."""
+
+    driver: Driver[Any]
+    source: str
+    node: str
+    send: Callable[[bytes], SendStamp | None]
+    unwrap: Callable[[Any], bytes | None]
+    resolvers: tuple[str, ...] = ()
+    kind: str = "tunnel"  # the protocol's word for it, for details ("the CHILD_SA")
+
+    async def receive(self, until: float) -> tuple[bytes, Datagram] | None:
+        """The next inner packet and the datagram that carried it; None once ``until`` passed."""
+        driver = self.driver
+        while (event := await driver.next_event(until)) is not None:
+            packet = self.unwrap(event)
+            if packet is not None and driver.datagram is not None:
+                return packet, driver.datagram
         return None
-    header = (packet[0] & 0x0F) * 4
-    if packet[9] != 1 or len(packet) < header + 8 or packet[header] != 0:
-        return None
-    return (int.from_bytes(packet[header + 4:header + 6], "big"),
-            int.from_bytes(packet[header + 6:header + 8], "big"))
 
 
-class EchoRun:
-    """The K echoes of one session check: when each left, when its reply came back."""
+class TunnelProbe(Protocol):
+    """One check run of a protocol that carries IPv4: its stopwatch, facts and deadline,
+    ``establish()`` (the handshake up to a working tunnel; :class:`ProbeFailure` or
+    :class:`ConfigError` when it cannot) and ``finish()`` (say goodbye, close the sockets:
+    called once, whatever happened)."""
 
-    def __init__(self, ident: int) -> None:
-        self.ident = ident
-        self.sent: dict[int, SendStamp] = {}
-        self.rtts: dict[int, float] = {}
+    watch: Stopwatch
+    facts: dict[str, Fact]
+    deadline: float
 
-    def reply(self, packet: bytes, received: Datagram) -> None:
-        """An inner packet that came back: the RTT of the echo it answers, if it is ours."""
+    async def establish(self) -> Tunnel: ...
+
+    async def finish(self) -> None: ...
+
+
+Step = Callable[[Tunnel, TunnelProbe], Awaitable[CheckResult]]
+
+
+async def run_through(probe: TunnelProbe, step: Step) -> CheckResult:
+    """Set the tunnel up, run ``step`` through it, take it down: one result with a reason."""
+    try:
+        tunnel = await probe.establish()
+        result = await step(tunnel, probe)
+    except ProbeFailure as failure:
+        if failure.phase:
+            probe.watch.lap(failure.phase)
+        result = probe.watch.result(False, failure.reason, detail=failure.detail,
+                                    facts=probe.facts)
+    except ConfigError as exc:  # ours (unreadable keys): never the node
+        result = probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc),
+                                    facts=probe.facts)
+    await probe.finish()
+    result.phases = dict(probe.watch.phases)
+    result.duration_seconds = probe.watch.elapsed()
+    return result
+
+
+# ---- paced probes and their replies ---------------------------------------------------------
+
+
+def _echo_matcher(ident: int) -> Callable[[bytes], int | None]:
+    def match(packet: bytes) -> int | None:
         echo = parse_echo_reply(packet)
-        if echo is not None and echo[0] == self.ident and echo[1] in self.sent:
-            self.rtts.setdefault(echo[1], round_trip_seconds(self.sent[echo[1]], received))
+        return echo[1] if echo is not None and echo[0] == ident else None
+    return match
+
+
+@dataclass
+class EchoRun:
+    """K probes of one check: when each left, when its answer came back.
+
+    ``match`` reads an inner packet and names the probe it answers (its sequence number), or
+    None; the default matches ICMP echo replies carrying ``ident``."""
+
+    ident: int
+    match: Callable[[bytes], int | None] | None = None
+    sent: dict[int, SendStamp] = field(default_factory=dict)
+    rtts: dict[int, float] = field(default_factory=dict)
+    arrivals: dict[int, float] = field(default_factory=dict)  # monotonic receive times
+
+    def __post_init__(self) -> None:
+        if self.match is None:
+            self.match = _echo_matcher(self.ident)
+
+    def reply(self, packet: bytes, received: Datagram) -> int | None:
+        """An inner packet that came back: the RTT of the probe it answers, if it is ours."""
+        assert self.match is not None
+        seq = self.match(packet)
+        if seq is None or seq not in self.sent:
+            return None
+        if seq not in self.rtts:
+            self.rtts[seq] = round_trip_seconds(self.sent[seq], received)
+            self.arrivals[seq] = received.received_monotonic
+        return seq
 
     async def run(self, driver: Driver[Any], count: int, interval: float, deadline: float, *,
-                  send: Callable[[int], SendStamp | None], handle: Callable[[Any], None]) -> None:
-        """Send ``count`` echoes ``interval`` apart (``send(seq)``: the stamp of the datagram
+                  send: Callable[[int], SendStamp | None], handle: Callable[[Any], None],
+                  grace: float = ECHO_REPLY_GRACE) -> None:
+        """Send ``count`` probes ``interval`` apart (``send(seq)``: the stamp of the datagram
         that carried it), handing every event to ``handle`` meanwhile, until every reply came,
-        the deadline, or :data:`ECHO_REPLY_GRACE` after the last send."""
+        the deadline, or ``grace`` after the last send. Never faster than ``interval``: a late
+        loop sends late, it does not catch up."""
         seq = 0
         next_send = last_sent = time.monotonic()
         while len(self.rtts) < count:
             now = time.monotonic()
-            if now >= deadline or (seq >= count and now >= last_sent + ECHO_REPLY_GRACE):
+            if now >= deadline or (seq >= count and now >= last_sent + grace):
                 return
             if seq < count and now >= next_send:
                 stamp = send(seq)
@@ -84,13 +175,47 @@ class EchoRun:
                 seq += 1
                 next_send = now + interval
                 continue
-            wake = next_send if seq < count else last_sent + ECHO_REPLY_GRACE
+            wake = next_send if seq < count else last_sent + grace
             event = await driver.next_event(min(deadline, wake))
             if event is not None:
                 handle(event)
 
-    def quality(self) -> Quality:
-        return echo_quality(len(self.sent), list(self.rtts.values()))
+    async def through(self, tunnel: Tunnel, count: int, interval: float, deadline: float,
+                      build: Callable[[int], bytes], *,
+                      other: Callable[[bytes], None] | None = None,
+                      grace: float = ECHO_REPLY_GRACE) -> None:
+        """:meth:`run` through ``tunnel``: ``build(seq)`` is the inner packet of probe ``seq``;
+        inner packets that answer no probe go to ``other`` (an ICMP error, say)."""
+        driver = tunnel.driver
+
+        def handle(event: Any) -> None:
+            packet = tunnel.unwrap(event)
+            if packet is None or driver.datagram is None:
+                return
+            if self.reply(packet, driver.datagram) is None and other is not None:
+                other(packet)
+
+        await self.run(driver, count, interval, deadline,
+                       send=lambda seq: tunnel.send(build(seq)), handle=handle, grace=grace)
+
+    def quality(self, seqs: Sequence[int] | None = None) -> Quality:
+        """Figures of every probe, or of ``seqs`` only (one target's)."""
+        if seqs is None:
+            return echo_quality(len(self.sent), list(self.rtts.values()))
+        sent = [s for s in seqs if s in self.sent]
+        return echo_quality(len(sent), [self.rtts[s] for s in sent if s in self.rtts])
+
+
+async def echo_node(tunnel: Tunnel, probe: TunnelProbe, count: int, interval: float,
+                    tag: bytes) -> Quality:
+    """``count`` ICMP echoes to the node's own tunnel address, ``interval`` apart: what the
+    session check measures (the node answers this even when nothing beyond it does)."""
+    run = EchoRun(secrets.randbelow(0xFFFF) + 1)
+    payload = tag + secrets.token_bytes(8)
+    await run.through(tunnel, max(count, 0), interval, probe.deadline,
+                      lambda seq: build_echo(tunnel.source, tunnel.node, run.ident, seq, payload))
+    probe.watch.lap("tunnel")
+    return run.quality()
 
 
 def echo_quality(sent: int, rtts: Sequence[float]) -> Quality:

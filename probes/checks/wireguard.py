@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -46,10 +45,10 @@ from probes.checks.base import (
     section_plan,
 )
 from probes.checks.driver import Closed, Driver, Unreachable
-from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
+from probes.checks.tunnel import Tunnel, TunnelProbe, echo_node, judge_echoes, run_through
 from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.config import WireGuardTarget, wireguard_problems
-from probes.model import Quality, Reason, Tier
+from probes.model import Reason, Tier
 from probes.protocols import wireguard as wg
 from probes.protocols.core import Address, BadDatagram
 
@@ -76,6 +75,7 @@ class WireGuardParams(msgspec.Struct, frozen=True, kw_only=True):
     echo_interval: float = 0.05
     loss_threshold: float = 0.5  # fail with tunnel-loss-over-threshold above this ratio
     rtt_threshold: float | None = None  # fail with tunnel-rtt-over-threshold if p50 is above
+    dns_resolver: str | None = None  # what <protocol>.dns queries through the tunnel
 
 
 def read_key_file(path: str, what: str) -> bytes:
@@ -250,67 +250,53 @@ class _Probe:
         self.facts["mac2_used"] = event.used_cookie
         self.facts["local_index"] = event.local_index
 
-    async def echoes(self) -> Quality:
-        """K ICMP echoes to the canary through the tunnel; RTTs from kernel receive stamps."""
+    async def establish(self) -> Tunnel:
+        """The handshake; then the tunnel from ``tunnel_address`` (to ``canary``)."""
+        await self.open()
+        await self.handshake()
         conn, driver, params = self.conn, self.driver, self.params
         assert conn is not None and driver is not None
-        if params.tunnel_address is None or params.canary is None:
-            raise ConfigError("a session needs tunnel_address and canary")
-        source, canary = str(ipaddress.ip_interface(params.tunnel_address).ip), params.canary
-        run = EchoRun(secrets.randbelow(0xFFFF) + 1)
-        payload = b"tunnelwatch-wg-" + secrets.token_bytes(8)
+        if params.tunnel_address is None:
+            raise ConfigError("traffic through the tunnel needs tunnel_address")
+        source = str(ipaddress.ip_interface(params.tunnel_address).ip)
 
-        def send(seq: int) -> SendStamp | None:
-            conn.send_data(build_echo(source, canary, run.ident, seq, payload), time.monotonic())
+        def send(packet: bytes) -> SendStamp | None:
+            try:
+                conn.send_data(packet, time.monotonic())
+            except wg.WireGuardError as exc:  # ours (keys expired mid-check)
+                raise ConfigError(str(exc)) from None
             return driver.flush()
 
-        def handle(event: wg.Event | Unreachable | Closed) -> None:
-            if isinstance(event, wg.DataReceived) and driver.datagram is not None:
-                run.reply(event.payload, driver.datagram)
-            elif isinstance(event, BadDatagram):
-                # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
-                self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
-            elif isinstance(event, Unreachable):
-                raise ProbeFailure(event.error.reason, str(event.error))
+        return Tunnel(driver, source, params.canary or "", send, self._unwrap,
+                      resolvers=(params.dns_resolver,) if params.dns_resolver else ())
 
-        await run.run(driver, max(params.echo_count, 0), params.echo_interval, self.deadline,
-                      send=send, handle=handle)
-        self.watch.lap("tunnel")
-        return run.quality()
+    def _unwrap(self, event: wg.Event | BadDatagram | Unreachable | Closed) -> bytes | None:
+        if isinstance(event, wg.DataReceived):
+            return event.payload
+        if isinstance(event, BadDatagram):
+            # stray or duplicated packet: counted, never fatal for an in-tunnel measurement
+            self.facts["bad_packets"] = int(self.facts.get("bad_packets", 0)) + 1
+        elif isinstance(event, Unreachable):
+            raise ProbeFailure(event.error.reason, str(event.error))
+        return None
 
-    def keepalive(self) -> None:
-        assert self.conn is not None and self.driver is not None
-        self.conn.send_keepalive(time.monotonic())
-        self.driver.flush()
-        self.facts["keepalive_sent"] = True
-
-    def close(self) -> None:
+    async def finish(self) -> None:
+        """A keepalive confirms the session to the server, which then frees the slot."""
+        if self.conn is not None and self.driver is not None and "local_index" in self.facts:
+            self.conn.send_keepalive(time.monotonic())
+            self.driver.flush()
+            self.facts["keepalive_sent"] = True
         if self.driver is not None:
             self.driver.close()
 
 
-async def _run(params: WireGuardParams, timeout: float, wall_ns: WallClock,
-               session: bool) -> CheckResult:
-    probe = _Probe(params, timeout, wall_ns)
-    try:
-        await probe.open()
-        await probe.handshake()
-        if not session:
-            probe.keepalive()  # confirms the session to the server, which then frees the slot
-            return probe.watch.result(True, Reason.OK, facts=probe.facts)
-        quality = await probe.echoes()
-        probe.keepalive()
-        return _session_result(probe, quality)
-    except ProbeFailure as failure:
-        return probe.watch.result(False, failure.reason, detail=failure.detail, facts=probe.facts)
-    except (ConfigError, wg.WireGuardError) as exc:  # ours (e.g. keys expired mid-check)
-        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
-    finally:
-        probe.close()
-
-
-def _session_result(probe: _Probe, quality: Quality) -> CheckResult:
+async def _session_step(tunnel: Tunnel, probe: TunnelProbe) -> CheckResult:
+    assert isinstance(probe, _Probe)
     params = probe.params
+    if params.canary is None:
+        raise ConfigError("a session needs tunnel_address and canary")
+    quality = await echo_node(tunnel, probe, params.echo_count, params.echo_interval,
+                              b"tunnelwatch-wg-")
     return judge_echoes(probe.watch, quality, probe.facts, loss_threshold=params.loss_threshold,
                         rtt_threshold=params.rtt_threshold,
                         no_reply=f"handshake fine, none of {quality.sent} echoes to "
@@ -319,12 +305,31 @@ def _session_result(probe: _Probe, quality: Quality) -> CheckResult:
 
 async def run_handshake(params: WireGuardParams, timeout: float,
                         wall_ns: WallClock = time.time_ns) -> CheckResult:
-    return await _run(params, timeout, wall_ns, session=False)
+    # the handshake check needs no tunnel address: its own establish stops at the handshake
+    probe = _Probe(params, timeout, wall_ns)
+    try:
+        await probe.open()
+        await probe.handshake()
+        result = probe.watch.result(True, Reason.OK, facts=probe.facts)
+    except ProbeFailure as failure:
+        result = probe.watch.result(False, failure.reason, detail=failure.detail,
+                                    facts=probe.facts)
+    except (ConfigError, wg.WireGuardError) as exc:  # ours (e.g. keys expired mid-check)
+        result = probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc),
+                                    facts=probe.facts)
+    await probe.finish()
+    return result
+
+
+def tunnel_probe(params: WireGuardParams, timeout: float,
+                 wall_ns: WallClock = time.time_ns) -> _Probe:
+    """One run of traffic through a WireGuard tunnel (the session and the user-path checks)."""
+    return _Probe(params, timeout, wall_ns)
 
 
 async def run_session(params: WireGuardParams, timeout: float,
                       wall_ns: WallClock = time.time_ns) -> CheckResult:
-    return await _run(params, timeout, wall_ns, session=True)
+    return await run_through(_Probe(params, timeout, wall_ns), _session_step)
 
 
 async def _handshake_kind(params: WireGuardParams, timeout: float) -> CheckResult:

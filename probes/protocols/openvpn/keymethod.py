@@ -12,6 +12,7 @@ just ``0000``. The server's message has no pre_master.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -132,6 +133,25 @@ class PushReply:
         if ifconfig is not None and self.topology != "subnet":
             return ifconfig[1]
         return None
+
+    @property
+    def dns_servers(self) -> tuple[str, ...]:
+        """The IPv4 resolvers pushed, in order: ``dhcp-option DNS <addr>`` and OpenVPN 2.6's
+        ``dns server <n> address <addr> ...`` (anything not an IPv4 address skipped)."""
+        found: list[str] = []
+        for opt, args in self.options:
+            if opt == "dhcp-option" and len(args) >= 2 and args[0].upper() == "DNS":
+                candidates: tuple[str, ...] = args[1:2]
+            elif opt == "dns" and len(args) >= 4 and args[0] == "server" and args[2] == "address":
+                candidates = args[3:]
+            else:
+                continue
+            for text in candidates:
+                try:
+                    found.append(str(ipaddress.IPv4Address(text.split(":", 1)[0])))
+                except ValueError:
+                    continue
+        return tuple(dict.fromkeys(found))
 
     @property
     def peer_id(self) -> int | None:
