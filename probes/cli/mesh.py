@@ -36,12 +36,16 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
+    from probes.mesh.paths import PathEngine  # noqa: PLC0415
     from probes.mesh.replay import parse_lines, replay_weights  # noqa: PLC0415
     from probes.mesh.replay import replay as run  # noqa: PLC0415
+    from probes.mesh.server import open_table  # noqa: PLC0415
+    from probes.mesh.weights import WeightEngine  # noqa: PLC0415
 
     try:
         cfg = _load(args.config)
-    except ConfigError as exc:
+        table = open_table(cfg)  # the live mesh's path evidence, as it would find it
+    except (ConfigError, AsnTableError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -52,11 +56,15 @@ def replay(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     try:
         with stream:
+            # the engines the live mesh runs: verdicts carry weights and path evidence as there
             changes: Iterable[Any] = (
                 replay_weights(cfg.decision, cfg.node_infos(), cfg.weights, cfg.weight_nodes(),
                                parse_lines(stream), tick_seconds=cfg.tick_seconds)
                 if args.weights
-                else run(cfg.decision, cfg.node_infos(), parse_lines(stream), cfg.tick_seconds))
+                else run(cfg.decision, cfg.node_infos(), parse_lines(stream), cfg.tick_seconds,
+                         weights=(WeightEngine(cfg.weights, cfg.weight_nodes())
+                                  if cfg.weights.enabled else None),
+                         paths=PathEngine(cfg.paths, table, {n.id for n in cfg.nodes})))
             for change in changes:
                 out.write(encode(change) + b"\n")
     except SchemaError as exc:

@@ -32,10 +32,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import msgspec
-
 from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
+from probes.mesh.inputs import apply_entry, published
 from probes.mesh.paths import PathEngine, PathPolicy
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
@@ -50,16 +49,12 @@ from probes.mesh.store import (
 from probes.mesh.storehealth import StoreHealth
 from probes.mesh.storethread import StoreOutbox, StoreThread
 from probes.mesh.weight_policy import WeightPolicy
-from probes.mesh.weights import WeightEngine, WeightNode, follow, split_load
+from probes.mesh.weights import WeightEngine, WeightNode
 from probes.model import (
-    NodeLoad,
-    Observation,
     ObservationBatch,
-    PathTrace,
     Verdict,
     VerdictState,
     WeightChange,
-    decode_batch,
     encode,
 )
 from probes.paths.asn import EMPTY, AsnTable
@@ -238,21 +233,7 @@ class MeshService:
                ) -> tuple[list[Verdict], list[WeightChange]]:
         """Apply one journaled input to the engines; (verdict changes, weight changes).
         ``batch``: a batch entry's, when the caller decoded it already."""
-        now = entry.now
-        loads: list[tuple[str, NodeLoad]] = []
-        if entry.kind == EntryKind.BATCH:
-            if batch is None:
-                batch = decode_batch(entry.payload)
-            checks, loads = split_load(batch.observations)
-            verdicts = observe_with_paths(engine, paths, checks, batch.traces, now)
-        elif entry.kind == EntryKind.TICK:
-            verdicts = engine.tick(now)
-        else:
-            action = _decode_admin(entry.payload)
-            verdicts = engine.set_admin(action.node, action.state, now, action.actor)
-        if weights is None:
-            return verdicts, []
-        return verdicts, follow(weights, loads, verdicts, now, entry.kind == EntryKind.TICK)
+        return apply_entry(engine, weights, paths, entry, batch)
 
     def _snapshot(self) -> None:
         """Write the engines as of the last committed journal id (on the store thread)."""
@@ -370,16 +351,7 @@ class MeshService:
             trouble("snapshot", "snapshot not written: %s", exc)
 
     def _published(self, verdicts: list[Verdict]) -> list[Verdict]:
-        """Verdicts as logged and published: with the store's epoch, and the node's weight as
-        it is after them (weights enabled)."""
-        weights = self.weights
-        epoch = self.store.epoch
-        out = []
-        for verdict in verdicts:
-            node = weights.nodes.get(verdict.node) if weights is not None else None
-            weight = node.published if node is not None else verdict.weight
-            out.append(msgspec.structs.replace(verdict, weight=weight, epoch=epoch))
-        return out
+        return published(verdicts, self.weights, self.store.epoch)
 
     def _now(self, now: float) -> float:
         self.last_now = max(self.last_now, float(now))
@@ -495,27 +467,3 @@ class MeshService:
             log.error("no snapshot at shutdown (the journal is replayed at start): %s", exc)
         finally:
             self.store.close()
-
-
-def observe_with_paths(engine: DecisionEngine, paths: PathEngine,
-                       observations: Sequence[Observation], traces: Sequence[PathTrace],
-                       now: float) -> list[Verdict]:
-    """A batch's traces, then its observations: a verdict the batch causes carries what the
-    traces say. Only state changes are verdicts, so when traces change where the vantages lose
-    a node that is already DOWN or DEGRADED, that goes to the audit notes (and the API and
-    metrics, which always show the latest): agents trace at the first failure of a check, so the
-    traces usually come before or with the verdict they explain, but not always."""
-    changed = paths.ingest(traces, now) if traces else []
-    verdicts = engine.observe(observations, now)
-    published = {v.node for v in verdicts}
-    for node in changed:
-        if node not in published and engine.nodes[node].state in _EXPLAINED:
-            paths.note_news(node, now)
-    return verdicts
-
-
-_EXPLAINED = (VerdictState.DOWN, VerdictState.DEGRADED)
-
-
-def _decode_admin(payload: bytes) -> AdminAction:
-    return msgspec.json.decode(payload, type=AdminAction)

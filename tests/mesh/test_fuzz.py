@@ -46,6 +46,20 @@ def test_replay_lines_mutated_observation(cut: int, junk: bytes) -> None:
     _lines([_mutated(GOOD_LINE, cut, junk)])
 
 
+GOOD_RECORDS = [
+    b'{"now":5.0,"tick":true}',
+    b'{"now":5.0,"admin":{"node":"n0","state":"DRAINING","actor":"ops"}}',
+    b'{"now":5.0,"batch":{"version":1,"agent":"va","batch_seq":1,"sent_at":5.0,'
+    b'"observations":[' + GOOD_LINE + b"]}}",
+]
+
+
+@FAST
+@given(st.sampled_from(GOOD_RECORDS), st.integers(0, 400), st.binary(min_size=1, max_size=8))
+def test_replay_lines_mutated_journal_record(good: bytes, cut: int, junk: bytes) -> None:
+    _lines([good, _mutated(good, cut, junk)])
+
+
 @FAST
 @given(st.text(max_size=40), st.text(max_size=80), st.binary(max_size=64))
 def test_signature_checks_never_raise(timestamp: str, signature: str, body: bytes) -> None:

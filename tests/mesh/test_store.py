@@ -232,7 +232,9 @@ def test_replay_input_errors_name_the_line() -> None:
         list(parse_lines([b"", encode(obs("n0", "va", True)), b'{"node": 1}']))
     assert info.value.path.startswith("line 3")
     batch_line = encode(batch("va", 1, {"n0": True, "n1": False}, 5.0)[1])
-    assert [o.node for o in parse_lines([batch_line])] == ["n0", "n1"]
+    [recorded] = parse_lines([batch_line])  # a batch stays whole: applied at its sent_at
+    assert isinstance(recorded, ObservationBatch)
+    assert [o.node for o in recorded.observations] == ["n0", "n1"]
 
 
 def test_engine_pickles_compactly() -> None:

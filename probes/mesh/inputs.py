@@ -1,0 +1,106 @@
+"""The one way each mesh input meets the engines (decision, weights, path evidence).
+
+The live mesh (:mod:`probes.mesh.service`), its restart replay of the journal and
+``tunnelwatch mesh replay`` all apply inputs through here, in one order: a batch's traces, then
+its observations (a verdict the batch causes carries what the traces say), then its load reads
+and the verdicts' states into the weights (a tick: then the weights' step). So a recorded stream
+replays to the verdicts the live mesh logged, byte for byte. Pure: no I/O, time is ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from probes.mesh.decision import DecisionEngine
+from probes.mesh.paths import PathEngine
+from probes.mesh.store import AdminAction, EntryKind, JournalEntry
+from probes.mesh.weights import WeightEngine, follow, split_load
+from probes.model import (
+    NodeLoad,
+    Observation,
+    ObservationBatch,
+    PathTrace,
+    Verdict,
+    VerdictState,
+    WeightChange,
+    decode_batch,
+)
+
+Changes = tuple[list[Verdict], list[WeightChange]]
+
+
+def observe_with_paths(engine: DecisionEngine, paths: PathEngine,
+                       observations: Sequence[Observation], traces: Sequence[PathTrace],
+                       now: float) -> list[Verdict]:
+    """A batch's traces, then its observations: a verdict the batch causes carries what the
+    traces say. Only state changes are verdicts, so when traces change where the vantages lose
+    a node that is already DOWN or DEGRADED, that goes to the audit notes (and the API and
+    metrics, which always show the latest): agents trace at the first failure of a check, so the
+    traces usually come before or with the verdict they explain, but not always."""
+    changed = paths.ingest(traces, now) if traces else []
+    verdicts = engine.observe(observations, now)
+    published = {v.node for v in verdicts}
+    for node in changed:
+        if node not in published and engine.nodes[node].state in _EXPLAINED:
+            paths.note_news(node, now)
+    return verdicts
+
+
+_EXPLAINED = (VerdictState.DOWN, VerdictState.DEGRADED)
+
+
+def apply_batch(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
+                observations: Sequence[Observation], *, traces: Sequence[PathTrace] = (),
+                now: float) -> Changes:
+    checks, loads = split_load(observations)
+    verdicts = observe_with_paths(engine, paths, checks, traces, now)
+    return verdicts, _follow(weights, loads, verdicts, now, ticked=False)
+
+
+def apply_tick(engine: DecisionEngine, weights: WeightEngine | None, now: float) -> Changes:
+    verdicts = engine.tick(now)
+    return verdicts, _follow(weights, (), verdicts, now, ticked=True)
+
+
+def apply_admin(engine: DecisionEngine, weights: WeightEngine | None, action: AdminAction,
+                now: float) -> Changes:
+    verdicts = engine.set_admin(action.node, action.state, now, action.actor)
+    return verdicts, _follow(weights, (), verdicts, now, ticked=False)
+
+
+def apply_entry(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
+                entry: JournalEntry, batch: ObservationBatch | None = None) -> Changes:
+    """Apply one journaled input; ``batch``: a batch entry's, when the caller decoded it."""
+    if entry.kind == EntryKind.BATCH:
+        if batch is None:
+            batch = decode_batch(entry.payload)
+        return apply_batch(engine, weights, paths, batch.observations, traces=batch.traces,
+                           now=entry.now)
+    if entry.kind == EntryKind.TICK:
+        return apply_tick(engine, weights, entry.now)
+    return apply_admin(engine, weights, decode_admin(entry.payload), entry.now)
+
+
+def published(verdicts: Sequence[Verdict], weights: WeightEngine | None,
+              epoch: int) -> list[Verdict]:
+    """Verdicts as logged and published: with the store's epoch, and the node's weight as it
+    is after them (weights enabled)."""
+    out = []
+    for verdict in verdicts:
+        node = weights.nodes.get(verdict.node) if weights is not None else None
+        weight = node.published if node is not None else verdict.weight
+        out.append(msgspec.structs.replace(verdict, weight=weight, epoch=epoch))
+    return out
+
+
+def decode_admin(payload: bytes) -> AdminAction:
+    return msgspec.json.decode(payload, type=AdminAction)
+
+
+def _follow(weights: WeightEngine | None, loads: Sequence[tuple[str, NodeLoad]],
+            verdicts: list[Verdict], now: float, *, ticked: bool) -> list[WeightChange]:
+    if weights is None:
+        return []
+    return follow(weights, loads, verdicts, now, ticked)
