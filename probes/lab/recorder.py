@@ -5,6 +5,10 @@ Times: verdicts carry the mesh's ``decided_at`` (wall clock, the instant the eng
 balancer changes are stamped when a poll first sees them, so they are late by at most one poll
 interval (plus the poll's own duration). Fault times come from the scenario, same clock.
 
+With ``journal=True`` it keeps every journal entry (batches, ticks, admin actions, with the
+``now`` the mesh applied them at), from the mesh's start: written as journal records
+(:func:`probes.mesh.replay.journal_record`) they replay to the mesh's verdict log.
+
 With ``probes=True`` it also taps the mesh's journal (its SQLite database, read-only) for every
 observation the mesh applied: when the probe started and ended at the agent, and when the mesh
 applied it. That splits a detection time into its parts (waiting for a probe slot, the probe
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probes.mesh.store import EntryKind
+from probes.mesh.store import EntryKind, JournalEntry
 from probes.model import decode_batch
 
 if TYPE_CHECKING:
@@ -75,6 +79,8 @@ class Recorder:
     errors: int = 0
     probes: bool = False  # tap the mesh journal for every applied observation
     probe_events: list[ProbeEvent] = field(default_factory=list)
+    journal: bool = False  # keep every journal entry (batches, ticks, admin) to replay the run
+    journal_entries: list[JournalEntry] = field(default_factory=list)
     _journal: sqlite3.Connection | None = None
     _journal_id: int = 0
     _thread: threading.Thread | None = None
@@ -121,7 +127,7 @@ class Recorder:
                                                           v["state"], v["previous"],
                                                           int(v["seq"]), time.time(),
                                                           _why(v.get("reasons", []))))
-                if self.probes:
+                if self.probes or self.journal:
                     self._read_journal()
                 if started >= next_view:
                     nodes = self.stack.nodes()
@@ -140,18 +146,24 @@ class Recorder:
             self._journal = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
                                             check_same_thread=False)
         rows = self._journal.execute(
-            "SELECT id, now, payload FROM journal WHERE id > ? AND kind = ? ORDER BY id",
-            (self._journal_id, EntryKind.BATCH.value)).fetchall()
+            "SELECT id, kind, now, payload FROM journal WHERE id > ? ORDER BY id",
+            (self._journal_id,)).fetchall()
         events = []
-        for row_id, now, payload in rows:
+        entries = []
+        for row_id, kind, now, payload in rows:
             self._journal_id = max(self._journal_id, int(row_id))
+            if self.journal:
+                entries.append(JournalEntry(EntryKind(kind), float(now), bytes(payload or b""),
+                                            int(row_id)))
+            if not self.probes or kind != EntryKind.BATCH.value:
+                continue
             for o in decode_batch(bytes(payload)).observations:
                 events.append(ProbeEvent(o.node, o.vantage, o.check, o.wall_time,
                                          o.wall_time + o.duration_seconds, float(now), o.ok,
                                          o.reason.value))
-        if events:
-            with self._lock:
-                self.probe_events.extend(events)
+        with self._lock:
+            self.probe_events.extend(events)
+            self.journal_entries.extend(entries)
 
     # ------------------------------------------------------------------ queries
 
