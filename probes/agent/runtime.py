@@ -39,7 +39,13 @@ from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.agent.tracer import Tracer
 from probes.config import AgentConfig, load_agent_config, resolve_path
-from probes.model import NODE_READ_TIERS, Observation, signing, within_bounds
+from probes.model import (
+    AGENT_SIDE_REASONS,
+    NODE_READ_TIERS,
+    Observation,
+    signing,
+    within_bounds,
+)
 
 log = logging.getLogger(__name__)
 # APScheduler logs every job run at INFO: two lines per tier round are noise, not context
@@ -158,7 +164,11 @@ class Agent:
         if check.tier in NODE_READ_TIERS and result.load is None:
             return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
 
-        self.reporter.submit(lambda seq: observation(run, self.vantage, seq))
+        # a failure, or a re-probe the mesh asked for, is what a verdict may be waiting on: it
+        # goes out at once instead of with the next group commit (probes/agent/reporter.py)
+        urgent = ((not result.ok and result.reason not in AGENT_SIDE_REASONS)
+                  or run.why == "reprobe")
+        self.reporter.submit(lambda seq: observation(run, self.vantage, seq), urgent=urgent)
 
     # ---------------------------------------------------------------- reporter
 

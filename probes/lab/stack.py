@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import urllib.request
@@ -360,6 +362,28 @@ class Stack:
     def restore_vpn(self, node: str) -> None:
         self.fleet.nodes[node].ikev2.start()
         self.restore_openvpn(node)
+
+    # ------------------------------------------------------------------ agents
+
+    def set_reprobe(self, enabled: bool) -> None:
+        """Let the agents honour the mesh's re-probe requests (corroboration on demand), or not:
+        their configs' ``mesh.reprobe``, applied by a reload (SIGHUP keeps every schedule)."""
+        for name, proc in self.agent_procs.items():
+            path = self.dir / f"{name}.yaml"
+            config = yaml.safe_load(path.read_text())
+            config["mesh"]["reprobe"] = enabled
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            os.kill(proc.pid, signal.SIGHUP)
+
+    def agent_counter(self, name: str) -> float:
+        """A counter summed over every agent's /metrics, every label combination
+        (``tunnelwatch_scheduler_started_total``, say)."""
+        total = 0.0
+        for agent in self.fleet.agents.values():
+            text = get(agent.host, f"http://{agent.host.address}:{AGENT_PORT}/metrics").decode()
+            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith(name) and line[len(name):len(name) + 1] in "{ ")
+        return total
 
 
 def get(host: Host, url: str, timeout: float = 5.0) -> bytes:

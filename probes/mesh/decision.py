@@ -59,7 +59,6 @@ from probes.mesh.impairment import contradicted
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.state import (
     ADMIN_STATES,
-    AGENT_SIDE_REASONS,
     AUDIT_WHAT,
     CHECK_DOWN,
     CHECK_ROW_FIELDS,
@@ -83,7 +82,16 @@ from probes.mesh.state import (
     VantageState,
     check_row,
 )
-from probes.model import Observation, Reason, Tier, Verdict, VerdictReason, VerdictState, Votes
+from probes.model import (
+    AGENT_SIDE_REASONS,
+    Observation,
+    Reason,
+    Tier,
+    Verdict,
+    VerdictReason,
+    VerdictState,
+    Votes,
+)
 
 __all__ = [
     "CHECK_DOWN",

@@ -27,8 +27,8 @@ from typing import Literal
 
 import msgspec
 
-from probes.mesh.state import AGENT_SIDE_REASONS, QUALITY_REASONS
-from probes.model import Reason, Tier
+from probes.mesh.state import QUALITY_REASONS
+from probes.model import AGENT_SIDE_REASONS, Reason, Tier
 
 QuorumMode = Literal["majority", "percent"]
 

@@ -31,8 +31,6 @@ OPINION_NAMES = ("NONE", "UP", "DEGRADED", "DOWN")
 
 # failure reasons that mean "the tunnel works, but badly": quality, not availability
 QUALITY_REASONS = frozenset({Reason.TUNNEL_LOSS, Reason.TUNNEL_RTT})
-# failure reasons that say nothing about the node: the agent refused or failed to run the check
-AGENT_SIDE_REASONS = frozenset({Reason.OVERLOADED, Reason.PROBE_ERROR})
 
 MAX_REASONS = 32  # evidence items per verdict: enough to explain, bounded for the log
 

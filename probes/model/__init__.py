@@ -93,6 +93,9 @@ class Reason(enum.StrEnum):
     PROBE_ERROR = "probe-error"  # the probe itself failed (bug or local resource): never the node
     OVERLOADED = "overloaded"  # the agent refused to run the check: it could not time it honestly
 
+# failure reasons that say nothing about the node: the agent refused or failed to run the check
+AGENT_SIDE_REASONS = frozenset({Reason.OVERLOADED, Reason.PROBE_ERROR})
+
 
 class Tier(enum.StrEnum):
     """How deep a check goes: fast L4, functional handshake, synthetic session, node telemetry,

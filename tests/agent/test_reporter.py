@@ -133,3 +133,26 @@ async def test_a_full_disk_loses_nothing_once_space_is_back(
     # ~15 failed commits in 1.5 s: one log line for them (rate-limited), not one each
     failed = [r for r in caplog.records if "spool commit failed" in r.getMessage()]
     assert 1 <= len(failed) <= 2, [r.getMessage() for r in failed]
+
+
+async def test_an_urgent_observation_does_not_wait_for_the_group_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure (what a verdict may wait on) is committed and sent at once; the others wait for
+    the group commit, here stretched to a minute so that only the urgent path can deliver."""
+    monkeypatch.setattr("probes.agent.reporter.COMMIT_INTERVAL", 60.0)
+    port = free_port()
+    reporter = _reporter(tmp_path, port, ReporterStats())
+    receiver = Receiver(KEY, "vantage-1")
+    await receiver.start(port)
+    await reporter.start()
+    try:
+        await asyncio.sleep(0.2)  # the writer is now waiting out its (stretched) interval
+        plain = reporter.submit(_obs)
+        await asyncio.sleep(0.5)
+        assert receiver.seqs == []  # the group commit has not come
+        urgent = reporter.submit(_obs, urgent=True)
+        await until(lambda: len(receiver.seqs) >= 2, 10, "the urgent commit")
+        assert sorted(receiver.seqs) == [plain, urgent]  # what waited went along with it
+    finally:
+        await reporter.close(drain_timeout=1)
+        await receiver.stop()

@@ -6,25 +6,35 @@ same nodes — ``vpn`` driven by tunnelwatch verdicts, ``native`` by HAProxy's o
 on each node). Agents use a 2 s base interval (fastinter ``TW_BENCH_FAST``, 0.25 s; timeout
 1 s, the L4 tier's adapted to the measured RTT, floor 0.25 s); the mesh rise 2 / fall
 ``TW_BENCH_FALL`` (3; 2 detects faster but took a node DOWN in a short soak here), the default
-``fall_definitive`` 2 (two RST / ICMP unreachable answers in a row suffice; docs/mesh.md) and
-corroboration ``TW_BENCH_CORROBORATION`` (3 distinct failing checks from one vantage; 0 off).
+``fall_definitive`` 2 (two RST / ICMP unreachable answers in a row suffice; docs/mesh.md),
+corroboration ``TW_BENCH_CORROBORATION`` (3 distinct failing checks from one vantage; 0 off) and
+corroboration on demand (the mesh's ``reprobe``, on by default: when a check begins failing at
+one vantage, the others re-probe it now; docs/mesh.md).
 
 1. Detection: >= 20 faults, round robin over the nodes and over the fault kinds: the node's VPN
    daemons crash (OpenVPN, its TCP twin, strongSwan: answered by ICMP unreachable / RST), the
    node drops off the network (only timeouts tell), and "OpenVPN killed" alone when the agents
    run OpenVPN checks. Per fault: time from the fault to the mesh's
    verdict, to HAProxy's state change for our backend, and to HAProxy's own checks taking the
-   server out; then the same for the recovery. Median and p99 printed, ours beside HAProxy's.
-   Targets (from the issue): median <= 1.5 s, p99 <= 2.5 s. Per fault, where the time went
-   (from the mesh journal, :func:`probes.lab.recorder.detection_path`): the first probe result
-   showing the fault, the probe whose report tipped the verdict (its start: the wait for its
-   slot; its end), the mesh applying that report (the verdict is decided at ingest), HAProxy.
+   server out; then the same for the recovery. Median and p99 printed, ours beside HAProxy's;
+   a fault not detected within the step's wait counts as an infinite time (it is in the
+   median and the p99, and the targets are missed), as does a repair not back.
+   Targets (issue 16): median <= 1.0 s, p99 <= 1.8 s fault -> HAProxy. Per fault, where the
+   time went (from the mesh journal, :func:`probes.lab.recorder.detection_path`): the first
+   probe result showing the fault, the probe whose report tipped the verdict (its start: the
+   wait for its slot; its end), the mesh applying that report (the verdict is decided at
+   ingest), HAProxy.
    Before each fault the benchmark waits until one more flap of the node would not be damped
    (RFC 2439, the mesh's default damping): a node faulted every ~30 s is held out by design,
    and its repair time would measure the hold, not the detection (:func:`wait_damping_room`).
 2. Soak: 5% loss on every agent path, plus one vantage cut off the fleet, for
-   ``TW_SOAK_SECONDS`` (600 by default): false DOWN verdicts (target 0), and HAProxy's own
-   false DOWNs with the same 5% loss on its path.
+   ``TW_SOAK_SECONDS`` (600 by default): false DOWN verdicts and verdict changes (target 0 for
+   both), and HAProxy's own false DOWNs with the same 5% loss on its path.
+3. Probe load: the soak goes on for ``TW_BENCH_CONTROL_SECONDS`` (180) with the agents told not
+   to honour re-probe requests (``mesh.reprobe: false``, a config reload): probes started per
+   second with corroboration on demand (the soak) over without it (this control), target
+   <= 1.2x; and over the whole run, probes started over those not started because the mesh
+   asked. The load average is printed at each phase: the machine is shared.
 
 Run: ``make bench`` or ``pytest -m slow -s tests/bench/test_detection_bench.py``. A reduced run:
 ``TW_BENCH_FAULTS=6 TW_BENCH_KINDS=isolate TW_SOAK_SECONDS=0`` (fault kinds: kill-vpn, isolate,
@@ -33,6 +43,7 @@ kill-openvpn); ``TW_BENCH_TRACE=1`` prints every probe result between each fault
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -57,14 +68,26 @@ CORROBORATION = int(os.environ.get("TW_BENCH_CORROBORATION", "3"))
 TRACE = os.environ.get("TW_BENCH_TRACE", "") == "1"
 # fault kinds to run, comma-separated (kill-vpn, isolate, kill-openvpn); empty: all of them
 KINDS = [k for k in os.environ.get("TW_BENCH_KINDS", "").split(",") if k]
+CONTROL_SECONDS = float(os.environ.get("TW_BENCH_CONTROL_SECONDS", "180"))
+TARGET_MEDIAN, TARGET_P99, TARGET_LOAD = 1.0, 1.8, 1.2
+STARTED = "tunnelwatch_scheduler_started_total"
+REPROBES = "tunnelwatch_scheduler_reprobes_total"
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def figures(name: str, values: list[float]) -> str:
+    """Median, p99 (nearest rank), min and max; a missed fault is an infinite time in all of
+    them (and says so)."""
     if not values:
         return f"  {name:<44} no samples"
+    missed = sum(math.isinf(v) for v in values)
     return (f"  {name:<44} n={len(values):<3} median {statistics.median(values):6.2f} s   "
             f"p99 {sc.percentile(values, 99):6.2f} s   min {min(values):5.2f}   "
-            f"max {max(values):6.2f}")
+            f"max {max(values):6.2f}" + (f"   ({missed} missed: inf)" if missed else ""))
 
 
 def wait_native_settled(stack: Stack, rec: Recorder, timeout: float = 60) -> None:
@@ -100,10 +123,11 @@ Samples = dict[str, list[float]]
 
 
 def record(samples: Samples, r: sc.StepResult) -> None:
+    """One step's times; a change that never came within the step's wait is infinite, so a
+    missed fault counts against the median and the p99 instead of vanishing from them."""
     for key, value in (("verdict", r.to_verdict), ("ours", r.to_balancer),
                        ("native", r.to_native)):
-        if value is not None:
-            samples.setdefault(key, []).append(value)
+        samples.setdefault(key, []).append(math.inf if value is None else value)
 
 
 def _s(value: float | None) -> str:
@@ -185,6 +209,9 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
                            mesh_corroboration=CORROBORATION)
     stack = Stack(lab, options).build()
     stack.wait_settled(120)
+    loads = [f"start: {loadavg()}"]
+    started_at_start = stack.agent_counter(STARTED)
+    reprobes_at_start = stack.agent_counter(REPROBES)
     checks = stack.planned_checks()
     nodes = list(stack.fleet.nodes)
     kinds: list[tuple[str, Callable[[str], sc.Action], Callable[[str], sc.Action]]] = [
@@ -231,6 +258,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
                 unrepaired.append(f"  {i + 1:>2} {name} {node}: not back in 60 s; still down: "
                                   f"{', '.join(rec.failing_checks(node)) or 'none'}")
 
+        loads.append(f"after the faults: {loadavg()}")
         # soak: 5% loss on every agent path (and HAProxy's), one vantage cut off the fleet.
         # It starts, like each fault, once damping leaves every node room for one more flap:
         # the penalties the faults just left would otherwise hold a check down after one
@@ -242,8 +270,23 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
         sc.cut_vantage(cut)(stack)
         sc.loss_everywhere(5)(stack)
         lab.set_loss(stack.control, 5)
+        soak_probes_before = stack.agent_counter(STARTED)
         time.sleep(SOAK_SECONDS)
         soak_end = time.time()
+        soak_started = stack.agent_counter(STARTED) - soak_probes_before
+        loads.append(f"after the soak: {loadavg()}")
+        # the control: the same soak, the agents not honouring re-probe requests
+        stack.set_reprobe(False)
+        time.sleep(2.0)  # the reload
+        control_before, control_at = stack.agent_counter(STARTED), time.monotonic()
+        time.sleep(CONTROL_SECONDS)
+        control_started = stack.agent_counter(STARTED) - control_before
+        control_seconds = time.monotonic() - control_at
+        control_changes = rec.verdicts_between(soak_end, time.time())
+        loads.append(f"after the control: {loadavg()}")
+        stack.set_reprobe(True)
+        started_total = stack.agent_counter(STARTED) - started_at_start
+        reprobes_total = stack.agent_counter(REPROBES) - reprobes_at_start
         sc.heal_all()(stack)
         lab.heal(stack.control)
         changes = rec.verdicts_between(soak_start, soak_end)
@@ -258,7 +301,13 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
           f"rise 2 fall {MESH_FALL} corroboration {CORROBORATION}; "
           f"{missed} fault(s) not detected by us within 45 s")
     report("all faults", all_down, all_up)
-    print("  targets for ours: median <= 1.5 s, p99 <= 2.5 s")
+    ours = all_down.get("ours", [])
+    if ours:
+        median, p99 = statistics.median(ours), sc.percentile(ours, 99)
+        print(f"  targets for ours: median <= {TARGET_MEDIAN} s: "
+              f"{'met' if median <= TARGET_MEDIAN else 'MISSED'} ({median:.2f} s); "
+              f"p99 <= {TARGET_P99} s: {'met' if p99 <= TARGET_P99 else 'MISSED'} "
+              f"({p99:.2f} s)")
     for name, *_ in kinds:
         if down[name]:
             report(name, down[name], up[name])
@@ -283,4 +332,16 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
         print(f"  false DOWN {c.node} seq {c.seq}: {c.why}")
     if soak_probes:
         print(soak_failures(soak_probes, cut))
+    with_rate = soak_started / SOAK_SECONDS if SOAK_SECONDS else math.nan
+    without_rate = control_started / control_seconds if CONTROL_SECONDS else math.nan
+    ratio = with_rate / without_rate if without_rate else math.nan
+    print(f"probe load: soak with corroboration on demand {with_rate:.2f} probes/s, control "
+          f"({control_seconds:.0f} s, agents not honouring re-probes) {without_rate:.2f} "
+          f"probes/s: {ratio:.3f}x (target <= {TARGET_LOAD}x: "
+          f"{'met' if ratio <= TARGET_LOAD else 'MISSED'}); verdict changes in the control: "
+          f"{len(control_changes)}; the whole run: {started_total:.0f} probes started, "
+          f"{reprobes_total:.0f} of them re-probes the mesh asked for: "
+          f"{started_total / max(started_total - reprobes_total, 1):.3f}x")
+    for line in loads:
+        print(f"  {line}")
     assert all_down.get("ours") or not FAULTS, "no fault was detected at all"
