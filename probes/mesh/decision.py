@@ -141,7 +141,8 @@ class DecisionEngine:
         self._forget: dict[int, list[NodeVantage]] = {}
         self._forget_keys: list[int] = []
         self._judged_at = -math.inf  # last impairment judgement (mesh time)
-        self._deferred: dict[str, NodeState] = {}  # nodes whose change waits for the dwell
+        # nodes whose change waits (the dwell, or a DEGRADED awaiting confirmation)
+        self._deferred: dict[str, NodeState] = {}
         # transient, per observe() call: checks whose run of failures began in it (for
         # corroboration_asks); audit notes until taken
         self._onsets: list[CheckState] = []
@@ -422,12 +423,10 @@ class DecisionEngine:
         for pool in self.pools.values():
             for held in pool.held.values():
                 self._mark_node(held)
-        if self._deferred:  # changes held by the dwell are looked at again once it has passed
-            dwell = self.policy.min_dwell_seconds
-            for name, node in list(self._deferred.items()):
-                if now >= node.changed_at + dwell:
-                    del self._deferred[name]
-                    self._mark_node(node)
+        # changes held by the dwell or awaiting confirmation are looked at again (a few nodes;
+        # each leaves the registry once nothing holds it)
+        for node in self._deferred.values():
+            self._mark_node(node)
         return self._settle(now)
 
     def set_admin(
@@ -680,6 +679,17 @@ class DecisionEngine:
                                  node=node.info.node, state=previous.value,
                                  note=f"{voters} voters of {quorum.min_voters} needed"))
         node.quorum_lost = quorum_lost
+        if candidate == VerdictState.DEGRADED and previous not in (VerdictState.DEGRADED,
+                                                                   VerdictState.UNKNOWN):
+            # a change into DEGRADED must hold degraded_confirm_seconds: on its way down a
+            # failing node votes DEGRADED for a moment, and its DOWN would wait for the dwell
+            # (a first verdict is no change: like the dwell, the confirmation skips it)
+            node.degraded_since = min(node.degraded_since, now)
+            if now < node.degraded_since + policy.degraded_confirm_seconds:
+                self._deferred[node.info.node] = node
+                return
+        else:
+            node.degraded_since = math.inf
         dwell = policy.min_dwell_seconds
         if candidate != previous and now < node.changed_at + dwell:
             # changed too recently: the new verdict waits until the dwell has passed (the
@@ -839,6 +849,7 @@ class DecisionEngine:
                 msgspec.to_builtins(node.votes),
                 msgspec.to_builtins(node.last) if node.last is not None else None,
                 node.changed_at,
+                node.degraded_since,
             ]
             for name, node in self.nodes.items()
         ]
@@ -890,7 +901,7 @@ class DecisionEngine:
             name, probe, admin, published, quorum_lost, hold, seq, votes, last = row[:9]
             node = engine.nodes[name]
             if not older:
-                node.changed_at = row[9]
+                node.changed_at, node.degraded_since = row[9:11]
             node.probe_state = VerdictState(probe)
             node.admin = VerdictState(admin) if admin is not None else None
             node.state = VerdictState(published)

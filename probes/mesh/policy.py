@@ -188,6 +188,12 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # sooner waits until the dwell has passed (operator actions are not held; the first verdict
     # after UNKNOWN starts no dwell). 0 turns it off
     min_dwell_seconds: float = 4.0
+    # a change into DEGRADED waits this long (the candidate must hold): on its way down a
+    # failing node shows a mix of DOWN, DEGRADED and UP opinions (vantages learn at different
+    # moments; a probe in flight at the fault measures loss) that votes DEGRADED for a moment,
+    # and the DOWN right after it would then wait for the dwell. Quality is not urgent: a
+    # lasting problem is DEGRADED this much later (a first verdict is not held). 0: at once
+    degraded_confirm_seconds: float = 3.0
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
     limits: StateLimits = msgspec.field(default_factory=StateLimits)
     # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the
@@ -304,9 +310,9 @@ def validate_policy(policy: DecisionPolicy, prefix: str = "decision") -> Decisio
         if getattr(policy.impairment, name) < 0:
             raise PolicyError(f"must be >= 0, got {getattr(policy.impairment, name)}",
                               f"{p}.impairment.{name}")
-    if policy.min_dwell_seconds < 0:
-        raise PolicyError(f"must be >= 0, got {policy.min_dwell_seconds}",
-                          f"{p}.min_dwell_seconds")
+    for name in ("min_dwell_seconds", "degraded_confirm_seconds"):
+        if getattr(policy, name) < 0:
+            raise PolicyError(f"must be >= 0, got {getattr(policy, name)}", f"{p}.{name}")
     _share(policy.pool_guard.max_down_share, f"{p}.pool_guard.max_down_share")
     limits = policy.limits
     if limits.max_checks_per_node < 1:

@@ -172,6 +172,7 @@ class NodeState:
     __slots__ = (
         "admin",
         "changed_at",
+        "degraded_since",
         "dirty",
         "guard_hold",
         "info",
@@ -199,6 +200,7 @@ class NodeState:
         self.last: Verdict | None = None
         self.dirty = False
         self.changed_at = -math.inf  # last change of probe_state (the dwell counts from it)
+        self.degraded_since = math.inf  # since when the vote has wanted DEGRADED (inf: not)
 
 
 class AuditNote(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -13,7 +13,9 @@ Fault kinds (per node):
 
 * ``answered`` — the VPN daemons are down, the host is up: functional checks fail at once with
   ``icmp-unreachable`` (a definitive answer), ICMP passes;
-* ``silent`` — the host is gone: every check times out after the tier's timeout.
+* ``silent`` — the host is gone: every check times out after the tier's timeout; an ICMP probe
+  in flight when the host went away passes with half its echoes lost (a quality breach, seen in
+  the lab: for a moment its vantage says DEGRADED).
 
 Bad vantages: ``partitioned`` (cut off the fleet: every probe times out), ``lying`` (reports
 every check failed at once, ``refused``), ``path-cut`` (times out on the nodes in ``nodes``).
@@ -42,7 +44,15 @@ from probes.checks.registry import kind as get_kind
 from probes.config import TierPolicy
 from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy
-from probes.model import Observation, ObservationBatch, Reason, Tier, Verdict, VerdictState
+from probes.model import (
+    Observation,
+    ObservationBatch,
+    Quality,
+    Reason,
+    Tier,
+    Verdict,
+    VerdictState,
+)
 
 # (check name, kind) like the lab stack's agents: ICMP plus one handshake per protocol
 CHECKS: tuple[tuple[str, str], ...] = (
@@ -53,6 +63,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
 )
 TIER = TierPolicy(interval=2.0, timeout=1.0, fast_interval=0.25, rise=2, fall=3)
 ANSWER_SECONDS = 0.01  # an answer (pass or unreachable) comes back this fast
+STRADDLE = Quality(sent=4, received=2, loss_ratio=0.5)
 EXCHANGES = {"icmp": 1, "wireguard.handshake": 1, "openvpn.tls": 3, "ikev2.auth": 2}
 ATTEMPTS = 3
 NET_SECONDS = 0.005  # agent <-> mesh, each way
@@ -173,25 +184,29 @@ class FleetSim:
 
     # ---------------------------------------------------------------- the fault model
 
-    def outcome(self, vantage: str, node: str, check: str, t: float) -> tuple[bool, Reason, float]:
-        """(ok, reason, duration) of a probe started at ``t``."""
+    def outcome(self, vantage: str, node: str, check: str, t: float
+                ) -> tuple[bool, Reason, float, Quality | None]:
+        """(ok, reason, duration, quality) of a probe started at ``t``."""
         timeout = self.tier.timeout
         tier = get_kind(self.kinds[check]).tier
         bad = self.bad
         if bad is not None and bad.vantage == vantage and t >= bad.start:
             if bad.kind == "partitioned" or (bad.kind == "path-cut" and node in bad.nodes):
-                return False, Reason.TIMEOUT, timeout
+                return False, Reason.TIMEOUT, timeout, None
             if bad.kind == "lying":
-                return False, Reason.REFUSED, ANSWER_SECONDS
+                return False, Reason.REFUSED, ANSWER_SECONDS, None
         for f in self.faults:
             if f.hits(node, t):
                 if f.kind == "silent":
-                    return False, Reason.TIMEOUT, timeout
+                    return False, Reason.TIMEOUT, timeout, None
                 if tier is not Tier.L4:
-                    return False, Reason.ICMP_UNREACHABLE, ANSWER_SECONDS
+                    return False, Reason.ICMP_UNREACHABLE, ANSWER_SECONDS, None
+            elif (f.kind == "silent" and tier is Tier.L4 and node in f.nodes
+                  and t < f.start < t + timeout):
+                return True, Reason.OK, timeout, STRADDLE  # in flight when the host went
         if self.loss and self.rng.random() < self._lost[check]:
-            return False, Reason.TIMEOUT, timeout
-        return True, Reason.OK, ANSWER_SECONDS
+            return False, Reason.TIMEOUT, timeout, None
+        return True, Reason.OK, ANSWER_SECONDS, None
 
     # ---------------------------------------------------------------- running
 
@@ -256,21 +271,21 @@ class FleetSim:
     def _start_due(self, v: _Vantage, t: float) -> None:
         for due in v.core.pop_due(t):
             check = due.check
-            ok, reason, duration = self.outcome(v.name, check.node, check.check, t)
+            ok, reason, duration, quality = self.outcome(v.name, check.node, check.check, t)
             self.run_result.probes += 1
             self._at(t + duration, "done", (v.name, due.key, check.node, check.check, t, ok,
-                                            reason, duration))
+                                            reason, duration, quality))
         self._wake(v, t)
 
     def _done(self, t: float, vantage: str, key: str, node: str, check: str, started: float,
-              ok: bool, reason: Reason, duration: float) -> None:
+              ok: bool, reason: Reason, duration: float, quality: Quality | None) -> None:
         v = self.vantages[vantage]
         v.core.complete(key, ok, t, duration)
         v.seq += 1
         v.pending.append(Observation(node=node, check=check, vantage=vantage, seq=v.seq,
                                      wall_time=started, ok=ok, reason=reason,
                                      duration_seconds=duration, kind=self.kinds[check],
-                                     tier=get_kind(self.kinds[check]).tier))
+                                     tier=get_kind(self.kinds[check]).tier, quality=quality))
         self._wake(v, t)
 
     def _flush(self, v: _Vantage, t: float) -> None:

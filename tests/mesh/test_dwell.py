@@ -10,11 +10,12 @@ import pytest
 from probes.mesh.decision import DecisionEngine
 from probes.mesh.policy import DampingPolicy, DecisionPolicy, PolicyError, validate_policy
 from probes.model import VerdictState
-from tests.mesh.helpers import engine, everyone, round_of
+from tests.mesh.helpers import engine, everyone, obs, round_of
 
 pytestmark = pytest.mark.mesh
 
 UP, DOWN, DRAINING = VerdictState.UP, VerdictState.DOWN, VerdictState.DRAINING
+DEGRADED = VerdictState.DEGRADED
 V3 = ("va", "vb", "vc")
 POLICY = DecisionPolicy(rise=1, fall=1, damping=DampingPolicy(enabled=False),
                         min_dwell_seconds=4.0)
@@ -91,3 +92,30 @@ def test_dwell_must_not_be_negative() -> None:
     with pytest.raises(PolicyError) as err:
         validate_policy(DecisionPolicy(min_dwell_seconds=-1))
     assert err.value.path == "decision.min_dwell_seconds"
+
+
+def test_a_failing_node_passing_through_degraded_is_not_held_by_the_dwell() -> None:
+    """Seen in the lab: an isolated node's vantages go DOWN at different moments and one probe
+    in flight measures loss, so for a moment the vote is DEGRADED (1 down, 1 degraded, 1 up);
+    the DOWN half a second later must not wait behind the dwell. A change into DEGRADED waits
+    degraded_confirm_seconds, so the node goes UP -> DOWN directly."""
+    from probes.model import Quality
+
+    eng = up_engine()
+    lossy = Quality(sent=4, received=2, loss_ratio=0.5)
+    eng.observe([obs("n0", "va", False, at=1.0), obs("n0", "vb", True, at=1.0, quality=lossy),
+                 obs("n0", "vc", True, at=1.0)], 1.0)
+    assert eng.nodes["n0"].state == UP  # DEGRADED not confirmed yet
+    changes = report(eng, 1.5, False)
+    assert changes == [DOWN]
+
+
+def test_a_quality_problem_that_lasts_is_degraded_after_confirmation() -> None:
+    from probes.model import Quality
+
+    eng = up_engine()
+    lossy = Quality(sent=4, received=2, loss_ratio=0.5)
+    for t in (1.0, 2.0):
+        eng.observe([obs("n0", v, True, at=t, quality=lossy) for v in V3], t)
+        assert eng.nodes["n0"].state == UP
+    assert [c.state for c in eng.tick(1.0 + POLICY.degraded_confirm_seconds)] == [DEGRADED]
