@@ -190,10 +190,11 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_dwell_seconds: float = 4.0
     # a change into DEGRADED waits this long (the candidate must hold): on its way down a
     # failing node shows a mix of DOWN, DEGRADED and UP opinions (vantages learn at different
-    # moments; a probe in flight at the fault measures loss) that votes DEGRADED for a moment,
-    # and the DOWN right after it would then wait for the dwell. Quality is not urgent: a
-    # lasting problem is DEGRADED this much later (a first verdict is not held). 0: at once
-    degraded_confirm_seconds: float = 3.0
+    # moments; a probe in flight at the fault measures loss, and that vantage says DEGRADED
+    # until its next result: up to an interval plus a timeout) that votes DEGRADED for a
+    # moment, and the DOWN right after it would then wait for the dwell. Quality is not urgent:
+    # a lasting problem is DEGRADED this much later (a first verdict is not held). 0: at once
+    degraded_confirm_seconds: float = 5.0
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
     limits: StateLimits = msgspec.field(default_factory=StateLimits)
     # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the
