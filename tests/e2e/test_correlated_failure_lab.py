@@ -6,7 +6,8 @@ are stopped at once. The pool guard allows max(1, floor(0.5 x 5)) = 2 nodes DOWN
 see exactly two of the three leave, none of them come back while they fail, no node flap, and
 no vantage judged impaired (every vantage sees the same failure). Corroboration on demand is on
 (the default): the agents' re-probes are counted. Afterwards the mesh's journal, replayed
-through ``tunnelwatch mesh replay``, gives the live verdict log byte for byte.
+through ``tunnelwatch mesh replay``, gives the live verdict log byte for byte (the mesh's
+weights and path evidence included).
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def test_sixty_percent_of_a_pool_at_once(lab: Lab, tmp_path: Path,
     assert {v.node for v in log if v.state.value == "UP" and v.previous.value == "DOWN"} >= set(
         out)
     journal = tmp_path / "journal.jsonl"
-    journal.write_bytes(b"".join(journal_record(e) + b"\n" for e in rec.journal_entries))
+    # the verdicts carry the epoch of the mesh store's history (one mesh run: one epoch); the
+    # journal does not, so the records are given it
+    [epoch] = {v.epoch for v in log}
+    journal.write_bytes(b"".join(journal_record(e, epoch) + b"\n" for e in rec.journal_entries))
     assert rec.journal_entries[0].id == 1  # from the mesh's start
     assert main(["mesh", "replay", "--config", str(stack.dir / "mesh.yaml"),
                  "--observations", str(journal)]) == 0
