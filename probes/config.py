@@ -28,6 +28,7 @@ import msgspec
 import yaml
 
 from probes.model import signing
+from probes.protocols import dns
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2.proposals import parse_ike_proposals
 
@@ -105,6 +106,8 @@ class WireGuardTarget(Strict, kw_only=True, frozen=True):
     echo_interval: float = 0.05  # seconds between in-tunnel echoes
     loss_threshold: float = 0.5  # a session fails above this in-tunnel loss ratio
     rtt_threshold: float | None = None  # ... or above this median in-tunnel RTT (seconds)
+    # the resolver user_path.dns queries through this tunnel (WireGuard pushes none)
+    dns_resolver: str | None = None
 
 
 class OpenVPNTarget(Strict, kw_only=True, frozen=True):
@@ -124,6 +127,8 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     compression: Literal["none", "comp-lzo", "compress", "compress-v2"] = "none"
     echo_count: int = 5  # in-tunnel echoes at the tunnel level
     echo_interval: float = 0.05  # seconds between them
+    # the resolver user_path.dns queries; default: the first dhcp-option DNS the node pushes
+    dns_resolver: str | None = None
 
 
 class IKEv2Target(Strict, kw_only=True, frozen=True):
@@ -224,6 +229,44 @@ class TelemetryTarget(Strict, kw_only=True, frozen=True):
     load: LoadTarget | None = None  # node load for the mesh's weights (tier ``load``)
 
 
+class EgressTarget(Strict, kw_only=True, frozen=True):
+    name: str  # its label in metrics and details (from the config: a bounded label)
+    address: str  # an IPv4 address beyond the node, which the node must forward and NAT to
+    udp_port: int | None = None  # a `tunnelwatch reflector` there: UDP echoes beside ICMP
+
+
+class EgressCheck(Strict, kw_only=True, frozen=True):
+    """Echoes through the tunnel to addresses beyond the node (``<protocol>.egress``)."""
+
+    targets: list[EgressTarget]
+    echo_count: int = 3  # echoes per target and protocol (ICMP, and UDP where a port is set)
+    echo_interval: float = 0.05  # seconds between echoes
+    min_targets: int = 1  # targets that must answer; fewer fail with egress-failed
+
+
+class DnsCheck(Strict, kw_only=True, frozen=True):
+    """A query through the tunnel to the node's resolver (``<protocol>.dns``): the protocol
+    section's ``dns_resolver``, or what the node pushes (OpenVPN dhcp-option DNS, IKEv2
+    INTERNAL_IP4_DNS with ``request_config``)."""
+
+    name: str  # the name to resolve, e.g. probe.example.com
+    type: Literal["A", "AAAA"] = "A"
+    expect: list[str] = msgspec.field(default_factory=list)  # allowed answers; empty: any
+    attempts: int = 2  # queries (same id) before dns-timeout
+    attempt_timeout: float = 1.0  # seconds to wait for each
+
+
+class UserPathTarget(Strict, kw_only=True, frozen=True):
+    """What a user gets through the tunnel (docs/probes/user-path.md): each subsection adds one
+    check per tunnel protocol in ``via`` (session tier)."""
+
+    # the tunnels to test through; empty: every one this target configures that carries
+    # traffic (wireguard with tunnel_address and canary, openvpn beyond level reset)
+    via: list[Literal["wireguard", "openvpn"]] = msgspec.field(default_factory=list)
+    egress: EgressCheck | None = None
+    dns: DnsCheck | None = None
+
+
 class Target(Strict, kw_only=True, frozen=True):
     id: str
     pool: str
@@ -237,6 +280,8 @@ class Target(Strict, kw_only=True, frozen=True):
     l4: L4Target | None = None
     mtu: MTUTarget | None = None
     telemetry: TelemetryTarget | None = None  # node telemetry reads: metrics, never verdicts
+    # egress and DNS through the tunnels above
+    user_path: UserPathTarget | None = None
     # check kinds to run against this node; empty = every check its protocols allow
     checks: list[str] = msgspec.field(default_factory=list)
 
@@ -451,6 +496,8 @@ def wireguard_problems(w: WireGuardTarget, at: str, base_dir: Path) -> Iterator[
         yield Problem(at, "tunnel_address and canary go together (session checks need both)")
     yield from _echo_problems(at, w.echo_count, w.echo_interval, w.loss_threshold,
                               w.rtt_threshold)
+    if w.dns_resolver is not None:
+        yield from _ipv4_problems(w.dns_resolver, f"{at}.dns_resolver")
 
 
 def ikev2_problems(i: IKEv2Target, at: str, base_dir: Path) -> Iterator[Problem]:
@@ -516,6 +563,98 @@ def openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Prob
     if o.ca_file is None and o.level != "reset":
         yield Problem(f"{at}.ca_file", f"required from level tls on (level is {o.level})")
     yield from _echo_problems(at, o.echo_count, o.echo_interval)
+    if o.dns_resolver is not None:
+        yield from _ipv4_problems(o.dns_resolver, f"{at}.dns_resolver")
+
+
+def carrying_tunnels(t: Target) -> list[str]:
+    """The tunnel sections of ``t`` that carry traffic, in ``user_path.via`` order or (``via``
+    empty) every one that can: wireguard with tunnel_address and canary, openvpn beyond level
+    reset. (IKEv2 does not yet: its CHILD_SA's inner traffic is not on the shared runner.)"""
+    able = {
+        "wireguard": t.wireguard is not None and t.wireguard.tunnel_address is not None
+        and t.wireguard.canary is not None,
+        "openvpn": t.openvpn is not None and t.openvpn.level != "reset",
+    }
+    via = t.user_path.via if t.user_path is not None and t.user_path.via else list(able)
+    return [name for name in via if able[name]]
+
+
+def _ipv4_problems(value: str, at: str) -> Iterator[Problem]:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        yield Problem(at, f"expected an IPv4 address (inner traffic is IPv4), got {value!r}")
+
+
+def _ipv4_endpoint_problems(value: str, at: str) -> Iterator[Problem]:
+    try:
+        host, _ = parse_host_port(value)
+    except ValueError as exc:
+        yield Problem(at, str(exc))
+        return
+    yield from _ipv4_problems(host, at)
+
+
+def _egress_problems(e: EgressCheck, at: str) -> Iterator[Problem]:
+    if not e.targets:
+        yield Problem(f"{at}.targets", "at least one target")
+    names: set[str] = set()
+    for i, target in enumerate(e.targets):
+        where = f"{at}.targets[{i}]"
+        if not _NAME.match(target.name):
+            yield Problem(f"{where}.name", f"expected a short name, got {target.name!r}")
+        elif target.name in names:
+            yield Problem(f"{where}.name", f"duplicate target name {target.name!r}")
+        names.add(target.name)
+        yield from _ipv4_problems(target.address, f"{where}.address")
+        if target.udp_port is not None:
+            yield from _check_port(target.udp_port, f"{where}.udp_port")
+    yield from _echo_problems(at, e.echo_count, e.echo_interval)
+    if e.targets and not 1 <= e.min_targets <= len(e.targets):
+        yield Problem(f"{at}.min_targets", f"must be 1..{len(e.targets)}, got {e.min_targets}")
+
+
+def _dns_problems(d: DnsCheck, t: Target, via: list[str], at: str) -> Iterator[Problem]:
+    try:
+        dns.encode_name(d.name)
+    except dns.DnsError as exc:
+        yield Problem(f"{at}.name", str(exc))
+    version = 4 if d.type == "A" else 6
+    for i, value in enumerate(d.expect):
+        try:
+            if ipaddress.ip_address(value).version != version:
+                yield Problem(f"{at}.expect[{i}]", f"an {d.type} answer is an IPv{version} "
+                                                   f"address, got {value!r}")
+        except ValueError:
+            yield Problem(f"{at}.expect[{i}]", f"expected an IP address, got {value!r}")
+    if d.attempts < 1:
+        yield Problem(f"{at}.attempts", f"must be >= 1, got {d.attempts}")
+    if not d.attempt_timeout > 0:
+        yield Problem(f"{at}.attempt_timeout", f"must be > 0, got {d.attempt_timeout:g}")
+    if "wireguard" in via and t.wireguard is not None and t.wireguard.dns_resolver is None:
+        yield Problem(at, "WireGuard pushes no resolver: set wireguard.dns_resolver")
+
+
+def user_path_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
+    u = t.user_path
+    if u is None:
+        return
+    via = carrying_tunnels(t)
+    for i, name in enumerate(u.via):
+        if name not in via:
+            yield Problem(f"{at}.via[{i}]", f"{name} is not configured to carry traffic here "
+                                            "(wireguard needs tunnel_address and canary, "
+                                            "openvpn a level beyond reset)")
+    if not via:
+        yield Problem(at, "no tunnel to test through: configure wireguard (with "
+                          "tunnel_address and canary) or openvpn")
+    if not any((u.egress, u.dns)):
+        yield Problem(at, "nothing to check: add egress or dns")
+    if u.egress is not None:
+        yield from _egress_problems(u.egress, f"{at}.egress")
+    if u.dns is not None:
+        yield from _dns_problems(u.dns, t, via, f"{at}.dns")
 
 
 def _load_problems(load: LoadTarget, over_ssh: bool, at: str) -> Iterator[Problem]:
@@ -583,6 +722,7 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
         yield from mtu_problems(t.mtu, f"{at}.mtu", base_dir)
     if t.telemetry is not None:
         yield from _telemetry_problems(t.telemetry, f"{at}.telemetry", base_dir)
+    yield from user_path_problems(t, f"{at}.user_path", base_dir)
     if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4, t.mtu)):
         yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic, l4 or mtu")
 

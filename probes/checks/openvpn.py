@@ -578,7 +578,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
         auth_digest=section.auth_digest, tls_crypt_v2_file=ctx.path(section.tls_crypt_v2_file),
         auth_user_pass_file=ctx.path(section.auth_user_pass_file),
         compression=section.compression, echo_count=section.echo_count,
-        echo_interval=section.echo_interval)
+        echo_interval=section.echo_interval, dns_resolver=section.dns_resolver)
     if section.level == "reset":
         return [Planned.of(RESET, params)]
     out = [Planned.of(TLS, params)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes.checks import ikev2, l4, mtu, openvpn, quic, telemetry, wireguard
+from probes.checks import ikev2, l4, mtu, openvpn, quic, telemetry, user_path, wireguard
 from probes.checks.base import CheckKind, Family
 
 # in planning order: a node's checks are planned (and listed) family by family
@@ -18,6 +18,7 @@ FAMILIES: tuple[Family, ...] = (
     quic.FAMILY,
     mtu.FAMILY,
     telemetry.FAMILY,
+    user_path.FAMILY,
 )
 
 

@@ -6,8 +6,7 @@ its handshake is done: inner packets go out with :meth:`Tunnel.send`, and the dr
 come back through :meth:`Tunnel.unwrap` (the inner packet an event carries; every other event is
 the protocol's to handle). A :class:`TunnelProbe` is one check run of such a protocol:
 ``establish()`` sets the tunnel up, ``finish()`` takes it down (keepalive, EXIT, Delete), and
-:func:`run_through` runs any step (the session's echoes, egress, DNS, throughput, a TCP
-transaction) between the two.
+:func:`run_through` runs any step (the session's echoes, egress, DNS) between the two.
 
 The session check sends K ICMP echoes built by :func:`build_echo` to the node's own tunnel
 address, reads the replies out of the decrypted inner IPv4 packets with

@@ -357,7 +357,8 @@ def plan(ctx: PlanContext) -> list[Planned]:
         state_file=ctx.state_file(STATE_FILE_NAME),
         tunnel_address=section.tunnel_address, canary=section.canary,
         echo_count=section.echo_count, echo_interval=section.echo_interval,
-        loss_threshold=section.loss_threshold, rtt_threshold=section.rtt_threshold)
+        loss_threshold=section.loss_threshold, rtt_threshold=section.rtt_threshold,
+        dns_resolver=section.dns_resolver)
     out = [Planned.of(HANDSHAKE, params)]
     if section.tunnel_address and section.canary:
         out.append(Planned.of(SESSION, params))

@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "receiver",
     "configref",
     "paths",
+    "reflector",
 )
 
 EXIT_OK = 0

@@ -86,6 +86,13 @@ class Reason(enum.StrEnum):
     # QUIC / MASQUE
     NO_ALPN = "no-alpn"
     CONNECT_REFUSED = "connect-refused"  # extended CONNECT answered with a non-2xx status
+    # the user's path through the tunnel (docs/probes/user-path.md)
+    EGRESS_FAILED = "egress-failed"  # the node answers inside the tunnel, nothing beyond it does
+    DNS_TIMEOUT = "dns-timeout"  # the resolver never answered through the tunnel
+    DNS_UNREACHABLE = "dns-unreachable"  # an ICMP unreachable came back for the query
+    DNS_SERVFAIL = "dns-servfail"
+    DNS_REFUSED = "dns-refused"
+    DNS_WRONG_ANSWER = "dns-wrong-answer"  # NXDOMAIN, no address, or one not expected
     # path MTU
     MTU_BLACK_HOLE = "mtu-black-hole"  # large DF packets vanish and no ICMP frag-needed arrives
     MTU_BELOW_MINIMUM = "mtu-below-minimum"

@@ -1,0 +1,103 @@
+"""The user's path through the tunnel: egress and DNS checks (docs/probes/user-path.md).
+
+A target's ``user_path:`` section adds, per tunnel protocol that carries traffic (WireGuard with
+``tunnel_address`` and ``canary``, OpenVPN beyond level ``reset``), ``<protocol>.egress`` and
+``<protocol>.dns`` in the session tier. Each run is one whole client session — the protocol's own
+handshake up to a working tunnel, the step, the goodbye — through the protocol module's
+:class:`~probes.checks.tunnel.TunnelProbe`, so a failure of the handshake or of the tunnel
+itself fails the check with the protocol's own reason; the step's reasons say what a user gets
+beyond a tunnel that works.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import msgspec
+
+from probes.checks import openvpn, wireguard
+from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned
+from probes.checks.egress import egress_step
+from probes.checks.resolve import dns_step
+from probes.checks.tunnel import TunnelProbe, run_through
+from probes.config import DnsCheck, EgressCheck, carrying_tunnels
+from probes.model import Tier
+
+Protocol = Literal["wireguard", "openvpn"]
+
+
+class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
+    """One user-path check: the tunnel's params (those of the protocol's own checks) and the
+    step's section."""
+
+    via: Protocol
+    wireguard: wireguard.WireGuardParams | None = None
+    openvpn: openvpn.OpenVPNParams | None = None
+    egress: EgressCheck | None = None
+    dns: DnsCheck | None = None
+
+
+def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
+    if params.via == "wireguard":
+        assert params.wireguard is not None
+        return wireguard.tunnel_probe(params.wireguard, timeout)
+    assert params.openvpn is not None
+    return openvpn.tunnel_probe(params.openvpn, timeout)
+
+
+async def run_egress(params: UserPathParams, timeout: float) -> CheckResult:
+    assert params.egress is not None
+    step = functools.partial(egress_step, check=params.egress)
+    return await run_through(_tunnel_probe(params, timeout), step)
+
+
+async def run_dns(params: UserPathParams, timeout: float) -> CheckResult:
+    assert params.dns is not None
+    step = functools.partial(dns_step, check=params.dns)
+    return await run_through(_tunnel_probe(params, timeout), step)
+
+
+def _kind(via: Protocol, what: str, run: Callable[[UserPathParams, float],
+                                                  Awaitable[CheckResult]],
+          description: str) -> CheckKind[UserPathParams]:
+    return CheckKind(name=f"{via}.{what}", tier=Tier.SESSION, params_type=UserPathParams,
+                     run=run, description=description)
+
+
+EGRESS = {via: _kind(via, "egress", run_egress,
+                     f"{via} tunnel, then ICMP (and reflector UDP) echoes to the node and to "
+                     "targets beyond it: egress-failed when only the node answers")
+          for via in ("wireguard", "openvpn")}
+DNS = {via: _kind(via, "dns", run_dns,
+                  f"{via} tunnel, then a DNS query through it to the node's resolver "
+                  "(pushed or configured), its answer checked")
+       for via in ("wireguard", "openvpn")}
+
+
+def _tunnel_params(ctx: PlanContext, via: Protocol) -> dict[str, Any]:
+    """The params the protocol's own plan gives its checks (one struct for all of them)."""
+    planned = (wireguard.plan if via == "wireguard" else openvpn.plan)(ctx)
+    return {via: planned[-1].params}
+
+
+def plan(ctx: PlanContext) -> list[Planned]:
+    """``user_path:`` -> ``<protocol>.egress`` / ``<protocol>.dns`` per tunnel in ``via``."""
+    section = ctx.target.user_path
+    if section is None:
+        return []
+    out: list[Planned] = []
+    for name in carrying_tunnels(ctx.target):
+        via: Protocol = "wireguard" if name == "wireguard" else "openvpn"
+        tunnel = _tunnel_params(ctx, via)
+        if section.egress is not None:
+            out.append(Planned.of(EGRESS[via], UserPathParams(via=via, egress=section.egress,
+                                                              **tunnel)))
+        if section.dns is not None:
+            out.append(Planned.of(DNS[via], UserPathParams(via=via, dns=section.dns, **tunnel)))
+    return out
+
+
+FAMILY = Family("user_path", (*EGRESS.values(), *DNS.values()), plan,
+                "The user's path through the tunnel: egress beyond the node, DNS")

@@ -1,0 +1,195 @@
+"""The user-path checks against real servers (root; marker ``lab``): a node running wireguard-go
+and OpenVPN 2.6 (UDP and TCP) that forwards and masquerades its clients to an "internet" lab
+host holding a real resolver (unbound). Each fault of the node's egress or of its resolver is
+found with its own reason while the older session checks still pass.
+
+One lab for the module (the servers take seconds to start); every test puts back what it broke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from probes.agent.plan import PlannedCheck, plan_target
+from probes.checks.base import CheckResult, execute
+from probes.config import Target
+from probes.lab import Host, Lab, WgPeer, wg_keypair, wg_psk
+from probes.lab.egress import (
+    REFLECTOR_PORT,
+    Resolver,
+    enable_egress,
+    set_forwarding,
+    set_masquerade,
+    start_reflector,
+)
+from probes.lab.openvpn import OpenVPNServer
+from probes.model import Reason
+from tests.conftest import lab_unavailable
+
+pytestmark = [pytest.mark.lab, pytest.mark.wireguard, pytest.mark.openvpn]
+
+AGENT_TUNNEL = "10.201.0.2/32"
+NAME = "probe.user.lab"
+
+
+@dataclass
+class World:
+    lab: Lab
+    node: Host
+    agent: Host
+    internet: Host
+    resolver: Resolver
+    subnets: list[str]
+    checks: list[PlannedCheck]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def _targets(lab: Lab, node: Host, internet: Host) -> tuple[list[Target], list[str]]:
+    keys, psk = wg_keypair(), wg_psk()
+    wg = lab.start_wireguard(node, peers=[WgPeer(keys.public, AGENT_TUNNEL, psk)])
+    push = ["--push", f"dhcp-option DNS {internet.address}"]
+    udp = lab.start_openvpn(node, proto="udp", extra=push)
+    tcp = lab.start_openvpn(node, proto="tcp", extra=push)
+    user_path = {"egress": {"targets": [{"name": "internet", "address": internet.address,
+                                         "udp_port": REFLECTOR_PORT}],
+                            "echo_count": 3, "echo_interval": 0.02},
+                 "dns": {"name": NAME, "expect": [internet.address], "attempt_timeout": 0.5}}
+
+    def openvpn(server: OpenVPNServer) -> dict[str, object]:
+        return {"port": server.port, "proto": server.proto, "level": "tunnel",
+                "ca_file": str(server.ca_file), "cert_file": str(server.client.cert),
+                "key_file": str(server.client.key), "tls_crypt_file": str(server.wrap_key_file),
+                "echo_count": 3, "echo_interval": 0.02}
+
+    wg_section = {"port": wg.port, "server_public_key": wg.public_key,
+                  "private_key_file": _write(lab.dir / "agent.key", keys.private),
+                  "preshared_key_file": _write(lab.dir / "agent.psk", psk),
+                  "tunnel_address": AGENT_TUNNEL, "canary": wg.tunnel_address,
+                  "echo_count": 3, "echo_interval": 0.02,
+                  "dns_resolver": internet.address}
+    common = {"pool": "p", "pop": "lab", "region": "r", "address": node.address,
+              "user_path": user_path}
+    targets = [
+        msgspec.convert({"id": "n-udp", **common, "wireguard": wg_section,
+                         "openvpn": openvpn(udp)}, Target),
+        msgspec.convert({"id": "n-tcp", **common, "openvpn": openvpn(tcp)}, Target),
+    ]
+    return targets, ["10.201.0.0/24", f"{udp.subnet}/24", f"{tcp.subnet}/24"]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Lab("userpath") as lab:
+        node, agent, internet = (lab.add_host(n) for n in ("node", "agent", "internet"))
+        resolver = Resolver(lab, internet, "user.lab", {NAME: internet.address})
+        resolver.start()
+        start_reflector(internet)
+        targets, subnets = _targets(lab, node, internet)
+        enable_egress(node, subnets)
+        checks = [c for t in targets
+                  for c in plan_target(t, lab.dir, lab.dir / "state")
+                  if c.kind.name in ("wireguard.session", "openvpn.tunnel")
+                  or c.kind.name.endswith((".egress", ".dns"))]
+        yield World(lab, node, agent, internet, resolver, subnets, checks)
+
+
+def _run_all(world: World) -> dict[str, CheckResult]:
+    """Every check once, from the agent (WireGuard initiations at least 20 ms apart)."""
+    out: dict[str, CheckResult] = {}
+    with world.agent.entered():
+        for check in world.checks:
+            out[check.key] = asyncio.run(execute(check.kind, check.params, 5.0))
+            time.sleep(0.03)
+    return out
+
+
+def _assert(results: dict[str, CheckResult],
+            expect: Callable[[str], Reason]) -> None:
+    assert len(results) == 9, sorted(results)
+    wrong = {key: (r.reason.value, r.detail) for key, r in results.items()
+             if r.reason is not expect(key.rsplit("/", 1)[-1])}
+    assert not wrong, wrong
+
+
+def _by_kind(egress: Reason, dns: Reason) -> Callable[[str], Reason]:
+    def expect(check: str) -> Reason:
+        if check.endswith(".egress"):
+            return egress
+        return dns if check.endswith(".dns") else Reason.OK  # the session checks still pass
+    return expect
+
+
+def test_a_healthy_node_passes_every_user_path_check(world: World) -> None:
+    results = _run_all(world)
+    _assert(results, _by_kind(Reason.OK, Reason.OK))
+    egress = next(r for k, r in results.items() if k.endswith("openvpn.egress"))
+    assert egress.quality is not None and egress.quality.received == 6  # 3 ICMP, 3 UDP
+    assert egress.facts["egress_internet_loss_ratio"] == 0.0
+    dns = next(r for k, r in results.items() if k.endswith("openvpn.dns"))
+    assert dns.facts["dns_resolver"] == world.internet.address  # pushed, not configured
+    assert dns.facts["dns_answer"] == world.internet.address
+
+
+def test_forwarding_off_is_egress_failed(world: World) -> None:
+    set_forwarding(world.node, False)
+    try:
+        results = _run_all(world)
+    finally:
+        set_forwarding(world.node, True)
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+    egress = next(r for k, r in results.items() if k.endswith("wireguard.egress"))
+    assert "the node answers in the tunnel (3/3)" in egress.detail
+    assert "internet: 0/6 answered" in egress.detail
+
+
+def test_a_missing_nat_rule_is_egress_failed(world: World) -> None:
+    set_masquerade(world.node, world.subnets, False)
+    try:
+        results = _run_all(world)
+    finally:
+        set_masquerade(world.node, world.subnets, True)
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+
+
+def test_a_black_hole_beyond_the_node_is_egress_failed(world: World) -> None:
+    world.lab.partition(world.internet)
+    try:
+        results = _run_all(world)
+    finally:
+        world.lab.heal(world.internet)
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+
+
+def test_a_stopped_resolver_is_dns_unreachable(world: World) -> None:
+    world.resolver.stop()
+    try:
+        results = _run_all(world)
+    finally:
+        world.resolver.start()
+    _assert(results, _by_kind(Reason.OK, Reason.DNS_UNREACHABLE))
+    dns = next(r for k, r in results.items() if k.endswith("wireguard.dns"))
+    assert "port unreachable" in dns.detail
+
+
+def test_a_resolver_answering_servfail_is_dns_servfail(world: World) -> None:
+    world.resolver.start(servfail=True)
+    try:
+        results = _run_all(world)
+    finally:
+        world.resolver.start()
+    _assert(results, _by_kind(Reason.OK, Reason.DNS_SERVFAIL))
