@@ -921,6 +921,17 @@ def agent_alerts() -> list[dict[str, Any]]:
             ),
         ),
         AGENTS.warning(
+            "AgentBatchesRefused",
+            'sum by (vantage) (increase(tunnelwatch_report_batches_total{result="refused"}[10m]))'
+            " > 2",
+            summary="The mesh refuses an agent's batches as replays of a newer agent instance.",
+            description=(
+                "The mesh refused about {{ $value | printf \"%.0f\" }} batch(es) of vantage "
+                "{{ $labels.vantage }} in the last 10 minutes: another instance reports under "
+                "its name, or its clock went back."
+            ),
+        ),
+        AGENTS.warning(
             "AgentSchedulerLagging",
             # share of probes that started more than 250 ms after their slot (lag histogram)
             "1 - (\n"

@@ -439,7 +439,10 @@ class AgentCollector(Collector):
                                    "Observations accepted by a mesh endpoint.",
                                    labels=[*v, "endpoint"])
         batches = CounterMetricFamily("tunnelwatch_report_batches",
-                                      "Batch POSTs by endpoint and result (ok, error, rejected).",
+                                      "Batch POSTs by endpoint and result: ok, duplicate "
+                                      "(committed earlier), refused (a newer epoch of this agent "
+                                      "at the mesh: kept and sent again), rejected (dropped), "
+                                      "error.",
                                       labels=[*v, "endpoint", "result"])
         last = GaugeMetricFamily("tunnelwatch_report_last_success_timestamp_seconds",
                                  "Unix time of the last batch an endpoint accepted.",

@@ -9,9 +9,15 @@ Path of one observation:
    never sees a gap it cannot explain;
 3. one sender task per endpoint takes the endpoint's next batch from the spool (or its
    in-flight batch after a failure or a restart), signs it with :mod:`probes.model.signing` and
-   POSTs it. 2xx, or ``409 replay`` (the mesh already has this ``batch_seq``: the answer to an
-   earlier attempt was lost) acknowledge it; other answers are retried with exponential backoff
-   and jitter. 400/413 (the mesh will never accept this body) drop the batch, counted.
+   POSTs it in the agent instance's epoch (:class:`probes.model.ObservationBatch`). A 2xx answer
+   acknowledges it (result ``ok``). A ``409 replay`` names the agent's position at the mesh:
+   when it is in the batch's own epoch at or above its batch_seq, the mesh committed the batch
+   earlier (the answer to that attempt was lost): acknowledged, result ``duplicate``. Otherwise
+   the mesh holds a newer epoch of this agent (its clock went back across a lost state, or a
+   second instance runs under the same name): the batch was *refused*, never delivered. It is
+   kept, logged at warning with the reason, counted (result ``refused``) and sent again at once
+   in a new epoch above the mesh's. Other answers are retried with exponential backoff and
+   jitter. 400/413 (the mesh will never accept this body) drop the batch, counted (``rejected``).
 4. a 2xx answer may carry ``reprobe``: checks another vantage saw fail, which the mesh asks this
    agent to re-probe now (corroboration on demand); they go to ``on_reprobe`` (the scheduler).
 
@@ -147,7 +153,7 @@ class Reporter:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self._spool = await self._db(Spool, self._spool_path, self._spool_max)
+        self._spool = await self._db(Spool, self._spool_path, self._spool_max, self.wall)
         await self._db(self._spool.forget_endpoints, self.endpoints)
         self._next_seq = self._spool.next_seq
         self.stats.dropped_total = self._spool.dropped
@@ -156,8 +162,9 @@ class Reporter:
         self._tasks.append(asyncio.create_task(self._writer(), name="spool-writer"))
         for endpoint in self.endpoints:
             self._start_sender(endpoint)
-        log.info("reporter: %d endpoint(s), spool %s holds %d observation(s), next seq %d",
-                 len(self.endpoints), self._spool_path, self.stats.spool_depth, self._next_seq)
+        log.info("reporter: %d endpoint(s), spool %s holds %d observation(s), epoch %d, "
+                 "next seq %d", len(self.endpoints), self._spool_path, self.stats.spool_depth,
+                 self._spool.epoch, self._next_seq)
 
     def _start_sender(self, endpoint: str) -> None:
         self._senders[endpoint] = asyncio.create_task(self._sender(endpoint),
@@ -306,9 +313,12 @@ class Reporter:
         result = await self._post(endpoint, batch)
         key = (index, result)
         self.stats.batches_total[key] = self.stats.batches_total.get(key, 0) + 1
-        if result in ("ok", "rejected"):
+        if result == "refused":  # kept: its observations go again at once, in a new epoch
+            await self._db(self._spool.requeue, endpoint)
+            return backoff
+        if result in ("ok", "duplicate", "rejected"):
             await self._db(self._spool.ack, batch, self.endpoints)
-            if result == "ok":
+            if result != "rejected":
                 self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
                                                 + len(batch.bodies))
                 self.stats.last_success[index] = self.wall()
@@ -318,7 +328,8 @@ class Reporter:
         return min(backoff * 2, BACKOFF_MAX)
 
     async def _post(self, endpoint: str, batch: Batch) -> str:
-        """POST one batch: "ok" (accepted or already had it), "rejected" (never), or "error".
+        """POST one batch: "ok" (accepted), "duplicate" (committed earlier), "refused" (a newer
+        epoch of this agent at the mesh: kept), "rejected" (never takes it), or "error".
         Path traces the endpoint takes ride along; they are put back when the batch did not
         go through, and left out (and dropped) when it was refused with them."""
         traces = self._take_traces(endpoint)
@@ -326,7 +337,7 @@ class Reporter:
         if not traces:
             return result
         index = str(self.endpoints.index(endpoint))
-        if result == "ok":
+        if result in ("ok", "duplicate"):
             sent = self.stats.traces_sent_total
             sent[index] = sent.get(index, 0) + len(traces)
         elif result == "rejected":
@@ -343,7 +354,8 @@ class Reporter:
     async def _post_body(self, endpoint: str, batch: Batch, traces: list[bytes]) -> str:
         assert self._session is not None
         now = self.wall()
-        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces)
+        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces,
+                          epoch=batch.epoch)
         headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
         try:
             async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
@@ -354,8 +366,10 @@ class Reporter:
             return "error"
         if 200 <= status < 300:
             self._takes_traces[endpoint] = accepts_traces(reply)
-        if 200 <= status < 300 or status == 409:
-            if status < 300 and self.on_reprobe is not None:
+        if status == 409:
+            return await self._replay_answer(batch, reply)
+        if 200 <= status < 300:
+            if self.on_reprobe is not None:
                 asks = reprobe_requests(reply)
                 try:
                     if asks:
@@ -371,3 +385,21 @@ class Reporter:
         log.warning("mesh answered %d to batch %d: %s; will retry", status, batch.batch_seq,
                     text)
         return "error"
+
+    async def _replay_answer(self, batch: Batch, reply: bytes) -> str:
+        """A 409 ``replay``: "duplicate" when the mesh committed this batch earlier, "refused"
+        (after starting a new epoch above the mesh's) when it holds a newer epoch of this
+        agent. A mesh from before epochs names no position: its 409 means committed earlier."""
+        answer = _reply_object(reply)
+        epoch, last = answer.get("epoch"), answer.get("batch_seq")
+        if not isinstance(epoch, int) or not isinstance(last, int):
+            return "duplicate"
+        if epoch == batch.epoch and batch.batch_seq <= last:
+            return "duplicate"
+        assert self._spool is not None
+        mine = await self._db(self._spool.new_epoch, epoch)
+        log.warning("mesh refused batch %d of epoch %d (%d observations): it holds epoch %d of "
+                    "agent %s (the clock went back across a lost state directory, or another "
+                    "instance runs under this name); kept, sent again in epoch %d",
+                    batch.batch_seq, batch.epoch, len(batch.bodies), epoch, self.agent, mine)
+        return "refused"

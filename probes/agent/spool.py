@@ -13,18 +13,26 @@ Tables:
 * ``obs(seq, body)``: encoded :class:`probes.model.Observation` JSON, ``seq`` the per-agent
   observation sequence number (strictly increasing, never reused once committed);
 * ``acked(endpoint, seq)``: the committed read offset per mesh endpoint URL;
-* ``inflight(endpoint, batch_seq, first_seq, last_seq)``: the batch being sent to an endpoint.
-  A retry — also after a restart — resends the same range under the same ``batch_seq``, so a
-  batch whose answer was lost is answered ``409 replay`` and acknowledged, never duplicated;
-* ``meta(k, v)``: ``next_seq``, ``next_batch_seq``, ``bytes`` (sum of body sizes),
-  ``dropped`` (observations dropped on overflow, oldest first).
+* ``inflight(endpoint, batch_seq, first_seq, last_seq, epoch)``: the batch being sent to an
+  endpoint. A retry — also after a restart — resends the same range under the same
+  ``(epoch, batch_seq)``, so a batch whose answer was lost is answered ``409 replay`` and
+  acknowledged, never duplicated;
+* ``meta(k, v)``: ``epoch`` (this agent instance's epoch: wall-clock milliseconds when the spool
+  was created, see :class:`probes.model.ObservationBatch`), ``next_seq``, ``next_batch_seq``
+  (within the epoch), ``bytes`` (sum of body sizes), ``dropped`` (observations dropped on
+  overflow, oldest first).
+
+A spool that is lost (a deleted state directory, a Kubernetes ``emptyDir`` after rescheduling)
+takes its epoch with it: the new spool's epoch is newer, so the mesh hears the agent again at
+once instead of refusing its restarted batch_seqs as replays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +40,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,
-                                     first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
+                                     first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+                                     epoch INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 """
 
@@ -44,12 +53,13 @@ class Batch:
     first_seq: int
     last_seq: int
     bodies: list[bytes]  # encoded observations, in seq order
+    epoch: int = 0  # the instance epoch it is sent in (0: from a spool before epochs)
 
 
 class Spool:
     """Synchronous; the reporter calls it from one dedicated thread only."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, wall: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
@@ -57,12 +67,19 @@ class Spool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        columns = {str(row[1]) for row in self.db.execute("PRAGMA table_info(inflight)")}
+        if "epoch" not in columns:  # a spool from before epochs: its batches are in epoch 0
+            self.db.execute("ALTER TABLE inflight ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
+        self.wall = wall
         self.next_seq = self._meta("next_seq")
         top = self.db.execute("SELECT MAX(seq) FROM obs").fetchone()[0]
         if top is not None and top >= self.next_seq:  # belt and braces: never reuse a seq
             self.next_seq = top + 1
         self.bytes = self._meta("bytes")
         self.dropped = self._meta("dropped")
+        self.epoch = self._meta("epoch")
+        if not self.epoch:  # a new spool (or one from before epochs): a new instance
+            self.new_epoch(0)
 
     def _meta(self, key: str) -> int:
         row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
@@ -74,6 +91,23 @@ class Spool:
 
     def close(self) -> None:
         self.db.close()
+
+    def new_epoch(self, above: int) -> int:
+        """Start a new instance epoch above ``above`` and above the current one (the wall clock
+        in ms when it is later): batch_seq starts again at 0. Batches already in flight keep
+        the epoch they were sent in."""
+        epoch = max(int(self.wall() * 1000), above + 1, self.epoch + 1)
+        with self._transaction():
+            self._set_meta("epoch", epoch)
+            self._set_meta("next_batch_seq", 0)
+        self.epoch = epoch
+        return epoch
+
+    def requeue(self, endpoint: str) -> None:
+        """Forget the endpoint's in-flight batch (refused by the mesh): its observations go out
+        again in the next batch, in the current epoch."""
+        with self._transaction():
+            self.db.execute("DELETE FROM inflight WHERE endpoint = ?", (endpoint,))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -138,13 +172,13 @@ class Spool:
 
     def next_batch(self, endpoint: str, limit: int) -> Batch | None:
         """The endpoint's in-flight batch (resent as is), or a new one after its offset."""
-        row = self.db.execute("SELECT batch_seq, first_seq, last_seq FROM inflight "
+        row = self.db.execute("SELECT batch_seq, first_seq, last_seq, epoch FROM inflight "
                               "WHERE endpoint = ?", (endpoint,)).fetchone()
         if row is not None:
-            batch_seq, first, last = (int(v) for v in row)
+            batch_seq, first, last, epoch = (int(v) for v in row)
             bodies = [b for (b,) in self.db.execute(
                 "SELECT body FROM obs WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last))]
-            return Batch(endpoint, batch_seq, first, last, bodies)
+            return Batch(endpoint, batch_seq, first, last, bodies, epoch)
         rows = self.db.execute("SELECT seq, body FROM obs WHERE seq > ? ORDER BY seq LIMIT ?",
                                (self.acked(endpoint), limit)).fetchall()
         if not rows:
@@ -153,9 +187,10 @@ class Spool:
         with self._transaction():
             batch_seq = self._meta("next_batch_seq")
             self._set_meta("next_batch_seq", batch_seq + 1)
-            self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq) "
-                            "VALUES (?, ?, ?, ?)", (endpoint, batch_seq, first, last))
-        return Batch(endpoint, batch_seq, first, last, [bytes(b) for _, b in rows])
+            self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq, "
+                            "epoch) VALUES (?, ?, ?, ?, ?)",
+                            (endpoint, batch_seq, first, last, self.epoch))
+        return Batch(endpoint, batch_seq, first, last, [bytes(b) for _, b in rows], self.epoch)
 
     def ack(self, batch: Batch, endpoints: Sequence[str]) -> None:
         """The endpoint has the batch: advance its offset; prune what every endpoint has."""

@@ -143,6 +143,7 @@ class DecisionEngine:
         self._judged_at = -math.inf  # last impairment judgement (mesh time)
         # nodes whose change waits (the dwell, or a DEGRADED awaiting confirmation)
         self._deferred: dict[str, NodeState] = {}
+        self._epochs: dict[str, int] = {}  # vantage -> instance epoch of its latest batch
         # transient, per observe() call: checks whose run of failures began in it (for
         # corroboration_asks); audit notes until taken
         self._onsets: list[CheckState] = []
@@ -244,6 +245,19 @@ class DecisionEngine:
             return None
         behind, node.seq = node.seq, logged_seq
         return behind
+
+    def agent_epoch(self, vantage: str, epoch: int) -> None:
+        """A batch of ``vantage`` came in instance epoch ``epoch``. A newer epoch is an agent
+        that lost its state: its observation seqs start again, so the seqs its checks reached
+        in the older epoch no longer mark duplicates (the mesh's ingest already refused any
+        batch of an older epoch)."""
+        if epoch <= self._epochs.get(vantage, 0):
+            return
+        self._epochs[vantage] = epoch
+        state = self.vantages.get(vantage)
+        for nv in state.nvs if state is not None else ():
+            for check in nv.checks:
+                check.seq = -1
 
     def _new_check(self, obs: Observation, now: float) -> CheckState | None:
         """The state of a check seen for the first time; None (counted) for an unknown node
@@ -874,6 +888,7 @@ class DecisionEngine:
             "wheel_keys": list(self._wheel_keys),
             "judged_at": self._judged_at,
             "deferred": list(self._deferred),
+            "epochs": self._epochs,
             "audit_totals": self.audit_totals,
             "counters": [getattr(self, name) for name in _COUNTERS],
             "transitions": [[a, b, n] for (a, b), n in self.transitions.items()],
@@ -926,6 +941,7 @@ class DecisionEngine:
         for name, value in zip(_COUNTERS, rows["counters"], strict=True):
             setattr(engine, name, value)
         engine.transitions = {(a, b): n for a, b, n in rows["transitions"]}
+        engine._epochs = dict(rows.get("epochs", {}))  # none in rows from before agent epochs
         # the forget wheel is derived: a (node, vantage) enters it when it goes stale, that is,
         # leaves the staleness wheel; which bucket and when it is forgotten follow from "seen"
         for node in engine.nodes.values():

@@ -43,8 +43,9 @@ class Rejected(Exception):
     a detail for the client."""
 
     def __init__(self, status: int, reason: str, detail: str, path: str = "",
-                 *, close: bool = False) -> None:
+                 *, close: bool = False, extra: dict[str, int] | None = None) -> None:
         super().__init__(detail)
+        self.extra = extra or {}  # machine-readable context (a replay's position)
         self.status = status
         self.reason = reason
         self.detail = detail
@@ -52,7 +53,8 @@ class Rejected(Exception):
         self.close = close  # close the connection after answering (an unread body is coming)
 
     def response(self) -> web.Response:
-        payload = {"error": self.public_reason, "detail": self.detail}
+        payload: dict[str, object] = {"error": self.public_reason, "detail": self.detail,
+                                      **self.extra}
         if self.path:
             payload["field"] = self.path
         headers = {"Retry-After": "1"} if self.status == 503 else None

@@ -18,7 +18,7 @@ reason                  status  when
 ``identity``            403     the key belongs to another agent than X-Tunnelwatch-Agent,
                                 or batch.agent or an observation's vantage is not the agent
 ``schema``              400     not JSON / not a batch; the answer names the field
-``replay``              409     batch_seq not above the last accepted one for this agent
+``replay``              409     (epoch, batch_seq) not above the agent's last accepted one
 ``store``               503     the store failed; nothing was kept, the agent retries
 ======================  ======  =======================================================
 
@@ -27,8 +27,11 @@ key's owner is compared with X-Tunnelwatch-Agent only after the signature verifi
 cannot be told apart from outside; ``tunnelwatch_mesh_ingest_rejects_total`` keeps the reasons
 apart for the operator.
 
-A 409 ``replay`` for a batch the agent sent before means the mesh already has it (the answer to
-the first attempt was lost): the agent drops it from its spool.
+A 409 ``replay`` answer carries the agent's position at the mesh (``"epoch"``, ``"batch_seq"``),
+so the agent tells the two cases apart: a batch of its own epoch at or below that position was
+committed earlier (the answer to the first attempt was lost) and leaves the spool; a batch of an
+older epoch than the mesh's is refused, kept, and sent again in a newer epoch
+(probes/agent/reporter.py).
 """
 
 from __future__ import annotations
@@ -171,8 +174,9 @@ class Ingest:
         try:
             verdicts = await self.service.accept_batch(body, batch, self.clock())
         except Replay as exc:
-            raise Rejected(409, "replay", f"batch_seq {batch.batch_seq} not above {exc.last}"
-                           ) from None
+            raise Rejected(409, "replay", f"(epoch, batch_seq) ({batch.epoch}, {batch.batch_seq})"
+                           f" not above ({exc.epoch}, {exc.last})",
+                           extra={"epoch": exc.epoch, "batch_seq": exc.last}) from None
         except StoreError as exc:
             trouble("store", "batch from %s not stored: %s", agent, exc)
             raise Rejected(503, "store", "not stored; retry") from None

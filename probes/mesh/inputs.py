@@ -76,6 +76,9 @@ def apply_entry(engine: DecisionEngine, weights: WeightEngine | None, paths: Pat
     if entry.kind == EntryKind.BATCH:
         if batch is None:
             batch = decode_batch(entry.payload)
+        # a new instance epoch restarts the agent's observation seqs: the engine must not take
+        # them for old duplicates (deterministic: the epoch is in the journal)
+        engine.agent_epoch(batch.agent, batch.epoch)
         return apply_batch(engine, weights, paths, batch.observations, traces=batch.traces,
                            now=entry.now)
     if entry.kind == EntryKind.TICK:

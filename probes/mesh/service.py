@@ -71,10 +71,11 @@ class StoreUnavailable(StoreError):
 
 
 class Replay(Exception):
-    """A batch the mesh already has (or an older one): ``last`` is the agent's position."""
+    """A batch at or below the agent's position: ``epoch`` and ``last`` (its batch_seq)."""
 
-    def __init__(self, last: int) -> None:
-        super().__init__(f"batch_seq not above {last}")
+    def __init__(self, epoch: int, last: int) -> None:
+        super().__init__(f"(epoch, batch_seq) not above ({epoch}, {last})")
+        self.epoch = epoch
         self.last = last
 
 
@@ -87,7 +88,7 @@ class _Loaded:
     paths: PathEngine
     journal_id: int
     last_now: float
-    agent_seq: dict[str, int]
+    agents: dict[str, tuple[int, int]]
     replayed_entries: int
     replayed_verdicts: int
 
@@ -123,7 +124,8 @@ class MeshService:
         )
         self.snapshotter = ForkSnapshotter(store)
         self._bytes_since_snapshot = 0
-        self.agent_seq: dict[str, int] = {}
+        self.agent_seq: dict[str, int] = {}  # agent -> batch_seq of its last batch ...
+        self.agent_epoch: dict[str, int] = {}  # ... and the instance epoch it came in
         self.last_now = 0.0
         self.replayed_entries = 0
         self.replayed_verdicts = 0
@@ -208,7 +210,8 @@ class MeshService:
         self.paths = loaded.paths
         self._last_journal_id = loaded.journal_id
         self.last_now = max(self.last_now, loaded.last_now)
-        self.agent_seq = loaded.agent_seq
+        self.agent_seq = {agent: seq for agent, (_, seq) in loaded.agents.items()}
+        self.agent_epoch = {agent: epoch for agent, (epoch, _) in loaded.agents.items()}
         self.replayed_entries = loaded.replayed_entries
         self.replayed_verdicts = loaded.replayed_verdicts
 
@@ -376,12 +379,14 @@ class MeshService:
             raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
 
     def check_replay(self, batch: ObservationBatch) -> None:
-        """The replay rule: a batch is taken only if its ``batch_seq`` is above the agent's
-        last accepted one (raises :class:`Replay`). Checked under the input lock, so a resent
-        batch racing its first attempt is taken once."""
+        """The replay rule: a batch is taken only if its ``(epoch, batch_seq)`` is above the
+        agent's last accepted one (raises :class:`Replay`): a newer instance epoch (an agent
+        that lost its state directory), or the same epoch and a higher batch_seq. Checked under
+        the input lock, so a resent batch racing its first attempt is taken once."""
+        epoch = self.agent_epoch.get(batch.agent, 0)
         last = self.agent_seq.get(batch.agent, -1)
-        if batch.batch_seq <= last:
-            raise Replay(last)
+        if (batch.epoch, batch.batch_seq) <= (epoch, last):
+            raise Replay(epoch, last)
 
     async def _serially(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run an input under the lock, to completion: once applied, its commit (and the
@@ -407,9 +412,13 @@ class MeshService:
                 log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
                 await self._rebuild()
                 raise
-            await self._commit(entry, verdicts, agent=AgentPosition(batch.agent, batch.batch_seq),
-                               weight_changes=changes)
+            await self._commit(entry, verdicts, weight_changes=changes,
+                               agent=AgentPosition(batch.agent, batch.batch_seq, batch.epoch))
+            if batch.epoch != self.agent_epoch.get(batch.agent, 0):
+                log.info("agent %s: new instance epoch %d (its state was lost or reset)",
+                         batch.agent, batch.epoch)
             self.agent_seq[batch.agent] = batch.batch_seq
+            self.agent_epoch[batch.agent] = batch.epoch
             return verdicts
 
         return await self._serially(step)

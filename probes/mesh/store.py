@@ -16,7 +16,7 @@ implements the abstract methods and nothing else. What a backend keeps:
   reset or restored store instead of ignoring its seq 1.
 * **node snapshot** — the latest published verdict per node (for queries without the engine).
 * **admin states** — DRAINING / MAINTENANCE per node, with who set them and when.
-* **agent replay state** — the last accepted ``batch_seq`` per agent.
+* **agent replay state** — the last accepted ``(epoch, batch_seq)`` per agent.
 
 Atomicity: :meth:`MeshStore.commit` stores one journal entry together with every effect it had
 (verdicts, node rows, admin row, agent position), or nothing. The ingest handler applies a batch
@@ -68,8 +68,11 @@ class AdminRecord(msgspec.Struct, frozen=True):
 
 
 class AgentPosition(msgspec.Struct, frozen=True):
+    """An agent's replay position: its instance epoch and the batch_seq within it."""
+
     agent: str
     batch_seq: int
+    epoch: int = 0
 
 
 class Recovery(msgspec.Struct):
@@ -78,7 +81,7 @@ class Recovery(msgspec.Struct):
     snapshot: bytes | None
     snapshot_journal_id: int
     entries: list[JournalEntry]
-    agents: dict[str, int]
+    agents: dict[str, tuple[int, int]]  # agent -> (epoch, batch_seq) of its last batch
 
 
 class StoreError(RuntimeError):

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS admin (
     node TEXT PRIMARY KEY, state TEXT NOT NULL, actor TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,
+                                   epoch INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS publishers (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
 """
 SNAPSHOT_SCHEMA = """
@@ -104,6 +105,13 @@ class _Checkpointer:
         self._thread.join()
 
 
+def _add_agent_epochs(db: sqlite3.Connection) -> None:
+    """A store from before agent epochs: its agents' positions are in epoch 0."""
+    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(agents)")}
+    if "epoch" not in columns:
+        db.execute("ALTER TABLE agents ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
+
+
 def _write_snapshot(db: sqlite3.Connection, journal_id: int, blob: bytes) -> None:
     # never replace a newer snapshot with an older one: a snapshot child orphaned by a crash may
     # finish after the restarted mesh has snapshotted and pruned past it
@@ -129,6 +137,7 @@ class SQLiteStore(MeshStore):
         try:
             self._db = self._open_main()
             self._db.executescript(SCHEMA)
+            _add_agent_epochs(self._db)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -213,9 +222,10 @@ class SQLiteStore(MeshStore):
                 )
             if agent is not None:
                 db.execute(
-                    "INSERT INTO agents (agent, batch_seq) VALUES (?, ?)"
-                    " ON CONFLICT (agent) DO UPDATE SET batch_seq=excluded.batch_seq",
-                    (agent.agent, agent.batch_seq),
+                    "INSERT INTO agents (agent, batch_seq, epoch) VALUES (?, ?, ?)"
+                    " ON CONFLICT (agent) DO UPDATE SET batch_seq=excluded.batch_seq,"
+                    " epoch=excluded.epoch",
+                    (agent.agent, agent.batch_seq, agent.epoch),
                 )
             if admin is not None:
                 if admin.state is None:
@@ -335,7 +345,8 @@ class SQLiteStore(MeshStore):
         entries = [
             JournalEntry(EntryKind(str(k)), float(n), bytes(p), int(i)) for i, k, n, p in rows
         ]
-        agents = {str(a): int(s) for a, s in self._query("SELECT agent, batch_seq FROM agents")}
+        agents = {str(a): (int(e), int(s))
+                  for a, e, s in self._query("SELECT agent, epoch, batch_seq FROM agents")}
         return Recovery(blob, snapshot_id, entries, agents)
 
     def verdicts(

@@ -167,7 +167,10 @@ class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     node: Name
     check: Name  # check name from the config, e.g. "wg-handshake"; kind and tier come from there
     vantage: Name
-    seq: Seq  # per-agent sequence number, strictly increasing, persisted across restarts
+    # per-agent sequence number, strictly increasing within the batch's epoch, persisted across
+    # restarts with the agent's state (an agent that lost its state starts again at 0 in a new
+    # epoch: the mesh orders observations by (epoch, seq))
+    seq: Seq
     wall_time: WallTime  # agent wall clock at check start, Unix seconds
     ok: bool
     reason: Reason
@@ -271,7 +274,17 @@ class PathTrace(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_
 
 class ObservationBatch(msgspec.Struct, frozen=True, omit_defaults=True,
                        forbid_unknown_fields=True):
-    """What an agent POSTs to the mesh. ``batch_seq`` lets the mesh reject replays.
+    """What an agent POSTs to the mesh. ``(epoch, batch_seq)`` lets the mesh reject replays.
+
+    ``epoch`` is the agent instance's epoch: the agent's wall clock in milliseconds when its
+    state directory was created (or when a mesh told it that epoch was behind, one above what
+    the mesh had). It is kept in the state directory, so an ordinary restart keeps it; an agent
+    that lost its state starts a newer one. ``batch_seq`` counts batches within the epoch. The
+    mesh takes a batch whose position is above the agent's last accepted one (a newer epoch, or
+    the same epoch and a higher batch_seq) and refuses the rest as replays; the signature and
+    the timestamp window (:mod:`probes.model.signing`) make the position trustworthy and fresh.
+    0 = an agent from before epochs (omitted on the wire). Meshes are upgraded before agents:
+    an older mesh refuses the unknown field.
 
     ``traces`` is optional: agents from before path tracing never send it, and an agent sends it
     only to a mesh whose batch answers list ``"traces"`` in ``accepts`` (docs/paths.md)."""
@@ -281,6 +294,7 @@ class ObservationBatch(msgspec.Struct, frozen=True, omit_defaults=True,
     batch_seq: Seq
     sent_at: WallTime
     observations: list[Observation]
+    epoch: Seq = 0
     traces: Annotated[list[PathTrace], msgspec.Meta(max_length=MAX_TRACES_PER_BATCH)] = (
         msgspec.field(default_factory=list))
 
@@ -482,12 +496,14 @@ def encode(obj: Any) -> bytes:
 
 
 def batch_body(agent: str, batch_seq: int, sent_at: float, bodies: list[bytes],
-               traces: list[bytes] | None = None) -> bytes:
+               traces: list[bytes] | None = None, *, epoch: int = 0) -> bytes:
     """An :class:`ObservationBatch` in JSON, from already encoded observations (the agent's
     spool keeps them encoded, so a batch is put together without decoding them again) and path
-    traces (the field is left out when there are none, as the struct's encoder does)."""
+    traces (fields at their defaults are left out, as the struct's encoder does)."""
     enc = _encoder.encode
     extra = b',"traces":[' + b",".join(traces) + b"]" if traces else b""
+    if epoch:
+        extra += b',"epoch":' + enc(epoch)
     return (b'{"version":' + enc(SCHEMA_VERSION) + b',"agent":' + enc(agent)
             + b',"batch_seq":' + enc(batch_seq) + b',"sent_at":' + enc(sent_at)
             + b',"observations":[' + b",".join(bodies) + b"]" + extra + b"}")

@@ -9,7 +9,10 @@ An agent POSTs a JSON :class:`probes.model.ObservationBatch` with four headers::
 
 The signed message is the timestamp header value exactly as sent, one ASCII dot, and the raw
 request body bytes. The mesh rejects a timestamp outside its window (default +-300 s) and a
-``batch_seq`` it has already accepted from that agent, so a captured request cannot be replayed.
+batch whose ``(epoch, batch_seq)`` is not above the last one it accepted from that agent, so a
+captured request cannot be replayed. The epoch is the agent instance's (see
+:class:`probes.model.ObservationBatch`): an agent that lost its state directory starts a newer
+epoch and is heard at once, because only the holder of the key can sign one.
 
 A key file holds the shared secret as text (e.g. 64 hex characters from :func:`generate_key`);
 the key is the file's content with surrounding whitespace stripped, used as bytes verbatim.

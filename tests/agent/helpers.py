@@ -66,6 +66,7 @@ class Receiver:
     seqs: list[int] = field(default_factory=list)
     checks: set[str] = field(default_factory=set)  # every check name that was reported
     last_batch_seq: int = -1
+    last_epoch: int = 0
     bad_signatures: int = 0
     replays: int = 0
     _runner: web.AppRunner | None = None
@@ -82,10 +83,11 @@ class Receiver:
             batch = decode_batch(body)
         except SchemaError as exc:
             return web.Response(status=400, text=str(exc))
-        if batch.batch_seq <= self.last_batch_seq:
-            self.replays += 1
-            return web.Response(status=409, text="replay")
-        self.last_batch_seq = batch.batch_seq
+        if (batch.epoch, batch.batch_seq) <= (self.last_epoch, self.last_batch_seq):
+            self.replays += 1  # answered as the mesh does: with the agent's position
+            return web.json_response({"error": "replay", "epoch": self.last_epoch,
+                                      "batch_seq": self.last_batch_seq}, status=409)
+        self.last_epoch, self.last_batch_seq = batch.epoch, batch.batch_seq
         self.seqs.extend(o.seq for o in batch.observations)
         self.checks.update(o.check for o in batch.observations)
         if self.lose_answers > 0:

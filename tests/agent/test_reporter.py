@@ -59,7 +59,9 @@ async def _outage_then_recovery(tmp_path: Path, outage: float) -> None:
     assert receiver.bad_signatures == 0
     assert sorted(receiver.seqs) == submitted == list(range(len(submitted)))
     assert len(receiver.seqs) == len(set(receiver.seqs))  # exactly once
-    assert receiver.replays >= 2  # the two lost answers were retried and recognised
+    assert receiver.replays >= 2  # the two lost answers were retried and recognised ...
+    assert stats.batches_total.get(("0", "duplicate"), 0) >= 2  # ... as committed earlier
+    assert stats.batches_total.get(("0", "refused"), 0) == 0
     assert stats.batches_total.get(("0", "error"), 0) > 0  # the outage was seen
     assert stats.spool_depth == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,17 @@ def _mesh_config(folder: Path, port: int) -> Path:
     return folder / "mesh.yaml"
 
 
-async def test_real_mesh_accepts_every_batch_once(tmp_path: Path) -> None:
-    port = free_port()
-    cfg = load_mesh_config(_mesh_config(tmp_path, port))
-    app = build_app(cfg, CollectorRegistry())
+async def _start_mesh(folder: Path, port: int) -> tuple[web.Application, web.AppRunner]:
+    app = build_app(load_mesh_config(_mesh_config(folder, port)), CollectorRegistry())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    return app, runner
+
+
+async def test_real_mesh_accepts_every_batch_once(tmp_path: Path) -> None:
+    port = free_port()
+    app, runner = await _start_mesh(tmp_path, port)
     stats = ReporterStats()
     reporter = Reporter(agent="va", endpoints=[f"http://127.0.0.1:{port}"], key_id="va",
                         key=signing.load_key(tmp_path / "va.key"),
@@ -61,4 +66,52 @@ async def test_real_mesh_accepts_every_batch_once(tmp_path: Path) -> None:
         assert stats.batches_total.get(("0", "error"), 0) == 0
     finally:
         await reporter.close(drain_timeout=1)
+        await runner.cleanup()
+
+
+async def test_a_refused_batch_is_kept_and_sent_again_in_a_newer_epoch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The mesh holds a newer epoch of this agent than the agent's own (its clock was behind
+    when it made a new state directory, or a second instance ran under its name): the batch is
+    refused, not delivered. The agent keeps it, says why, counts it, and sends it again in an
+    epoch above the mesh's; it is taken then, once."""
+    port = free_port()
+    app, runner = await _start_mesh(tmp_path, port)
+    key = signing.load_key(tmp_path / "va.key")
+
+    def reporter(folder: str, stats: ReporterStats, skew: float) -> Reporter:
+        return Reporter(agent="va", endpoints=[f"http://127.0.0.1:{port}"], key_id="va", key=key,
+                        spool_path=tmp_path / folder / "spool.sqlite",
+                        spool_max_bytes=10_000_000, batch_max=40, flush_interval=0.1,
+                        stats=stats, wall=lambda: time.time() + skew)
+
+    def observation(seq: int) -> Observation:
+        return Observation(node="n0", check="tcp:443", vantage="va", seq=seq,
+                           wall_time=1_764_000_000.0 + seq, ok=True, reason=Reason.OK,
+                           duration_seconds=0.002, kind="tcp")
+
+    ahead_stats, behind_stats = ReporterStats(), ReporterStats()
+    ahead = reporter("ahead", ahead_stats, 0.0)
+    behind = reporter("behind", behind_stats, -100.0)  # within the timestamp window
+    ingest = app[INGEST_KEY]
+    try:
+        await ahead.start()
+        ahead.submit(observation)
+        await until(lambda: ahead_stats.sent_total.get("0", 0) == 1, 30, "the newer epoch")
+        await ahead.close(drain_timeout=0)
+        await behind.start()
+        for _ in range(10):
+            behind.submit(observation)
+        await until(lambda: behind_stats.sent_total.get("0", 0) == 10, 30, "all ten, later")
+        assert behind_stats.batches_total[("0", "refused")] == 1
+        assert behind_stats.batches_total.get(("0", "duplicate"), 0) == 0
+        assert ingest.stats.rejects["replay"] == 1
+        assert ingest.stats.observations_total == 11  # each taken once
+        assert behind_stats.spool_depth == 0
+        assert any(r.levelname == "WARNING" and "refused batch" in r.getMessage()
+                   and "holds epoch" in r.getMessage() for r in caplog.records)
+        service = app[SERVICE_KEY]
+        assert service.agent_epoch["va"] > 0
+    finally:
+        await behind.close(drain_timeout=1)
         await runner.cleanup()

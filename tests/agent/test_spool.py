@@ -91,3 +91,53 @@ def test_accounting_stays_true_through_a_full_disk(tmp_path: Path) -> None:
         again = reopened.db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM obs").fetchone()
         assert (reopened.bytes, reopened.dropped) == (again[0], 0)
         reopened.close()
+
+
+def test_the_instance_epoch_is_kept_by_the_spool_and_newer_without_it(tmp_path: Path) -> None:
+    """A reopened spool keeps its epoch and in-flight batch; a lost one (a new file) starts a
+    newer epoch, even with the clock behind the lost one's; a refused batch goes out again in a
+    new epoch above the mesh's, batch_seq from 0."""
+    clock = [1_800_000_000.0]
+    spool = Spool(tmp_path / "s.db", 10_000, wall=lambda: clock[0])
+    assert spool.epoch == 1_800_000_000_000
+    spool.append(_records(0, 5))
+    batch = spool.next_batch(A, limit=3)
+    assert batch is not None and (batch.epoch, batch.batch_seq) == (spool.epoch, 0)
+    spool.close()
+    clock[0] += 60
+    spool = Spool(tmp_path / "s.db", 10_000, wall=lambda: clock[0])
+    assert spool.epoch == 1_800_000_000_000  # a restart is the same instance
+    again = spool.next_batch(A, limit=3)
+    assert again == batch
+    assert spool.new_epoch(1_900_000_000_000) == 1_900_000_000_001  # the mesh's was newer
+    spool.requeue(A)
+    refused = spool.next_batch(A, limit=3)
+    assert refused is not None
+    assert (refused.epoch, refused.batch_seq, refused.first_seq) == (1_900_000_000_001, 0, 0)
+    spool.close()
+    lost = Spool(tmp_path / "lost.db", 10_000, wall=lambda: clock[0])
+    assert lost.epoch == 1_800_000_060_000  # a new state directory: the clock's epoch
+    lost.close()
+
+
+def test_a_spool_from_before_epochs_resends_its_inflight_batch_in_epoch_0(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);"
+            "CREATE TABLE acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+            "CREATE TABLE inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,"
+            " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);"
+            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+            "INSERT INTO obs VALUES (0, x'7878'), (1, x'7878');"
+            "INSERT INTO inflight VALUES ('http://a', 41, 0, 1);"
+            "INSERT INTO meta VALUES ('next_seq', 2), ('next_batch_seq', 42), ('bytes', 4);")
+        db.commit()
+    spool = Spool(path, 10_000, wall=lambda: 1_800_000_000.0)
+    batch = spool.next_batch(A, limit=10)
+    assert batch is not None and (batch.epoch, batch.batch_seq) == (0, 41)  # as first sent
+    spool.ack(batch, [A])
+    spool.append(_records(2, 1))
+    after = spool.next_batch(A, limit=10)
+    assert after is not None and (after.epoch, after.batch_seq) == (1_800_000_000_000, 0)
+    spool.close()

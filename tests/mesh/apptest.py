@@ -32,7 +32,8 @@ class Mesh:
 
     def body(self, agent: str, seq: int, results: dict[str, bool], **kw: Any) -> bytes:
         observations = [
-            obs(n, kw.get("vantage", agent), ok, at=self.now) for n, ok in results.items()
+            obs(n, kw.get("vantage", agent), ok, at=self.now, seq=kw.get("obs_seq"))
+            for n, ok in results.items()
         ]
         b = ObservationBatch(
             version=1,
@@ -40,6 +41,7 @@ class Mesh:
             batch_seq=seq,
             sent_at=self.now,
             observations=observations,
+            epoch=kw.get("epoch", 0),
         )
         return encode(b)
 
@@ -53,7 +55,7 @@ class Mesh:
         resp = await self.client.post("/v1/batches", data=body, headers=headers)
         return resp.status, await resp.json()
 
-    def stored(self) -> tuple[int, dict[str, int], int, int]:
+    def stored(self) -> tuple[int, dict[str, tuple[int, int]], int, int]:
         store = self.service.store
         return (
             store.journal_length(),

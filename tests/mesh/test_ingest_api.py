@@ -36,7 +36,8 @@ async def test_accepts_signed_batches_and_decides(mesh: Mesh) -> None:
     assert states == {"n0": "UP", "n1": "UP", "n2": "UNKNOWN", "n3": "UNKNOWN"}
     assert data["vantages"] == ["va", "vb", "vc"]
     journal, agents, verdicts, applied = mesh.stored()
-    assert (journal, agents, verdicts, applied) == (3, {"va": 1, "vb": 2, "vc": 3}, 2, 6)
+    assert (journal, verdicts, applied) == (3, 2, 6)
+    assert agents == {"va": (0, 1), "vb": (0, 2), "vc": (0, 3)}  # (epoch, batch_seq)
 
 
 async def _assert_rejected(mesh: Mesh, result: tuple[int, Any], status: int, reason: str,
@@ -68,6 +69,33 @@ async def test_replayed_batch_is_rejected(mesh: Mesh) -> None:
     older = mesh.body("va", 6, {"n0": False})
     assert (await mesh.post("va", older))[0] == 409
     assert mesh.stored() == before
+
+
+async def test_a_newer_agent_epoch_is_taken_and_older_positions_are_replays(
+        tmp_path: Path) -> None:
+    """An agent that lost its state starts a newer instance epoch with batch_seq 0: taken at
+    once, and its restarted observation seqs count (the engine does not drop them as old
+    duplicates). Within an epoch the batch_seq rule holds; an older epoch is a replay; the 409
+    names the agent's position, and the position survives a mesh restart."""
+    async with mesh_app(tmp_path) as mesh:
+        first = mesh.body("va", 40, {"n0": True}, epoch=1000, obs_seq=500)
+        assert (await mesh.post("va", first))[0] == 200
+        mesh.now += 1
+        seen = mesh.service.engine.check_state("n0", "va", "wg").seen
+        lost_state = mesh.body("va", 0, {"n0": True}, epoch=2000, obs_seq=0)
+        assert (await mesh.post("va", lost_state))[0] == 200
+        assert mesh.service.engine.check_state("n0", "va", "wg").seen > seen
+        assert mesh.service.engine.duplicate_total == 0
+        status, reply = await mesh.post("va", mesh.body("va", 0, {"n0": False}, epoch=2000))
+        assert (status, reply["error"], reply["epoch"], reply["batch_seq"]) == (
+            409, "replay", 2000, 0)
+        for epoch, seq in ((1000, 41), (0, 99), (1999, 5)):
+            assert (await mesh.post("va", mesh.body("va", seq, {"n0": False}, epoch=epoch)))[
+                0] == 409
+        assert mesh.stored()[1] == {"va": (2000, 0)}
+    async with mesh_app(tmp_path) as again:  # a restart keeps the position
+        assert (await again.post("va", again.body("va", 0, {"n0": True}, epoch=2000)))[0] == 409
+        assert (await again.post("va", again.body("va", 1, {"n0": True}, epoch=2000)))[0] == 200
 
 
 @pytest.mark.parametrize(

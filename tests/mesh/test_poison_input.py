@@ -242,7 +242,7 @@ async def _through_the_mesh(folder: Path, batches: list[tuple[int, list[dict[str
     # the app's shutdown took a snapshot; a restart loads it and continues where it stood
     async with mesh_app(folder) as again:
         assert dump_engine(again.service.engine) == before
-        assert again.service.store.recover().agents == ({"va": last} if accepted else {})
+        assert again.service.store.recover().agents == ({"va": (0, last)} if accepted else {})
     after_crash = MeshService(SQLiteStore(crashed / "mesh.db"), cfg.decision, cfg.node_infos())
     assert dump_engine(after_crash.engine) == before
     await after_crash.close()

@@ -81,7 +81,7 @@ def test_commit_is_atomic(tmp_path: Path) -> None:
     with pytest.raises(StoreError):  # (node, seq) already logged: the whole commit must vanish
         store.commit(JournalEntry(EntryKind.TICK, 2.0), [v], AgentPosition("va", 2))
     rec = store.recover()
-    assert len(rec.entries) == 1 and rec.agents == {"va": 1}
+    assert len(rec.entries) == 1 and rec.agents == {"va": (0, 1)}
     assert [s.verdict for s in store.verdicts()] == [v]
     assert store.node_verdicts() == {"n0": v}
     store.close()
