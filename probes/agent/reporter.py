@@ -89,11 +89,11 @@ def reprobe_requests(reply: bytes) -> list[tuple[str, str]]:
             if isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)]
 
 
-def accepts_traces(reply: bytes) -> bool:
-    """Whether a mesh's 2xx answer lists "traces" among the optional batch fields it takes
-    (``"accepts": ["traces"]``; an older mesh sends no such list)."""
+def accepts_field(reply: bytes, name: str) -> bool:
+    """Whether a mesh's 2xx answer lists ``name`` among the optional batch fields it takes
+    (``"accepts": ["traces", "epoch"]``; an older mesh sends no such list)."""
     accepts = _reply_object(reply).get("accepts")
-    return isinstance(accepts, list) and "traces" in accepts
+    return isinstance(accepts, list) and name in accepts
 
 
 def _reply_object(reply: bytes) -> dict[str, Any]:
@@ -145,6 +145,8 @@ class Reporter:
         self.on_reprobe: Callable[[list[tuple[str, str]]], None] | None = None
         self._traces: dict[str, deque[bytes]] = {}  # endpoint -> encoded traces waiting
         self._takes_traces: dict[str, bool] = {}  # endpoint -> its last answer accepts them
+        self._takes_epoch: dict[str, bool] = {}  # endpoint -> it takes instance epochs (unset:
+        # not heard from yet, so the epoch is sent; an older mesh refuses it and is then spared)
         self._traces_refused_until: dict[str, float] = {}
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -180,6 +182,7 @@ class Reporter:
                 await task
             self._traces.pop(endpoint, None)
             self._takes_traces.pop(endpoint, None)
+            self._takes_epoch.pop(endpoint, None)
         self.endpoints = list(endpoints)
         self.stats.endpoints = len(self.endpoints)
         if self._spool is not None:
@@ -334,6 +337,15 @@ class Reporter:
         go through, and left out (and dropped) when it was refused with them."""
         traces = self._take_traces(endpoint)
         result = await self._post_body(endpoint, batch, traces)
+        if result == "rejected" and batch.epoch and endpoint not in self._takes_epoch:
+            # the first answer of this endpoint refused the batch: a mesh from before epochs
+            # refuses the field. It gets the batch again without it, and never the field again
+            log.warning("mesh endpoint %s refused a batch with an instance epoch: sending "
+                        "without (a mesh from before epochs: upgrade it, or an agent that loses "
+                        "its state_dir is refused as a replay until its batch_seq catches up)",
+                        self.endpoints.index(endpoint))
+            self._takes_epoch[endpoint] = False
+            result = await self._post_body(endpoint, batch, traces)
         if not traces:
             return result
         index = str(self.endpoints.index(endpoint))
@@ -354,8 +366,8 @@ class Reporter:
     async def _post_body(self, endpoint: str, batch: Batch, traces: list[bytes]) -> str:
         assert self._session is not None
         now = self.wall()
-        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces,
-                          epoch=batch.epoch)
+        epoch = batch.epoch if self._takes_epoch.get(endpoint, True) else 0
+        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces, epoch=epoch)
         headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
         try:
             async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
@@ -365,9 +377,10 @@ class Reporter:
             log.debug("report to endpoint failed: %s", type(exc).__name__)
             return "error"
         if 200 <= status < 300:
-            self._takes_traces[endpoint] = accepts_traces(reply)
+            self._takes_traces[endpoint] = accepts_field(reply, "traces")
+            self._takes_epoch[endpoint] = accepts_field(reply, "epoch")
         if status == 409:
-            return await self._replay_answer(batch, reply)
+            return await self._replay_answer(endpoint, batch, reply)
         if 200 <= status < 300:
             if self.on_reprobe is not None:
                 asks = reprobe_requests(reply)
@@ -386,7 +399,7 @@ class Reporter:
                     text)
         return "error"
 
-    async def _replay_answer(self, batch: Batch, reply: bytes) -> str:
+    async def _replay_answer(self, endpoint: str, batch: Batch, reply: bytes) -> str:
         """A 409 ``replay``: "duplicate" when the mesh committed this batch earlier, "refused"
         (after starting a new epoch above the mesh's) when it holds a newer epoch of this
         agent. A mesh from before epochs names no position: its 409 means committed earlier."""
@@ -394,6 +407,7 @@ class Reporter:
         epoch, last = answer.get("epoch"), answer.get("batch_seq")
         if not isinstance(epoch, int) or not isinstance(last, int):
             return "duplicate"
+        self._takes_epoch[endpoint] = True
         if epoch == batch.epoch and batch.batch_seq <= last:
             return "duplicate"
         assert self._spool is not None

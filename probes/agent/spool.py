@@ -19,8 +19,8 @@ Tables:
   acknowledged, never duplicated;
 * ``meta(k, v)``: ``epoch`` (this agent instance's epoch: wall-clock milliseconds when the spool
   was created, see :class:`probes.model.ObservationBatch`), ``next_seq``, ``next_batch_seq``
-  (within the epoch), ``bytes`` (sum of body sizes), ``dropped`` (observations dropped on
-  overflow, oldest first).
+  (never reset, so it also increases within every epoch), ``bytes`` (sum of body sizes),
+  ``dropped`` (observations dropped on overflow, oldest first).
 
 A spool that is lost (a deleted state directory, a Kubernetes ``emptyDir`` after rescheduling)
 takes its epoch with it: the new spool's epoch is newer, so the mesh hears the agent again at
@@ -94,12 +94,11 @@ class Spool:
 
     def new_epoch(self, above: int) -> int:
         """Start a new instance epoch above ``above`` and above the current one (the wall clock
-        in ms when it is later): batch_seq starts again at 0. Batches already in flight keep
-        the epoch they were sent in."""
+        in ms when it is later). batch_seq carries on: a mesh from before epochs still sees it
+        increase. Batches already in flight keep the epoch they were sent in."""
         epoch = max(int(self.wall() * 1000), above + 1, self.epoch + 1)
         with self._transaction():
             self._set_meta("epoch", epoch)
-            self._set_meta("next_batch_seq", 0)
         self.epoch = epoch
         return epoch
 

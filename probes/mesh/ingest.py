@@ -54,7 +54,7 @@ from probes.model import SchemaError, Verdict, decode_batch, signing
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
-ACCEPTS = ("traces",)  # optional batch fields this mesh takes (see the reply of handle)
+ACCEPTS = ("traces", "epoch")  # optional batch fields this mesh takes (see the reply of handle)
 REJECT_REASONS = (
     "encoding",
     "missing-header",

@@ -279,12 +279,13 @@ class ObservationBatch(msgspec.Struct, frozen=True, omit_defaults=True,
     ``epoch`` is the agent instance's epoch: the agent's wall clock in milliseconds when its
     state directory was created (or when a mesh told it that epoch was behind, one above what
     the mesh had). It is kept in the state directory, so an ordinary restart keeps it; an agent
-    that lost its state starts a newer one. ``batch_seq`` counts batches within the epoch. The
+    that lost its state starts a newer one. ``batch_seq`` increases within the epoch. The
     mesh takes a batch whose position is above the agent's last accepted one (a newer epoch, or
     the same epoch and a higher batch_seq) and refuses the rest as replays; the signature and
     the timestamp window (:mod:`probes.model.signing`) make the position trustworthy and fresh.
-    0 = an agent from before epochs (omitted on the wire). Meshes are upgraded before agents:
-    an older mesh refuses the unknown field.
+    0 = no epoch (omitted on the wire): an agent from before epochs, or one talking to a mesh
+    from before them (it refuses the unknown field; an agent sends the field to a mesh that
+    lists ``"epoch"`` in its answers' ``accepts``, or that it has not heard from yet).
 
     ``traces`` is optional: agents from before path tracing never send it, and an agent sends it
     only to a mesh whose batch answers list ``"traces"`` in ``accepts`` (docs/paths.md)."""

@@ -93,7 +93,7 @@ class Receiver:
         if self.lose_answers > 0:
             self.lose_answers -= 1
             return web.Response(status=503, text="answer lost")
-        return web.json_response({"accepted": len(batch.observations)})
+        return web.json_response({"accepted": len(batch.observations), "accepts": ["epoch"]})
 
     async def start(self, port: int) -> None:
         app = web.Application()

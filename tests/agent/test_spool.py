@@ -95,8 +95,8 @@ def test_accounting_stays_true_through_a_full_disk(tmp_path: Path) -> None:
 
 def test_the_instance_epoch_is_kept_by_the_spool_and_newer_without_it(tmp_path: Path) -> None:
     """A reopened spool keeps its epoch and in-flight batch; a lost one (a new file) starts a
-    newer epoch, even with the clock behind the lost one's; a refused batch goes out again in a
-    new epoch above the mesh's, batch_seq from 0."""
+    newer epoch; a refused batch goes out again in a new epoch above the mesh's (batch_seq
+    carries on: a mesh from before epochs still sees it increase)."""
     clock = [1_800_000_000.0]
     spool = Spool(tmp_path / "s.db", 10_000, wall=lambda: clock[0])
     assert spool.epoch == 1_800_000_000_000
@@ -113,7 +113,7 @@ def test_the_instance_epoch_is_kept_by_the_spool_and_newer_without_it(tmp_path: 
     spool.requeue(A)
     refused = spool.next_batch(A, limit=3)
     assert refused is not None
-    assert (refused.epoch, refused.batch_seq, refused.first_seq) == (1_900_000_000_001, 0, 0)
+    assert (refused.epoch, refused.batch_seq, refused.first_seq) == (1_900_000_000_001, 1, 0)
     spool.close()
     lost = Spool(tmp_path / "lost.db", 10_000, wall=lambda: clock[0])
     assert lost.epoch == 1_800_000_060_000  # a new state directory: the clock's epoch
@@ -139,5 +139,5 @@ def test_a_spool_from_before_epochs_resends_its_inflight_batch_in_epoch_0(tmp_pa
     spool.ack(batch, [A])
     spool.append(_records(2, 1))
     after = spool.next_batch(A, limit=10)
-    assert after is not None and (after.epoch, after.batch_seq) == (1_800_000_000_000, 0)
+    assert after is not None and (after.epoch, after.batch_seq) == (1_800_000_000_000, 42)
     spool.close()

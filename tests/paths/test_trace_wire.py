@@ -62,7 +62,7 @@ async def test_ingest_takes_traces_and_names_bad_fields(tmp_path: Path) -> None:
     async with mesh_app(tmp_path, extra="max_body_bytes: 65536\n") as mesh:
         good = encode(batch("va", 1, mesh.now, {"n0": True}, [failing_trace("va")]))
         status, reply = await mesh.post("va", good)
-        assert status == 200 and reply["accepts"] == ["traces"]
+        assert status == 200 and reply["accepts"] == ["traces", "epoch"]
         view = mesh.service.paths.node_view("n0", mesh.now)
         assert view["vantages"]["va"]["failing"] is True
 
@@ -221,8 +221,8 @@ async def test_the_reporter_delivers_traces_to_a_mesh_that_takes_them(tmp_path: 
 
 
 class _OldBatch(msgspec.Struct, forbid_unknown_fields=True):
-    """The batch as a mesh from before path traces decodes it (no ``traces``): a stand-in for
-    that mesh, which cannot run here beside this one."""
+    """The batch as a mesh from before path traces (and agent epochs) decodes it: a stand-in
+    for that mesh, which cannot run here beside this one."""
 
     version: int
     agent: str
@@ -251,7 +251,11 @@ async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -
             if i % 10 == 0:
                 await until(lambda n=i: len(got) > n, 20, "a batch")
         await until(lambda: len(got) == 30, 20, "every observation")
-        assert refused == [] and stats.traces_sent_total == {}
+        # its first batch carried the agent's instance epoch, which such a mesh refuses too:
+        # it went again at once without it, and so did every later one
+        assert len(refused) == 1 and "epoch" in refused[0], refused
+        assert stats.traces_sent_total == {}
+        assert stats.batches_total.get(("0", "rejected"), 0) == 0
         assert sorted(got) == list(range(30))
 
 
@@ -291,3 +295,4 @@ async def test_the_journal_keeps_the_traces_as_sent(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "mesh.db") as db:
         (payload,) = db.execute("SELECT payload FROM journal WHERE kind = 'batch'").fetchone()
     assert json.loads(payload)["traces"][0]["vantage"] == "va"
+
