@@ -158,9 +158,16 @@ class PathLab:
             "nodes": [{"id": "node1", "pool": "lab", "pop": "pop1", "region": "lab"}],
             "tick_seconds": 0.5,
             # fall 3 (the default): an agent traces at a check's first failure and the trace
-            # is in before the third failure makes the verdict, whose evidence it becomes
+            # is in before the third failure makes the verdict, whose evidence it becomes.
+            # Damping on, as shipped, on the lab's time scale: an ECMP branch losing the VPN
+            # port fails each handshake whose (random) source port hashes onto it, so a
+            # vantage's check flaps; two flaps within a half-life hold it down, which is how
+            # that fault becomes a steady DOWN verdict (and its evidence reaches the webhook);
+            # a single fault's one flap is never held, and a hold ends within max_hold
             "decision": {"rise": 2, "fall": 3, "pool_guard": {"max_down_share": 1.0},
-                         "damping": {"enabled": False}},
+                         "damping": {"enabled": True, "penalty": 1000, "half_life_seconds": 30,
+                                     "suppress": 1500, "reuse": 1000,
+                                     "max_hold_seconds": 20}},
             "paths": {"asn_table": str(self.net.mrt_file), "asn_names": str(names),
                       "local_asn": POP_ASN},
             "publishers": [{
