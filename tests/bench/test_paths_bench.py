@@ -23,7 +23,6 @@ Every figure is printed with the load average: the machine is shared.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ import yaml
 from probes.lab import netns
 from probes.lab.topology import Lab, wait_for
 from probes.model import signing
+from tests.paths.chainnet import Chain
 
 pytestmark = [pytest.mark.slow, pytest.mark.paths]
 
@@ -64,50 +64,16 @@ def _addr(i: int) -> str:
     return f"{NODE_NET}.{i // 250}.{i % 250 + 1}"
 
 
-class Net:
-    """agent (10.81.0.2) -- r1 -- r2 -- r3 -- nodes (10.80.0.0/22, all local)."""
+class Net(Chain):
+    """agent -- r1 -- r2 -- r3 -- nodes (10.80.0.0/22, all local), links 10.81.<i>.0/30."""
 
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        names = ["agent", "r1", "r2", "r3", "nodes"]
-        self.ns = {n: f"{lab.prefix}{n}" for n in names}
-        for ns in self.ns.values():
-            netns.create(ns)
-        for i, (a, b) in enumerate(itertools.pairwise(names), start=1):
-            netns.run(["ip", "link", "add", "x", "netns", self.ns[a], "type", "veth", "peer",
-                       "name", "y", "netns", self.ns[b]])
-            for ns, side, addr in ((self.ns[a], "x", 1), (self.ns[b], "y", 2)):
-                netns.run(["ip", "-n", ns, "link", "set", side, "name", f"l{i}"])
-                netns.run(["ip", "-n", ns, "addr", "add", f"10.81.{i}.{addr}/30", "dev",
-                           f"l{i}"])
-                netns.run(["ip", "-n", ns, "link", "set", f"l{i}", "up"])
-        for i, name in enumerate(names):
-            ns = self.ns[name]
-            if 0 < i < len(names) - 1:
-                self.run(name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-                self.run(name, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
-            if i < len(names) - 1:  # toward the nodes
-                self.run(name, "ip", "route", "add", f"{NODE_NET}.0.0/22", "via",
-                         f"10.81.{i + 1}.2")
-            if i > 0:  # back toward the agent
-                self.run(name, "ip", "route", "add", "10.81.0.0/16", "via", f"10.81.{i}.1")
-            netns.run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        super().__init__(lab, ["agent", "r1", "r2", "r3", "nodes"], "10.81")
+        for i, name in enumerate(self.names[:-1], start=1):  # toward the nodes
+            self.run(name, "ip", "route", "add", f"{NODE_NET}.0.0/22", "via", f"10.81.{i}.2")
         self.run("nodes", "ip", "route", "add", "local", f"{NODE_NET}.0.0/22", "dev", "lo")
         # the VPN port is silent, as WireGuard is to anything but a handshake
         self.nft("nodes", "ip daddr 10.80.0.0/22 udp dport 51820 drop", "input")
-
-    def run(self, name: str, *argv: str) -> None:
-        netns.run(netns.exec_argv(self.ns[name], list(argv)))
-
-    def nft(self, name: str, rule: str, hook: str) -> None:
-        netns.run(netns.exec_argv(self.ns[name], ["nft", "-f", "-"]), input_text=(
-            f"table ip tw_{hook} {{\n  chain c {{\n    type filter hook {hook} priority 0; "
-            f"policy accept;\n    {rule}\n  }}\n}}\n"))
-
-    def popen(self, name: str, argv: list[str], log: str) -> subprocess.Popen[bytes]:
-        proc = netns.popen(self.ns[name], argv, log_path=self.lab.dir / log)
-        self.lab.track(proc.pid, log)
-        return proc
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +202,7 @@ def test_tracing_cost_at_1000_nodes(bench_net: Net, tmp_path: Path) -> None:
     net.nft("r3", "ip daddr 10.80.0.0/22 drop", "forward")
     storm = _window(net, agent.pid, url, STORM_SECONDS)
     _print("change storm (every node fails)", storm)
-    net.run("r3", "nft", "delete", "table", "ip", "tw_forward")
+    net.clear_nft("r3", "forward")
     _stop(net, agent, mesh)
     extra = steady["agent_cpu_per_s"] - off["agent_cpu_per_s"]
     print(f"  agent CPU with tracing - without: {extra * 1000:+.1f} ms/s "
