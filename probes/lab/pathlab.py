@@ -34,12 +34,15 @@ from typing import Any
 
 import yaml
 
+from probes.agent.tracer import TraceTarget
+from probes.config import TracingConfig
+from probes.lab import netns
 from probes.lab.asnet import AsNet, StubHost
 from probes.lab.keys import wg_keypair
 from probes.lab.netns import LabError
 from probes.lab.topology import Lab, wait_for
 from probes.lab.wireguard import WgPeer, WireGuardServer
-from probes.model import signing
+from probes.model import TraceProtocol, signing
 from probes.paths.asn import load_table
 
 MESH_PORT = 9480
@@ -109,6 +112,7 @@ class PathLab:
             self.node, peers=[WgPeer(k.public, f"10.201.0.{10 + i}/32")
                               for i, k in enumerate(keys.values())])
         self._wait_for_table()
+        self._pin_ecmp_hash(vantages)
         self._start_receiver()
         self._start_mesh()
         for name, host in vantages.items():
@@ -129,6 +133,33 @@ class PathLab:
             return all(table.lookup(p.split("/")[0]).asn is not None for p in wanted)
 
         wait_for(complete, 20, "an MRT dump with every prefix", interval=0.2)
+
+    def _pin_ecmp_hash(self, vantages: dict[str, StubHost]) -> None:
+        """Key t1's flow hash with a fixed seed under which the trace flows of each vantage
+        behind it take both branches of the pair (a random seed sends all of one vantage's
+        four flows down one branch one build in eight: no branch to name). Kernels without
+        ``fib_multipath_hash_seed`` (before 6.11) keep their random one."""
+        t1 = self.net.routers["t1"]
+        sports = [TraceTarget("node1", "", TraceProtocol.UDP, 0).sport + i
+                  for i in range(TracingConfig().flows)]
+        behind = {v: host for v, host in vantages.items() if VANTAGES[v] in ("pa", "pb")}
+
+        def branch(vantage: str, sport: int) -> str:
+            iface = next(i.name for i in t1.interfaces if i.peer_router == VANTAGES[vantage])
+            out = netns.run(netns.exec_argv(t1.ns, [
+                "ip", "-o", "route", "get", self.node.address, "from", behind[vantage].address,
+                "iif", iface, "ipproto", "udp", "sport", str(sport), "dport",
+                str(self.wireguard.port)])).stdout
+            return out.split(" dev ", 1)[1].split()[0]
+
+        for seed in range(1, 256):
+            if netns.run(netns.exec_argv(t1.ns, [
+                    "sysctl", "-qw", f"net.ipv4.fib_multipath_hash_seed={seed}"]),
+                    check=False).returncode != 0:
+                return
+            if all(len({branch(v, sport) for sport in sports}) == 2 for v in behind):
+                return
+        raise LabError("no hash seed splits every vantage's trace flows across the ECMP pair")
 
     def _start_receiver(self) -> None:
         key = self.dir / "webhook.key"
