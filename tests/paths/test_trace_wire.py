@@ -20,7 +20,7 @@ from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
 from probes.mesh.config import load_mesh_config
 from probes.mesh.paths import PathPolicy
-from probes.mesh.policy import DecisionPolicy
+from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.server import SERVICE_KEY, build_app
 from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
@@ -41,7 +41,8 @@ from tests.paths.test_localise import A_PATH, flow, trace
 
 pytestmark = [pytest.mark.paths, pytest.mark.mesh]
 
-TABLE = AsnTable([("10.10.0.0/16", 64510), ("10.20.0.0/16", 64520)], {64510: "transit-1"})
+TABLE = AsnTable([("10.1.0.0/16", 64501), ("10.10.0.0/16", 64510), ("10.20.0.0/16", 64520)],
+                 {64501: "provider-a", 64510: "transit-1"})
 
 
 def failing_trace(vantage: str, node: str = "n0") -> PathTrace:
@@ -155,6 +156,34 @@ async def test_traces_after_the_verdict_are_an_audit_note(tmp_path: Path) -> Non
     assert clean.replayed_entries == 0  # nothing replayed: it came from the snapshot
     assert clean.paths.news_total == 1
     await clean.close()
+
+
+async def test_an_impaired_vantage_explains_itself_in_the_verdicts(tmp_path: Path) -> None:
+    """va is cut off inside its own provider (AS64501): it fails every node and its traces stop
+    there while vb and vc pass; it is judged impaired. When n0 then really goes DOWN, the
+    verdict says where va loses its nodes (``vantage-path``: its own network)."""
+    nodes = [f"n{i}" for i in range(4)]
+    svc = MeshService(SQLiteStore(tmp_path / "mesh.db"),
+                      DecisionPolicy(damping=DampingPolicy(enabled=False)), fleet(4),
+                      path_policy=PathPolicy(), asn_table=TABLE)
+    seq, verdicts = 0, []
+    for t in range(12):
+        down_for_all = t >= 6  # from then on n0 fails for vb and vc too
+        for vantage in ("va", "vb", "vc"):
+            seq += 1
+            results = {n: vantage != "va" and not (down_for_all and n == "n0") for n in nodes}
+            cut = [trace("va", True, flow(["10.1.0.1"]), node=n) for n in nodes]
+            b = batch(vantage, seq, 100.0 + t, results,
+                      cut if vantage == "va" and t == 0 else None)
+            verdicts += await svc.accept_batch(encode(b), b, 100.0 + t)
+        if t == 5:
+            assert svc.engine.vantages["va"].impaired
+            assert not [v for v in verdicts if v.state is VerdictState.DOWN]
+    (down,) = [v for v in verdicts if v.node == "n0" and v.state is VerdictState.DOWN]
+    (why,) = [r for r in down.reasons if r.what == "vantage-path"]
+    assert (why.vantage, why.asn, why.value) == ("va", 64501, 4.0)
+    assert "provider-a" in why.note and why.note.startswith("impaired: ")
+    await svc.close()
 
 
 # ------------------------------------------------------------------------------ the reporter
