@@ -276,6 +276,18 @@ def fleet_overview() -> dashboard.Dashboard:
             "handshake-latency",
             desc="Share of handshakes above the 0.15 s bucket. Budget 1 % (P99 < 150 ms).",
         ),
+        slo_error_ratio(
+            "Egress error ratio (beyond the node)",
+            "egress",
+            desc="Failed egress checks / attempts: echoes through a real tunnel to targets "
+            "beyond the node (docs/probes/user-path.md). Budget 0.5 %.",
+        ),
+        slo_error_ratio(
+            "DNS through the tunnel error ratio",
+            "dns-through-tunnel",
+            desc="Failed DNS-through-the-tunnel checks / attempts (timeout, unreachable, "
+            "SERVFAIL, REFUSED, wrong answer). Budget 0.5 %.",
+        ),
         dashboard.Row("Load"),
         ts(
             "Active sessions per node",
@@ -405,6 +417,16 @@ def node_detail() -> dashboard.Dashboard:
             w=24,
         ),
         dashboard.Row("In-tunnel quality"),
+        ts(
+            "User path: egress and DNS through the tunnel",
+            "percentunit",
+            f'min by (check) (tunnelwatch_probe_success{{{sel}, check=~".+\\\\.(egress|dns)"}})',
+            "{{check}}",
+            desc="The last result of each egress and DNS-through-the-tunnel check, worst "
+            "vantage (1 passed, 0 failed; docs/probes/user-path.md). The reason is in "
+            "'Failures by reason'.",
+            w=24,
+        ),
         ts(
             "In-tunnel P99 RTT by vantage",
             "s",

@@ -56,6 +56,10 @@ HANDSHAKE = (
 SESSION = (
     r'check=~"wireguard\\.session|openvpn\\.(session|tunnel)|ikev2\\.tunnel|quic\\.connect-.+"'
 )
+# The user's path through the tunnel (docs/probes/user-path.md): egress beyond the node and DNS
+# through the tunnel to the node's resolver.
+EGRESS = r'check=~".+\\.egress"'
+DNS = r'check=~".+\\.dns"'
 NODE_FAULT = f'reason!~"{AGENT_SIDE_REASONS}"'
 # The latency SLO edge: the agent's histogram has a bucket at exactly 0.15 s.
 HANDSHAKE_FAST = HANDSHAKE + ', le="0.15"'
@@ -170,6 +174,26 @@ SLOS = (
             ")"
         ),
         total=_rate("tunnelwatch_probe_duration_seconds_count", HANDSHAKE, "{w}"),
+        runbook="slo.md",
+    ),
+    Slo(
+        name="egress",
+        alert="EgressErrorBudgetBurn",
+        objective=0.995,
+        what="egress error ratio through the tunnels (targets beyond the node)",
+        summary="Egress through the VPN nodes error budget is burning too fast.",
+        error=_failure_ratio(EGRESS, "{w}"),
+        total=_rate("tunnelwatch_probe_attempts_total", EGRESS, "{w}"),
+        runbook="slo.md",
+    ),
+    Slo(
+        name="dns-through-tunnel",
+        alert="DnsThroughTunnelBudgetBurn",
+        objective=0.995,
+        what="DNS-through-the-tunnel error ratio",
+        summary="DNS through the VPN tunnels error budget is burning too fast.",
+        error=_failure_ratio(DNS, "{w}"),
+        total=_rate("tunnelwatch_probe_attempts_total", DNS, "{w}"),
         runbook="slo.md",
     ),
 )

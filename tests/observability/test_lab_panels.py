@@ -122,11 +122,13 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
         pytest.skip("prometheus is not installed")
     pytest.importorskip("promql_parser", reason="pip install -e '.[dev]'")
     from probes.lab.bgp import BirdPeer, GoBgpDaemon
+    from probes.lab.egress import enable_egress
     from probes.lab.fleet import Fleet
     from probes.model import signing
 
     fleet = Fleet.build(lab, ["node1"], ["agent1", "agent2"], pops=["pop1"])
     obs = lab.add_host("obs")  # mesh and Prometheus
+    enable_egress(fleet.nodes["node1"].host, ["10.201.0.0/24"])
     ghost = lab.add_host("ghost")  # an address where nothing listens: refused, DOWN
     exe = str(Path(sys.executable).parent / "tunnelwatch")
     node1 = fleet.nodes["node1"]
@@ -186,6 +188,13 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
             "openvpn_management_socket": str(node1.openvpn.management_socket),
             "ikev2": True, "ikev2_vici_uri": f"unix://{node1.ikev2.vici_socket}",
             "load": {"netns": node1.host.ns, "interfaces": ["eth0"]}}
+        # the user-path checks: node1 forwards and masquerades to the obs host (echoes answer);
+        # no resolver runs there, so the DNS checks fail (dns-unreachable): series either way
+        config["targets"][0]["wireguard"]["dns_resolver"] = obs.address
+        config["targets"][0]["user_path"] = {
+            "via": ["wireguard"],
+            "egress": {"targets": [{"name": "obs", "address": obs.address}]},
+            "dns": {"name": "probe.lab", "attempts": 1, "attempt_timeout": 0.5}}
         config["targets"].append(
             {
                 "id": "ghost",

@@ -130,6 +130,8 @@ EXPECTED_BOUNDS = {
     "probe-success": {"5m": 0.0072, "30m": 0.003, "2h": 0.0015, "6h": 0.0005},
     "handshake-errors": {"5m": 0.0576, "30m": 0.024, "2h": 0.012, "6h": 0.004},
     "handshake-latency": {"5m": 0.144, "30m": 0.06, "2h": 0.03, "6h": 0.01},
+    "egress": {"5m": 0.072, "30m": 0.03, "2h": 0.015, "6h": 0.005},
+    "dns-through-tunnel": {"5m": 0.072, "30m": 0.03, "2h": 0.015, "6h": 0.005},
 }
 EXPECTED_WINDOWS = {"5m": ("1h", "critical", "2m"), "30m": ("6h", "critical", "15m")}
 EXPECTED_WINDOWS |= {"2h": ("1d", "warning", "1h"), "6h": ("3d", "warning", "3h")}
