@@ -5,7 +5,9 @@ Loading happens in three steps, each with errors that name the field:
 1. YAML is parsed and every mapping key / sequence item is remembered with its line, so an error
    at ``$.targets[2].wireguard.port`` can say "line 41";
 2. ``msgspec.convert`` checks types, required keys and unknown keys (a typo is an error, not a
-   silently ignored setting);
+   silently ignored setting); when it finds anything, :mod:`probes.configschema` walks the
+   whole document and reports every such problem at the offending key's own path and line
+   (and turns duration strings such as ``2s`` into seconds: :mod:`probes.duration`);
 3. :meth:`AgentConfig.problems` checks what types cannot: files exist, node ids are unique,
    intervals are longer than timeouts, keys decode, exactly one OpenVPN wrapping is set, ...
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +31,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from probes.configschema import prepare
+from probes.duration import Duration
 from probes.model import signing
 from probes.protocols import dns
 from probes.protocols.ikev2 import IKEv2Error
@@ -41,6 +47,9 @@ class Problem:
     path: str  # "$.targets[0].wireguard.port"
     message: str
     line: int | None = None
+    # a key or token file the config names that does not exist (absolute): what
+    # `tunnelwatch keygen secrets CONFIG` creates
+    missing_secret: str = ""
 
     def __str__(self) -> str:
         where = f"{self.path} (line {self.line})" if self.line else self.path
@@ -77,9 +86,9 @@ class TierPolicy(Strict, kw_only=True, frozen=True):
     one the check is re-run at this interval until ``rise``/``fall`` settle it.
     """
 
-    interval: float
-    timeout: float
-    fast_interval: float | None = None
+    interval: Duration
+    timeout: Duration
+    fast_interval: Duration | None = None
     rise: int = 2
     fall: int = 3
     jitter: float = 0.1  # share of the interval; start offsets are spread over the whole interval
@@ -103,9 +112,9 @@ class WireGuardTarget(Strict, kw_only=True, frozen=True):
     tunnel_address: str | None = None  # this agent's AllowedIPs address, e.g. 10.201.0.2/32
     canary: str | None = None  # in-tunnel address to ping in session checks
     echo_count: int = 5  # in-tunnel echoes per session check
-    echo_interval: float = 0.05  # seconds between in-tunnel echoes
+    echo_interval: Duration = 0.05  # seconds between in-tunnel echoes
     loss_threshold: float = 0.5  # a session fails above this in-tunnel loss ratio
-    rtt_threshold: float | None = None  # ... or above this median in-tunnel RTT (seconds)
+    rtt_threshold: Duration | None = None  # ... or above this median in-tunnel RTT (seconds)
     # the resolver user_path.dns queries through this tunnel (WireGuard pushes none)
     dns_resolver: str | None = None
 
@@ -126,7 +135,7 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     # the server's data-channel framing (--comp-lzo / --compress); a pushed value wins
     compression: Literal["none", "comp-lzo", "compress", "compress-v2"] = "none"
     echo_count: int = 5  # in-tunnel echoes at the tunnel level
-    echo_interval: float = 0.05  # seconds between them
+    echo_interval: Duration = 0.05  # seconds between them
     # the resolver user_path.dns queries; default: the first dhcp-option DNS the node pushes
     dns_resolver: str | None = None
 
@@ -158,10 +167,10 @@ class QUICTarget(Strict, kw_only=True, frozen=True):
     connect_ip: bool = False  # run CONNECT-IP (also when `checks:` names quic.connect-ip)
     ip_ping: str | None = None  # CONNECT-IP: ICMP-echo this IPv4 address inside the tunnel
     echo_count: int = 5  # echoes through the proxy
-    echo_interval: float = 0.05  # seconds between them
+    echo_interval: Duration = 0.05  # seconds between them
     payload_size: int = 32  # echo payload bytes (0..1100)
     loss_threshold: float = 0.5  # fail above this loss ratio
-    rtt_threshold: float | None = None  # fail above this median RTT (seconds)
+    rtt_threshold: Duration | None = None  # fail above this median RTT (seconds)
 
 
 class MTUTarget(Strict, kw_only=True, frozen=True):
@@ -172,7 +181,7 @@ class MTUTarget(Strict, kw_only=True, frozen=True):
     min_size: int | None = None
     required_mtu: int | None = None  # below this the check fails (mtu-below-minimum)
     attempts: int = 2  # tries per size before silence counts as too big
-    probe_wait: float = 0.3  # seconds to wait for each echo
+    probe_wait: Duration = 0.3  # seconds to wait for each echo
 
 
 class L4Target(Strict, kw_only=True, frozen=True):
@@ -211,7 +220,7 @@ class LoadTarget(Strict, kw_only=True, frozen=True):
     # where nodes share a host's CPUs, as network namespaces do)
     cpu: Literal["both", "host", "daemon"] = "both"
     netns: str | None = None  # read locally inside this network namespace (not with ssh)
-    effective_window_seconds: float = 30.0  # "traffic in the last N seconds"
+    effective_window_seconds: Duration = 30.0  # "traffic in the last N seconds"
     session_unit_bytes_per_second: float = 125_000.0  # one effective session's worth
 
 
@@ -240,7 +249,7 @@ class EgressCheck(Strict, kw_only=True, frozen=True):
 
     targets: list[EgressTarget]
     echo_count: int = 3  # echoes per target and protocol (ICMP, and UDP where a port is set)
-    echo_interval: float = 0.05  # seconds between echoes
+    echo_interval: Duration = 0.05  # seconds between echoes
     min_targets: int = 1  # targets that must answer; fewer fail with egress-failed
 
 
@@ -253,7 +262,7 @@ class DnsCheck(Strict, kw_only=True, frozen=True):
     type: Literal["A", "AAAA"] = "A"
     expect: list[str] = msgspec.field(default_factory=list)  # allowed answers; empty: any
     attempts: int = 2  # queries (same id) before dns-timeout
-    attempt_timeout: float = 1.0  # seconds to wait for each
+    attempt_timeout: Duration = 1.0  # seconds to wait for each
 
 
 class UserPathTarget(Strict, kw_only=True, frozen=True):
@@ -299,7 +308,7 @@ class AgentIdentity(Strict, kw_only=True, frozen=True):
     # re-probes the mesh may ask for (another vantage saw a check fail), per second; bursts of
     # twice this; 0 honours none
     max_reprobe_rate: float = 10.0
-    max_start_lag: float = 0.05  # seconds; a probe that cannot start this close to its slot is
+    max_start_lag: Duration = 0.05  # seconds; a probe that cannot start this close to its slot is
     # not run (reason "overloaded") rather than timed dishonestly
 
 
@@ -308,7 +317,7 @@ class MeshEndpoints(Strict, kw_only=True, frozen=True):
     key_id: str
     key_file: str
     batch_max: int = 500
-    flush_interval: float = 1.0
+    flush_interval: Duration = 1.0
     spool_max_bytes: int = 64 * 1024 * 1024
     # honour the re-probe requests the mesh sends in its replies (corroboration on demand)
     reprobe: bool = True
@@ -321,16 +330,16 @@ class TracingConfig(Strict, kw_only=True, frozen=True):
     CAP_NET_RAW); without them the agent logs it once and traces nothing. IPv4 only."""
 
     enabled: bool = True
-    baseline_interval: float = 1800.0  # seconds between baseline traces of each node; 0: none
-    failing_interval: float = 300.0  # re-trace a node this often while it fails here; 0: never
-    min_interval: float = 60.0  # seconds between the traces a node's changes ask for
+    baseline_interval: Duration = 1800.0  # seconds between baseline traces of each node; 0: none
+    failing_interval: Duration = 300.0  # re-trace a node this often while it fails here; 0: never
+    min_interval: Duration = 60.0  # seconds between the traces a node's changes ask for
     max_per_minute: float = 60.0  # all traces of this agent
     concurrency: int = 2  # traces at once
     flows: int = 4  # source ports per trace when a node changes (load-balanced branches)
     baseline_flows: int = 1  # source ports per baseline trace
     big_probe_size: int = 1500  # bytes: large DF probes on the first flow find MTU drops; 0: none
     max_ttl: int = 30
-    probe_timeout: float = 1.0  # seconds to wait for each probe's answer
+    probe_timeout: Duration = 1.0  # seconds to wait for each probe's answer
     attempts: int = 2  # probes per hop before it counts as silent (rate-limited routers)
     gap_limit: int = 3  # silent hops in a row that end a flow (a silent node ends it too)
     packets_per_second: float = 100.0  # per trace
@@ -370,9 +379,10 @@ def check_secret_file(path: str | None, field: str, base_dir: Path) -> Iterator[
     bytes (the mesh and the agent refuse to start otherwise, with the same one line)."""
     if path is None:
         return
-    problem = signing.key_file_problem(resolve_path(path, base_dir))
+    file = resolve_path(path, base_dir)
+    problem = signing.key_file_problem(file)
     if problem is not None:
-        yield Problem(field, problem)
+        yield Problem(field, problem, missing_secret="" if file.exists() else str(file))
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:
@@ -464,6 +474,15 @@ def parse_host_port(text: str, default_port: int | None = None, *,
                              f"got {text!r}")
         port = default_port
     return host, port
+
+
+def listen_problems(text: str, at: str, *, ephemeral: bool = False) -> Iterator[Problem]:
+    """What binding ``HOST:PORT`` (``:PORT`` = 127.0.0.1) would refuse, found at load time: an
+    agent with ``listen: 127.0.0.1`` (no port) passed check-config and then died starting."""
+    try:
+        parse_host_port(text, default_host="127.0.0.1", ephemeral=ephemeral)
+    except ValueError as exc:
+        yield Problem(at, str(exc))
 
 
 def host_port_problems(text: str, at: str) -> Iterator[Problem]:
@@ -723,13 +742,37 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
     if t.telemetry is not None:
         yield from _telemetry_problems(t.telemetry, f"{at}.telemetry", base_dir)
     yield from user_path_problems(t, f"{at}.user_path", base_dir)
+    yield from _checks_problems(t, at)
     if not any((t.wireguard, t.openvpn, t.ikev2, t.quic, t.l4, t.mtu)):
         yield Problem(at, "no protocol configured: add wireguard, openvpn, ikev2, quic, l4 or mtu")
+
+
+def _checks_problems(t: Target, at: str) -> Iterator[Problem]:
+    """Every entry of ``checks:`` must name something that can be planned: a typo (``smtp``)
+    used to pass, and then the filter silently left the target without a single check."""
+    from probes.checks.registry import KINDS  # noqa: PLC0415 - the checks import this module
+
+    protocols = sorted({name.split(".", 1)[0] for name in KINDS})
+    ports = {"tcp": set(t.l4.tcp_ports) if t.l4 else set(),
+             "udp": {ex.port for ex in t.l4.udp} if t.l4 else set()}
+    for j, wanted in enumerate(t.checks):
+        kind, colon, port = wanted.partition(":")
+        if colon and kind in ports:
+            if not (port.isdigit() and int(port) in ports[kind]):
+                yield Problem(f"{at}.checks[{j}]", f"{wanted!r}: port {port} is not in this "
+                              f"target's l4 {kind} ports {sorted(ports[kind])}")
+        elif wanted not in KINDS and wanted not in protocols:
+            near = difflib.get_close_matches(wanted, [*protocols, *KINDS], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            yield Problem(f"{at}.checks[{j}]", f"unknown check kind or protocol {wanted!r}"
+                          f"{hint}; expected a protocol ({', '.join(protocols)}), a kind such as "
+                          "wireguard.handshake, or tcp:PORT / udp:PORT")
 
 
 def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
     if not _NAME.match(cfg.agent.vantage):
         yield Problem("$.agent.vantage", f"expected a short name, got {cfg.agent.vantage!r}")
+    yield from listen_problems(cfg.agent.listen, "$.agent.listen")
     if cfg.agent.max_concurrency < 1:
         yield Problem("$.agent.max_concurrency", "must be >= 1")
     if cfg.agent.per_node_concurrency < 1:
@@ -839,7 +882,15 @@ def parse_yaml(text: str, struct: type[S], source: str = "<config>") -> tuple[S,
     lines = _yaml_lines(text)
     try:
         return msgspec.convert(data, struct, strict=False), lines
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError:
+        pass  # a mistake, or duration strings: walk the whole document
+    prepared, found = prepare(data, struct)
+    if found:
+        raise ConfigError(source, [Problem(path, message, _line_for(path, lines))
+                                   for path, message in found])
+    try:
+        return msgspec.convert(prepared, struct, strict=False), lines
+    except msgspec.ValidationError as exc:  # what the walk does not know: one problem
         message = str(exc)
         path = "$"
         if " - at `" in message:
@@ -863,7 +914,7 @@ def load_config_file(path: str | Path, struct: type[S],
     base = p.parent.resolve()
     found = list(problems(cfg, base))
     if found:
-        raise ConfigError(str(p), [Problem(q.path, q.message, _line_for(q.path, lines))
+        raise ConfigError(str(p), [dataclasses.replace(q, line=_line_for(q.path, lines))
                                    for q in found])
     return cfg, base
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import msgspec.inspect as mi
 
+from probes.duration import DURATION_EXTRA
+
 if TYPE_CHECKING:
     from probes.checks.base import Family
 
@@ -236,6 +238,8 @@ class _Renderer:
         return f"[{text}](#{self.sections[cls].anchor})"
 
     def describe(self, t: mi.Type) -> str:
+        if isinstance(t, mi.Metadata) and t.extra == DURATION_EXTRA:
+            return "duration (seconds, or a string such as `500ms`, `2s`, `1m30s`)"
         t = _unwrap(t)
         text = self._type(t)
         limits = _constraints(t)

@@ -32,7 +32,7 @@ class HttpHooks:
     render_metrics: Callable[[], bytes]  # the /metrics body (text format 0.0.4)
     find_check: Callable[[str, str], PlannedCheck | None]
     tier_timeout: Callable[[PlannedCheck], float]
-    reload: Callable[[], Awaitable[str]]
+    reload: Callable[..., Awaitable[str]]  # reload(force=bool)
     health: Callable[[], dict[str, Any]]
 
 
@@ -106,10 +106,13 @@ def build_app(hooks: HttpHooks) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response(hooks.health())
 
-    async def reload(_: web.Request) -> web.Response:
+    async def reload(request: web.Request) -> web.Response:
+        force = request.query.get("force", "") in ("1", "true", "yes")
         try:
-            message = await hooks.reload()
-        except Exception as exc:  # a bad config must not take the agent down
+            message = await hooks.reload(force=force)
+        except ValueError as exc:  # a bad config or a refused one: the running one stays
+            return web.Response(status=400, text=f"reload refused: {exc}\n")
+        except Exception as exc:  # whatever else, it must not take the agent down
             return web.Response(status=500, text=f"reload failed: {exc}\n")
         return web.Response(text=message + "\n")
 

@@ -69,6 +69,23 @@ def plan_target(target: Target, base_dir: Path, state_dir: Path,
     return out
 
 
+MAX_RELOAD_REMOVAL = 0.5  # share of the running checks a reload may remove without force
+
+
+def reload_removal_problem(running: list[PlannedCheck], planned: list[PlannedCheck]
+                           ) -> str | None:
+    """Why a reload from ``running`` to ``planned`` needs force: it would remove more than half
+    of the running checks (a typo in a shared ``checks:`` or a half-written file once took
+    every check of a target away in silence). None when it may go ahead."""
+    keep = {c.key for c in planned}
+    removed = [c for c in running if c.key not in keep]
+    if not running or len(removed) <= MAX_RELOAD_REMOVAL * len(running):
+        return None
+    return (f"it would remove {len(removed)} of the {len(running)} running checks (more than "
+            f"{MAX_RELOAD_REMOVAL:.0%}; first: {removed[0].key}): refused, the running config "
+            "is kept; if that is meant, reload with force (POST /-/reload?force=true)")
+
+
 def plan(config: AgentConfig, base_dir: Path,
          families: tuple[Family, ...] | None = None) -> list[PlannedCheck]:
     """Every check of every target, in config order."""

@@ -34,7 +34,7 @@ from probes.agent.metrics import (
     TracerStats,
     new_registry,
 )
-from probes.agent.plan import PlannedCheck, check_key, plan
+from probes.agent.plan import PlannedCheck, check_key, plan, reload_removal_problem
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.agent.tracer import Tracer
@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 SPOOL_FILE = "spool.sqlite"
+
+
+class ReloadRefused(ValueError):
+    """A reload that would remove more than half of the running checks, without force."""
 DETAIL_MAX = 200
 
 
@@ -127,8 +131,9 @@ class Agent:
     def state_dir(self) -> Path:
         return resolve_path(self.config.agent.state_dir, self.base_dir)
 
-    def _apply_plan(self, config: AgentConfig) -> str:
-        checks = plan(config, self.base_dir)
+    def _apply_plan(self, config: AgentConfig, checks: list[PlannedCheck] | None = None) -> str:
+        if checks is None:
+            checks = plan(config, self.base_dir)
         report = self.scheduler.reload(checks, config.tiers)
         refused = set(report.refused)
         self.checks = [c for c in checks if c.key not in refused]
@@ -232,11 +237,17 @@ class Agent:
                 "uptime_seconds": round(time.time() - self.started_at, 1),
                 "spool_depth": self.reporter_stats.spool_depth}
 
-    async def reload(self) -> str:
+    async def reload(self, *, force: bool = False) -> str:
+        """Re-read the config and apply it; ValueError (ConfigError, ReloadRefused) keeps the
+        running one. ``force``: also when it removes more than half of the running checks."""
         async with self._reload_lock:
             config = load_agent_config(self.config_path)  # ConfigError: keep the running one
             if config.agent.vantage != self.vantage:
                 raise ValueError("agent.vantage cannot change on reload; restart the agent")
+            checks = plan(config, self.base_dir)
+            refusal = reload_removal_problem(self.checks, checks)
+            if refusal is not None and not force:
+                raise ReloadRefused(refusal)
             new_mesh = config.mesh
             if self.reporter is not None and new_mesh is not None:
                 self.reporter.key_id = new_mesh.key_id
@@ -254,7 +265,7 @@ class Agent:
             self.core.max_reprobe_rate = config.agent.max_reprobe_rate
             self.scheduler.max_start_lag = config.agent.max_start_lag
             self.config = config
-            summary = self._apply_plan(config)
+            summary = self._apply_plan(config, checks)
             if self.tracer is not None and self.reporter is not None and config.paths.enabled:
                 self.tracer.submit = self.reporter.submit_trace
                 self.tracer.load(self.checks, config.paths)

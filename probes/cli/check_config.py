@@ -23,23 +23,27 @@ def _kind_of(path: Path) -> str:
     return "agent"
 
 
+def load_any(path: Path, kind: str | None = None) -> str:
+    """Load and validate an agent or mesh config (``kind`` None: told by its keys); a line
+    saying what it is. ConfigError with every problem otherwise."""
+    kind = kind or _kind_of(path)
+    if kind == "mesh":
+        # the mesh config lives with the mesh; imported lazily so the agent needs none of it
+        importlib.import_module("probes.mesh.config").load_mesh_config(path)
+        return "mesh config"
+    cfg = load_agent_config(path)
+    return f"agent {cfg.agent.vantage}, {len(cfg.targets)} targets"
+
+
 def handle(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    kind = args.kind or _kind_of(path)
     try:
-        if kind == "mesh":
-            # the mesh config lives with the mesh; imported lazily so the agent needs none of it
-            importlib.import_module("probes.mesh.config").load_mesh_config(path)
-        else:
-            cfg = load_agent_config(path)
-            if not args.quiet:
-                print(f"{path}: ok (agent {cfg.agent.vantage}, {len(cfg.targets)} targets)")
-                return 0
+        what = load_any(path, args.kind)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     if not args.quiet:
-        print(f"{path}: ok ({kind} config)")
+        print(f"{path}: ok ({what})")
     return 0
 
 

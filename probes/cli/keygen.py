@@ -185,6 +185,34 @@ def _secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets(args: argparse.Namespace) -> int:
+    from probes.cli.check_config import load_any  # noqa: PLC0415 - keeps the CLI start light
+    from probes.config import ConfigError  # noqa: PLC0415
+    from probes.model import signing  # noqa: PLC0415
+
+    path = Path(args.config)
+    try:
+        load_any(path, args.kind)
+    except ConfigError as exc:
+        missing = sorted({p.missing_secret for p in exc.problems if p.missing_secret})
+        for name in missing:
+            file = Path(name)
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                signing.write_key_file(file, signing.generate_key() + "\n")
+            except OSError as err:
+                print(f"tunnelwatch keygen: error: {file}: {err.strerror}", file=sys.stderr)
+                return 2
+            print(f"wrote {file} (0600)")
+    try:
+        what = load_any(path, args.kind)
+    except ConfigError as exc:
+        print(f"keys written; the config still has problems:\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({what})")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("keygen", help="create probe identities (one per agent per node)")
     kinds = parser.add_subparsers(dest="keygen_kind", required=True, metavar="KIND")
@@ -208,3 +236,12 @@ def add_parser(sub: Any) -> None:
     secret.add_argument("file", help="where to write it")
     secret.add_argument("--force", action="store_true", help="replace an existing file")
     secret.set_defaults(handler=_secret)
+    secrets = kinds.add_parser(
+        "secrets", help="every missing key and token file a config names (throwaway keys)",
+        description="Create every HMAC key and token file CONFIG names that does not exist yet "
+                    "(64 random hex characters, mode 600, folders made as needed), then check "
+                    "the config. For trying out an example: a real deployment gives each agent's "
+                    "key to that agent and the mesh only (docs/operations.md).")
+    secrets.add_argument("config", help="an agent or mesh config file")
+    secrets.add_argument("--kind", choices=("agent", "mesh"), help="default: from its keys")
+    secrets.set_defaults(handler=_secrets)

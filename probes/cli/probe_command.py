@@ -23,6 +23,7 @@ from probes.checks.base import ConfigError, PlanContext, Planned, ProbeCommand
 from probes.cli.probe import add_common_arguments, run_and_report, usage_error
 from probes.config import Target, parse_host_port, split_host_port
 from probes.configref import field_comment
+from probes.duration import DURATION_EXTRA, parse_duration
 
 _DEST = "option:"  # namespace prefix of the options' flags (apart from --timeout, --json, ...)
 
@@ -46,6 +47,18 @@ def _base_type(t: mi.Type) -> mi.Type:
         if len(rest) == 1:
             return rest[0]
     return t
+
+
+def _duration(text: str) -> float:
+    """A duration flag: seconds, or ``500ms``, ``2s``, ``1m30s`` as in the config."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hex(text: str) -> bytes:
@@ -80,6 +93,8 @@ def _add_option(parser: argparse.ArgumentParser, command: ProbeCommand[Any],
     elif isinstance(t, mi.ListType | mi.VarTupleType):
         settings.update(action="append", type=_SCALARS[type(t.item_type)],
                         metavar=f.name.upper())
+    elif isinstance(t, mi.Metadata) and t.extra == DURATION_EXTRA:
+        settings.update(type=_duration, metavar=f.name.upper())
     else:
         settings.update(type=_SCALARS[type(t)], metavar=f.name.upper())
     if f.required and f.name not in command.defaults:

@@ -17,10 +17,12 @@ from probes.config import (
     Problem,
     Strict,
     check_secret_file,
+    listen_problems,
     load_config_file,
     parse_host_port,
     resolve_path,
 )
+from probes.duration import Duration
 from probes.mesh.bgp.controller import AnycastConfig, anycast_problems
 from probes.mesh.decision import NodeInfo
 from probes.mesh.paths import PathPolicy
@@ -64,8 +66,8 @@ class StoreConfig(Strict, kw_only=True, frozen=True):
     prefix: str = "/tunnelwatch/mesh"  # every key of this mesh lives under it
     replica: str = ""  # this replica's name (the leader key's value); default: the host name
     lease_ttl_seconds: int = 10  # the leader's lease
-    clock_margin_seconds: float = 2.0  # the leader stops this long before its lease can expire
-    request_timeout_seconds: float = 1.0  # per etcd request and endpoint
+    clock_margin_seconds: Duration = 2.0  # the leader stops this long before its lease can expire
+    request_timeout_seconds: Duration = 1.0  # per etcd request and endpoint
 
     @property
     def replica_name(self) -> str:
@@ -129,13 +131,13 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
     decision: DecisionPolicy = msgspec.field(default_factory=DecisionPolicy)
     weights: WeightPolicy = msgspec.field(default_factory=WeightPolicy)  # docs/weights.md
     max_body_bytes: int = 8 * 1024 * 1024
-    timestamp_window_seconds: float = 300.0
+    timestamp_window_seconds: Duration = 300.0
     # what an unauthenticated client may cost (docs/mesh.md, "Ingest under attack")
     max_connections: int = 512  # open at once; lowered to fit the open-file limit
-    idle_timeout_seconds: float = 30.0  # no complete request on a connection for this long
-    body_timeout_seconds: float = 15.0  # a request body must have arrived by then
+    idle_timeout_seconds: Duration = 30.0  # no complete request on a connection for this long
+    body_timeout_seconds: Duration = 15.0  # a request body must have arrived by then
     unverified_body_bytes: int = 32 * 1024 * 1024  # bodies read before their signature checks
-    tick_seconds: float = 1.0
+    tick_seconds: Duration = 1.0
     snapshot_every: int = 10_000  # journal entries between engine snapshots ...
     snapshot_bytes: int = 256 * 1024 * 1024  # ... or journaled bytes, whichever comes first
     background_snapshots: bool = True  # snapshot in a forked child: ingest does not pause
@@ -160,10 +162,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
 
 
 def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
-    try:
-        parse_host_port(cfg.listen, default_host="127.0.0.1")
-    except ValueError as exc:
-        yield Problem("$.listen", str(exc))
+    yield from listen_problems(cfg.listen, "$.listen")
     if not cfg.agents:
         yield Problem("$.agents", "at least one agent is required")
     if not cfg.nodes:
@@ -211,10 +210,7 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
     if cfg.agent_check is not None:
-        try:
-            cfg.agent_check.listen_host_port()
-        except ValueError as exc:
-            yield Problem("$.agent_check.listen", str(exc))
+        yield from listen_problems(cfg.agent_check.listen, "$.agent_check.listen", ephemeral=True)
         if not 0 <= cfg.agent_check.degraded_weight_percent <= 100:
             yield Problem("$.agent_check.degraded_weight_percent", "must be 0..100")
         for name, node_id in cfg.agent_check.servers.items():

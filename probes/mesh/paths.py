@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from probes.duration import Duration
 from probes.mesh import pathcompare as pc
 from probes.mesh.pathcompare import Finding, Flow, Hop, RouteChange, Trace
 from probes.mesh.state import AuditNote
@@ -46,9 +47,9 @@ _trace_decoder = msgspec.json.Decoder(PathTrace)
 class PathPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How old a trace may be and still speak (mesh clock, seconds)."""
 
-    failing_max_age_seconds: float = 900.0  # a failing vantage's trace
-    reference_max_age_seconds: float = 7200.0  # a passing trace (agents re-trace every 30 m)
-    route_change_window_seconds: float = 900.0  # a route change is verdict evidence this long
+    failing_max_age_seconds: Duration = 900.0  # a failing vantage's trace
+    reference_max_age_seconds: Duration = 7200.0  # a passing trace (agents re-trace every 30 m)
+    route_change_window_seconds: Duration = 900.0  # a route change is verdict evidence this long
     vantage_min_nodes: int = 2  # failing nodes a vantage-wide network finding needs
     max_reasons: int = 8  # path reasons per verdict
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 import msgspec
 
+from probes.duration import Duration
 from probes.mesh.state import QUALITY_REASONS
 from probes.model import AGENT_SIDE_REASONS, Reason, Tier
 
@@ -51,17 +52,17 @@ class DampingPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     enabled: bool = True
     penalty: float = 1000.0
-    half_life_seconds: float = 60.0
+    half_life_seconds: Duration = 60.0
     suppress: float = 2000.0
     reuse: float = 750.0
-    max_hold_seconds: float = 240.0
+    max_hold_seconds: Duration = 240.0
 
 
 class QualityBounds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Quality figures beyond which a passing check makes its vantage see the node DEGRADED."""
 
     max_loss_ratio: float = 0.001  # in-tunnel loss above 0.1 %
-    max_rtt_p99_seconds: float = 0.15
+    max_rtt_p99_seconds: Duration = 0.15
 
 
 class QuorumPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,8 +97,8 @@ class ImpairmentPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     down_share: float = 0.5
     min_nodes: int = 3
-    confirm_seconds: float = 2.0
-    release_seconds: float = 4.0
+    confirm_seconds: Duration = 2.0
+    release_seconds: Duration = 4.0
 
 
 class StateLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,7 +112,7 @@ class StateLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     for ``forget_after_seconds`` is forgotten with its checks. 0 keeps state forever."""
 
     max_checks_per_node: int = 32
-    forget_after_seconds: float = 86_400.0
+    forget_after_seconds: Duration = 86_400.0
 
 
 class PoolGuardPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -179,26 +180,26 @@ class DecisionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # check at once, and waiting for one check's ``fall`` timeouts in a row is what made its
     # detection slow. 0 turns it off. Per vantage only: the vote across vantages is unchanged.
     corroboration: int = 0
-    corroboration_window_seconds: float = 3.0
+    corroboration_window_seconds: Duration = 3.0
     damping: DampingPolicy = msgspec.field(default_factory=DampingPolicy)
     quality: QualityBounds = msgspec.field(default_factory=QualityBounds)
     quorum: QuorumPolicy = msgspec.field(default_factory=QuorumPolicy)
-    stale_after_seconds: float = 30.0
+    stale_after_seconds: Duration = 30.0
     # observations older than this when they arrive (agent wall clock vs mesh clock: spooled
     # through a partition, say) are not evidence of the present and are dropped; 0 keeps them all
-    max_age_seconds: float = 120.0
+    max_age_seconds: Duration = 120.0
     impairment: ImpairmentPolicy = msgspec.field(default_factory=ImpairmentPolicy)
     # a node's probe verdict never changes twice within this many seconds: a change that comes
     # sooner waits until the dwell has passed (operator actions are not held; the first verdict
     # after UNKNOWN starts no dwell). 0 turns it off
-    min_dwell_seconds: float = 4.0
+    min_dwell_seconds: Duration = 4.0
     # a change into DEGRADED waits this long (the candidate must hold): on its way down a
     # failing node shows a mix of DOWN, DEGRADED and UP opinions (vantages learn at different
     # moments; a probe in flight at the fault measures loss, and that vantage says DEGRADED
     # until its next result: up to an interval plus a timeout) that votes DEGRADED for a
     # moment, and the DOWN right after it would then wait for the dwell. Quality is not urgent:
     # a lasting problem is DEGRADED this much later (a first verdict is not held). 0: at once
-    degraded_confirm_seconds: float = 5.0
+    degraded_confirm_seconds: Duration = 5.0
     pool_guard: PoolGuardPolicy = msgspec.field(default_factory=PoolGuardPolicy)
     limits: StateLimits = msgspec.field(default_factory=StateLimits)
     # overrides: check-kind prefix -> tier, the longest matching prefix wins over the tier the

@@ -30,6 +30,7 @@ from typing import Literal
 
 import msgspec
 
+from probes.duration import Duration
 from probes.mesh.policy import PolicyError, finite_fields
 
 Signal = Literal["cpu", "drops", "effective_sessions", "sessions", "packets", "bytes"]
@@ -77,9 +78,9 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     enabled: bool = False
     # EWMA of every load signal: a sample's pull halves every half-life of time since the last
-    half_life_seconds: float = 1.0
+    half_life_seconds: Duration = 1.0
     # weights are recomputed at most this often; ``max_step_percent`` bounds one recomputation
-    step_seconds: float = 1.0
+    step_seconds: Duration = 1.0
     steps: list[SignalSteps] = msgspec.field(default_factory=_default_steps)
     # a step is left only once its signal fell this share below the step's ``at`` (0.05 = 5 %
     # below): a signal hovering at a threshold does not flip the weight every second
@@ -87,7 +88,7 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     degraded_cap_percent: float = 50.0  # a DEGRADED node's weight never exceeds this
     # a node back from DOWN, MAINTENANCE or DRAINING starts at slow_start_initial_percent and
     # ramps linearly to its full weight over slow_start_seconds (0: no slow start)
-    slow_start_seconds: float = 60.0
+    slow_start_seconds: Duration = 60.0
     slow_start_initial_percent: float = 10.0
     max_step_percent: float = 25.0  # load-driven change per step (states apply at once)
     floor_percent: float = 10.0  # load alone never takes an available node below this
@@ -98,7 +99,7 @@ class WeightPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (reaching 0, a cap or the full weight is always published)
     dead_band_percent: float = 5.0
     # a node's load older than this is no evidence: its load cuts lapse (weight back to its cap)
-    load_stale_after_seconds: float = 10.0
+    load_stale_after_seconds: Duration = 10.0
     # a drain is finished when the node's effective sessions (its active ones, when its protocols
     # give no bytes) are at or below this: its clients stopped moving traffic there
     drain_done_sessions: float = 0.0

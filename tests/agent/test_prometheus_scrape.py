@@ -120,10 +120,12 @@ async def test_prometheus_scrapes_metrics_and_blackbox_probe(tmp_path: Path) -> 
 
 
 async def test_metrics_endpoints_directly(tmp_path: Path) -> None:
-    """/healthz, /probe errors like blackbox (400), POST /-/reload picks up a new target."""
+    """/healthz, /probe errors like blackbox (400), POST /-/reload picks up a new target; a
+    reload that would remove more than half of the running checks is refused unless forced."""
     agent_addr = f"127.0.0.1:{free_port()}"
+    port_a = free_port()
     cfg = write_config(tmp_path / "agent.yaml", listen=agent_addr, tiers=FAST_L4,
-                       targets=[l4_target("node-a", free_port())])
+                       targets=[l4_target("node-a", port_a)])
     agent = Agent(cfg)
     await agent.start()
     try:
@@ -135,18 +137,55 @@ async def test_metrics_endpoints_directly(tmp_path: Path) -> None:
             async with s.get("/probe", params={"target": "nope", "module": "tcp"}) as r:
                 assert r.status == 400
             write_config(cfg, listen=agent_addr, tiers=FAST_L4,
+                         targets=[l4_target("node-a", port_a), l4_target("node-c", 2)])
+            async with s.post("/-/reload") as r:
+                assert r.status == 200, await r.text()
+            # node-a's port changes: one of the two running checks would go (half: allowed)
+            write_config(cfg, listen=agent_addr, tiers=FAST_L4,
                          targets=[l4_target("node-a", 1), l4_target("node-c", 2)])
             async with s.post("/-/reload") as r:
                 assert r.status == 200, await r.text()
+            # node-a renamed and node-c dropped: both running checks would go: refused
+            write_config(cfg, listen=agent_addr, tiers=FAST_L4,
+                         targets=[{**l4_target("node-a", 1), "id": "node-b"}])
+            async with s.post("/-/reload") as r:
+                text = await r.text()
+                assert r.status == 400 and "would remove 2 of the 2 running checks" in text
+            assert {c.node for c in agent.checks} == {"node-a", "node-c"}
+            write_config(cfg, listen=agent_addr, tiers=FAST_L4,
+                         targets=[l4_target("node-a", 1), l4_target("node-c", 2)])
             async with s.get("/probe", params={"target": "node-c", "module": "tcp:2"}) as r:
                 text = await r.text()
                 assert r.status == 200 and "probe_success 0.0" in text
             cfg.write_text("agent: [not, a, mapping]\n")
             async with s.post("/-/reload") as r:
-                assert r.status == 500  # refused; the running config stays
+                assert r.status == 400  # refused; the running config stays
             await until(lambda: agent.probe_stats.series.get(
                 ("node-c", "pool-a", "pop-1", "eu", "tcp:2")) is not None, 10, "node-c series")
             async with s.get("/metrics") as r:
                 assert 'node="node-c"' in await r.text()
+    finally:
+        await agent.stop(drain_timeout=0)
+
+
+async def test_a_reload_removing_most_checks_needs_force(tmp_path: Path) -> None:
+    agent_addr = f"127.0.0.1:{free_port()}"
+    ports = [free_port() for _ in range(4)]
+    targets = [l4_target(f"node-{i}", port) for i, port in enumerate(ports)]
+    cfg = write_config(tmp_path / "agent.yaml", listen=agent_addr, tiers=FAST_L4,
+                       targets=targets)
+    agent = Agent(cfg)
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession(f"http://{agent_addr}") as s:
+            write_config(cfg, listen=agent_addr, tiers=FAST_L4, targets=targets[:1])
+            async with s.post("/-/reload") as r:
+                text = await r.text()
+                assert r.status == 400 and "would remove 3 of the 4 running checks" in text
+                assert "force" in text
+            assert len(agent.checks) == 4
+            async with s.post("/-/reload", params={"force": "true"}) as r:
+                assert r.status == 200, await r.text()
+            assert [c.node for c in agent.checks] == ["node-0"]
     finally:
         await agent.stop(drain_timeout=0)

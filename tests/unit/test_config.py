@@ -73,10 +73,11 @@ def test_check_config_exit_codes(config_dir: Path, capsys: pytest.CaptureFixture
 
 # (mutation of the good file, field path expected in the message, words expected in the message)
 BAD_CASES = [
-    pytest.param(("asn: 24940", "asn: lots"), "$.agent.asn", "Expected `int | null`",
+    pytest.param(("asn: 24940", "asn: lots"), "$.agent.asn", "Expected `int`",
                  id="wrong-type"),
     pytest.param(("  region: eu-central\ntargets", "  regoin: eu-central\ntargets"),
-                 "$.agent", "unknown field `regoin`", id="unknown-key"),
+                 "$.agent.regoin (line 4)", "unknown key `regoin` (did you mean `region`?)",
+                 id="unknown-key"),
     pytest.param(("private_key_file: agent.key", "private_key_file: missing.key"),
                  "$.targets[0].wireguard.private_key_file", "file not found",
                  id="missing-key-file"),
@@ -94,8 +95,19 @@ BAD_CASES = [
     pytest.param(("tunnel_address: 10.201.0.2/32", "tunnel_address: 10.201.0.300/32"),
                  "$.targets[0].wireguard.tunnel_address", "expected an address with prefix",
                  id="bad-tunnel-address"),
-    pytest.param(("    pool: fra1\n", ""), "$.targets[0]", "missing required field `pool`",
+    pytest.param(("    pool: fra1\n", ""), "$.targets[0].pool", "required key missing",
                  id="missing-required"),
+    pytest.param(("    l4:\n", "    checks: [wireguard.handshake, smtp]\n    l4:\n"),
+                 "$.targets[0].checks[1]", "unknown check kind or protocol 'smtp'",
+                 id="unknown-check-kind"),
+    pytest.param(("    l4:\n", "    checks: [tcp:25]\n    l4:\n"),
+                 "$.targets[0].checks[0]", "port 25 is not in this target's l4 tcp ports",
+                 id="check-port-not-probed"),
+    pytest.param(("vantage: fra-hetzner", "vantage: fra-hetzner\n  listen: 127.0.0.1"),
+                 "$.agent.listen", "expected HOST:PORT", id="listen-without-port"),
+    pytest.param(("{interval: 2, timeout: 1,", "{interval: 2x, timeout: 1,"),
+                 "$.tiers.l4.interval", "a duration like 500ms, 2s or 1m30s, got '2x'",
+                 id="bad-duration"),
     pytest.param(("tcp_ports: [443]", "tcp_ports: [70000]"), "$.targets[0].l4.tcp_ports[0]",
                  "port must be 1..65535", id="port-range"),
     pytest.param(("proto: udp", "proto: sctp"), "$.targets[0].openvpn.proto",
@@ -171,3 +183,36 @@ def test_shipped_example_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "agent.yaml"
     config = load_agent_config(example)
     assert config.targets and all(t.l4 is not None for t in config.targets)
+
+
+def test_durations_take_prometheus_strings_and_numbers(config_dir: Path) -> None:
+    text = GOOD.format(pub=PUB).replace("{interval: 2, timeout: 1, fast_interval: 0.5}",
+                                        "{interval: 1m30s, timeout: 2s, fast_interval: 500ms}")
+    cfg = load_agent_config(write(config_dir, text))
+    l4 = cfg.tiers["l4"]
+    assert (l4.interval, l4.timeout, l4.fast_interval) == (90.0, 2.0, 0.5)
+    assert isinstance(l4.interval, float)
+    text = text.replace("timeout: 2s", "timeout: 2")  # numbers still are seconds
+    assert load_agent_config(write(config_dir, text)).tiers["l4"].timeout == 2.0
+
+
+def test_every_problem_is_reported_once_at_the_offending_keys_line(config_dir: Path) -> None:
+    """Three type errors and a misspelt key deep in the file: four problems, each once, each
+    at its own key's line (a misspelt key used to be reported at its parent's line, and only
+    the first problem of a file at all)."""
+    text = (GOOD.format(pub=PUB)
+            .replace("asn: 24940", "asn: lots")  # line 3
+            .replace("canary: 10.201.0.1", "canary: 10.201.0.1\n      echo_count: many")
+            .replace("tcp_ports: [443]", "tcp_ports: [443]\n      icmp: sometimes")
+            + "paths:\n  enabled: true\n  max_tll: 30\n")
+    lines = text.splitlines()
+    file = write(config_dir, text)
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(file)
+    found = {(p.path, p.line) for p in info.value.problems}
+    assert len(found) == len(info.value.problems) == 4, info.value.problems
+    for path, line in found:
+        key = path.rsplit(".", 1)[-1]
+        assert lines[line - 1].lstrip().startswith(f"{key}:"), (path, line, lines[line - 1])
+    assert {p for p, _ in found} == {"$.agent.asn", "$.targets[0].wireguard.echo_count",
+                                     "$.targets[0].l4.icmp", "$.paths.max_tll"}
