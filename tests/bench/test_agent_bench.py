@@ -307,7 +307,7 @@ RSS_SCRIPT = textwrap.dedent("""
                 "region": "eu", "address": "127.0.0.1", "l4": {"tcp_ports": [port]}}
                for i in range(n)]
     (d / "key").write_text("k" * 64)
-    cfg = {"agent": {"vantage": "bench", "listen": "127.0.0.1:0", "state_dir": str(d / "st"),
+    cfg = {"agent": {"vantage": "bench", "listen": "127.0.0.1:1", "state_dir": str(d / "st"),
                      "max_probe_rate": 5000},
            "tiers": {"l4": {"interval": 10.0, "timeout": 1.0, "fast_interval": 2.0}},
            "mesh": {"endpoints": ["http://127.0.0.1:9"], "key_id": "k", "key_file": "key"},

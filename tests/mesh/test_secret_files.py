@@ -93,7 +93,7 @@ def test_agent_and_receiver_configs_refuse_them_too(
     key.write_text(signing.generate_key())  # the umask's 644
     agent = tmp_path / "agent.yaml"
     agent.write_text(
-        "agent: {vantage: va, listen: '127.0.0.1:0'}\n"
+        "agent: {vantage: va, listen: '127.0.0.1:9470'}\n"
         "targets:\n  - {id: n0, pool: p, pop: x, region: eu, address: 127.0.0.1,"
         " l4: {tcp_ports: [1]}}\n"
         f"mesh: {{endpoints: ['http://127.0.0.1:1'], key_id: va, key_file: {key}}}\n")
