@@ -1,0 +1,193 @@
+"""The protocol benchmarks of two revisions side by side (run by hand, not collected by pytest).
+
+    flock /work/.bench.lock .venv/bin/python tests/bench/compare_revisions.py BASE [--rounds 3]
+
+BASE is a git revision (checked out into a temporary worktree, removed afterwards) or the path
+of a checkout. Both revisions' own benchmark files run with this interpreter (each tree first
+on ``PYTHONPATH``), alternately, ``--rounds`` times, so a change of the machine's load falls on
+both sides alike. Each figure is the median over the rounds; the ratio is this tree's figure
+over BASE's, and ``change`` says by how much this tree is worse (+) or better (-) for the
+figure's direction. The load average is printed with every round.
+
+Figures: WireGuard client CPU per handshake (in memory), IKEv2 initiator time per
+SA_INIT+IKE_AUTH per proposal (in memory), OpenVPN reset probes per second and client CPU per
+tls probe against a real OpenVPN server, IKEv2 auth probe wall time against strongSwan, and the
+agent's TCP and UDP probes per CPU-second.
+
+    .venv/bin/python tests/bench/compare_revisions.py --lines COMMIT [COMMIT ...]
+
+prints instead how many lines of probes/ each commit added or removed: physical lines, and code
+lines (not blank, not a comment, not a docstring), and their sums: a change's size when other
+work landed between its commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    pattern: str  # one group: the number
+    unit: str
+    lower_is_better: bool
+
+
+@dataclass(frozen=True)
+class Bench:
+    test: str
+    figures: tuple[Figure, ...]
+
+
+PROPOSALS = ("aes256gcm16-prfsha256-curve25519", "aes256gcm16-prfsha256-ecp256",
+             "aes256gcm16-prfsha384-ecp384", "aes256-sha256-modp2048")
+BENCHES = (
+    Bench("tests/bench/test_wireguard_bench.py::test_client_cpu_per_handshake", (
+        Figure("wireguard client CPU/handshake",
+               r"client CPU per completed handshake: ([\d.]+) us", "us", True),)),
+    Bench("tests/bench/test_ikev2_bench.py::test_initiator_cpu_per_auth", tuple(
+        Figure(f"ikev2 initiator {p.split('-')[-1]}",
+               re.escape(p) + r": initiator CPU per SA_INIT\+IKE_AUTH ([\d.]+) ms", "ms", True)
+        for p in PROPOSALS)),
+    Bench("tests/bench/test_openvpn_bench.py::test_openvpn_probe_bench", (
+        Figure("openvpn reset probes/s", r"openvpn reset probes: ([\d,]+)/s sequential", "/s",
+               False),
+        Figure("openvpn tls probe client CPU", r"tls probe: client CPU ([\d.]+) ms", "ms", True),
+    )),
+    Bench("tests/bench/test_ikev2_bench.py::test_probe_wall_time_against_strongswan", (
+        Figure("ikev2 auth probe wall (strongSwan)", r"auth: median ([\d.]+) ms", "ms", True),)),
+    Bench("tests/bench/test_agent_bench.py::test_probes_per_cpu_second_vs_blackbox", (
+        Figure("agent tcp probes/CPU-s",
+               r"agent tcp connect .*-> +([\d.]+) probes/CPU-s", "/CPU-s", False),
+        Figure("agent udp probes/CPU-s",
+               r"agent udp request/response .*-> +([\d.]+) probes/CPU-s", "/CPU-s", False),
+    )),
+)
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _run(tree: Path, bench: Bench) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "slow", "-s", "-q", "-p", "no:cacheprovider",
+         bench.test], cwd=tree, env=env, capture_output=True, text=True, check=False)
+    found = {}
+    for figure in bench.figures:
+        match = re.search(figure.pattern, proc.stdout)
+        if match:
+            found[figure.name] = float(match.group(1).replace(",", ""))
+    if proc.returncode != 0 or len(found) != len(bench.figures):
+        print(f"    {tree.name}: {bench.test} exit {proc.returncode}, "
+              f"{len(found)}/{len(bench.figures)} figures\n{proc.stdout[-2000:]}",
+              file=sys.stderr)
+    return found
+
+
+def _sizes(source: str | None) -> tuple[int, int]:
+    """(physical lines, code lines) of a module's source; (0, 0) when it does not exist."""
+    if source is None:
+        return 0, 0
+    docstrings: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                docstrings.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENDMARKER}
+    code = {line for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type not in skip for line in range(tok.start[0], tok.end[0] + 1)}
+    return len(source.splitlines()), len(code - docstrings)
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True,
+                          check=False)
+
+
+def line_counts(commits: list[str]) -> None:
+    total_physical = total_code = 0
+    for commit in commits:
+        changed = _git("diff", "--no-renames", "--name-only", f"{commit}^", commit, "--",
+                       "probes").stdout.split()
+        physical = code = 0
+        for path in (p for p in changed if p.endswith(".py")):
+            sides = []
+            for rev in (f"{commit}^", commit):
+                shown = _git("show", f"{rev}:{path}")
+                sides.append(_sizes(shown.stdout if shown.returncode == 0 else None))
+            physical += sides[1][0] - sides[0][0]
+            code += sides[1][1] - sides[0][1]
+        total_physical += physical
+        total_code += code
+        subject = _git("log", "-1", "--format=%s", commit).stdout.strip()[:60]
+        print(f"{commit[:8]}  physical {physical:+6d}  code {code:+6d}  {subject}")
+    print(f"{'sum':<8}  physical {total_physical:+6d}  code {total_code:+6d}")
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--lines"]:
+        line_counts(sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="git revision or checkout directory")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="run the benches whose test id contains this")
+    args = parser.parse_args()
+    benches = [b for b in BENCHES if args.only in b.test]
+    with tempfile.TemporaryDirectory(prefix="tw-base-") as scratch:
+        base = Path(args.base)
+        made = not base.is_dir()
+        if made:
+            base = Path(scratch) / "base"
+            subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(base),
+                            args.base], check=True, capture_output=True)
+        try:
+            figures: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+            for round_ in range(args.rounds):
+                for bench in benches:
+                    for side, tree in (("base", base), ("this", HERE)):
+                        print(f"round {round_ + 1} {side:<4} load {_loadavg()}  {bench.test}",
+                              flush=True)
+                        for name, value in _run(tree, bench).items():
+                            figures[side].setdefault(name, []).append(value)
+        finally:
+            if made:
+                subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
+                                str(base)], check=False)
+    print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8}  unit"
+          f"   (median of {args.rounds} alternating rounds; load now {_loadavg()})")
+    for bench in benches:
+        for figure in bench.figures:
+            old = figures["base"].get(figure.name)
+            new = figures["this"].get(figure.name)
+            if not old or not new:
+                print(f"{figure.name:<38} {'missing':>10}")
+                continue
+            a, b = statistics.median(old), statistics.median(new)
+            worse = (b / a - 1) if figure.lower_is_better else (a / b - 1)
+            print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} {worse * 100:+7.1f}%  "
+                  f"{figure.unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
