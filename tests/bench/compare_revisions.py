@@ -79,6 +79,10 @@ BENCHES = (
 )
 
 
+def _spread(values: list[float]) -> str:
+    return "[" + " ".join(f"{v:g}" for v in values) + "]"
+
+
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -185,7 +189,7 @@ def main() -> int:
             a, b = statistics.median(old), statistics.median(new)
             worse = (b / a - 1) if figure.lower_is_better else (a / b - 1)
             print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} {worse * 100:+7.1f}%  "
-                  f"{figure.unit}")
+                  f"{figure.unit}   base {_spread(old)} this {_spread(new)}")
     return 0
 
 
