@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from probes.agent.plan import PlannedCheck
 from probes.checks.base import CheckResult, execute
 from probes.config import parse_host_port
+from probes.startup import bind_error
 
 TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
 
@@ -132,7 +133,11 @@ async def start_http(app: web.Application, listen: str) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = parse_listen(listen)
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_error(exc, host, port) from None
     return runner
 
 

@@ -6,8 +6,10 @@ Lifecycle:
   where the last run stopped, also after a SIGKILL), start the scheduler and the HTTP server;
 * SIGHUP or ``POST /-/reload``: re-read the config; a bad one is refused with its problems and
   the running one kept. Checks that still exist keep their slot, due time and rise/fall state;
-* SIGTERM / SIGINT: start nothing new, let in-flight probes finish, commit their observations
-  to the spool and give the senders a few seconds to deliver; what is left is sent next start.
+* SIGTERM / SIGINT: start nothing new, give in-flight probes ``PROBE_GRACE`` seconds and cancel
+  the rest (a cancelled probe reports nothing: it is no failure of the node), commit what came in
+  to the spool and give the senders ``DRAIN_SECONDS`` to deliver; what is left is sent next
+  start. The whole stop stays under 2 s (a session probe's 10 s timeout once made it 13 s).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 SPOOL_FILE = "spool.sqlite"
+PROBE_GRACE = 0.5  # seconds in-flight probes get on SIGTERM before they are cancelled
+DRAIN_SECONDS = 1.0  # seconds the senders get on SIGTERM; the spool keeps the rest
 
 
 class ReloadRefused(ValueError):
@@ -299,13 +303,15 @@ class Agent:
         except Exception as exc:  # keep running on the old config
             log.error("reload on SIGHUP failed, keeping the running config: %s", exc)
 
-    async def stop(self, drain_timeout: float = 5.0) -> None:
+    async def stop(self, drain_timeout: float = DRAIN_SECONDS) -> None:
+        started = time.monotonic()
         log.info("stopping: %d probe(s) in flight", self.scheduler.in_flight)
         await self._stop_tracer()
-        await self.scheduler.stop()
+        await self.scheduler.stop(timeout=PROBE_GRACE)
         if self.reporter is not None:
             await self.reporter.close(drain_timeout=drain_timeout)
         if self._http is not None:
             with contextlib.suppress(Exception):
                 await self._http.cleanup()
-        log.info("stopped; spool depth %d", self.reporter_stats.spool_depth)
+        log.info("stopped in %.2f s; spool depth %d", time.monotonic() - started,
+                 self.reporter_stats.spool_depth)

@@ -10,6 +10,7 @@ from typing import Any
 
 from probes.config import ConfigError
 from probes.model.signing import KeyFileError
+from probes.startup import StartupError, os_error_line
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -27,8 +28,11 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(agent.run())
         else:
             uvloop.run(agent.run())
-    except (ConfigError, KeyFileError) as exc:  # one line, no traceback
+    except (ConfigError, KeyFileError, StartupError) as exc:  # one line, no traceback
         print(f"tunnelwatch agent: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder it may not use (state_dir), or that is not there
+        print(f"tunnelwatch agent: {os_error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -59,12 +59,19 @@ def _down(args: argparse.Namespace) -> int:
     if not ids:
         print("nothing to tear down (give a run id, --orphans or --all)", file=sys.stderr)
         return 2
+    known = {lab["run_id"] for lab in list_labs()}
+    code = 0
     for run_id in ids:
         removed = destroy(run_id)
+        if not removed and run_id not in known:  # a typo must not look like a clean teardown
+            print(f"tunnelwatch lab down: no lab {run_id!r} (tunnelwatch lab status lists them)",
+                  file=sys.stderr)
+            code = 2
+            continue
         print(f"lab {run_id}: removed {len(removed)} item(s)")
         for item in removed:
             print(f"  {item}")
-    return 0
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ obs.jsonl`` (run the engine over a recorded stream, print verdict changes as JSO
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -13,6 +14,7 @@ from probes.mesh.store import StoreError
 from probes.model import SchemaError, encode
 from probes.model.signing import KeyFileError
 from probes.paths.asn import AsnTableError
+from probes.startup import StartupError, os_error_line
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -26,11 +28,15 @@ def _load(path: str) -> Any:
 def serve(args: argparse.Namespace) -> int:
     from probes.mesh.server import serve as run  # noqa: PLC0415
 
+    logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
     try:
         cfg = _load(args.config)
         run(cfg)
-    except (ConfigError, KeyFileError, StoreError, AsnTableError) as exc:  # one line
-        print(f"tunnelwatch mesh: {exc}", file=sys.stderr)
+    except (ConfigError, KeyFileError, StoreError, AsnTableError, StartupError) as exc:
+        print(f"tunnelwatch mesh: {exc}", file=sys.stderr)  # one line: the operator's to fix
+        return EXIT_USAGE
+    except OSError as exc:  # a file or folder it may not use, or that is not there
+        print(f"tunnelwatch mesh: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -78,6 +84,7 @@ def replay(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("mesh", help="run the decision mesh (or replay a recorded stream)")
     p.add_argument("--config", required=False, help="mesh config file (YAML)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(handler=_dispatch)
     inner = p.add_subparsers(dest="mesh_command", metavar="SUBCOMMAND")
     r = inner.add_parser("replay", help="run the engine over recorded observations (JSON lines)")

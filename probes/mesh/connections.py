@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from probes.logutil import RateLimitedLog, install_loop_exception_limiter
+from probes.startup import bind_error
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ async def start_site(app: web.Application, host: str, port: int,
     site = GuardedSite(runner, host, port, guard)
     try:
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_error(exc, host, port) from None
     except BaseException:
         await runner.cleanup()
         raise
@@ -195,6 +199,7 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner, _site = await start_site(app, host, port, guard)
+    log.info("listening on %s:%d (at most %d connections)", host, port, guard.limit)
     try:
         await stop.wait()
     finally:

@@ -274,6 +274,8 @@ def serve(cfg: MeshConfig) -> None:
     app = build_app(cfg)
     tune_gc()
     guard = app[GUARD_KEY]
-    log.info("mesh listening on %s:%d (at most %d connections), database %s", host, port,
-             guard.limit, cfg.database)
+    svc = app[SERVICE_KEY]
+    log.info("mesh loaded: %d agents, %d nodes, database %s (%d journal entries replayed), "
+             "%d publisher(s)", len(cfg.agents), len(cfg.nodes), cfg.database,
+             svc.replayed_entries, len(cfg.publishers))
     connections.serve(app, host, port, guard)

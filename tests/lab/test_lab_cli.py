@@ -69,3 +69,10 @@ def test_interrupted_demo_still_tears_down(sig: signal.Signals) -> None:
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert list(leftovers(run_id)) == []
+
+
+def test_lab_down_of_an_unknown_run_id_is_an_error() -> None:
+    """It used to say "removed 0 item(s)" and exit 0: a typo looked like a clean teardown."""
+    down = _cli("lab", "down", "nosuch-run-id")
+    assert down.returncode == 2, down.stdout + down.stderr
+    assert "no lab 'nosuch-run-id'" in down.stderr and "removed" not in down.stdout
