@@ -435,6 +435,22 @@ def node_detail() -> dashboard.Dashboard:
             desc="P99 round-trip time of the last session probe's exchanges.",
         ),
         ts(
+            "Throughput beyond the node",
+            "Bps",
+            f"tunnelwatch_probe_throughput_bytes_per_second{{{sel}}}",
+            "{{vantage}} {{check}}",
+            desc="Inner IP bytes per second the last throughput burst got to the reflector "
+            "beyond the node (a short rate-capped burst within the node's hourly byte budget).",
+        ),
+        ts(
+            "Queueing delay under load",
+            "s",
+            f"tunnelwatch_probe_queueing_delay_seconds{{{sel}}}",
+            "{{vantage}} {{check}}",
+            desc="The burst's median RTT minus the idle RTT before it: what a full queue on "
+            "the path adds. Above the bound: DEGRADED.",
+        ),
+        ts(
             "In-tunnel loss (15 m)",
             "percentunit",
             f"node:tunnelwatch_probe_loss:ratio_median15m{{{sel}}}",

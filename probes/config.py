@@ -265,6 +265,24 @@ class DnsCheck(Strict, kw_only=True, frozen=True):
     attempt_timeout: Duration = 1.0  # seconds to wait for each
 
 
+class ThroughputCheck(Strict, kw_only=True, frozen=True):
+    """A short rate-capped UDP burst to a `tunnelwatch reflector` beyond the node
+    (``<protocol>.throughput``): achieved rate, loss and queueing delay, as quality (DEGRADED
+    bounds, never DOWN on their own). Runs no more often than the budget allows."""
+
+    reflector: str  # HOST:PORT of the reflector, an IPv4 address beyond the node
+    rate: float = 2_000_000.0  # offered bits per second (inner IP bytes): never exceeded
+    duration: float = 1.0  # seconds the burst lasts
+    packet_size: int = 1200  # inner IP packet bytes (68..1500)
+    min_rate: float | None = None  # bits/s reached below this: throughput-below-bound;
+    # default: half of rate
+    max_queueing_delay: float = 0.1  # seconds of RTT under load above idle RTT, at most
+    idle_echoes: int = 5  # spaced requests before the burst: the idle RTT
+    # bytes every throughput check of this node may send per hour, all protocols together
+    # (per agent); the check runs no more often than that allows
+    budget_bytes_per_hour: float = 5_000_000.0
+
+
 class UserPathTarget(Strict, kw_only=True, frozen=True):
     """What a user gets through the tunnel (docs/probes/user-path.md): each subsection adds one
     check per tunnel protocol in ``via`` (session tier)."""
@@ -274,6 +292,7 @@ class UserPathTarget(Strict, kw_only=True, frozen=True):
     via: list[Literal["wireguard", "openvpn"]] = msgspec.field(default_factory=list)
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
+    throughput: ThroughputCheck | None = None
 
 
 class Target(Strict, kw_only=True, frozen=True):
@@ -289,7 +308,7 @@ class Target(Strict, kw_only=True, frozen=True):
     l4: L4Target | None = None
     mtu: MTUTarget | None = None
     telemetry: TelemetryTarget | None = None  # node telemetry reads: metrics, never verdicts
-    # egress and DNS through the tunnels above
+    # egress, DNS and throughput through the tunnels above
     user_path: UserPathTarget | None = None
     # check kinds to run against this node; empty = every check its protocols allow
     checks: list[str] = msgspec.field(default_factory=list)
@@ -655,6 +674,23 @@ def _dns_problems(d: DnsCheck, t: Target, via: list[str], at: str) -> Iterator[P
         yield Problem(at, "WireGuard pushes no resolver: set wireguard.dns_resolver")
 
 
+def _throughput_problems(r: ThroughputCheck, bursts: int, at: str) -> Iterator[Problem]:
+    yield from _ipv4_endpoint_problems(r.reflector, f"{at}.reflector")
+    for name in ("rate", "duration", "max_queueing_delay", "budget_bytes_per_hour"):
+        if not getattr(r, name) > 0:
+            yield Problem(f"{at}.{name}", f"must be > 0, got {getattr(r, name):g}")
+    if r.min_rate is not None and not 0 < r.min_rate <= r.rate:
+        yield Problem(f"{at}.min_rate", f"must be > 0 and at most rate ({r.rate:g})")
+    if not 68 <= r.packet_size <= 1500:
+        yield Problem(f"{at}.packet_size", f"must be 68..1500 bytes, got {r.packet_size}")
+    if r.idle_echoes < 1:
+        yield Problem(f"{at}.idle_echoes", f"must be >= 1, got {r.idle_echoes}")
+    burst = r.rate / 8 * r.duration * max(bursts, 1)
+    if r.budget_bytes_per_hour > 0 and burst > r.budget_bytes_per_hour:
+        yield Problem(f"{at}.budget_bytes_per_hour", f"one round of bursts ({burst:.0f} bytes "
+                                                     f"over {bursts} tunnel(s)) exceeds it")
+
+
 def user_path_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
     u = t.user_path
     if u is None:
@@ -668,12 +704,14 @@ def user_path_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
     if not via:
         yield Problem(at, "no tunnel to test through: configure wireguard (with "
                           "tunnel_address and canary) or openvpn")
-    if not any((u.egress, u.dns)):
-        yield Problem(at, "nothing to check: add egress or dns")
+    if not any((u.egress, u.dns, u.throughput)):
+        yield Problem(at, "nothing to check: add egress, dns or throughput")
     if u.egress is not None:
         yield from _egress_problems(u.egress, f"{at}.egress")
     if u.dns is not None:
         yield from _dns_problems(u.dns, t, via, f"{at}.dns")
+    if u.throughput is not None:
+        yield from _throughput_problems(u.throughput, len(via), f"{at}.throughput")
 
 
 def _load_problems(load: LoadTarget, over_ssh: bool, at: str) -> Iterator[Problem]:

@@ -86,6 +86,8 @@ class CheckSeries:
     rtt_p50: float | None = None
     rtt_p99: float | None = None
     loss_ratio: float | None = None
+    throughput: float | None = None  # bytes/s a throughput burst got to the far end
+    queueing_delay: float | None = None  # its RTT under load minus the idle RTT
     phases: dict[str, float] = field(default_factory=dict)
     node_facts: dict[str, float] = field(default_factory=dict)
     telemetry: bool = False  # a telemetry-tier check: counted apart from the probes' SLIs
@@ -144,6 +146,8 @@ class ProbeStats:
         if q is not None:
             s.rtt_p50, s.rtt_p99 = q.rtt_p50_seconds, q.rtt_p99_seconds
             s.loss_ratio = q.loss_ratio if q.sent else None
+            s.throughput, s.queueing_delay = (q.throughput_bytes_per_second,
+                                              q.queueing_delay_seconds)
         self._record_facts(s, result)
 
     @staticmethod
@@ -239,6 +243,12 @@ class AgentCollector(Collector):
         loss = GaugeMetricFamily("tunnelwatch_probe_loss_ratio",
                                  "Share of the last probe's exchanges that got no reply (0..1).",
                                  labels=labels)
+        throughput = GaugeMetricFamily("tunnelwatch_probe_throughput_bytes_per_second",
+                                       "Inner IP bytes per second the last throughput burst "
+                                       "got to the reflector beyond the node.", labels=labels)
+        queueing = GaugeMetricFamily("tunnelwatch_probe_queueing_delay_seconds",
+                                     "The last throughput burst's median RTT minus the idle "
+                                     "RTT before it.", labels=labels)
         reads = CounterMetricFamily("tunnelwatch_telemetry_reads",
                                     "Node telemetry reads (telemetry.* checks; not probes).",
                                     labels=labels)
@@ -265,6 +275,10 @@ class AgentCollector(Collector):
                     rtt99.add_metric(values, s.rtt_p99)
                 if s.loss_ratio is not None:
                     loss.add_metric(values, s.loss_ratio)
+                if s.throughput is not None:
+                    throughput.add_metric(values, s.throughput)
+                if s.queueing_delay is not None:
+                    queueing.add_metric(values, s.queueing_delay)
                 for name, value in list(s.node_facts.items()):
                     fam = facts.get(name)
                     if fam is None:
@@ -275,8 +289,8 @@ class AgentCollector(Collector):
                     fam.add_metric(values, value)
             for hkey, hist in list(self.probes.durations.items()):
                 duration.add_metric([*hkey, self.vantage], hist.cumulative(), hist.sum)
-        yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss, reads,
-                    read_failures)
+        yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss, throughput,
+                    queueing, reads, read_failures)
         yield from facts.values()
         yield from self._scheduler_families(empty)
         if self.reporter is not None:
@@ -319,7 +333,9 @@ class AgentCollector(Collector):
             for (cn, pp, rv), s in series for p, v in s.phases.items()))
         for name, attr in (("tunnelwatch_probe_rtt_p50_seconds", "rtt_p50"),
                            ("tunnelwatch_probe_rtt_p99_seconds", "rtt_p99"),
-                           ("tunnelwatch_probe_loss_ratio", "loss_ratio")):
+                           ("tunnelwatch_probe_loss_ratio", "loss_ratio"),
+                           ("tunnelwatch_probe_throughput_bytes_per_second", "throughput"),
+                           ("tunnelwatch_probe_queueing_delay_seconds", "queueing_delay")):
             family(name, (f"{name}{{{cn},{pp},{rv}}} {g(value)}\n"
                           for (cn, pp, rv), s in series
                           if (value := getattr(s, attr)) is not None))

@@ -34,6 +34,7 @@ class PlannedCheck:
     kind: CheckKind[Any]
     params: Any
     tier: Tier
+    min_interval: float = 0.0  # never started sooner after its last start (Planned)
 
     @property
     def key(self) -> str:
@@ -64,7 +65,7 @@ def plan_target(target: Target, base_dir: Path, state_dir: Path,
             log.warning("plan: node=%s family=%s skipped: %s", target.id, family.name, exc)
             continue
         out.extend(PlannedCheck(target.id, target.pool, target.pop, target.region, p.check,
-                                p.kind, p.params, p.kind.tier)
+                                p.kind, p.params, p.kind.tier, p.min_interval)
                    for p in planned if _wanted(target, p.check, p.kind.name))
     return out
 

@@ -34,6 +34,10 @@ Policy (HAProxy's health-check semantics, named after its keywords):
   made due now unless it is running or already due; a slot already queued later in the round
   is pulled forward (no extra probe). A token bucket (``max_reprobe_rate`` per second, burst
   twice that) bounds what requests can add, whatever the mesh asks.
+* **budget**: a check planned with a ``min_interval`` (a throughput burst's share of its
+  node's hourly budget) never starts sooner than that after its last start: rounds skip it
+  until then, fast re-probes and cascades wait for it, and the mesh's re-probe requests are
+  ``limited``.
 * a check never overlaps itself; a global, and a per-node semaphore bound concurrency.
 * **admission control**: the planned start rate (sum of 1/interval) is capped at
   ``max_probe_rate``; checks beyond it are refused at load. At run time a check that cannot start
@@ -199,7 +203,7 @@ class ScheduleCore:
         refused: list[str] = []
         rate = 0.0
         for c in checks:
-            cost = 1.0 / self.policy(c.tier).interval
+            cost = 1.0 / max(self.policy(c.tier).interval, c.min_interval)
             if rate + cost > self.max_rate:
                 refused.append(c.key)
                 continue
@@ -246,7 +250,15 @@ class ScheduleCore:
 
     # ---------------------------------------------------------------- time
 
+    @staticmethod
+    def _earliest(st: CheckState) -> float:
+        """When the check may start again (its min_interval after its last start)."""
+        if st.last_start is None or not st.check.min_interval:
+            return -float("inf")
+        return st.last_start + st.check.min_interval
+
     def _queue(self, st: CheckState, due: float, why: str) -> None:
+        due = max(due, self._earliest(st))
         st.gen += 1
         st.due, st.why = due, why
         heapq.heappush(self._heap, (due, st.gen, st.check.key))
@@ -272,7 +284,10 @@ class ScheduleCore:
                 continue  # busy, or already queued (fast re-probe, cascade)
             jitter = self.rng.uniform(-policy.jitter / 2, policy.jitter / 2)
             slot = min(max(st.phase + jitter, 0.0), _LAST_SLOT)
-            self._queue(st, round_start + slot * policy.interval, "round")
+            due = round_start + slot * policy.interval
+            if due < self._earliest(st):
+                continue  # its budget allows no run in this round
+            self._queue(st, due, "round")
         nxt = first + count
         return nxt if nxt < len(order) else -1
 
@@ -306,7 +321,7 @@ class ScheduleCore:
             return "unknown"
         if st.running or (st.due is not None and st.due <= now):
             return "busy"
-        if not self.max_reprobe_rate > 0:
+        if not self.max_reprobe_rate > 0 or now < self._earliest(st):
             return "limited"
         burst = 2 * self.max_reprobe_rate
         self._reprobe_tokens = min(burst, self._reprobe_tokens

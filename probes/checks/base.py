@@ -152,16 +152,19 @@ class CheckKind(Generic[P]):
 @dataclass(frozen=True, slots=True)
 class Planned:
     """One check of one node, as a family plans it: its name (unique per node, e.g.
-    ``tcp:443``, ``wireguard.handshake``), its kind and its params."""
+    ``tcp:443``, ``wireguard.handshake``), its kind and its params. ``min_interval``: the
+    check never starts sooner than this many seconds after its last start, whatever asks
+    (its tier's rounds, fast re-probes, the mesh): a budget, e.g. a throughput burst's."""
 
     check: str
     kind: CheckKind[Any]
     params: Any
+    min_interval: float = 0.0
 
     @classmethod
-    def of(cls, kind: CheckKind[P], params: P) -> Planned:
+    def of(cls, kind: CheckKind[P], params: P, *, min_interval: float = 0.0) -> Planned:
         """The check named after its kind (one per node)."""
-        return cls(kind.name, kind, params)
+        return cls(kind.name, kind, params, min_interval)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,11 @@
-"""The user's path through the tunnel: egress and DNS checks (docs/probes/user-path.md).
+"""The user's path through the tunnel: egress, DNS and throughput checks
+(docs/probes/user-path.md).
 
 A target's ``user_path:`` section adds, per tunnel protocol that carries traffic (WireGuard with
 ``tunnel_address`` and ``canary``, OpenVPN beyond level ``reset``), ``<protocol>.egress`` and
-``<protocol>.dns`` in the session tier. Each run is one whole client session — the protocol's own
+``<protocol>.dns`` and ``<protocol>.throughput`` in the session tier (throughput no more often
+than the node's hourly byte budget allows: the plan's ``min_interval``, which the scheduler
+honours whatever asks). Each run is one whole client session — the protocol's own
 handshake up to a working tunnel, the step, the goodbye — through the protocol module's
 :class:`~probes.checks.tunnel.TunnelProbe`, so a failure of the handshake or of the tunnel
 itself fails the check with the protocol's own reason; the step's reasons say what a user gets
@@ -21,8 +24,9 @@ from probes.checks import openvpn, wireguard
 from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned
 from probes.checks.egress import egress_step
 from probes.checks.resolve import dns_step
+from probes.checks.throughput import min_interval, throughput_step
 from probes.checks.tunnel import TunnelProbe, run_through
-from probes.config import DnsCheck, EgressCheck, carrying_tunnels
+from probes.config import DnsCheck, EgressCheck, ThroughputCheck, carrying_tunnels
 from probes.model import Tier
 
 Protocol = Literal["wireguard", "openvpn"]
@@ -37,6 +41,7 @@ class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
     openvpn: openvpn.OpenVPNParams | None = None
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
+    throughput: ThroughputCheck | None = None
 
 
 def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
@@ -59,6 +64,12 @@ async def run_dns(params: UserPathParams, timeout: float) -> CheckResult:
     return await run_through(_tunnel_probe(params, timeout), step)
 
 
+async def run_throughput(params: UserPathParams, timeout: float) -> CheckResult:
+    assert params.throughput is not None
+    step = functools.partial(throughput_step, check=params.throughput)
+    return await run_through(_tunnel_probe(params, timeout), step)
+
+
 def _kind(via: Protocol, what: str, run: Callable[[UserPathParams, float],
                                                   Awaitable[CheckResult]],
           description: str) -> CheckKind[UserPathParams]:
@@ -74,6 +85,10 @@ DNS = {via: _kind(via, "dns", run_dns,
                   f"{via} tunnel, then a DNS query through it to the node's resolver "
                   "(pushed or configured), its answer checked")
        for via in ("wireguard", "openvpn")}
+THROUGHPUT = {via: _kind(via, "throughput", run_throughput,
+                         f"{via} tunnel, then a short rate-capped UDP burst to a reflector "
+                         "beyond the node: rate, loss, queueing delay (DEGRADED bounds)")
+              for via in ("wireguard", "openvpn")}
 
 
 def _tunnel_params(ctx: PlanContext, via: Protocol) -> dict[str, Any]:
@@ -96,8 +111,13 @@ def plan(ctx: PlanContext) -> list[Planned]:
                                                               **tunnel)))
         if section.dns is not None:
             out.append(Planned.of(DNS[via], UserPathParams(via=via, dns=section.dns, **tunnel)))
+        if section.throughput is not None:
+            # the node's hourly byte budget, shared by its throughput checks (one per tunnel)
+            every = min_interval(section.throughput, len(carrying_tunnels(ctx.target)))
+            out.append(Planned.of(THROUGHPUT[via], UserPathParams(
+                via=via, throughput=section.throughput, **tunnel), min_interval=every))
     return out
 
 
-FAMILY = Family("user_path", (*EGRESS.values(), *DNS.values()), plan,
-                "The user's path through the tunnel: egress beyond the node, DNS")
+FAMILY = Family("user_path", (*EGRESS.values(), *DNS.values(), *THROUGHPUT.values()), plan,
+                "The user's path through the tunnel: egress beyond the node, DNS, throughput")

@@ -44,6 +44,15 @@ def set_masquerade(node: Host, subnets: Sequence[str], on: bool) -> None:
         f"    type nat hook postrouting priority srcnat; policy accept;\n{rules}\n  }}\n}}\n"))
 
 
+def shape_uplink(node: Host, rate_kbit: int | None) -> None:
+    """A tbf qdisc on the node's eth0 (everything it sends: to its clients and beyond), or
+    none (``rate_kbit`` None): a saturated or throttled uplink."""
+    node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+    if rate_kbit is not None:
+        node.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                  f"{rate_kbit}kbit", "burst", "4kb", "latency", "50ms"])
+
+
 def enable_egress(node: Host, subnets: Sequence[str]) -> None:
     """A node that carries its users: forwarding on, their subnets masqueraded."""
     set_forwarding(node, True)

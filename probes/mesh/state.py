@@ -30,7 +30,9 @@ OP_DOWN = 3
 OPINION_NAMES = ("NONE", "UP", "DEGRADED", "DOWN")
 
 # failure reasons that mean "the tunnel works, but badly": quality, not availability
-QUALITY_REASONS = frozenset({Reason.TUNNEL_LOSS, Reason.TUNNEL_RTT})
+# (a throughput burst's results included: DEGRADED bounds, never DOWN on their own)
+QUALITY_REASONS = frozenset({Reason.TUNNEL_LOSS, Reason.TUNNEL_RTT, Reason.THROUGHPUT_LOW,
+                             Reason.QUEUEING_DELAY, Reason.REFLECTOR_NO_REPLY})
 
 MAX_REASONS = 32  # evidence items per verdict: enough to explain, bounded for the log
 

@@ -93,6 +93,9 @@ class Reason(enum.StrEnum):
     DNS_SERVFAIL = "dns-servfail"
     DNS_REFUSED = "dns-refused"
     DNS_WRONG_ANSWER = "dns-wrong-answer"  # NXDOMAIN, no address, or one not expected
+    THROUGHPUT_LOW = "throughput-below-bound"  # quality: the burst's rate fell short
+    QUEUEING_DELAY = "queueing-delay-over-bound"  # quality: RTT under load minus idle RTT
+    REFLECTOR_NO_REPLY = "reflector-no-reply"  # quality: the burst was not answered at all
     # path MTU
     MTU_BLACK_HOLE = "mtu-black-hole"  # large DF packets vanish and no ICMP frag-needed arrives
     MTU_BELOW_MINIMUM = "mtu-below-minimum"
@@ -129,6 +132,11 @@ class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fi
     rtt_p50_seconds: Seconds | None = None
     rtt_p99_seconds: Seconds | None = None
     rtt_max_seconds: Seconds | None = None
+    # a throughput burst's (docs/probes/user-path.md): the rate of inner IP bytes that reached
+    # the far end, and the RTT under load minus the idle RTT. Meshes must be upgraded before
+    # agents that send them: an older mesh refuses the unknown fields
+    throughput_bytes_per_second: Rate | None = None
+    queueing_delay_seconds: Seconds | None = None
 
 
 class NodeLoad(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -574,6 +582,10 @@ def within_bounds(obs: Observation) -> Observation:
             rtt_p50_seconds=_clamp_opt(quality.rtt_p50_seconds),
             rtt_p99_seconds=_clamp_opt(quality.rtt_p99_seconds),
             rtt_max_seconds=_clamp_opt(quality.rtt_max_seconds),
+            throughput_bytes_per_second=(None if quality.throughput_bytes_per_second is None
+                                        else _clamp(quality.throughput_bytes_per_second,
+                                                    MAX_RATE)),
+            queueing_delay_seconds=_clamp_opt(quality.queueing_delay_seconds),
         )
     phases = {k[:MAX_PHASE_NAME]: _clamp(v, MAX_SECONDS)
               for k, v in list(obs.phases.items())[:MAX_PHASES]}

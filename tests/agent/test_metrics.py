@@ -33,6 +33,7 @@ def test_counters_histogram_gauges_and_labels() -> None:
     n1 = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu", "check": "tcp",
           "vantage": "v1"}
     assert get("tunnelwatch_probe_attempts_total", n1) == 2
+    assert get("tunnelwatch_probe_throughput_bytes_per_second", n1) is None
     assert get("tunnelwatch_probe_failures_total", {**n1, "reason": "refused"}) == 1
     assert get("tunnelwatch_probe_success", n1) == 0
     assert get("tunnelwatch_probe_loss_ratio", n1) == pytest.approx(0.2)
@@ -48,6 +49,13 @@ def test_counters_histogram_gauges_and_labels() -> None:
     for metric in registry.collect():
         for sample in metric.samples:
             assert not any(v.startswith("10.") or "/" in v for v in sample.labels.values())
+    # a throughput burst's figures
+    stats.record(_run("n1", False, Reason.THROUGHPUT_LOW, 1.5, quality=Quality(
+        sent=100, received=98, loss_ratio=0.02, throughput_bytes_per_second=25_000.0,
+        queueing_delay_seconds=0.04)))
+    assert get("tunnelwatch_probe_throughput_bytes_per_second", n1) == 25_000.0
+    assert get("tunnelwatch_probe_queueing_delay_seconds", n1) == 0.04
+    assert get("tunnelwatch_probe_failures_total", {**n1, "reason": "throughput-below-bound"}) == 1
 
 
 def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
@@ -62,7 +70,8 @@ def test_fast_exposition_is_byte_identical_to_generate_latest() -> None:
     stats.plan([planned("n1", Tier.L4), odd])
     stats.record(_run("n1", False, Reason.TIMEOUT, 7.0, phases={"connect": 1e-7}))
     stats.record(ProbeRun(odd, CheckResult(True, Reason.OK, 0.5, quality=Quality(
-        sent=3, received=3, rtt_p50_seconds=1234567.0)), 0.0, 1.0, 1.0, "round"))
+        sent=3, received=3, rtt_p50_seconds=1234567.0, throughput_bytes_per_second=125000.0,
+        queueing_delay_seconds=0.0125)), 0.0, 1.0, 1.0, "round"))
     stats.record(ProbeRun(planned("n1", Tier.L4), CheckResult(
         True, Reason.OK, 0.01, facts={"node_active_peers": 3, "node_load": 0.5}),
         0.0, 1.0, 1.0, "round"))

@@ -122,13 +122,14 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
         pytest.skip("prometheus is not installed")
     pytest.importorskip("promql_parser", reason="pip install -e '.[dev]'")
     from probes.lab.bgp import BirdPeer, GoBgpDaemon
-    from probes.lab.egress import enable_egress
+    from probes.lab.egress import REFLECTOR_PORT, enable_egress, start_reflector
     from probes.lab.fleet import Fleet
     from probes.model import signing
 
     fleet = Fleet.build(lab, ["node1"], ["agent1", "agent2"], pops=["pop1"])
     obs = lab.add_host("obs")  # mesh and Prometheus
     enable_egress(fleet.nodes["node1"].host, ["10.201.0.0/24"])
+    start_reflector(obs)
     ghost = lab.add_host("ghost")  # an address where nothing listens: refused, DOWN
     exe = str(Path(sys.executable).parent / "tunnelwatch")
     node1 = fleet.nodes["node1"]
@@ -194,7 +195,9 @@ def test_every_panel_returns_data(lab: Any, tmp_path: Path) -> None:
         config["targets"][0]["user_path"] = {
             "via": ["wireguard"],
             "egress": {"targets": [{"name": "obs", "address": obs.address}]},
-            "dns": {"name": "probe.lab", "attempts": 1, "attempt_timeout": 0.5}}
+            "dns": {"name": "probe.lab", "attempts": 1, "attempt_timeout": 0.5},
+            "throughput": {"reflector": f"{obs.address}:{REFLECTOR_PORT}", "rate": 200_000,
+                           "duration": 0.3, "budget_bytes_per_hour": 10_000_000}}
         config["targets"].append(
             {
                 "id": "ghost",

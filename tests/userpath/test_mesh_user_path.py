@@ -27,6 +27,7 @@ def _round(eng: DecisionEngine, t: float, failing: set[str], kind: str,
         batch.append(obs("n0", v, not bad, check=kind, kind=kind,
                          reason=reason if bad else Reason.OK, at=t))
     eng.observe(batch, t)
+    eng.tick(t + 0.5)  # what the mesh's clock does between batches (confirmations, dwell)
 
 
 @pytest.mark.parametrize(("kind", "reason"), [("wireguard.egress", Reason.EGRESS_FAILED),
@@ -50,9 +51,26 @@ def test_a_fault_every_vantage_sees_is_down_one_vantage_alone_is_not(
 
 
 def test_user_path_kinds_are_session_tier_and_their_failures_are_availability() -> None:
-    kinds = {name: kind for name, kind in KINDS.items() if name.endswith((".egress", ".dns"))}
-    assert set(kinds) == {"wireguard.egress", "wireguard.dns", "openvpn.egress", "openvpn.dns"}
+    kinds = {name: kind for name, kind in KINDS.items()
+             if name.endswith((".egress", ".dns", ".throughput"))}
+    assert set(kinds) == {f"{via}.{what}" for via in ("wireguard", "openvpn")
+                          for what in ("egress", "dns", "throughput")}
     assert {kind.tier for kind in kinds.values()} == {Tier.SESSION}
     user_path_reasons = {Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT, Reason.DNS_UNREACHABLE,
                          Reason.DNS_SERVFAIL, Reason.DNS_REFUSED, Reason.DNS_WRONG_ANSWER}
     assert not user_path_reasons & QUALITY_REASONS  # DOWN evidence, not DEGRADED
+
+
+@pytest.mark.parametrize("reason", [Reason.THROUGHPUT_LOW, Reason.QUEUEING_DELAY,
+                                    Reason.REFLECTOR_NO_REPLY])
+def test_a_throughput_fault_every_vantage_sees_is_degraded_never_down(reason: Reason) -> None:
+    eng = DecisionEngine(NO_DAMPING, fleet(1))
+    for t in range(3):
+        _round(eng, float(t), set(), "wireguard.throughput", reason)
+    assert eng.nodes["n0"].state is VerdictState.UP
+    states = set()
+    for t in range(3, 30):
+        _round(eng, float(t), set(V3), "wireguard.throughput", reason)
+        states.add(eng.nodes["n0"].state)
+    assert VerdictState.DOWN not in states
+    assert eng.nodes["n0"].state is VerdictState.DEGRADED

@@ -27,6 +27,7 @@ from probes.lab.egress import (
     enable_egress,
     set_forwarding,
     set_masquerade,
+    shape_uplink,
     start_reflector,
 )
 from probes.lab.openvpn import OpenVPNServer
@@ -48,6 +49,7 @@ class World:
     resolver: Resolver
     subnets: list[str]
     checks: list[PlannedCheck]
+    bursts: list[PlannedCheck]  # the throughput checks, run apart (they take a second each)
 
 
 def _write(path: Path, text: str) -> str:
@@ -65,7 +67,10 @@ def _targets(lab: Lab, node: Host, internet: Host) -> tuple[list[Target], list[s
     user_path = {"egress": {"targets": [{"name": "internet", "address": internet.address,
                                          "udp_port": REFLECTOR_PORT}],
                             "echo_count": 3, "echo_interval": 0.02},
-                 "dns": {"name": NAME, "expect": [internet.address], "attempt_timeout": 0.5}}
+                 "dns": {"name": NAME, "expect": [internet.address], "attempt_timeout": 0.5},
+                 "throughput": {"reflector": f"{internet.address}:{REFLECTOR_PORT}",
+                                "rate": 1_000_000, "duration": 0.5, "min_rate": 400_000,
+                                "max_queueing_delay": 0.2}}
 
     def openvpn(server: OpenVPNServer) -> dict[str, object]:
         return {"port": server.port, "proto": server.proto, "level": "tunnel",
@@ -101,18 +106,18 @@ def world() -> Iterator[World]:
         start_reflector(internet)
         targets, subnets = _targets(lab, node, internet)
         enable_egress(node, subnets)
-        checks = [c for t in targets
-                  for c in plan_target(t, lab.dir, lab.dir / "state")
-                  if c.kind.name in ("wireguard.session", "openvpn.tunnel")
+        planned = [c for t in targets for c in plan_target(t, lab.dir, lab.dir / "state")]
+        checks = [c for c in planned if c.kind.name in ("wireguard.session", "openvpn.tunnel")
                   or c.kind.name.endswith((".egress", ".dns"))]
-        yield World(lab, node, agent, internet, resolver, subnets, checks)
+        bursts = [c for c in planned if c.kind.name.endswith(".throughput")]
+        yield World(lab, node, agent, internet, resolver, subnets, checks, bursts)
 
 
-def _run_all(world: World) -> dict[str, CheckResult]:
+def _run_all(world: World, checks: list[PlannedCheck] | None = None) -> dict[str, CheckResult]:
     """Every check once, from the agent (WireGuard initiations at least 20 ms apart)."""
     out: dict[str, CheckResult] = {}
     with world.agent.entered():
-        for check in world.checks:
+        for check in world.checks if checks is None else checks:
             out[check.key] = asyncio.run(execute(check.kind, check.params, 5.0))
             time.sleep(0.03)
     return out
@@ -193,3 +198,28 @@ def test_a_resolver_answering_servfail_is_dns_servfail(world: World) -> None:
     finally:
         world.resolver.start()
     _assert(results, _by_kind(Reason.OK, Reason.DNS_SERVFAIL))
+
+
+def test_a_throttled_uplink_is_low_throughput_while_everything_else_passes(world: World) -> None:
+    assert len(world.bursts) == 3
+    idle = _run_all(world, world.bursts)
+    assert all(r.ok for r in idle.values()), {k: (r.reason, r.detail) for k, r in idle.items()}
+    for result in idle.values():
+        q = result.quality
+        assert q is not None and q.throughput_bytes_per_second is not None
+        assert q.throughput_bytes_per_second * 8 > 400_000
+        assert q.queueing_delay_seconds is not None
+    shape_uplink(world.node, 150)
+    try:
+        shaped = _run_all(world, world.bursts + world.checks)
+    finally:
+        shape_uplink(world.node, None)
+    low = {k: r for k, r in shaped.items() if k.endswith(".throughput")}
+    assert {r.reason for r in low.values()} == {Reason.THROUGHPUT_LOW}, {
+        k: (r.reason, r.detail) for k, r in low.items()}
+    for result in low.values():
+        q = result.quality
+        assert q is not None and q.throughput_bytes_per_second is not None
+        assert q.throughput_bytes_per_second * 8 < 300_000, result.detail
+    rest = {k: r for k, r in shaped.items() if k not in low}
+    assert all(r.ok for r in rest.values()), {k: (r.reason, r.detail) for k, r in rest.items()}
