@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from probes.lab.bgp import BirdPeer, GoBgpDaemon
+from probes.lab.egress import enable_egress
 from probes.lab.fleet import Fleet
 from probes.lab.haproxy import Backend, HAProxyServer
 from probes.lab.netns import LabError
@@ -45,6 +46,7 @@ RECEIVER_PORT = 9490
 AGENT_PORT = 9470
 PROMETHEUS_PORT = 9090
 NATIVE_CHECK = "check inter 2s fall 3 rise 2"
+WG_CLIENT_SUBNET = "10.201.0.0/24"  # the fleet's agents' WireGuard tunnel addresses
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class StackOptions:
     agent_state_dirs: tuple[tuple[str, str], ...] = ()  # (agent, directory)
     # a webhook publisher to the reference receiver (tunnelwatch receiver) on the control host
     receiver: bool = False
+    # the user's path (docs/probes/user-path.md): every node forwards and masquerades its
+    # WireGuard clients; the agents' targets get an egress check to an "internet" host through
+    # WireGuard (add "wireguard.egress" to ``checks``), the session tier at ``session_interval``
+    user_path: bool = False
+    session_interval: float = 30.0
 
 
 class DualHAProxy(HAProxyServer):
@@ -114,6 +121,7 @@ class Stack:
     upstream: BirdPeer | None = None
     speakers: dict[str, GoBgpDaemon] = field(default_factory=dict)  # per PoP (= per node)
     receiver_proc: Any = None
+    internet: Host | None = None  # user_path: the host beyond the nodes
 
     # ------------------------------------------------------------------ building
 
@@ -135,6 +143,10 @@ class Stack:
                 native.append(Backend(name, node.host.address, 1194, NATIVE_CHECK))
         servers = [Backend(n.name, n.host.address, n.openvpn.port)
                    for n in self.fleet.nodes.values()]
+        if o.user_path:
+            self.internet = self.lab.add_host("internet")
+            for node in self.fleet.nodes.values():
+                enable_egress(node.host, [WG_CLIENT_SUBNET])
         self.haproxy = DualHAProxy(self.lab, self.control, servers, native)
         self.haproxy.start()
         if o.anycast:
@@ -244,7 +256,8 @@ class Stack:
         tier = {"interval": o.interval, "timeout": o.timeout, "fast_interval": o.fast_interval,
                 "rise": 2, "fall": 3}
         config["tiers"] = {"l4": tier, "functional": tier,
-                           "session": {**tier, "interval": 30.0, "timeout": 10.0,
+                           "session": {**tier, "interval": o.session_interval,
+                                       "timeout": min(10.0, o.session_interval / 2),
                                        "fast_interval": 5.0}}
         config["agent"]["listen"] = f"{agent.host.address}:{AGENT_PORT}"
         config["agent"]["max_start_lag"] = o.max_start_lag
@@ -253,6 +266,9 @@ class Stack:
             config["agent"]["state_dir"] = state_dirs[name]
         for target in config["targets"]:
             target["checks"] = list(o.checks)
+            if self.internet is not None:
+                target["user_path"] = {"via": ["wireguard"], "egress": {"targets": [
+                    {"name": "internet", "address": self.internet.address}]}}
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         proc = agent.host.popen([sys.executable, "-m", "probes.cli", "agent", "--config",
                                  str(path), "--log-level", "warning"], name="agent")
