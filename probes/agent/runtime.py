@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from probes.agent.http import HttpHooks, build_app, find_check, start_http
 from probes.agent.metrics import (
@@ -48,6 +49,7 @@ from probes.model import (
     signing,
     within_bounds,
 )
+from probes.selfmetrics import ConfigReloads, self_registry
 
 log = logging.getLogger(__name__)
 # APScheduler logs every job run at INFO: two lines per tier round are noise, not context
@@ -123,6 +125,9 @@ class Agent:
                                         lambda: self.scheduler.stats, self.reporter_stats,
                                         self._scheduler_info, tracer=self.tracer_stats)
         self.registry = new_registry(self.collector)
+        self.reloads = ConfigReloads()
+        self.reloads.succeeded()  # the config it runs on was just loaded
+        self.self_registry = self_registry("agent", self.reloads)
         self.reporter: Reporter | None = None
         self._http: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -209,7 +214,7 @@ class Agent:
         self.reporter = self._new_reporter(self.config)
         if self.reporter is not None:
             await self.reporter.start()
-        hooks = HttpHooks(render_metrics=self.collector.render,
+        hooks = HttpHooks(render_metrics=self.render_metrics,
                           find_check=lambda node, module: find_check(self.checks, node, module),
                           tier_timeout=lambda c: self.core.policy(c.tier).timeout,
                           reload=self.reload, health=self.health)
@@ -241,9 +246,22 @@ class Agent:
                 "uptime_seconds": round(time.time() - self.started_at, 1),
                 "spool_depth": self.reporter_stats.spool_depth}
 
+    def render_metrics(self) -> bytes:
+        """The /metrics body: the agent's families, then the process's own."""
+        return self.collector.render() + generate_latest(self.self_registry)
+
     async def reload(self, *, force: bool = False) -> str:
         """Re-read the config and apply it; ValueError (ConfigError, ReloadRefused) keeps the
         running one. ``force``: also when it removes more than half of the running checks."""
+        try:
+            message = await self._reload(force=force)
+        except Exception:
+            self.reloads.failed()
+            raise
+        self.reloads.succeeded()
+        return message
+
+    async def _reload(self, *, force: bool) -> str:
         async with self._reload_lock:
             config = load_agent_config(self.config_path)  # ConfigError: keep the running one
             if config.agent.vantage != self.vantage:

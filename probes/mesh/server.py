@@ -37,6 +37,7 @@ from probes.mesh.store_etcd import EtcdClient, EtcdStore
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.model import VerdictState, signing
 from probes.paths.asn import EMPTY, AsnTable, load_table
+from probes.selfmetrics import ConfigReloads, self_registry
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)
@@ -108,6 +109,9 @@ def build_app(
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
     registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner, guard))
     registry.register(WeightCollector(lambda: ingest.service))
+    reloads = ConfigReloads()
+    reloads.succeeded()  # the mesh reads its config at start only
+    self_registry("mesh", reloads, registry)
 
     app = web.Application(client_max_size=cfg.max_body_bytes,
                           handler_args=connections.handler_args(cfg.idle_timeout_seconds))
