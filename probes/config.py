@@ -70,7 +70,7 @@ class ConfigError(ValueError):
 # building blocks
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                        r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _INTERFACE = re.compile(r"^[A-Za-z0-9._-]{1,15}$")  # Linux IFNAMSIZ - 1, no '/' or spaces
 
@@ -754,7 +754,7 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
     try:
         ipaddress.ip_address(t.address)
     except ValueError:
-        if not _HOSTNAME.match(t.address):
+        if not HOSTNAME.match(t.address):
             yield Problem(f"{at}.address", f"expected an IP address or hostname, got {t.address!r}")
     if t.wireguard is not None:
         yield from wireguard_problems(t.wireguard, f"{at}.wireguard", base_dir)

@@ -1,26 +1,31 @@
 """The agent's HTTP endpoints (aiohttp): /metrics, /probe, /healthz, POST /-/reload.
 
-``/probe?target=NODE&module=CHECK`` follows blackbox_exporter's multi-target pattern, so a
-standard blackbox relabeling config works unchanged (``__param_target`` <- the node id,
-``__address__`` -> the agent). Like blackbox_exporter it builds a fresh registry per request
-and honours ``X-Prometheus-Scrape-Timeout-Seconds`` minus a 0.5 s offset, capped by the
-check's tier timeout. ``module`` is a check name of that node (``tcp:443``,
-``wireguard.handshake``) or a kind (``tcp``: the node's first TCP check).
+``/probe?target=TARGET&module=MODULE`` follows blackbox_exporter's multi-target pattern, so a
+standard blackbox relabeling config works unchanged (``__param_target`` <- a node id or an
+address, ``__address__`` -> the agent); what target and module may be is
+:mod:`probes.agent.probe_target`. Like blackbox_exporter it builds a fresh registry per request,
+honours ``X-Prometheus-Scrape-Timeout-Seconds`` minus a 0.5 s offset (capped by the check's tier
+timeout), answers 400 naming an unknown module or a bad target, and with ``debug=true`` answers
+the probe's log, the metrics it would have returned and the check it ran, as text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
-from collections.abc import Awaitable, Callable
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from probes.agent.plan import PlannedCheck
+from probes.agent.probe_target import ProbeChoice, ProbeRequestError
 from probes.checks.base import CheckResult, execute
 from probes.config import parse_host_port
 from probes.startup import bind_error
@@ -31,8 +36,8 @@ TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
 @dataclass
 class HttpHooks:
     render_metrics: Callable[[], bytes]  # the /metrics body (text format 0.0.4)
-    find_check: Callable[[str, str], PlannedCheck | None]
-    tier_timeout: Callable[[PlannedCheck], float]
+    choose_probe: Callable[[str, str], ProbeChoice]  # (target, module); ProbeRequestError
+    tier_timeout: Callable[[ProbeChoice], float]
     reload: Callable[..., Awaitable[str]]  # reload(force=bool)
     health: Callable[[], dict[str, Any]]
 
@@ -90,18 +95,18 @@ def build_app(hooks: HttpHooks) -> web.Application:
     async def probe(request: web.Request) -> web.Response:
         target = request.query.get("target", "")
         module = request.query.get("module", "")
-        if not target:
-            return web.Response(status=400, text="Target parameter is missing\n")
-        check = hooks.find_check(target, module)
-        if check is None:
-            return web.Response(status=400,
-                                text=f"Unknown target {target!r} or module {module!r}\n")
-        timeout = hooks.tier_timeout(check)
+        try:
+            choice = hooks.choose_probe(target, module)
+        except ProbeRequestError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        timeout = hooks.tier_timeout(choice)
         header = request.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
         if header:
             with contextlib.suppress(ValueError):
                 timeout = max(min(timeout, float(header) - TIMEOUT_OFFSET), 0.1)
-        result = await execute(check.kind, check.params, timeout)
+        if request.query.get("debug", "").lower() == "true":
+            return web.Response(text=await debug_probe(choice, target, module, timeout))
+        result = await execute(choice.kind, choice.params, timeout)
         return _exposition(probe_registry(result, timeout))
 
     async def healthz(_: web.Request) -> web.Response:
@@ -125,6 +130,51 @@ def build_app(hooks: HttpHooks) -> web.Application:
     return app
 
 
+async def debug_probe(choice: ProbeChoice, target: str, module: str, timeout: float) -> str:
+    """``debug=true``: the probe's log, the metrics it would have returned and the check it
+    ran, as text (blackbox_exporter's three sections)."""
+    lines = [f"Beginning probe: target={target} module={module} check={choice.name} "
+             f"kind={choice.kind.name} ({choice.source}) timeout={timeout:g}s"]
+    with captured_logs() as records:
+        result = await execute(choice.kind, choice.params, timeout)
+    lines.extend(f"{r.levelname} {r.name}: {r.getMessage()}" for r in records)
+    for phase, seconds in result.phases.items():
+        lines.append(f"phase {phase}: {seconds * 1000:.1f} ms")
+    outcome = "succeeded" if result.ok else f"failed: reason={result.reason.value}"
+    lines.append(f"Probe {outcome} after {result.duration_seconds * 1000:.1f} ms"
+                 + (f"; {result.detail}" if result.detail else ""))
+    metrics = generate_latest(probe_registry(result, timeout)).decode()
+    params = json.dumps(msgspec.to_builtins(choice.params), default=str, indent=2)
+    return ("Logs for the probe:\n" + "\n".join(lines) + "\n\n"
+            "Metrics that would have been returned:\n" + metrics + "\n"
+            f"Module configuration:\n{choice.kind.name} ({choice.source}):\n{params}\n")
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[logging.LogRecord]]:
+    """The ``probes`` log records of the current task while the block runs."""
+    records: list[logging.LogRecord] = []
+    token = _CAPTURE.set(records)
+    try:
+        yield records
+    finally:
+        _CAPTURE.reset(token)
+
+
+_CAPTURE: contextvars.ContextVar[list[logging.LogRecord] | None] = contextvars.ContextVar(
+    "probe_log_capture", default=None)
+
+
+class _CaptureHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        records = _CAPTURE.get()
+        if records is not None and len(records) < 1000:
+            records.append(record)
+
+
+logging.getLogger("probes").addHandler(_CaptureHandler())
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     return parse_host_port(listen, default_host="127.0.0.1")
 
@@ -139,15 +189,3 @@ async def start_http(app: web.Application, listen: str) -> web.AppRunner:
         await runner.cleanup()
         raise bind_error(exc, host, port) from None
     return runner
-
-
-def find_check(checks: list[PlannedCheck], node: str, module: str) -> PlannedCheck | None:
-    by_kind: PlannedCheck | None = None
-    for c in checks:
-        if c.node != node:
-            continue
-        if c.check == module:
-            return c
-        if by_kind is None and c.kind.name == module:
-            by_kind = c
-    return by_kind

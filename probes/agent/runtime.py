@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from probes.agent.http import HttpHooks, build_app, find_check, start_http
+from probes.agent.http import HttpHooks, build_app, start_http
 from probes.agent.metrics import (
     AgentCollector,
     ProbeStats,
@@ -38,6 +38,7 @@ from probes.agent.metrics import (
     new_registry,
 )
 from probes.agent.plan import PlannedCheck, check_key, plan, reload_removal_problem
+from probes.agent.probe_target import choose as choose_probe
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.agent.tracer import Tracer
@@ -215,8 +216,9 @@ class Agent:
         if self.reporter is not None:
             await self.reporter.start()
         hooks = HttpHooks(render_metrics=self.render_metrics,
-                          find_check=lambda node, module: find_check(self.checks, node, module),
-                          tier_timeout=lambda c: self.core.policy(c.tier).timeout,
+                          choose_probe=lambda target, module: choose_probe(
+                              target, module, self.checks, self.config.targets),
+                          tier_timeout=lambda c: self.core.policy(c.kind.tier).timeout,
                           reload=self.reload, health=self.health)
         self._http = await start_http(build_app(hooks), self.listen)
         await self._start_tracer()

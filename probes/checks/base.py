@@ -234,6 +234,40 @@ class ProbeCommand(Generic[S]):
     description: str = ""
 
 
+def plan_once(command: ProbeCommand[Any], host: str, port: int | None,
+              given: Mapping[str, Any] | None = None, *, state_dir: Path | None = None,
+              state_files: Mapping[str, str] | None = None,
+              where: Callable[[str], str] = lambda path: f"{path}: ") -> Planned:
+    """One check of ``command`` against ``host[:port]`` with options ``given`` over the
+    command's defaults, validated by the config file's rules and planned as the agent plans a
+    target: the deepest check planned. ValueError or :class:`ConfigError` when the options do
+    not make a check (a WireGuard command without keys). ``tunnelwatch probe`` and the agent's
+    ``/probe`` for an address both come here."""
+    options_given = {**command.defaults, **(given or {})}
+    if port is not None:
+        options_given["port"] = port
+    if "host" in {f.name for f in msgspec.structs.fields(command.options)}:
+        options_given["host"] = host
+    try:
+        options = msgspec.convert(options_given, command.options)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from None
+    if command.validate is not None:
+        problems = [f"{where(p.path)}{p.message}"
+                    for p in command.validate(options, "$", Path.cwd())]
+        if problems:
+            raise ValueError("; ".join(problems))
+    target = Target(id="probe", pool="", pop="", region="", address=host)
+    planned = list(command.plan(options, PlanContext(target, Path.cwd(), state_dir,
+                                                     dict(state_files or {}))))
+    if not planned:
+        raise ValueError("nothing to run with these options")
+    chosen = planned[-1]
+    if command.preflight is not None:
+        command.preflight(chosen)  # keys and certificates, read now: a bad one is ours
+    return chosen
+
+
 def section_plan(section: str, plan: Callable[[PlanContext], Iterable[Planned]]
                  ) -> Callable[[Any, PlanContext], Iterable[Planned]]:
     """A probe command's planning when its options are a config section: the family's own

@@ -19,9 +19,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from probes.checks.base import ConfigError, PlanContext, Planned, ProbeCommand
+from probes.checks.base import ConfigError, Planned, ProbeCommand, plan_once
 from probes.cli.probe import add_common_arguments, run_and_report, usage_error
-from probes.config import Target, parse_host_port, split_host_port
+from probes.config import parse_host_port, split_host_port
 from probes.configref import field_comment
 from probes.duration import DURATION_EXTRA, parse_duration
 
@@ -160,35 +160,13 @@ def _where(command: ProbeCommand[Any], path: str) -> str:
 def choose(command: ProbeCommand[Any], args: argparse.Namespace) -> Planned:
     """The check the arguments ask for. ValueError or ConfigError: a usage error."""
     host, port = _node(command, args)
-    given = {**command.defaults, **{key.removeprefix(_DEST): value
-                                    for key, value in vars(args).items()
-                                    if key.startswith(_DEST)}}
-    fields = {f.name for f in msgspec.structs.fields(command.options)}
-    if port is not None:
-        given["port"] = port
-    if "host" in fields:
-        given["host"] = host
-    try:
-        options = msgspec.convert(given, command.options)
-    except msgspec.ValidationError as exc:
-        raise ValueError(str(exc)) from None
-    if command.validate is not None:
-        problems = [f"{_where(command, p.path)}{p.message}"
-                    for p in command.validate(options, "$", Path.cwd())]
-        if problems:
-            raise ValueError("; ".join(problems))
+    given = {key.removeprefix(_DEST): value for key, value in vars(args).items()
+             if key.startswith(_DEST)}
     state_dir = None if getattr(args, "no_state", False) else default_state_dir()
     state_files = ({command.state_files[0]: args.state_file}
                    if getattr(args, "state_file", None) else {})
-    target = Target(id="probe", pool="", pop="", region="", address=host)
-    planned = list(command.plan(options, PlanContext(target, Path.cwd(), state_dir,
-                                                     state_files)))
-    if not planned:
-        raise ValueError("nothing to run with these flags")
-    chosen = planned[-1]
-    if command.preflight is not None:
-        command.preflight(chosen)  # keys and certificates, read now: a bad one is ours
-    return chosen
+    return plan_once(command, host, port, given, state_dir=state_dir, state_files=state_files,
+                     where=lambda path: _where(command, path))
 
 
 def run_command(command: ProbeCommand[Any], args: argparse.Namespace) -> int:
