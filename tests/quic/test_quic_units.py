@@ -163,9 +163,9 @@ def test_connect_ip_is_planned_only_when_asked_for(tmp_path: Path) -> None:
 def test_ipv4_icmp_echo_packet_and_lab_reply_round_trip() -> None:
     import ipaddress
 
-    from probes.checks.icmp import checksum
     from probes.checks.tunnel import build_echo, parse_echo_reply
     from probes.lab.masque import icmp_echo_reply_for
+    from probes.protocols.inet import checksum
 
     def reply_sequence(packet: bytes, ident: int) -> int | None:
         echo = parse_echo_reply(packet)
