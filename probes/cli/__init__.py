@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "configref",
     "paths",
     "reflector",
+    "assets",
 )
 
 EXIT_OK = 0

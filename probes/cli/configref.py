@@ -1,5 +1,7 @@
-"""``tunnelwatch config-reference [--check]``: write docs/configuration-reference.md from the
-config models (probes/configref.py); with ``--check``, exit 1 when the file on disk is stale."""
+"""``tunnelwatch config-reference [--output FILE] [--check]``: write the configuration reference
+generated from the config models (probes/configref.py); with ``--check``, exit 1 when the file on
+disk is stale. Without ``--output`` it writes docs/configuration-reference.md of the checkout it
+runs from, and to stdout from an install (it used to write into site-packages)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ from typing import Any
 
 EXIT_OK, EXIT_STALE = 0, 1
 # the checkout this package runs from (an editable install: `make docs`, the tests)
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "configuration-reference.md"
+_CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_OUTPUT = _CHECKOUT / "docs" / "configuration-reference.md"
+
+
+def default_output() -> Path | None:
+    """The checkout's reference file; None in an install (no source tree around it)."""
+    return DEFAULT_OUTPUT if (_CHECKOUT / "pyproject.toml").is_file() else None
 _DIFF_LINES_SHOWN = 40
 
 
@@ -33,8 +41,15 @@ def stale_summary(committed: str, fresh: str, name: str) -> list[str]:
 def handle(args: argparse.Namespace) -> int:
     from probes.configref import render_reference  # noqa: PLC0415 - imports every model
 
-    path = Path(args.output)
     fresh = render_reference()
+    if args.output is None and default_output() is None:
+        if args.check:
+            print("tunnelwatch config-reference: --check needs --output FILE (no checkout here)",
+                  file=sys.stderr)
+            return 2
+        sys.stdout.write(fresh)
+        return EXIT_OK
+    path = Path(args.output) if args.output is not None else DEFAULT_OUTPUT
     try:
         on_disk: str | None = path.read_text()
     except FileNotFoundError:
@@ -62,6 +77,7 @@ def add_parser(sub: Any) -> None:
                        help="write the configuration reference generated from the config models")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 with a diff summary if the file is stale")
-    p.add_argument("--output", default=str(DEFAULT_OUTPUT),
-                   help="default: docs/configuration-reference.md of this checkout")
+    p.add_argument("--output", metavar="FILE",
+                   help="where to write it (default: docs/configuration-reference.md of the "
+                        "checkout this runs from; stdout from an installed package)")
     p.set_defaults(handler=handle)
