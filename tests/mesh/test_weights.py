@@ -5,6 +5,7 @@ snapshot continuity)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import msgspec
 import pytest
@@ -449,6 +450,38 @@ def test_guard_keeps_the_pools_share(script: list) -> None:
         # the targets (what the rate limit moves towards) keep the guard's share of the limits
         # (the state caps, lowered by slow start's ramp)
         assert sum(n.target for n in serving) >= share * sum(n.limit for n in serving) - 1e-6
+
+
+@PROPS
+@given(script=scripts)
+def test_slow_start_ramps_a_returning_node(script: list) -> None:
+    """A node back in service from DOWN, DRAINING or MAINTENANCE never carries more than slow
+    start's ramp, whatever its load: ``elapsed`` seconds after its return, at most
+    initial + (100 - initial) * elapsed / slow_start_seconds, published weight included."""
+    eng = pool(4)
+    policy = eng.policy
+    initial, span = policy.slow_start_initial_percent, policy.slow_start_seconds
+    returned: dict[str, float] = {}
+    now = 0.0
+    for dt, act in script:
+        now += dt
+        if act[0] == "state":
+            name, state = f"n{act[1]}", act[2]
+            before = eng.nodes[name].state
+            run(eng, [(0.0, act)], now)
+            if state != before and state in (UP, DEGRADED) and before in (DOWN, DRAINING, MAINT):
+                returned[name] = now
+            elif state not in (UP, DEGRADED):
+                returned.pop(name, None)
+        else:
+            run(eng, [(0.0, act)], now)
+        for name, since in returned.items():
+            if now - since >= span:
+                continue
+            ramp = initial + (100 - initial) * (now - since) / span
+            node = eng.nodes[name]
+            assert node.weight is not None and node.weight <= ramp + 1e-9
+            assert node.published is not None and node.published <= math.floor(ramp + 0.5)
 
 
 @PROPS
