@@ -11,7 +11,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 
+from probes.cli import main
 from probes.lab.udp_pool import DECISION, WEIGHTS
 from probes.mesh.decision import NodeInfo
 from probes.mesh.policy import DecisionPolicy
@@ -19,6 +21,7 @@ from probes.mesh.replay import parse_lines, replay_weights
 from probes.mesh.weight_policy import WeightPolicy
 from probes.mesh.weights import WeightNode
 from probes.model import WeightChange, encode
+from tests.mesh.helpers import write_mesh_config
 
 pytestmark = pytest.mark.mesh
 
@@ -43,6 +46,17 @@ def test_recorded_trace_replays_to_the_same_weights_byte_for_byte() -> None:
         EXPECTED.write_bytes(got)
     assert got == EXPECTED.read_bytes()
     assert replayed() == got  # and again
+
+
+def test_mesh_replay_weights_prints_the_same_bytes(
+        tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """The operator's way in: ``tunnelwatch mesh replay --weights`` with the lab's policies."""
+    config = write_mesh_config(
+        tmp_path, 0, ["agent"], infos=[NodeInfo(n, "udp", "lab1", "lab") for n in NODES],
+        extra=yaml.safe_dump({"tick_seconds": 1.0, "decision": DECISION, "weights": WEIGHTS}))
+    argv = ["mesh", "replay", "--weights", "--config", str(config), "--observations", str(TRACE)]
+    assert main(argv) == 0
+    assert capsysbinary.readouterr().out == EXPECTED.read_bytes()
 
 
 def test_the_trace_shows_what_was_done_to_the_nodes() -> None:
