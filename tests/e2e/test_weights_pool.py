@@ -76,6 +76,18 @@ def haproxy_weights(pool: UdpPool, backend: str) -> dict[str, int]:
     return {server: row.user_weight for (_, server), row in rows.items()}
 
 
+def haproxy_admin(pool: UdpPool, backend: str) -> dict[str, str]:
+    rows = parse_servers_state(pool.haproxy.command(f"show servers state {backend}"))
+    return {server: row.admin for (_, server), row in rows.items()}
+
+
+def drain_argv(pool: UdpPool, node: str, *flags: str) -> list[str]:
+    """``tunnelwatch drain`` run from the mesh's host (lab addresses are not routed from here)."""
+    return netns.exec_argv(pool.control.ns, [
+        sys.executable, "-m", "probes.cli", "drain", node, *flags,
+        "--config", str(pool.mesh_config)])
+
+
 def settle(what: str, check: Callable[[], bool], timeout: float = 30.0) -> float:
     started = time.monotonic()
     wait_for(check, timeout, what, interval=0.2)
@@ -131,20 +143,26 @@ def test_drain_keeps_tunnels_takes_no_new_flows_and_waits_for_clients_to_leave(
         pool.set_rate(i, LIGHT)
     settle("node2's clients counted", lambda: (pool.mesh_nodes()["node2"]
                                                .get("effective_sessions") or 0) >= 2)
-    drain = subprocess.Popen(  # from the mesh's host: lab addresses are not routed from here
-        netns.exec_argv(pool.control.ns, [
-            sys.executable, "-m", "probes.cli", "drain", "node2", "--wait", "--timeout", "60",
-            "--config", str(pool.mesh_config)]),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # while its clients are there, --wait gives up at its timeout and says what is left
+    early = subprocess.run(drain_argv(pool, "node2", "--wait", "--timeout", "4"),
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert early.returncode == 1, early.stdout + early.stderr
+    assert "node2: not drained after 4 s" in early.stdout, early.stdout
+    assert "effective sessions (done at <= 0)" in early.stdout, early.stdout
+    assert pool.mesh_nodes()["node2"]["state"] == "DRAINING"  # the timeout ends no drain
+    drain = subprocess.Popen(drain_argv(pool, "node2", "--wait", "--timeout", "60"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         settle("node2 off in nftlb", lambda: pool.nftlb_weights()["node2"][0] == "off")
+        # every balancer stops choosing it: HAProxy pushed (runtime API) and pulled (agent-check)
+        settle("node2 draining in HAProxy", lambda: all(
+            haproxy_admin(pool, backend)["node2"] == "drain" for backend in ("vpn", "pulled")))
         # no new flow lands on the draining node, ...
         counts = new_udp_flows(pool, 60)
         assert counts["node2"] == 0, counts
         # ... its clients keep their tunnels, and the drain is not done while they are there
         assert all(c.ping() for c in pool.clients.values())
         assert pool.node_of(pool.clients[0]) == "node2"
-        time.sleep(3)
         assert drain.poll() is None, "drain --wait returned while clients were still there"
         for index in list(pool.clients):
             pool.remove_client(index)
@@ -158,7 +176,6 @@ def test_drain_keeps_tunnels_takes_no_new_flows_and_waits_for_clients_to_leave(
     settle("node2 back in nftlb", lambda: pool.nftlb_weights()["node2"][0] == "up")
     assert pool.nftlb_weights()["node2"][1] <= 40  # through slow start
     settle("node2 at full weight", lambda: pool.nftlb_weights()["node2"] == ("up", 100))
-
 
 
 def test_ikev2_through_the_balancer_lands_only_on_a_node_it_may(pool: UdpPool) -> None:
