@@ -64,8 +64,8 @@ def test_default_policy_has_the_briefs_steps_and_drop_and_session_bounds() -> No
     tables = {(t.signal, t.relative): t.steps for t in WeightPolicy().steps}
     assert tables[("cpu", False)] == [Step(0.75, 0.2), Step(0.85, 0.5)]
     assert tables[("drops", False)] == [Step(0.001, 0.2), Step(0.01, 0.5)]
-    assert tables[("effective_sessions", True)] == [Step(1.2, 0.3), Step(1.5, 0.6),
-                                                    Step(2.0, 0.85)]
+    assert tables[("effective_sessions", True)] == [Step(1.02, 0.3), Step(1.06, 0.5),
+                                                    Step(1.1, 0.7), Step(1.2, 0.9)]
 
 
 @pytest.mark.parametrize(("drops", "packets", "weight"), [
