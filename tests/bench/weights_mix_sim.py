@@ -4,20 +4,23 @@ is), and a balancer that places each new flow at random by weight, as nftlb's ``
 No packets: it shows what a step table can reach on this mix before a lab run, over many mix and
 placement seeds where the lab affords one (the lab run is the figure that counts).
 
-``.venv/bin/python -m tests.bench.weights_mix_sim [SEEDS]`` prints the mean coefficient of
-variation of node load for equal weights, the default policy and least-load placement (every
-flow to the least-loaded node, which no weighted-random balancer can do: the floor of the mix).
+``.venv/bin/python -m tests.bench.weights_mix_sim [--seeds N] [--lag S] [--steps JSON]`` prints
+the mean coefficient of variation of node load for equal weights, the weights (the default
+policy, or ``--steps '[[1.2, 0.3], [1.5, 0.6]]'`` as the relative effective-session table) and
+least-load placement (every flow to the least-loaded node, which no weighted-random balancer can
+do: the floor of the mix). ``--lag``: seconds from a load change to the engine's read of it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 import statistics
-import sys
 from collections.abc import Callable
 
 from probes.lab.udp_pool import WEIGHTS
-from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weight_policy import SignalSteps, Step, WeightPolicy
 from probes.mesh.weights import WeightEngine, WeightNode
 from probes.model import NodeLoad, VerdictState
 from tests.bench.test_weights_bench import LIGHT, RUN, SAMPLE, WARM_UP, cv, mix
@@ -74,16 +77,34 @@ def simulate(place: Placement, mix_seed: int, place_seed: int,
     return statistics.fmean(cvs)
 
 
-def main(seeds: int) -> None:
-    runs = [(mix_seed, place_seed) for mix_seed in range(1, seeds + 1) for place_seed in (0, 1)]
-    print(f"mean CV of node load over {len(runs)} simulated runs ({seeds} mixes x 2 placements)")
-    for name, place in (("equal weights", at_random), ("default weights", by_weight),
+def policy_with(steps: list[list[float]] | None) -> WeightPolicy:
+    """The lab's weights policy; ``steps`` replaces its relative effective-session table."""
+    policy = WeightPolicy(**{**WEIGHTS, "enabled": True})
+    if steps is None:
+        return policy
+    tables = [t for t in policy.steps if t.signal != "effective_sessions"]
+    tables.append(SignalSteps("effective_sessions", [Step(at, cut) for at, cut in steps],
+                              relative=True, min_mean=1.0))
+    return WeightPolicy(**{**WEIGHTS, "enabled": True, "steps": tables})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=8, help="mixes (two placements each)")
+    parser.add_argument("--lag", type=float, default=1.0)
+    parser.add_argument("--steps", type=json.loads, default=None)
+    args = parser.parse_args()
+    policy = policy_with(args.steps)
+    runs = [(m, p) for m in range(1, args.seeds + 1) for p in (0, 1)]
+    print(f"mean CV of node load over {len(runs)} simulated runs ({args.seeds} mixes x 2 "
+          f"placements), {args.lag:g} s from a load change to its read")
+    for name, place in (("equal weights", at_random), ("weights", by_weight),
                         ("least-loaded (floor)", least_loaded)):
-        figures = [simulate(place, m, p) for m, p in runs]
+        figures = [simulate(place, m, p, policy, args.lag) for m, p in runs]
         over = sum(f > 0.25 for f in figures)
         print(f"{name:22} mean {statistics.fmean(figures):.3f}  max {max(figures):.3f}  "
               f"runs over 0.25: {over}/{len(figures)}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 8)
+    main()
