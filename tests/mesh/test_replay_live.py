@@ -18,6 +18,8 @@ from probes.mesh.policy import DecisionPolicy
 from probes.mesh.replay import JournalRecord, journal_record, parse_lines, replay
 from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
+from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weights import WeightNode
 from probes.model import SchemaError, VerdictState, encode
 from tests.mesh.fleetsim import Fault, FleetSim, generated_fleet, pool_nodes
 from tests.mesh.helpers import fleet, obs, write_mesh_config
@@ -27,14 +29,19 @@ pytestmark = pytest.mark.mesh
 VANTAGES = ["va", "vb", "vc"]
 
 
+@pytest.mark.parametrize("weights", [False, True])
 async def test_replaying_the_journal_gives_the_live_verdict_stream(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], weights: bool) -> None:
     nodes = generated_fleet([12])
     names = pool_nodes(nodes, "p0")
     run = FleetSim(nodes=nodes, vantages=VANTAGES, policy=DecisionPolicy(), seed=5, loss=0.05,
                    faults=[Fault(frozenset(names[:7]), 10.0, 30.0)]).run(45.0)
+    # with weights on, every verdict carries the node's published weight after it: the replay
+    # runs the weight engine as the mesh does
+    weight_policy = WeightPolicy(enabled=True) if weights else None
     svc = MeshService(SQLiteStore(tmp_path / "live.db"), DecisionPolicy(), nodes,
-                      snapshot_every=10**9)
+                      snapshot_every=10**9, weight_policy=weight_policy,
+                      weight_nodes=[WeightNode(n.node, n.pool) for n in nodes])
     inputs = sorted([(t, 0, b) for t, b in run.batches] + [(t, 1, None) for t in run.ticks],
                     key=lambda x: (x[0], x[1]))
     for t, _, batch in inputs:
@@ -58,7 +65,9 @@ async def test_replaying_the_journal_gives_the_live_verdict_stream(
     assert {v.state for v in live} >= {VerdictState.UP, VerdictState.DOWN,
                                        VerdictState.DRAINING}
 
-    config = write_mesh_config(tmp_path / "cfg", 0, VANTAGES, infos=nodes)
+    assert all((v.weight is not None) == weights for v in live)
+    config = write_mesh_config(tmp_path / "cfg", 0, VANTAGES, infos=nodes,
+                               extra="weights: {enabled: true}\n" if weights else "")
     assert main(["mesh", "replay", "--config", str(config), "--observations", str(journal)]) == 0
     replayed = capsys.readouterr().out.splitlines()
     assert [line.encode() for line in replayed] == [encode(v) for v in live]
