@@ -391,14 +391,16 @@ class Stack:
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             os.kill(proc.pid, signal.SIGHUP)
 
-    def agent_counter(self, name: str) -> float:
+    def agent_counter(self, name: str, label: str = "") -> float:
         """A counter summed over every agent's /metrics, every label combination
-        (``tunnelwatch_scheduler_started_total``, say)."""
+        (``tunnelwatch_scheduler_started_total``, say), or only the series with ``label``
+        (``result="honoured"``, say)."""
         total = 0.0
         for agent in self.fleet.agents.values():
             text = get(agent.host, f"http://{agent.host.address}:{AGENT_PORT}/metrics").decode()
             total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                         if line.startswith(name) and line[len(name):len(name) + 1] in "{ ")
+                         if line.startswith(name) and line[len(name):len(name) + 1] in "{ "
+                         and label in line)
         return total
 
 
