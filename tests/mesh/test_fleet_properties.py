@@ -162,6 +162,7 @@ def test_generated_fleets(sc: Scenario) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 300 fleets of up to 2 x 40 nodes: over the default 300 s under load
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(scenarios())
 def test_generated_fleets_deep(sc: Scenario) -> None:
