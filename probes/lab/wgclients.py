@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from probes.lab.keys import WgKeyPair, wg_keypair
 from probes.lab.netns import LabError
 from probes.lab.topology import wait_for
+from probes.lab.wireguard import uapi_accepts
 
 if TYPE_CHECKING:
     from probes.lab.topology import Host, Lab
@@ -74,8 +75,8 @@ class WgClient:
             raise LabError(f"wireguard-go client exited with {proc.returncode}")
         # the socket file appears before wireguard-go answers on it (seen under heavy load:
         # "wg set" then fell back to netlink, which this kernel does not have)
-        wait_for(lambda: self.host.run(["wg", "show", self.interface], check=False).returncode
-                 == 0 or proc.poll() is not None, 10, f"{self.interface} answering")
+        wait_for(lambda: uapi_accepts(self.socket_path) or proc.poll() is not None, 10,
+                 f"{self.interface} answering")
         run = self.host.run
         run(["wg", "set", self.interface, "listen-port", str(self.port), "private-key",
              str(key_file), "peer", self.server_key, "allowed-ips", f"{INNER_SERVER}/32",

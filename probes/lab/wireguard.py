@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 _counter = itertools.count()
 
 
+def uapi_accepts(path: Path | str) -> bool:
+    """Whether wireguard-go accepts on its control socket. A plain connect, never `wg show`:
+    `wg` unlinks a socket that refuses it (as it does between wireguard-go's bind() and
+    listen()) and falls back to the kernel, so probing with it can destroy what it waits for."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class WgPeer:
     public_key: str
@@ -81,12 +93,7 @@ class WireGuardServer:
             self.add_peer(peer)
 
     def _uapi_ready(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(self.socket_path))
-            except OSError:
-                return False
-        return True
+        return uapi_accepts(self.socket_path)
 
     def stop(self) -> None:
         if self.proc is not None:
