@@ -132,7 +132,7 @@ async def test_receiver_orders_by_epoch_then_seq(tmp_path: Path) -> None:
     ("haproxy: {name: lb, address: 'nope'}\n", "$.haproxy.address"),
     ("haproxy: {name: lb, socket: /x, servers: {n1: 'a/b/c'}}\n", "$.haproxy.servers.n1"),
     ("listen: localhost\n", "$.listen"),
-    ("surprise: 1\n", "$"),  # msgspec names the unknown key in the message
+    ("surprise: 1\n", "$.surprise"),  # the unknown key at its own path
 ])
 def test_bad_configs_name_the_field(tmp_path: Path, extra: str, path: str) -> None:
     from probes.config import ConfigError
