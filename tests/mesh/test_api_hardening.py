@@ -1,14 +1,19 @@
 """Small things an attacker or a sloppy script could do to the API (issue #17, item 9): a
 non-UTF-8 Authorization header, an out-of-range ``after``, a negative ``limit``, actor names
-with newlines and escape codes. Each is a clean 4xx or a cleaned value, never a 500."""
+with newlines and escape codes. Each is a clean 4xx or a cleaned value, never a 500; a
+property test sends generated queries, node names and operator bodies to every endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.mesh.apptest import TOKEN, Mesh, mesh_app
 
@@ -65,3 +70,51 @@ async def test_an_admin_body_is_small(mesh: Mesh) -> None:
     resp = await mesh.client.post("/v1/nodes/n0/drain", headers=TOKEN,
                                   data=b'{"actor": "' + b"a" * 100_000 + b'"}')
     assert resp.status == 413
+
+
+# ---- whatever a client sends, the API answers it: never a 500 --------------------------------
+
+_values = st.one_of(
+    st.sampled_from(["1e23", "-0", "nan", "inf", "0x10", "1_000", " 5", "\x00", "n0", "", "%",
+                     "\u202e"]),
+    st.sampled_from([2**63 - 1, 2**63, 2**64, 10**23, -(2**63) - 1, -1, 0, 2**31]).map(str),
+    st.integers().map(str),
+    st.floats().map(repr),
+    st.text(max_size=20),
+)
+_queries = st.fixed_dictionaries({}, optional=dict.fromkeys(("after", "limit", "node", "x"),
+                                                          _values))
+_bodies = st.one_of(
+    st.binary(max_size=64),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.sampled_from(["actor", "note", "x"]), inner, max_size=3),
+                 max_leaves=6).map(lambda doc: json.dumps(doc).encode()),
+)
+_requests = st.tuples(_queries, st.one_of(st.just("n0"), st.text(max_size=30)), _bodies,
+                      st.sampled_from(["drain", "maintenance", "ready", "explode"]))
+GET_PATHS = ("/v1/verdicts", "/v1/nodes", "/v1/audit", "/v1/paths", "/healthz", "/metrics")
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(requests=st.lists(_requests, min_size=2, max_size=8))
+def test_no_request_gets_a_500(tmp_path_factory: pytest.TempPathFactory,
+                               requests: list[tuple[dict[str, str], str, bytes, str]]) -> None:
+    """Generated queries (numbers far out of range, floats, text) to every GET endpoint, node
+    names, operator bodies (any JSON, any bytes) to every action: each is answered with a
+    status below 500."""
+    async def run() -> None:
+        async with mesh_app(tmp_path_factory.mktemp("api")) as mesh:
+            for query, node, body, action in requests:
+                node_path = "/v1/nodes/" + quote(node, safe="")
+                asked = [("GET", path, query, b"") for path in (*GET_PATHS, node_path)]
+                asked.append(("POST", f"{node_path}/{action}", {}, body))
+                for method, path, params, data in asked:
+                    resp = await mesh.client.request(method, path, params=params, data=data,
+                                                     headers=TOKEN)
+                    text = await resp.text()
+                    assert resp.status < 500, (method, path, params, data, resp.status,
+                                               text[:300])
+
+    asyncio.run(run())
