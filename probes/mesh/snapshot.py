@@ -80,7 +80,11 @@ def load_snapshot(
             raise SnapshotError("unknown snapshot version")
         weights = state.pop("weights", None)
         paths = state.pop("paths", None)
-        return DecisionEngine.from_rows(state), weights, paths
+        try:
+            return DecisionEngine.from_rows(state), weights, paths
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            # a damaged file: rows missing, or of the wrong shape or type
+            raise SnapshotError(f"damaged snapshot: {type(exc).__name__}: {exc}") from None
 
 
 PRUNE_STEP = 32  # journal rows dropped per step

@@ -36,7 +36,9 @@ def _wait_for_deliveries(count: int = 3, timeout: float = 20.0) -> None:
     """Until the leader has delivered ``count`` verdicts, so the fault that follows lands while
     it is delivering."""
     deadline = time.monotonic() + timeout
-    while len(Recorder.deliveries) < count and time.monotonic() < deadline:
+    while len(Recorder.deliveries) < count:
+        assert time.monotonic() < deadline, (
+            f"{len(Recorder.deliveries)} of {count} deliveries within {timeout:g} s")
         time.sleep(0.01)
 
 

@@ -65,20 +65,21 @@ def test_a_leader_cut_from_etcd_stops_before_anyone_else_can_start(etcd: Loopbac
     a.step()
     assert a.leading
     a.client.endpoints = ["http://127.0.0.1:1"]  # partitioned: keepalives fail
-    stopped_at = None
-    took_over_at = None
+    # a's window ends at its own deadline: its last keepalive sent + ttl - margin (failed
+    # keepalives do not move it)
+    a_until = a.valid_until
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and took_over_at is None:
+    while not b.may_publish():
+        assert time.monotonic() < deadline, "b never took over"
         a.step()
         b.step()
-        now = time.monotonic()
-        if stopped_at is None and not a.may_publish():
-            stopped_at = now
-        if b.may_publish():
-            took_over_at = now
         time.sleep(0.05)
-    assert stopped_at is not None and took_over_at is not None
-    assert stopped_at < took_over_at  # the windows never overlap
+    took_over_at = time.monotonic()  # after b's grant, which etcd made only once a's lease
+    # (kept from the keepalive's arrival, after it was sent) had expired: the windows never
+    # overlap, with the margin between them. Read from the electors' own clocks, not from
+    # when a loop under load happened to sample them.
+    assert a.valid_until == a_until and a_until + a.margin <= took_over_at
+    assert not a.may_publish()
     assert b.leader == "b"
     a.client.endpoints = [etcd.endpoint]  # healed: the old leader learns it lost
     a.step()

@@ -134,15 +134,20 @@ async def test_delivery_loop_converges_a_restarted_haproxy(lab: Lab) -> None:
     await wait_until(lambda: states(hap)["node1"].admin == "maint", "node1 to maint")
     hap.stop()
     outbox.append(verdict("node3", S.DEGRADED, 1))  # arrives while HAProxy is down
-    await asyncio.sleep(0.3)
+
+    def retries() -> float:
+        return registry.get_sample_value("tunnelwatch_publisher_retries_total",
+                                         {"publisher": "lb"}) or 0.0
+
+    # HAProxy comes back only once the loop has tried (and failed) to deliver to it
+    await wait_until(lambda: retries() >= 1, "a failed delivery to the stopped HAProxy")
     hap.start()
     await wait_until(lambda: states(hap)["node3"].user_weight == 5, "node3 degraded")
     await wait_until(lambda: states(hap)["node1"].admin == "maint", "node1 back to maint")
     check_reflects(hap, {"node1": S.DOWN, "node2": S.DRAINING, "node3": S.DEGRADED})
     loop.stop()
     await task
-    assert registry.get_sample_value("tunnelwatch_publisher_retries_total",
-                                     {"publisher": "lb"}) >= 1
+    assert retries() >= 1
     assert registry.get_sample_value("tunnelwatch_publisher_delivered_total",
                                      {"publisher": "lb"}) == 3
 
