@@ -55,10 +55,11 @@ def _wanted(target: Target, check: str, kind: str) -> bool:
 
 def plan_target(target: Target, base_dir: Path, state_dir: Path,
                 families: tuple[Family, ...] | None = None) -> list[PlannedCheck]:
-    """The target's checks, family by family (default: the registry's)."""
+    """The target's checks, family by family (default: the registry's families the target has
+    a section for: only those are loaded)."""
     ctx = PlanContext(target, base_dir, state_dir)
     out: list[PlannedCheck] = []
-    for family in registry.FAMILIES if families is None else families:
+    for family in registry.families(target) if families is None else families:
         try:
             planned = list(family.plan(ctx))
         except (ValueError, OSError) as exc:  # validated at load: a race with the disk at most

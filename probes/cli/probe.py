@@ -31,10 +31,10 @@ def add_parser(sub: Any) -> None:
     parser = sub.add_parser("probe", help="run one check now and print the result")
     probe_sub = parser.add_subparsers(dest="probe_kind", required=True, metavar="KIND")
     # imported here: probe_command and node_views build on this module's output contract
-    from probes.checks.registry import FAMILIES  # noqa: PLC0415
+    from probes.checks import registry  # noqa: PLC0415
     from probes.cli import node_views, probe_command  # noqa: PLC0415
 
-    for family in FAMILIES:
+    for family in registry.families():
         for command in family.commands:
             probe_command.add_command(probe_sub, command)
     node_views.add_parsers(probe_sub)

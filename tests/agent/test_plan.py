@@ -13,7 +13,7 @@ from probes.agent.plan import plan_target
 from probes.checks import l4
 from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned
 from probes.checks.l4 import TcpParams, UdpParams
-from probes.checks.registry import KINDS
+from probes.checks.registry import all_kinds
 from probes.config import Target
 from probes.model import Reason, Tier
 
@@ -84,4 +84,4 @@ def test_protocol_section_is_planned_by_its_family(tmp_path: Path,
 def test_every_registered_kind_is_planned_with_its_own_tier(tmp_path: Path) -> None:
     """The planner takes a check's tier from its kind (the tier it reports to the mesh)."""
     for check in plan_target(_target(), tmp_path, tmp_path):
-        assert check.tier is KINDS[check.kind.name].tier
+        assert check.tier is all_kinds()[check.kind.name].tier

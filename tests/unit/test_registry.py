@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -15,7 +17,7 @@ from probes.agent.runtime import observation
 from probes.agent.scheduler import ProbeRun
 from probes.checks import registry
 from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned, ProbeCommand
-from probes.checks.registry import FAMILIES, KINDS, kinds_of
+from probes.checks.registry import Listed, all_kinds, families, kinds_of
 from probes.cli import main
 from probes.config import Target
 from probes.configref import render_reference
@@ -33,6 +35,10 @@ KINDS_BEFORE_THE_TIER_FIELD = (
     "mtu.icmp", "telemetry.wireguard", "telemetry.openvpn", "telemetry.ikev2", "telemetry.load")
 
 
+FAMILIES = families()
+KINDS = all_kinds()
+
+
 def test_every_kind_is_declared_once() -> None:
     assert len(KINDS) == sum(len(f.kinds) for f in FAMILIES)
     assert set(KINDS_BEFORE_THE_TIER_FIELD) <= set(KINDS)
@@ -40,6 +46,43 @@ def test_every_kind_is_declared_once() -> None:
                                kinds=tuple(dataclasses.replace(k) for k in FAMILIES[0].kinds))
     with pytest.raises(ValueError, match="declared twice"):
         kinds_of((*FAMILIES, twin))
+
+
+def test_each_entry_names_the_section_its_family_plans_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [e.name for e in registry.LISTED] == [f.name for f in FAMILIES]
+    monkeypatch.setattr(registry, "LISTED", (Listed("l4", lambda t: True, lambda: FAMILIES[1]),))
+    with pytest.raises(ValueError, match="loads family"):
+        families()
+
+
+# a TCP-only agent, planned and started as `tunnelwatch agent` does, in a fresh interpreter
+TCP_ONLY = """
+import asyncio, sys, yaml
+from pathlib import Path
+from probes.agent.runtime import Agent
+d = Path(sys.argv[1])
+(d / "key").write_text("k" * 64)
+(d / "key").chmod(0o600)
+cfg = {"agent": {"vantage": "v", "listen": "127.0.0.1:0", "state_dir": str(d / "st")},
+       "mesh": {"endpoints": ["http://127.0.0.1:9"], "key_id": "k", "key_file": "key"},
+       "targets": [{"id": "n1", "pool": "p", "pop": "fra", "region": "eu",
+                    "address": "127.0.0.1", "l4": {"tcp_ports": [9]}}]}
+(d / "agent.yaml").write_text(yaml.safe_dump(cfg))
+agent = Agent(d / "agent.yaml")
+assert [c.check for c in agent.checks] == ["tcp:9"], agent.checks
+print(" ".join(sorted(sys.modules)))
+"""
+HEAVY = ("aioquic", "cryptography", "OpenSSL", "service_identity", "nacl", "scapy",
+         "probes.checks.quic", "probes.checks.ikev2", "probes.checks.openvpn",
+         "probes.checks.wireguard", "probes.protocols.ikev2", "probes.protocols.openvpn")
+
+
+def test_a_tcp_only_agent_loads_no_protocol_it_does_not_plan(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", TCP_ONLY, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert "probes.checks.l4" in out
+    assert [m for m in out if any(m == h or m.startswith(h + ".") for h in HEAVY)] == []
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
@@ -128,8 +171,8 @@ GREET_FAMILY = Family("greet", (GREET,), _plan_greet, "greetings",
 def test_a_kind_added_in_one_place_is_planned_probed_tiered_and_documented(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    families = (*FAMILIES, GREET_FAMILY)
-    monkeypatch.setattr(registry, "FAMILIES", families)  # as if listed in the registry
+    listed = (*registry.LISTED, Listed("greet", lambda t: t.l4 is not None, lambda: GREET_FAMILY))
+    monkeypatch.setattr(registry, "LISTED", listed)  # as if listed in the registry
     target = msgspec.convert({"id": "n1", "pool": "p", "pop": "fra", "region": "eu",
                               "address": "10.0.0.1", "l4": {"icmp": True}}, Target)
     # plannable
