@@ -23,8 +23,9 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from probes.agent.metrics import escape_label_value, go_float
 from probes.agent.probe_target import ProbeChoice, ProbeRequestError
 from probes.checks.base import CheckResult, execute
 from probes.config import parse_host_port
@@ -42,31 +43,39 @@ class HttpHooks:
     health: Callable[[], dict[str, Any]]
 
 
-def probe_registry(result: CheckResult, timeout: float) -> CollectorRegistry:
-    """The per-request registry of one /probe answer."""
-    registry = CollectorRegistry(auto_describe=True)
-    Gauge("probe_success", "Whether the probe succeeded.", registry=registry).set(
-        1 if result.ok else 0)
-    Gauge("probe_duration_seconds", "How long the probe took.", registry=registry).set(
-        result.duration_seconds)
-    Gauge("probe_timeout_seconds", "The probe's time budget.", registry=registry).set(timeout)
-    phases = Gauge("probe_phase_duration_seconds", "Duration of each probe phase.", ["phase"],
-                   registry=registry)
-    for phase, seconds in result.phases.items():
-        phases.labels(phase).set(seconds)
-    reason = Gauge("probe_failure_reason", "1 for the closed-enum reason of a failed probe.",
-                   ["reason"], registry=registry)
-    if not result.ok:
-        reason.labels(result.reason.value).set(1)
+def _gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> str:
+    """One gauge family in the text format 0.0.4, as prometheus_client writes it."""
+    lines = [f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"]
+    lines.extend(f"{name}{labels} {go_float(value)}\n" for labels, value in samples)
+    return "".join(lines)
+
+
+def _label(name: str, value: str) -> str:
+    return f'{{{name}="{escape_label_value(value)}"}}'
+
+
+def probe_exposition(result: CheckResult, timeout: float) -> bytes:
+    """The body of one /probe answer: blackbox_exporter's families for one result, written
+    directly (a fresh prometheus_client registry per request cost more CPU than the probe)."""
+    parts = [
+        _gauge("probe_success", "Whether the probe succeeded.", [("", 1 if result.ok else 0)]),
+        _gauge("probe_duration_seconds", "How long the probe took.",
+               [("", result.duration_seconds)]),
+        _gauge("probe_timeout_seconds", "The probe's time budget.", [("", timeout)]),
+        _gauge("probe_phase_duration_seconds", "Duration of each probe phase.",
+               [(_label("phase", phase), seconds) for phase, seconds in result.phases.items()]),
+        _gauge("probe_failure_reason", "1 for the closed-enum reason of a failed probe.",
+               [] if result.ok else [(_label("reason", result.reason.value), 1)]),
+    ]
     q = result.quality
     if q is not None:
         if q.rtt_p50_seconds is not None:
-            Gauge("probe_rtt_seconds", "Median RTT of the probe's exchanges.",
-                  registry=registry).set(q.rtt_p50_seconds)
+            parts.append(_gauge("probe_rtt_seconds", "Median RTT of the probe's exchanges.",
+                                [("", q.rtt_p50_seconds)]))
         if q.sent:
-            Gauge("probe_loss_ratio", "Share of exchanges without a reply.",
-                  registry=registry).set(q.loss_ratio)
-    return registry
+            parts.append(_gauge("probe_loss_ratio", "Share of exchanges without a reply.",
+                                [("", q.loss_ratio)]))
+    return "".join(parts).encode()
 
 
 def _render_and_trim(render: Callable[[], bytes]) -> bytes:
@@ -78,11 +87,6 @@ def _render_and_trim(render: Callable[[], bytes]) -> bytes:
 def _trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _exposition(registry: CollectorRegistry) -> web.Response:
-    return web.Response(body=generate_latest(registry), headers={"Content-Type":
-                                                                 CONTENT_TYPE_LATEST})
 
 
 def build_app(hooks: HttpHooks) -> web.Application:
@@ -107,7 +111,8 @@ def build_app(hooks: HttpHooks) -> web.Application:
         if request.query.get("debug", "").lower() == "true":
             return web.Response(text=await debug_probe(choice, target, module, timeout))
         result = await execute(choice.kind, choice.params, timeout)
-        return _exposition(probe_registry(result, timeout))
+        return web.Response(body=probe_exposition(result, timeout),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response(hooks.health())
@@ -143,7 +148,7 @@ async def debug_probe(choice: ProbeChoice, target: str, module: str, timeout: fl
     outcome = "succeeded" if result.ok else f"failed: reason={result.reason.value}"
     lines.append(f"Probe {outcome} after {result.duration_seconds * 1000:.1f} ms"
                  + (f"; {result.detail}" if result.detail else ""))
-    metrics = generate_latest(probe_registry(result, timeout)).decode()
+    metrics = probe_exposition(result, timeout).decode()
     params = json.dumps(msgspec.to_builtins(choice.params), default=str, indent=2)
     return ("Logs for the probe:\n" + "\n".join(lines) + "\n\n"
             "Metrics that would have been returned:\n" + metrics + "\n"

@@ -309,7 +309,7 @@ class AgentCollector(Collector):
         every = [(self._fragments(key), s) for key, s in list(self.probes.series.items())]
         series = [(f, s) for f, s in every if not s.telemetry]
         telemetry = [(f, s) for f, s in every if s.telemetry]
-        g = _go_float
+        g = go_float
         out: list[str] = []
 
         def family(name: str, lines: Iterable[str]) -> None:
@@ -320,7 +320,7 @@ class AgentCollector(Collector):
             f"tunnelwatch_probe_attempts_total{{{cn},{pp},{rv}}} {g(s.attempts)}\n"
             for (cn, pp, rv), s in series))
         family("tunnelwatch_probe_failures", (
-            f"tunnelwatch_probe_failures_total{{{cn},{pp},reason=\"{_escape_label_value(r)}\","
+            f"tunnelwatch_probe_failures_total{{{cn},{pp},reason=\"{escape_label_value(r)}\","
             f"{rv}}} {g(n)}\n"
             for (cn, pp, rv), s in series for r, n in list(s.failures.items())))
         family("tunnelwatch_probe_duration_seconds", self._duration_lines())
@@ -328,7 +328,7 @@ class AgentCollector(Collector):
             f"tunnelwatch_probe_success{{{cn},{pp},{rv}}} {g(s.success)}\n"
             for (cn, pp, rv), s in series if not math.isnan(s.success)))
         family("tunnelwatch_probe_phase_duration_seconds", (
-            f"tunnelwatch_probe_phase_duration_seconds{{{cn},phase=\"{_escape_label_value(p)}\","
+            f"tunnelwatch_probe_phase_duration_seconds{{{cn},phase=\"{escape_label_value(p)}\","
             f"{pp},{rv}}} {g(v)}\n"
             for (cn, pp, rv), s in series for p, v in s.phases.items()))
         for name, attr in (("tunnelwatch_probe_rtt_p50_seconds", "rtt_p50"),
@@ -344,7 +344,7 @@ class AgentCollector(Collector):
             for (cn, pp, rv), s in telemetry))
         family("tunnelwatch_telemetry_read_failures", (
             f"tunnelwatch_telemetry_read_failures_total{{{cn},{pp},"
-            f"reason=\"{_escape_label_value(r)}\",{rv}}} {g(n)}\n"
+            f"reason=\"{escape_label_value(r)}\",{rv}}} {g(n)}\n"
             for (cn, pp, rv), s in telemetry for r, n in list(s.failures.items())))
         facts: dict[str, list[str]] = {}
         for (cn, pp, rv), s in every:
@@ -373,7 +373,7 @@ class AgentCollector(Collector):
         if frags is None:
             if len(self._frag_cache) > 2 * len(self.probes.series) + 1000:
                 self._frag_cache.clear()
-            e = _escape_label_value
+            e = escape_label_value
             node, pool, pop, region, check = key
             frags = self._frag_cache[key] = (
                 f'check="{e(check)}",node="{e(node)}"', f'pool="{e(pool)}",pop="{e(pop)}"',
@@ -381,7 +381,7 @@ class AgentCollector(Collector):
         return frags
 
     def _duration_lines(self) -> Iterator[str]:
-        e, g = _escape_label_value, _go_float
+        e, g = escape_label_value, go_float
         name = "tunnelwatch_probe_duration_seconds"
         for (pool, pop, region, check), hist in list(self.probes.durations.items()):
             head = f'check="{e(check)}"'
@@ -530,12 +530,12 @@ def new_registry(collector: AgentCollector) -> CollectorRegistry:
 
 # ------------------------------------------------------------------------------- exposition
 
-_go_float: Callable[[float], str] = floatToGoString  # the library's value formatting, typed
+go_float: Callable[[float], str] = floatToGoString  # the library's value formatting, typed
 _LABEL_CACHE: dict[tuple[tuple[str, str], ...], str] = {}
 _LABEL_CACHE_MAX = 500_000
 
 
-def _escape_label_value(value: str) -> str:
+def escape_label_value(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
@@ -545,7 +545,7 @@ def _label_text(labels: dict[str, str]) -> str:
     if text is None:
         if len(_LABEL_CACHE) >= _LABEL_CACHE_MAX:
             _LABEL_CACHE.clear()
-        inner = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(key))
+        inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sorted(key))
         text = _LABEL_CACHE[key] = "{" + inner + "}" if inner else ""
     return text
 
@@ -567,7 +567,7 @@ def format_family(metric: Metric, out: list[str]) -> None:
     out.append(header)
     extra: dict[str, list[str]] = {}
     for sample in metric.samples:
-        line = f"{sample.name}{_label_text(sample.labels)} {_go_float(sample.value)}\n"
+        line = f"{sample.name}{_label_text(sample.labels)} {go_float(sample.value)}\n"
         for suffix in ("_created", "_gsum", "_gcount"):
             if sample.name == metric.name + suffix:
                 extra.setdefault(suffix, []).append(line)
