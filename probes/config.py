@@ -790,9 +790,13 @@ def _target_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
 def _checks_problems(t: Target, at: str) -> Iterator[Problem]:
     """Every entry of ``checks:`` must name something that can be planned: a typo (``smtp``)
     used to pass, and then the filter silently left the target without a single check."""
-    from probes.checks.registry import KINDS  # noqa: PLC0415 - the checks import this module
+    if not t.checks:
+        return
+    # every family loaded, only for a target whose `checks:` needs the names
+    from probes.checks.registry import all_kinds  # noqa: PLC0415 - the checks import this module
 
-    protocols = sorted({name.split(".", 1)[0] for name in KINDS})
+    kinds = all_kinds()
+    protocols = sorted({name.split(".", 1)[0] for name in kinds})
     ports = {"tcp": set(t.l4.tcp_ports) if t.l4 else set(),
              "udp": {ex.port for ex in t.l4.udp} if t.l4 else set()}
     for j, wanted in enumerate(t.checks):
@@ -801,8 +805,8 @@ def _checks_problems(t: Target, at: str) -> Iterator[Problem]:
             if not (port.isdigit() and int(port) in ports[kind]):
                 yield Problem(f"{at}.checks[{j}]", f"{wanted!r}: port {port} is not in this "
                               f"target's l4 {kind} ports {sorted(ports[kind])}")
-        elif wanted not in KINDS and wanted not in protocols:
-            near = difflib.get_close_matches(wanted, [*protocols, *KINDS], n=1)
+        elif wanted not in kinds and wanted not in protocols:
+            near = difflib.get_close_matches(wanted, [*protocols, *kinds], n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             yield Problem(f"{at}.checks[{j}]", f"unknown check kind or protocol {wanted!r}"
                           f"{hint}; expected a protocol ({', '.join(protocols)}), a kind such as "

@@ -64,7 +64,7 @@ from probes.agent.runtime import Agent
 d = Path(sys.argv[1])
 (d / "key").write_text("k" * 64)
 (d / "key").chmod(0o600)
-cfg = {"agent": {"vantage": "v", "listen": "127.0.0.1:0", "state_dir": str(d / "st")},
+cfg = {"agent": {"vantage": "v", "listen": "127.0.0.1:1", "state_dir": str(d / "st")},
        "mesh": {"endpoints": ["http://127.0.0.1:9"], "key_id": "k", "key_file": "key"},
        "targets": [{"id": "n1", "pool": "p", "pop": "fra", "region": "eu",
                     "address": "127.0.0.1", "l4": {"tcp_ports": [9]}}]}
