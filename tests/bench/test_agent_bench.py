@@ -344,7 +344,7 @@ def _agent_rss(tmp_path: Path, n: int, tcp_port: int) -> list[str]:
     folder = tmp_path / str(n)
     folder.mkdir()
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), str(n),
-                          str(tcp_port)], capture_output=True, text=True, timeout=120,
+                          str(tcp_port)], capture_output=True, text=True, timeout=300,
                          check=True)
     return out.stdout.split()[-8:]
 
