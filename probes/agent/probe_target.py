@@ -54,13 +54,15 @@ def _matches(check: PlannedCheck, module: str) -> bool:
 
 
 def _known_module(module: str, checks: Iterable[PlannedCheck]) -> bool:
-    names = set(registry.KINDS) | {_protocol(k) for k in registry.KINDS}
-    return module in names or any(c.check == module for c in checks)
+    if any(_matches(c, module) for c in checks):
+        return True
+    kinds = registry.all_kinds()  # every family loaded: only for a module no node plans
+    return module in kinds or module in {_protocol(k) for k in kinds}
 
 
 def _command_for(module: str) -> ProbeCommand[Any] | None:
     """The ``tunnelwatch probe`` command that runs ``module`` for a bare address."""
-    for family in registry.FAMILIES:
+    for family in registry.families():
         for command in family.commands:
             kinds = {k.name for k in family.kinds}
             if module == command.name or module in kinds or module == family.name:
