@@ -25,4 +25,6 @@ def tool(name: str) -> str:
 
 
 def run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=cwd)
+    # promtool runs every rule test file in one process: about 45 s at load average 8 here,
+    # past 120 s under the shared machine's load (load average 20): generous, not a hang guard
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, cwd=cwd)
