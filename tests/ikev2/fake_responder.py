@@ -39,9 +39,19 @@ class FakeResponder:
     _nonce_i: bytes = b""
     _nonce_r: bytes = b""
     _request: bytes = b""
+    _answered: dict[bytes, bytes | None] = field(default_factory=dict)
 
     def handle(self, datagram: bytes) -> bytes | None:
         data = datagram[4:] if datagram[:4] == bytes(4) else datagram
+        # a retransmitted request gets the same answer again (RFC 7296 §2.1), as from a real
+        # responder: a loaded test machine retransmits, and a new SA per copy is not IKE
+        if data in self._answered:
+            return self._answered[data]
+        answer = self._handle(data)
+        self._answered[data] = answer
+        return answer
+
+    def _handle(self, data: bytes) -> bytes | None:
         header, payloads = p.decode_message(data)
         self.seen.append(header)
         if header.exchange == p.ExchangeType.IKE_SA_INIT:

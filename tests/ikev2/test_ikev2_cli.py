@@ -27,7 +27,7 @@ def test_endpoint_forms() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["--endpoint", "127.0.0.1", "--proposal", "aes256-md5-modp768"],
+    ["--endpoint", "127.0.0.1", "--proposal", "aes256-whirlpool-modp768"],
     ["--endpoint", "127.0.0.1", "--level", "auth"],
     ["--endpoint", "127.0.0.1:99999"],
     ["--endpoint", "127.0.0.1", "--level", "tunnel", "--psk-file", "/nonexistent/psk"],

@@ -155,7 +155,7 @@ def test_proposal_strings() -> None:
     cbc = parse_ike_proposal("aes128-sha512-modp2048", 2)
     assert cbc.transform(p.TransformType.PRF) == p.Transform(2, 7)
     assert cbc.transform(p.TransformType.INTEG) == p.Transform(3, 14)
-    for bad in ("aes256gcm16-sha256-ecp256", "aes256-ecp256", "sha256-ecp256", "3des-sha1-modp1024",
+    for bad in ("aes256gcm16-sha256-ecp256", "aes256-ecp256", "sha256-ecp256", "3des-sha1-modp4096",
                 "aes256gcm16-aes256-sha256-ecp256"):
         with pytest.raises(IKEv2Error):
             parse_ike_proposal(bad, 1)

@@ -126,9 +126,10 @@ _KES = {group: c.KeyExchange(group) for group in c.SUPPORTED_GROUPS}  # keys reu
 def _sk_open_and_ke(data: bytes) -> None:
     with contextlib.suppress(IKEv2Error):
         _SK.open(b"prefix", data)
-    for group, size in c.KE_LENGTHS.items():
+    for group, ke in _KES.items():
+        size = c.KE_LENGTHS[group]
         with contextlib.suppress(IKEv2Error):
-            _KES[group].shared_secret(data[:size].ljust(size, data[:1] or b"\x01"))
+            ke.shared_secret(data[:size].ljust(size, data[:1] or b"\x01"))
 
 
 def _proposal_strings(text: str) -> None:

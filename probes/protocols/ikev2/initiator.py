@@ -28,6 +28,8 @@ from probes.protocols.ikev2 import crypto as c
 from probes.protocols.ikev2 import payloads as p
 from probes.protocols.ikev2.esp import NON_ESP_MARKER, EspSa
 from probes.protocols.ikev2.proposals import (
+    ADDKE_TYPES,
+    chosen_esp,
     chosen_esp_key_bytes,
     chosen_suite,
     groups_of,
@@ -64,6 +66,9 @@ class ChildRequest:
     """A CHILD_SA to negotiate in IKE_AUTH (tunnel level)."""
 
     esp_proposal: str = "aes256gcm16-aes128gcm16"
+    # the tunnel level speaks ESP itself (AES-GCM only); the policy scan only negotiates the
+    # CHILD_SA and may offer anything (its ChildSa then has no ``esp`` when not AES-GCM)
+    aead_only: bool = True
     ts_i: tuple[str, ...] = ("0.0.0.0/0",)
     ts_r: tuple[str, ...] = ("0.0.0.0/0",)
 
@@ -109,9 +114,10 @@ class InitCompleted:
 
 @dataclass(frozen=True, slots=True)
 class ChildSa:
-    esp: EspSa
+    esp: EspSa | None  # None: the responder chose a transform the probe does not speak
     ts_i: tuple[p.TrafficSelector, ...]
     ts_r: tuple[p.TrafficSelector, ...]
+    proposal: p.Proposal  # the responder's chosen ESP proposal
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +343,9 @@ class Initiator:
                                                  cfg.remote_address[1])),
             p.NotifyPayload(p.NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
         ]
+        if any(t.type in ADDKE_TYPES for prop in cfg.proposals for t in prop.transforms):
+            # RFC 9370 §2.2.2: offering additional key exchanges means speaking RFC 9242
+            payloads.append(p.NotifyPayload(p.NotifyType.INTERMEDIATE_EXCHANGE_SUPPORTED))
         header = p.Header(self.spi_i, zero_spi, 0, p.ExchangeType.IKE_SA_INIT,
                           p.FLAG_INITIATOR, 0)
         self._init_request = p.encode_message(header, payloads)
@@ -414,6 +423,10 @@ class Initiator:
         if self.config.psk is None:
             self.state = State.INIT_DONE
             return
+        if suite.additional:  # RFC 9370 wants IKE_INTERMEDIATE first: the probe stops here
+            self._fail(Failure.ERROR_NOTIFY, "responder chose additional key exchanges "
+                       f"{list(suite.additional)}; the probe does not run IKE_INTERMEDIATE")
+            return
         self.state = State.AUTH_SENT
         self._send_request(self._build_auth(), now)
 
@@ -445,7 +458,8 @@ class Initiator:
         if cfg.child is not None or not self._childless_supported:
             child = cfg.child or ChildRequest()
             self._child_spi = self._rand(4)
-            self._esp_offer = parse_esp_proposal(child.esp_proposal, self._child_spi)
+            self._esp_offer = parse_esp_proposal(child.esp_proposal, self._child_spi,
+                                                 aead_only=child.aead_only)
             inner += [
                 p.SAPayload((self._esp_offer,)),
                 p.TSPayload(p.PayloadType.TSI, tuple(p.TrafficSelector.network(x)
@@ -532,7 +546,11 @@ class Initiator:
         if sa is None or ts_i is None or ts_r is None or len(sa.proposals) != 1:
             return None, "CHILD_SA answer lacks SA or traffic selectors"
         try:
-            key_bytes = chosen_esp_key_bytes(sa.proposals[0], self._esp_offer)
+            chosen = chosen_esp(sa.proposals[0], self._esp_offer)
+            encr = chosen.transform(p.TransformType.ENCR)
+            if encr is None or encr.id not in c.AEAD_CIPHERS:
+                return ChildSa(None, ts_i.selectors, ts_r.selectors, chosen), ""
+            key_bytes = chosen_esp_key_bytes(chosen, self._esp_offer)
         except p.IKEv2Error as exc:
             return None, str(exc)
         size = key_bytes + c.GCM_SALT_LEN
@@ -540,7 +558,7 @@ class Initiator:
                                 self._nonce_r, 2 * size)
         esp = EspSa(spi_out=sa.proposals[0].spi, key_out=keymat[:size], spi_in=self._child_spi,
                     key_in=keymat[size:], random_bytes=self._rand)
-        return ChildSa(esp, ts_i.selectors, ts_r.selectors), ""
+        return ChildSa(esp, ts_i.selectors, ts_r.selectors, chosen), ""
 
     def _answer_peer_request(self, header: p.Header, payloads: list[p.Payload], raw: bytes,
                              now: float) -> None:

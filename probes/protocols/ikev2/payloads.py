@@ -30,6 +30,7 @@ class ExchangeType(enum.IntEnum):
     IKE_AUTH = 35
     CREATE_CHILD_SA = 36
     INFORMATIONAL = 37
+    IKE_INTERMEDIATE = 43  # RFC 9242
 
 
 class PayloadType(enum.IntEnum):
@@ -87,6 +88,7 @@ class NotifyType(enum.IntEnum):
     CHILDLESS_IKEV2_SUPPORTED = 16418
     IKEV2_FRAGMENTATION_SUPPORTED = 16430
     SIGNATURE_HASH_ALGORITHMS = 16431
+    INTERMEDIATE_EXCHANGE_SUPPORTED = 16438  # RFC 9242
 
 
 ERROR_NOTIFY_LIMIT = 16384  # notify types below this are errors (§3.10.1)
@@ -103,8 +105,10 @@ class TransformType(enum.IntEnum):
     ENCR = 1
     PRF = 2
     INTEG = 3
-    DH = 4
+    DH = 4  # "Key Exchange Method" since RFC 9370
     ESN = 5
+    ADDKE1 = 6  # RFC 9370 Additional Key Exchange 1..7
+    ADDKE7 = 12
 
 
 class IdType(enum.IntEnum):
