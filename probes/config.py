@@ -99,6 +99,9 @@ def _default_tiers() -> dict[str, TierPolicy]:
         "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
         "telemetry": TierPolicy(interval=30.0, timeout=10.0),
         "load": TierPolicy(interval=1.0, timeout=0.8),
+        # crypto policy scans: a node's policy changes with its config, not by the second;
+        # start offsets spread over the hour, and each run jittered
+        "policy": TierPolicy(interval=3600.0, timeout=60.0, jitter=0.2),
     }
 
 
@@ -152,6 +155,11 @@ class IKEv2Target(Strict, kw_only=True, frozen=True):
     inner_address: str | None = None  # our source inside the tunnel; default: from TSi
     echo_count: int = 5  # ICMP echoes at the tunnel level
     force_nat_t: bool = False  # pretend to be behind NAT so the exchange floats to UDP 4500
+    # crypto policy scan (check ikev2.policy, tier policy): offer each deprecated proposal
+    # alone and expect refusal; with psk_file accepted SAs are finished and deleted
+    policy_scan: bool = False
+    # the deprecated choices to offer (docs/crypto-policy.md); default: all of them
+    policy_items: list[str] | None = None
 
 
 class QUICTarget(Strict, kw_only=True, frozen=True):
@@ -549,6 +557,17 @@ def ikev2_problems(i: IKEv2Target, at: str, base_dir: Path) -> Iterator[Problem]
         parse_ike_proposals(i.proposals)
     except IKEv2Error as exc:
         yield Problem(f"{at}.proposals", str(exc))
+    from probes.protocols.ikev2.policy import (  # noqa: PLC0415
+        DEFAULT_ITEMS as IKEV2_POLICY_ITEMS,
+    )
+
+    for n, item in enumerate(i.policy_items or ()):
+        if item not in IKEV2_POLICY_ITEMS:
+            yield Problem(f"{at}.policy_items[{n}]", f"unknown item {item!r}; known: "
+                          f"{', '.join(IKEV2_POLICY_ITEMS)}")
+    if i.policy_scan and i.psk_file is None:
+        yield Problem(f"{at}.policy_scan", "the policy scan needs psk_file (each accepted offer "
+                      "is finished and deleted, never left half-open)")
     if i.level in ("auth", "tunnel") and i.psk_file is None:
         yield Problem(f"{at}.level", f"level {i.level} needs psk_file")
     yield from _echo_problems(at, i.echo_count, 0.0)

@@ -364,6 +364,14 @@ def pop_building_blocks() -> list[dict[str, Any]]:
             "node:tunnelwatch_node_placement:info",
         ),
         record("pop:tunnelwatch_nodes_down:count", _pop_nodes('state="DOWN"')),
+        # The share of scanned nodes that take a hybrid post-quantum key exchange (any
+        # vantage's latest scan of a node counts): the fleet's PQ readiness.
+        record(
+            "pop:tunnelwatch_nodes_pq_ready:ratio",
+            "avg by (pop, region) (\n"
+            f"  max by ({NODE_LABELS}) (tunnelwatch_node_pq_key_exchange_accepted)\n"
+            ")",
+        ),
         # UP and DEGRADED nodes carry traffic; DRAINING/MAINTENANCE are admin states.
         record("pop:tunnelwatch_nodes_serving:count", _pop_nodes('state=~"UP|DEGRADED"')),
         # Admin drain is a state, not a failure: drained nodes leave the denominator.
@@ -678,6 +686,7 @@ def fleet_alerts() -> list[dict[str, Any]]:
             ),
         ),
         *certificate_expiry_alerts(),
+        *crypto_policy_alerts(),
     ]
 
 
@@ -697,6 +706,37 @@ def certificate_expiry_alerts() -> list[dict[str, Any]]:
             ),
         )
         for days, severity in ((14, "warning"), (2, "critical"))
+    ]
+
+
+def crypto_policy_alerts() -> list[dict[str, Any]]:
+    """What a node is willing to accept (the hourly policy scans) and certificates that are not
+    valid yet; docs/crypto-policy.md."""
+    return [
+        NODES.critical(
+            "WeakCryptoAccepted",
+            # one alert per node and deprecated choice, from any vantage's latest scan; the
+            # gauge is only ever set by a scan, so it needs no `for` beyond a scrape or two
+            f"max by ({NODE_LABELS}, item) (tunnelwatch_policy_weak_accepted) == 1",
+            for_="2m",
+            summary="A VPN node accepts a deprecated algorithm.",
+            description=(
+                "Node {{ $labels.node }} in PoP {{ $labels.pop }} accepted {{ $labels.item }} "
+                "when the policy scan offered it alone."
+            ),
+        ),
+        NODES.critical(
+            "NodeCertificateNotYetValid",
+            f"max by ({NODE_LABELS}) "
+            "(tunnelwatch_node_certificate_not_before_timestamp_seconds) - time() > 0",
+            for_="10m",
+            summary="A VPN node presents a certificate that is not valid yet.",
+            description=(
+                "A certificate node {{ $labels.node }} in PoP {{ $labels.pop }} presents starts "
+                "being valid in {{ $value | humanizeDuration }}: clients with a correct clock "
+                "refuse it."
+            ),
+        ),
     ]
 
 

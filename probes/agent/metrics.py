@@ -36,6 +36,13 @@ DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.
 LAG_BUCKETS = (.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1)
 CHECK_LABELS = ("node", "pool", "pop", "region", "check", "vantage")
 
+# Facts that become labelled series. Their values are names from the checks' closed tables
+# (strongSwan's algorithm tokens, IANA TLS names, the policy's item names), "unknown" otherwise:
+# bounded by construction, like every other label here.
+CRYPTO_FACT = "crypto."  # crypto.<parameter> = <name>: tunnelwatch_node_crypto_info
+POLICY_FACT = "policy."  # policy.<item> = accepted | refused: tunnelwatch_policy_weak_accepted
+ACCEPTED, REFUSED = "accepted", "refused"
+
 LabelKey = tuple[str, str, str, str, str]  # node, pool, pop, region, check
 HistKey = tuple[str, str, str, str]  # pool, pop, region, check: no node on histograms
 HIST_LABELS = ("pool", "pop", "region", "check", "vantage")
@@ -90,6 +97,8 @@ class CheckSeries:
     queueing_delay: float | None = None  # its RTT under load minus the idle RTT
     phases: dict[str, float] = field(default_factory=dict)
     node_facts: dict[str, float] = field(default_factory=dict)
+    crypto: dict[str, str] = field(default_factory=dict)  # ``crypto.*`` facts: parameter -> name
+    policy: dict[str, bool] = field(default_factory=dict)  # ``policy.*`` facts: item -> accepted
     telemetry: bool = False  # a telemetry-tier check: counted apart from the probes' SLIs
 
 
@@ -158,10 +167,22 @@ class ProbeStats:
         if not result.ok and s.telemetry:
             for name in [n for n in s.node_facts if not n.endswith("_total")]:
                 del s.node_facts[name]
+        crypto: dict[str, str] = {}
+        policy: dict[str, bool] = {}
         for name, value in result.facts.items():
             if name.startswith("node_") and isinstance(value, int | float) and not isinstance(
                     value, bool):
                 s.node_facts[name] = float(value)
+            elif name.startswith(CRYPTO_FACT) and isinstance(value, str):
+                crypto[name.removeprefix(CRYPTO_FACT)] = value
+            elif name.startswith(POLICY_FACT) and value in (ACCEPTED, REFUSED):
+                policy[name.removeprefix(POLICY_FACT)] = value == ACCEPTED
+        # what a node negotiated and accepted: the last probe that learnt it says (a failed
+        # probe learnt nothing new, and a node's policy does not vanish when it is down)
+        if crypto:
+            s.crypto = crypto
+        if policy:
+            s.policy = policy
 
 
 @dataclass
@@ -292,6 +313,7 @@ class AgentCollector(Collector):
         yield from (attempts, failures, duration, success, phase, rtt50, rtt99, loss, throughput,
                     queueing, reads, read_failures)
         yield from facts.values()
+        yield from self._crypto_families(empty)
         yield from self._scheduler_families(empty)
         if self.reporter is not None:
             yield from self._reporter_families(self.reporter, empty)
@@ -356,6 +378,8 @@ class AgentCollector(Collector):
             out.append(f"# HELP tunnelwatch_{name} {_fact_doc(name)}\n"
                        f"# TYPE tunnelwatch_{name} {kind}\n")
             out.extend(lines)
+        for metric in self._crypto_families(empty=False):
+            format_family(metric, out)
         for metric in self._scheduler_families(empty=False):
             format_family(metric, out)
         if self.reporter is not None:
@@ -392,6 +416,28 @@ class AgentCollector(Collector):
                 yield f'{name}_bucket{{{head},le="{le}",{rest}}} {g(count)}\n'
             yield f"{name}_count{{{head},{rest}}} {g(buckets[-1][1])}\n"
             yield f"{name}_sum{{{head},{rest}}} {g(hist.sum)}\n"
+
+    def _crypto_families(self, empty: bool) -> Iterator[Metric]:
+        """What each node negotiated (functional probes) and which weak choices it accepted
+        (policy scans): few series, built the ordinary way on both exposition paths."""
+        labels = list(CHECK_LABELS)
+        info = GaugeMetricFamily("tunnelwatch_node_crypto_info",
+                                 "What the node negotiated with the last probe that got that far "
+                                 "(value 1): one series per parameter.",
+                                 labels=[*labels, "parameter", "value"])
+        weak = GaugeMetricFamily("tunnelwatch_policy_weak_accepted",
+                                 "Policy scan: 1 when the node accepted this deprecated choice "
+                                 "offered alone, 0 when it refused it.",
+                                 labels=[*labels, "item"])
+        if not empty:
+            for key, s in list(self.probes.series.items()):
+                values = [*key, self.vantage]
+                for parameter, name in list(s.crypto.items()):
+                    info.add_metric([*values, parameter, name], 1.0)
+                for item, accepted in list(s.policy.items()):
+                    weak.add_metric([*values, item], 1.0 if accepted else 0.0)
+        yield info
+        yield weak
 
     def _scheduler_families(self, empty: bool) -> Iterator[Metric]:
         v = ["vantage"]

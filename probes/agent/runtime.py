@@ -45,7 +45,7 @@ from probes.agent.tracer import Tracer
 from probes.config import AgentConfig, load_agent_config, resolve_path
 from probes.model import (
     AGENT_SIDE_REASONS,
-    NODE_READ_TIERS,
+    LOCAL_TIERS,
     Observation,
     signing,
     within_bounds,
@@ -176,8 +176,10 @@ class Agent:
         check = run.check
         if self.reporter is None:
             return
-        if check.tier in NODE_READ_TIERS and result.load is None:
-            return  # telemetry feeds metrics, never verdicts: a node's SSH is not its service
+        if check.tier in LOCAL_TIERS and result.load is None:
+            # telemetry and policy scans feed metrics, never verdicts: a node's SSH is not its
+            # service, and a node that accepts 3DES still serves its clients
+            return
 
         # a failure, or a re-probe the mesh asked for, is what a verdict may be waiting on: it
         # goes out at once instead of with the next group commit (probes/agent/reporter.py)

@@ -46,7 +46,7 @@ from probes.agent.metrics import TracerStats
 from probes.agent.plan import PlannedCheck
 from probes.checks.traceroute import TraceUnavailable, trace
 from probes.config import TracingConfig
-from probes.model import NODE_READ_TIERS, PathTrace, TraceProtocol, TraceTrigger
+from probes.model import LOCAL_TIERS, NODE_READ_TIERS, PathTrace, TraceProtocol, TraceTrigger
 from probes.protocols.traceroute import TraceSpec
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ class Tracer:
 
     def failing(self, check: PlannedCheck, failing: bool, settled_down: bool) -> None:
         """Called by the scheduler with every outcome (cheap: a set operation, no I/O)."""
-        if check.tier in NODE_READ_TIERS:
+        if check.tier in LOCAL_TIERS:
             return
         if self.planner.check_failing(check.node, check.check, failing, self.clock(),
                                       settled_down):

@@ -38,6 +38,7 @@ from probes.checks.base import (
 )
 from probes.checks.driver import Closed as DriverClosed
 from probes.checks.driver import Driver, Unreachable
+from probes.checks.ikev2_policy import POLICY, plan_policy
 from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
 from probes.checks.udp import IcmpError, SendStamp, UdpEndpoint
 from probes.config import IKEv2Target, ikev2_problems
@@ -62,7 +63,13 @@ from probes.protocols.ikev2.initiator import (
 from probes.protocols.ikev2.proposals import (
     DEFAULT_ESP_PROPOSAL,
     DEFAULT_IKE_PROPOSALS,
+    encr_name,
+    esp_label,
+    group_name,
+    integ_name,
     parse_ike_proposals,
+    prf_name,
+    suite_label,
 )
 
 log = logging.getLogger(__name__)
@@ -181,11 +188,19 @@ def _psk(params: Ikev2Params) -> bytes | None:
     return None
 
 
-def suite_name(suite: CipherSuite) -> str:
-    return f"encr{suite.encr}-{suite.encr_key_bytes * 8}/prf{suite.prf}/integ" \
-           f"{suite.integ or 0}/dh{suite.group}"
+def negotiated_facts(suite: CipherSuite) -> dict[str, Fact]:
+    """What the responder chose for the IKE SA, as ``crypto.*`` facts: each value one of a known
+    few names (strongSwan's tokens, "unknown" otherwise), so the agent exports them as labels of
+    ``tunnelwatch_node_crypto_info``."""
+    return {"crypto.ike_encryption": encr_name(suite.encr, suite.encr_key_bytes * 8),
+            "crypto.ike_integrity": integ_name(suite.integ),
+            "crypto.ike_prf": prf_name(suite.prf),
+            "crypto.ike_dh_group": group_name(suite.group),
+            "crypto.ike_pq_key_exchange": ",".join(group_name(m) for m in suite.additional)
+            or "none"}
 
 
+_CHILD_LEVELS = ("tunnel", "child")
 _FAILURE_REASONS = {
     Failure.TIMEOUT: Reason.TIMEOUT,
     Failure.NO_PROPOSAL_CHOSEN: Reason.NO_PROPOSAL_CHOSEN,
@@ -197,7 +212,8 @@ _FAILURE_REASONS = {
 
 
 async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
-    """One probe at ``level`` ("init", "auth" or "tunnel")."""
+    """One probe at ``level``: "init", "auth", "tunnel", or "child" (the policy scan's: an IKE
+    SA and a CHILD_SA of ``esp_proposal``, any transform allowed, no traffic)."""
     watch = Stopwatch()
     facts: dict[str, Fact] = {}
     try:
@@ -225,7 +241,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             return watch.result(False, exc.reason, detail=str(exc))
         except OSError as exc:
             return watch.result(False, Reason.NETWORK_UNREACHABLE, detail=str(exc))
-        child = ChildRequest(esp_proposal=params.esp_proposal) if level == "tunnel" else None
+        child = (ChildRequest(esp_proposal=params.esp_proposal, aead_only=level == "tunnel")
+                 if level in _CHILD_LEVELS else None)
         config = InitiatorConfig(
             local_address=ep.local_address, remote_address=ep.remote,
             proposals=proposals, psk=None if level == "init" else psk,
@@ -267,7 +284,7 @@ async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: f
     await session.run_until(AuthCompleted, deadline)
     watch.lap("auth")
     result = _auth_result(session, watch, facts, level)
-    if result is not None or level == "auth":
+    if result is not None or level in ("auth", "child"):
         return result or watch.result(True, Reason.OK, facts=facts)
     auth = session.outcome.auth
     assert auth is not None and auth.child is not None
@@ -287,7 +304,8 @@ def _init_result(session: _Session, watch: Stopwatch,
     facts["cookie_rounds"] = sum(r.why == "cookie" for r in o.retries)
     facts["invalid_ke_rounds"] = sum(r.why == "invalid-ke" for r in o.retries)
     if o.init is not None:
-        facts.update(alive=True, proposal=suite_name(o.init.suite), dh_group=o.init.suite.group,
+        facts.update(negotiated_facts(o.init.suite))
+        facts.update(alive=True, proposal=suite_label(o.init.suite), dh_group=o.init.suite.group,
                      nat_t=o.init.floated, behind_nat=o.init.nat_local,
                      responder_behind_nat=o.init.nat_remote,
                      childless_supported=o.init.childless_supported,
@@ -319,7 +337,9 @@ def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
                  childless=o.auth.childless)
     if o.auth.child_error:
         facts["child_sa_error"] = o.auth.child_error
-    if level == "tunnel" and o.auth.child is None:
+    if o.auth.child is not None:
+        facts["crypto.esp_transform"] = esp_label(o.auth.child.proposal)
+    if level in _CHILD_LEVELS and o.auth.child is None:
         return watch.result(False, Reason.CHILD_SA_FAILED,
                             detail=f"IKE SA established; CHILD_SA refused: {o.auth.child_error}",
                             facts=facts)
@@ -343,6 +363,10 @@ def _pick_address(selectors: tuple[object, ...], explicit: str | None) -> str | 
 
 async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadline: float, *,
                   watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
+    if child.esp is None:
+        return watch.result(False, Reason.PROBE_ERROR, facts=facts,
+                            detail="the responder chose an ESP transform the probe cannot speak")
+    esp_sa = child.esp
     src = _pick_address(child.ts_i, params.inner_address)
     dst = _pick_address(child.ts_r, params.ping)
     if src is None or dst is None:
@@ -356,7 +380,7 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
     bad = 0
 
     def send(seq: int) -> SendStamp | None:
-        return driver.send(child.esp.seal(build_echo(src, dst, run.ident, seq, payload)), nat_t)
+        return driver.send(esp_sa.seal(build_echo(src, dst, run.ident, seq, payload)), nat_t)
 
     def handle(event: Event | Unreachable | DriverClosed) -> None:
         nonlocal bad
@@ -367,7 +391,7 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
             kind, esp = classify_nat_t(event.data)
             if kind != "esp":
                 return  # a NAT keepalive
-            _, inner = child.esp.open(esp)
+            _, inner = esp_sa.open(esp)
         except IKEv2Error:
             bad += 1
             return
@@ -425,8 +449,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
         out.append(Planned.of(AUTH, base))
         if level == "tunnel" or (level is None and section.ping is not None):
             out.append(Planned.of(TUNNEL, base))
-    return out
-
+    return out + plan_policy(ctx)
 
 
 def _preflight(planned: Planned) -> None:
@@ -447,5 +470,5 @@ COMMAND = ProbeCommand(
     # a one-shot probe offers the usual suites and stops at init unless asked
     defaults={"level": "init", "proposals": list(DEFAULT_IKE_PROPOSALS)})
 
-FAMILY = Family("ikev2", (INIT, AUTH, TUNNEL), plan,
+FAMILY = Family("ikev2", (INIT, AUTH, TUNNEL, POLICY), plan,
                 "IKEv2: IKE_SA_INIT, PSK IKE_AUTH, ESP-in-UDP echoes", (COMMAND,))

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+from cryptography import x509
 
 from probes.checks.base import (
     CLEANUP_GRACE_SECONDS,
@@ -127,6 +128,52 @@ def _read(path: str, what: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+_TLS_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
+_DIGESTS = frozenset({"MD5", "SHA1", "SHA224", "SHA256", "SHA384", "SHA512"})
+
+
+def tls_crypto_facts(event: ov.TlsEstablished, params: OpenVPNParams) -> dict[str, Fact]:
+    """What the server negotiated on the control channel, as ``crypto.*`` facts (exported as
+    ``tunnelwatch_node_crypto_info`` labels): each value from a closed set or "unknown". The
+    suite name is OpenSSL's, one of the few dozen it implements."""
+    if params.tls_auth_file:
+        digest = params.auth_digest.upper().replace("-", "")
+        wrap = f"tls-auth-{digest if digest in _DIGESTS else 'unknown'}"
+    else:
+        wrap = ("tls-crypt" if params.tls_crypt_file else "tls-crypt-v2"
+                if params.tls_crypt_v2_file else "none")
+    return {"crypto.tls_version": event.version if event.version in _TLS_VERSIONS
+            else "unknown",
+            "crypto.tls_cipher_suite": event.cipher if event.cipher.replace("-", "_").replace(
+                "_", "").isalnum() and len(event.cipher) <= 64 else "unknown",
+            "crypto.tls_group": event.group or "unknown",
+            "crypto.control_channel_wrap": wrap}
+
+
+def chain_facts(chain: tuple[bytes, ...]) -> dict[str, Fact]:
+    """Every certificate the server presented (leaf first): ``chain.<i>.subject``,
+    ``.not_before``, ``.not_after`` (ISO 8601), and the gauges the certificate alerts read: the
+    leaf's start and the whole chain's earliest end."""
+    out: dict[str, Fact] = {"cert_chain_length": len(chain)}
+    not_after: list[float] = []
+    for i, der in enumerate(chain[:8]):
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            out[f"chain.{i}.subject"] = "unparsable"
+            continue
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        out[f"chain.{i}.subject"] = cert.subject.rfc4514_string()
+        out[f"chain.{i}.not_before"] = start.isoformat()
+        out[f"chain.{i}.not_after"] = end.isoformat()
+        not_after.append(end.timestamp())
+        if i == 0:
+            out["node_certificate_not_before_timestamp_seconds"] = start.timestamp()
+    if not_after:
+        out["node_certificate_chain_expiry_timestamp_seconds"] = min(not_after)
+    return out
 
 
 def build_wrapper(params: OpenVPNParams, wall_time: int) -> Wrapper:
@@ -294,6 +341,7 @@ class _Probe:
         elif isinstance(event, ov.TlsEstablished):
             self.on_tls(event)
         elif isinstance(event, ov.TlsFailed):
+            self.facts.update(chain_facts(event.chain) if event.chain else {})
             raise _tls_failure(event, after_handshake=self.tls_done)
         elif isinstance(event, ov.KeyExchanged):
             self.key_exchanged = True
@@ -365,6 +413,8 @@ class _Probe:
         self.watch.lap("tls")
         self.facts["tls_version"] = event.version
         self.facts["tls_cipher"] = event.cipher
+        self.facts.update(tls_crypto_facts(event, self.params))
+        self.facts.update(chain_facts(event.chain))
         not_after = dt.datetime.fromtimestamp(event.not_after, dt.UTC)
         self.facts["cert_not_after"] = not_after.isoformat()
         self.facts["cert_expires_in_seconds"] = round(event.not_after - time.time(), 3)
@@ -425,6 +475,7 @@ class _Probe:
         except OpenVPNError as exc:  # e.g. a pushed cipher we do not speak
             raise ProbeFailure(Reason.BAD_RESPONSE, f"data channel: {exc}") from None
         self.facts["data_cipher"] = channel.cipher
+        self.facts["crypto.data_cipher"] = channel.cipher  # one we speak: a bounded name
         self.facts["compression_framing"] = channel.framing.value
         resolvers = ((self.params.dns_resolver,) if self.params.dns_resolver
                      else reply.dns_servers)

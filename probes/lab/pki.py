@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -22,7 +22,10 @@ class CertFiles:
     key: Path
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _write_key(key: PrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
@@ -57,11 +60,17 @@ class PKI:
         self._revoked: list[int] = []
 
     def issue(self, common_name: str, *, server: bool, days: int = 825,
-              expired: bool = False) -> CertFiles:
-        key = ec.generate_private_key(ec.SECP256R1())
+              expired: bool = False, not_yet_valid: bool = False,
+              rsa_bits: int | None = None) -> CertFiles:
+        """A certificate signed by the CA: an EC P-256 key, or RSA of ``rsa_bits`` (what RSA
+        key transport needs: a server with an EC key cannot offer it at all)."""
+        key: PrivateKey = (ec.generate_private_key(ec.SECP256R1()) if rsa_bits is None
+                           else rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits))
         now = dt.datetime.now(dt.UTC)
         if expired:
             start, end = now - dt.timedelta(days=30), now - dt.timedelta(days=1)
+        elif not_yet_valid:
+            start, end = now + dt.timedelta(days=2), now + dt.timedelta(days=days)
         else:
             start, end = now - dt.timedelta(days=1), now + dt.timedelta(days=days)
         eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -73,9 +82,11 @@ class PKI:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True,
+            .add_extension(x509.KeyUsage(digital_signature=True,
+                                         key_agreement=rsa_bits is None,
                                          key_cert_sign=False, crl_sign=False,
-                                         content_commitment=False, key_encipherment=False,
+                                         content_commitment=False,
+                                         key_encipherment=rsa_bits is not None,
                                          data_encipherment=False, encipher_only=False,
                                          decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)

@@ -141,6 +141,7 @@ LEGACY_TIERS: dict[str, Tier] = {
     "openvpn.throughput": Tier.SESSION,
     "ikev2": Tier.FUNCTIONAL,
     "ikev2.tunnel": Tier.SESSION,
+    "ikev2.policy": Tier.POLICY,
     "quic": Tier.FUNCTIONAL,
     "quic.connect-udp": Tier.SESSION,
     "quic.connect-ip": Tier.SESSION,

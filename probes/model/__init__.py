@@ -99,6 +99,8 @@ class Reason(enum.StrEnum):
     # path MTU
     MTU_BLACK_HOLE = "mtu-black-hole"  # large DF packets vanish and no ICMP frag-needed arrives
     MTU_BELOW_MINIMUM = "mtu-below-minimum"
+    # crypto policy scans
+    WEAK_CRYPTO = "weak-crypto"  # the node accepted a deprecated algorithm the scan offered alone
     # agent-side
     PROBE_ERROR = "probe-error"  # the probe itself failed (bug or local resource): never the node
     OVERLOADED = "overloaded"  # the agent refused to run the check: it could not time it honestly
@@ -117,10 +119,14 @@ class Tier(enum.StrEnum):
     SESSION = "session"
     TELEMETRY = "telemetry"  # node telemetry: feeds metrics, never reported to the mesh
     LOAD = "load"  # node load: feeds metrics and the mesh's weights, never verdicts
+    POLICY = "policy"  # crypto policy scans: hourly, feed metrics and alerts, never verdicts
 
 
 # the tiers that read what a node says about itself rather than probe it
 NODE_READ_TIERS = frozenset({Tier.TELEMETRY, Tier.LOAD})
+# the tiers whose results stay with the agent (metrics, --json), never sent to the mesh: what a
+# node says about itself, and what it is willing to accept (a policy finding is not an outage)
+LOCAL_TIERS = frozenset({*NODE_READ_TIERS, Tier.POLICY})
 
 
 class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):

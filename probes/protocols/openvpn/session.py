@@ -21,6 +21,7 @@ waits a whole hand-window for a TLS handshake that never comes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import ssl
@@ -48,6 +49,14 @@ from probes.protocols.openvpn.packet import (
 )
 from probes.protocols.openvpn.reliable import ReliableReceiver, ReliableSender
 from probes.protocols.openvpn.wrap import NoWrap, TlsCryptV2, Wrapper
+from probes.protocols.tlswire import (
+    ALERT_HANDSHAKE_FAILURE,
+    TLS10,
+    TLS12,
+    ServerFlight,
+    TlsWireError,
+    alert,
+)
 
 DEFAULT_TLS_MTU = 1250
 EARLY_NEG_FLAGS_TLV = 0x0001
@@ -77,12 +86,25 @@ class TlsEstablished:
     peer_certificate_der: bytes
     not_after: float  # Unix seconds
     subject: str = ""  # RFC 4514
+    group: str = ""  # the key exchange group, read off the server's flight ("" unknown)
+    chain: tuple[bytes, ...] = ()  # every certificate the server presented (DER), leaf first
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAnswered:
+    """The server's answer to a ClientHello of ``SessionOptions.hello``: its ServerHello (the
+    offer accepted) or an alert (refused), in ``flight``."""
+
+    flight: ServerFlight
 
 
 @dataclass(frozen=True, slots=True)
 class TlsFailed:
     failure: TlsFailure
     detail: str
+    # what the server presented, when its certificate is what failed (its dates still matter:
+    # a certificate not valid yet is an alert of its own)
+    chain: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +141,8 @@ class ServerMisbehaved:
 
 
 Event = (ResetAnswered | TlsEstablished | TlsFailed | KeyExchanged | PushReplyReceived
-         | AuthFailed | ControlMessage | DataReceived | BadDatagram | ServerMisbehaved)
+         | AuthFailed | ControlMessage | DataReceived | BadDatagram | ServerMisbehaved
+         | HelloAnswered)
 
 
 class Stage(enum.IntEnum):
@@ -133,9 +156,12 @@ class Stage(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class SessionOptions:
-    """What the session does beyond the reset. ``ssl_context`` None stops after the reset."""
+    """What the session does beyond the reset. ``ssl_context`` None stops after the reset;
+    ``hello`` (TLS records: a ClientHello of :mod:`probes.protocols.tlswire`) replaces the TLS
+    handshake by that one offer, answered by a :class:`HelloAnswered` event."""
 
     ssl_context: ssl.SSLContext | None = None
+    hello: bytes | None = None
     key_exchange: bool = True  # send key-method 2 after TLS
     want_push: bool = True
     username: str | None = None
@@ -177,6 +203,23 @@ def _classify_ssl_error(exc: ssl.SSLError) -> TlsFailed:
     return TlsFailed(TlsFailure.OTHER, reason.lower() or str(exc))
 
 
+def presented_chain(tls: ssl.SSLObject) -> tuple[bytes, ...]:
+    """Every certificate the server presented (DER, leaf first), as OpenSSL received them.
+
+    ``SSLObject.get_unverified_chain`` is public from Python 3.13; 3.10-3.12 have the same
+    method on the object underneath (``_sslobj``). Empty when neither is there."""
+    getter = getattr(tls, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", None)
+    if getter is None:
+        return ()
+    try:
+        chain = getter() or []
+        return tuple(ssl.PEM_cert_to_DER_cert(c.public_bytes()) for c in chain)
+    except (ValueError, ssl.SSLError, AttributeError):
+        return ()
+
+
 def _check_server_certificate(der: bytes) -> tuple[x509.Certificate, str | None]:
     """(certificate, problem): the chain is verified by OpenSSL; EKU is ours to check, like
     ``--remote-cert-tls server``."""
@@ -208,6 +251,10 @@ class ClientSession:
         self._data_out: list[bytes] = []
         self._resend_wkc = False
         self._tls: ssl.SSLObject | None = None
+        # the server's TLS bytes read as they pass (the group OpenSSL does not tell us; the
+        # answer to a hello offer); None once they stopped parsing (informational only)
+        self.flight: ServerFlight | None = ServerFlight()
+        self._hello_answered = False
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._key_source = km.ClientKeySource(random_bytes(km.PRE_MASTER_LEN),
@@ -257,7 +304,7 @@ class ClientSession:
                 opcode, self.session_id, 0, acks,
                 (self.server_session_id or b"") if acks else b"", message_id, payload)))
         while (self._receiver.has_acks and self.server_session_id is not None
-               and self.options.ssl_context is not None):
+               and self._speaks_tls):
             out.append(self._wrap(ControlPacket(
                 Opcode.ACK_V1, self.session_id, 0, self._receiver.take_acks(),
                 self.server_session_id, None)))
@@ -276,6 +323,10 @@ class ClientSession:
     def fewest_sends_unacknowledged(self) -> int:
         """Sends of the least-tried control packet the server has not ACKed (0: none)."""
         return self._sender.fewest_sends_unacked
+
+    @property
+    def _speaks_tls(self) -> bool:
+        return self.options.ssl_context is not None or self.options.hello is not None
 
     def _take_acks(self) -> tuple[int, ...]:
         if self.server_session_id is None:
@@ -322,10 +373,29 @@ class ClientSession:
         for _, op, payload in self._receiver.receive(packet.message_id, opcode, packet.payload):
             if op == Opcode.CONTROL_HARD_RESET_SERVER_V2:
                 self._on_server_reset(payload, now)
-            elif op == Opcode.CONTROL_V1 and self._tls is not None:
-                self._incoming.write(payload)
+            elif op == Opcode.CONTROL_V1 and self.stage >= Stage.TLS:
+                self._read_flight(payload)
+                if self._tls is not None:
+                    self._incoming.write(payload)
                 self.tls_bytes_received += len(payload)
         self._pump_tls(now)
+
+    def _read_flight(self, payload: bytes) -> None:
+        flight = self.flight
+        if flight is None or flight.done:
+            return
+        try:
+            flight.feed(payload)
+        except TlsWireError as exc:
+            self.flight = None
+            if self.options.hello is not None:  # the answer to our offer is not TLS
+                self.stage = Stage.FAILED
+                self._events.append(ServerMisbehaved(f"answer to the ClientHello: {exc}"))
+            return
+        if (self.options.hello is not None and not self._hello_answered
+                and (flight.hello is not None or flight.alert is not None)):
+            self._hello_answered = True
+            self._events.append(HelloAnswered(flight))
 
     def _receive_data(self, data: bytes) -> None:
         if self.data_channel is None:
@@ -339,6 +409,10 @@ class ClientSession:
         self._resend_wkc = bool(flags & EARLY_NEG_FLAG_RESEND_WKC)
         assert self.server_session_id is not None
         self._events.append(ResetAnswered(self.server_session_id, flags))
+        if self.options.hello is not None:
+            self.stage = Stage.TLS
+            self._outgoing.write(self.options.hello)  # queued by _pump_tls
+            return
         if self.options.ssl_context is None:
             return
         self.stage = Stage.TLS
@@ -354,6 +428,7 @@ class ClientSession:
     def _pump_tls(self, now: float) -> None:
         tls = self._tls
         if tls is None or self.stage == Stage.FAILED:
+            self._flush_tls()  # a hello offer, or an alert ending it
             return
         if self.stage == Stage.TLS:
             try:
@@ -361,7 +436,10 @@ class ClientSession:
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError as exc:
-                self._fail(_classify_ssl_error(exc))
+                failed = _classify_ssl_error(exc)
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    failed = dataclasses.replace(failed, chain=presented_chain(tls))
+                self._fail(failed)
             else:
                 self._on_handshake_done()
         if self.stage in (Stage.KEY_EXCHANGE, Stage.ACTIVE):
@@ -380,9 +458,11 @@ class ClientSession:
             self._fail(TlsFailed(TlsFailure.EKU, problem))
             return
         cipher = (self._tls.cipher() or ("",))[0]
-        self._events.append(TlsEstablished(self._tls.version() or "", cipher, der,
-                                           cert.not_valid_after_utc.timestamp(),
-                                           cert.subject.rfc4514_string()))
+        flight = self.flight
+        self._events.append(TlsEstablished(
+            self._tls.version() or "", cipher, der, cert.not_valid_after_utc.timestamp(),
+            cert.subject.rfc4514_string(), group=flight.group_label if flight else "",
+            chain=presented_chain(self._tls) or (der,)))
         self.stage = Stage.KEY_EXCHANGE
         if self.options.key_exchange:
             self._write_plaintext(km.encode_client_key_method_2(
@@ -472,6 +552,20 @@ class ClientSession:
         return "\n".join(lines) + "\n"
 
     # --- leaving, data channel -----------------------------------------------------------------
+
+    def end_hello(self, now: float) -> bool:
+        """End a hello offer with a fatal alert, so that the server drops the instance it made
+        for us at once (as it does on any TLS failure) instead of waiting out its hand-window.
+        False when no offer was made (nothing to end)."""
+        if self.options.hello is None or self.stage != Stage.TLS:
+            return False
+        hello = self.flight.hello if self.flight is not None else None
+        version = min(hello.version, TLS12) if hello is not None else TLS10
+        self._outgoing.write(alert(ALERT_HANDSHAKE_FAILURE, version))
+        self._flush_tls()
+        self._exit_message_id = self._sender.next_id - 1  # exit_acknowledged: the alert's ACK
+        self.stage = Stage.FAILED
+        return True
 
     def send_exit(self, now: float) -> bool:
         """Queue ``EXIT`` so the server frees our instance (and pool address) now, not at
