@@ -139,6 +139,11 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     echo_interval: Duration = 0.05  # seconds between them
     # the resolver user_path.dns queries; default: the first dhcp-option DNS the node pushes
     dns_resolver: str | None = None
+    # crypto policy scan (check openvpn.policy, tier policy): TLS 1.0/1.1, RSA key transport
+    # and (with tls-auth) MD5/SHA1 digests offered alone, each must be refused
+    policy_scan: bool = False
+    # the deprecated choices to offer (docs/crypto-policy.md); default: all of them
+    policy_items: list[str] | None = None
 
 
 class IKEv2Target(Strict, kw_only=True, frozen=True):
@@ -606,6 +611,14 @@ def mtu_problems(m: MTUTarget, at: str, base_dir: Path) -> Iterator[Problem]:
 
 def openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Problem]:
     yield from _check_port(o.port, f"{at}.port")
+    from probes.protocols.openvpn.policy import (  # noqa: PLC0415
+        DEFAULT_ITEMS as OPENVPN_POLICY_ITEMS,
+    )
+
+    for n, item in enumerate(o.policy_items or ()):
+        if item not in OPENVPN_POLICY_ITEMS:
+            yield Problem(f"{at}.policy_items[{n}]", f"unknown item {item!r}; known: "
+                          f"{', '.join(OPENVPN_POLICY_ITEMS)}")
     wraps = [n for n in ("tls_crypt_file", "tls_auth_file", "tls_crypt_v2_file")
              if getattr(o, n) is not None]
     if len(wraps) > 1:

@@ -610,6 +610,19 @@ TUNNEL = CheckKind(
 KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
 
 
+def plan_params(ctx: PlanContext, section: OpenVPNTarget) -> OpenVPNParams:
+    """The check params of a target's ``openvpn:`` section (also the policy scan's base)."""
+    return OpenVPNParams(
+        host=ctx.target.address, port=section.port, proto=section.proto,
+        ca_file=ctx.path(section.ca_file), cert_file=ctx.path(section.cert_file),
+        key_file=ctx.path(section.key_file), tls_crypt_file=ctx.path(section.tls_crypt_file),
+        tls_auth_file=ctx.path(section.tls_auth_file), key_direction=section.key_direction,
+        auth_digest=section.auth_digest, tls_crypt_v2_file=ctx.path(section.tls_crypt_v2_file),
+        auth_user_pass_file=ctx.path(section.auth_user_pass_file),
+        compression=section.compression, echo_count=section.echo_count,
+        echo_interval=section.echo_interval, dns_resolver=section.dns_resolver)
+
+
 def plan(ctx: PlanContext) -> list[Planned]:
     """The ``openvpn:`` section -> its checks.
 
@@ -621,15 +634,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
     section = ctx.target.openvpn
     if section is None:
         return []
-    params = OpenVPNParams(
-        host=ctx.target.address, port=section.port, proto=section.proto,
-        ca_file=ctx.path(section.ca_file), cert_file=ctx.path(section.cert_file),
-        key_file=ctx.path(section.key_file), tls_crypt_file=ctx.path(section.tls_crypt_file),
-        tls_auth_file=ctx.path(section.tls_auth_file), key_direction=section.key_direction,
-        auth_digest=section.auth_digest, tls_crypt_v2_file=ctx.path(section.tls_crypt_v2_file),
-        auth_user_pass_file=ctx.path(section.auth_user_pass_file),
-        compression=section.compression, echo_count=section.echo_count,
-        echo_interval=section.echo_interval, dns_resolver=section.dns_resolver)
+    params = plan_params(ctx, section)
     if section.level == "reset":
         return [Planned.of(RESET, params)]
     out = [Planned.of(TLS, params)]

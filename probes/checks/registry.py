@@ -46,6 +46,12 @@ def _openvpn() -> Family:
     return openvpn.FAMILY
 
 
+def _openvpn_policy() -> Family:
+    from probes.checks import openvpn_policy  # noqa: PLC0415
+
+    return openvpn_policy.FAMILY
+
+
 def _ikev2() -> Family:
     from probes.checks import ikev2  # noqa: PLC0415
 
@@ -81,6 +87,8 @@ LISTED: tuple[Listed, ...] = (
     Listed("l4", lambda t: t.l4 is not None, _l4),
     Listed("wireguard", lambda t: t.wireguard is not None, _wireguard),
     Listed("openvpn", lambda t: t.openvpn is not None, _openvpn),
+    # the openvpn section's policy scan (its probe subclasses the openvpn family's)
+    Listed("openvpn", lambda t: t.openvpn is not None, _openvpn_policy),
     Listed("ikev2", lambda t: t.ikev2 is not None, _ikev2),
     Listed("quic", lambda t: t.quic is not None, _quic),
     Listed("mtu", lambda t: t.mtu is not None, _mtu),

@@ -28,7 +28,8 @@ _counter = itertools.count()
 class OpenVPNServer:
     def __init__(self, lab: Lab, host: Host, *, proto: Literal["udp", "tcp"] = "udp",
                  wrap: Wrap = "tls-crypt", port: int = 1194, expired_cert: bool = False,
-                 not_yet_valid_cert: bool = False, crl: bool = False,
+                 not_yet_valid_cert: bool = False, server_rsa_bits: int | None = None,
+                 crl: bool = False,
                  extra: Sequence[str] = ()) -> None:
         self.lab, self.host, self.proto, self.wrap, self.port = lab, host, proto, wrap, port
         self.n = next(_counter)
@@ -41,7 +42,8 @@ class OpenVPNServer:
         self.ca_file = pki.ca_file
         self.server_cert: CertFiles = pki.issue(f"{self.name}-server", server=True,
                                                 expired=expired_cert,
-                                                not_yet_valid=not_yet_valid_cert)
+                                                not_yet_valid=not_yet_valid_cert,
+                                                rsa_bits=server_rsa_bits)
         self.client = pki.issue(f"{self.name}-client", server=False)
         self.crl_file: Path | None = pki.write_crl() if crl else None
         self.wrap_key_file: Path | None = None  # what a client needs: static or tls-crypt-v2 key

@@ -142,6 +142,7 @@ LEGACY_TIERS: dict[str, Tier] = {
     "ikev2": Tier.FUNCTIONAL,
     "ikev2.tunnel": Tier.SESSION,
     "ikev2.policy": Tier.POLICY,
+    "openvpn.policy": Tier.POLICY,
     "quic": Tier.FUNCTIONAL,
     "quic.connect-udp": Tier.SESSION,
     "quic.connect-ip": Tier.SESSION,

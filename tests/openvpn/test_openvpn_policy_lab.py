@@ -1,0 +1,70 @@
+"""The OpenVPN policy scan against a real OpenVPN 2.6 server configured weak (TLS 1.0 allowed,
+an RSA certificate, tls-auth with its default SHA1 digest) and as the lab runs it (strict)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from probes.checks.base import CheckResult
+from probes.checks.openvpn_policy import OpenVPNPolicyParams, run_policy
+from probes.lab import Host, Lab
+from probes.lab.openvpn import OpenVPNServer
+from probes.model import Reason
+from probes.protocols.openvpn.policy import DEFAULT_ITEMS
+from tests.openvpn.test_lab_openvpn import params_for
+
+pytestmark = [pytest.mark.openvpn, pytest.mark.lab]
+
+WEAK_ACCEPTS = {"tls_version_1_0", "tls_version_1_1", "tls_kx_rsa", "tls_auth_sha1"}
+
+
+def scan(agent: Host, server: OpenVPNServer, timeout: float = 40.0, **kw: Any) -> CheckResult:
+    base = params_for(server)
+    import msgspec
+
+    params = OpenVPNPolicyParams(**msgspec.structs.asdict(base), **kw)
+    with agent.entered():
+        return asyncio.run(run_policy(params, timeout))
+
+
+def no_clients(server: OpenVPNServer, within: float = 12.0) -> bool:
+    """The status file (rewritten every second) lists no client."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if "CLIENT_LIST\t" not in server.status().replace("HEADER\tCLIENT_LIST", ""):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_weak_server_each_accepted_choice_named(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-auth", server_rsa_bits=2048,
+                               extra=["--tls-version-min", "1.0",
+                                      "--tls-cipher", "DEFAULT:@SECLEVEL=0"])
+    result = scan(agent, server)
+    assert result.reason is Reason.WEAK_CRYPTO, (result, server.log()[-2000:])
+    accepted = {n for n in DEFAULT_ITEMS if result.facts[f"policy.{n}"] == "accepted"}
+    assert accepted == WEAK_ACCEPTS, result.facts
+    assert result.facts["policy.tls_auth_md5"] == "refused"
+    assert str(result.facts["chosen.tls_version_1_0"]).startswith("TLSv1 ")
+    assert "_RSA_WITH_" in str(result.facts["chosen.tls_kx_rsa"])
+    # OpenSSL 3.0 has no ML-KEM: the hybrid group is refused (the negative path)
+    assert result.facts["post_quantum"] == "refused", result.facts
+    assert result.facts["node_pq_key_exchange_accepted"] == 0
+    assert no_clients(server), server.status()
+
+
+def test_strict_server_yields_nothing(lab: Lab) -> None:
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
+    result = scan(agent, server)
+    assert result.ok and result.reason is Reason.OK, (result, server.log()[-2000:])
+    assert result.facts["policy.tls_version_1_0"] == "refused"
+    assert result.facts["policy.tls_auth_sha1"] == "n/a"
+    assert result.facts["post_quantum"] == "refused"
+    assert no_clients(server), server.status()

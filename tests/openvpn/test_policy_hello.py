@@ -1,0 +1,102 @@
+"""The policy scan's hello offers through the session core, against an OpenSSL server (the fake
+server's TLS is real): accepted and refused answers, the classification, and fuzzed answers."""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from probes.checks.openvpn_policy import _hello_outcome
+from probes.protocols.openvpn.policy import HELLO_ITEMS
+from probes.protocols.openvpn.session import (
+    ClientSession,
+    HelloAnswered,
+    ResetAnswered,
+    ServerMisbehaved,
+    SessionOptions,
+)
+from probes.protocols.tlswire import TLS12, HelloOffer, ServerFlight, client_hello
+from tests.openvpn.conftest import server_context
+from tests.openvpn.fake_server import FakeServer
+from tests.openvpn.pki import Issued, ScratchPki
+from tests.openvpn.test_session import drive
+
+pytestmark = pytest.mark.openvpn
+
+
+def _offer(server_ctx: ssl.SSLContext, offer: HelloOffer) -> tuple[list[object], FakeServer]:
+    session = ClientSession(options=SessionOptions(hello=client_hello(offer, os.urandom(32)),
+                                                   key_exchange=False, want_push=False))
+    server = FakeServer(server_ctx)
+    session.start(0.0)
+    events = drive(session, server)
+    return events, server
+
+
+def test_accepted_tls12_offer_is_a_server_hello(pki: ScratchPki, server_cert: Issued) -> None:
+    ctx = server_context(pki.ca_file, server_cert)
+    ctx.verify_mode = ssl.CERT_NONE
+    offer = HelloOffer((TLS12,), (0xC02B, 0xC02C), (23, 29))
+    events, _ = _offer(ctx, offer)
+    assert isinstance(events[0], ResetAnswered)
+    answered = [e for e in events if isinstance(e, HelloAnswered)]
+    assert len(answered) == 1, events
+    outcome, facts = _hello_outcome("x", offer, answered[0].flight)
+    assert outcome == "accepted" and "TLS_ECDHE_ECDSA_WITH_AES" in str(facts["chosen.x"])
+
+
+def test_refused_offer_is_an_alert_and_classified(pki: ScratchPki, server_cert: Issued) -> None:
+    ctx = server_context(pki.ca_file, server_cert)  # TLS 1.2 minimum, as OpenSSL 3 defaults
+    name, (_, offer) = "tls_version_1_0", HELLO_ITEMS["tls_version_1_0"]
+    events, server = _offer(ctx, offer)
+    answered = [e for e in events if isinstance(e, HelloAnswered)]
+    assert server.tls_error is not None
+    if answered:  # the fake server sends OpenSSL's alert (OpenVPN drops the instance instead)
+        assert _hello_outcome(name, offer, answered[0].flight)[0] == "refused"
+    assert _hello_outcome(name, offer, None) == ("refused", {
+        f"refusal.{name}": "dropped without an answer"})
+
+
+def test_an_unoffered_choice_is_an_error_never_an_acceptance() -> None:
+    offer = HELLO_ITEMS["tls_kx_rsa"][1]
+    flight = ServerFlight()
+    from tests.unit.test_tlswire import _server_hello
+
+    flight.feed(_server_hello(TLS12, 0xC02F, None))  # ECDHE: not what was offered
+    outcome, facts = _hello_outcome("tls_kx_rsa", offer, flight)
+    assert outcome == "error" and "not offered" in str(facts["error.tls_kx_rsa"])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(min_size=1, max_size=200), min_size=1, max_size=4))
+def test_hostile_answers_to_a_hello_never_raise(answers: list[bytes]) -> None:
+    """Whatever comes back inside CONTROL_V1 after our hello: events, never an exception."""
+    from probes.protocols.openvpn.packet import ControlPacket, Opcode
+    from probes.protocols.openvpn.wrap import NoWrap
+
+    session = ClientSession(options=SessionOptions(
+        hello=client_hello(HELLO_ITEMS["tls_version_1_0"][1], bytes(32)), key_exchange=False,
+        want_push=False))
+    session.start(0.0)
+    session.datagrams_to_send(0.0)
+    wrap, sid = NoWrap(), os.urandom(8)
+    first = ControlPacket(Opcode.CONTROL_HARD_RESET_SERVER_V2, sid, 0, (0,),
+                          session.session_id, 0, b"")
+    reset = wrap.wrap(first.header(), first.body())
+    session.receive_datagram(reset, ("", 0), 0.0)
+    for i, data in enumerate(answers):
+        packet = ControlPacket(Opcode.CONTROL_V1, sid, 0, (), None, i + 1, data)
+        session.receive_datagram(wrap.wrap(packet.header(), packet.body()), ("", 0), float(i))
+        session.datagrams_to_send(float(i))
+    events = []
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    for event in events:
+        if isinstance(event, HelloAnswered):
+            _hello_outcome("tls_version_1_0", HELLO_ITEMS["tls_version_1_0"][1], event.flight)
+        assert not isinstance(event, ServerMisbehaved) or event.detail
+    session.end_hello(10.0)
