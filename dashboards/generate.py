@@ -356,6 +356,23 @@ def fleet_overview() -> dashboard.Dashboard:
             "{{pool}}",
             desc="How often the balancers get a new weight, per node; churn alert above 1/60 s.",
         ),
+        dashboard.Row("Crypto policy"),
+        ts(
+            "Post-quantum ready share",
+            "percentunit",
+            f"pop:tunnelwatch_nodes_pq_ready:ratio{{{POP}}}",
+            "{{pop}}",
+            desc="Share of a PoP's scanned nodes that took the policy scan's hybrid ML-KEM key "
+            "exchange (docs/crypto-policy.md).",
+        ),
+        bars(
+            "Deprecated choices accepted",
+            "none",
+            f"max by (node, item) (tunnelwatch_policy_weak_accepted{{{POP}}}) == 1",
+            "{{node}} {{item}}",
+            desc="Each node and deprecated algorithm its last policy scan saw accepted "
+            "(WeakCryptoAccepted pages on each).",
+        ),
     )
 
 
