@@ -646,6 +646,15 @@ def plan(ctx: PlanContext) -> list[Planned]:
 
 
 
+def _plan_with_policy(ctx: PlanContext) -> list[Planned]:
+    """What ``tunnelwatch probe openvpn`` plans: the section's checks, then (``--policy-scan``)
+    the policy scan, the last planned, so the one the command runs."""
+    # the scan's module builds on this one (its probe subclasses _Probe): imported when used
+    from probes.checks.openvpn_policy import plan as policy_plan  # noqa: PLC0415
+
+    return [*plan(ctx), *policy_plan(ctx)]
+
+
 def _preflight(planned: Planned) -> None:
     """Every key and certificate the check will need, read now."""
     params: OpenVPNParams = planned.params
@@ -661,7 +670,8 @@ COMMAND = ProbeCommand(
     help="OpenVPN hard reset, TLS, key-method 2 + PUSH_REPLY, or in-tunnel echoes",
     description="Probe an OpenVPN 2.x server like a client would; ends with EXIT. --level "
                 "picks the deepest step: reset, tls, session (PUSH_REPLY) or tunnel.",
-    options=OpenVPNTarget, plan=section_plan("openvpn", plan), validate=openvpn_problems,
+    options=OpenVPNTarget, plan=section_plan("openvpn", _plan_with_policy),
+    validate=openvpn_problems,
     preflight=_preflight, port_required=True,
     aliases={"--ca": "ca_file", "--cert": "cert_file", "--key": "key_file",
              "--tls-crypt": "tls_crypt_file", "--tls-auth": "tls_auth_file",

@@ -100,3 +100,25 @@ def test_hostile_answers_to_a_hello_never_raise(answers: list[bytes]) -> None:
             _hello_outcome("tls_version_1_0", HELLO_ITEMS["tls_version_1_0"][1], event.flight)
         assert not isinstance(event, ServerMisbehaved) or event.detail
     session.end_hello(10.0)
+
+
+def test_policy_scan_is_planned_last_for_the_cli_and_by_the_agent(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from probes.checks.base import PlanContext
+    from probes.checks.openvpn import COMMAND
+    from probes.checks.registry import FAMILIES
+    from probes.config import OpenVPNTarget, Target, openvpn_problems
+    from probes.model import Tier
+
+    section = OpenVPNTarget(policy_scan=True, tls_crypt_file="/k", policy_items=["tls_kx_rsa"])
+    target = Target(id="n", pool="p", pop="x", region="r", address="192.0.2.1", openvpn=section)
+    ctx = PlanContext(target, Path(str(tmp_path)))
+    cli = list(COMMAND.plan(section, ctx))
+    assert cli[-1].kind.name == "openvpn.policy" and cli[-1].kind.tier is Tier.POLICY
+    assert cli[-1].params.items == ("tls_kx_rsa",)
+    agent = [p.kind.name for f in FAMILIES for p in f.plan(ctx)]
+    assert agent.count("openvpn.policy") == 1
+    bad = OpenVPNTarget(policy_items=["tls_version_0_9"])
+    assert any("tls_version_0_9" in p.message
+               for p in openvpn_problems(bad, "$.openvpn", Path(str(tmp_path))))
