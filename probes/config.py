@@ -860,9 +860,9 @@ def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
     if not cfg.agent.max_reprobe_rate >= 0:
         yield Problem("$.agent.max_reprobe_rate", "must be >= 0")
     for name, tier in cfg.tiers.items():
-        if name not in ("l4", "functional", "session", "telemetry", "load"):
-            yield Problem(f"$.tiers.{name}",
-                          "unknown tier; expected l4, functional, session, telemetry or load")
+        if name not in _default_tiers():
+            yield Problem(f"$.tiers.{name}", "unknown tier; expected "
+                          + ", ".join(_default_tiers()))
         yield from _tier_problems(name, tier)
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.targets):

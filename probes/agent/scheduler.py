@@ -71,6 +71,7 @@ DEFAULT_TIERS: dict[str, TierPolicy] = {
     "session": TierPolicy(interval=60.0, timeout=10.0, fast_interval=10.0),
     "telemetry": TierPolicy(interval=30.0, timeout=10.0),  # no fast re-probe: not health
     "load": TierPolicy(interval=1.0, timeout=0.8),  # weights follow load within seconds
+    "policy": TierPolicy(interval=3600.0, timeout=60.0, jitter=0.2),  # crypto policy scans
 }
 ROUND_PART = 256  # checks placed per loop callback when a round opens
 # adaptive timeout floor: Linux's minimum TCP RTO is 200 ms; a little above it leaves room for
