@@ -51,6 +51,11 @@ NOT_IN_LAB: dict[str, str] = {
     "tunnelwatch_mesh_node_load_effective_sessions":
         "no client moves traffic here (probe identities are not sessions): 0 effective sessions, "
         "and a PoP's effective-session spread is not computed below one per node",
+    "tunnelwatch_node_pq_key_exchange_accepted":
+        "policy scans run hourly and are not configured here (tests/*/test_*policy_lab.py)",
+    "tunnelwatch_policy_weak_accepted":
+        "policy scans run hourly and are not configured here; the panel shows only accepted "
+        "(weak) choices, which a healthy lab has none of",
 }
 HANDSHAKE = (
     r'check=~"wireguard\\.handshake|openvpn\\.(reset|tls)|ikev2\\.(init|auth)|quic\\.handshake"'
