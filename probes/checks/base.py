@@ -305,3 +305,16 @@ async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:
         log.exception("check %s crashed", kind.name)
         return CheckResult(False, Reason.PROBE_ERROR, time.monotonic() - started,
                            detail=f"{type(exc).__name__}: {exc}")
+
+
+def weak_choices_result(watch: Stopwatch, facts: dict[str, Fact], accepted: list[str],
+                        describe: Callable[[str], str]) -> CheckResult | None:
+    """A policy scan's summary: the count and names of the deprecated choices a node accepted
+    (as facts), and a WEAK_CRYPTO failure naming each; None when it accepted none."""
+    facts["node_policy_weak_accepted"] = len(accepted)
+    facts["weak_accepted"] = ",".join(accepted)
+    if not accepted:
+        return None
+    named = "; ".join(describe(n) for n in accepted)
+    return watch.result(False, Reason.WEAK_CRYPTO, facts=facts,
+                        detail=f"accepted {len(accepted)} deprecated choice(s): {named}")

@@ -29,6 +29,7 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     Stopwatch,
+    weak_choices_result,
 )
 from probes.model import Reason, Tier
 from probes.protocols.ikev2.policy import (
@@ -108,13 +109,10 @@ async def run_policy(params: Ikev2PolicyParams, timeout: float) -> CheckResult:
                               min(ITEM_TIMEOUT_SECONDS, deadline - time.monotonic()))
         facts.update(_pq_facts(result))
         watch.lap("post_quantum")
-    facts["node_policy_weak_accepted"] = len(accepted)
-    facts["weak_accepted"] = ",".join(accepted)
-    if accepted:
-        named = "; ".join(f"{ITEMS_BY_NAME[n].what}: {facts.get(f'chosen.{n}', '')}"
-                          for n in accepted)
-        return watch.result(False, Reason.WEAK_CRYPTO, facts=facts,
-                            detail=f"accepted {len(accepted)} deprecated choice(s): {named}")
+    if weak := weak_choices_result(
+            watch, facts, accepted,
+            lambda n: f"{ITEMS_BY_NAME[n].what}: {facts.get(f'chosen.{n}', '')}"):
+        return weak
     if errors:
         name, first = errors[0]
         return watch.result(False, first.reason, facts=facts,

@@ -41,6 +41,7 @@ from probes.checks.base import (
     Planned,
     ProbeFailure,
     Stopwatch,
+    weak_choices_result,
 )
 from probes.checks.driver import Closed, Unreachable
 from probes.checks.openvpn import Level, OpenVPNParams, _Probe, build_wrapper, plan_params
@@ -219,13 +220,10 @@ async def run_policy(params: OpenVPNPolicyParams, timeout: float) -> CheckResult
                 else "none"
             facts["node_pq_key_exchange_accepted"] = int(outcome == "accepted")
         watch.lap("post_quantum")
-    facts["node_policy_weak_accepted"] = len(accepted)
-    facts["weak_accepted"] = ",".join(accepted)
-    if accepted:
-        named = "; ".join(f"{_what(n)}: {facts.get(f'chosen.{n}', DIGEST_ITEMS.get(n, ''))}"
-                          for n in accepted)
-        return watch.result(False, Reason.WEAK_CRYPTO, facts=facts,
-                            detail=f"accepted {len(accepted)} deprecated choice(s): {named}")
+    if weak := weak_choices_result(
+            watch, facts, accepted,
+            lambda n: f"{_what(n)}: {facts.get(f'chosen.{n}', DIGEST_ITEMS.get(n, ''))}"):
+        return weak
     if errors:
         return watch.result(False, Reason.BAD_RESPONSE if any(
             str(facts.get(f"error.{n}", "")).startswith("bad-") for n in errors)
