@@ -17,12 +17,11 @@ Everything else (addresses, algorithms, byte counters) is skipped.
 from __future__ import annotations
 
 import re
-import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import KnownHosts, local_output, ssh_output
+from probes.checks.remote import NodeShell, node_output
 
 _SWANCTL_TIMEOUT_SECONDS = 10.0
 _IKE_LINE = re.compile(r"^(?P<name>\S[^:]*): #(?P<id>\d+), (?P<state>[A-Z_]+), IKEv(?P<v>[12]),")
@@ -86,19 +85,9 @@ def list_sas_command(vici_uri: str | None = None) -> list[str]:
     return argv
 
 
-async def collect_local(vici_uri: str | None = None, *,
-                        timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
-    """Run ``swanctl --list-sas`` here (``vici_uri`` e.g. ``unix:///run/charon.vici``)."""
-    return parse_list_sas(await local_output(list_sas_command(vici_uri), error=TelemetryError,
-                                             timeout=timeout))
-
-
-async def collect_ssh(host: str, *, vici_uri: str | None = None, username: str | None = None,
-                      port: int = 22, known_hosts: KnownHosts = (),
-                      client_keys: list[Any] | None = None,
-                      timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
-    """Same over SSH (asyncssh); the remote user must be allowed to talk to charon's VICI."""
-    command = shlex.join(list_sas_command(vici_uri))
-    return parse_list_sas(await ssh_output(host, command, error=TelemetryError, username=username,
-                                           port=port, known_hosts=known_hosts,
-                                           client_keys=client_keys, timeout=timeout))
+async def collect(vici_uri: str | None = None, shell: NodeShell | None = None, *,
+                  timeout: float = _SWANCTL_TIMEOUT_SECONDS) -> SaCounts:
+    """``swanctl --list-sas`` here (``vici_uri`` e.g. ``unix:///run/charon.vici``), or on the
+    node over SSH (its user must be allowed to talk to charon's VICI)."""
+    return parse_list_sas(await node_output(list_sas_command(vici_uri), shell,
+                                            error=TelemetryError, timeout=timeout))

@@ -217,12 +217,7 @@ async def _run_script(params: LoadParams, timeout: float) -> str:
 
 async def _openvpn(params: LoadParams, timeout: float) -> ovpn.Telemetry | None:
     path = params.openvpn_management_socket
-    if path is None:
-        return None
-    if params.ssh is not None:
-        return await ovpn.read_management_ssh(params.ssh.host, path, timeout=timeout,
-                                              **params.ssh.ssh_options())
-    return await ovpn.read_management_socket(path, timeout)
+    return None if path is None else await ovpn.read_management(path, params.ssh, timeout)
 
 
 def facts_of(counters: lt.LoadCounters, load: NodeLoad | None) -> dict[str, Fact]:

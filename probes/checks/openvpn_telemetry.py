@@ -14,9 +14,8 @@ import asyncio
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
 
-from probes.checks.remote import KnownHosts, ssh_output
+from probes.checks.remote import NodeShell, ssh_output
 
 _LOAD_STATS = re.compile(r"SUCCESS: nclients=(\d+),bytesin=(\d+),bytesout=(\d+)")
 
@@ -184,11 +183,11 @@ def ssh_command(socket_path: str) -> str:
             f"printf 'quit\\n') | socat -t 2 - UNIX-CONNECT:{path}")
 
 
-async def read_management_ssh(host: str, socket_path: str, *, timeout: float = 5.0,
-                              username: str | None = None, port: int = 22,
-                              known_hosts: KnownHosts = (),
-                              client_keys: list[Any] | None = None) -> Telemetry:
-    """The same over SSH (asyncssh); needs ``socat`` on the node."""
+async def read_management(path: str, shell: NodeShell | None, timeout: float) -> Telemetry:
+    """The management socket here (``shell`` None), or on the node over SSH (needs ``socat``
+    there)."""
+    if shell is None:
+        return await read_management_socket(path, timeout)
     return parse_management_output(await ssh_output(
-        host, ssh_command(socket_path), error=TelemetryError, username=username, port=port,
-        known_hosts=known_hosts, client_keys=client_keys, timeout=timeout))
+        shell.host, ssh_command(path), error=TelemetryError, timeout=timeout,
+        **shell.ssh_options()))

@@ -72,6 +72,15 @@ async def ssh_output(host: str, command: str, *, error: type[Exception],
     return str(done.stdout)
 
 
+async def node_output(argv: Sequence[str], shell: NodeShell | None, *, error: type[Exception],
+                      timeout: float) -> str:
+    """``argv``'s stdout on this host (``shell`` None) or on the node over SSH."""
+    if shell is None:
+        return await local_output(argv, error=error, timeout=timeout)
+    return await ssh_output(shell.host, shlex.join(argv), error=error, timeout=timeout,
+                            **shell.ssh_options())
+
+
 class NodeShell(msgspec.Struct, frozen=True, kw_only=True):
     """How a telemetry read logs in to its node (the ``ssh_output`` arguments, ready made)."""
 

@@ -65,11 +65,7 @@ def reconnect_counter(node: str, kind: str) -> ReconnectCounter:
 async def _wireguard(params: WireGuardTelemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
-        if params.ssh is None:
-            view = await wg.collect_local(params.interface, timeout=timeout)
-        else:
-            view = await wg.collect_ssh(params.ssh.host, params.interface, timeout=timeout,
-                                        **params.ssh.ssh_options())
+        view = await wg.collect(params.interface, params.ssh, timeout=timeout)
     except wg.TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")
@@ -89,11 +85,7 @@ async def _wireguard(params: WireGuardTelemetry, timeout: float) -> CheckResult:
 async def _openvpn(params: OpenVPNTelemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
-        if params.ssh is None:
-            view = await ovpn.read_management_socket(params.management_socket, timeout)
-        else:
-            view = await ovpn.read_management_ssh(params.ssh.host, params.management_socket,
-                                                  timeout=timeout, **params.ssh.ssh_options())
+        view = await ovpn.read_management(params.management_socket, params.ssh, timeout)
     except ovpn.TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")
@@ -113,11 +105,7 @@ async def _openvpn(params: OpenVPNTelemetry, timeout: float) -> CheckResult:
 async def _ikev2(params: IKEv2Telemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
-        if params.ssh is None:
-            counts = await ike.collect_local(params.vici_uri, timeout=timeout)
-        else:
-            counts = await ike.collect_ssh(params.ssh.host, vici_uri=params.vici_uri,
-                                           timeout=timeout, **params.ssh.ssh_options())
+        counts = await ike.collect(params.vici_uri, params.ssh, timeout=timeout)
     except ike.TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")

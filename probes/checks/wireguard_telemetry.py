@@ -13,11 +13,10 @@ private key on the interface line is never kept.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import KnownHosts, local_output, ssh_output
+from probes.checks.remote import NodeShell, node_output
 
 # a peer with a handshake younger than this is "active": wireguard-go rejects keys older than
 # REJECT_AFTER_TIME (180 s), so an older handshake means no usable session
@@ -134,18 +133,10 @@ def dump_command(interface: str) -> list[str]:
     return ["wg", "show", interface, "dump"]
 
 
-async def collect_local(interface: str, *, timeout: float = _WG_TIMEOUT_SECONDS
-                        ) -> InterfaceTelemetry:
-    """Run ``wg show <interface> dump`` here (needs CAP_NET_ADMIN or the UAPI socket)."""
-    out = await local_output(dump_command(interface), error=TelemetryError, timeout=timeout)
-    return parse_dump(out, interface)[0]
-
-
-async def collect_ssh(host: str, interface: str, *, username: str | None = None, port: int = 22,
-                      known_hosts: KnownHosts = (), client_keys: list[Any] | None = None,
-                      timeout: float = _WG_TIMEOUT_SECONDS) -> InterfaceTelemetry:
-    """Same over SSH (asyncssh); the remote user needs to be allowed to run ``wg show``."""
-    command = shlex.join(dump_command(interface))
-    out = await ssh_output(host, command, error=TelemetryError, username=username, port=port,
-                           known_hosts=known_hosts, client_keys=client_keys, timeout=timeout)
+async def collect(interface: str, shell: NodeShell | None = None, *,
+                  timeout: float = _WG_TIMEOUT_SECONDS) -> InterfaceTelemetry:
+    """``wg show <interface> dump`` here (needs CAP_NET_ADMIN or the UAPI socket), or on the
+    node over SSH (its user must be allowed to run ``wg show``)."""
+    out = await node_output(dump_command(interface), shell, error=TelemetryError,
+                            timeout=timeout)
     return parse_dump(out, interface)[0]

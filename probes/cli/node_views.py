@@ -20,10 +20,12 @@ from probes.checks.remote import NodeShell
 from probes.cli.probe import add_common_arguments
 
 
-def _login(args: argparse.Namespace) -> tuple[str, str | None]:
-    """``--ssh [USER@]HOST`` -> (host, user or None)."""
+def _shell(args: argparse.Namespace) -> NodeShell | None:
+    """``--ssh [USER@]HOST`` -> how to log in to the node; None: read on this host."""
+    if not args.ssh:
+        return None
     user, _, host = args.ssh.rpartition("@")
-    return host, user or None
+    return NodeShell(host=host, port=args.ssh_port, username=user or None)
 
 
 def _add_login(parser: argparse.ArgumentParser, what: str) -> None:
@@ -33,12 +35,7 @@ def _add_login(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _wireguard(args: argparse.Namespace) -> int:
     try:
-        if args.ssh:
-            host, user = _login(args)
-            view = asyncio.run(wireguard_telemetry.collect_ssh(
-                host, args.interface, username=user, port=args.ssh_port))
-        else:
-            view = asyncio.run(wireguard_telemetry.collect_local(args.interface))
+        view = asyncio.run(wireguard_telemetry.collect(args.interface, _shell(args)))
     except wireguard_telemetry.TelemetryError as exc:
         print(f"tunnelwatch probe wireguard-telemetry: {exc}")
         return 1
@@ -64,16 +61,8 @@ def _wireguard(args: argparse.Namespace) -> int:
 
 def _openvpn(args: argparse.Namespace) -> int:
     try:
-        if args.ssh:
-            host, user = _login(args)
-            options: dict[str, Any] = {"port": args.ssh_port}
-            if user:
-                options["username"] = user
-            view = asyncio.run(openvpn_telemetry.read_management_ssh(
-                host, args.management_socket, timeout=args.timeout, **options))
-        else:
-            view = asyncio.run(openvpn_telemetry.read_management_socket(
-                args.management_socket, args.timeout))
+        view = asyncio.run(openvpn_telemetry.read_management(
+            args.management_socket, _shell(args), args.timeout))
     except openvpn_telemetry.TelemetryError as exc:
         print(f"tunnelwatch probe openvpn-telemetry: {exc}")
         return 1
@@ -98,12 +87,7 @@ def _openvpn(args: argparse.Namespace) -> int:
 
 def _ikev2(args: argparse.Namespace) -> int:
     try:
-        if args.ssh:
-            host, user = _login(args)
-            counts = asyncio.run(ikev2_telemetry.collect_ssh(
-                host, vici_uri=args.uri, username=user, port=args.ssh_port))
-        else:
-            counts = asyncio.run(ikev2_telemetry.collect_local(args.uri))
+        counts = asyncio.run(ikev2_telemetry.collect(args.uri, _shell(args)))
     except ikev2_telemetry.TelemetryError as exc:
         print(f"tunnelwatch probe ikev2-telemetry: {exc}")
         return 1
@@ -120,12 +104,8 @@ def _ikev2(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    shell = None
-    if args.ssh:
-        host, user = _login(args)
-        shell = NodeShell(host=host, port=args.ssh_port, username=user)
     params = load.LoadParams(
-        node="cli", ssh=shell, netns=args.netns, interfaces=tuple(args.interface),
+        node="cli", ssh=_shell(args), netns=args.netns, interfaces=tuple(args.interface),
         daemon_pid_file=args.daemon_pid_file, daemon_cores=args.daemon_cores, cpu=args.cpu,
         wireguard_interface=args.wireguard_interface)
 

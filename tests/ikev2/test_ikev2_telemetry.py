@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes.checks.ikev2 import Ikev2Params, run_level
-from probes.checks.ikev2_telemetry import TelemetryError, collect_local, parse_list_sas
+from probes.checks.ikev2_telemetry import TelemetryError, collect, parse_list_sas
 from probes.protocols.ikev2.initiator import AuthCompleted, ChildRequest, Initiator, InitiatorConfig
 from probes.protocols.ikev2.proposals import parse_ike_proposals
 from tests.sshd import command_server
@@ -93,47 +93,47 @@ def test_counts_follow_the_responder(lab: Any) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
     ike = lab.start_strongswan(node)
     uri = f"unix://{ike.vici_socket}"
-    assert asyncio.run(collect_local(uri)).ike_sas == 0
+    assert asyncio.run(collect(uri)).ike_sas == 0
     with agent.entered():
         ini, s500, s4500 = _establish(node.address, ike)
     try:
-        held = asyncio.run(collect_local(uri))
+        held = asyncio.run(collect(uri))
         assert held.ike_by_state == {"ESTABLISHED": 1} and held.child_by_state == {"INSTALLED": 1}
         with agent.entered():
             ini.close(time.monotonic())
             _pump(ini, s500, s4500, until=lambda e: True)
         for _ in range(60):  # charon destroys the SA just after answering the Delete
-            if asyncio.run(collect_local(uri)).ike_sas == 0:
+            if asyncio.run(collect(uri)).ike_sas == 0:
                 break
             time.sleep(0.05)
-        assert asyncio.run(collect_local(uri)).ike_sas == 0
+        assert asyncio.run(collect(uri)).ike_sas == 0
         with agent.entered():
             init = asyncio.run(run_level(Ikev2Params(host=node.address), 3.0, "init"))
         assert init.ok
-        assert asyncio.run(collect_local(uri)).half_open == 1
+        assert asyncio.run(collect(uri)).half_open == 1
     finally:
         s500.close()
         s4500.close()
     with pytest.raises(TelemetryError):
-        asyncio.run(collect_local(f"unix://{lab.dir}/no-such.vici"))
+        asyncio.run(collect(f"unix://{lab.dir}/no-such.vici"))
 
 
 @pytest.mark.lab
 def test_counts_over_ssh(lab: Any) -> None:
     """asyncssh client against an in-process asyncssh server (sshd is not installed here) that
     runs the command for real: ``swanctl --list-sas --uri ...`` against the lab's charon."""
-    from probes.checks.ikev2_telemetry import collect_ssh
+    from probes.checks.remote import NodeShell
 
     node = lab.add_host("node")
     ike = lab.start_strongswan(node)
 
     async def scenario() -> tuple[int, str, list[str]]:
         async with command_server() as sshd:
-            counts = await collect_ssh("127.0.0.1", vici_uri=f"unix://{ike.vici_socket}",
-                                       username="probe", port=sshd.port, known_hosts=None)
+            shell = NodeShell(host="127.0.0.1", username="probe", port=sshd.port,
+                              verify_host_key=False)
+            counts = await collect(f"unix://{ike.vici_socket}", shell)
             try:
-                await collect_ssh("127.0.0.1", vici_uri="unix:///nonexistent.vici",
-                                  username="probe", port=sshd.port, known_hosts=None)
+                await collect("unix:///nonexistent.vici", shell)
             except TelemetryError as exc:
                 return counts.ike_sas, str(exc), sshd.commands
             return counts.ike_sas, "", sshd.commands

@@ -16,10 +16,11 @@ from probes.checks.openvpn_telemetry import (
     parse_load_stats,
     parse_management_output,
     parse_status_v3,
+    read_management,
     read_management_socket,
-    read_management_ssh,
     ssh_command,
 )
+from probes.checks.remote import NodeShell
 from probes.lab import Lab
 from probes.lab.topology import wait_for
 from tests.openvpn.test_lab_openvpn import params_for, probe
@@ -125,22 +126,24 @@ def test_management_interface_of_a_real_server(lab: Lab) -> None:
         asyncio.run(read_management_socket(str(lab.dir / "missing.sock"), timeout=1))
 
 
-async def _ssh_round_trip(socket_path: str) -> Any:
+async def _ssh_round_trip(socket_path: str, key_file: str) -> Any:
     """An in-process SSH server (tests/sshd.py) runs the command with ``sh -c`` (no sshd
     here), so the SSH path is exercised end to end against the real management socket."""
     import asyncssh
 
     client_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key.write_private_key(key_file)
     async with command_server(client_key=client_key) as sshd:
-        return await read_management_ssh("127.0.0.1", socket_path, port=sshd.port,
-                                         username="probe", client_keys=[client_key],
-                                         known_hosts=None, timeout=10)
+        shell = NodeShell(host="127.0.0.1", port=sshd.port, username="probe", key_file=key_file,
+                          verify_host_key=False)
+        return await read_management(socket_path, shell, timeout=10)
 
 
 @pytest.mark.lab
 def test_management_over_ssh(lab: Lab) -> None:
     node = lab.add_host("node")
     server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
-    telemetry = asyncio.run(_ssh_round_trip(str(server.management_socket)))
+    telemetry = asyncio.run(_ssh_round_trip(str(server.management_socket),
+                                            str(lab.dir / "probe-ssh-key")))
     assert telemetry.status.title.startswith("OpenVPN 2.")
     assert telemetry.load is not None and telemetry.load.clients == 0

@@ -15,7 +15,7 @@ import pytest
 
 from probes.checks import wireguard as check
 from probes.checks.base import CheckResult
-from probes.checks.wireguard_telemetry import collect_local
+from probes.checks.wireguard_telemetry import collect
 from probes.cli import main
 from probes.lab import Host, Lab, WgPeer, wg_keypair, wg_psk
 from probes.model import Reason
@@ -212,7 +212,7 @@ def test_keygen_ssh_provisioning_cli_json_and_telemetry(
         print(f"\nCLI session JSON: {done.stdout.strip()}")
 
         with node.entered():
-            view = asyncio.run(collect_local(server.interface))
+            view = asyncio.run(collect(server.interface))
         assert len(view.peers) == 1 and view.peers[0].public_key == public
         assert view.active_peers(time.time()) == 1 and view.rx_bytes > 0 and view.tx_bytes > 0
 
