@@ -90,7 +90,6 @@ def release_parse_memory() -> None:
     sys.setswitchinterval(0.0005)
 
 
-
 def observation(run: ProbeRun, vantage: str, seq: int) -> Observation:
     """What the mesh is told of one probe run: its kind and the tier the kind declares, the
     result, clamped into the wire bounds (one odd figure must not cost the mesh the batch)."""

@@ -19,6 +19,7 @@ import socket
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -409,23 +410,11 @@ async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadli
 
 # --- registration -----------------------------------------------------------------------------
 
-async def run_init(params: Ikev2Params, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, "init")
-
-
-async def run_auth(params: Ikev2Params, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, "auth")
-
-
-async def run_tunnel(params: Ikev2Params, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, "tunnel")
-
-
-INIT = CheckKind("ikev2.init", Tier.FUNCTIONAL, Ikev2Params, run_init,
+INIT = CheckKind("ikev2.init", Tier.FUNCTIONAL, Ikev2Params, partial(run_level, level="init"),
                  "IKE_SA_INIT answered with an accepted proposal")
-AUTH = CheckKind("ikev2.auth", Tier.FUNCTIONAL, Ikev2Params, run_auth,
+AUTH = CheckKind("ikev2.auth", Tier.FUNCTIONAL, Ikev2Params, partial(run_level, level="auth"),
                  "PSK IKE SA established, responder AUTH verified, then deleted")
-TUNNEL = CheckKind("ikev2.tunnel", Tier.SESSION, Ikev2Params, run_tunnel,
+TUNNEL = CheckKind("ikev2.tunnel", Tier.SESSION, Ikev2Params, partial(run_level, level="tunnel"),
                    "CHILD_SA + ICMP echoes in ESP-in-UDP (AES-GCM), then deleted")
 
 

@@ -152,7 +152,6 @@ class ProbeOutcome:
     local_limit: bool = False  # the local stack refused the size (EMSGSIZE at send)
 
 
-
 class _UdpWire:
     """Probes are UDP datagrams to an echo service; the reply is the same datagram."""
 
@@ -499,7 +498,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
                        min_size=section.min_size, required_mtu=section.required_mtu,
                        attempts=section.attempts, probe_wait=section.probe_wait)
     return [Planned.of(UDP if section.port is not None else ICMP, params)]
-
 
 
 COMMAND = ProbeCommand(

@@ -35,6 +35,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -579,33 +580,21 @@ async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> Chec
         probe.close()
 
 
-async def _reset(params: OpenVPNParams, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, Level.RESET)
-
-
-async def _tls(params: OpenVPNParams, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, Level.TLS)
-
-
-async def _session(params: OpenVPNParams, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, Level.SESSION)
-
-
-async def _tunnel(params: OpenVPNParams, timeout: float) -> CheckResult:
-    return await run_level(params, timeout, Level.TUNNEL)
-
-
 RESET = CheckKind(
-    name="openvpn.reset", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_reset,
+    name="openvpn.reset", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams,
+    run=partial(run_level, level=Level.RESET),
     description="hard reset answered (daemon up, wrapping key right)")
 TLS = CheckKind(
-    name="openvpn.tls", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams, run=_tls,
+    name="openvpn.tls", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams,
+    run=partial(run_level, level=Level.TLS),
     description="reset, TLS with CA + EKU verification, key-method 2, EXIT")
 SESSION = CheckKind(
-    name="openvpn.session", tier=Tier.SESSION, params_type=OpenVPNParams, run=_session,
+    name="openvpn.session", tier=Tier.SESSION, params_type=OpenVPNParams,
+    run=partial(run_level, level=Level.SESSION),
     description="reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT")
 TUNNEL = CheckKind(
-    name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams, run=_tunnel,
+    name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams,
+    run=partial(run_level, level=Level.TUNNEL),
     description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT")
 KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
 
@@ -643,7 +632,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     elif section.level == "tunnel":
         out.append(Planned.of(TUNNEL, params))
     return out
-
 
 
 def _plan_with_policy(ctx: PlanContext) -> list[Planned]:

@@ -98,7 +98,6 @@ class QuicParams(msgspec.Struct, frozen=True, kw_only=True):
     ip_ping: str | None = None  # in-tunnel IPv4 address to ICMP-echo after ADDRESS_ASSIGN
 
 
-
 class H3DatagramConnection(H3Connection):
     """An HTTP/3 connection that announces ``SETTINGS_H3_DATAGRAM`` (RFC 9297 §2.1.1)."""
 
@@ -578,7 +577,6 @@ def plan(ctx: PlanContext) -> list[Planned]:
     if section.connect_ip or CONNECT_IP.name in ctx.target.checks:
         out.append(Planned.of(CONNECT_IP, base))
     return out
-
 
 
 def _preflight(planned: Planned) -> None:

@@ -332,14 +332,6 @@ async def run_session(params: WireGuardParams, timeout: float,
     return await run_through(_Probe(params, timeout, wall_ns), _session_step)
 
 
-async def _handshake_kind(params: WireGuardParams, timeout: float) -> CheckResult:
-    return await run_handshake(params, timeout)
-
-
-async def _session_kind(params: WireGuardParams, timeout: float) -> CheckResult:
-    return await run_session(params, timeout)
-
-
 STATE_FILE_NAME = "wireguard-timestamps.json"
 
 
@@ -367,12 +359,12 @@ def plan(ctx: PlanContext) -> list[Planned]:
 
 HANDSHAKE = CheckKind(
     name="wireguard.handshake", tier=Tier.FUNCTIONAL, params_type=WireGuardParams,
-    run=_handshake_kind,
+    run=run_handshake,
     description="Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)")
 
 SESSION = CheckKind(
     name="wireguard.session", tier=Tier.SESSION, params_type=WireGuardParams,
-    run=_session_kind,
+    run=run_session,
     description="handshake, ICMP echoes to an in-tunnel canary, keepalive")
 
 
