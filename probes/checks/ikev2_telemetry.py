@@ -21,16 +21,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import NodeShell, node_output
+from probes.checks.remote import NodeShell, TelemetryError, node_output
 
 _SWANCTL_TIMEOUT_SECONDS = 10.0
 _IKE_LINE = re.compile(r"^(?P<name>\S[^:]*): #(?P<id>\d+), (?P<state>[A-Z_]+), IKEv(?P<v>[12]),")
 _CHILD_LINE = re.compile(r"^\s+(?P<name>[^\s:]+): #(?P<id>\d+), reqid \d+, (?P<state>[A-Z_]+), ")
 HALF_OPEN_STATE = "CONNECTING"
-
-
-class TelemetryError(ValueError):
-    """``swanctl`` could not be run, or its output made no sense."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from probes.checks.remote import NodeShell, ssh_output
+from probes.checks.remote import NodeShell, TelemetryError, ssh_output
 
 _LOAD_STATS = re.compile(r"SUCCESS: nclients=(\d+),bytesin=(\d+),bytesout=(\d+)")
-
-
-class TelemetryError(ValueError):
-    """The management interface said something we cannot parse (or nothing at all)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,12 @@ import msgspec
 from probes.model import Reason
 
 KnownHosts = str | tuple[()] | None
+
+
+class TelemetryError(ValueError):
+    """A node's telemetry could not be read: the command did not run or failed, or what it
+    printed makes no sense (:func:`failure_reason` tells which)."""
+
 _STDERR_SHOWN = 200
 
 

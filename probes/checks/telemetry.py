@@ -26,7 +26,7 @@ from probes.checks import openvpn_telemetry as ovpn
 from probes.checks import wireguard_telemetry as wg
 from probes.checks.base import CheckKind, CheckResult, Fact, Family, PlanContext, Planned, Stopwatch
 from probes.checks.reconnects import ReconnectCounter
-from probes.checks.remote import NodeShell, failure_reason
+from probes.checks.remote import NodeShell, TelemetryError, failure_reason
 from probes.checks.wireguard import read_key_file
 from probes.model import Reason, Tier
 from probes.protocols.wireguard import public_key
@@ -66,7 +66,7 @@ async def _wireguard(params: WireGuardTelemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
         view = await wg.collect(params.interface, params.ssh, timeout=timeout)
-    except wg.TelemetryError as exc:
+    except TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")
     # handshake times are the node's clock; skew between it and ours shifts the 180 s window
@@ -86,7 +86,7 @@ async def _openvpn(params: OpenVPNTelemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
         view = await ovpn.read_management(params.management_socket, params.ssh, timeout)
-    except ovpn.TelemetryError as exc:
+    except TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")
     # a client's session is its connection: a new "connected since" or source is a new one
@@ -106,7 +106,7 @@ async def _ikev2(params: IKEv2Telemetry, timeout: float) -> CheckResult:
     watch = Stopwatch()
     try:
         counts = await ike.collect(params.vici_uri, params.ssh, timeout=timeout)
-    except ike.TelemetryError as exc:
+    except TelemetryError as exc:
         return watch.result(False, failure_reason(exc), detail=str(exc))
     watch.lap("collect")
     # no reconnect count: an IKE SA rekey also gets a new unique id, so ids cannot tell them

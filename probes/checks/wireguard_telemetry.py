@@ -16,16 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.checks.remote import NodeShell, node_output
+from probes.checks.remote import NodeShell, TelemetryError, node_output
 
 # a peer with a handshake younger than this is "active": wireguard-go rejects keys older than
 # REJECT_AFTER_TIME (180 s), so an older handshake means no usable session
 ACTIVE_WITHIN_SECONDS = 180.0
 _WG_TIMEOUT_SECONDS = 10.0
-
-
-class TelemetryError(ValueError):
-    """The dump could not be parsed, or ``wg`` could not be run."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import msgspec
 
 from probes.checks import ikev2_telemetry, load, openvpn_telemetry, wireguard_telemetry
 from probes.checks.base import execute
-from probes.checks.remote import NodeShell
+from probes.checks.remote import NodeShell, TelemetryError
 from probes.cli.probe import add_common_arguments
 
 
@@ -36,7 +36,7 @@ def _add_login(parser: argparse.ArgumentParser, what: str) -> None:
 def _wireguard(args: argparse.Namespace) -> int:
     try:
         view = asyncio.run(wireguard_telemetry.collect(args.interface, _shell(args)))
-    except wireguard_telemetry.TelemetryError as exc:
+    except TelemetryError as exc:
         print(f"tunnelwatch probe wireguard-telemetry: {exc}")
         return 1
     now = time.time()
@@ -63,7 +63,7 @@ def _openvpn(args: argparse.Namespace) -> int:
     try:
         view = asyncio.run(openvpn_telemetry.read_management(
             args.management_socket, _shell(args), args.timeout))
-    except openvpn_telemetry.TelemetryError as exc:
+    except TelemetryError as exc:
         print(f"tunnelwatch probe openvpn-telemetry: {exc}")
         return 1
     summary: dict[str, Any] = {"clients": len(view.status.clients),
@@ -88,7 +88,7 @@ def _openvpn(args: argparse.Namespace) -> int:
 def _ikev2(args: argparse.Namespace) -> int:
     try:
         counts = asyncio.run(ikev2_telemetry.collect(args.uri, _shell(args)))
-    except ikev2_telemetry.TelemetryError as exc:
+    except TelemetryError as exc:
         print(f"tunnelwatch probe ikev2-telemetry: {exc}")
         return 1
     summary = counts.summary()
