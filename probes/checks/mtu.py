@@ -53,6 +53,7 @@ from probes.checks.base import (
     section_plan,
 )
 from probes.checks.errqueue import (
+    ICMP_ORIGINS,
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
     SO_EE_ORIGIN_LOCAL,
@@ -88,6 +89,7 @@ _TOKEN = struct.Struct("!5sIH")  # magic, probe sequence number, probe size
 _RECV_BUFFER = 65535
 _MAX_PACKET = 65535
 _OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the 64 KiB limit
+_SEND_TRIES = 4  # sends of one probe that may each meet an earlier datagram's pending ICMP error
 
 
 class MtuParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -293,8 +295,9 @@ class MtuProber:
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
-    def _on_readable(self) -> None:
-        # the error queue first: reading it also clears the socket's pending error
+    def _read_error_queue(self) -> list[ErrorReport]:
+        """Read and hand out the queued errors; reading also clears the socket's pending error."""
+        read: list[ErrorReport] = []
         for _ in range(64):
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(_RECV_BUFFER, 512, socket.MSG_ERRQUEUE)
@@ -303,6 +306,7 @@ class MtuProber:
             report = parse_error_report(data, ancdata, self.wire.error_token_offset)
             if report is None:
                 continue
+            read.append(report)
             self.reports.append(report)
             waiter = self._report_waiters.pop(report.token[1], None) if report.token else None
             if waiter is not None and not waiter.done():
@@ -311,6 +315,33 @@ class MtuProber:
                 for other in self._report_waiters.values():
                     if not other.done():
                         other.set_result(report)
+        return read
+
+    def _send(self, payload: bytes) -> None:
+        """Send one probe, telling this datagram's own errors from an earlier one's.
+
+        When an ICMP error arrives, Linux also sets the socket's pending error (``sk_err``),
+        and the *next* ``send`` fails with it without sending anything: a frag-needed about
+        a 1500-byte try, landing just before a 576-byte probe goes out, would make that send
+        fail with EMSGSIZE as if our own stack could not send 576 bytes. Such an errno comes
+        with an ICMP entry on the error queue; a refusal of this datagram (EMSGSIZE over the
+        device MTU, no route) comes with a local entry or none. So: read the queue (which
+        clears the pending error and hands the ICMP report to whoever waits for it) and send
+        again; raise only what is about this datagram."""
+        for _ in range(_SEND_TRIES - 1):
+            try:
+                self.sock.send(payload)
+                return
+            except OSError:
+                read = self._read_error_queue()
+                earlier = any(r.origin in ICMP_ORIGINS for r in read)
+                if not earlier or any(r.origin == SO_EE_ORIGIN_LOCAL for r in read):
+                    raise
+        self.sock.send(payload)
+
+    def _on_readable(self) -> None:
+        # the error queue first: reading it also clears the socket's pending error
+        self._read_error_queue()
         for _ in range(64):  # bounded, so a flood cannot starve the loop
             try:
                 data = self.sock.recv(_RECV_BUFFER)
@@ -336,7 +367,7 @@ class MtuProber:
         self._report_waiters[size] = error
         try:
             try:
-                self.sock.send(payload)
+                self._send(payload)
             except OSError as exc:
                 if exc.errno == errno.EMSGSIZE:
                     return ProbeOutcome(False, local_limit=True)
@@ -391,6 +422,22 @@ def _next_size(search: _Search, tried: set[int]) -> int:
     return (search.low + search.high) // 2
 
 
+def _floor_failed(sw: Stopwatch, floor_outcome: ProbeOutcome, floor: int,
+                  facts: dict[str, Fact]) -> CheckResult:
+    """The smallest size did not pass: the result says what happened to *that* probe (a
+    frag-needed about a bigger size says nothing about the floor)."""
+    if floor_outcome.frag_needed_mtu is not None:
+        facts["frag_needed_mtu"] = floor_outcome.frag_needed_mtu
+        return sw.result(False, Reason.MTU_BELOW_MINIMUM, facts=facts,
+                         detail=f"even {floor}-byte probes need fragmentation (next-hop MTU "
+                                f"{floor_outcome.frag_needed_mtu})")
+    if floor_outcome.local_limit:
+        return sw.result(False, Reason.PROBE_ERROR, facts=facts,
+                         detail=f"the local stack refuses {floor}-byte probes (EMSGSIZE)")
+    return sw.result(False, Reason.TIMEOUT, facts=facts,
+                     detail=f"no echo even for {floor}-byte probes")
+
+
 async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
                          facts: dict[str, Fact]) -> CheckResult:
     local_mtu = prober.device_mtu()
@@ -424,11 +471,7 @@ async def _find_path_mtu(prober: MtuProber, params: MtuParams, sw: Stopwatch,
         base = await attempt(floor)
         if not base.passed:
             facts["probes"] = search.probes
-            if search.frag_needed_mtus:
-                return sw.result(False, Reason.MTU_BELOW_MINIMUM, facts=facts,
-                                 detail=f"even {floor}-byte probes need fragmentation")
-            return sw.result(False, Reason.TIMEOUT, facts=facts,
-                             detail=f"no echo even for {floor}-byte probes")
+            return _floor_failed(sw, base, floor, facts)
         while search.high - search.low > 1:
             size = _next_size(search, tried)
             if (await attempt(size)).passed:

@@ -100,7 +100,9 @@ def mtulab_module() -> Iterator[MtuLab]:
 
 @pytest.fixture
 def mtulab(mtulab_module: MtuLab) -> Iterator[MtuLab]:
-    """The module's MTU lab, with the path restored (MTU 1500, no black hole) after each test."""
+    """The module's MTU lab, with the path restored (MTU 1500, no black hole, no delay) after
+    each test."""
     yield mtulab_module
     mtulab_module.lab.set_mtu(mtulab_module.node, 1500)
     mtulab_module.lab.black_hole_pmtu(mtulab_module.agent, on=False)
+    mtulab_module.lab.set_delay(mtulab_module.agent, 0)

@@ -7,6 +7,7 @@ too big with ICMP frag-needed to the agent; ``lab.black_hole_pmtu(agent)`` drops
 from __future__ import annotations
 
 import json
+import select
 import sys
 from typing import Any
 
@@ -56,17 +57,42 @@ def test_lowered_mtu_found_exactly_with_frag_needed(mtulab: MtuLab, lowered: int
 
 
 def test_answers_slower_than_the_probe_wait_still_count(mtulab: MtuLab) -> None:
-    # 250 ms of delay against a 150 ms wait: every answer comes during the next try of the
-    # same size, and must be credited to that size (not dropped, not given to another size)
+    # 250 ms of delay against a 150 ms wait: every answer comes during a later try of the
+    # same size, and must be credited to that size (not dropped, not given to another size).
+    # Six tries leave room for a busy machine; an answer never comes within its own try's wait,
+    # so a search that dropped late answers would still fail every size.
     mtulab.lab.set_mtu(mtulab.node, 1400)
     mtulab.lab.set_delay(mtulab.agent, 250)
     try:
-        result = _probe(mtulab, probe_wait=0.15, attempts=3)
+        result = _probe(mtulab, timeout=30.0, probe_wait=0.15, attempts=6)
     finally:
         mtulab.lab.set_delay(mtulab.agent, 0)
     assert result.ok, result
     assert result.facts["path_mtu"] == 1400
     assert result.facts["frag_needed_mtu"] == 1400
+
+
+def test_a_frag_needed_pending_at_the_next_send_is_not_a_local_limit(mtulab: MtuLab) -> None:
+    # Linux returns an ICMP error about an earlier datagram as the errno of the socket's next
+    # send (sk_err). A late frag-needed for a 1500-byte try that lands just before the 576-byte
+    # floor probe is sent made that send fail with EMSGSIZE, read as "our own stack cannot send
+    # 576 bytes": the search then said "even 576-byte probes need fragmentation" on a 1400 path.
+    # Here the frag-needed is made to wait on the socket, the reader kept from running, exactly.
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+
+    async def floor_probe_after_a_pending_frag_needed() -> mtu.ProbeOutcome:
+        prober = await mtu.MtuProber.open(mtulab.node.address, ECHO_PORT)
+        try:
+            prober.sock.send(prober.wire.message(1, 1500))
+            poller = select.poll()  # blocks the event loop: the prober cannot read the error
+            poller.register(prober.sock, select.POLLERR)
+            assert poller.poll(5000), "no frag-needed came back for the 1500-byte datagram"
+            return await prober.probe(576, attempts=2, wait=2.0)
+        finally:
+            prober.close()
+
+    outcome = mtulab.run(floor_probe_after_a_pending_frag_needed())
+    assert outcome == mtu.ProbeOutcome(True), outcome
 
 
 def test_black_hole_flagged_with_the_exact_mtu(mtulab: MtuLab) -> None:
@@ -84,6 +110,15 @@ def test_path_below_required_mtu(mtulab: MtuLab) -> None:
     result = _probe(mtulab, required_mtu=1420)
     assert result.reason is Reason.MTU_BELOW_MINIMUM, result
     assert result.facts["path_mtu"] == 1400
+
+
+def test_floor_over_the_path_mtu_is_below_minimum_with_the_named_mtu(mtulab: MtuLab) -> None:
+    # the floor probe itself got the frag-needed: below minimum, with the MTU it named
+    mtulab.lab.set_mtu(mtulab.node, 1400)
+    result = _probe(mtulab, min_size=1450)
+    assert result.reason is Reason.MTU_BELOW_MINIMUM, result
+    assert result.facts["frag_needed_mtu"] == 1400
+    assert result.facts["probes"] == 2
 
 
 def test_no_echo_service_is_icmp_unreachable(mtulab: MtuLab) -> None:
