@@ -49,6 +49,7 @@ from probes.protocols.ikev2.crypto import CipherSuite
 from probes.protocols.ikev2.esp import classify_nat_t
 from probes.protocols.ikev2.initiator import (
     AuthCompleted,
+    ChildCreated,
     ChildRequest,
     ChildSa,
     Closed,
@@ -119,6 +120,7 @@ def half_open_limiter(host: str, port: int) -> asyncio.Semaphore:
 class _Outcome:
     init: InitCompleted | None = None
     auth: AuthCompleted | None = None
+    created: ChildCreated | None = None  # the CREATE_CHILD_SA's answer
     failed: Failed | None = None
     closed: Closed | None = None
     retries: list[InitRetried] = field(default_factory=list)
@@ -142,6 +144,8 @@ class _Session:
             o.retries.append(event)
         elif isinstance(event, AuthCompleted):
             o.auth = event
+        elif isinstance(event, ChildCreated):
+            o.created = event
         elif isinstance(event, Failed):
             o.failed = event
         elif isinstance(event, Closed):
@@ -165,8 +169,8 @@ class _Session:
 
     def _reached(self, done: type) -> bool:
         o = self.outcome
-        return {InitCompleted: o.init, AuthCompleted: o.auth, Closed: o.closed}.get(
-            done) is not None
+        return {InitCompleted: o.init, AuthCompleted: o.auth, ChildCreated: o.created,
+                Closed: o.closed}.get(done) is not None
 
     async def close(self) -> None:
         if self._closed:
@@ -201,7 +205,7 @@ def negotiated_facts(suite: CipherSuite) -> dict[str, Fact]:
             or "none"}
 
 
-_CHILD_LEVELS = ("tunnel", "child")
+_CHILD_LEVELS = ("tunnel", "child", "create_child")
 _FAILURE_REASONS = {
     Failure.TIMEOUT: Reason.TIMEOUT,
     Failure.NO_PROPOSAL_CHOSEN: Reason.NO_PROPOSAL_CHOSEN,
@@ -213,8 +217,9 @@ _FAILURE_REASONS = {
 
 
 async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
-    """One probe at ``level``: "init", "auth", "tunnel", or "child" (the policy scan's: an IKE
-    SA and a CHILD_SA of ``esp_proposal``, any transform allowed, no traffic)."""
+    """One probe at ``level``: "init", "auth", "tunnel", or the policy scan's: "child" (an IKE
+    SA and a CHILD_SA of ``esp_proposal`` in IKE_AUTH, any transform allowed, no traffic) and
+    "create_child" (the same CHILD_SA in a CREATE_CHILD_SA of its own, without a KE payload)."""
     watch = Stopwatch()
     facts: dict[str, Fact] = {}
     try:
@@ -242,7 +247,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             return watch.result(False, exc.reason, detail=str(exc))
         except OSError as exc:
             return watch.result(False, Reason.NETWORK_UNREACHABLE, detail=str(exc))
-        child = (ChildRequest(esp_proposal=params.esp_proposal, aead_only=level == "tunnel")
+        child = (ChildRequest(esp_proposal=params.esp_proposal, aead_only=level == "tunnel",
+                              in_create_child=level == "create_child")
                  if level in _CHILD_LEVELS else None)
         config = InitiatorConfig(
             local_address=ep.local_address, remote_address=ep.remote,
@@ -287,6 +293,10 @@ async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: f
     result = _auth_result(session, watch, facts, level)
     if result is not None or level in ("auth", "child"):
         return result or watch.result(True, Reason.OK, facts=facts)
+    if level == "create_child":
+        await session.run_until(ChildCreated, deadline)
+        watch.lap("create_child")
+        return _created_result(session, watch, facts)
     auth = session.outcome.auth
     assert auth is not None and auth.child is not None
     return await _tunnel(session, auth.child, params, deadline, watch=watch, facts=facts)
@@ -340,11 +350,31 @@ def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
         facts["child_sa_error"] = o.auth.child_error
     if o.auth.child is not None:
         facts["crypto.esp_transform"] = esp_label(o.auth.child.proposal)
-    if level in _CHILD_LEVELS and o.auth.child is None:
+    if level in _CHILD_LEVELS and level != "create_child" and o.auth.child is None:
         return watch.result(False, Reason.CHILD_SA_FAILED,
                             detail=f"IKE SA established; CHILD_SA refused: {o.auth.child_error}",
                             facts=facts)
     return None
+
+
+def _created_result(session: _Session, watch: Stopwatch,
+                    facts: dict[str, Fact]) -> CheckResult:
+    o = session.outcome
+    if o.created is None:
+        failed = o.failed
+        if failed is None:
+            return watch.result(False, Reason.TIMEOUT, detail="no CREATE_CHILD_SA answer",
+                                facts=facts)
+        return watch.result(False, _FAILURE_REASONS[failed.failure], detail=failed.detail,
+                            facts=facts)
+    if o.created.child is None:
+        facts["child_sa_error"] = o.created.error
+        # an error notify is the responder's "no"; a flawed answer is not a refusal
+        reason = Reason.CHILD_SA_FAILED if o.created.refused else Reason.BAD_RESPONSE
+        return watch.result(False, reason, facts=facts,
+                            detail=f"CREATE_CHILD_SA refused: {o.created.error}")
+    facts["crypto.esp_transform"] = esp_label(o.created.child.proposal)
+    return watch.result(True, Reason.OK, facts=facts)
 
 
 # --- tunnel level -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _item_facts(name: str, result: CheckResult) -> tuple[str, dict[str, Fact]]:
 
 
 async def _offer(params: Ikev2PolicyParams, proposals: tuple[str, ...], esp: str | None,
-                 timeout: float) -> CheckResult:
+                 timeout: float, *, create_child: bool = False) -> CheckResult:
     # run_level is the functional probe's session (half-open limiter, Delete, cleanup); the
     # import is here because that module declares the ikev2 family, which lists this kind
     from probes.checks.ikev2 import Ikev2Params, run_level  # noqa: PLC0415 - a cycle
@@ -77,7 +77,8 @@ async def _offer(params: Ikev2PolicyParams, proposals: tuple[str, ...], esp: str
                         proposals=proposals, psk_file=params.psk_file,
                         local_id=params.local_id, remote_id=params.remote_id,
                         esp_proposal=esp or "aes256gcm16")
-    return await run_level(offer, timeout, "child" if esp else "auth")
+    level = "create_child" if create_child else "child" if esp else "auth"
+    return await run_level(offer, timeout, level)
 
 
 async def run_policy(params: Ikev2PolicyParams, timeout: float) -> CheckResult:
@@ -95,7 +96,8 @@ async def run_policy(params: Ikev2PolicyParams, timeout: float) -> CheckResult:
         if left <= 0:
             errors.append((item.name, watch.result(False, Reason.TIMEOUT, detail="no time left")))
             continue
-        result = await _offer(params, item.ike, item.esp, min(ITEM_TIMEOUT_SECONDS, left))
+        result = await _offer(params, item.ike, item.esp, min(ITEM_TIMEOUT_SECONDS, left),
+                              create_child=item.create_child)
         outcome, more = _item_facts(item.name, result)
         facts[f"policy.{item.name}"] = outcome
         facts.update(more)

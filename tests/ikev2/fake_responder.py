@@ -29,6 +29,8 @@ class FakeResponder:
     childless: bool = True
     wrong_auth: bool = False  # sign with another PSK: the initiator must catch it
     behind_nat: bool = False  # fake our own NAT-D source (as strongSwan with kernel-libipsec)
+    require_pfs: bool = False  # refuse a CREATE_CHILD_SA whose proposals carry no DH group
+    created: int = 0  # CHILD_SAs made by CREATE_CHILD_SA
     seen: list[p.Header] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)  # protocol ids of Delete payloads received
     _spi_r: bytes = b""
@@ -127,6 +129,8 @@ class FakeResponder:
         if header.exchange == p.ExchangeType.INFORMATIONAL:
             self.deleted += [x.protocol for x in inner if isinstance(x, p.DeletePayload)]
             return self._seal(header, [])
+        if header.exchange == p.ExchangeType.CREATE_CHILD_SA:
+            return self._seal(header, self._create_child(inner))
         id_i = next(x for x in inner if isinstance(x, p.IdPayload) and x.type == p.PayloadType.IDI)
         auth = next(x for x in inner if isinstance(x, p.AuthPayload))
         h = self._suite.prf_hash
@@ -144,12 +148,26 @@ class FakeResponder:
             if self.refuse_child:
                 out.append(p.NotifyPayload(p.NotifyType.NO_PROPOSAL_CHOSEN))
             else:
-                offer = child.proposals[0]
-                encr = offer.transforms[0]
-                out += [
-                    p.SAPayload((p.Proposal(1, p.ProtocolId.ESP,
-                                            (encr, offer.transforms[-1]), b"\x11\x22\x33\x44"),)),
-                    p.TSPayload(p.PayloadType.TSI, (p.TrafficSelector.network("10.9.0.0/16"),)),
-                    p.TSPayload(p.PayloadType.TSR, (p.TrafficSelector.network("10.8.0.1/32"),)),
-                ]
+                out += self._child_answer(child.proposals[0])
         return self._seal(header, out)
+
+    @staticmethod
+    def _child_answer(offer: p.Proposal) -> list[p.Payload]:
+        """The first cipher of ``offer`` (and its ESN transform): an AEAD one in every offer the
+        tests make, so no integrity algorithm is needed."""
+        return [
+            p.SAPayload((p.Proposal(offer.number, p.ProtocolId.ESP,
+                                    (offer.transforms[0], offer.transforms[-1]),
+                                    b"\x11\x22\x33\x44"),)),
+            p.TSPayload(p.PayloadType.TSI, (p.TrafficSelector.network("10.9.0.0/16"),)),
+            p.TSPayload(p.PayloadType.TSR, (p.TrafficSelector.network("10.8.0.1/32"),)),
+        ]
+
+    def _create_child(self, inner: list[p.Payload]) -> list[p.Payload]:
+        sa = next(x for x in inner if isinstance(x, p.SAPayload))
+        with_ke = any(isinstance(x, p.KEPayload) for x in inner)
+        if self.require_pfs and not with_ke:
+            return [p.NotifyPayload(p.NotifyType.NO_PROPOSAL_CHOSEN)]
+        self.created += 1
+        return [*self._child_answer(sa.proposals[0])[:1], p.NoncePayload(os.urandom(32)),
+                *self._child_answer(sa.proposals[0])[1:]]

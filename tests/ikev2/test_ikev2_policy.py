@@ -32,6 +32,7 @@ from probes.protocols.ikev2.proposals import (
     group_name,
     integ_name,
     parse_esp_proposal,
+    parse_esp_proposals,
     parse_ike_proposal,
     parse_ike_proposals,
     prf_name,
@@ -95,7 +96,7 @@ _TYPE_OF = {"encr": p.TransformType.ENCR, "integ": p.TransformType.INTEG,
             "prf": p.TransformType.PRF, "dh": p.TransformType.DH}
 
 
-@pytest.mark.parametrize("name", DEFAULT_ITEMS)
+@pytest.mark.parametrize("name", [n for n in DEFAULT_ITEMS if not ITEMS_BY_NAME[n].create_child])
 def test_each_item_offers_its_weak_choice_alone(name: str) -> None:
     """In the tested transform type only the deprecated choice is offered; the others are
     as broad as the probe speaks (the responder has no other reason to refuse)."""
@@ -115,6 +116,18 @@ def test_each_item_offers_its_weak_choice_alone(name: str) -> None:
              p.TransformType.DH: group_name}[ttype]
     assert {label(t) for t in in_type} == {weak if what != "prf" else f"prf{weak}"}
     assert len(offered) - len(in_type) >= 4
+
+
+def test_no_pfs_offer_is_every_esp_choice_without_a_key_exchange() -> None:
+    item = ITEMS_BY_NAME["esp_no_pfs"]
+    assert item.create_child and item.esp is not None
+    aead, cbc = parse_esp_proposals(item.esp, b"spi!", aead_only=False)
+    assert (aead.number, cbc.number) == (1, 2)
+    for proposal in (aead, cbc):
+        assert proposal.transform(p.TransformType.DH) is None
+    assert {encr_name(t.id, t.key_length) for t in aead.transforms + cbc.transforms
+            if t.type == p.TransformType.ENCR} == {"aes128gcm16", "aes256gcm16", "aes128",
+                                                   "aes256", "3des", "des"}
 
 
 def test_pq_offer_requires_mlkem_as_the_first_additional_exchange() -> None:
@@ -235,6 +248,26 @@ async def test_hostile_responders_give_reasons_never_exceptions(psk: Path) -> No
         assert result.reason in {Reason.TIMEOUT, Reason.BAD_RESPONSE, Reason.BAD_PACKET,
                                  Reason.NO_PROPOSAL_CHOSEN} or result.ok, result
         assert result.detail
+
+
+@pytest.mark.parametrize("require_pfs", [True, False])
+async def test_child_sa_without_pfs_over_create_child_sa(psk: Path, require_pfs: bool) -> None:
+    """The no-PFS offer is a CREATE_CHILD_SA without KE after a childless IKE_AUTH: refused by
+    a responder that wants PFS, named when taken (and that CHILD_SA deleted with the IKE SA)."""
+    responder = FakeResponder(require_pfs=require_pfs)
+    async with serve(responder.handle) as ports:
+        result = await run_policy(_policy(ports, psk, items=("esp_no_pfs",)), 10.0)
+    exchanges = [h.exchange for h in responder.seen]
+    assert p.ExchangeType.CREATE_CHILD_SA in exchanges, exchanges
+    if require_pfs:
+        assert result.ok and result.facts["policy.esp_no_pfs"] == "refused", result
+        assert responder.created == 0 and p.ProtocolId.ESP not in responder.deleted
+    else:
+        assert result.reason is Reason.WEAK_CRYPTO, result
+        assert result.facts["chosen.esp_no_pfs"] == "aes256gcm16-prfsha256-ecp256 / aes128gcm16"
+        assert responder.created == 1
+        assert responder.deleted == [p.ProtocolId.ESP, p.ProtocolId.IKE]
+    assert "without PFS" in result.detail or require_pfs
 
 
 def test_check_result_of_a_scan_is_json(psk: Path) -> None:

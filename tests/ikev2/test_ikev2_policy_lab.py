@@ -29,13 +29,15 @@ from tests.ikev2.test_ikev2_lab import in_agent, settled_sas
 pytestmark = [pytest.mark.ikev2, pytest.mark.lab]
 
 WEAK_IKE = ("aes256-sha1-modp1024", "3des-md5-prfmd5-modp1536", "aes256gcm16-prfsha256-ecp256")
-WEAK_ESP = ("3des-sha1", "aes256gcm16")
+WEAK_ESP = ("3des-sha1", "aes256gcm16")  # no DH group: new CHILD_SAs without PFS are fine
 # what WEAK_IKE/WEAK_ESP accept of the scan's offers, and nothing else
 WEAK_ACCEPTS = {"ike_encr_3des", "ike_integ_md5", "ike_integ_sha1", "ike_prf_md5",
                 "ike_prf_sha1", "ike_dh_modp1024", "ike_dh_modp1536", "esp_encr_3des",
-                "esp_integ_sha1"}
+                "esp_integ_sha1", "esp_no_pfs"}
 STRICT_IKE = ("aes256gcm16-prfsha256-ecp256", "aes256-sha256-modp2048")
-STRICT_ESP = ("aes256gcm16",)
+# a DH group in the ESP proposal: PFS required for every CHILD_SA made by CREATE_CHILD_SA (the
+# one made in IKE_AUTH has no key exchange of its own, and strongSwan ignores the group there)
+STRICT_ESP = ("aes256gcm16-ecp256",)
 
 
 def policy_params(node: Any, ike: Any, **kw: Any) -> Ikev2PolicyParams:
@@ -61,6 +63,8 @@ def test_weak_node_each_accepted_choice_named_and_nothing_left(lab: Any) -> None
     assert result.facts["node_policy_weak_accepted"] == len(WEAK_ACCEPTS)
     assert "3des" in str(result.facts["chosen.ike_encr_3des"])
     assert "3des-sha1" in str(result.facts["chosen.esp_encr_3des"])
+    # strongSwan picks by its own order: its first ESP proposal, taken without a key exchange
+    assert str(result.facts["chosen.esp_no_pfs"]).endswith(" / 3des-sha1"), result.facts
     assert "3DES encryption (IKE SA)" in result.detail
     # strongSwan 5.9 has no ML-KEM: the hybrid offer is refused (the negative path)
     assert result.facts["post_quantum"] == "refused", result.facts
@@ -75,6 +79,11 @@ def test_strict_node_yields_nothing(lab: Any) -> None:
     assert result.ok and result.reason is Reason.OK, result
     assert all(result.facts[f"policy.{n}"] == "refused" for n in DEFAULT_ITEMS), result.facts
     assert result.facts["node_policy_weak_accepted"] == 0
+    # the no-PFS CHILD_SA was refused for its missing key exchange: AES-GCM-256 was offered
+    assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ SA No TSi TSr \]", ike.log())
+    assert re.search(r"received proposals: ESP:AES_GCM_16_128/AES_GCM_16_256/NO_EXT_SEQ",
+                     ike.log())
+    assert re.search(r"generating CREATE_CHILD_SA response \d+ \[ N\(NO_PROP\) \]", ike.log())
     assert settled_sas(ike) == []
 
 

@@ -16,10 +16,14 @@ from tests.openvpn.test_lab_openvpn import params_for, probe
 pytestmark = [pytest.mark.openvpn, pytest.mark.lab]
 
 
-@pytest.mark.parametrize(("tls_max", "wrap"), [("1.3", "tls-crypt"), ("1.2", "tls-auth")])
-def test_negotiated_facts_match_the_server_log(lab: Lab, tls_max: str, wrap: str) -> None:
+# every lab mode: both transports, every control-channel wrapping
+@pytest.mark.parametrize(("proto", "tls_max", "wrap"), [
+    ("udp", "1.3", "tls-crypt"), ("udp", "1.2", "tls-auth"), ("udp", "1.3", "tls-crypt-v2"),
+    ("tcp", "1.3", "tls-crypt"), ("tcp", "1.2", "tls-crypt-v2"), ("tcp", "1.3", "tls-auth")])
+def test_negotiated_facts_match_the_server_log(lab: Lab, proto: str, tls_max: str,
+                                               wrap: str) -> None:
     node, agent = lab.add_host("node"), lab.add_host("agent")
-    server = lab.start_openvpn(node, proto="udp", wrap=wrap, extra=["--tls-version-max", tls_max])
+    server = lab.start_openvpn(node, proto=proto, wrap=wrap, extra=["--tls-version-max", tls_max])
     result = probe(agent, params_for(server), Level.TUNNEL)
     assert result.ok, (result.reason, result.detail)
     log = server.log()
@@ -39,7 +43,7 @@ def test_negotiated_facts_match_the_server_log(lab: Lab, tls_max: str, wrap: str
     data = re.search(r"PUSH_REPLY,.*?cipher ([^,']+)", log)
     assert data is not None, log[-3000:]
     assert result.facts["crypto.data_cipher"] == data.group(1)
-    expect_wrap = "tls-crypt" if wrap == "tls-crypt" else "tls-auth-SHA1"
+    expect_wrap = "tls-auth-SHA1" if wrap == "tls-auth" else wrap
     assert result.facts["crypto.control_channel_wrap"] == expect_wrap
     # the chain as presented: the server sends its leaf only
     assert result.facts["chain.0.subject"] == f"CN={server.name}-server"

@@ -4,13 +4,17 @@ an RSA certificate, tls-auth with its default SHA1 digest) and as the lab runs i
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from probes.checks.base import CheckResult
 from probes.checks.openvpn_policy import OpenVPNPolicyParams, run_policy
+from probes.checks.openvpn_telemetry import Telemetry, read_management_socket
 from probes.lab import Host, Lab
 from probes.lab.openvpn import OpenVPNServer
 from probes.model import Reason
@@ -24,8 +28,6 @@ WEAK_ACCEPTS = {"tls_version_1_0", "tls_version_1_1", "tls_kx_rsa", "tls_auth_sh
 
 def scan(agent: Host, server: OpenVPNServer, timeout: float = 40.0, **kw: Any) -> CheckResult:
     base = params_for(server)
-    import msgspec
-
     params = OpenVPNPolicyParams(**msgspec.structs.asdict(base), **kw)
     with agent.entered():
         return asyncio.run(run_policy(params, timeout))
@@ -68,3 +70,50 @@ def test_strict_server_yields_nothing(lab: Lab) -> None:
     assert result.facts["policy.tls_auth_sha1"] == "n/a"
     assert result.facts["post_quantum"] == "refused"
     assert no_clients(server), server.status()
+
+
+def management(server: OpenVPNServer) -> Telemetry:
+    """``status 3`` and ``load-stats`` from the server's management interface."""
+    return asyncio.run(read_management_socket(str(server.management_socket), 5.0))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+SCANS = 50
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fifty_scans_leave_no_client(lab: Lab) -> None:
+    """The acceptance run: 50 full scans of a weak server (every kind of offer, accepted and
+    refused), then its management interface lists no client and counts none, and the server
+    did not grow."""
+    node, agent = lab.add_host("node"), lab.add_host("agent")
+    server = lab.start_openvpn(node, proto="udp", wrap="tls-auth", server_rsa_bits=2048,
+                               extra=["--tls-version-min", "1.0",
+                                      "--tls-cipher", "DEFAULT:@SECLEVEL=0"])
+    pid = int((server.dir / "pid").read_text())  # --writepid: openvpn's own
+    rss_before = rss_kib(pid)
+    started = time.monotonic()
+    for n in range(SCANS):
+        result = scan(agent, server)
+        assert result.reason is Reason.WEAK_CRYPTO, (n, result, server.log()[-2000:])
+        assert result.facts["node_policy_weak_accepted"] == len(WEAK_ACCEPTS), (n, result.facts)
+        if n % 10 == 9:
+            assert no_clients(server), (n, server.status())
+            view = management(server)
+            assert view.status.clients == () and view.load is not None \
+                and view.load.clients == 0, (n, view)
+    took = time.monotonic() - started
+    view = management(server)
+    assert view.status.clients == () and view.load is not None and view.load.clients == 0, view
+    growth = rss_kib(pid) - rss_before
+    print(f"\n{SCANS} OpenVPN scans in {took:.1f} s ({took / SCANS:.2f} s a scan); server RSS "
+          f"{rss_before} KiB -> +{growth} KiB; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    assert growth < 16 * 1024, growth

@@ -10,7 +10,9 @@ event for the CHILD_SA's owner. What is not IKE for us is a :class:`BadDatagram`
 
 Exchanges: IKE_SA_INIT (COOKIE and INVALID_KE_PAYLOAD retries, NAT detection and the float to
 4500), optionally IKE_AUTH with a PSK (childless per RFC 6023 when the responder offers it and no
-CHILD_SA is wanted, else with an ESP proposal), and an INFORMATIONAL Delete in ``close(now)``.
+CHILD_SA is wanted, else with an ESP proposal), optionally a CREATE_CHILD_SA for a new CHILD_SA
+without a KE payload (the policy scan's "no PFS" offer, §1.3.1), and INFORMATIONAL Deletes in
+``close(now)``.
 Only the initiator retransmits (§2.1): the same bytes, ``retransmit_initial * factor**n`` apart.
 """
 
@@ -33,7 +35,7 @@ from probes.protocols.ikev2.proposals import (
     chosen_esp_key_bytes,
     chosen_suite,
     groups_of,
-    parse_esp_proposal,
+    parse_esp_proposals,
 )
 
 NAT_T_PORT = 4500
@@ -55,6 +57,7 @@ class State(enum.Enum):
     INIT_SENT = enum.auto()
     INIT_DONE = enum.auto()  # SA_INIT answered; no PSK, so no IKE_AUTH (init-level probe)
     AUTH_SENT = enum.auto()
+    CHILD_SENT = enum.auto()  # IKE SA established, CREATE_CHILD_SA outstanding
     ESTABLISHED = enum.auto()
     DELETE_SENT = enum.auto()
     CLOSED = enum.auto()
@@ -71,6 +74,10 @@ class ChildRequest:
     aead_only: bool = True
     ts_i: tuple[str, ...] = ("0.0.0.0/0",)
     ts_r: tuple[str, ...] = ("0.0.0.0/0",)
+    # negotiate it in a CREATE_CHILD_SA of its own after IKE_AUTH, with no KE payload: a
+    # responder that insists on PFS for new CHILD_SAs must refuse it (a CHILD_SA made in
+    # IKE_AUTH never has a key exchange of its own, so only this shows the policy)
+    in_create_child: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,15 @@ class AuthCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildCreated:
+    """The answer to our CREATE_CHILD_SA: the CHILD_SA, or why it was refused."""
+
+    child: ChildSa | None
+    error: str = ""  # the error notify (or the flaw of the answer) when ``child`` is None
+    refused: bool = False  # an error notify said no (not a malformed answer)
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     failure: Failure
     detail: str
@@ -149,7 +165,8 @@ class EspPacket:
     data: bytes
 
 
-Event = InitRetried | InitCompleted | AuthCompleted | Failed | Closed | EspPacket | BadDatagram
+Event = (InitRetried | InitCompleted | AuthCompleted | ChildCreated | Failed | Closed | EspPacket
+         | BadDatagram)
 
 
 @dataclass(slots=True)
@@ -200,8 +217,9 @@ class Initiator:
         self._suite: c.CipherSuite | None = None
         self._nonce_r = b""
         self._childless_supported = False
-        self._child_spi = b""
-        self._esp_offer: p.Proposal | None = None
+        self._child_spis: list[bytes] = []  # CHILD_SAs the responder holds: deleted first
+        self._esp_offers: tuple[p.Proposal, ...] = ()  # of the CHILD_SA being negotiated
+        self._child_nonce = b""  # our nonce of the outstanding CREATE_CHILD_SA
         self.sa_init_answered = False  # the responder holds state for us from here on
         self._auth_answered = False  # it answered IKE_AUTH: it either dropped the SA or set it up
         self._established = False  # the responder holds an established IKE SA for us
@@ -216,7 +234,8 @@ class Initiator:
 
     def close(self, now: float) -> None:
         """Delete the IKE SA (and with it any CHILD_SA) if the responder holds one."""
-        if self._established and self.state in (State.ESTABLISHED, State.FAILED):
+        if self._established and self.state in (State.ESTABLISHED, State.FAILED,
+                                                State.CHILD_SENT):
             self.state = State.DELETE_SENT
             self._send_next_delete(now)
             return
@@ -253,7 +272,8 @@ class Initiator:
             except p.IKEv2Error as exc:  # the responder's answer, parsed, but unacceptable
                 self._fail(Failure.BAD_PACKET, str(exc))
             return
-        if header.exchange not in (p.ExchangeType.IKE_AUTH, p.ExchangeType.INFORMATIONAL):
+        if header.exchange not in (p.ExchangeType.IKE_AUTH, p.ExchangeType.INFORMATIONAL,
+                                   p.ExchangeType.CREATE_CHILD_SA):
             return
         try:
             inner = self._open(data, payloads)
@@ -265,6 +285,9 @@ class Initiator:
                 self._on_auth_response(header, inner, now)
             except p.IKEv2Error as exc:
                 self._fail(Failure.BAD_PACKET, str(exc))
+        elif (header.exchange == p.ExchangeType.CREATE_CHILD_SA
+              and self.state is State.CHILD_SENT):
+            self._on_create_child_response(inner)
         elif header.exchange == p.ExchangeType.INFORMATIONAL and self.state is State.DELETE_SENT:
             self._out = None
             self._next_msgid += 1
@@ -284,8 +307,8 @@ class Initiator:
                 self.state = State.CLOSED
                 self._events.append(Closed(acknowledged=False))
             else:
-                what = {State.INIT_SENT: "IKE_SA_INIT", State.AUTH_SENT: "IKE_AUTH"}.get(
-                    self.state, "request")
+                what = {State.INIT_SENT: "IKE_SA_INIT", State.AUTH_SENT: "IKE_AUTH",
+                        State.CHILD_SENT: "CREATE_CHILD_SA"}.get(self.state, "request")
                 self._fail(Failure.TIMEOUT, f"no answer to {what} after {out.sends} sends")
             return
         self._transmit(out, now)
@@ -455,19 +478,56 @@ class Initiator:
         if cfg.remote_id is not None:
             inner.append(_id_payload(p.PayloadType.IDR, cfg.remote_id))
         inner.append(p.AuthPayload(p.AuthMethod.PSK, auth))
-        if cfg.child is not None or not self._childless_supported:
-            child = cfg.child or ChildRequest()
-            self._child_spi = self._rand(4)
-            self._esp_offer = parse_esp_proposal(child.esp_proposal, self._child_spi,
-                                                 aead_only=child.aead_only)
-            inner += [
-                p.SAPayload((self._esp_offer,)),
-                p.TSPayload(p.PayloadType.TSI, tuple(p.TrafficSelector.network(x)
-                                                     for x in child.ts_i)),
-                p.TSPayload(p.PayloadType.TSR, tuple(p.TrafficSelector.network(x)
-                                                     for x in child.ts_r)),
-            ]
+        child = cfg.child
+        if child is not None and child.in_create_child:
+            # its own exchange later; IKE_AUTH carries a plain one only if it must have one
+            child = None if self._childless_supported else ChildRequest(
+                ts_i=child.ts_i, ts_r=child.ts_r)
+        elif child is None and not self._childless_supported:
+            child = ChildRequest()
+        if child is not None:
+            inner += self._child_offer(child)
         return self._build_encrypted(p.ExchangeType.IKE_AUTH, inner)
+
+    def _child_offer(self, child: ChildRequest) -> list[p.Payload]:
+        """SA and traffic selectors of a new CHILD_SA; our SPI is remembered for its Delete."""
+        spi = self._rand(4)
+        self._child_spis.append(spi)
+        self._esp_offers = parse_esp_proposals(child.esp_proposal, spi,
+                                               aead_only=child.aead_only)
+        return [
+            p.SAPayload(self._esp_offers),
+            p.TSPayload(p.PayloadType.TSI, tuple(p.TrafficSelector.network(x)
+                                                 for x in child.ts_i)),
+            p.TSPayload(p.PayloadType.TSR, tuple(p.TrafficSelector.network(x)
+                                                 for x in child.ts_r)),
+        ]
+
+    def _send_create_child(self, child: ChildRequest, now: float) -> None:
+        """§1.3.1: SA, Ni, TSi, TSr and no KE payload (no PFS)."""
+        self.state = State.CHILD_SENT
+        self._child_nonce = self._rand(NONCE_LEN)
+        offer = self._child_offer(child)
+        inner = [offer[0], p.NoncePayload(self._child_nonce), *offer[1:]]
+        self._send_request(self._build_encrypted(p.ExchangeType.CREATE_CHILD_SA, inner), now)
+
+    def _on_create_child_response(self, inner: list[p.Payload]) -> None:
+        self._out = None
+        self._next_msgid += 1
+        self.state = State.ESTABLISHED
+        nonce = next((x for x in inner if isinstance(x, p.NoncePayload)), None)
+        refused = p.first_error_notify(inner) is not None
+        child, error = None, ""
+        if not refused and nonce is None:
+            error = "CREATE_CHILD_SA answer lacks a nonce"
+        elif not refused and any(isinstance(x, p.KEPayload) for x in inner):
+            error = "CREATE_CHILD_SA answer has a KE payload though we sent none"
+        else:
+            child, error = self._child_from(inner, self._child_nonce,
+                                            b"" if nonce is None else nonce.data)
+        if child is None:
+            self._child_spis.pop()  # refused: nothing to delete on the responder
+        self._events.append(ChildCreated(child, error, refused))
 
     def _build_encrypted(self, exchange: int, inner: list[p.Payload], *, response: bool = False,
                          message_id: int | None = None) -> bytes:
@@ -523,18 +583,22 @@ class Initiator:
             self._fail(Failure.AUTH_FAILED, f"responder identified as {responder_id!r}")
             return
         self.state = State.ESTABLISHED
-        if self._esp_offer is None:
+        if not self._esp_offers:
             self._events.append(AuthCompleted(responder_id, childless=True, child=None))
-            return
-        child, error_text = self._child_from(inner)
-        if child is None:
-            self._child_spi = b""  # nothing to delete on the responder
-        self._events.append(AuthCompleted(responder_id, childless=False, child=child,
-                                          child_error=error_text))
-        del now
+        else:
+            child, error_text = self._child_from(inner, self.nonce_i, self._nonce_r)
+            if child is None:
+                self._child_spis.clear()  # nothing to delete on the responder
+            self._events.append(AuthCompleted(responder_id, childless=False, child=child,
+                                              child_error=error_text))
+        if cfg.child is not None and cfg.child.in_create_child:
+            self._send_create_child(cfg.child, now)
 
-    def _child_from(self, inner: list[p.Payload]) -> tuple[ChildSa | None, str]:
-        assert self._keys is not None and self._suite is not None and self._esp_offer is not None
+    def _child_from(self, inner: list[p.Payload], nonce_i: bytes,
+                    nonce_r: bytes) -> tuple[ChildSa | None, str]:
+        """The CHILD_SA the responder set up for ``self._esp_offers``; keys from the nonces of
+        the exchange that made it (§2.17, no PFS)."""
+        assert self._keys is not None and self._suite is not None
         error = p.first_error_notify(inner)
         if error is not None:
             return None, _notify_name(error)
@@ -546,17 +610,23 @@ class Initiator:
         if sa is None or ts_i is None or ts_r is None or len(sa.proposals) != 1:
             return None, "CHILD_SA answer lacks SA or traffic selectors"
         try:
-            chosen = chosen_esp(sa.proposals[0], self._esp_offer)
+            offer = next((o for o in self._esp_offers if o.number == sa.proposals[0].number),
+                         None)
+            if offer is None:
+                return None, f"the responder chose ESP proposal #{sa.proposals[0].number}, " \
+                             "which was not offered"
+            chosen = chosen_esp(sa.proposals[0], offer)
+            if chosen.transform(p.TransformType.DH) is not None:
+                return None, "the responder chose a DH group for a CHILD_SA without a KE"
             encr = chosen.transform(p.TransformType.ENCR)
             if encr is None or encr.id not in c.AEAD_CIPHERS:
                 return ChildSa(None, ts_i.selectors, ts_r.selectors, chosen), ""
-            key_bytes = chosen_esp_key_bytes(chosen, self._esp_offer)
+            key_bytes = chosen_esp_key_bytes(chosen, offer)
         except p.IKEv2Error as exc:
             return None, str(exc)
         size = key_bytes + c.GCM_SALT_LEN
-        keymat = c.child_keymat(self._suite.prf_hash, self._keys.sk_d, self.nonce_i,
-                                self._nonce_r, 2 * size)
-        esp = EspSa(spi_out=sa.proposals[0].spi, key_out=keymat[:size], spi_in=self._child_spi,
+        keymat = c.child_keymat(self._suite.prf_hash, self._keys.sk_d, nonce_i, nonce_r, 2 * size)
+        esp = EspSa(spi_out=sa.proposals[0].spi, key_out=keymat[:size], spi_in=offer.spi,
                     key_in=keymat[size:], random_bytes=self._rand)
         return ChildSa(esp, ts_i.selectors, ts_r.selectors, chosen), ""
 
@@ -583,9 +653,8 @@ class Initiator:
     def _send_next_delete(self, now: float) -> None:
         """The CHILD_SA first, then the IKE SA, one exchange each: strongSwan acts on only one of
         two Delete payloads sent in one INFORMATIONAL (seen with 5.9.8)."""
-        if self._child_spi:
-            delete = p.DeletePayload(p.ProtocolId.ESP, (self._child_spi,))
-            self._child_spi = b""
+        if self._child_spis:
+            delete = p.DeletePayload(p.ProtocolId.ESP, (self._child_spis.pop(),))
         elif self._established:
             delete = p.DeletePayload(p.ProtocolId.IKE)
             self._established = False
@@ -630,5 +699,6 @@ def _equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-__all__ = ["AuthCompleted", "ChildRequest", "ChildSa", "Closed", "Event", "Failed", "Failure",
-           "InitCompleted", "InitRetried", "Initiator", "InitiatorConfig", "State"]
+__all__ = ["AuthCompleted", "ChildCreated", "ChildRequest", "ChildSa", "Closed", "Event",
+           "Failed", "Failure", "InitCompleted", "InitRetried", "Initiator", "InitiatorConfig",
+           "State"]

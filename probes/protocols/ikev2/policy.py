@@ -44,12 +44,14 @@ def _ike(*, cbc: tuple[str, ...] = _CBC, gcm: tuple[str, ...] = _GCM,
 @dataclass(frozen=True, slots=True)
 class WeakItem:
     """One deprecated choice: its name (a metric label), what it is, and what is offered.
-    ``esp``: the ESP proposal of the CHILD_SA (an IKE_AUTH, so it needs the PSK)."""
+    ``esp``: the ESP proposal(s) of the CHILD_SA (an IKE_AUTH, so it needs the PSK), made in a
+    CREATE_CHILD_SA of its own without a key exchange when ``create_child``."""
 
     name: str
     what: str
     ike: tuple[str, ...]
     esp: str | None = None
+    create_child: bool = False
 
 
 _BROAD_IKE = _ike()
@@ -73,6 +75,10 @@ WEAK_ITEMS: tuple[WeakItem, ...] = (
              _join(_CBC, ("md5",))),
     WeakItem("esp_integ_sha1", "HMAC-SHA1-96 integrity (ESP)", _BROAD_IKE,
              _join(_CBC, ("sha1",))),
+    # every cipher and integrity algorithm, no DH group and no KE payload: the missing key
+    # exchange is the only reason left to refuse
+    WeakItem("esp_no_pfs", "CHILD_SA without PFS (CREATE_CHILD_SA, no key exchange)",
+             _BROAD_IKE, f"{_join(_GCM)},{_join(_CBC, _ESP_INTEG)}", create_child=True),
 )
 ITEMS_BY_NAME = {item.name: item for item in WEAK_ITEMS}
 DEFAULT_ITEMS = tuple(item.name for item in WEAK_ITEMS)

@@ -137,6 +137,16 @@ def parse_esp_proposal(text: str, spi: bytes, *, aead_only: bool = True) -> Prop
                     (*encr, *integ, *groups, Transform(TransformType.ESN, ESN_NONE)), spi)
 
 
+def parse_esp_proposals(text: str, spi: bytes, *, aead_only: bool = True
+                        ) -> tuple[Proposal, ...]:
+    """Comma-separated ESP proposals (an AEAD one and a CBC + HMAC one cannot be one proposal),
+    numbered from 1, all with our ``spi``."""
+    return tuple(Proposal(i + 1, ProtocolId.ESP, parse_esp_proposal(part, spi,
+                                                                    aead_only=aead_only).transforms,
+                          spi)
+                 for i, part in enumerate(text.split(",")))
+
+
 def groups_of(proposals: tuple[Proposal, ...]) -> list[int]:
     """DH groups in preference order, without repeats."""
     out: list[int] = []
