@@ -139,8 +139,9 @@ class OpenVPNTarget(Strict, kw_only=True, frozen=True):
     echo_interval: Duration = 0.05  # seconds between them
     # the resolver user_path.dns queries; default: the first dhcp-option DNS the node pushes
     dns_resolver: str | None = None
-    # crypto policy scan (check openvpn.policy, tier policy): TLS 1.0/1.1, RSA key transport
-    # and (with tls-auth) MD5/SHA1 digests offered alone, each must be refused
+    # crypto policy scan (check openvpn.policy, tier policy): TLS 1.0/1.1, RSA key transport,
+    # (with tls-auth) MD5/SHA1 digests and (with ca_file) the BF-CBC and none data ciphers
+    # offered alone, each must be refused
     policy_scan: bool = False
     # the deprecated choices to offer (docs/crypto-policy.md); default: all of them
     policy_items: list[str] | None = None
@@ -161,7 +162,8 @@ class IKEv2Target(Strict, kw_only=True, frozen=True):
     echo_count: int = 5  # ICMP echoes at the tunnel level
     force_nat_t: bool = False  # pretend to be behind NAT so the exchange floats to UDP 4500
     # crypto policy scan (check ikev2.policy, tier policy): offer each deprecated proposal
-    # alone and expect refusal; with psk_file accepted SAs are finished and deleted
+    # (and a CHILD_SA without PFS) alone and expect refusal; accepted SAs are finished with
+    # psk_file and deleted
     policy_scan: bool = False
     # the deprecated choices to offer (docs/crypto-policy.md); default: all of them
     policy_items: list[str] | None = None

@@ -16,12 +16,15 @@ costs the server one "TLS handshake failed" line in its log.
 * ``tls_kx_rsa``: TLS 1.2 with only RSA key-transport suites (no forward secrecy);
 * ``tls_auth_md5`` / ``tls_auth_sha1`` (targets using tls-auth): a hard reset authenticated with
   that digest; an answer means the server's ``--auth`` is it.
+* ``data_cipher_bf_cbc`` / ``data_cipher_none`` (targets with a CA file): a whole session (TLS,
+  key-method 2, PUSH_REQUEST) whose client speaks only that data-channel cipher (IV_CIPHERS and
+  the OCC options string); a PUSH_REPLY with ``cipher`` that one is an acceptance, OpenVPN's
+  AUTH_FAILED "cipher negotiation failed" a refusal. Then EXIT, like every session probe.
 
 And the post-quantum offer: TLS 1.3 with X25519MLKEM768 as the only group and key share,
 reported as ``crypto.tls_pq_group`` and ``node_pq_key_exchange_accepted``.
 
-Tier ``policy``: hourly, metrics and ``--json`` only, never verdicts. Data-channel ciphers
-(BF-CBC, none) are not offered yet: that needs a whole session per item.
+Tier ``policy``: hourly, metrics and ``--json`` only, never verdicts.
 """
 
 from __future__ import annotations
@@ -44,10 +47,17 @@ from probes.checks.base import (
     weak_choices_result,
 )
 from probes.checks.driver import Closed, Unreachable
-from probes.checks.openvpn import Level, OpenVPNParams, _Probe, build_wrapper, plan_params
+from probes.checks.openvpn import (
+    Level,
+    OpenVPNParams,
+    _Probe,
+    build_wrapper,
+    plan_params,
+    run_level,
+)
 from probes.model import Reason, Tier
 from probes.protocols.openvpn import session as ov
-from probes.protocols.openvpn.policy import DEFAULT_ITEMS, DIGEST_ITEMS, HELLO_ITEMS
+from probes.protocols.openvpn.policy import CIPHER_ITEMS, DEFAULT_ITEMS, DIGEST_ITEMS, HELLO_ITEMS
 from probes.protocols.tlswire import (
     SUITES,
     TLS13,
@@ -179,13 +189,31 @@ async def _digest(params: OpenVPNParams, digest: str, timeout: float) -> str:
         await probe.finish()
 
 
+async def _data_cipher(params: OpenVPNParams, name: str, timeout: float
+                       ) -> tuple[str, dict[str, Fact]]:
+    """A session whose only data-channel cipher is the item's: what the server pushes."""
+    cipher = CIPHER_ITEMS[name]
+    result = await run_level(msgspec.structs.replace(params, ciphers=(cipher,)), timeout,
+                             Level.SESSION)
+    pushed = result.facts.get("pushed_cipher")
+    if result.ok and pushed == cipher:
+        return "accepted", {f"chosen.{name}": f"cipher {cipher}"}
+    if result.ok:  # it pushed another cipher: one we did not offer, so not ours to take
+        return "refused", {f"refusal.{name}": f"pushed cipher {pushed}, not the one offered"}
+    if result.reason is Reason.AUTH_FAILED and "cipher" in result.detail:
+        # OpenVPN 2.5+: "AUTH_FAILED,Data channel cipher negotiation failed (no shared cipher)"
+        return "refused", {f"refusal.{name}": result.detail[:200]}
+    return "error", {f"error.{name}": f"{result.reason.value}: {result.detail}"[:200]}
+
+
 async def run_policy(params: OpenVPNPolicyParams, timeout: float) -> CheckResult:
     watch = Stopwatch()
     deadline = time.monotonic() + timeout
     facts: dict[str, Fact] = {}
     accepted: list[str] = []
     errors: list[str] = []
-    unknown = [n for n in params.items if n not in HELLO_ITEMS and n not in DIGEST_ITEMS]
+    unknown = [n for n in params.items
+               if n not in HELLO_ITEMS and n not in DIGEST_ITEMS and n not in CIPHER_ITEMS]
     if unknown:
         return watch.result(False, Reason.PROBE_ERROR, detail=f"unknown items: {unknown}")
 
@@ -203,6 +231,11 @@ async def run_policy(params: OpenVPNPolicyParams, timeout: float) -> CheckResult
                 continue
             outcome = await _digest(params, DIGEST_ITEMS[name], budget())
             more: dict[str, Fact] = {}
+        elif name in CIPHER_ITEMS:
+            if not params.ca_file:
+                facts[f"policy.{name}"] = "n/a"  # no session without a CA to verify against
+                continue
+            outcome, more = await _data_cipher(params, name, budget())
         else:
             offer = HELLO_ITEMS[name][1]
             outcome, more = _hello_outcome(name, offer, await _hello(params, offer, budget()))
@@ -236,12 +269,15 @@ async def run_policy(params: OpenVPNPolicyParams, timeout: float) -> CheckResult
 def _what(name: str) -> str:
     if name in HELLO_ITEMS:
         return HELLO_ITEMS[name][0]
+    if name in CIPHER_ITEMS:
+        return f"data-channel cipher {CIPHER_ITEMS[name]}"
     return f"tls-auth with {DIGEST_ITEMS[name]}"
 
 
 POLICY = CheckKind("openvpn.policy", Tier.POLICY, OpenVPNPolicyParams, run_policy,
-                   "TLS 1.0/1.1, RSA key transport and weak tls-auth digests offered one by "
-                   "one, each must be refused; X25519MLKEM768 offered and reported")
+                   "TLS 1.0/1.1, RSA key transport, weak tls-auth digests and the BF-CBC and "
+                   "none data ciphers offered one by one, each must be refused; X25519MLKEM768 "
+                   "offered and reported")
 
 
 def plan(ctx: PlanContext) -> list[Planned]:
