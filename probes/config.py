@@ -152,6 +152,9 @@ class IKEv2Target(Strict, kw_only=True, frozen=True):
     local_id: str | None = None  # our IDi (FQDN or IPv4); default tunnelwatch-probe
     remote_id: str | None = None  # the responder must identify as this (IDr)
     psk_file: str | None = None  # the pre-shared key: auth and tunnel levels
+    # a responder that authenticates with a certificate (the probe still uses the PSK): the
+    # CA(s) its chain must lead to; its dates are reported like OpenVPN's
+    ca_file: str | None = None
     # IKE proposals in strongSwan notation, e.g. aes256gcm16-prfsha256-ecp256
     proposals: list[str] = msgspec.field(default_factory=lambda: ["aes256gcm16-prfsha256-ecp256"])
     # the deepest check to run: init (alive, proposal), auth (PSK IKE SA), tunnel (ESP echoes);
@@ -554,6 +557,7 @@ def wireguard_problems(w: WireGuardTarget, at: str, base_dir: Path) -> Iterator[
 def ikev2_problems(i: IKEv2Target, at: str, base_dir: Path) -> Iterator[Problem]:
     yield from _check_port(i.port, f"{at}.port")
     yield from _check_file(i.psk_file, f"{at}.psk_file", base_dir)
+    yield from _check_file(i.ca_file, f"{at}.ca_file", base_dir)
     yield from _check_ip(i.ping, f"{at}.ping")
     yield from _check_ip(i.inner_address, f"{at}.inner_address")
     # the IKEv2 core and its cryptography are loaded only for a config with an ikev2 section

@@ -13,6 +13,7 @@ Every SA that got established is deleted before the check returns.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 import logging
 import socket
@@ -23,6 +24,8 @@ from functools import partial
 from pathlib import Path
 
 import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from probes.checks.base import (
     CheckKind,
@@ -37,6 +40,7 @@ from probes.checks.base import (
     first_retry_after,
     section_plan,
 )
+from probes.checks.certs import chain_facts, read_ca_file, verify_chain
 from probes.checks.driver import Closed as DriverClosed
 from probes.checks.driver import Driver, Unreachable
 from probes.checks.ikev2_policy import POLICY, plan_policy
@@ -73,6 +77,7 @@ from probes.protocols.ikev2.proposals import (
     prf_name,
     suite_label,
 )
+from probes.protocols.ikev2.signature import ca_hash
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,8 @@ class Ikev2Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     psk_file: str | None = None
     local_id: str = "tunnelwatch-probe"
     remote_id: str | None = None  # when set, the responder must identify as this
+    # a responder that authenticates with a certificate: the CA(s) its chain must lead to
+    ca_file: str | None = None
     force_nat_t: bool = False  # fake NAT-D so the exchange floats to 4500
     retransmit_initial: float = 0.5  # at most a quarter of the timeout (first_retry_after)
     # tunnel level
@@ -225,7 +232,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
     try:
         proposals = parse_ike_proposals(params.proposals)
         psk = _psk(params)
-    except (IKEv2Error, OSError) as exc:
+        trusted = read_ca_file(params.ca_file) if params.ca_file else ()
+    except (IKEv2Error, OSError, ConfigError) as exc:
         return watch.result(False, Reason.PROBE_ERROR, detail=f"configuration: {exc}")
     if level != "init" and psk is None:
         return watch.result(False, Reason.PROBE_ERROR, detail=f"level {level} needs a PSK")
@@ -254,6 +262,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
             local_address=ep.local_address, remote_address=ep.remote,
             proposals=proposals, psk=None if level == "init" else psk,
             local_id=params.local_id, remote_id=params.remote_id, child=child,
+            trusted_ca_hashes=tuple(ca_hash(ca.public_bytes(serialization.Encoding.DER))
+                                    for ca in trusted),
             force_nat_t=params.force_nat_t or level == "tunnel",
             nat_t_port=params.nat_t_port,
             retransmit_initial=first_retry_after(params.retransmit_initial, timeout))
@@ -262,7 +272,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
         driver.adopt_udp(ep.remote, ep)
         session = _Session(initiator, driver)
         try:
-            result = await _probe(session, params, level, deadline, watch=watch, facts=facts)
+            result = await _probe(session, params, level, deadline, watch=watch, facts=facts,
+                                  trusted=trusted)
         except (IKEv2Error, OSError) as exc:  # local trouble (e.g. sending failed): not the node
             result = watch.result(False, Reason.PROBE_ERROR, facts=facts,
                                   detail=f"{type(exc).__name__}: {exc}")
@@ -281,7 +292,8 @@ async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckRes
 
 
 async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: float, *,
-                 watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
+                 watch: Stopwatch, facts: dict[str, Fact],
+                 trusted: tuple[x509.Certificate, ...]) -> CheckResult:
     session.ini.start(time.monotonic())
     await session.run_until(InitCompleted, deadline)
     watch.lap("sa_init")
@@ -290,7 +302,7 @@ async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: f
         return result or watch.result(True, Reason.OK, facts=facts)
     await session.run_until(AuthCompleted, deadline)
     watch.lap("auth")
-    result = _auth_result(session, watch, facts, level)
+    result = _auth_result(session, watch, facts, level, trusted)
     if result is not None or level in ("auth", "child"):
         return result or watch.result(True, Reason.OK, facts=facts)
     if level == "create_child":
@@ -336,7 +348,7 @@ def _init_result(session: _Session, watch: Stopwatch,
 
 
 def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
-                 level: str) -> CheckResult | None:
+                 level: str, trusted: tuple[x509.Certificate, ...]) -> CheckResult | None:
     o = session.outcome
     if o.auth is None:
         failed = o.failed
@@ -345,7 +357,17 @@ def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
         return watch.result(False, _FAILURE_REASONS[failed.failure], detail=failed.detail,
                             facts=facts)
     facts.update(responder_id=o.auth.responder_id, responder_auth_verified=True,
-                 childless=o.auth.childless)
+                 childless=o.auth.childless,
+                 responder_auth="certificate" if o.auth.certificates else "psk")
+    if o.auth.certificates:
+        # its AUTH is signed by the first one's key (the initiator checked); is it trusted?
+        facts.update(chain_facts(o.auth.certificates))
+        untrusted = (verify_chain(o.auth.certificates, trusted, dt.datetime.now(dt.UTC))
+                     if trusted else (Reason.CERT_VERIFY_FAILED,
+                                      "the responder authenticates with a certificate: set "
+                                      "ca_file to verify it"))
+        if untrusted is not None:
+            return watch.result(False, untrusted[0], detail=untrusted[1], facts=facts)
     if o.auth.child_error:
         facts["child_sa_error"] = o.auth.child_error
     if o.auth.child is not None:
@@ -458,6 +480,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
     psk_file = ctx.path(section.psk_file)
     base = Ikev2Params(host=ctx.target.address, port=section.port,
                        proposals=tuple(section.proposals), psk_file=psk_file,
+                       ca_file=ctx.path(section.ca_file),
                        local_id=section.local_id or "tunnelwatch-probe",
                        remote_id=section.remote_id, ping=section.ping,
                        inner_address=section.inner_address, echo_count=section.echo_count,
@@ -476,6 +499,8 @@ def _preflight(planned: Planned) -> None:
         _psk(planned.params)
     except OSError as exc:
         raise ConfigError(f"psk_file: {exc}") from None
+    if planned.params.ca_file:
+        read_ca_file(planned.params.ca_file)
 
 
 COMMAND = ProbeCommand(
@@ -485,7 +510,7 @@ COMMAND = ProbeCommand(
                 "deleted.",
     options=IKEv2Target, plan=section_plan("ikev2", plan), validate=ikev2_problems,
     preflight=_preflight,
-    aliases={"--proposal": "proposals", "--count": "echo_count"},
+    aliases={"--proposal": "proposals", "--count": "echo_count", "--ca": "ca_file"},
     # a one-shot probe offers the usual suites and stops at init unless asked
     defaults={"level": "init", "proposals": list(DEFAULT_IKE_PROPOSALS)})
 

@@ -52,6 +52,7 @@ class Ikev2PolicyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     psk_file: str  # each accepted IKE SA is finished (IKE_AUTH), then deleted
     local_id: str = "tunnelwatch-probe"
     remote_id: str | None = None
+    ca_file: str | None = None  # a responder that authenticates with a certificate
     items: tuple[str, ...] = DEFAULT_ITEMS  # the deprecated choices to offer
     post_quantum: bool = True  # also offer ML-KEM-768 (reported, never a failure)
 
@@ -76,7 +77,7 @@ async def _offer(params: Ikev2PolicyParams, proposals: tuple[str, ...], esp: str
     offer = Ikev2Params(host=params.host, port=params.port, nat_t_port=params.nat_t_port,
                         proposals=proposals, psk_file=params.psk_file,
                         local_id=params.local_id, remote_id=params.remote_id,
-                        esp_proposal=esp or "aes256gcm16")
+                        ca_file=params.ca_file, esp_proposal=esp or "aes256gcm16")
     level = "create_child" if create_child else "child" if esp else "auth"
     return await run_level(offer, timeout, level)
 
@@ -151,5 +152,6 @@ def plan_policy(ctx: PlanContext) -> list[Planned]:
     return [Planned.of(POLICY, Ikev2PolicyParams(
         host=ctx.target.address, port=section.port, psk_file=ctx.path(section.psk_file),
         local_id=section.local_id or "tunnelwatch-probe", remote_id=section.remote_id,
+        ca_file=ctx.path(section.ca_file),
         items=tuple(section.policy_items) if section.policy_items is not None
         else DEFAULT_ITEMS))]

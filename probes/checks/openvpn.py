@@ -39,7 +39,6 @@ from functools import partial
 from pathlib import Path
 
 import msgspec
-from cryptography import x509
 
 from probes.checks.base import (
     CLEANUP_GRACE_SECONDS,
@@ -56,6 +55,7 @@ from probes.checks.base import (
     first_retry_after,
     section_plan,
 )
+from probes.checks.certs import chain_facts
 from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
 from probes.checks.tunnel import Tunnel, TunnelProbe, echo_node, judge_echoes, run_through
 from probes.checks.udp import SendStamp, UdpEndpoint, round_trip_seconds
@@ -151,30 +151,6 @@ def tls_crypto_facts(event: ov.TlsEstablished, params: OpenVPNParams) -> dict[st
                 "_", "").isalnum() and len(event.cipher) <= 64 else "unknown",
             "crypto.tls_group": event.group or "unknown",
             "crypto.control_channel_wrap": wrap}
-
-
-def chain_facts(chain: tuple[bytes, ...]) -> dict[str, Fact]:
-    """Every certificate the server presented (leaf first): ``chain.<i>.subject``,
-    ``.not_before``, ``.not_after`` (ISO 8601), and the gauges the certificate alerts read: the
-    leaf's start and the whole chain's earliest end."""
-    out: dict[str, Fact] = {"cert_chain_length": len(chain)}
-    not_after: list[float] = []
-    for i, der in enumerate(chain[:8]):
-        try:
-            cert = x509.load_der_x509_certificate(der)
-        except ValueError:
-            out[f"chain.{i}.subject"] = "unparsable"
-            continue
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        out[f"chain.{i}.subject"] = cert.subject.rfc4514_string()
-        out[f"chain.{i}.not_before"] = start.isoformat()
-        out[f"chain.{i}.not_after"] = end.isoformat()
-        not_after.append(end.timestamp())
-        if i == 0:
-            out["node_certificate_not_before_timestamp_seconds"] = start.timestamp()
-    if not_after:
-        out["node_certificate_chain_expiry_timestamp_seconds"] = min(not_after)
-    return out
 
 
 def build_wrapper(params: OpenVPNParams, wall_time: int) -> Wrapper:

@@ -33,31 +33,39 @@ def _write_key(key: PrivateKey, path: Path) -> None:
 
 
 class PKI:
-    """A CA in ``directory`` that issues server and client certificates."""
+    """A CA in ``directory`` that issues server and client certificates: a root, or an
+    intermediate CA of ``parent`` (``parent.intermediate(name)``)."""
 
-    def __init__(self, directory: Path, name: str = "tunnelwatch-lab-ca") -> None:
+    def __init__(self, directory: Path, name: str = "tunnelwatch-lab-ca", *,
+                 parent: PKI | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self._cert = (
+        self._cert: x509.Certificate = (
             x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
+            .subject_name(subject)
+            .issuer_name(subject if parent is None else parent._cert.subject)
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .not_valid_after(now + dt.timedelta(days=3650 if parent is None else 1825))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None if parent is None
+                                                 else 0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False,
                                          encipher_only=False, decipher_only=False), critical=True)
-            .sign(self._key, hashes.SHA256())
+            .sign(self._key if parent is None else parent._key, hashes.SHA256())
         )
         self.ca_file = self.dir / f"{name}.crt"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self._revoked: list[int] = []
+
+    def intermediate(self, name: str) -> PKI:
+        """A CA signed by this one (its ``ca_file`` holds only its own certificate)."""
+        return PKI(self.dir / name, name, parent=self)
 
     def issue(self, common_name: str, *, server: bool, days: int = 825,
               expired: bool = False, not_yet_valid: bool = False,

@@ -1,4 +1,6 @@
-"""A real strongSwan (charon) IKEv2 responder for the lab, with ESP in userspace.
+"""A real strongSwan (charon) IKEv2 responder for the lab, with ESP in userspace. It
+authenticates with the PSK, or with a certificate of the lab's PKI (the initiator always with
+the PSK).
 
 The kernel here has no ESP, so charon loads ``kernel-libipsec`` (ESP over a TUN device) next to
 ``kernel-netlink`` (routes). charon's pid file path is fixed under ``/run``, so each charon gets a
@@ -10,19 +12,21 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from probes.lab.netns import LabError, run
+from probes.lab.pki import CertFiles
 from probes.lab.topology import wait_for
 
 if TYPE_CHECKING:
     from probes.lab.topology import Host, Lab
 
 CHARON = "/usr/lib/ipsec/charon"
-PLUGINS = ("random nonce kdf openssl pem pkcs1 x509 pubkey revocation constraints "
+PLUGINS = ("random nonce kdf openssl pem pkcs1 pkcs8 x509 pubkey revocation constraints "
            "kernel-libipsec kernel-netlink socket-default vici updown")
 DEFAULT_PROPOSALS = ("aes256gcm16-prfsha256-ecp256", "aes256gcm16-prfsha256-x25519",
                      "aes256-sha256-modp2048", "aes256-sha1-modp2048")
@@ -31,8 +35,12 @@ _counter = itertools.count()
 
 def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_id: str,
                       remote_id: str, proposals: Sequence[str], local_ts: str, remote_ts: str,
-                      esp_proposals: Sequence[str], psk: str) -> str:
-    """swanctl.conf text for one PSK connection (one setting per line: values run to EOL)."""
+                      esp_proposals: Sequence[str], psk: str, cert: Path | None = None) -> str:
+    """swanctl.conf text for one connection (one setting per line: values run to EOL). The
+    initiator authenticates with the PSK; the responder too, or with the certificate ``cert``
+    (whose key swanctl finds in its ``private/`` directory)."""
+    local_auth = ["      auth = psk"] if cert is None else [
+        "      auth = pubkey", f"      certs = {cert}"]
     return "\n".join([
         "connections {",
         f"  {name} {{",
@@ -41,7 +49,7 @@ def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_i
         f"    remote_addrs = {remote_addrs}",
         f"    proposals = {','.join(proposals)}",
         "    local {",
-        "      auth = psk",
+        *local_auth,
         f"      id = {local_id}",
         "    }",
         "    remote {",
@@ -77,7 +85,8 @@ class StrongSwanServer:
                  proposals: Sequence[str] = DEFAULT_PROPOSALS,
                  esp_proposals: Sequence[str] = ("aes256gcm16", "aes128gcm16", "aes128-sha256"),
                  local_ts: str | None = None, remote_ts: str = "10.211.0.0/16",
-                 charon_settings: str = "", swanctl_conf: str | None = None) -> None:
+                 charon_settings: str = "", swanctl_conf: str | None = None,
+                 cert: CertFiles | None = None, cacerts: Sequence[Path] = ()) -> None:
         self.lab, self.host = lab, host
         self.n = next(_counter)
         self.name = f"charon{self.n}"
@@ -96,6 +105,8 @@ class StrongSwanServer:
         self.vici_socket = self.dir / "charon.vici"
         self.conf_file = self.dir / "strongswan.conf"
         self.swanctl_file = self.dir / "swanctl.conf"
+        if cert is not None:
+            self._install_credentials(cert, cacerts)
         self.conf_file.write_text(
             "charon {\n"
             f"  load = {PLUGINS}\n"
@@ -107,8 +118,18 @@ class StrongSwanServer:
         self.swanctl_file.write_text(swanctl_conf or render_connection(
             "lab", local_addrs=host.address, remote_addrs="%any", local_id=local_id,
             remote_id=remote_id, proposals=self.proposals, local_ts=self.local_ts,
-            remote_ts=remote_ts, esp_proposals=esp_proposals, psk=self.psk))
+            remote_ts=remote_ts, esp_proposals=esp_proposals, psk=self.psk,
+            cert=None if cert is None else cert.cert))
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _install_credentials(self, cert: CertFiles, cacerts: Sequence[Path]) -> None:
+        """swanctl loads keys and CA certificates from directories beside its config file: the
+        key into ``private/``, the chain's CAs into ``x509ca/`` (charon sends the intermediates
+        with its certificate, never the root)."""
+        for sub, files in (("private", (cert.key,)), ("x509ca", tuple(cacerts))):
+            (self.dir / sub).mkdir(exist_ok=True)
+            for path in files:
+                shutil.copy(path, self.dir / sub / path.name)
 
     @property
     def endpoint(self) -> tuple[str, int]:

@@ -106,3 +106,20 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+NODE_LABELS = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu", "vantage": "v1"}
+
+
+def exported(kind: Any, result: Any) -> Any:
+    """The agent's Prometheus registry after one run of ``kind`` with ``result`` for node
+    ``n1`` from vantage ``v1`` (labels: :data:`NODE_LABELS` and ``check`` = the kind's name)."""
+    from probes.agent.metrics import AgentCollector, ProbeStats, new_registry
+    from probes.agent.plan import PlannedCheck
+    from probes.agent.scheduler import ProbeRun, SchedulerStats
+
+    check = PlannedCheck(node="n1", pool="pool-a", pop="pop-1", region="eu", check=kind.name,
+                         kind=kind, params=None, tier=kind.tier)
+    stats = ProbeStats()
+    stats.record(ProbeRun(check, result, 0.0, 1.0, 1.0, "round"))
+    return new_registry(AgentCollector("v1", stats, SchedulerStats, None))

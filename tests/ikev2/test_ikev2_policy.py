@@ -12,9 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.agent.metrics import AgentCollector, ProbeStats, new_registry
-from probes.agent.plan import PlannedCheck
-from probes.agent.scheduler import ProbeRun, SchedulerStats
 from probes.checks.base import CheckResult, PlanContext
 from probes.checks.ikev2 import FAMILY
 from probes.checks.ikev2_policy import POLICY, Ikev2PolicyParams, run_policy
@@ -38,6 +35,7 @@ from probes.protocols.ikev2.proposals import (
     prf_name,
     suite_label,
 )
+from tests.agent.helpers import NODE_LABELS, exported
 from tests.ikev2.fake_responder import FakeResponder
 from tests.ikev2.test_ikev2_check import serve
 
@@ -207,13 +205,8 @@ async def test_weak_responder_named_item_by_item(psk: Path) -> None:
     assert result.facts["chosen.ike_encr_3des"] == "3des-md5-prfmd5-modp1024"
     assert responder.deleted  # every accepted SA was deleted
     # the weak-accepted gauge per item, the way the alert reads it
-    check = PlannedCheck(node="n1", pool="pool-a", pop="pop-1", region="eu",
-                         check="ikev2.policy", kind=POLICY, params=None, tier=Tier.POLICY)
-    stats = ProbeStats()
-    stats.record(ProbeRun(check, result, 0.0, 1.0, 1.0, "round"))
-    registry = new_registry(AgentCollector("v1", stats, SchedulerStats, None))
-    labels = {"node": "n1", "pool": "pool-a", "pop": "pop-1", "region": "eu", "vantage": "v1",
-              "check": "ikev2.policy"}
+    registry = exported(POLICY, result)
+    labels = {**NODE_LABELS, "check": "ikev2.policy"}
     assert registry.get_sample_value("tunnelwatch_policy_weak_accepted",
                                      {**labels, "item": "ike_integ_md5"}) == 1.0
     assert registry.get_sample_value("tunnelwatch_policy_weak_accepted",

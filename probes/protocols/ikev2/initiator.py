@@ -37,6 +37,13 @@ from probes.protocols.ikev2.proposals import (
     groups_of,
     parse_esp_proposals,
 )
+from probes.protocols.ikev2.signature import (
+    HASH_ALGORITHMS_NOTIFY,
+    SIGNATURE_METHODS,
+    identity_in_certificate,
+    signed_octets,
+    verify_auth,
+)
 
 NAT_T_PORT = 4500
 SPI_LEN = 8
@@ -88,6 +95,9 @@ class InitiatorConfig:
     psk: bytes | None = None  # None: stop after IKE_SA_INIT
     local_id: str = "tunnelwatch-probe"
     remote_id: str | None = None  # when set: sent as IDr and the responder's IDr must match
+    # a responder that authenticates with a certificate: the CAs we trust (SHA-1 of their
+    # SubjectPublicKeyInfo), asked for in a CERTREQ; the shell judges the chain it sends
+    trusted_ca_hashes: tuple[bytes, ...] = ()
     child: ChildRequest | None = None  # None: childless if the responder supports it
     force_nat_t: bool = False  # fake NAT-D so the responder encapsulates ESP in UDP (RFC 3948)
     nat_t_port: int = NAT_T_PORT
@@ -133,6 +143,9 @@ class AuthCompleted:
     childless: bool  # no CHILD_SA was requested
     child: ChildSa | None
     child_error: str = ""  # the error notify that refused the CHILD_SA, if one did
+    # the responder's certificates as it sent them (end entity first), when it signed its AUTH
+    # (verified with the first one's key); empty for a PSK responder
+    certificates: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,8 +377,16 @@ class Initiator:
             p.NotifyPayload(p.NotifyType.NAT_DETECTION_DESTINATION_IP,
                             c.nat_detection_hash(self.spi_i, zero_spi, remote_ip,
                                                  cfg.remote_address[1])),
-            p.NotifyPayload(p.NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
         ]
+        if cfg.trusted_ca_hashes:  # RFC 7427: lets the responder sign with SHA-2
+            payloads.append(p.NotifyPayload(p.NotifyType.SIGNATURE_HASH_ALGORITHMS,
+                                            HASH_ALGORITHMS_NOTIFY))
+        else:
+            # The probe does not reassemble IKE fragments (RFC 7383). A PSK IKE_AUTH answer is
+            # small; one with a certificate chain is not (an RSA leaf and its intermediate make
+            # strongSwan send 1248-byte fragments), so a probe that asks for certificates does
+            # not offer fragmentation and gets one IP-fragmented datagram instead.
+            payloads.append(p.NotifyPayload(p.NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         if any(t.type in ADDKE_TYPES for prop in cfg.proposals for t in prop.transforms):
             # RFC 9370 §2.2.2: offering additional key exchanges means speaking RFC 9242
             payloads.append(p.NotifyPayload(p.NotifyType.INTERMEDIATE_EXCHANGE_SUPPORTED))
@@ -475,6 +496,9 @@ class Initiator:
         auth = c.psk_auth(self._suite.prf_hash, cfg.psk, message=self._init_request,
                           nonce_peer=self._nonce_r, sk_p=self._keys.sk_pi, id_body=id_i.body())
         inner: list[p.Payload] = [id_i]
+        if cfg.trusted_ca_hashes:
+            inner.append(p.CertPayload(p.PayloadType.CERTREQ, p.CERT_X509_SIGNATURE,
+                                       b"".join(cfg.trusted_ca_hashes)))
         if cfg.remote_id is not None:
             inner.append(_id_payload(p.PayloadType.IDR, cfg.remote_id))
         inner.append(p.AuthPayload(p.AuthMethod.PSK, auth))
@@ -573,26 +597,60 @@ class Initiator:
             return
         # From here the responder considers the IKE SA established, whatever we think of it.
         self._established = True
-        expected = c.psk_auth(self._suite.prf_hash, cfg.psk, message=self._init_response,
-                              nonce_peer=self.nonce_i, sk_p=self._keys.sk_pr, id_body=id_r.body())
-        if auth.method != p.AuthMethod.PSK or not _equal(auth.data, expected):
-            self._fail(Failure.AUTH_FAILED, "responder AUTH payload did not verify")
+        certificates = tuple(x.data for x in inner if isinstance(x, p.CertPayload)
+                             and x.type == p.PayloadType.CERT
+                             and x.encoding == p.CERT_X509_SIGNATURE)
+        problem = self._responder_auth_problem(id_r, auth, certificates)
+        if problem:
+            self._fail(Failure.AUTH_FAILED, problem)
             return
         responder_id = _id_text(id_r)
         if cfg.remote_id is not None and responder_id != cfg.remote_id:
             self._fail(Failure.AUTH_FAILED, f"responder identified as {responder_id!r}")
             return
         self.state = State.ESTABLISHED
+        if auth.method == p.AuthMethod.PSK:
+            certificates = ()
         if not self._esp_offers:
-            self._events.append(AuthCompleted(responder_id, childless=True, child=None))
+            self._events.append(AuthCompleted(responder_id, childless=True, child=None,
+                                              certificates=certificates))
         else:
             child, error_text = self._child_from(inner, self.nonce_i, self._nonce_r)
             if child is None:
                 self._child_spis.clear()  # nothing to delete on the responder
             self._events.append(AuthCompleted(responder_id, childless=False, child=child,
-                                              child_error=error_text))
+                                              child_error=error_text,
+                                              certificates=certificates))
         if cfg.child is not None and cfg.child.in_create_child:
             self._send_create_child(cfg.child, now)
+
+    def _responder_auth_problem(self, id_r: p.IdPayload, auth: p.AuthPayload,
+                                certificates: tuple[bytes, ...]) -> str:
+        """Why the responder's AUTH does not prove who it claims to be ("" when it does): the
+        PSK's MAC, or a signature by its certificate's key over the same octets (§2.15)."""
+        assert self._keys is not None and self._suite is not None
+        h = self._suite.prf_hash
+        if auth.method == p.AuthMethod.PSK:
+            assert self.config.psk is not None
+            expected = c.psk_auth(h, self.config.psk, message=self._init_response,
+                                  nonce_peer=self.nonce_i, sk_p=self._keys.sk_pr,
+                                  id_body=id_r.body())
+            return "" if _equal(auth.data, expected) else "responder AUTH payload did not verify"
+        if auth.method not in SIGNATURE_METHODS:
+            return f"responder authenticates with AUTH method {auth.method}"
+        if not certificates:
+            return ("responder signs its AUTH but sent no certificate (without a ca_file the "
+                    "probe sends no CERTREQ, and strongSwan sends certificates only when asked)")
+        octets = signed_octets(self._init_response, self.nonce_i,
+                               c.prf(h, self._keys.sk_pr, id_r.body()))
+        try:
+            verify_auth(auth.method, auth.data, octets, certificates[0])
+            if not identity_in_certificate(id_r, certificates[0]):
+                return (f"responder identity {_id_text(id_r)!r} is not its certificate's "
+                        "(subject or subjectAltName)")
+        except p.IKEv2Error as exc:
+            return str(exc)
+        return ""
 
     def _child_from(self, inner: list[p.Payload], nonce_i: bytes,
                     nonce_r: bytes) -> tuple[ChildSa | None, str]:

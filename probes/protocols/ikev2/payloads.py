@@ -116,6 +116,7 @@ class IdType(enum.IntEnum):
     FQDN = 2
     RFC822_ADDR = 3
     IPV6_ADDR = 5
+    DER_ASN1_DN = 9
     KEY_ID = 11
 
 
@@ -123,6 +124,14 @@ class AuthMethod(enum.IntEnum):
     RSA = 1
     PSK = 2
     DSS = 3
+    ECDSA_256 = 9  # RFC 4754
+    ECDSA_384 = 10
+    ECDSA_521 = 11
+    DIGITAL_SIGNATURE = 14  # RFC 7427
+
+
+CERT_X509_SIGNATURE = 4  # Certificate Encoding (§3.6): a DER X.509 certificate; in CERTREQ:
+# SHA-1 hashes of the trusted CAs' SubjectPublicKeyInfo
 
 
 TS_IPV4_ADDR_RANGE = 7
@@ -313,6 +322,18 @@ class EncryptedPayload:
 
 
 @dataclass(frozen=True, slots=True)
+class CertPayload:
+    """CERT (a certificate) or CERTREQ (the CAs we trust), §3.6 and §3.7."""
+
+    type: int  # PayloadType.CERT or CERTREQ
+    encoding: int
+    data: bytes
+
+    def body(self) -> bytes:
+        return bytes([self.encoding]) + self.data
+
+
+@dataclass(frozen=True, slots=True)
 class RawPayload:
     """Any payload we do not interpret (Vendor ID, CERTREQ, CP, ...), kept as bytes."""
 
@@ -325,7 +346,7 @@ class RawPayload:
 
 
 Payload = (SAPayload | KEPayload | NoncePayload | NotifyPayload | IdPayload | AuthPayload
-           | DeletePayload | TSPayload | EncryptedPayload | RawPayload)
+           | DeletePayload | TSPayload | EncryptedPayload | CertPayload | RawPayload)
 
 
 # --- chain codec ------------------------------------------------------------------------------
@@ -408,6 +429,9 @@ def _decode_body(ptype: int, body: bytes, critical: bool) -> Payload:
                                           for i in range(count)))
     if ptype in (PayloadType.TSI, PayloadType.TSR):
         return TSPayload(ptype, _decode_selectors(body))
+    if ptype in (PayloadType.CERT, PayloadType.CERTREQ):
+        _need(body, 1, "CERT")
+        return CertPayload(ptype, body[0], body[1:])
     return RawPayload(ptype, body, critical)
 
 
