@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, cast
 
+from probes.config import parse_host_port
 from probes.protocols.reflector import DEFAULT_SOURCE_RATE, Reflector
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,17 @@ async def serve(host: str, port: int, reflector: Reflector, ready: asyncio.Event
 
 
 def handle(args: argparse.Namespace) -> int:
-    host, _, port_text = args.listen.rpartition(":")
     try:
-        port = int(port_text)
-        socket.inet_aton(host or "0.0.0.0")  # noqa: S104 (an operator's choice)
+        host, port = parse_host_port(args.listen, default_host="0.0.0.0")  # noqa: S104
+        socket.inet_aton(host)  # an operator's choice of IPv4 address
     except (ValueError, OSError):
-        print(f"tunnelwatch reflector: --listen: expected IPV4:PORT, got {args.listen!r}",
-              file=sys.stderr)
+        print(f"tunnelwatch reflector: --listen: expected IPV4:PORT (port 1..65535), got "
+              f"{args.listen!r}", file=sys.stderr)
         return EXIT_USAGE
-    if not 0 < port < 65536 or not args.source_rate > 0:
-        print("tunnelwatch reflector: --listen port 1..65535 and --source-rate > 0",
-              file=sys.stderr)
+    if not args.source_rate > 0:
+        print("tunnelwatch reflector: --source-rate must be > 0", file=sys.stderr)
         return EXIT_USAGE
-    reflector = Reflector(source_rate=args.source_rate)
-    asyncio.run(serve(host or "0.0.0.0", port, reflector))  # noqa: S104
+    asyncio.run(serve(host, port, Reflector(source_rate=args.source_rate)))
     return EXIT_OK
 
 
