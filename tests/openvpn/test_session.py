@@ -16,6 +16,7 @@ from probes.protocols.openvpn.session import (
     ClientSession,
     DataReceived,
     Event,
+    ExitAcknowledged,
     KeyExchanged,
     PushReplyReceived,
     ResetAnswered,
@@ -196,6 +197,22 @@ def test_garbage_and_foreign_packets_are_events_not_exceptions(
         events.append(event)
     assert len(events) == 5 and all(isinstance(e, BadDatagram) for e in events)
     assert session.bad_packets == 5
+
+
+def test_the_exit_ack_is_an_event(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A check waits for the server to have its EXIT: the ACK must wake it (an event), not only
+    change a property it would read after its next wake-up (the EXIT phase then took 250 ms)."""
+    client_ctx, server_ctx = contexts
+    session = ClientSession(options=SessionOptions(ssl_context=client_ctx))
+    server = FakeServer(server_ctx)
+    session.start(0.0)
+    assert ExitAcknowledged not in {type(e) for e in drive(session, server)}
+    assert session.send_exit(1.0)
+    (exit_packet,) = packets(session, 1.0)
+    for reply in server.receive(exit_packet):
+        session.receive_datagram(reply, PEER, 1.0)
+    assert session.exit_acknowledged
+    assert list(iter(session.next_event, None)) == [ExitAcknowledged()]
 
 
 def test_data_channel_through_the_session(contexts: tuple[ssl.SSLContext, ssl.SSLContext]

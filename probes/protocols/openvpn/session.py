@@ -108,6 +108,12 @@ class TlsFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ExitAcknowledged:
+    """The server acknowledged our goodbye (EXIT, or the alert ending a hello offer): it has
+    let our instance go, and a check waiting for that can stop now."""
+
+
+@dataclass(frozen=True, slots=True)
 class KeyExchanged:
     server_options: str
 
@@ -142,7 +148,7 @@ class ServerMisbehaved:
 
 Event = (ResetAnswered | TlsEstablished | TlsFailed | KeyExchanged | PushReplyReceived
          | AuthFailed | ControlMessage | DataReceived | BadDatagram | ServerMisbehaved
-         | HelloAnswered)
+         | HelloAnswered | ExitAcknowledged)
 
 
 class Stage(enum.IntEnum):
@@ -367,7 +373,10 @@ class ClientSession:
         if packet.acks:
             if packet.remote_session_id != self.session_id:
                 raise OpenVPNError("ACK for a session that is not ours")
+            leaving = self._exit_message_id is not None and not self.exit_acknowledged
             self._sender.ack(packet.acks)
+            if leaving and self.exit_acknowledged:
+                self._events.append(ExitAcknowledged())
         if packet.message_id is None:
             return
         for _, op, payload in self._receiver.receive(packet.message_id, opcode, packet.payload):
