@@ -12,6 +12,8 @@ reason                  status  when
 ``too-large``           413     declared length over ``max_body_bytes``
 ``stale-timestamp``     401     timestamp malformed or outside the window
 ``unknown-key``         401     the key id is not configured (answered ``bad-signature``)
+``failing-key``         503     a body over 64 KiB from a key id whose bodies failed their
+                                signature lately, beyond its budget (answered ``busy``)
 ``busy``                503     too many unverified bodies being read at once; retry
 ``body-timeout``        408     the body did not arrive within ``body_timeout_seconds``
 ``bad-signature``       401     HMAC does not match (see :mod:`probes.model.signing`)
@@ -62,6 +64,7 @@ REJECT_REASONS = (
     "too-large",
     "stale-timestamp",
     "unknown-key",
+    "failing-key",
     "busy",
     "body-timeout",
     "bad-signature",

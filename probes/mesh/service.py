@@ -9,8 +9,10 @@ taken so the journal always follows a snapshot made by this very engine — a la
 Time: ``now`` is the mesh's wall clock when an input is applied, never allowed to go backwards
 (a clock step back would otherwise un-expire staleness and damping).
 
-Inputs are applied one at a time on the event loop; the store's work (commit, snapshot, prune,
-reads) runs on the store thread (:mod:`probes.mesh.storethread`), so the loop keeps serving.
+Inputs are applied one at a time on the event loop, small batches before heavy ones that
+arrived shortly before them (:mod:`probes.mesh.inputqueue`); the store's work (commit,
+snapshot, prune, reads) runs on the store thread (:mod:`probes.mesh.storethread`), so the
+loop keeps serving.
 
 A failed commit never leaves the engine and the store apart: the engine is rebuilt from what
 was really stored — reading only, so a full disk cannot stop it — and until the store commits
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 
 from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
+from probes.mesh.inputqueue import InputQueue
 from probes.mesh.inputs import apply_entry, published
 from probes.mesh.paths import PathEngine, PathPolicy
 from probes.mesh.policy import DecisionPolicy
@@ -114,7 +117,7 @@ class MeshService:
         self.outbox = StoreOutbox(store, self.thread)  # what the publishers read
         self.health = StoreHealth()
         self._clock = clock
-        self._inputs = asyncio.Lock()  # one input at a time: apply, then commit
+        self._inputs = InputQueue()  # one input at a time: apply, then commit
         self.snapshot_every = snapshot_every
         self.snapshot_bytes = snapshot_bytes
         self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
@@ -277,7 +280,7 @@ class MeshService:
             return
         if not self.health.due(time.monotonic()):
             return
-        async with self._inputs:
+        async with self._inputs.turn():
             await self._try_recover()
 
     async def _try_recover(self) -> None:
@@ -388,11 +391,13 @@ class MeshService:
         if (batch.epoch, batch.batch_seq) <= (epoch, last):
             raise Replay(epoch, last)
 
-    async def _serially(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run an input under the lock, to completion: once applied, its commit (and the
-        rebuild if that fails) finishes even if the caller is cancelled."""
+    async def _serially(self, step: Callable[[], Awaitable[T]], source: str = "",
+                        size: int = 0) -> T:
+        """Run an input in its turn (``source`` and ``size``: see :class:`InputQueue`), to
+        completion: once applied, its commit (and the rebuild if that fails) finishes even if
+        the caller is cancelled."""
         async def locked() -> T:
-            async with self._inputs:
+            async with self._inputs.turn(source, size):
                 self._require_store()
                 return await step()
 
@@ -421,7 +426,8 @@ class MeshService:
             self.agent_epoch[batch.agent] = batch.epoch
             return verdicts
 
-        return await self._serially(step)
+        return await self._serially(step, batch.agent,
+                                    len(batch.observations) + len(batch.traces))
 
     def _apply_live(self, entry: JournalEntry, batch: ObservationBatch | None = None,
                     ) -> tuple[list[Verdict], list[WeightChange]]:
@@ -461,7 +467,7 @@ class MeshService:
     async def close(self) -> None:
         """Snapshot (so the next start replays nothing) and close the store. No snapshot while
         the engine may hold what the store does not."""
-        async with self._inputs:
+        async with self._inputs.turn():
             try:
                 await self.thread.call(self._close_in_thread)
             finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from probes.mesh import gate
 from probes.mesh.config import load_mesh_config
 from probes.mesh.connections import start_site
 from probes.mesh.server import GUARD_KEY, INGEST_KEY, build_app
@@ -86,8 +87,8 @@ class Served:
 
 
 @asynccontextmanager
-async def served(folder: Path, extra: str = "") -> AsyncIterator[Served]:
-    cfg = load_mesh_config(write_mesh_config(folder, 2, ["va", "vb"], extra=LIMITS + extra))
+async def served(folder: Path, extra: str = "", limits: str = LIMITS) -> AsyncIterator[Served]:
+    cfg = load_mesh_config(write_mesh_config(folder, 2, ["va", "vb"], extra=limits + extra))
     app = build_app(cfg, CollectorRegistry())
     runner, site = await start_site(app, "127.0.0.1", 0, app[GUARD_KEY])
     try:
@@ -182,6 +183,52 @@ async def test_unverified_bodies_share_a_bounded_budget(tmp_path: Path) -> None:
         # va: two slots then busy; vb: one slot, then the byte budget (2 x 64 KiB) is spent
         assert statuses == [408, 408, 503, 503, 503], statuses
         assert mesh.app[INGEST_KEY].gate.reading_bytes == 0  # type: ignore[index]
+
+
+async def test_a_key_id_that_keeps_failing_gets_its_large_bodies_refused_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under attack, 8 MiB bodies with a known key id and a wrong signature were each read and
+    HMAC'd: that CPU was the legitimate agents' (their p99 74.4 ms against 15.6 ms). Once a key
+    id's bodies fail, its large bodies are read only within a budget of one largest body
+    (refilled slowly; here not at all), the rest are answered 503 ``busy`` from the headers;
+    small bodies of that key id, and every other key id, are read as before."""
+    monkeypatch.setattr(gate, "FAILURE_BYTES_PER_SECOND", 0.0)
+    limits = "max_body_bytes: 1048576\nbody_timeout_seconds: 5.0\nunverified_body_bytes: 4194304\n"
+    async with served(tmp_path, limits=limits) as mesh:
+        big = b"x" * (512 * 1024)
+        close = {"Connection": "close"}  # answered, then closed: nothing waits on keep-alive
+        forged = mesh.signed(big, agent="vb", key=b"w" * 32) | close
+        for _ in range(2):  # one largest body's worth: read, and refused by its signature
+            answer = await mesh.raw(mesh.head(forged, len(big)), big, wait=10.0)
+            assert status_of(answer) == 401, answer[:300]
+        # spent: refused from the headers (no body sent), answered as any busy mesh answers
+        answer = await mesh.raw(mesh.head(forged, len(big)), wait=5.0)
+        assert status_of(answer) == 503 and b'"busy"' in answer, answer[:300]
+        assert mesh.rejects()["failing-key"] == 1
+        # its small bodies are still read (and this one verifies), other key ids unaffected
+        for agent in ("vb", "va"):
+            body = mesh.batch(agent)
+            headers = mesh.signed(body, agent=agent) | close
+            answer = await mesh.raw(mesh.head(headers, len(body)), body)
+            assert status_of(answer) == 200, answer[:300]
+        answer = await mesh.raw(mesh.head(mesh.signed(big, agent="va", key=b"w" * 32)
+                                          | close, len(big)), big, wait=10.0)
+        assert status_of(answer) == 401, answer[:300]
+
+
+def test_a_failure_budget_refills_and_is_forgotten_when_full() -> None:
+    clock = [0.0]
+    budget = gate.FailureBudget(1000 * 1024, rate=100 * 1024, clock=lambda: clock[0])
+    large = 600 * 1024
+    assert budget.allows("k", large)
+    budget.failed("k", large)
+    assert not budget.allows("k", large) and budget.allows("k", gate.DRAIN_LIMIT)
+    clock[0] = 2.0  # 200 KiB back: 600 KiB left
+    assert budget.allows("k", large)
+    budget.failed("k", 10 * large)  # the debt is at most one burst
+    clock[0] = 22.0  # two bursts' refill: full again
+    budget.verified("k")
+    assert budget.allows("k", 10 * large) and not budget._left
 
 
 async def test_unknown_key_ids_cannot_be_told_from_bad_signatures(tmp_path: Path) -> None:
