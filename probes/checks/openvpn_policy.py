@@ -69,6 +69,8 @@ from probes.protocols.tlswire import (
 )
 
 PQ_ITEM = "tls_pq_x25519mlkem768"
+# a server's X25519MLKEM768 share: the ML-KEM-768 ciphertext (1088) then its X25519 key (32)
+SERVER_SHARE_LENGTHS = {X25519MLKEM768: 1088 + 32}
 ITEM_TIMEOUT_SECONDS = 5.0
 REFUSAL_SILENCE_SECONDS = 3.0
 
@@ -170,6 +172,12 @@ def _hello_outcome(name: str, offer: HelloOffer, answer: ServerFlight | CheckRes
     if hello.version not in offer.versions or hello.suite not in offer.suites:
         return "error", {f"error.{name}": f"bad-response: the server chose {hello.version_name}"
                                           f"/{hello.suite:#06x}, which was not offered"}
+    if offer.key_shares and (hello.group not in offer.groups
+                         or hello.key_share_len != SERVER_SHARE_LENGTHS.get(hello.group,
+                                                                            hello.key_share_len)):
+        return "error", {f"error.{name}": f"bad-response: the server's key share "
+                                          f"({group_name(hello.group or 0)}, "
+                                          f"{hello.key_share_len} bytes) is not one offered"}
     suite = SUITES[hello.suite].name
     return "accepted", {f"chosen.{name}": f"{hello.version_name} {suite}"}
 

@@ -263,6 +263,26 @@ async def test_child_sa_without_pfs_over_create_child_sa(psk: Path, require_pfs:
     assert "without PFS" in result.detail or require_pfs
 
 
+@pytest.mark.parametrize(("proposal", "expect"), [
+    ("aes256gcm16-prfsha256-ecp256-ke1_mlkem768", "accepted"),
+    ("aes256gcm16-prfsha256-ecp256", "refused"),  # answers classically, dropping ML-KEM
+])
+async def test_pq_offer_read_from_an_in_memory_responder(psk: Path, proposal: str,
+                                                         expect: str) -> None:
+    """No IKEv2 responder here speaks ML-KEM (strongSwan 5.9.8; its `ml` plugin is 6.0+), so
+    the positive path is proven against the in-memory responder: one that chooses
+    ML-KEM-768 as Additional Key Exchange 1 is reported as accepting it. It shows the probe
+    reads the choice, not that an IKE_INTERMEDIATE exchange completes (the probe stops after
+    IKE_SA_INIT)."""
+    async with serve(FakeResponder(proposal=proposal).handle) as ports:
+        result = await run_policy(_policy(ports, psk, items=(), post_quantum=True), 10.0)
+    assert result.facts["post_quantum"] == expect, result
+    assert result.facts["node_pq_key_exchange_accepted"] == int(expect == "accepted")
+    assert result.facts["crypto.ike_pq_key_exchange"] == (
+        "mlkem768" if expect == "accepted" else "none")
+    assert result.ok  # readiness is reported, never a failure of the scan
+
+
 def test_check_result_of_a_scan_is_json(psk: Path) -> None:
     result = CheckResult(False, Reason.WEAK_CRYPTO, 1.0, facts={"policy.ike_encr_3des":
                                                                 "accepted"})

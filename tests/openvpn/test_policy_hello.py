@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.checks.openvpn_policy import _hello_outcome
+from probes.checks.openvpn_policy import PQ_ITEM, _hello_outcome, _pq_offer
 from probes.protocols.openvpn.policy import HELLO_ITEMS
 from probes.protocols.openvpn.session import (
     ClientSession,
@@ -19,7 +19,15 @@ from probes.protocols.openvpn.session import (
     ServerMisbehaved,
     SessionOptions,
 )
-from probes.protocols.tlswire import TLS12, HelloOffer, ServerFlight, client_hello
+from probes.protocols.tlswire import (
+    TLS12,
+    TLS13,
+    X25519,
+    X25519MLKEM768,
+    HelloOffer,
+    ServerFlight,
+    client_hello,
+)
 from tests.openvpn.conftest import server_context
 from tests.openvpn.fake_server import FakeServer
 from tests.openvpn.pki import Issued, ScratchPki
@@ -69,6 +77,28 @@ def test_an_unoffered_choice_is_an_error_never_an_acceptance() -> None:
     flight.feed(_server_hello(TLS12, 0xC02F, None))  # ECDHE: not what was offered
     outcome, facts = _hello_outcome("tls_kx_rsa", offer, flight)
     assert outcome == "error" and "not offered" in str(facts["error.tls_kx_rsa"])
+
+
+def _pq_answer(group: int, share_len: int) -> ServerFlight:
+    from tests.unit.test_tlswire import _server_hello
+
+    flight = ServerFlight()
+    flight.feed(_server_hello(TLS13, 0x1301, group, share_len=share_len))
+    return flight
+
+
+def test_pq_positive_path_read_from_a_synthetic_server_hello() -> None:
+    """No TLS server here speaks ML-KEM (OpenSSL 3.0; X25519MLKEM768 needs 3.5), so the
+    positive path is proven against a ServerHello built here: a server taking the hybrid group
+    with a 1120-byte share (ML-KEM-768 ciphertext + X25519) is an acceptance; another group or
+    a share of the wrong size is an error, never an acceptance. This shows the probe reads a
+    positive answer right, not that an ML-KEM exchange completes."""
+    offer = _pq_offer()
+    assert _hello_outcome(PQ_ITEM, offer, _pq_answer(X25519MLKEM768, 1120)) == (
+        "accepted", {f"chosen.{PQ_ITEM}": "TLSv1.3 TLS_AES_128_GCM_SHA256"})
+    for group, size in ((X25519MLKEM768, 32), (X25519, 32)):
+        outcome, facts = _hello_outcome(PQ_ITEM, offer, _pq_answer(group, size))
+        assert outcome == "error" and "key share" in str(facts[f"error.{PQ_ITEM}"]), facts
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

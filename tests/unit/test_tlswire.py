@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from probes.protocols import tlswire as tw
 
 
-def _server_hello(version: int, suite: int, group: int | None, *, retry: bool = False) -> bytes:
+def _server_hello(version: int, suite: int, group: int | None, *, retry: bool = False,
+                  share_len: int = 32) -> bytes:
     ext = b""
     if version == tw.TLS13:
         ext += struct.pack("!HHH", tw.EXT_SUPPORTED_VERSIONS, 2, tw.TLS13)
         if group is not None:
-            share = b"" if retry else struct.pack("!H", 32) + bytes(32)
+            share = b"" if retry else struct.pack("!H", share_len) + bytes(share_len)
             ext += struct.pack("!HH", tw.EXT_KEY_SHARE, 2 + len(share)) + struct.pack(
                 "!H", group) + share
     random = tw.HRR_RANDOM if retry else os.urandom(32)
