@@ -20,13 +20,28 @@ from probes.model import Reason
 MAX_CHAIN = 8  # what a node may present that we look at
 
 
+def _parsed(cert: x509.Certificate) -> x509.Certificate:
+    """``cert`` with every field we read parsed now (``cryptography`` parses names, dates and
+    extensions lazily): ValueError here, not later."""
+    _ = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.not_valid_before_utc,
+         cert.not_valid_after_utc, list(cert.extensions))
+    return cert
+
+
+def load_certificate(der: bytes) -> x509.Certificate:
+    try:
+        return _parsed(x509.load_der_x509_certificate(der))
+    except x509.InvalidVersion as exc:  # not a ValueError
+        raise ValueError(str(exc)) from None
+
+
 def chain_facts(chain: tuple[bytes, ...]) -> dict[str, Fact]:
     """Every certificate the node presented (leaf first), parsed or named "unparsable"."""
     out: dict[str, Fact] = {"cert_chain_length": len(chain)}
     not_after: list[float] = []
     for i, der in enumerate(chain[:MAX_CHAIN]):
         try:
-            cert = x509.load_der_x509_certificate(der)
+            cert = load_certificate(der)
         except ValueError:
             out[f"chain.{i}.subject"] = "unparsable"
             continue
@@ -46,7 +61,7 @@ def chain_facts(chain: tuple[bytes, ...]) -> dict[str, Fact]:
 def read_ca_file(path: str) -> tuple[x509.Certificate, ...]:
     """The CA certificates of a PEM file (one or several)."""
     try:
-        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        certs = [_parsed(c) for c in x509.load_pem_x509_certificates(Path(path).read_bytes())]
     except OSError as exc:
         raise ConfigError(f"cannot read CA file {path}: {exc.strerror}") from None
     except ValueError as exc:
@@ -81,7 +96,7 @@ def verify_chain(chain: tuple[bytes, ...], trusted: tuple[x509.Certificate, ...]
     one of ``trusted`` at ``now``; None when it does. Each link: issuer name and signature, the
     dates of every certificate on the path, and CA basic constraints of every issuer."""
     try:
-        presented = [x509.load_der_x509_certificate(der) for der in chain[:MAX_CHAIN]]
+        presented = [load_certificate(der) for der in chain[:MAX_CHAIN]]
     except ValueError as exc:
         return Reason.CERT_VERIFY_FAILED, f"a presented certificate does not parse: {exc}"
     if not presented:

@@ -30,6 +30,8 @@ class FakeResponder:
     wrong_auth: bool = False  # sign with another PSK: the initiator must catch it
     behind_nat: bool = False  # fake our own NAT-D source (as strongSwan with kernel-libipsec)
     require_pfs: bool = False  # refuse a CREATE_CHILD_SA whose proposals carry no DH group
+    # a hostile answer to CREATE_CHILD_SA: "no-nonce", "with-ke", "unoffered", "two-proposals"
+    hostile_child: str = ""
     created: int = 0  # CHILD_SAs made by CREATE_CHILD_SA
     seen: list[p.Header] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)  # protocol ids of Delete payloads received
@@ -169,5 +171,17 @@ class FakeResponder:
         if self.require_pfs and not with_ke:
             return [p.NotifyPayload(p.NotifyType.NO_PROPOSAL_CHOSEN)]
         self.created += 1
-        return [*self._child_answer(sa.proposals[0])[:1], p.NoncePayload(os.urandom(32)),
-                *self._child_answer(sa.proposals[0])[1:]]
+        answer = self._child_answer(sa.proposals[0])
+        nonce: list[p.Payload] = [p.NoncePayload(os.urandom(32))]
+        if self.hostile_child == "no-nonce":
+            nonce = []
+        elif self.hostile_child == "with-ke":
+            nonce.append(p.KEPayload(19, os.urandom(64)))
+        elif self.hostile_child == "unoffered":  # a proposal number we never sent
+            chosen = answer[0]
+            assert isinstance(chosen, p.SAPayload)
+            answer[0] = p.SAPayload((p.Proposal(7, p.ProtocolId.ESP,
+                                                chosen.proposals[0].transforms, b"spi!"),))
+        elif self.hostile_child == "two-proposals":
+            answer[0] = p.SAPayload(sa.proposals)
+        return [answer[0], *nonce, *answer[1:]]

@@ -263,6 +263,18 @@ async def test_child_sa_without_pfs_over_create_child_sa(psk: Path, require_pfs:
     assert "without PFS" in result.detail or require_pfs
 
 
+@pytest.mark.parametrize("hostile", ["no-nonce", "with-ke", "unoffered", "two-proposals"])
+async def test_hostile_create_child_answers_are_errors_never_acceptances(psk: Path,
+                                                                         hostile: str) -> None:
+    responder = FakeResponder(hostile_child=hostile)
+    async with serve(responder.handle) as ports:
+        result = await run_policy(_policy(ports, psk, items=("esp_no_pfs",)), 10.0)
+    assert (result.ok, result.reason) == (False, Reason.BAD_RESPONSE), result
+    assert result.facts["policy.esp_no_pfs"] == "error"
+    assert "CREATE_CHILD_SA" in result.detail or "ESP" in result.detail, result.detail
+    assert responder.deleted == [p.ProtocolId.IKE]  # the IKE SA still deleted
+
+
 @pytest.mark.parametrize(("proposal", "expect"), [
     ("aes256gcm16-prfsha256-ecp256-ke1_mlkem768", "accepted"),
     ("aes256gcm16-prfsha256-ecp256", "refused"),  # answers classically, dropping ML-KEM

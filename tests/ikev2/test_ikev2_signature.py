@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from probes.checks.certs import chain_facts, verify_chain
 from probes.protocols.ikev2 import IKEv2Error
 from probes.protocols.ikev2 import payloads as p
 from probes.protocols.ikev2.signature import identity_in_certificate, verify_auth
@@ -111,7 +112,7 @@ def test_identity_must_be_the_certificates() -> None:
 @given(st.sampled_from([1, 2, 9, 10, 11, 14, 99]), st.binary(max_size=300),
        st.sampled_from([RSA_CERT, EC_CERT, ED_CERT]), st.binary(max_size=40),
        st.integers(0, 5), st.integers(0, 255))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_hostile_auth_data_and_certificates_raise_only_ikev2error(
         method: int, data: bytes, cert: bytes, junk: bytes, cut: int, flip: int) -> None:
     broken = cert[:len(cert) - cut * 37] + junk if cut else cert
@@ -121,3 +122,20 @@ def test_hostile_auth_data_and_certificates_raise_only_ikev2error(
         with contextlib.suppress(IKEv2Error):
             identity_in_certificate(p.IdPayload(p.PayloadType.IDR, data[0] if data else 2,
                                                 data[1:]), leaf)
+
+
+@given(st.lists(st.sampled_from([RSA_CERT, EC_CERT, ED_CERT]), min_size=1, max_size=3),
+       st.integers(0, 2000), st.integers(0, 255), st.binary(max_size=20))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_hostile_chains_give_facts_and_reasons_never_exceptions(
+        chain: list[bytes], at: int, value: int, junk: bytes) -> None:
+    """A presented chain with a byte changed or cut: its facts ("unparsable" where it does not
+    parse) and a verdict with a reason."""
+    first = bytearray(chain[0])
+    first[at % len(first)] = value
+    presented = (bytes(first[:len(first) - len(junk)]) + junk, *chain[1:])
+    facts = chain_facts(presented)
+    assert facts["cert_chain_length"] == len(presented)
+    verdict = verify_chain(presented, (x509.load_der_x509_certificate(EC_CERT),),
+                           dt.datetime.now(dt.UTC))
+    assert verdict is None or verdict[1]

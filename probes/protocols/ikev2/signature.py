@@ -58,7 +58,7 @@ def ca_hash(ca_der: bytes) -> bytes:
 def _certificate(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise IKEv2Error(f"responder certificate does not parse: {exc}") from None
 
 
