@@ -574,15 +574,19 @@ def burn_alerts(slo: Slo) -> list[dict[str, Any]]:
 
 # Path evidence (docs/paths.md) in descriptions: where each vantage loses the node, where an
 # impaired vantage loses most of what it fails. Prometheus's ``query`` template function reads it
-# when the alert fires; nothing is added when there is none.
+# when the alert fires; nothing is added when there is none. The series come back in no set
+# order, so they are sorted by vantage: the same faults give the same text (and promtool tests
+# that compare the text do not flake).
 NODE_PATHS = (
-    '{{ with printf "tunnelwatch_mesh_path_fault{node=\\"%s\\"}" $labels.node | query }}'
+    '{{ with printf "tunnelwatch_mesh_path_fault{node=\\"%s\\"}" $labels.node | query'
+    ' | sortByLabel "vantage" }}'
     "{{ range . }} Vantage {{ .Labels.vantage }} loses it after AS{{ .Labels.asn }} "
     "({{ .Labels.kind }}).{{ end }}{{ end }}"
 )
 VANTAGE_PATHS = (
     '{{ with printf "tunnelwatch_mesh_vantage_path_fault{vantage=\\"%s\\"}" $labels.vantage'
-    " | query }}{{ range . }} It loses most of the nodes it fails after AS{{ .Labels.asn }}: "
+    ' | query | sortByLabel "asn" }}'
+    "{{ range . }} It loses most of the nodes it fails after AS{{ .Labels.asn }}: "
     "check its ASN routing.{{ end }}{{ end }}"
 )
 
