@@ -57,7 +57,14 @@ from probes.checks.base import (
 )
 from probes.checks.certs import chain_facts
 from probes.checks.driver import Closed, Driver, Stream, Unreachable, connect_stream
-from probes.checks.tunnel import Tunnel, TunnelProbe, echo_node, judge_echoes, run_through
+from probes.checks.tunnel import (
+    Tunnel,
+    TunnelProbe,
+    echo_node,
+    in_turn,
+    judge_echoes,
+    run_through,
+)
 from probes.checks.udp import SendStamp, UdpEndpoint, round_trip_seconds
 from probes.config import OpenVPNTarget, openvpn_problems
 from probes.model import Reason, Tier
@@ -535,7 +542,24 @@ def tunnel_probe(params: OpenVPNParams, timeout: float) -> _Probe:
     return _Probe(params, Level.TUNNEL, timeout)
 
 
+def identity(params: OpenVPNParams) -> tuple[str, str, int, str]:
+    """This agent's identity with the server (its certificate, or its user): one session with
+    it at a time (:func:`~probes.checks.tunnel.in_turn`); without ``duplicate-cn`` the server
+    drops the older session of a common name once a newer one authenticates."""
+    return ("openvpn", params.host, params.port,
+            params.cert_file or params.auth_user_pass_file or "")
+
+
 async def run_level(params: OpenVPNParams, timeout: float, level: Level) -> CheckResult:
+    """One probe at ``level``; beyond the reset (which authenticates nothing), in the
+    identity's turn."""
+    if level == Level.RESET:
+        return await _run_level(params, timeout, level)
+    return await in_turn(identity(params), timeout,
+                         lambda left: _run_level(params, left, level))
+
+
+async def _run_level(params: OpenVPNParams, timeout: float, level: Level) -> CheckResult:
     probe = _Probe(params, level, timeout)
     if level == Level.TUNNEL:
         return await run_through(probe, _tunnel_step)

@@ -15,14 +15,24 @@ into a :class:`Quality`, and :func:`judge_echoes` decides — no reply at all is
 ``tunnel-no-reply`` (the data plane is broken while the handshake works), then the loss and RTT
 bounds. :class:`EchoRun` is the one loop that paces probes and matches replies, whatever the
 probe (ICMP echoes, reflector requests, a burst).
+
+One identity, one session at a time: an agent has one identity per server (WireGuard key,
+OpenVPN certificate, IKE identity), and a second session with it takes the first one's tunnel
+away — wireguard-go sends to the newest endpoint with the newest keys, OpenVPN drops the older
+session of a common name, strongSwan routes the inner address to the newest CHILD_SA. The
+first run's echoes were then lost and its node looked lossy (DEGRADED) from this vantage.
+:func:`in_turn` runs the checks that authenticate with one identity to one server one after
+the other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,11 +106,28 @@ class TunnelProbe(Protocol):
 Step = Callable[[Tunnel, TunnelProbe], Awaitable[CheckResult]]
 
 
+class ProbeRun(Protocol):
+    """One check run: its stopwatch and facts, and ``finish()`` (called once, whatever
+    happened)."""
+
+    watch: Stopwatch
+    facts: dict[str, Fact]
+
+    async def finish(self) -> None: ...
+
+
 async def run_through(probe: TunnelProbe, step: Step) -> CheckResult:
     """Set the tunnel up, run ``step`` through it, take it down: one result with a reason."""
+    async def through() -> CheckResult:
+        return await step(await probe.establish(), probe)
+    return await run_probe(probe, through)
+
+
+async def run_probe(probe: ProbeRun, body: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
+    """``body()`` (it raises :class:`ProbeFailure` for a failure with a reason), then
+    ``probe.finish()``: one result with the run's phases and whole duration."""
     try:
-        tunnel = await probe.establish()
-        result = await step(tunnel, probe)
+        result = await body()
     except ProbeFailure as failure:
         if failure.phase:
             probe.watch.lap(failure.phase)
@@ -112,6 +139,40 @@ async def run_through(probe: TunnelProbe, step: Step) -> CheckResult:
     await probe.finish()
     result.phases = dict(probe.watch.phases)
     result.duration_seconds = probe.watch.elapsed()
+    return result
+
+
+# ---- one session per identity ---------------------------------------------------------------
+
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Lock]] = \
+    weakref.WeakKeyDictionary()
+MAX_TURN_WAIT_SHARE = 0.5  # of the check's timeout: the rest is the node's to use
+
+
+async def in_turn(identity: Hashable, timeout: float,
+                  run: Callable[[float], Awaitable[CheckResult]]) -> CheckResult:
+    """``run(time_left)`` once no other check of this agent (event loop) is using ``identity``
+    (protocol, server and client identity), released whatever happens. The wait is the
+    agent's, not the node's: a check that would be left less than half its ``timeout`` is
+    ``overloaded`` instead; one that waited has the wait as its ``queue`` phase."""
+    lock = _turns.setdefault(asyncio.get_running_loop(), {}).setdefault(identity,
+                                                                        asyncio.Lock())
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(lock.acquire(), timeout * MAX_TURN_WAIT_SHARE)
+    except TimeoutError:
+        waited = time.monotonic() - started
+        return CheckResult(False, Reason.OVERLOADED, waited, phases={"queue": waited},
+                           detail=f"another check of this agent used the same identity with "
+                                  f"this server for {waited:.3g}s")
+    try:
+        waited = time.monotonic() - started
+        result = await run(timeout - waited)
+    finally:
+        lock.release()
+    if waited >= 0.001:
+        result.phases = {"queue": waited, **result.phases}
+        result.duration_seconds += waited
     return result
 
 

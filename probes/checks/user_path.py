@@ -15,7 +15,7 @@ beyond a tunnel that works.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Literal
 
 import msgspec
@@ -25,7 +25,7 @@ from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Plan
 from probes.checks.egress import egress_step
 from probes.checks.resolve import dns_step
 from probes.checks.throughput import min_interval, throughput_step
-from probes.checks.tunnel import TunnelProbe, run_through
+from probes.checks.tunnel import Step, TunnelProbe, in_turn, run_through
 from probes.config import DnsCheck, EgressCheck, ThroughputCheck, carrying_tunnels
 from probes.model import Tier
 
@@ -52,22 +52,34 @@ def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
     return openvpn.tunnel_probe(params.openvpn, timeout)
 
 
+def _identity(params: UserPathParams) -> Hashable:
+    if params.via == "wireguard":
+        assert params.wireguard is not None
+        return wireguard.identity(params.wireguard)
+    assert params.openvpn is not None
+    return openvpn.identity(params.openvpn)
+
+
+async def _run(params: UserPathParams, timeout: float, step: Step) -> CheckResult:
+    """One session through the tunnel with ``step`` in it, in the identity's turn."""
+    return await in_turn(_identity(params), timeout,
+                         lambda left: run_through(_tunnel_probe(params, left), step))
+
+
 async def run_egress(params: UserPathParams, timeout: float) -> CheckResult:
     assert params.egress is not None
-    step = functools.partial(egress_step, check=params.egress)
-    return await run_through(_tunnel_probe(params, timeout), step)
+    return await _run(params, timeout, functools.partial(egress_step, check=params.egress))
 
 
 async def run_dns(params: UserPathParams, timeout: float) -> CheckResult:
     assert params.dns is not None
-    step = functools.partial(dns_step, check=params.dns)
-    return await run_through(_tunnel_probe(params, timeout), step)
+    return await _run(params, timeout, functools.partial(dns_step, check=params.dns))
 
 
 async def run_throughput(params: UserPathParams, timeout: float) -> CheckResult:
     assert params.throughput is not None
-    step = functools.partial(throughput_step, check=params.throughput)
-    return await run_through(_tunnel_probe(params, timeout), step)
+    return await _run(params, timeout,
+                      functools.partial(throughput_step, check=params.throughput))
 
 
 def _kind(via: Protocol, what: str, run: Callable[[UserPathParams, float],

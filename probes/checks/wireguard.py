@@ -45,7 +45,14 @@ from probes.checks.base import (
     section_plan,
 )
 from probes.checks.driver import Closed, Driver, Unreachable
-from probes.checks.tunnel import Tunnel, TunnelProbe, echo_node, judge_echoes, run_through
+from probes.checks.tunnel import (
+    Tunnel,
+    TunnelProbe,
+    echo_node,
+    in_turn,
+    judge_echoes,
+    run_through,
+)
 from probes.checks.udp import Datagram, SendStamp, round_trip_seconds
 from probes.config import WireGuardTarget, wireguard_problems
 from probes.model import Reason, Tier
@@ -303,8 +310,20 @@ async def _session_step(tunnel: Tunnel, probe: TunnelProbe) -> CheckResult:
                                  f"{params.canary} came back through the tunnel")
 
 
+def identity(params: WireGuardParams) -> tuple[str, str, int, str]:
+    """This agent's identity with the server (its key): one handshake with it at a time
+    (:func:`~probes.checks.tunnel.in_turn`), or the server moves its session to the newer."""
+    return ("wireguard", params.host, params.port, params.private_key_file)
+
+
 async def run_handshake(params: WireGuardParams, timeout: float,
                         wall_ns: WallClock = time.time_ns) -> CheckResult:
+    """``wireguard.handshake``, in the identity's turn."""
+    return await in_turn(identity(params), timeout,
+                         lambda left: _handshake(params, left, wall_ns))
+
+
+async def _handshake(params: WireGuardParams, timeout: float, wall_ns: WallClock) -> CheckResult:
     # the handshake check needs no tunnel address: its own establish stops at the handshake
     probe = _Probe(params, timeout, wall_ns)
     try:
@@ -329,7 +348,9 @@ def tunnel_probe(params: WireGuardParams, timeout: float,
 
 async def run_session(params: WireGuardParams, timeout: float,
                       wall_ns: WallClock = time.time_ns) -> CheckResult:
-    return await run_through(_Probe(params, timeout, wall_ns), _session_step)
+    """``wireguard.session``, in the identity's turn."""
+    return await in_turn(identity(params), timeout, lambda left: run_through(
+        _Probe(params, left, wall_ns), _session_step))
 
 
 STATE_FILE_NAME = "wireguard-timestamps.json"

@@ -50,6 +50,7 @@ class World:
     subnets: list[str]
     checks: list[PlannedCheck]
     bursts: list[PlannedCheck]  # the throughput checks, run apart (they take a second each)
+    planned: list[PlannedCheck]  # every planned check (the handshakes and TLS checks too)
 
 
 def _write(path: Path, text: str) -> str:
@@ -110,7 +111,7 @@ def world() -> Iterator[World]:
         checks = [c for c in planned if c.kind.name in ("wireguard.session", "openvpn.tunnel")
                   or c.kind.name.endswith((".egress", ".dns"))]
         bursts = [c for c in planned if c.kind.name.endswith(".throughput")]
-        yield World(lab, node, agent, internet, resolver, subnets, checks, bursts)
+        yield World(lab, node, agent, internet, resolver, subnets, checks, bursts, planned)
 
 
 def _run_all(world: World, checks: list[PlannedCheck] | None = None) -> dict[str, CheckResult]:
@@ -223,3 +224,34 @@ def test_a_throttled_uplink_is_low_throughput_while_everything_else_passes(world
         assert q.throughput_bytes_per_second * 8 < 300_000, result.detail
     rest = {k: r for k, r in shaped.items() if k not in low}
     assert all(r.ok for r in rest.values()), {k: (r.reason, r.detail) for k, r in rest.items()}
+
+
+def _planned(world: World, name: str, target: str = "n-udp") -> PlannedCheck:
+    return next(c for c in world.planned if c.kind.name == name and c.node == target)
+
+
+@pytest.mark.parametrize(("tunnel", "other"), [("wireguard.egress", "wireguard.handshake"),
+                                               ("openvpn.egress", "openvpn.tls")])
+def test_a_check_with_the_same_identity_does_not_cut_a_tunnel_in_use(
+        world: World, tunnel: str, other: str) -> None:
+    """One agent, one identity per server: a second handshake with it while a tunnel carries
+    echoes took the tunnel away (wireguard-go sends to the newest endpoint with the newest
+    keys; OpenVPN drops the older session of a common name), and the echoes were lost: the
+    user-path e2e's one-vantage fault showed another vantage's egress as lossy when the mesh's
+    re-probe request ran it across that vantage's handshake check."""
+    egress = _planned(world, tunnel)
+    assert egress.params.egress is not None
+    long = msgspec.structs.replace(egress.params, egress=msgspec.structs.replace(
+        egress.params.egress, echo_count=12, echo_interval=0.05))  # 24 echoes over 1.2 s
+
+    async def overlapping() -> tuple[CheckResult, CheckResult]:
+        first = asyncio.create_task(execute(egress.kind, long, 8.0))
+        await asyncio.sleep(0.4)
+        second = await execute(_planned(world, other).kind, _planned(world, other).params, 8.0)
+        return await first, second
+
+    with world.agent.entered():
+        echoes, handshake = asyncio.run(overlapping())
+    assert handshake.ok, (handshake.reason, handshake.detail)
+    assert echoes.ok and echoes.quality is not None, (echoes.reason, echoes.detail)
+    assert echoes.quality.received == echoes.quality.sent == 24, echoes.quality
