@@ -164,6 +164,11 @@ class IKEv2Target(Strict, kw_only=True, frozen=True):
     inner_address: str | None = None  # our source inside the tunnel; default: from TSi
     echo_count: int = 5  # ICMP echoes at the tunnel level
     force_nat_t: bool = False  # pretend to be behind NAT so the exchange floats to UDP 4500
+    # tunnel level: ask for an inner address and resolvers in IKE_AUTH (a CP request for
+    # INTERNAL_IP4_ADDRESS and INTERNAL_IP4_DNS, as remote-access clients do); the user-path
+    # DNS check then asks the INTERNAL_IP4_DNS resolver unless dns_resolver is set
+    request_config: bool = False
+    dns_resolver: str | None = None  # the resolver the user-path DNS check asks
     # crypto policy scan (check ikev2.policy, tier policy): offer each deprecated proposal
     # (and a CHILD_SA without PFS) alone and expect refusal; accepted SAs are finished with
     # psk_file and deleted
@@ -304,8 +309,9 @@ class UserPathTarget(Strict, kw_only=True, frozen=True):
     check per tunnel protocol in ``via`` (session tier)."""
 
     # the tunnels to test through; empty: every one this target configures that carries
-    # traffic (wireguard with tunnel_address and canary, openvpn beyond level reset)
-    via: list[Literal["wireguard", "openvpn"]] = msgspec.field(default_factory=list)
+    # traffic (wireguard with tunnel_address and canary, openvpn beyond level reset, ikev2
+    # with psk_file and ping at level tunnel or unset)
+    via: list[Literal["wireguard", "openvpn", "ikev2"]] = msgspec.field(default_factory=list)
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
     throughput: ThroughputCheck | None = None
@@ -560,6 +566,8 @@ def ikev2_problems(i: IKEv2Target, at: str, base_dir: Path) -> Iterator[Problem]
     yield from _check_file(i.ca_file, f"{at}.ca_file", base_dir)
     yield from _check_ip(i.ping, f"{at}.ping")
     yield from _check_ip(i.inner_address, f"{at}.inner_address")
+    if i.dns_resolver is not None:
+        yield from _ipv4_problems(i.dns_resolver, f"{at}.dns_resolver")
     # the IKEv2 core and its cryptography are loaded only for a config with an ikev2 section
     from probes.protocols.ikev2 import IKEv2Error  # noqa: PLC0415
     from probes.protocols.ikev2.proposals import parse_ike_proposals  # noqa: PLC0415
@@ -648,11 +656,14 @@ def openvpn_problems(o: OpenVPNTarget, at: str, base_dir: Path) -> Iterator[Prob
 def carrying_tunnels(t: Target) -> list[str]:
     """The tunnel sections of ``t`` that carry traffic, in ``user_path.via`` order or (``via``
     empty) every one that can: wireguard with tunnel_address and canary, openvpn beyond level
-    reset. (IKEv2 does not yet: its CHILD_SA's inner traffic is not on the shared runner.)"""
+    reset, ikev2 with psk_file and ping (the node's own inner address: the egress check tells
+    "the node answers" from "nothing answers" by it) at level tunnel or unset."""
     able = {
         "wireguard": t.wireguard is not None and t.wireguard.tunnel_address is not None
         and t.wireguard.canary is not None,
         "openvpn": t.openvpn is not None and t.openvpn.level != "reset",
+        "ikev2": t.ikev2 is not None and t.ikev2.psk_file is not None
+        and t.ikev2.ping is not None and t.ikev2.level in (None, "tunnel"),
     }
     via = t.user_path.via if t.user_path is not None and t.user_path.via else list(able)
     return [name for name in via if able[name]]
@@ -712,6 +723,10 @@ def _dns_problems(d: DnsCheck, t: Target, via: list[str], at: str) -> Iterator[P
         yield Problem(f"{at}.attempt_timeout", f"must be > 0, got {d.attempt_timeout:g}")
     if "wireguard" in via and t.wireguard is not None and t.wireguard.dns_resolver is None:
         yield Problem(at, "WireGuard pushes no resolver: set wireguard.dns_resolver")
+    if ("ikev2" in via and t.ikev2 is not None and t.ikev2.dns_resolver is None
+            and not t.ikev2.request_config):
+        yield Problem(at, "IKEv2 gives a resolver only when asked: set ikev2.request_config "
+                          "(INTERNAL_IP4_DNS) or ikev2.dns_resolver")
 
 
 def _throughput_problems(r: ThroughputCheck, bursts: int, at: str) -> Iterator[Problem]:
@@ -740,10 +755,12 @@ def user_path_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
         if name not in via:
             yield Problem(f"{at}.via[{i}]", f"{name} is not configured to carry traffic here "
                                             "(wireguard needs tunnel_address and canary, "
-                                            "openvpn a level beyond reset)")
+                                            "openvpn a level beyond reset, ikev2 psk_file and "
+                                            "ping below no level other than tunnel)")
     if not via:
         yield Problem(at, "no tunnel to test through: configure wireguard (with "
-                          "tunnel_address and canary) or openvpn")
+                          "tunnel_address and canary), openvpn or ikev2 (with psk_file and "
+                          "ping)")
     if not any((u.egress, u.dns, u.throughput)):
         yield Problem(at, "nothing to check: add egress, dns or throughput")
     if u.egress is not None:

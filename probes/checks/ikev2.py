@@ -36,6 +36,7 @@ from probes.checks.base import (
     PlanContext,
     Planned,
     ProbeCommand,
+    ProbeFailure,
     Stopwatch,
     first_retry_after,
     section_plan,
@@ -44,7 +45,15 @@ from probes.checks.certs import chain_facts, read_ca_file, verify_chain
 from probes.checks.driver import Closed as DriverClosed
 from probes.checks.driver import Driver, Unreachable
 from probes.checks.ikev2_policy import POLICY, plan_policy
-from probes.checks.tunnel import EchoRun, build_echo, judge_echoes
+from probes.checks.tunnel import (
+    Tunnel,
+    TunnelProbe,
+    echo_node,
+    in_turn,
+    judge_echoes,
+    run_probe,
+    run_through,
+)
 from probes.checks.udp import IcmpError, SendStamp, UdpEndpoint
 from probes.config import IKEv2Target, ikev2_problems
 from probes.model import Reason, Tier
@@ -55,7 +64,6 @@ from probes.protocols.ikev2.initiator import (
     AuthCompleted,
     ChildCreated,
     ChildRequest,
-    ChildSa,
     Closed,
     EspPacket,
     Event,
@@ -105,6 +113,8 @@ class Ikev2Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     echo_count: int = 5
     echo_interval: float = 0.05
     esp_proposal: str = DEFAULT_ESP_PROPOSAL
+    request_config: bool = False  # ask for an inner address and resolvers (CP)
+    dns_resolver: str | None = None  # the user-path DNS check's resolver (else INTERNAL_IP4_DNS)
 
 
 # --- half-open limiter ------------------------------------------------------------------------
@@ -223,95 +233,216 @@ _FAILURE_REASONS = {
 }
 
 
-async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
-    """One probe at ``level``: "init", "auth", "tunnel", or the policy scan's: "child" (an IKE
-    SA and a CHILD_SA of ``esp_proposal`` in IKE_AUTH, any transform allowed, no traffic) and
-    "create_child" (the same CHILD_SA in a CREATE_CHILD_SA of its own, without a KE payload)."""
-    watch = Stopwatch()
-    facts: dict[str, Fact] = {}
-    try:
-        proposals = parse_ike_proposals(params.proposals)
-        psk = _psk(params)
-        trusted = read_ca_file(params.ca_file) if params.ca_file else ()
-    except (IKEv2Error, OSError, ConfigError) as exc:
-        return watch.result(False, Reason.PROBE_ERROR, detail=f"configuration: {exc}")
-    if level != "init" and psk is None:
-        return watch.result(False, Reason.PROBE_ERROR, detail=f"level {level} needs a PSK")
-    deadline = time.monotonic() + timeout
-    limiter = half_open_limiter(params.host, params.port)
-    try:
-        await asyncio.wait_for(limiter.acquire(), timeout)
-    except TimeoutError:
-        return watch.result(False, Reason.OVERLOADED,
-                            detail=f"{MAX_HALF_OPEN} half-open SAs to this responder in flight")
-    watch.lap("queue")
-    session: _Session | None = None
-    try:
+class _Probe:
+    """One check run at a level: the half-open slot, the initiator on the driver, the
+    exchanges the level asks for; at the tunnel level a :class:`Tunnel` through the CHILD_SA
+    (ESP-in-UDP), so the session's echoes and the user-path steps run through it alike."""
+
+    def __init__(self, params: Ikev2Params, timeout: float, level: str) -> None:
+        self.params, self.level = params, level
+        self.watch = Stopwatch()
+        self.facts: dict[str, Fact] = {}
+        self.deadline = time.monotonic() + timeout
+        self.limiter: asyncio.Semaphore | None = None
+        self.session: _Session | None = None
+        self.trusted: tuple[x509.Certificate, ...] = ()
+        self.esp_rejected = 0
+
+    async def negotiate(self) -> None:
+        """IKE_SA_INIT, then (beyond init) IKE_AUTH with the CHILD_SA the level asks for;
+        :class:`ProbeFailure` or :class:`ConfigError` when a step fails."""
+        params, level = self.params, self.level
+        try:
+            proposals = parse_ike_proposals(params.proposals)
+            psk = _psk(params)
+            self.trusted = read_ca_file(params.ca_file) if params.ca_file else ()
+        except (IKEv2Error, OSError, ConfigError) as exc:
+            raise ConfigError(f"configuration: {exc}") from None
+        if level != "init" and psk is None:
+            raise ConfigError(f"level {level} needs a PSK")
+        limiter = half_open_limiter(params.host, params.port)
+        try:
+            await asyncio.wait_for(limiter.acquire(), self.deadline - time.monotonic())
+        except TimeoutError:
+            raise ProbeFailure(Reason.OVERLOADED, f"{MAX_HALF_OPEN} half-open SAs to this "
+                                                  "responder in flight") from None
+        self.limiter = limiter
+        self.watch.lap("queue")
         try:
             ep = await UdpEndpoint.open(params.host, params.port)
         except socket.gaierror as exc:
-            return watch.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
+            raise ProbeFailure(Reason.RESOLVE_FAILED, str(exc)) from None
         except IcmpError as exc:
-            return watch.result(False, exc.reason, detail=str(exc))
+            raise ProbeFailure(exc.reason, str(exc)) from None
         except OSError as exc:
-            return watch.result(False, Reason.NETWORK_UNREACHABLE, detail=str(exc))
+            raise ProbeFailure(Reason.NETWORK_UNREACHABLE, str(exc)) from None
         child = (ChildRequest(esp_proposal=params.esp_proposal, aead_only=level == "tunnel",
-                              in_create_child=level == "create_child")
+                              in_create_child=level == "create_child",
+                              request_config=level == "tunnel" and params.request_config)
                  if level in _CHILD_LEVELS else None)
         config = InitiatorConfig(
             local_address=ep.local_address, remote_address=ep.remote,
             proposals=proposals, psk=None if level == "init" else psk,
             local_id=params.local_id, remote_id=params.remote_id, child=child,
             trusted_ca_hashes=tuple(ca_hash(ca.public_bytes(serialization.Encoding.DER))
-                                    for ca in trusted),
+                                    for ca in self.trusted),
             force_nat_t=params.force_nat_t or level == "tunnel",
             nat_t_port=params.nat_t_port,
-            retransmit_initial=first_retry_after(params.retransmit_initial, timeout))
+            retransmit_initial=first_retry_after(params.retransmit_initial,
+                                                 self.deadline - time.monotonic()))
         initiator = Initiator(config)
         driver: Driver[Event] = Driver(initiator)
         driver.adopt_udp(ep.remote, ep)
-        session = _Session(initiator, driver)
+        self.session = _Session(initiator, driver)
         try:
-            result = await _probe(session, params, level, deadline, watch=watch, facts=facts,
-                                  trusted=trusted)
-        except (IKEv2Error, OSError) as exc:  # local trouble (e.g. sending failed): not the node
-            result = watch.result(False, Reason.PROBE_ERROR, facts=facts,
-                                  detail=f"{type(exc).__name__}: {exc}")
-        await session.close()
-        result.phases["delete"] = watch.lap("delete")
-        result.duration_seconds = watch.elapsed()
-        if session.outcome.closed is not None:
-            result.facts["delete_acked"] = session.outcome.closed.acknowledged
-        return result
-    finally:
-        if session is not None:
-            await session.close()  # idempotent; here for cancellation
-            _release(limiter, session.ini.half_open)
+            await self._exchanges(self.session)
+        except (IKEv2Error, OSError) as exc:  # local trouble (sending failed): not the node
+            raise ProbeFailure(Reason.PROBE_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+    async def _exchanges(self, session: _Session) -> None:
+        session.ini.start(time.monotonic())
+        await session.run_until(InitCompleted, self.deadline)
+        self.watch.lap("sa_init")
+        failure = _init_failure(session, self.facts)
+        if failure is not None:
+            raise failure
+        if self.level == "init":
+            return
+        await session.run_until(AuthCompleted, self.deadline)
+        self.watch.lap("auth")
+        failure = _auth_failure(session, self.facts, self.level, self.trusted)
+        if failure is not None:
+            raise failure
+        if self.level == "create_child":
+            await session.run_until(ChildCreated, self.deadline)
+            self.watch.lap("create_child")
+            failure = _created_failure(session, self.facts)
+            if failure is not None:
+                raise failure
+
+    async def negotiated(self) -> CheckResult:
+        """A run without traffic (init, auth, child, create_child): the exchanges are the
+        check."""
+        await self.negotiate()
+        return self.watch.result(True, Reason.OK, facts=self.facts)
+
+    async def establish(self) -> Tunnel:
+        """The exchanges with a CHILD_SA, then the tunnel from our inner address (the one the
+        responder assigned, ``inner_address``, or one out of TSi) to ``ping`` (or the
+        responder's single-host TSr)."""
+        await self.negotiate()
+        session, params = self.session, self.params
+        assert session is not None and session.outcome.auth is not None
+        auth = session.outcome.auth
+        child = auth.child
+        assert child is not None
+        if child.esp is None:
+            raise ProbeFailure(Reason.PROBE_ERROR,
+                               "the responder chose an ESP transform the probe cannot speak")
+        esp_sa = child.esp
+        if auth.internal_address is not None:
+            self.facts.update(internal_address=auth.internal_address,
+                              internal_dns=",".join(auth.internal_dns))
+        elif params.request_config:
+            self.facts["internal_address"] = "none assigned"
+        src = _pick_address(child.ts_i, auth.internal_address or params.inner_address)
+        dst = _pick_address(child.ts_r, params.ping)
+        if src is None or dst is None:
+            raise ProbeFailure(Reason.PROBE_ERROR,
+                               "no inner source or ping target: set ping/inner_address")
+        self.facts.update(inner_source=src, ping=dst)
+        driver = session.driver
+        nat_t = (session.ini.config.remote_address[0], session.ini.remote_port)
+
+        def send(packet: bytes) -> SendStamp | None:
+            try:
+                return driver.send(esp_sa.seal(packet), nat_t)
+            except (IKEv2Error, OSError) as exc:  # ours: not the node
+                raise ProbeFailure(Reason.PROBE_ERROR,
+                                   f"{type(exc).__name__}: {exc}") from None
+
+        def unwrap(event: Event | Unreachable | DriverClosed) -> bytes | None:
+            if not isinstance(event, EspPacket):
+                session.record(event)  # the IKE SA goes on (the initiator answers requests)
+                return None
+            try:
+                kind, esp = classify_nat_t(event.data)
+                if kind != "esp":
+                    return None  # a NAT keepalive
+                return esp_sa.open(esp)[1]
+            except IKEv2Error:
+                self.esp_rejected += 1
+                return None
+
+        resolvers = (params.dns_resolver,) if params.dns_resolver else auth.internal_dns
+        return Tunnel(driver, src, dst, send, unwrap, resolvers, kind="CHILD_SA")
+
+    async def finish(self) -> None:
+        """Delete what was made (the CHILD_SA, then the IKE SA), give the slot back."""
+        if self.esp_rejected:
+            self.facts["esp_rejected"] = self.esp_rejected
+        if self.session is not None:
+            await self.session.close()
+            self.watch.lap("delete")
+        self.release()
+
+    def release(self) -> None:
+        """Idempotent; a half-open SA keeps its slot until the responder has expired it."""
+        if self.limiter is None:
+            return
+        limiter, self.limiter = self.limiter, None
+        if self.session is not None:
+            _release(limiter, self.session.ini.half_open)
         else:
             limiter.release()
 
 
-async def _probe(session: _Session, params: Ikev2Params, level: str, deadline: float, *,
-                 watch: Stopwatch, facts: dict[str, Fact],
-                 trusted: tuple[x509.Certificate, ...]) -> CheckResult:
-    session.ini.start(time.monotonic())
-    await session.run_until(InitCompleted, deadline)
-    watch.lap("sa_init")
-    result = _init_result(session, watch, facts)
-    if result is not None or level == "init":
-        return result or watch.result(True, Reason.OK, facts=facts)
-    await session.run_until(AuthCompleted, deadline)
-    watch.lap("auth")
-    result = _auth_result(session, watch, facts, level, trusted)
-    if result is not None or level in ("auth", "child"):
-        return result or watch.result(True, Reason.OK, facts=facts)
-    if level == "create_child":
-        await session.run_until(ChildCreated, deadline)
-        watch.lap("create_child")
-        return _created_result(session, watch, facts)
-    auth = session.outcome.auth
-    assert auth is not None and auth.child is not None
-    return await _tunnel(session, auth.child, params, deadline, watch=watch, facts=facts)
+async def run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
+    """One probe at ``level``: "init", "auth", "tunnel" (in the identity's turn), or the policy
+    scan's: "child" (an IKE SA and a CHILD_SA of ``esp_proposal`` in IKE_AUTH, any transform
+    allowed, no traffic) and "create_child" (the same CHILD_SA in a CREATE_CHILD_SA of its own,
+    without a KE payload)."""
+    if level == "tunnel":
+        return await in_turn(identity(params), timeout,
+                             lambda left: _run_level(params, left, level))
+    return await _run_level(params, timeout, level)
+
+
+async def _run_level(params: Ikev2Params, timeout: float, level: str) -> CheckResult:
+    probe = _Probe(params, timeout, level)
+    try:
+        if level == "tunnel":
+            result = await run_through(probe, _echo_step)
+        else:
+            result = await run_probe(probe, probe.negotiated)
+    finally:
+        if probe.session is not None:
+            await probe.session.close()  # idempotent; here for cancellation
+        probe.release()
+    if probe.session is not None and probe.session.outcome.closed is not None:
+        result.facts["delete_acked"] = probe.session.outcome.closed.acknowledged
+    return result
+
+
+async def _echo_step(tunnel: Tunnel, probe: TunnelProbe) -> CheckResult:
+    assert isinstance(probe, _Probe)
+    quality = await echo_node(tunnel, probe, probe.params.echo_count, probe.params.echo_interval,
+                              b"tunnelwatch-ike-")
+    # no loss or RTT bound here: any reply through the CHILD_SA passes
+    return judge_echoes(probe.watch, quality, probe.facts, loss_threshold=1.0, rtt_threshold=None,
+                        no_reply=f"no echo reply from {tunnel.node} through the CHILD_SA")
+
+
+def tunnel_probe(params: Ikev2Params, timeout: float) -> _Probe:
+    """One run of traffic through a CHILD_SA (the tunnel and the user-path checks)."""
+    return _Probe(params, timeout, "tunnel")
+
+
+def identity(params: Ikev2Params) -> tuple[str, str, int, str]:
+    """This agent's IKE identity with the responder: one CHILD_SA with traffic at a time
+    (:func:`~probes.checks.tunnel.in_turn`); a second one with the same selectors takes the
+    inner address's route from the first."""
+    return ("ikev2", params.host, params.port, params.local_id)
 
 
 def _release(limiter: asyncio.Semaphore, half_open: bool) -> None:
@@ -321,8 +452,7 @@ def _release(limiter: asyncio.Semaphore, half_open: bool) -> None:
         limiter.release()
 
 
-def _init_result(session: _Session, watch: Stopwatch,
-                 facts: dict[str, Fact]) -> CheckResult | None:
+def _init_failure(session: _Session, facts: dict[str, Fact]) -> ProbeFailure | None:
     o = session.outcome
     facts["cookie_rounds"] = sum(r.why == "cookie" for r in o.retries)
     facts["invalid_ke_rounds"] = sum(r.why == "invalid-ke" for r in o.retries)
@@ -335,27 +465,25 @@ def _init_result(session: _Session, watch: Stopwatch,
                      fragmentation_supported=o.init.fragmentation_supported)
         return None
     if o.icmp is not None:
-        return watch.result(False, o.icmp.reason, detail=str(o.icmp), facts=facts)
+        return ProbeFailure(o.icmp.reason, str(o.icmp))
     if o.failed is not None:
         # any answer at all (NO_PROPOSAL_CHOSEN, INVALID_KE, other notifies) proves liveness
         facts["alive"] = o.failed.failure not in (Failure.TIMEOUT, Failure.BAD_PACKET)
-        return watch.result(False, _FAILURE_REASONS[o.failed.failure], detail=o.failed.detail,
-                            facts=facts)
+        return ProbeFailure(_FAILURE_REASONS[o.failed.failure], o.failed.detail)
     if session.ini.dropped:  # something answers on the port, but it does not speak IKEv2 to us
-        return watch.result(False, Reason.BAD_RESPONSE, facts=facts,
-                            detail=f"{session.ini.dropped} datagrams back, none an IKE answer")
-    return watch.result(False, Reason.TIMEOUT, detail="no IKE_SA_INIT answer", facts=facts)
+        return ProbeFailure(Reason.BAD_RESPONSE,
+                            f"{session.ini.dropped} datagrams back, none an IKE answer")
+    return ProbeFailure(Reason.TIMEOUT, "no IKE_SA_INIT answer")
 
 
-def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
-                 level: str, trusted: tuple[x509.Certificate, ...]) -> CheckResult | None:
+def _auth_failure(session: _Session, facts: dict[str, Fact], level: str,
+                  trusted: tuple[x509.Certificate, ...]) -> ProbeFailure | None:
     o = session.outcome
     if o.auth is None:
         failed = o.failed
         if failed is None:
-            return watch.result(False, Reason.TIMEOUT, detail="no IKE_AUTH answer", facts=facts)
-        return watch.result(False, _FAILURE_REASONS[failed.failure], detail=failed.detail,
-                            facts=facts)
+            return ProbeFailure(Reason.TIMEOUT, "no IKE_AUTH answer")
+        return ProbeFailure(_FAILURE_REASONS[failed.failure], failed.detail)
     facts.update(responder_id=o.auth.responder_id, responder_auth_verified=True,
                  childless=o.auth.childless,
                  responder_auth="certificate" if o.auth.certificates else "psk")
@@ -367,36 +495,31 @@ def _auth_result(session: _Session, watch: Stopwatch, facts: dict[str, Fact],
                                       "the responder authenticates with a certificate: set "
                                       "ca_file to verify it"))
         if untrusted is not None:
-            return watch.result(False, untrusted[0], detail=untrusted[1], facts=facts)
+            return ProbeFailure(*untrusted)
     if o.auth.child_error:
         facts["child_sa_error"] = o.auth.child_error
     if o.auth.child is not None:
         facts["crypto.esp_transform"] = esp_label(o.auth.child.proposal)
     if level in _CHILD_LEVELS and level != "create_child" and o.auth.child is None:
-        return watch.result(False, Reason.CHILD_SA_FAILED,
-                            detail=f"IKE SA established; CHILD_SA refused: {o.auth.child_error}",
-                            facts=facts)
+        return ProbeFailure(Reason.CHILD_SA_FAILED,
+                            f"IKE SA established; CHILD_SA refused: {o.auth.child_error}")
     return None
 
 
-def _created_result(session: _Session, watch: Stopwatch,
-                    facts: dict[str, Fact]) -> CheckResult:
+def _created_failure(session: _Session, facts: dict[str, Fact]) -> ProbeFailure | None:
     o = session.outcome
     if o.created is None:
         failed = o.failed
         if failed is None:
-            return watch.result(False, Reason.TIMEOUT, detail="no CREATE_CHILD_SA answer",
-                                facts=facts)
-        return watch.result(False, _FAILURE_REASONS[failed.failure], detail=failed.detail,
-                            facts=facts)
+            return ProbeFailure(Reason.TIMEOUT, "no CREATE_CHILD_SA answer")
+        return ProbeFailure(_FAILURE_REASONS[failed.failure], failed.detail)
     if o.created.child is None:
         facts["child_sa_error"] = o.created.error
         # an error notify is the responder's "no"; a flawed answer is not a refusal
         reason = Reason.CHILD_SA_FAILED if o.created.refused else Reason.BAD_RESPONSE
-        return watch.result(False, reason, facts=facts,
-                            detail=f"CREATE_CHILD_SA refused: {o.created.error}")
+        return ProbeFailure(reason, f"CREATE_CHILD_SA refused: {o.created.error}")
     facts["crypto.esp_transform"] = esp_label(o.created.child.proposal)
-    return watch.result(True, Reason.OK, facts=facts)
+    return None
 
 
 # --- tunnel level -----------------------------------------------------------------------------
@@ -412,52 +535,6 @@ def _pick_address(selectors: tuple[object, ...], explicit: str | None) -> str | 
             if int(end) - int(start) >= 2:
                 return str(start + 1)
     return None
-
-
-async def _tunnel(session: _Session, child: ChildSa, params: Ikev2Params, deadline: float, *,
-                  watch: Stopwatch, facts: dict[str, Fact]) -> CheckResult:
-    if child.esp is None:
-        return watch.result(False, Reason.PROBE_ERROR, facts=facts,
-                            detail="the responder chose an ESP transform the probe cannot speak")
-    esp_sa = child.esp
-    src = _pick_address(child.ts_i, params.inner_address)
-    dst = _pick_address(child.ts_r, params.ping)
-    if src is None or dst is None:
-        return watch.result(False, Reason.PROBE_ERROR, facts=facts,
-                            detail="no inner source or ping target: set ping/inner_address")
-    facts.update(inner_source=src, ping=dst)
-    driver = session.driver
-    nat_t = (session.ini.config.remote_address[0], session.ini.remote_port)
-    run = EchoRun(int.from_bytes(session.ini.spi_i[:2], "big"))
-    payload = b"tunnelwatch" + bytes(21)
-    bad = 0
-
-    def send(seq: int) -> SendStamp | None:
-        return driver.send(esp_sa.seal(build_echo(src, dst, run.ident, seq, payload)), nat_t)
-
-    def handle(event: Event | Unreachable | DriverClosed) -> None:
-        nonlocal bad
-        if not isinstance(event, EspPacket) or driver.datagram is None:
-            session.record(event)  # the IKE SA goes on (the initiator answers requests)
-            return
-        try:
-            kind, esp = classify_nat_t(event.data)
-            if kind != "esp":
-                return  # a NAT keepalive
-            _, inner = esp_sa.open(esp)
-        except IKEv2Error:
-            bad += 1
-            return
-        run.reply(inner, driver.datagram)
-
-    await run.run(driver, params.echo_count, params.echo_interval, deadline, send=send,
-                  handle=handle)
-    watch.lap("tunnel")
-    if bad:
-        facts["esp_rejected"] = bad
-    # no loss or RTT bound here: any reply through the CHILD_SA passes
-    return judge_echoes(watch, run.quality(), facts, loss_threshold=1.0, rtt_threshold=None,
-                        no_reply=f"no echo reply from {dst} through the CHILD_SA")
 
 
 # --- registration -----------------------------------------------------------------------------
@@ -484,7 +561,8 @@ def plan(ctx: PlanContext) -> list[Planned]:
                        local_id=section.local_id or "tunnelwatch-probe",
                        remote_id=section.remote_id, ping=section.ping,
                        inner_address=section.inner_address, echo_count=section.echo_count,
-                       force_nat_t=section.force_nat_t)
+                       force_nat_t=section.force_nat_t, request_config=section.request_config,
+                       dns_resolver=section.dns_resolver)
     level = section.level
     out = [Planned.of(INIT, base)]
     if psk_file is not None and level != "init":

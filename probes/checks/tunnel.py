@@ -125,9 +125,14 @@ async def run_through(probe: TunnelProbe, step: Step) -> CheckResult:
 
 async def run_probe(probe: ProbeRun, body: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
     """``body()`` (it raises :class:`ProbeFailure` for a failure with a reason), then
-    ``probe.finish()``: one result with the run's phases and whole duration."""
+    ``probe.finish()``: one result with the run's phases and whole duration. A cancelled run
+    (the check's hard time bound) still finishes: what it holds (sockets, an SA to delete, a
+    half-open slot) is given back."""
     try:
         result = await body()
+    except asyncio.CancelledError:
+        await probe.finish()
+        raise
     except ProbeFailure as failure:
         if failure.phase:
             probe.watch.lap(failure.phase)

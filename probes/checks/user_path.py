@@ -2,7 +2,8 @@
 (docs/probes/user-path.md).
 
 A target's ``user_path:`` section adds, per tunnel protocol that carries traffic (WireGuard with
-``tunnel_address`` and ``canary``, OpenVPN beyond level ``reset``), ``<protocol>.egress`` and
+``tunnel_address`` and ``canary``, OpenVPN beyond level ``reset``, IKEv2 with ``psk_file`` and
+``ping``), ``<protocol>.egress`` and
 ``<protocol>.dns`` and ``<protocol>.throughput`` in the session tier (throughput no more often
 than the node's hourly byte budget allows: the plan's ``min_interval``, which the scheduler
 honours whatever asks). Each run is one whole client session — the protocol's own
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from probes.checks import openvpn, wireguard
+from probes.checks import ikev2, openvpn, wireguard
 from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Planned
 from probes.checks.egress import egress_step
 from probes.checks.resolve import dns_step
@@ -29,7 +30,8 @@ from probes.checks.tunnel import Step, TunnelProbe, in_turn, run_through
 from probes.config import DnsCheck, EgressCheck, ThroughputCheck, carrying_tunnels
 from probes.model import Tier
 
-Protocol = Literal["wireguard", "openvpn"]
+Protocol = Literal["wireguard", "openvpn", "ikev2"]
+VIAS: tuple[Protocol, ...] = ("wireguard", "openvpn", "ikev2")
 
 
 class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,6 +41,7 @@ class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
     via: Protocol
     wireguard: wireguard.WireGuardParams | None = None
     openvpn: openvpn.OpenVPNParams | None = None
+    ikev2: ikev2.Ikev2Params | None = None
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
     throughput: ThroughputCheck | None = None
@@ -48,6 +51,9 @@ def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
     if params.via == "wireguard":
         assert params.wireguard is not None
         return wireguard.tunnel_probe(params.wireguard, timeout)
+    if params.via == "ikev2":
+        assert params.ikev2 is not None
+        return ikev2.tunnel_probe(params.ikev2, timeout)
     assert params.openvpn is not None
     return openvpn.tunnel_probe(params.openvpn, timeout)
 
@@ -56,6 +62,9 @@ def _identity(params: UserPathParams) -> Hashable:
     if params.via == "wireguard":
         assert params.wireguard is not None
         return wireguard.identity(params.wireguard)
+    if params.via == "ikev2":
+        assert params.ikev2 is not None
+        return ikev2.identity(params.ikev2)
     assert params.openvpn is not None
     return openvpn.identity(params.openvpn)
 
@@ -92,21 +101,24 @@ def _kind(via: Protocol, what: str, run: Callable[[UserPathParams, float],
 EGRESS = {via: _kind(via, "egress", run_egress,
                      f"{via} tunnel, then ICMP (and reflector UDP) echoes to the node and to "
                      "targets beyond it: egress-failed when only the node answers")
-          for via in ("wireguard", "openvpn")}
+          for via in VIAS}
 DNS = {via: _kind(via, "dns", run_dns,
                   f"{via} tunnel, then a DNS query through it to the node's resolver "
                   "(pushed or configured), its answer checked")
-       for via in ("wireguard", "openvpn")}
+       for via in VIAS}
 THROUGHPUT = {via: _kind(via, "throughput", run_throughput,
                          f"{via} tunnel, then a short rate-capped UDP burst to a reflector "
                          "beyond the node: rate, loss, queueing delay (DEGRADED bounds)")
-              for via in ("wireguard", "openvpn")}
+              for via in VIAS}
+
+
+_PLANS = {"wireguard": wireguard.plan, "openvpn": openvpn.plan, "ikev2": ikev2.plan}
 
 
 def _tunnel_params(ctx: PlanContext, via: Protocol) -> dict[str, Any]:
-    """The params the protocol's own plan gives its checks (one struct for all of them)."""
-    planned = (wireguard.plan if via == "wireguard" else openvpn.plan)(ctx)
-    return {via: planned[-1].params}
+    """The params the protocol's own plan gives its checks (one struct for all of them: the
+    first planned check's)."""
+    return {via: _PLANS[via](ctx)[0].params}
 
 
 def plan(ctx: PlanContext) -> list[Planned]:
@@ -116,7 +128,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
         return []
     out: list[Planned] = []
     for name in carrying_tunnels(ctx.target):
-        via: Protocol = "wireguard" if name == "wireguard" else "openvpn"
+        via = next(v for v in VIAS if v == name)
         tunnel = _tunnel_params(ctx, via)
         if section.egress is not None:
             out.append(Planned.of(EGRESS[via], UserPathParams(via=via, egress=section.egress,

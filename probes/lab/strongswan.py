@@ -35,10 +35,12 @@ _counter = itertools.count()
 
 def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_id: str,
                       remote_id: str, proposals: Sequence[str], local_ts: str, remote_ts: str,
-                      esp_proposals: Sequence[str], psk: str, cert: Path | None = None) -> str:
+                      esp_proposals: Sequence[str], psk: str, cert: Path | None = None,
+                      pool: str | None = None) -> str:
     """swanctl.conf text for one connection (one setting per line: values run to EOL). The
     initiator authenticates with the PSK; the responder too, or with the certificate ``cert``
-    (whose key swanctl finds in its ``private/`` directory)."""
+    (whose key swanctl finds in its ``private/`` directory). ``pool``: the name of a pool
+    (:func:`render_pool`) initiators get their address from."""
     local_auth = ["      auth = psk"] if cert is None else [
         "      auth = pubkey", f"      certs = {cert}"]
     return "\n".join([
@@ -48,6 +50,7 @@ def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_i
         f"    local_addrs = {local_addrs}",
         f"    remote_addrs = {remote_addrs}",
         f"    proposals = {','.join(proposals)}",
+        *([f"    pools = {pool}"] if pool else []),
         "    local {",
         *local_auth,
         f"      id = {local_id}",
@@ -77,6 +80,15 @@ def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_i
     ])
 
 
+def render_pool(name: str, addrs: str, dns: Sequence[str]) -> str:
+    """swanctl.conf text for a pool of inner addresses, handed out with ``dns`` as
+    INTERNAL_IP4_DNS to initiators that ask (a CP request)."""
+    lines = ["pools {", f"  {name} {{", f"    addrs = {addrs}"]
+    if dns:
+        lines.append(f"    dns = {','.join(dns)}")
+    return "\n".join([*lines, "  }", "}", ""])
+
+
 class StrongSwanServer:
     """One charon in a host namespace. By default a PSK responder for any initiator."""
 
@@ -86,7 +98,10 @@ class StrongSwanServer:
                  esp_proposals: Sequence[str] = ("aes256gcm16", "aes128gcm16", "aes128-sha256"),
                  local_ts: str | None = None, remote_ts: str = "10.211.0.0/16",
                  charon_settings: str = "", swanctl_conf: str | None = None,
-                 cert: CertFiles | None = None, cacerts: Sequence[Path] = ()) -> None:
+                 cert: CertFiles | None = None, cacerts: Sequence[Path] = (),
+                 pool: str | None = None, pool_dns: Sequence[str] = ()) -> None:
+        """``pool``: a range (CIDR) initiators get their inner address from, with
+        ``pool_dns`` as their resolvers (remote access: TSi is then the address given)."""
         self.lab, self.host = lab, host
         self.n = next(_counter)
         self.name = f"charon{self.n}"
@@ -118,8 +133,10 @@ class StrongSwanServer:
         self.swanctl_file.write_text(swanctl_conf or render_connection(
             "lab", local_addrs=host.address, remote_addrs="%any", local_id=local_id,
             remote_id=remote_id, proposals=self.proposals, local_ts=self.local_ts,
-            remote_ts=remote_ts, esp_proposals=esp_proposals, psk=self.psk,
-            cert=None if cert is None else cert.cert))
+            remote_ts="dynamic" if pool else remote_ts, esp_proposals=esp_proposals,
+            psk=self.psk, cert=None if cert is None else cert.cert,
+            pool="labpool" if pool else None)
+            + (render_pool("labpool", pool, pool_dns) if pool else ""))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _install_credentials(self, cert: CertFiles, cacerts: Sequence[Path]) -> None:

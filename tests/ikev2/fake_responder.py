@@ -33,6 +33,8 @@ class FakeResponder:
     # a hostile answer to CREATE_CHILD_SA: "no-nonce", "with-ke", "unoffered", "two-proposals"
     hostile_child: str = ""
     created: int = 0  # CHILD_SAs made by CREATE_CHILD_SA
+    # a CP request is answered with this inner address and these resolvers (a pool)
+    assign: tuple[str, tuple[str, ...]] = ("10.9.0.7", ("10.9.0.53",))
     seen: list[p.Header] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)  # protocol ids of Delete payloads received
     _spi_r: bytes = b""
@@ -145,6 +147,13 @@ class FakeResponder:
         mine = c.psk_auth(h, psk, message=self._init_response, nonce_peer=self._nonce_i,
                           sk_p=self._keys.sk_pr, id_body=id_r.body())
         out: list[p.Payload] = [id_r, p.AuthPayload(p.AuthMethod.PSK, mine)]
+        if any(isinstance(x, p.ConfigPayload) and x.cfg_type == p.ConfigType.REQUEST
+               for x in inner):
+            address, dns = self.assign
+            out.append(p.ConfigPayload(p.ConfigType.REPLY, (
+                (p.ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.IPv4Address(address).packed),
+                *((p.ConfigAttribute.INTERNAL_IP4_DNS, ipaddress.IPv4Address(a).packed)
+                  for a in dns))))
         child = next((x for x in inner if isinstance(x, p.SAPayload)), None)
         if child is not None:
             if self.refuse_child:

@@ -300,6 +300,39 @@ def test_child_sa_negotiated_or_refused_separately() -> None:
     assert responder.deleted == [p.ProtocolId.IKE]
 
 
+def test_a_config_request_gets_the_inner_address_and_resolvers() -> None:
+    """CP CFG_REQUEST (INTERNAL_IP4_ADDRESS, INTERNAL_IP4_DNS) in IKE_AUTH, the reply's
+    attributes in AuthCompleted; without request_config no CP goes out."""
+    responder = FakeResponder(assign=("10.9.0.7", ("10.9.0.53", "10.9.0.54")))
+    ini = Initiator(_config(child=ChildRequest(request_config=True)))
+    ini.start(0.0)
+    auth = next(e for e in _exchange(ini, responder) if isinstance(e, AuthCompleted))
+    assert auth.internal_address == "10.9.0.7"
+    assert auth.internal_dns == ("10.9.0.53", "10.9.0.54")
+    ini = Initiator(_config(child=ChildRequest()))
+    ini.start(0.0)
+    auth = next(e for e in _exchange(ini, FakeResponder()) if isinstance(e, AuthCompleted))
+    assert auth.internal_address is None and auth.internal_dns == ()
+
+
+def test_config_payload_codec() -> None:
+    """§3.15: type, 3 reserved octets, attributes (R bit clear, type, length, value); an
+    attribute value that is not 4 octets is no IPv4 address; overruns raise IKEv2Error."""
+    cp = p.ConfigPayload(p.ConfigType.REPLY, (
+        (p.ConfigAttribute.INTERNAL_IP4_ADDRESS, bytes([10, 0, 0, 9])),
+        (p.ConfigAttribute.INTERNAL_IP4_DNS, b"\x01\x02\x03"),
+        (p.ConfigAttribute.INTERNAL_IP4_DNS, bytes([10, 0, 0, 53]))))
+    assert cp.body()[:8] == bytes([2, 0, 0, 0, 0, 1, 0, 4])
+    first, data = p.encode_chain([cp])
+    (back,) = p.decode_chain(first, data)
+    assert back == cp
+    assert isinstance(back, p.ConfigPayload)
+    assert back.ipv4(p.ConfigAttribute.INTERNAL_IP4_DNS) == ("10.0.0.53",)
+    overrun = bytes([2, 0, 0, 0, 0, 1, 0, 8, 10, 0, 0, 9])  # 8 octets claimed, 4 there
+    with pytest.raises(IKEv2Error, match="overruns the CP"):
+        p.decode_chain(p.PayloadType.CP, bytes([0, 0, 0, len(overrun) + 4]) + overrun)
+
+
 def test_retransmission_is_driven_by_now_then_times_out() -> None:
     ini = Initiator(_config(retransmit_initial=0.5, retransmit_factor=2.0, retransmit_tries=4))
     ini.start(10.0)

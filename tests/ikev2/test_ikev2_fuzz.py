@@ -137,7 +137,22 @@ def _proposal_strings(text: str) -> None:
         parse_ike_proposal(text, 1)
 
 
-TARGETS = [_decode_everything, _feed_initiator, _esp_and_demux, _sk_open_and_ke]
+def _config_payload(data: bytes) -> None:
+    """A CP payload's body (the attributes a responder assigns) straight from the input."""
+    body = data[:0xFFFB]
+    try:
+        (cp,) = p.decode_chain(p.PayloadType.CP, bytes(2) + (len(body) + 4).to_bytes(2, "big")
+                               + body)
+    except IKEv2Error:
+        return
+    assert isinstance(cp, p.ConfigPayload)
+    for attr in p.ConfigAttribute:
+        for address in cp.ipv4(attr):
+            assert address.count(".") == 3
+
+
+TARGETS = [_decode_everything, _feed_initiator, _esp_and_demux, _sk_open_and_ke,
+           _config_payload]
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda f: f.__name__)

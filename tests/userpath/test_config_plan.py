@@ -48,6 +48,27 @@ def test_every_carrying_tunnel_gets_an_egress_and_a_dns_check(tmp_path: Path) ->
     assert ovpn.openvpn is not None and ovpn.openvpn.dns_resolver is None  # pushed
 
 
+IKE = {"psk_file": "psk", "ping": "10.210.0.1", "request_config": True}
+
+
+def test_ikev2_with_a_psk_and_a_ping_carries_the_user_path(tmp_path: Path) -> None:
+    target = _target(ikev2=IKE)
+    assert _problems(target) == {}
+    planned = {c.check: c for c in plan_target(target, tmp_path, tmp_path)}
+    assert {"ikev2.egress", "ikev2.dns", "ikev2.tunnel"} <= set(planned)
+    dns = planned["ikev2.dns"].params
+    assert isinstance(dns, UserPathParams) and dns.via == "ikev2" and dns.ikev2 is not None
+    assert dns.ikev2.request_config and dns.ikev2.dns_resolver is None  # INTERNAL_IP4_DNS
+    assert dns.ikev2.ping == "10.210.0.1" and dns.ikev2.psk_file is not None
+    assert planned["ikev2.egress"].tier.value == "session"
+    # at level auth (or without ping) IKEv2 carries no traffic: not a tunnel to test through
+    for section in ({**IKE, "level": "auth"}, {"psk_file": "psk", "request_config": True}):
+        planned_names = [c.check for c in plan_target(_target(ikev2=section), tmp_path,
+                                                      tmp_path)]
+        assert not any(c.startswith("ikev2.") and c.endswith(("egress", "dns"))
+                       for c in planned_names)
+
+
 def test_via_and_the_checks_filter_narrow_the_plan(tmp_path: Path) -> None:
     up = {"via": ["openvpn"], "dns": {"name": "probe.example.com"}}
     planned = [c.check for c in plan_target(_target(user_path=up), tmp_path, tmp_path)]
@@ -78,6 +99,12 @@ def test_via_and_the_checks_filter_narrow_the_plan(tmp_path: Path) -> None:
      "t.user_path.dns", "wireguard.dns_resolver"),
     ({"user_path": {"via": ["wireguard"], "dns": {"name": "x.lab"}}, "wireguard": None},
      "t.user_path.via[0]", "not configured to carry traffic"),
+    ({"user_path": {"via": ["ikev2"], "dns": {"name": "x.lab"}},
+      "ikev2": {"psk_file": "psk", "ping": "10.210.0.1"}},
+     "t.user_path.dns", "ikev2.request_config"),
+    ({"user_path": {"via": ["ikev2"], "dns": {"name": "x.lab"}},
+      "ikev2": {"psk_file": "psk", "level": "tunnel"}},
+     "t.user_path.via[0]", "ikev2 psk_file and ping"),
 ])
 def test_problems_name_the_field(over: dict[str, Any], field: str, words: str) -> None:
     problems = _problems(_target(**over))

@@ -31,6 +31,7 @@ def _round(eng: DecisionEngine, t: float, failing: set[str], kind: str,
 
 
 @pytest.mark.parametrize(("kind", "reason"), [("wireguard.egress", Reason.EGRESS_FAILED),
+                                              ("ikev2.egress", Reason.EGRESS_FAILED),
                                               ("openvpn.dns", Reason.DNS_SERVFAIL),
                                               ("openvpn.dns", Reason.DNS_TIMEOUT)])
 def test_a_fault_every_vantage_sees_is_down_one_vantage_alone_is_not(
@@ -53,7 +54,7 @@ def test_a_fault_every_vantage_sees_is_down_one_vantage_alone_is_not(
 def test_user_path_kinds_are_session_tier_and_their_failures_are_availability() -> None:
     kinds = {name: kind for name, kind in KINDS.items()
              if name.endswith((".egress", ".dns", ".throughput"))}
-    assert set(kinds) == {f"{via}.{what}" for via in ("wireguard", "openvpn")
+    assert set(kinds) == {f"{via}.{what}" for via in ("wireguard", "openvpn", "ikev2")
                           for what in ("egress", "dns", "throughput")}
     assert {kind.tier for kind in kinds.values()} == {Tier.SESSION}
     user_path_reasons = {Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT, Reason.DNS_UNREACHABLE,

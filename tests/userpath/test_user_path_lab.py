@@ -1,7 +1,9 @@
-"""The user-path checks against real servers (root; marker ``lab``): a node running wireguard-go
-and OpenVPN 2.6 (UDP and TCP) that forwards and masquerades its clients to an "internet" lab
-host holding a real resolver (unbound). Each fault of the node's egress or of its resolver is
-found with its own reason while the older session checks still pass.
+"""The user-path checks against real servers (root; marker ``lab``): a node running wireguard-go,
+OpenVPN 2.6 (UDP and TCP) and strongSwan (kernel-libipsec, a remote-access pool handing out
+inner addresses and INTERNAL_IP4_DNS) that forwards and masquerades its clients to an
+"internet" lab host holding a real resolver (unbound) and the reflector. Each fault of the
+node's egress or of its resolver is found with its own reason while the older session checks
+still pass.
 
 One lab for the module (the servers take seconds to start); every test puts back what it broke.
 """
@@ -9,7 +11,6 @@ One lab for the module (the servers take seconds to start); every test puts back
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ from probes.lab.openvpn import OpenVPNServer
 from probes.model import Reason
 from tests.conftest import lab_unavailable
 
-pytestmark = [pytest.mark.lab, pytest.mark.wireguard, pytest.mark.openvpn]
+pytestmark = [pytest.mark.lab, pytest.mark.wireguard, pytest.mark.openvpn, pytest.mark.ikev2]
 
 AGENT_TUNNEL = "10.201.0.2/32"
+IKE_POOL = "10.212.0.0/24"
 NAME = "probe.user.lab"
 
 
@@ -65,6 +67,9 @@ def _targets(lab: Lab, node: Host, internet: Host) -> tuple[list[Target], list[s
     push = ["--push", f"dhcp-option DNS {internet.address}"]
     udp = lab.start_openvpn(node, proto="udp", extra=push)
     tcp = lab.start_openvpn(node, proto="tcp", extra=push)
+    # remote access: an inner address and the resolver out of a pool (CP), any destination
+    ike = lab.start_strongswan(node, remote_id="%any", local_ts="0.0.0.0/0", pool=IKE_POOL,
+                               pool_dns=[internet.address])
     user_path = {"egress": {"targets": [{"name": "internet", "address": internet.address,
                                          "udp_port": REFLECTOR_PORT}],
                             "echo_count": 3, "echo_interval": 0.02},
@@ -85,14 +90,16 @@ def _targets(lab: Lab, node: Host, internet: Host) -> tuple[list[Target], list[s
                   "tunnel_address": AGENT_TUNNEL, "canary": wg.tunnel_address,
                   "echo_count": 3, "echo_interval": 0.02,
                   "dns_resolver": internet.address}
+    ike_section = {"psk_file": str(ike.psk_file), "ping": ike.inner_address, "level": "tunnel",
+                   "request_config": True, "echo_count": 3, "remote_id": "node.lab"}
     common = {"pool": "p", "pop": "lab", "region": "r", "address": node.address,
               "user_path": user_path}
     targets = [
         msgspec.convert({"id": "n-udp", **common, "wireguard": wg_section,
-                         "openvpn": openvpn(udp)}, Target),
+                         "openvpn": openvpn(udp), "ikev2": ike_section}, Target),
         msgspec.convert({"id": "n-tcp", **common, "openvpn": openvpn(tcp)}, Target),
     ]
-    return targets, ["10.201.0.0/24", f"{udp.subnet}/24", f"{tcp.subnet}/24"]
+    return targets, ["10.201.0.0/24", f"{udp.subnet}/24", f"{tcp.subnet}/24", IKE_POOL]
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +115,38 @@ def world() -> Iterator[World]:
         targets, subnets = _targets(lab, node, internet)
         enable_egress(node, subnets)
         planned = [c for t in targets for c in plan_target(t, lab.dir, lab.dir / "state")]
-        checks = [c for c in planned if c.kind.name in ("wireguard.session", "openvpn.tunnel")
+        sessions = ("wireguard.session", "openvpn.tunnel", "ikev2.tunnel")
+        checks = [c for c in planned if c.kind.name in sessions
                   or c.kind.name.endswith((".egress", ".dns"))]
         bursts = [c for c in planned if c.kind.name.endswith(".throughput")]
         yield World(lab, node, agent, internet, resolver, subnets, checks, bursts, planned)
 
 
 def _run_all(world: World, checks: list[PlannedCheck] | None = None) -> dict[str, CheckResult]:
-    """Every check once, from the agent (WireGuard initiations at least 20 ms apart)."""
+    """Every check once, from the agent: each tunnel's checks one after the other (one client
+    identity per server; WireGuard initiations at least 20 ms apart), the tunnels side by
+    side."""
+    groups: dict[tuple[str, str], list[PlannedCheck]] = {}
+    for check in world.checks if checks is None else checks:
+        groups.setdefault((check.node, check.kind.name.split(".")[0]), []).append(check)
     out: dict[str, CheckResult] = {}
+
+    async def one_tunnel(group: list[PlannedCheck]) -> None:
+        for check in group:
+            out[check.key] = await execute(check.kind, check.params, 5.0)
+            await asyncio.sleep(0.03)
+
+    async def every_tunnel() -> None:
+        await asyncio.gather(*(one_tunnel(g) for g in groups.values()))
+
     with world.agent.entered():
-        for check in world.checks if checks is None else checks:
-            out[check.key] = asyncio.run(execute(check.kind, check.params, 5.0))
-            time.sleep(0.03)
+        asyncio.run(every_tunnel())
     return out
 
 
 def _assert(results: dict[str, CheckResult],
             expect: Callable[[str], Reason]) -> None:
-    assert len(results) == 9, sorted(results)
+    assert len(results) == 12, sorted(results)  # 3 kinds x (WireGuard, OpenVPN x 2, IKEv2)
     wrong = {key: (r.reason.value, r.detail) for key, r in results.items()
              if r.reason is not expect(key.rsplit("/", 1)[-1])}
     assert not wrong, wrong
@@ -146,9 +166,14 @@ def test_a_healthy_node_passes_every_user_path_check(world: World) -> None:
     egress = next(r for k, r in results.items() if k.endswith("openvpn.egress"))
     assert egress.quality is not None and egress.quality.received == 6  # 3 ICMP, 3 UDP
     assert egress.facts["egress_internet_loss_ratio"] == 0.0
-    dns = next(r for k, r in results.items() if k.endswith("openvpn.dns"))
-    assert dns.facts["dns_resolver"] == world.internet.address  # pushed, not configured
-    assert dns.facts["dns_answer"] == world.internet.address
+    for pushed in ("openvpn.dns", "ikev2.dns"):  # dhcp-option DNS; INTERNAL_IP4_DNS
+        dns = next(r for k, r in results.items() if k.endswith(pushed))
+        assert dns.facts["dns_resolver"] == world.internet.address  # pushed, not configured
+        assert dns.facts["dns_answer"] == world.internet.address
+    ike = next(r for k, r in results.items() if k.endswith("ikev2.egress"))
+    assert ike.facts["inner_source"] == ike.facts["internal_address"]  # from the pool
+    assert str(ike.facts["internal_address"]).startswith("10.212.0.")
+    assert ike.quality is not None and ike.quality.received == 6
 
 
 def test_forwarding_off_is_egress_failed(world: World) -> None:
@@ -202,8 +227,12 @@ def test_a_resolver_answering_servfail_is_dns_servfail(world: World) -> None:
 
 
 def test_a_throttled_uplink_is_low_throughput_while_everything_else_passes(world: World) -> None:
-    assert len(world.bursts) == 3
-    idle = _run_all(world, world.bursts)
+    assert len(world.bursts) == 4
+
+    def bursts_one_by_one() -> dict[str, CheckResult]:  # side by side they share the uplink
+        return {k: r for burst in world.bursts for k, r in _run_all(world, [burst]).items()}
+
+    idle = bursts_one_by_one()
     assert all(r.ok for r in idle.values()), {k: (r.reason, r.detail) for k, r in idle.items()}
     for result in idle.values():
         q = result.quality
@@ -212,7 +241,7 @@ def test_a_throttled_uplink_is_low_throughput_while_everything_else_passes(world
         assert q.queueing_delay_seconds is not None
     shape_uplink(world.node, 150)
     try:
-        shaped = _run_all(world, world.bursts + world.checks)
+        shaped = {**bursts_one_by_one(), **_run_all(world)}
     finally:
         shape_uplink(world.node, None)
     low = {k: r for k, r in shaped.items() if k.endswith(".throughput")}
@@ -231,7 +260,8 @@ def _planned(world: World, name: str, target: str = "n-udp") -> PlannedCheck:
 
 
 @pytest.mark.parametrize(("tunnel", "other"), [("wireguard.egress", "wireguard.handshake"),
-                                               ("openvpn.egress", "openvpn.tls")])
+                                               ("openvpn.egress", "openvpn.tls"),
+                                               ("ikev2.egress", "ikev2.tunnel")])
 def test_a_check_with_the_same_identity_does_not_cut_a_tunnel_in_use(
         world: World, tunnel: str, other: str) -> None:
     """One agent, one identity per server: a second handshake with it while a tunnel carries

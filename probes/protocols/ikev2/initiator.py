@@ -85,6 +85,9 @@ class ChildRequest:
     # responder that insists on PFS for new CHILD_SAs must refuse it (a CHILD_SA made in
     # IKE_AUTH never has a key exchange of its own, so only this shows the policy)
     in_create_child: bool = False
+    # ask for an inner address and resolvers (CP CFG_REQUEST: INTERNAL_IP4_ADDRESS and
+    # INTERNAL_IP4_DNS), as a remote-access client does; the answer is in AuthCompleted
+    request_config: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,9 @@ class AuthCompleted:
     # the responder's certificates as it sent them (end entity first), when it signed its AUTH
     # (verified with the first one's key); empty for a PSK responder
     certificates: tuple[bytes, ...] = ()
+    # the responder's CP CFG_REPLY, when the CHILD_SA asked (request_config)
+    internal_address: str | None = None  # INTERNAL_IP4_ADDRESS: our address inside
+    internal_dns: tuple[str, ...] = ()  # INTERNAL_IP4_DNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,6 +516,10 @@ class Initiator:
         elif child is None and not self._childless_supported:
             child = ChildRequest()
         if child is not None:
+            if child.request_config:
+                inner.append(p.ConfigPayload(p.ConfigType.REQUEST, (
+                    (p.ConfigAttribute.INTERNAL_IP4_ADDRESS, b""),
+                    (p.ConfigAttribute.INTERNAL_IP4_DNS, b""))))
             inner += self._child_offer(child)
         return self._build_encrypted(p.ExchangeType.IKE_AUTH, inner)
 
@@ -611,6 +621,10 @@ class Initiator:
         self.state = State.ESTABLISHED
         if auth.method == p.AuthMethod.PSK:
             certificates = ()
+        reply = next((x for x in inner if isinstance(x, p.ConfigPayload)
+                      and x.cfg_type == p.ConfigType.REPLY), None)
+        assigned = reply.ipv4(p.ConfigAttribute.INTERNAL_IP4_ADDRESS) if reply else ()
+        dns = reply.ipv4(p.ConfigAttribute.INTERNAL_IP4_DNS) if reply else ()
         if not self._esp_offers:
             self._events.append(AuthCompleted(responder_id, childless=True, child=None,
                                               certificates=certificates))
@@ -618,9 +632,10 @@ class Initiator:
             child, error_text = self._child_from(inner, self.nonce_i, self._nonce_r)
             if child is None:
                 self._child_spis.clear()  # nothing to delete on the responder
-            self._events.append(AuthCompleted(responder_id, childless=False, child=child,
-                                              child_error=error_text,
-                                              certificates=certificates))
+            self._events.append(AuthCompleted(
+                responder_id, childless=False, child=child, child_error=error_text,
+                certificates=certificates, internal_address=assigned[0] if assigned else None,
+                internal_dns=dns))
         if cfg.child is not None and cfg.child.in_create_child:
             self._send_create_child(cfg.child, now)
 

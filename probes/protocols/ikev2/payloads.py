@@ -137,6 +137,23 @@ CERT_X509_SIGNATURE = 4  # Certificate Encoding (§3.6): a DER X.509 certificate
 TS_IPV4_ADDR_RANGE = 7
 
 
+class ConfigType(enum.IntEnum):
+    """CP payload types (§3.15)."""
+
+    REQUEST = 1
+    REPLY = 2
+    SET = 3
+    ACK = 4
+
+
+class ConfigAttribute(enum.IntEnum):
+    """The configuration attributes the probe asks for (§3.15.1)."""
+
+    INTERNAL_IP4_ADDRESS = 1
+    INTERNAL_IP4_NETMASK = 2
+    INTERNAL_IP4_DNS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Header:
     spi_i: bytes
@@ -334,8 +351,29 @@ class CertPayload:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigPayload:
+    """CP: a request (attributes with empty values: "any, please") or the responder's reply."""
+
+    cfg_type: int
+    attributes: tuple[tuple[int, bytes], ...]
+    type: int = field(default=PayloadType.CP, init=False)
+
+    def body(self) -> bytes:
+        out = bytearray(struct.pack("!B3x", self.cfg_type))
+        for attr, value in self.attributes:
+            out += struct.pack("!HH", attr & 0x7FFF, len(value)) + value
+        return bytes(out)
+
+    def ipv4(self, attr: int) -> tuple[str, ...]:
+        """The IPv4 addresses of attribute ``attr`` (values of another length are skipped:
+        INTERNAL_IP4_ADDRESS may not carry one, and a malformed one is not an address)."""
+        return tuple(str(ipaddress.IPv4Address(value)) for a, value in self.attributes
+                     if a == attr and len(value) == 4)
+
+
+@dataclass(frozen=True, slots=True)
 class RawPayload:
-    """Any payload we do not interpret (Vendor ID, CERTREQ, CP, ...), kept as bytes."""
+    """Any payload we do not interpret (Vendor ID, ...), kept as bytes."""
 
     type: int
     data: bytes
@@ -346,7 +384,8 @@ class RawPayload:
 
 
 Payload = (SAPayload | KEPayload | NoncePayload | NotifyPayload | IdPayload | AuthPayload
-           | DeletePayload | TSPayload | EncryptedPayload | CertPayload | RawPayload)
+           | DeletePayload | TSPayload | EncryptedPayload | CertPayload | ConfigPayload
+           | RawPayload)
 
 
 # --- chain codec ------------------------------------------------------------------------------
@@ -432,7 +471,24 @@ def _decode_body(ptype: int, body: bytes, critical: bool) -> Payload:
     if ptype in (PayloadType.CERT, PayloadType.CERTREQ):
         _need(body, 1, "CERT")
         return CertPayload(ptype, body[0], body[1:])
+    if ptype == PayloadType.CP:
+        return _decode_config(body)
     return RawPayload(ptype, body, critical)
+
+
+def _decode_config(body: bytes) -> ConfigPayload:
+    _need(body, 4, "CP")
+    attributes: list[tuple[int, bytes]] = []
+    pos = 4
+    while pos < len(body):
+        if pos + 4 > len(body):
+            raise IKEv2Error("configuration attribute truncated")
+        attr, length = struct.unpack_from("!HH", body, pos)
+        if pos + 4 + length > len(body):
+            raise IKEv2Error("configuration attribute overruns the CP payload")
+        attributes.append((attr & 0x7FFF, body[pos + 4:pos + 4 + length]))
+        pos += 4 + length
+    return ConfigPayload(body[0], tuple(attributes))
 
 
 def _need(body: bytes, n: int, what: str) -> None:
