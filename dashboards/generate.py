@@ -435,13 +435,15 @@ def node_detail() -> dashboard.Dashboard:
         ),
         dashboard.Row("In-tunnel quality"),
         ts(
-            "User path: egress and DNS through the tunnel",
+            "User path: egress, DNS and TCP transactions through the tunnel",
             "percentunit",
-            f'min by (check) (tunnelwatch_probe_success{{{sel}, check=~".+\\\\.(egress|dns)"}})',
+            f'min by (check) (tunnelwatch_probe_success{{{sel}, '
+            f'check=~".+\\\\.(egress|dns|transaction)"}})',
             "{{check}}",
-            desc="The last result of each egress and DNS-through-the-tunnel check, worst "
-            "vantage (1 passed, 0 failed; docs/probes/user-path.md). The reason is in "
-            "'Failures by reason'.",
+            desc="The last result of each egress, DNS-through-the-tunnel and TCP transaction "
+            "check, worst vantage (1 passed, 0 failed; docs/probes/user-path.md). The reason "
+            "is in 'Failures by reason'; a transaction's phases (connect, tls, http) are in "
+            "\"Last probe's phases\".",
             w=24,
         ),
         ts(

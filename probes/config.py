@@ -304,6 +304,23 @@ class ThroughputCheck(Strict, kw_only=True, frozen=True):
     budget_bytes_per_hour: float = 5_000_000.0
 
 
+class TransactionCheck(Strict, kw_only=True, frozen=True):
+    """One TCP connection through the tunnel to a server beyond the node
+    (``<protocol>.transaction``), on the agent's own user-space TCP (no kernel interface): the
+    handshake, a TLS handshake (``tls``), an HTTP HEAD (``http_path``), then FIN."""
+
+    address: str  # an IPv4 address beyond the node, which the node must forward and NAT to
+    port: int = 443
+    tls: bool = True  # a TLS handshake after the TCP one
+    server_name: str | None = None  # TLS: SNI and the name to verify; default: the address
+    ca_file: str | None = None  # TLS: PEM CA bundle; default: the system trust store
+    verify: bool = True  # TLS: verify the server's certificate
+    http_path: str | None = "/"  # an HTTP HEAD of this path (Host: server_name); null: none
+    expect_status: list[int] = msgspec.field(default_factory=list)  # allowed; empty: any
+    mss: int = 1200  # TCP maximum segment size we announce (fits the tunnel's inner MTU)
+    connect_timeout: Duration = 3.0  # seconds for the SYN-ACK (the SYN resent meanwhile)
+
+
 class UserPathTarget(Strict, kw_only=True, frozen=True):
     """What a user gets through the tunnel (docs/probes/user-path.md): each subsection adds one
     check per tunnel protocol in ``via`` (session tier)."""
@@ -315,6 +332,7 @@ class UserPathTarget(Strict, kw_only=True, frozen=True):
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
     throughput: ThroughputCheck | None = None
+    transaction: TransactionCheck | None = None
 
 
 class Target(Strict, kw_only=True, frozen=True):
@@ -761,14 +779,36 @@ def user_path_problems(t: Target, at: str, base_dir: Path) -> Iterator[Problem]:
         yield Problem(at, "no tunnel to test through: configure wireguard (with "
                           "tunnel_address and canary), openvpn or ikev2 (with psk_file and "
                           "ping)")
-    if not any((u.egress, u.dns, u.throughput)):
-        yield Problem(at, "nothing to check: add egress, dns or throughput")
+    if not any((u.egress, u.dns, u.throughput, u.transaction)):
+        yield Problem(at, "nothing to check: add egress, dns, throughput or transaction")
     if u.egress is not None:
         yield from _egress_problems(u.egress, f"{at}.egress")
     if u.dns is not None:
         yield from _dns_problems(u.dns, t, via, f"{at}.dns")
     if u.throughput is not None:
         yield from _throughput_problems(u.throughput, len(via), f"{at}.throughput")
+    if u.transaction is not None:
+        yield from _transaction_problems(u.transaction, f"{at}.transaction", base_dir)
+
+
+def _transaction_problems(t: TransactionCheck, at: str, base_dir: Path) -> Iterator[Problem]:
+    yield from _ipv4_problems(t.address, f"{at}.address")
+    yield from _check_port(t.port, f"{at}.port")
+    yield from _check_file(t.ca_file, f"{at}.ca_file", base_dir)
+    if t.http_path is not None and not (t.http_path.startswith("/") and t.http_path.isprintable()
+                                        and " " not in t.http_path):
+        yield Problem(f"{at}.http_path", f"expected a path like /health, got {t.http_path!r}")
+    for i, status in enumerate(t.expect_status):
+        if not 100 <= status <= 599:
+            yield Problem(f"{at}.expect_status[{i}]", f"not an HTTP status: {status}")
+    if t.expect_status and t.http_path is None:
+        yield Problem(f"{at}.expect_status", "only with http_path (an HTTP request)")
+    if not t.connect_timeout > 0:
+        yield Problem(f"{at}.connect_timeout", f"must be > 0, got {t.connect_timeout:g}")
+    if not 536 <= t.mss <= 1460:
+        yield Problem(f"{at}.mss", f"must be in 536..1460, got {t.mss}")
+    if t.server_name is not None and not t.tls and t.http_path is None:
+        yield Problem(f"{at}.server_name", "only with tls or http_path")
 
 
 def _load_problems(load: LoadTarget, over_ssh: bool, at: str) -> Iterator[Problem]:

@@ -132,12 +132,24 @@ def quality_of(sent: int, rtts: list[float]) -> Quality:
 # ------------------------------------------------------------------------------- tcp
 
 
-def _tls_context(params: TcpParams) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=params.ca_file)
-    if not params.verify:
+def tls_client_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    """A TLS client context: ``ca_file`` (or the system trust store), or no verification."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def certificate_failure(exc: ssl.SSLCertVerificationError) -> tuple[Reason, str]:
+    """The reason and detail of a certificate that did not verify."""
+    reason = (Reason.CERT_EXPIRED if exc.verify_code == _X509_V_ERR_CERT_HAS_EXPIRED
+              else Reason.CERT_VERIFY_FAILED)
+    return reason, str(exc.verify_message)
+
+
+def _tls_context(params: TcpParams) -> ssl.SSLContext:
+    return tls_client_context(params.ca_file, params.verify)
 
 
 async def _tls_phase(sock: socket.socket, params: TcpParams, sw: Stopwatch,
@@ -153,9 +165,8 @@ async def _tls_phase(sock: socket.socket, params: TcpParams, sw: Stopwatch,
             ssl_handshake_timeout=max(remaining, 0.001))
     except ssl.SSLCertVerificationError as exc:
         sw.lap("tls")
-        reason = (Reason.CERT_EXPIRED if exc.verify_code == _X509_V_ERR_CERT_HAS_EXPIRED
-                  else Reason.CERT_VERIFY_FAILED)
-        return sw.result(False, reason, detail=str(exc.verify_message))
+        reason, detail = certificate_failure(exc)
+        return sw.result(False, reason, detail=detail)
     except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
         sw.lap("tls")
         reason = Reason.TIMEOUT if isinstance(exc, TimeoutError) else Reason.TLS_FAILED

@@ -1,13 +1,13 @@
-"""The user's path through the tunnel: egress, DNS and throughput checks
+"""The user's path through the tunnel: egress, DNS, throughput and TCP transaction checks
 (docs/probes/user-path.md).
 
 A target's ``user_path:`` section adds, per tunnel protocol that carries traffic (WireGuard with
 ``tunnel_address`` and ``canary``, OpenVPN beyond level ``reset``, IKEv2 with ``psk_file`` and
-``ping``), ``<protocol>.egress`` and
-``<protocol>.dns`` and ``<protocol>.throughput`` in the session tier (throughput no more often
-than the node's hourly byte budget allows: the plan's ``min_interval``, which the scheduler
-honours whatever asks). Each run is one whole client session — the protocol's own
-handshake up to a working tunnel, the step, the goodbye — through the protocol module's
+``ping``), ``<protocol>.egress``, ``.dns``, ``.throughput`` and ``.transaction`` in the session
+tier (throughput no more often than the node's hourly byte budget allows: the plan's
+``min_interval``, which the scheduler honours whatever asks). Each run is one whole client
+session — the protocol's own handshake up to a working tunnel, the step, the goodbye — through
+the protocol module's
 :class:`~probes.checks.tunnel.TunnelProbe`, so a failure of the handshake or of the tunnel
 itself fails the check with the protocol's own reason; the step's reasons say what a user gets
 beyond a tunnel that works.
@@ -26,8 +26,15 @@ from probes.checks.base import CheckKind, CheckResult, Family, PlanContext, Plan
 from probes.checks.egress import egress_step
 from probes.checks.resolve import dns_step
 from probes.checks.throughput import min_interval, throughput_step
+from probes.checks.transaction import transaction_step
 from probes.checks.tunnel import Step, TunnelProbe, in_turn, run_through
-from probes.config import DnsCheck, EgressCheck, ThroughputCheck, carrying_tunnels
+from probes.config import (
+    DnsCheck,
+    EgressCheck,
+    ThroughputCheck,
+    TransactionCheck,
+    carrying_tunnels,
+)
 from probes.model import Tier
 
 Protocol = Literal["wireguard", "openvpn", "ikev2"]
@@ -45,6 +52,7 @@ class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
     egress: EgressCheck | None = None
     dns: DnsCheck | None = None
     throughput: ThroughputCheck | None = None
+    transaction: TransactionCheck | None = None
 
 
 def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
@@ -91,6 +99,12 @@ async def run_throughput(params: UserPathParams, timeout: float) -> CheckResult:
                       functools.partial(throughput_step, check=params.throughput))
 
 
+async def run_transaction(params: UserPathParams, timeout: float) -> CheckResult:
+    assert params.transaction is not None
+    return await _run(params, timeout,
+                      functools.partial(transaction_step, check=params.transaction))
+
+
 def _kind(via: Protocol, what: str, run: Callable[[UserPathParams, float],
                                                   Awaitable[CheckResult]],
           description: str) -> CheckKind[UserPathParams]:
@@ -110,6 +124,10 @@ THROUGHPUT = {via: _kind(via, "throughput", run_throughput,
                          f"{via} tunnel, then a short rate-capped UDP burst to a reflector "
                          "beyond the node: rate, loss, queueing delay (DEGRADED bounds)")
               for via in VIAS}
+TRANSACTION = {via: _kind(via, "transaction", run_transaction,
+                          f"{via} tunnel, then one TCP connection (user-space TCP) to a server "
+                          "beyond the node: TLS handshake and HTTP HEAD as configured")
+               for via in VIAS}
 
 
 _PLANS = {"wireguard": wireguard.plan, "openvpn": openvpn.plan, "ikev2": ikev2.plan}
@@ -140,8 +158,15 @@ def plan(ctx: PlanContext) -> list[Planned]:
             every = min_interval(section.throughput, len(carrying_tunnels(ctx.target)))
             out.append(Planned.of(THROUGHPUT[via], UserPathParams(
                 via=via, throughput=section.throughput, **tunnel), min_interval=every))
+        if section.transaction is not None:
+            transaction = msgspec.structs.replace(
+                section.transaction, ca_file=ctx.path(section.transaction.ca_file))
+            out.append(Planned.of(TRANSACTION[via], UserPathParams(
+                via=via, transaction=transaction, **tunnel)))
     return out
 
 
-FAMILY = Family("user_path", (*EGRESS.values(), *DNS.values(), *THROUGHPUT.values()), plan,
-                "The user's path through the tunnel: egress beyond the node, DNS, throughput")
+FAMILY = Family("user_path", (*EGRESS.values(), *DNS.values(), *THROUGHPUT.values(),
+                             *TRANSACTION.values()), plan,
+                "The user's path through the tunnel: egress beyond the node, DNS, throughput, "
+                "a TCP transaction")

@@ -1,6 +1,6 @@
 """The lab's "internet" beyond a VPN node, for the user-path checks (docs/probes/user-path.md):
-forwarding and NAT on the node; a real resolver (unbound) and ``tunnelwatch reflector`` in
-another lab host.
+forwarding and NAT on the node; a real resolver (unbound), ``tunnelwatch reflector`` and an
+HTTPS server (Python's http.server behind OpenSSL) in another lab host.
 
 The lab is a star around its router; a node that forwards a tunnel client's packets out of its
 ``eth0`` and masquerades them reaches every other lab host, and the answers come back to the
@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 
 NAT_TABLE = "tw_egress"
 REFLECTOR_PORT = 7447
+HTTPS_PORT = 443
+# an HTTPS server answering HEAD and GET (a directory listing of its folder)
+_HTTPS_SERVER = (
+    "import http.server, ssl, sys\n"
+    "server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])),\n"
+    "                                         http.server.SimpleHTTPRequestHandler)\n"
+    "context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+    "context.load_cert_chain(sys.argv[3], sys.argv[4])\n"
+    # the handshake in the request's thread, not in accept(): one stalled client stalls no other
+    "server.socket = context.wrap_socket(server.socket, server_side=True,\n"
+    "                                    do_handshake_on_connect=False)\n"
+    "server.serve_forever()\n")
 
 
 def set_forwarding(node: Host, on: bool) -> None:
@@ -131,4 +143,22 @@ def start_reflector(host: Host, port: int = REFLECTOR_PORT) -> subprocess.Popen[
     wait_for(lambda: answers() or proc.poll() is not None, 15, "the reflector to answer")
     if proc.poll() is not None:
         raise LabError(f"the reflector exited with {proc.returncode}")
+    return proc
+
+
+def start_https(host: Host, cert: str, key: str,
+                port: int = HTTPS_PORT) -> subprocess.Popen[bytes]:
+    """An HTTPS server on ``host``:``port`` with ``cert``/``key``, accepting connections once
+    this returns."""
+    proc = host.popen([sys.executable, "-c", _HTTPS_SERVER, host.address, str(port), cert, key],
+                      name="https")
+
+    def accepts() -> bool:
+        with host.entered(), socket.socket() as s:
+            s.settimeout(0.2)
+            return s.connect_ex((host.address, port)) == 0
+
+    wait_for(lambda: accepts() or proc.poll() is not None, 15, "the HTTPS server to accept")
+    if proc.poll() is not None:
+        raise LabError(f"the HTTPS server exited with {proc.returncode}")
     return proc

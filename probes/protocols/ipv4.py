@@ -1,5 +1,5 @@
-"""The IPv4 packets a check sends and reads *inside* a tunnel: ICMP echoes, UDP datagrams and
-the ICMP errors that quote them. Sans-I/O: bytes in, bytes or values out.
+"""The IPv4 packets a check sends and reads *inside* a tunnel: ICMP echoes, UDP datagrams, TCP
+segments and the ICMP errors that quote them. Sans-I/O: bytes in, bytes or values out.
 
 Building is exact (checksums included: a node drops what does not add up). Reading never
 raises: :func:`parse` returns one of the packet types below, or None for anything else —
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from probes.protocols.inet import checksum
 
 PROTO_ICMP = 1
+PROTO_TCP = 6
 PROTO_UDP = 17
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
@@ -30,6 +31,9 @@ _OFFSET_MASK = 0x1FFF
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _ICMP = struct.Struct("!BBHHH")
 _UDP = struct.Struct("!HHHH")
+_TCP = struct.Struct("!HHIIBBHHH")
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+_TCP_OPTION_MSS = 2
 
 # ICMP destination-unreachable codes, by name for details
 UNREACH_CODES = {0: "net unreachable", 1: "host unreachable", 2: "protocol unreachable",
@@ -72,6 +76,19 @@ def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> by
     segment = _UDP.pack(sport, dport, length, 0) + payload
     csum = checksum(_pseudo_header(src, dst, PROTO_UDP, length) + segment) or 0xFFFF
     return ipv4_packet(src, dst, PROTO_UDP, segment[:6] + csum.to_bytes(2, "big") + segment[8:])
+
+
+def tcp_packet(src: str, dst: str, sport: int, dport: int, *, seq: int, ack: int, flags: int,
+               window: int, payload: bytes = b"", mss: int | None = None) -> bytes:
+    """An IPv4 packet carrying one TCP segment (with an MSS option when ``mss`` is given: a
+    SYN's), checksum over the pseudo header."""
+    options = struct.pack("!BBH", _TCP_OPTION_MSS, 4, mss) if mss is not None else b""
+    offset = (_TCP.size + len(options)) // 4
+    header = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, offset << 4, flags,
+                       window, 0, 0) + options
+    segment = header + payload
+    csum = checksum(_pseudo_header(src, dst, PROTO_TCP, len(segment)) + segment)
+    return ipv4_packet(src, dst, PROTO_TCP, segment[:16] + csum.to_bytes(2, "big") + segment[18:])
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -117,7 +134,20 @@ class IcmpError:
         return f"{what} from {self.src}"
 
 
-Packet = EchoReply | UdpDatagram | IcmpError
+@dataclass(frozen=True, slots=True)
+class TcpSegment:
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: bytes
+
+
+Packet = EchoReply | UdpDatagram | TcpSegment | IcmpError
 
 
 def _ip_header(packet: bytes) -> tuple[int, int, str, str] | None:
@@ -152,6 +182,14 @@ def parse(packet: bytes) -> Packet | None:
         if not _UDP.size <= length <= len(body):
             return None
         return UdpDatagram(src, dst, sport, dport, body[_UDP.size:length])
+    if proto == PROTO_TCP:
+        if len(body) < _TCP.size:
+            return None
+        sport, dport, seq, ack, offset, flags, window, _, _ = _TCP.unpack_from(body)
+        start = (offset >> 4) * 4
+        if not _TCP.size <= start <= len(body):
+            return None
+        return TcpSegment(src, dst, sport, dport, seq, ack, flags, window, body[start:])
     return None
 
 
@@ -173,6 +211,6 @@ def _parse_icmp(src: str, body: bytes) -> EchoReply | IcmpError | None:
         return None
     if proto == PROTO_ICMP:  # the quoted echo request: its identifier and sequence
         qfirst, qsecond = struct.unpack_from("!HH", words, 4)
-    else:  # UDP starts with the two ports
+    else:  # UDP and TCP start with the two ports
         qfirst, qsecond = struct.unpack_from("!HH", words)
     return IcmpError(src, kind, code, proto, qdst, qfirst, qsecond)

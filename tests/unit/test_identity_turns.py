@@ -5,11 +5,12 @@ node's failure), and the turn is given back when a check is cancelled (execute's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-from probes.checks.base import CheckResult
-from probes.checks.tunnel import in_turn
+from probes.checks.base import CheckResult, Fact, Stopwatch
+from probes.checks.tunnel import in_turn, run_probe
 from probes.model import Reason
 
 
@@ -67,3 +68,32 @@ def test_a_cancelled_check_gives_its_turn_back() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 0.9
+
+
+def test_a_cancelled_run_still_finishes() -> None:
+    """run_probe: a run cut by the check's hard bound still gives back what it holds (the IKEv2
+    half-open slot: never released, three such runs would leave the responder 'overloaded')."""
+    class Run:
+        def __init__(self) -> None:
+            self.watch = Stopwatch()
+            self.facts: dict[str, Fact] = {}
+            self.finished = 0
+
+        async def finish(self) -> None:
+            self.finished += 1
+
+    run = Run()
+
+    async def forever() -> CheckResult:
+        await asyncio.sleep(60)
+        return CheckResult(True, Reason.OK, 60.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(run_probe(run, forever))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert run.finished == 1

@@ -69,6 +69,19 @@ def test_ikev2_with_a_psk_and_a_ping_carries_the_user_path(tmp_path: Path) -> No
                        for c in planned_names)
 
 
+def test_a_transaction_is_planned_per_tunnel_with_its_ca_file_resolved(tmp_path: Path) -> None:
+    up = {"transaction": {"address": "198.51.100.9", "server_name": "www.example.com",
+                          "ca_file": "pki/ca.pem", "expect_status": [200, 204]}}
+    target = _target(user_path=up)
+    planned = {c.check: c for c in plan_target(target, tmp_path, tmp_path)}
+    assert {"wireguard.transaction", "openvpn.transaction"} <= set(planned)
+    params = planned["openvpn.transaction"].params
+    assert isinstance(params, UserPathParams) and params.transaction is not None
+    assert params.transaction.ca_file == str(tmp_path / "pki/ca.pem")
+    assert params.transaction.port == 443 and params.transaction.tls
+    assert planned["wireguard.transaction"].tier.value == "session"
+
+
 def test_via_and_the_checks_filter_narrow_the_plan(tmp_path: Path) -> None:
     up = {"via": ["openvpn"], "dns": {"name": "probe.example.com"}}
     planned = [c.check for c in plan_target(_target(user_path=up), tmp_path, tmp_path)]
@@ -99,6 +112,17 @@ def test_via_and_the_checks_filter_narrow_the_plan(tmp_path: Path) -> None:
      "t.user_path.dns", "wireguard.dns_resolver"),
     ({"user_path": {"via": ["wireguard"], "dns": {"name": "x.lab"}}, "wireguard": None},
      "t.user_path.via[0]", "not configured to carry traffic"),
+    ({"user_path": {"transaction": {"address": "www.example.com"}}},
+     "t.user_path.transaction.address", "IPv4"),
+    ({"user_path": {"transaction": {"address": "192.0.2.9", "http_path": "health"}}},
+     "t.user_path.transaction.http_path", "a path like"),
+    ({"user_path": {"transaction": {"address": "192.0.2.9", "expect_status": [42]}}},
+     "t.user_path.transaction.expect_status[0]", "not an HTTP status"),
+    ({"user_path": {"transaction": {"address": "192.0.2.9", "http_path": None,
+                                    "expect_status": [200]}}},
+     "t.user_path.transaction.expect_status", "only with http_path"),
+    ({"user_path": {"transaction": {"address": "192.0.2.9", "mss": 9000}}},
+     "t.user_path.transaction.mss", "536..1460"),
     ({"user_path": {"via": ["ikev2"], "dns": {"name": "x.lab"}},
       "ikev2": {"psk_file": "psk", "ping": "10.210.0.1"}},
      "t.user_path.dns", "ikev2.request_config"),

@@ -1,5 +1,6 @@
-"""Garbage through the tunnel ends in a clean reason: DNS answers and in-tunnel replies that are
-malformed, forged or beside the point never raise out of the egress and DNS steps.
+"""Garbage through the tunnel ends in a clean reason: DNS answers, in-tunnel replies and TCP
+segments that are malformed, forged or beside the point never raise out of the egress, DNS and
+transaction steps.
 
 The tunnel here is in memory (:class:`LoopTunnel`): a real node cannot be made to send
 arbitrary bytes inside an authenticated tunnel, and the steps only see inner packets; the lab
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 from probes.checks.base import CheckResult, Fact, Stopwatch
 from probes.checks.egress import egress_step
 from probes.checks.resolve import dns_step
+from probes.checks.transaction import transaction_step
 from probes.checks.tunnel import Tunnel, run_through
 from probes.checks.udp import Datagram, SendStamp
-from probes.config import DnsCheck, EgressCheck, EgressTarget
+from probes.config import DnsCheck, EgressCheck, EgressTarget, TransactionCheck
 from probes.model import Reason
 from probes.protocols import dns, ipv4, reflector
 
@@ -216,3 +218,90 @@ def test_garbage_in_tunnel_replies_end_in_a_clean_reason(garbage: list[bytes]) -
 
     result = _egress(respond, wait=0.08)
     assert result.reason in (Reason.EGRESS_FAILED, Reason.TUNNEL_NO_REPLY), result
+
+
+# ---- the TCP transaction -------------------------------------------------------------------
+
+SERVER_ISS = 777
+
+
+def _tcp_server(answer: bytes | None, *, rst_syn: bool = False) -> Responder:
+    """A server at BEYOND:80 for one connection: SYN-ACK (or a RST), then to the request
+    ``answer`` and a FIN (None: acknowledges and says nothing)."""
+    def respond(packet: bytes) -> list[bytes]:
+        seg = ipv4.parse(packet)
+        if not isinstance(seg, ipv4.TcpSegment):
+            return []
+
+        def out(flags: int, seq: int, ack: int, payload: bytes = b"") -> bytes:
+            return ipv4.tcp_packet(BEYOND, SOURCE, 80, seg.sport, seq=seq, ack=ack, flags=flags,
+                                   window=65535, payload=payload)
+
+        if seg.flags & ipv4.TCP_SYN:
+            if rst_syn:
+                return [out(ipv4.TCP_RST | ipv4.TCP_ACK, 0, seg.seq + 1)]
+            return [out(ipv4.TCP_SYN | ipv4.TCP_ACK, SERVER_ISS, seg.seq + 1)]
+        if not seg.payload:
+            return []
+        ack = seg.seq + len(seg.payload)
+        if answer is None:
+            return [out(ipv4.TCP_ACK, SERVER_ISS + 1, ack)]
+        return [out(ipv4.TCP_ACK | ipv4.TCP_PSH, SERVER_ISS + 1, ack, answer),
+                out(ipv4.TCP_ACK | ipv4.TCP_FIN, SERVER_ISS + 1 + len(answer), ack)]
+    return respond
+
+
+def _transact(respond: Responder, wait: float = 1.0, **check: object) -> CheckResult:
+    section = TransactionCheck(address=BEYOND, port=80, tls=False, connect_timeout=0.5,
+                               **check)  # type: ignore[arg-type]
+
+    async def step(tunnel: Tunnel, probe: object) -> CheckResult:
+        return await transaction_step(tunnel, probe, section)  # type: ignore[arg-type]
+
+    probe = LoopTunnel(respond)
+    probe.deadline = time.monotonic() + wait
+    return asyncio.run(run_through(probe, step))
+
+
+@pytest.mark.parametrize(("respond", "check", "reason", "detail"), [
+    (_tcp_server(b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n"), {}, Reason.OK, ""),
+    (_tcp_server(b"HTTP/1.0 503 Busy\r\n\r\n"), {"expect_status": [200, 204]},
+     Reason.UNEXPECTED_REPLY, "HTTP 503"),
+    (_tcp_server(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"), {}, Reason.BAD_RESPONSE, "not an HTTP/1"),
+    (_tcp_server(b""), {}, Reason.BAD_RESPONSE, "not an HTTP/1"),  # FIN, no answer
+    (_tcp_server(None), {}, Reason.TIMEOUT, "HTTP answer stalled (http)"),
+    (_tcp_server(None, rst_syn=True), {}, Reason.REFUSED, "nothing listens"),
+    (lambda p: [], {}, Reason.TIMEOUT, "no SYN-ACK"),
+    (lambda p: [ipv4.ipv4_packet(NODE, SOURCE, ipv4.PROTO_ICMP, bytes(
+        [ipv4.ICMP_DEST_UNREACH, 1, 0, 0, 0, 0, 0, 0]) + p[:28])], {},
+     Reason.ICMP_UNREACHABLE, "host unreachable from 10.201.0.1"),
+])
+def test_each_transaction_outcome_has_its_reason(respond: Responder, check: dict[str, object],
+                                                 reason: Reason, detail: str) -> None:
+    result = _transact(respond, **check)
+    assert result.reason is reason, result
+    assert detail in result.detail
+    if reason is Reason.OK:
+        assert result.facts["transaction_http_status"] == 204
+
+
+@FEW
+@given(st.lists(st.binary(max_size=80), max_size=4), st.binary(max_size=200))
+def test_garbage_in_a_transaction_ends_in_a_clean_reason(garbage: list[bytes],
+                                                         answer: bytes) -> None:
+    server = _tcp_server(answer)
+
+    def respond(packet: bytes) -> list[bytes]:
+        out = list(garbage) + server(packet)
+        seg = ipv4.parse(packet)
+        for g in garbage:  # wrapped as if from the server: TCP to our port, ICMP errors
+            if isinstance(seg, ipv4.TcpSegment):
+                out.append(ipv4.ipv4_packet(BEYOND, SOURCE, ipv4.PROTO_TCP,
+                                            seg.dport.to_bytes(2, "big")
+                                            + seg.sport.to_bytes(2, "big") + g))
+            out.append(ipv4.ipv4_packet(BEYOND, SOURCE, ipv4.PROTO_ICMP, g))
+        return out
+
+    result = _transact(respond, wait=0.3)
+    assert result.reason in (Reason.OK, Reason.BAD_RESPONSE, Reason.TIMEOUT, Reason.REFUSED,
+                             Reason.ICMP_UNREACHABLE), result

@@ -11,6 +11,8 @@ One lab for the module (the servers take seconds to start); every test puts back
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from probes.lab.egress import (
     set_forwarding,
     set_masquerade,
     shape_uplink,
+    start_https,
     start_reflector,
 )
 from probes.lab.openvpn import OpenVPNServer
@@ -40,6 +43,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.wireguard, pytest.mark.openvpn, pytes
 AGENT_TUNNEL = "10.201.0.2/32"
 IKE_POOL = "10.212.0.0/24"
 NAME = "probe.user.lab"
+WWW = "www.user.lab"  # the HTTPS server's certificate name (the transaction's server_name)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class World:
     checks: list[PlannedCheck]
     bursts: list[PlannedCheck]  # the throughput checks, run apart (they take a second each)
     planned: list[PlannedCheck]  # every planned check (the handshakes and TLS checks too)
+    https: Callable[[bool], None]  # start (True) or stop (False) the HTTPS server
 
 
 def _write(path: Path, text: str) -> str:
@@ -76,7 +81,10 @@ def _targets(lab: Lab, node: Host, internet: Host) -> tuple[list[Target], list[s
                  "dns": {"name": NAME, "expect": [internet.address], "attempt_timeout": 0.5},
                  "throughput": {"reflector": f"{internet.address}:{REFLECTOR_PORT}",
                                 "rate": 1_000_000, "duration": 0.5, "min_rate": 400_000,
-                                "max_queueing_delay": 0.2}}
+                                "max_queueing_delay": 0.2},
+                 "transaction": {"address": internet.address, "server_name": WWW,
+                                 "ca_file": str(lab.pki().ca_file), "expect_status": [200],
+                                 "connect_timeout": 1.0}}
 
     def openvpn(server: OpenVPNServer) -> dict[str, object]:
         return {"port": server.port, "proto": server.proto, "level": "tunnel",
@@ -112,14 +120,26 @@ def world() -> Iterator[World]:
         resolver = Resolver(lab, internet, "user.lab", {NAME: internet.address})
         resolver.start()
         start_reflector(internet)
+        www = lab.pki().issue(WWW, server=True)
+        running: list[subprocess.Popen[bytes]] = []
+
+        def https(on: bool) -> None:
+            for proc in running:
+                lab.stop_process(proc)
+            running.clear()
+            if on:
+                running.append(start_https(internet, str(www.cert), str(www.key)))
+
+        https(True)
         targets, subnets = _targets(lab, node, internet)
         enable_egress(node, subnets)
         planned = [c for t in targets for c in plan_target(t, lab.dir, lab.dir / "state")]
         sessions = ("wireguard.session", "openvpn.tunnel", "ikev2.tunnel")
         checks = [c for c in planned if c.kind.name in sessions
-                  or c.kind.name.endswith((".egress", ".dns"))]
+                  or c.kind.name.endswith((".egress", ".dns", ".transaction"))]
         bursts = [c for c in planned if c.kind.name.endswith(".throughput")]
-        yield World(lab, node, agent, internet, resolver, subnets, checks, bursts, planned)
+        yield World(lab, node, agent, internet, resolver, subnets, checks, bursts, planned,
+                    https)
 
 
 def _run_all(world: World, checks: list[PlannedCheck] | None = None) -> dict[str, CheckResult]:
@@ -146,16 +166,19 @@ def _run_all(world: World, checks: list[PlannedCheck] | None = None) -> dict[str
 
 def _assert(results: dict[str, CheckResult],
             expect: Callable[[str], Reason]) -> None:
-    assert len(results) == 12, sorted(results)  # 3 kinds x (WireGuard, OpenVPN x 2, IKEv2)
+    assert len(results) == 16, sorted(results)  # 4 kinds x (WireGuard, OpenVPN x 2, IKEv2)
     wrong = {key: (r.reason.value, r.detail) for key, r in results.items()
              if r.reason is not expect(key.rsplit("/", 1)[-1])}
     assert not wrong, wrong
 
 
-def _by_kind(egress: Reason, dns: Reason) -> Callable[[str], Reason]:
+def _by_kind(egress: Reason, dns: Reason,
+             transaction: Reason = Reason.OK) -> Callable[[str], Reason]:
     def expect(check: str) -> Reason:
         if check.endswith(".egress"):
             return egress
+        if check.endswith(".transaction"):
+            return transaction
         return dns if check.endswith(".dns") else Reason.OK  # the session checks still pass
     return expect
 
@@ -170,6 +193,11 @@ def test_a_healthy_node_passes_every_user_path_check(world: World) -> None:
         dns = next(r for k, r in results.items() if k.endswith(pushed))
         assert dns.facts["dns_resolver"] == world.internet.address  # pushed, not configured
         assert dns.facts["dns_answer"] == world.internet.address
+    for key, result in results.items():
+        if key.endswith(".transaction"):  # TCP, TLS 1.3 verified against the lab CA, HEAD
+            assert result.facts["transaction_http_status"] == 200, key
+            assert result.facts["transaction_tls_version"] == "TLSv1.3", key
+            assert {"connect", "tls", "http"} <= set(result.phases), key
     ike = next(r for k, r in results.items() if k.endswith("ikev2.egress"))
     assert ike.facts["inner_source"] == ike.facts["internal_address"]  # from the pool
     assert str(ike.facts["internal_address"]).startswith("10.212.0.")
@@ -182,7 +210,7 @@ def test_forwarding_off_is_egress_failed(world: World) -> None:
         results = _run_all(world)
     finally:
         set_forwarding(world.node, True)
-    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT, Reason.TIMEOUT))
     egress = next(r for k, r in results.items() if k.endswith("wireguard.egress"))
     assert "the node answers in the tunnel (3/3)" in egress.detail
     assert "internet: 0/6 answered" in egress.detail
@@ -194,7 +222,7 @@ def test_a_missing_nat_rule_is_egress_failed(world: World) -> None:
         results = _run_all(world)
     finally:
         set_masquerade(world.node, world.subnets, True)
-    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT, Reason.TIMEOUT))
 
 
 def test_a_black_hole_beyond_the_node_is_egress_failed(world: World) -> None:
@@ -203,7 +231,7 @@ def test_a_black_hole_beyond_the_node_is_egress_failed(world: World) -> None:
         results = _run_all(world)
     finally:
         world.lab.heal(world.internet)
-    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT))
+    _assert(results, _by_kind(Reason.EGRESS_FAILED, Reason.DNS_TIMEOUT, Reason.TIMEOUT))
 
 
 def test_a_stopped_resolver_is_dns_unreachable(world: World) -> None:
@@ -224,6 +252,28 @@ def test_a_resolver_answering_servfail_is_dns_servfail(world: World) -> None:
     finally:
         world.resolver.start()
     _assert(results, _by_kind(Reason.OK, Reason.DNS_SERVFAIL))
+
+
+def test_transaction_faults_beyond_the_node_have_their_own_reasons(world: World) -> None:
+    """The HTTPS server stopped: the target's kernel answers the SYN with a RST (refused); a
+    certificate for another name: cert-verify-failed; the other checks are not this one's."""
+    transactions = [c for c in world.checks if c.kind.name.endswith(".transaction")]
+    assert len(transactions) == 4
+    world.https(False)
+    try:
+        stopped = _run_all(world, transactions)
+    finally:
+        world.https(True)
+    assert {k: r.reason for k, r in stopped.items()} == {
+        c.key: Reason.REFUSED for c in transactions}, {k: r.detail for k, r in stopped.items()}
+    assert all("nothing listens" in r.detail for r in stopped.values())
+    other = [dataclasses.replace(c, params=msgspec.structs.replace(
+        c.params, transaction=msgspec.structs.replace(c.params.transaction,
+                                                      server_name="other.user.lab")))
+             for c in transactions]
+    wrong = _run_all(world, other)
+    assert {r.reason for r in wrong.values()} == {Reason.CERT_VERIFY_FAILED}, {
+        k: (r.reason, r.detail) for k, r in wrong.items()}
 
 
 def test_a_throttled_uplink_is_low_throughput_while_everything_else_passes(world: World) -> None:
