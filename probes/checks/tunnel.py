@@ -163,19 +163,23 @@ async def in_turn(identity: Hashable, timeout: float,
     lock = _turns.setdefault(asyncio.get_running_loop(), {}).setdefault(identity,
                                                                         asyncio.Lock())
     started = time.monotonic()
+    queued = lock.locked()
     try:
-        await asyncio.wait_for(lock.acquire(), timeout * MAX_TURN_WAIT_SHARE)
+        if queued:
+            await asyncio.wait_for(lock.acquire(), timeout * MAX_TURN_WAIT_SHARE)
+        else:
+            await lock.acquire()  # free: taken at once, no wait to report
     except TimeoutError:
         waited = time.monotonic() - started
         return CheckResult(False, Reason.OVERLOADED, waited, phases={"queue": waited},
                            detail=f"another check of this agent used the same identity with "
                                   f"this server for {waited:.3g}s")
     try:
-        waited = time.monotonic() - started
+        waited = time.monotonic() - started if queued else 0.0
         result = await run(timeout - waited)
     finally:
         lock.release()
-    if waited >= 0.001:
+    if queued:
         result.phases = {"queue": waited, **result.phases}
         result.duration_seconds += waited
     return result

@@ -1,16 +1,19 @@
-"""Probe cost of the user-path checks: bytes on the wire and CPU per egress and per DNS probe,
-beside a real WireGuard client doing the same work (slow, lab; run under the bench lock).
+"""Probe cost of the user-path checks: bytes on the wire and CPU per egress, DNS and TCP
+transaction probe, beside a real WireGuard client doing the same work (slow, lab; run under the
+bench lock).
 
 One lab: a node running wireguard-go that forwards and masquerades to an "internet" host with
-unbound. Per probe, both sides do one fresh handshake and then the same exchange:
+unbound and an HTTPS server. Per probe, both sides do one fresh handshake and then the same
+exchange:
 
 * tunnelwatch: ``wireguard.egress`` (3 ICMP echoes to the node's tunnel address and 3 to the
-  target, interleaved) and ``wireguard.dns`` (one A query), each a whole check run through
-  :func:`probes.checks.base.execute` in this process;
+  target, interleaved), ``wireguard.dns`` (one A query) and ``wireguard.transaction`` (TCP on
+  the agent's user-space stack, TLS 1.3 verified, ``HEAD /``, FIN), each a whole check run
+  through :func:`probes.checks.base.execute` in this process;
 * the peer: a wireguard-go client interface in the agent's namespace whose peer is removed and
   re-added before each probe (so the first packet makes a fresh handshake), then ``ping -c 3``
-  to the node's tunnel address and to the target, or the same DNS query sent through the
-  kernel route over the interface.
+  to the node's tunnel address and to the target, the same DNS query sent through the kernel
+  route over the interface, or ``curl --head`` over the kernel's TCP.
 
 Bytes: the agent link's rx+tx bytes (everything on the wire, encapsulation included). CPU: every
 process involved — this process (tunnelwatch's check, or the peer's DNS query and its driving),
@@ -38,7 +41,7 @@ from probes.agent.plan import PlannedCheck, plan_target
 from probes.checks.base import execute
 from probes.config import Target
 from probes.lab import Host, Lab, WgPeer, wg_keypair, wg_psk
-from probes.lab.egress import Resolver, enable_egress
+from probes.lab.egress import Resolver, enable_egress, start_https
 from probes.lab.wireguard import WireGuardServer
 from probes.protocols import dns
 from tests.conftest import lab_unavailable
@@ -47,6 +50,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.wireguard]
 
 PROBES = 100
 NAME = "probe.user.lab"
+WWW = "www.user.lab"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,7 +81,10 @@ class World:
     resolver: Resolver
     egress: PlannedCheck
     dns: PlannedCheck
+    transaction: PlannedCheck
     client: WireGuardServer  # the peer: a wireguard-go client interface in the agent namespace
+    https_pid: int
+    ca_file: str
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,8 @@ def world() -> Iterator[World]:
         node, agent, internet = (lab.add_host(n) for n in ("node", "agent", "internet"))
         resolver = Resolver(lab, internet, "user.lab", {NAME: internet.address})
         resolver.start()
+        www = lab.pki().issue(WWW, server=True)
+        https = start_https(internet, str(www.cert), str(www.key))
         ours, theirs, psk = wg_keypair(), wg_keypair(), wg_psk()
         server = lab.start_wireguard(node, peers=[WgPeer(ours.public, "10.201.0.2/32", psk),
                                                   WgPeer(theirs.public, "10.201.0.3/32")])
@@ -105,7 +114,10 @@ def world() -> Iterator[World]:
             "user_path": {"egress": {"targets": [{"name": "internet",
                                                   "address": internet.address}],
                                      "echo_interval": 0.02},
-                          "dns": {"name": NAME, "expect": [internet.address]}},
+                          "dns": {"name": NAME, "expect": [internet.address]},
+                          "transaction": {"address": internet.address, "server_name": WWW,
+                                          "ca_file": str(lab.pki().ca_file),
+                                          "expect_status": [200]}},
         }, Target)
         planned = {c.check: c for c in plan_target(target, lab.dir, lab.dir / "state")}
         client = WireGuardServer(lab, agent, port=51821, tunnel_address="10.201.0.3/32",
@@ -114,7 +126,8 @@ def world() -> Iterator[World]:
         for dst in (server.tunnel_address, internet.address):
             agent.run(["ip", "route", "add", f"{dst}/32", "dev", client.interface])
         yield World(lab, agent, node, internet, server, resolver, planned["wireguard.egress"],
-                    planned["wireguard.dns"], client)
+                    planned["wireguard.dns"], planned["wireguard.transaction"], client,
+                    https.pid, str(lab.pki().ca_file))
 
 
 def _peer_fresh(w: World) -> None:
@@ -145,6 +158,14 @@ def _peer_dns(w: World) -> bool:
     return answer.addresses(dns.RecordType.A) == [w.internet.address]
 
 
+def _peer_transaction(w: World) -> bool:
+    _peer_fresh(w)
+    done = w.agent.run(["curl", "-s", "-o", "/dev/null", "--head", "--max-time", "5",
+                        "--cacert", w.ca_file, "--resolve", f"{WWW}:443:{w.internet.address}",
+                        "-w", "%{http_code}", f"https://{WWW}/"], check=False)
+    return done.returncode == 0 and done.stdout.strip() == "200"
+
+
 def _ours(w: World, check: PlannedCheck) -> Callable[[], bool]:
     def run() -> bool:
         with w.agent.entered():
@@ -160,7 +181,8 @@ class Cost:
 
 
 def _measure(w: World, probe: Callable[[], bool]) -> Cost:
-    pids = [w.server.proc.pid, w.client.proc.pid, w.resolver.proc.pid]  # type: ignore[union-attr]
+    pids = [w.server.proc.pid, w.client.proc.pid,  # type: ignore[union-attr]
+            w.resolver.proc.pid, w.https_pid]  # type: ignore[union-attr]
     probe()  # warm-up (imports, first routes)
     time.sleep(0.05)
     link, cpu = _link_bytes(w.agent), _self_cpu() + sum(_proc_cpu(p) for p in pids)
@@ -175,10 +197,12 @@ def _measure(w: World, probe: Callable[[], bool]) -> Cost:
                 statistics.median(walls) * 1e3)
 
 
-def test_bytes_and_cpu_per_egress_and_dns_probe(world: World) -> None:
+def test_bytes_and_cpu_per_egress_dns_and_transaction_probe(world: World) -> None:
     rows = []
     for what, ours, peer in (("egress", _ours(world, world.egress), lambda: _peer_egress(world)),
-                             ("dns", _ours(world, world.dns), lambda: _peer_dns(world))):
+                             ("dns", _ours(world, world.dns), lambda: _peer_dns(world)),
+                             ("https", _ours(world, world.transaction),
+                              lambda: _peer_transaction(world))):
         load_before = os.getloadavg()
         mine, theirs = _measure(world, ours), _measure(world, peer)
         rows.append((what, mine, theirs, load_before, os.getloadavg()))
@@ -186,7 +210,7 @@ def test_bytes_and_cpu_per_egress_and_dns_probe(world: World) -> None:
     for what, mine, theirs, before, after in rows:
         print(f"{what:6} tunnelwatch: {mine.bytes:7.0f} B/probe  {mine.cpu_ms:6.2f} ms CPU/probe  "
               f"median wall {mine.wall_ms:6.1f} ms")
-        print(f"{'':6} wireguard-go + ping/socket: {theirs.bytes:7.0f} B/probe  "
+        print(f"{'':6} wireguard-go + ping/socket/curl: {theirs.bytes:7.0f} B/probe  "
               f"{theirs.cpu_ms:6.2f} ms CPU/probe  median wall {theirs.wall_ms:6.1f} ms")
         print(f"{'':6} ratio tunnelwatch/peer: bytes {mine.bytes / theirs.bytes:.2f}, "
               f"CPU {mine.cpu_ms / theirs.cpu_ms:.2f}; load average "
