@@ -17,6 +17,7 @@ from probes.mesh.policy import (
     PolicyError,
     PoolGuardPolicy,
     QuorumPolicy,
+    StateLimits,
     validate_policy,
 )
 from probes.mesh.snapshot import dump_engine, load_engine
@@ -296,6 +297,13 @@ def _policy(draw: st.DrawFn) -> DecisionPolicy:
     window = draw(st.integers(0, 64))
     half_life = draw(st.floats(1e-3, 1e5))
     reuse = draw(st.floats(1e-3, 1e6))
+    max_hold = draw(st.floats(1e-3, 1e7))
+    stale_after = draw(st.floats(1e-3, 1e5))
+    max_age = draw(st.floats(0, 1e5))
+    # forgetting must cover stale_after, max_age and max_hold (or be 0, never): drawn so, as
+    # the default day alone made validate_policy reject three policies in four (the test spent
+    # most of its minute drawing policies it then threw away)
+    forget_after = draw(st.sampled_from([0.0, max(86_400.0, stale_after, max_age, max_hold)]))
     return DecisionPolicy(
         rise=draw(st.integers(1, 5)),
         fall=draw(st.integers(1, 5)),
@@ -307,16 +315,17 @@ def _policy(draw: st.DrawFn) -> DecisionPolicy:
             half_life_seconds=half_life,
             reuse=reuse,
             suppress=reuse * draw(st.floats(1.001, 1e3)),
-            max_hold_seconds=draw(st.floats(1e-3, 1e7)),
+            max_hold_seconds=max_hold,
         ),
         quorum=QuorumPolicy(
             mode=draw(st.sampled_from(["majority", "percent"])),
             healthy_percent=draw(st.floats(0, 99.999)),
             min_voters=draw(st.integers(1, 6)),
         ),
-        stale_after_seconds=draw(st.floats(1e-3, 1e5)),
-        max_age_seconds=draw(st.floats(0, 1e5)),
+        stale_after_seconds=stale_after,
+        max_age_seconds=max_age,
         pool_guard=PoolGuardPolicy(max_down_share=draw(st.floats(1e-3, 1.0))),
+        limits=StateLimits(forget_after_seconds=forget_after),
     )
 
 
