@@ -15,7 +15,7 @@ from tests.mesh.helpers import obs
 
 pytestmark = pytest.mark.mesh
 
-FAST = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
 KEY = b"k" * 32
 GOOD_LINE = encode(obs("n0", "va", True))

@@ -116,13 +116,13 @@ def _session_never_raises(chunks: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(_parsers()))
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=INPUTS)
 def test_parsers_raise_only_openvpn_error(name: str, data: bytes) -> None:
     _only_own_error(_parsers()[name], data)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(chunks=st.lists(INPUTS, max_size=6))
 def test_session_never_raises(chunks: list[bytes]) -> None:
     _session_never_raises(chunks)

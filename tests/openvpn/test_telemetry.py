@@ -93,7 +93,7 @@ LINES = st.lists(st.one_of(
               st.text(max_size=40))), max_size=12).map("\n".join)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(text=st.one_of(st.text(max_size=300), LINES))
 def test_fuzz_telemetry_parsers(text: str) -> None:
     _fuzz(text)

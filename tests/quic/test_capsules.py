@@ -16,7 +16,7 @@ from probes.protocols import capsules as cap
 
 pytestmark = pytest.mark.quic
 
-FAST = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
 
 V4 = ipaddress.IPv4Address

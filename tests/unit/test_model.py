@@ -72,11 +72,27 @@ def test_schema_errors_name_the_field(mutate, path: str) -> None:  # type: ignor
     assert info.value.path == path
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.binary(max_size=300))
-def test_fuzz_decode_batch_only_raises_schema_error(data: bytes) -> None:
+# the default run; the _100k variants (marked slow) go deep
+FAST = settings(max_examples=500, deadline=None)
+SLOW = settings(max_examples=100_000, deadline=None)
+
+
+def _decode_raises_only_schema_error(data: bytes) -> None:
     with contextlib.suppress(SchemaError):
         decode_batch(data)
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_fuzz_decode_batch_only_raises_schema_error(data: bytes) -> None:
+    _decode_raises_only_schema_error(data)
+
+
+@pytest.mark.slow
+@SLOW
+@given(st.binary(max_size=300))
+def test_fuzz_decode_batch_only_raises_schema_error_100k(data: bytes) -> None:
+    _decode_raises_only_schema_error(data)
 
 
 json_values = st.recursive(
@@ -86,11 +102,17 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=2000, deadline=None)
+@FAST
 @given(json_values)
 def test_fuzz_structured_json_only_raises_schema_error(value: object) -> None:
-    with contextlib.suppress(SchemaError):
-        decode_batch(json.dumps(value).encode())
+    _decode_raises_only_schema_error(json.dumps(value).encode())
+
+
+@pytest.mark.slow
+@SLOW
+@given(json_values)
+def test_fuzz_structured_json_only_raises_schema_error_100k(value: object) -> None:
+    _decode_raises_only_schema_error(json.dumps(value).encode())
 
 
 def test_invalid_utf8_inside_a_string_is_a_schema_error() -> None:
@@ -103,13 +125,23 @@ def test_invalid_utf8_inside_a_string_is_a_schema_error() -> None:
         decode_verdict(b'{"node": "\xc3"}')
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.binary(max_size=40))
-def test_fuzz_bytes_inside_a_valid_batch_only_raise_schema_error(junk: bytes) -> None:
+def _batch_with(junk: bytes) -> bytes:
     batch = encode(ObservationBatch(version=SCHEMA_VERSION, agent="a", batch_seq=1, sent_at=0.0,
                                     observations=[_obs(1)]))
-    with contextlib.suppress(SchemaError):
-        decode_batch(batch.replace(b"fra1-n1", junk.replace(b'"', b"").replace(b"\\", b"")))
+    return batch.replace(b"fra1-n1", junk.replace(b'"', b"").replace(b"\\", b""))
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_fuzz_bytes_inside_a_valid_batch_only_raise_schema_error(junk: bytes) -> None:
+    _decode_raises_only_schema_error(_batch_with(junk))
+
+
+@pytest.mark.slow
+@SLOW
+@given(st.binary(max_size=40))
+def test_fuzz_bytes_inside_a_valid_batch_only_raise_schema_error_100k(junk: bytes) -> None:
+    _decode_raises_only_schema_error(_batch_with(junk))
 
 
 def test_a_load_record_round_trips_and_out_of_range_figures_name_their_field() -> None:

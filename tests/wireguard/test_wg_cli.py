@@ -134,11 +134,25 @@ def test_parse_dump_rejects(bad: str) -> None:
         tel.parse_dump(bad, "wg0")
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(["(none)", "off", "0", "12", PUB_A, "x", "", "\uff11"])
-                         | st.text(max_size=8), min_size=0, max_size=10), max_size=5),
-       st.sampled_from(["", "wg0"]))
+DUMP_FIELDS = st.sampled_from(["(none)", "off", "0", "12", PUB_A, "x", "", "\uff11"])
+DUMP_ROWS = st.lists(st.lists(DUMP_FIELDS | st.text(max_size=8), min_size=0, max_size=10),
+                     max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(DUMP_ROWS, st.sampled_from(["", "wg0"]))
 def test_fuzz_parse_dump(rows: list[list[str]], interface: str) -> None:
+    _parse_dump_raises_only_telemetry_error(rows, interface)
+
+
+@pytest.mark.slow
+@settings(max_examples=100_000, deadline=None)
+@given(DUMP_ROWS, st.sampled_from(["", "wg0"]))
+def test_fuzz_parse_dump_100k(rows: list[list[str]], interface: str) -> None:
+    _parse_dump_raises_only_telemetry_error(rows, interface)
+
+
+def _parse_dump_raises_only_telemetry_error(rows: list[list[str]], interface: str) -> None:
     text = "\n".join("\t".join(r) for r in rows)
     try:
         views = tel.parse_dump(text, interface)

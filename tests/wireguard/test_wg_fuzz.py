@@ -30,7 +30,7 @@ WALL = 1_700_000_000 * 10**9
 SENDER = 0x01020304
 PEER = ("192.0.2.1", 51820)
 
-FAST = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
