@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -88,41 +89,53 @@ def _tw(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=_env(), capture_output=True, text=True, timeout=120, check=False)
 
 
+def _keys_then_check(home: Path, example: Path) -> tuple[str, str]:
+    """``keygen secrets`` then ``check-config`` on one example: their errors, '' when fine."""
+    keys = _tw(home, "keygen", "secrets", str(example))
+    if keys.returncode != 0:
+        return example.name, "keygen secrets: " + keys.stderr
+    checked = _tw(home, "check-config", str(example))
+    return example.name, "" if checked.returncode == 0 else "check-config: " + checked.stderr
+
+
 def test_the_installed_wheel_is_the_whole_product(
         walked: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     home, result = walked
     assert result.returncode == 0, "the walkthrough failed (see the other test)"
-    assert _tw(home, "--help").returncode == 0
-    module = subprocess.run([str(home / "tw" / "bin" / "python"), "-m", "probes", "--help"],
-                            cwd=home, env=_env(), capture_output=True, text=True, timeout=60,
-                            check=False)
-    assert module.returncode == 0 and "tunnelwatch" in module.stdout
     out = home / "exported"
-    export = _tw(home, "assets", "export", str(out))
-    assert export.returncode == 0, export.stderr
-    assert {p.name for p in out.iterdir()} == {"rules", "dashboards", "alertmanager",
-                                               "examples", "LICENSE"}
-    assert list((out / "dashboards").glob("*.json"))
-    assert (out / "alertmanager" / "alertmanager.yml").is_file()
-    examples = sorted((out / "examples").glob("*.yaml"))
-    assert {p.name for p in examples} >= {"agent.yaml", "mesh.yaml"}
-    for example in examples:
-        keys = _tw(home, "keygen", "secrets", str(example))
-        assert keys.returncode == 0, keys.stderr
-        checked = _tw(home, "check-config", str(example))
-        assert checked.returncode == 0, checked.stderr
-    if PROMTOOL is not None:
+    # the commands that do not depend on each other run side by side: each one is a Python
+    # start of a few seconds under load, and the machine has two cores
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        helped = pool.submit(_tw, home, "--help")
+        module = pool.submit(subprocess.run, [str(home / "tw" / "bin" / "python"), "-m",
+                                              "probes", "--help"],
+                             cwd=home, env=_env(), capture_output=True, text=True, timeout=60,
+                             check=False)
+        reference = pool.submit(_tw, home, "config-reference")
+        written = pool.submit(_tw, home, "config-reference", "--output", str(home / "ref.md"))
+        export = _tw(home, "assets", "export", str(out))
+        assert export.returncode == 0, export.stderr
+        assert {p.name for p in out.iterdir()} == {"rules", "dashboards", "alertmanager",
+                                                   "examples", "LICENSE"}
+        assert list((out / "dashboards").glob("*.json"))
+        assert (out / "alertmanager" / "alertmanager.yml").is_file()
+        examples = sorted((out / "examples").glob("*.yaml"))
+        assert {p.name for p in examples} >= {"agent.yaml", "mesh.yaml"}
+        checked = pool.map(lambda example: _keys_then_check(home, example), examples)
+        if PROMTOOL is None:
+            pytest.fail("promtool is missing (make setup installs it)")
         rules = sorted(str(p) for p in (out / "rules").glob("*.rules.yaml"))
         promtool = subprocess.run([PROMTOOL, "check", "rules", *rules], capture_output=True,
                                   text=True, timeout=120, check=False)
         assert promtool.returncode == 0, promtool.stdout + promtool.stderr
-    else:
-        pytest.fail("promtool is missing (make setup installs it)")
-    # writing commands write where they are told: nothing into site-packages
+        assert [(name, error) for name, error in checked if error] == []
+        assert helped.result().returncode == 0
+        assert module.result().returncode == 0 and "tunnelwatch" in module.result().stdout
+        # writing commands write where they are told: nothing into site-packages
+        assert reference.result().returncode == 0
+        assert "# Configuration reference" in reference.result().stdout
+        assert written.result().returncode == 0
+    assert (home / "ref.md").read_text() == reference.result().stdout
     site = next((home / "tw" / "lib").glob("python3*/site-packages"))
-    reference = _tw(home, "config-reference")
-    assert reference.returncode == 0 and "# Configuration reference" in reference.stdout
-    assert _tw(home, "config-reference", "--output", str(home / "ref.md")).returncode == 0
-    assert (home / "ref.md").read_text() == reference.stdout
     assert not list(site.rglob("configuration-reference.md"))
     assert not (site.parent / "docs").exists()
