@@ -118,7 +118,8 @@ MAX_TIER_CACHE = 4096  # (kind, tier sent) pairs whose tier is remembered
 # impairment is judged on every input, at most this often: during a mass failure the judgement
 # reads each vantage's DOWN opinions, and batches arrive many times a second
 JUDGE_EVERY_SECONDS = 0.25
-AUDIT_KEPT = 10_000  # audit notes kept until taken (a replay that never takes them stays bounded)
+AUDIT_KEPT = 10_000
+REASON_OK = Reason.OK  # audit notes kept until taken (a replay that never takes them stays bounded)
 
 
 class DecisionEngine:
@@ -341,7 +342,10 @@ class DecisionEngine:
                 if not nv.wheeled:
                     self._wheel_add(nv, now)
             nv.seen = now
-            if obs.reason in AGENT_SIDE_REASONS:
+            reason = obs.reason
+            # most observations pass: an identity test spares them the set lookup (an enum
+            # member's hash is a Python-level call)
+            if reason is not REASON_OK and reason in AGENT_SIDE_REASONS:
                 # the agent could not run or time the check: no evidence about the node either
                 # way (the vantage is alive, so it stays fresh)
                 accepted -= 1
@@ -350,7 +354,7 @@ class DecisionEngine:
             ok = obs.ok
             quality = obs.quality
             breach = False
-            if not ok and obs.reason in quality_reasons:
+            if not ok and reason in quality_reasons:
                 ok = True  # the tunnel works, badly: DEGRADED through the quality flag
                 breach = True
             if quality is not None:
@@ -368,7 +372,8 @@ class DecisionEngine:
             state = check.state
             if ok:
                 check.fail_since = inf
-                check.pass_at = max(check.pass_at, obs.wall_time)
+                if obs.wall_time > check.pass_at:  # noqa: PLR1730 - max() costs a builtin call
+                    check.pass_at = obs.wall_time
                 if window:
                     check.window = (check.window << 1) & mask
                 elif fall_definitive:

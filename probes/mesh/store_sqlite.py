@@ -57,8 +57,18 @@ CREATE TABLE IF NOT EXISTS snapshot (
 SCHEMA_VERSION = "2"
 
 
+# pages of a database created by this build: a journal entry is a whole batch (~330 KB for 2,000
+# observations), stored in overflow pages each written to the WAL, then checkpointed and pruned
+# page by page. Measured per observation for commit + checkpoint + prune: 0.80 us at 4 KiB pages,
+# 0.47 us at 16 KiB, 0.35 us at 64 KiB; but a small commit writes whole pages to the WAL (16 KB
+# at 4 KiB pages, 39 KB at 16 KiB, 138 KB at 64 KiB), and a mesh with few agents commits small
+# batches. (A database keeps the page size it was created with.)
+PAGE_SIZE = 16384
+
+
 def _connect(path: str, durability: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL: a new file only, else ignored
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA busy_timeout=10000")
@@ -274,7 +284,8 @@ class SQLiteStore(MeshStore):
         db = _connect(self.path, self.durability)
         # no checkpoint inside a commit: the checkpointer thread does them (see the module);
         # past 256 MiB of WAL (it fell behind, or is stuck) commits checkpoint again themselves
-        db.execute("PRAGMA wal_autocheckpoint=65536")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA wal_autocheckpoint={256 * 1024 * 1024 // page}")
         return db
 
     def probe_write(self) -> None:

@@ -129,7 +129,13 @@ NODE_READ_TIERS = frozenset({Tier.TELEMETRY, Tier.LOAD})
 LOCAL_TIERS = frozenset({*NODE_READ_TIERS, Tier.POLICY})
 
 
-class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+# Structs that hold only scalars (and a dict of floats) are never part of a reference cycle:
+# ``gc=False`` keeps them out of the garbage collector, which otherwise tracks every observation
+# of every batch the mesh decodes (and counts each towards its next collection).
+
+
+class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True,
+              gc=False):
     """Measured quality of an in-tunnel (or L4) exchange. Times in seconds, loss as a ratio 0..1."""
 
     sent: Count = 0
@@ -145,7 +151,8 @@ class Quality(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fi
     queueing_delay_seconds: Seconds | None = None
 
 
-class NodeLoad(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+class NodeLoad(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True,
+               gc=False):
     """A node's load as read on the node (``telemetry.load``): the input of the mesh's weights.
 
     Rates are over ``interval_seconds``, the time between this read and the previous one of the
@@ -175,7 +182,8 @@ class NodeLoad(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
                 + self.interface_drops_per_second + self.qdisc_drops_per_second)
 
 
-class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+class Observation(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True,
+                  gc=False):
     """One check's result at one instant from one vantage point."""
 
     node: Name

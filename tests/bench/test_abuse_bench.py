@@ -424,6 +424,6 @@ def test_a_low_rate_agent_keeps_its_latency_behind_heavy_ingest(tmp_path: Path) 
         ("tunnelwatch_mesh_snapshots_background_total", "tunnelwatch_mesh_snapshot_pause"))]
     print(f"heavy ingest: {sent:,} observations alongside, mesh CPU busy {busy:.0%} of one core; "
           f"{snaps}; p99 heavy / idle {loaded['p99'] / idle['p99']:.2f} "
-          "(docs/mesh.md: p99 14.7 ms under load)")
+          "(target: the decision p99 under load, <= 20 ms)")
     assert loaded["samples"] >= MIN_SAMPLES and loaded["statuses"] == {200: loaded["samples"]}
     assert sent > 0
