@@ -269,15 +269,20 @@ class UdpPool:
 
     def node_of(self, client: WgClient) -> str | None:
         """The node serving a client: the one whose WireGuard saw its handshake last."""
-        best: tuple[int, str] | None = None
+        placed = self.placements().get(client.keys.public)
+        return placed[1] if placed else None
+
+    def placements(self) -> dict[str, tuple[int, str]]:
+        """Client public key -> (its latest handshake, epoch seconds; the node that saw it), one
+        ``wg show dump`` per node: where the balancer put each client's flow."""
+        out: dict[str, tuple[int, str]] = {}
         for node in self.nodes.values():
             for line in node.wireguard.dump().splitlines()[1:]:
                 cols = line.split("\t")
-                if cols[0] == client.keys.public and cols[4] != "0":
-                    stamp = int(cols[4])
-                    if best is None or stamp > best[0]:
-                        best = (stamp, node.name)
-        return best[1] if best else None
+                stamp = int(cols[4])
+                if stamp and (cols[0] not in out or stamp > out[cols[0]][0]):
+                    out[cols[0]] = (stamp, node.name)
+        return out
 
     def node_bytes(self) -> dict[str, int]:
         """Bytes each node's network interface moved so far (both ways): its traffic load."""

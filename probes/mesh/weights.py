@@ -19,10 +19,13 @@ step and node:
 1. **Smoothing.** Each load signal is an EWMA over irregular samples: a sample pulls the average
    by ``1 - 2^(-dt / half_life)`` of the way, ``dt`` being the time since the node's previous
    sample. Load older than ``load_stale_after_seconds`` lapses: no evidence, no cut.
-2. **Step table.** Each signal's table gives a cut (the deepest step its value reached; a step is
-   left only once the value fell ``step_hysteresis`` below it). Relative tables compare the node's
-   figure per unit of capacity with its pool's mean. The deepest cut of all tables decides;
-   the result is never below ``floor_percent``: load alone never takes a node out.
+2. **Step table.** Each signal's table gives a cut: the deepest step its value reached (a step is
+   left only once the value fell ``step_hysteresis`` below it), or in a proportional table the
+   cut interpolated between its steps. Relative tables compare the node's figure per unit of
+   capacity with its pool's mean, and their cuts are taken relative to the pool's least-cut
+   serving node (a preference between peers: the coldest keeps its full weight). The deepest cut
+   of all tables decides; the result is never below ``floor_percent``: load alone never takes a
+   node out.
 3. **Caps from the state.** UP 100, DEGRADED ``degraded_cap_percent``, DOWN / DRAINING /
    MAINTENANCE 0; a node back from one of the last three ramps from
    ``slow_start_initial_percent`` to its cap over ``slow_start_seconds``.
@@ -40,6 +43,7 @@ cut) and the rules that shaped it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -259,10 +263,17 @@ class WeightEngine:
                                                 bound=policy.slow_start_seconds))
         return cap, limit, reasons
 
+    def _compared(self, node: NodeWeight, signal: str, now: float) -> float | None:
+        """A node's figure for a relative table, if it takes part in the comparison (serving,
+        with fresh load)."""
+        if node.state not in _SERVING or not node.load_fresh(now,
+                                                             self.policy.load_stale_after_seconds):
+            return None
+        return node.ewma.get(signal)
+
     def _relative_means(self, members: list[NodeWeight], now: float) -> dict[int, float]:
         """Per relative table: the pool's mean figure per unit of capacity, over serving nodes
         with fresh load (at least two of them, else there is nothing to compare with)."""
-        stale = self.policy.load_stale_after_seconds
         means: dict[int, float] = {}
         for index, table in enumerate(self.policy.steps):
             if not table.relative:
@@ -270,8 +281,8 @@ class WeightEngine:
             total = capacity = 0.0
             count = 0
             for node in members:
-                value = node.ewma.get(table.signal)
-                if value is None or node.state not in _SERVING or not node.load_fresh(now, stale):
+                value = self._compared(node, table.signal, now)
+                if value is None:
                     continue
                 total += value
                 capacity += node.capacity
@@ -280,16 +291,15 @@ class WeightEngine:
                 means[index] = total / capacity
         return means
 
-    def _load_target(self, node: NodeWeight, now: float,
-                     means: dict[int, float]) -> tuple[float, list[WeightReason]]:
-        """The weight load allows (percent, floored) and the signals that cut it."""
+    def _cuts(self, node: NodeWeight, now: float,
+              means: dict[int, float]) -> list[tuple[int, float, float, float]] | None:
+        """Every table that cuts the node: (table index, value compared, step's ``at``, cut).
+        None: no fresh load, nothing to go by."""
         policy = self.policy
         if not node.ewma or not node.load_fresh(now, policy.load_stale_after_seconds):
             node.steps.clear()
-            reason = [WeightReason("load-stale")] if node.ewma else []
-            return FULL, reason
-        deepest = 0.0
-        reasons: list[WeightReason] = []
+            return None
+        out = []
         for index, table in enumerate(policy.steps):
             value = node.ewma.get(table.signal)
             if value is None:
@@ -300,15 +310,56 @@ class WeightEngine:
                     node.steps.pop(index, None)
                     continue
                 value = value / node.capacity / mean
+            if table.proportional:
+                at, cut = _interpolated(table, value)
+                if cut > 0:
+                    out.append((index, value, at, cut))
+                continue
             level = _step_level(table, value, node.steps.get(index, -1), policy.step_hysteresis)
             if level < 0:
                 node.steps.pop(index, None)
                 continue
             node.steps[index] = level
             step = table.steps[level]
+            out.append((index, value, step.at, step.cut))
+        return out
+
+    def _least_cuts(self, members: list[NodeWeight], now: float, means: dict[int, float],
+                    cuts: dict[str, list[tuple[int, float, float, float]] | None],
+                    ) -> dict[int, float]:
+        """Per relative table: the smallest cut among the nodes compared (0 when one of them is
+        not cut): what each node's cut is taken relative to."""
+        least: dict[int, float] = {}
+        for index in means:
+            signal = self.policy.steps[index].signal
+            for node in members:
+                if self._compared(node, signal, now) is None:
+                    continue
+                cut = next((c[3] for c in cuts[node.node] or () if c[0] == index), 0.0)
+                least[index] = min(least.get(index, 1.0), cut)
+        return least
+
+    def _load_target(self, node: NodeWeight, cuts: list[tuple[int, float, float, float]] | None,
+                     least: dict[int, float]) -> tuple[float, list[WeightReason]]:
+        """The weight load allows (percent, floored) and the signals that cut it."""
+        policy = self.policy
+        if cuts is None:
+            return FULL, [WeightReason("load-stale")] if node.ewma else []
+        deepest = 0.0
+        reasons: list[WeightReason] = []
+        for index, value, at, raw in cuts:
+            table = policy.steps[index]
+            cut, note = raw, ""
+            if table.relative:
+                base = least.get(index, 0.0)
+                if base >= cut:
+                    continue  # the least-cut node itself (or as cut as it): no preference
+                if base > 0:
+                    cut = 1.0 - (1.0 - cut) / (1.0 - base)
+                    note = f"beside the pool's least cut {_r(base)}"
             what = f"{table.signal}-share" if table.relative else table.signal
-            reasons.append(WeightReason(what, value=_r(value), bound=step.at, cut=step.cut))
-            deepest = max(deepest, step.cut)
+            reasons.append(WeightReason(what, value=_r(value), bound=at, cut=_r(cut), note=note))
+            deepest = max(deepest, cut)
         target = FULL * (1.0 - deepest)
         if target < policy.floor_percent:
             target = policy.floor_percent
@@ -318,10 +369,12 @@ class WeightEngine:
     def _step_pool(self, pool: str, members: list[NodeWeight], now: float,
                    changes: list[WeightChange]) -> None:
         means = self._relative_means(members, now)
+        cuts = {node.node: self._cuts(node, now, means) for node in members}
+        least = self._least_cuts(members, now, means, cuts)
         # the guard: load-cut weights of the available nodes against their caps
         demand: list[tuple[float, float, float]] = []  # (capacity, cap, load target)
         for node in members:
-            node.load_target, node.load_reasons = self._load_target(node, now, means)
+            node.load_target, node.load_reasons = self._load_target(node, cuts[node.node], least)
             if node.state in _SERVING:
                 _, limit, _ = self._caps(node, now)
                 demand.append((node.capacity, limit, node.load_target))
@@ -510,6 +563,18 @@ def _step_level(table: SignalSteps, value: float, current: int, hysteresis: floa
         if value >= bound:
             level = index
     return level
+
+
+def _interpolated(table: SignalSteps, value: float) -> tuple[float, float]:
+    """A proportional table at ``value``: (the ``at`` of the step reached, the cut linearly
+    between it and the next step); no cut below the first step, the last one's past the last."""
+    steps = table.steps
+    if value < steps[0].at:
+        return steps[0].at, 0.0
+    for low, high in itertools.pairwise(steps):
+        if value < high.at:
+            return low.at, low.cut + (high.cut - low.cut) * (value - low.at) / (high.at - low.at)
+    return steps[-1].at, steps[-1].cut
 
 
 def _guard_scale(demand: list[tuple[float, float, float]], share: float) -> float:

@@ -44,7 +44,7 @@ from tests.conftest import lab_unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.timeout(1800)]
 
-SEED = 20
+SEED = int(os.environ.get("TW_BENCH_WEIGHTS_SEED", "20"))
 ARRIVAL = 1.5  # seconds between arrivals
 LIFETIME = (30.0, 45.0)  # uniform
 HEAVY_ONE_IN = 4
@@ -77,9 +77,13 @@ def mix(seconds: float, seed: int = SEED) -> list[Arrival]:
 
 @dataclass
 class RunResult:
-    cvs: list[float] = field(default_factory=list)
+    cvs: list[float] = field(default_factory=list)  # of the nodes' measured traffic
+    placed_cvs: list[float] = field(default_factory=list)  # of the clients' rates where they landed
+    seen_cvs: list[float] = field(default_factory=list)  # of the weight engine's view
     shares: list[dict[str, float]] = field(default_factory=list)
     new_flows: dict[str, int] = field(default_factory=dict)
+    late: list[float] = field(default_factory=list)  # seconds each arrival came after its time
+    weight_changes: int = 0  # published, over all nodes
     load: tuple[float, ...] = ()
 
     @property
@@ -92,12 +96,36 @@ def cv(values: list[float]) -> float:
     return statistics.pstdev(values) / mean if mean > 0 else 0.0
 
 
+def placed_load(pool: UdpPool, started: dict[int, float]) -> dict[str, float]:
+    """Each node's load as placed: the rates of the clients the balancer put there (in light
+    clients' worth), free of what the wire and the load generator make of them (a client
+    started at ``started[index]``, epoch, counts once its handshake is in)."""
+    where = pool.placements()
+    load = dict.fromkeys(pool.nodes, 0.0)
+    for index, client in pool.clients.items():
+        placed = where.get(client.keys.public)
+        if placed is not None and placed[0] >= started[index] - 1:
+            load[placed[1]] += pool.rates.get(client.address, 0.0) / LIGHT
+    return load
+
+
+def engine_view(pool: UdpPool) -> tuple[dict[str, float], int]:
+    """The mesh's effective sessions per node (what the weights are computed from) and the
+    number of weight changes it has published so far."""
+    nodes = pool.mesh_nodes()
+    return ({n: v.get("effective_sessions") or 0.0 for n, v in nodes.items()},
+            sum(v.get("weight_seq") or 0 for v in nodes.values()))
+
+
 def run_mix(pool: UdpPool, arrivals: list[Arrival]) -> RunResult:
-    """Play the arrivals; sample the nodes' traffic after the warm-up."""
+    """Play the arrivals; sample the nodes' traffic after the warm-up, beside the load as
+    placed and as the weight engine saw it."""
     result = RunResult()
     free = list(range(pool.options.max_clients))
     leaving: list[tuple[float, int]] = []
+    started: dict[int, float] = {}
     flows_before = pool.nftlb.new_flows()
+    changes_before = engine_view(pool)[1]
     start = time.monotonic()
     next_sample = start + WARM_UP
     last_bytes = pool.node_bytes()
@@ -114,6 +142,8 @@ def run_mix(pool: UdpPool, arrivals: list[Arrival]) -> RunResult:
         while queue and queue[0].at <= now and free:
             arrival = queue.pop(0)
             index = free.pop(0)
+            result.late.append(now - arrival.at)
+            started[index] = time.time()
             pool.add_client(index)
             pool.set_rate(index, arrival.rate)
             leaving.append((now + arrival.lifetime, index))
@@ -126,6 +156,8 @@ def run_mix(pool: UdpPool, arrivals: list[Arrival]) -> RunResult:
                 total = sum(rates) or 1.0
                 result.shares.append({n: r / total for n, r in zip(pool.nodes, rates,
                                                                    strict=True)})
+                result.placed_cvs.append(cv(list(placed_load(pool, started).values())))
+                result.seen_cvs.append(cv(list(engine_view(pool)[0].values())))
             last_bytes, last_at = moved, at
             next_sample += SAMPLE
         time.sleep(0.05)
@@ -134,6 +166,7 @@ def run_mix(pool: UdpPool, arrivals: list[Arrival]) -> RunResult:
     after = pool.nftlb.new_flows()
     result.new_flows = {name: after[n.host.address] - flows_before[n.host.address]
                         for name, n in pool.nodes.items()}
+    result.weight_changes = engine_view(pool)[1] - changes_before
     result.load = os.getloadavg()
     return result
 
@@ -202,6 +235,15 @@ def test_weights_vs_equal_weights(pool: UdpPool) -> None:
           f"{weighted.cv / equal.cv if equal.cv else float('nan'):>8.2f}")
     p90 = [statistics.quantiles(r.cvs, n=10)[-1] for r in (weighted, equal)]
     print(f"{'CV of node traffic (p90)':28}{p90[0]:>22.3f}{p90[1]:>16.3f}")
+    placed = [statistics.fmean(r.placed_cvs) for r in (weighted, equal)]
+    print(f"{'CV of load as placed':28}{placed[0]:>22.3f}{placed[1]:>16.3f}")
+    seen = [statistics.fmean(r.seen_cvs) for r in (weighted, equal)]
+    print(f"{'CV of effective sessions':28}{seen[0]:>22.3f}{seen[1]:>16.3f}")
+    late = [f"{statistics.median(r.late):.2f}/{max(r.late):.2f}" for r in (weighted, equal)]
+    print(f"{'arrivals late s (med/max)':28}{late[0]:>22}{late[1]:>16}")
+    minutes = RUN / 60 * len(pool.nodes)
+    print(f"{'weight changes /node/min':28}{weighted.weight_changes / minutes:>22.1f}"
+          f"{equal.weight_changes / minutes:>16.1f}")
     for name in pool.nodes:
         print(f"{'new flows ' + name:28}{weighted.new_flows[name]:>22}{equal.new_flows[name]:>16}")
     for name in pool.nodes:
