@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from probes.mesh.policy import PolicyError
 from probes.mesh.weight_policy import SignalSteps, Step, WeightPolicy, validate_weight_policy
 from probes.mesh.weights import WeightEngine, WeightNode
-from probes.model import NodeLoad, VerdictState, WeightChange
+from probes.model import NodeLoad, VerdictState, WeightChange, WeightReason
 
 pytestmark = pytest.mark.mesh
 
@@ -123,6 +123,38 @@ def test_one_node_alone_has_nothing_to_be_relative_to() -> None:
     eng.load([("n0", NodeLoad(1.0, effective_sessions=500.0))], 1.0)
     eng.tick(1.0)
     assert published(eng)["n0"] == 100
+
+
+def test_a_proportional_table_interpolates_between_its_steps() -> None:
+    eng = pool(1, msgspec.structs.replace(ONLY_CPU, steps=[
+        SignalSteps("cpu", [Step(0.5, 0.0), Step(0.7, 0.4), Step(0.9, 0.8)], proportional=True)]))
+    up_all(eng)
+    seen = []
+    for t, busy in enumerate([0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.45], start=1):
+        eng.load([("n0", cpu(busy))], float(t))
+        eng.tick(float(t))
+        seen.append(published(eng)["n0"])
+    assert seen == [100, 100, 80, 60, 40, 20, 20, 100]  # no hysteresis: straight back
+    eng.load([("n0", cpu(0.8))], 9.0)
+    eng.tick(9.0)
+    assert eng.nodes["n0"].reasons[0] == WeightReason("cpu", value=0.8, bound=0.7, cut=0.6)
+
+
+def test_relative_cuts_are_a_preference_the_least_cut_node_keeps_full_weight() -> None:
+    """A pool whose nodes are all near its mean: the default band cuts each of them, but only
+    their differences matter to a balancer, so the least-cut node stays at 100 and the others
+    keep their ratio to it (no pool of nodes all at 55 %, no guard tripped by a preference)."""
+    eng = pool(3, msgspec.structs.replace(ONLY_CPU, steps=WeightPolicy().steps))
+    up_all(eng)
+    eng.load([(n, NodeLoad(1.0, effective_sessions=v))
+              for n, v in (("n0", 10.0), ("n1", 10.5), ("n2", 11.0))], 1.0)
+    eng.tick(1.0)
+    # shares 0.952, 1.0, 1.048 of the mean: raw cuts 0.236, 0.45, 0.664 of the band 0.9..1.1
+    assert published(eng) == {"n0": 100, "n1": 72, "n2": 44}
+    (reason,) = eng.nodes["n2"].reasons
+    assert reason.what == "effective_sessions-share" and reason.cut == pytest.approx(0.5607, 1e-3)
+    assert reason.note == "beside the pool's least cut 0.235714"
+    assert eng.nodes["n0"].reasons == []
 
 
 def test_deepest_cut_of_all_signals_decides() -> None:
@@ -334,6 +366,10 @@ def test_drain_done_follows_fresh_session_counts() -> None:
      "weights.steps[0].steps[1]"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 1.0)])]}, "weights.steps[0].steps[0].cut"),
     ({"steps": [SignalSteps("cpu", [])]}, "weights.steps[0].steps"),
+    # a step that cuts nothing: only as the start of a proportional ramp, and never alone
+    ({"steps": [SignalSteps("cpu", [Step(0.7, 0.0), Step(0.8, 0.2)])]},
+     "weights.steps[0].steps[0].cut"),
+    ({"steps": [SignalSteps("cpu", [Step(0.7, 0.0)], proportional=True)]}, "weights.steps[0].steps"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)], min_mean=1.0)]}, "weights.steps[0].min_mean"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)]), SignalSteps("cpu", [Step(0.9, 0.2)])]},
      "weights.steps[1].signal"),
