@@ -4,15 +4,19 @@ is), and a balancer that places each new flow at random by weight, as nftlb's ``
 No packets: it shows what a step table can reach on this mix before a lab run, over many mix and
 placement seeds where the lab affords one (the lab run is the figure that counts).
 
-``.venv/bin/python -m tests.bench.weights_mix_sim [--seeds N] [--lag S] [--nodes N]
-[--steps JSON [--proportional]]`` prints the mean coefficient of variation of node load for equal
-weights, the weights (the default policy, or ``--steps '[[1.2, 0.3], [1.5, 0.6]]'`` as the
-relative effective-session table, stepped unless ``--proportional``) and least-load placement
-(every flow to the least-loaded node, which no weighted-random balancer can do: the floor of the
-mix), with the weights' changes per node and minute (what the balancers are sent) and the share
-of steps the pool guard held. ``--lag``: seconds from a load change to the engine's read of it.
-``--nodes``: a pool of that many nodes (a multiple of 3) with arrivals that many thirds as often,
-so each node sees the same mix: does the policy herd new flows in a bigger pool?
+``.venv/bin/python -m tests.bench.weights_mix_sim [--seeds N] [--lag S] [--linger S]
+[--nodes N] [--steps JSON [--proportional]]`` prints the mean coefficient of variation of node
+load for equal weights, the weights and least-load placement (every flow to the least-loaded
+node, which no weighted-random balancer can do: the floor of the mix), with the weights' changes
+per node and minute (what the balancers are sent) and the share of steps the pool guard held.
+
+* ``--steps '[[1.2, 0.3], [1.5, 0.6]]'``: another relative effective-session table (stepped
+  unless ``--proportional``) instead of the default policy's;
+* ``--lag``: seconds from a load change to the engine's read of it;
+* ``--linger``: seconds a departed client still counts one session in the engine's view (the
+  lab pool's effective-session window is 10 s);
+* ``--nodes``: a pool of that many nodes (a multiple of 3) with arrivals that many thirds as
+  often, so each node sees the same mix: does the policy herd new flows in a bigger pool?
 """
 
 from __future__ import annotations
@@ -55,8 +59,11 @@ class Simulated:
 
 
 def simulate(place: Placement, mix_seed: int, place_seed: int,
-             policy: WeightPolicy | None = None, lag: float = 1.0, nodes: int = 3) -> Simulated:
-    """One run: the CV of the nodes' load (in light clients' worth), what the weights did."""
+             policy: WeightPolicy | None = None, lag: float = 1.0, nodes: int = 3,
+             linger: float = 0.0) -> Simulated:
+    """One run: the CV of the nodes' load (in light clients' worth), what the weights did.
+    ``linger``: seconds a departed client still counts one effective session in the engine's
+    view (the agent's effective-session window: it cannot tell a client gone from one idle)."""
     policy = policy or WeightPolicy(**{**WEIGHTS, "enabled": True})
     names = [f"node{i + 1}" for i in range(nodes)]
     engine = WeightEngine(policy, [WeightNode(n, "udp") for n in names])
@@ -66,16 +73,22 @@ def simulate(place: Placement, mix_seed: int, place_seed: int,
     scale = nodes / 3  # arrivals as often per node as in the three-node bench
     arrivals = [Arrival(a.at / scale, a.lifetime, a.rate) for a in mix(RUN * scale, mix_seed)]
     flows: list[tuple[float, str, float]] = []  # (leaves at, node, load)
+    gone: list[tuple[float, str, float]] = []  # flows that left less than ``linger`` ago
     seen: list[tuple[float, dict[str, float]]] = []  # what a read would have seen, when
     cvs: list[float] = []
     next_read, next_sample = 1.0, WARM_UP + SAMPLE
     for step in range(int(RUN / TICK)):
         now = step * TICK
+        gone += [f for f in flows if f[0] <= now]
         flows = [f for f in flows if f[0] > now]
+        gone = [f for f in gone if f[0] + linger > now]
         load = dict.fromkeys(names, 0.0)
         for f in flows:
             load[f[1]] += f[2]
-        seen.append((now, load))
+        view = dict(load)
+        for f in gone:
+            view[f[1]] += 1.0
+        seen.append((now, view))
         if now >= next_read:
             past = [s for at, s in seen if at <= now - lag] or [dict.fromkeys(names, 0.0)]
             engine.load([(n, NodeLoad(1.0, effective_sessions=past[-1][n])) for n in names],
@@ -111,16 +124,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="mixes (two placements each)")
     parser.add_argument("--lag", type=float, default=1.0)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--linger", type=float, default=0.0,
+                        help="seconds a departed client still counts one session (the lab: 10)")
     parser.add_argument("--steps", type=json.loads, default=None)
     parser.add_argument("--proportional", action="store_true")
     args = parser.parse_args()
     policy = policy_with(args.steps, args.proportional)
     runs = [(m, p) for m in range(1, args.seeds + 1) for p in (0, 1)]
     print(f"mean CV of node load over {len(runs)} simulated runs ({args.seeds} mixes x 2 "
-          f"placements), {args.nodes} nodes, {args.lag:g} s from a load change to its read")
+          f"placements), {args.nodes} nodes, {args.lag:g} s from a load change to its read, "
+          f"departed clients linger {args.linger:g} s")
     for name, place in (("equal weights", at_random), ("weights", by_weight),
                         ("least-loaded (floor)", least_loaded)):
-        runs_of = [simulate(place, m, p, policy, args.lag, args.nodes) for m, p in runs]
+        runs_of = [simulate(place, m, p, policy, args.lag, args.nodes, args.linger)
+                   for m, p in runs]
         figures = [r.cv for r in runs_of]
         over = sum(f > 0.25 for f in figures)
         print(f"{name:22} mean {statistics.fmean(figures):.3f}  max {max(figures):.3f}  "
