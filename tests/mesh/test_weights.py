@@ -369,7 +369,8 @@ def test_drain_done_follows_fresh_session_counts() -> None:
     # a step that cuts nothing: only as the start of a proportional ramp, and never alone
     ({"steps": [SignalSteps("cpu", [Step(0.7, 0.0), Step(0.8, 0.2)])]},
      "weights.steps[0].steps[0].cut"),
-    ({"steps": [SignalSteps("cpu", [Step(0.7, 0.0)], proportional=True)]}, "weights.steps[0].steps"),
+    ({"steps": [SignalSteps("cpu", [Step(0.7, 0.0)], proportional=True)]},
+     "weights.steps[0].steps"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)], min_mean=1.0)]}, "weights.steps[0].min_mean"),
     ({"steps": [SignalSteps("cpu", [Step(0.8, 0.2)]), SignalSteps("cpu", [Step(0.9, 0.2)])]},
      "weights.steps[1].signal"),
