@@ -126,7 +126,7 @@ async def test_a_full_disk_loses_nothing_once_space_is_back(
             await produce(0.5)
             await until(lambda: len(receiver.seqs) >= len(submitted), 30,
                         "every observation to arrive")
-            await until(lambda: stats.spool_depth == 0, 10, "the spool to drain")
+            await until(lambda: stats.spool_depth == 0, 60, "the spool to drain")
         finally:
             await reporter.close(drain_timeout=1)
             await receiver.stop()
@@ -153,7 +153,7 @@ async def test_an_urgent_observation_does_not_wait_for_the_group_commit(
         await asyncio.sleep(0.5)
         assert receiver.seqs == []  # the group commit has not come
         urgent = reporter.submit(_obs, urgent=True)
-        await until(lambda: len(receiver.seqs) >= 2, 10, "the urgent commit")
+        await until(lambda: len(receiver.seqs) >= 2, 60, "the urgent commit")
         assert sorted(receiver.seqs) == [plain, urgent]  # what waited went along with it
     finally:
         await reporter.close(drain_timeout=1)

@@ -58,7 +58,7 @@ async def test_real_mesh_accepts_every_batch_once(tmp_path: Path) -> None:
     try:
         for _ in range(200):
             reporter.submit(observation)
-        await until(lambda: stats.sent_total.get("0", 0) >= 200, 30, "200 accepted")
+        await until(lambda: stats.sent_total.get("0", 0) >= 200, 90, "200 accepted")
         ingest = app[INGEST_KEY]
         assert ingest.stats.observations_total == 200
         assert not any(ingest.stats.rejects.values()), ingest.stats.rejects
@@ -97,7 +97,7 @@ async def test_a_refused_batch_is_kept_and_sent_again_in_a_newer_epoch(
     try:
         await ahead.start()
         ahead.submit(observation)
-        await until(lambda: ahead_stats.sent_total.get("0", 0) == 1, 30, "the newer epoch")
+        await until(lambda: ahead_stats.sent_total.get("0", 0) == 1, 90, "the newer epoch")
         await ahead.close(drain_timeout=0)
         await behind.start()
         for _ in range(10):

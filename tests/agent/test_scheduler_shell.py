@@ -24,7 +24,7 @@ FAST_TIERS = {
 }
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+async def _until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)

@@ -92,7 +92,7 @@ def test_agent_on_the_node_exports_its_telemetry(lab: Any, tmp_path: Path) -> No
             await until(lambda: (get("tunnelwatch_node_reconnects_total",
                                      at("telemetry.openvpn")) or 0) >= 1, 60,
                         "the reconnect to be counted")
-            await until(lambda: "wireguard.handshake" in receiver.checks, 10, "a report")
+            await until(lambda: "wireguard.handshake" in receiver.checks, 60, "a report")
             return receiver, {
                 "before": before,
                 "reads": get("tunnelwatch_telemetry_reads_total", at("telemetry.wireguard")),

@@ -45,7 +45,7 @@ def test_fault_verdict_balancer_and_haproxy_restart(lab: Lab) -> None:
         # a restarted HAProxy comes back with every server ready; the publisher reconciles
         stack.haproxy.stop()
         stack.haproxy.start()
-        assert wait_for(lambda: haproxy_admin(stack)["node1"] == "maint", 30), \
+        assert wait_for(lambda: haproxy_admin(stack)["node1"] == "maint", 90), \
             "reconcile did not restore node1's maint after the HAProxy restart"
 
         up = scenario.run_step(sc.Step("reconnect node1", sc.reconnect_node("node1"), "node1",

@@ -108,7 +108,7 @@ async def _established(node: Any, ike: Any, proposal: str, esp: str) -> tuple[An
     driver.adopt_udp(ep.remote, ep)
     session = _Session(ini, driver)
     ini.start(time.monotonic())
-    await session.run_until(AuthCompleted, time.monotonic() + 5)
+    await session.run_until(AuthCompleted, time.monotonic() + 30)
     try:
         listed = await asyncio.to_thread(ike.list_sas)
     finally:

@@ -48,10 +48,10 @@ def test_openvpn_client_connects(lab: Lab, proto: str, wrap: str) -> None:
     server = lab.start_openvpn(node, proto=proto, wrap=wrap)
     agent.popen(server.client_argv(), name="client")
     log = lab.dir / "agent-client.log"
-    wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 20, "client")
+    wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 60, "client")
     pushed = re.search(r"PUSH: Received control message: '(PUSH_REPLY[^']*)'", log.read_text())
     assert pushed and "ifconfig 10.8." in pushed.group(1)
-    wait_for(lambda: "CLIENT_LIST" in server.status(), 5, "server status")
+    wait_for(lambda: "CLIENT_LIST" in server.status(), 30, "server status")
 
 
 def test_strongswan_establishes_an_ike_sa(lab: Lab) -> None:

@@ -33,7 +33,7 @@ class Clock:
 
 async def _until(condition: Any, what: str) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + 60  # generous: the states come; a busy machine is only slower
     while not condition():
         assert loop.time() < deadline, what
         await asyncio.sleep(0.005)

@@ -113,7 +113,7 @@ def test_management_interface_of_a_real_server(lab: Lab) -> None:
     server = lab.start_openvpn(node, proto="udp", wrap="tls-crypt")
     agent.popen(server.client_argv(), name="client")
     log = lab.dir / "agent-client.log"
-    wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 20, "client")
+    wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 60, "client")
     telemetry = asyncio.run(read_management_socket(str(server.management_socket)))
     (client,) = telemetry.status.clients
     assert client.common_name == f"{server.name}-client"

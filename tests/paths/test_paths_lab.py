@@ -123,7 +123,7 @@ def test_black_hole_at_a_transit_hop_names_the_hop_and_its_network(fault: Any) -
     # the same evidence in the DOWN verdict the webhook receiver got: the agents traced at the
     # first failure, so the traces were in before the verdict
     verdict = pl.wait_for(lambda: pl.received().get("node1", {}).get("state") == "DOWN"
-                          and pl.received()["node1"], 30, "the DOWN verdict at the webhook")
+                          and pl.received()["node1"], 90, "the DOWN verdict at the webhook")
     assert verdict["previous"] == "UP"
     paths = _reasons(verdict, "path")
     assert {(r.get("vantage"), r.get("asn"), r.get("hop", "")) for r in paths} >= {
@@ -172,7 +172,7 @@ def test_an_mtu_drop_at_a_transit_hop_is_named_with_the_mtu(fault: Any) -> None:
         assert found["mtu"] == 1280 and found["size"] == 1500
         assert found["hop"]["addr"] == t1.address_toward(provider)
         assert found["hop"]["asn"] == T1
-    verdict = pl.wait_for(lambda: _down_at_webhook(pl, "mtu"), 30,
+    verdict = pl.wait_for(lambda: _down_at_webhook(pl, "mtu"), 90,
                           "the DOWN verdict naming the MTU at the webhook")
     assert {r.get("bound") for r in _reasons(verdict, "path") if r.get("reason") == "mtu"} == {
         1280.0}
@@ -182,7 +182,7 @@ def test_a_route_change_to_a_longer_path_is_detected(fault: Any) -> None:
     pl = fault
     before = pl.node_view()["paths"]["vantages"]["vb"]["route_changes"]
     pl.longer_route_for_vb()
-    pl.wait_for(lambda: pl.net.path("pb", pl.node_prefix)[0] == T3, 30, "pb's route via t3")
+    pl.wait_for(lambda: pl.net.path("pb", pl.node_prefix)[0] == T3, 90, "pb's route via t3")
 
     def changed() -> dict[str, Any] | None:
         view: dict[str, Any] = pl.node_view()["paths"]["vantages"]["vb"]

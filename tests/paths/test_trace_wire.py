@@ -239,10 +239,10 @@ async def test_the_reporter_delivers_traces_to_a_mesh_that_takes_them(tmp_path: 
     reporter = await _reporter(tmp_path, port, stats)
     try:
         reporter.submit(observation)  # the first answer says the mesh takes traces
-        await until(lambda: stats.sent_total.get("0", 0) >= 1, 20, "the first batch")
+        await until(lambda: stats.sent_total.get("0", 0) >= 1, 60, "the first batch")
         reporter.submit_trace(failing_trace("va"))
         reporter.submit(observation)
-        await until(lambda: stats.traces_sent_total.get("0", 0) == 1, 20, "the trace")
+        await until(lambda: stats.traces_sent_total.get("0", 0) == 1, 60, "the trace")
         assert app[SERVICE_KEY].paths.traces_total == {"va": 1}
     finally:
         await reporter.close(drain_timeout=1)
@@ -278,8 +278,8 @@ async def test_an_old_mesh_never_gets_traces_and_loses_nothing(tmp_path: Path) -
             reporter.submit(observation)
             reporter.submit_trace(failing_trace("va"))
             if i % 10 == 0:
-                await until(lambda n=i: len(got) > n, 20, "a batch")
-        await until(lambda: len(got) == 30, 20, "every observation")
+                await until(lambda n=i: len(got) > n, 60, "a batch")
+        await until(lambda: len(got) == 30, 60, "every observation")
         # its first batch carried the agent's instance epoch, which such a mesh refuses too:
         # it went again at once without it, and so did every later one
         assert len(refused) == 1 and "epoch" in refused[0], refused
@@ -305,12 +305,12 @@ async def test_a_mesh_refusing_traces_gets_the_batch_again_without_them(tmp_path
 
     async with fake_mesh(tmp_path, picky) as (reporter, stats):
         reporter.submit(observation)
-        await until(lambda: len(got) == 1, 20, "the first batch")
+        await until(lambda: len(got) == 1, 60, "the first batch")
         for _ in range(5):
             reporter.submit_trace(failing_trace("va"))
         for _ in range(20):
             reporter.submit(observation)
-        await until(lambda: len(got) == 21, 20, "every observation")
+        await until(lambda: len(got) == 21, 60, "every observation")
         assert with_traces == 1  # once refused, no more traces to it for a while
         assert stats.traces_dropped_total == {"refused": 5}
         assert sorted(got) == list(range(21))

@@ -32,7 +32,7 @@ def verdict(node: str, state: VerdictState, seq: int) -> Verdict:
     return Verdict(node=node, state=state, previous=S.UNKNOWN, seq=seq, decided_at=time.time())
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

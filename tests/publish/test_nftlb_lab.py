@@ -53,7 +53,7 @@ def pool(lab: Any) -> Any:
     for node in nodes:  # a UDP echo stands in for the VPN daemon: replies name the node
         node.popen([sys.executable, "-c", ECHO, node.name, str(PORT)], name="echo")
     for node in nodes:
-        wait_for(lambda n=node: f":{PORT} " in n.run(["ss", "-Hunl"]).stdout, 10, "echo")
+        wait_for(lambda n=node: f":{PORT} " in n.run(["ss", "-Hunl"]).stdout, 60, "echo")
     nftlb = NftlbServer(lab, control)
     nftlb.start()
     nftlb.add_farm("wg", VIP, str(PORT), [FarmBackend(n.name, n.address) for n in nodes])

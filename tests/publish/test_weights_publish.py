@@ -63,7 +63,7 @@ class Recorder(Publisher):
         return len(current)
 
 
-async def until(predicate: Any, timeout: float = 5.0) -> None:
+async def until(predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
