@@ -83,6 +83,7 @@ class Recorder:
     journal_entries: list[JournalEntry] = field(default_factory=list)
     _journal: sqlite3.Connection | None = None
     _journal_id: int = 0
+    _log_id: int = 0  # the last verdict-log entry read
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,8 +106,27 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def catch_up(self, timeout: float = 60.0) -> None:
+        """Wait until the polls have read every verdict-log entry (and, when tapping it, every
+        journal row) the mesh had written when this was called: the end of a run, without
+        guessing how many poll intervals a busy machine needs."""
+        log = self.stack.log(after=self._log_id)
+        latest_log = max((int(e["id"]) for e in log), default=0)
+        latest_journal = 0
+        if self.probes or self.journal:
+            path = Path(self.stack.dir) / "mesh.db"
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                latest_journal = int(db.execute(
+                    "SELECT COALESCE(MAX(id), 0) FROM journal").fetchone()[0])
+        deadline = time.monotonic() + timeout
+        while self._log_id < latest_log or self._journal_id < latest_journal:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the recorder did not catch up in {timeout:g}s (log "
+                                   f"{self._log_id}/{latest_log}, journal "
+                                   f"{self._journal_id}/{latest_journal})")
+            time.sleep(0.02)
+
     def _run(self) -> None:
-        last_id = 0
         rotation: dict[tuple[str, str], bool] = {}
         next_view = 0.0
         while not self._stop.is_set():
@@ -119,14 +139,14 @@ class Recorder:
                             self.balancer.append(BalancerEvent(started, backend, server,
                                                                row.in_rotation, row.admin,
                                                                row.op_state))
-                for entry in self.stack.log(after=last_id):
-                    last_id = max(last_id, int(entry["id"]))
+                for entry in self.stack.log(after=self._log_id):
                     v = entry["verdict"]
                     with self._lock:
                         self.verdicts.append(VerdictEvent(float(v["decided_at"]), v["node"],
                                                           v["state"], v["previous"],
                                                           int(v["seq"]), time.time(),
                                                           _why(v.get("reasons", []))))
+                    self._log_id = max(self._log_id, int(entry["id"]))
                 if self.probes or self.journal:
                     self._read_journal()
                 if started >= next_view:
@@ -150,8 +170,9 @@ class Recorder:
             (self._journal_id,)).fetchall()
         events = []
         entries = []
+        read_to = self._journal_id
         for row_id, kind, now, payload in rows:
-            self._journal_id = max(self._journal_id, int(row_id))
+            read_to = max(read_to, int(row_id))
             if self.journal:
                 entries.append(JournalEntry(EntryKind(kind), float(now), bytes(payload or b""),
                                             int(row_id)))
@@ -164,6 +185,7 @@ class Recorder:
         with self._lock:
             self.probe_events.extend(events)
             self.journal_entries.extend(entries)
+        self._journal_id = read_to  # after the entries are kept: catch_up waits on it
 
     # ------------------------------------------------------------------ queries
 

@@ -67,7 +67,7 @@ def test_sixty_percent_of_a_pool_at_once(lab: Lab, tmp_path: Path,
         for node in FAILING:
             stack.restore_vpn(node)
         stack.wait_settled(120)
-        time.sleep(1.0)  # the recorder's next polls: the last journal rows and log entries
+        rec.catch_up()  # the last journal rows and log entries (a fixed 1 s wait before)
     # exactly the guard-allowed nodes left, all of them failing, each once and for good
     assert len(out) == 2 and set(out) <= set(FAILING), out
     assert sorted((v.node, v.state) for v in during) == [(n, "DOWN") for n in sorted(out)], during
