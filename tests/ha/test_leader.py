@@ -68,7 +68,7 @@ def test_a_leader_cut_from_etcd_stops_before_anyone_else_can_start(etcd: Loopbac
     # a's window ends at its own deadline: its last keepalive sent + ttl - margin (failed
     # keepalives do not move it)
     a_until = a.valid_until
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # generous: it comes; load only slows it
     while not b.may_publish():
         assert time.monotonic() < deadline, "b never took over"
         a.step()

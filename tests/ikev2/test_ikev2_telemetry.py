@@ -73,7 +73,7 @@ def _establish(host: str, ike: Any) -> tuple[Initiator, socket.socket, socket.so
 
 
 def _pump(ini: Initiator, s500: socket.socket, s4500: socket.socket, until: Any) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for data, (_, port) in ini.datagrams_to_send(time.monotonic()):
             (s4500 if port == 4500 else s500).send(data)

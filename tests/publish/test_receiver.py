@@ -192,7 +192,7 @@ async def test_webhook_chain_to_real_haproxy_survives_its_restart(lab: Lab, tmp_
         return {s: r.admin for (_, s), r in rows.items()}
 
     want = {"node1": "maint", "node2": "drain", "node3": "maint"}
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while (outbox.positions.get("hook", 0) < len(script) or admin() != want) \
             and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
