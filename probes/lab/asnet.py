@@ -241,7 +241,7 @@ class AsNet:
             proc = router.proc
             assert proc is not None
             wait_for(lambda r=router, p=proc: r.socket.exists() or p.poll() is not None,
-                     10, f"bird control socket of {router.name}")
+                     60, f"bird control socket of {router.name}")
             if proc.poll() is not None:
                 raise LabError(f"bird on {router.name} exited with {proc.returncode} "
                                f"(logs in {self.lab.dir})")

@@ -61,7 +61,7 @@ class BirdPeer:
                                      str(self.control_socket), "-P", str(self.dir / "pid")],
                                     name="bird")
         proc = self.proc
-        wait_for(lambda: self.control_socket.exists() or proc.poll() is not None, 10,
+        wait_for(lambda: self.control_socket.exists() or proc.poll() is not None, 60,
                  "bird control socket")
         if proc.poll() is not None:
             raise LabError(f"bird exited with {proc.returncode}")
@@ -124,7 +124,7 @@ class GoBgpDaemon:
                                      f"{self.api_host}:{self.api_port}", "-l", "warn"],
                                     name="gobgpd")
         proc = self.proc
-        wait_for(lambda: self._api_up() or proc.poll() is not None, 10, "gobgpd API")
+        wait_for(lambda: self._api_up() or proc.poll() is not None, 60, "gobgpd API")
         if proc.poll() is not None:
             raise LabError(f"gobgpd exited with {proc.returncode}")
 

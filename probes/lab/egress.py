@@ -106,7 +106,7 @@ class Resolver:
         self.config.write_text(self._config_text(servfail))
         self.proc = self.host.popen(["unbound", "-d", "-c", str(self.config)], name="unbound")
         proc = self.proc
-        wait_for(lambda: self._answers() or proc.poll() is not None, 10, "unbound to answer")
+        wait_for(lambda: self._answers() or proc.poll() is not None, 60, "unbound to answer")
         if proc.poll() is not None:
             raise LabError(f"unbound exited with {proc.returncode} (see {self.lab.dir})")
 
@@ -140,7 +140,7 @@ def start_reflector(host: Host, port: int = REFLECTOR_PORT) -> subprocess.Popen[
                 return reflector.parse_reply(s.recv(1500)) is not None
         return False
 
-    wait_for(lambda: answers() or proc.poll() is not None, 15, "the reflector to answer")
+    wait_for(lambda: answers() or proc.poll() is not None, 60, "the reflector to answer")
     if proc.poll() is not None:
         raise LabError(f"the reflector exited with {proc.returncode}")
     return proc
@@ -158,7 +158,7 @@ def start_https(host: Host, cert: str, key: str,
             s.settimeout(0.2)
             return s.connect_ex((host.address, port)) == 0
 
-    wait_for(lambda: accepts() or proc.poll() is not None, 15, "the HTTPS server to accept")
+    wait_for(lambda: accepts() or proc.poll() is not None, 60, "the HTTPS server to accept")
     if proc.poll() is not None:
         raise LabError(f"the HTTPS server exited with {proc.returncode}")
     return proc

@@ -77,12 +77,12 @@ class EtcdCluster:
                 "--initial-cluster", cluster, "--initial-cluster-token", self.token,
                 "--initial-cluster-state", state, *RAFT_FLAGS]
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         for m in self.members:
             m.proc = m.host.popen(self._argv(m, "new"), name=m.name)
         self.wait_healthy(timeout)
 
-    def wait_healthy(self, timeout: float = 20.0, members: Sequence[EtcdMember] = ()) -> None:
+    def wait_healthy(self, timeout: float = 60.0, members: Sequence[EtcdMember] = ()) -> None:
         """Until every given member (default: the running ones) says healthy, checked from
         inside its own host."""
         wanted = list(members) or [m for m in self.members if self.running(m)]
@@ -109,7 +109,7 @@ class EtcdCluster:
             m.proc.wait(10)
             self.lab.untrack(m.proc.pid)
 
-    def restart(self, name: str, timeout: float = 20.0) -> None:
+    def restart(self, name: str, timeout: float = 60.0) -> None:
         """Start a killed member again on its data directory: it rejoins the cluster."""
         m = self.member(name)
         if self.running(m):
@@ -139,7 +139,7 @@ class LoopbackEtcd:
         self.peer = f"http://127.0.0.1:{peer_port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         log = open(self.data_dir.parent / "etcd.log", "ab")  # noqa: SIM115 - owned by Popen
         with log:
             self.proc = subprocess.Popen(

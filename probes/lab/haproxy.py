@@ -59,7 +59,7 @@ class HAProxyServer:
         self.runtime_socket.unlink(missing_ok=True)
         self.proc = self.host.popen(["haproxy", "-f", str(self.config_file), "-db"], name="haproxy")
         proc = self.proc
-        wait_for(lambda: self.runtime_socket.exists() or proc.poll() is not None, 10,
+        wait_for(lambda: self.runtime_socket.exists() or proc.poll() is not None, 60,
                  "haproxy runtime socket")
         if proc.poll() is not None:
             raise LabError(f"haproxy exited with {proc.returncode}")

@@ -77,7 +77,7 @@ class NftlbServer:
                 return False
             return True
 
-        wait_for(answering, 10, "nftlb API", interval=0.05)
+        wait_for(answering, 60, "nftlb API", interval=0.05)
         if proc.poll() is not None:
             raise LabError(f"nftlb exited with {proc.returncode} (see {log})")
 

@@ -115,7 +115,7 @@ class OpenVPNServer:
         self.proc = self.host.popen(self.argv(), name=self.name)
         proc = self.proc
         wait_for(lambda: "Initialization Sequence Completed" in self.log()
-                 or proc.poll() is not None, 10, f"{self.name} to start")
+                 or proc.poll() is not None, 60, f"{self.name} to start")
         if proc.poll() is not None:
             raise LabError(f"openvpn exited with {proc.returncode}:\n{self.log()[-2000:]}")
 

@@ -132,7 +132,7 @@ class PathLab:
             table = load_table(self.net.mrt_file, local_asn=POP_ASN)
             return all(table.lookup(p.split("/")[0]).asn is not None for p in wanted)
 
-        wait_for(complete, 20, "an MRT dump with every prefix", interval=0.2)
+        wait_for(complete, 60, "an MRT dump with every prefix", interval=0.2)
 
     def _pin_ecmp_hash(self, vantages: dict[str, StubHost]) -> None:
         """Key t1's flow hash with a fixed seed under which the trace flows of each vantage
@@ -244,7 +244,7 @@ class PathLab:
         proc = host.popen([sys.executable, "-m", "probes.cli", "agent", "--config", str(path),
                            "--log-level", "warning"], name="agent")
         self.agents[name] = proc
-        wait_for(lambda: proc.poll() is not None or self._agent_up(host), 30, f"agent {name}")
+        wait_for(lambda: proc.poll() is not None or self._agent_up(host), 60, f"agent {name}")
         if proc.poll() is not None:
             raise LabError(f"agent {name} exited with {proc.returncode} (logs in {self.lab.dir})")
 

@@ -61,7 +61,7 @@ def openvpn_client(lab: Lab, node: FleetNode, agent: FleetAgent) -> str:
     proc = agent.host.popen(node.openvpn.client_argv(cert=cert), name="demo-openvpn")
     log = lab.dir / f"{agent.host.name}-demo-openvpn.log"
     try:
-        wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 20,
+        wait_for(lambda: "Initialization Sequence Completed" in log.read_text(), 60,
                  "openvpn client")
         push = re.search(r"ifconfig ([\d.]+) ([\d.]+)", log.read_text())
         cipher = re.search(r"Data Channel: cipher '([^']+)'", log.read_text())

@@ -230,7 +230,7 @@ class Stack:
             speaker.start()
             self.speakers[node.pop] = speaker
         upstream = self.upstream
-        wait_for(lambda: all(upstream.established(p) for p in self.speakers), 30,
+        wait_for(lambda: all(upstream.established(p) for p in self.speakers), 60,
                  "BGP sessions to the upstream")
 
     def _anycast_section(self) -> dict[str, Any]:

@@ -161,7 +161,7 @@ class StrongSwanServer:
             ["sh", "-c", f"mount -t tmpfs tmpfs /run && exec {CHARON}"], name=self.name,
             env={"STRONGSWAN_CONF": str(self.conf_file)})
         proc = self.proc
-        wait_for(lambda: self.vici_socket.exists() or proc.poll() is not None, 10,
+        wait_for(lambda: self.vici_socket.exists() or proc.poll() is not None, 60,
                  f"{self.name} VICI socket")
         if proc.poll() is not None:
             raise LabError(f"charon exited with {proc.returncode} (see {self.lab.dir})")

@@ -309,7 +309,7 @@ class Lab:
                            log_path=self.dir / f"delaybox-{host.name}.log")
         self.track(proc.pid, f"delaybox:{host.name}")
         self._delayboxes[host.name] = proc.pid
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # stops at once if the box dies
         while not Path(f"/proc/{proc.pid}").exists() or not self._has_link(tun):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise LabError(f"delay box did not start (see {self.dir})")

@@ -69,13 +69,13 @@ class WgClient:
         self.proc = self.host.popen(["wireguard-go", "-f", self.interface], name=self.interface,
                                     env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"})
         proc = self.proc
-        wait_for(lambda: Path(self.socket_path).exists() or proc.poll() is not None, 5,
+        wait_for(lambda: Path(self.socket_path).exists() or proc.poll() is not None, 60,
                  f"{self.interface} control socket")
         if proc.poll() is not None:
             raise LabError(f"wireguard-go client exited with {proc.returncode}")
         # the socket file appears before wireguard-go answers on it (seen under heavy load:
         # "wg set" then fell back to netlink, which this kernel does not have)
-        wait_for(lambda: uapi_accepts(self.socket_path) or proc.poll() is not None, 10,
+        wait_for(lambda: uapi_accepts(self.socket_path) or proc.poll() is not None, 60,
                  f"{self.interface} answering")
         run = self.host.run
         run(["wg", "set", self.interface, "listen-port", str(self.port), "private-key",

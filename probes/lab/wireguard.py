@@ -81,7 +81,7 @@ class WireGuardServer:
         proc = self.proc
         # the socket file appears at bind(), a moment before wireguard-go accepts on it; `wg`
         # finding it not yet accepting falls back to the kernel ("Protocol not supported")
-        wait_for(lambda: self._uapi_ready() or proc.poll() is not None, 5,
+        wait_for(lambda: self._uapi_ready() or proc.poll() is not None, 60,
                  f"{self.interface} control socket")
         if proc.poll() is not None:
             raise LabError(f"wireguard-go exited with {proc.returncode} (see {self.lab.dir})")

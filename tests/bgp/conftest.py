@@ -82,7 +82,7 @@ def anycast() -> Iterator[Anycast]:
                    for i, p in enumerate(POPS)}
         for d in daemons.values():
             d.start()
-        wait_for(lambda: all(peer.established(p) for p in POPS), 20, "BGP sessions")
+        wait_for(lambda: all(peer.established(p) for p in POPS), 60, "BGP sessions")
         config = AnycastConfig(
             pops=[PopSpeakerConfig(pop=p, api_host=d.api_host, asn=d.asn, prefixes=[PREFIX])
                   for p, d in daemons.items()],
