@@ -97,9 +97,10 @@ def test_mesh_logs_what_it_loaded_and_where_it_listens(tmp_path: Path) -> None:
 
 
 async def test_sigterm_cancels_a_probe_in_flight_and_stops_at_once(tmp_path: Path) -> None:
-    """A UDP exchange whose answer never comes is in flight (10 s timeout) when SIGTERM
+    """A UDP exchange whose answer never comes is in flight (60 s timeout) when SIGTERM
     arrives: the agent cancels it instead of waiting, reports nothing for it, and is gone at
-    once (it used to wait out the probe: 13 s)."""
+    once (it used to wait out the probe). The probe's timeout is far above the bound, so a
+    busy machine cannot blur "stopped at once" and "waited out the probe"."""
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     silent.settimeout(60)
@@ -110,7 +111,7 @@ async def test_sigterm_cancels_a_probe_in_flight_and_stops_at_once(tmp_path: Pat
     await receiver.start(mesh_port)
     cfg = write_config(
         tmp_path / "agent.yaml", listen=f"127.0.0.1:{free_port()}",
-        tiers={"l4": {"interval": "30s", "timeout": "10s", "jitter": 0}},
+        tiers={"l4": {"interval": "120s", "timeout": "60s", "jitter": 0}},
         targets=[{"id": "n1", "pool": "p", "pop": "p", "region": "r", "address": "127.0.0.1",
                   "l4": {"udp": [{"port": silent.getsockname()[1], "send_hex": "00",
                                   "expect_hex": "01"}]}}],
@@ -124,12 +125,12 @@ async def test_sigterm_cancels_a_probe_in_flight_and_stops_at_once(tmp_path: Pat
         await asyncio.to_thread(silent.recvfrom, 64)  # the probe's request: it is in flight
         started = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
+        code = await asyncio.to_thread(proc.wait, 90)
         took = time.monotonic() - started
-        print(f"agent stopped {took:.2f} s after SIGTERM with a 10 s probe in flight "
+        print(f"agent stopped {took:.2f} s after SIGTERM with a 60 s probe in flight "
               f"(load average {os.getloadavg()[0]:.2f})")
         assert code == 0, log.read_text()[-2000:]
-        assert took < 8  # never waits out the probe (the agent's own budget is 1.5 s)
+        assert took < 30  # never waits out the probe (the agent's own budget is 1.5 s)
         assert "stopped in" in log.read_text()
         await asyncio.sleep(0.2)
         assert receiver.seqs == [], "a cancelled probe was reported"
