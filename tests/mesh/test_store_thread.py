@@ -74,3 +74,23 @@ def test_a_snapshot_is_followed_by_pruning_in_small_steps(tmp_path: Path) -> Non
         snapshotter.reap()
     assert store.journal_length() == 0
     store.close()
+
+
+def test_a_prune_step_frees_at_most_a_few_megabytes(tmp_path: Path) -> None:
+    """A journal row is a whole batch: 32 rows of 2,000-observation batches were 10 MB of pages
+    freed in one step, after a commit and before its batch was answered. A step stops at
+    PRUNE_STEP_BYTES of payload (one row at least, however large)."""
+    from probes.mesh.store_sqlite import PRUNE_STEP_BYTES
+
+    store = SQLiteStore(tmp_path / "m.db")
+    big = b"x" * (PRUNE_STEP_BYTES // 3 + 1)
+    ids = [store.commit(JournalEntry(EntryKind.BATCH, 1.0, big), []) for _ in range(7)]
+    huge = store.commit(JournalEntry(EntryKind.BATCH, 1.0, b"y" * 2 * PRUNE_STEP_BYTES), [])
+    assert store.prune_journal(huge, PRUNE_STEP) == 2  # a third would pass the step's bytes
+    assert store.prune_journal(huge, PRUNE_STEP) == 2
+    assert store.prune_journal(huge, PRUNE_STEP) == 2
+    assert store.prune_journal(huge, PRUNE_STEP) == 1  # the last of the seven ...
+    assert store.prune_journal(huge, PRUNE_STEP) == 1  # ... then the huge one, alone
+    assert store.prune_journal(huge, PRUNE_STEP) == 0
+    assert ids[-1] < huge and store.journal_length() == 0
+    store.close()
