@@ -7,20 +7,24 @@ scheduler), a real agent reading each node's load every second, the mesh weighin
 publishing to nftlb. Clients are real wireguard-go tunnels through nftlb's virtual address,
 pushing UDP through their tunnels with the lab's load generator.
 
-The mix (one seed, the same for both runs): a client arrives every ``ARRIVAL`` seconds and stays
-``LIFETIME`` seconds; one in ``HEAVY_ONE_IN`` is heavy (``HEAVY`` bytes/s, eight light ones'
-worth), the rest light (``LIGHT``): many mice, some elephants, the brief's "one node bears
-several elephant flows". Each arrival is a new flow that nftlb places by the current weights; a
-flow keeps its node (conntrack) for its life, so only new flows can be steered. (With a few huge
-elephants — one in six clients at sixteen mice's worth, tried first — even the best placement
-of ~4 elephants on 3 nodes leaves a CV near 0.27: the mix must be balanceable at all for the
-figure to say something about the balancer.)
+The mix (one seed, the same for both runs; ``TW_BENCH_WEIGHTS_SEED`` picks another): a client
+arrives every ``ARRIVAL`` seconds and stays ``LIFETIME`` seconds; one in ``HEAVY_ONE_IN`` is
+heavy (``HEAVY`` bytes/s, eight light ones' worth), the rest light (``LIGHT``): many mice, some
+elephants, the brief's "one node bears several elephant flows". Each arrival is a new flow that
+nftlb places by the current weights; a flow keeps its node (conntrack) for its life, so only new
+flows can be steered. (With a few huge elephants — one in six clients at sixteen mice's worth,
+tried first — even the best placement of ~4 elephants on 3 nodes leaves a CV near 0.27: the mix
+must be balanceable at all for the figure to say something about the balancer.)
 
 Printed, each run side by side, with the load average:
 
 * the coefficient of variation (stddev / mean) of the nodes' traffic (interface bytes per second,
   sampled every ``SAMPLE`` seconds after the warm-up), mean over the samples; target <= 0.25 with
   weights, beside the equal-weight figure;
+* beside it, what tells the balancer's part from the wire's: the CV of the load as placed (each
+  client's intended rate on the node its handshake landed on) and of the weight engine's view
+  (the mesh's effective sessions), how late the arrivals came (the loop starts real clients; on
+  a loaded machine that takes time) and the weight changes per node and minute;
 * new flows per backend (nftlb's DNAT, counted in the kernel);
 * the weight-update latency: three clients of one node, connected and idle, start pushing heavy
   traffic at once; until nftlb's API shows that node's weight cut: median and max over
