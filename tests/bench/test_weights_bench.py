@@ -113,11 +113,12 @@ def placed_load(pool: UdpPool, started: dict[int, float]) -> dict[str, float]:
     return load
 
 
-def engine_view(pool: UdpPool) -> tuple[dict[str, float], int]:
-    """The mesh's effective sessions per node (what the weights are computed from) and the
-    number of weight changes it has published so far."""
+def engine_view(pool: UdpPool) -> tuple[dict[str, float] | None, int]:
+    """The mesh's effective sessions per node (what the weights are computed from; None with
+    weights off) and the number of weight changes it has published so far."""
     nodes = pool.mesh_nodes()
-    return ({n: v.get("effective_sessions") or 0.0 for n, v in nodes.items()},
+    seen = {n: v.get("effective_sessions") for n, v in nodes.items()}
+    return ({n: float(e) for n, e in seen.items() if e is not None} or None,
             sum(v.get("weight_seq") or 0 for v in nodes.values()))
 
 
@@ -161,7 +162,9 @@ def run_mix(pool: UdpPool, arrivals: list[Arrival]) -> RunResult:
                 result.shares.append({n: r / total for n, r in zip(pool.nodes, rates,
                                                                    strict=True)})
                 result.placed_cvs.append(cv(list(placed_load(pool, started).values())))
-                result.seen_cvs.append(cv(list(engine_view(pool)[0].values())))
+                seen = engine_view(pool)[0]
+                if seen is not None:
+                    result.seen_cvs.append(cv(list(seen.values())))
             last_bytes, last_at = moved, at
             next_sample += SAMPLE
         time.sleep(0.05)
@@ -241,8 +244,8 @@ def test_weights_vs_equal_weights(pool: UdpPool) -> None:
     print(f"{'CV of node traffic (p90)':28}{p90[0]:>22.3f}{p90[1]:>16.3f}")
     placed = [statistics.fmean(r.placed_cvs) for r in (weighted, equal)]
     print(f"{'CV of load as placed':28}{placed[0]:>22.3f}{placed[1]:>16.3f}")
-    seen = [statistics.fmean(r.seen_cvs) for r in (weighted, equal)]
-    print(f"{'CV of effective sessions':28}{seen[0]:>22.3f}{seen[1]:>16.3f}")
+    print(f"{'CV of effective sessions':28}{statistics.fmean(weighted.seen_cvs):>22.3f}"
+          f"{'(weights off)':>16}")
     late = [f"{statistics.median(r.late):.2f}/{max(r.late):.2f}" for r in (weighted, equal)]
     print(f"{'arrivals late s (med/max)':28}{late[0]:>22}{late[1]:>16}")
     minutes = RUN / 60 * len(pool.nodes)
@@ -254,6 +257,7 @@ def test_weights_vs_equal_weights(pool: UdpPool) -> None:
         w = statistics.fmean(s[name] for s in weighted.shares)
         e = statistics.fmean(s[name] for s in equal.shares)
         print(f"{'traffic share ' + name:28}{w:>22.3f}{e:>16.3f}")
-    print(f"{'load average (1, 5, 15 min)':28}{'/'.join(f'{x:.2f}' for x in weighted.load):>22}"
+    print(f"{'load average (1, 5, 15 min)':28}"
+          f"{'/'.join(f'{x:.2f}' for x in weighted.load):>22} "
           f"{'/'.join(f'{x:.2f}' for x in equal.load):>16}")
     assert weighted.cv <= 0.25, f"CV {weighted.cv:.3f} with weights"
