@@ -9,17 +9,17 @@ Where the defaults come from (the domain brief, shared/seed):
 * the CPU steps are the brief's "-20 % weight at 75 % CPU, -50 % at 85 %";
 * the drop steps follow its "drop rates over 0.1 % are a warning": -20 % at 0.1 % of packets
   dropped, -50 % at 1 %;
-* the effective-session table makes it "least load", proportionally: a node's cut grows
-  linearly from none at 0.9x the pool's mean effective sessions per unit of capacity to 90 % at
-  1.1x (down to the floor), and the pool's least-cut node keeps its full weight (a relative cut
-  is a preference between peers, not lost capacity). Only new flows can be steered (a flow keeps
-  its node) and a balancer places each at random by weight, so the response must be steep and
-  continuous: the colder of two cold nodes gets more. Discrete steps from 1.2x measured CV 0.31 in
-  the weights benchmark, steps from 1.02x 0.29 (equal weights 0.40-0.44); a simulation of the
-  benchmark's mix with this engine (tests/bench/weights_mix_sim.py) puts the steps from 1.02x at
-  0.244 and this band at about 0.20. Nodes at or below 0.9x are never cut against each other, so
-  a large pool does not herd new flows onto its coldest node (anchoring the band at the coldest
-  node did: worse than equal steps in a simulated 12-node pool);
+* the effective-session table makes it "least load", proportionally: a node's cut grows linearly
+  from none at 0.9x the pool's mean effective sessions per unit of capacity to 90 % at 1.1x (down
+  to the floor), and the pool's least-cut node keeps its full weight (a relative cut is a
+  preference between peers, not lost capacity). Only new flows can be steered (a flow keeps its
+  node) and a balancer places each at random by weight, so the response must be steep and
+  continuous: the colder of two cold nodes gets more. In the weights benchmark discrete steps from
+  1.2x measured CV 0.31, steps from 1.02x 0.24-0.29, this band 0.17 (equal weights 0.35-0.44); a
+  simulation of the benchmark's mix with this engine (tests/bench/weights_mix_sim.py) puts the
+  steps from 1.02x at 0.26 and this band at 0.21. Nodes at or below 0.9x are never cut against
+  each other, so a large pool does not herd new flows onto its coldest node (anchoring the band at
+  the coldest node did: worse than the earlier steps in a simulated 12-node pool);
 * load is "smoothed exponentially and updated every 1-3 s": a 0.5 s half-life (effective
   sessions already decide who is a session over a window on the agent; hysteresis and the dead
   band absorb CPU noise), one step per second, at most 50 points per step (100 -> 10 in two
