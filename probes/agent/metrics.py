@@ -458,6 +458,9 @@ class AgentCollector(Collector):
         reprobes = CounterMetricFamily("tunnelwatch_scheduler_reprobes",
                                        "Probes started because the mesh asked (another vantage "
                                        "saw the check fail).", labels=v)
+        liveness = CounterMetricFamily("tunnelwatch_scheduler_liveness_probes",
+                                       "L4 probes started because a functional check of the "
+                                       "node went unanswered past its usual time.", labels=v)
         requests = CounterMetricFamily("tunnelwatch_scheduler_reprobe_requests",
                                        "Re-probe requests from the mesh by what became of them "
                                        "(honoured, busy, unknown, limited, disabled).",
@@ -478,13 +481,14 @@ class AgentCollector(Collector):
             cascades.add_metric([self.vantage], stats.cascades_total)
             fast.add_metric([self.vantage], stats.fast_reprobes_total)
             reprobes.add_metric([self.vantage], stats.reprobes_total)
+            liveness.add_metric([self.vantage], stats.liveness_total)
             for result, count in stats.reprobe_requests.items():
                 requests.add_metric([self.vantage, result], count)
             in_flight.add_metric([self.vantage], info.get("in_flight", 0.0))
             refused.add_metric([self.vantage], info.get("refused", 0.0))
             rate.add_metric([self.vantage], info.get("planned_rate", 0.0))
-        yield from (lag, overloaded, started, cascades, fast, reprobes, requests, in_flight,
-                    refused, rate)
+        yield from (lag, overloaded, started, cascades, fast, reprobes, liveness, requests,
+                    in_flight, refused, rate)
 
     def _reporter_families(self, r: ReporterStats, empty: bool) -> Iterator[Metric]:
         v = ["vantage"]

@@ -21,8 +21,18 @@ Policy (HAProxy's health-check semantics, named after its keywords):
   ``fast_interval`` until ``rise`` successes / ``fall`` failures in a row settle it; then it
   goes back to its slot in the normal rounds. The first outcome of a check settles at once
   (Envoy's rule): fast re-probing a whole fresh fleet would double the agent's start-up load.
+* **fastinter spaces starts**: the next probe of a transitioning check starts ``fast_interval``
+  after the last one *started*, or at once when that one took longer (a timeout): the wait for
+  a silent node's answer already was the pause, so three timeouts of the 0.25 s ICMP check take
+  0.75 s, not 1.25 s.
 * **cascade**: an L4 failure makes every functional check of that node due now (once per
   ``fast_interval``), so "port closed" is confirmed or refuted at the protocol level at once.
+* **liveness probe** (the cascade upwards): a functional check still unanswered after its own
+  usual time (the RTO of its successful runs, RFC 6298, clamped to [``min_timeout``, half its
+  timeout]) makes the node's L4 check due now, if that check is settled up and did not start
+  within its ``fast_interval``. A handshake with a silent node only fails at its timeout (1 s in
+  the benchmark); the ICMP probe fails 0.25 s later and is reported, and the mesh asks the other
+  vantages at once. Costs one L4 probe per handshake that runs long (loss, a slow server).
 * **adaptive timeout** (L4 tier): a single-exchange check waits ``srtt + 4 * rttvar`` of its own
   successful round trips (TCP's RTO, RFC 6298), clamped to [``min_timeout``, the tier's
   timeout]: a silent node fails in ~0.25 s instead of the flat timeout, a slow path gets a
@@ -93,7 +103,7 @@ class CheckState:
     policy: TierPolicy
     phase: float  # slot in the tier interval, 0..1
     due: float | None = None
-    why: str = ""  # "round", "fast" or "cascade": why it is due
+    why: str = ""  # "round", "fast", "cascade", "reprobe" or "liveness": why it is due
     gen: int = 0  # bumps invalidate stale heap entries
     running: bool = False
     settled: bool | None = None  # None until the first outcome
@@ -101,7 +111,7 @@ class CheckState:
     streak: int = 0  # consecutive outcomes (all equal) that differ from ``settled``
     failing: bool = False  # settled down, or on a run of failures (see Completion.failing)
     last_start: float | None = None
-    srtt: float = 0.0  # smoothed duration of successful runs (adaptive-timeout tiers only)
+    srtt: float = 0.0  # smoothed duration of successful runs (the adaptive timeout, liveness)
     rttvar: float = 0.0
     rtt_samples: int = 0
 
@@ -357,7 +367,7 @@ class ScheduleCore:
         if st is None:  # removed by a reload while it ran
             return Completion(False, None, ())
         st.running = False
-        if ok and duration is not None and st.check.tier in self.adaptive_tiers:
+        if ok and duration is not None:
             st.sample_rtt(max(duration, 0.0))  # Karn: a failure (timeout) is no sample
         changed = False
         first = st.settled is None
@@ -374,7 +384,10 @@ class ScheduleCore:
                 st.settled, st.streak = ok, 0
         st.last_ok = ok
         if st.transitioning and st.policy.fast_interval is not None:
-            self._queue(st, now + st.policy.fast_interval, "fast")
+            # fastinter spaces starts: a probe that itself took that long (it timed out) is
+            # followed at once, as the wait for the answer already was the pause
+            started = now if st.last_start is None else st.last_start
+            self._queue(st, max(now, started + st.policy.fast_interval), "fast")
         cascaded: list[str] = []
         if not ok and st.check.tier is Tier.L4:
             cascaded = self._cascade(st.check.node, now)
@@ -382,6 +395,39 @@ class ScheduleCore:
         flipped = failing != st.failing
         st.failing = failing
         return Completion(changed, st.settled, tuple(cascaded), first, failing, flipped)
+
+    def suspect_after(self, key: str) -> float | None:
+        """How long a run of functional check ``key`` may go unanswered before the node's L4
+        check is probed (:meth:`liveness`): the RTO of its successful runs (RFC 6298; until
+        ``RTO_MIN_SAMPLES`` of them, ``min_timeout``) clamped to [``min_timeout``, half its
+        timeout]. None for the other tiers."""
+        st = self.states.get(key)
+        if st is None or st.check.tier is not Tier.FUNCTIONAL:
+            return None
+        rto = st.srtt + RTO_K * st.rttvar if st.rtt_samples >= RTO_MIN_SAMPLES else 0.0
+        return min(max(rto, self.min_timeout), st.policy.timeout / 2)
+
+    def liveness(self, key: str, now: float) -> list[str]:
+        """Functional check ``key`` is still running past :meth:`suspect_after`: make its node's
+        L4 checks due now, so a silent node fails the cheap, fast L4 check instead of being known
+        only at the handshake's timeout. Only an L4 check settled up, not on a transition (fast
+        re-probes are already on it) and not started within its ``fast_interval``: nothing is
+        added for a node known down, or one whose L4 check just answered. Returns the keys."""
+        st = self.states.get(key)
+        if st is None or not st.running:
+            return []
+        out = []
+        for l4_key in self._by_node.get(st.check.node, ()):
+            l4 = self.states[l4_key]
+            if (l4.check.tier is not Tier.L4 or l4.running or l4.settled is not True
+                    or l4.transitioning or (l4.due is not None and l4.due <= now)):
+                continue
+            recent = l4.policy.fast_interval or l4.policy.interval
+            if l4.last_start is not None and now - l4.last_start < recent:
+                continue
+            self._queue(l4, now, "liveness")
+            out.append(l4_key)
+        return out
 
     def _cascade(self, node: str, now: float) -> list[str]:
         out = []
@@ -435,6 +481,7 @@ class SchedulerStats:
     cascades_total: int = 0
     fast_reprobes_total: int = 0
     reprobes_total: int = 0  # started because the mesh asked (corroboration on demand)
+    liveness_total: int = 0  # L4 probes started because a functional check ran long
     reprobe_requests: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(REPROBE_RESULTS, 0))
     lag_last: float = 0.0
@@ -588,6 +635,21 @@ class AgentScheduler:
             task.add_done_callback(self._tasks.discard)
         self._arm()
 
+    def _watch(self, key: str) -> asyncio.TimerHandle | None:
+        """A timer for a functional check that runs past its usual time (liveness probe)."""
+        after = self.core.suspect_after(key)
+        if after is None or self._loop is None:
+            return None
+        return self._loop.call_later(after, self._suspect, key)
+
+    def _suspect(self, key: str) -> None:
+        if self._stopping:
+            return
+        made_due = self.core.liveness(key, self.clock())
+        if made_due:
+            log.debug("liveness: %s unanswered -> %s", key, ",".join(made_due))
+            self._arm()
+
     def _node_gate(self, node: str) -> asyncio.Semaphore:
         gate = self._per_node.get(node)
         if gate is None:
@@ -615,8 +677,14 @@ class AgentScheduler:
                 self.stats.started_total += 1
                 self.stats.fast_reprobes_total += due.why == "fast"
                 self.stats.reprobes_total += due.why == "reprobe"
+                self.stats.liveness_total += due.why == "liveness"
                 timeout = self.core.timeout_for(due.key)
-                result = await self.runner(check, timeout)
+                watch = self._watch(due.key)
+                try:
+                    result = await self.runner(check, timeout)
+                finally:
+                    if watch is not None:
+                        watch.cancel()
         except asyncio.CancelledError:
             self.core.release(due.key)
             raise

@@ -24,6 +24,11 @@ one vantage, the others re-probe it now; docs/mesh.md).
    probe result showing the fault, the probe whose report tipped the verdict (its start: the
    wait for its slot; its end), the mesh applying that report (the verdict is decided at
    ingest), HAProxy.
+   Each fault comes at a random instant within one base interval (2 s) after the fleet has
+   settled (``TW_BENCH_SEED``, printed): the settled state is reached on a probe result, so
+   without it the faults would come at a fixed phase of the probe rounds, the same for every
+   fault, for us and for HAProxy's own checks alike (an earlier run saw every vantage's first
+   ICMP probe 0.99-1.61 s after each of six faults).
    Before each fault the benchmark waits until one more flap of the node would not be damped
    (RFC 2439, the mesh's default damping): a node faulted every ~30 s is held out by design,
    and its repair time would measure the hold, not the detection (:func:`wait_damping_room`).
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -69,6 +75,8 @@ TRACE = os.environ.get("TW_BENCH_TRACE", "") == "1"
 # fault kinds to run, comma-separated (kill-vpn, isolate, kill-openvpn); empty: all of them
 KINDS = [k for k in os.environ.get("TW_BENCH_KINDS", "").split(",") if k]
 CONTROL_SECONDS = float(os.environ.get("TW_BENCH_CONTROL_SECONDS", "180"))
+SEED = int(os.environ.get("TW_BENCH_SEED", "16"))  # the faults' random instants
+BASE_INTERVAL = 2.0  # the agents' and HAProxy's check interval
 TARGET_MEDIAN, TARGET_P99, TARGET_LOAD = 1.0, 1.8, 1.2
 STARTED = "tunnelwatch_scheduler_started_total"
 REPROBES = "tunnelwatch_scheduler_reprobes_total"
@@ -232,6 +240,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     path_lines: list[str] = []
     unrepaired: list[str] = []
     damping_wait = 0.0
+    phase = random.Random(SEED)
     with Recorder(stack, probes=True) as rec:
         scenario = sc.Scenario(stack, rec)
         for i in range(FAULTS):
@@ -240,6 +249,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
             stack.wait_settled(120)
             wait_native_settled(stack, rec)
             damping_wait += wait_damping_room(stack, node)
+            time.sleep(phase.uniform(0, BASE_INTERVAL))  # a random phase of the probe rounds
             r = scenario.run_step(sc.Step(f"{name} {node}", fault(node), node, "DOWN",
                                           max_wait=45))
             missed += not r.met
@@ -298,7 +308,8 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     print(f"\ndetection benchmark: {FAULTS} faults ({', '.join(k for k, *_ in kinds)}, round "
           f"robin over {len(nodes)} nodes); agents' checks: {', '.join(checks)}; base interval "
           f"2 s, fastinter {FAST_INTERVAL:g} s, timeout 1 s (L4: adaptive, floor 0.25 s); mesh "
-          f"rise 2 fall {MESH_FALL} corroboration {CORROBORATION}; "
+          f"rise 2 fall {MESH_FALL} corroboration {CORROBORATION}; faults at random instants "
+          f"(seed {SEED}); "
           f"{missed} fault(s) not detected by us within 45 s")
     report("all faults", all_down, all_up)
     ours = all_down.get("ours", [])

@@ -2,12 +2,13 @@
 and the real decision engine, in simulated time.
 
 Each vantage runs the agent's :class:`~probes.agent.scheduler.ScheduleCore` (tiers, slots,
-fastinter, cascade, re-probe requests) over its own copy of the plan, with a random phase per
-(node, vantage) so vantages learn about a fault at different moments. A probe's outcome comes
-from the fault model at its start; its result is reported with the next batch (every
-``report_every`` seconds per vantage), and the mesh applies each batch when it arrives, as the
-live mesh does. The mesh ticks every ``tick_every``; with a re-probe planner, the reply to a
-batch carries the re-probe requests for that vantage, which its schedule honours at once.
+fastinter, cascade, liveness probes, re-probe requests, the L4 tier's adaptive timeout) over its
+own copy of the plan, with a random phase per (node, vantage) so vantages learn about a fault at
+different moments. A probe's outcome comes from the fault model at its start; its result is
+reported with the next batch (every ``report_every`` seconds per vantage), and the mesh applies
+each batch when it arrives, as the live mesh does. The mesh ticks every ``tick_every``; with a
+re-probe planner, the reply to a batch carries the re-probe requests for that vantage, which its
+schedule honours at once.
 
 Fault kinds (per node):
 
@@ -186,8 +187,9 @@ class FleetSim:
 
     def outcome(self, vantage: str, node: str, check: str, t: float
                 ) -> tuple[bool, Reason, float, Quality | None]:
-        """(ok, reason, duration, quality) of a probe started at ``t``."""
-        timeout = self.tier.timeout
+        """(ok, reason, duration, quality) of a probe started at ``t``; a timeout lasts what
+        the vantage's schedule gives the check (the L4 tier's adaptive timeout included)."""
+        timeout = self.vantages[vantage].core.timeout_for(f"{node}/{check}")
         tier = get_kind(self.kinds[check]).tier
         bad = self.bad
         if bad is not None and bad.vantage == vantage and t >= bad.start:
@@ -235,9 +237,13 @@ class FleetSim:
                 break
             if kind == "round":
                 v = self.vantages[payload]
-                for tier in v.core.tiers_in_use():
+                for tier in sorted(v.core.tiers_in_use()):  # a set: its order follows the hash seed
                     v.core.open_round(tier, t)
                 self._at(t + interval, "round", payload)
+                self._wake(v, t)
+            elif kind == "liveness":
+                v = self.vantages[payload[0]]
+                v.core.liveness(payload[1], t)
                 self._wake(v, t)
             elif kind == "due":
                 v = self.vantages[payload]
@@ -273,6 +279,9 @@ class FleetSim:
             check = due.check
             ok, reason, duration, quality = self.outcome(v.name, check.node, check.check, t)
             self.run_result.probes += 1
+            suspect = v.core.suspect_after(due.key)  # the agent's liveness probe
+            if suspect is not None and duration > suspect:
+                self._at(t + suspect, "liveness", (v.name, due.key))
             self._at(t + duration, "done", (v.name, due.key, check.node, check.check, t, ok,
                                             reason, duration, quality))
         self._wake(v, t)

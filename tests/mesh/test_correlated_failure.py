@@ -88,7 +88,7 @@ def test_a_silent_node_goes_down_without_a_degraded_detour(confirm: float) -> No
     from probes.mesh.reprobe import ReprobePlanner, ReprobePolicy
 
     slow = []
-    for seed in range(6):
+    for seed in range(16):
         policy = DecisionPolicy(corroboration=3, degraded_confirm_seconds=confirm)
         run = FleetSim(nodes=generated_fleet([3]), vantages=VANTAGES, policy=policy, seed=seed,
                        faults=[Fault(frozenset({"p0n1"}), FAULT_AT, kind="silent")],
