@@ -295,3 +295,33 @@ async def test_a_failure_asks_the_other_vantages_in_their_replies(mesh: Mesh) ->
     assert "reprobe" not in reply  # delivered once
     metrics = await (await mesh.client.get("/metrics")).text()
     assert 'tunnelwatch_mesh_reprobe_requests_total{result="sent"} 1.0' in metrics
+
+
+async def test_reprobe_requests_dropped_are_counted_on_metrics(tmp_path: Path) -> None:
+    """Requests the mesh does not deliver, by why, as the real /metrics endpoint shows them:
+    ``agent-rate`` (a flood of failures), ``cooldown`` (the same node and check asked about
+    again), ``expired`` (the agent sent no batch in time)."""
+    extra = "reprobe: {agent_rate: 0.5, node_cooldown_seconds: 5, max_delay_seconds: 1}\n"
+    async with mesh_app(tmp_path, extra=extra) as mesh:
+        seq = iter(range(1, 100))
+        for agent in ("va", "vb", "vc"):
+            await mesh.post(agent, mesh.body(agent, next(seq), {"n0": True, "n1": True}))
+        mesh.now += 1
+        # va: n0 and n1 begin failing at once. vb and vc are asked about both, but each agent's
+        # bucket holds one request (twice 0.5/s): n1's are dropped by the agent rate
+        status, _ = await mesh.post("va", mesh.body("va", next(seq), {"n0": False, "n1": False}))
+        assert status == 200
+        # vb's batch gets its request (sent); its own failure of n0 begins within the cooldown
+        # of the ask about n0: vc is not asked again
+        status, reply = await mesh.post("vb", mesh.body("vb", next(seq), {"n0": False}))
+        assert status == 200 and reply["reprobe"] == [["n0", "wg"]]
+        # vc reports only after max_delay_seconds: its request about n0 has expired; its own
+        # failure of n1 begins within n1's cooldown (a request dropped by the rate still started
+        # it): vb is not asked about n1 either
+        mesh.now += 1.5
+        status, reply = await mesh.post("vc", mesh.body("vc", next(seq), {"n1": False}))
+        assert status == 200 and "reprobe" not in reply
+        metrics = await (await mesh.client.get("/metrics")).text()
+        for result, count in (("sent", 1), ("agent-rate", 2), ("cooldown", 2), ("expired", 1)):
+            line = f'tunnelwatch_mesh_reprobe_requests_total{{result="{result}"}} {count:.1f}'
+            assert line in metrics, (line, [m for m in metrics.splitlines() if "reprobe" in m])

@@ -14,15 +14,18 @@ import msgspec
 import pytest
 
 from probes.cli import main
-from probes.mesh.policy import DecisionPolicy
+from probes.mesh.paths import PathPolicy
+from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.replay import JournalRecord, journal_record, parse_lines, replay
 from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
 from probes.mesh.weight_policy import WeightPolicy
 from probes.mesh.weights import WeightNode
-from probes.model import SchemaError, VerdictState, encode
+from probes.model import ObservationBatch, PathTrace, SchemaError, VerdictState, encode
+from probes.paths.asn import AsnTable
 from tests.mesh.fleetsim import Fault, FleetSim, generated_fleet, pool_nodes
 from tests.mesh.helpers import fleet, obs, write_mesh_config
+from tests.paths.test_localise import A_PATH, flow, trace
 
 pytestmark = pytest.mark.mesh
 
@@ -103,3 +106,63 @@ def test_journal_records_are_checked() -> None:
     with pytest.raises(SchemaError):
         list(replay(DecisionPolicy(), [], parse_lines(
             [b'{"now": 1.0, "admin": {"node": "ghost", "state": "DRAINING"}}'])))
+
+
+async def test_path_traces_replay_to_the_live_verdicts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Batches that carry path traces (the live mesh's path engine, with the operator's ASN
+    table): the verdicts' path evidence, an impaired vantage's own network and a trace that
+    comes after its verdict (an audit note, no verdict) replay from the journal through the
+    CLI to the live verdict log byte for byte."""
+    prefixes = [("10.1.0.0/16", 64501), ("10.10.0.0/16", 64510), ("10.20.0.0/16", 64520)]
+    names = {64501: "provider-a", 64510: "transit-1"}
+    nodes = fleet(4)
+    svc = MeshService(SQLiteStore(tmp_path / "live.db"),
+                      DecisionPolicy(damping=DampingPolicy(enabled=False)), nodes,
+                      snapshot_every=10**9, path_policy=PathPolicy(),
+                      asn_table=AsnTable(prefixes, names))
+    seq = 0
+
+    async def send(vantage: str, t: float, results: dict[str, bool],
+                   traces: list[PathTrace] | None = None) -> None:
+        nonlocal seq
+        seq += 1
+        b = ObservationBatch(version=1, agent=vantage, batch_seq=seq, sent_at=t,
+                             observations=[obs(n, vantage, ok, at=t) for n, ok in results.items()],
+                             traces=traces or [])
+        await svc.accept_batch(encode(b), b, t)
+
+    all_nodes = [n.node for n in nodes]
+    for t in range(14):
+        now = 100.0 + t
+        # va: cut off inside its own provider from t=0 (its traces stop in AS64501): impaired.
+        # From t=6 n0 fails for vb and vc too, who trace it to transit-1 (AS64510)
+        cut = [trace("va", True, flow(["10.1.0.1"]), node=n, at=now) for n in all_nodes]
+        await send("va", now, dict.fromkeys(all_nodes, False), cut if t == 0 else None)
+        for vantage in ("vb", "vc"):
+            lost = [trace(vantage, True, flow(A_PATH[:2]), node="n0", at=now)]
+            await send(vantage, now, {n: not (t >= 6 and n == "n0") for n in all_nodes},
+                       lost if t == 6 else None)
+        if t % 2:
+            await svc.tick(now + 0.5)
+    # after n0's verdict: vb traces n1, which passes (news for no verdict: an audit note)
+    await send("vb", 114.0, {}, [trace("vb", False, flow(A_PATH), node="n1", at=114.0)])
+    live = [stored.verdict for stored in svc.store.verdicts(limit=100_000)]
+    kinds = {r.what for v in live for r in v.reasons}
+    assert {"path", "vantage-path"} <= kinds, kinds  # the traces are in the verdicts
+    journal = tmp_path / "journal.jsonl"
+    epoch = svc.store.epoch
+    journal.write_bytes(b"".join(journal_record(e, epoch) + b"\n"
+                                 for e in svc.store.recover().entries))
+    await svc.close()
+
+    table, names_file = tmp_path / "cfg" / "asn.ipasn", tmp_path / "cfg" / "asnames.txt"
+    table.parent.mkdir()
+    table.write_text("".join(f"{prefix}\t{asn}\n" for prefix, asn in prefixes))
+    names_file.write_text("".join(f"{asn} {name}\n" for asn, name in names.items()))
+    config = write_mesh_config(tmp_path / "cfg", 4, VANTAGES, extra=(
+        "decision: {damping: {enabled: false}}\n"
+        f"paths: {{asn_table: {table}, asn_names: {names_file}}}\n"))
+    assert main(["mesh", "replay", "--config", str(config), "--observations", str(journal)]) == 0
+    replayed = capsys.readouterr().out.splitlines()
+    assert [line.encode() for line in replayed] == [encode(v) for v in live]
