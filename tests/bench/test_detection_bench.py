@@ -39,7 +39,9 @@ one vantage, the others re-probe it now; docs/mesh.md).
    to honour re-probe requests (``mesh.reprobe: false``, a config reload): probes started per
    second with corroboration on demand (the soak) over without it (this control), target
    <= 1.2x; and over the whole run, probes started over those not started because the mesh
-   asked. The load average is printed at each phase: the machine is shared.
+   asked. The agents' liveness probes (an ICMP probe when a handshake runs past its usual
+   time, docs/agent.md) are counted apart: they run with and without re-probes. The load
+   average is printed at each phase: the machine is shared.
 
 Run: ``make bench`` or ``pytest -m slow -s tests/bench/test_detection_bench.py``. A reduced run:
 ``TW_BENCH_FAULTS=6 TW_BENCH_KINDS=isolate TW_SOAK_SECONDS=0`` (fault kinds: kill-vpn, isolate,
@@ -80,6 +82,7 @@ BASE_INTERVAL = 2.0  # the agents' and HAProxy's check interval
 TARGET_MEDIAN, TARGET_P99, TARGET_LOAD = 1.0, 1.8, 1.2
 STARTED = "tunnelwatch_scheduler_started_total"
 REPROBES = "tunnelwatch_scheduler_reprobes_total"
+LIVENESS = "tunnelwatch_scheduler_liveness_probes_total"  # ICMP after a handshake ran long
 
 
 def loadavg() -> str:
@@ -220,6 +223,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
     loads = [f"start: {loadavg()}"]
     started_at_start = stack.agent_counter(STARTED)
     reprobes_at_start = stack.agent_counter(REPROBES)
+    liveness_at_start = stack.agent_counter(LIVENESS)
     checks = stack.planned_checks()
     nodes = list(stack.fleet.nodes)
     kinds: list[tuple[str, Callable[[str], sc.Action], Callable[[str], sc.Action]]] = [
@@ -281,9 +285,11 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
         sc.loss_everywhere(5)(stack)
         lab.set_loss(stack.control, 5)
         soak_probes_before = stack.agent_counter(STARTED)
+        soak_liveness_before = stack.agent_counter(LIVENESS)
         time.sleep(SOAK_SECONDS)
         soak_end = time.time()
         soak_started = stack.agent_counter(STARTED) - soak_probes_before
+        soak_liveness = stack.agent_counter(LIVENESS) - soak_liveness_before
         loads.append(f"after the soak: {loadavg()}")
         # the control: the same soak, the agents not honouring re-probe requests
         stack.set_reprobe(False)
@@ -297,6 +303,7 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
         stack.set_reprobe(True)
         started_total = stack.agent_counter(STARTED) - started_at_start
         reprobes_total = stack.agent_counter(REPROBES) - reprobes_at_start
+        liveness_total = stack.agent_counter(LIVENESS) - liveness_at_start
         sc.heal_all()(stack)
         lab.heal(stack.control)
         changes = rec.verdicts_between(soak_start, soak_end)
@@ -353,6 +360,10 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
           f"{len(control_changes)}; the whole run: {started_total:.0f} probes started, "
           f"{reprobes_total:.0f} of them re-probes the mesh asked for: "
           f"{started_total / max(started_total - reprobes_total, 1):.3f}x")
+    print(f"liveness probes (an ICMP probe because a handshake ran past its usual time; the "
+          f"same with and without re-probes): {liveness_total:.0f} in the whole run, "
+          f"{soak_liveness:.0f} in the soak ({soak_liveness / max(soak_started, 1):.1%} of its "
+          f"probes)")
     for line in loads:
         print(f"  {line}")
     assert all_down.get("ours") or not FAULTS, "no fault was detected at all"
