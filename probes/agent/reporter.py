@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
+from probes.agent.aio import wait_at_most
 from probes.agent.metrics import ReporterStats
 from probes.agent.spool import Batch, Spool
 from probes.logutil import RateLimitedLog
@@ -280,8 +281,7 @@ class Reporter:
 
     async def _writer(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._urgent.wait(), COMMIT_INTERVAL)
+            await wait_at_most(self._urgent, COMMIT_INTERVAL)
             if self._urgent.is_set():
                 await asyncio.sleep(URGENT_SPACING)  # let what finishes with it come along
                 self._urgent.clear()
@@ -310,8 +310,7 @@ class Reporter:
         batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
         if batch is None:
             self._new_data.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_data.wait(), self.flush_interval)
+            await wait_at_most(self._new_data, self.flush_interval)
             return backoff
         result = await self._post(endpoint, batch)
         key = (index, result)

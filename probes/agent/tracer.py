@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from probes.agent.aio import wait_at_most
 from probes.agent.metrics import TracerStats
 from probes.agent.plan import PlannedCheck
 from probes.checks.traceroute import TraceUnavailable, trace
@@ -342,8 +343,7 @@ class Tracer:
             due = self.planner.next_due(now)
             self._wake.clear()
             wait = 60.0 if due is None else max(0.0, due - self.clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.001))
+            await wait_at_most(self._wake, max(wait, 0.001))
 
     async def _run(self, job: TraceJob) -> None:
         policy = self.policy

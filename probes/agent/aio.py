@@ -1,0 +1,19 @@
+"""asyncio helpers the agent's long-running loops share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set, or ``seconds`` have passed.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that arrives as its
+    wait ends (CPython gh-86296, fixed in 3.12), and a loop that waits a fraction of a second at
+    a time then runs on after it was cancelled, and whatever waits for it to end (the reporter's
+    ``close()``, an agent's stop) waits for ever: seen with the reporter's ``flush_interval`` at
+    0.05 s. ``asyncio.timeout`` does not."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
