@@ -50,9 +50,9 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
-from probes.agent.aio import wait_at_most
 from probes.agent.metrics import ReporterStats
 from probes.agent.spool import Batch, Spool
+from probes.aio import wait_at_most
 from probes.logutil import RateLimitedLog
 from probes.model import Observation, PathTrace, batch_body, signing
 

@@ -42,9 +42,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from probes.agent.aio import wait_at_most
 from probes.agent.metrics import TracerStats
 from probes.agent.plan import PlannedCheck
+from probes.aio import wait_at_most
 from probes.checks.traceroute import TraceUnavailable, trace
 from probes.config import TracingConfig
 from probes.model import LOCAL_TIERS, NODE_READ_TIERS, PathTrace, TraceProtocol, TraceTrigger

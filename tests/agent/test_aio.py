@@ -1,4 +1,4 @@
-"""The agent's loops wait with :func:`probes.agent.aio.wait_at_most`: a cancel always ends them.
+"""The agent's loops wait with :func:`probes.aio.wait_at_most`: a cancel always ends them.
 ``asyncio.wait_for`` on Python 3.11 swallows a cancel that comes in the same loop iteration as
 the event it waits for (the reporter's ``close()`` commits, which wakes its senders, and
 cancels them at once): the sender ran on, and ``close()`` waited for it for ever."""
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from probes.agent.aio import wait_at_most
+from probes.aio import wait_at_most
 
 pytestmark = pytest.mark.agent
 

@@ -15,7 +15,6 @@ is repaired and a restart changes nothing that was right:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from probes.aio import wait_at_most
 from probes.mesh.bgp.pop import Pin, PopChange, PopEngine, PopPolicy, PopState
 from probes.mesh.bgp.speaker import Announcement, Speaker, SpeakerError
 from probes.model import VerdictState
@@ -127,8 +127,7 @@ class AnycastController:
                 next_reconcile = now + self.config.reconcile_interval_seconds
             timer = self.engine.next_timer(now)
             wait = min(next_reconcile, timer if timer is not None else next_reconcile) - now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.05, wait))
+            await wait_at_most(stop, max(0.05, wait))
 
     # ------------------------------------------------------------------ inputs
 

@@ -32,6 +32,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from probes.aio import wait_at_most
 from probes.mesh.api import operator_request, sanitise_text
 from probes.mesh.bgp.controller import AnycastConfig, AnycastController
 from probes.mesh.bgp.pop import Pin
@@ -114,8 +115,7 @@ def install(app: web.Application, cfg: AnycastConfig, members: Sequence[tuple[st
         # woken by committed verdicts, and polled too: a node held UP by its pool's guard
         # changes what the PoP should do without any verdict being published
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dirty.wait(), POLL_SECONDS)
+            await wait_at_most(dirty, POLL_SECONDS)
             dirty.clear()
             try:
                 await feed_changes()

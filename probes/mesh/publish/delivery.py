@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.aio import wait_at_most
 from probes.mesh.publish.base import PermanentError, Publisher
 from probes.mesh.publish.metrics import PublisherMetrics
 from probes.mesh.publish.outbox import Outbox, OutboxEntry
@@ -88,15 +89,13 @@ class DeliveryLoop:
 
     async def _idle(self, seconds: float) -> None:
         """Wait for new verdicts: returns on notify(), stop() or after ``seconds``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait_at_most(self._wake, seconds)
         if not self._stop.is_set():
             self._wake.clear()
 
     async def _sleep(self, seconds: float) -> None:
         """A backoff wait: only stop() cuts it short (new verdicts must not hurry a retry)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+        await wait_at_most(self._stop, seconds)
 
     # ------------------------------------------------------------------ the loop
 

@@ -15,7 +15,6 @@ that restarted mid-delivery, converges.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from probes.aio import wait_at_most
 from probes.mesh.publish.base import PermanentError, Publisher
 from probes.mesh.publish.delivery import RetryPolicy
 from probes.model import WeightChange
@@ -89,8 +89,7 @@ class WeightLoop:
                 attempt = await self._back_off(attempt)
                 continue
             if not self.pending:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.policy.poll_interval * 10)
+                await wait_at_most(self._wake, self.policy.poll_interval * 10)
                 self._wake.clear()
                 continue
             batch, self.pending = self.pending, {}
@@ -128,6 +127,5 @@ class WeightLoop:
         return True
 
     async def _back_off(self, attempt: int) -> int:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), self.policy.backoff(attempt, self.rng))
+        await wait_at_most(self._stop, self.policy.backoff(attempt, self.rng))
         return attempt + 1

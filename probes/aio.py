@@ -1,4 +1,4 @@
-"""asyncio helpers the agent's long-running loops share."""
+"""asyncio helpers that long-running loops (the agent's and the mesh's) share."""
 
 from __future__ import annotations
 
