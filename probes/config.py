@@ -151,7 +151,9 @@ class IKEv2Target(Strict, kw_only=True, frozen=True):
     port: int = 500
     local_id: str | None = None  # our IDi (FQDN or IPv4); default tunnelwatch-probe
     remote_id: str | None = None  # the responder must identify as this (IDr)
-    psk_file: str | None = None  # the pre-shared key: auth and tunnel levels
+    # the pre-shared key as plain text, read as is (not swanctl's notation, where a secret
+    # starting "0x" is hex and "0s" base64): auth and tunnel levels
+    psk_file: str | None = None
     # a responder that authenticates with a certificate (the probe still uses the PSK): the
     # CA(s) its chain must lead to; its dates are reported like OpenVPN's
     ca_file: str | None = None

@@ -11,6 +11,7 @@ VICI socket in the lab directory with ``swanctl --load-all``.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,6 +32,9 @@ PLUGINS = ("random nonce kdf openssl pem pkcs1 pkcs8 x509 pubkey revocation cons
 DEFAULT_PROPOSALS = ("aes256gcm16-prfsha256-ecp256", "aes256gcm16-prfsha256-x25519",
                      "aes256-sha256-modp2048", "aes256-sha1-modp2048")
 _counter = itertools.count()
+_EXCHANGE_TAGS = re.compile(r"\[(IKE|CFG|ENC)\]")
+_EXCHANGE_NOISE = re.compile(r"endpoint changed|state change|scheduling (rekeying|reauth)|"
+                             r"maximum IKE_SA lifetime")
 
 
 def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_id: str,
@@ -73,7 +77,10 @@ def render_connection(name: str, *, local_addrs: str, remote_addrs: str, local_i
         f"    id-1 = {local_id}",
         # %any: one secret for every initiator identity (each agent still uses its own id)
         *([f"    id-2 = {remote_id}"] if remote_id != "%any" else []),
-        f'    secret = "{psk}"',
+        # in hex: swanctl reads a secret that starts with "0x" as hex and one with "0s" as
+        # base64, so a text PSK that starts so (1 in 2,048 random token_urlsafe ones) was
+        # another key to charon than to the probe, which reads the psk file's text as is
+        f"    secret = 0x{psk.encode().hex()}",
         "  }",
         "}",
         "",
@@ -180,6 +187,14 @@ class StrongSwanServer:
 
     def list_sas(self) -> str:
         return self.swanctl(["--list-sas"]).stdout
+
+    def exchange_log(self) -> str:
+        """The log lines about credentials and the IKE exchanges (messages parsed and sent,
+        proposals, peer config, authentication, certificates), whole: what a failing
+        assertion should show. The rest (start-up, packets, endpoint and state changes) is
+        noise that pushed the telling lines out of a truncated tail."""
+        return "\n".join(line for line in self.log().splitlines()
+                         if _EXCHANGE_TAGS.search(line) and not _EXCHANGE_NOISE.search(line))
 
     def log(self) -> str:
         path: Path = self.lab.dir / f"{self.host.name}-{self.name}.log"
