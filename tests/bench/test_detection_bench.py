@@ -366,4 +366,6 @@ def test_detection_side_by_side_and_soak(lab: Lab) -> None:
           f"probes)")
     for line in loads:
         print(f"  {line}")
-    assert all_down.get("ours") or not FAULTS, "no fault was detected at all"
+    # a missed fault is in the list too (as inf): one detected means one finite time
+    assert any(math.isfinite(v) for v in all_down.get("ours", [])) or not FAULTS, \
+        "no fault was detected at all"

@@ -150,7 +150,9 @@ def test_a_paused_leader_does_not_publish_when_it_resumes(ha_lab: Lab) -> None:
     os.kill(old.proc.pid, signal.SIGSTOP)
     try:
         new = cluster.wait_leader([other])
+        deadline = time.monotonic() + 60  # generous: it comes; load only slows it
         while not any(d.source == new.host.address for d in list(Recorder.deliveries)):
+            assert time.monotonic() < deadline, f"the new leader {new.name} never delivered"
             time.sleep(0.05)
     finally:
         resumed_at = time.monotonic()
