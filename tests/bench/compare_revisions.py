@@ -14,6 +14,15 @@ SA_INIT+IKE_AUTH per proposal (in memory), OpenVPN reset probes per second and c
 tls probe against a real OpenVPN server, IKEv2 auth probe wall time against strongSwan, and the
 agent's TCP and UDP probes per CPU-second.
 
+    flock /work/.bench.lock .venv/bin/python tests/bench/compare_revisions.py BASE --shared \
+        [--this REV] [--rounds 5] [--only GROUP]
+
+measures like for like instead: the same script, this tree's tests/bench/same_driver.py, runs
+against each revision's code (its ``probes`` first on ``sys.path``), the two sides alternating
+and their order swapped every round. A revision's own benchmark file may measure differently
+(another clock, sample count or span), which the default mode would count as a change of the
+code. ``--this`` measures a revision in place of this working tree.
+
     .venv/bin/python tests/bench/compare_revisions.py --lines COMMIT [COMMIT ...]
 
 prints instead how many lines of probes/ each commit added or removed: physical lines, and code
@@ -25,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import functools
 import io
 import os
 import re
@@ -33,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +54,7 @@ HERE = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Figure:
     name: str
-    pattern: str  # one group: the number
+    pattern: str  # one group: the number (unused by --shared, whose script names its figures)
     unit: str
     lower_is_better: bool
 
@@ -85,6 +97,28 @@ def _spread(values: list[float]) -> str:
 
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+SHARED_GROUPS = ("wireguard", "ikev2", "openvpn", "ikev2_lab", "agent")
+SHARED_FIGURES: dict[str, Figure] = {}  # as same_driver.py names them, in the order seen
+
+
+def _run_shared(tree: Path, group: str) -> dict[str, float]:
+    """``same_driver.py``'s figures for ``group`` measured on ``tree``'s code (their units and
+    directions land in ``SHARED_FIGURES``)."""
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "tests/bench/same_driver.py"), str(tree), group],
+        capture_output=True, text=True, check=False)
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("FIGURE "):
+            name, value, unit, better = line[len("FIGURE "):].rsplit(" ", 3)
+            found[name] = float(value)
+            SHARED_FIGURES[name] = Figure(name, "", unit, better == "lower")
+    if proc.returncode != 0 or not found:
+        print(f"    {tree}: {group} exit {proc.returncode}\n{proc.stderr[-2000:]}",
+              file=sys.stderr)
+    return found
 
 
 def _run(tree: Path, bench: Bench) -> dict[str, float]:
@@ -147,6 +181,36 @@ def line_counts(commits: list[str]) -> None:
     print(f"{'sum':<8}  physical {total_physical:+6d}  code {total_code:+6d}")
 
 
+@contextlib.contextmanager
+def _checkout(revision: str, scratch: str, name: str) -> Iterator[Path]:
+    """``revision``'s tree: the directory itself, or a temporary detached worktree of it."""
+    if Path(revision).is_dir():
+        yield Path(revision)
+        return
+    tree = Path(scratch) / name
+    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(tree), revision],
+                   check=True, capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
+                       check=False)
+
+
+def _table(rows: list[tuple[Figure, list[float], list[float]]], rounds: int) -> None:
+    """One line a figure: (figure, base values, this tree's values)."""
+    print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8}  unit"
+          f"   (median of {rounds} alternating rounds; load now {_loadavg()})")
+    for figure, old, new in rows:
+        if not old or not new:
+            print(f"{figure.name:<38} {'missing':>10}")
+            continue
+        a, b = statistics.median(old), statistics.median(new)
+        worse = (b / a - 1) if figure.lower_is_better else (a / b - 1)
+        print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} {worse * 100:+7.1f}%  "
+              f"{figure.unit}   base {_spread(old)} this {_spread(new)}")
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--lines"]:
         line_counts(sys.argv[2:])
@@ -154,42 +218,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="git revision or checkout directory")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="", help="run the benches whose test id contains this")
+    parser.add_argument("--only", default="", help="run the benches (or with --shared the "
+                        "groups) whose name contains this")
+    parser.add_argument("--shared", action="store_true",
+                        help="one measuring script (same_driver.py) for both revisions")
+    parser.add_argument("--this", default=str(HERE),
+                        help="the revision or checkout to compare (default: this tree)")
     args = parser.parse_args()
-    benches = [b for b in BENCHES if args.only in b.test]
-    with tempfile.TemporaryDirectory(prefix="tw-base-") as scratch:
-        base = Path(args.base)
-        made = not base.is_dir()
-        if made:
-            base = Path(scratch) / "base"
-            subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(base),
-                            args.base], check=True, capture_output=True)
-        try:
-            figures: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
-            for round_ in range(args.rounds):
-                for bench in benches:
-                    for side, tree in (("base", base), ("this", HERE)):
-                        print(f"round {round_ + 1} {side:<4} load {_loadavg()}  {bench.test}",
-                              flush=True)
-                        for name, value in _run(tree, bench).items():
-                            figures[side].setdefault(name, []).append(value)
-        finally:
-            if made:
-                subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
-                                str(base)], check=False)
-    print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8}  unit"
-          f"   (median of {args.rounds} alternating rounds; load now {_loadavg()})")
-    for bench in benches:
-        for figure in bench.figures:
-            old = figures["base"].get(figure.name)
-            new = figures["this"].get(figure.name)
-            if not old or not new:
-                print(f"{figure.name:<38} {'missing':>10}")
-                continue
-            a, b = statistics.median(old), statistics.median(new)
-            worse = (b / a - 1) if figure.lower_is_better else (a / b - 1)
-            print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} {worse * 100:+7.1f}%  "
-                  f"{figure.unit}   base {_spread(old)} this {_spread(new)}")
+    figures: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+    with (tempfile.TemporaryDirectory(prefix="tw-base-") as scratch,
+          _checkout(args.base, scratch, "base") as base,
+          _checkout(args.this, scratch, "this") as this):
+        for round_ in range(args.rounds):
+            sides = [("base", base), ("this", this)]
+            if args.shared and round_ % 2:  # neither side always runs first
+                sides.reverse()
+            jobs = ([(g, functools.partial(_run_shared, group=g)) for g in SHARED_GROUPS
+                     if args.only in g] if args.shared else
+                    [(b.test, functools.partial(_run, bench=b)) for b in BENCHES
+                     if args.only in b.test])
+            for label, job in jobs:
+                for side, tree in sides:
+                    print(f"round {round_ + 1} {side:<4} load {_loadavg()}  {label}", flush=True)
+                    for name, value in job(tree).items():
+                        figures[side].setdefault(name, []).append(value)
+    shown = (SHARED_FIGURES.values() if args.shared else
+             [f for b in BENCHES if args.only in b.test for f in b.figures])
+    _table([(f, figures["base"].get(f.name, []), figures["this"].get(f.name, []))
+            for f in shown], args.rounds)
     return 0
 
 
