@@ -130,12 +130,3 @@ def kind(name: str) -> CheckKind[Any]:
         return known[name]
     except KeyError:
         raise KeyError(f"unknown check kind {name!r}; known: {', '.join(sorted(known))}") from None
-
-
-def __getattr__(name: str) -> Any:
-    """``FAMILIES`` and ``KINDS``, every family and kind as before: loaded when asked for."""
-    if name == "FAMILIES":
-        return families()
-    if name == "KINDS":
-        return all_kinds()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,6 @@
-"""``tunnelwatch probe <command>`` for every probe command a check family declares
-(:class:`probes.checks.base.ProbeCommand`).
-
-A command's flags are the fields of its options struct (a family's config section, or a kind's
-params): ``--field-name``, typed, defaulted and described as the struct says (the comment on the
-field is its help), plus the older spellings the command lists. The node is ``--endpoint
-HOST[:PORT]``, or the older positional form where a command had one. The options are validated
-by the config file's own rules, planned exactly as the agent plans a config target, and the last
-(deepest) check planned runs.
-"""
+"""``tunnelwatch probe <command>`` for every probe command a check family declares: the
+subcommand's flags built from its options struct, and its run (the contract is
+:class:`probes.checks.base.ProbeCommand`'s)."""
 
 from __future__ import annotations
 

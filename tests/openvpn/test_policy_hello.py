@@ -137,7 +137,7 @@ def test_policy_scan_is_planned_last_for_the_cli_and_by_the_agent(tmp_path: obje
 
     from probes.checks.base import PlanContext
     from probes.checks.openvpn import COMMAND
-    from probes.checks.registry import FAMILIES
+    from probes.checks.registry import families
     from probes.config import OpenVPNTarget, Target, openvpn_problems
     from probes.model import Tier
 
@@ -147,7 +147,7 @@ def test_policy_scan_is_planned_last_for_the_cli_and_by_the_agent(tmp_path: obje
     cli = list(COMMAND.plan(section, ctx))
     assert cli[-1].kind.name == "openvpn.policy" and cli[-1].kind.tier is Tier.POLICY
     assert cli[-1].params.items == ("tls_kx_rsa",)
-    agent = [p.kind.name for f in FAMILIES for p in f.plan(ctx)]
+    agent = [p.kind.name for f in families() for p in f.plan(ctx)]
     assert agent.count("openvpn.policy") == 1
     bad = OpenVPNTarget(policy_items=["tls_version_0_9"])
     assert any("tls_version_0_9" in p.message

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from probes.checks.registry import KINDS
+from probes.checks.registry import all_kinds
 from probes.mesh.decision import DecisionEngine
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.state import QUALITY_REASONS
@@ -52,7 +52,7 @@ def test_a_fault_every_vantage_sees_is_down_one_vantage_alone_is_not(
 
 
 def test_user_path_kinds_are_session_tier_and_their_failures_are_availability() -> None:
-    kinds = {name: kind for name, kind in KINDS.items()
+    kinds = {name: kind for name, kind in all_kinds().items()
              if name.endswith((".egress", ".dns", ".throughput"))}
     assert set(kinds) == {f"{via}.{what}" for via in ("wireguard", "openvpn", "ikev2")
                           for what in ("egress", "dns", "throughput")}

@@ -321,11 +321,6 @@ class ClientSession:
         return self._sender.retransmissions
 
     @property
-    def unacknowledged(self) -> int:
-        """Our control packets the server has not ACKed yet."""
-        return self._sender.unacked
-
-    @property
     def fewest_sends_unacknowledged(self) -> int:
         """Sends of the least-tried control packet the server has not ACKed (0: none)."""
         return self._sender.fewest_sends_unacked
