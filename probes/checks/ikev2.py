@@ -452,6 +452,13 @@ def _release(limiter: asyncio.Semaphore, half_open: bool) -> None:
         limiter.release()
 
 
+def _unanswered(failed: Failed | None, exchange: str) -> ProbeFailure:
+    """The initiator's own failure of ``exchange`` (what the answer was), else no answer."""
+    if failed is None:
+        return ProbeFailure(Reason.TIMEOUT, f"no {exchange} answer")
+    return ProbeFailure(_FAILURE_REASONS[failed.failure], failed.detail)
+
+
 def _init_failure(session: _Session, facts: dict[str, Fact]) -> ProbeFailure | None:
     o = session.outcome
     facts["cookie_rounds"] = sum(r.why == "cookie" for r in o.retries)
@@ -469,7 +476,7 @@ def _init_failure(session: _Session, facts: dict[str, Fact]) -> ProbeFailure | N
     if o.failed is not None:
         # any answer at all (NO_PROPOSAL_CHOSEN, INVALID_KE, other notifies) proves liveness
         facts["alive"] = o.failed.failure not in (Failure.TIMEOUT, Failure.BAD_PACKET)
-        return ProbeFailure(_FAILURE_REASONS[o.failed.failure], o.failed.detail)
+        return _unanswered(o.failed, "IKE_SA_INIT")
     if session.ini.dropped:  # something answers on the port, but it does not speak IKEv2 to us
         return ProbeFailure(Reason.BAD_RESPONSE,
                             f"{session.ini.dropped} datagrams back, none an IKE answer")
@@ -480,10 +487,7 @@ def _auth_failure(session: _Session, facts: dict[str, Fact], level: str,
                   trusted: tuple[x509.Certificate, ...]) -> ProbeFailure | None:
     o = session.outcome
     if o.auth is None:
-        failed = o.failed
-        if failed is None:
-            return ProbeFailure(Reason.TIMEOUT, "no IKE_AUTH answer")
-        return ProbeFailure(_FAILURE_REASONS[failed.failure], failed.detail)
+        return _unanswered(o.failed, "IKE_AUTH")
     facts.update(responder_id=o.auth.responder_id, responder_auth_verified=True,
                  childless=o.auth.childless,
                  responder_auth="certificate" if o.auth.certificates else "psk")
@@ -509,10 +513,7 @@ def _auth_failure(session: _Session, facts: dict[str, Fact], level: str,
 def _created_failure(session: _Session, facts: dict[str, Fact]) -> ProbeFailure | None:
     o = session.outcome
     if o.created is None:
-        failed = o.failed
-        if failed is None:
-            return ProbeFailure(Reason.TIMEOUT, "no CREATE_CHILD_SA answer")
-        return ProbeFailure(_FAILURE_REASONS[failed.failure], failed.detail)
+        return _unanswered(o.failed, "CREATE_CHILD_SA")
     if o.created.child is None:
         facts["child_sa_error"] = o.created.error
         # an error notify is the responder's "no"; a flawed answer is not a refusal
