@@ -116,6 +116,16 @@ class Stopwatch:
             facts=facts or {},
         )
 
+    def failed(self, exc: Exception, facts: dict[str, Fact]) -> CheckResult:
+        """The result of a check run that ``exc`` ended: a :class:`ProbeFailure`'s reason (the
+        phase that stalled lapped first), or ``probe-error`` for our own (a
+        :class:`ConfigError`)."""
+        if isinstance(exc, ProbeFailure):
+            if exc.phase:
+                self.lap(exc.phase)
+            return self.result(False, exc.reason, detail=exc.detail, facts=facts)
+        return self.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
+
 
 class ProbeFailure(Exception):
     """Ends a check run early with a closed-enum reason. ``phase``: the phase that stalled (the

@@ -503,10 +503,8 @@ async def _run(params: MtuParams, timeout: float, port: int | None) -> CheckResu
         async with asyncio.timeout(timeout):
             prober = await MtuProber.open(params.host, port)
             return await _find_path_mtu(prober, params, sw, facts)
-    except ProbeFailure as failed:
-        return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
-    except ConfigError as exc:
-        return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
+    except (ProbeFailure, ConfigError) as exc:
+        return sw.failed(exc, facts)
     except TimeoutError:
         return sw.result(False, Reason.TIMEOUT, facts=facts,
                          detail=f"search did not finish within {timeout:g}s")

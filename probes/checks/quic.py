@@ -280,10 +280,8 @@ async def _run(params: QuicParams, timeout: float, body: _Body) -> CheckResult:
     try:
         config = client_configuration(params)
         return await body(params, config, sw, facts, time.monotonic() + timeout)
-    except ProbeFailure as failed:
-        return sw.result(False, failed.reason, detail=failed.detail, facts=facts)
-    except ConfigError as exc:
-        return sw.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=facts)
+    except (ProbeFailure, ConfigError) as exc:
+        return sw.failed(exc, facts)
     except TimeoutError:
         return sw.result(False, Reason.TIMEOUT, facts=facts,
                          detail=f"no answer within {timeout:g}s after {list(sw.phases)}")

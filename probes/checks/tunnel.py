@@ -133,14 +133,8 @@ async def run_probe(probe: ProbeRun, body: Callable[[], Awaitable[CheckResult]])
     except asyncio.CancelledError:
         await probe.finish()
         raise
-    except ProbeFailure as failure:
-        if failure.phase:
-            probe.watch.lap(failure.phase)
-        result = probe.watch.result(False, failure.reason, detail=failure.detail,
-                                    facts=probe.facts)
-    except ConfigError as exc:  # ours (unreadable keys): never the node
-        result = probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc),
-                                    facts=probe.facts)
+    except (ProbeFailure, ConfigError) as exc:  # ConfigError: ours (unreadable keys)
+        result = probe.watch.failed(exc, probe.facts)
     await probe.finish()
     result.phases = dict(probe.watch.phases)
     result.duration_seconds = probe.watch.elapsed()

@@ -330,12 +330,9 @@ async def _handshake(params: WireGuardParams, timeout: float, wall_ns: WallClock
         await probe.open()
         await probe.handshake()
         result = probe.watch.result(True, Reason.OK, facts=probe.facts)
-    except ProbeFailure as failure:
-        result = probe.watch.result(False, failure.reason, detail=failure.detail,
-                                    facts=probe.facts)
-    except (ConfigError, wg.WireGuardError) as exc:  # ours (e.g. keys expired mid-check)
-        result = probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc),
-                                    facts=probe.facts)
+    except (ProbeFailure, ConfigError, wg.WireGuardError) as exc:
+        # a WireGuardError here is ours (keys expired mid-check): probe-error, as ConfigError
+        result = probe.watch.failed(exc, probe.facts)
     await probe.finish()
     return result
 
