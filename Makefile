@@ -15,7 +15,8 @@ APT_PACKAGES := iproute2 nftables iputils-ping socat procps openssl python3-venv
 
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv test lint typecheck pytest demo bench docs clean
+.PHONY: all setup system-packages venv test lint typecheck pytest demo bench bench-perf docs \
+	clean
 
 all: test
 
@@ -54,9 +55,25 @@ pytest: venv
 test: setup
 	$(MAKE) --no-print-directory lint typecheck pytest
 
-# opt-in: benchmarks and soaks (marked slow), figures printed side by side with their peers
+# opt-in: benchmarks and soaks (marked slow), figures printed side by side with their peers,
+# and at the end one table of every figure the run recorded (tests/bench/conftest.py)
 bench: setup
 	$(VENV)/bin/pytest -m slow -s tests/bench $(PYTEST_ARGS)
+
+# the performance comparisons only (docs/performance.md), in a few minutes: the agent against
+# blackbox_exporter (bare loop, /probe over HTTP, the full scheduled agent), start error, RSS,
+# the mesh's ingest and decision p99, WireGuard against the X25519 floor, IKEv2 against WireGuard
+BENCH_PERF := tests/bench/test_agent_bench.py::test_probes_per_cpu_second_vs_blackbox \
+	tests/bench/test_agent_bench.py::test_schedule_precision_at_2000_per_second \
+	tests/bench/test_agent_bench.py::test_rss_with_10000_targets \
+	tests/bench/test_probe_http_bench.py \
+	$(wildcard tests/bench/test_full_agent_bench.py) \
+	tests/bench/test_mesh_bench.py::test_mesh_ingest_throughput_and_latency \
+	tests/bench/test_wireguard_bench.py::test_client_cpu_per_handshake \
+	tests/bench/test_ikev2_bench.py::test_initiator_cpu_per_auth
+
+bench-perf: setup
+	$(VENV)/bin/pytest -m slow -s $(BENCH_PERF) $(PYTEST_ARGS)
 
 # DEMO_ARGS: --quick (real clients only), --ha (mesh replicas on etcd), --duration S
 DEMO_ARGS ?=

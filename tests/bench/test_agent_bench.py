@@ -37,6 +37,7 @@ import pytest
 
 from probes.checks import l4
 from probes.checks.base import CheckResult, execute
+from tests.bench.figures import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.agent]
 
@@ -208,6 +209,10 @@ def test_probes_per_cpu_second_vs_blackbox(targets: tuple[int, int],
     b_udp = _line("blackbox dns over udp", *asyncio.run(_drive_blackbox(
         f"{url}/probe?module=dns_udp&target=127.0.0.1:{udp_port}", SECONDS, pid)), SECONDS)
     print(f"  ratio tcp agent/blackbox per CPU-s: {a_tcp / b_tcp:5.1f}x   (target >= 4x)")
+    record("TCP bare probe loop", a_tcp, "probes/CPU-s", peer=b_tcp,
+           peer_name="blackbox /probe, Python client")
+    record("UDP bare probe loop", a_udp, "probes/CPU-s", peer=b_udp,
+           peer_name="blackbox dns /probe, Python client", target=">= 20,000")
     print(f"  ratio udp agent/blackbox per CPU-s: {a_udp / b_udp:5.1f}x   "
           f"(agent udp {a_udp:.0f}/CPU-s; target >= 15,000)")
 
@@ -294,6 +299,8 @@ def test_schedule_precision_at_2000_per_second(targets: tuple[int, int]) -> None
           f"{ran / seconds:7.0f} probes/s ({failed} failed), start error "
           f"p50 {_pct(lags, .5) * 1e3:.3f} ms p99 {_pct(lags, .99) * 1e3:.3f} ms "
           f"(target p99 <= 5 ms), {cpu / seconds:.2f} CPU-s/s")
+    record("start error p99, 2,000/s", _pct(lags, .99) * 1e3, "ms", peer=_pct(errors, .99) * 1e3,
+           peer_name="APScheduler, no-op jobs", target="<= 2 ms")
 
 
 # ------------------------------------------------------------------ memory
@@ -366,6 +373,8 @@ def test_rss_with_10000_targets(targets: tuple[int, int], tmp_path: Path) -> Non
           f"{float(scrape):.2f} s; start lag meanwhile p50 {float(p50) * 1e3:.2f} ms p99 "
           f"{float(p99) * 1e3:.2f} ms, {overloaded} refused as overloaded; heavy modules with "
           f"10,000: {heavy}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    record(f"RSS, 10,000 targets (fixed {fixed:.1f} MB + {per_target:.2f} KB each)", full, "MB",
+           target="<= 110 MB")
 
 
 # ------------------------------------------------------------------ RTT accuracy (lab)

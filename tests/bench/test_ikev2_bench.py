@@ -19,6 +19,7 @@ import pytest
 from probes.checks.ikev2 import Ikev2Params, run_level
 from probes.protocols.ikev2.initiator import AuthCompleted, Initiator, InitiatorConfig
 from probes.protocols.ikev2.proposals import parse_ike_proposals
+from tests.bench.figures import record
 from tests.bench.test_wireguard_bench import client_cpu_per_handshake
 from tests.ikev2.fake_responder import FakeResponder
 
@@ -66,6 +67,8 @@ def test_initiator_cpu_per_auth(proposal: str, wireguard_handshake_seconds: floa
           f"{wireguard_handshake_seconds * 1e3:.3f} ms; ratio "
           f"{ours / wireguard_handshake_seconds:.2f}x  (load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    record(f"IKEv2 initiator CPU per auth, {proposal.rsplit('-', 1)[-1]}", ours * 1e3, "ms",
+           peer=wireguard_handshake_seconds * 1e3, peer_name="WireGuard handshake")
 
 
 @pytest.mark.lab

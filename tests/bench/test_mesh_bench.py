@@ -51,6 +51,7 @@ from probes.model import (
     encode,
     signing,
 )
+from tests.bench.figures import record
 from tests.mesh.helpers import write_mesh_config
 from tests.mesh.process import MeshProcess, free_port
 
@@ -341,6 +342,9 @@ def test_mesh_ingest_throughput_and_latency(tmp_path: Path) -> None:
             print(f"  floor beside it, this process on CPU 1: verify + decode "
                   f"{floor * 1e6:.2f} us per observation; the mesh's whole path "
                   f"{both / n * 1e6:.2f} us = {both / n / floor:.1f}x that floor")
+            record(f"mesh ingest ({n / both:,.0f} obs/CPU-s, snapshots counted)", both / n * 1e6,
+                   "us/obs", peer=floor * 1e6, peer_name="verify + decode floor",
+                   target=">= 450,000 obs/CPU-s")
             return n / wall
 
         async def latency(session: aiohttp.ClientSession, url: str, senders: list[Sender],
@@ -372,6 +376,8 @@ def test_mesh_ingest_throughput_and_latency(tmp_path: Path) -> None:
             print(f"decision latency on an idle mesh ({len(idle)} deciding requests; load "
                   f"average {load_before} -> {loadavg()}): p50 {pct(idle, 0.5) * 1e3:.2f} ms, "
                   f"p99 {pct(idle, 0.99) * 1e3:.2f} ms")
+            record(f"mesh decision p99 at {LOAD_SHARE:.0%} of max rate", pct(loaded, 0.99) * 1e3,
+                   "ms", peer=pct(idle, 0.99) * 1e3, peer_name="idle mesh", target="<= 20 ms")
             assert len(loaded) >= MIN_DECISIONS and len(idle) >= MIN_DECISIONS
 
         def metric(name: str) -> float:

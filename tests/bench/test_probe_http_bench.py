@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.bench.figures import record
 from tests.bench.test_agent_bench import BLACKBOX_CONFIG, TARGETS, TICKS, _free_port, _stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.agent]
@@ -185,5 +186,7 @@ def test_probe_over_http_same_driver(httpload: Path, tcp_target: int,
     print(f"  ratio agent/blackbox probes per CPU-s: {a['per_cpu'] / b['per_cpu']:.2f}x "
           f"(target >= 2.5x); load average after "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    record("/probe over HTTP, TCP", a["per_cpu"], "probes/CPU-s", peer=b["per_cpu"],
+           peer_name="blackbox /probe, same driver", target=">= 2.5x")
     assert b["failed"] == 0 and a["failed"] == 0
     assert b["done"] > 0 and a["done"] > 0

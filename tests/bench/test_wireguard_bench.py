@@ -17,6 +17,7 @@ import pytest
 from nacl import bindings as sodium
 
 from probes.protocols import wireguard as wg
+from tests.bench.figures import record
 from tests.wireguard.wg_responder import Responder
 
 pytestmark = [pytest.mark.slow, pytest.mark.wireguard]
@@ -89,6 +90,8 @@ def test_client_cpu_per_handshake() -> None:
           f"{total_us / floor_us:.2f}x")
     print(f"per-server setup (incl. cached static-static DH): "
           f"{statistics.median(setup):.1f} us, once per initiator")
+    record("WireGuard client CPU per handshake", total_us, "us", peer=floor_us,
+           peer_name="X25519 floor", target="<= 200 us")
     assert total_us > 0 and floor_us > 0
 
 
