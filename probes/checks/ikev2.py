@@ -262,7 +262,10 @@ class _Probe:
             raise ConfigError(f"level {level} needs a PSK")
         limiter = half_open_limiter(params.host, params.port)
         try:
-            await asyncio.wait_for(limiter.acquire(), self.deadline - time.monotonic())
+            # not wait_for: on 3.11 it swallows a cancel that comes as a slot is freed, and
+            # the cancelled probe ran all the same (probes/aio.py)
+            async with asyncio.timeout(self.deadline - time.monotonic()):
+                await limiter.acquire()
         except TimeoutError:
             raise ProbeFailure(Reason.OVERLOADED, f"{MAX_HALF_OPEN} half-open SAs to this "
                                                   "responder in flight") from None
