@@ -21,7 +21,8 @@ measures like for like instead: the same script, this tree's tests/bench/same_dr
 against each revision's code (its ``probes`` first on ``sys.path``), the two sides alternating
 and their order swapped every round. A revision's own benchmark file may measure differently
 (another clock, sample count or span), which the default mode would count as a change of the
-code. ``--this`` measures a revision in place of this working tree.
+code. ``--this`` measures a revision in place of this working tree. Beside the change of the
+medians, ``best`` compares each side's best round (load only adds cost).
 
     .venv/bin/python tests/bench/compare_revisions.py --lines COMMIT [COMMIT ...]
 
@@ -197,17 +198,25 @@ def _checkout(revision: str, scratch: str, name: str) -> Iterator[Path]:
                        check=False)
 
 
+def _worse(figure: Figure, base: float, this: float) -> float:
+    """By how many percent ``this`` is worse than ``base`` (negative: better)."""
+    return (this / base - 1) * 100 if figure.lower_is_better else (base / this - 1) * 100
+
+
 def _table(rows: list[tuple[Figure, list[float], list[float]]], rounds: int) -> None:
-    """One line a figure: (figure, base values, this tree's values)."""
-    print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8}  unit"
-          f"   (median of {rounds} alternating rounds; load now {_loadavg()})")
+    """One line a figure: (figure, base values, this tree's values). ``change`` compares the
+    medians over the rounds; ``best`` the best round of each side (the least CPU, the most
+    probes): load only ever adds cost, so the best round is the one least disturbed."""
+    print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8} "
+          f"{'best':>7}  unit   (median of {rounds} alternating rounds; load now {_loadavg()})")
     for figure, old, new in rows:
         if not old or not new:
             print(f"{figure.name:<38} {'missing':>10}")
             continue
+        best = min if figure.lower_is_better else max
         a, b = statistics.median(old), statistics.median(new)
-        worse = (b / a - 1) if figure.lower_is_better else (a / b - 1)
-        print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} {worse * 100:+7.1f}%  "
+        print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} "
+              f"{_worse(figure, a, b):+7.1f}% {_worse(figure, best(old), best(new)):+6.1f}%  "
               f"{figure.unit}   base {_spread(old)} this {_spread(new)}")
 
 
