@@ -51,12 +51,15 @@ from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService, Replay
 from probes.mesh.store import StoreError
-from probes.model import SchemaError, Verdict, decode_batch, signing
+from probes.model import ObservationBatch, SchemaError, Verdict, decode_batch, signing
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
-ACCEPTS = ("traces", "epoch")  # optional batch fields this mesh takes (see the reply of handle)
+ACCEPTS = ("traces", "epoch")
+# an agent's observation is 150-250 bytes of JSON: a body's size in observations, estimated
+# before it is decoded (decoding waits for the input's turn, whose deadline needs the size)
+BODY_BYTES_PER_OBSERVATION = 160  # optional batch fields this mesh takes (see the reply of handle)
 REJECT_REASONS = (
     "encoding",
     "missing-header",
@@ -154,38 +157,53 @@ class Ingest:
     async def _accept(self, agent: str, key_id: str, body: bytes) -> list[Verdict]:
         if self.keys[key_id].agent != agent:
             raise Rejected(403, "identity", "key id belongs to another agent")
+        decoded: list[ObservationBatch] = []
+
+        def validated(data: bytes) -> ObservationBatch:
+            # run in the batch's input turn (see MeshService.accept_body)
+            decoded.append(validated_batch(agent, data))
+            return decoded[0]
+
         try:
-            batch = decode_batch(body)
-        except SchemaError as exc:
-            raise Rejected(400, "schema", str(exc), exc.path) from None
-        if batch.agent != agent:
-            raise Rejected(403, "identity", "batch from another agent", "$.agent")
-        for i, obs in enumerate(batch.observations):
-            if obs.vantage != agent:
-                raise Rejected(
-                    403,
-                    "identity",
-                    "an agent reports only as its own vantage",
-                    f"$.observations[{i}].vantage",
-                )
-        for i, trace in enumerate(batch.traces):
-            if trace.vantage != agent:
-                raise Rejected(
-                    403, "identity", "an agent traces only as its own vantage",
-                    f"$.traces[{i}].vantage",
-                )
-        try:
-            verdicts = await self.service.accept_batch(body, batch, self.clock())
+            verdicts = await self.service.accept_body(
+                body, validated, agent, len(body) // BODY_BYTES_PER_OBSERVATION, self.clock())
         except Replay as exc:
+            batch = decoded[0]
             raise Rejected(409, "replay", f"(epoch, batch_seq) ({batch.epoch}, {batch.batch_seq})"
                            f" not above ({exc.epoch}, {exc.last})",
                            extra={"epoch": exc.epoch, "batch_seq": exc.last}) from None
         except StoreError as exc:
             trouble("store", "batch from %s not stored: %s", agent, exc)
             raise Rejected(503, "store", "not stored; retry") from None
+        batch = decoded[0]
         stats = self.stats
         stats.batches_total += 1
         stats.observations_total += len(batch.observations)
         stats.traces_total += len(batch.traces)
         stats.bytes_total += len(body)
         return verdicts
+
+
+def validated_batch(agent: str, body: bytes) -> ObservationBatch:
+    """``body`` decoded, and every part of it from ``agent`` (else :class:`Rejected`)."""
+    try:
+        batch = decode_batch(body)
+    except SchemaError as exc:
+        raise Rejected(400, "schema", str(exc), exc.path) from None
+    if batch.agent != agent:
+        raise Rejected(403, "identity", "batch from another agent", "$.agent")
+    for i, obs in enumerate(batch.observations):
+        if obs.vantage != agent:
+            raise Rejected(
+                403,
+                "identity",
+                "an agent reports only as its own vantage",
+                f"$.observations[{i}].vantage",
+            )
+    for i, trace in enumerate(batch.traces):
+        if trace.vantage != agent:
+            raise Rejected(
+                403, "identity", "an agent traces only as its own vantage",
+                f"$.traces[{i}].vantage",
+            )
+    return batch

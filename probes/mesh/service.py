@@ -392,12 +392,15 @@ class MeshService:
             raise Replay(epoch, last)
 
     async def _serially(self, step: Callable[[], Awaitable[T]], source: str = "",
-                        size: int = 0) -> T:
+                        size: int = 0, admit: Callable[[], object] | None = None) -> T:
         """Run an input in its turn (``source`` and ``size``: see :class:`InputQueue`), to
         completion: once applied, its commit (and the rebuild if that fails) finishes even if
-        the caller is cancelled."""
+        the caller is cancelled. ``admit`` runs first in the turn, before the store's health
+        is asked (a batch's decoding: a malformed body is refused as such, store or not)."""
         async def locked() -> T:
             async with self._inputs.turn(source, size):
+                if admit is not None:
+                    admit()
                 self._require_store()
                 return await step()
 
@@ -407,7 +410,21 @@ class MeshService:
                            ) -> list[Verdict]:
         """Apply an already authenticated and validated batch; commit it with its effects.
         Raises :class:`Replay`, or :class:`StoreUnavailable` (nothing applied)."""
+        return await self.accept_body(body, lambda _body: batch, batch.agent,
+                                      len(batch.observations) + len(batch.traces), now)
+
+    async def accept_body(self, body: bytes, decode: Callable[[bytes], ObservationBatch],
+                          source: str, size: int, now: float) -> list[Verdict]:
+        """:meth:`accept_batch` for an authenticated body not decoded yet: ``decode`` (which
+        validates it, raising whatever the caller answers with) runs in the input's turn, so a
+        heavy body's decoding (milliseconds for 2,000 observations) waits its turn by deadline
+        like its apply, and a small verdict-changing input passes it instead of queueing behind
+        it on the event loop. ``size``: the body's observations, estimated (the queue's
+        deadline)."""
+        decoded: list[ObservationBatch] = []
+
         async def step() -> list[Verdict]:
+            batch = decoded[0]
             self.check_replay(batch)
             entry = JournalEntry(EntryKind.BATCH, self._now(now), body)
             try:
@@ -426,8 +443,8 @@ class MeshService:
             self.agent_epoch[batch.agent] = batch.epoch
             return verdicts
 
-        return await self._serially(step, batch.agent,
-                                    len(batch.observations) + len(batch.traces))
+        return await self._serially(step, source, size,
+                                    lambda: decoded.append(decode(body)))
 
     def _apply_live(self, entry: JournalEntry, batch: ObservationBatch | None = None,
                     ) -> tuple[list[Verdict], list[WeightChange]]:
