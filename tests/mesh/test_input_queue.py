@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from probes.mesh import inputqueue
+from probes.mesh import ingest, inputqueue
 from probes.mesh.inputqueue import InputQueue
 from probes.mesh.store import EntryKind
 from probes.mesh.store_sqlite import SQLiteStore
@@ -165,3 +165,42 @@ async def test_the_mesh_applies_a_light_agents_batch_before_queued_heavy_ones(
     journal = [decode_batch(e.payload).agent for e in mesh.service.store.recover().entries
                if e.kind == EntryKind.BATCH]
     assert journal == committed
+
+
+async def test_a_waiting_batch_is_decoded_in_its_turn_not_before_it(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding a 2,000-observation body takes milliseconds on the event loop: done on arrival,
+    a light batch queued behind the decodes of every heavy body ahead of it, whatever the
+    deadline order of their applies. Decoded in the turn, the light batch's is done first."""
+    monkeypatch.setattr(inputqueue, "ALLOWANCE_SECONDS_PER_OBSERVATION", 60.0)
+    disk = threading.Event()
+    committed: list[str] = []
+    decoded: list[str] = []
+    original = SQLiteStore.commit
+
+    def held_commit(self: SQLiteStore, entry: Any, *args: Any, **kwargs: Any) -> int:
+        if entry.kind == EntryKind.BATCH:
+            committed.append(decode_batch(entry.payload).agent)
+            disk.wait(20)
+        return original(self, entry, *args, **kwargs)
+
+    def spied_decode(body: bytes) -> Any:
+        batch = decode_batch(body)
+        decoded.append(batch.agent)
+        return batch
+
+    monkeypatch.setattr(SQLiteStore, "commit", held_commit)
+    monkeypatch.setattr(ingest, "decode_batch", spied_decode)
+    heavy = {f"n{i % 4}": i % 2 == 0 for i in range(4)}
+    posts = [asyncio.create_task(mesh.post("h1", mesh.body("h1", 1, heavy)))]
+    await _until(lambda: committed == ["h1"], "h1's commit never started")
+    posts.append(asyncio.create_task(mesh.post("h2", mesh.body("h2", 1, heavy))))
+    await _until(lambda: mesh.service._inputs.waiting == 1, "h2 never queued")
+    assert decoded == ["h1"]  # h2's body waits undecoded
+    posts.append(asyncio.create_task(mesh.post("light", mesh.body("light", 1, {"n0": True}))))
+    await _until(lambda: mesh.service._inputs.waiting == 2, "the light batch never queued")
+    assert decoded == ["h1"]
+    disk.set()
+    answers = await asyncio.gather(*posts)
+    assert [status for status, _ in answers] == [200] * 3
+    assert decoded == committed == ["h1", "light", "h2"]
