@@ -12,7 +12,9 @@ figure's direction. The load average is printed with every round.
 Figures: WireGuard client CPU per handshake (in memory), IKEv2 initiator time per
 SA_INIT+IKE_AUTH per proposal (in memory), OpenVPN reset probes per second and client CPU per
 tls probe against a real OpenVPN server, IKEv2 auth probe wall time against strongSwan, and the
-agent's TCP and UDP probes per CPU-second.
+agent's TCP and UDP probes per CPU-second, and the mesh's observations per CPU-second (with and
+without its snapshot children) and decision p99 under load and idle (``--only mesh``: that bench
+alone, ~1.5 min per run).
 
     flock /work/.bench.lock .venv/bin/python tests/bench/compare_revisions.py BASE --shared \
         [--this REV] [--rounds 5] [--only GROUP]
@@ -88,6 +90,16 @@ BENCHES = (
                r"agent tcp connect .*-> +([\d.]+) probes/CPU-s", "/CPU-s", False),
         Figure("agent udp probes/CPU-s",
                r"agent udp request/response .*-> +([\d.]+) probes/CPU-s", "/CPU-s", False),
+    )),
+    Bench("tests/bench/test_mesh_bench.py::test_mesh_ingest_throughput_and_latency", (
+        Figure("mesh obs/CPU-s (mesh process)",
+               r"mesh process [\d.]+ CPU-s = ([\d,]+) obs/CPU-s", "/CPU-s", False),
+        Figure("mesh obs/CPU-s (+ snapshot children)",
+               r"after the last batch: ([\d,]+) obs/CPU-s counting them", "/CPU-s", False),
+        Figure("mesh decision p99 at 80 % of max rate",
+               r"deciding requests: p50 [\d.]+ ms, p99 ([\d.]+) ms", "ms", True),
+        Figure("mesh decision p99, idle mesh",
+               r"decision latency on an idle mesh .*p99 ([\d.]+) ms", "ms", True),
     )),
 )
 
