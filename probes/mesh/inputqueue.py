@@ -9,9 +9,9 @@ Here each input waits with a deadline, ``arrival + size x ALLOWANCE_SECONDS_PER_
 and the waiting input with the earliest deadline goes next (earliest deadline first). A
 2,000-observation batch may be passed by inputs that arrive within 200 ms after it, never later,
 so nothing waits forever; ticks and operator actions (size 0) go at their arrival. A batch is
-decoded in its turn (:meth:`MeshService.accept_body`), so the order covers its decoding too. One source's
-inputs never pass each other (their deadlines are made non-decreasing): an agent's batch_seq
-order is kept, and a later batch cannot make an earlier one a replay.
+decoded in its turn (:meth:`MeshService.accept_body`), so the order covers its decoding too.
+One source's inputs never pass each other (their deadlines are made non-decreasing): an agent's
+batch_seq order is kept, and a later batch cannot make an earlier one a replay.
 
 The order only decides which input is applied next: each is still applied, journaled and
 committed whole, once, and verdicts are published in commit order, which the journal records (a

@@ -128,16 +128,9 @@ async def test_a_waiter_that_gives_up_does_not_take_the_turn_with_it() -> None:
 # ---- on the mesh ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with mesh_app(tmp_path, agents=("h1", "h2", "h3", "light")) as m:
-        yield m
-
-
-async def test_the_mesh_applies_a_light_agents_batch_before_queued_heavy_ones(
-        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
-    # timing out of the way: any batch with fewer observations is "much smaller"
-    monkeypatch.setattr(inputqueue, "ALLOWANCE_SECONDS_PER_OBSERVATION", 60.0)
+def _hold_batch_commits(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
+    """Batch commits wait (as on a stalled disk) until the event is set; the agents whose
+    batches began committing, in order."""
     disk = threading.Event()
     committed: list[str] = []
     original = SQLiteStore.commit
@@ -149,6 +142,20 @@ async def test_the_mesh_applies_a_light_agents_batch_before_queued_heavy_ones(
         return original(self, entry, *args, **kwargs)
 
     monkeypatch.setattr(SQLiteStore, "commit", held_commit)
+    return disk, committed
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with mesh_app(tmp_path, agents=("h1", "h2", "h3", "light")) as m:
+        yield m
+
+
+async def test_the_mesh_applies_a_light_agents_batch_before_queued_heavy_ones(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    # timing out of the way: any batch with fewer observations is "much smaller"
+    monkeypatch.setattr(inputqueue, "ALLOWANCE_SECONDS_PER_OBSERVATION", 60.0)
+    disk, committed = _hold_batch_commits(monkeypatch)
     heavy = {f"n{i % 4}": i % 2 == 0 for i in range(4)}
     posts = [asyncio.create_task(mesh.post("h1", mesh.body("h1", 1, heavy)))]
     await _until(lambda: committed == ["h1"], "h1's commit never started")
@@ -173,23 +180,14 @@ async def test_a_waiting_batch_is_decoded_in_its_turn_not_before_it(
     a light batch queued behind the decodes of every heavy body ahead of it, whatever the
     deadline order of their applies. Decoded in the turn, the light batch's is done first."""
     monkeypatch.setattr(inputqueue, "ALLOWANCE_SECONDS_PER_OBSERVATION", 60.0)
-    disk = threading.Event()
-    committed: list[str] = []
+    disk, committed = _hold_batch_commits(monkeypatch)
     decoded: list[str] = []
-    original = SQLiteStore.commit
-
-    def held_commit(self: SQLiteStore, entry: Any, *args: Any, **kwargs: Any) -> int:
-        if entry.kind == EntryKind.BATCH:
-            committed.append(decode_batch(entry.payload).agent)
-            disk.wait(20)
-        return original(self, entry, *args, **kwargs)
 
     def spied_decode(body: bytes) -> Any:
         batch = decode_batch(body)
         decoded.append(batch.agent)
         return batch
 
-    monkeypatch.setattr(SQLiteStore, "commit", held_commit)
     monkeypatch.setattr(ingest, "decode_batch", spied_decode)
     heavy = {f"n{i % 4}": i % 2 == 0 for i in range(4)}
     posts = [asyncio.create_task(mesh.post("h1", mesh.body("h1", 1, heavy)))]
