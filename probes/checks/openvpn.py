@@ -580,22 +580,18 @@ async def _run_level(params: OpenVPNParams, timeout: float, level: Level) -> Che
         probe.close()
 
 
-RESET = CheckKind(
-    name="openvpn.reset", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams,
-    run=partial(run_level, level=Level.RESET),
-    description="hard reset answered (daemon up, wrapping key right)")
-TLS = CheckKind(
-    name="openvpn.tls", tier=Tier.FUNCTIONAL, params_type=OpenVPNParams,
-    run=partial(run_level, level=Level.TLS),
-    description="reset, TLS with CA + EKU verification, key-method 2, EXIT")
-SESSION = CheckKind(
-    name="openvpn.session", tier=Tier.SESSION, params_type=OpenVPNParams,
-    run=partial(run_level, level=Level.SESSION),
-    description="reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT")
-TUNNEL = CheckKind(
-    name="openvpn.tunnel", tier=Tier.SESSION, params_type=OpenVPNParams,
-    run=partial(run_level, level=Level.TUNNEL),
-    description="session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT")
+def _kind(level: Level, tier: Tier, description: str) -> CheckKind[OpenVPNParams]:
+    """The kind that probes to ``level`` (``openvpn.<level>``)."""
+    return CheckKind(f"openvpn.{level.name.lower()}", tier, OpenVPNParams,
+                     partial(run_level, level=level), description)
+
+
+RESET = _kind(Level.RESET, Tier.FUNCTIONAL, "hard reset answered (daemon up, wrapping key right)")
+TLS = _kind(Level.TLS, Tier.FUNCTIONAL, "reset, TLS with CA + EKU verification, key-method 2, EXIT")
+SESSION = _kind(Level.SESSION, Tier.SESSION,
+                "reset, TLS, key-method 2, PUSH_REPLY (pushed address), EXIT")
+TUNNEL = _kind(Level.TUNNEL, Tier.SESSION,
+               "session plus DATA_V2 ICMP echoes to the server's tunnel address, EXIT")
 KINDS = {Level.RESET: RESET, Level.TLS: TLS, Level.SESSION: SESSION, Level.TUNNEL: TUNNEL}
 
 

@@ -375,15 +375,10 @@ def plan(ctx: PlanContext) -> list[Planned]:
     return out
 
 
-HANDSHAKE = CheckKind(
-    name="wireguard.handshake", tier=Tier.FUNCTIONAL, params_type=WireGuardParams,
-    run=run_handshake,
-    description="Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)")
-
-SESSION = CheckKind(
-    name="wireguard.session", tier=Tier.SESSION, params_type=WireGuardParams,
-    run=run_session,
-    description="handshake, ICMP echoes to an in-tunnel canary, keepalive")
+HANDSHAKE = CheckKind("wireguard.handshake", Tier.FUNCTIONAL, WireGuardParams, run_handshake,
+                      "Noise_IKpsk2 initiation -> response (cookie + mac2 retry under load)")
+SESSION = CheckKind("wireguard.session", Tier.SESSION, WireGuardParams, run_session,
+                    "handshake, ICMP echoes to an in-tunnel canary, keepalive")
 
 
 def _preflight(planned: Planned) -> None:
