@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from probes.agent.gate import Gate
 from probes.agent.plan import PlannedCheck
 from probes.checks.base import CheckResult, execute
 from probes.config import TierPolicy
@@ -84,6 +85,10 @@ DEFAULT_TIERS: dict[str, TierPolicy] = {
     "policy": TierPolicy(interval=3600.0, timeout=60.0, jitter=0.2),  # crypto policy scans
 }
 ROUND_PART = 256  # checks placed per loop callback when a round opens
+# one timer wake-up starts every check due within this much after it: the loop's timers have a
+# millisecond's grain anyway (libuv), and a start up to this early is inside the start error
+# the schedule promises, while one wake-up per probe was a fixed cost per probe
+START_AHEAD = 0.001
 # adaptive timeout floor: Linux's minimum TCP RTO is 200 ms; a little above it leaves room for
 # an agent event loop that is busy for a moment when the answer arrives
 MIN_ADAPTIVE_TIMEOUT = 0.25
@@ -311,10 +316,11 @@ class ScheduleCore:
             heapq.heappop(self._heap)
         return None
 
-    def pop_due(self, now: float) -> list[Due]:
-        """Every check due at ``now``, marked running."""
+    def pop_due(self, now: float, ahead: float = 0.0) -> list[Due]:
+        """Every check due at ``now`` (or within ``ahead`` after it), marked running."""
         out: list[Due] = []
-        while self._heap and self._heap[0][0] <= now:
+        until = now + ahead
+        while self._heap and self._heap[0][0] <= until:
             due, gen, key = heapq.heappop(self._heap)
             st = self.states.get(key)
             if st is None or st.gen != gen or st.due is None:
@@ -506,9 +512,9 @@ class AgentScheduler:
         self.use_apscheduler = use_apscheduler
         self.stats = SchedulerStats()
         self.on_failing: Failing | None = None  # e.g. the path tracer's trigger
-        self._global = asyncio.Semaphore(max_concurrency)
+        self._global = Gate(max_concurrency)
         self._per_node_limit = per_node_concurrency
-        self._per_node: dict[str, asyncio.Semaphore] = {}
+        self._per_node: dict[str, Gate] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -629,7 +635,7 @@ class AgentScheduler:
         self._timer, self._timer_at = None, float("inf")
         now = self.clock()
         assert self._loop is not None
-        for due in self.core.pop_due(now):
+        for due in self.core.pop_due(now, START_AHEAD):
             task = self._loop.create_task(self._run(due))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -650,10 +656,10 @@ class AgentScheduler:
             log.debug("liveness: %s unanswered -> %s", key, ",".join(made_due))
             self._arm()
 
-    def _node_gate(self, node: str) -> asyncio.Semaphore:
+    def _node_gate(self, node: str) -> Gate:
         gate = self._per_node.get(node)
         if gate is None:
-            gate = self._per_node[node] = asyncio.Semaphore(self._per_node_limit)
+            gate = self._per_node[node] = Gate(self._per_node_limit)
         return gate
 
     def _record_lag(self, lag: float) -> None:
@@ -665,26 +671,38 @@ class AgentScheduler:
 
     async def _run(self, due: Due) -> None:
         check = due.check
+        gate, node_gate = self._global, self._node_gate(check.node)
         try:
-            async with self._global, self._node_gate(check.node):
-                started = self.clock()
-                wall = self.wall()
-                lag = started - due.due
-                self._record_lag(lag)
-                if lag > self.max_start_lag:
-                    self._refuse_late(due, started, wall, lag)
-                    return
-                self.stats.started_total += 1
-                self.stats.fast_reprobes_total += due.why == "fast"
-                self.stats.reprobes_total += due.why == "reprobe"
-                self.stats.liveness_total += due.why == "liveness"
-                timeout = self.core.timeout_for(due.key)
-                watch = self._watch(due.key)
+            if not gate.try_enter():
+                await gate.enter()
+            try:
+                if not node_gate.try_enter():
+                    await node_gate.enter()
                 try:
-                    result = await self.runner(check, timeout)
+                    started = self.clock()
+                    wall = self.wall()
+                    lag = started - due.due
+                    self._record_lag(lag)
+                    if lag > self.max_start_lag:
+                        self._refuse_late(due, started, wall, lag)
+                        return
+                    stats = self.stats
+                    stats.started_total += 1
+                    if due.why != "round":
+                        stats.fast_reprobes_total += due.why == "fast"
+                        stats.reprobes_total += due.why == "reprobe"
+                        stats.liveness_total += due.why == "liveness"
+                    timeout = self.core.timeout_for(due.key)
+                    watch = self._watch(due.key)
+                    try:
+                        result = await self.runner(check, timeout)
+                    finally:
+                        if watch is not None:
+                            watch.cancel()
                 finally:
-                    if watch is not None:
-                        watch.cancel()
+                    node_gate.leave()
+            finally:
+                gate.leave()
         except asyncio.CancelledError:
             self.core.release(due.key)
             raise

@@ -305,7 +305,11 @@ async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:
     """Run one check with a hard time bound; turn every escape into a result with a reason."""
     started = time.monotonic()
     try:
-        return await asyncio.wait_for(kind.run(params, timeout), timeout + CLEANUP_GRACE_SECONDS)
+        # the check runs in the caller's task under a deadline: ``wait_for`` would wrap it in a
+        # second task per probe (a fifth of the scheduled agent's own per-probe CPU with the
+        # timer and bookkeeping that go with it), and on Python 3.11 may swallow a cancel
+        async with asyncio.timeout(timeout + CLEANUP_GRACE_SECONDS):
+            return await kind.run(params, timeout)
     except TimeoutError:
         return CheckResult(False, Reason.TIMEOUT, time.monotonic() - started,
                            detail=f"no result within {timeout:g}s")

@@ -151,7 +151,7 @@ def run_agent(config: Path, mesh: MeshProcess, profile: Path | None = None
     finally:
         stop.set()
         _stop(proc)  # type: ignore[arg-type]
-    lags = counted.pop("lags")
+    lags = [abs(lag) for lag in counted.pop("lags")]  # a start may be early by START_AHEAD
     return {**counted, "agent_cpu": agent_cpu, "mesh_cpu": mesh_cpu, "lag_n": len(lags),
             "lag_p50": pct(lags, .5), "lag_p99": pct(lags, .99), "lag_max": max(lags, default=0),
             "load_before": load, "load_after": loadavg()}  # type: ignore[dict-item]
