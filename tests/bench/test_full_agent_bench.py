@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.bench.figures import record
 from tests.bench.test_agent_bench import DNS_QUERY, TARGETS, _free_port, _stop
 from tests.bench.test_probe_http_bench import (
     CLIENT_CORE,
@@ -232,5 +233,11 @@ def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Pat
     target = " (target <= 90 us and >= 4x)" if kind == "tcp" else " (target >= 20,000/CPU-s)"
     print(f"  ratio agent/blackbox probes per CPU-s: {b_per / per:.2f}x{target}; counting the "
           f"mesh with the agent: {b_per / (per + a['mesh_cpu'] / max(started, 1)):.2f}x")
+    unit = "probes/CPU-s"
+    record(f"full scheduled agent, {kind}, 2,000/s ({per * 1e6:.0f} us/probe; mesh apart)",
+           1 / per, unit, peer=1 / b_per, peer_name="blackbox scraped at the same rate",
+           target=">= 4x, <= 90 us" if kind == "tcp" else ">= 20,000")
+    record(f"full agent start error p99, {kind}, 2,000/s", a["lag_p99"] * 1e3, "ms",
+           target="<= 2 ms")
     assert started > 0 and a["sent"] > 0
     assert b["done"] > 0 and b["failed"] == 0
