@@ -24,7 +24,8 @@ against each revision's code (its ``probes`` first on ``sys.path``), the two sid
 and their order swapped every round. A revision's own benchmark file may measure differently
 (another clock, sample count or span), which the default mode would count as a change of the
 code. ``--this`` measures a revision in place of this working tree. Beside the change of the
-medians, ``best`` compares each side's best round (load only adds cost).
+medians, ``paired`` is the median of the rounds' own ratios and ``best`` compares each side's
+best round (load only adds cost).
 
     .venv/bin/python tests/bench/compare_revisions.py --lines COMMIT [COMMIT ...]
 
@@ -217,19 +218,26 @@ def _worse(figure: Figure, base: float, this: float) -> float:
 
 def _table(rows: list[tuple[Figure, list[float], list[float]]], rounds: int) -> None:
     """One line a figure: (figure, base values, this tree's values). ``change`` compares the
-    medians over the rounds; ``best`` the best round of each side (the least CPU, the most
-    probes): load only ever adds cost, so the best round is the one least disturbed."""
+    medians over the rounds; ``paired`` is the median of each round's own this/base ratio (the
+    two sides of a round ran back to back, so a load that drifts between rounds cancels);
+    ``best`` compares the best round of each side (the least CPU, the most probes)."""
     print(f"\n{'figure':<38} {'base':>10} {'this':>10} {'this/base':>9} {'change':>8} "
-          f"{'best':>7}  unit   (median of {rounds} alternating rounds; load now {_loadavg()})")
+          f"{'paired':>7} {'best':>7}  unit   (median of {rounds} alternating rounds; load now "
+          f"{_loadavg()})")
     for figure, old, new in rows:
         if not old or not new:
             print(f"{figure.name:<38} {'missing':>10}")
             continue
         best = min if figure.lower_is_better else max
         a, b = statistics.median(old), statistics.median(new)
+        paired = "-"  # a round that lost one side's figure would pair the rest wrongly
+        if len(old) == len(new):
+            ratio = statistics.median(y / x for x, y in zip(old, new, strict=True))
+            paired = f"{_worse(figure, 1.0, ratio):+6.1f}%"
         print(f"{figure.name:<38} {a:10.3f} {b:10.3f} {b / a:9.3f} "
-              f"{_worse(figure, a, b):+7.1f}% {_worse(figure, best(old), best(new)):+6.1f}%  "
-              f"{figure.unit}   base {_spread(old)} this {_spread(new)}")
+              f"{_worse(figure, a, b):+7.1f}% {paired:>7} "
+              f"{_worse(figure, best(old), best(new)):+6.1f}%  {figure.unit}   base "
+              f"{_spread(old)} this {_spread(new)}")
 
 
 def main() -> int:
