@@ -295,10 +295,11 @@ def test_schedule_precision_at_2000_per_second(targets: tuple[int, int]) -> None
           f"start error p50 {_pct(errors, .5) * 1e3:7.2f} ms p99 {_pct(errors, .99) * 1e3:7.2f}"
           f" ms, {cpu / seconds:.2f} CPU-s/s")
     ran, lags, cpu, failed = _run_loop(_agent_dispatch(n, interval, seconds, tcp_port))
+    lags = [abs(lag) for lag in lags]  # a start may come up to START_AHEAD early
     print(f"  agent: APScheduler per tier + call_at dispatch, real TCP probes: "
           f"{ran / seconds:7.0f} probes/s ({failed} failed), start error "
           f"p50 {_pct(lags, .5) * 1e3:.3f} ms p99 {_pct(lags, .99) * 1e3:.3f} ms "
-          f"(target p99 <= 5 ms), {cpu / seconds:.2f} CPU-s/s")
+          f"over {len(lags)} starts (target p99 <= 2 ms), {cpu / seconds:.2f} CPU-s/s")
     record("start error p99, 2,000/s", _pct(lags, .99) * 1e3, "ms", peer=_pct(errors, .99) * 1e3,
            peer_name="APScheduler, no-op jobs", target="<= 2 ms")
 
