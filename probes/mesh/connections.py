@@ -10,8 +10,10 @@ open-file limit: legitimate agents could not connect, and each failed accept() l
   authenticated request is closed to make room (a slow or idle stranger gives way to a newcomer;
   an agent whose signed request went through keeps its keep-alive connection); when every
   connection is authenticated, the newcomer is closed instead;
-* a connection that sends no complete request for ``idle_timeout`` seconds is closed (aiohttp's
-  keep-alive timer, also armed when the connection opens, so it covers slowly sent headers);
+* a new connection costs a socket and a few bytes until its request head is complete
+  (:mod:`probes.mesh.acceptor`); one whose head is not complete ``idle_timeout`` seconds after
+  it connected is closed, and so is one that sends no request for that long between requests
+  (aiohttp's keep-alive timer);
 * request bodies are never decompressed, headers and lines are kept small.
 
 :func:`serve` runs the app until SIGINT or SIGTERM, like ``aiohttp.web.run_app``.
@@ -23,12 +25,13 @@ import asyncio
 import logging
 import resource
 import signal
-from collections.abc import Callable
+import socket
 from typing import Any
 
 from aiohttp import web
 
 from probes.logutil import RateLimitedLog, install_loop_exception_limiter
+from probes.mesh.acceptor import Listener, Waiting
 from probes.startup import bind_error
 
 log = logging.getLogger(__name__)
@@ -64,10 +67,17 @@ def connection_limit(wanted: int) -> int:
 
 
 class ConnectionGuard:
-    """Counts connections and decides who gives way at the cap (see the module docstring)."""
+    """Counts connections and decides who gives way at the cap (see the module docstring).
 
-    def __init__(self, limit: int) -> None:
+    A connection is *waiting* until its request head is complete (a bare socket, see
+    :mod:`probes.mesh.acceptor`), then *untrusted* (an aiohttp connection) until it completes
+    an authenticated request, then *trusted*. At the cap the oldest waiting one is evicted
+    first, then the oldest untrusted one; trusted ones never are."""
+
+    def __init__(self, limit: int, idle_timeout: float = 30.0) -> None:
         self.limit = limit
+        self.idle_timeout = idle_timeout  # a head still incomplete after this is cut off
+        self._waiting: dict[Waiting, None] = {}  # oldest first
         self._untrusted: dict[_Guarded, None] = {}  # oldest first
         self._trusted: set[_Guarded] = set()
         self._outer: dict[asyncio.BaseProtocol, _Guarded] = {}
@@ -76,15 +86,14 @@ class ConnectionGuard:
 
     @property
     def open(self) -> int:
-        return len(self._untrusted) + len(self._trusted)
+        return len(self._waiting) + len(self._untrusted) + len(self._trusted)
 
-    def factory(self, inner: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
-        def make() -> asyncio.Protocol:
-            if self.open >= self.limit and not self._evict_one():
-                self.refused_total += 1
-                return _Refused()
-            return _Guarded(self, inner())
-        return make
+    def admit(self) -> bool:
+        """Whether a new connection may open, evicting a stranger to make room at the cap."""
+        if self.open >= self.limit and not self._evict_one():
+            self.refused_total += 1
+            return False
+        return True
 
     def trust(self, protocol: object) -> None:
         """The connection carrying ``protocol`` (a request's ``request.protocol``) completed an
@@ -95,12 +104,46 @@ class ConnectionGuard:
             self._trusted.add(outer)
 
     def _evict_one(self) -> bool:
+        for waiting in self._waiting:
+            del self._waiting[waiting]
+            waiting.close()
+            self.evicted_total += 1
+            return True
         for victim in self._untrusted:
             victim.close()
             self._forget(victim)
             self.evicted_total += 1
             return True
         return False
+
+    # ---- connections whose head is not complete (probes.mesh.acceptor) -------------------
+
+    @property
+    def heads_waiting(self) -> int:
+        """Connections whose request head is not complete yet."""
+        return len(self._waiting)
+
+    def add_waiting(self, conn: Waiting) -> None:
+        self._waiting[conn] = None
+
+    def forget_waiting(self, conn: Waiting) -> None:
+        self._waiting.pop(conn, None)
+
+    def expire_waiting(self, opened_before: float) -> None:
+        """Close the connections whose head is still incomplete since before ``opened_before``
+        (loop time): slowly sent headers are cut off."""
+        while self._waiting:
+            oldest = next(iter(self._waiting))
+            if oldest.opened >= opened_before:
+                return
+            del self._waiting[oldest]
+            oldest.close()
+
+    def close_waiting(self) -> None:
+        while self._waiting:
+            self._waiting.popitem()[0].close()
+
+    # ---- aiohttp connections -------------------------------------------------------------
 
     def _opened(self, conn: _Guarded) -> None:
         self._untrusted[conn] = None
@@ -113,17 +156,24 @@ class ConnectionGuard:
 
 
 class _Guarded(asyncio.Protocol):
-    """aiohttp's protocol, with the guard told when the connection opens and closes."""
+    """aiohttp's protocol, with the guard told when the connection opens and closes, and fed
+    first the bytes read while the connection was waiting for its head."""
 
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.BaseProtocol) -> None:
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.BaseProtocol,
+                 head: bytes = b"") -> None:
         self.guard = guard
         self.inner: Any = inner
+        self.head = head
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.guard._opened(self)
         self.inner.connection_made(transport)
+        # before the transport reads anything itself (its reader is added after this call)
+        head, self.head = self.head, b""
+        if head:
+            self.inner.data_received(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard._forget(self)
@@ -147,29 +197,45 @@ class _Guarded(asyncio.Protocol):
             self.transport.close()
 
 
-class _Refused(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
 class GuardedSite(web.TCPSite):
-    """A TCP site whose connections go through ``guard``."""
+    """A TCP site whose connections go through ``guard``, accepted by a
+    :class:`~probes.mesh.acceptor.Listener`."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int,
                  guard: ConnectionGuard) -> None:
         super().__init__(runner, host, port)
         self.guard = guard
+        self._handing_over: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site; the server is made here instead
-        server = self._runner.server
-        assert server is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self.guard.factory(server), self._host, self._port, reuse_address=True,
-            backlog=BACKLOG)
-        sockets = self._server.sockets
+        listener = await Listener.bind(self._host or "", self._port, BACKLOG, self.guard,
+                                       self._hand_over)
+        self._server = listener
+        sockets = listener.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    def _hand_over(self, sock: socket.socket, head: bytes) -> None:
+        """A connection whose head is complete becomes aiohttp's, fed ``head`` first."""
+        server = self._runner.server
+        if server is None:  # the runner is shutting down
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        protocol = _Guarded(self.guard, server(), head)
+        task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
+        self._handing_over.add(task)
+        task.add_done_callback(self._handed_over)
+
+    def _handed_over(self, task: asyncio.Task[object]) -> None:
+        self._handing_over.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("connection not handed over: %s", task.exception())
+
+    async def stop(self) -> None:
+        for task in list(self._handing_over):
+            task.cancel()
+        await super().stop()
 
 
 async def start_site(app: web.Application, host: str, port: int,

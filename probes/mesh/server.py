@@ -101,7 +101,8 @@ def build_app(
     svc = service or open_service(cfg)
     registry = registry or CollectorRegistry()
     planner = ReprobePlanner(cfg.reprobe) if cfg.reprobe.enabled else None
-    guard = connections.ConnectionGuard(connections.connection_limit(cfg.max_connections))
+    guard = connections.ConnectionGuard(connections.connection_limit(cfg.max_connections),
+                                        cfg.idle_timeout_seconds)
     limits = IngestLimits(cfg.max_body_bytes, cfg.timestamp_window_seconds,
                           cfg.body_timeout_seconds, cfg.unverified_body_bytes)
     ingest = Ingest(svc, load_keys(cfg), limits, clock, reprobe=planner, guard=guard)
