@@ -90,7 +90,7 @@ def load_snapshot(
 PRUNE_STEP = 32  # journal rows dropped per step
 
 
-SNAPSHOT_NICENESS = 10  # a child's share is ~10 % of a core the loop keeps busy
+SNAPSHOT_NICENESS = 10  # a child gets ~10 % of a core the loop keeps busy, all of an idle one
 
 
 class ForkSnapshotter:
@@ -135,9 +135,8 @@ class ForkSnapshotter:
                 # listening port (the restarted mesh binds it again). Files stay open: closing
                 # SQLite's descriptors behind its back breaks its lock bookkeeping.
                 close_sockets()
-                # background work: on the mesh's core (a pinned mesh's children share its
-                # core) the event loop goes first. Unniced, a heavy-ingest run's children took
-                # half the loop's core and a light agent's p50 rose to 48 ms
+                # background work: where it shares a core with the mesh (a pinned mesh's
+                # children inherit its core), the event loop serving agents goes first
                 os.nice(SNAPSHOT_NICENESS)
                 gc.disable()  # a short-lived process: collecting would only touch (copy) pages
                 blob = dump()
