@@ -49,6 +49,12 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 HandOver = Callable[[socket.socket, bytes], None]
 
 
+def _head_ended(data: bytes, start: int) -> bool:
+    """Whether ``data`` holds a blank line at or after ``start``: CRLF CRLF, or bare LFs (which
+    HTTP parsers may accept too)."""
+    return data.find(b"\n\r\n", start) >= 0 or data.find(b"\n\n", start) >= 0
+
+
 class Waiting:
     """An accepted connection whose request head is not complete yet."""
 
@@ -76,9 +82,9 @@ class Waiting:
             self._guard.forget_waiting(self)
             self.close()
             return
-        start = max(0, len(self.head) - 3)  # a blank line may straddle two reads
+        start = max(0, len(self.head) - 2)  # a blank line may straddle two reads
         self.head += data
-        if self.head.find(b"\r\n\r\n", start) < 0 and len(self.head) < HEAD_LIMIT:
+        if not _head_ended(self.head, start) and len(self.head) < HEAD_LIMIT:
             return
         self._loop.remove_reader(self.fd)
         self._guard.forget_waiting(self)

@@ -22,6 +22,7 @@ open-file limit: legitimate agents could not connect, and each failed accept() l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import signal
@@ -225,12 +226,12 @@ class GuardedSite(web.TCPSite):
         protocol = _Guarded(self.guard, server(), head)
         task = loop.create_task(loop.connect_accepted_socket(lambda: protocol, sock))
         self._handing_over.add(task)
-        task.add_done_callback(self._handed_over)
+        task.add_done_callback(functools.partial(self._handed_over, sock))
 
-    def _handed_over(self, task: asyncio.Task[object]) -> None:
+    def _handed_over(self, sock: socket.socket, task: asyncio.Task[object]) -> None:
         self._handing_over.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("connection not handed over: %s", task.exception())
+        if task.cancelled() or task.exception() is not None:
+            sock.close()  # no transport took it (closing twice is harmless)
 
     async def stop(self) -> None:
         for task in list(self._handing_over):

@@ -99,3 +99,15 @@ async def test_waiting_strangers_give_way_first_and_are_cut_off_after_the_idle_t
         writer.close()
         for s in strangers:
             s.close()
+
+
+async def test_a_head_ended_by_bare_line_feeds_is_answered_not_left_waiting(
+        tmp_path: Path) -> None:
+    """Some clients end lines with LF alone; such a head is handed over as soon as it ends (the
+    HTTP parser answers it), not left waiting for the idle timeout."""
+    async with served(tmp_path, limits="idle_timeout_seconds: 30\n") as mesh:
+        started = time.monotonic()
+        answer = await mesh.raw(b"GET /healthz HTTP/1.1\nHost: mesh\nConnection: close\n\n",
+                                wait=10.0)
+        assert answer.startswith(b"HTTP/1."), answer[:300]
+        assert time.monotonic() - started < 10
