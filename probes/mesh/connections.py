@@ -30,12 +30,18 @@ import socket
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from probes.logutil import RateLimitedLog, install_loop_exception_limiter
+from probes.logutil import RateLimitedLog, RateLimitFilter, install_loop_exception_limiter
 from probes.mesh.acceptor import Listener, Waiting
 from probes.startup import bind_error
 
 log = logging.getLogger(__name__)
+# aiohttp's own error lines: every malformed request head logged one with a traceback, so any
+# client could flood the log; one line per kind per 10 s, without the traceback when the
+# client is at fault
+server_log = logging.getLogger("aiohttp.server.guarded")
+server_log.addFilter(RateLimitFilter(RateLimitedLog(server_log), (HttpProcessingError,)))
 
 BACKLOG = 128  # the listen queue; asyncio accepts up to this many at once before any is seen
 # descriptors kept for everything but client connections: the store, publishers, snapshots,
@@ -244,7 +250,7 @@ async def start_site(app: web.Application, host: str, port: int,
     """Set ``app`` up and listen on ``host:port`` (0: any free port) through ``guard``."""
     install_loop_exception_limiter(asyncio.get_running_loop(),
                                    RateLimitedLog(logging.getLogger("asyncio")))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, logger=server_log)
     await runner.setup()
     site = GuardedSite(runner, host, port, guard)
     try:

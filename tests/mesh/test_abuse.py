@@ -10,6 +10,7 @@ uses; the descriptor test runs a real mesh process with a low open-file limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import resource
 import socket
@@ -288,3 +289,35 @@ def test_the_connection_cap_keeps_agents_in_at_a_low_open_file_limit(tmp_path: P
         mesh.stop()
     log = (tmp_path / "mesh.log").read_text()
     assert log.count("Too many open files") <= 3, log[-2000:]
+
+
+def test_malformed_request_heads_cannot_flood_the_log(tmp_path: Path) -> None:
+    """Item 4: aiohttp logged "Error handling request" with a full traceback for every malformed
+    request head, so any client could flood the mesh's log. Here a real mesh gets 200 malformed
+    heads (over-long header lines, garbage request lines): its log holds a handful of lines for
+    them, no traceback, and a signed batch still gets its answer."""
+    port = free_port()
+    config = write_mesh_config(tmp_path, 2, ["va"], port=port)
+    mesh = MeshProcess(config, port)
+    mesh.start()
+    heads = [b"POST /v1/batches HTTP/1.1\r\nHost: mesh\r\nX-Long: " + b"a" * 8000 + b"\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: mesh\r\nBad Header\r\n\r\n",
+             b"GET /\x01\x02 HTTP/9x9\r\n\r\n"]
+    answered = 0
+    try:
+        for i in range(200):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(heads[i % len(heads)])
+                with contextlib.suppress(OSError):  # wait for the answer: the head was judged
+                    answered += bool(s.recv(65536))
+        now = time.time()
+        batch = ObservationBatch(version=1, agent="va", batch_seq=1, sent_at=now,
+                                 observations=[obs("n0", "va", True, at=now)])
+        assert post(mesh, tmp_path, batch) == 200
+    finally:
+        mesh.stop()
+    assert answered >= 190  # the heads were answered (400/431), so the mesh did see them
+    log = (tmp_path / "mesh.log").read_text()
+    lines = [line for line in log.splitlines() if "Error handling request" in line]
+    assert len(lines) <= 5, f"{len(lines)} lines: {log[-2000:]}"
+    assert "Traceback" not in log, log[-2000:]
