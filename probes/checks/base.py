@@ -194,9 +194,6 @@ class PlanContext:
     @overload
     def path(self, value: None) -> None: ...
 
-    @overload
-    def path(self, value: str | None) -> str | None: ...
-
     def path(self, value: str | None) -> str | None:
         """A config path, resolved against the config's folder."""
         return None if value is None else str(resolve_path(value, self.base_dir))

@@ -155,9 +155,8 @@ class Driver(Generic[E]):
 
     def _arrived(self, addr: Address, item: Datagram | IcmpError | Closed) -> None:
         self._inbox.append((addr, item))
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _release(self._waiter)
 
     # ---- sending -----------------------------------------------------------------------------
 
