@@ -10,7 +10,6 @@ without that section, so the planner loads only the families its targets use."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,28 +28,72 @@ class Listed:
     load: Callable[[], Family]  # imports the family's module (once: the import system caches)
 
 
-def _module(name: str) -> Callable[[], Family]:
-    """Loads ``probes.checks.<name>``'s family when called, not before (module docstring)."""
+def _l4() -> Family:
+    from probes.checks import l4  # noqa: PLC0415 - loaded when first needed (module docstring)
 
-    def load() -> Family:
-        family: Family = importlib.import_module(f"probes.checks.{name}").FAMILY
-        return family
+    return l4.FAMILY
 
-    return load
+
+def _wireguard() -> Family:
+    from probes.checks import wireguard  # noqa: PLC0415
+
+    return wireguard.FAMILY
+
+
+def _openvpn() -> Family:
+    from probes.checks import openvpn  # noqa: PLC0415
+
+    return openvpn.FAMILY
+
+
+def _openvpn_policy() -> Family:
+    from probes.checks import openvpn_policy  # noqa: PLC0415
+
+    return openvpn_policy.FAMILY
+
+
+def _ikev2() -> Family:
+    from probes.checks import ikev2  # noqa: PLC0415
+
+    return ikev2.FAMILY
+
+
+def _quic() -> Family:
+    from probes.checks import quic  # noqa: PLC0415
+
+    return quic.FAMILY
+
+
+def _mtu() -> Family:
+    from probes.checks import mtu  # noqa: PLC0415
+
+    return mtu.FAMILY
+
+
+def _telemetry() -> Family:
+    from probes.checks import telemetry  # noqa: PLC0415
+
+    return telemetry.FAMILY
+
+
+def _user_path() -> Family:
+    from probes.checks import user_path  # noqa: PLC0415
+
+    return user_path.FAMILY
 
 
 # in planning order: a node's checks are planned (and listed) family by family
 LISTED: tuple[Listed, ...] = (
-    Listed("l4", lambda t: t.l4 is not None, _module("l4")),
-    Listed("wireguard", lambda t: t.wireguard is not None, _module("wireguard")),
-    Listed("openvpn", lambda t: t.openvpn is not None, _module("openvpn")),
+    Listed("l4", lambda t: t.l4 is not None, _l4),
+    Listed("wireguard", lambda t: t.wireguard is not None, _wireguard),
+    Listed("openvpn", lambda t: t.openvpn is not None, _openvpn),
     # the openvpn section's policy scan (its probe subclasses the openvpn family's)
-    Listed("openvpn", lambda t: t.openvpn is not None, _module("openvpn_policy")),
-    Listed("ikev2", lambda t: t.ikev2 is not None, _module("ikev2")),
-    Listed("quic", lambda t: t.quic is not None, _module("quic")),
-    Listed("mtu", lambda t: t.mtu is not None, _module("mtu")),
-    Listed("telemetry", lambda t: t.telemetry is not None, _module("telemetry")),
-    Listed("user_path", lambda t: t.user_path is not None, _module("user_path")),
+    Listed("openvpn", lambda t: t.openvpn is not None, _openvpn_policy),
+    Listed("ikev2", lambda t: t.ikev2 is not None, _ikev2),
+    Listed("quic", lambda t: t.quic is not None, _quic),
+    Listed("mtu", lambda t: t.mtu is not None, _mtu),
+    Listed("telemetry", lambda t: t.telemetry is not None, _telemetry),
+    Listed("user_path", lambda t: t.user_path is not None, _user_path),
 )
 
 
