@@ -110,6 +110,7 @@ class Listener(asyncio.AbstractServer):
         self._serving = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._resume: asyncio.TimerHandle | None = None
+        self._closed = asyncio.Event()
 
     @classmethod
     async def bind(cls, host: str, port: int, backlog: int, guard: ConnectionGuard,
@@ -190,6 +191,7 @@ class Listener(asyncio.AbstractServer):
         if not self._serving:
             return
         self._serving = False
+        self._closed.set()
         for handle in (self._sweeper, self._resume):
             if handle is not None:
                 handle.cancel()
@@ -209,7 +211,11 @@ class Listener(asyncio.AbstractServer):
         return None  # serving from bind() on
 
     async def serve_forever(self) -> None:
-        raise NotImplementedError("run the loop instead")
+        """Serves until closed; cancelling it closes the listener (as asyncio's Server does)."""
+        try:
+            await self._closed.wait()
+        finally:
+            self.close()
 
     async def wait_closed(self) -> None:
         return None  # closing is synchronous

@@ -111,3 +111,25 @@ async def test_a_head_ended_by_bare_line_feeds_is_answered_not_left_waiting(
                                 wait=10.0)
         assert answer.startswith(b"HTTP/1."), answer[:300]
         assert time.monotonic() - started < 10
+
+
+async def test_serve_forever_returns_when_closed_and_closes_when_cancelled() -> None:
+    """The listener keeps asyncio.AbstractServer's contract: serve_forever waits while serving,
+    returns on close(), and cancelling it closes the listener."""
+    def refuse(sock: socket.socket, _head: bytes) -> None:
+        sock.close()
+
+    for stop in ("close", "cancel"):
+        listener = await acceptor.Listener.bind("127.0.0.1", 0, 8, ConnectionGuard(8), refuse)
+        serving = asyncio.create_task(listener.serve_forever())
+        await asyncio.sleep(0.01)
+        assert not serving.done() and listener.is_serving()
+        if stop == "close":
+            listener.close()
+        else:
+            serving.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.gather(serving, return_exceptions=True)
+        assert serving.cancelled() == (stop == "cancel")
+        assert not listener.is_serving()
+        assert all(sock.fileno() == -1 for sock in listener.sockets)
