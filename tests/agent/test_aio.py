@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -68,7 +69,7 @@ async def test_it_returns_when_the_event_is_set_or_the_time_is_up() -> None:
 # The same race where a check waits its turn (checks.tunnel.in_turn's lock) or a half-open slot
 # (the IKEv2 limiter's semaphore): a check cancelled as the holder let go ran all the same.
 
-class Queued:
+class Queued(ABC):
     """A fresh holder and a check queued behind it; ``started_after_cancel``: the check began
     although its task had been cancelled before."""
 
@@ -79,14 +80,17 @@ class Queued:
     def started(self) -> None:
         self.started_after_cancel |= self.cancelled
 
+    @abstractmethod
     async def hold(self) -> None:
-        raise NotImplementedError
+        """Takes the lock or slot the check will wait for."""
 
+    @abstractmethod
     def let_go(self) -> None:
-        raise NotImplementedError
+        """Hands the lock or slot on."""
 
+    @abstractmethod
     async def queued(self) -> object:
-        raise NotImplementedError
+        """The check: waits its turn, then calls ``started``."""
 
 
 async def _runs_despite_its_cancel(make: Callable[[int], Queued]) -> list[int]:
