@@ -16,7 +16,8 @@ import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -88,8 +89,9 @@ def _fmt(bound: float) -> str:
 
 # The one empty mapping every series holds until it has something of its own: a 10,000-target
 # agent held 50,000 empty dicts (~3 MB) otherwise. Nothing writes into it: the write sites below
-# put a dict of the series' own in its place first (or assign a new one).
-_NOTHING: dict[Any, Any] = {}
+# put a dict of the series' own in its place first (or assign a new one). Read-only, so a write
+# site that forgot would raise rather than give every series its entry.
+_NOTHING = cast(dict[Any, Any], MappingProxyType({}))
 
 
 def _nothing() -> dict[Any, Any]:
