@@ -56,10 +56,10 @@ from probes.model import ObservationBatch, SchemaError, Verdict, decode_batch, s
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
-ACCEPTS = ("traces", "epoch")
+ACCEPTS = ("traces", "epoch")  # optional batch fields this mesh takes (see the reply of handle)
 # an agent's observation is 150-250 bytes of JSON: a body's size in observations, estimated
 # before it is decoded (decoding waits for the input's turn, whose deadline needs the size)
-BODY_BYTES_PER_OBSERVATION = 160  # optional batch fields this mesh takes (see the reply of handle)
+BODY_BYTES_PER_OBSERVATION = 160
 REJECT_REASONS = (
     "encoding",
     "missing-header",
