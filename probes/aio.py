@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
@@ -17,3 +21,15 @@ async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
+
+
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, on uvloop where it is installed (a dependency except on Windows):
+    its transports, timers and callbacks cost a fraction of asyncio's pure-Python selector loop
+    (TCP connects ~1.7x faster for the agent; the loop was about a tenth of the mesh's CPU under
+    heavy ingest)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from typing import Any
 
+from probes.aio import run_fast
 from probes.config import ConfigError
 from probes.model.signing import KeyFileError
 from probes.startup import StartupError, os_error_line
@@ -22,12 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
     try:
         agent = Agent(args.config, listen=args.listen)
-        try:
-            import uvloop  # noqa: PLC0415 - optional speed-up (~1.7x TCP connects measured here)
-        except ImportError:
-            asyncio.run(agent.run())
-        else:
-            uvloop.run(agent.run())
+        run_fast(agent.run())
     except (ConfigError, KeyFileError, StartupError) as exc:  # one line, no traceback
         print(f"tunnelwatch agent: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from probes.aio import run_fast
 from probes.logutil import RateLimitedLog, RateLimitFilter, install_loop_exception_limiter
 from probes.mesh.acceptor import Listener, Waiting
 from probes.startup import bind_error
@@ -280,12 +281,4 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
 
 
 def serve(app: web.Application, host: str, port: int, guard: ConnectionGuard) -> None:
-    """Run on uvloop where it is installed: its transports and callbacks cost a fraction of
-    asyncio's pure-Python selector loop, which took about a tenth of the mesh's CPU under
-    heavy ingest (reading bodies, waking the store thread's results)."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up (a dependency except on Windows)
-    except ImportError:
-        asyncio.run(run_until_signalled(app, host, port, guard))
-    else:
-        uvloop.run(run_until_signalled(app, host, port, guard))
+    run_fast(run_until_signalled(app, host, port, guard))

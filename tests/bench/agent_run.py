@@ -19,9 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-import uvloop
-
 from probes.agent.runtime import Agent
+from probes.aio import run_fast
 
 
 async def main(config: Path, listen: str, warmup: float, seconds: float,
@@ -57,5 +56,5 @@ async def main(config: Path, listen: str, warmup: float, seconds: float,
 
 
 if __name__ == "__main__":
-    uvloop.run(main(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
-                    sys.argv[5] if len(sys.argv) > 5 else None))
+    run_fast(main(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
+                  sys.argv[5] if len(sys.argv) > 5 else None))
