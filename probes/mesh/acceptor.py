@@ -146,8 +146,7 @@ class Listener(asyncio.AbstractServer):
 
     def _start(self) -> None:
         self._serving = True
-        for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+        self._read_listeners()
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def _accept(self, listening: socket.socket) -> None:
@@ -178,8 +177,11 @@ class Listener(asyncio.AbstractServer):
     def _unpause(self) -> None:
         self._resume = None
         if self._serving:
-            for sock in self._sockets:
-                self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._read_listeners()
+
+    def _read_listeners(self) -> None:
+        for sock in self._sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _sweep(self) -> None:
         self._guard.expire_waiting(self._loop.time() - self._guard.idle_timeout)
