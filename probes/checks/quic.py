@@ -57,7 +57,7 @@ from probes.checks.base import (
 )
 from probes.checks.driver import Driver, Unreachable
 from probes.checks.l4 import resolve
-from probes.checks.tunnel import build_echo, echo_quality, judge_echoes, parse_echo_reply
+from probes.checks.tunnel import build_echo, echo_matcher, echo_quality, judge_echoes
 from probes.config import MAX_ECHO_PAYLOAD, QUICTarget, parse_host_port, quic_problems
 from probes.model import Reason, Tier
 from probes.protocols import capsules as cap
@@ -368,12 +368,6 @@ async def _extended_connect(conn: _Session, params: QuicParams, sw: Stopwatch,
         return h3, stream_id
 
 
-def _reply_sequence(packet: bytes, ident: int) -> int | None:
-    """The sequence number of an in-tunnel ICMP echo reply with our identifier, else None."""
-    echo = parse_echo_reply(packet)
-    return echo[1] if echo is not None and echo[0] == ident else None
-
-
 def _echo_payload(seq: int, size: int) -> bytes:
     head = _ECHO_MAGIC + seq.to_bytes(4, "big")
     return head + os.urandom(max(0, size - len(head)))
@@ -532,7 +526,7 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
         rtts = await _echo_through(
             conn, h3, stream_id, params,
             build=lambda seq: (build_echo(str(source), str(ping), ident, seq, pad), seq),
-            key_of=lambda packet: _reply_sequence(packet, ident))
+            key_of=echo_matcher(ident))
         sw.lap("echo")
         with contextlib.suppress(Exception):
             h3.send_data(stream_id, b"", end_stream=True)

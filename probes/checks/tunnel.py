@@ -45,9 +45,7 @@ from probes.protocols import ipv4
 ECHO_REPLY_GRACE = 1.0  # seconds to wait for stragglers after the last echo
 
 
-def build_echo(src: str, dst: str, ident: int, seq: int, payload: bytes) -> bytes:
-    """An IPv4 packet (DF, TTL 64) carrying an ICMP echo request from ``src`` to ``dst``."""
-    return ipv4.echo_packet(src, dst, ident, seq, payload)
+build_echo = ipv4.echo_packet  # the one in-tunnel echo builder (DF, TTL 64)
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
@@ -88,32 +86,27 @@ class Tunnel:
         return None
 
 
-class TunnelProbe(Protocol):
-    """One check run of a protocol that carries IPv4: its stopwatch, facts and deadline,
-    ``establish()`` (the handshake up to a working tunnel; :class:`ProbeFailure` or
-    :class:`ConfigError` when it cannot) and ``finish()`` (say goodbye, close the sockets:
-    called once, whatever happened)."""
+class ProbeRun(Protocol):
+    """One check run: its stopwatch and facts, and ``finish()`` (say goodbye, close the
+    sockets: called once, whatever happened)."""
 
     watch: Stopwatch
     facts: dict[str, Fact]
+
+    async def finish(self) -> None: ...
+
+
+class TunnelProbe(ProbeRun, Protocol):
+    """A run of a protocol that carries IPv4: its deadline too, and ``establish()`` (the
+    handshake up to a working tunnel; :class:`ProbeFailure` or :class:`ConfigError` when it
+    cannot)."""
+
     deadline: float
 
     async def establish(self) -> Tunnel: ...
 
-    async def finish(self) -> None: ...
-
 
 Step = Callable[[Tunnel, TunnelProbe], Awaitable[CheckResult]]
-
-
-class ProbeRun(Protocol):
-    """One check run: its stopwatch and facts, and ``finish()`` (called once, whatever
-    happened)."""
-
-    watch: Stopwatch
-    facts: dict[str, Fact]
-
-    async def finish(self) -> None: ...
 
 
 async def run_through(probe: TunnelProbe, step: Step) -> CheckResult:
@@ -185,7 +178,8 @@ async def in_turn(identity: Hashable, timeout: float,
 # ---- paced probes and their replies ---------------------------------------------------------
 
 
-def _echo_matcher(ident: int) -> Callable[[bytes], int | None]:
+def echo_matcher(ident: int) -> Callable[[bytes], int | None]:
+    """The sequence number of an ICMP echo reply carrying ``ident``, else None."""
     def match(packet: bytes) -> int | None:
         echo = parse_echo_reply(packet)
         return echo[1] if echo is not None and echo[0] == ident else None
@@ -207,7 +201,7 @@ class EchoRun:
 
     def __post_init__(self) -> None:
         if self.match is None:
-            self.match = _echo_matcher(self.ident)
+            self.match = echo_matcher(self.ident)
 
     def reply(self, packet: bytes, received: Datagram) -> int | None:
         """An inner packet that came back: the RTT of the probe it answers, if it is ours."""
