@@ -59,17 +59,10 @@ def format_human(result: CheckResult) -> str:
     return "\n".join(lines)
 
 
-def report(result: CheckResult, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps(result.to_json_dict(), sort_keys=True))
-    else:
-        print(format_human(result))
-    return 0 if result.ok else 1
-
-
 def run_and_report(kind: CheckKind[Any], params: Any, timeout: float, as_json: bool) -> int:
     result = asyncio.run(execute(kind, params, timeout))
-    return report(result, as_json)
+    print(json.dumps(result.to_json_dict(), sort_keys=True) if as_json else format_human(result))
+    return 0 if result.ok else 1
 
 
 def usage_error(message: str) -> int:
