@@ -107,7 +107,7 @@ def _default_tiers() -> dict[str, TierPolicy]:
 
 class WireGuardTarget(Strict, kw_only=True, frozen=True):
     port: int = 51820
-    server_public_key: str
+    server_public_key: str  # base64, as `wg` prints it
     private_key_file: str  # this agent's own key for this node: one key per agent per node
     preshared_key_file: str | None = None
     tunnel_address: str | None = None  # this agent's AllowedIPs address, e.g. 10.201.0.2/32
@@ -201,7 +201,7 @@ class MTUTarget(Strict, kw_only=True, frozen=True):
 
     port: int | None = None  # the node's UDP echo port (mtu.udp); none: ICMP echo (mtu.icmp)
     max_size: int | None = None  # largest IP packet to try; default: the route MTU
-    min_size: int | None = None
+    min_size: int | None = None  # floor that must pass; default 576 (IPv4) / 1280 (IPv6)
     required_mtu: int | None = None  # below this the check fails (mtu-below-minimum)
     attempts: int = 2  # tries per size before silence counts as too big
     probe_wait: Duration = 0.3  # seconds to wait for each echo

@@ -177,6 +177,9 @@ class Planned:
         return cls(kind.name, kind, params, min_interval)
 
 
+St = TypeVar("St", bound=msgspec.Struct)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanContext:
     """What planning one target needs beside the target: where its relative paths lead (the
@@ -197,6 +200,12 @@ class PlanContext:
     def path(self, value: str | None) -> str | None:
         """A config path, resolved against the config's folder."""
         return None if value is None else str(resolve_path(value, self.base_dir))
+
+    def params(self, params_type: type[St], section: msgspec.Struct, **given: Any) -> St:
+        """Check params whose struct extends its config section's: the section's fields, the
+        target's address as ``host``, and ``given`` over them (resolved paths, state files)."""
+        return params_type(**{**msgspec.structs.asdict(section), "host": self.target.address,
+                              **given})
 
     def state_file(self, name: str) -> str | None:
         if name in self.state_files:

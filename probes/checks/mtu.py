@@ -37,8 +37,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from probes.checks.base import (
     CheckKind,
     CheckResult,
@@ -92,14 +90,8 @@ _OVERSIZE_PAYLOAD = 65000  # over any MTU but jumbo loopback, under the 64 KiB l
 _SEND_TRIES = 4  # sends of one probe that may each meet an earlier datagram's pending ICMP error
 
 
-class MtuParams(msgspec.Struct, frozen=True, kw_only=True):
+class MtuParams(MTUTarget, frozen=True, kw_only=True):
     host: str
-    port: int | None = None  # mtu.udp: the node's UDP echo service (returns datagrams as is)
-    max_size: int | None = None  # largest IP packet to try; default: the route MTU (IP_MTU)
-    min_size: int | None = None  # floor that must pass; default 576 (IPv4) / 1280 (IPv6)
-    required_mtu: int | None = None  # fail with mtu-below-minimum if the path MTU is smaller
-    attempts: int = 2  # tries per size before silence counts as "too big"
-    probe_wait: float = 0.3  # seconds to wait for each echo
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,10 +527,7 @@ def plan(ctx: PlanContext) -> list[Planned]:
     section = ctx.target.mtu
     if section is None:
         return []
-    params = MtuParams(host=ctx.target.address, port=section.port, max_size=section.max_size,
-                       min_size=section.min_size, required_mtu=section.required_mtu,
-                       attempts=section.attempts, probe_wait=section.probe_wait)
-    return [Planned.of(UDP if section.port is not None else ICMP, params)]
+    return [Planned.of(UDP if section.port is not None else ICMP, ctx.params(MtuParams, section))]
 
 
 COMMAND = ProbeCommand(

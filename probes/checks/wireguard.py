@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-
 from probes.checks.base import (
     CheckKind,
     CheckResult,
@@ -67,22 +65,12 @@ DEFAULT_RETRY_INTERVAL = 1.0  # seconds between initiation retransmissions insid
 # (at most a quarter of the check's timeout: checks.base.first_retry_after)
 
 
-class WireGuardParams(msgspec.Struct, frozen=True, kw_only=True):
+class WireGuardParams(WireGuardTarget, frozen=True, kw_only=True):
+    """The ``wireguard:`` section (paths resolved), the node, and where timestamps persist."""
+
     host: str
-    port: int = 51820
-    server_public_key: str  # base64, as `wg` prints it
-    private_key_file: str  # this agent's key for this server (one key per agent per server)
-    preshared_key_file: str | None = None
     state_file: str | None = None  # last TAI64N timestamp per agent key; None = not persisted
     retry_interval: float = DEFAULT_RETRY_INTERVAL
-    # session only
-    tunnel_address: str | None = None  # the agent's AllowedIPs address, "10.201.0.2/32"
-    canary: str | None = None  # in-tunnel address that answers ICMP echo
-    echo_count: int = 5
-    echo_interval: float = 0.05
-    loss_threshold: float = 0.5  # fail with tunnel-loss-over-threshold above this ratio
-    rtt_threshold: float | None = None  # fail with tunnel-rtt-over-threshold if p50 is above
-    dns_resolver: str | None = None  # what <protocol>.dns queries through the tunnel
 
 
 def read_key_file(path: str, what: str) -> bytes:
@@ -360,15 +348,9 @@ def plan(ctx: PlanContext) -> list[Planned]:
     section = ctx.target.wireguard
     if section is None:
         return []
-    params = WireGuardParams(
-        host=ctx.target.address, port=section.port, server_public_key=section.server_public_key,
-        private_key_file=ctx.path(section.private_key_file),
-        preshared_key_file=ctx.path(section.preshared_key_file),
-        state_file=ctx.state_file(STATE_FILE_NAME),
-        tunnel_address=section.tunnel_address, canary=section.canary,
-        echo_count=section.echo_count, echo_interval=section.echo_interval,
-        loss_threshold=section.loss_threshold, rtt_threshold=section.rtt_threshold,
-        dns_resolver=section.dns_resolver)
+    params = ctx.params(WireGuardParams, section, state_file=ctx.state_file(STATE_FILE_NAME),
+                        private_key_file=ctx.path(section.private_key_file),
+                        preshared_key_file=ctx.path(section.preshared_key_file))
     out = [Planned.of(HANDSHAKE, params)]
     if section.tunnel_address and section.canary:
         out.append(Planned.of(SESSION, params))
