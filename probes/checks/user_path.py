@@ -55,32 +55,23 @@ class UserPathParams(msgspec.Struct, frozen=True, kw_only=True):
     transaction: TransactionCheck | None = None
 
 
-def _tunnel_probe(params: UserPathParams, timeout: float) -> TunnelProbe:
+def _tunnel(params: UserPathParams) -> tuple[Hashable, Callable[[float], TunnelProbe]]:
+    """The identity the tunnel authenticates with, and a run of it in the time left."""
+    wg, ike, ovpn = params.wireguard, params.ikev2, params.openvpn
     if params.via == "wireguard":
-        assert params.wireguard is not None
-        return wireguard.tunnel_probe(params.wireguard, timeout)
+        assert wg is not None
+        return wireguard.identity(wg), lambda left: wireguard.tunnel_probe(wg, left)
     if params.via == "ikev2":
-        assert params.ikev2 is not None
-        return ikev2.tunnel_probe(params.ikev2, timeout)
-    assert params.openvpn is not None
-    return openvpn.tunnel_probe(params.openvpn, timeout)
-
-
-def _identity(params: UserPathParams) -> Hashable:
-    if params.via == "wireguard":
-        assert params.wireguard is not None
-        return wireguard.identity(params.wireguard)
-    if params.via == "ikev2":
-        assert params.ikev2 is not None
-        return ikev2.identity(params.ikev2)
-    assert params.openvpn is not None
-    return openvpn.identity(params.openvpn)
+        assert ike is not None
+        return ikev2.identity(ike), lambda left: ikev2.tunnel_probe(ike, left)
+    assert ovpn is not None
+    return openvpn.identity(ovpn), lambda left: openvpn.tunnel_probe(ovpn, left)
 
 
 async def _run(params: UserPathParams, timeout: float, step: Step) -> CheckResult:
     """One session through the tunnel with ``step`` in it, in the identity's turn."""
-    return await in_turn(_identity(params), timeout,
-                         lambda left: run_through(_tunnel_probe(params, left), step))
+    identity, probe = _tunnel(params)
+    return await in_turn(identity, timeout, lambda left: run_through(probe(left), step))
 
 
 async def run_egress(params: UserPathParams, timeout: float) -> CheckResult:
