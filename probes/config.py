@@ -537,18 +537,13 @@ def parse_host_port(text: str, default_port: int | None = None, *,
     return host, port
 
 
-def listen_problems(text: str, at: str, *, ephemeral: bool = False) -> Iterator[Problem]:
-    """What binding ``HOST:PORT`` (``:PORT`` = 127.0.0.1) would refuse, found at load time: an
-    agent with ``listen: 127.0.0.1`` (no port) passed check-config and then died starting."""
+def host_port_problems(text: str, at: str, *, listen: bool = False,
+                       ephemeral: bool = False) -> Iterator[Problem]:
+    """What ``HOST:PORT`` would refuse, found at load time; a ``listen`` address may be
+    ``:PORT`` (127.0.0.1): an agent with ``listen: 127.0.0.1`` (no port) passed check-config and
+    then died starting."""
     try:
-        parse_host_port(text, default_host="127.0.0.1", ephemeral=ephemeral)
-    except ValueError as exc:
-        yield Problem(at, str(exc))
-
-
-def host_port_problems(text: str, at: str) -> Iterator[Problem]:
-    try:
-        parse_host_port(text)
+        parse_host_port(text, default_host="127.0.0.1" if listen else None, ephemeral=ephemeral)
     except ValueError as exc:
         yield Problem(at, str(exc))
 
@@ -913,7 +908,7 @@ def _checks_problems(t: Target, at: str) -> Iterator[Problem]:
 def _agent_problems(cfg: AgentConfig, base_dir: Path) -> Iterator[Problem]:
     if not _NAME.match(cfg.agent.vantage):
         yield Problem("$.agent.vantage", f"expected a short name, got {cfg.agent.vantage!r}")
-    yield from listen_problems(cfg.agent.listen, "$.agent.listen")
+    yield from host_port_problems(cfg.agent.listen, "$.agent.listen", listen=True)
     if cfg.agent.max_concurrency < 1:
         yield Problem("$.agent.max_concurrency", "must be >= 1")
     if cfg.agent.per_node_concurrency < 1:

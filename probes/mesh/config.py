@@ -17,7 +17,7 @@ from probes.config import (
     Problem,
     Strict,
     check_secret_file,
-    listen_problems,
+    host_port_problems,
     load_config_file,
     parse_host_port,
     resolve_path,
@@ -162,7 +162,7 @@ class MeshConfig(Strict, kw_only=True, frozen=True):
 
 
 def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
-    yield from listen_problems(cfg.listen, "$.listen")
+    yield from host_port_problems(cfg.listen, "$.listen", listen=True)
     if not cfg.agents:
         yield Problem("$.agents", "at least one agent is required")
     if not cfg.nodes:
@@ -210,7 +210,8 @@ def _problems(cfg: MeshConfig, base_dir: Path) -> Iterator[Problem]:
         yield Problem("$.durability", f"expected normal or full, got {cfg.durability!r}")
     yield from publish_config.publisher_problems(cfg.publishers, base_dir)
     if cfg.agent_check is not None:
-        yield from listen_problems(cfg.agent_check.listen, "$.agent_check.listen", ephemeral=True)
+        yield from host_port_problems(cfg.agent_check.listen, "$.agent_check.listen", listen=True,
+                                      ephemeral=True)
         if not 0 <= cfg.agent_check.degraded_weight_percent <= 100:
             yield Problem("$.agent_check.degraded_weight_percent", "must be 0..100")
         for name, node_id in cfg.agent_check.servers.items():
