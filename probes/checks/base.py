@@ -222,28 +222,22 @@ S = TypeVar("S")
 
 @dataclass(frozen=True, slots=True)
 class ProbeCommand(Generic[S]):
-    """``tunnelwatch probe <name>``: one check now, planned as the agent plans it.
-
-    Its flags are the fields of ``options`` — the family's config section, or (for a command
-    without one) the kind's params — one ``--field-name`` each, typed, defaulted and described
-    (by the field's comment) as the struct says, plus the older spellings in ``aliases`` and
-    ``negated`` (a flag that sets a boolean field to false). The node is ``--endpoint
-    HOST[:PORT]``; ``positional`` keeps an older positional spelling (``host``, ``port``).
-    The options are checked by ``validate`` (the config file's own rules), planned by ``plan``
-    with the node as the target's address, and the last check planned — the deepest — runs,
-    after ``preflight`` has read its keys and certificates (:class:`ConfigError`: a usage
-    error)."""
+    """``tunnelwatch probe <name>``: one check now, planned as the agent plans it
+    (:func:`plan_once`). Its flags are the fields of ``options`` — the family's config section,
+    or (for a command without one) the kind's params — one ``--field-name`` each, typed,
+    defaulted and described (by the field's comment) as the struct says; the node is
+    ``--endpoint HOST[:PORT]``."""
 
     name: str
     help: str
     options: type[S]
     plan: Callable[[S, PlanContext], Iterable[Planned]]
-    validate: Callable[[S, str, Path], Iterable[Problem]] | None = None
-    preflight: Callable[[Planned], None] | None = None
+    validate: Callable[[S, str, Path], Iterable[Problem]] | None = None  # the config's rules
+    preflight: Callable[[Planned], None] | None = None  # reads the check's keys, certificates
     aliases: Mapping[str, str] = field(default_factory=dict)  # older flag -> field
     negated: Mapping[str, str] = field(default_factory=dict)  # flag -> boolean field it clears
     defaults: Mapping[str, Any] = field(default_factory=dict)  # one-shot defaults of fields
-    positional: tuple[str, ...] = ()
+    positional: tuple[str, ...] = ()  # an older positional spelling of the node (host, port)
     port_required: bool = False  # the node's port has no default: HOST:PORT
     state_files: tuple[str, ...] = ()  # what its checks keep between runs (--state-file)
     default_timeout: float = 5.0
@@ -256,9 +250,9 @@ def plan_once(command: ProbeCommand[Any], host: str, port: int | None,
               where: Callable[[str], str] = lambda path: f"{path}: ") -> Planned:
     """One check of ``command`` against ``host[:port]`` with options ``given`` over the
     command's defaults, validated by the config file's rules and planned as the agent plans a
-    target: the deepest check planned. ValueError or :class:`ConfigError` when the options do
-    not make a check (a WireGuard command without keys). ``tunnelwatch probe`` and the agent's
-    ``/probe`` for an address both come here."""
+    target: the deepest check planned, its keys and certificates read. ValueError or
+    :class:`ConfigError` when the options do not make a check (a WireGuard command without
+    keys). ``tunnelwatch probe`` and the agent's ``/probe`` for an address both come here."""
     options_given = {**command.defaults, **(given or {})}
     if port is not None:
         options_given["port"] = port

@@ -14,12 +14,6 @@ check one event at a time::
 Order of work in :meth:`Driver.next_event`: the core's pending events first (so a check reacts
 to one — persisting a timestamp, say — before the datagram it announced leaves), then a flush,
 then due timers, then waiting for the next arrival, the next timer or ``until``.
-
-Beside the core's own events it yields :class:`Unreachable` (an ICMP error, or a local one, on
-one of its sockets) and :class:`Closed` (a stream transport ended). ``driver.datagram`` is the
-arrival being processed (RTTs from kernel stamps), ``driver.last_sent`` the latest send. Adding
-a protocol needs no new pump: a core, its check's event handling, and ``open_udp`` (or
-``adopt_udp`` / ``adopt_stream`` for a socket the check opened itself).
 """
 
 from __future__ import annotations
@@ -97,7 +91,7 @@ class Driver(Generic[E]):
         self.core = core
         self.on_send = on_send  # told of every datagram sent (the check keys its send stamps)
         self.datagram: Datagram | None = None  # the arrival whose events are being handed out
-        self.last_sent: SendStamp | None = None
+        self.last_sent: SendStamp | None = None  # RTTs: from this to a datagram's kernel stamp
         self._endpoints: dict[Address, UdpEndpoint | _Stream] = {}
         self._inbox: deque[_Arrival] = deque()
         self._notes: deque[Unreachable | Closed] = deque()  # the driver's own events

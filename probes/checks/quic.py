@@ -67,7 +67,6 @@ H3_ALPN = "h3"
 MAX_DATAGRAM_FRAME_SIZE = 65536
 ECHO_GRACE = 1.0  # seconds to wait for stragglers after the last datagram was sent
 TICKET_WAIT = 1.0  # seconds to wait for a session ticket after the first handshake
-# a datagram must fit one QUIC packet (1,200 bytes unless the path allows more) with its headers
 _ECHO_MAGIC = b"twq1"
 
 # TLS alerts (RFC 8446 §6) arrive as QUIC CRYPTO_ERROR 0x100 + alert (RFC 9001 §4.8)
