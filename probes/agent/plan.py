@@ -88,11 +88,10 @@ def reload_removal_problem(running: list[PlannedCheck], planned: list[PlannedChe
             "is kept; if that is meant, reload with force (POST /-/reload?force=true)")
 
 
-def plan(config: AgentConfig, base_dir: Path,
-         families: tuple[Family, ...] | None = None) -> list[PlannedCheck]:
+def plan(config: AgentConfig, base_dir: Path) -> list[PlannedCheck]:
     """Every check of every target, in config order."""
     state_dir = resolve_path(config.agent.state_dir, base_dir)
     out: list[PlannedCheck] = []
     for target in config.targets:
-        out.extend(plan_target(target, base_dir, state_dir, families))
+        out.extend(plan_target(target, base_dir, state_dir))
     return out
