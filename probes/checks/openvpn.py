@@ -564,18 +564,16 @@ async def _run_level(params: OpenVPNParams, timeout: float, level: Level) -> Che
     if level == Level.TUNNEL:
         return await run_through(probe, _tunnel_step)
     try:
-        await probe.open()
-        await probe.handshake()
-        await probe.leave()
-        return probe.watch.result(True, Reason.OK, facts=probe.facts)
-    except ProbeFailure as failure:
-        if failure.phase:
-            probe.watch.lap(failure.phase)
-        await probe.leave()
-        return probe.watch.result(False, failure.reason, detail=failure.detail,
-                                  facts=probe.facts)
-    except ConfigError as exc:
-        return probe.watch.result(False, Reason.PROBE_ERROR, detail=str(exc), facts=probe.facts)
+        try:
+            await probe.open()
+            await probe.handshake()
+            result = probe.watch.result(True, Reason.OK, facts=probe.facts)
+        except (ProbeFailure, ConfigError) as exc:
+            result = probe.watch.failed(exc, probe.facts)
+        await probe.leave()  # also after a failure; a no-op before the session was built
+        result.phases = dict(probe.watch.phases)  # with the EXIT's
+        result.duration_seconds = probe.watch.elapsed()
+        return result
     finally:
         probe.close()
 
