@@ -184,7 +184,7 @@ class MeshService:
         last_now = self.last_now
         replayed_verdicts = 0
         for entry in rec.entries:
-            replayed_verdicts += len(self._apply(engine, weights, paths, entry)[0])
+            replayed_verdicts += len(apply_entry(engine, weights, paths, entry)[0])
             last_now = max(last_now, entry.now)
             journal_id = entry.id
         engine.take_audit()  # the replayed inputs' notes were logged when first applied
@@ -233,20 +233,12 @@ class MeshService:
         self.health.rebuilds_total += 1
         return True
 
-    @staticmethod
-    def _apply(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
-               entry: JournalEntry, batch: ObservationBatch | None = None,
-               ) -> tuple[list[Verdict], list[WeightChange]]:
-        """Apply one journaled input to the engines; (verdict changes, weight changes).
-        ``batch``: a batch entry's, when the caller decoded it already."""
-        return apply_entry(engine, weights, paths, entry, batch)
-
     def _snapshot(self) -> None:
         """Write the engines as of the last committed journal id (on the store thread)."""
         if self.health.diverged:
             raise StoreError("the engine may hold an input the store does not: not saved")
         started = time.perf_counter()
-        blob = dump_engine(self.engine, self._weights_state(), self.paths.to_rows())
+        blob = self._dump()
         self.store.save_snapshot(self._last_journal_id, blob)
         self.snapshotter.covered(self._last_journal_id)  # the journal it covers: dropped in steps
         self._since_snapshot = 0
@@ -259,9 +251,7 @@ class MeshService:
         if self.snapshotter.running:
             return True  # one at a time; the journal keeps growing meanwhile
         started = time.perf_counter()
-        if not self.snapshotter.start(
-                lambda: dump_engine(self.engine, self._weights_state(), self.paths.to_rows()),
-                self._last_journal_id):
+        if not self.snapshotter.start(self._dump, self._last_journal_id):
             return False
         self._since_snapshot = 0
         self._bytes_since_snapshot = 0
@@ -298,8 +288,10 @@ class MeshService:
                     health.since)
         health.recovered()
 
-    def _weights_state(self) -> dict[str, object] | None:
-        return self.weights.to_builtins() if self.weights is not None else None
+    def _dump(self) -> bytes:
+        """The engines as a snapshot blob."""
+        weights = self.weights.to_builtins() if self.weights is not None else None
+        return dump_engine(self.engine, weights, self.paths.to_rows())
 
     def _commit_step(self, entry: JournalEntry, verdicts: list[Verdict],
                      agent: AgentPosition | None, admin: AdminAction | None) -> int:
@@ -448,8 +440,8 @@ class MeshService:
 
     def _apply_live(self, entry: JournalEntry, batch: ObservationBatch | None = None,
                     ) -> tuple[list[Verdict], list[WeightChange]]:
-        """:meth:`_apply` on the live engines (a batch already decoded)."""
-        verdicts, changes = self._apply(self.engine, self.weights, self.paths, entry, batch)
+        """:func:`apply_entry` on the live engines (a batch already decoded)."""
+        verdicts, changes = apply_entry(self.engine, self.weights, self.paths, entry, batch)
         return self._published(verdicts), changes
 
     async def tick(self, now: float) -> list[Verdict]:
