@@ -63,7 +63,7 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -260,6 +260,10 @@ class ScheduleCore:
         return LoadReport(added=len(self.states) - kept, kept=kept,
                           removed=sum(1 for k in old if k not in self.states),
                           refused=self.refused, planned_rate=rate)
+
+    def nodes(self) -> Iterable[str]:
+        """The nodes that have a planned check."""
+        return self._by_node.keys()
 
     def tiers_in_use(self) -> set[Tier]:
         return {st.check.tier for st in self.states.values()}
@@ -590,6 +594,10 @@ class AgentScheduler:
                tiers: dict[str, TierPolicy] | None = None) -> LoadReport:
         before = {t: self.core.policy(t).interval for t in self.core.tiers_in_use()}
         report = self.core.load(checks, tiers)
+        # a gate per planned node now, not at its first probe: made with the plan, they are
+        # frozen out of the garbage collector's sight with it (see probes/agent/runtime.py)
+        for node in self.core.nodes():
+            self._node_gate(node)
         after = {t: self.core.policy(t).interval for t in self.core.tiers_in_use()}
         if before != after and self._aps is not None:
             self._schedule_tier_jobs()
