@@ -348,9 +348,6 @@ class MeshService:
             self._bytes_since_snapshot = 0
             trouble("snapshot", "snapshot not written: %s", exc)
 
-    def _published(self, verdicts: list[Verdict]) -> list[Verdict]:
-        return published(verdicts, self.weights, self.store.epoch)
-
     def _now(self, now: float) -> float:
         self.last_now = max(self.last_now, float(now))
         return self.last_now
@@ -442,7 +439,7 @@ class MeshService:
                     ) -> tuple[list[Verdict], list[WeightChange]]:
         """:func:`apply_entry` on the live engines (a batch already decoded)."""
         verdicts, changes = apply_entry(self.engine, self.weights, self.paths, entry, batch)
-        return self._published(verdicts), changes
+        return published(verdicts, self.weights, self.store.epoch), changes
 
     async def tick(self, now: float) -> list[Verdict]:
         async def step() -> list[Verdict]:
