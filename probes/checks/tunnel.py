@@ -2,19 +2,12 @@
 verdict.
 
 A protocol that carries IPv4 (WireGuard, OpenVPN, IKEv2) hands its checks a :class:`Tunnel` once
-its handshake is done: inner packets go out with :meth:`Tunnel.send`, and the driver's events
-come back through :meth:`Tunnel.unwrap` (the inner packet an event carries; every other event is
-the protocol's to handle). A :class:`TunnelProbe` is one check run of such a protocol:
-``establish()`` sets the tunnel up, ``finish()`` takes it down (keepalive, EXIT, Delete), and
-:func:`run_through` runs any step (the session's echoes, egress, DNS) between the two.
-
-The session check sends K ICMP echoes built by :func:`build_echo` to the node's own tunnel
-address, reads the replies out of the decrypted inner IPv4 packets with
-:func:`parse_echo_reply`, and hands the round-trip times here: :func:`echo_quality` turns them
-into a :class:`Quality`, and :func:`judge_echoes` decides — no reply at all is
-``tunnel-no-reply`` (the data plane is broken while the handshake works), then the loss and RTT
-bounds. :class:`EchoRun` is the one loop that paces probes and matches replies, whatever the
-probe (ICMP echoes, reflector requests, a burst).
+its handshake is done; :func:`run_through` runs any step (the session's echoes, egress, DNS)
+between a :class:`TunnelProbe`'s ``establish()`` and its ``finish()`` (keepalive, EXIT, Delete).
+:class:`EchoRun` is the one loop that paces probes and matches replies, whatever the probe (ICMP
+echoes to the node's own tunnel address, reflector requests, a burst); :func:`judge_echoes`
+gives the session's verdict: no reply at all is ``tunnel-no-reply`` (the data plane is broken
+while the handshake works), then the loss and RTT bounds.
 
 One identity, one session at a time: an agent has one identity per server (WireGuard key,
 OpenVPN certificate, IKE identity), and a second session with it takes the first one's tunnel
