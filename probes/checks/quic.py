@@ -31,6 +31,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -315,8 +316,7 @@ async def _handshake_body(params: QuicParams, config: QuicConfiguration, sw: Sto
     return sw.result(True, Reason.OK, facts=facts)
 
 
-async def run_handshake(params: QuicParams, timeout: float) -> CheckResult:
-    return await _run(params, timeout, _handshake_body)
+run_handshake = partial(_run, body=_handshake_body)
 
 
 # ------------------------------------------------------------------------ extended CONNECT
@@ -467,8 +467,7 @@ async def _connect_udp_body(params: QuicParams, config: QuicConfiguration, sw: S
     return _echo_result(params, sw, rtts, facts)
 
 
-async def run_connect_udp(params: QuicParams, timeout: float) -> CheckResult:
-    return await _run(params, timeout, _connect_udp_body)
+run_connect_udp = partial(_run, body=_connect_udp_body)
 
 
 async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: Stopwatch,
@@ -533,8 +532,7 @@ async def _connect_ip_body(params: QuicParams, config: QuicConfiguration, sw: St
     return _echo_result(params, sw, rtts, facts)
 
 
-async def run_connect_ip(params: QuicParams, timeout: float) -> CheckResult:
-    return await _run(params, timeout, _connect_ip_body)
+run_connect_ip = partial(_run, body=_connect_ip_body)
 
 
 HANDSHAKE = CheckKind(
