@@ -153,12 +153,6 @@ class TimestampStore:
 # --- the probe ----------------------------------------------------------------------------------
 
 
-def _silence_detail(host: str, port: int, waited: float) -> str:
-    return (f"no answer from {host}:{port} within {waited:.3g}s: the server is down, the path "
-            "filters UDP, or the server does not know this agent's key (or we have the wrong "
-            "server key); WireGuard answers nothing it cannot authenticate, so these look alike")
-
-
 class _Probe:
     """One check run: the initiator on the driver, stopwatch and facts."""
 
@@ -235,8 +229,11 @@ class _Probe:
             raise ProbeFailure(Reason.COOKIE_THEN_TIMEOUT, "server under load sent a cookie "
                                f"reply, but the retry with mac2 got no response within "
                                f"{waited:.3g}s")
-        raise ProbeFailure(Reason.TIMEOUT, _silence_detail(self.params.host, self.params.port,
-                                                           waited))
+        raise ProbeFailure(Reason.TIMEOUT, f"no answer from {self.params.host}:{self.params.port} "
+                           f"within {waited:.3g}s: the server is down, the path filters UDP, or "
+                           "the server does not know this agent's key (or we have the wrong "
+                           "server key); WireGuard answers nothing it cannot authenticate, so "
+                           "these look alike")
 
     def _completed(self, event: wg.HandshakeCompleted, sent: SendStamp,
                    answer: Datagram) -> None:
