@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -124,12 +124,6 @@ TRANSACTION = {via: _kind(via, "transaction", run_transaction,
 _PLANS = {"wireguard": wireguard.plan, "openvpn": openvpn.plan, "ikev2": ikev2.plan}
 
 
-def _tunnel_params(ctx: PlanContext, via: Protocol) -> dict[str, Any]:
-    """The params the protocol's own plan gives its checks (one struct for all of them: the
-    first planned check's)."""
-    return {via: _PLANS[via](ctx)[0].params}
-
-
 def plan(ctx: PlanContext) -> list[Planned]:
     """``user_path:`` -> ``<protocol>.egress`` / ``<protocol>.dns`` per tunnel in ``via``."""
     section = ctx.target.user_path
@@ -138,7 +132,8 @@ def plan(ctx: PlanContext) -> list[Planned]:
     out: list[Planned] = []
     for name in carrying_tunnels(ctx.target):
         via = next(v for v in VIAS if v == name)
-        tunnel = _tunnel_params(ctx, via)
+        # the params the protocol's own plan gives its checks (one struct for all of them)
+        tunnel = {via: _PLANS[via](ctx)[0].params}
         if section.egress is not None:
             out.append(Planned.of(EGRESS[via], UserPathParams(via=via, egress=section.egress,
                                                               **tunnel)))
