@@ -212,10 +212,6 @@ class PlanContext:
             return self.state_files[name]
         return None if self.state_dir is None else str(self.state_dir / name)
 
-    def with_sections(self, **sections: Any) -> PlanContext:
-        """The same context for the target with these config sections (``wireguard=...``)."""
-        return dataclasses.replace(self, target=msgspec.structs.replace(self.target, **sections))
-
 
 S = TypeVar("S")
 
@@ -282,7 +278,8 @@ def section_plan(section: str, plan: Callable[[PlanContext], Iterable[Planned]]
                  ) -> Callable[[Any, PlanContext], Iterable[Planned]]:
     """A probe command's planning when its options are a config section: the family's own
     ``plan`` for a target with that section."""
-    return lambda options, ctx: plan(ctx.with_sections(**{section: options}))
+    return lambda options, ctx: plan(dataclasses.replace(
+        ctx, target=msgspec.structs.replace(ctx.target, **{section: options})))
 
 
 @dataclass(frozen=True, slots=True)
