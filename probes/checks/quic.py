@@ -261,14 +261,6 @@ async def _handshake(conn: _Session, params: QuicParams, sw: Stopwatch,
     return done
 
 
-def _handshake_facts(conn: _Session, done: HandshakeCompleted) -> dict[str, Fact]:
-    version = conn.quic.version
-    facts: dict[str, Fact] = {"alpn": done.alpn_protocol or ""}
-    if version is not None:
-        facts["quic_version"] = f"0x{version:08x}"
-    return facts
-
-
 _Body = Callable[[QuicParams, QuicConfiguration, Stopwatch, dict[str, Fact], float],
                  Awaitable[CheckResult]]
 
@@ -295,7 +287,9 @@ async def _handshake_body(params: QuicParams, config: QuicConfiguration, sw: Sto
     tickets: list[SessionTicket] = []
     async with _connection(params, config, sw, deadline, tickets) as conn:
         done = await _handshake(conn, params, sw)
-        facts.update(_handshake_facts(conn, done))
+        facts["alpn"] = done.alpn_protocol or ""
+        if (version := conn.quic.version) is not None:
+            facts["quic_version"] = f"0x{version:08x}"
         facts["session_resumed"] = done.session_resumed
         if not params.resume:
             return sw.result(True, Reason.OK, facts=facts)
