@@ -366,10 +366,6 @@ class MeshService:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    def _require_store(self) -> None:
-        if not self.health.ok:
-            raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
-
     def check_replay(self, batch: ObservationBatch) -> None:
         """The replay rule: a batch is taken only if its ``(epoch, batch_seq)`` is above the
         agent's last accepted one (raises :class:`Replay`): a newer instance epoch (an agent
@@ -390,7 +386,8 @@ class MeshService:
             async with self._inputs.turn(source, size):
                 if admit is not None:
                     admit()
-                self._require_store()
+                if not self.health.ok:
+                    raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
                 return await step()
 
         return await asyncio.shield(asyncio.ensure_future(locked()))
