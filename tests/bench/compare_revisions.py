@@ -31,7 +31,8 @@ best round (load only adds cost).
 
 prints instead how many lines of probes/ each commit added or removed: physical lines, and code
 lines (not blank, not a comment, not a docstring), and their sums: a change's size when other
-work landed between its commits.
+work landed between its commits. The last line gives probes/ at HEAD beside probes/ without the
+commits' change (HEAD minus the sums).
 """
 
 from __future__ import annotations
@@ -193,6 +194,16 @@ def line_counts(commits: list[str]) -> None:
         subject = _git("log", "-1", "--format=%s", commit).stdout.strip()[:60]
         print(f"{commit[:8]}  physical {physical:+6d}  code {code:+6d}  {subject}")
     print(f"{'sum':<8}  physical {total_physical:+6d}  code {total_code:+6d}")
+    # both sides for the same behaviour: probes/ as it is, and as it would be without the
+    # commits' change (other work since the first of them grew probes/ as well)
+    now_physical = now_code = 0
+    for path in _git("ls-tree", "-r", "--name-only", "HEAD", "--", "probes").stdout.split():
+        if path.endswith(".py"):
+            physical, code = _sizes(_git("show", f"HEAD:{path}").stdout)
+            now_physical += physical
+            now_code += code
+    print(f"probes/ at HEAD: physical {now_physical}  code {now_code}; without these commits: "
+          f"physical {now_physical - total_physical}  code {now_code - total_code}")
 
 
 @contextlib.contextmanager
