@@ -394,8 +394,8 @@ class _Probe:
         if self.limiter is None:
             return
         limiter, self.limiter = self.limiter, None
-        if self.session is not None:
-            _release(limiter, self.session.ini.half_open)
+        if self.session is not None and self.session.ini.half_open:
+            asyncio.get_running_loop().call_later(HALF_OPEN_HOLD_SECONDS, limiter.release)
         else:
             limiter.release()
 
@@ -446,13 +446,6 @@ def identity(params: Ikev2Params) -> tuple[str, str, int, str]:
     (:func:`~probes.checks.tunnel.in_turn`); a second one with the same selectors takes the
     inner address's route from the first."""
     return ("ikev2", params.host, params.port, params.local_id)
-
-
-def _release(limiter: asyncio.Semaphore, half_open: bool) -> None:
-    if half_open:
-        asyncio.get_running_loop().call_later(HALF_OPEN_HOLD_SECONDS, limiter.release)
-    else:
-        limiter.release()
 
 
 def _unanswered(failed: Failed | None, exchange: str) -> ProbeFailure:
