@@ -9,10 +9,10 @@ taken so the journal always follows a snapshot made by this very engine — a la
 Time: ``now`` is the mesh's wall clock when an input is applied, never allowed to go backwards
 (a clock step back would otherwise un-expire staleness and damping).
 
-Inputs are applied one at a time on the event loop, small batches before heavy ones that
-arrived shortly before them (:mod:`probes.mesh.inputqueue`); the store's work (commit,
-snapshot, prune, reads) runs on the store thread (:mod:`probes.mesh.storethread`), so the
-loop keeps serving.
+Inputs are applied one at a time on the event loop, light ones (ticks, a low-rate agent's or a
+verdict-changing batch) before bulk, agents taking turns (:mod:`probes.mesh.inputqueue`); the
+store's work (commit, snapshot, prune, reads) runs on the store thread
+(:mod:`probes.mesh.storethread`), so the loop keeps serving.
 
 A failed commit never leaves the engine and the store apart: the engine is rebuilt from what
 was really stored — reading only, so a full disk cannot stop it — and until the store commits
@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
-from probes.mesh.inputqueue import InputQueue
+from probes.mesh.inputqueue import LIGHT_OBSERVATIONS, InputQueue
 from probes.mesh.inputs import apply_entry, published
 from probes.mesh.paths import PathEngine, PathPolicy
 from probes.mesh.policy import DecisionPolicy
@@ -118,6 +118,7 @@ class MeshService:
         self.health = StoreHealth()
         self._clock = clock
         self._inputs = InputQueue()  # one input at a time: apply, then commit
+        self._running: set[asyncio.Future[None]] = set()  # inputs in their turn (_serially)
         self.snapshot_every = snapshot_every
         self.snapshot_bytes = snapshot_bytes
         self.last_snapshot_seconds = 0.0  # how long the last snapshot blocked (for /metrics)
@@ -381,16 +382,42 @@ class MeshService:
         """Run an input in its turn (``source`` and ``size``: see :class:`InputQueue`), to
         completion: once applied, its commit (and the rebuild if that fails) finishes even if
         the caller is cancelled. ``admit`` runs first in the turn, before the store's health
-        is asked (a batch's decoding: a malformed body is refused as such, store or not)."""
-        async def locked() -> T:
-            async with self._inputs.turn(source, size):
+        is asked (a batch's decoding: a malformed body is refused as such, store or not).
+
+        The turn is taken in the caller's task (at once when it is free), the input then runs in
+        a task of its own, which hands the caller its answer before it hands the turn on: the
+        next input's decoding and apply (milliseconds each for a heavy batch) run after the
+        answer is on its way, never before it."""
+        await self._inputs.acquire(source, size)
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
                 if admit is not None:
                     admit()
+                    if size > LIGHT_OBSERVATIONS:
+                        # a heavy body's decoding and its apply are milliseconds each: let the
+                        # loop serve what came meanwhile between them (still this input's turn)
+                        await asyncio.sleep(0)
                 if not self.health.ok:
                     raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
-                return await step()
+                result = await step()
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except Exception as exc:  # the caller's to answer (or gone: nobody's)
+                if not answer.done():
+                    answer.set_exception(exc)
+            else:
+                if not answer.done():
+                    answer.set_result(result)
+            finally:
+                self._inputs.release()
 
-        return await asyncio.shield(asyncio.ensure_future(locked()))
+        running = asyncio.ensure_future(run())
+        self._running.add(running)  # a task nobody refers to may be collected before its end
+        running.add_done_callback(self._running.discard)
+        return await answer
 
     async def accept_batch(self, body: bytes, batch: ObservationBatch, now: float
                            ) -> list[Verdict]:
