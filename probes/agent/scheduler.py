@@ -58,6 +58,7 @@ Policy (HAProxy's health-check semantics, named after its keywords):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import random
@@ -66,11 +67,12 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from probes.agent.gate import Gate
 from probes.agent.plan import PlannedCheck
-from probes.checks.base import CheckResult, execute
+from probes.checks.base import CheckResult, Started, crashed, execute
 from probes.config import TierPolicy
 from probes.model import Reason, Tier
 
@@ -481,6 +483,14 @@ class ProbeRun:
         return self.started - self.scheduled
 
 
+class _NothingToCancel:
+    """Stands for a run whose start raised: its crash result is already on its way."""
+
+    def cancel(self) -> None:
+        pass
+
+
+_NOTHING_TO_CANCEL = _NothingToCancel()
 Runner = Callable[[PlannedCheck, float], Awaitable[CheckResult]]
 Sink = Callable[[ProbeRun], None]
 # a check's outcome: failing (True) or not, and whether it just settled down
@@ -527,6 +537,9 @@ class AgentScheduler:
         self._per_node_limit = per_node_concurrency
         self._per_node: dict[str, Gate] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # key -> a run started without a task of the scheduler's, and its node's gate
+        self._started: dict[str, tuple[Started, Gate]] = {}
+        self._drained: asyncio.Event | None = None  # set when the last of them ends (stop)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._aps: Any = None
@@ -536,7 +549,7 @@ class AgentScheduler:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self._started)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -618,12 +631,24 @@ class AgentScheduler:
             self._timer = None
         for handle in self._round_handles.values():
             handle.cancel()
+        deadline = time.monotonic() + timeout
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._started:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    await self._drained.wait()
+        for key, (run, node_gate) in list(self._started.items()):  # cancelled: no report
+            run.cancel()
+            del self._started[key]
+            self.core.release(key)
+            node_gate.leave()
+            self._global.leave()
 
     # ---------------------------------------------------------------- dispatch
 
@@ -651,10 +676,61 @@ class AgentScheduler:
         now = self.clock()
         assert self._loop is not None
         for due in self.core.pop_due(now, START_AHEAD):
+            if self._start_now(due):
+                continue
             task = self._loop.create_task(self._run(due))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._arm()
+
+    def _start_now(self, due: Due) -> bool:
+        """Start ``due`` from this callback, without a task, when its kind can start a run so
+        (:data:`probes.checks.base.Starter`) and both limits have a free slot: what a task, a
+        coroutine per layer and a deadline context cost per probe is most of an L4 probe's own
+        CPU. False (nothing done) leaves it to :meth:`_run`, which waits for a slot."""
+        check = due.check
+        start = check.kind.start
+        if start is None or self.runner is not run_check:
+            return False
+        gate, node_gate = self._global, self._node_gate(check.node)
+        if not gate.try_enter():
+            return False
+        if not node_gate.try_enter():
+            gate.leave()
+            return False
+        started, wall = self.clock(), self.wall()
+        if not self._admit(due, started, wall):
+            node_gate.leave()
+            gate.leave()
+            return True
+        timeout = self.core.timeout_for(due.key)
+        watch = self._watch(due.key)
+        done = partial(self._started_done, due, started, wall, watch)
+        assert self._loop is not None
+        try:
+            run = start(check.params, timeout, done)
+        except Exception as exc:  # a bug in a probe must never look like a node failure
+            self._loop.call_soon(done, crashed(check.kind, exc, started))
+            run = _NOTHING_TO_CANCEL
+        if run is None:  # these params need the coroutine: run it in a task of its own
+            task = self._loop.create_task(self.runner(check, timeout))
+            task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
+            run = task
+        self._started[due.key] = (run, node_gate)
+        return True
+
+    def _started_done(self, due: Due, started: float, wall: float,
+                      watch: asyncio.TimerHandle | None, result: CheckResult) -> None:
+        if watch is not None:
+            watch.cancel()
+        entry = self._started.pop(due.key, None)
+        if entry is None:  # cancelled by stop(): its slots are back, it reports nothing
+            return
+        entry[1].leave()
+        self._global.leave()
+        if self._drained is not None and not self._started:
+            self._drained.set()
+        self._complete(due, started, wall, result)
 
     def _watch(self, key: str) -> asyncio.TimerHandle | None:
         """A timer for a functional check that runs past its usual time (liveness probe)."""
@@ -696,17 +772,8 @@ class AgentScheduler:
                 try:
                     started = self.clock()
                     wall = self.wall()
-                    lag = started - due.due
-                    self._record_lag(lag)
-                    if lag > self.max_start_lag:
-                        self._refuse_late(due, started, wall, lag)
+                    if not self._admit(due, started, wall):
                         return
-                    stats = self.stats
-                    stats.started_total += 1
-                    if due.why != "round":
-                        stats.fast_reprobes_total += due.why == "fast"
-                        stats.reprobes_total += due.why == "reprobe"
-                        stats.liveness_total += due.why == "liveness"
                     timeout = self.core.timeout_for(due.key)
                     watch = self._watch(due.key)
                     try:
@@ -721,6 +788,26 @@ class AgentScheduler:
         except asyncio.CancelledError:
             self.core.release(due.key)
             raise
+        self._complete(due, started, wall, result)
+
+    def _admit(self, due: Due, started: float, wall: float) -> bool:
+        """Count a start; False when it is too late to run (refused as overloaded)."""
+        lag = started - due.due
+        self._record_lag(lag)
+        if lag > self.max_start_lag:
+            self._refuse_late(due, started, wall, lag)
+            return False
+        stats = self.stats
+        stats.started_total += 1
+        if due.why != "round":
+            stats.fast_reprobes_total += due.why == "fast"
+            stats.reprobes_total += due.why == "reprobe"
+            stats.liveness_total += due.why == "liveness"
+        return True
+
+    def _complete(self, due: Due, started: float, wall: float, result: CheckResult) -> None:
+        """What a finished run does: the schedule's response to it, then metrics and report."""
+        check = due.check
         done = self.clock()
         completion = self.core.complete(due.key, result.ok, done, result.duration_seconds)
         if completion.cascaded:

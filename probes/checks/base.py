@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import msgspec
 
@@ -145,18 +145,37 @@ class ConfigError(ValueError):
 
 
 P = TypeVar("P")
+Done = Callable[[CheckResult], None]
+
+
+class Started(Protocol):
+    """A check run started by a :data:`Starter`: it calls its ``done`` once, later, unless
+    cancelled first (then it reports nothing and holds nothing)."""
+
+    def cancel(self) -> object: ...
+
+
+# Starts a run of the check on the running loop without a coroutine: ``(params, timeout, done)``
+# -> the run, which calls ``done(result)`` later from a loop callback (never from within the
+# call), within ``timeout`` plus its cleanup; or None, having done nothing, when these params
+# need the coroutine (``CheckKind.run``). The L4 kinds' scheduled runs, thousands a second,
+# cost a task, a coroutine per layer, a future and a deadline context each the other way.
+Starter = Callable[[P, float, Done], Started | None]
 
 
 @dataclass(frozen=True, slots=True)
 class CheckKind(Generic[P]):
     """One kind of check: its name, its tier (sent with every observation of it), its params
-    struct and the coroutine that runs it. Declared once, in its family (:class:`Family`)."""
+    struct and the coroutine that runs it. Declared once, in its family (:class:`Family`).
+    ``start``: the same run without a coroutine, where the kind has one (see :data:`Starter`);
+    its results are the coroutine's."""
 
     name: str
     tier: Tier
     params_type: type[P]
     run: Callable[[P, float], Awaitable[CheckResult]]
     description: str = ""
+    start: Starter[P] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +332,15 @@ async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a bug in a probe must never look like a node failure
-        log.exception("check %s crashed", kind.name)
-        return CheckResult(False, Reason.PROBE_ERROR, time.monotonic() - started,
-                           detail=f"{type(exc).__name__}: {exc}")
+        return crashed(kind, exc, started)
+
+
+def crashed(kind: CheckKind[Any], exc: Exception, started: float) -> CheckResult:
+    """The result of a check run that a bug (an exception no check turns into a reason) ended,
+    logged with its traceback: ``probe-error``, never a node failure."""
+    log.exception("check %s crashed", kind.name, exc_info=exc)
+    return CheckResult(False, Reason.PROBE_ERROR, time.monotonic() - started,
+                       detail=f"{type(exc).__name__}: {exc}")
 
 
 def weak_choices_result(watch: Stopwatch, facts: dict[str, Fact], accepted: list[str],

@@ -33,10 +33,12 @@ import msgspec
 from probes.checks.base import (
     CheckKind,
     CheckResult,
+    Done,
     Family,
     PlanContext,
     Planned,
     ProbeCommand,
+    Started,
     Stopwatch,
     first_retry_after,
 )
@@ -212,6 +214,101 @@ async def _connect(sock: socket.socket, address: tuple[Any, ...], timeout: float
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if connected else None
 
 
+def _rst_on_close(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+
+
+def _connect_failed(sw: Stopwatch, err: int | None, timeout: float) -> CheckResult | None:
+    """Lap the connect; the result of a connect that failed (``err`` None: no answer within
+    ``timeout``), or None when it connected."""
+    sw.lap("connect")
+    if err is None:
+        return sw.result(False, Reason.TIMEOUT, detail=f"no answer within {timeout:g}s")
+    if err:
+        return sw.result(False, reason_for_errno(err), detail=os.strerror(err))
+    return None
+
+
+class _TcpConnect:
+    """A plain TCP connect check (no TLS, an IP literal) driven by loop callbacks: one writer
+    callback and one timer, no coroutine (see :data:`probes.checks.base.Starter`). Same phases,
+    reasons and details as :func:`run_tcp`."""
+
+    __slots__ = ("_done", "_fd", "_loop", "_sock", "_sw", "_timeout", "_timer")
+
+    def __init__(self, family: int, address: tuple[Any, ...], timeout: float,
+                 done: Done) -> None:
+        self._sw = Stopwatch()
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._done: Done | None = done
+        self._timer: asyncio.TimerHandle | None = None
+        self._sock = sock = socket.socket(family, socket.SOCK_STREAM)
+        self._fd = sock.fileno()
+        try:
+            _rst_on_close(sock)
+            err = sock.connect_ex(address)
+        except OSError as exc:  # as run_tcp: e.g. EADDRNOTAVAIL from the socket's setup
+            self._end(self._sw.result(False, reason_for_errno(exc.errno or 0),
+                                      detail=exc.strerror or ""))
+            return
+        if err != errno.EINPROGRESS:
+            self._end(_connect_failed(self._sw, err, timeout) or self._sw.result(True, Reason.OK))
+            return
+        self._loop.add_writer(self._fd, self._writable)
+        self._timer = self._loop.call_later(max(timeout - self._sw.elapsed(), 0.0),
+                                            self._expired)
+
+    def _writable(self) -> None:
+        self._stop_waiting()
+        self._finish(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._stop_waiting()
+        self._finish(None)
+
+    def _stop_waiting(self) -> None:
+        self._loop.remove_writer(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _finish(self, err: int | None) -> None:
+        sw = self._sw
+        result = _connect_failed(sw, err, self._timeout) or sw.result(True, Reason.OK)
+        self._sock.close()
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
+
+    def _end(self, result: CheckResult) -> None:
+        """An outcome known within the start: closed now, told from the next loop turn."""
+        self._sock.close()
+        done, self._done = self._done, None
+        if done is not None:
+            self._loop.call_soon(done, result)
+
+    def cancel(self) -> None:
+        if self._done is None:
+            return
+        self._done = None
+        if self._timer is not None:
+            self._stop_waiting()
+        self._sock.close()
+
+
+def start_tcp(params: TcpParams, timeout: float, done: Done) -> Started | None:
+    """:func:`run_tcp` without a coroutine, for a plain connect to an IP literal."""
+    if params.tls:
+        return None
+    resolved = literal_address(params.host, params.port)
+    if resolved is None:
+        return None
+    return _TcpConnect(resolved[0], resolved[1], timeout, done)
+
+
 async def run_tcp(params: TcpParams, timeout: float) -> CheckResult:
     sw = Stopwatch()
     resolved = literal_address(params.host, params.port)
@@ -224,14 +321,11 @@ async def run_tcp(params: TcpParams, timeout: float) -> CheckResult:
     family, address = resolved
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        _rst_on_close(sock)
         err = await _connect(sock, address, timeout - sw.elapsed())
-        sw.lap("connect")
-        if err is None:
-            return sw.result(False, Reason.TIMEOUT, detail=f"no answer within {timeout:g}s")
-        if err:
-            return sw.result(False, reason_for_errno(err), detail=os.strerror(err))
+        failed = _connect_failed(sw, err, timeout)
+        if failed is not None:
+            return failed
         if not params.tls:
             return sw.result(True, Reason.OK)
         return await _tls_phase(sock, params, sw, timeout - sw.elapsed())
@@ -261,6 +355,23 @@ async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
     family, address = resolved
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Received | QueuedError | None] = loop.create_future()
+    sock = _udp_socket(sw, family, address)
+    if isinstance(sock, CheckResult):
+        return sock
+    probe = DatagramProbe(sock, lambda r: _settle(fut, r), lambda e: _settle(fut, e))
+    timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), _settle, fut, None)
+    try:
+        sent = probe.send(params.send)
+        outcome = await fut
+    finally:
+        timer.cancel()
+        probe.close()
+    return _exchange_result(sw, params, timeout, sent, outcome)
+
+
+def _udp_socket(sw: Stopwatch, family: int,
+                address: tuple[Any, ...]) -> socket.socket | CheckResult:
+    """The connected socket of a UDP check, or the result of a failure to make it."""
     try:
         sock = DatagramProbe.make_socket(family, socket.SOCK_DGRAM, 0)
     except OSError as exc:
@@ -270,14 +381,14 @@ async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
     except OSError as exc:
         sock.close()
         return sw.result(False, reason_for_errno(exc.errno or 0), detail=exc.strerror or "")
-    probe = DatagramProbe(sock, lambda r: _settle(fut, r), lambda e: _settle(fut, e))
-    timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), _settle, fut, None)
-    try:
-        sent_mono, sent_wall = probe.send(params.send)
-        outcome = await fut
-    finally:
-        timer.cancel()
-        probe.close()
+    return sock
+
+
+def _exchange_result(sw: Stopwatch, params: UdpParams, timeout: float, sent: tuple[float, int],
+                     outcome: Received | QueuedError | None) -> CheckResult:
+    """What a UDP check's one exchange came to: its reply (checked against ``expect_prefix``),
+    an error the kernel queued for it, or nothing within ``timeout`` (None)."""
+    sent_mono, sent_wall = sent
     if outcome is None:
         sw.lap("rtt")
         return sw.result(False, Reason.TIMEOUT, detail=f"no reply within {timeout:g}s")
@@ -291,6 +402,76 @@ async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
                          detail=f"reply of {len(outcome.data)} bytes does not match")
     return sw.result(True, Reason.OK, quality=Quality(sent=1, received=1, rtt_p50_seconds=rtt,
                                                       rtt_p99_seconds=rtt, rtt_max_seconds=rtt))
+
+
+class _UdpExchange:
+    """A UDP check to an IP literal driven by loop callbacks: its socket's reader and one timer,
+    no coroutine (see :data:`probes.checks.base.Starter`). Same results as :func:`run_udp`:
+    the first of reply, queued error and timeout decides."""
+
+    __slots__ = ("_done", "_early", "_loop", "_params", "_probe", "_sent", "_sw", "_timeout",
+                 "_timer")
+
+    def __init__(self, family: int, address: tuple[Any, ...], params: UdpParams,
+                 timeout: float, done: Done) -> None:
+        self._sw = sw = Stopwatch()
+        self._loop = loop = asyncio.get_running_loop()
+        self._params, self._timeout = params, timeout
+        self._done: Done | None = done
+        self._sent: tuple[float, int] | None = None  # the send's stamps, once sent
+        self._early: QueuedError | None = None  # an error the send itself ran into
+        self._probe: DatagramProbe | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        sock = _udp_socket(sw, family, address)
+        if isinstance(sock, CheckResult):
+            self._done = None
+            loop.call_soon(done, sock)
+            return
+        self._probe = probe = DatagramProbe(sock, self._settle, self._settle)
+        self._timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), self._settle, None)
+        self._sent = probe.send(params.send)
+        early = self.send_error()
+        if early is not None:  # decided within the start: told from the next loop turn
+            loop.call_soon(self._finish, early)
+
+    def send_error(self) -> QueuedError | None:
+        """The error the send itself ran into (the first outcome then), if any."""
+        return self._early
+
+    def _settle(self, outcome: Received | QueuedError | None) -> None:
+        if self._done is None or self._early is not None:
+            return
+        if self._sent is None:  # on_error from within the send
+            assert isinstance(outcome, QueuedError)
+            self._early = outcome
+            return
+        self._finish(outcome)
+
+    def _finish(self, outcome: Received | QueuedError | None) -> None:
+        done, self._done = self._done, None
+        if done is None or self._sent is None:
+            return
+        self._close()
+        done(_exchange_result(self._sw, self._params, self._timeout, self._sent, outcome))
+
+    def _close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._probe is not None:
+            self._probe.close()
+
+    def cancel(self) -> None:
+        self._done = None
+        self._close()
+
+
+def start_udp(params: UdpParams, timeout: float, done: Done) -> Started | None:
+    """:func:`run_udp` without a coroutine, for an IP literal."""
+    resolved = literal_address(params.host, params.port)
+    if resolved is None:
+        return None
+    return _UdpExchange(resolved[0], resolved[1], params, timeout, done)
 
 
 # ------------------------------------------------------------------------------- icmp
@@ -416,9 +597,10 @@ async def run_icmp(params: IcmpParams, timeout: float) -> CheckResult:
 
 
 TCP = CheckKind("tcp", Tier.L4, TcpParams, run_tcp,
-                "TCP connect (phase connect), optional TLS handshake (phase tls)")
+                "TCP connect (phase connect), optional TLS handshake (phase tls)",
+                start=start_tcp)
 UDP = CheckKind("udp", Tier.L4, UdpParams, run_udp,
-                "UDP request/response; reply must start with expect_prefix")
+                "UDP request/response; reply must start with expect_prefix", start=start_udp)
 ICMP = CheckKind("icmp", Tier.L4, IcmpParams, run_icmp,
                  "ICMP echo via ping socket (raw socket fallback)")
 
