@@ -1,4 +1,6 @@
-"""The agent's HTTP endpoints (aiohttp): /metrics, /probe, /healthz, POST /-/reload.
+"""The agent's HTTP endpoints: /metrics, /probe, /healthz, POST /-/reload (served by
+:mod:`probes.agent.httpserve`, a lean keep-alive server; heads parsed by
+:mod:`probes.agent.httphead`).
 
 ``/probe?target=TARGET&module=MODULE`` follows blackbox_exporter's multi-target pattern, so a
 standard blackbox relabeling config works unchanged (``__param_target`` <- a node id or an
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
+import functools
 import json
 import logging
 import time
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from probes.agent.httphead import Head, query_params
+from probes.agent.httpserve import JSON, TEXT, Answer, Connection, HttpServer
 from probes.agent.metrics import escape_label_value, go_float
 from probes.agent.probe_target import ProbeChoice, ProbeRequestError
 from probes.checks.base import CheckResult, execute
@@ -47,38 +51,51 @@ class HttpHooks:
     health: Callable[[], dict[str, Any]]
 
 
-def _gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> str:
-    """One gauge family in the text format 0.0.4, as prometheus_client writes it."""
-    lines = [f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"]
-    lines.extend(f"{name}{labels} {go_float(value)}\n" for labels, value in samples)
-    return "".join(lines)
+def _family(name: str, help_text: str) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"
 
 
-def _label(name: str, value: str) -> str:
-    return f'{{{name}="{escape_label_value(value)}"}}'
+# the families' HELP and TYPE lines, and the lines that take no value of the result, written
+# once: a /probe answer only formats its numbers
+_SUCCESS = {ok: _family("probe_success", "Whether the probe succeeded.")
+            + f"probe_success {1.0 if ok else 0.0}\n" for ok in (True, False)}
+_DURATION = _family("probe_duration_seconds", "How long the probe took.")
+_TIMEOUT = _family("probe_timeout_seconds", "The probe's time budget.")
+_PHASES = _family("probe_phase_duration_seconds", "Duration of each probe phase.")
+_REASON = _family("probe_failure_reason", "1 for the closed-enum reason of a failed probe.")
+_RTT = _family("probe_rtt_seconds", "Median RTT of the probe's exchanges.")
+_LOSS = _family("probe_loss_ratio", "Share of exchanges without a reply.")
+
+
+@functools.lru_cache(maxsize=256)
+def _labelled(family: str, label: str, value: str) -> str:
+    return f'{family}{{{label}="{escape_label_value(value)}"}} '
+
+
+def _number(value: float) -> str:
+    """:func:`go_float`, which is ``repr`` for every value in [0, 1e6) (the durations)."""
+    return repr(value) if 0.0 <= value < 1e6 else go_float(value)
 
 
 def probe_exposition(result: CheckResult, timeout: float) -> bytes:
     """The body of one /probe answer: blackbox_exporter's families for one result, written
-    directly (a fresh prometheus_client registry per request cost more CPU than the probe)."""
-    parts = [
-        _gauge("probe_success", "Whether the probe succeeded.", [("", 1 if result.ok else 0)]),
-        _gauge("probe_duration_seconds", "How long the probe took.",
-               [("", result.duration_seconds)]),
-        _gauge("probe_timeout_seconds", "The probe's time budget.", [("", timeout)]),
-        _gauge("probe_phase_duration_seconds", "Duration of each probe phase.",
-               [(_label("phase", phase), seconds) for phase, seconds in result.phases.items()]),
-        _gauge("probe_failure_reason", "1 for the closed-enum reason of a failed probe.",
-               [] if result.ok else [(_label("reason", result.reason.value), 1)]),
-    ]
+    directly (a fresh prometheus_client registry per request cost more CPU than the probe),
+    byte for byte what such a registry exposes (tests/agent/test_probe_exposition.py)."""
+    parts = [_SUCCESS[result.ok], _DURATION, "probe_duration_seconds ",
+             _number(result.duration_seconds), "\n", _TIMEOUT, "probe_timeout_seconds ",
+             _number(timeout), "\n", _PHASES]
+    for phase, seconds in result.phases.items():
+        parts += (_labelled("probe_phase_duration_seconds", "phase", phase), _number(seconds),
+                  "\n")
+    parts.append(_REASON)
+    if not result.ok:
+        parts += (_labelled("probe_failure_reason", "reason", result.reason.value), "1.0\n")
     q = result.quality
     if q is not None:
         if q.rtt_p50_seconds is not None:
-            parts.append(_gauge("probe_rtt_seconds", "Median RTT of the probe's exchanges.",
-                                [("", q.rtt_p50_seconds)]))
+            parts += (_RTT, "probe_rtt_seconds ", _number(q.rtt_p50_seconds), "\n")
         if q.sent:
-            parts.append(_gauge("probe_loss_ratio", "Share of exchanges without a reply.",
-                                [("", q.loss_ratio)]))
+            parts += (_LOSS, "probe_loss_ratio ", _number(q.loss_ratio), "\n")
     return "".join(parts).encode()
 
 
@@ -108,48 +125,84 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def build_app(hooks: HttpHooks) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
-        body = await render_between_probes(hooks.render_metrics())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+ROUTES = {"/metrics": ("GET", "HEAD"), "/probe": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"),
+          "/-/reload": ("POST",)}
+EXPOSITION = CONTENT_TYPE_LATEST.encode()
+QUERY_MEMO_MAX = 256  # distinct query strings whose parameters are remembered
 
-    async def probe(request: web.Request) -> web.Response:
-        target = request.query.get("target", "")
-        module = request.query.get("module", "")
+
+class Endpoints:
+    """/metrics, /probe, /healthz and POST /-/reload, answered through :mod:`httpserve`."""
+
+    def __init__(self, hooks: HttpHooks) -> None:
+        self.hooks = hooks
+        self._queries: dict[str, dict[str, str]] = {}
+
+    def handle(self, conn: Connection, head: Head) -> Answer | None:
+        allowed = ROUTES.get(head.path)
+        if allowed is None:
+            return Answer.text(404, "404: Not Found")
+        if head.method not in allowed:
+            return Answer(405, b"405: Method Not Allowed", TEXT,
+                          b"Allow: %s\r\n" % ", ".join(allowed).encode())
+        if head.path == "/probe":
+            return self.probe(conn, head)
+        if head.path == "/metrics":
+            conn.spawn(self.metrics())
+        elif head.path == "/healthz":
+            return Answer(200, json.dumps(self.hooks.health()).encode(), JSON)
+        else:
+            conn.spawn(self.reload(self.query(head.query).get("force", "")))
+        return None
+
+    def query(self, raw: str) -> dict[str, str]:
+        """The query's parameters, remembered per query string (a scraper repeats its own)."""
+        params = self._queries.get(raw)
+        if params is None:
+            if len(self._queries) >= QUERY_MEMO_MAX:
+                self._queries.clear()
+            params = self._queries[raw] = query_params(raw)
+        return params
+
+    def probe(self, conn: Connection, head: Head) -> Answer | None:
+        query = self.query(head.query)
+        target, module = query.get("target", ""), query.get("module", "")
         try:
-            choice = hooks.choose_probe(target, module)
+            choice = self.hooks.choose_probe(target, module)
         except ProbeRequestError as exc:
-            return web.Response(status=400, text=f"{exc}\n")
-        timeout = hooks.tier_timeout(choice)
-        header = request.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
+            return Answer.text(400, f"{exc}\n")
+        timeout = self.hooks.tier_timeout(choice)
+        header = head.headers.get("x-prometheus-scrape-timeout-seconds")
         if header:
             with contextlib.suppress(ValueError):
                 timeout = max(min(timeout, float(header) - TIMEOUT_OFFSET), 0.1)
-        if request.query.get("debug", "").lower() == "true":
-            return web.Response(text=await debug_probe(choice, target, module, timeout))
+        if query.get("debug", "").lower() == "true":
+            conn.spawn(self.debug(choice, target, module, timeout))
+        else:
+            conn.spawn(self.run_probe(choice, timeout))
+        return None
+
+    @staticmethod
+    async def run_probe(choice: ProbeChoice, timeout: float) -> Answer:
         result = await execute(choice.kind, choice.params, timeout)
-        return web.Response(body=probe_exposition(result, timeout),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Answer(200, probe_exposition(result, timeout), EXPOSITION)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response(hooks.health())
+    @staticmethod
+    async def debug(choice: ProbeChoice, target: str, module: str, timeout: float) -> Answer:
+        return Answer.text(200, await debug_probe(choice, target, module, timeout))
 
-    async def reload(request: web.Request) -> web.Response:
-        force = request.query.get("force", "") in ("1", "true", "yes")
+    async def metrics(self) -> Answer:
+        return Answer(200, await render_between_probes(self.hooks.render_metrics()),
+                      EXPOSITION)
+
+    async def reload(self, force: str) -> Answer:
         try:
-            message = await hooks.reload(force=force)
+            message = await self.hooks.reload(force=force in ("1", "true", "yes"))
         except ValueError as exc:  # a bad config or a refused one: the running one stays
-            return web.Response(status=400, text=f"reload refused: {exc}\n")
+            return Answer.text(400, f"reload refused: {exc}\n")
         except Exception as exc:  # whatever else, it must not take the agent down
-            return web.Response(status=500, text=f"reload failed: {exc}\n")
-        return web.Response(text=message + "\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/probe", probe)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_post("/-/reload", reload)
-    return app
+            return Answer.text(500, f"reload failed: {exc}\n")
+        return Answer.text(200, message + "\n")
 
 
 async def debug_probe(choice: ProbeChoice, target: str, module: str, timeout: float) -> str:
@@ -201,13 +254,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return parse_host_port(listen, default_host="127.0.0.1")
 
 
-async def start_http(app: web.Application, listen: str) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+async def start_http(hooks: HttpHooks, listen: str) -> HttpServer:
+    server = HttpServer(Endpoints(hooks).handle)
     host, port = parse_listen(listen)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await server.listen(host, port)
     except OSError as exc:
-        await runner.cleanup()
+        await server.cleanup()
         raise bind_error(exc, host, port) from None
-    return runner
+    return server

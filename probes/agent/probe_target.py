@@ -16,7 +16,7 @@ that is neither a node nor an address (or not enough for that module).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,3 +125,30 @@ def choose(target: str, module: str, checks: Sequence[PlannedCheck],
             "target", f"Bad target {target!r} for module {module!r}: {exc} (a node of the "
                       "agent config with that address runs with its settings)") from None
     return ProbeChoice(planned.check, planned.kind, planned.params, f"address {target}", None)
+
+
+CHOICE_MEMO_MAX = 256  # distinct (target, module) pairs whose choice is remembered
+
+
+class Chooser:
+    """:func:`choose` against the running plan, remembered per (target, module) while the plan
+    (checks and targets) is the same: a scraper asks for the same few again and again, and a
+    reload's new plan starts afresh. Refusals are not remembered."""
+
+    def __init__(self, plan: Callable[[], tuple[Sequence[PlannedCheck], Sequence[Target]]]
+                 ) -> None:
+        self._plan = plan
+        self._of: tuple[Sequence[PlannedCheck], Sequence[Target]] | None = None
+        self._memo: dict[tuple[str, str], ProbeChoice] = {}
+
+    def __call__(self, target: str, module: str) -> ProbeChoice:
+        plan = self._plan()
+        if self._of is None or plan[0] is not self._of[0] or plan[1] is not self._of[1]:
+            self._of, self._memo = plan, {}
+        choice = self._memo.get((target, module))
+        if choice is None:
+            choice = choose(target, module, *plan)
+            if len(self._memo) >= CHOICE_MEMO_MAX:
+                self._memo.clear()
+            self._memo[target, module] = choice
+        return choice

@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import generate_latest
 
-from probes.agent.http import HttpHooks, build_app, start_http
+from probes.agent.http import HttpHooks, start_http
+from probes.agent.httpserve import HttpServer
 from probes.agent.metrics import (
     AgentCollector,
     ProbeStats,
@@ -39,7 +39,7 @@ from probes.agent.metrics import (
     new_registry,
 )
 from probes.agent.plan import PlannedCheck, check_key, plan, reload_removal_problem
-from probes.agent.probe_target import choose as choose_probe
+from probes.agent.probe_target import Chooser
 from probes.agent.reporter import Reporter
 from probes.agent.scheduler import AgentScheduler, ProbeRun, ScheduleCore
 from probes.agent.tracer import Tracer
@@ -130,7 +130,7 @@ class Agent:
         self.reloads.succeeded()  # the config it runs on was just loaded
         self.self_registry = self_registry("agent", self.reloads)
         self.reporter: Reporter | None = None
-        self._http: web.AppRunner | None = None
+        self._http: HttpServer | None = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         release_parse_memory()
@@ -218,11 +218,10 @@ class Agent:
         if self.reporter is not None:
             await self.reporter.start()
         hooks = HttpHooks(render_metrics=self.render_metrics,
-                          choose_probe=lambda target, module: choose_probe(
-                              target, module, self.checks, self.config.targets),
+                          choose_probe=Chooser(lambda: (self.checks, self.config.targets)),
                           tier_timeout=lambda c: self.core.policy(c.kind.tier).timeout,
                           reload=self.reload, health=self.health)
-        self._http = await start_http(build_app(hooks), self.listen)
+        self._http = await start_http(hooks, self.listen)
         await self._start_tracer()
         await self.scheduler.start()
         # what start() made lives as long as the plan (the tracer's per-node state, the

@@ -5,6 +5,8 @@ below is the oracle: how /probe answered before)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from probes.agent.http import probe_exposition
@@ -48,4 +50,21 @@ def _oracle(result: CheckResult, timeout: float) -> bytes:
 ])
 @pytest.mark.parametrize("timeout", [0.1, 1.0, 4.5])
 def test_probe_body_is_what_a_registry_would_expose(result: CheckResult, timeout: float) -> None:
+    assert probe_exposition(result, timeout) == _oracle(result, timeout)
+
+
+FINITE_OR_NOT = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ok=st.booleans(), duration=FINITE_OR_NOT, timeout=FINITE_OR_NOT,
+       phases=st.dictionaries(st.text(max_size=8), FINITE_OR_NOT, max_size=3),
+       reason=st.sampled_from(list(Reason)), rtt=st.none() | FINITE_OR_NOT,
+       sent=st.integers(0, 5), loss=FINITE_OR_NOT)
+def test_any_result_is_exposed_as_a_registry_would(
+        ok: bool, duration: float, timeout: float, phases: dict[str, float], reason: Reason,
+        rtt: float | None, sent: int, loss: float) -> None:
+    result = CheckResult(ok, reason, duration, phases=phases,
+                         quality=Quality(sent=sent, received=0, loss_ratio=loss,
+                                         rtt_p50_seconds=rtt))
     assert probe_exposition(result, timeout) == _oracle(result, timeout)
