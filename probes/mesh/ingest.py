@@ -39,6 +39,7 @@ older epoch than the mesh's is refused, kept, and sent again in a newer epoch
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,9 @@ class Ingest:
         return verdicts
 
 
+_vantage_of = operator.attrgetter("vantage")
+
+
 def validated_batch(agent: str, body: bytes) -> ObservationBatch:
     """``body`` decoded, and every part of it from ``agent`` (else :class:`Rejected`)."""
     try:
@@ -192,14 +196,16 @@ def validated_batch(agent: str, body: bytes) -> ObservationBatch:
         raise Rejected(400, "schema", str(exc), exc.path) from None
     if batch.agent != agent:
         raise Rejected(403, "identity", "batch from another agent", "$.agent")
-    for i, obs in enumerate(batch.observations):
-        if obs.vantage != agent:
-            raise Rejected(
-                403,
-                "identity",
-                "an agent reports only as its own vantage",
-                f"$.observations[{i}].vantage",
-            )
+    observations = batch.observations
+    # at C speed for the usual batch (every vantage the agent's); the loop names the first other
+    if any(map(agent.__ne__, map(_vantage_of, observations))):
+        i = next(i for i, obs in enumerate(observations) if obs.vantage != agent)
+        raise Rejected(
+            403,
+            "identity",
+            "an agent reports only as its own vantage",
+            f"$.observations[{i}].vantage",
+        )
     for i, trace in enumerate(batch.traces):
         if trace.vantage != agent:
             raise Rejected(
