@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,7 +13,7 @@ from probes.mesh.decision import DecisionEngine, NodeInfo
 from probes.mesh.policy import DecisionPolicy, PolicyError, policy_from_mapping
 from probes.mesh.replay import parse_lines
 from probes.mesh.snapshot import SnapshotError, dump_engine, load_engine
-from probes.model import SchemaError, encode, signing
+from probes.model import ObservationBatch, SchemaError, decode_batch, encode, signing
 from tests.mesh.helpers import obs
 
 pytestmark = pytest.mark.mesh
@@ -155,3 +158,52 @@ def test_policy_loader_only_raises_policy_errors(
         assert exc.path.startswith("decision")
     else:
         assert policy.rise >= 1 and policy.quorum.min_voters >= 1
+
+
+def _has_duplicate_key(data: bytes) -> bool:
+    """The reference: the stdlib parser's (key, value) pairs of every object, duplicates kept."""
+    found = False
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal found
+        keys = [key for key, _ in items]
+        found = found or len(set(keys)) != len(keys)
+        return dict(items)
+
+    json.loads(data, object_pairs_hook=pairs)
+    return found
+
+
+def _observations(count: int, detail: str) -> bytes:
+    return encode(ObservationBatch(
+        version=1, agent="va", batch_seq=1, sent_at=1.0,
+        observations=[msgspec.structs.replace(obs(f"n{i}", "va", i % 2 == 0), detail=detail)
+                      for i in range(count)]))
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 40), st.text(max_size=30), st.integers(0, 9),
+                          st.integers(0, 10_000)), min_size=1, max_size=6))
+def test_duplicate_keys_are_found_in_bodies_one_after_another(
+        bodies: list[tuple[int, str, int, int]]) -> None:
+    """The duplicate-key check re-encodes into a buffer kept between bodies: a body after a
+    longer one (or a shorter one) is judged on its own bytes, whatever came before; a body is
+    refused exactly when the stdlib parser sees a key twice in one object."""
+    for count, detail, doubled, cut in bodies:
+        body = _observations(count, detail)
+        if count and doubled < 5:  # a key of one observation written twice
+            key = (b'"node":', b'"seq":', b'"ok":', b'"reason":', b'"check":')[doubled]
+            at = body.find(key, cut % len(body))
+            at = body.find(key) if at < 0 else at
+            end = body.index(b",", at)
+            body = body[:end] + b"," + body[at:end] + body[end:]
+        elif doubled == 5:  # not canonical, no duplicates: the exact scan decides
+            body = body.replace(b":", b": ")
+        expected = _has_duplicate_key(body)
+        try:
+            decode_batch(body)
+        except SchemaError as exc:
+            assert expected, exc
+            assert "duplicate key" in str(exc)
+        else:
+            assert not expected
