@@ -350,19 +350,6 @@ class DecisionEngine:
                     self._wheel_add(nv, now)
             nv.seen = now
             reason = obs.reason
-            if (reason is REASON_OK and obs.ok and obs.quality is None
-                    and check.state == CHECK_UP and not check.breach):
-                # the common case, a plain pass of a check that is up: what the general path
-                # below does for it, without its tests for failures, quality and transitions
-                check.fail_since = inf
-                if obs.wall_time > check.pass_at:  # noqa: PLR1730 - max() costs a builtin call
-                    check.pass_at = obs.wall_time
-                if window:
-                    check.window = (check.window << 1) & mask
-                elif fall_definitive:
-                    check.window = 0
-                check.count = 0
-                continue
             # most observations pass: an identity test spares them the set lookup (an enum
             # member's hash is a Python-level call)
             if reason is not REASON_OK and reason in AGENT_SIDE_REASONS:
