@@ -32,7 +32,7 @@ from probes.agent.httphead import Head, query_params
 from probes.agent.httpserve import JSON, TEXT, Answer, Connection, HttpServer
 from probes.agent.metrics import escape_label_value, go_float
 from probes.agent.probe_target import ProbeChoice, ProbeRequestError
-from probes.checks.base import CheckResult, execute
+from probes.checks.base import CheckResult, crashed, execute
 from probes.config import parse_host_port
 from probes.startup import bind_error
 
@@ -178,9 +178,28 @@ class Endpoints:
                 timeout = max(min(timeout, float(header) - TIMEOUT_OFFSET), 0.1)
         if query.get("debug", "").lower() == "true":
             conn.spawn(self.debug(choice, target, module, timeout))
-        else:
+        elif not self.start_probe(conn, choice, timeout):
             conn.spawn(self.run_probe(choice, timeout))
         return None
+
+    @staticmethod
+    def start_probe(conn: Connection, choice: ProbeChoice, timeout: float) -> bool:
+        """Start the check without a coroutine where its kind can (``CheckKind.start``, as the
+        scheduler does: no task, deadline context or future per probe); False when it cannot."""
+        start = choice.kind.start
+        if start is None:
+            return False
+        began = time.monotonic()
+
+        def done(result: CheckResult) -> None:
+            conn.answer(Answer(200, probe_exposition(result, timeout), EXPOSITION))
+
+        try:
+            conn.running = start(choice.params, timeout, done)
+        except Exception as exc:  # a bug in a probe must never look like a node failure
+            asyncio.get_running_loop().call_soon(done, crashed(choice.kind, exc, began))
+            return True
+        return conn.running is not None
 
     @staticmethod
     async def run_probe(choice: ProbeChoice, timeout: float) -> Answer:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
@@ -35,6 +36,7 @@ from probes.agent.httphead import (
     head_size,
     parse_head,
 )
+from probes.checks.base import Started
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,18 @@ class Answer:
 def head_of(status: int, content_type: bytes, length: int, keep_alive: bool,
             extra: bytes = b"") -> bytes:
     """A response head (status line and headers, blank line included)."""
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: %s\r\n"
-            b"%s\r\n") % (
-        status, HTTPStatus(status).phrase.encode(), content_type, length,
-        b"keep-alive" if keep_alive else b"close", extra)
+    before, after = _head_around_length(status, content_type, keep_alive, extra)
+    return b"%s%d%s" % (before, length, after)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_around_length(status: int, content_type: bytes, keep_alive: bool,
+                        extra: bytes) -> tuple[bytes, bytes]:
+    """A response head but its length, written once per kind of answer."""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: " % (
+                status, HTTPStatus(status).phrase.encode(), content_type),
+            b"\r\nConnection: %s\r\n%s\r\n" % (b"keep-alive" if keep_alive else b"close",
+                                                 extra))
 
 
 # answers a request: an Answer now, or None when the handler answers later (Connection.answer)
@@ -133,6 +143,8 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
+            if conn.running is not None:
+                conn.running.cancel()
             conn.close()
         for task in list(self.tasks):
             task.cancel()
@@ -147,8 +159,8 @@ class HttpServer:
 class Connection(asyncio.Protocol):
     """One client connection: heads in, answers out, one request at a time."""
 
-    __slots__ = ("buf", "busy", "head_only", "keep_alive", "last", "paused", "server", "skip",
-                 "transport")
+    __slots__ = ("buf", "busy", "head_only", "keep_alive", "last", "paused", "running", "server",
+                 "skip", "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -160,6 +172,7 @@ class Connection(asyncio.Protocol):
         self.head_only = False
         self.paused = False
         self.last = 0.0
+        self.running: Started | None = None  # a check run started for the request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -208,12 +221,8 @@ class Connection(asyncio.Protocol):
 
     def answer(self, answer: Answer) -> None:
         """Answer the request in progress (a handler that returned None); then the next."""
+        self.running = None
         self._put(answer)
-        self._resume()
-
-    def write(self, head: bytes, body: bytes) -> None:
-        """:meth:`answer` with a prepared head (status line and headers) and body."""
-        self._write(head, body)
         self._resume()
 
     def _put(self, answer: Answer) -> None:
