@@ -157,6 +157,35 @@ async def test_a_waiter_that_gives_up_does_not_take_the_turn_with_it() -> None:
         pass
 
 
+async def test_when_a_sources_oldest_gives_up_its_next_input_still_gets_a_turn() -> None:
+    queue = InputQueue()
+    release = asyncio.Event()
+    got: list[str] = []
+
+    async def holder() -> None:
+        async with queue.turn("x", 1):
+            await release.wait()
+
+    async def waiter(name: str, source: str) -> None:
+        async with queue.turn(source, 1):
+            got.append(name)
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    quitter = asyncio.create_task(waiter("a1", "a"))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(waiter("a2", "a"))
+    other = asyncio.create_task(waiter("b1", "b"))
+    await _until(lambda: queue.waiting == 3, "all three wait")
+    quitter.cancel()
+    await _until(lambda: queue.waiting == 2, "a1 never left")
+    release.set()
+    await asyncio.gather(first, follower, other)
+    assert got == ["b1", "a2"]  # a2 became a's candidate when a1 left (after b1 had)
+    async with queue.turn():
+        pass
+
+
 # ---- on the mesh ------------------------------------------------------------------------------
 
 
