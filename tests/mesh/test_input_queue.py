@@ -131,58 +131,60 @@ async def test_every_input_gets_its_turn_once_in_source_order() -> None:
         assert mine == sorted(mine)
 
 
+class _Held:
+    """A queue whose turn a holder keeps until ``release``; waiters record their turns."""
+
+    holder: asyncio.Task[None]  # made by start()
+
+    def __init__(self) -> None:
+        self.queue = InputQueue()
+        self.release = asyncio.Event()
+        self.got: list[str] = []
+
+    async def start(self) -> None:
+        self.holder = asyncio.create_task(self._hold())
+        await asyncio.sleep(0)
+
+    async def _hold(self) -> None:
+        async with self.queue.turn("x", 1):
+            await self.release.wait()
+
+    def waiter(self, name: str, source: str | None = None) -> asyncio.Task[None]:
+        return asyncio.create_task(self._wait(name, source or name))
+
+    async def _wait(self, name: str, source: str) -> None:
+        async with self.queue.turn(source, 1):
+            self.got.append(name)
+
+
 async def test_a_waiter_that_gives_up_does_not_take_the_turn_with_it() -> None:
-    queue = InputQueue()
-    release = asyncio.Event()
-    got: list[str] = []
-
-    async def holder() -> None:
-        async with queue.turn("x", 1):
-            await release.wait()
-
-    async def waiter(name: str) -> None:
-        async with queue.turn(name, 1):
-            got.append(name)
-
-    first = asyncio.create_task(holder())
-    await asyncio.sleep(0)
-    quitter = asyncio.create_task(waiter("quitter"))
-    stayer = asyncio.create_task(waiter("stayer"))
-    await _until(lambda: queue.waiting == 2, "both wait")
+    held = _Held()
+    await held.start()
+    quitter = held.waiter("quitter")
+    stayer = held.waiter("stayer")
+    await _until(lambda: held.queue.waiting == 2, "both wait")
     quitter.cancel()
-    release.set()
-    await asyncio.gather(first, stayer)
-    assert got == ["stayer"]
-    async with queue.turn():  # free again: taken at once
+    held.release.set()
+    await asyncio.gather(held.holder, stayer)
+    assert held.got == ["stayer"]
+    async with held.queue.turn():  # free again: taken at once
         pass
 
 
 async def test_when_a_sources_oldest_gives_up_its_next_input_still_gets_a_turn() -> None:
-    queue = InputQueue()
-    release = asyncio.Event()
-    got: list[str] = []
-
-    async def holder() -> None:
-        async with queue.turn("x", 1):
-            await release.wait()
-
-    async def waiter(name: str, source: str) -> None:
-        async with queue.turn(source, 1):
-            got.append(name)
-
-    first = asyncio.create_task(holder())
+    held = _Held()
+    await held.start()
+    quitter = held.waiter("a1", "a")
     await asyncio.sleep(0)
-    quitter = asyncio.create_task(waiter("a1", "a"))
-    await asyncio.sleep(0)
-    follower = asyncio.create_task(waiter("a2", "a"))
-    other = asyncio.create_task(waiter("b1", "b"))
-    await _until(lambda: queue.waiting == 3, "all three wait")
+    follower = held.waiter("a2", "a")
+    other = held.waiter("b1", "b")
+    await _until(lambda: held.queue.waiting == 3, "all three wait")
     quitter.cancel()
-    await _until(lambda: queue.waiting == 2, "a1 never left")
-    release.set()
-    await asyncio.gather(first, follower, other)
-    assert got == ["b1", "a2"]  # a2 became a's candidate when a1 left (after b1 had)
-    async with queue.turn():
+    await _until(lambda: held.queue.waiting == 2, "a1 never left")
+    held.release.set()
+    await asyncio.gather(held.holder, follower, other)
+    assert held.got == ["b1", "a2"]  # a2 became a's candidate when a1 left (after b1 had)
+    async with held.queue.turn():
         pass
 
 
