@@ -9,6 +9,8 @@ Bounds (a client cannot make the agent hold more than these):
 
 * one request at a time per connection, answered in order; bytes that arrive meanwhile are
   kept up to :data:`BUFFER_LIMIT`, beyond which reading pauses until the answer is out;
+* no next request is answered while the transport holds more than its high-water mark of
+  answers the client has not read (pipelined requests for big answers, never read);
 * a head over :data:`~probes.agent.httphead.HEAD_LIMIT` bytes, a malformed one or a body over
   :data:`~probes.agent.httphead.BODY_LIMIT` gets a 4xx/5xx naming what was wrong, and the
   connection is closed;
@@ -159,8 +161,8 @@ class HttpServer:
 class Connection(asyncio.Protocol):
     """One client connection: heads in, answers out, one request at a time."""
 
-    __slots__ = ("buf", "busy", "head_only", "keep_alive", "last", "paused", "running", "server",
-                 "skip", "transport")
+    __slots__ = ("blocked", "buf", "busy", "head_only", "keep_alive", "last", "paused", "running",
+                 "server", "skip", "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -170,7 +172,8 @@ class Connection(asyncio.Protocol):
         self.busy = False  # a request is being answered
         self.keep_alive = True
         self.head_only = False
-        self.paused = False
+        self.paused = False  # reading, while the buffer is over its bound
+        self.blocked = False  # answering, while the client does not read what it was sent
         self.last = 0.0
         self.running: Started | None = None  # a check run started for the request
 
@@ -188,9 +191,17 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if not self.busy:
+            self._resume()
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if not self.busy:
+        if not self.busy and not self.blocked:
             self._next()
         elif len(self.buf) > BUFFER_LIMIT and self.transport is not None:
             self.transport.pause_reading()
@@ -198,7 +209,7 @@ class Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Answer the complete requests in the buffer, in order, until one is left pending."""
-        while not self.busy and self.transport is not None:
+        while not self.busy and not self.blocked and self.transport is not None:
             if self.skip:
                 dropped = min(self.skip, len(self.buf))
                 self.buf, self.skip = self.buf[dropped:], self.skip - dropped
@@ -241,7 +252,7 @@ class Connection(asyncio.Protocol):
             self.transport = None
 
     def _resume(self) -> None:
-        if self.transport is None:
+        if self.transport is None or self.blocked:
             return
         if self.paused:
             self.paused = False

@@ -20,6 +20,7 @@ from probes.agent.httpserve import Answer, Connection, HttpServer
 pytestmark = pytest.mark.agent
 
 WAIT = 10.0
+BIG = 1 << 20
 
 
 def handler(conn: Connection, head: Head) -> Answer | None:
@@ -34,6 +35,8 @@ def handler(conn: Connection, head: Head) -> Answer | None:
             raise RuntimeError("boom")
         conn.spawn(crash())
         return None
+    if head.path == "/big":
+        return Answer(200, b"x" * BIG)
     return Answer.text(200, f"{head.method} {head.path} {head.query}")
 
 
@@ -183,3 +186,24 @@ async def test_reading_pauses_while_an_answer_is_pending() -> None:
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+@on_both_loops
+async def test_answers_wait_while_the_client_does_not_read_them() -> None:
+    """Pipelined requests for big answers, never read: the server stops answering once the
+    transport holds more than its high-water mark, instead of buffering every answer."""
+    server, port = await _serve()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=4 * BIG)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n" * 100)  # 100 MB of answers
+        await _until(lambda: any(c.blocked for c in server.connections))
+        conn = next(iter(server.connections))
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() <= 2 * BIG
+        assert conn.buf  # the rest wait, unanswered
+        for _ in range(100):  # reading, the client gets every answer, in order
+            status, _, body = await _read_answer(reader)
+            assert status == 200 and len(body) == BIG
+        writer.close()
+    finally:
+        await server.cleanup()
