@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 import ssl
 import struct
@@ -55,10 +56,13 @@ from probes.checks.icmp import (
     round_trip_seconds,
     strip_ipv4_header,
 )
+from probes.checks.pollset import PollSet, poll_set
 from probes.config import Problem
 from probes.model import Quality, Reason, Tier
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_CONNECT_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
 
 
@@ -231,49 +235,43 @@ def _connect_failed(sw: Stopwatch, err: int | None, timeout: float) -> CheckResu
 
 
 class _TcpConnect:
-    """A plain TCP connect check (no TLS, an IP literal) driven by loop callbacks: one writer
-    callback and one timer, no coroutine (see :data:`probes.checks.base.Starter`). Same phases,
-    reasons and details as :func:`run_tcp`."""
+    """A plain TCP connect check (no TLS, an IP literal) driven by callbacks of the loop's
+    :class:`~probes.checks.pollset.PollSet`: no coroutine, no handle or timer of its own (see
+    :data:`probes.checks.base.Starter`). Same phases, reasons and details as :func:`run_tcp`."""
 
-    __slots__ = ("_done", "_fd", "_loop", "_sock", "_sw", "_timeout", "_timer")
+    __slots__ = ("_done", "_fd", "_polls", "_sock", "_sw", "_timeout")
 
     def __init__(self, family: int, address: tuple[Any, ...], timeout: float,
                  done: Done) -> None:
-        self._sw = Stopwatch()
-        self._loop = asyncio.get_running_loop()
+        self._sw = sw = Stopwatch()
         self._timeout = timeout
         self._done: Done | None = done
-        self._timer: asyncio.TimerHandle | None = None
-        self._sock = sock = socket.socket(family, socket.SOCK_STREAM)
+        self._polls: PollSet | None = None
+        # non-blocking from its creation: no ioctl of its own (``setblocking``)
+        self._sock = sock = socket.socket(family, _STREAM_NONBLOCK)
         self._fd = sock.fileno()
         try:
-            _rst_on_close(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             err = sock.connect_ex(address)
         except OSError as exc:  # as run_tcp: e.g. EADDRNOTAVAIL from the socket's setup
-            self._end(self._sw.result(False, reason_for_errno(exc.errno or 0),
-                                      detail=exc.strerror or ""))
+            self._end(sw.result(False, reason_for_errno(exc.errno or 0),
+                                detail=exc.strerror or ""))
             return
         if err != errno.EINPROGRESS:
-            self._end(_connect_failed(self._sw, err, timeout) or self._sw.result(True, Reason.OK))
+            self._end(_connect_failed(sw, err, timeout) or sw.result(True, Reason.OK))
             return
-        self._loop.add_writer(self._fd, self._writable)
-        self._timer = self._loop.call_later(max(timeout - self._sw.elapsed(), 0.0),
-                                            self._expired)
+        self._polls = polls = poll_set()
+        polls.watch(self._fd, select.EPOLLOUT, self, sw.start + timeout)
 
-    def _writable(self) -> None:
-        self._stop_waiting()
-        self._finish(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    def ready(self, events: int) -> None:
+        # connected when writable without an error or hang-up: SO_ERROR is then 0, and asking
+        # for it would be one more system call per probe
+        err = (self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+               if events & _CONNECT_TROUBLE else 0)
+        self._finish(err)
 
-    def _expired(self) -> None:
-        self._timer = None
-        self._stop_waiting()
+    def expired(self) -> None:
         self._finish(None)
-
-    def _stop_waiting(self) -> None:
-        self._loop.remove_writer(self._fd)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _finish(self, err: int | None) -> None:
         sw = self._sw
@@ -288,14 +286,14 @@ class _TcpConnect:
         self._sock.close()
         done, self._done = self._done, None
         if done is not None:
-            self._loop.call_soon(done, result)
+            asyncio.get_running_loop().call_soon(done, result)
 
     def cancel(self) -> None:
         if self._done is None:
             return
         self._done = None
-        if self._timer is not None:
-            self._stop_waiting()
+        if self._polls is not None:
+            self._polls.forget(self._fd)
         self._sock.close()
 
 

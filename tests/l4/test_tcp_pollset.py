@@ -1,0 +1,134 @@
+"""TCP connects started without a coroutine wait on the loop's one poll set: no writer or timer
+of their own per run, the coroutine's results for open, refused and unanswered ports, every
+deadline kept (never ended early, shorter ones first), and a cancelled run never reports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from probes.checks import l4
+from probes.checks.base import CheckResult
+from probes.checks.pollset import poll_set
+from probes.model import Reason
+
+pytestmark = pytest.mark.l4
+
+
+@pytest.fixture
+def open_port() -> Iterator[int]:
+    with socket.create_server(("127.0.0.1", 0), backlog=512) as server:
+        yield server.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        return int(server.getsockname()[1])
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose SYNs go unanswered: its listener's accept queue is full and never read."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+        port = server.getsockname()[1]
+        fillers = [socket.create_connection(("127.0.0.1", port), timeout=1) for _ in range(1)]
+        try:
+            yield port
+        finally:
+            for f in fillers:
+                f.close()
+
+
+def start(port: int, timeout: float, results: list[CheckResult]) -> Any:
+    run = l4.start_tcp(l4.TcpParams(host="127.0.0.1", port=port), timeout, results.append)
+    assert run is not None
+    return run
+
+
+async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not cond():
+            await asyncio.sleep(0.002)
+
+
+async def test_many_connects_use_no_writer_or_timer_of_their_own(
+        open_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    poll_set()  # the loop's set exists before counting: it is made once per loop
+    calls: dict[str, int] = {"add_writer": 0, "call_at": 0}  # asyncio's call_later: call_at
+    for name in calls:
+        real = getattr(loop, name)
+
+        def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, name, counting)
+    results: list[CheckResult] = []
+    all_done = loop.create_future()
+
+    def done(result: CheckResult) -> None:
+        results.append(result)
+        if len(results) == 64:
+            all_done.set_result(None)
+
+    for _ in range(64):
+        assert l4.start_tcp(l4.TcpParams(host="127.0.0.1", port=open_port), 5.0, done)
+    await all_done  # no sleep meanwhile: every timer counted is the runs'
+    assert [r.reason for r in results] == [Reason.OK] * 64
+    assert all(set(r.phases) == {"connect"} for r in results)
+    assert calls["add_writer"] == 0
+    # one timer for all 64 deadlines (armed at the first, none of the later ones is earlier)
+    assert calls["call_at"] <= 1
+    assert len(poll_set()) == 0
+
+
+async def test_refused_and_open_give_the_coroutines_results(open_port: int,
+                                                            closed_port: int) -> None:
+    reasons = []
+    for port in (open_port, closed_port):
+        done: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+        assert l4.start_tcp(l4.TcpParams(host="127.0.0.1", port=port), 1.0, done.set_result)
+        result = await done
+        coroutine = await l4.run_tcp(l4.TcpParams(host="127.0.0.1", port=port), 1.0)
+        assert (result.ok, result.reason, result.detail, sorted(result.phases)) == (
+            coroutine.ok, coroutine.reason, coroutine.detail, sorted(coroutine.phases))
+        reasons.append(result.reason)
+    assert reasons == [Reason.OK, Reason.REFUSED]
+
+
+async def test_unanswered_connects_end_at_their_own_deadlines(silent_port: int) -> None:
+    longer: list[CheckResult] = []
+    shorter: list[CheckResult] = []
+    start(silent_port, 0.4, longer)
+    start(silent_port, 0.15, shorter)  # started later, due earlier: the set re-arms for it
+    await until(lambda: len(shorter) == 1)
+    assert not longer, "a deadline was taken before it was reached"
+    await until(lambda: len(longer) == 1)
+    for results, timeout in ((shorter, 0.15), (longer, 0.4)):
+        result = results[0]
+        assert result.reason is Reason.TIMEOUT
+        assert result.detail == f"no answer within {timeout:g}s"
+        assert result.duration_seconds >= timeout
+    coroutine = await l4.run_tcp(l4.TcpParams(host="127.0.0.1", port=silent_port), 0.15)
+    assert (coroutine.reason, coroutine.detail) == (shorter[0].reason, shorter[0].detail)
+
+
+async def test_a_cancelled_run_reports_nothing_and_leaves_the_set(silent_port: int,
+                                                                  open_port: int) -> None:
+    results: list[CheckResult] = []
+    run = start(silent_port, 0.1, results)
+    assert len(poll_set()) == 1
+    run.cancel()
+    assert len(poll_set()) == 0
+    later: list[CheckResult] = []
+    start(open_port, 1.0, later)  # may get the cancelled run's fd number
+    await until(lambda: len(later) == 1)
+    await asyncio.sleep(0.2)  # past the cancelled run's deadline
+    assert results == []
+    assert later[0].reason is Reason.OK
