@@ -173,6 +173,28 @@ def round_trip_seconds(sent_monotonic: float, sent_wall_ns: int, received: Recei
     return loop_rtt
 
 
+def drain_errqueue(sock: socket.socket) -> QueuedError | None:
+    """Empty the socket's error queue (``IP_RECVERR``); the first error in it, if any."""
+    first: QueuedError | None = None
+    for _ in range(_DRAIN_LIMIT):
+        try:
+            _, ancdata, _, _ = sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY, socket.MSG_ERRQUEUE)
+        except OSError:
+            break
+        entry = parse_errqueue(ancdata)
+        if entry is None:
+            break
+        first = first or entry
+    return first
+
+
+def receive(sock: socket.socket) -> Received:
+    """The next datagram with its read time and kernel timestamp; OSError (BlockingIOError
+    when there is none) as ``recvmsg`` raises it."""
+    data, ancdata, _, _ = sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
+    return Received(data, time.monotonic(), kernel_timestamp_ns(ancdata))
+
+
 class DatagramProbe:
     """A non-blocking connected datagram socket on the running loop (UDP or ICMP).
 
@@ -191,9 +213,9 @@ class DatagramProbe:
 
     @staticmethod
     def make_socket(family: int, kind: int, proto: int) -> socket.socket:
-        sock = socket.socket(family, kind, proto)
+        # non-blocking from its creation: no ioctl of its own (``setblocking``)
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
         try:
-            sock.setblocking(False)
             enable_error_queue(sock)
             enable_receive_timestamps(sock)
         except BaseException:
@@ -213,18 +235,7 @@ class DatagramProbe:
         return stamp
 
     def _drain_errqueue(self) -> QueuedError | None:
-        first: QueuedError | None = None
-        for _ in range(_DRAIN_LIMIT):
-            try:
-                _, ancdata, _, _ = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY,
-                                                     socket.MSG_ERRQUEUE)
-            except OSError:
-                break
-            entry = parse_errqueue(ancdata)
-            if entry is None:
-                break
-            first = first or entry
-        return first
+        return drain_errqueue(self.sock)
 
     def _readable(self) -> None:
         # the error queue first: reading it clears the pending socket error, so an ICMP error
@@ -236,13 +247,13 @@ class DatagramProbe:
             if self._closed:
                 return
             try:
-                data, ancdata, _, _ = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
+                received = receive(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._on_error(self._drain_errqueue() or QueuedError(exc.errno or 0, 0, 0, 0))
                 return
-            self._on_data(Received(data, time.monotonic(), kernel_timestamp_ns(ancdata)))
+            self._on_data(received)
 
     def close(self) -> None:
         if self._closed:

@@ -49,10 +49,12 @@ from probes.checks.icmp import (
     QueuedError,
     Received,
     build_echo_request,
+    drain_errqueue,
     echo_token,
     open_echo_socket,
     parse_icmp,
     reason_for_errno,
+    receive,
     round_trip_seconds,
     strip_ipv4_header,
 )
@@ -403,65 +405,76 @@ def _exchange_result(sw: Stopwatch, params: UdpParams, timeout: float, sent: tup
 
 
 class _UdpExchange:
-    """A UDP check to an IP literal driven by loop callbacks: its socket's reader and one timer,
-    no coroutine (see :data:`probes.checks.base.Starter`). Same results as :func:`run_udp`:
-    the first of reply, queued error and timeout decides."""
+    """A UDP check to an IP literal driven by callbacks of the loop's
+    :class:`~probes.checks.pollset.PollSet` (as :class:`_TcpConnect`): no coroutine, no reader
+    or timer of its own. Same results as :func:`run_udp`: the first of reply, queued error and
+    timeout decides."""
 
-    __slots__ = ("_done", "_early", "_loop", "_params", "_probe", "_sent", "_sw", "_timeout",
-                 "_timer")
+    __slots__ = ("_done", "_params", "_polls", "_sent", "_sock", "_sw", "_timeout")
 
     def __init__(self, family: int, address: tuple[Any, ...], params: UdpParams,
                  timeout: float, done: Done) -> None:
         self._sw = sw = Stopwatch()
-        self._loop = loop = asyncio.get_running_loop()
         self._params, self._timeout = params, timeout
         self._done: Done | None = done
-        self._sent: tuple[float, int] | None = None  # the send's stamps, once sent
-        self._early: QueuedError | None = None  # an error the send itself ran into
-        self._probe: DatagramProbe | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._polls: PollSet | None = None
+        self._sent = (0.0, 0)
         sock = _udp_socket(sw, family, address)
         if isinstance(sock, CheckResult):
             self._done = None
-            loop.call_soon(done, sock)
+            asyncio.get_running_loop().call_soon(done, sock)
             return
-        self._probe = probe = DatagramProbe(sock, self._settle, self._settle)
-        self._timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), self._settle, None)
-        self._sent = probe.send(params.send)
-        early = self.send_error()
-        if early is not None:  # decided within the start: told from the next loop turn
-            loop.call_soon(self._finish, early)
+        self._sock = sock
+        self._sent = (time.monotonic(), time.time_ns())
+        try:
+            sock.send(params.send)
+        except BlockingIOError:
+            pass  # a full send buffer drops the datagram, as the wire would
+        except OSError as exc:  # decided within the start: told from the next loop turn
+            early = drain_errqueue(sock) or QueuedError(exc.errno or 0, 0, 0, 0)
+            asyncio.get_running_loop().call_soon(self._finish, early)
+            return
+        self._polls = polls = poll_set()
+        polls.watch(sock.fileno(), select.EPOLLIN, self, sw.start + timeout)
 
-    def send_error(self) -> QueuedError | None:
-        """The error the send itself ran into (the first outcome then), if any."""
-        return self._early
+    def ready(self, events: int) -> None:
+        sock = self._sock
+        # the error queue first: reading it clears the pending socket error, so an ICMP error
+        # is reported with its type/code rather than as a bare ECONNREFUSED; it is read only
+        # when the event says there is one (one system call less per answered probe)
+        if events & select.EPOLLERR:
+            queued = drain_errqueue(sock)
+            if queued is not None:
+                self._finish(queued)
+                return
+        try:
+            received = receive(sock)
+        except (BlockingIOError, InterruptedError):  # nothing after all: wait on
+            assert self._polls is not None
+            self._polls.rewatch(sock.fileno(), select.EPOLLIN, self)
+            return
+        except OSError as exc:
+            self._finish(drain_errqueue(sock) or QueuedError(exc.errno or 0, 0, 0, 0))
+            return
+        self._finish(received)
 
-    def _settle(self, outcome: Received | QueuedError | None) -> None:
-        if self._done is None or self._early is not None:
-            return
-        if self._sent is None:  # on_error from within the send
-            assert isinstance(outcome, QueuedError)
-            self._early = outcome
-            return
-        self._finish(outcome)
+    def expired(self) -> None:
+        self._finish(None)
 
     def _finish(self, outcome: Received | QueuedError | None) -> None:
         done, self._done = self._done, None
-        if done is None or self._sent is None:
+        if done is None:
             return
-        self._close()
+        self._sock.close()
         done(_exchange_result(self._sw, self._params, self._timeout, self._sent, outcome))
 
-    def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._probe is not None:
-            self._probe.close()
-
     def cancel(self) -> None:
+        if self._done is None:
+            return
         self._done = None
-        self._close()
+        if self._polls is not None:
+            self._polls.forget(self._sock.fileno())
+        self._sock.close()
 
 
 def start_udp(params: UdpParams, timeout: float, done: Done) -> Started | None:

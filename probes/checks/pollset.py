@@ -63,6 +63,11 @@ class PollSet:
         if deadline < self._timer_at:
             self._arm(deadline)
 
+    def rewatch(self, fd: int, events: int, waiter: Waiter) -> None:
+        """Wait on ``fd`` again, within its first deadline (a readiness that came to nothing)."""
+        self._epoll.modify(fd, events | select.EPOLLONESHOT)
+        self._waiting[fd] = waiter
+
     def forget(self, fd: int) -> None:
         """Stop waiting on ``fd`` (a cancelled run): its waiter hears nothing more."""
         self._waiting.pop(fd, None)

@@ -1,11 +1,12 @@
-"""TCP connects started without a coroutine wait on the loop's one poll set: no writer or timer
-of their own per run, the coroutine's results for open, refused and unanswered ports, every
-deadline kept (never ended early, shorter ones first), and a cancelled run never reports."""
+"""TCP connects and UDP exchanges started without a coroutine wait on the loop's one poll set:
+no writer, reader or timer of their own per run, the coroutine's results outcome for outcome,
+every deadline kept (never ended early, shorter ones first), and a cancelled run never reports."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,3 +133,102 @@ async def test_a_cancelled_run_reports_nothing_and_leaves_the_set(silent_port: i
     await asyncio.sleep(0.2)  # past the cancelled run's deadline
     assert results == []
     assert later[0].reason is Reason.OK
+
+
+# ------------------------------------------------------------------------------- udp
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A UDP server answering ``pong:`` and the request, from a thread of its own."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(2048)
+            except TimeoutError:
+                continue
+            server.sendto(b"pong:" + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+@pytest.fixture
+def mute_port() -> Iterator[int]:
+    """A bound UDP port that never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mute:
+        mute.bind(("127.0.0.1", 0))
+        yield mute.getsockname()[1]
+
+
+def udp(port: int, expect: bytes | None = b"pong:hi") -> l4.UdpParams:
+    return l4.UdpParams(host="127.0.0.1", port=port, send=b"hi", expect_prefix=expect)
+
+
+async def test_many_udp_exchanges_use_no_reader_or_timer_of_their_own(
+        echo_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    poll_set()
+    calls: dict[str, int] = {"add_reader": 0, "call_at": 0}
+    for name in calls:
+        real = getattr(loop, name)
+
+        def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, name, counting)
+    results: list[CheckResult] = []
+    all_done = loop.create_future()
+
+    def done(result: CheckResult) -> None:
+        results.append(result)
+        if len(results) == 32:
+            all_done.set_result(None)
+
+    for _ in range(32):
+        assert l4.start_udp(udp(echo_port), 5.0, done)
+    await all_done
+    assert [r.reason for r in results] == [Reason.OK] * 32
+    assert all(0 < r.phases["rtt"] <= r.duration_seconds for r in results)
+    assert calls == {"add_reader": 0, "call_at": 1}
+    assert len(poll_set()) == 0
+
+
+async def test_udp_outcomes_are_the_coroutines(echo_port: int, closed_port: int,
+                                               mute_port: int) -> None:
+    cases = [(udp(echo_port), 1.0, Reason.OK),
+             (udp(echo_port, b"nope"), 1.0, Reason.UNEXPECTED_REPLY),
+             (udp(closed_port), 1.0, Reason.ICMP_UNREACHABLE),
+             (udp(mute_port), 0.15, Reason.TIMEOUT)]
+    for params, timeout, reason in cases:
+        done: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+        assert l4.start_udp(params, timeout, done.set_result)
+        result = await done
+        coroutine = await l4.run_udp(params, timeout)
+        assert result.reason is reason
+        assert (result.ok, result.reason, result.detail, sorted(result.phases)) == (
+            coroutine.ok, coroutine.reason, coroutine.detail, sorted(coroutine.phases))
+        if reason is Reason.TIMEOUT:
+            assert result.duration_seconds >= timeout
+
+
+async def test_a_cancelled_udp_exchange_reports_nothing(mute_port: int) -> None:
+    results: list[CheckResult] = []
+    run = l4.start_udp(udp(mute_port), 0.1, results.append)
+    assert run is not None and len(poll_set()) == 1
+    run.cancel()
+    assert len(poll_set()) == 0
+    await asyncio.sleep(0.2)
+    assert results == []
