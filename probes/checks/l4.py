@@ -451,7 +451,8 @@ class _UdpExchange:
             received = receive(sock)
         except (BlockingIOError, InterruptedError):  # nothing after all: wait on
             assert self._polls is not None
-            self._polls.rewatch(sock.fileno(), select.EPOLLIN, self)
+            self._polls.rewatch(sock.fileno(), select.EPOLLIN, self,
+                                self._sw.start + self._timeout)
             return
         except OSError as exc:
             self._finish(drain_errqueue(sock) or QueuedError(exc.errno or 0, 0, 0, 0))

@@ -10,8 +10,9 @@ set, no second call), every socket ready at the same loop turn is read with one
 ``epoll_wait``, and the deadlines sit in a heap under one loop timer.
 
 A deadline is kept (not cancelled) when its socket is answered first: it is skipped when it
-comes up. A timer fires at the earliest deadline plus ``_GRAIN``, so a run never ends before its
-deadline (the loop's timers round to milliseconds).
+comes up, and holds no reference to the run meanwhile (a second of finished runs would stay in
+memory otherwise, thousands at full rate). A timer fires at the earliest deadline plus
+``_GRAIN``, so a run never ends before its deadline (the loop's timers round to milliseconds).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class PollSet:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop_ref = weakref.ref(loop)  # the loop holds this set (its reader), not back
         self._epoll = select.epoll()
-        self._waiting: dict[int, Waiter] = {}  # fd -> its waiter
-        self._deadlines: list[tuple[float, int, int, Waiter]] = []  # (deadline, n, fd, waiter)
+        self._waiting: dict[int, tuple[int, Waiter]] = {}  # fd -> (its watch's number, waiter)
+        self._deadlines: list[tuple[float, int, int]] = []  # (deadline, watch number, fd)
         self._serial = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -58,15 +59,19 @@ class PollSet:
         monotonic ``deadline`` passed first. The caller closes the socket after either (that
         also takes it out of the epoll set)."""
         self._epoll.register(fd, events | select.EPOLLONESHOT)
-        self._waiting[fd] = waiter
-        heapq.heappush(self._deadlines, (deadline, next(self._serial), fd, waiter))
+        self._add(fd, waiter, deadline)
+
+    def rewatch(self, fd: int, events: int, waiter: Waiter, deadline: float) -> None:
+        """Wait on ``fd`` again (a readiness that came to nothing), from :meth:`Waiter.ready`."""
+        self._epoll.modify(fd, events | select.EPOLLONESHOT)
+        self._add(fd, waiter, deadline)
+
+    def _add(self, fd: int, waiter: Waiter, deadline: float) -> None:
+        serial = next(self._serial)
+        self._waiting[fd] = (serial, waiter)
+        heapq.heappush(self._deadlines, (deadline, serial, fd))
         if deadline < self._timer_at:
             self._arm(deadline)
-
-    def rewatch(self, fd: int, events: int, waiter: Waiter) -> None:
-        """Wait on ``fd`` again, within its first deadline (a readiness that came to nothing)."""
-        self._epoll.modify(fd, events | select.EPOLLONESHOT)
-        self._waiting[fd] = waiter
 
     def forget(self, fd: int) -> None:
         """Stop waiting on ``fd`` (a cancelled run): its waiter hears nothing more."""
@@ -78,9 +83,9 @@ class PollSet:
         # waiters first, then their calls: a waiter's callback may close its socket and start
         # another run that gets the same fd number, which must not take this turn's event
         ready = [(waiting.pop(fd, None), ev) for fd, ev in events]
-        for waiter, ev in ready:
-            if waiter is not None:
-                waiter.ready(ev)
+        for entry, ev in ready:
+            if entry is not None:
+                entry[1].ready(ev)
 
     def _arm(self, deadline: float) -> None:
         loop = self._loop_ref()
@@ -97,14 +102,19 @@ class PollSet:
         now = time.monotonic()
         heap, waiting = self._deadlines, self._waiting
         while heap and heap[0][0] <= now:
-            _, _, fd, waiter = heapq.heappop(heap)
-            if waiting.get(fd) is waiter:
+            _, serial, fd = heapq.heappop(heap)
+            entry = waiting.get(fd)
+            if entry is not None and entry[0] == serial:
                 del waiting[fd]
-                waiter.expired()
-        while heap and waiting.get(heap[0][2]) is not heap[0][3]:
+                entry[1].expired()
+        while heap and not self._live(heap[0]):
             heapq.heappop(heap)  # answered or forgotten: nothing to wait for
         if heap:
             self._arm(heap[0][0])
+
+    def _live(self, deadline: tuple[float, int, int]) -> bool:
+        entry = self._waiting.get(deadline[2])
+        return entry is not None and entry[0] == deadline[1]
 
 
 _SETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollSet] = (
