@@ -612,6 +612,29 @@ def within_bounds(obs: Observation) -> Observation:
     The agent passes each observation through this before spooling it: the mesh refuses a batch
     holding any out-of-range value (and the agent then drops the whole batch), so a probe that
     measured, say, a slightly negative RTT from two clocks must not cost the batch."""
+    if _in_bounds(obs):
+        return obs  # the common case, thousands a second: nothing to clamp, nothing to copy
+    return clamped(obs)
+
+
+def _in_bounds(obs: Observation) -> bool:
+    """True when :func:`clamped` would change nothing: no quality or load (they are clamped
+    field by field), every number inside its bounds (NaN is not), every string within its
+    length."""
+    return (obs.quality is None and obs.load is None
+            and 0 <= obs.seq <= MAX_SEQ
+            and 0.0 <= obs.wall_time <= MAX_WALL_TIME
+            and 0.0 <= obs.duration_seconds <= MAX_SECONDS
+            and len(obs.phases) <= MAX_PHASES
+            and all(0.0 <= v <= MAX_SECONDS and len(k) <= MAX_PHASE_NAME
+                    for k, v in obs.phases.items())
+            and len(obs.node) <= MAX_NAME and len(obs.check) <= MAX_NAME
+            and len(obs.vantage) <= MAX_NAME and len(obs.kind) <= MAX_NAME
+            and len(obs.detail) <= MAX_DETAIL)
+
+
+def clamped(obs: Observation) -> Observation:
+    """``obs`` copied with every number clamped and every string cut (:func:`within_bounds`)."""
     quality = obs.quality
     if quality is not None:
         quality = Quality(
