@@ -10,7 +10,7 @@ on a target filters: an entry matches a check name (``tcp:443``), a kind (``tcp`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,11 @@ class PlannedCheck:
     params: Any
     tier: Tier
     min_interval: float = 0.0  # never started sooner after its last start (Planned)
+    # the scheduler's key (:func:`check_key`), made once: it is looked up for every probe
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return check_key(self.node, self.check)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", check_key(self.node, self.check))
 
 
 def check_key(node: str, check: str) -> str:
