@@ -55,6 +55,7 @@ from probes.agent.spool import Batch, Spool
 from probes.aio import wait_at_most
 from probes.logutil import RateLimitedLog
 from probes.model import Observation, PathTrace, batch_body, signing
+from probes.model.columnar import columnar_body_of_json
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every commit: one line per 10 s, not 10 a second
@@ -149,6 +150,9 @@ class Reporter:
         self._takes_epoch: dict[str, bool] = {}  # endpoint -> it takes instance epochs (unset:
         # not heard from yet, so the epoch is sent; an older mesh refuses it and is then spared)
         self._traces_refused_until: dict[str, float] = {}
+        # endpoint -> its last answer listed "columnar": batches to it go columnar (wire format
+        # 2, probes.model.columnar); JSON to the others, and to every endpoint not heard from
+        self._takes_columnar: dict[str, bool] = {}
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, partial(fn, *args))
@@ -184,6 +188,7 @@ class Reporter:
             self._traces.pop(endpoint, None)
             self._takes_traces.pop(endpoint, None)
             self._takes_epoch.pop(endpoint, None)
+            self._takes_columnar.pop(endpoint, None)
         self.endpoints = list(endpoints)
         self.stats.endpoints = len(self.endpoints)
         if self._spool is not None:
@@ -345,6 +350,12 @@ class Reporter:
                         self.endpoints.index(endpoint))
             self._takes_epoch[endpoint] = False
             result = await self._post_body(endpoint, batch, traces)
+        if result == "rejected" and self._takes_columnar.pop(endpoint, False):
+            # a mesh that listed "columnar" refused a columnar body (downgraded since): the JSON
+            # batch, which every mesh takes, goes instead (columnar again once an answer lists it)
+            trouble(f"columnar:{endpoint}", "mesh endpoint %s refused a columnar batch: sending "
+                    "it again as JSON", self.endpoints.index(endpoint))
+            result = await self._post_body(endpoint, batch, traces)
         if not traces:
             return result
         index = str(self.endpoints.index(endpoint))
@@ -366,7 +377,12 @@ class Reporter:
         assert self._session is not None
         now = self.wall()
         epoch = batch.epoch if self._takes_epoch.get(endpoint, True) else 0
-        body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces, epoch=epoch)
+        body = None
+        if self._takes_columnar.get(endpoint):
+            body = columnar_body_of_json(self.agent, batch.batch_seq, now, batch.bodies, traces,
+                                         epoch=epoch)
+        if body is None:
+            body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces, epoch=epoch)
         headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
         try:
             async with self._session.post(batch_url(endpoint), data=body, headers=headers) as resp:
@@ -378,6 +394,7 @@ class Reporter:
         if 200 <= status < 300:
             self._takes_traces[endpoint] = accepts_field(reply, "traces")
             self._takes_epoch[endpoint] = accepts_field(reply, "epoch")
+            self._takes_columnar[endpoint] = accepts_field(reply, "columnar")
         if status == 409:
             return await self._replay_answer(endpoint, batch, reply)
         if 200 <= status < 300:

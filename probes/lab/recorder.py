@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.mesh.store import EntryKind, JournalEntry
-from probes.model import decode_batch
+from probes.model.columnar import whole_batch
 
 if TYPE_CHECKING:
     from probes.lab.stack import Stack
@@ -178,7 +178,7 @@ class Recorder:
                                             int(row_id)))
             if not self.probes or kind != EntryKind.BATCH.value:
                 continue
-            for o in decode_batch(bytes(payload)).observations:
+            for o in whole_batch(bytes(payload)).observations:
                 events.append(ProbeEvent(o.node, o.vantage, o.check, o.wall_time,
                                          o.wall_time + o.duration_seconds, float(now), o.ok,
                                          o.reason.value))

@@ -93,6 +93,7 @@ from probes.model import (
     VerdictState,
     Votes,
 )
+from probes.model.columnar import Row, observation_row
 
 __all__ = [
     "CHECK_DOWN",
@@ -261,37 +262,38 @@ class DecisionEngine:
             for check in nv.checks:
                 check.seq = -1
 
-    def _new_check(self, obs: Observation, now: float) -> CheckState | None:
+    def _new_check(self, node_id: str, vantage_id: str, check_name: str, *, kind: str,
+                   tier_sent: Tier | None, now: float) -> CheckState | None:
         """The state of a check seen for the first time; None (counted) for an unknown node
         or when its (node, agent) pair has no room left (policy.limits)."""
-        node = self.nodes.get(obs.node)
+        node = self.nodes.get(node_id)
         if node is None:
             self.unknown_node_total += 1
             return None
-        nv = node.nvs.get(obs.vantage)
+        nv = node.nvs.get(vantage_id)
         limit = self.policy.limits.max_checks_per_node
         if nv is not None and len(nv.checks) >= limit and not self._forget_unseen_checks(nv, now):
             self.check_limit_total += 1
             return None
-        vantage = self.vantages.get(obs.vantage)
+        vantage = self.vantages.get(vantage_id)
         if vantage is None:
-            vantage = self.vantages[obs.vantage] = VantageState(obs.vantage)
-        nv = node.nvs.get(obs.vantage)
+            vantage = self.vantages[vantage_id] = VantageState(vantage_id)
+        nv = node.nvs.get(vantage_id)
         if nv is None:
-            nv = node.nvs[obs.vantage] = NodeVantage(node, vantage)
+            nv = node.nvs[vantage_id] = NodeVantage(node, vantage)
             vantage.nvs.append(nv)
-        kind = obs.kind or obs.check
-        tier = self._tiers.get((kind, obs.tier))
+        kind = kind or check_name
+        tier = self._tiers.get((kind, tier_sent))
         if tier is None:
-            tier = self.policy.tier_of(kind, obs.tier)
+            tier = self.policy.tier_of(kind, tier_sent)
             if len(self._tiers) < MAX_TIER_CACHE:  # kinds come from the wire: a bounded cache
-                self._tiers[kind, obs.tier] = tier
+                self._tiers[kind, tier_sent] = tier
         # the key's strings are the engine's own (the node's configured name, the vantage's,
         # an interned check name), shared by every key, not the first observation's decoded
         # copies: 200,000 keys then hold 3 hot strings each instead of 3 of their own, so a
         # lookup's string compares read memory already in cache and the heap a snapshot child
         # copies on write is ~15 % smaller
-        name = intern(obs.check)
+        name = intern(check_name)
         check = CheckState(name, intern(kind), tier, nv)
         nv.checks.append(check)
         self._checks[(node.info.node, vantage.name, name)] = check
@@ -301,6 +303,11 @@ class DecisionEngine:
 
     def observe(self, observations: Sequence[Observation], now: float) -> list[Verdict]:
         """Apply observations that arrived at ``now``; return the verdict changes."""
+        return self.observe_rows(map(observation_row, observations), now)
+
+    def observe_rows(self, rows: Iterable[Row], now: float) -> list[Verdict]:
+        """:meth:`observe` for observations read as rows (:data:`probes.model.columnar.ROW_FIELDS`:
+        a columnar batch's, read straight from its columns)."""
         policy = self.policy
         rise = policy.rise
         fall = policy.fall
@@ -325,20 +332,21 @@ class DecisionEngine:
         onsets.clear()
         inf = math.inf
         accepted = 0
-        for obs in observations:
-            check = checks.get((obs.node, obs.vantage, obs.check))
+        for node_id, vantage_id, name, seq, wall_time, passed, reason, quality, kind, tier in rows:
+            check = checks.get((node_id, vantage_id, name))
             if check is None:
-                check = self._new_check(obs, now)
+                check = self._new_check(node_id, vantage_id, name, kind=kind, tier_sent=tier,
+                                        now=now)
                 if check is None:
                     continue
-            if obs.seq <= check.seq:
+            if seq <= check.seq:
                 self.duplicate_total += 1
                 continue
-            if obs.wall_time < oldest:
+            if wall_time < oldest:
                 self.late_total += 1
                 continue
             accepted += 1
-            check.seq = obs.seq
+            check.seq = seq
             check.seen = now
             nv = check.nv
             if not nv.fresh or now - nv.seen > stale:
@@ -349,7 +357,6 @@ class DecisionEngine:
                 if not nv.wheeled:
                     self._wheel_add(nv, now)
             nv.seen = now
-            reason = obs.reason
             # most observations pass: an identity test spares them the set lookup (an enum
             # member's hash is a Python-level call)
             if reason is not REASON_OK and reason in AGENT_SIDE_REASONS:
@@ -358,9 +365,8 @@ class DecisionEngine:
                 accepted -= 1
                 self.agent_side_total += 1
                 continue
-            ok = obs.ok
-            quality = obs.quality
             breach = False
+            ok = passed
             if not ok and reason in quality_reasons:
                 ok = True  # the tunnel works, badly: DEGRADED through the quality flag
                 breach = True
@@ -379,8 +385,8 @@ class DecisionEngine:
             state = check.state
             if ok:
                 check.fail_since = inf
-                if obs.wall_time > check.pass_at:  # noqa: PLR1730 - max() costs a builtin call
-                    check.pass_at = obs.wall_time
+                if wall_time > check.pass_at:  # noqa: PLR1730 - max() costs a builtin call
+                    check.pass_at = wall_time
                 if window:
                     check.window = (check.window << 1) & mask
                 elif fall_definitive:
@@ -394,9 +400,9 @@ class DecisionEngine:
                 else:
                     self._transition(check, CHECK_UP, now)  # one success suffices at start
             else:
-                check.reason = obs.reason
+                check.reason = reason
                 if check.fail_since == inf:  # a run of failures begins
-                    check.fail_since = obs.wall_time
+                    check.fail_since = wall_time
                     if state != CHECK_DOWN:
                         onsets.append(check)
                 if state == CHECK_DOWN:
@@ -411,7 +417,7 @@ class DecisionEngine:
                         check.count += 1
                         tripped = check.count >= fall
                         if fall_definitive:
-                            bit = obs.reason in definitive
+                            bit = reason in definitive
                             check.window = ((check.window << 1) | bit) & definitive_run
                             tripped = tripped or check.window == definitive_run
                     if tripped:

@@ -52,14 +52,18 @@ from probes.mesh.gate import BodyGate, Rejected, answer
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService, Replay
 from probes.mesh.store import StoreError
-from probes.model import ObservationBatch, SchemaError, Verdict, decode_batch, signing
+from probes.model import ObservationBatch, SchemaError, Verdict, signing
+from probes.model.columnar import ColumnarBatch, columnar_count, decode_received, is_columnar
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every batch: one line per 10 s about it
 
-ACCEPTS = ("traces", "epoch")  # optional batch fields this mesh takes (see the reply of handle)
-# an agent's observation is 150-250 bytes of JSON: a body's size in observations, estimated
-# before it is decoded (decoding waits for the input's turn, whose deadline needs the size)
+# optional batch fields this mesh takes, and "columnar": it takes columnar batches (see the
+# reply of handle)
+ACCEPTS = ("traces", "epoch", "columnar")
+# an agent's observation is 150-250 bytes of JSON: a JSON body's size in observations,
+# estimated before it is decoded (decoding waits for the input's turn, whose deadline needs the
+# size); a columnar body declares its count up front
 BODY_BYTES_PER_OBSERVATION = 160
 REJECT_REASONS = (
     "encoding",
@@ -158,16 +162,16 @@ class Ingest:
     async def _accept(self, agent: str, key_id: str, body: bytes) -> list[Verdict]:
         if self.keys[key_id].agent != agent:
             raise Rejected(403, "identity", "key id belongs to another agent")
-        decoded: list[ObservationBatch] = []
+        decoded: list[ObservationBatch | ColumnarBatch] = []
 
-        def validated(data: bytes) -> ObservationBatch:
+        def validated(data: bytes) -> ObservationBatch | ColumnarBatch:
             # run in the batch's input turn (see MeshService.accept_body)
             decoded.append(validated_batch(agent, data))
             return decoded[0]
 
         try:
             verdicts = await self.service.accept_body(
-                body, validated, agent, len(body) // BODY_BYTES_PER_OBSERVATION, self.clock())
+                body, validated, agent, observations_in(body), self.clock())
         except Replay as exc:
             batch = decoded[0]
             raise Rejected(409, "replay", f"(epoch, batch_seq) ({batch.epoch}, {batch.batch_seq})"
@@ -179,7 +183,8 @@ class Ingest:
         batch = decoded[0]
         stats = self.stats
         stats.batches_total += 1
-        stats.observations_total += len(batch.observations)
+        stats.observations_total += (len(batch.observations)
+                                     if isinstance(batch, ObservationBatch) else batch.count)
         stats.traces_total += len(batch.traces)
         stats.bytes_total += len(body)
         return verdicts
@@ -188,15 +193,24 @@ class Ingest:
 _vantage_of = operator.attrgetter("vantage")
 
 
-def validated_batch(agent: str, body: bytes) -> ObservationBatch:
-    """``body`` decoded, and every part of it from ``agent`` (else :class:`Rejected`)."""
+def observations_in(body: bytes) -> int:
+    """How many observations ``body`` holds, before it is decoded: a columnar body's declared
+    count, a JSON body's estimate from its length."""
+    count = columnar_count(body) if is_columnar(body) else None
+    return count if count is not None else len(body) // BODY_BYTES_PER_OBSERVATION
+
+
+def validated_batch(agent: str, body: bytes) -> ObservationBatch | ColumnarBatch:
+    """``body`` (JSON or columnar) decoded, and every part of it from ``agent`` (else
+    :class:`Rejected`)."""
     try:
-        batch = decode_batch(body)
+        batch = decode_received(body)
     except SchemaError as exc:
         raise Rejected(400, "schema", str(exc), exc.path) from None
     if batch.agent != agent:
         raise Rejected(403, "identity", "batch from another agent", "$.agent")
-    observations = batch.observations
+    # a columnar batch's observations have no vantage of their own: the agent is theirs
+    observations = batch.observations if isinstance(batch, ObservationBatch) else ()
     # at C speed for the usual batch (every vantage the agent's); the loop names the first other
     if any(map(agent.__ne__, map(_vantage_of, observations))):
         i = next(i for i, obs in enumerate(observations) if obs.vantage != agent)

@@ -9,7 +9,7 @@ replays to the verdicts the live mesh logged, byte for byte. Pure: no I/O, time 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
@@ -25,22 +25,21 @@ from probes.model import (
     Verdict,
     VerdictState,
     WeightChange,
-    decode_batch,
 )
+from probes.model.columnar import ColumnarBatch, Row, decode_received, observation_row
 
 Changes = tuple[list[Verdict], list[WeightChange]]
 
 
-def observe_with_paths(engine: DecisionEngine, paths: PathEngine,
-                       observations: Sequence[Observation], traces: Sequence[PathTrace],
-                       now: float) -> list[Verdict]:
+def observe_with_paths(engine: DecisionEngine, paths: PathEngine, rows: Iterable[Row],
+                       traces: Sequence[PathTrace], now: float) -> list[Verdict]:
     """A batch's traces, then its observations: a verdict the batch causes carries what the
     traces say. Only state changes are verdicts, so when traces change where the vantages lose
     a node that is already DOWN or DEGRADED, that goes to the audit notes (and the API and
     metrics, which always show the latest): agents trace at the first failure of a check, so the
     traces usually come before or with the verdict they explain, but not always."""
     changed = paths.ingest(traces, now) if traces else []
-    verdicts = engine.observe(observations, now)
+    verdicts = engine.observe_rows(rows, now)
     published = {v.node for v in verdicts}
     for node in changed:
         if node not in published and engine.nodes[node].state in _EXPLAINED:
@@ -55,7 +54,14 @@ def apply_batch(engine: DecisionEngine, weights: WeightEngine | None, paths: Pat
                 observations: Sequence[Observation], *, traces: Sequence[PathTrace] = (),
                 now: float) -> Changes:
     checks, loads = split_load(observations)
-    verdicts = observe_with_paths(engine, paths, checks, traces, now)
+    return _apply_rows(engine, weights, paths, map(observation_row, checks), loads=loads,
+                       traces=traces, now=now)
+
+
+def _apply_rows(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
+                rows: Iterable[Row], *, loads: Sequence[tuple[str, NodeLoad]],
+                traces: Sequence[PathTrace], now: float) -> Changes:
+    verdicts = observe_with_paths(engine, paths, rows, traces, now)
     return verdicts, _follow(weights, loads, verdicts, now, ticked=False)
 
 
@@ -71,14 +77,19 @@ def apply_admin(engine: DecisionEngine, weights: WeightEngine | None, action: Ad
 
 
 def apply_entry(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
-                entry: JournalEntry, batch: ObservationBatch | None = None) -> Changes:
-    """Apply one journaled input; ``batch``: a batch entry's, when the caller decoded it."""
+                entry: JournalEntry, batch: ObservationBatch | ColumnarBatch | None = None,
+                ) -> Changes:
+    """Apply one journaled input; ``batch``: a batch entry's, when the caller decoded it. A
+    batch body is JSON or columnar (:mod:`probes.model.columnar`); both apply alike."""
     if entry.kind == EntryKind.BATCH:
         if batch is None:
-            batch = decode_batch(entry.payload)
+            batch = decode_received(entry.payload)
         # a new instance epoch restarts the agent's observation seqs: the engine must not take
         # them for old duplicates (deterministic: the epoch is in the journal)
         engine.agent_epoch(batch.agent, batch.epoch)
+        if isinstance(batch, ColumnarBatch):
+            return _apply_rows(engine, weights, paths, batch.rows(), loads=batch.loads(),
+                               traces=batch.traces, now=entry.now)
         return apply_batch(engine, weights, paths, batch.observations, traces=batch.traces,
                            now=entry.now)
     if entry.kind == EntryKind.TICK:

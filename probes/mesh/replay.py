@@ -56,6 +56,7 @@ from probes.model import (
     decode_batch,
     decode_recorded,
 )
+from probes.model.columnar import whole_batch
 from probes.paths.asn import EMPTY
 
 MAX_TICKS_PER_GAP = 10_000  # a long silence ticks at its end instead of once per second
@@ -80,7 +81,7 @@ _record_decoder = msgspec.json.Decoder(JournalRecord)
 def journal_record(entry: JournalEntry, epoch: int = 0) -> bytes:
     """The JSON line that replays one journal entry (what a live mesh applied, at its ``now``)."""
     if entry.kind == EntryKind.BATCH:
-        record = JournalRecord(entry.now, batch=decode_batch(entry.payload), epoch=epoch)
+        record = JournalRecord(entry.now, batch=whole_batch(entry.payload), epoch=epoch)
     elif entry.kind == EntryKind.TICK:
         record = JournalRecord(entry.now, tick=True, epoch=epoch)
     else:

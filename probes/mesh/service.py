@@ -60,6 +60,7 @@ from probes.model import (
     WeightChange,
     encode,
 )
+from probes.model.columnar import ColumnarBatch
 from probes.paths.asn import EMPTY, AsnTable
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class MeshService:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    def check_replay(self, batch: ObservationBatch) -> None:
+    def check_replay(self, batch: ObservationBatch | ColumnarBatch) -> None:
         """The replay rule: a batch is taken only if its ``(epoch, batch_seq)`` is above the
         agent's last accepted one (raises :class:`Replay`): a newer instance epoch (an agent
         that lost its state directory), or the same epoch and a higher batch_seq. Checked under
@@ -426,7 +427,8 @@ class MeshService:
         return await self.accept_body(body, lambda _body: batch, batch.agent,
                                       len(batch.observations) + len(batch.traces), now)
 
-    async def accept_body(self, body: bytes, decode: Callable[[bytes], ObservationBatch],
+    async def accept_body(self, body: bytes,
+                          decode: Callable[[bytes], ObservationBatch | ColumnarBatch],
                           source: str, size: int, now: float) -> list[Verdict]:
         """:meth:`accept_batch` for an authenticated body not decoded yet: ``decode`` (which
         validates it, raising whatever the caller answers with) runs in the input's turn, so a
@@ -434,7 +436,7 @@ class MeshService:
         like its apply, and a small verdict-changing input passes it instead of queueing behind
         it on the event loop. ``size``: the body's observations, estimated (the queue's
         deadline)."""
-        decoded: list[ObservationBatch] = []
+        decoded: list[ObservationBatch | ColumnarBatch] = []
 
         async def step() -> list[Verdict]:
             batch = decoded[0]
@@ -459,7 +461,8 @@ class MeshService:
         return await self._serially(step, source, size,
                                     lambda: decoded.append(decode(body)))
 
-    def _apply_live(self, entry: JournalEntry, batch: ObservationBatch | None = None,
+    def _apply_live(self, entry: JournalEntry,
+                    batch: ObservationBatch | ColumnarBatch | None = None,
                     ) -> tuple[list[Verdict], list[WeightChange]]:
         """:func:`apply_entry` on the live engines (a batch already decoded)."""
         verdicts, changes = apply_entry(self.engine, self.weights, self.paths, entry, batch)

@@ -440,6 +440,8 @@ class SchemaError(ValueError):
 
 
 _batch_decoder = msgspec.json.Decoder(ObservationBatch)
+traces_decoder = msgspec.json.Decoder(
+    Annotated[list[PathTrace], msgspec.Meta(max_length=MAX_TRACES_PER_BATCH)])
 _observation_decoder = msgspec.json.Decoder(Observation)
 _verdict_decoder = msgspec.json.Decoder(Verdict)
 _encoder = msgspec.json.Encoder()

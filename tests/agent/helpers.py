@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from probes.model import SchemaError, decode_batch, signing
+from probes.model import SchemaError, signing
+from probes.model.columnar import is_columnar, whole_batch
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -69,6 +70,10 @@ class Receiver:
     last_epoch: int = 0
     bad_signatures: int = 0
     replays: int = 0
+    # "columnar": whether its answers list it ("takes" / "refuses": listed, yet every columnar
+    # body answered 400, as by a mesh downgraded since) and the formats of the bodies it got
+    columnar: str = "no"
+    formats: list[str] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -79,8 +84,11 @@ class Receiver:
                 or not signing.verify(self.key, ts, body, sig)):
             self.bad_signatures += 1
             return web.Response(status=401, text="bad-signature")
+        self.formats.append("columnar" if is_columnar(body) else "json")
+        if self.columnar == "refuses" and is_columnar(body):
+            return web.Response(status=400, text="columnar: not taken")
         try:
-            batch = decode_batch(body)
+            batch = whole_batch(body)
         except SchemaError as exc:
             return web.Response(status=400, text=str(exc))
         if (batch.epoch, batch.batch_seq) <= (self.last_epoch, self.last_batch_seq):
@@ -93,7 +101,8 @@ class Receiver:
         if self.lose_answers > 0:
             self.lose_answers -= 1
             return web.Response(status=503, text="answer lost")
-        return web.json_response({"accepted": len(batch.observations), "accepts": ["epoch"]})
+        accepts = ["epoch", "columnar"] if self.columnar != "no" else ["epoch"]
+        return web.json_response({"accepted": len(batch.observations), "accepts": accepts})
 
     async def start(self, port: int) -> None:
         app = web.Application()

@@ -158,3 +158,43 @@ async def test_an_urgent_observation_does_not_wait_for_the_group_commit(
     finally:
         await reporter.close(drain_timeout=1)
         await receiver.stop()
+
+
+async def _deliver(tmp_path: Path, receiver: Receiver, count: int) -> ReporterStats:
+    """``count`` observations through a reporter to ``receiver``, one batch at a time (each
+    waits for the previous one to be answered), every one delivered."""
+    port = free_port()
+    stats = ReporterStats()
+    reporter = _reporter(tmp_path, port, stats)
+    await receiver.start(port)
+    await reporter.start()
+    try:
+        for i in range(count):
+            reporter.submit(_obs)
+            await reporter.commit()
+            await until(lambda i=i: len(receiver.seqs) > i, 30, f"observation {i}")
+    finally:
+        await reporter.close(drain_timeout=1)
+        await receiver.stop()
+    assert receiver.seqs == list(range(count))  # in order, exactly once
+    return stats
+
+
+async def test_batches_go_columnar_once_the_mesh_lists_it(tmp_path: Path) -> None:
+    receiver = Receiver(KEY, "vantage-1", columnar="takes")
+    await _deliver(tmp_path, receiver, 3)
+    # the first batch to a mesh not heard from yet is JSON, which every mesh takes
+    assert receiver.formats == ["json", "columnar", "columnar"]
+
+
+async def test_a_mesh_that_does_not_list_columnar_gets_json(tmp_path: Path) -> None:
+    receiver = Receiver(KEY, "vantage-1")
+    await _deliver(tmp_path, receiver, 3)
+    assert receiver.formats == ["json"] * 3
+
+
+async def test_a_refused_columnar_batch_goes_again_as_json(tmp_path: Path) -> None:
+    receiver = Receiver(KEY, "vantage-1", columnar="refuses")
+    stats = await _deliver(tmp_path, receiver, 3)
+    assert receiver.formats == ["json", "columnar", "json", "columnar", "json"]
+    assert stats.batches_total.get(("0", "rejected"), 0) == 0  # none dropped

@@ -259,7 +259,7 @@ async def test_a_waiting_batch_is_decoded_in_its_turn_not_before_it(
         decoded.append(batch.agent)
         return batch
 
-    monkeypatch.setattr(ingest, "decode_batch", spied_decode)
+    monkeypatch.setattr(ingest, "decode_received", spied_decode)
     heavy = {f"n{i % 4}": i % 2 == 0 for i in range(4)}
     posts = [asyncio.create_task(mesh.post("h1", mesh.body("h1", 1, heavy)))]
     await _until(lambda: committed == ["h1"], "h1's commit never started")

@@ -74,7 +74,7 @@ async def test_a_huge_batch_seq_is_refused_and_leaves_no_transaction_open(mesh: 
     assert (status, reply.get("field")) == (400, "$.batch_seq")
     status, reply = await mesh.post("va", mesh.body("va", 1, {"n0": True}))
     assert (status, reply) == (200, {"accepted": True, "verdicts": 0,
-                                     "accepts": ["traces", "epoch"]})
+                                     "accepts": ["traces", "epoch", "columnar"]})
 
 
 @pytest.mark.parametrize(

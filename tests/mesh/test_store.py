@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -250,19 +251,19 @@ async def test_an_engine_failure_leaves_nothing_half_applied(
     await feed(svc, [{"n0": True, "n1": True}])
     before = svc.engine.observations_total
 
-    original = DecisionEngine.observe
+    original = DecisionEngine.observe_rows  # what every batch goes through, JSON or columnar
     calls = []
 
-    def explode(self: DecisionEngine, observations: list, now: float) -> list[Verdict]:
+    def explode(self: DecisionEngine, rows: Any, now: float) -> list[Verdict]:
         calls.append(now)
         if len(calls) > 1:  # the replay during recovery works
-            return original(self, observations, now)
+            return original(self, rows, now)
         self.observations_total += 1000  # some damage before failing
         raise RuntimeError("bug")
 
     body, b = batch("va", 99, {"n0": False}, 5.0)
     with monkeypatch.context() as m:
-        m.setattr(DecisionEngine, "observe", explode)
+        m.setattr(DecisionEngine, "observe_rows", explode)
         with pytest.raises(RuntimeError):
             await svc.accept_batch(body, b, 5.0)
     assert svc.engine.observations_total == before  # rebuilt from the store

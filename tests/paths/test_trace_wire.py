@@ -63,7 +63,7 @@ async def test_ingest_takes_traces_and_names_bad_fields(tmp_path: Path) -> None:
     async with mesh_app(tmp_path, extra="max_body_bytes: 65536\n") as mesh:
         good = encode(batch("va", 1, mesh.now, {"n0": True}, [failing_trace("va")]))
         status, reply = await mesh.post("va", good)
-        assert status == 200 and reply["accepts"] == ["traces", "epoch"]
+        assert status == 200 and reply["accepts"] == ["traces", "epoch", "columnar"]
         view = mesh.service.paths.node_view("n0", mesh.now)
         assert view["vantages"]["va"]["failing"] is True
 
