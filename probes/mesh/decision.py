@@ -49,7 +49,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from itertools import islice
 from sys import intern
 from typing import Any
 
@@ -308,6 +309,28 @@ class DecisionEngine:
     def observe_rows(self, rows: Iterable[Row], now: float) -> list[Verdict]:
         """:meth:`observe` for observations read as rows (:data:`probes.model.columnar.ROW_FIELDS`:
         a columnar batch's, read straight from its columns)."""
+        self._onsets.clear()
+        self._absorb(rows, now)
+        return self._settle(now)
+
+    def observe_rows_in_parts(self, rows: Iterable[Row], now: float, *, count: int, part: int,
+                              ) -> Generator[None, None, list[Verdict]]:
+        """:meth:`observe_rows`, ``part`` rows at a time (``count``: how many rows there are at
+        most): pauses (yields) between parts, so its driver can serve other work, and returns
+        observe_rows()'s verdicts at the end. The same verdicts, bit for bit: a part only
+        writes check states and the dirty lists, each with the same ``now``, and the one
+        settle (opinions, votes, guard: every verdict) runs after the last part. The driver
+        must apply nothing else to the engine until it is done."""
+        self._onsets.clear()
+        left = iter(rows)
+        for done in range(0, count, part):
+            if done:
+                yield
+            self._absorb(islice(left, part), now)
+        return self._settle(now)
+
+    def _absorb(self, rows: Iterable[Row], now: float) -> None:
+        """Rows into their check states (no verdict: :meth:`_settle` decides)."""
         policy = self.policy
         rise = policy.rise
         fall = policy.fall
@@ -329,7 +352,6 @@ class DecisionEngine:
         dirty_nodes = self._dirty_nodes
         quality_reasons = QUALITY_REASONS
         onsets = self._onsets
-        onsets.clear()
         inf = math.inf
         accepted = 0
         for node_id, vantage_id, name, seq, wall_time, passed, reason, quality, kind, tier in rows:
@@ -425,7 +447,6 @@ class DecisionEngine:
                     elif corroboration:
                         self._corroborate(nv, corroboration, now)
         self.observations_total += accepted
-        return self._settle(now)
 
     def tick(self, now: float) -> list[Verdict]:
         """Let time pass: release damped checks whose hold ended, drop vantages gone stale."""

@@ -12,7 +12,9 @@ Time: ``now`` is the mesh's wall clock when an input is applied, never allowed t
 Inputs are applied one at a time on the event loop, light ones (ticks, a low-rate agent's or a
 verdict-changing batch) before bulk, agents taking turns (:mod:`probes.mesh.inputqueue`); the
 store's work (commit, snapshot, prune, reads) runs on the store thread
-(:mod:`probes.mesh.storethread`), so the loop keeps serving.
+(:mod:`probes.mesh.storethread`), so the loop keeps serving. A heavy batch's observations are
+applied in parts, the loop serving other requests between them, and decided once at the end
+(:meth:`MeshService._apply_live`); an apply that stops between parts leaves nothing behind.
 
 A failed commit never leaves the engine and the store apart: the engine is rebuilt from what
 was really stored — reading only, so a full disk cannot stop it — and until the store commits
@@ -37,7 +39,7 @@ from typing import Any, TypeVar
 from probes.logutil import RateLimitedLog
 from probes.mesh.decision import AuditNote, DecisionEngine, NodeInfo
 from probes.mesh.inputqueue import LIGHT_OBSERVATIONS, InputQueue
-from probes.mesh.inputs import apply_entry, published
+from probes.mesh.inputs import apply_entry, entry_in_parts, published
 from probes.mesh.paths import PathEngine, PathPolicy
 from probes.mesh.policy import DecisionPolicy
 from probes.mesh.snapshot import ForkSnapshotter, dump_engine, load_snapshot
@@ -66,6 +68,9 @@ from probes.paths.asn import EMPTY, AsnTable
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("probes.mesh.audit")
 AUDIT_RECENT = 1000
+# a heavy batch's observations are applied this many at a time (~0.5 ms each), the event loop
+# serving other requests between parts
+APPLY_PART = 500
 trouble = RateLimitedLog(log)
 T = TypeVar("T")
 
@@ -395,12 +400,16 @@ class MeshService:
         async def run() -> None:
             try:
                 if admit is not None:
-                    admit()
-                    if size > LIGHT_OBSERVATIONS:
-                        # a heavy body's decoding and its apply are milliseconds each: let the
-                        # loop serve what came meanwhile between them (still this input's turn)
+                    heavy = size > LIGHT_OBSERVATIONS
+                    # a heavy body's decoding and its apply are milliseconds each: let the
+                    # loop serve what came meanwhile before and after the decoding (still this
+                    # input's turn)
+                    if heavy:
                         await asyncio.sleep(0)
-                if not self.health.ok:
+                    admit()
+                    if heavy:
+                        await asyncio.sleep(0)
+                if not self.health.ok or self.health.diverged:
                     raise StoreUnavailable(f"the store cannot commit: {self.health.error}")
                 result = await step()
             except asyncio.CancelledError:
@@ -442,13 +451,7 @@ class MeshService:
             batch = decoded[0]
             self.check_replay(batch)
             entry = JournalEntry(EntryKind.BATCH, self._now(now), body)
-            try:
-                verdicts, changes = self._apply_live(entry, batch)
-            except Exception:
-                # a bug must not leave half a batch in the engine: rebuild it from the store
-                log.exception("engine failed on a batch from %s; rebuilding", batch.agent)
-                await self._rebuild()
-                raise
+            verdicts, changes = await self._apply_live(entry, batch)
             await self._commit(entry, verdicts, weight_changes=changes,
                                agent=AgentPosition(batch.agent, batch.batch_seq, batch.epoch))
             if batch.epoch != self.agent_epoch.get(batch.agent, 0):
@@ -461,17 +464,37 @@ class MeshService:
         return await self._serially(step, source, size,
                                     lambda: decoded.append(decode(body)))
 
-    def _apply_live(self, entry: JournalEntry,
-                    batch: ObservationBatch | ColumnarBatch | None = None,
-                    ) -> tuple[list[Verdict], list[WeightChange]]:
-        """:func:`apply_entry` on the live engines (a batch already decoded)."""
-        verdicts, changes = apply_entry(self.engine, self.weights, self.paths, entry, batch)
+    async def _apply_live(self, entry: JournalEntry,
+                          batch: ObservationBatch | ColumnarBatch | None = None,
+                          ) -> tuple[list[Verdict], list[WeightChange]]:
+        """:func:`apply_entry` on the live engines (a batch already decoded), a heavy batch's
+        observations ``APPLY_PART`` at a time: between parts the loop serves other requests
+        (2,000 observations applied at once held it ~2-5 ms, and a verdict-changing request
+        was read only after). Nothing else is applied meanwhile (this input holds the turn),
+        and nothing is decided before the last part: verdicts come from the one settle at the
+        end, as when a restart or ``mesh replay`` applies the journaled batch at once."""
+        steps = entry_in_parts(self.engine, self.weights, self.paths, entry, batch,
+                               part=APPLY_PART)
+        try:
+            while True:
+                next(steps)
+                await asyncio.sleep(0)
+        except StopIteration as done:
+            verdicts, changes = done.value
+        except BaseException:
+            # an engine bug, or the task cancelled between parts: part of the input may be in
+            # the engine, and until it is rebuilt from the store nothing may be decided,
+            # taken or snapshotted from it
+            self.health.diverged = True
+            log.exception("%s input not applied whole; rebuilding the engine", entry.kind.value)
+            await self._rebuild()
+            raise
         return published(verdicts, self.weights, self.store.epoch), changes
 
     async def tick(self, now: float) -> list[Verdict]:
         async def step() -> list[Verdict]:
             entry = JournalEntry(EntryKind.TICK, self._now(now))
-            verdicts, changes = self._apply_live(entry)
+            verdicts, changes = await self._apply_live(entry)
             await self._commit(entry, verdicts, weight_changes=changes)
             return verdicts
 
@@ -487,7 +510,7 @@ class MeshService:
         async def step() -> list[Verdict]:
             action = AdminAction(node, state, actor)
             entry = JournalEntry(EntryKind.ADMIN, self._now(now), encode(action))
-            verdicts, changes = self._apply_live(entry)
+            verdicts, changes = await self._apply_live(entry)
             await self._commit(entry, verdicts, admin=action, weight_changes=changes)
             return verdicts
 
