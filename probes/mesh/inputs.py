@@ -6,19 +6,19 @@ its observations (a verdict the batch causes carries what the traces say), then 
 and the verdicts' states into the weights (a tick: then the weights' step). So a recorded stream
 replays to the verdicts the live mesh logged, byte for byte. Pure: no I/O, time is ``now``.
 
-The live mesh applies a heavy batch's observations in parts (:func:`entry_in_parts`), serving
-other requests between them, and settles once after the last part: the same verdicts as the
-batch applied at once, which is how a replay applies it.
+The live mesh applies a heavy batch's observations, and a tick's staleness wheel, in parts
+(:func:`entry_in_parts`), serving other requests between them, and settles once after the last
+part: the same verdicts as the input applied at once, which is how a replay applies it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Sequence
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import msgspec
 
-from probes.mesh.decision import DecisionEngine
+from probes.mesh.decision import DecisionEngine, whole
 from probes.mesh.paths import PathEngine
 from probes.mesh.store import AdminAction, EntryKind, JournalEntry
 from probes.mesh.weights import WeightEngine, follow, split_load
@@ -91,7 +91,14 @@ def _rows_in_parts(engine: DecisionEngine, weights: WeightEngine | None, paths: 
 
 
 def apply_tick(engine: DecisionEngine, weights: WeightEngine | None, now: float) -> Changes:
-    verdicts = engine.tick(now)
+    return whole(tick_in_parts(engine, weights, now))
+
+
+def tick_in_parts(engine: DecisionEngine, weights: WeightEngine | None, now: float,
+                  part: int = 0) -> Steps[Changes]:
+    """:func:`apply_tick`, pausing every ``part`` pairs of the staleness wheel (0: never):
+    :meth:`DecisionEngine.tick_in_parts`."""
+    verdicts = yield from engine.tick_in_parts(now, part)
     return verdicts, _follow(weights, (), verdicts, now, ticked=True)
 
 
@@ -111,9 +118,10 @@ def apply_entry(engine: DecisionEngine, weights: WeightEngine | None, paths: Pat
 
 def entry_in_parts(engine: DecisionEngine, weights: WeightEngine | None, paths: PathEngine,
                    entry: JournalEntry, batch: ObservationBatch | ColumnarBatch | None = None,
-                   *, part: int = 0) -> Steps[Changes]:
-    """:func:`apply_entry`, a batch's observations ``part`` at a time (0: at once), pausing
-    between parts (see :func:`batch_in_parts`); a tick or an admin action at once."""
+                   *, part: int = 0, tick_part: int = 0) -> Steps[Changes]:
+    """:func:`apply_entry`, a batch's observations ``part`` at a time and a tick's staleness
+    wheel ``tick_part`` pairs at a time (0: at once), pausing between parts (see
+    :func:`batch_in_parts`, :func:`tick_in_parts`); an admin action at once."""
     if entry.kind == EntryKind.BATCH:
         if batch is None:
             batch = decode_received(entry.payload)
@@ -127,17 +135,8 @@ def entry_in_parts(engine: DecisionEngine, weights: WeightEngine | None, paths: 
         return (yield from batch_in_parts(engine, weights, paths, batch.observations,
                                           traces=batch.traces, now=entry.now, part=part))
     if entry.kind == EntryKind.TICK:
-        return apply_tick(engine, weights, entry.now)
+        return (yield from tick_in_parts(engine, weights, entry.now, tick_part))
     return apply_admin(engine, weights, decode_admin(entry.payload), entry.now)
-
-
-def whole(steps: Steps[T]) -> T:
-    """Run an input's steps without pausing; their result."""
-    try:
-        while True:
-            next(steps)
-    except StopIteration as done:
-        return cast(T, done.value)
 
 
 def published(verdicts: Sequence[Verdict], weights: WeightEngine | None,

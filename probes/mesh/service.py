@@ -68,9 +68,11 @@ from probes.paths.asn import EMPTY, AsnTable
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("probes.mesh.audit")
 AUDIT_RECENT = 1000
-# a heavy batch's observations are applied this many at a time (~0.5 ms each), the event loop
+# a heavy batch's observations are applied this many at a time (~0.5 ms each), and a tick's
+# staleness wheel looked at this many (node, vantage) pairs at a time (~1 ms), the event loop
 # serving other requests between parts
 APPLY_PART = 500
+TICK_PART = 5_000
 trouble = RateLimitedLog(log)
 T = TypeVar("T")
 
@@ -468,13 +470,15 @@ class MeshService:
                           batch: ObservationBatch | ColumnarBatch | None = None,
                           ) -> tuple[list[Verdict], list[WeightChange]]:
         """:func:`apply_entry` on the live engines (a batch already decoded), a heavy batch's
-        observations ``APPLY_PART`` at a time: between parts the loop serves other requests
-        (2,000 observations applied at once held it ~2-5 ms, and a verdict-changing request
-        was read only after). Nothing else is applied meanwhile (this input holds the turn),
-        and nothing is decided before the last part: verdicts come from the one settle at the
-        end, as when a restart or ``mesh replay`` applies the journaled batch at once."""
+        observations ``APPLY_PART`` at a time and a tick's staleness wheel ``TICK_PART`` pairs
+        at a time: between parts the loop serves other requests (2,000 observations applied
+        at once held it ~2-5 ms, a tick with every pair due ~40 ms, and a verdict-changing
+        request was read only after). Nothing else is applied meanwhile (this input holds the
+        turn), and nothing is decided before the last part: verdicts come from the one settle
+        at the end, as when a restart or ``mesh replay`` applies the journaled input at
+        once."""
         steps = entry_in_parts(self.engine, self.weights, self.paths, entry, batch,
-                               part=APPLY_PART)
+                               part=APPLY_PART, tick_part=TICK_PART)
         try:
             while True:
                 next(steps)

@@ -1,4 +1,5 @@
-"""A heavy batch is applied in parts, the event loop serving other work between them (#22).
+"""A heavy batch (and a tick's staleness wheel) is applied in parts, the event loop serving
+other work between them (#22).
 
 Between parts nothing else is applied (the batch holds the input turn) and nothing is decided:
 the verdicts come from one settle after the last part, the same as the batch applied at once
@@ -19,8 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes.mesh import service as service_module
-from probes.mesh.decision import CHECK_DOWN, DecisionEngine
-from probes.mesh.inputs import whole
+from probes.mesh.decision import CHECK_DOWN, DecisionEngine, whole
 from probes.mesh.policy import DampingPolicy, DecisionPolicy
 from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
@@ -96,6 +96,7 @@ async def _watch(svc: MeshService, running: asyncio.Future[Any],
 @pytest.fixture(autouse=True)
 def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_module, "APPLY_PART", PART)
+    monkeypatch.setattr(service_module, "TICK_PART", 2)
 
 
 @WIRES
@@ -207,3 +208,50 @@ def test_observations_in_parts_decide_what_they_decide_at_once(
                                                     part=part)) == expected
         assert in_parts.to_rows() == at_once.to_rows()
         assert in_parts.corroboration_asks(now) == at_once.corroboration_asks(now)
+
+
+async def test_a_tick_serves_the_loop_between_parts_of_its_staleness_wheel(
+        tmp_path: Path) -> None:
+    """vb and vc stop reporting: the tick past stale_after looks at their 8 (node, vantage)
+    pairs (and va's 4), 2 at a time; n0..n3 lose their quorum only at its end."""
+    svc = MeshService(SQLiteStore(tmp_path / "m.db"), POLICY, fleet(NODES))
+    for agent in ("va", "vb", "vc"):
+        body, b = _batch(agent, 1, [(f"n{i}", True) for i in range(NODES)], 1.0)
+        await svc.accept_batch(body, b, 1.0)
+    still_fresh = POLICY.stale_after_seconds  # vb's and vc's reports not stale yet
+    body, b = _batch("va", 2, [(f"n{i}", True) for i in range(NODES)], still_fresh)
+    await svc.accept_batch(body, b, still_fresh)
+    later = 1.0 + POLICY.stale_after_seconds + 2
+    pairs = [nv for node in svc.engine.nodes.values() for nv in node.nvs.values()]
+
+    def looked_at() -> tuple[int, set[bool]]:
+        stale_seen = sum(not nv.wheeled for nv in pairs)
+        return stale_seen, {node.quorum_lost for node in svc.engine.nodes.values()}
+
+    ticking = asyncio.ensure_future(svc.tick(later))
+    seen = []
+    while not ticking.done():
+        seen.append(looked_at())
+        await asyncio.sleep(0)
+    verdicts = ticking.result()
+    # another task ran between parts: some of the stale pairs looked at, no quorum lost yet
+    assert any(0 < stale < 8 and lost == {False} for stale, lost in seen)
+    assert looked_at() == (8, {True})
+    assert verdicts == []  # quorum lost keeps the last verdict (an audit note, not a verdict)
+    await svc.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, NODES - 1), st.sampled_from(["va", "vb", "vc"]),
+                          st.floats(0, 40)), max_size=60),
+       st.integers(1, 5), st.floats(30, 80))
+def test_a_tick_in_parts_decides_what_it_decides_at_once(
+        seen: list[tuple[int, str, float]], part: int, at: float) -> None:
+    at_once = DecisionEngine(POLICY, fleet(NODES, pool_of=2))
+    in_parts = DecisionEngine(POLICY, fleet(NODES, pool_of=2))
+    for n, v, t in sorted(seen, key=lambda x: x[2]):
+        batch = [obs(f"n{n}", v, True, at=t)]
+        assert at_once.observe(batch, t) == in_parts.observe(batch, t)
+    expected = at_once.tick(at)
+    assert whole(in_parts.tick_in_parts(at, part)) == expected
+    assert in_parts.to_rows() == at_once.to_rows()
