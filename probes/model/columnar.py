@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import compress, repeat
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import msgspec
 
@@ -174,19 +175,11 @@ class ColumnarBatch:
     """A decoded and validated columnar batch. Its observations are read as :meth:`rows` (the
     engine), :meth:`loads` (the weights) or, whole, :meth:`observations`."""
 
-    __slots__ = (
-        "_columns",
-        "_extras",
-        "_tables",
-        "agent",
-        "batch_seq",
-        "count",
-        "epoch",
-        "sent_at",
-        "traces",
-    )
+    __slots__ = ("_extras", "_named", "_numbers", "agent", "batch_seq", "count", "epoch",
+                 "sent_at", "traces")
 
-    def __init__(self, wire: _Wire, columns: dict[str, array[Any]], extras: dict[int, Extra],
+    def __init__(self, wire: _Wire, named: dict[str, list[Any]],
+                 numbers: dict[str, Sequence[Any]], extras: dict[int, Extra],
                  traces: list[PathTrace]) -> None:
         self.agent = wire.agent
         self.batch_seq = wire.batch_seq
@@ -194,28 +187,21 @@ class ColumnarBatch:
         self.sent_at = wire.sent_at
         self.count = wire.count
         self.traces = traces
-        self._tables: dict[str, Sequence[Any]] = {
-            "nodes": wire.nodes, "checks": wire.checks, "kinds": wire.kinds,
-            "reasons": wire.reasons}
-        self._columns = columns
+        self._named = named  # node, check, kind, reason, tier: each value looked up in its table
+        self._numbers = numbers  # seq, wall_time, ok, duration_seconds
         self._extras = extras
-
-    def _named(self, field: str) -> Iterator[Any]:
-        """The column's values looked up in its table."""
-        table = next(t for name, _, t in COLUMNS if name == field)
-        return map(self._tables[table].__getitem__, self._columns[field])
 
     def rows(self) -> Iterator[Row]:
         """The engine's rows (:data:`ROW_FIELDS`) of the observations that are check results
         (load reads are not: :meth:`loads`), in order, built lazily from the columns."""
-        cols = self._columns
+        named, numbers = self._named, self._numbers
         quality: list[Quality | None] = [None] * self.count
         for i, extra in self._extras.items():
             quality[i] = extra.quality
         rows: Iterator[Row] = zip(
-            self._named("node"), repeat(self.agent, self.count), self._named("check"), cols["seq"],
-            cols["wall_time"], cols["ok"], self._named("reason"), quality,
-            self._named("kind"), map(_TIER_OF.__getitem__, cols["tier"]), strict=True)
+            named["node"], repeat(self.agent, self.count), named["check"], numbers["seq"],
+            numbers["wall_time"], numbers["ok"], named["reason"], quality, named["kind"],
+            named["tier"], strict=True)
         loads = [i for i, extra in self._extras.items() if extra.load is not None]
         if loads:
             keep = [True] * self.count
@@ -226,20 +212,19 @@ class ColumnarBatch:
 
     def loads(self) -> list[tuple[str, NodeLoad]]:
         """The load reads (node, read), in order."""
-        nodes = self._tables["nodes"]
-        node = self._columns["node"]
-        return [(nodes[node[i]], extra.load) for i, extra in self._extras.items()
+        nodes = self._named["node"]
+        return [(nodes[i], extra.load) for i, extra in self._extras.items()
                 if extra.load is not None]
 
     def observations(self) -> list[Observation]:
         """Every observation, whole, as the JSON batch would have decoded it."""
-        cols = self._columns
+        named, numbers = self._named, self._numbers
         extras = self._extras
         out = []
         for i, (node, check, kind, tier, seq, wall, ok, reason, duration) in enumerate(zip(
-                self._named("node"), self._named("check"), self._named("kind"),
-                map(_TIER_OF.__getitem__, cols["tier"]), cols["seq"], cols["wall_time"],
-                cols["ok"], self._named("reason"), cols["duration_seconds"], strict=True)):
+                named["node"], named["check"], named["kind"], named["tier"], numbers["seq"],
+                numbers["wall_time"], numbers["ok"], named["reason"],
+                numbers["duration_seconds"], strict=True)):
             extra = extras.get(i, _NO_EXTRA)
             out.append(Observation(
                 node=node, check=check, vantage=self.agent, seq=seq, wall_time=wall,
@@ -280,50 +265,77 @@ def decode_columnar(data: bytes) -> ColumnarBatch:
     if wire.version != COLUMNAR_VERSION:
         raise SchemaError(f"unsupported columnar batch version {wire.version}", "$.version")
     count = wire.count
-    columns: dict[str, array[Any]] = {}
-    for name, code, table in COLUMNS:
-        column = array(code)
+    for name, code, _ in COLUMNS:
         raw: bytes = getattr(wire, name)
-        if len(raw) != count * column.itemsize:
+        width = array(code).itemsize
+        if len(raw) != count * width:
             raise SchemaError(f"{len(raw)} bytes where {count} observations take "
-                              f"{count * column.itemsize}", f"$.{name}")
-        column.frombytes(raw)
-        if not _LITTLE:
-            column.byteswap()
-        if count:
-            _check_column(name, column, table, wire)
-        columns[name] = column
+                              f"{count * width}", f"$.{name}")
+    # each value looked up in its table: the lookup the engine's rows need anyway, and the
+    # check of every index (an IndexError names the first one beyond its table)
+    named = {name: _looked_up(name, getattr(wire, table), code, getattr(wire, name), count)
+             for name, code, table in COLUMNS if table}
+    named["tier"] = _looked_up("tier", _TIER_OF, "B", wire.tier, count)
+    if wire.ok.translate(None, b"\x00\x01"):
+        _refuse_first("ok", wire.ok, lambda v: v > 1, "is not 0 or 1")
+    if wire.seq[7::8].translate(None, _POSITIVE_TOP):  # a sign bit set
+        seq = _numbers("q", wire.seq)
+        _refuse_first("seq", seq, lambda v: v < 0, "is negative")
+    numbers: dict[str, Sequence[Any]] = {"seq": _numbers("q", wire.seq), "ok": wire.ok}
+    for name, bound in _FLOAT_BOUNDS.items():
+        numbers[name] = _floats(name, getattr(wire, name), bound)
     extras = _decode_extras(wire.extras, count)
     traces: list[PathTrace] = []
     if wire.traces:
         traces = _strict(traces_decoder, wire.traces, "$.traces")
         check_traces(traces)
-    return ColumnarBatch(wire, columns, extras, traces)
+    return ColumnarBatch(wire, named, numbers, extras, traces)
 
 
-def _check_column(name: str, column: array[Any], table: str, wire: _Wire) -> None:
-    """Refuse a value the field cannot hold, naming the first observation that has one."""
-    bound = _FLOAT_BOUNDS.get(name)
-    if bound is not None:
-        # a NaN makes the sum NaN (and min/max unreliable); an infinity makes it infinite
-        if math.isfinite(sum(column)) and min(column) >= 0.0 and max(column) <= bound:
-            return
-        i = next(i for i, v in enumerate(column) if not 0.0 <= v <= bound)
-        raise SchemaError(f"{column[i]!r} is outside [0, {bound:g}]", f"$.{name}[{i}]")
-    if table:
-        size = len(getattr(wire, table))
-        if max(column) < size:
-            return
-        i = next(i for i, v in enumerate(column) if v >= size)
-        raise SchemaError(f"index {column[i]} beyond the {size} entries of {table}",
-                          f"$.{name}[{i}]")
-    high = {"tier": len(TIER_CODES), "ok": 1}.get(name)
-    if high is not None and max(column) > high:
-        i = next(i for i, v in enumerate(column) if v > high)
-        raise SchemaError(f"{column[i]} is not one of 0..{high}", f"$.{name}[{i}]")
-    if name == "seq" and min(column) < 0:
-        i = next(i for i, v in enumerate(column) if v < 0)
-        raise SchemaError(f"{column[i]} is negative", f"$.seq[{i}]")
+def _numbers(code: str, raw: bytes) -> array[Any]:
+    column = array(code, raw)
+    if not _LITTLE:
+        column.byteswap()
+    return column
+
+
+def _looked_up(name: str, table: Sequence[Any], code: str, raw: bytes, count: int) -> list[Any]:
+    """The column's values, each looked up in ``table`` (one value repeated, at C speed, when
+    every entry is the same: a batch of one check, kind, tier or reason)."""
+    width = len(raw) // count if count else 1
+    values: Sequence[int] = raw if code == "B" else _numbers(code, raw)
+    try:
+        if count and raw.count(raw[:width]) == count:  # all alike (n matches tile the column)
+            return [table[values[0]]] * count
+        return list(map(table.__getitem__, values))
+    except IndexError:
+        size = len(table)
+        _refuse_first(name, values, lambda v: v >= size, f"is beyond the {size} entries of "
+                      f"its table")
+
+
+# a float64's top byte holds its sign and the high bits of its exponent: a column whose every
+# top byte is below its bound's (one pass at C speed over a slice) holds only finite values in
+# [0, bound); any other column is checked value by value
+_POSITIVE_TOP = bytes(range(0x80))
+_BELOW_TOP = {name: bytes(range(struct.pack("<d", bound)[7]))
+              for name, bound in _FLOAT_BOUNDS.items()}
+
+
+def _floats(name: str, raw: bytes, bound: float) -> array[float]:
+    column = _numbers("d", raw)
+    # a NaN makes the sum NaN (and min/max unreliable); an infinity makes it infinite
+    if raw[7::8].translate(None, _BELOW_TOP[name]) and not (
+            math.isfinite(sum(column)) and min(column) >= 0.0 and max(column) <= bound):
+        _refuse_first(name, column, lambda v: not 0.0 <= v <= bound, f"is outside [0, {bound:g}]")
+    return column
+
+
+def _refuse_first(name: str, values: Sequence[Any], wrong: Callable[[Any], bool],
+                  what: str) -> NoReturn:
+    """Raise the :class:`SchemaError` naming the first of ``values`` that is ``wrong``."""
+    i = next(i for i, v in enumerate(values) if wrong(v))
+    raise SchemaError(f"{values[i]!r} {what}", f"$.{name}[{i}]")
 
 
 def _strict(decoder: msgspec.json.Decoder[Any], data: bytes, at: str) -> Any:
