@@ -9,7 +9,10 @@ Path of one observation:
    never sees a gap it cannot explain;
 3. one sender task per endpoint takes the endpoint's next batch from the spool (or its
    in-flight batch after a failure or a restart), signs it with :mod:`probes.model.signing` and
-   POSTs it in the agent instance's epoch (:class:`probes.model.ObservationBatch`). A 2xx answer
+   POSTs it in the agent instance's epoch (:class:`probes.model.ObservationBatch`): as JSON, or
+   in columns (:mod:`probes.model.columnar`) to an endpoint whose last answer listed
+   ``"columnar"`` in ``accepts``; a columnar batch refused with 400/413 goes again at once as
+   JSON, which every mesh takes. A 2xx answer
    acknowledges it (result ``ok``). A ``409 replay`` names the agent's position at the mesh:
    when it is in the batch's own epoch at or above its batch_seq, the mesh committed the batch
    earlier (the answer to that attempt was lost): acknowledged, result ``duplicate``. Otherwise
