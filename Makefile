@@ -11,7 +11,7 @@ APT_PACKAGES := iproute2 nftables iputils-ping socat procps openssl python3-venv
 	wireguard-tools wireguard-go openvpn \
 	strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins \
 	ike-scan haproxy prometheus prometheus-alertmanager prometheus-blackbox-exporter etcd-server \
-	gobgpd bird2 scamper unbound
+	gobgpd bird2 scamper unbound nftlb
 
 PYTEST_ARGS ?=
 
