@@ -620,10 +620,10 @@ def within_bounds(obs: Observation) -> Observation:
 
 
 def _in_bounds(obs: Observation) -> bool:
-    """True when :func:`clamped` would change nothing: no quality or load (they are clamped
-    field by field), every number inside its bounds (NaN is not), every string within its
-    length."""
-    return (obs.quality is None and obs.load is None
+    """True when :func:`clamped` would change nothing: no load (clamped field by field), every
+    number inside its bounds (NaN is not), every string within its length."""
+    quality = obs.quality
+    return ((quality is None or _quality_in_bounds(quality)) and obs.load is None
             and 0 <= obs.seq <= MAX_SEQ
             and 0.0 <= obs.wall_time <= MAX_WALL_TIME
             and 0.0 <= obs.duration_seconds <= MAX_SECONDS
@@ -633,6 +633,16 @@ def _in_bounds(obs: Observation) -> bool:
             and len(obs.node) <= MAX_NAME and len(obs.check) <= MAX_NAME
             and len(obs.vantage) <= MAX_NAME and len(obs.kind) <= MAX_NAME
             and len(obs.detail) <= MAX_DETAIL)
+
+
+def _quality_in_bounds(q: Quality) -> bool:
+    return (0 <= q.sent <= MAX_COUNT and 0 <= q.received <= MAX_COUNT
+            and 0.0 <= q.loss_ratio <= 1.0
+            and all(v is None or 0.0 <= v <= MAX_SECONDS
+                    for v in (q.rtt_p50_seconds, q.rtt_p99_seconds, q.rtt_max_seconds,
+                              q.queueing_delay_seconds))
+            and (q.throughput_bytes_per_second is None
+                 or 0.0 <= q.throughput_bytes_per_second <= MAX_RATE))
 
 
 def clamped(obs: Observation) -> Observation:

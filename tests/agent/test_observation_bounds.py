@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes.model import (
+    MAX_COUNT,
     MAX_DETAIL,
     MAX_NAME,
     MAX_PHASE_NAME,
     MAX_PHASES,
+    MAX_RATE,
     MAX_SECONDS,
     MAX_SEQ,
     MAX_WALL_TIME,
@@ -50,7 +52,15 @@ def observations(draw: st.DrawFn) -> Observation:
         "phases": draw(st.one_of(st.dictionaries(phase_names, seconds, max_size=3),
                                  st.just({f"p{i}": 0.001 for i in range(MAX_PHASES)}))),
         "detail": draw(st.sampled_from(["", "refused", "d" * MAX_DETAIL])),
-        "quality": None,
+        "quality": draw(st.one_of(st.none(), st.builds(
+            Quality, sent=st.sampled_from([0, 1, MAX_COUNT]),
+            received=st.sampled_from([0, 1, MAX_COUNT]),
+            loss_ratio=st.sampled_from([0.0, 0.5, 1.0]),
+            rtt_p50_seconds=st.one_of(st.none(), seconds),
+            rtt_p99_seconds=st.one_of(st.none(), seconds),
+            rtt_max_seconds=st.one_of(st.none(), seconds),
+            throughput_bytes_per_second=st.sampled_from([None, 0.0, 1e9, MAX_RATE]),
+            queueing_delay_seconds=st.one_of(st.none(), seconds)))),
     }
     past: dict[str, st.SearchStrategy[Any]] = {
         "node": st.sampled_from(EDGE_NAMES), "check": st.sampled_from(EDGE_NAMES),
@@ -63,8 +73,16 @@ def observations(draw: st.DrawFn) -> Observation:
             st.just({"p" * (MAX_PHASE_NAME + 1): 0.001}),
             st.just({f"p{i}": 0.001 for i in range(MAX_PHASES + 1)})),
         "detail": st.just("d" * (MAX_DETAIL + 1)),
-        "quality": st.builds(Quality, sent=st.sampled_from([3, 2**31]), received=st.just(0),
-                             loss_ratio=st.sampled_from([0.5, -1e-9, 7.0])),
+        "quality": st.one_of(
+            st.builds(Quality, sent=st.sampled_from([-1, MAX_COUNT + 1])),
+            st.builds(Quality, received=st.sampled_from([-1, MAX_COUNT + 1])),
+            st.builds(Quality, loss_ratio=st.sampled_from([*EDGE_FLOATS, 1.0000001])),
+            st.builds(Quality, rtt_p50_seconds=st.sampled_from(EDGE_FLOATS)),
+            st.builds(Quality, rtt_p99_seconds=st.sampled_from(EDGE_FLOATS)),
+            st.builds(Quality, rtt_max_seconds=st.sampled_from(EDGE_FLOATS)),
+            st.builds(Quality, throughput_bytes_per_second=st.sampled_from(
+                [*EDGE_FLOATS, MAX_RATE * 1.0000001])),
+            st.builds(Quality, queueing_delay_seconds=st.sampled_from(EDGE_FLOATS))),
     }
     pushed = draw(st.sampled_from([None, *past]))
     if pushed is not None:
@@ -94,3 +112,31 @@ def test_an_observation_inside_the_bounds_is_not_copied() -> None:
     assert within_bounds(obs) is obs
     negative = msgspec.structs.replace(obs, phases={"connect": -1e-6})
     assert within_bounds(negative).phases == {"connect": 0.0}
+
+
+BASE = Observation(node="n1", check="udp:53", vantage="v", seq=1, wall_time=1.7e9, ok=True,
+                   reason=Reason.OK, duration_seconds=0.0004, kind="udp", tier=Tier.L4,
+                   phases={"rtt": 0.0003},
+                   quality=Quality(sent=1, received=1, rtt_p50_seconds=0.0003,
+                                   rtt_p99_seconds=0.0003, rtt_max_seconds=0.0003,
+                                   throughput_bytes_per_second=1e6,
+                                   queueing_delay_seconds=0.001))
+PAST_QUALITY: dict[str, list[float]] = {
+    "sent": [-1, MAX_COUNT + 1], "received": [-1, MAX_COUNT + 1],
+    "loss_ratio": [*EDGE_FLOATS, 1.0000001],
+    "rtt_p50_seconds": [*EDGE_FLOATS, MAX_SECONDS * 1.0000001],
+    "rtt_p99_seconds": [*EDGE_FLOATS, MAX_SECONDS * 1.0000001],
+    "rtt_max_seconds": [*EDGE_FLOATS, MAX_SECONDS * 1.0000001],
+    "throughput_bytes_per_second": [*EDGE_FLOATS, MAX_RATE * 1.0000001],
+    "queueing_delay_seconds": [*EDGE_FLOATS, MAX_SECONDS * 1.0000001],
+}
+
+
+def test_every_quality_field_past_its_bounds_is_clamped() -> None:
+    assert within_bounds(BASE) is BASE
+    for name, values in PAST_QUALITY.items():
+        for value in values:
+            assert BASE.quality is not None
+            obs = msgspec.structs.replace(
+                BASE, quality=msgspec.structs.replace(BASE.quality, **{name: value}))
+            assert _same(within_bounds(obs), clamped(obs)), (name, value)
