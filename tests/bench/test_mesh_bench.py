@@ -3,9 +3,11 @@
 Run with ``flock /work/.bench.lock pytest -m slow -s tests/bench/test_mesh_bench.py``. A real
 ``tunnelwatch mesh`` process (pinned to CPU 0 with taskset, SQLite on disk, the product's default
 snapshot settings: a forked snapshot every 256 MiB journaled) takes signed batches of 2,000
-observations from 20 agents over 10,000 nodes; the client runs pinned to CPU 1 and writes each
-body as it sends it, as agents send them to a mesh that takes columnar batches
-(``TW_BENCH_MESH_WIRE=json``: the canonical JSON of older agents; both checked below). Printed,
+observations from 20 agents over 10,000 nodes (each with the phase its check's run records,
+as a real agent's observations carry theirs: a handshake phase here, as TCP's ``connect``); the
+client runs pinned to CPU 1 and writes each body as it sends it, as agents send them to a mesh
+that takes columnar batches (``TW_BENCH_MESH_WIRE=json``: the canonical JSON of older agents;
+both checked below). Printed,
 each with the load average:
 
 * **throughput**: at least 16 rounds (3.2 M observations; two snapshot cycles with JSON bodies,
@@ -98,6 +100,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def phase_seconds(seq: int) -> float:
+    """The handshake phase of observation ``seq``: a real run's phases are monotonic-clock
+    differences, every one a different float with all its digits (below the 4 ms duration)."""
+    return 0.003 + (seq * 7919 % 1_000_003) * 9.99997e-10
+
+
+_extras_json = msgspec.json.Encoder().encode
+
+
 class Sender:
     """An agent's bodies, written directly as an agent sends them (a body per request: the
     client keeps up without pre-encoding millions of observations): columnar, as to a mesh that
@@ -117,14 +128,15 @@ class Sender:
         wall = repr(round(at, 3))
         head = f'"check":"wg","vantage":"{self.name}","seq":'
         ok_tail = f',"wall_time":{wall},"ok":true,"reason":"ok","duration_seconds":0.004,' \
-            '"kind":"wireguard.handshake"}'
+            '"kind":"wireguard.handshake","phases":{"handshake":'
         fail_tail = f',"wall_time":{wall},"ok":false,"reason":"timeout",' \
-            '"duration_seconds":0.004,"kind":"wireguard.handshake"}'
+            '"duration_seconds":0.004,"kind":"wireguard.handshake","phases":{"handshake":'
         parts = []
         seq = self.obs_seq
         for node, ok in results:
             seq += 1
-            parts.append(f'{{"node":"{node}",{head}{seq}{ok_tail if ok else fail_tail}')
+            parts.append(f'{{"node":"{node}",{head}{seq}{ok_tail if ok else fail_tail}'
+                         f'{phase_seconds(seq)!r}}}}}')
         self.obs_seq = seq
         self.batch_seq += 1
         body = (f'{{"version":1,"agent":"{self.name}","batch_seq":{self.batch_seq},'
@@ -145,7 +157,10 @@ class Sender:
             [Reason.TIMEOUT, Reason.OK], array("I", range(n)).tobytes(), bytes(2 * n),
             bytes(2 * n), bytes(n), array("q", range(seq + 1, seq + n + 1)).tobytes(),
             (array("d", [wall]) * n).tobytes(), oks, oks,
-            (array("d", [0.004]) * n).tobytes(), b"", b""))
+            (array("d", [0.004]) * n).tobytes(),
+            _extras_json([(i, {"phases": {"handshake": phase_seconds(seq + 1 + i)}})
+                          for i in range(n)]),
+            b""))
 
 
 def check_canonical(sender: Sender) -> None:
