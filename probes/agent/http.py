@@ -32,7 +32,7 @@ from probes.agent.httphead import Head, query_params
 from probes.agent.httpserve import JSON, TEXT, Answer, Connection, HttpServer
 from probes.agent.metrics import escape_label_value, go_float
 from probes.agent.probe_target import ProbeChoice, ProbeRequestError
-from probes.checks.base import CheckResult, crashed, execute
+from probes.checks.base import CheckResult, execute, start_run
 from probes.config import parse_host_port
 from probes.startup import bind_error
 
@@ -186,19 +186,10 @@ class Endpoints:
     def start_probe(conn: Connection, choice: ProbeChoice, timeout: float) -> bool:
         """Start the check without a coroutine where its kind can (``CheckKind.start``, as the
         scheduler does: no task, deadline context or future per probe); False when it cannot."""
-        start = choice.kind.start
-        if start is None:
-            return False
-        began = time.monotonic()
-
         def done(result: CheckResult) -> None:
             conn.answer(Answer(200, probe_exposition(result, timeout), EXPOSITION))
 
-        try:
-            conn.running = start(choice.params, timeout, done)
-        except Exception as exc:  # a bug in a probe must never look like a node failure
-            asyncio.get_running_loop().call_soon(done, crashed(choice.kind, exc, began))
-            return True
+        conn.running = start_run(choice.kind, choice.params, timeout, done)
         return conn.running is not None
 
     @staticmethod

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 
 from probes.agent.gate import Gate
 from probes.agent.plan import PlannedCheck
-from probes.checks.base import CheckResult, Started, crashed, execute
+from probes.checks.base import CheckResult, Started, execute, start_run
 from probes.config import TierPolicy
 from probes.model import Reason, Tier
 
@@ -484,14 +484,6 @@ class ProbeRun(NamedTuple):
         return self.started - self.scheduled
 
 
-class _NothingToCancel:
-    """Stands for a run whose start raised: its crash result is already on its way."""
-
-    def cancel(self) -> None:
-        pass
-
-
-_NOTHING_TO_CANCEL = _NothingToCancel()
 Runner = Callable[[PlannedCheck, float], Awaitable[CheckResult]]
 Sink = Callable[[ProbeRun], None]
 # a check's outcome: failing (True) or not, and whether it just settled down
@@ -690,8 +682,7 @@ class AgentScheduler:
         coroutine per layer and a deadline context cost per probe is most of an L4 probe's own
         CPU. False (nothing done) leaves it to :meth:`_run`, which waits for a slot."""
         check = due.check
-        start = check.kind.start
-        if start is None or self.runner is not run_check:
+        if check.kind.start is None or self.runner is not run_check:
             return False
         gate, node_gate = self._global, self._node_gate(check.node)
         if not gate.try_enter():
@@ -708,11 +699,7 @@ class AgentScheduler:
         watch = self._watch(due.key)
         done = partial(self._started_done, due, started, wall, watch)
         assert self._loop is not None
-        try:
-            run = start(check.params, timeout, done)
-        except Exception as exc:  # a bug in a probe must never look like a node failure
-            self._loop.call_soon(done, crashed(check.kind, exc, started))
-            run = _NOTHING_TO_CANCEL
+        run = start_run(check.kind, check.params, timeout, done)
         if run is None:  # these params need the coroutine: run it in a task of its own
             task = self._loop.create_task(self.runner(check, timeout))
             task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))

@@ -11,7 +11,7 @@ Contract for ``run``:
   refused connection are all a failed :class:`CheckResult` with a closed-enum reason;
 * it measures with a monotonic clock (:class:`Stopwatch`);
 * it may overrun ``timeout`` only by cleanup (sending an EXIT, a Delete); :func:`execute` enforces a
-  hard bound anyway and reports ``timeout`` if the check did not finish.
+  hard bound anyway (a kind's ``start`` its own) and reports ``timeout`` if it did not finish.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -317,9 +318,42 @@ class Family:
     commands: tuple[ProbeCommand[Any], ...] = ()  # its `tunnelwatch probe` subcommands
 
 
+def start_run(kind: CheckKind[P], params: P, timeout: float, done: Done) -> Started | None:
+    """The kind's run started without a coroutine (:data:`Starter`), or None when the kind or
+    these params need the coroutine; a start that raised tells ``done`` its crash, later."""
+    if kind.start is None:
+        return None
+    began = time.monotonic()
+    try:
+        return kind.start(params, timeout, done)
+    except Exception as exc:  # a bug in a probe must never look like a node failure
+        return asyncio.get_running_loop().call_soon(done, crashed(kind, exc, began))
+
+
+def settle(fut: asyncio.Future[CheckResult], result: CheckResult) -> None:
+    if not fut.done():  # a started run's ``done``: told after its awaiting caller was cancelled
+        fut.set_result(result)
+
+
+async def result_of(fut: asyncio.Future[CheckResult], run: Started) -> CheckResult:
+    """The result of a started run that settles ``fut``; the run is cancelled with the caller."""
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        run.cancel()
+        raise
+
+
 async def execute(kind: CheckKind[P], params: P, timeout: float) -> CheckResult:
     """Run one check with a hard time bound; turn every escape into a result with a reason."""
     started = time.monotonic()
+    # a run started without a coroutine (L4) keeps its own bound and ends in the callback that
+    # sees its socket ready, so the caller's next check starts after every run that ended in
+    # that loop turn; the coroutine ended and started L4 probes one by one (+15-25 % CPU, #19)
+    fut: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+    run = start_run(kind, params, timeout, partial(settle, fut))
+    if run is not None:
+        return await result_of(fut, run)
     try:
         # the check runs in the caller's task under a deadline: ``wait_for`` would wrap it in a
         # second task per probe (a fifth of the scheduled agent's own per-probe CPU with the

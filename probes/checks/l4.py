@@ -26,6 +26,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,8 @@ from probes.checks.base import (
     Started,
     Stopwatch,
     first_retry_after,
+    result_of,
+    settle,
 )
 from probes.checks.icmp import (
     DatagramProbe,
@@ -338,12 +341,6 @@ async def run_tcp(params: TcpParams, timeout: float) -> CheckResult:
 # ------------------------------------------------------------------------------- udp
 
 
-def _settle(fut: asyncio.Future[Received | QueuedError | None],
-            value: Received | QueuedError | None) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
 async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
     sw = Stopwatch()
     resolved = literal_address(params.host, params.port)
@@ -352,21 +349,9 @@ async def run_udp(params: UdpParams, timeout: float) -> CheckResult:
             resolved = await resolve(params.host, params.port, socket.SOCK_DGRAM)
         except OSError as exc:
             return sw.result(False, Reason.RESOLVE_FAILED, detail=str(exc))
-    family, address = resolved
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Received | QueuedError | None] = loop.create_future()
-    sock = _udp_socket(sw, family, address)
-    if isinstance(sock, CheckResult):
-        return sock
-    probe = DatagramProbe(sock, lambda r: _settle(fut, r), lambda e: _settle(fut, e))
-    timer = loop.call_later(max(timeout - sw.elapsed(), 0.0), _settle, fut, None)
-    try:
-        sent = probe.send(params.send)
-        outcome = await fut
-    finally:
-        timer.cancel()
-        probe.close()
-    return _exchange_result(sw, params, timeout, sent, outcome)
+    fut: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+    return await result_of(fut, _UdpExchange(resolved[0], resolved[1], params, timeout,
+                                             partial(settle, fut), sw=sw))
 
 
 def _udp_socket(sw: Stopwatch, family: int,
@@ -405,16 +390,16 @@ def _exchange_result(sw: Stopwatch, params: UdpParams, timeout: float, sent: tup
 
 
 class _UdpExchange:
-    """A UDP check to an IP literal driven by callbacks of the loop's
+    """A UDP check's exchange with an address, driven by callbacks of the loop's
     :class:`~probes.checks.pollset.PollSet` (as :class:`_TcpConnect`): no coroutine, no reader
-    or timer of its own. Same results as :func:`run_udp`: the first of reply, queued error and
-    timeout decides."""
+    or timer of its own; :func:`run_udp` awaits it after resolving a name. The first of reply,
+    queued error and timeout decides."""
 
     __slots__ = ("_done", "_params", "_polls", "_sent", "_sock", "_sw", "_timeout")
 
     def __init__(self, family: int, address: tuple[Any, ...], params: UdpParams,
-                 timeout: float, done: Done) -> None:
-        self._sw = sw = Stopwatch()
+                 timeout: float, done: Done, *, sw: Stopwatch) -> None:
+        self._sw = sw
         self._params, self._timeout = params, timeout
         self._done: Done | None = done
         self._polls: PollSet | None = None
@@ -483,7 +468,7 @@ def start_udp(params: UdpParams, timeout: float, done: Done) -> Started | None:
     resolved = literal_address(params.host, params.port)
     if resolved is None:
         return None
-    return _UdpExchange(resolved[0], resolved[1], params, timeout, done)
+    return _UdpExchange(resolved[0], resolved[1], params, timeout, done, sw=Stopwatch())
 
 
 # ------------------------------------------------------------------------------- icmp
