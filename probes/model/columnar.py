@@ -11,14 +11,18 @@ The body is a msgpack array whose elements are, in this order (:data:`FIELDS`):
 ``count``      the number of observations
 ``agent``      the sending agent, which is every observation's vantage
 ``batch_seq``  as in JSON; also ``epoch`` and ``sent_at``
-``nodes``      table of node names; ``checks``, ``kinds`` (check kinds, ``""`` for none) and
-               ``reasons`` (:class:`probes.model.Reason` values) likewise
+``nodes``      table of node names; ``checks``, ``kinds`` (check kinds, ``""`` for none),
+               ``reasons`` (:class:`probes.model.Reason` values) and ``phases`` (phase names)
+               likewise
 ``node``       per observation, an index into ``nodes``: unsigned 32-bit little-endian
 ``check``      index into ``checks``, unsigned 16-bit; ``kind``: into ``kinds``, 16-bit
 ``tier``       unsigned 8-bit: 0 none sent, else 1 + the position in :data:`TIER_CODES`
 ``seq``        signed 64-bit; ``wall_time`` and ``duration_seconds``: IEEE float64
 ``ok``         unsigned 8-bit, 0 or 1; ``reason``: index into ``reasons``, unsigned 8-bit
-``extras``     JSON: ``[[index, {"phases": ..., "quality": ..., "detail": ..., "load": ...}]]``
+``phase_count`` per observation, how many phases it has (at most 32), unsigned 8-bit
+``phase``      per phase, observation after observation in their order: an index into
+               ``phases``, unsigned 16-bit; ``phase_seconds``: its seconds, IEEE float64
+``extras``     JSON: ``[[index, {"quality": ..., "detail": ..., "load": ...}]]``
                for the observations that have any of these (indices increasing); may be empty
 ``traces``     JSON: a list of :class:`probes.model.PathTrace`; may be empty
 =============  ==============================================================================
@@ -26,7 +30,9 @@ The body is a msgpack array whose elements are, in this order (:data:`FIELDS`):
 Why this shape: a JSON batch costs the mesh a struct, four strings, a dict and a few numbers per
 observation to decode, a re-encode to refuse duplicate keys, and as much again to free; here a
 batch decodes to a few tables and flat arrays, and the engine reads its rows straight from
-them. The rare per-observation objects (phases, quality, detail, load) and the traces stay JSON,
+them. Phases are in columns too, as nearly every check's run records some (TCP its
+``connect``): as JSON they cost the mesh a dict per observation, several times the rest of
+its decode. The rare per-observation objects (quality, detail, load) and the traces stay JSON,
 decoded by the same strict decoder as a JSON batch (bounds, duplicate keys refused).
 
 A body says which format it is: it begins with a msgpack array header, which no JSON text
@@ -48,6 +54,8 @@ import msgspec
 
 from probes.model import (
     MAX_DETAIL,
+    MAX_PHASE_NAME,
+    MAX_PHASES,
     MAX_SECONDS,
     MAX_WALL_TIME,
     SCHEMA_VERSION,
@@ -56,7 +64,6 @@ from probes.model import (
     Observation,
     ObservationBatch,
     PathTrace,
-    Phases,
     Quality,
     Reason,
     SchemaError,
@@ -92,9 +99,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("duration_seconds", "d", ""),
 )
 # what each float column holds at most (a value outside [0, bound], or not finite, is refused)
-_FLOAT_BOUNDS = {"wall_time": MAX_WALL_TIME, "duration_seconds": MAX_SECONDS}
+_FLOAT_BOUNDS = {"wall_time": MAX_WALL_TIME, "duration_seconds": MAX_SECONDS,
+                 "phase_seconds": MAX_SECONDS}
 
 Table = Annotated[list[Name], msgspec.Meta(max_length=65_535)]
+PhaseName = Annotated[str, msgspec.Meta(max_length=MAX_PHASE_NAME)]
+# the phase columns, after COLUMNS: one count per observation, then one entry per phase
+PHASE_COLUMNS: tuple[tuple[str, str], ...] = (("phase", "H"), ("phase_seconds", "d"))
 
 
 class _Wire(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
@@ -110,6 +121,7 @@ class _Wire(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=
     checks: Table
     kinds: Table
     reasons: Annotated[list[Reason], msgspec.Meta(max_length=255)]
+    phases: Annotated[list[PhaseName], msgspec.Meta(max_length=65_535)]
     node: bytes
     check: bytes
     kind: bytes
@@ -119,6 +131,9 @@ class _Wire(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=
     ok: bytes
     reason: bytes
     duration_seconds: bytes
+    phase_count: bytes
+    phase: bytes
+    phase_seconds: bytes
     extras: bytes
     traces: bytes
 
@@ -137,7 +152,6 @@ class Extra(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
             gc=False):
     """An observation's fields beyond the columns, where it has any."""
 
-    phases: Phases = msgspec.field(default_factory=dict)
     quality: Quality | None = None
     detail: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""
     load: NodeLoad | None = None
@@ -175,8 +189,8 @@ class ColumnarBatch:
     """A decoded and validated columnar batch. Its observations are read as :meth:`rows` (the
     engine), :meth:`loads` (the weights) or, whole, :meth:`observations`."""
 
-    __slots__ = ("_extras", "_named", "_numbers", "agent", "batch_seq", "count", "epoch",
-                 "sent_at", "traces")
+    __slots__ = ("_extras", "_named", "_numbers", "_phases", "agent", "batch_seq", "count",
+                 "epoch", "sent_at", "traces")
 
     def __init__(self, wire: _Wire, named: dict[str, list[Any]],
                  numbers: dict[str, Sequence[Any]], extras: dict[int, Extra],
@@ -190,6 +204,9 @@ class ColumnarBatch:
         self._named = named  # node, check, kind, reason, tier: each value looked up in its table
         self._numbers = numbers  # seq, wall_time, ok, duration_seconds
         self._extras = extras
+        # (names table, count, name index, seconds): the dicts are built only by observations()
+        self._phases = (wire.phases, wire.phase_count, _numbers("H", wire.phase),
+                        numbers["phase_seconds"])
 
     def rows(self) -> Iterator[Row]:
         """The engine's rows (:data:`ROW_FIELDS`) of the observations that are check results
@@ -220,17 +237,21 @@ class ColumnarBatch:
         """Every observation, whole, as the JSON batch would have decoded it."""
         named, numbers = self._named, self._numbers
         extras = self._extras
+        table, counts, phase, seconds = self._phases
+        names = [table[k] for k in phase]
+        at = 0
         out = []
-        for i, (node, check, kind, tier, seq, wall, ok, reason, duration) in enumerate(zip(
+        for i, (node, check, kind, tier, seq, wall, ok, reason, duration, n) in enumerate(zip(
                 named["node"], named["check"], named["kind"], named["tier"], numbers["seq"],
                 numbers["wall_time"], numbers["ok"], named["reason"],
-                numbers["duration_seconds"], strict=True)):
+                numbers["duration_seconds"], counts, strict=True)):
             extra = extras.get(i, _NO_EXTRA)
+            phases = dict(zip(names[at:at + n], seconds[at:at + n], strict=True))
+            at += n
             out.append(Observation(
                 node=node, check=check, vantage=self.agent, seq=seq, wall_time=wall,
                 ok=bool(ok), reason=reason, duration_seconds=duration, kind=kind, tier=tier,
-                phases=dict(extra.phases), quality=extra.quality, detail=extra.detail,
-                load=extra.load))
+                phases=phases, quality=extra.quality, detail=extra.detail, load=extra.load))
         return out
 
     def batch(self) -> ObservationBatch:
@@ -283,13 +304,56 @@ def decode_columnar(data: bytes) -> ColumnarBatch:
         _refuse_first("seq", seq, lambda v: v < 0, "is negative")
     numbers: dict[str, Sequence[Any]] = {"seq": _numbers("q", wire.seq), "ok": wire.ok}
     for name, bound in _FLOAT_BOUNDS.items():
-        numbers[name] = _floats(name, getattr(wire, name), bound)
+        if name != "phase_seconds":
+            numbers[name] = _floats(name, getattr(wire, name), bound)
+    numbers["phase_seconds"] = _checked_phases(wire)
     extras = _decode_extras(wire.extras, count)
     traces: list[PathTrace] = []
     if wire.traces:
         traces = _strict(traces_decoder, wire.traces, "$.traces")
         check_traces(traces)
     return ColumnarBatch(wire, named, numbers, extras, traces)
+
+
+def _checked_phases(wire: _Wire) -> array[float]:
+    """Check the phase columns (counts, lengths, indexes, seconds, no name twice in one
+    observation); the seconds."""
+    counts = wire.phase_count
+    if len(counts) != wire.count:
+        raise SchemaError(f"{len(counts)} bytes where {wire.count} observations take "
+                          f"{wire.count}", "$.phase_count")
+    # the common batches, at C speed: no phases at all, or one to each observation
+    alike = next((n for n in (0, 1) if counts.count(n) == len(counts)), None)
+    if alike is not None:
+        most, total = alike, alike * len(counts)
+    else:
+        most, total = max(counts), sum(counts)
+        if most > MAX_PHASES:
+            _refuse_first("phase_count", counts, lambda v: v > MAX_PHASES,
+                          f"is above {MAX_PHASES} phases")
+    for name, code in PHASE_COLUMNS:
+        raw: bytes = getattr(wire, name)
+        width = array(code).itemsize
+        if len(raw) != total * width:
+            raise SchemaError(f"{len(raw)} bytes where {total} phases take {total * width}",
+                              f"$.{name}")
+    phase = _numbers("H", wire.phase)
+    size = len(wire.phases)
+    if total and max(phase) >= size:
+        _refuse_first("phase", phase, lambda v: v >= size,
+                      f"is beyond the {size} entries of its table")
+    if most > 1:  # a name twice in one observation (JSON refuses a duplicate key alike)
+        at = 0
+        for n in counts:
+            if n > 1 and len(set(phase[at:at + n])) < n:
+                seen: set[int] = set()
+                for k in range(at, at + n):
+                    if phase[k] in seen:
+                        raise SchemaError(f"phase {wire.phases[phase[k]]!r} repeated in one "
+                                          "observation", f"$.phase[{k}]")
+                    seen.add(phase[k])
+            at += n
+    return _floats("phase_seconds", wire.phase_seconds, MAX_SECONDS)
 
 
 def _numbers(code: str, raw: bytes) -> array[Any]:
@@ -366,7 +430,8 @@ def columnar_body(agent: str, batch_seq: int, sent_at: float,
     and the mesh refuses it as it always has), or a table beyond its wire size."""
     if any(map(agent.__ne__, map(operator.attrgetter("vantage"), observations))):
         return None
-    tables: dict[str, dict[Any, int]] = {"nodes": {}, "checks": {}, "kinds": {}, "reasons": {}}
+    tables: dict[str, dict[Any, int]] = {"nodes": {}, "checks": {}, "kinds": {}, "reasons": {},
+                                         "phases": {}}
     values: dict[str, list[Any]] = {}
     for name, _, table in COLUMNS:
         if table:
@@ -377,7 +442,13 @@ def columnar_body(agent: str, batch_seq: int, sent_at: float,
     values["wall_time"] = [o.wall_time for o in observations]
     values["ok"] = [int(o.ok) for o in observations]
     values["duration_seconds"] = [o.duration_seconds for o in observations]
-    if len(tables["checks"]) > 65_535 or len(tables["kinds"]) > 65_535:
+    phase_count = [len(o.phases) for o in observations]
+    phase_index = tables["phases"]
+    phase = [phase_index.setdefault(name, len(phase_index))
+             for o in observations for name in o.phases]
+    phase_seconds = [seconds for o in observations for seconds in o.phases.values()]
+    if (len(tables["checks"]) > 65_535 or len(tables["kinds"]) > 65_535
+            or len(phase_index) > 65_535 or max(phase_count, default=0) > 255):
         return None
     columns = []
     for name, code, _ in COLUMNS:
@@ -385,12 +456,17 @@ def columnar_body(agent: str, batch_seq: int, sent_at: float,
         if not _LITTLE:
             column.byteswap()
         columns.append(column.tobytes())
-    extras = [(i, Extra(phases=o.phases, quality=o.quality, detail=o.detail, load=o.load))
+    for code, numbers in (("B", phase_count), ("H", phase), ("d", phase_seconds)):
+        column = array(code, numbers)
+        if not _LITTLE:
+            column.byteswap()
+        columns.append(column.tobytes())
+    extras = [(i, Extra(quality=o.quality, detail=o.detail, load=o.load))
               for i, o in enumerate(observations)
-              if o.phases or o.quality is not None or o.detail or o.load is not None]
+              if o.quality is not None or o.detail or o.load is not None]
     return _encoder.encode((
         COLUMNAR_VERSION, len(observations), agent, batch_seq, epoch, sent_at,
-        *(list(tables[t]) for t in ("nodes", "checks", "kinds", "reasons")), *columns,
+        *(list(tables[t]) for t in ("nodes", "checks", "kinds", "reasons", "phases")), *columns,
         _json.encode(extras) if extras else b"",
         b"[" + b",".join(traces) + b"]" if traces else b""))
 

@@ -106,9 +106,6 @@ def phase_seconds(seq: int) -> float:
     return 0.003 + (seq * 7919 % 1_000_003) * 9.99997e-10
 
 
-_extras_json = msgspec.json.Encoder().encode
-
-
 class Sender:
     """An agent's bodies, written directly as an agent sends them (a body per request: the
     client keeps up without pre-encoding millions of observations): columnar, as to a mesh that
@@ -154,13 +151,12 @@ class Sender:
         return msgspec.msgpack.encode((
             COLUMNAR_VERSION, n, self.name, self.batch_seq, 0, wall,
             [node for node, _ in results], ["wg"], ["wireguard.handshake"],
-            [Reason.TIMEOUT, Reason.OK], array("I", range(n)).tobytes(), bytes(2 * n),
-            bytes(2 * n), bytes(n), array("q", range(seq + 1, seq + n + 1)).tobytes(),
-            (array("d", [wall]) * n).tobytes(), oks, oks,
-            (array("d", [0.004]) * n).tobytes(),
-            _extras_json([(i, {"phases": {"handshake": phase_seconds(seq + 1 + i)}})
-                          for i in range(n)]),
-            b""))
+            [Reason.TIMEOUT, Reason.OK], ["handshake"], array("I", range(n)).tobytes(),
+            bytes(2 * n), bytes(2 * n), bytes(n),
+            array("q", range(seq + 1, seq + n + 1)).tobytes(),
+            (array("d", [wall]) * n).tobytes(), oks, oks, (array("d", [0.004]) * n).tobytes(),
+            b"\x01" * n, bytes(2 * n),
+            array("d", map(phase_seconds, range(seq + 1, seq + n + 1))).tobytes(), b"", b""))
 
 
 def check_canonical(sender: Sender) -> None:

@@ -182,6 +182,9 @@ def _with(obs: list[Observation], **changes: Any) -> bytes:
 
 TWO = [observation(0), observation(1, ok=False, reason=Reason.TIMEOUT)]
 NAN = array("d", [100.0, float("nan")]).tobytes()
+# phases table ["connect", "tls"]; counts [2, 1]; names [0, 1, 0]
+PHASED = [observation(0, phases={"connect": 0.1, "tls": 0.2}),
+          observation(1, phases={"connect": 0.3})]
 
 
 @pytest.mark.parametrize(("body", "field"), [
@@ -207,6 +210,19 @@ NAN = array("d", [100.0, float("nan")]).tobytes()
     (_with(TWO, extras=b'[[2,{"detail":"a"}]]'), "$.extras[0][0]"),
     (_with(TWO, extras=b'[[0,{"color":"red"}]]'), "$.extras[0][1]"),
     (_with(TWO, traces=b'[{"node":"n0"}]'), "$.traces[0]"),
+    (_with(PHASED, phases=["connect", "x" * 65]), "$.phases[1]"),
+    (_with(PHASED, phase_count=bytes([2])), "$.phase_count"),
+    (_with(PHASED, phase_count=bytes([2, 33])), "$.phase_count[1]"),
+    (_with(PHASED, phase_count=bytes([2, 2])), "$.phase"),
+    (_with(PHASED, phase_count=bytes([1, 0])), "$.phase"),
+    (_with(PHASED, phase_count=bytes([1, 1])), "$.phase"),
+    (_with(PHASED, phase_seconds=array("d", [0.1, 0.2]).tobytes()), "$.phase_seconds"),
+    (_with(PHASED, phase=array("H", [0, 5, 0]).tobytes()), "$.phase[1]"),
+    (_with(PHASED, phase=array("H", [1, 1, 0]).tobytes()), "$.phase[1]"),  # "tls" twice
+    (_with(PHASED, phase_seconds=array("d", [0.1, float("nan"), 0.3]).tobytes()),
+     "$.phase_seconds[1]"),
+    (_with(PHASED, phase_seconds=array("d", [0.1, 0.2, -1.0]).tobytes()), "$.phase_seconds[2]"),
+    (_with(PHASED, extras=b'[[0,{"phases":{"connect":0.1}}]]'), "$.extras[0][1]"),
     (msgspec.msgpack.encode([*_fields(TWO), b"more"]), "$"),
     (msgspec.msgpack.encode(_fields(TWO)[:-1]), "$"),
 ])
@@ -215,6 +231,19 @@ def test_a_malformed_columnar_batch_is_refused_naming_the_field(body: bytes, fie
     with pytest.raises(SchemaError) as caught:
         decode_received(body)
     assert caught.value.path == field, str(caught.value)
+
+
+def test_phases_travel_in_columns_in_their_order() -> None:
+    obs = [observation(0, phases={"tls": 0.2, "connect": 0.1}), observation(1),
+           observation(2, phases={"connect": 0.3})]
+    fields = dict(zip(FIELDS, _fields(obs), strict=True))
+    assert fields["phases"] == ["tls", "connect"]
+    assert fields["phase_count"] == bytes([2, 0, 1])
+    assert fields["phase"] == array("H", [0, 1, 1]).tobytes()
+    assert fields["phase_seconds"] == array("d", [0.2, 0.1, 0.3]).tobytes()
+    assert fields["extras"] == b""  # no JSON left for the mesh to decode
+    assert [list(o.phases) for o in whole_batch(body_of(obs)).observations] == [
+        ["tls", "connect"], [], ["connect"]]
 
 
 def _mutated(data: bytes, cut: int, junk: bytes) -> bytes:
@@ -233,8 +262,9 @@ def _decodes_or_names_a_field(body: bytes) -> None:
     assert decode_batch(encode(batch)) == batch
 
 
-GOOD = [body_of(TWO), body_of([observation(0, phases={"connect": 0.1},
-                                           quality=Quality(sent=3, received=3), detail="d")])]
+GOOD = [body_of(TWO), body_of(PHASED),
+        body_of([observation(0, phases={"connect": 0.1},
+                             quality=Quality(sent=3, received=3), detail="d")])]
 
 
 @FAST
