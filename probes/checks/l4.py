@@ -42,6 +42,7 @@ from probes.checks.base import (
     ProbeCommand,
     Started,
     Stopwatch,
+    crashed,
     first_retry_after,
     result_of,
     settle,
@@ -278,6 +279,13 @@ class _TcpConnect:
     def expired(self) -> None:
         self._finish(None)
 
+    def broken(self, exc: Exception) -> None:
+        self._sock.close()
+        result = crashed(TCP, exc, self._sw.start)  # logged even when ``done`` itself raised
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
+
     def _finish(self, err: int | None) -> None:
         sw = self._sw
         result = _connect_failed(sw, err, self._timeout) or sw.result(True, Reason.OK)
@@ -447,12 +455,21 @@ class _UdpExchange:
     def expired(self) -> None:
         self._finish(None)
 
-    def _finish(self, outcome: Received | QueuedError | None) -> None:
+    def broken(self, exc: Exception) -> None:
+        self._sock.close()
+        result = crashed(UDP, exc, self._sw.start)  # logged even when ``done`` itself raised
         done, self._done = self._done, None
-        if done is None:
+        if done is not None:
+            done(result)
+
+    def _finish(self, outcome: Received | QueuedError | None) -> None:
+        if self._done is None:
             return
         self._sock.close()
-        done(_exchange_result(self._sw, self._params, self._timeout, self._sent, outcome))
+        # the result before ``done`` is taken: if making it raises, :meth:`broken` still tells
+        result = _exchange_result(self._sw, self._params, self._timeout, self._sent, outcome)
+        done, self._done = self._done, None
+        done(result)
 
     def cancel(self) -> None:
         if self._done is None:

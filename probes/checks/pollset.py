@@ -9,6 +9,10 @@ Here a socket costs one ``epoll_ctl`` (``EPOLLONESHOT``: closing the socket drop
 set, no second call), every socket ready at the same loop turn is read with one
 ``epoll_wait``, and the deadlines sit in a heap under one loop timer.
 
+A waiter whose ``ready`` or ``expired`` raises is told :meth:`Waiter.broken`: the run ends as a
+probe error (as a check's coroutine that raises does), and the other waiters of that turn are
+still told.
+
 A deadline is kept (not cancelled) when its socket is answered first: it is skipped when it
 comes up, and holds no reference to the run meanwhile (a second of finished runs would stay in
 memory otherwise, thousands at full rate). A timer fires at the earliest deadline plus
@@ -36,6 +40,10 @@ class Waiter(Protocol):
     def ready(self, events: int) -> None: ...
 
     def expired(self) -> None: ...
+
+    def broken(self, exc: Exception) -> None:
+        """``ready`` or ``expired`` raised (a bug): end the run with a probe error, so that
+        its caller is told and no slot of the agent waits on it for ever."""
 
 
 class PollSet:
@@ -85,7 +93,10 @@ class PollSet:
         ready = [(waiting.pop(fd, None), ev) for fd, ev in events]
         for entry, ev in ready:
             if entry is not None:
-                entry[1].ready(ev)
+                try:
+                    entry[1].ready(ev)
+                except Exception as exc:  # the other waiters of this turn are still told
+                    entry[1].broken(exc)
 
     def _arm(self, deadline: float) -> None:
         loop = self._loop_ref()
@@ -106,7 +117,10 @@ class PollSet:
             entry = waiting.get(fd)
             if entry is not None and entry[0] == serial:
                 del waiting[fd]
-                entry[1].expired()
+                try:
+                    entry[1].expired()
+                except Exception as exc:  # as in _ready: the heap goes on, the timer is re-armed
+                    entry[1].broken(exc)
         while heap and not self._live(heap[0]):
             heapq.heappop(heap)  # answered or forgotten: nothing to wait for
         if heap:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from probes.checks import l4
-from probes.checks.base import CheckResult
+from probes.checks.base import CheckResult, execute
 from probes.checks.pollset import poll_set
 from probes.model import Reason
 
@@ -232,3 +232,46 @@ async def test_a_cancelled_udp_exchange_reports_nothing(mute_port: int) -> None:
     assert len(poll_set()) == 0
     await asyncio.sleep(0.2)
     assert results == []
+
+
+def raising_once(real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except that its first call raises: a bug in one run's callback."""
+    calls = [0]
+
+    def call(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("bug in a callback")
+        return real(*args)
+    return call
+
+
+async def test_a_callback_that_raises_ends_its_run_and_the_others_still_end(
+        open_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l4, "_connect_failed", raising_once(l4._connect_failed))
+    results: list[CheckResult] = []
+    for _ in range(8):
+        start(open_port, 5.0, results)
+    await until(lambda: len(results) == 8)
+    crashed = [r for r in results if r.reason is Reason.PROBE_ERROR]
+    assert len(crashed) == 1 and "RuntimeError: bug in a callback" in crashed[0].detail
+    assert all(r.ok for r in results if r is not crashed[0])
+
+
+async def test_execute_ends_when_a_deadlines_callback_raises(
+        silent_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l4, "_connect_failed", raising_once(l4._connect_failed))
+    params = l4.TcpParams(host="127.0.0.1", port=silent_port)
+    result = await asyncio.wait_for(execute(l4.TCP, params, 0.1), 5.0)
+    assert result.reason is Reason.PROBE_ERROR and not result.ok
+    again = await asyncio.wait_for(execute(l4.TCP, params, 0.1), 5.0)  # the set still works
+    assert again.reason is Reason.TIMEOUT
+
+
+async def test_execute_ends_when_a_udp_replys_callback_raises(
+        echo_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l4, "_exchange_result", raising_once(l4._exchange_result))
+    result = await asyncio.wait_for(execute(l4.UDP, udp(echo_port), 2.0), 5.0)
+    assert result.reason is Reason.PROBE_ERROR
+    again = await asyncio.wait_for(execute(l4.UDP, udp(echo_port), 2.0), 5.0)
+    assert again.ok, again
