@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from probes.checks import l4
-from probes.checks.base import CheckResult, execute
+from probes.checks.base import CheckResult, Done, execute
 from probes.checks.pollset import poll_set
 from probes.model import Reason
 
@@ -57,12 +57,13 @@ async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
             await asyncio.sleep(0.002)
 
 
-async def test_many_connects_use_no_writer_or_timer_of_their_own(
-        open_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def counting_loop_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, int]:
+    """How often the running loop's ``names`` are called from now on (its poll set made first:
+    it is made once per loop, and its reader is not a run's)."""
     loop = asyncio.get_running_loop()
-    poll_set()  # the loop's set exists before counting: it is made once per loop
-    calls: dict[str, int] = {"add_writer": 0, "call_at": 0}  # asyncio's call_later: call_at
-    for name in calls:
+    poll_set()
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         real = getattr(loop, name)
 
         def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
@@ -70,14 +71,25 @@ async def test_many_connects_use_no_writer_or_timer_of_their_own(
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(loop, name, counting)
+    return calls
+
+
+def gathering(count: int) -> tuple[list[CheckResult], asyncio.Future[None], Done]:
+    """A run's ``done`` that keeps its results, and a future set once ``count`` came in."""
     results: list[CheckResult] = []
-    all_done = loop.create_future()
+    all_done = asyncio.get_running_loop().create_future()
 
     def done(result: CheckResult) -> None:
         results.append(result)
-        if len(results) == 64:
+        if len(results) == count:
             all_done.set_result(None)
+    return results, all_done, done
 
+
+async def test_many_connects_use_no_writer_or_timer_of_their_own(
+        open_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_loop_calls(monkeypatch, "add_writer", "call_at")  # call_later: call_at
+    results, all_done, done = gathering(64)
     for _ in range(64):
         assert l4.start_tcp(l4.TcpParams(host="127.0.0.1", port=open_port), 5.0, done)
     await all_done  # no sleep meanwhile: every timer counted is the runs'
@@ -178,25 +190,8 @@ def udp(port: int, expect: bytes | None = b"pong:hi") -> l4.UdpParams:
 
 async def test_many_udp_exchanges_use_no_reader_or_timer_of_their_own(
         echo_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    poll_set()
-    calls: dict[str, int] = {"add_reader": 0, "call_at": 0}
-    for name in calls:
-        real = getattr(loop, name)
-
-        def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(loop, name, counting)
-    results: list[CheckResult] = []
-    all_done = loop.create_future()
-
-    def done(result: CheckResult) -> None:
-        results.append(result)
-        if len(results) == 32:
-            all_done.set_result(None)
-
+    calls = counting_loop_calls(monkeypatch, "add_reader", "call_at")
+    results, all_done, done = gathering(32)
     for _ in range(32):
         assert l4.start_udp(udp(echo_port), 5.0, done)
     await all_done
