@@ -280,11 +280,7 @@ class _TcpConnect:
         self._finish(None)
 
     def broken(self, exc: Exception) -> None:
-        self._sock.close()
-        result = crashed(TCP, exc, self._sw.start)  # logged even when ``done`` itself raised
-        done, self._done = self._done, None
-        if done is not None:
-            done(result)
+        _crash(self, TCP, exc)
 
     def _finish(self, err: int | None) -> None:
         sw = self._sw
@@ -308,6 +304,16 @@ class _TcpConnect:
         if self._polls is not None:
             self._polls.forget(self._fd)
         self._sock.close()
+
+
+def _crash(run: _TcpConnect | _UdpExchange, kind: CheckKind[Any], exc: Exception) -> None:
+    """A started run's :meth:`~probes.checks.pollset.Waiter.broken`: closed, and ended as the
+    probe error a check coroutine that raised would give (logged even when ``done`` raised)."""
+    run._sock.close()
+    result = crashed(kind, exc, run._sw.start)
+    done, run._done = run._done, None
+    if done is not None:
+        done(result)
 
 
 def start_tcp(params: TcpParams, timeout: float, done: Done) -> Started | None:
@@ -456,11 +462,7 @@ class _UdpExchange:
         self._finish(None)
 
     def broken(self, exc: Exception) -> None:
-        self._sock.close()
-        result = crashed(UDP, exc, self._sw.start)  # logged even when ``done`` itself raised
-        done, self._done = self._done, None
-        if done is not None:
-            done(result)
+        _crash(self, UDP, exc)
 
     def _finish(self, outcome: Received | QueuedError | None) -> None:
         if self._done is None:
