@@ -111,7 +111,7 @@ class CheckState:
     phase: float  # slot in the tier interval, 0..1
     due: float | None = None
     why: str = ""  # "round", "fast", "cascade", "reprobe" or "liveness": why it is due
-    gen: int = 0  # bumps invalidate stale heap entries
+    gen: int = 0  # the sequence number of its live heap entry: any other entry of it is stale
     running: bool = False
     settled: bool | None = None  # None until the first outcome
     last_ok: bool | None = None
@@ -145,6 +145,7 @@ class Due(NamedTuple):
     check: PlannedCheck
     due: float
     why: str
+    state: CheckState  # the shell's start asks its timeout of it, without a lookup by key
 
 
 class Completion(NamedTuple):
@@ -157,6 +158,11 @@ class Completion(NamedTuple):
     # other way round (the tracer hears of changes only: nothing on the hot path)
     failing: bool = False
     failing_changed: bool = False
+
+
+# what :meth:`ScheduleCore.complete` returns for a success of a check settled up that was not
+# failing: what the general rule gives then (no change, nothing cascaded), made once
+STEADY_UP = Completion(False, True, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +211,13 @@ class ScheduleCore:
         self.states: dict[str, CheckState] = {}
         self.refused: tuple[str, ...] = ()
         self.planned_rate = 0.0
-        self._heap: list[tuple[float, int, str]] = []
+        # (due, sequence number, state): the state itself, not its key, so that popping and
+        # peeking need no lookup; the sequence numbers are unique, so a tie on the due time is
+        # broken first queued, first popped and two states are never compared
+        self._heap: list[tuple[float, int, CheckState]] = []
+        self._seq = 0
         self._by_node: dict[str, list[str]] = {}
-        self._tier_order: dict[Tier, list[str]] = {}
+        self._tier_order: dict[Tier, list[CheckState]] = {}  # each tier's checks in slot order
 
     # ---------------------------------------------------------------- configuration
 
@@ -251,14 +261,14 @@ class ScheduleCore:
                 self.states[c.key] = CheckState(c, policy, phase)
         for key, st in old.items():
             if key not in self.states:
-                st.gen += 1  # drops its heap entry
+                st.gen = -1  # drops its heap entry
         self._by_node = {}
         self._tier_order = {}
         for key, st in self.states.items():
             self._by_node.setdefault(st.check.node, []).append(key)
-            self._tier_order.setdefault(st.check.tier, []).append(key)
-        for keys in self._tier_order.values():  # slot order: a round opens earliest slots first
-            keys.sort(key=lambda k: self.states[k].phase)
+            self._tier_order.setdefault(st.check.tier, []).append(st)
+        for ordered in self._tier_order.values():  # slot order: a round opens earliest first
+            ordered.sort(key=lambda st: st.phase)
         self.refused = tuple(refused)
         self.planned_rate = rate
         return LoadReport(added=len(self.states) - kept, kept=kept,
@@ -282,10 +292,12 @@ class ScheduleCore:
         return st.last_start + st.check.min_interval
 
     def _queue(self, st: CheckState, due: float, why: str) -> None:
-        due = max(due, self._earliest(st))
-        st.gen += 1
+        if st.last_start is not None and st.check.min_interval:  # as _earliest, without a call
+            due = max(due, st.last_start + st.check.min_interval)
+        self._seq += 1
+        st.gen = self._seq
         st.due, st.why = due, why
-        heapq.heappush(self._heap, (due, st.gen, st.check.key))
+        heapq.heappush(self._heap, (due, self._seq, st))
 
     def open_round(self, tier: Tier, now: float) -> int:
         """Place every idle check of ``tier`` at its slot in [now, now + interval)."""
@@ -302,11 +314,14 @@ class ScheduleCore:
         """
         policy = self.policy(tier)
         order = self._tier_order.get(tier, [])
-        for key in order[first:first + count]:
-            st = self.states.get(key)
-            if st is None or st.running or st.due is not None:
+        # the jitter is drawn as ``rng.uniform(low, high)`` draws it (``low + (high - low) *
+        # random()``), inline: the same slots from the same seed, without a call per check
+        low, high = -policy.jitter / 2, policy.jitter / 2
+        width, draw, interval = high - low, self.rng.random, policy.interval
+        for st in order[first:first + count]:
+            if st.running or st.due is not None:
                 continue  # busy, or already queued (fast re-probe, cascade)
-            slot = st.phase + self.rng.uniform(-policy.jitter / 2, policy.jitter / 2)
+            slot = st.phase + (low + width * draw())
             # reflected at the round's edges, not clamped: a clamp put every check whose jitter
             # crossed an edge at the same instant, a burst of ~jitter/4 of the tier at each end
             # of every round (most of the p99 start error at 2,000 starts/s)
@@ -314,34 +329,36 @@ class ScheduleCore:
                 slot = -slot
             elif slot > _LAST_SLOT:
                 slot = 2 * _LAST_SLOT - slot
-            slot = min(max(slot, 0.0), _LAST_SLOT)
-            due = round_start + slot * policy.interval
-            if due < self._earliest(st):
-                continue  # its budget allows no run in this round
+            if not 0.0 <= slot <= _LAST_SLOT:  # jitter beyond a whole round: clamped after all
+                slot = min(max(slot, 0.0), _LAST_SLOT)
+            due = round_start + slot * interval
+            if (st.last_start is not None and st.check.min_interval
+                    and due < st.last_start + st.check.min_interval):
+                continue  # its budget allows no run in this round (see _earliest)
             self._queue(st, due, "round")
         nxt = first + count
         return nxt if nxt < len(order) else -1
 
     def next_due(self) -> float | None:
-        while self._heap:
-            due, gen, key = self._heap[0]
-            st = self.states.get(key)
-            if st is not None and st.gen == gen and st.due is not None:
+        heap = self._heap
+        while heap:
+            due, seq, st = heap[0]
+            if st.gen == seq:
                 return due
-            heapq.heappop(self._heap)
+            heapq.heappop(heap)  # stale: re-queued since, popped, or its check removed
         return None
 
     def pop_due(self, now: float, ahead: float = 0.0) -> list[Due]:
         """Every check due at ``now`` (or within ``ahead`` after it), marked running."""
         out: list[Due] = []
         until = now + ahead
-        while self._heap and self._heap[0][0] <= until:
-            due, gen, key = heapq.heappop(self._heap)
-            st = self.states.get(key)
-            if st is None or st.gen != gen or st.due is None:
+        heap, pop = self._heap, heapq.heappop
+        while heap and heap[0][0] <= until:
+            due, seq, st = pop(heap)
+            if st.gen != seq:
                 continue
             st.due, st.running, st.last_start = None, True, now
-            out.append(Due(key, st.check, due, st.why))
+            out.append(Due(st.check.key, st.check, due, st.why, st))
         return out
 
     def request(self, key: str, now: float) -> str:
@@ -373,7 +390,10 @@ class ScheduleCore:
 
     def timeout_for(self, key: str) -> float:
         """How long the next run of ``key`` may take: the adaptive RTO or the tier's timeout."""
-        st = self.states[key]
+        return self.timeout_of(self.states[key])
+
+    def timeout_of(self, st: CheckState) -> float:
+        """:meth:`timeout_for` of a check's state (as :class:`Due` carries it)."""
         configured = st.policy.timeout
         if st.check.tier not in self.adaptive_tiers or st.rtt_samples < RTO_MIN_SAMPLES:
             return configured
@@ -390,6 +410,11 @@ class ScheduleCore:
         st.running = False
         if ok and duration is not None:
             st.sample_rtt(max(duration, 0.0))  # Karn: a failure (timeout) is no sample
+        if ok and st.settled is True and not st.streak and not st.failing:
+            # a success of a check settled up (nearly every outcome): nothing changes but its
+            # round trip, and nothing is queued (the shell need not re-arm its timer)
+            st.last_ok = True
+            return STEADY_UP
         changed = False
         first = st.settled is None
         if first:
@@ -423,7 +448,11 @@ class ScheduleCore:
         ``RTO_MIN_SAMPLES`` of them, ``min_timeout``) clamped to [``min_timeout``, half its
         timeout]. None for the other tiers."""
         st = self.states.get(key)
-        if st is None or st.check.tier is not Tier.FUNCTIONAL:
+        return None if st is None else self.suspect_after_of(st)
+
+    def suspect_after_of(self, st: CheckState) -> float | None:
+        """:meth:`suspect_after` of a check's state (as :class:`Due` carries it)."""
+        if st.check.tier is not Tier.FUNCTIONAL:
             return None
         rto = st.srtt + RTO_K * st.rttvar if st.rtt_samples >= RTO_MIN_SAMPLES else 0.0
         return min(max(rto, self.min_timeout), st.policy.timeout / 2)
@@ -684,7 +713,9 @@ class AgentScheduler:
         check = due.check
         if check.kind.start is None or self.runner is not run_check:
             return False
-        gate, node_gate = self._global, self._node_gate(check.node)
+        gate, node_gate = self._global, self._per_node.get(check.node)
+        if node_gate is None:
+            node_gate = self._node_gate(check.node)
         if not gate.try_enter():
             return False
         if not node_gate.try_enter():
@@ -695,12 +726,12 @@ class AgentScheduler:
             node_gate.leave()
             gate.leave()
             return True
-        timeout = self.core.timeout_for(due.key)
-        watch = self._watch(due.key)
+        timeout = self.core.timeout_of(due.state)
+        watch = self._watch(due)
         done = partial(self._started_done, due, started, wall, watch)
-        assert self._loop is not None
         run = start_run(check.kind, check.params, timeout, done)
         if run is None:  # these params need the coroutine: run it in a task of its own
+            assert self._loop is not None
             task = self._loop.create_task(self.runner(check, timeout))
             task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
             run = task
@@ -720,12 +751,12 @@ class AgentScheduler:
             self._drained.set()
         self._complete(due, started, wall, result)
 
-    def _watch(self, key: str) -> asyncio.TimerHandle | None:
+    def _watch(self, due: Due) -> asyncio.TimerHandle | None:
         """A timer for a functional check that runs past its usual time (liveness probe)."""
-        after = self.core.suspect_after(key)
+        after = self.core.suspect_after_of(due.state)
         if after is None or self._loop is None:
             return None
-        return self._loop.call_later(after, self._suspect, key)
+        return self._loop.call_later(after, self._suspect, due.key)
 
     def _suspect(self, key: str) -> None:
         if self._stopping:
@@ -741,12 +772,6 @@ class AgentScheduler:
             gate = self._per_node[node] = Gate(self._per_node_limit)
         return gate
 
-    def _record_lag(self, lag: float) -> None:
-        s = self.stats
-        s.lag_last = lag
-        s.lag_max_window = max(s.lag_max_window, lag)
-        if s.keep_lag_samples and len(s.lag_samples) < s.keep_lag_samples:
-            s.lag_samples.append(lag)
 
     async def _run(self, due: Due) -> None:
         check = due.check
@@ -762,8 +787,8 @@ class AgentScheduler:
                     wall = self.wall()
                     if not self._admit(due, started, wall):
                         return
-                    timeout = self.core.timeout_for(due.key)
-                    watch = self._watch(due.key)
+                    timeout = self.core.timeout_of(due.state)
+                    watch = self._watch(due)
                     try:
                         result = await self.runner(check, timeout)
                     finally:
@@ -781,11 +806,14 @@ class AgentScheduler:
     def _admit(self, due: Due, started: float, wall: float) -> bool:
         """Count a start; False when it is too late to run (refused as overloaded)."""
         lag = started - due.due
-        self._record_lag(lag)
+        stats = self.stats
+        stats.lag_last = lag
+        stats.lag_max_window = max(stats.lag_max_window, lag)
+        if stats.keep_lag_samples and len(stats.lag_samples) < stats.keep_lag_samples:
+            stats.lag_samples.append(lag)
         if lag > self.max_start_lag:
             self._refuse_late(due, started, wall, lag)
             return False
-        stats = self.stats
         stats.started_total += 1
         if due.why != "round":
             stats.fast_reprobes_total += due.why == "fast"
@@ -795,9 +823,16 @@ class AgentScheduler:
 
     def _complete(self, due: Due, started: float, wall: float, result: CheckResult) -> None:
         """What a finished run does: the schedule's response to it, then metrics and report."""
+        completion = self.core.complete(due.key, result.ok, self.clock(),
+                                        result.duration_seconds)
+        if completion is not STEADY_UP:  # a change, or something queued: the rest of the rules
+            self._respond(due, result, completion)
+        self._deliver(ProbeRun(due.check, result, wall, due.due, started, due.why))
+
+    def _respond(self, due: Due, result: CheckResult, completion: Completion) -> None:
+        """Log a cascade or a settled change, tell the failing hook, re-arm for what was
+        queued."""
         check = due.check
-        done = self.clock()
-        completion = self.core.complete(due.key, result.ok, done, result.duration_seconds)
         if completion.cascaded:
             self.stats.cascades_total += len(completion.cascaded)
             log.info("cascade node=%s check=%s reason=%s -> %s", check.node, check.check,
@@ -815,7 +850,6 @@ class AgentScheduler:
                 log.exception("failing hook failed for node=%s check=%s", check.node,
                               check.check)
         self._arm()
-        self._deliver(ProbeRun(check, result, wall, due.due, started, due.why))
 
     def _deliver(self, run: ProbeRun) -> None:
         try:

@@ -150,3 +150,67 @@ def test_admission_refuses_beyond_max_rate_and_reload_keeps_state() -> None:
     assert again.kept == 5 and again.removed == 15
     assert core.states["n0/tcp"] is before and before.last_ok is False
     assert core.states["n0/tcp"].phase == before.phase
+
+
+def test_round_slots_are_the_phase_plus_the_seeded_jitter_draw() -> None:
+    # each check of a round, in slot order, is placed at phase + rng.uniform(-j/2, j/2) of the
+    # interval, reflected at the round's edges: the same seed gives the same slots
+    core = ScheduleCore(TIERS, rng=random.Random(3))
+    core.load(fleet(40, (Tier.L4,)))
+    core.open_round(Tier.L4, 10.0)
+    draws = random.Random(3)
+    jitter, interval = TIERS["l4"].jitter, TIERS["l4"].interval
+    expected = {}
+    for st in sorted(core.states.values(), key=lambda s: s.phase):
+        slot = st.phase + draws.uniform(-jitter / 2, jitter / 2)
+        slot = -slot if slot < 0.0 else (2 * 0.999 - slot if slot > 0.999 else slot)
+        expected[st.check.key] = 10.0 + slot * interval
+    assert {key: st.due for key, st in core.states.items()} == expected
+    assert any(due < 10.0 + st.phase * interval for due, st in
+               zip(expected.values(), core.states.values(), strict=True))  # jitter both ways
+
+
+def test_checks_due_at_the_same_time_start_in_the_order_they_were_queued() -> None:
+    core = ScheduleCore(TIERS)
+    core.load([planned(f"n{i}", Tier.L4) for i in range(3)])
+    for key in ("n2/tcp", "n0/tcp", "n1/tcp"):
+        assert core.request(key, 5.0) == "honoured"
+    assert [d.key for d in core.pop_due(5.0)] == ["n2/tcp", "n0/tcp", "n1/tcp"]
+
+
+def test_a_check_removed_by_a_reload_never_starts_and_one_added_again_starts_once() -> None:
+    core = ScheduleCore(TIERS)
+    core.load([planned(f"n{i}", Tier.L4) for i in range(4)])
+    core.open_round(Tier.L4, 0.0)  # every check queued in [0, 2)
+    core.load([planned(f"n{i}", Tier.L4) for i in range(2)])  # n2, n3 removed
+    core.load([planned(f"n{i}", Tier.L4) for i in range(3)])  # n2 back: a new, idle state
+    core.open_round(Tier.L4, 0.0)  # queues n2 (n0 and n1 are queued already)
+    keys = [d.key for d in core.pop_due(2.0)]
+    assert sorted(keys) == ["n0/tcp", "n1/tcp", "n2/tcp"]
+    assert core.next_due() is None
+
+
+def test_a_success_of_a_check_settled_up_changes_nothing_but_its_round_trip() -> None:
+    core = ScheduleCore(TIERS)
+    core.load([planned("n0", Tier.L4), planned("n0", Tier.FUNCTIONAL)])
+    key = "n0/tcp"
+
+    def run(ok: bool, now: float, duration: float = 0.01) -> tuple[bool, ...]:
+        core.request(key, now)
+        [due] = [d for d in core.pop_due(now) if d.key == key]
+        return tuple(core.complete(due.key, ok, now + duration, duration))
+
+    first = run(True, 0.0)
+    assert first == (False, True, (), True, False, False)  # the first outcome settles at once
+    st = core.states[key]
+    assert run(True, 1.0, 0.02) == (False, True, (), False, False, False)
+    assert (st.rtt_samples, st.streak, st.last_ok, st.running, st.due) == (2, 0, True, False,
+                                                                           None)
+    assert st.srtt == pytest.approx(0.01 * 7 / 8 + 0.02 / 8)
+    assert core.next_due() is None  # nothing queued
+    # a failure of it is a change (failing, a fast re-probe and a cascade are queued) ...
+    failed = run(False, 2.0)
+    assert failed[1:] == (True, ("n0/fake.handshake",), False, True, True)
+    # ... and the success after it is one too: the check is no longer failing
+    assert run(True, 3.0) == (False, True, (), False, False, True)
+    assert run(True, 4.0) == (False, True, (), False, False, False)
