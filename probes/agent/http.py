@@ -38,7 +38,7 @@ from probes.startup import bind_error
 
 TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
 RENDER_SLICE = 0.0005  # seconds of /metrics rendering between two looks at due probes
-RENDER_CHECK_EVERY = 64  # pieces joined between two looks at the clock
+RENDER_CHECK_EVERY = 2  # pieces (each up to 32 lines) joined between two looks at the clock
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from probes.agent.metrics import AgentCollector, ProbeStats, ReporterStats, new_registry
 from probes.agent.scheduler import ProbeRun, SchedulerStats
@@ -132,3 +134,16 @@ def test_telemetry_reads_are_not_probes_and_their_facts_follow_the_last_read() -
     assert get("tunnelwatch_node_reconnects_total", labels) == 3
     kinds = {m.name: m.type for m in registry.collect()}
     assert kinds["tunnelwatch_node_reconnects"] == "counter"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(), st.integers(min_value=-2**60, max_value=2**60),
+                 st.sampled_from([0, 0.0, -0.0, 999_999.9, 1e6, -1e6, 1e-7, 1e16, 123456.75])))
+def test_value_formatting_is_the_librarys(value: float) -> None:
+    """The exposition's values are formatted by go_float, whose fast path (repr inside
+    (-1e6, 1e6)) must give what prometheus_client's floatToGoString gives, for every value."""
+    from prometheus_client.utils import floatToGoString
+
+    from probes.agent.metrics import go_float
+
+    assert go_float(value) == floatToGoString(value)
