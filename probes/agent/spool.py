@@ -10,8 +10,14 @@ a dedicated thread so the event loop that times probes never blocks on the disk.
 
 Tables:
 
-* ``obs(seq, body)``: encoded :class:`probes.model.Observation` JSON, ``seq`` the per-agent
-  observation sequence number (strictly increasing, never reused once committed);
+* ``chunks(first_seq, last_seq, body)``: encoded :class:`probes.model.Observation` JSON of the
+  observations ``first_seq`` to ``last_seq``, one per line (each body followed by a newline,
+  which JSON text never holds unescaped), ``seq`` the per-agent observation sequence number
+  (strictly increasing, never reused once committed). A group commit writes one row per run of
+  consecutive seqs (up to ``CHUNK_MAX`` observations), not one per observation: a row per
+  observation written, read and deleted again cost the spool's thread ~7 µs of CPU per
+  observation at 2,000/s, a row per commit ~2.4 µs. A spool from before chunks has an
+  ``obs(seq, body)`` table (one row each); opening it moves those rows into chunks;
 * ``acked(endpoint, seq)``: the committed read offset per mesh endpoint URL;
 * ``inflight(endpoint, batch_seq, first_seq, last_seq, epoch)``: the batch being sent to an
   endpoint. A retry — also after a restart — resends the same range under the same
@@ -36,8 +42,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+CHUNK_MAX = 512  # observations in one row of the spool at most
+# the bytes a chunk's bodies take: its body's length less one newline per observation
+_SIZE = "length(body) - (last_seq - first_seq + 1)"
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,
+                                   body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,
                                      first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
@@ -71,8 +82,9 @@ class Spool:
         if "epoch" not in columns:  # a spool from before epochs: its batches are in epoch 0
             self.db.execute("ALTER TABLE inflight ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
         self.wall = wall
+        self._move_rows_into_chunks()
         self.next_seq = self._meta("next_seq")
-        top = self.db.execute("SELECT MAX(seq) FROM obs").fetchone()[0]
+        top = self.db.execute("SELECT MAX(last_seq) FROM chunks").fetchone()[0]
         if top is not None and top >= self.next_seq:  # belt and braces: never reuse a seq
             self.next_seq = top + 1
         self.bytes = self._meta("bytes")
@@ -80,6 +92,23 @@ class Spool:
         self.epoch = self._meta("epoch")
         if not self.epoch:  # a new spool (or one from before epochs): a new instance
             self.new_epoch(0)
+
+    def _move_rows_into_chunks(self) -> None:
+        """A spool from before chunks: its ``obs`` rows (one per observation) become chunks,
+        in one transaction, so a crash meanwhile leaves the old table whole."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'obs'"
+                           ).fetchone() is None:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.db.execute("SELECT seq, body FROM obs ORDER BY seq").fetchall()
+            self._insert_chunks([(int(seq), bytes(body)) for seq, body in rows])
+            self.db.execute("DROP TABLE obs")
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str) -> int:
         row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
@@ -130,12 +159,13 @@ class Spool:
     # ---------------------------------------------------------------- writing
 
     def append(self, records: Sequence[tuple[int, bytes]]) -> int:
-        """Commit (seq, body) records; drop the oldest beyond capacity. Returns drops."""
+        """Commit (seq, body) records (bodies without a newline: JSON); drop the oldest beyond
+        capacity. Returns drops."""
         if not records:
             return 0
         size = sum(len(body) for _, body in records)
         with self._transaction():
-            self.db.executemany("INSERT INTO obs (seq, body) VALUES (?, ?)", records)
+            self._insert_chunks(records)
             self.bytes += size
             dropped = self._evict_over_capacity()
             self.next_seq = max(self.next_seq, records[-1][0] + 1)
@@ -144,24 +174,47 @@ class Spool:
             self._set_meta("dropped", self.dropped)
         return dropped
 
+    def _insert_chunks(self, records: Sequence[tuple[int, bytes]]) -> None:
+        """One row per run of consecutive seqs, ``CHUNK_MAX`` records at most."""
+        rows = []
+        start = 0
+        for i in range(1, len(records) + 1):
+            if (i == len(records) or records[i][0] != records[i - 1][0] + 1
+                    or i - start == CHUNK_MAX):
+                bodies = [body for _, body in records[start:i]]
+                blob = b"\n".join(bodies) + b"\n"
+                if blob.count(b"\n") != len(bodies):
+                    raise ValueError("a spooled observation holds a newline")
+                rows.append((records[start][0], records[i - 1][0], blob))
+                start = i
+        self.db.executemany("INSERT INTO chunks (first_seq, last_seq, body) VALUES (?, ?, ?)",
+                            rows)
+
     def _evict_over_capacity(self) -> int:
         dropped = 0
         while self.bytes > self.max_bytes:
-            rows = self.db.execute("SELECT seq, length(body) FROM obs ORDER BY seq LIMIT 256"
-                                   ).fetchall()
-            if not rows:
+            row = self.db.execute("SELECT first_seq, last_seq, body FROM chunks "
+                                  "ORDER BY first_seq LIMIT 1").fetchone()
+            if row is None:
                 self.bytes = 0
                 break
+            first, last, bodies = int(row[0]), int(row[1]), _bodies(row[2])
             cut = 0
-            for seq, length in rows:
-                if self.bytes <= self.max_bytes:
-                    break
-                self.bytes -= int(length)
-                cut = int(seq)
-                dropped += 1
-            self.db.execute("DELETE FROM obs WHERE seq <= ?", (cut,))
+            while cut < len(bodies) and self.bytes > self.max_bytes:
+                self.bytes -= len(bodies[cut])
+                cut += 1
+            dropped += cut
+            self._cut_chunk(first, last, bodies, cut)
         self.dropped += dropped
         return dropped
+
+    def _cut_chunk(self, first: int, last: int, bodies: list[bytes], cut: int) -> None:
+        """Remove the chunk's first ``cut`` observations (all of them: the row)."""
+        if cut >= len(bodies):
+            self.db.execute("DELETE FROM chunks WHERE first_seq = ?", (first,))
+        elif cut:
+            self.db.execute("UPDATE chunks SET first_seq = ?, body = ? WHERE first_seq = ?",
+                            (first + cut, b"\n".join(bodies[cut:]) + b"\n", first))
 
     # ---------------------------------------------------------------- reading
 
@@ -170,26 +223,52 @@ class Spool:
         return int(row[0]) if row else -1
 
     def next_batch(self, endpoint: str, limit: int) -> Batch | None:
-        """The endpoint's in-flight batch (resent as is), or a new one after its offset."""
+        """The endpoint's in-flight batch (resent as is), or a new one after its offset: whole
+        chunks while they fit in ``limit``, or the first ``limit`` of a larger one."""
         row = self.db.execute("SELECT batch_seq, first_seq, last_seq, epoch FROM inflight "
                               "WHERE endpoint = ?", (endpoint,)).fetchone()
         if row is not None:
             batch_seq, first, last, epoch = (int(v) for v in row)
-            bodies = [b for (b,) in self.db.execute(
-                "SELECT body FROM obs WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last))]
+            _, _, bodies = self._read(first - 1, last, None)
             return Batch(endpoint, batch_seq, first, last, bodies, epoch)
-        rows = self.db.execute("SELECT seq, body FROM obs WHERE seq > ? ORDER BY seq LIMIT ?",
-                               (self.acked(endpoint), limit)).fetchall()
-        if not rows:
+        first, last, bodies = self._read(self.acked(endpoint), None, limit)
+        if not bodies:
             return None
-        first, last = int(rows[0][0]), int(rows[-1][0])
         with self._transaction():
             batch_seq = self._meta("next_batch_seq")
             self._set_meta("next_batch_seq", batch_seq + 1)
             self.db.execute("INSERT INTO inflight (endpoint, batch_seq, first_seq, last_seq, "
                             "epoch) VALUES (?, ?, ?, ?, ?)",
                             (endpoint, batch_seq, first, last, self.epoch))
-        return Batch(endpoint, batch_seq, first, last, [bytes(b) for _, b in rows], self.epoch)
+        return Batch(endpoint, batch_seq, first, last, bodies, self.epoch)
+
+    def _read(self, after: int, last: int | None, limit: int | None
+              ) -> tuple[int, int, list[bytes]]:
+        """(first seq, last seq, bodies in seq order) of the observations above ``after``: up
+        to ``last``, or whole chunks while they fit in ``limit`` (at least the first ``limit``
+        observations)."""
+        cursor = self.db.execute("SELECT first_seq, body FROM chunks WHERE last_seq > ? "
+                                 "ORDER BY first_seq", (after,))
+        bodies: list[bytes] = []
+        first_seq = last_seq = -1
+        for first, blob in cursor:
+            if last is not None and first > last:
+                break
+            chunk = _bodies(blob)
+            lo = max(0, after + 1 - first)
+            hi = len(chunk) if last is None else min(len(chunk), last - first + 1)
+            if limit is not None:
+                if bodies and len(bodies) + hi - lo > limit:
+                    break
+                hi = min(hi, lo + limit - len(bodies))
+            if not bodies:
+                first_seq = first + lo
+            bodies.extend(chunk[lo:hi])
+            last_seq = first + hi - 1
+            if limit is not None and len(bodies) >= limit:
+                break
+        cursor.close()
+        return first_seq, last_seq, bodies
 
     def ack(self, batch: Batch, endpoints: Sequence[str]) -> None:
         """The endpoint has the batch: advance its offset; prune what every endpoint has."""
@@ -204,9 +283,16 @@ class Spool:
         low = min((self.acked(e) for e in endpoints), default=-1)
         if low < 0:
             return
-        freed = self.db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM obs WHERE seq <= ?",
-                                (low,)).fetchone()[0]
-        self.db.execute("DELETE FROM obs WHERE seq <= ?", (low,))
+        freed = self.db.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM chunks "  # noqa: S608
+                                "WHERE last_seq <= ?", (low,)).fetchone()[0]
+        self.db.execute("DELETE FROM chunks WHERE last_seq <= ?", (low,))
+        row = self.db.execute("SELECT first_seq, last_seq, body FROM chunks WHERE first_seq <= ?",
+                              (low,)).fetchone()
+        if row is not None:  # acknowledged up to the middle of a chunk: its head goes
+            first, last, bodies = int(row[0]), int(row[1]), _bodies(row[2])
+            cut = low - first + 1
+            freed += sum(len(body) for body in bodies[:cut])
+            self._cut_chunk(first, last, bodies, cut)
         self.bytes = max(0, self.bytes - int(freed))
         self._set_meta("bytes", self.bytes)
 
@@ -221,5 +307,11 @@ class Spool:
     def depth(self, endpoints: Sequence[str]) -> int:
         """Observations not yet accepted by every endpoint."""
         low = min((self.acked(e) for e in endpoints), default=-1)
-        row = self.db.execute("SELECT COUNT(*) FROM obs WHERE seq > ?", (low,)).fetchone()
+        row = self.db.execute("SELECT COALESCE(SUM(last_seq - MAX(first_seq, ?) + 1), 0) "
+                              "FROM chunks WHERE last_seq > ?", (low + 1, low)).fetchone()
         return int(row[0])
+
+
+def _bodies(blob: bytes) -> list[bytes]:
+    """A chunk's bodies, in seq order."""
+    return bytes(blob).split(b"\n")[:-1]

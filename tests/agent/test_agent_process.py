@@ -21,12 +21,13 @@ pytestmark = pytest.mark.agent
 
 
 def _spooled(db: Path) -> tuple[int, int]:
-    """(rows, max seq) committed in the spool, read-only from outside the agent."""
+    """(observations, max seq) committed in the spool, read-only from outside the agent."""
     if not db.exists():
         return 0, -1
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            rows, top = conn.execute("SELECT COUNT(*), COALESCE(MAX(seq), -1) FROM obs").fetchone()
+            rows, top = conn.execute("SELECT COALESCE(SUM(last_seq - first_seq + 1), 0), "
+                                     "COALESCE(MAX(last_seq), -1) FROM chunks").fetchone()
     except sqlite3.OperationalError:  # tables not created yet
         return 0, -1
     return int(rows), int(top)

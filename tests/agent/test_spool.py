@@ -7,8 +7,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from probes.agent.spool import Spool
+from probes.agent.spool import CHUNK_MAX, Spool
 from tests.diskfull import fill, free, small_filesystem
 
 pytestmark = pytest.mark.agent
@@ -18,6 +20,14 @@ A, B = "http://a", "http://b"
 
 def _records(first: int, n: int, size: int = 10) -> list[tuple[int, bytes]]:
     return [(seq, b"x" * size) for seq in range(first, first + n)]
+
+
+def _stored(spool: Spool) -> tuple[int, int]:
+    """(observations, bytes of their bodies) the spool's file holds."""
+    count, size = spool.db.execute(
+        "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0), "
+        "COALESCE(SUM(length(body) - (last_seq - first_seq + 1)), 0) FROM chunks").fetchone()
+    return int(count), int(size)
 
 
 def test_inflight_batch_is_resent_unchanged_after_reopen(tmp_path: Path) -> None:
@@ -81,15 +91,13 @@ def test_accounting_stays_true_through_a_full_disk(tmp_path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 call()
         free(filler)
-        rows = spool.db.execute("SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM obs")
-        count, size = rows.fetchone()
+        count, size = _stored(spool)
         assert (spool.bytes, spool.dropped) == (size, 0)
         assert spool.next_seq == 5 + count - 3  # the rows that made it, after the 5 first
         assert spool.append(_records(spool.next_seq, 3, size=1000)) == 0  # nothing dropped
         spool.close()
         reopened = Spool(disk / "s.db", 1_000_000)
-        again = reopened.db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM obs").fetchone()
-        assert (reopened.bytes, reopened.dropped) == (again[0], 0)
+        assert (reopened.bytes, reopened.dropped) == (_stored(reopened)[1], 0)
         reopened.close()
 
 
@@ -140,4 +148,133 @@ def test_a_spool_from_before_epochs_resends_its_inflight_batch_in_epoch_0(tmp_pa
     spool.append(_records(2, 1))
     after = spool.next_batch(A, limit=10)
     assert after is not None and (after.epoch, after.batch_seq) == (1_800_000_000_000, 42)
+    spool.close()
+
+
+def test_a_commit_is_one_row_and_batches_take_whole_chunks(tmp_path: Path) -> None:
+    """A group commit is one row per run of consecutive seqs (CHUNK_MAX at most); a batch takes
+    whole chunks while they fit, or the head of one larger than its limit; an acknowledgement in
+    the middle of a chunk frees exactly its head."""
+    spool = Spool(tmp_path / "s.db", 10_000)
+    spool.append(_records(0, 4))
+    spool.append(_records(4, 3))
+    spool.append([*_records(7, 2), *_records(20, 1)])  # a gap (held in memory, dropped)
+    spool.append(_records(21, CHUNK_MAX + 2))
+    rows = spool.db.execute("SELECT first_seq, last_seq FROM chunks ORDER BY first_seq")
+    assert rows.fetchall() == [(0, 3), (4, 6), (7, 8), (20, 20), (21, 20 + CHUNK_MAX),
+                               (21 + CHUNK_MAX, 22 + CHUNK_MAX)]
+    batch = spool.next_batch(A, limit=6)  # 4 fit, 4 + 3 do not
+    assert batch is not None and (batch.first_seq, batch.last_seq, len(batch.bodies)) == (0, 3, 4)
+    spool.ack(batch, [A])
+    batch = spool.next_batch(A, limit=100)
+    assert batch is not None and (batch.first_seq, batch.last_seq, len(batch.bodies)) == (4, 20, 6)
+    spool.ack(batch, [A])
+    batch = spool.next_batch(A, limit=10)  # the head of a larger chunk
+    assert batch is not None and (batch.first_seq, batch.last_seq, len(batch.bodies)) == (21, 30,
+                                                                                          10)
+    spool.ack(batch, [A])
+    assert spool.depth([A]) == CHUNK_MAX + 2 - 10
+    assert _stored(spool) == (CHUNK_MAX + 2 - 10, spool.bytes)
+    assert spool.bytes == 10 * (CHUNK_MAX + 2 - 10)
+    with pytest.raises(ValueError, match="newline"):
+        spool.append([(CHUNK_MAX + 23, b'{"a":\n1}')])
+
+
+def test_a_spool_from_before_chunks_is_read_and_moved_into_chunks(tmp_path: Path) -> None:
+    """One row per observation (the spool before chunks): opened, its rows become chunks in
+    one transaction; offsets, the in-flight batch, bytes and depth carry on."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);"
+            "CREATE TABLE acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+            "CREATE TABLE inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,"
+            " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
+            " epoch INTEGER NOT NULL DEFAULT 0);"
+            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+            "INSERT INTO acked VALUES ('http://a', 5), ('http://b', 2);"
+            "INSERT INTO inflight VALUES ('http://a', 7, 6, 7, 1700000000000);"
+            "INSERT INTO meta VALUES ('next_seq', 10), ('next_batch_seq', 8), ('bytes', 54),"
+            " ('epoch', 1700000000000);")
+        db.executemany("INSERT INTO obs VALUES (?, ?)",
+                       [(seq, f'{{"seq":{seq}}}'.encode()) for seq in (3, 4, 5, 6, 7, 9)])
+        db.commit()
+    spool = Spool(path, 10_000)
+    assert (spool.next_seq, spool.bytes, spool.depth([A, B])) == (10, 54, 6)
+    assert spool.db.execute("SELECT name FROM sqlite_master WHERE name = 'obs'").fetchone() is None
+    batch = spool.next_batch(A, limit=100)
+    assert batch is not None and (batch.batch_seq, batch.epoch) == (7, 1_700_000_000_000)
+    assert batch.bodies == [b'{"seq":6}', b'{"seq":7}']
+    spool.ack(batch, [A, B])
+    batch = spool.next_batch(B, limit=100)
+    assert batch is not None and batch.bodies == [f'{{"seq":{s}}}'.encode() for s in (3, 4, 5, 6,
+                                                                                       7, 9)]
+    spool.ack(batch, [A, B])
+    assert spool.depth([A, B]) == 1 and spool.bytes == 9  # A has not had seq 9 yet
+    spool.close()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 40), st.integers(0, 3), st.integers(1, 30)),
+    st.tuples(st.just("send"), st.sampled_from([A, B]), st.integers(1, 60), st.booleans()),
+    st.tuples(st.just("reopen"))), max_size=30))
+def test_the_spool_keeps_what_one_row_per_observation_kept(tmp_path_factory: pytest.TempPathFactory,
+                                                          steps: list[tuple[object, ...]]) -> None:
+    """Against a model of the spool as one row per observation (what it was before chunks):
+    every batch is the next observations of its endpoint in seq order (the same again until
+    acknowledged), and depth, bytes and drops (oldest first beyond capacity) are the model's."""
+    path = tmp_path_factory.mktemp("spool") / "s.db"
+    capacity = 600
+    spool = Spool(path, capacity)
+    kept: dict[int, bytes] = {}  # the model: seq -> body of what the spool holds
+    acked = {A: -1, B: -1}
+    inflight: dict[str, int] = {}  # endpoint -> first seq of its batch not acknowledged
+    dropped = 0
+    seq = 0
+    for step in steps:
+        if step[0] == "append":
+            _, n, gap, size = step
+            seq += int(gap)  # seqs held in memory and dropped leave a gap
+            records = [(s, bytes([97 + s % 26]) * int(size)) for s in range(seq, seq + int(n))]
+            seq += int(n)
+            kept.update(records)
+            over = sum(map(len, kept.values())) - capacity
+            for s in sorted(kept):
+                if over <= 0:
+                    break
+                over -= len(kept.pop(s))
+                dropped += 1
+            spool.append(records)
+        elif step[0] == "send":
+            _, endpoint, limit, ack = step
+            batch = spool.next_batch(str(endpoint), int(limit))
+            after = [s for s in sorted(kept) if s > acked[str(endpoint)]]
+            if endpoint in inflight:
+                assert batch is not None and batch.first_seq == inflight[str(endpoint)]
+                assert batch.bodies == [kept[s] for s in after if s <= batch.last_seq]
+            elif not after:
+                assert batch is None
+                continue
+            else:
+                assert batch is not None and batch.first_seq == after[0]
+                assert 1 <= len(batch.bodies) <= int(limit)
+                assert batch.bodies == [kept[s] for s in after[:len(batch.bodies)]]
+                assert batch.last_seq == after[len(batch.bodies) - 1]
+            if ack:
+                spool.ack(batch, [A, B])
+                acked[str(endpoint)] = max(acked[str(endpoint)], batch.last_seq)
+                inflight.pop(str(endpoint), None)
+                for s in [s for s in kept if s <= min(acked.values())]:
+                    del kept[s]
+            else:
+                inflight[str(endpoint)] = batch.first_seq
+        else:
+            spool.close()
+            spool = Spool(path, capacity)
+        low = min(acked.values())
+        assert spool.depth([A, B]) == sum(1 for s in kept if s > low)
+        assert spool.bytes == sum(map(len, kept.values())) == _stored(spool)[1]
+        assert spool.dropped == dropped
     spool.close()
