@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ProbeRun, SchedulerStats
 from probes.checks.base import CheckResult
-from probes.model import NODE_READ_TIERS
+from probes.model import NODE_READ_TIERS, Reason
 
 # .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
 DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)
@@ -127,6 +127,11 @@ class ProbeStats:
         self.durations: dict[HistKey, Histogram] = {}
         self.overloaded_total = 0
         self.lag = Histogram(LAG_BUCKETS)  # start lag of every probe, refused ones included
+        # check.key -> [check, its series, its duration histogram or None until it has one]:
+        # what record() finds for a run without making and hashing its label tuples. Filled as
+        # runs come, emptied by plan() (which may drop series); a run of a check object from
+        # before a reload is not its slot's, and is looked up by its labels
+        self._slots: dict[str, list[Any]] = {}
 
     def plan(self, checks: Iterable[PlannedCheck]) -> None:
         """Pre-create series for every planned check (attempts start at 0, not absent)."""
@@ -140,15 +145,26 @@ class ProbeStats:
         hist_keys = {k[1:] for k in wanted}
         for hkey in [k for k in self.durations if k not in hist_keys]:
             del self.durations[hkey]
+        self._slots.clear()
 
-    def record(self, run: ProbeRun) -> None:
-        key = label_key(run.check)
+    def _slot(self, check: PlannedCheck) -> list[Any]:
+        key = label_key(check)
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = CheckSeries()
-        result = run.result
-        self.lag.observe(max(run.lag, 0.0))
-        if result.reason.value == "overloaded":
+        slot = [check, s, self.durations.get(key[1:])]
+        self._slots[check.key] = slot
+        return slot
+
+    def record(self, run: ProbeRun) -> None:
+        check, result = run.check, run.result
+        slot = self._slots.get(check.key)
+        if slot is None or slot[0] is not check:
+            slot = self._slot(check)
+        s: CheckSeries = slot[1]
+        lag = run.started - run.scheduled
+        self.lag.observe(lag if lag > 0.0 else 0.0)
+        if result.reason is Reason.OVERLOADED:
             # the agent did not run it: not an attempt against the node
             self.overloaded_total += 1
             return
@@ -156,15 +172,17 @@ class ProbeStats:
         if not result.ok:
             if s.failures is _NOTHING:
                 s.failures = {}
-            s.failures[result.reason.value] = s.failures.get(result.reason.value, 0) + 1
-        if run.check.tier in NODE_READ_TIERS:
+            reason = result.reason.value
+            s.failures[reason] = s.failures.get(reason, 0) + 1
+        if check.tier in NODE_READ_TIERS:
             s.telemetry = True
             self._record_facts(s, result)
             return
         s.success = 1.0 if result.ok else 0.0
-        hist = self.durations.get(key[1:])
+        hist: Histogram | None = slot[2]
         if hist is None:
-            hist = self.durations[key[1:]] = Histogram(DURATION_BUCKETS)
+            hist = slot[2] = self.durations.setdefault(label_key(check)[1:],
+                                                       Histogram(DURATION_BUCKETS))
         hist.observe(result.duration_seconds)
         if result.phases:
             s.phases = result.phases

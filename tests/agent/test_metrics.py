@@ -147,3 +147,45 @@ def test_value_formatting_is_the_librarys(value: float) -> None:
     from probes.agent.metrics import go_float
 
     assert go_float(value) == floatToGoString(value)
+
+
+def test_recording_through_slots_is_recording_by_labels() -> None:
+    """record() finds a check's series and histogram through a slot kept per check; a reload
+    that moves a node to another pool (a new check object under the same key), a run of the
+    old object finishing after it, and one of a check the reload removed must land where the
+    label lookup puts them: the exposition is the same as with every slot forgotten before each
+    record."""
+    from dataclasses import replace
+
+    from probes.agent.metrics import render_text
+
+    old = planned("n1", Tier.L4)
+    moved = replace(old, pool="pool-b")
+    other = planned("n2", Tier.L4)
+    steps: list[tuple[str, object]] = [
+        ("plan", [old, other]),
+        ("run", _run("n1", True, Reason.OK, 0.01, phases={"connect": 0.01})),
+        ("run", ProbeRun(other, CheckResult(False, Reason.REFUSED, 0.2), 0.0, 1.0, 1.0, "round")),
+        ("plan", [moved, other]),
+        ("run", ProbeRun(moved, CheckResult(True, Reason.OK, 0.3), 0.0, 1.0, 1.5, "round")),
+        ("run", ProbeRun(old, CheckResult(False, Reason.TIMEOUT, 2.0), 0.0, 1.0, 0.9, "round")),
+        ("run", ProbeRun(moved, CheckResult(False, Reason.OVERLOADED, 0.0), 0.0, 1.0, 1.0,
+                         "round")),
+        ("run", ProbeRun(moved, CheckResult(True, Reason.OK, 0.04), 0.0, 1.0, 1.0, "round")),
+        ("plan", [moved]),  # n2 removed: its series goes; a run finishing after brings it back
+        ("run", ProbeRun(other, CheckResult(True, Reason.OK, 0.05), 0.0, 1.0, 1.0, "round")),
+    ]
+    bodies = []
+    for forget in (False, True):
+        stats = ProbeStats()
+        for what, arg in steps:
+            if what == "plan":
+                stats.plan(arg)  # type: ignore[arg-type]
+            else:
+                if forget:
+                    stats._slots.clear()
+                stats.record(arg)  # type: ignore[arg-type]
+        bodies.append(render_text(new_registry(AgentCollector("v1", stats, SchedulerStats))))
+    assert bodies[0] == bodies[1]
+    assert b'tunnelwatch_probe_attempts_total{check="tcp",node="n1",pool="pool-b"' in bodies[0]
+    assert b'tunnelwatch_probe_success{check="tcp",node="n2"' in bodies[0]
