@@ -64,6 +64,7 @@ def test_changes_wait_for_the_bucket_and_concurrency() -> None:
     p.max_per_minute = 600.0  # (a policy reload would do this)
     p.policy = TracingConfig(max_per_minute=600.0, concurrency=2, min_interval=30.0)
     assert p.take(31.0) == []  # two in flight: the concurrency limit
+    assert p.next_due(31.0) is None  # until one ends (which wakes the shell), not every ms
 
 
 def test_baselines_are_spread_over_the_interval_and_restart_after_any_trace() -> None:
