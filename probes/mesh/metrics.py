@@ -22,9 +22,31 @@ from probes.mesh.ingest import IngestStats
 from probes.mesh.reprobe import RESULTS as REPROBE_RESULTS
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
-from probes.model import VerdictState
+from probes.model import VerdictState, Votes
 
 P = "tunnelwatch_mesh_"
+
+
+def node_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily,
+                             GaugeMetricFamily]:
+    """The per-node families, empty (nodes by state, verdict, votes, quorum lost): their
+    names, help and labels in one place for the collector and the text renderer."""
+    return (
+        GaugeMetricFamily(P + "nodes", "Nodes by published verdict state.", labels=["state"]),
+        GaugeMetricFamily(P + "node_verdict", "1 for the node's published verdict state.",
+                          labels=["node", "pool", "state"]),
+        GaugeMetricFamily(P + "node_votes",
+                          "Vantages by their vote on the node at its last evaluation.",
+                          labels=["node", "vote"]),
+        GaugeMetricFamily(P + "node_quorum_lost", "1 when too few vantages could vote.",
+                          labels=["node"]),
+    )
+
+
+def vote_values(v: Votes) -> tuple[tuple[str, int], ...]:
+    """A node's ``node_votes`` series: each vote label with its count, in exposition order."""
+    return (("up", v.up), ("degraded", v.degraded), ("down", v.down),
+            ("stale", v.excluded_stale), ("impaired", v.excluded_impaired))
 
 
 class MeshCollector(Collector):
@@ -32,52 +54,30 @@ class MeshCollector(Collector):
                  reprobe: ReprobePlanner | None = None,
                  guard: ConnectionGuard | None = None) -> None:
         # a callable: the service's engine may be rebuilt after a store failure
-        self._service = service
+        self.service = service
         self._ingest = ingest
         self._reprobe = reprobe
         self._guard = guard
 
     def collect(self) -> Iterator[Metric]:
-        service = self._service()
-        engine = service.engine
-        now = service.last_now
-
-        by_state = GaugeMetricFamily(
-            P + "nodes", "Nodes by published verdict state.", labels=["state"]
-        )
-        counts = Counter(node.state for node in engine.nodes.values())
+        service = self.service()
+        by_state, verdict, votes, quorum = node_families()
+        counts = Counter(node.state for node in service.engine.nodes.values())
         for state in VerdictState:
             by_state.add_metric([state.value], counts.get(state, 0))
-        yield by_state
-
-        verdict = GaugeMetricFamily(
-            P + "node_verdict",
-            "1 for the node's published verdict state.",
-            labels=["node", "pool", "state"],
-        )
-        votes = GaugeMetricFamily(
-            P + "node_votes",
-            "Vantages by their vote on the node at its last evaluation.",
-            labels=["node", "vote"],
-        )
-        quorum = GaugeMetricFamily(
-            P + "node_quorum_lost", "1 when too few vantages could vote.", labels=["node"]
-        )
-        for name, node in engine.nodes.items():
+        for name, node in service.engine.nodes.items():
             verdict.add_metric([name, node.info.pool, node.state.value], 1)
-            v = node.votes
-            for label, value in (
-                ("up", v.up),
-                ("degraded", v.degraded),
-                ("down", v.down),
-                ("stale", v.excluded_stale),
-                ("impaired", v.excluded_impaired),
-            ):
+            for label, value in vote_values(node.votes):
                 votes.add_metric([name, label], value)
             quorum.add_metric([name], int(node.quorum_lost))
-        yield verdict
-        yield votes
-        yield quorum
+        yield from (by_state, verdict, votes, quorum)
+        yield from self.collect_rest(service)
+
+    def collect_rest(self, service: MeshService) -> Iterator[Metric]:
+        """Every family but :func:`node_families`' (those are the bulk at thousands of nodes:
+        :mod:`probes.mesh.exposition` writes them from per-node text kept between scrapes)."""
+        engine = service.engine
+        now = service.last_now
 
         transitions = CounterMetricFamily(
             P + "verdict_transitions",
