@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -21,6 +22,40 @@ async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
+
+
+async def take_in_slices(items: Iterable[T], slice_seconds: float = 0.0005,
+                         check_every: int = 64) -> list[T]:
+    """Every item of ``items``, in order, taken on the loop that awaits this: ``items`` is a
+    generator that does its work as each item is asked for, and the loop gets a turn whenever
+    ``slice_seconds`` of that work have run (the clock is read every ``check_every`` items).
+    A long render (the mesh's /metrics at thousands of nodes) then holds no decision, report or
+    probe start for longer than a slice; what the generator reads must be read whole within
+    one item, since the state may change between two items."""
+    out: list[T] = []
+    deadline = time.perf_counter() + slice_seconds
+    for item in items:
+        out.append(item)
+        if len(out) % check_every == 0 and time.perf_counter() >= deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + slice_seconds
+    return out
+
+
+async def join_in_slices(pieces: Iterable[bytes], slice_bytes: int = 1 << 20) -> bytearray:
+    """``b"".join(pieces)``, the loop getting a turn after each ``slice_bytes`` copied: one join
+    of a 6.4 MB body (the mesh's /metrics at 15,000 nodes) held the loop for 1-4 ms, most of
+    it the first touch of fresh pages. Appended, not copied into a buffer made at its full
+    size: that one zeroes every page at once."""
+    body = bytearray()
+    copied = 0
+    for piece in pieces:
+        body += piece
+        copied += len(piece)
+        if copied >= slice_bytes:
+            await asyncio.sleep(0)
+            copied = 0
+    return body
 
 
 def run_fast(main: Coroutine[Any, Any, T]) -> T:

@@ -8,7 +8,7 @@ and vantage ids come from the config, states and reasons from closed sets.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,6 +22,7 @@ from probes.mesh.ingest import IngestStats
 from probes.mesh.reprobe import RESULTS as REPROBE_RESULTS
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
+from probes.mesh.state import NodeVantage
 from probes.model import VerdictState, Votes
 
 P = "tunnelwatch_mesh_"
@@ -49,6 +50,11 @@ def vote_values(v: Votes) -> tuple[tuple[str, int], ...]:
             ("stale", v.excluded_stale), ("impaired", v.excluded_impaired))
 
 
+def last_report(nvs: Iterable[NodeVantage]) -> float | None:
+    """When the latest of these (node, vantage) pairs' observations was accepted (None: none)."""
+    return max((nv.seen for nv in nvs), default=None)
+
+
 class MeshCollector(Collector):
     def __init__(self, service: Callable[[], MeshService], ingest: IngestStats,
                  reprobe: ReprobePlanner | None = None,
@@ -73,9 +79,12 @@ class MeshCollector(Collector):
         yield from (by_state, verdict, votes, quorum)
         yield from self.collect_rest(service)
 
-    def collect_rest(self, service: MeshService) -> Iterator[Metric]:
+    def collect_rest(self, service: MeshService,
+                     last_seen: Mapping[str, float] | None = None) -> Iterator[Metric]:
         """Every family but :func:`node_families`' (those are the bulk at thousands of nodes:
-        :mod:`probes.mesh.exposition` writes them from per-node text kept between scrapes)."""
+        :mod:`probes.mesh.exposition` writes them from per-node text kept between scrapes).
+        ``last_seen``: each vantage's :func:`last_report`, when the caller took them already
+        (a vantage's are all its nodes: the exposition reads them in slices)."""
         engine = service.engine
         now = service.last_now
 
@@ -104,7 +113,9 @@ class MeshCollector(Collector):
         for name, vantage in engine.vantages.items():
             impaired.add_metric([name], int(vantage.impaired))
             contradicted.add_metric([name], int(vantage.contradicted))
-            seen = max((nv.seen for nv in vantage.nvs), default=now)
+            latest = (last_seen[name] if last_seen is not None and name in last_seen
+                      else last_report(vantage.nvs))
+            seen = now if latest is None else latest
             fresh.add_metric([name], max(0.0, now - seen))
         yield impaired
         yield contradicted

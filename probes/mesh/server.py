@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from probes.logutil import RateLimitedLog
@@ -25,6 +25,7 @@ from probes.mesh import connections
 from probes.mesh.api import Api
 from probes.mesh.bgp import runtime as anycast
 from probes.mesh.config import AgentCheckConfig, MeshConfig
+from probes.mesh.exposition import MeshExposition
 from probes.mesh.ingest import AgentKey, Ingest, IngestLimits
 from probes.mesh.leader import LeaderCollector, LeaderElector
 from probes.mesh.metrics import MeshCollector, WeightCollector
@@ -108,7 +109,9 @@ def build_app(
     ingest = Ingest(svc, load_keys(cfg), limits, clock, reprobe=planner, guard=guard)
     token = signing.load_key(cfg.operator_token_file) if cfg.operator_token_file else None
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
-    registry.register(MeshCollector(lambda: ingest.service, ingest.stats, planner, guard))
+    # the mesh's own families are written apart, in slices (the registry holds the rest)
+    exposition = MeshExposition(
+        MeshCollector(lambda: ingest.service, ingest.stats, planner, guard), registry)
     registry.register(WeightCollector(lambda: ingest.service))
     reloads = ConfigReloads()
     reloads.succeeded()  # the mesh reads its config at start only
@@ -122,7 +125,7 @@ def build_app(
     app[GUARD_KEY] = guard
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(registry)
+        body = await exposition.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_post("/v1/batches", ingest.handle)
