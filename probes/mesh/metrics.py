@@ -22,7 +22,8 @@ from probes.mesh.ingest import IngestStats
 from probes.mesh.reprobe import RESULTS as REPROBE_RESULTS
 from probes.mesh.reprobe import ReprobePlanner
 from probes.mesh.service import MeshService
-from probes.mesh.state import NodeVantage
+from probes.mesh.state import NodeState, NodeVantage
+from probes.mesh.weights import NodeWeight, WeightEngine
 from probes.model import VerdictState, Votes
 
 P = "tunnelwatch_mesh_"
@@ -257,48 +258,73 @@ _LOAD_GAUGES = (
 )
 
 
+def weight_families() -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
+    """The weight engine's per-node families, empty, in exposition order (an index into this is
+    what :func:`weight_samples` gives)."""
+    labels = ["node", "pool", "pop"]
+    return (
+        GaugeMetricFamily(
+            P + "node_weight_ratio",
+            "The node's published weight, a share of its nominal weight (0 = no new flows).",
+            labels=labels),
+        CounterMetricFamily(
+            P + "node_weight_changes", "Published weight changes of the node.", labels=labels),
+        GaugeMetricFamily(
+            P + "node_capacity", "The node's configured capacity (1 = a typical node).",
+            labels=labels),
+        GaugeMetricFamily(
+            P + "node_load_fresh", "1 while the node's load is recent enough to weigh.",
+            labels=labels),
+        *(GaugeMetricFamily(P + name, doc, labels=labels) for _, name, doc in _LOAD_GAUGES),
+    )
+
+
+_LOAD_FAMILY = {signal: 4 + i for i, (signal, _, _) in enumerate(_LOAD_GAUGES)}
+
+
+def weight_labels(name: str, node: NodeWeight, engine_nodes: Mapping[str, NodeState]) -> list[str]:
+    """A node's label values in the weight families: node, pool, pop."""
+    info = engine_nodes.get(name)
+    return [name, node.pool, info.info.pop if info is not None else ""]
+
+
+def weight_samples(node: NodeWeight, now: float, stale: float) -> list[tuple[int, float]]:
+    """A node's series in the weight families: (index in :func:`weight_families`, value)."""
+    out: list[tuple[int, float]] = []
+    if node.published is not None:
+        out.append((0, node.published / 100.0))
+    out += ((1, node.seq), (2, node.capacity))
+    is_fresh = node.load_fresh(now, stale)
+    out.append((3, int(is_fresh)))
+    if is_fresh:
+        out.extend((_LOAD_FAMILY[signal], value) for signal, value in node.ewma.items())
+    return out
+
+
 class WeightCollector(Collector):
     """The weight engine at scrape time (weights on): weights, their inputs and the guard."""
 
     def __init__(self, service: Callable[[], MeshService]) -> None:
-        self._service = service
+        self.service = service
 
     def collect(self) -> Iterator[Metric]:
-        service = self._service()
+        service = self.service()
         weights = service.weights
         if weights is None:
             return
         now = service.last_now
         stale = weights.policy.load_stale_after_seconds
-        labels = ["node", "pool", "pop"]
-        weight = GaugeMetricFamily(
-            P + "node_weight_ratio",
-            "The node's published weight, a share of its nominal weight (0 = no new flows).",
-            labels=labels)
-        changes = CounterMetricFamily(
-            P + "node_weight_changes", "Published weight changes of the node.", labels=labels)
-        capacity = GaugeMetricFamily(
-            P + "node_capacity", "The node's configured capacity (1 = a typical node).",
-            labels=labels)
-        fresh = GaugeMetricFamily(
-            P + "node_load_fresh", "1 while the node's load is recent enough to weigh.",
-            labels=labels)
-        gauges = {signal: GaugeMetricFamily(P + name, doc, labels=labels)
-                  for signal, name, doc in _LOAD_GAUGES}
+        families = weight_families()
         engine_nodes = service.engine.nodes
         for name, node in weights.nodes.items():
-            info = engine_nodes.get(name)
-            values = [name, node.pool, info.info.pop if info is not None else ""]
-            if node.published is not None:
-                weight.add_metric(values, node.published / 100.0)
-            changes.add_metric(values, node.seq)
-            capacity.add_metric(values, node.capacity)
-            is_fresh = node.load_fresh(now, stale)
-            fresh.add_metric(values, int(is_fresh))
-            if is_fresh:
-                for signal, value in node.ewma.items():
-                    gauges[signal].add_metric(values, value)
-        yield from (weight, changes, capacity, fresh, *gauges.values())
+            values = weight_labels(name, node, engine_nodes)
+            for family, value in weight_samples(node, now, stale):
+                families[family].add_metric(values, value)
+        yield from families
+        yield from self.collect_rest(weights)
+
+    def collect_rest(self, weights: WeightEngine) -> Iterator[Metric]:
+        """The pools' guard families (the per-node ones are :func:`weight_families`)."""
         scale = GaugeMetricFamily(
             P + "weight_guard_scale",
             "Factor the pool's weight guard scales load cuts back by (1 = not holding).",
