@@ -9,9 +9,10 @@ accepted report and verdict publication waited behind a Prometheus scrape that l
 - the nodes are read in slices (:func:`probes.aio.take_in_slices`), the loop getting a turn
   between two slices, and so are the (node, vantage) pairs behind each vantage's last report
   age (75,000 at 15,000 nodes and 5 vantages: 4 ms in one go);
+- the weight engine's per-node families (``weights.enabled``: ten per node) are written in
+  slices too, afresh at every scrape (their smoothed loads move between two scrapes);
 - the rest (totals, vantages, paths, the process) is small and written in one step (~1.5 ms),
-  and the body is joined 1 MiB at a time. Not yet in slices: the weight engine's per-node
-  families (``weights.enabled``), written by the registry's ``generate_latest``.
+  and the body is joined 1 MiB at a time.
 
 Consistency: each node's verdict, votes and quorum lines come from one read of that node, so
 from the same decision; the ``nodes`` counts by state are counted from those same reads, so they
@@ -31,8 +32,19 @@ from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from probes.aio import join_in_slices, take_in_slices
-from probes.mesh.metrics import MeshCollector, node_families, vote_values
+from probes.mesh.metrics import (
+    WEIGHT_LABELS,
+    MeshCollector,
+    WeightCollector,
+    node_families,
+    vote_values,
+    weight_families,
+    weight_labels,
+    weight_samples,
+)
+from probes.mesh.service import MeshService
 from probes.mesh.state import NodeState
+from probes.mesh.weights import WeightEngine
 from probes.model import VerdictState, Votes
 
 
@@ -86,17 +98,31 @@ class MeshExposition:
     """``GET /metrics``: the mesh collector's families, then the registry's (weights, the
     process, publishers, the leader), in the order one registry holding them all would give."""
 
-    def __init__(self, collector: MeshCollector, registry: CollectorRegistry) -> None:
+    def __init__(self, collector: MeshCollector, weights: WeightCollector,
+                 registry: CollectorRegistry) -> None:
         self.collector = collector
+        self.weights = weights
         self.registry = registry
         _, verdict, votes, quorum = node_families()
         self._heads = [_text([family]) for family in (verdict, votes, quorum)]
         self._names = verdict.name, votes.name, quorum.name
+        self._weight_heads = [_text([family]) for family in weight_families()]
+        # a sample's name: a counter's takes _total
+        self._weight_names = [f.name + "_total" if f.type == "counter" else f.name
+                              for f in weight_families()]
         self._lines: dict[str, NodeLines] = {}  # node name: its lines at the last scrape
 
     async def render(self) -> bytearray:
-        nodes = list(self.collector.service().engine.nodes.values())
+        service = self.collector.service()
+        nodes = list(service.engine.nodes.values())
         read = await take_in_slices(self._read(nodes), check_every=1)
+        weights: list[bytes] = []
+        if service.weights is not None:
+            runs = await take_in_slices(self._weight_runs(service, service.weights),
+                                        check_every=1)
+            for family, head in enumerate(self._weight_heads):
+                weights += (head, *(run[family] for run in runs))
+            weights.append(_text(self.weights.collect_rest(service.weights)))
         if len(self._lines) > len(nodes):  # the engine was rebuilt with fewer nodes
             names = {node.info.node for node in nodes}
             self._lines = {n: lines for n, lines in self._lines.items() if n in names}
@@ -117,6 +143,7 @@ class MeshExposition:
             votes_head, *(run.vote_lines for run in read),
             quorum_head, *(run.quorum for run in read),
             _text(self.collector.collect_rest(self.collector.service(), last_seen)),
+            *weights,
             generate_latest(self.registry),
         ))
 
@@ -139,6 +166,23 @@ class MeshExposition:
                        b"".join([lines.verdict for lines in run]),
                        b"".join([lines.vote_lines for lines in run]),
                        b"".join([lines.quorum for lines in run]))
+
+    def _weight_runs(self, service: MeshService, weights: WeightEngine) -> Iterator[list[bytes]]:
+        """The weight families' lines, NODES_PER_RUN nodes at a time (each node read whole),
+        one piece per family; their load judged fresh or not as of the scrape's start."""
+        now = service.last_now
+        stale = weights.policy.load_stale_after_seconds
+        engine_nodes = service.engine.nodes
+        names = self._weight_names
+        nodes = list(weights.nodes.items())
+        for start in range(0, len(nodes), NODES_PER_RUN):
+            lines: list[list[str]] = [[] for _ in names]
+            for name, node in nodes[start:start + NODES_PER_RUN]:
+                labels = ",".join(f'{label}="{_escape(value)}"' for label, value in zip(
+                    WEIGHT_LABELS, weight_labels(name, node, engine_nodes), strict=True))
+                for family, value in weight_samples(node, now, stale):
+                    lines[family].append(f"{names[family]}{{{labels}}} {go_float(value)}\n")
+            yield ["".join(family).encode() for family in lines]
 
     def _vantages(self) -> Iterator[tuple[str, float]]:
         """Each vantage's latest report over NODES_PER_AGE of its nodes at a time (with 5

@@ -258,10 +258,13 @@ _LOAD_GAUGES = (
 )
 
 
+WEIGHT_LABELS = ("node", "pool", "pop")  # in sorted order, as the text format writes them
+
+
 def weight_families() -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
     """The weight engine's per-node families, empty, in exposition order (an index into this is
     what :func:`weight_samples` gives)."""
-    labels = ["node", "pool", "pop"]
+    labels = list(WEIGHT_LABELS)
     return (
         GaugeMetricFamily(
             P + "node_weight_ratio",

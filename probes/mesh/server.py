@@ -111,8 +111,8 @@ def build_app(
     api = Api(lambda: ingest.service, token, clock, [a.name for a in cfg.agents])
     # the mesh's own families are written apart, in slices (the registry holds the rest)
     exposition = MeshExposition(
-        MeshCollector(lambda: ingest.service, ingest.stats, planner, guard), registry)
-    registry.register(WeightCollector(lambda: ingest.service))
+        MeshCollector(lambda: ingest.service, ingest.stats, planner, guard),
+        WeightCollector(lambda: ingest.service), registry)
     reloads = ConfigReloads()
     reloads.succeeded()  # the mesh reads its config at start only
     self_registry("mesh", reloads, registry)

@@ -9,7 +9,8 @@ the ticker). No p99: a dozen scrapes per side give a dozen stalls, printed as th
 maximum; the same ticker's longest lag over 30 ms without a scrape is printed beside them (what
 the machine's other work adds). Between two scrapes 1 % of the nodes are
 decided again with other votes; a cold scrape (every node written) and one after every node
-changed are printed too.
+changed are printed too. Twice: weights off, and on (ten more families per node, all six load
+signals fresh, written again at every scrape).
 
     flock /work/.bench.lock .venv/bin/pytest -m slow -s tests/bench/test_mesh_scrape_bench.py
 """
@@ -35,6 +36,8 @@ from probes.mesh.policy import DecisionPolicy
 from probes.mesh.server import tune_gc
 from probes.mesh.service import MeshService
 from probes.mesh.store_sqlite import SQLiteStore
+from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weights import WeightEngine, WeightNode
 from probes.model import VerdictState, Votes
 from probes.selfmetrics import ConfigReloads, self_registry
 from tests.bench.figures import record
@@ -47,6 +50,7 @@ ROUNDS = 12  # scrapes per side, alternating
 CHANGED_SHARE = 0.01  # nodes decided again between two scrapes
 TICK = 0.001  # the ticker's interval: its lateness is the loop's lag
 STATES = list(VerdictState)
+SIGNALS = ("cpu", "drops", "effective_sessions", "sessions", "packets", "bytes")
 VANTAGES = tuple(f"v{i}" for i in range(22))  # as many as test_mesh_bench.py's agents
 
 
@@ -98,22 +102,36 @@ async def stall_of(scrape: Callable[[], Awaitable[bytes]], ticker: Ticker) -> tu
     return max(ticker.lags[seen:], default=0.0), len(body)
 
 
-def test_mesh_scrape_stall_and_cpu(tmp_path: Path) -> None:
+def weigh(svc: MeshService, rnd: random.Random) -> None:
+    """The weight engine on, every node published with all six load signals fresh."""
+    svc.weights = WeightEngine(WeightPolicy(enabled=True), [
+        WeightNode(info.node, info.pool) for info in (n.info for n in svc.engine.nodes.values())])
+    svc.last_now = 2.0
+    for node in svc.weights.nodes.values():
+        node.published = rnd.randrange(101)
+        node.seq = rnd.randrange(1000)
+        node.load_at = 1.5
+        node.ewma = {signal: rnd.random() * 1e6 for signal in SIGNALS}
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["weights-off", "weights-on"])
+def test_mesh_scrape_stall_and_cpu(tmp_path: Path, weights: bool) -> None:
     async def main() -> None:
         svc = MeshService(SQLiteStore(tmp_path / "m.db"), DecisionPolicy(), fleet(NODES, 100))
         for vantage in VANTAGES:  # each reports on every node, as a mesh's agents do
             svc.engine.observe([obs(f"n{i}", vantage, True, at=1.0) for i in range(NODES)], 1.0)
         rnd = random.Random(22)
         decide_some(svc, rnd, 1.0)
+        if weights:
+            weigh(svc, rnd)
         collector = MeshCollector(lambda: svc, IngestStats())
         rest = CollectorRegistry()
-        rest.register(WeightCollector(lambda: svc))
         self_registry("mesh", ConfigReloads(), rest)
         single = CollectorRegistry()  # what /metrics rendered before: every collector, one go
         single.register(collector)
         single.register(WeightCollector(lambda: svc))
         self_registry("mesh", ConfigReloads(), single)
-        sliced = MeshExposition(collector, rest)
+        sliced = MeshExposition(collector, WeightCollector(lambda: svc), rest)
         tune_gc()  # as the mesh's serve() does before it serves
 
         async def idle() -> bytes:  # no scrape: the ticker's lag from the machine alone
@@ -124,7 +142,7 @@ def test_mesh_scrape_stall_and_cpu(tmp_path: Path) -> None:
             return generate_latest(single)
 
         async def cold() -> bytes:  # a mesh's first scrape: every node's lines written
-            return await MeshExposition(collector, rest).render()
+            return await MeshExposition(collector, WeightCollector(lambda: svc), rest).render()
 
         sides: dict[str, Callable[[], Awaitable[bytes]]] = {
             "single generate_latest (before)": before, "sliced, 1 % changed (after)":
@@ -153,7 +171,8 @@ def test_mesh_scrape_stall_and_cpu(tmp_path: Path) -> None:
                 cpu[name].append(time.process_time() - start)
         await svc.close()
 
-        print(f"\nmesh /metrics at {NODES:,} nodes, {len(VANTAGES)} vantages reporting on each "
+        print(f"\nmesh /metrics at {NODES:,} nodes, {len(VANTAGES)} vantages reporting on each, "
+              f"weights {'on' if weights else 'off'} "
               f"({size / 1e6:.1f} MB body), {ROUNDS} "
               f"scrapes per side alternating, uvloop; load {load()}")
         for name in sides:
@@ -165,10 +184,11 @@ def test_mesh_scrape_stall_and_cpu(tmp_path: Path) -> None:
         print(f"  {'sliced, every node changed':32s} longest loop stall "
               f"{every_changed * 1e3:8.1f} ms")
         old, new = "single generate_latest (before)", "sliced, 1 % changed (after)"
-        record(f"mesh /metrics longest loop stall, {NODES:,} nodes",
+        on = ", weights on" if weights else ""
+        record(f"mesh /metrics longest loop stall, {NODES:,} nodes{on}",
                statistics.median(stalls[new]) * 1e3, "ms",
                peer=statistics.median(stalls[old]) * 1e3, peer_name="one generate_latest")
-        record(f"mesh /metrics CPU per scrape, {NODES:,} nodes, 1 % changed",
+        record(f"mesh /metrics CPU per scrape, {NODES:,} nodes{on}, 1 % changed",
                statistics.median(cpu[new]) * 1e3, "ms",
                peer=statistics.median(cpu[old]) * 1e3, peer_name="one generate_latest")
         assert max(stalls[new]) < statistics.median(stalls[old])

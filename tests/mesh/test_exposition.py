@@ -21,10 +21,15 @@ from probes.mesh.exposition import MeshExposition
 from probes.mesh.ingest import IngestStats
 from probes.mesh.metrics import MeshCollector, WeightCollector
 from probes.mesh.policy import DecisionPolicy
+from probes.mesh.server import GUARD_KEY
 from probes.mesh.service import MeshService
 from probes.mesh.state import NodeState
 from probes.mesh.store_sqlite import SQLiteStore
+from probes.mesh.weight_policy import WeightPolicy
+from probes.mesh.weights import WeightEngine, WeightNode
 from probes.model import VerdictState, Votes
+from probes.selfmetrics import ConfigReloads, SelfCollector
+from tests.mesh.apptest import mesh_app
 from tests.mesh.helpers import fleet, obs
 
 pytestmark = pytest.mark.mesh
@@ -36,12 +41,15 @@ def exposition_and_reference(svc: MeshService) -> tuple[MeshExposition, Collecto
     """The /metrics writer as the app builds it, and one registry holding every collector (what
     a single ``generate_latest`` wrote before)."""
     collector = MeshCollector(lambda: svc, IngestStats())
+    weights = WeightCollector(lambda: svc)
+    own = SelfCollector("mesh", ConfigReloads())  # the registry's part: it follows the mesh's
     rest = CollectorRegistry()
-    rest.register(WeightCollector(lambda: svc))
+    rest.register(own)
     reference = CollectorRegistry()
     reference.register(collector)
-    reference.register(WeightCollector(lambda: svc))
-    return MeshExposition(collector, rest), reference
+    reference.register(weights)
+    reference.register(own)
+    return MeshExposition(collector, weights, rest), reference
 
 
 def decide(node: NodeState, generation: int) -> None:
@@ -120,16 +128,35 @@ Reports = list[tuple[str, str, float]]  # (vantage, node, when)
 
 
 @st.composite
-def fleet_states(draw: st.DrawFn) -> tuple[NodeStates, Reports]:
+def fleet_states(draw: st.DrawFn) -> tuple[NodeStates, Reports, bool]:
     nodes = draw(st.lists(names, min_size=0, max_size=30, unique=True))
     pools = draw(st.lists(names, min_size=1, max_size=3))
     counts = st.integers(0, 10**8)
-    states = [(NodeInfo(name, draw(st.sampled_from(pools))), draw(st.sampled_from(STATES)),
+    states = [(NodeInfo(name, draw(st.sampled_from(pools)), pop=draw(names)),
+               draw(st.sampled_from(STATES)),
                Votes(*(draw(counts) for _ in range(5))), draw(st.booleans()))
               for name in nodes]
     reports = draw(st.lists(st.tuples(st.sampled_from(["va", "vb", "v\"c"]), st.sampled_from(
         nodes), st.floats(-1e3, 1e9)), max_size=40)) if nodes else []
-    return states, reports
+    return states, reports, draw(st.booleans())
+
+
+def weigh(svc: MeshService, states: NodeStates, data: st.DataObject) -> None:
+    """The weight engine on, with random state: the fleet's nodes and one it does not have
+    (no pop), published or not, load fresh or stale, any of the load signals."""
+    infos = [info for info, *_ in states]
+    nodes = [WeightNode(info.node, info.pool, data.draw(st.floats(0.1, 10))) for info in infos]
+    svc.weights = WeightEngine(WeightPolicy(enabled=True), [*nodes, WeightNode("\n", "p")])
+    svc.last_now = data.draw(st.floats(0, 1e6))
+    signals = ["cpu", "drops", "effective_sessions", "sessions", "packets", "bytes"]
+    for node in svc.weights.nodes.values():
+        node.published = data.draw(st.none() | st.integers(0, 100))
+        node.seq = data.draw(st.integers(0, 10**7))
+        node.load_at = svc.last_now - data.draw(st.floats(0, 30))
+        node.ewma = {signal: data.draw(st.floats(0, 1e9)) for signal in data.draw(
+            st.lists(st.sampled_from(signals), unique=True))}
+    for pool in {info.pool for info in infos}:
+        svc.weights.guard_scale[pool] = data.draw(st.floats(0, 1))
 
 
 def apply(svc: MeshService, states: NodeStates) -> None:
@@ -143,9 +170,10 @@ def apply(svc: MeshService, states: NodeStates) -> None:
 @given(fleets=st.lists(fleet_states(), min_size=1, max_size=3), data=st.data())
 def test_the_body_is_what_generate_latest_writes(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-        fleets: list[tuple[NodeStates, Reports]], data: st.DataObject) -> None:
+        fleets: list[tuple[NodeStates, Reports, bool]], data: st.DataObject) -> None:
     """Scrapes of random fleets (names and pools with quotes, backslashes, newlines, any
-    unicode; counts that Go writes with an exponent; vantages' reports at random times), the
+    unicode; counts that Go writes with an exponent; vantages' reports at random times; the
+    weight engine on or off, at random state), the
     kept lines carried from one fleet to the next (an engine rebuilt with other nodes, pools or
     states), and some nodes decided again between two scrapes of one fleet. Runs of 4 nodes and
     vantage ages one node at a time, so that small fleets are read in several slices."""
@@ -155,11 +183,14 @@ def test_the_body_is_what_generate_latest_writes(
     exposition, reference = exposition_and_reference(svc)
 
     async def scrapes() -> None:
-        for states, reports in fleets:
+        for states, reports, weights_on in fleets:
             svc.engine = DecisionEngine(DecisionPolicy(), [info for info, *_ in states])
             for vantage, node, when in reports:
                 svc.engine.observe([obs(node, vantage, True, at=when)], when)
             apply(svc, states)
+            svc.weights = None
+            if weights_on:
+                weigh(svc, states, data)
             assert await exposition.render() == generate_latest(reference)
             if states:
                 changed = data.draw(st.lists(st.sampled_from(states), max_size=5))
@@ -170,3 +201,27 @@ def test_the_body_is_what_generate_latest_writes(
         await svc.close()
 
     asyncio.run(scrapes())
+
+
+async def test_the_apps_metrics_are_every_collectors_in_registry_order(tmp_path: Path) -> None:
+    """Over HTTP, weights on: the mesh's families, the weights', then the registry's (the
+    process's own), as one registry of them all wrote them before."""
+    async with mesh_app(tmp_path, nodes=5, extra="weights: {enabled: true}\n") as mesh:
+        body = await (await mesh.client.get("/metrics")).text()
+        svc = mesh.service
+        reference = CollectorRegistry()
+        guard = mesh.client.app[GUARD_KEY]
+        reference.register(MeshCollector(lambda: svc, IngestStats(), guard=guard))
+        reference.register(WeightCollector(lambda: svc))
+        expected = generate_latest(reference).decode()
+        names = [f.name for f in text_string_to_metric_families(body)]
+        ours = [f.name for f in text_string_to_metric_families(expected)]
+        assert "tunnelwatch_mesh_node_weight_changes" in ours
+        assert names[:len(ours)] == ours  # then the process's own and build_info
+        assert "tunnelwatch_build_info" in names[len(ours):]
+        # the per-node families line for line (the totals' ingest and connection figures
+        # belong to the app's own ingest and guard)
+        per_node = [line for line in body.splitlines() if 'node="' in line]
+        assert per_node == [line for line in expected.splitlines() if 'node="' in line]
+        # verdict, five votes, quorum; changes, capacity, load fresh (nothing published, no load)
+        assert len(per_node) == 5 * (7 + 3)
