@@ -379,7 +379,7 @@ def test_mesh_ingest_throughput_and_latency(tmp_path: Path) -> None:
             total_verdicts = 0
             rounds = 0
             # a snapshot child running or reaped, seen in /proc (a /metrics scrape per round
-            # would cost the mesh a render of every node's series: ~0.5 CPU-s here)
+            # would cost the mesh ~40 ms of CPU here, ~0.5 s before 26c12b6: docs/mesh.md)
             while rounds < ROUNDS or (rounds < MAX_ROUNDS and not snapshot_running()
                                       and mesh.children_cpu_seconds() == child_cpu):
                 _, v = await closed_loop(session, url, senders, True)
