@@ -20,7 +20,6 @@ import ctypes
 import functools
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from probes.agent.httphead import Head, query_params
 from probes.agent.httpserve import JSON, TEXT, Answer, Connection, HttpServer
-from probes.agent.metrics import escape_label_value, go_float
 from probes.agent.probe_target import ProbeChoice, ProbeRequestError
+from probes.aio import take_in_slices
 from probes.checks.base import CheckResult, execute, start_run
 from probes.config import parse_host_port
+from probes.promtext import escape_label_value, go_float
 from probes.startup import bind_error
 
 TIMEOUT_OFFSET = 0.5  # blackbox_exporter's --timeout-offset default
@@ -105,13 +105,7 @@ async def render_between_probes(parts: Iterable[str]) -> bytes:
     exposition is ~50 ms of CPU, and rendered at once (or on a worker thread, which on the
     agent's one core takes the CPU and the GIL from the loop all the same) it made the starts
     due meanwhile tens of ms late, the whole p99 of the start error."""
-    out: list[str] = []
-    deadline = time.perf_counter() + RENDER_SLICE
-    for part in parts:
-        out.append(part)
-        if len(out) % RENDER_CHECK_EVERY == 0 and time.perf_counter() >= deadline:
-            await asyncio.sleep(0)
-            deadline = time.perf_counter() + RENDER_SLICE
+    out = await take_in_slices(parts, RENDER_SLICE, RENDER_CHECK_EVERY)
     body = "".join(out).encode("utf-8")
     del out
     # hand the exposition's transient megabytes back to the OS now, not at exit (off the loop:

@@ -27,12 +27,12 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.utils import floatToGoString
 
 from probes.agent.plan import PlannedCheck
 from probes.agent.scheduler import ProbeRun, SchedulerStats
 from probes.checks.base import CheckResult
 from probes.model import NODE_READ_TIERS, Reason
+from probes.promtext import escape_label_value, go_float
 
 # .15 s is the latency SLO edge; client_python's defaults jump from .1 to .25
 DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .125, .15, .2, .3, .5, 1, 2.5, 5)
@@ -639,23 +639,8 @@ def new_registry(collector: AgentCollector) -> CollectorRegistry:
 
 # ------------------------------------------------------------------------------- exposition
 
-_library_float: Callable[[float], str] = floatToGoString  # typed
-
-
-def go_float(value: float) -> str:
-    """The library's value formatting (``floatToGoString``), byte for byte. Inside (-1e6, 1e6)
-    that is ``repr``: Go's formatting only differs for infinities, NaN and large numbers, where
-    it switches to exponents sooner. Nearly every value of the exposition is there (counts,
-    seconds), and a scrape formats ~25,000 of them for a 4,000-target agent."""
-    if -1e6 < value < 1e6:
-        return repr(float(value))
-    return _library_float(value)
 _LABEL_CACHE: dict[tuple[tuple[str, str], ...], str] = {}
 _LABEL_CACHE_MAX = 500_000
-
-
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
 def _label_text(labels: dict[str, str]) -> str:

@@ -24,12 +24,11 @@ two slices (as two Prometheus scrapes a second apart would). The body is byte fo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
-from prometheus_client.utils import floatToGoString
 
 from probes.aio import join_in_slices, take_in_slices
 from probes.mesh.metrics import (
@@ -46,6 +45,7 @@ from probes.mesh.service import MeshService
 from probes.mesh.state import NodeState
 from probes.mesh.weights import WeightEngine
 from probes.model import VerdictState, Votes
+from probes.promtext import escape_label_value, go_float
 
 
 class NodeLines(NamedTuple):
@@ -85,13 +85,6 @@ class _Families:
 
 def _text(families: Iterable[Metric]) -> bytes:
     return generate_latest(_Families(families))
-
-
-go_float: Callable[[float], str] = floatToGoString  # the library's value formatting, typed
-
-
-def _escape(value: str) -> str:  # a label value, as the text format (and generate_latest) wants
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 class MeshExposition:
@@ -178,7 +171,7 @@ class MeshExposition:
         for start in range(0, len(nodes), NODES_PER_RUN):
             lines: list[list[str]] = [[] for _ in names]
             for name, node in nodes[start:start + NODES_PER_RUN]:
-                labels = ",".join(f'{label}="{_escape(value)}"' for label, value in zip(
+                labels = ",".join(f'{label}="{escape_label_value(value)}"' for label, value in zip(
                     WEIGHT_LABELS, weight_labels(name, node, engine_nodes), strict=True))
                 for family, value in weight_samples(node, now, stale):
                     lines[family].append(f"{names[family]}{{{labels}}} {go_float(value)}\n")
@@ -195,14 +188,14 @@ class MeshExposition:
 
     def _write(self, name: str, node: NodeState) -> NodeLines:
         verdict, votes, quorum = self._names
-        n = _escape(name)
+        n = escape_label_value(name)
         pool = node.info.pool
         state = node.state
+        p, s = escape_label_value(pool), escape_label_value(state.value)
         vote_lines = "".join(f'{votes}{{node="{n}",vote="{label}"}} {go_float(value)}\n'
                              for label, value in vote_values(node.votes))
         return NodeLines(
             state, pool, node.votes, node.quorum_lost,
-            f'{verdict}{{node="{n}",pool="{_escape(pool)}",state="{_escape(state.value)}"}} '
-            f"1.0\n".encode(),
+            f'{verdict}{{node="{n}",pool="{p}",state="{s}"}} 1.0\n'.encode(),
             vote_lines.encode(),
             f'{quorum}{{node="{n}"}} {go_float(int(node.quorum_lost))}\n'.encode())

@@ -144,7 +144,7 @@ def test_value_formatting_is_the_librarys(value: float) -> None:
     (-1e6, 1e6)) must give what prometheus_client's floatToGoString gives, for every value."""
     from prometheus_client.utils import floatToGoString
 
-    from probes.agent.metrics import go_float
+    from probes.promtext import go_float
 
     assert go_float(value) == floatToGoString(value)
 
