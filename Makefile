@@ -62,13 +62,15 @@ bench: setup
 
 # the performance comparisons only (docs/performance.md), in a few minutes: the agent against
 # blackbox_exporter (bare loop, /probe over HTTP, the full scheduled agent), start error, RSS,
-# the mesh's ingest and decision p99, WireGuard against the X25519 floor, IKEv2 against WireGuard
+# the mesh's ingest, decision p99 and /metrics stall, WireGuard against the X25519 floor, IKEv2
+# against WireGuard
 BENCH_PERF := tests/bench/test_agent_bench.py::test_probes_per_cpu_second_vs_blackbox \
 	tests/bench/test_agent_bench.py::test_schedule_precision_at_2000_per_second \
 	tests/bench/test_agent_bench.py::test_rss_with_10000_targets \
 	tests/bench/test_probe_http_bench.py \
 	$(wildcard tests/bench/test_full_agent_bench.py) \
 	tests/bench/test_mesh_bench.py::test_mesh_ingest_throughput_and_latency \
+	tests/bench/test_mesh_scrape_bench.py \
 	tests/bench/test_wireguard_bench.py::test_client_cpu_per_handshake \
 	tests/bench/test_ikev2_bench.py::test_initiator_cpu_per_auth
 
