@@ -90,12 +90,17 @@ def kernel_timestamp_ns(ancdata: Ancillary) -> int | None:
     return None
 
 
+def error_queue_option(family: int) -> tuple[int, int]:
+    """The (level, option) that queues a ``family`` socket's ICMP and local errors."""
+    if family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, IPV6_RECVERR
+    return socket.IPPROTO_IP, IP_RECVERR
+
+
 def enable_error_queue(sock: socket.socket) -> None:
     """Queue ICMP and local errors for ``sock`` (``IP_RECVERR`` / ``IPV6_RECVERR``)."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    level, option = error_queue_option(sock.family)
+    sock.setsockopt(level, option, 1)
 
 
 def enable_receive_timestamps(sock: socket.socket) -> None:

@@ -21,6 +21,7 @@ timestamp ancillary data are parsed by :mod:`probes.checks.errqueue`.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -173,7 +174,7 @@ def round_trip_seconds(sent_monotonic: float, sent_wall_ns: int, received: Recei
     return loop_rtt
 
 
-def drain_errqueue(sock: socket.socket) -> QueuedError | None:
+def drain_errqueue(sock: _socket.socket) -> QueuedError | None:
     """Empty the socket's error queue (``IP_RECVERR``); the first error in it, if any."""
     first: QueuedError | None = None
     for _ in range(_DRAIN_LIMIT):
@@ -188,7 +189,7 @@ def drain_errqueue(sock: socket.socket) -> QueuedError | None:
     return first
 
 
-def receive(sock: socket.socket) -> Received:
+def receive(sock: _socket.socket) -> Received:
     """The next datagram with its read time and kernel timestamp; OSError (BlockingIOError
     when there is none) as ``recvmsg`` raises it."""
     data, ancdata, _, _ = sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from probes.checks import l4
+from probes.checks import errqueue, l4
 from probes.checks.base import CheckResult, Done, execute
 from probes.checks.pollset import poll_set
 from probes.model import Reason
@@ -217,6 +217,29 @@ async def test_udp_outcomes_are_the_coroutines(echo_port: int, closed_port: int,
             coroutine.ok, coroutine.reason, coroutine.detail, sorted(coroutine.phases))
         if reason is Reason.TIMEOUT:
             assert result.duration_seconds >= timeout
+
+
+@pytest.mark.parametrize(("family", "host", "icmp"), [
+    (socket.AF_INET, "127.0.0.1", "ICMP type 3 code 3"),
+    (socket.AF_INET6, "::1", "ICMP type 1 code 4"),
+])
+async def test_a_udp_exchanges_socket_queues_icmp_errors_and_takes_kernel_stamps(
+        family: int, host: str, icmp: str) -> None:
+    # the C socket type the started run uses is set up as DatagramProbe.make_socket does it:
+    # non-blocking, the error queue (ICMP type and code), kernel receive stamps (the RTT)
+    with socket.socket(family, socket.SOCK_DGRAM) as unused:
+        unused.bind((host, 0))
+        port = unused.getsockname()[1]
+    done: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+    run = l4.start_udp(l4.UdpParams(host=host, port=port, send=b"x"), 1.0, done.set_result)
+    assert isinstance(run, l4._UdpExchange)
+    sock = run._sock
+    level, option = errqueue.error_queue_option(family)
+    assert sock.getsockopt(level, option) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, errqueue.SO_TIMESTAMPNS) == 1
+    assert sock.getblocking() is False
+    result = await done
+    assert (result.reason, result.detail) == (Reason.ICMP_UNREACHABLE, f"ECONNREFUSED ({icmp})")
 
 
 async def test_a_cancelled_udp_exchange_reports_nothing(mute_port: int) -> None:
