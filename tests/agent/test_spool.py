@@ -128,15 +128,21 @@ def test_the_instance_epoch_is_kept_by_the_spool_and_newer_without_it(tmp_path: 
     lost.close()
 
 
+# the spool's tables before chunks (one row per observation); ``epoch``: the in-flight batch's
+# epoch column, which came after the first of them
+_ROW_PER_OBSERVATION_SCHEMA = (
+    "CREATE TABLE obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);"
+    "CREATE TABLE acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+    "CREATE TABLE inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,"
+    " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL{epoch});"
+    "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);")
+
+
 def test_a_spool_from_before_epochs_resends_its_inflight_batch_in_epoch_0(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(
-            "CREATE TABLE obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);"
-            "CREATE TABLE acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
-            "CREATE TABLE inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,"
-            " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);"
-            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+            _ROW_PER_OBSERVATION_SCHEMA.format(epoch="") +
             "INSERT INTO obs VALUES (0, x'7878'), (1, x'7878');"
             "INSERT INTO inflight VALUES ('http://a', 41, 0, 1);"
             "INSERT INTO meta VALUES ('next_seq', 2), ('next_batch_seq', 42), ('bytes', 4);")
@@ -186,12 +192,7 @@ def test_a_spool_from_before_chunks_is_read_and_moved_into_chunks(tmp_path: Path
     path = tmp_path / "old.db"
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(
-            "CREATE TABLE obs (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);"
-            "CREATE TABLE acked (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
-            "CREATE TABLE inflight (endpoint TEXT PRIMARY KEY, batch_seq INTEGER NOT NULL,"
-            " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
-            " epoch INTEGER NOT NULL DEFAULT 0);"
-            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+            _ROW_PER_OBSERVATION_SCHEMA.format(epoch=", epoch INTEGER NOT NULL DEFAULT 0") +
             "INSERT INTO acked VALUES ('http://a', 5), ('http://b', 2);"
             "INSERT INTO inflight VALUES ('http://a', 7, 6, 7, 1700000000000);"
             "INSERT INTO meta VALUES ('next_seq', 10), ('next_batch_seq', 8), ('bytes', 54),"
