@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -249,6 +250,15 @@ class TracerStats:
     cpu_seconds_total: float = 0.0  # the tracing code's own CPU on the event loop
     in_flight: int = 0
     unavailable: str = ""  # why this host cannot trace, once it found out
+    baseline_demand_per_second: float = 0.0  # nodes / baseline_interval, at the last plan
+    budget_per_second: float = 0.0  # max_per_minute / 60, every trigger together
+    oldest_due: float | None = None  # (clock) when the most overdue waiting trace fell due
+    clock: Callable[[], float] = time.monotonic  # the tracer's
+
+    def backlog_seconds(self) -> float:
+        """How late the most overdue waiting re-trace or baseline is now (0: none is due)."""
+        due = self.oldest_due
+        return 0.0 if due is None else max(0.0, self.clock() - due)
 
     def count(self, trigger: str, outcome: str) -> None:
         key = (trigger, outcome)
@@ -607,6 +617,16 @@ class AgentCollector(Collector):
         available = GaugeMetricFamily("tunnelwatch_path_tracing_available",
                                       "0 once the agent found it cannot trace (no raw sockets).",
                                       labels=v)
+        backlog = GaugeMetricFamily("tunnelwatch_path_trace_backlog_seconds",
+                                    "How late the most overdue re-trace or baseline waiting for "
+                                    "the budget or a concurrency slot is (0: none is due).",
+                                    labels=v)
+        demand = GaugeMetricFamily("tunnelwatch_path_trace_baseline_demand_per_second",
+                                   "Baseline traces per second the plan asks for (nodes / "
+                                   "baseline_interval).", labels=v)
+        budget = GaugeMetricFamily("tunnelwatch_path_trace_budget_per_second",
+                                   "Traces per second max_per_minute allows, every trigger "
+                                   "together.", labels=v)
         if not empty:
             vv = [self.vantage]
             for (trigger, outcome), count in list(t.traces_total.items()):
@@ -615,7 +635,10 @@ class AgentCollector(Collector):
             cpu.add_metric(vv, t.cpu_seconds_total)
             in_flight.add_metric(vv, t.in_flight)
             available.add_metric(vv, 0 if t.unavailable else 1)
-        yield from (traces, packets, cpu, in_flight, available)
+            backlog.add_metric(vv, t.backlog_seconds())
+            demand.add_metric(vv, t.baseline_demand_per_second)
+            budget.add_metric(vv, t.budget_per_second)
+        yield from (traces, packets, cpu, in_flight, available, backlog, demand, budget)
 
 
 def _joined(lines: Iterable[str]) -> Iterator[str]:

@@ -19,6 +19,9 @@ Limits, so that tracing never takes the probes' place: ``concurrency`` traces at
 token bucket of ``max_per_minute``; per node, change traces at least ``min_interval`` apart (a
 change during the wait is traced when it ends, so the final state gets its trace); pacing per
 trace (``packets_per_second``). Changes go before re-traces, re-traces before baselines.
+Baselines wanting more than the bucket gives (nodes / ``baseline_interval`` above
+``max_per_minute`` / 60) are logged at every load and shown in :class:`TracerStats` with how
+late the most overdue waiting trace is: otherwise baselines just come later, silently.
 
 Each trace uses the node's own protocol and port (its first VPN check, else an L4 check, else
 ICMP), Paris-style flows with source ports fixed per node (so consecutive traces of a node
@@ -236,19 +239,47 @@ class TracePlanner:
             self.skipped_rate_limited += len(deferred)
             self._changes.extendleft(reversed(deferred))
         while self._heap and self._heap[0][0] <= now and self._room():
-            _due, priority, gen, node = heapq.heappop(self._heap)
-            st = self.nodes.get(node)
-            if st is None or st.running:
-                continue
-            trigger = TraceTrigger.FAILING if priority == 1 else TraceTrigger.BASELINE
-            if trigger is TraceTrigger.BASELINE and gen != st.gen:
-                continue  # a newer trace restarted this node's baseline clock
-            if trigger is TraceTrigger.FAILING and (
-                    not st.failing or (st.last_trace is not None and
-                                       now - st.last_trace < self.policy.failing_interval)):
-                continue
-            jobs.append(self._start(st, trigger, now))
+            live = self._live(heapq.heappop(self._heap), now)
+            if live is not None:
+                jobs.append(self._start(*live, now))
         return jobs
+
+    def _live(self, entry: tuple[float, int, int, str],
+              now: float) -> tuple[_NodeState, TraceTrigger] | None:
+        """The node and trigger of a due heap entry, None when it is to be dropped (every such
+        entry is superseded: a running node's end schedules its next traces afresh)."""
+        _due, priority, gen, node = entry
+        st = self.nodes.get(node)
+        if st is None or st.running:
+            return None
+        trigger = TraceTrigger.FAILING if priority == 1 else TraceTrigger.BASELINE
+        if trigger is TraceTrigger.BASELINE and gen != st.gen:
+            return None  # a newer trace restarted this node's baseline clock
+        if trigger is TraceTrigger.FAILING and (
+                not st.failing or (st.last_trace is not None and
+                                   now - st.last_trace < self.policy.failing_interval)):
+            return None
+        return st, trigger
+
+    def oldest_due(self, now: float) -> float | None:
+        """When the most overdue re-trace or baseline waiting in the heap fell due (None: the
+        heap is empty), after dropping the due entries :meth:`take` would drop: amortised
+        O(log n), each entry is dropped once. Past ``now`` it waits for the budget or a
+        concurrency slot; its age is the tracing backlog."""
+        while self._heap and self._heap[0][0] <= now and self._live(self._heap[0], now) is None:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    @property
+    def baseline_demand(self) -> float:
+        """Baseline traces per second the plan asks for: each node once a baseline_interval."""
+        interval = self.policy.baseline_interval
+        return len(self.nodes) / interval if interval > 0 else 0.0
+
+    @property
+    def budget(self) -> float:
+        """Traces per second the token bucket allows, every trigger together."""
+        return self.policy.max_per_minute / 60.0
 
     def _room(self) -> bool:
         return self.in_flight < self.policy.concurrency and self._tokens >= 1.0
@@ -300,6 +331,7 @@ class Tracer:
         self.wall = wall
         self.planner = TracePlanner(policy, clock())
         self.stats = stats or TracerStats()
+        self.stats.clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -308,8 +340,30 @@ class Tracer:
         """(Re)load the plan (and the policy, on a config reload)."""
         if policy is not None:
             self.policy = self.planner.policy = policy
-        self.planner.load(trace_targets(checks), self.clock())
+        now = self.clock()
+        self.planner.load(trace_targets(checks), now)
+        self._plan_figures(now)
         self._wake.set()
+
+    def _plan_figures(self, now: float) -> None:
+        """Baseline demand against the budget, in the stats and, when the demand is larger, in
+        a warning: the bucket then starts each node's baseline later and later until they come
+        every nodes / budget seconds instead of every baseline_interval, and nothing else says
+        so."""
+        planner, policy = self.planner, self.policy
+        demand, budget = planner.baseline_demand, planner.budget
+        self.stats.baseline_demand_per_second = demand
+        self.stats.budget_per_second = budget
+        self.stats.oldest_due = planner.oldest_due(now)
+        if demand > budget:
+            nodes = len(planner.nodes)
+            log.warning(
+                "path tracing: %d nodes every paths.baseline_interval (%.0f s) want %.2f baseline "
+                "traces per second but paths.max_per_minute (%g) allows %.2f for every trace: "
+                "each node's baseline will come about every %.0f s, not every %.0f s; raise "
+                "paths.max_per_minute above %.0f or paths.baseline_interval above %.0f s",
+                nodes, policy.baseline_interval, demand, policy.max_per_minute, budget,
+                nodes / budget, policy.baseline_interval, demand * 60.0, nodes / budget)
 
     def failing(self, check: PlannedCheck, failing: bool, settled_down: bool) -> None:
         """Called by the scheduler with every outcome (cheap: a set operation, no I/O)."""
@@ -347,6 +401,8 @@ class Tracer:
                     task.add_done_callback(self._running.discard)
             # a host that cannot trace takes nothing: it waits for a reload, not for the due
             due = None if self.stats.unavailable else self.planner.next_due(now)
+            self.stats.oldest_due = None if self.stats.unavailable else (
+                self.planner.oldest_due(now))
             self._wake.clear()
             wait = 60.0 if due is None else max(0.0, due - self.clock())
             await wait_at_most(self._wake, max(wait, 0.001))

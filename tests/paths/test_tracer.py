@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from probes.agent.plan import plan
-from probes.agent.tracer import TracePlanner, TraceTarget, trace_targets
+from probes.agent.metrics import AgentCollector, ProbeStats, TracerStats, new_registry
+from probes.agent.plan import PlannedCheck, plan
+from probes.agent.scheduler import SchedulerStats
+from probes.agent.tracer import TracePlanner, Tracer, TraceTarget, trace_targets
 from probes.config import AgentConfig, TracingConfig, parse_yaml
 from probes.model import TraceProtocol, TraceTrigger
 
@@ -190,3 +193,78 @@ def test_a_failing_trace_is_kept_only_when_the_failure_was_real() -> None:
     tracer.failing(check, True, True)  # type: ignore[arg-type]
     tracer.failing(check, False, False)  # type: ignore[arg-type]
     assert tracer.confirmed("n0", since=5.0)  # it settled down meanwhile: a real change
+
+
+def backlog_after_take(p: TracePlanner, now: float) -> float:
+    """Start (and end at once) what the planner allows at ``now``; the backlog left."""
+    started(p, now)
+    due = p.oldest_due(now)
+    return 0.0 if due is None else max(0.0, now - due)
+
+
+def test_baselines_above_the_budget_show_as_a_growing_backlog() -> None:
+    # 40 nodes every 60 s want 0.67 baselines a second; 20 a minute allow 0.33
+    p = planner(nodes=40, baseline_interval=60.0, max_per_minute=20.0, concurrency=100)
+    assert p.baseline_demand == pytest.approx(40 / 60) and p.budget == pytest.approx(1 / 3)
+    backlog = {now: backlog_after_take(p, float(now)) for now in range(0, 241)}
+    assert backlog[30] < backlog[60] < backlog[90] < backlog[120]
+    assert backlog[120] > 30.0
+    # the clock restarts at every trace: the lateness settles where each node's baseline comes
+    # every nodes / budget (120 s) instead of every baseline_interval (60 s)
+    assert max(backlog[t] for t in range(180, 241)) == pytest.approx(120.0 - 60.0, abs=6.0)
+
+
+def test_baselines_within_the_budget_leave_no_backlog() -> None:
+    p = planner(nodes=30, baseline_interval=60.0, max_per_minute=60.0, concurrency=100)
+    assert p.baseline_demand < p.budget
+    assert all(backlog_after_take(p, float(now)) == 0.0 for now in range(0, 241))
+
+
+def test_the_backlog_is_not_made_of_entries_take_would_drop() -> None:
+    p = planner(nodes=2, baseline_interval=60.0, max_per_minute=6.0, concurrency=1)
+    p.check_failing("n1", "wg", True, 1.0)
+    assert started(p, 1.0) == [("n1", TraceTrigger.CHANGE, True)]  # restarts n1's baseline
+    assert p.oldest_due(1.0) == 0.0  # n0's baseline, due at 0, waits for the bucket
+    assert started(p, 11.0) == [("n0", TraceTrigger.BASELINE, False)]
+    # n1's first baseline entry (due at 30) is stale; its failing re-trace falls due at 121
+    assert p.oldest_due(40.0) == pytest.approx(61.0)  # n1's new baseline, not the stale one
+
+
+def many_icmp_nodes(tmp_path: Path, nodes: int) -> list[PlannedCheck]:
+    rows = "".join(f"  - {{id: n{i}, pool: p, pop: x, region: r, address: 192.0.2.{i + 1},"
+                   f" l4: {{icmp: true}}}}\n" for i in range(nodes))
+    cfg, _ = parse_yaml(f"agent: {{vantage: va}}\ntargets:\n{rows}", AgentConfig)
+    return plan(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("nodes", "warned"), [(40, True), (20, False)])
+def test_the_tracer_warns_when_baselines_exceed_the_budget(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, nodes: int, warned: bool) -> None:
+    policy = TracingConfig(baseline_interval=60.0, max_per_minute=30.0)  # 0.5 a second
+    stats = TracerStats()
+    tracer = Tracer("va", policy, lambda trace: None, stats=stats, clock=lambda: 100.0)
+    with caplog.at_level(logging.WARNING, logger="probes.agent.tracer"):
+        tracer.load(many_icmp_nodes(tmp_path, nodes))
+    assert stats.baseline_demand_per_second == pytest.approx(nodes / 60.0)
+    assert stats.budget_per_second == pytest.approx(0.5)
+    assert ("paths.max_per_minute" in caplog.text) is warned
+    if warned:
+        assert "40 nodes" in caplog.text and "0.67" in caplog.text and "80 s" in caplog.text
+
+
+def test_the_backlog_gauge_ages_with_the_clock() -> None:
+    now = [0.0]
+    stats = TracerStats(clock=lambda: now[0])
+    collector = AgentCollector("va", ProbeStats(), SchedulerStats, tracer=stats)
+
+    def gauge(name: str) -> float | None:
+        return new_registry(collector).get_sample_value(name, {"vantage": "va"})
+
+    assert gauge("tunnelwatch_path_trace_backlog_seconds") == 0.0
+    stats.oldest_due, now[0] = 10.0, 5.0  # not due yet
+    assert gauge("tunnelwatch_path_trace_backlog_seconds") == 0.0
+    now[0] = 70.0
+    assert gauge("tunnelwatch_path_trace_backlog_seconds") == 60.0
+    stats.baseline_demand_per_second, stats.budget_per_second = 2.25, 1.0
+    assert gauge("tunnelwatch_path_trace_baseline_demand_per_second") == 2.25
+    assert gauge("tunnelwatch_path_trace_budget_per_second") == 1.0
