@@ -1030,6 +1030,33 @@ def agent_alerts() -> list[dict[str, Any]]:
                 "its nodes are probed less often than configured."
             ),
         ),
+        AGENTS.warning(
+            "AgentPathTraceBudgetShort",
+            # the plan's baselines alone want more traces than max_per_minute allows
+            "max by (vantage) (\n"
+            "  tunnelwatch_path_trace_baseline_demand_per_second\n"
+            "  / tunnelwatch_path_trace_budget_per_second\n"
+            ") > 1",
+            for_="15m",
+            summary="An agent's baseline path traces want more than its trace budget.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} plans "
+                '{{ $value | printf "%.2f" }} times the baseline traces per second that '
+                "paths.max_per_minute allows: each node's baseline comes that much less often "
+                "than paths.baseline_interval, and route changes go unseen meanwhile."
+            ),
+        ),
+        AGENTS.warning(
+            "AgentPathTracesBehind",
+            "max by (vantage) (tunnelwatch_path_trace_backlog_seconds) > 900",
+            for_="30m",
+            summary="An agent starts its path traces long after they are due.",
+            description=(
+                "Agent at vantage {{ $labels.vantage }} has a path trace waiting "
+                "{{ $value | humanizeDuration }} past its due time: its baselines and re-traces "
+                "of failing nodes lag behind their intervals."
+            ),
+        ),
         TARGETS.warning(
             "TunnelwatchTargetDown",
             'up{job=~"tunnelwatch-.*"} == 0',
