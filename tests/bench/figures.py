@@ -60,7 +60,10 @@ def table(figures: list[Figure]) -> list[str]:
     rows = [("figure", "ours", "peer or floor, same run", "ours/peer", "target", "load")]
     for f in figures:
         peer = "" if f.peer is None else f"{f.peer_name}: {number(f.peer)} {f.unit}"
-        ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
+        # two decimals down to 0.01, then three significant figures: a stall cut 200-fold
+        # reads 0.00449x, not 0.00x
+        ratio = "" if f.ratio is None else (f"{f.ratio:.2f}x" if abs(f.ratio) >= 0.01
+                                            else f"{f.ratio:.3g}x")
         rows.append((f.what, f"{number(f.ours)} {f.unit}", peer, ratio, f.target,
                      " ".join(f"{x:.1f}" for x in f.load)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -31,3 +31,11 @@ def test_table_rows_line_up_with_every_column() -> None:
 def test_numbers_keep_three_significant_figures() -> None:
     assert [number(v) for v in (4021.4, 87.31, 0.6423, math.inf)] == [
         "4,021", "87.3", "0.642", "inf"]
+
+
+def test_a_ratio_far_below_one_keeps_its_figures() -> None:
+    """A loop stall cut from 879 ms to 3.95 ms is a ratio of 0.0045, not "0.00x"."""
+    rows = table([Figure("stall", 3.95, "ms", peer=879.0, peer_name="one step")])
+    assert "0.00449x" in rows[1]
+    rows = table([Figure("cpu", 47.7, "ms", peer=655.0, peer_name="one step")])
+    assert "0.07x" in rows[1]
