@@ -118,6 +118,16 @@ class CheckSeries:
     telemetry: bool = False  # a telemetry-tier check: counted apart from the probes' SLIs
 
 
+@dataclass(slots=True)
+class _RecordSlot:
+    """What :meth:`ProbeStats.record` keeps per check: the check object it was made for, its
+    series, and its duration histogram (None until the check's first timed result)."""
+
+    check: PlannedCheck
+    series: CheckSeries
+    durations: Histogram | None
+
+
 class ProbeStats:
     """Per-check counters, updated by the scheduler's sink for every finished probe."""
 
@@ -128,11 +138,10 @@ class ProbeStats:
         self.durations: dict[HistKey, Histogram] = {}
         self.overloaded_total = 0
         self.lag = Histogram(LAG_BUCKETS)  # start lag of every probe, refused ones included
-        # check.key -> [check, its series, its duration histogram or None until it has one]:
-        # what record() finds for a run without making and hashing its label tuples. Filled as
-        # runs come, emptied by plan() (which may drop series); a run of a check object from
-        # before a reload is not its slot's, and is looked up by its labels
-        self._slots: dict[str, list[Any]] = {}
+        # check.key -> its slot: what record() finds for a run without making and hashing its
+        # label tuples. Filled as runs come, emptied by plan() (which may drop series); a run of
+        # a check object from before a reload is not its slot's, and is looked up by its labels
+        self._slots: dict[str, _RecordSlot] = {}
 
     def plan(self, checks: Iterable[PlannedCheck]) -> None:
         """Pre-create series for every planned check (attempts start at 0, not absent)."""
@@ -148,21 +157,20 @@ class ProbeStats:
             del self.durations[hkey]
         self._slots.clear()
 
-    def _slot(self, check: PlannedCheck) -> list[Any]:
+    def _slot(self, check: PlannedCheck) -> _RecordSlot:
         key = label_key(check)
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = CheckSeries()
-        slot = [check, s, self.durations.get(key[1:])]
-        self._slots[check.key] = slot
+        slot = self._slots[check.key] = _RecordSlot(check, s, self.durations.get(key[1:]))
         return slot
 
     def record(self, run: ProbeRun) -> None:
         check, result = run.check, run.result
         slot = self._slots.get(check.key)
-        if slot is None or slot[0] is not check:
+        if slot is None or slot.check is not check:
             slot = self._slot(check)
-        s: CheckSeries = slot[1]
+        s = slot.series
         lag = run.started - run.scheduled
         self.lag.observe(lag if lag > 0.0 else 0.0)
         if result.reason is Reason.OVERLOADED:
@@ -180,10 +188,10 @@ class ProbeStats:
             self._record_facts(s, result)
             return
         s.success = 1.0 if result.ok else 0.0
-        hist: Histogram | None = slot[2]
+        hist = slot.durations
         if hist is None:
-            hist = slot[2] = self.durations.setdefault(label_key(check)[1:],
-                                                       Histogram(DURATION_BUCKETS))
+            hist = slot.durations = self.durations.setdefault(label_key(check)[1:],
+                                                              Histogram(DURATION_BUCKETS))
         hist.observe(result.duration_seconds)
         if result.phases:
             s.phases = result.phases
