@@ -14,8 +14,10 @@ Fair to the peer: the agent and blackbox each run alone on core 0 (``taskset``);
 target, the mesh and the scraper on core 1. CPU is counted for every process of each side,
 every thread and child (``/proc``), over the same 10 s window after a 4 s warm-up: the agent
 process, the mesh (printed apart: blackbox has no mesh; a Prometheus storing blackbox's answers
-is not counted either), blackbox, and the scraper (printed apart). The agent's start error is
-every probe's start lag in the window (thousands of samples), as its scheduler measures it.
+is not counted either), blackbox, and the scraper (printed apart). The agent's CPU is also
+printed in its user and system parts: the kernel part moves most from run to run. The agent's
+start error is every probe's start lag in the window (thousands of samples), as its scheduler
+measures it.
 
 ``TW_BENCH_PROFILE=1`` also runs the agent once under cProfile and prints where its CPU goes.
 Prints figures and ratios; asserts only that probes ran and the mesh accepted them.
@@ -46,6 +48,7 @@ from tests.bench.test_probe_http_bench import (
     _cpu_seconds,
     _pinned,
     blackbox,
+    cpu_user_and_system,
     httpload,
 )
 from tests.mesh.helpers import write_mesh_config
@@ -135,13 +138,15 @@ def run_agent(config: Path, mesh: MeshProcess, profile: Path | None = None
     stop = threading.Event()
     try:
         assert proc.stdout.readline().strip() == "window-start"
-        agent0, mesh0 = _cpu_seconds(proc.pid), mesh.cpu_seconds() + mesh.children_cpu_seconds()
+        split0 = cpu_user_and_system(proc.pid)
+        agent0, mesh0 = sum(split0), mesh.cpu_seconds() + mesh.children_cpu_seconds()
         load = loadavg()
         scraper = threading.Thread(target=_scrape_every,
                                    args=(f"http://{listen}/metrics", stop, SCRAPE_EVERY))
         scraper.start()
         assert proc.stdout.readline().strip() == "window-end"
-        agent_cpu = _cpu_seconds(proc.pid) - agent0
+        split1 = cpu_user_and_system(proc.pid)
+        agent_cpu = sum(split1) - agent0
         mesh_cpu = mesh.cpu_seconds() + mesh.children_cpu_seconds() - mesh0
         counted = json.loads(proc.stdout.readline())
         stop.set()
@@ -153,7 +158,8 @@ def run_agent(config: Path, mesh: MeshProcess, profile: Path | None = None
         stop.set()
         _stop(proc)  # type: ignore[arg-type]
     lags = [abs(lag) for lag in counted.pop("lags")]  # a start may be early by START_AHEAD
-    return {**counted, "agent_cpu": agent_cpu, "mesh_cpu": mesh_cpu, "lag_n": len(lags),
+    return {**counted, "agent_cpu": agent_cpu, "agent_user": split1[0] - split0[0],
+            "agent_system": split1[1] - split0[1], "mesh_cpu": mesh_cpu, "lag_n": len(lags),
             "lag_p50": pct(lags, .5), "lag_p99": pct(lags, .99), "lag_max": max(lags, default=0),
             "load_before": load, "load_after": loadavg()}  # type: ignore[dict-item]
 
@@ -214,11 +220,12 @@ def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Pat
         print(f"  the agent started only {started:.0f} of the {expected:.0f} probes due "
               f"({overloaded:.0f} refused as overloaded): the machine is too loaded for this "
               "figure to be the agent's own; its CPU per probe is printed anyway")
-    per = a["agent_cpu"] / max(started, 1)
+    per, n = a["agent_cpu"] / max(started, 1), max(started, 1)
     print(f"  agent: {started:.0f} probes started ({overloaded:.0f} refused, "
           f"{a['failures']:.0f} failed results in all), {a['sent']:.0f} observations accepted "
           f"by the mesh (spool depth {a['spool_depth']:.0f}); agent process {a['agent_cpu']:.2f} "
-          f"CPU-s -> {per * 1e6:.1f} us per probe, {1 / per:,.0f} probes/CPU-s; mesh "
+          f"CPU-s -> {per * 1e6:.1f} us per probe (user {a['agent_user'] / n * 1e6:.1f} + "
+          f"system {a['agent_system'] / n * 1e6:.1f}), {1 / per:,.0f} probes/CPU-s; mesh "
           f"{a['mesh_cpu']:.2f} CPU-s ({a['mesh_cpu'] / max(started, 1) * 1e6:.1f} us per "
           f"probe, apart); start error p50 {a['lag_p50'] * 1e3:.3f} ms p99 "
           f"{a['lag_p99'] * 1e3:.3f} ms max {a['lag_max'] * 1e3:.1f} ms over {a['lag_n']:.0f} "
