@@ -292,8 +292,7 @@ class ScheduleCore:
         return st.last_start + st.check.min_interval
 
     def _queue(self, st: CheckState, due: float, why: str) -> None:
-        if st.last_start is not None and st.check.min_interval:  # as _earliest, without a call
-            due = max(due, st.last_start + st.check.min_interval)
+        due = max(due, self._earliest(st))
         self._seq += 1
         st.gen = self._seq
         st.due, st.why = due, why
@@ -332,9 +331,8 @@ class ScheduleCore:
             if not 0.0 <= slot <= _LAST_SLOT:  # jitter beyond a whole round: clamped after all
                 slot = min(max(slot, 0.0), _LAST_SLOT)
             due = round_start + slot * interval
-            if (st.last_start is not None and st.check.min_interval
-                    and due < st.last_start + st.check.min_interval):
-                continue  # its budget allows no run in this round (see _earliest)
+            if due < self._earliest(st):
+                continue  # its budget allows no run in this round
             self._queue(st, due, "round")
         nxt = first + count
         return nxt if nxt < len(order) else -1
@@ -713,9 +711,7 @@ class AgentScheduler:
         check = due.check
         if check.kind.start is None or self.runner is not run_check:
             return False
-        gate, node_gate = self._global, self._per_node.get(check.node)
-        if node_gate is None:
-            node_gate = self._node_gate(check.node)
+        gate, node_gate = self._global, self._node_gate(check.node)
         if not gate.try_enter():
             return False
         if not node_gate.try_enter():
@@ -771,7 +767,6 @@ class AgentScheduler:
         if gate is None:
             gate = self._per_node[node] = Gate(self._per_node_limit)
         return gate
-
 
     async def _run(self, due: Due) -> None:
         check = due.check

@@ -399,10 +399,11 @@ class Tracer:
                     task = asyncio.create_task(self._run(job), name=f"trace-{job.target.node}")
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
-            # a host that cannot trace takes nothing: it waits for a reload, not for the due
-            due = None if self.stats.unavailable else self.planner.next_due(now)
-            self.stats.oldest_due = None if self.stats.unavailable else (
-                self.planner.oldest_due(now))
+            if self.stats.unavailable:  # it takes nothing: it waits for a reload, not the due
+                due = self.stats.oldest_due = None
+            else:
+                due, self.stats.oldest_due = (self.planner.next_due(now),
+                                              self.planner.oldest_due(now))
             self._wake.clear()
             wait = 60.0 if due is None else max(0.0, due - self.clock())
             await wait_at_most(self._wake, max(wait, 0.001))
