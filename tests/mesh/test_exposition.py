@@ -146,7 +146,9 @@ def weigh(svc: MeshService, states: NodeStates, data: st.DataObject) -> None:
     (no pop), published or not, load fresh or stale, any of the load signals."""
     infos = [info for info, *_ in states]
     nodes = [WeightNode(info.node, info.pool, data.draw(st.floats(0.1, 10))) for info in infos]
-    svc.weights = WeightEngine(WeightPolicy(enabled=True), [*nodes, WeightNode("\n", "p")])
+    # The extra node's name must not be one of the fleet's (a drawn name may be "\n" too).
+    extra = "\n" + "x" * max((len(info.node) for info in infos), default=0)
+    svc.weights = WeightEngine(WeightPolicy(enabled=True), [*nodes, WeightNode(extra, "p")])
     svc.last_now = data.draw(st.floats(0, 1e6))
     signals = ["cpu", "drops", "effective_sessions", "sessions", "packets", "bytes"]
     for node in svc.weights.nodes.values():
