@@ -7,7 +7,9 @@ After ``WARMUP`` seconds it prints ``window-start``, after ``SECONDS`` more ``wi
 one JSON line of what the agent itself counted in the window (probes started and refused, every
 start lag sample, observations accepted by the mesh, spool depth); then it waits for a line on
 stdin before it stops, so the benchmark reads every process's CPU at the window's edges without
-the agent's start-up or shutdown in it. ``PROFILE_OUT``: cProfile the window into that file
+the agent's start-up or shutdown in it (a ``count`` line before it prints the probes started
+so far, for tools that attach to the agent for windows of their own:
+tests/bench/agent_kernel_trace.py). ``PROFILE_OUT``: cProfile the window into that file
 (a profiled run is slower: its CPU figures are not the benchmark's).
 """
 
@@ -51,7 +53,8 @@ async def main(config: Path, listen: str, warmup: float, seconds: float,
         "checks": len(agent.checks),
         "failures": sum(sum(s.failures.values()) for s in agent.probe_stats.series.values()),
     }), flush=True)
-    await loop.run_in_executor(None, sys.stdin.readline)
+    while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "count":
+        print(json.dumps({"started": stats.started_total}), flush=True)
     await agent.stop(drain_timeout=0)
 
 
