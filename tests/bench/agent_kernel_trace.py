@@ -36,6 +36,7 @@ from tests.bench.test_agent_bench import TARGETS, _free_port, _stop  # noqa: E40
 from tests.bench.test_full_agent_bench import (  # noqa: E402
     TARGET_COUNT,
     _agent_config,
+    thread_switches,
 )
 from tests.bench.test_probe_http_bench import CLIENT_CORE, SERVER_CORE, _pinned  # noqa: E402
 from tests.mesh.helpers import write_mesh_config  # noqa: E402
@@ -86,15 +87,13 @@ def threads(pid: int) -> dict[int, dict[str, float | str]]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (task / "status").read_text()
+            voluntary, involuntary = thread_switches(task)
             name = (task / "comm").read_text().strip()
         except OSError:
             continue
-        switches = dict(re.findall(r"^(\w*voluntary_ctxt_switches):\s+(\d+)", status, re.M))
         out[int(task.name)] = {"name": name, "user": int(fields[11]) / TICK,
-                               "system": int(fields[12]) / TICK,
-                               "vol": float(switches["voluntary_ctxt_switches"]),
-                               "invol": float(switches["nonvoluntary_ctxt_switches"])}
+                               "system": int(fields[12]) / TICK, "vol": float(voluntary),
+                               "invol": float(involuntary)}
     return out
 
 

@@ -7,7 +7,8 @@
  * when writable. udp: socket, IP_RECVERR, SO_TIMESTAMPNS, connect, send of a DNS query,
  * epoll_ctl, recvmsg with ancillary data, close. Starts RATE probes a second from one epoll
  * loop (a timeout to the next due start, in whole ms: GRAIN_MS at least, default 1), and
- * prints probes done and user and system CPU per probe (getrusage). */
+ * prints probes started, done and failed, and user and system CPU and context switches per
+ * probe (getrusage). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -96,9 +97,10 @@ int main(int argc, char **argv) {
                   (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1e6;
     double sys = (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) +
                  (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1e6;
-    printf("%s: %ld started, %ld done, %ld failed; per probe user %.1f us system %.1f us, "
-           "switches voluntary %.3f involuntary %.3f\n", argv[1], started, done, failed,
-           user / done * 1e6, sys / done * 1e6, (double)(r1.ru_nvcsw - r0.ru_nvcsw) / done,
+    /* started done failed, then per probe: user us, system us, voluntary and involuntary
+     * context switches (read by tests/bench/test_full_agent_bench.py) */
+    printf("%ld %ld %ld %.2f %.2f %.4f %.4f\n", started, done, failed, user / done * 1e6,
+           sys / done * 1e6, (double)(r1.ru_nvcsw - r0.ru_nvcsw) / done,
            (double)(r1.ru_nivcsw - r0.ru_nivcsw) / done);
     return 0;
 }

@@ -15,7 +15,9 @@ target, the mesh and the scraper on core 1. CPU is counted for every process of 
 every thread and child (``/proc``), over the same 10 s window after a 4 s warm-up: the agent
 process, the mesh (printed apart: blackbox has no mesh; a Prometheus storing blackbox's answers
 is not counted either), blackbox, and the scraper (printed apart). The agent's CPU is also
-printed in its user and system parts: the kernel part moves most from run to run. The agent's
+printed in its user and system parts: the kernel part moves most from run to run; beside it, its
+context switches per probe and the kernel floor: the system CPU per probe of the probes' own
+system calls made from C at the same rate on the same core (tests/bench/l4loop.c). The agent's
 start error is every probe's start lag in the window (thousands of samples), as its scheduler
 measures it.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import pstats
+import re
 import resource
 import subprocess
 import sys
@@ -48,6 +51,7 @@ from tests.bench.test_probe_http_bench import (
     _cpu_seconds,
     _pinned,
     blackbox,
+    compiled,
     cpu_user_and_system,
     httpload,
 )
@@ -94,6 +98,41 @@ def _l4(kind: str, ports: tuple[int, int]) -> dict[str, object]:
                      "expect_hex": (DNS_QUERY[:2] + b"\x81\x80").hex()}]}
 
 
+@pytest.fixture(scope="module")
+def l4loop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compiled(tmp_path_factory, "l4loop")
+
+
+def thread_switches(task: Path) -> tuple[int, int]:
+    """A thread's (``/proc/PID/task/TID``) voluntary and involuntary context switches so far."""
+    found = dict(re.findall(r"^(\w*voluntary_ctxt_switches):\s+(\d+)",
+                            (task / "status").read_text(), re.M))
+    return int(found["voluntary_ctxt_switches"]), int(found["nonvoluntary_ctxt_switches"])
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """Every live thread of ``pid``: voluntary and involuntary context switches so far."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            v, i = thread_switches(task)
+        except OSError:
+            continue
+        voluntary, involuntary = voluntary + v, involuntary + i
+    return voluntary, involuntary
+
+
+def kernel_floor(l4loop: Path, kind: str, ports: tuple[int, int]) -> dict[str, float]:
+    """The probes' own system calls alone (C, one epoll loop) at RATE for WINDOW seconds on the
+    agent's core: CPU and context switches per probe."""
+    port = ports[0] if kind == "tcp" else ports[1]
+    out = subprocess.run(_pinned(SERVER_CORE, [str(l4loop), kind, str(port), str(RATE),
+                                               str(WINDOW)]),
+                         capture_output=True, text=True, check=True, timeout=WINDOW + 30)
+    names = ("started", "done", "failed", "user_us", "system_us", "voluntary", "involuntary")
+    return dict(zip(names, map(float, out.stdout.split()), strict=True))
+
+
 def _agent_config(folder: Path, mesh: MeshProcess, kind: str, ports: tuple[int, int]) -> Path:
     targets = [{"id": f"n{i}", "pool": f"p{i // 100}", "pop": "pop0", "region": "eu",
                 "address": "127.0.0.1", "l4": _l4(kind, ports)} for i in range(TARGET_COUNT)]
@@ -138,14 +177,14 @@ def run_agent(config: Path, mesh: MeshProcess, profile: Path | None = None
     stop = threading.Event()
     try:
         assert proc.stdout.readline().strip() == "window-start"
-        split0 = cpu_user_and_system(proc.pid)
+        split0, switches0 = cpu_user_and_system(proc.pid), context_switches(proc.pid)
         agent0, mesh0 = sum(split0), mesh.cpu_seconds() + mesh.children_cpu_seconds()
         load = loadavg()
         scraper = threading.Thread(target=_scrape_every,
                                    args=(f"http://{listen}/metrics", stop, SCRAPE_EVERY))
         scraper.start()
         assert proc.stdout.readline().strip() == "window-end"
-        split1 = cpu_user_and_system(proc.pid)
+        split1, switches1 = cpu_user_and_system(proc.pid), context_switches(proc.pid)
         agent_cpu = sum(split1) - agent0
         mesh_cpu = mesh.cpu_seconds() + mesh.children_cpu_seconds() - mesh0
         counted = json.loads(proc.stdout.readline())
@@ -159,7 +198,9 @@ def run_agent(config: Path, mesh: MeshProcess, profile: Path | None = None
         _stop(proc)  # type: ignore[arg-type]
     lags = [abs(lag) for lag in counted.pop("lags")]  # a start may be early by START_AHEAD
     return {**counted, "agent_cpu": agent_cpu, "agent_user": split1[0] - split0[0],
-            "agent_system": split1[1] - split0[1], "mesh_cpu": mesh_cpu, "lag_n": len(lags),
+            "agent_system": split1[1] - split0[1], "mesh_cpu": mesh_cpu,
+            "voluntary": switches1[0] - switches0[0],
+            "involuntary": switches1[1] - switches0[1], "lag_n": len(lags),
             "lag_p50": pct(lags, .5), "lag_p99": pct(lags, .99), "lag_max": max(lags, default=0),
             "load_before": load, "load_after": loadavg()}  # type: ignore[dict-item]
 
@@ -197,8 +238,8 @@ def print_profile(path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
 def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Path,
-                                        probe_targets: tuple[int, int], mesh: MeshProcess,
-                                        blackbox: tuple[str, int]) -> None:
+                                        l4loop: Path, probe_targets: tuple[int, int],
+                                        mesh: MeshProcess, blackbox: tuple[str, int]) -> None:
     config = _agent_config(tmp_path, mesh, kind, probe_targets)
     if os.environ.get("TW_BENCH_PROFILE"):
         profiled = tmp_path / "agent.prof"
@@ -206,6 +247,7 @@ def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Pat
         print(f"\nfull agent, {kind}, profiled run:")
         print_profile(profiled)
     a = run_agent(config, mesh)
+    floor = kernel_floor(l4loop, kind, probe_targets)
     module, port = ("tcp_connect", probe_targets[0]) if kind == "tcp" else ("dns_udp",
                                                                           probe_targets[1])
     b = scrape_blackbox(httpload, blackbox[0], f"/probe?module={module}&target=127.0.0.1:{port}",
@@ -230,6 +272,12 @@ def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Pat
           f"probe, apart); start error p50 {a['lag_p50'] * 1e3:.3f} ms p99 "
           f"{a['lag_p99'] * 1e3:.3f} ms max {a['lag_max'] * 1e3:.1f} ms over {a['lag_n']:.0f} "
           f"starts (target p99 <= 2 ms); load average {a['load_before']} -> {a['load_after']}")
+    print(f"  agent context switches per probe: voluntary {a['voluntary'] / n:.3f}, involuntary "
+          f"{a['involuntary'] / n:.3f}; kernel floor (the probes' system calls alone from C at "
+          f"{RATE:.0f}/s on core {SERVER_CORE}, tests/bench/l4loop.c): system "
+          f"{floor['system_us']:.1f} us per probe (user {floor['user_us']:.1f}), switches "
+          f"voluntary {floor['voluntary']:.3f}, {floor['failed']:.0f} of {floor['done']:.0f} "
+          "failed")
     b_per = b["cpu"] / max(b["done"], 1)
     print(f"  blackbox: {b['done']:.0f} probes ({b['failed']:.0f} failed), {b['cpu']:.2f} "
           f"CPU-s -> {b_per * 1e6:.1f} us per probe, {1 / b_per:,.0f} probes/CPU-s; scraper "
@@ -244,6 +292,8 @@ def test_full_agent_vs_scraped_blackbox(kind: str, tmp_path: Path, httpload: Pat
     record(f"full scheduled agent, {kind}, 2,000/s ({per * 1e6:.0f} us/probe; mesh apart)",
            1 / per, unit, peer=1 / b_per, peer_name="blackbox scraped at the same rate",
            target=">= 4x, <= 90 us" if kind == "tcp" else ">= 20,000")
+    record(f"full agent system CPU per probe, {kind}, 2,000/s", a["agent_system"] / n * 1e6, "us",
+           peer=floor["system_us"], peer_name="the probes' system calls alone (l4loop.c)")
     record(f"full agent start error p99, {kind}, 2,000/s", a["lag_p99"] * 1e3, "ms",
            target="<= 2 ms")
     assert started > 0 and a["sent"] > 0

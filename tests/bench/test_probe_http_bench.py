@@ -86,14 +86,19 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) ->
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def httpload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def compiled(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """tests/bench/``name``.c built (skips without a C compiler)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler for the load client")
-    binary = tmp_path_factory.mktemp("httpload") / "httpload"
-    subprocess.run([cc, "-O2", "-o", str(binary), str(HERE / "httpload.c")], check=True)
+        pytest.skip(f"no C compiler for {name}.c")
+    binary = tmp_path_factory.mktemp(name) / name
+    subprocess.run([cc, "-O2", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
     return binary
+
+
+@pytest.fixture(scope="module")
+def httpload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compiled(tmp_path_factory, "httpload")
 
 
 @pytest.fixture(scope="module")
