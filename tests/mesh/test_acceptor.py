@@ -37,7 +37,10 @@ async def send_in_pieces(port: int, data: bytes, piece: int) -> bytes:
 
 async def test_a_head_sent_in_pieces_is_served(tmp_path: Path) -> None:
     """A blank line split across reads still ends the head; the body follows in pieces."""
-    async with served(tmp_path) as mesh:
+    # one byte a write takes ~0.35 s for the head and ~0.3 s for the body here, over twice that
+    # on a loaded machine: the abuse tests' 1 s idle and body timeouts cut it off mid-request
+    async with served(tmp_path, limits="idle_timeout_seconds: 60\nbody_timeout_seconds: 60\n"
+                      ) as mesh:
         for piece in (1, 3, 4096):
             body = mesh.batch()
             request = mesh.head(mesh.signed(body) | {"Connection": "close"}, len(body)) + body
