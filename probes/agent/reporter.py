@@ -6,13 +6,20 @@ Path of one observation:
 2. the writer task group-commits the queue to the :class:`~probes.agent.spool.Spool` every
    ``COMMIT_INTERVAL`` (one fsync per commit, on the spool's own thread). From here on it survives
    a SIGKILL; before, it is as lost as the probes in flight, and its seq is reused, so the mesh
-   never sees a gap it cannot explain;
-3. one sender task per endpoint takes the endpoint's next batch from the spool (or its
-   in-flight batch after a failure or a restart), signs it with :mod:`probes.model.signing` and
-   POSTs it in the agent instance's epoch (:class:`probes.model.ObservationBatch`): as JSON, or
+   never sees a gap it cannot explain. The same commit (:meth:`Spool.commit`: one transaction)
+   records the acknowledgements of the batches the mesh took since the last one, and the next
+   batch of each sender waiting for one, which it hands to that sender: a batch of what this
+   commit appended is sent from memory (its observations in columns without decoding their
+   JSON again), never read back;
+3. one sender task per endpoint POSTs the batch it is handed (its in-flight batch after a
+   restart, then whatever follows its offset), signed with :mod:`probes.model.signing`, in the
+   agent instance's epoch (:class:`probes.model.ObservationBatch`): as JSON, or
    in columns (:mod:`probes.model.columnar`) to an endpoint whose last answer listed
    ``"columnar"`` in ``accepts``; a columnar batch refused with 400/413 goes again at once as
-   JSON, which every mesh takes. A 2xx answer
+   JSON, which every mesh takes. An accepted batch's acknowledgement is committed with the next
+   group commit, at once when the spool holds more for that endpoint (a backlog goes out a
+   batch per commit); a SIGKILL before it resends the batch, answered ``409 replay``. A 2xx
+   answer
    acknowledges it (result ``ok``). A ``409 replay`` names the agent's position at the mesh:
    when it is in the batch's own epoch at or above its batch_seq, the mesh committed the batch
    earlier (the answer to that attempt was lost): acknowledged, result ``duplicate``. Otherwise
@@ -46,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +66,7 @@ from probes.agent.spool import Batch, Spool
 from probes.aio import wait_at_most
 from probes.logutil import RateLimitedLog
 from probes.model import Observation, PathTrace, batch_body, signing
-from probes.model.columnar import columnar_body_of_json
+from probes.model.columnar import columnar_body, columnar_body_of_json
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)  # a full disk fails every commit: one line per 10 s, not 10 a second
@@ -78,6 +86,16 @@ TRACES_PER_BATCH = 16
 TRACE_REFUSAL_BACKOFF = 600.0  # seconds without traces to an endpoint that refused them
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A batch recorded in flight, to be POSTed; ``observations``: its observations when this
+    process committed them (the columnar body is made from them: decoding the batch's JSON
+    again cost the event loop ~2 us an observation)."""
+
+    batch: Batch
+    observations: list[Observation] | None = None
 
 
 MAX_REPROBE_REQUESTS = 1000  # per reply: a mesh cannot make an agent take more at once
@@ -137,11 +155,21 @@ class Reporter:
         self._spool: Spool | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._pending: list[tuple[int, bytes]] = []
+        self._pending_objects: list[Observation] = []  # the same observations, unencoded
         self._memory_dropped = 0  # dropped while the spool could not be written
         self._next_seq = 0
         self._encoder = msgspec.json.Encoder()
-        self._new_data = asyncio.Event()
-        self._urgent = asyncio.Event()
+        self._wake = asyncio.Event()  # the writer: commit now
+        self._urgent = False  # ... for an urgent observation (after URGENT_SPACING)
+        # per endpoint: the batch its sender is to POST (handed by a commit), the batch the mesh
+        # took whose acknowledgement the next commit records, whether its sender waits for a
+        # batch (and the event that wakes it), the last seq it was sent (None: ask the spool)
+        self._outbox: dict[str, _Outgoing] = {}
+        self._acks: dict[str, Batch] = {}
+        self._wanting: set[str] = set()
+        self._handed: dict[str, asyncio.Event] = {}
+        self._position: dict[str, int | None] = {}
+        self._top = -1  # the last seq committed to the spool
         self._tasks: list[asyncio.Task[None]] = []
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -166,6 +194,7 @@ class Reporter:
         self._spool = await self._db(Spool, self._spool_path, self._spool_max, self.wall)
         await self._db(self._spool.forget_endpoints, self.endpoints)
         self._next_seq = self._spool.next_seq
+        self._top = self._spool.next_seq - 1
         self.stats.dropped_total = self._spool.dropped
         await self._refresh_stats()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT))
@@ -177,6 +206,8 @@ class Reporter:
                  self._spool.epoch, self._next_seq)
 
     def _start_sender(self, endpoint: str) -> None:
+        self._handed[endpoint] = asyncio.Event()
+        self._position[endpoint] = None
         self._senders[endpoint] = asyncio.create_task(self._sender(endpoint),
                                                       name=f"sender-{endpoint}")
 
@@ -192,6 +223,11 @@ class Reporter:
             self._takes_traces.pop(endpoint, None)
             self._takes_epoch.pop(endpoint, None)
             self._takes_columnar.pop(endpoint, None)
+            self._outbox.pop(endpoint, None)
+            self._acks.pop(endpoint, None)
+            self._handed.pop(endpoint, None)
+            self._position.pop(endpoint, None)
+            self._wanting.discard(endpoint)
         self.endpoints = list(endpoints)
         self.stats.endpoints = len(self.endpoints)
         if self._spool is not None:
@@ -207,12 +243,17 @@ class Reporter:
         if drain_timeout > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout):
-                    while self.stats.spool_depth > 0:
-                        self._new_data.set()
+                    while self.stats.spool_depth > 0 or self._acks:
+                        self._wake.set()
                         await asyncio.sleep(0.05)
         for task in [*self._tasks, *self._senders.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._senders.values(), return_exceptions=True)
+        self._wanting.clear()
+        try:  # what the mesh took is not sent again after a restart
+            await self.commit()
+        except Exception as exc:  # it would be: answered 409 replay, acknowledged then
+            log.warning("reporter: acknowledgements not committed at close: %s", exc)
         if self._session is not None:
             await self._session.close()
         if self._spool is not None:
@@ -227,9 +268,12 @@ class Reporter:
         ``urgent``: commit and send it now rather than at the next group commit."""
         seq = self._next_seq
         self._next_seq += 1
-        self._pending.append((seq, self._encoder.encode(observation_without_seq(seq))))
+        observation = observation_without_seq(seq)
+        self._pending.append((seq, self._encoder.encode(observation)))
+        self._pending_objects.append(observation)
         if urgent:
-            self._urgent.set()
+            self._urgent = True
+            self._wake.set()
         return seq
 
     def submit_trace(self, trace: PathTrace) -> None:
@@ -261,26 +305,69 @@ class Reporter:
             self._count_dropped_traces("queue-full", 1)
 
     async def commit(self) -> None:
-        if not self._pending or self._spool is None:
+        """Commit what was submitted, the acknowledgements of the batches the mesh took, and
+        the next batch of every sender waiting for one, in one spool transaction; hand those
+        batches to their senders."""
+        if self._spool is None:
             return
-        records, self._pending = self._pending, []
+        wanting = [e for e in self.endpoints if e in self._wanting and e not in self._outbox]
+        if not (self._pending or self._acks or any(self._may_have_more(e) for e in wanting)):
+            return
+        records, objects = self._pending, self._pending_objects
+        self._pending, self._pending_objects = [], []
+        acks, self._acks = self._acks, {}
+        self._wanting.difference_update(wanting)
         try:
-            dropped = await self._db(self._spool.append, records)
+            done = await self._db(self._spool.commit, records, list(acks.values()), wanting,
+                                  list(self.endpoints), self.batch_max)
         except Exception:
-            # keep them for the next commit (a full disk may clear); bounded like the spool
-            self._pending = records + self._pending
-            excess = len(self._pending) - MAX_PENDING
-            if excess > 0:
-                del self._pending[:excess]
-                self._memory_dropped += excess
-                self.stats.dropped_total = self._spool.dropped + self._memory_dropped
+            self._put_back(records, objects, acks, wanting)
             raise
-        if dropped:
+        # another commit may have come after this one on the spool's thread: only this one's
+        # top says what a sender given no batch has had
+        self._top = max(self._top, done.top)
+        for endpoint in wanting:
+            if endpoint not in self._handed:  # removed by a reload meanwhile
+                continue
+            batch = done.batches.get(endpoint)
+            if batch is None:
+                self._position[endpoint] = done.top  # it has had everything committed
+                self._wanting.add(endpoint)
+                continue
+            self._outbox[endpoint] = _Outgoing(batch, _objects_of(batch, records, objects))
+            self._wanting.discard(endpoint)  # its sender may have asked again meanwhile
+            self._handed[endpoint].set()
+        if done.dropped:
             log.warning("spool full (%d bytes): dropped the %d oldest observation(s)",
-                        self._spool_max, dropped)
+                        self._spool_max, done.dropped)
+        if any(self._may_have_more(e) for e in self._wanting):
+            self._wake.set()  # committed meanwhile by a commit that did not take its batch
         self.stats.dropped_total = self._spool.dropped + self._memory_dropped
-        await self._refresh_stats()
-        self._new_data.set()
+        self.stats.spool_depth = done.depth
+        self.stats.spool_bytes = self._spool.bytes
+
+    def _put_back(self, records: list[tuple[int, bytes]], objects: list[Observation],
+                  acks: dict[str, Batch], wanting: list[str]) -> None:
+        """A commit failed (a full disk may clear): what it held waits for the next one, the
+        observations bounded like the spool."""
+        assert self._spool is not None
+        self._pending = records + self._pending
+        self._pending_objects = objects + self._pending_objects
+        excess = len(self._pending) - MAX_PENDING
+        if excess > 0:
+            del self._pending[:excess]
+            del self._pending_objects[:excess]
+            self._memory_dropped += excess
+            self.stats.dropped_total = self._spool.dropped + self._memory_dropped
+        for endpoint, batch in acks.items():
+            if endpoint in self._handed:
+                self._acks.setdefault(endpoint, batch)
+        self._wanting.update(e for e in wanting if e in self._handed)
+
+    def _may_have_more(self, endpoint: str) -> bool:
+        """Whether the spool may hold observations the endpoint has not been sent."""
+        position = self._position.get(endpoint)
+        return position is None or position < self._top
 
     async def _refresh_stats(self) -> None:
         assert self._spool is not None
@@ -289,10 +376,11 @@ class Reporter:
 
     async def _writer(self) -> None:
         while True:
-            await wait_at_most(self._urgent, COMMIT_INTERVAL)
-            if self._urgent.is_set():
+            await wait_at_most(self._wake, COMMIT_INTERVAL)
+            if self._urgent:
                 await asyncio.sleep(URGENT_SPACING)  # let what finishes with it come along
-                self._urgent.clear()
+            self._wake.clear()
+            self._urgent = False
             try:
                 await self.commit()
             except Exception as exc:  # a full disk must not kill the agent; keep trying
@@ -312,38 +400,47 @@ class Reporter:
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _send_next(self, endpoint: str, backoff: float) -> float:
-        """Send the endpoint's next batch (or wait for one); the backoff to use next."""
+        """Send the endpoint's batch (or wait for one); the backoff to use next."""
         assert self._spool is not None
         index = str(self.endpoints.index(endpoint))  # a reload may reorder endpoints
-        batch = await self._db(self._spool.next_batch, endpoint, self.batch_max)
-        if batch is None:
-            self._new_data.clear()
-            await wait_at_most(self._new_data, self.flush_interval)
+        outgoing = self._outbox.get(endpoint)
+        if outgoing is None:
+            self._wanting.add(endpoint)
+            if self._may_have_more(endpoint):
+                self._wake.set()  # a backlog, or the spool not asked yet: commit at once
+            handed = self._handed[endpoint]
+            handed.clear()
+            await wait_at_most(handed, self.flush_interval)
             return backoff
-        result = await self._post(endpoint, batch)
+        batch = outgoing.batch
+        result = await self._post(endpoint, outgoing)
         key = (index, result)
         self.stats.batches_total[key] = self.stats.batches_total.get(key, 0) + 1
         if result == "refused":  # kept: its observations go again at once, in a new epoch
             await self._db(self._spool.requeue, endpoint)
+            del self._outbox[endpoint]
+            self._position[endpoint] = None
             return backoff
         if result in ("ok", "duplicate", "rejected"):
-            await self._db(self._spool.ack, batch, self.endpoints)
+            del self._outbox[endpoint]
+            self._acks[endpoint] = batch
+            self._position[endpoint] = batch.last_seq
             if result != "rejected":
                 self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
                                                 + len(batch.bodies))
                 self.stats.last_success[index] = self.wall()
-            await self._refresh_stats()
             return BACKOFF_INITIAL
         await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
         return min(backoff * 2, BACKOFF_MAX)
 
-    async def _post(self, endpoint: str, batch: Batch) -> str:
+    async def _post(self, endpoint: str, outgoing: _Outgoing) -> str:
         """POST one batch: "ok" (accepted), "duplicate" (committed earlier), "refused" (a newer
         epoch of this agent at the mesh: kept), "rejected" (never takes it), or "error".
         Path traces the endpoint takes ride along; they are put back when the batch did not
         go through, and left out (and dropped) when it was refused with them."""
+        batch = outgoing.batch
         traces = self._take_traces(endpoint)
-        result = await self._post_body(endpoint, batch, traces)
+        result = await self._post_body(endpoint, outgoing, traces)
         if result == "rejected" and batch.epoch and endpoint not in self._takes_epoch:
             # the first answer of this endpoint refused the batch: a mesh from before epochs
             # refuses the field. It gets the batch again without it, and never the field again
@@ -352,13 +449,13 @@ class Reporter:
                         "its state_dir is refused as a replay until its batch_seq catches up)",
                         self.endpoints.index(endpoint))
             self._takes_epoch[endpoint] = False
-            result = await self._post_body(endpoint, batch, traces)
+            result = await self._post_body(endpoint, outgoing, traces)
         if result == "rejected" and self._takes_columnar.pop(endpoint, False):
             # a mesh that listed "columnar" refused a columnar body (downgraded since): the JSON
             # batch, which every mesh takes, goes instead (columnar again once an answer lists it)
             trouble(f"columnar:{endpoint}", "mesh endpoint %s refused a columnar batch: sending "
                     "it again as JSON", self.endpoints.index(endpoint))
-            result = await self._post_body(endpoint, batch, traces)
+            result = await self._post_body(endpoint, outgoing, traces)
         if not traces:
             return result
         index = str(self.endpoints.index(endpoint))
@@ -371,19 +468,24 @@ class Reporter:
                         TRACE_REFUSAL_BACKOFF)
             self._count_dropped_traces("refused", len(traces))
             self._traces_refused_until[endpoint] = self.wall() + TRACE_REFUSAL_BACKOFF
-            result = await self._post_body(endpoint, batch, [])
+            result = await self._post_body(endpoint, outgoing, [])
         else:
             self._give_back(endpoint, traces)
         return result
 
-    async def _post_body(self, endpoint: str, batch: Batch, traces: list[bytes]) -> str:
+    async def _post_body(self, endpoint: str, outgoing: _Outgoing, traces: list[bytes]) -> str:
         assert self._session is not None
+        batch = outgoing.batch
         now = self.wall()
         epoch = batch.epoch if self._takes_epoch.get(endpoint, True) else 0
         body = None
         if self._takes_columnar.get(endpoint):
-            body = columnar_body_of_json(self.agent, batch.batch_seq, now, batch.bodies, traces,
-                                         epoch=epoch)
+            if outgoing.observations is not None:
+                body = columnar_body(self.agent, batch.batch_seq, now, outgoing.observations,
+                                     traces, epoch=epoch)
+            else:
+                body = columnar_body_of_json(self.agent, batch.batch_seq, now, batch.bodies,
+                                             traces, epoch=epoch)
         if body is None:
             body = batch_body(self.agent, batch.batch_seq, now, batch.bodies, traces, epoch=epoch)
         headers = signing.signed_headers(self.agent, self.key_id, self.key, body, now)
@@ -436,3 +538,14 @@ class Reporter:
                     "instance runs under this name); kept, sent again in epoch %d",
                     batch.batch_seq, batch.epoch, len(batch.bodies), epoch, self.agent, mine)
         return "refused"
+
+
+def _objects_of(batch: Batch, records: list[tuple[int, bytes]],
+                objects: list[Observation]) -> list[Observation] | None:
+    """The batch's observations when it is the head of the records just committed (the same
+    seqs in the same order), else None (it was read from the spool)."""
+    n = len(batch.bodies)
+    if (0 < n <= len(records) and records[0][0] == batch.first_seq
+            and records[n - 1][0] == batch.last_seq):
+        return objects[:n]
+    return None

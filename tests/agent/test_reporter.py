@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
-from probes.model import Observation, Reason
+from probes.model import Observation, Reason, Tier
+from probes.model.columnar import whole_batch
 from tests.diskfull import fill, free, small_filesystem
 
 from .helpers import Receiver, free_port, until
@@ -198,3 +201,62 @@ async def test_a_refused_columnar_batch_goes_again_as_json(tmp_path: Path) -> No
     stats = await _deliver(tmp_path, receiver, 3)
     assert receiver.formats == ["json", "columnar", "json", "columnar", "json"]
     assert stats.batches_total.get(("0", "rejected"), 0) == 0  # none dropped
+
+
+class _Recording(Receiver):
+    """A receiver that also keeps every observation it took, whole."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.observations: list[Observation] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        response = await super().handle(request)
+        if response.status == 200:
+            self.observations.extend(whole_batch(await request.read()).observations)
+        return response
+
+
+async def test_a_group_commit_is_one_spool_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appending what was submitted, acknowledging the batch the mesh took and recording the
+    next batch in flight is one SQLite transaction (one fsync) per group commit (it was three),
+    and the mesh takes, columnar and from memory, exactly the observations submitted."""
+    monkeypatch.setattr("probes.agent.reporter.COMMIT_INTERVAL", 60.0)  # commits: the test's
+    port = free_port()
+    stats = ReporterStats()
+    reporter = _reporter(tmp_path, port, stats)
+    receiver = _Recording(KEY, "vantage-1", columnar="takes")
+    await receiver.start(port)
+    await reporter.start()
+    assert reporter._spool is not None
+    commits: list[str] = []
+    reporter._spool.db.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    submitted: list[Observation] = []
+
+    def observation(seq: int) -> Observation:
+        made = Observation(node=f"n{seq % 3}", check="tcp:443", vantage="vantage-1", seq=seq,
+                           wall_time=1_764_000_000.125 + seq / 7, ok=seq % 5 != 0,
+                           reason=Reason.OK if seq % 5 else Reason.REFUSED,
+                           duration_seconds=seq / 3000, kind="tcp", tier=Tier.L4,
+                           phases={"connect": seq / 3001}, detail="" if seq % 5 else "refused")
+        submitted.append(made)
+        return made
+
+    try:
+        cycles = 6
+        for cycle in range(cycles):
+            for _ in range(7):
+                reporter.submit(observation)
+            if cycle == 1:  # the first batch went as JSON, the rest columnar: count from here
+                commits.clear()
+            await reporter.commit()
+            await until(lambda c=cycle: stats.sent_total.get("0", 0) == 7 * (c + 1), 30,
+                        f"cycle {cycle}'s batch accepted")
+        assert len(commits) == cycles - 1
+    finally:
+        await reporter.close(drain_timeout=1)
+        await receiver.stop()
+    assert receiver.formats == ["json"] + ["columnar"] * (cycles - 1)
+    assert receiver.observations == submitted

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.agent.spool import CHUNK_MAX, Spool
+from probes.agent.spool import CHUNK_MAX, Batch, Spool
 from tests.diskfull import fill, free, small_filesystem
 
 pytestmark = pytest.mark.agent
@@ -215,67 +216,105 @@ def test_a_spool_from_before_chunks_is_read_and_moved_into_chunks(tmp_path: Path
     spool.close()
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(
+class _Model:
+    """The spool as one row per observation (what it was before chunks), and its endpoints."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.kept: dict[int, bytes] = {}  # seq -> body of what the spool holds
+        self.acked = {A: -1, B: -1}
+        self.inflight: dict[str, Batch] = {}  # endpoint -> its batch not acknowledged
+        self.dropped = 0
+        self.seq = 0
+
+    def records(self, n: int, gap: int, size: int) -> list[tuple[int, bytes]]:
+        """The next ``n`` records (after ``gap`` seqs held in memory and dropped), kept."""
+        self.seq += gap
+        records = [(s, bytes([97 + s % 26]) * size) for s in range(self.seq, self.seq + n)]
+        self.seq += n
+        self.kept.update(records)
+        over = sum(map(len, self.kept.values())) - self.capacity
+        for s in sorted(self.kept):
+            if over <= 0:
+                break
+            over -= len(self.kept.pop(s))
+            self.dropped += 1
+        return records
+
+    def check_batch(self, endpoint: str, batch: Batch | None, limit: int) -> None:
+        """``batch``: the endpoint's in-flight batch again, or its next observations."""
+        after = [s for s in sorted(self.kept) if s > self.acked[endpoint]]
+        if endpoint in self.inflight:
+            assert batch is not None and batch.first_seq == self.inflight[endpoint].first_seq
+            assert batch.bodies == [self.kept[s] for s in after if s <= batch.last_seq]
+        elif not after:
+            assert batch is None
+            return
+        else:
+            assert batch is not None and batch.first_seq == after[0]
+            assert 1 <= len(batch.bodies) <= limit
+            assert batch.bodies == [self.kept[s] for s in after[:len(batch.bodies)]]
+            assert batch.last_seq == after[len(batch.bodies) - 1]
+        self.inflight[endpoint] = batch
+
+    def ack(self, endpoint: str) -> Batch:
+        batch = self.inflight.pop(endpoint)
+        self.acked[endpoint] = max(self.acked[endpoint], batch.last_seq)
+        for s in [s for s in self.kept if s <= min(self.acked.values())]:
+            del self.kept[s]
+        return batch
+
+    def check(self, spool: Spool) -> None:
+        low = min(self.acked.values())
+        assert spool.depth([A, B]) == sum(1 for s in self.kept if s > low)
+        assert spool.bytes == sum(map(len, self.kept.values())) == _stored(spool)[1]
+        assert spool.dropped == self.dropped
+
+
+SPOOL_STEPS = st.lists(st.one_of(
     st.tuples(st.just("append"), st.integers(1, 40), st.integers(0, 3), st.integers(1, 30)),
     st.tuples(st.just("send"), st.sampled_from([A, B]), st.integers(1, 60), st.booleans()),
-    st.tuples(st.just("reopen"))), max_size=30))
+    # what the reporter's group commit does: append, acknowledge, take the next batches
+    st.tuples(st.just("commit"), st.integers(0, 40), st.integers(0, 3), st.integers(1, 30),
+              st.sets(st.sampled_from([A, B])), st.sets(st.sampled_from([A, B])),
+              st.integers(1, 60)),
+    st.tuples(st.just("reopen"))), max_size=30)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(SPOOL_STEPS)
 def test_the_spool_keeps_what_one_row_per_observation_kept(tmp_path_factory: pytest.TempPathFactory,
-                                                          steps: list[tuple[object, ...]]) -> None:
+                                                          steps: list[tuple[Any, ...]]) -> None:
     """Against a model of the spool as one row per observation (what it was before chunks):
     every batch is the next observations of its endpoint in seq order (the same again until
-    acknowledged), and depth, bytes and drops (oldest first beyond capacity) are the model's."""
+    acknowledged), and depth, bytes and drops (oldest first beyond capacity) are the model's;
+    also when a group commit appends, acknowledges and takes batches in one transaction."""
     path = tmp_path_factory.mktemp("spool") / "s.db"
-    capacity = 600
-    spool = Spool(path, capacity)
-    kept: dict[int, bytes] = {}  # the model: seq -> body of what the spool holds
-    acked = {A: -1, B: -1}
-    inflight: dict[str, int] = {}  # endpoint -> first seq of its batch not acknowledged
-    dropped = 0
-    seq = 0
+    model = _Model(capacity=600)
+    spool = Spool(path, model.capacity)
     for step in steps:
         if step[0] == "append":
             _, n, gap, size = step
-            seq += int(gap)  # seqs held in memory and dropped leave a gap
-            records = [(s, bytes([97 + s % 26]) * int(size)) for s in range(seq, seq + int(n))]
-            seq += int(n)
-            kept.update(records)
-            over = sum(map(len, kept.values())) - capacity
-            for s in sorted(kept):
-                if over <= 0:
-                    break
-                over -= len(kept.pop(s))
-                dropped += 1
-            spool.append(records)
+            spool.append(model.records(n, gap, size))
         elif step[0] == "send":
             _, endpoint, limit, ack = step
-            batch = spool.next_batch(str(endpoint), int(limit))
-            after = [s for s in sorted(kept) if s > acked[str(endpoint)]]
-            if endpoint in inflight:
-                assert batch is not None and batch.first_seq == inflight[str(endpoint)]
-                assert batch.bodies == [kept[s] for s in after if s <= batch.last_seq]
-            elif not after:
-                assert batch is None
-                continue
-            else:
-                assert batch is not None and batch.first_seq == after[0]
-                assert 1 <= len(batch.bodies) <= int(limit)
-                assert batch.bodies == [kept[s] for s in after[:len(batch.bodies)]]
-                assert batch.last_seq == after[len(batch.bodies) - 1]
-            if ack:
-                spool.ack(batch, [A, B])
-                acked[str(endpoint)] = max(acked[str(endpoint)], batch.last_seq)
-                inflight.pop(str(endpoint), None)
-                for s in [s for s in kept if s <= min(acked.values())]:
-                    del kept[s]
-            else:
-                inflight[str(endpoint)] = batch.first_seq
+            batch = spool.next_batch(endpoint, limit)
+            model.check_batch(endpoint, batch, limit)
+            if ack and batch is not None:
+                spool.ack(model.ack(endpoint), [A, B])
+        elif step[0] == "commit":
+            _, n, gap, size, acking, wanting, limit = step
+            records = model.records(n, gap, size) if n else []
+            acks = [model.ack(e) for e in sorted(acking) if e in model.inflight]
+            done = spool.commit(records, acks, sorted(wanting), [A, B], limit)
+            for endpoint in sorted(wanting):
+                model.check_batch(endpoint, done.batches.get(endpoint), limit)
+            assert done.top == spool.next_seq - 1
+            low = min(model.acked.values())
+            assert done.depth == sum(1 for s in model.kept if s > low)
         else:
             spool.close()
-            spool = Spool(path, capacity)
-        low = min(acked.values())
-        assert spool.depth([A, B]) == sum(1 for s in kept if s > low)
-        assert spool.bytes == sum(map(len, kept.values())) == _stored(spool)[1]
-        assert spool.dropped == dropped
+            spool = Spool(path, model.capacity)
+        model.check(spool)
     spool.close()
