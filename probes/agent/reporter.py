@@ -334,6 +334,8 @@ class Reporter:
                 self._position[endpoint] = done.top  # it has had everything committed
                 self._wanting.add(endpoint)
                 continue
+            if self._position[endpoint] is None:  # it has had what comes before its batch
+                self._position[endpoint] = batch.first_seq - 1
             self._outbox[endpoint] = _Outgoing(batch, _objects_of(batch, records, objects))
             self._wanting.discard(endpoint)  # its sender may have asked again meanwhile
             self._handed[endpoint].set()
@@ -363,6 +365,23 @@ class Reporter:
             if endpoint in self._handed:
                 self._acks.setdefault(endpoint, batch)
         self._wanting.update(e for e in wanting if e in self._handed)
+
+    def _count_taken(self, endpoint: str, batch: Batch) -> None:
+        """The endpoint has the batch: its position, and the spool depth gauge at once (the
+        acknowledgement is committed, and the depth counted again, by the next commit). The
+        observations no longer waiting are the head of the batch up to the lowest position of
+        all endpoints, when this one was the lowest."""
+        before = self._lowest_position()
+        self._position[endpoint] = batch.last_seq
+        after = self._lowest_position()
+        if before is not None and after is not None and after > before:
+            taken = len(batch.bodies) if after == batch.last_seq else after - before
+            self.stats.spool_depth = max(0, self.stats.spool_depth - min(taken,
+                                                                         len(batch.bodies)))
+
+    def _lowest_position(self) -> int | None:
+        positions = [self._position.get(e) for e in self.endpoints]
+        return None if None in positions else min(p for p in positions if p is not None)
 
     def _may_have_more(self, endpoint: str) -> bool:
         """Whether the spool may hold observations the endpoint has not been sent."""
@@ -424,7 +443,7 @@ class Reporter:
         if result in ("ok", "duplicate", "rejected"):
             del self._outbox[endpoint]
             self._acks[endpoint] = batch
-            self._position[endpoint] = batch.last_seq
+            self._count_taken(endpoint, batch)
             if result != "rejected":
                 self.stats.sent_total[index] = (self.stats.sent_total.get(index, 0)
                                                 + len(batch.bodies))

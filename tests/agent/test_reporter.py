@@ -221,7 +221,8 @@ async def test_a_group_commit_is_one_spool_transaction(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Appending what was submitted, acknowledging the batch the mesh took and recording the
     next batch in flight is one SQLite transaction (one fsync) per group commit (it was three),
-    and the mesh takes, columnar and from memory, exactly the observations submitted."""
+    and the mesh takes, columnar and from memory, exactly the observations submitted. The spool
+    depth gauge drops as the mesh takes a batch, not at the next commit."""
     monkeypatch.setattr("probes.agent.reporter.COMMIT_INTERVAL", 60.0)  # commits: the test's
     port = free_port()
     stats = ReporterStats()
@@ -254,6 +255,9 @@ async def test_a_group_commit_is_one_spool_transaction(
             await reporter.commit()
             await until(lambda c=cycle: stats.sent_total.get("0", 0) == 7 * (c + 1), 30,
                         f"cycle {cycle}'s batch accepted")
+            # accepted: no longer counted as waiting, though its acknowledgement is not
+            # committed until the next group commit
+            assert stats.spool_depth == 0
         assert len(commits) == cycles - 1
     finally:
         await reporter.close(drain_timeout=1)
