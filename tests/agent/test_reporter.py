@@ -264,3 +264,51 @@ async def test_a_group_commit_is_one_spool_transaction(
         await receiver.stop()
     assert receiver.formats == ["json"] + ["columnar"] * (cycles - 1)
     assert receiver.observations == submitted
+
+
+async def _kill(reporter: Reporter) -> None:
+    """Stop ``reporter`` as a SIGKILL would: nothing more reaches its spool (no last commit)."""
+    tasks = [*reporter._tasks, *reporter._senders.values()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert reporter._session is not None and reporter._spool is not None
+    await reporter._session.close()
+    await asyncio.get_running_loop().run_in_executor(reporter._io, reporter._spool.close)
+    reporter._io.shutdown(wait=True)
+
+
+async def test_a_batch_taken_but_not_yet_acknowledged_on_disk_is_resent_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acknowledgement of a batch the mesh took waits for the next group commit. A SIGKILL
+    before it: the restarted agent resends that batch under its batch_seq, the mesh answers 409
+    replay, it is counted a duplicate, and the mesh has every observation once."""
+    monkeypatch.setattr("probes.agent.reporter.COMMIT_INTERVAL", 60.0)  # commits: the test's
+    port = free_port()
+    receiver = Receiver(KEY, "vantage-1")
+    await receiver.start(port)
+    first = _reporter(tmp_path, port, ReporterStats())
+    await first.start()
+    try:
+        for _ in range(5):
+            first.submit(_obs)
+        await first.commit()
+        await until(lambda: first.stats.sent_total.get("0", 0) == 5, 30, "the batch taken")
+        await _kill(first)
+        assert receiver.seqs == [0, 1, 2, 3, 4] and receiver.replays == 0
+        stats = ReporterStats()
+        second = _reporter(tmp_path, port, stats)
+        await second.start()
+        try:
+            await until(lambda: receiver.replays == 1, 30, "the batch sent again")
+            seqs = [second.submit(_obs) for _ in range(3)]
+            await second.commit()
+            await until(lambda: len(receiver.seqs) == 8, 30, "the new observations")
+        finally:
+            await second.close(drain_timeout=1)
+    finally:
+        await receiver.stop()
+    assert seqs == [5, 6, 7]
+    assert receiver.seqs == list(range(8))  # once each, in order
+    assert stats.batches_total.get(("0", "duplicate"), 0) == 1
+    assert stats.spool_depth == 0
