@@ -11,6 +11,8 @@ CPU (``/proc/self/task``), its context switches, and the producer's own cost (bu
 observations, timed apart) are read over ``SECONDS``; printed per observation submitted, with
 what the mesh took. Run it from a checkout's root with that checkout's code.
 
+``REPORTER_COMMIT_INTERVAL=S``: group commits every S seconds instead of the reporter's 0.1
+(what the per-cycle part of the cost comes to at another interval).
 ``REPORTER_NULL=1``: observations are built, not submitted (what the producer costs alone).
 ``REPORTER_PROFILE=FILE``: cProfile the window (wall-clock times: a loaded machine shows in
 them). ``strace -f`` sees the window between ``stat`` calls on ``/reporter-bench-window-*``.
@@ -28,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from probes.agent import reporter as reporter_module
 from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
 from probes.aio import run_fast
@@ -76,6 +79,8 @@ async def main(seconds: float, rate: float) -> None:
                                          pool_of=100), port, cpu=1)
     mesh.start()
     os.sched_setaffinity(0, {0})
+    if os.environ.get("REPORTER_COMMIT_INTERVAL"):
+        reporter_module.COMMIT_INTERVAL = float(os.environ["REPORTER_COMMIT_INTERVAL"])
     stats = ReporterStats()
     reporter = Reporter(agent="bench", endpoints=[mesh.base], key_id="bench",
                         key=signing.load_key(folder / "mesh" / "bench.key"),
