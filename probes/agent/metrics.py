@@ -201,7 +201,8 @@ class ProbeStats:
             s.loss_ratio = q.loss_ratio if q.sent else None
             s.throughput, s.queueing_delay = (q.throughput_bytes_per_second,
                                               q.queueing_delay_seconds)
-        self._record_facts(s, result)
+        if result.facts or not result.ok:  # else nothing to keep or withdraw: no call (L4)
+            self._record_facts(s, result)
 
     @staticmethod
     def _record_facts(s: CheckSeries, result: CheckResult) -> None:

@@ -614,31 +614,29 @@ def within_bounds(obs: Observation) -> Observation:
     The agent passes each observation through this before spooling it: the mesh refuses a batch
     holding any out-of-range value (and the agent then drops the whole batch), so a probe that
     measured, say, a slightly negative RTT from two clocks must not cost the batch."""
-    if _in_bounds(obs):
-        return obs  # the common case, thousands a second: nothing to clamp, nothing to copy
-    return clamped(obs)
-
-
-def _in_bounds(obs: Observation) -> bool:
-    """True when :func:`clamped` would change nothing: no load (clamped field by field), every
-    number inside its bounds (NaN is not), every string within its length. Written out test by
-    test (no generators): it runs for every observation."""
+    # The test of whether :func:`clamped` would change anything: no load (clamped field by
+    # field), every number inside its bounds (NaN is not), every string within its length.
+    # Written out test by test, in this function (no generators, no second call): it runs for
+    # every observation, and when it passes (the common case, thousands a second) there is
+    # nothing to clamp and nothing to copy.
     quality = obs.quality
     if quality is not None and not _quality_in_bounds(quality):
-        return False
+        return clamped(obs)
     phases = obs.phases
     if len(phases) > MAX_PHASES:
-        return False
+        return clamped(obs)
     for name, seconds in phases.items():
         if not (0.0 <= seconds <= MAX_SECONDS and len(name) <= MAX_PHASE_NAME):
-            return False
-    return (obs.load is None
+            return clamped(obs)
+    if (obs.load is None
             and 0 <= obs.seq <= MAX_SEQ
             and 0.0 <= obs.wall_time <= MAX_WALL_TIME
             and 0.0 <= obs.duration_seconds <= MAX_SECONDS
             and len(obs.node) <= MAX_NAME and len(obs.check) <= MAX_NAME
             and len(obs.vantage) <= MAX_NAME and len(obs.kind) <= MAX_NAME
-            and len(obs.detail) <= MAX_DETAIL)
+            and len(obs.detail) <= MAX_DETAIL):
+        return obs
+    return clamped(obs)
 
 
 def _quality_in_bounds(q: Quality) -> bool:

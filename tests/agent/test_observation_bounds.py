@@ -10,6 +10,11 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from probes.agent.plan import PlannedCheck
+from probes.agent.runtime import DETAIL_MAX, observation
+from probes.agent.scheduler import ProbeRun
+from probes.checks import l4
+from probes.checks.base import CheckResult
 from probes.model import (
     MAX_COUNT,
     MAX_DETAIL,
@@ -20,6 +25,7 @@ from probes.model import (
     MAX_SECONDS,
     MAX_SEQ,
     MAX_WALL_TIME,
+    NodeLoad,
     Observation,
     ObservationBatch,
     Quality,
@@ -140,3 +146,21 @@ def test_every_quality_field_past_its_bounds_is_clamped() -> None:
             obs = msgspec.structs.replace(
                 BASE, quality=msgspec.structs.replace(BASE.quality, **{name: value}))
             assert _same(within_bounds(obs), clamped(obs)), (name, value)
+
+
+def test_the_agent_tells_each_field_of_a_run_in_its_own_place() -> None:
+    """``observation`` gives the struct its fields by position (one is made for every probe):
+    every field from its own source, each value different from the others', so that two
+    fields swapped, or a field added to the struct before ``load``, fail here."""
+    check = PlannedCheck(node="node-a", pool="p", pop="pop", region="eu", check="check-b",
+                         kind=l4.UDP, params=l4.UdpParams(host="127.0.0.1", port=53),
+                         tier=Tier.L4)
+    quality, load = Quality(sent=3, received=2), NodeLoad(interval_seconds=1.5)
+    result = CheckResult(False, Reason.TIMEOUT, 0.25, phases={"send": 0.125},
+                         quality=quality, detail="d" * (DETAIL_MAX + 5), load=load)
+    obs = observation(ProbeRun(check, result, 1.7e9, 10.0, 10.5, "round"), "vantage-c", 42)
+    assert msgspec.structs.asdict(obs) == {
+        "node": "node-a", "check": "check-b", "vantage": "vantage-c", "seq": 42,
+        "wall_time": 1.7e9, "ok": False, "reason": Reason.TIMEOUT, "duration_seconds": 0.25,
+        "kind": "udp", "tier": Tier.L4, "phases": {"send": 0.125}, "quality": quality,
+        "detail": "d" * DETAIL_MAX, "load": load}
