@@ -82,14 +82,17 @@ async def test_publishing_starts_and_stops_with_leadership(tmp_path: Path) -> No
     outbox = MemoryOutbox()
     publishing = Publishing([config], outbox, CollectorRegistry(), gate=lambda: True)
     assert publishing._tasks == []  # nothing runs before leadership
+    # each flip is a task (it waits for the loops to wind down): wait for it, not a fixed 50 ms,
+    # which a loaded machine may spend before the loops have stopped
     publishing.set_active(True)
-    await asyncio.sleep(0.05)
+    await publishing._transition
+    await asyncio.sleep(0.05)  # the loop keeps running (against a refusing endpoint)
     assert len(publishing._tasks) == 1 and not publishing._tasks[0].done()
     first_loop = publishing.loops[0]
     publishing.set_active(False)
-    await asyncio.sleep(0.05)
+    await publishing._transition
     assert publishing._tasks == []
     publishing.set_active(True)  # leadership again: fresh loops from the shared positions
-    await asyncio.sleep(0.05)
+    await publishing._transition
     assert publishing.loops[0] is not first_loop and len(publishing._tasks) == 1
     await publishing.stop()
