@@ -173,15 +173,20 @@ class Spool:
         capacity. Returns drops."""
         if not records:
             return 0
-        size = sum(len(body) for _, body in records)
         with self._transaction():
-            self._insert_chunks(records)
-            self.bytes += size
-            dropped = self._evict_over_capacity()
-            self.next_seq = max(self.next_seq, records[-1][0] + 1)
-            self._set_meta("next_seq", self.next_seq)
+            dropped = self._append(records)
             self._set_meta("bytes", self.bytes)
-            self._set_meta("dropped", self.dropped)
+        return dropped
+
+    def _append(self, records: Sequence[tuple[int, bytes]]) -> int:
+        """:meth:`append` within a transaction, all but the ``bytes`` meta (its callers write
+        that once)."""
+        self._insert_chunks(records)
+        self.bytes += sum(len(body) for _, body in records)
+        dropped = self._evict_over_capacity()
+        self.next_seq = max(self.next_seq, records[-1][0] + 1)
+        self._set_meta("next_seq", self.next_seq)
+        self._set_meta("dropped", self.dropped)
         return dropped
 
     def _insert_chunks(self, records: Sequence[tuple[int, bytes]]) -> None:
@@ -317,16 +322,8 @@ class Spool:
         batch of each endpoint in ``wanting`` (:meth:`next_batch`; one that begins with
         ``records`` is made from them, not read back). Before, these were three transactions a
         cycle, each a COMMIT and an fsync, and as many trips to this thread."""
-        size = sum(len(body) for _, body in records)
         with self._transaction():
-            dropped = 0
-            if records:
-                self._insert_chunks(records)
-                self.bytes += size
-                dropped = self._evict_over_capacity()
-                self.next_seq = max(self.next_seq, records[-1][0] + 1)
-                self._set_meta("next_seq", self.next_seq)
-                self._set_meta("dropped", self.dropped)
+            dropped = self._append(records) if records else 0
             for batch in acks:
                 self._ack(batch)
             if acks:
