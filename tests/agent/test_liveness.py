@@ -147,7 +147,10 @@ async def test_the_shell_probes_liveness_and_counts_it() -> None:
         return CheckResult(True, Reason.OK, 0.005)
 
     slow_rounds = TierPolicy(interval=30.0, timeout=1.0, fast_interval=0.25, jitter=0.0)
-    c = ScheduleCore({"l4": slow_rounds, "functional": slow_rounds}, rng=random.Random(1))
+    # the handshake's timeout 3 s: the L4 start comes ~0.25 s into its hang, and a loaded test
+    # machine may stall the loop for most of a second without taking that lead past it
+    slow_handshake = TierPolicy(interval=30.0, timeout=3.0, fast_interval=0.25, jitter=0.0)
+    c = ScheduleCore({"l4": slow_rounds, "functional": slow_handshake}, rng=random.Random(1))
     c.load([planned("node-1", Tier.L4), planned("node-1", Tier.FUNCTIONAL)])
     sched = AgentScheduler(c, runs.append, runner=runner, max_start_lag=10.0,
                            use_apscheduler=False)
@@ -166,7 +169,7 @@ async def test_the_shell_probes_liveness_and_counts_it() -> None:
         await sched.stop()
     [live] = [r for r in runs if r.why == "liveness"]
     lead = started_silent[L4][0] - started_silent[HANDSHAKE][0]
-    assert MIN_ADAPTIVE_TIMEOUT <= lead < slow_rounds.timeout  # before the handshake timed out
+    assert MIN_ADAPTIVE_TIMEOUT <= lead < slow_handshake.timeout  # before the handshake timed out
     assert not live.result.ok and sched.stats.liveness_total == 1
     registry = CollectorRegistry()
     registry.register(AgentCollector("va", ProbeStats(), lambda: sched.stats))
