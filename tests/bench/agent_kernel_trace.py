@@ -32,10 +32,12 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from tests.bench.test_agent_bench import TARGETS, _free_port, _stop  # noqa: E402
+from tests.bench.test_agent_bench import TARGETS, TICKS, _free_port, _stop  # noqa: E402
 from tests.bench.test_full_agent_bench import (  # noqa: E402
     TARGET_COUNT,
     _agent_config,
+    loadavg,
+    thread_cpu,
     thread_switches,
 )
 from tests.bench.test_probe_http_bench import CLIENT_CORE, SERVER_CORE, _pinned  # noqa: E402
@@ -43,7 +45,6 @@ from tests.mesh.helpers import write_mesh_config  # noqa: E402
 from tests.mesh.process import MeshProcess  # noqa: E402
 
 WARMUP, WINDOW = 6.0, 5.0
-TICK = 100.0  # USER_HZ
 
 
 class Agent:
@@ -77,23 +78,18 @@ class Agent:
         self.proc.wait(30)
 
 
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().strip()
-
-
 def threads(pid: int) -> dict[int, dict[str, float | str]]:
     """Each thread's name, user and system seconds, voluntary and involuntary switches."""
     out: dict[int, dict[str, float | str]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            user, system = thread_cpu(task)
             voluntary, involuntary = thread_switches(task)
             name = (task / "comm").read_text().strip()
         except OSError:
             continue
-        out[int(task.name)] = {"name": name, "user": int(fields[11]) / TICK,
-                               "system": int(fields[12]) / TICK, "vol": float(voluntary),
-                               "invol": float(involuntary)}
+        out[int(task.name)] = {"name": name, "user": user, "system": system,
+                               "vol": float(voluntary), "invol": float(involuntary)}
     return out
 
 
@@ -102,7 +98,7 @@ def core_counters(core: int) -> dict[str, float]:
     line = next(x for x in Path("/proc/stat").read_text().splitlines()
                 if x.startswith(f"cpu{core} "))
     cpu = line.split()
-    out = {"softirq_s": int(cpu[7]) / TICK, "system_s": int(cpu[3]) / TICK}
+    out = {"softirq_s": int(cpu[7]) / TICKS, "system_s": int(cpu[3]) / TICKS}
     for row in Path("/proc/softirqs").read_text().splitlines()[1:]:
         name, *counts = row.split()
         if name.rstrip(":") in ("NET_RX", "TIMER", "HRTIMER", "SCHED"):

@@ -35,11 +35,11 @@ from probes.agent.metrics import ReporterStats
 from probes.agent.reporter import Reporter
 from probes.aio import run_fast
 from probes.model import Observation, Reason, Tier, signing
+from tests.bench.test_full_agent_bench import thread_cpu, thread_switches
 from tests.mesh.helpers import write_mesh_config
 from tests.mesh.process import MeshProcess, free_port
 
 NODES = 4000
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def threads(names: dict[int, str]) -> dict[str, dict[str, float]]:
@@ -48,20 +48,16 @@ def threads(names: dict[int, str]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
-            status = (task / "status").read_text()
+            user, system = thread_cpu(task)
+            voluntary, involuntary = thread_switches(task)
         except OSError:
             continue
-        name = names.get(int(task.name), "other")
-        fields = stat.rsplit(")", 1)[1].split()
-        row = out.setdefault(name, {"user": 0.0, "system": 0.0, "cs": 0.0, "ncs": 0.0})
-        row["user"] += int(fields[11]) / TICKS
-        row["system"] += int(fields[12]) / TICKS
-        for line in status.splitlines():
-            if line.startswith("voluntary_ctxt_switches"):
-                row["cs"] += int(line.split()[1])
-            elif line.startswith("nonvoluntary_ctxt_switches"):
-                row["ncs"] += int(line.split()[1])
+        row = out.setdefault(names.get(int(task.name), "other"),
+                             {"user": 0.0, "system": 0.0, "cs": 0.0, "ncs": 0.0})
+        row["user"] += user
+        row["system"] += system
+        row["cs"] += voluntary
+        row["ncs"] += involuntary
     return out
 
 

@@ -44,7 +44,7 @@ import pytest
 import yaml
 
 from tests.bench.figures import record
-from tests.bench.test_agent_bench import DNS_QUERY, TARGETS, _free_port, _stop
+from tests.bench.test_agent_bench import DNS_QUERY, TARGETS, TICKS, _free_port, _stop
 from tests.bench.test_probe_http_bench import (
     CLIENT_CORE,
     SERVER_CORE,
@@ -101,6 +101,12 @@ def _l4(kind: str, ports: tuple[int, int]) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def l4loop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compiled(tmp_path_factory, "l4loop")
+
+
+def thread_cpu(task: Path) -> tuple[float, float]:
+    """A thread's (``/proc/PID/task/TID``) user and system CPU seconds so far."""
+    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime
 
 
 def thread_switches(task: Path) -> tuple[int, int]:
